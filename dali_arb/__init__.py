@@ -1,0 +1,54 @@
+"""dali_arb: aspect-ratio-bucketed image batches, planned in NumPy, decoded by NVIDIA DALI.
+
+``import dali_arb`` needs only NumPy and pyarrow; DALI and torch load when the iterator is used.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .buckets import BucketAssignment, BucketSpec, format_size, parse_size
+from .errors import (
+    ConfigError,
+    DaliArbError,
+    DeviceError,
+    IndexingError,
+    ManifestError,
+    PlanError,
+    StateError,
+)
+from .manifest import Manifest
+from .planner import EpochPlan, LeftoverPolicy, Planner
+from .world import World
+
+if TYPE_CHECKING:
+    from .iterator import DALIBucketIterator
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BucketAssignment",
+    "BucketSpec",
+    "ConfigError",
+    "DaliArbError",
+    "DeviceError",
+    "EpochPlan",
+    "IndexingError",
+    "LeftoverPolicy",
+    "Manifest",
+    "ManifestError",
+    "PlanError",
+    "Planner",
+    "StateError",
+    "World",
+    "format_size",
+    "parse_size",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DALIBucketIterator":  # imports DALI and torch: only on first use
+        from .iterator import DALIBucketIterator
+
+        return DALIBucketIterator
+    raise AttributeError(f"module 'dali_arb' has no attribute {name!r}")

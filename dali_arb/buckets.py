@@ -1,0 +1,276 @@
+"""Bucket resolutions (NovelAI's algorithm) and vectorised assignment of images to buckets.
+
+Sizes are ``(height, width)`` in the Python API; human-facing text writes ``WxH``.
+This module imports only the standard library and NumPy.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import ConfigError
+
+__all__ = ["BucketAssignment", "BucketSpec", "format_size", "parse_size"]
+
+#: Reject codes stored in :attr:`BucketAssignment.reject_code`.
+REJECT_NONE, REJECT_ASPECT, REJECT_TOO_SMALL = 0, 1, 2
+REJECT_REASONS = {
+    REJECT_ASPECT: "aspect ratio too far from every bucket (raise --max-aspect-error)",
+    REJECT_TOO_SMALL: "smaller than the smallest bucket with --no-upscale (lower --min-dim or drop --no-upscale)",
+}
+
+
+def parse_size(text: str, *, what: str = "size") -> tuple[int, int]:
+    """Parse ``"WxH"`` (e.g. ``"768x512"``) into ``(height, width)``."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
+    if not match:
+        raise ConfigError(f"{what} must be WIDTHxHEIGHT such as 512x512, got {text!r}")
+    width, height = int(match.group(1)), int(match.group(2))
+    if width < 1 or height < 1:
+        raise ConfigError(f"{what} must have positive sides, got {text!r}")
+    return height, width
+
+
+def format_size(height: int, width: int) -> str:
+    """``(height, width)`` as the human-facing ``"WxH"``."""
+    return f"{int(width)}x{int(height)}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BucketSpec:
+    """Which bucket resolutions exist and how images are assigned to them.
+
+    Defaults reproduce NovelAI's nineteen buckets (``max_area`` 512*768, sides 256..1024 in steps
+    of 64, plus the 512x512 base).
+
+    Args:
+        max_area: largest bucket area in pixels.
+        min_dim: smallest bucket side.
+        max_dim: largest bucket side.
+        step: every bucket side is a multiple of this (64 suits SD/SDXL latents).
+        base: the base bucket, ``(height, width)``, always present (a ``"WxH"`` string is accepted).
+        no_upscale: never enlarge an image to cover its bucket. An image smaller than its
+            nearest-aspect bucket goes to a scaled-down copy of that bucket instead: the copies
+            halve the area per level (sides rounded down to ``step``), so there are at most a few
+            extra buckets per aspect ratio, not one per distinct image size (kohya's
+            ``bucket_no_upscale``). An image smaller than the smallest copy is rejected.
+        max_aspect_error: the largest allowed ``|log(w/h) - log(bucket_w/bucket_h)|``. An image
+            further than this from every bucket is rejected and counted. 0.5 lets a 4:1 bucket
+            take images up to about 6.6:1 (covering then crops up to 39% of the image);
+            ``math.inf`` keeps everything.
+    """
+
+    max_area: int = 512 * 768
+    min_dim: int = 256
+    max_dim: int = 1024
+    step: int = 64
+    base: tuple[int, int] = (512, 512)
+    no_upscale: bool = False
+    max_aspect_error: float = 0.5
+    _sizes: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.base, str):
+            object.__setattr__(self, "base", parse_size(self.base, what="base"))
+        for name in ("max_area", "min_dim", "max_dim", "step"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.min_dim > self.max_dim:
+            raise ConfigError(f"min_dim ({self.min_dim}) must not exceed max_dim ({self.max_dim})")
+        if self.max_area < self.min_dim**2:
+            raise ConfigError(
+                f"max_area ({self.max_area}) is smaller than min_dim**2 ({self.min_dim**2}): "
+                "no bucket fits; raise --max-area or lower --min-dim"
+            )
+        if self.step > self.min_dim:
+            raise ConfigError(f"step ({self.step}) must not exceed min_dim ({self.min_dim})")
+        base = tuple(self.base)
+        if len(base) != 2 or any(not isinstance(v, (int, np.integer)) or v < 1 for v in base):
+            raise ConfigError(f"base must be (height, width) with positive sides, got {self.base!r}")
+        object.__setattr__(self, "base", (int(base[0]), int(base[1])))
+        err = self.max_aspect_error
+        if not isinstance(err, (int, float)) or math.isnan(err) or err <= 0:
+            raise ConfigError(f"max_aspect_error must be a positive number, got {err!r}")
+        object.__setattr__(self, "_sizes", _generate(self))
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """Bucket resolutions, ``int64 (K, 2)`` as ``(height, width)``, NovelAI's order (width up, height down)."""
+        return self._sizes.copy()
+
+    def resolutions(self) -> list[tuple[int, int]]:
+        """Bucket resolutions as a list of ``(height, width)``."""
+        return [(int(h), int(w)) for h, w in self._sizes]
+
+    def assign(self, heights: np.ndarray, widths: np.ndarray) -> BucketAssignment:
+        """Assign every image to a bucket at once.
+
+        Args:
+            heights, widths: ``(N,)`` displayed (EXIF-upright) sizes.
+        Returns:
+            a :class:`BucketAssignment`; rejected images have bucket ``-1``.
+        """
+        return _assign(self, np.asarray(heights), np.asarray(widths))
+
+
+def _generate(spec: BucketSpec) -> np.ndarray:
+    """NovelAI's bucket list: ``(K, 2)`` int64 ``(height, width)``."""
+    found: set[tuple[int, int]] = set()
+    for swap in (False, True):
+        side = spec.min_dim
+        while side <= spec.max_dim:
+            other = min(spec.max_dim, spec.max_area // side) // spec.step * spec.step
+            if other >= spec.min_dim:
+                width, height = (other, side) if swap else (side, other)
+                found.add((height, width))
+            side += spec.step
+    found.add(spec.base)
+    ordered = sorted(found, key=lambda hw: (hw[1], -hw[0]))  # width up, then height down
+    return np.array(ordered, dtype=np.int64).reshape(-1, 2)
+
+
+@dataclass(frozen=True)
+class BucketAssignment:
+    """Result of :meth:`BucketSpec.assign`.
+
+    Attributes:
+        sizes: ``int64 (K, 2)`` ``(height, width)`` of every bucket an image may use: the spec's
+            buckets first, then (with ``no_upscale``) the scaled-down copies.
+        num_base: how many of ``sizes`` are the spec's own buckets.
+        bucket: ``int16 (N,)`` bucket index per image, ``-1`` for rejected images.
+        reject_code: ``int8 (N,)`` 0 kept, else a key of ``REJECT_REASONS``.
+        log_aspect: ``float64 (N,)`` ``log(width / height)`` of every image.
+        heights, widths: ``int64 (N,)`` the sizes that were assigned.
+        no_upscale: whether the leftover policy must avoid enlarging images too.
+    """
+
+    sizes: np.ndarray
+    num_base: int
+    bucket: np.ndarray
+    reject_code: np.ndarray
+    log_aspect: np.ndarray
+    heights: np.ndarray
+    widths: np.ndarray
+    no_upscale: bool
+
+    @property
+    def num_images(self) -> int:
+        return int(self.bucket.shape[0])
+
+    @property
+    def bucket_log_aspect(self) -> np.ndarray:
+        """``float64 (K,)`` log aspect ratio of each bucket."""
+        return np.log(self.sizes[:, 1] / self.sizes[:, 0])
+
+    def counts(self) -> np.ndarray:
+        """``int64 (K,)`` images per bucket."""
+        kept = self.bucket[self.bucket >= 0]
+        return np.bincount(kept, minlength=len(self.sizes)).astype(np.int64)
+
+    def rejected(self, code: int | None = None) -> int:
+        """How many images were rejected (for one reason, or any)."""
+        if code is None:
+            return int(np.count_nonzero(self.reject_code))
+        return int(np.count_nonzero(self.reject_code == code))
+
+
+def _nearest(sorted_log_aspect: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Index into ``sorted_log_aspect`` (ascending) of the nearest entry to each value."""
+    mids = (sorted_log_aspect[1:] + sorted_log_aspect[:-1]) / 2
+    return np.searchsorted(mids, values)
+
+
+def _assign(spec: BucketSpec, heights: np.ndarray, widths: np.ndarray) -> BucketAssignment:
+    if heights.shape != widths.shape or heights.ndim != 1:
+        raise ConfigError(
+            f"heights and widths must be 1-D arrays of one length, got shapes {heights.shape} and {widths.shape}"
+        )
+    heights = heights.astype(np.int64, copy=False)
+    widths = widths.astype(np.int64, copy=False)
+    if heights.size and (heights.min() < 1 or widths.min() < 1):
+        bad = int(np.flatnonzero((heights < 1) | (widths < 1))[0])
+        raise ConfigError(
+            f"image sizes must be positive, got height {heights[bad]} and width {widths[bad]} at row {bad}"
+        )
+    base_sizes = spec.sizes
+    base_log = np.log(base_sizes[:, 1] / base_sizes[:, 0])
+    # Nearest bucket by log aspect: sort the buckets by aspect (keeping the larger area where two
+    # share an aspect), then one binary search per image. O(N log K), O(N) memory.
+    order = np.lexsort((-(base_sizes[:, 0] * base_sizes[:, 1]), base_log))
+    keep = np.ones(len(order), bool)
+    keep[1:] = base_log[order][1:] != base_log[order][:-1]
+    order = order[keep]
+    log_aspect = np.log(widths / heights)
+    bucket = order[_nearest(base_log[order], log_aspect)].astype(np.int16)
+    sizes = base_sizes
+    if spec.no_upscale:
+        bucket, sizes = _no_upscale(spec, bucket, base_sizes, heights, widths)
+    reject = np.zeros(bucket.shape, np.int8)
+    if spec.no_upscale:
+        reject[bucket < 0] = REJECT_TOO_SMALL
+    chosen_log = np.log(sizes[:, 1] / sizes[:, 0])[np.maximum(bucket, 0)]
+    too_far = (np.abs(log_aspect - chosen_log) > spec.max_aspect_error) & (bucket >= 0)
+    reject[too_far] = REJECT_ASPECT
+    bucket[too_far] = -1
+    return BucketAssignment(
+        sizes=sizes,
+        num_base=len(base_sizes),
+        bucket=bucket,
+        reject_code=reject,
+        log_aspect=log_aspect,
+        heights=heights,
+        widths=widths,
+        no_upscale=spec.no_upscale,
+    )
+
+
+def downscale_ladder(spec: BucketSpec, sizes: np.ndarray) -> np.ndarray:
+    """Scaled-down copies of each bucket: ``int64 (K, L, 2)``; level ``l`` has ``2**-(l+1)`` of the area.
+
+    Sides are rounded down to ``spec.step``; a side below ``step`` is 0 (that level is unusable).
+    """
+    levels = []
+    level = 1
+    while True:
+        scale = 2.0 ** (-level / 2)
+        scaled = np.floor(sizes * scale / spec.step).astype(np.int64) * spec.step
+        if not (scaled >= spec.step).all(axis=1).any():
+            break
+        scaled[(scaled < spec.step).any(axis=1)] = 0
+        levels.append(scaled)
+        level += 1
+    if not levels:
+        return np.zeros((len(sizes), 0, 2), np.int64)
+    return np.stack(levels, axis=1)
+
+
+def _no_upscale(
+    spec: BucketSpec, bucket: np.ndarray, base_sizes: np.ndarray, heights: np.ndarray, widths: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Move images smaller than their bucket to the largest scaled-down copy they cover."""
+    target = base_sizes[bucket]
+    small = np.flatnonzero((heights < target[:, 0]) | (widths < target[:, 1]))
+    if small.size == 0:
+        return bucket, base_sizes
+    ladder = downscale_ladder(spec, base_sizes)  # (K, L, 2)
+    cand = ladder[bucket[small]]  # (n_small, L, 2)
+    fits = (cand[:, :, 0] > 0) & (cand[:, :, 0] <= heights[small, None]) & (cand[:, :, 1] <= widths[small, None])
+    has = fits.any(axis=1)
+    level = fits.argmax(axis=1)  # first (largest) level that fits
+    chosen = cand[np.arange(small.size), level]  # (n_small, 2)
+    # Number the copies that are used after the base buckets, deduplicated.
+    used, inverse = np.unique(chosen[has], axis=0, return_inverse=True)
+    known = {tuple(s): i for i, s in enumerate(base_sizes.tolist())}
+    used_index = np.empty(len(used), np.int16)
+    for j, s in enumerate(map(tuple, used.tolist())):  # a few dozen at most
+        used_index[j] = known.setdefault(s, len(known))
+    sizes = np.array(sorted(known, key=known.get), np.int64).reshape(-1, 2)
+    bucket = bucket.copy()
+    bucket[small[~has]] = -1
+    bucket[small[has]] = used_index[inverse.reshape(-1)]
+    return bucket, sizes

@@ -1,0 +1,55 @@
+"""Exceptions raised by dali_arb.
+
+Every error a user can cause says what was wrong, echoes the offending value or file, and says
+what to do. The CLI prints ``str(error)`` as one line and exits non-zero.
+
+Hierarchy::
+
+    DaliArbError                 base of everything raised on purpose
+    ├── ConfigError              a bad option value (also a ValueError)
+    ├── ManifestError            a manifest that is missing, unreadable or malformed
+    ├── IndexingError            a source that cannot be indexed (missing path, empty folder)
+    ├── PlanError                data and options that cannot make a plan (too few images)
+    ├── StateError               a state_dict that does not fit this loader
+    └── DeviceError              a device that is not there (``--device gpu`` without a GPU)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "DaliArbError",
+    "DeviceError",
+    "IndexingError",
+    "ManifestError",
+    "PlanError",
+    "StateError",
+]
+
+
+class DaliArbError(Exception):
+    """Base class of every error dali_arb raises on purpose."""
+
+
+class ConfigError(DaliArbError, ValueError):
+    """An option has a value that cannot work."""
+
+
+class ManifestError(DaliArbError):
+    """A manifest is missing, unreadable, or lacks what it must hold."""
+
+
+class IndexingError(DaliArbError):
+    """A source given to the indexer cannot be indexed."""
+
+
+class PlanError(DaliArbError):
+    """The data and options cannot make a plan (for example, fewer images than one batch)."""
+
+
+class StateError(DaliArbError):
+    """A ``state_dict`` does not fit the loader it is loaded into."""
+
+
+class DeviceError(DaliArbError):
+    """A requested device is not available."""

@@ -1,0 +1,174 @@
+"""The manifest: one Parquet row per sample, and the rejects file beside it.
+
+Columns (CONTRACT.md): ``key`` (unique string), ``width``, ``height`` (displayed, EXIF-upright),
+``caption`` (may be null), and where the bytes are: ``source`` (file or tar shard path),
+``offset`` and ``length`` (bytes inside ``source``; ``length`` -1 means the whole file), ``mtime_ns``
+(files only, for ``index --update``). Imports only the standard library, NumPy and pyarrow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import ManifestError
+
+__all__ = ["FORMAT_VERSION", "Manifest", "rejects_path", "write_rejects"]
+
+#: Written into the Parquet metadata; bumped when the manifest layout changes incompatibly.
+FORMAT_VERSION = 1
+_VERSION_KEY = b"dali_arb.format"
+REQUIRED = ("key", "width", "height")
+
+SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("caption", pa.string()),
+        ("source", pa.string()),
+        ("offset", pa.int64()),
+        ("length", pa.int64()),
+        ("mtime_ns", pa.int64()),
+    ],
+    metadata={_VERSION_KEY: str(FORMAT_VERSION).encode()},
+)
+
+
+def rejects_path(manifest_path: str | os.PathLike) -> Path:
+    """``MANIFEST.rejects.jsonl`` next to the manifest."""
+    return Path(str(manifest_path) + ".rejects.jsonl")
+
+
+def write_rejects(manifest_path: str | os.PathLike, rejects: Iterable[dict]) -> int:
+    """Write one JSON object per line (at least ``source`` and ``reason``); returns how many."""
+    count = 0
+    with open(rejects_path(manifest_path), "w", encoding="utf-8") as fh:
+        for reject in rejects:
+            fh.write(json.dumps(reject, ensure_ascii=False) + "\n")
+            count += 1
+    return count
+
+
+class Manifest:
+    """A manifest table in memory.
+
+    Attributes:
+        table: the ``pyarrow.Table`` (``N`` rows).
+        path: where it was read from, if anywhere.
+    """
+
+    def __init__(self, table: pa.Table, *, path: str | os.PathLike | None = None) -> None:
+        where = f"manifest {path}" if path else "manifest"
+        missing = [c for c in REQUIRED if c not in table.column_names]
+        if missing:
+            raise ManifestError(
+                f"{where} lacks column(s) {', '.join(missing)} (has: {', '.join(table.column_names)}); "
+                "build it with `dali-arb index`"
+            )
+        for name in ("width", "height"):
+            column = table.column(name)
+            if not pa.types.is_integer(column.type):
+                raise ManifestError(f"{where}: column {name!r} must hold integers, got {column.type}")
+            if column.null_count:
+                raise ManifestError(f"{where}: column {name!r} has {column.null_count} empty value(s)")
+        if not (pa.types.is_string(table.column("key").type) or pa.types.is_large_string(table.column("key").type)):
+            table = table.set_column(table.column_names.index("key"), "key", table.column("key").cast(pa.string()))
+        self.table = table
+        self.path = Path(path) if path else None
+        self._heights = table.column("height").to_numpy().astype(np.int64)
+        self._widths = table.column("width").to_numpy().astype(np.int64)
+        bad = np.flatnonzero((self._heights < 1) | (self._widths < 1))
+        if bad.size:
+            row = int(bad[0])
+            raise ManifestError(
+                f"{where}: {bad.size} row(s) with non-positive size, first key "
+                f"{table.column('key')[row].as_py()!r} is {self._widths[row]}x{self._heights[row]}; "
+                "fix or drop those rows"
+            )
+
+    @classmethod
+    def read(cls, path: str | os.PathLike, *, columns: list[str] | None = None) -> Manifest:
+        """Read and validate a manifest; ``columns`` limits what is loaded (``key``/``width``/``height`` always are)."""
+        path = Path(path)
+        if not path.exists():
+            raise ManifestError(f"manifest not found: {path}; build one with `dali-arb index SRC -o {path}`")
+        if path.is_dir():
+            raise ManifestError(f"manifest {path} is a folder; give the .parquet file `dali-arb index` wrote")
+        try:
+            schema = pq.read_schema(path)
+        except (pa.ArrowException, OSError) as exc:
+            raise ManifestError(
+                f"{path} is not a Parquet manifest ({_first_line(exc)}); build one with `dali-arb index`"
+            ) from None
+        version = (schema.metadata or {}).get(_VERSION_KEY)
+        if version is not None:
+            try:
+                number = int(version)
+            except ValueError:
+                number = -1
+            if number < FORMAT_VERSION:
+                raise ManifestError(
+                    f"manifest {path} was written by an older dali_arb (format {version.decode(errors='replace')}, "
+                    f"this version reads {FORMAT_VERSION}); rebuild it with `dali-arb index`"
+                )
+            if number > FORMAT_VERSION:
+                raise ManifestError(
+                    f"manifest {path} was written by a newer dali_arb (format {number}, this version reads "
+                    f"{FORMAT_VERSION}); upgrade dali_arb"
+                )
+        wanted = None
+        if columns is not None:
+            wanted = [c for c in dict.fromkeys([*REQUIRED, *columns]) if c in schema.names]
+        try:
+            table = pq.read_table(path, columns=wanted)
+        except (pa.ArrowException, OSError) as exc:
+            raise ManifestError(f"cannot read manifest {path}: {_first_line(exc)}") from None
+        return cls(table, path=path)
+
+    def write(self, path: str | os.PathLike) -> None:
+        """Write as Parquet with the format version in its metadata."""
+        table = self.table.replace_schema_metadata(
+            {**(self.table.schema.metadata or {}), _VERSION_KEY: str(FORMAT_VERSION).encode()}
+        )
+        pq.write_table(table, path, row_group_size=256 * 1024)
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    @property
+    def heights(self) -> np.ndarray:
+        """``int64 (N,)`` displayed heights."""
+        return self._heights
+
+    @property
+    def widths(self) -> np.ndarray:
+        """``int64 (N,)`` displayed widths."""
+        return self._widths
+
+    @property
+    def keys(self) -> pa.ChunkedArray:
+        """``(N,)`` sample keys (kept in Arrow: 10M keys need not be 10M Python strings)."""
+        return self.table.column("key")
+
+    def keys_at(self, rows: np.ndarray) -> list[str]:
+        """Keys of ``rows`` (any shape, flattened), as Python strings."""
+        return self.keys.take(pa.array(np.asarray(rows, dtype=np.int64).reshape(-1))).to_pylist()
+
+    def column_at(self, name: str, rows: np.ndarray) -> list:
+        """Values of column ``name`` at ``rows`` (flattened), ``None`` where the column is absent."""
+        flat = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if name not in self.table.column_names:
+            return [None] * len(flat)
+        return self.table.column(name).take(pa.array(flat)).to_pylist()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
