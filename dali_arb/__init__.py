@@ -30,6 +30,7 @@ __all__ = [
     "BucketAssignment",
     "BucketSpec",
     "ConfigError",
+    "DALIBucketIterator",
     "DaliArbError",
     "DeviceError",
     "EpochPlan",

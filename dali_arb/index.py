@@ -107,7 +107,10 @@ def inspect_image(data_or_path: bytes | str, *, max_pixels: int = DEFAULT_MAX_PI
             fmt = img.format or "?"
             width, height = img.size
             frames = getattr(img, "n_frames", 1)
-            orientation = img.getexif().get(0x0112, 1) if fmt in ("JPEG", "MPO", "WEBP", "TIFF", "PNG") else 1
+            if width * height > max_pixels:
+                return f"too large: {width}x{height} is over --max-pixels {max_pixels} (decompression bomb guard)"
+            # EXIF orientation, as DALI's decoder applies it (JPEG, WebP, TIFF keep it in the header)
+            orientation = img.getexif().get(0x0112, 1) if fmt in ("JPEG", "MPO", "WEBP", "TIFF") else 1
     except UnidentifiedImageError:
         return "not an image (no known image format)"
     except Exception as exc:  # Pillow raises many types on damaged headers
@@ -119,8 +122,6 @@ def inspect_image(data_or_path: bytes | str, *, max_pixels: int = DEFAULT_MAX_PI
         return f"animated {fmt}: not decodable by DALI (convert to a still image)"
     if width < 1 or height < 1:
         return f"invalid size {width}x{height}"
-    if width * height > max_pixels:
-        return f"too large: {width}x{height} is over --max-pixels {max_pixels} (decompression bomb guard)"
     if fmt in ("JPEG", "MPO") and b"\xff\xd9" not in tail:
         return "truncated JPEG (no end-of-image marker)"
     if fmt == "PNG" and b"IEND" not in tail[-32:]:
@@ -143,9 +144,13 @@ def _read_caption(stem_path: str) -> str | None:
     return None
 
 
-def _folder_task(args: tuple) -> tuple[list[Row], list[dict]]:
-    """Inspect a group of files of one folder: ``(root, [relative paths], max_pixels, known)``."""
+def _folder_task(args: tuple) -> tuple[list[Row], list[dict], int]:
+    """Inspect a group of files of one folder: ``(root, [relative paths], max_pixels, known)``.
+
+    Returns rows, rejects, and how many rows were reused from ``known`` (unchanged size and mtime).
+    """
     root, relpaths, max_pixels, known = args
+    reused = 0
     rows: list[Row] = []
     rejects: list[dict] = []
     kept_by_key: dict[str, str] = {}
@@ -163,6 +168,7 @@ def _folder_task(args: tuple) -> tuple[list[Row], list[dict]]:
         previous = known.get(path) if known else None
         if previous is not None and previous[0] == stat.st_size and previous[1] == stat.st_mtime_ns:
             width, height = previous[2], previous[3]
+            reused += 1
         else:
             result = inspect_image(path, max_pixels=max_pixels)
             if isinstance(result, str):
@@ -172,7 +178,7 @@ def _folder_task(args: tuple) -> tuple[list[Row], list[dict]]:
         kept_by_key[key] = path
         caption = _read_caption(os.path.splitext(path)[0])
         rows.append((key, width, height, caption, path, 0, stat.st_size, stat.st_mtime_ns))
-    return rows, rejects
+    return rows, rejects, reused
 
 
 def _member_key(name: str) -> tuple[str, str]:
@@ -407,7 +413,7 @@ def build_index(
         raise IndexingError(f"output {output} is a folder; give a file name such as {output / 'manifest.parquet'}")
     if not output.parent.exists():
         raise IndexingError(f"folder {output.parent} does not exist; create it or choose another -o")
-    kinds = [(_classify(s), s) for s in sources]
+    kinds = [(_classify(s), os.path.abspath(s)) for s in sources]  # rows must resolve from any working directory
     known: dict[str, tuple] = {}
     known_shards: dict[str, pa.Table] = {}
     summary = IndexSummary(manifest=output)
@@ -489,9 +495,9 @@ def build_index(
                 else:
                     tasks = _folder_tasks(source, max_pixels, known)
                     empty = True
-                    for (rows, rejects), task in _ordered_map(pool, _folder_task, tasks):
+                    for (rows, rejects, reused), task in _ordered_map(pool, _folder_task, tasks):
                         empty = False
-                        summary.reused += sum(1 for r in task[1] if os.path.join(task[0], r) in (task[3] or {}))
+                        summary.reused += reused
                         take(rows, rejects, len(task[1]))
                         bar.update(len(task[1]))
                     if empty:

@@ -58,6 +58,15 @@ class LeftoverPolicy(str, enum.Enum):
     DROP = "drop"
     DUPLICATE = "duplicate"
 
+    @classmethod
+    def parse(cls, value: LeftoverPolicy | str) -> LeftoverPolicy:
+        """The policy named by ``value``; a ConfigError naming the choices otherwise."""
+        try:
+            return cls(value)
+        except ValueError:
+            choices = ", ".join(p.value for p in cls)
+            raise ConfigError(f"leftover must be one of {choices}, got {value!r}") from None
+
 
 @dataclass(frozen=True, eq=False)
 class EpochPlan:
@@ -128,11 +137,7 @@ class Planner:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
-        try:
-            self.leftover = LeftoverPolicy(leftover)
-        except ValueError:
-            choices = ", ".join(p.value for p in LeftoverPolicy)
-            raise ConfigError(f"leftover must be one of {choices}, got {leftover!r}") from None
+        self.leftover = LeftoverPolicy.parse(leftover)
         self.world = world if world is not None else World()
         if not sync_ranks and self.leftover is LeftoverPolicy.DUPLICATE:
             raise ConfigError("leftover='duplicate' needs sync_ranks=True; use 'nearest' or 'drop'")

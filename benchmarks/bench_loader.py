@@ -1,0 +1,1 @@
+"""Loader throughput cases (filled in with the DALI pipeline)."""

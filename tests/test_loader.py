@@ -1,0 +1,234 @@
+"""The DALI pipeline and DALIBucketIterator on the CPU (DALI's CPU operators)."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from dali_arb import BucketSpec, ConfigError, DALIBucketIterator, DeviceError, ManifestError, StateError
+from dali_arb.index import build_index
+
+from .images import save_jpeg
+
+SMALL = BucketSpec(max_area=160 * 240, min_dim=64, max_dim=320, step=32, base=(160, 160))
+
+SIZES = [(300, 200), (200, 300), (240, 240), (400, 150), (150, 400), (320, 180), (180, 320), (260, 200), (210, 280),
+         (500, 160), (160, 500), (330, 250), (250, 330), (280, 210), (120, 90), (90, 120), (222, 333), (333, 222)]  # fmt: skip
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loader")
+    folder = root / "photos"
+    folder.mkdir()
+    for i, (w, h) in enumerate(SIZES * 2):
+        orientation = 6 if i % 7 == 3 else (8 if i % 11 == 5 else None)
+        # stored sideways when rotated: the displayed size is (w, h)
+        stored = (h, w) if orientation in (6, 8) else (w, h)
+        save_jpeg(folder / f"img{i:03d}.jpg", *stored, seed=i, orientation=orientation)
+        (folder / f"img{i:03d}.txt").write_text(f"caption {i}", encoding="utf-8")
+    manifest = root / "m.parquet"
+    build_index([str(folder)], manifest, progress=False)
+    return folder, manifest
+
+
+def loader(manifest, **kw):
+    options = {"batch_size": 4, "buckets": SMALL, "device": "cpu", "workers": 0, "dtype": "uint8", "seed": 3}
+    options.update(kw)
+    return DALIBucketIterator(str(manifest), **options)
+
+
+def pillow_reference(path, target, top, left, flipped):
+    """Independent reference: EXIF transpose, resize to cover with bilinear, crop, flip."""
+    img = ImageOps.exif_transpose(Image.open(path).convert("RGB"))
+    w, h = img.size
+    bh, bw = target
+    scale = max(bh / h, bw / w)
+    rh, rw = max(bh, round(h * scale)), max(bw, round(w * scale))
+    x0 = rw - left - bw if flipped else left
+    out = img.resize((rw, rh), Image.BILINEAR).crop((x0, top, x0 + bw, top + bh))
+    if flipped:
+        out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.asarray(out), (h, w)
+
+
+def test_pixels_match_an_independent_pillow_reference(dataset):
+    folder, manifest = dataset
+    it = loader(manifest, flip=0.5)
+    seen_flip = set()
+    worst = math.inf
+    for batch in it:
+        images = batch["images"]
+        assert images.dtype == torch.uint8 and images.shape[1] == 3
+        assert tuple(images.shape[2:]) == batch["target_size"]
+        for i, key in enumerate(batch["ids"]):
+            top, left = batch["crop_top_left"][i].tolist()
+            flipped = bool(batch["flipped"][i])
+            seen_flip.add(flipped)
+            ref, size = pillow_reference(folder / f"{key}.jpg", batch["target_size"], top, left, flipped)
+            assert tuple(batch["original_size"][i].tolist()) == size
+            ours = images[i].permute(1, 2, 0).numpy()
+            worst = min(worst, psnr(ours, ref))
+            assert batch["captions"][i] == f"caption {int(key[3:])}"
+    assert worst > 35, f"worst PSNR {worst:.1f} dB"
+    assert seen_flip == {True, False}
+
+
+def test_center_crop_and_float_outputs(dataset):
+    _, manifest = dataset
+    raw = next(iter(loader(manifest, crop="center")))
+    for dtype, torch_dtype in (("float16", torch.float16), ("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        batch = next(iter(loader(manifest, crop="center", dtype=dtype)))
+        assert batch["images"].dtype == torch_dtype and batch["ids"] == raw["ids"]
+        expected = (raw["images"].float() - 127.5) / 127.5
+        assert batch["images"].float().min() >= -1 and batch["images"].float().max() <= 1
+        assert torch.allclose(batch["images"].float(), expected, atol=0.02)
+    bh, bw = raw["target_size"]
+    for (h, w), (top, left) in zip(raw["original_size"].tolist(), raw["crop_top_left"].tolist()):
+        scale = max(bh / h, bw / w)
+        assert (top, left) == ((max(bh, round(h * scale)) - bh) // 2, (max(bw, round(w * scale)) - bw) // 2)
+
+
+def test_every_rank_same_length_and_the_epoch_is_covered(dataset):
+    _, manifest = dataset
+    ranks = [loader(manifest, rank=r, world_size=3, batch_size=2) for r in range(3)]
+    assert len({len(r) for r in ranks}) == 1
+    served = [key for r in ranks for batch in r for key in batch["ids"]]
+    assert len(served) == len(set(served)) == len(SIZES) * 2 - (len(SIZES) * 2) % 6
+
+
+def test_epochs_follow_one_another_and_reshuffle(dataset):
+    _, manifest = dataset
+    it = loader(manifest)
+    first = [b["ids"] for b in it]
+    second = [b["ids"] for b in it]  # runs epoch 1 without set_epoch
+    assert it.epoch == 1 and first != second
+    it.set_epoch(0)
+    assert [b["ids"] for b in it] == first
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_resume_is_bit_identical_at_any_step(dataset, workers):
+    _, manifest = dataset
+    it = loader(manifest, flip=0.5, workers=workers)
+    states, batches = [], []
+    for epoch in range(2):
+        it.set_epoch(epoch)
+        for batch in it:
+            batches.append(batch)
+            states.append(json.loads(json.dumps(it.state_dict())))
+    steps = len(it)
+    for k in sorted({0, 1, steps // 2, steps - 2, steps - 1}):
+        fresh = loader(manifest, flip=0.5, workers=0)
+        fresh.load_state_dict(states[k])
+        nxt = next(iter(fresh))
+        want = batches[k + 1]
+        assert (nxt["epoch"], nxt["step"]) == (want["epoch"], want["step"])
+        assert nxt["ids"] == want["ids"]
+        assert torch.equal(nxt["crop_top_left"], want["crop_top_left"]) and torch.equal(nxt["flipped"], want["flipped"])
+        assert torch.equal(nxt["images"], want["images"])
+
+
+def test_elastic_resume_on_another_world_size(dataset):
+    _, manifest = dataset
+    two = [loader(manifest, rank=r, world_size=2, batch_size=4) for r in range(2)]
+    iters = [iter(x) for x in two]
+    for _ in range(2):
+        for i in iters:
+            next(i)
+    state = two[0].state_dict()
+    following = [key for i in iters for key in next(i)["ids"]]  # global batch 2, in rank order
+    four = [loader(manifest, rank=r, world_size=4, batch_size=2) for r in range(4)]
+    for x in four:
+        x.load_state_dict(state)
+    assert [key for x in four for key in next(iter(x))["ids"]] == following
+    with pytest.raises(StateError, match=r"world_size 2 x batch_size 4 = 8; this loader has 4 x 4 = 16"):
+        loader(manifest, rank=0, world_size=4, batch_size=4).load_state_dict(state)
+    with pytest.raises(StateError, match="seed=3, this loader has seed=4"):
+        loader(manifest, rank=0, world_size=2, seed=4).load_state_dict(state)
+
+
+def test_bad_files_after_indexing_are_replaced_and_nothing_else_is_lost(tmp_path, dataset):
+    folder, _ = dataset
+    work = tmp_path / "photos"
+    work.mkdir()
+    for f in sorted(folder.glob("*.jpg")):
+        (work / f.name).write_bytes(f.read_bytes())
+    manifest = tmp_path / "m.parquet"
+    build_index([str(work)], manifest, progress=False)
+    # after indexing: one truncated, one deleted, one replaced by text, one garbled with markers intact
+    data = (work / "img001.jpg").read_bytes()
+    (work / "img001.jpg").write_bytes(data[: len(data) // 2])
+    os.remove(work / "img002.jpg")
+    (work / "img004.jpg").write_text("not an image any more")
+    size = (work / "img005.jpg").stat().st_size
+    garbled = b"\xff\xd8\xff" + bytes(np.random.default_rng(0).integers(0, 255, size - 5, dtype=np.uint8)) + b"\xff\xd9"
+    (work / "img005.jpg").write_bytes(garbled)
+    bad = {"img001", "img002", "img004", "img005"}
+    it = loader(manifest)
+    for epoch in range(2):
+        it.set_epoch(epoch)
+        served = []
+        for batch in it:
+            assert batch["images"].shape[0] == 4 and len(batch["ids"]) == 4
+            served += batch["ids"]
+        assert not bad & set(served)
+        total = len(SIZES) * 2
+        kept = total - total % 4
+        assert len(served) == kept
+        # every good sample of the epoch is still served; stand-ins only repeat good ones
+        planned = {k for k in it._planner.epoch(epoch).rows.ravel().tolist()}
+        good_planned = {it.manifest.keys_at(np.array([r]))[0] for r in planned} - bad
+        assert good_planned <= set(served)
+    assert set(it.failed) == bad & {
+        it.manifest.keys_at(np.array([r]))[0] for e in (0, 1) for r in it._planner.epoch(e).rows.ravel()
+    }
+    assert "changed since indexing" in it.state_dict()["failed"]["img001"]
+    assert "cannot open" in it.state_dict()["failed"]["img002"]
+    assert "cannot be decoded" in it.state_dict()["failed"]["img005"]
+
+
+def test_errors_name_the_value(dataset, tmp_path):
+    _, manifest = dataset
+    with pytest.raises(ConfigError, match=r"dtype must be one of .* got 'int7'"):
+        loader(manifest, dtype="int7")
+    with pytest.raises(ConfigError, match="crop must be 'random' or 'center', got 'edge'"):
+        loader(manifest, crop="edge")
+    with pytest.raises(ConfigError, match=r"flip must be a probability in \[0, 1\], got 2"):
+        loader(manifest, flip=2)
+    with pytest.raises(ConfigError, match="device must be 'auto', 'gpu' or 'cpu', got 'tpu'"):
+        loader(manifest, device="tpu")
+    with pytest.raises(StateError):
+        loader(manifest).load_state_dict({"epoch": 1})
+    from .conftest import gpu_available, write_size_manifest
+
+    if not gpu_available():
+        with pytest.raises(DeviceError, match="DALI sees no CUDA GPU"):
+            loader(manifest, device="gpu")
+    sizes_only = write_size_manifest(tmp_path / "s.parquet", np.array([100] * 8), np.array([100] * 8))
+    with pytest.raises(ManifestError, match="has no image files to read"):
+        loader(sizes_only)
+
+
+@pytest.mark.gpu
+def test_gpu_matches_cpu(dataset):
+    _, manifest = dataset
+    cpu = loader(manifest, flip=0.5, device="cpu")
+    gpu = loader(manifest, flip=0.5, device="gpu")
+    for a, b in zip(cpu, gpu):
+        assert b["images"].device.type == "cuda" and b["images"].dtype == torch.uint8
+        assert a["ids"] == b["ids"] and torch.equal(a["crop_top_left"], b["crop_top_left"])
+        assert a["images"].shape == b["images"].shape
+        diff = (a["images"].float() - b["images"].cpu().float()).abs().mean().item()
+        assert diff < 2, f"mean absolute difference {diff:.2f}"
+    fp = next(iter(loader(manifest, device="gpu", dtype="bfloat16")))
+    assert fp["images"].dtype == torch.bfloat16 and fp["images"].device.type == "cuda"
