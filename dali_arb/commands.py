@@ -1,3 +1,240 @@
-"""Loader commands of ``dali-arb`` (preview, bench, demo); registered into the parser by cli.py."""
+"""Loader commands of ``dali-arb`` (preview, bench, demo); registered into the parser by cli.py.
+
+They import DALI and torch only when run.
+"""
 
 from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .cli import (
+    _EXTRA_COMMANDS,
+    _non_negative_int,
+    _positive_int,
+    add_bucket_options,
+    spec_from_args,
+)
+from .errors import ConfigError
+
+SAMPLES = Path(__file__).parent / "samples"
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability between 0 and 1, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a probability between 0 and 1, got {text}")
+    return value
+
+
+def _add_loader_options(p: argparse.ArgumentParser, *, batch_default: int) -> None:
+    g = p.add_argument_group("loader options")
+    g.add_argument(
+        "--device", choices=["auto", "cpu", "gpu"], default="auto", help="decode on the GPU, the CPU, or auto (default)"
+    )
+    g.add_argument(
+        "--batch-size",
+        "-b",
+        type=_positive_int,
+        default=batch_default,
+        help=f"images per batch (default {batch_default})",
+    )
+    g.add_argument(
+        "--workers",
+        type=_non_negative_int,
+        default=None,
+        help="processes reading bytes (default: a quarter of the cores, 1-4)",
+    )
+
+
+def _stderr_is_tty() -> bool:
+    return sys.stderr.isatty()
+
+
+# -- preview ---------------------------------------------------------------------------------------
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    from .iterator import DALIBucketIterator
+    from .plots import contact_sheet
+
+    out = Path(args.output)
+    if out.suffix.lower() != ".png":
+        raise ConfigError(f"-o must name a .png file, got {args.output!r}")
+    loader = DALIBucketIterator(
+        args.manifest, batch_size=args.batch_size, buckets=spec_from_args(args), seed=args.seed, device=args.device,
+        crop=args.crop, flip=args.flip, dtype="uint8", workers=args.workers if args.workers is not None else 0,
+        rank=0, world_size=1,
+    )  # fmt: skip
+    loader.set_epoch(args.epoch)
+    batches = []
+    for batch in loader:
+        batches.append(batch)
+        if len(batches) >= args.batches:
+            break
+    rows = contact_sheet(batches, out)
+    print(f"preview of {rows} batches written to {out}")
+    if loader.failed:
+        print(
+            f"{len(loader.failed)} sample(s) could not be read and were replaced: {', '.join(loader.failed[:5])}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+# -- bench -----------------------------------------------------------------------------------------
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    def say(text: str) -> None:
+        if not args.json and _stderr_is_tty():
+            print(text, file=sys.stderr)
+
+    result = run_bench(
+        args.manifest, device=args.device, batch_size=args.batch_size, batches=args.batches, rounds=args.rounds,
+        baseline=args.baseline, memory=args.memory, workers=args.workers, buckets=spec_from_args(args), progress=say,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{result['images']} images, batch {result['batch_size']}, {result['batches_per_round']} batches per round, "
+          f"device {result['device']}, {result['cores']} cores; {result['output']}")  # fmt: skip
+    names = {"loader": "dali_arb", "baseline": "DataLoader + Pillow", "baseline_draft": "DataLoader + Pillow draft",
+             "loader_dali_decoder": "dali_arb, decoder=dali", "memory": "decoder=dali pipeline fed from memory"}  # fmt: skip
+    print(f"{'loader':<36} {'images/s':>9} {'MP/s':>7} {'p50 ms':>8} {'p99 ms':>8}")
+    for key, label in names.items():
+        if key in result:
+            r = result[key]
+            print(
+                f"{label:<36} {r['images_per_s']:>9} {r['megapixels_per_s']:>7} {r['batch_ms_p50']:>8} {r['batch_ms_p99']:>8}"
+            )
+    for key in ("speedup_vs_baseline", "speedup_vs_baseline_draft"):
+        if key in result:
+            print(f"{key.replace('_', ' ')}: {result[key]}x")
+    if "planner_and_source_overhead" in result:
+        print(f"planner and external source cost: {100 * result['planner_and_source_overhead']:.1f}% of throughput")
+    if "gpu_memory" in result:
+        print(f"GPU memory used: {result['gpu_memory']}")
+    return 0
+
+
+# -- demo ------------------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .index import build_index
+    from .iterator import DALIBucketIterator
+    from .manifest import Manifest
+    from .pipeline import resolve_device
+    from .plots import contact_sheet, plot_buckets
+    from .report import bucket_report, format_report
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(args.device)
+    manifest_path = out / "samples.parquet"
+    print(f"1. index: {SAMPLES}")
+    summary = build_index([str(SAMPLES)], manifest_path, progress=False)
+    print(f"   {summary.line()}")
+    manifest = Manifest.read(manifest_path)
+    spec = spec_from_args(args)
+    report = bucket_report(manifest.heights, manifest.widths, spec, batch_size=args.batch_size)
+    print("\n2. buckets (dali-arb buckets):\n")
+    print("   " + format_report(report).replace("\n", "\n   "))
+    plot_path = out / "buckets.png"
+    plot_buckets(report, plot_path)
+    loader = DALIBucketIterator(
+        manifest, batch_size=args.batch_size, buckets=spec, device=device, flip=0.5, dtype="uint8", seed=args.seed,
+        workers=args.workers, rank=0, world_size=1,
+    )  # fmt: skip
+    print(f"\n3. one epoch through DALIBucketIterator on {device.upper()}: {len(loader)} batches of {args.batch_size}")
+    batches = []
+    start = time.perf_counter()
+    with tqdm(total=len(loader), unit="batch", disable=not _stderr_is_tty(), leave=False) as bar:
+        for batch in loader:
+            batches.append(batch)
+            bar.update(1)
+    seconds = time.perf_counter() - start
+    images = sum(len(b["ids"]) for b in batches)
+    pixels = sum(len(b["ids"]) * b["target_size"][0] * b["target_size"][1] for b in batches)
+    for b in batches:
+        h, w = b["target_size"]
+        print(f"   step {b['step']}: {w}x{h}  {', '.join(b['ids'])}")
+    print(f"   {images} images in {seconds:.2f} s including pipeline start-up: {images / seconds:.1f} images/s, "
+          f"{pixels / seconds / 1e6:.2f} megapixels/s")  # fmt: skip
+    preview_path = out / "preview.png"
+    contact_sheet(batches, preview_path)
+    print("\n4. pictures:")
+    print(f"   bucket histogram: {plot_path}")
+    print(f"   contact sheet of the batches as the loader made them: {preview_path}")
+    print("\nNext: dali-arb index YOUR_FOLDER -o manifest.parquet, then see README.md for the training loop.")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction, fmt: type) -> None:
+    p = sub.add_parser(
+        "preview", help="contact sheet of the first batches as the loader makes them", formatter_class=fmt,
+        description="Run the loader and draw its first batches after decode, resize and crop, one row per batch, "
+                    "labelled with bucket and keys. The way to check crops and orientation by eye.",
+        epilog="examples:\n  dali-arb preview photos.parquet -o preview.png\n"
+               "  dali-arb preview photos.parquet -o preview.png --batches 12 --flip 0.5 --device cpu\n",
+    )  # fmt: skip
+    p.add_argument("manifest", metavar="MANIFEST")
+    p.add_argument("-o", "--output", required=True, metavar="PNG", help="where to write the contact sheet")
+    p.add_argument("--batches", type=_positive_int, default=8, help="batches to draw (default 8)")
+    p.add_argument("--crop", choices=["random", "center"], default="random", help="crop placement (default random)")
+    p.add_argument("--flip", type=_probability, default=0.0, help="probability of a horizontal flip (default 0)")
+    p.add_argument("--seed", type=_non_negative_int, default=0)
+    p.add_argument("--epoch", type=_non_negative_int, default=0)
+    _add_loader_options(p, batch_default=4)
+    add_bucket_options(p)
+    p.set_defaults(func=cmd_preview)
+
+    p = sub.add_parser(
+        "bench", help="loader throughput, optionally against a DataLoader + Pillow baseline", formatter_class=fmt,
+        description="Time the loader (images/s, megapixels/s of output, batch latency p50/p99) on a manifest; "
+                    "--baseline adds a PyTorch DataLoader with Pillow (plain and with draft decoding) on the same plan.",
+        epilog="examples:\n  dali-arb bench photos.parquet --device cpu --baseline\n"
+               "  dali-arb bench photos.parquet --device gpu --baseline --memory --json > bench.json\n",
+    )  # fmt: skip
+    p.add_argument("manifest", metavar="MANIFEST")
+    p.add_argument("--batches", type=_positive_int, default=32, help="timed batches per round (default 32)")
+    p.add_argument(
+        "--rounds", type=_positive_int, default=3, help="alternating rounds; the median is reported (default 3)"
+    )
+    p.add_argument("--baseline", action="store_true", help="also time DataLoader + Pillow (plain and draft)")
+    p.add_argument("--memory", action="store_true", help="also time the same DALI pipeline fed from memory")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_loader_options(p, batch_default=8)
+    add_bucket_options(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "demo", help="the whole job on the sample photographs", formatter_class=fmt,
+        description="Index the sample photographs that ship with dali_arb, print the bucket report, run one epoch "
+                    "through DALIBucketIterator (GPU if there is one, else CPU) and draw the batches.",
+        epilog="examples:\n  dali-arb demo\n  dali-arb demo --out /tmp/demo --device cpu\n",
+    )  # fmt: skip
+    p.add_argument(
+        "--out",
+        default="dali-arb-demo",
+        metavar="DIR",
+        help="where the manifest and pictures go (default ./dali-arb-demo)",
+    )
+    p.add_argument("--seed", type=_non_negative_int, default=0)
+    _add_loader_options(p, batch_default=2)
+    add_bucket_options(p)
+    p.set_defaults(func=cmd_demo)
+
+
+_EXTRA_COMMANDS.append(register)

@@ -51,10 +51,15 @@ class DALIBucketIterator:
         flip: probability of a horizontal flip.
         dtype: ``"float16"``, ``"bfloat16"``, ``"float32"`` (scaled to [-1, 1]) or ``"uint8"`` (raw).
         leftover, sync_ranks: see :class:`Planner`.
-        workers: processes reading bytes (0: in the main process). Default: a quarter of the cores, 1-4.
-        num_threads: DALI threads (default: 4 on GPU, all cores on CPU).
+        workers: processes reading (and with the ``pillow`` decoder, decoding) images; 0 does it in
+            the main process. Default: all cores with ``pillow``, else a quarter of them (1-4).
+        num_threads: DALI threads (default: a quarter of the cores with ``pillow``, 4 on GPU, else all cores).
         prefetch: batches DALI prepares ahead.
         device_id: GPU index (default: the local rank).
+        decoder: ``"dali"`` (DALI decodes: nvJPEG on GPU, libjpeg-turbo on CPU), ``"pillow"`` (the
+            byte-reading workers decode with libjpeg-turbo at reduced DCT scale, 1/2..1/8, when an
+            image is much larger than its bucket; DALI resizes), or ``"auto"``: ``dali`` on GPU,
+            ``pillow`` on CPU, where it is the faster (see benchmarks/RESULTS.md).
     """
 
     def __init__(
@@ -76,6 +81,7 @@ class DALIBucketIterator:
         num_threads: int | None = None,
         prefetch: int = 2,
         device_id: int | None = None,
+        decoder: str = "auto",
     ) -> None:
         from .pipeline import resolve_device
 
@@ -98,6 +104,9 @@ class DALIBucketIterator:
         self.world = world
         self.device = resolve_device(device)
         self.device_id = (world.local_rank if device_id is None else device_id) if self.device == "gpu" else None
+        if decoder not in ("auto", "dali", "pillow"):
+            raise ConfigError(f"decoder must be 'auto', 'dali' or 'pillow', got {decoder!r}")
+        decoder = ("dali" if self.device == "gpu" else "pillow") if decoder == "auto" else decoder
         self.dtype = dtype
         self.config = LoaderConfig(
             batch_size=batch_size,
@@ -109,12 +118,18 @@ class DALIBucketIterator:
             sync_ranks=sync_ranks,
             crop=crop,
             flip=flip,
+            decoder=decoder,
         )
         self.manifest = manifest
         self._source = BatchSource(manifest, self.config, first_epoch=0, first_step=0)
         self._planner = self._source.planner  # validates batch size, seed, leftover, sizes
-        self.workers = workers if workers is not None else max(1, min(4, (os.cpu_count() or 1) // 4))
-        self.num_threads = num_threads
+        cores = os.cpu_count() or 1
+        if self.config.decoder == "pillow":  # the workers decode and resize; DALI only normalises
+            self.workers = workers if workers is not None else cores
+            self.num_threads = num_threads or max(1, cores // 4)
+        else:  # the workers only read bytes; DALI decodes
+            self.workers = workers if workers is not None else max(1, min(4, cores // 4))
+            self.num_threads = num_threads or (4 if self.device == "gpu" else cores)
         self.prefetch = prefetch
         self._max_side = int(max(manifest.heights.max(), manifest.widths.max()))
         self._epoch = 0
@@ -247,6 +262,7 @@ class DALIBucketIterator:
             workers=self.workers,
             prefetch=self.prefetch,
             max_image_side=self._max_side,
+            decoded_input=self.config.decoder == "pillow",
         )
         self._stream = (epoch, step)
 
@@ -291,6 +307,7 @@ class DALIBucketIterator:
                     workers=0,
                     num_threads=1,
                     prefetch=1,
+                    decoded_input=self.config.decoder == "pillow",
                 )
                 probe.run()
             except Exception as exc:
@@ -332,8 +349,7 @@ class DALIBucketIterator:
             key = self.manifest.keys_at(planned[i : i + 1])[0]
             if key not in self._failed:
                 self._bad_rows.add(int(planned[i]))
-                reason = self._source.read(int(planned[i]))[1] or "could not be read"
-                self._record_failure(key, reason)
+                self._record_failure(key, self._source.problem(int(planned[i]), int(shape[2]), int(shape[3])))
         captions = self.manifest.column_at("caption", rows)
         return {
             "images": out,

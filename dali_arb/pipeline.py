@@ -5,7 +5,9 @@ Imports DALI lazily (inside functions), so the rest of dali_arb works without it
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from typing import Any
 
 from .errors import ConfigError, DeviceError
@@ -48,6 +50,7 @@ def build_pipeline(
     workers: int = 1,
     prefetch: int = 2,
     max_image_side: int = 0,
+    decoded_input: bool = False,
 ) -> Any:
     """A built DALI pipeline whose outputs are ``(images, meta)``.
 
@@ -60,6 +63,8 @@ def build_pipeline(
         workers: Python worker processes reading bytes (DALI's parallel external source);
             0 reads in the main process (for tests and debugging).
         max_image_side: largest image side in the manifest: the GPU decoder preallocates for it.
+        decoded_input: the source delivers finished crops (``uint8 HWC`` at the bucket size; the
+            ``pillow`` decoder): no decode and no resize here.
     """
     from nvidia.dali import fn, pipeline_def, types
 
@@ -78,29 +83,45 @@ def build_pipeline(
         exec_dynamic=True,
     )
     def arb_pipeline():
-        encoded, roi_start, roi_end, size, mirror, meta = fn.external_source(
-            source=source,
-            num_outputs=6,
-            batch=True,
-            batch_info=True,
-            parallel=workers > 0,
-            dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.FLOAT, types.INT32, types.INT64],
-        )
-        decode_args: dict[str, Any] = {"device": "mixed" if gpu else "cpu", "output_type": types.RGB}
-        if gpu and max_image_side:
-            decode_args.update(preallocate_width_hint=max_image_side, preallocate_height_hint=max_image_side)
-        images = fn.decoders.image(encoded, **decode_args)
-        # Resize the crop window (in source pixels) straight to the bucket size: the same pixels as
-        # resizing the whole image to cover the bucket and cropping, without the discarded work.
-        images = fn.resize(
-            images,
-            size=size,
-            roi_start=roi_start,
-            roi_end=roi_end,
-            roi_relative=False,
-            antialias=True,
-            interp_type=types.INTERP_LINEAR,
-        )
+        if decoded_input:  # finished crops from the workers: only flip, normalise and layout here
+            images, mirror, meta = fn.external_source(
+                source=source,
+                num_outputs=3,
+                batch=True,
+                batch_info=True,
+                parallel=workers > 0,
+                prefetch_queue_depth=max(2, 2 * workers) if workers > 0 else None,
+                dtype=[types.UINT8, types.INT32, types.INT64],
+                layout=["HWC"],
+            )
+            if gpu:
+                images = images.gpu()
+        else:
+            encoded, roi_start, roi_end, size, mirror, meta = fn.external_source(
+                source=source,
+                num_outputs=6,
+                batch=True,
+                batch_info=True,
+                parallel=workers > 0,
+                # batches computed ahead by the workers (DALI's default, 1, keeps all but one worker idle)
+                prefetch_queue_depth=max(2, 2 * workers) if workers > 0 else None,
+                dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.FLOAT, types.INT32, types.INT64],
+            )
+            decode_args: dict[str, Any] = {"device": "mixed" if gpu else "cpu", "output_type": types.RGB}
+            if gpu and max_image_side:
+                decode_args.update(preallocate_width_hint=max_image_side, preallocate_height_hint=max_image_side)
+            images = fn.decoders.image(encoded, **decode_args)
+            # Resize the crop window (in source pixels) straight to the bucket size: the same pixels as
+            # resizing the whole image to cover the bucket and cropping, without the discarded work.
+            images = fn.resize(
+                images,
+                size=size,
+                roi_start=roi_start,
+                roi_end=roi_end,
+                roi_relative=False,
+                antialias=True,
+                interp_type=types.INTERP_LINEAR,
+            )
         images = fn.crop_mirror_normalize(
             images,
             mirror=mirror,
@@ -112,5 +133,28 @@ def build_pipeline(
         return images, meta
 
     pipe = arb_pipeline()
-    pipe.build()
+    with _workers_skip_main():
+        pipe.build()
     return pipe
+
+
+@contextlib.contextmanager
+def _workers_skip_main():
+    """Start worker processes without re-importing the program's ``__main__``.
+
+    "spawn" workers normally import the main script again: that fails for stdin and notebooks, and
+    re-runs a training script that lacks an ``if __name__ == "__main__"`` guard in every worker. Our
+    source lives in ``dali_arb.source``, so workers never need ``__main__``.
+    """
+    main = sys.modules.get("__main__")
+    saved = {name: getattr(main, name) for name in ("__file__", "__spec__") if hasattr(main, name)}
+    try:
+        for name in saved:
+            if name == "__spec__":
+                main.__spec__ = None
+            else:
+                delattr(main, name)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(main, name, value)

@@ -8,8 +8,10 @@ epoch and the step, so resuming reproduces batches bit for bit.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -39,12 +41,28 @@ class LoaderConfig:
     sync_ranks: bool
     crop: str
     flip: float
+    decoder: str = "dali"
 
     def __post_init__(self) -> None:
+        if self.decoder not in ("dali", "pillow"):
+            raise ConfigError(f"decoder must be 'dali' or 'pillow', got {self.decoder!r}")
         if self.crop not in ("random", "center"):
             raise ConfigError(f"crop must be 'random' or 'center', got {self.crop!r}")
         if isinstance(self.flip, bool) or not isinstance(self.flip, (int, float)) or not 0.0 <= self.flip <= 1.0:
             raise ConfigError(f"flip must be a probability in [0, 1], got {self.flip!r}")
+
+
+class Geometry(NamedTuple):
+    """Where one image goes: source size, size after the cover resize, crop corner, bucket size."""
+
+    height: int
+    width: int
+    resized_h: int
+    resized_w: int
+    top: int
+    left: int
+    bucket_h: int
+    bucket_w: int
 
 
 def cover_crop(
@@ -88,9 +106,10 @@ def check_encoded(data: bytes) -> str | None:
 class BatchSource:
     """DALI external source: ``source(batch_info)`` returns one batch of this rank.
 
-    Outputs, per sample: encoded bytes ``uint8 (n,)``, ``roi_start`` and ``roi_end``
+    Outputs, per sample, with the ``dali`` decoder: encoded bytes ``uint8 (n,)``, ``roi_start`` and ``roi_end``
     ``float32 (2,)`` (the crop window in source pixels, ``(y, x)``), ``size`` ``float32 (2,)``
-    (bucket ``(h, w)``), ``mirror`` ``int32 ()``, and ``meta`` ``int64 (9,)`` (see ``META_FIELDS``).
+    (bucket ``(h, w)``), ``mirror`` ``int32 ()``, and ``meta`` ``int64 (9,)`` (see ``META_FIELDS``). With the ``pillow`` decoder: the finished crop ``uint8 (bucket_h, bucket_w, 3)``,
+    ``mirror`` and ``meta``.
 
     The stream of batches starts at step ``first_step`` of ``first_epoch`` and runs on through the
     following epochs without end; the loader takes ``len(epoch)`` batches per epoch.
@@ -197,19 +216,21 @@ class BatchSource:
         outputs: tuple[list, ...] = ([], [], [], [], [], [])
         size = np.array([bucket_h, bucket_w], np.float32)
         for position, planned in enumerate(rows.tolist()):
-            row, data = self._read_or_replace(planned, bucket, epoch, step, plan.offset + position)
-            h, w = int(self._heights[row]), int(self._widths[row])
             u_y, u_x, u_flip = draws[position]
-            rh, rw, top, left = cover_crop(h, w, bucket_h, bucket_w, u_y, u_x, center=c.crop == "center")
+            place = functools.partial(self.geometry, bucket_h=bucket_h, bucket_w=bucket_w, u_y=u_y, u_x=u_x)
+            row, payload = self._read_or_replace(planned, bucket, epoch, step, plan.offset + position, place)
+            h, w, rh, rw, top, left, _, _ = place(row)
             mirror = bool(u_flip < c.flip)
-            y_scale, x_scale = h / rh, w / rw
-            outputs[0].append(data)
+            y_scale, x_scale = h / rh, w / rw  # the crop window in source pixels
+            outputs[0].append(payload)
             outputs[1].append(np.array([top * y_scale, left * x_scale], np.float32))
             outputs[2].append(np.array([(top + bucket_h) * y_scale, (left + bucket_w) * x_scale], np.float32))
             outputs[3].append(size)
             outputs[4].append(np.array(mirror, np.int32))
             reported_left = rw - left - bucket_w if mirror else left
             outputs[5].append(np.array([row, planned, top, reported_left, h, w, epoch, step, mirror], np.int64))
+        if c.decoder == "pillow":  # finished crops: no window or size for DALI to use
+            return outputs[0], outputs[4], outputs[5]
         return outputs
 
     # -- reading, with deterministic replacement of bad samples ------------------------------------
@@ -247,18 +268,71 @@ class BatchSource:
             return None, f"{path}: {problem}"
         return np.frombuffer(data, np.uint8), None
 
+    def geometry(self, row: int, *, bucket_h: int, bucket_w: int, u_y: float, u_x: float) -> Geometry:
+        """Where ``row`` goes in a batch of bucket ``(bucket_h, bucket_w)``, given its crop draws."""
+        h, w = int(self._heights[row]), int(self._widths[row])
+        rh, rw, top, left = cover_crop(h, w, bucket_h, bucket_w, u_y, u_x, center=self.config.crop == "center")
+        return Geometry(h, w, rh, rw, top, left, bucket_h, bucket_w)
+
     def _read_or_replace(
-        self, planned: int, bucket: int, epoch: int, step: int, position: int
+        self, planned: int, bucket: int, epoch: int, step: int, position: int, geometry
     ) -> tuple[int, np.ndarray]:
+        """``(row, payload)`` for ``planned`` or, if it cannot be served, a deterministic stand-in.
+
+        The payload is the encoded bytes (decoder ``dali``) or the finished crop (``pillow``).
+        """
         row = planned
         for attempt in range(_MAX_REPLACEMENT_TRIES):
             if row not in self.bad_rows:
-                data, _ = self.read(row)
-                if data is not None:
-                    return row, data
+                payload, _ = self.prepare(row, geometry(row))
+                if payload is not None:
+                    return row, payload
                 self.bad_rows.add(row)  # the loader logs it once, from the main process
             row = self.replacement(bucket, epoch, step, position, attempt)
         raise RuntimeError(f"no readable image found in bucket {bucket} after {_MAX_REPLACEMENT_TRIES} tries")
+
+    def prepare(self, row: int, geometry: Geometry) -> tuple[np.ndarray | None, str | None]:
+        """What the pipeline gets for ``row``: encoded bytes, or with the ``pillow`` decoder the
+        finished crop ``uint8 (bucket_h, bucket_w, 3)``; ``(None, reason)`` if it cannot be served."""
+        data, reason = self.read(row)
+        if data is None or self.config.decoder == "dali":
+            return data, reason
+        return self.decode_crop(row, data, geometry)
+
+    def problem(self, row: int, bucket_h: int, bucket_w: int) -> str:
+        """Why ``row`` cannot be served (for the loader's one warning per sample)."""
+        self._setup()
+        _, reason = self.prepare(row, self.geometry(row, bucket_h=bucket_h, bucket_w=bucket_w, u_y=0.0, u_x=0.0))
+        return reason or "could not be read"
+
+    def decode_crop(self, row: int, data: np.ndarray, geometry: Geometry) -> tuple[np.ndarray | None, str | None]:
+        """Decode with libjpeg-turbo at the smallest DCT scale (1/8..1) that still covers the
+        resize, EXIF-upright, then resize just the crop window to the bucket (bilinear,
+        antialiased): ``uint8 (bucket_h, bucket_w, 3)``, or ``(None, reason)``."""
+        import io
+
+        from PIL import Image, ImageOps
+
+        h, w, rh, rw, top, left, bucket_h, bucket_w = geometry
+        try:
+            with Image.open(io.BytesIO(data.tobytes())) as img:
+                rotated = img.format in ("JPEG", "MPO", "WEBP", "TIFF") and img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+                stored = (h, w) if rotated else (w, h)
+                if img.size != stored:
+                    return (
+                        None,
+                        f"{self._sources[row]} changed since indexing ({img.size[0]}x{img.size[1]} stored, indexed {w}x{h})",
+                    )
+                if img.format == "JPEG":
+                    img.draft("RGB", (rh, rw) if rotated else (rw, rh))
+                upright = ImageOps.exif_transpose(img)
+                if upright.mode != "RGB":
+                    upright = upright.convert("RGB")
+                y_scale, x_scale = upright.height / rh, upright.width / rw
+                box = (left * x_scale, top * y_scale, (left + bucket_w) * x_scale, (top + bucket_h) * y_scale)
+                return np.asarray(upright.resize((bucket_w, bucket_h), Image.BILINEAR, box=box)), None
+        except Exception as exc:  # Pillow raises many kinds on broken files
+            return None, f"{self._sources[row]} cannot be decoded ({type(exc).__name__}: {exc})"
 
     def replacement(self, bucket: int, epoch: int, step: int, position: int, attempt: int) -> int:
         """A deterministic stand-in from the same bucket (images assigned to the batch's bucket)."""

@@ -61,9 +61,10 @@ def pillow_reference(path, target, top, left, flipped):
     return np.asarray(out), (h, w)
 
 
-def test_pixels_match_an_independent_pillow_reference(dataset):
+@pytest.mark.parametrize("decoder", ["dali", "pillow"])
+def test_pixels_match_an_independent_pillow_reference(dataset, decoder):
     folder, manifest = dataset
-    it = loader(manifest, flip=0.5)
+    it = loader(manifest, flip=0.5, decoder=decoder)
     seen_flip = set()
     worst = math.inf
     for batch in it:
@@ -157,7 +158,8 @@ def test_elastic_resume_on_another_world_size(dataset):
         loader(manifest, rank=0, world_size=2, seed=4).load_state_dict(state)
 
 
-def test_bad_files_after_indexing_are_replaced_and_nothing_else_is_lost(tmp_path, dataset):
+@pytest.mark.parametrize("decoder", ["dali", "pillow"])
+def test_bad_files_after_indexing_are_replaced_and_nothing_else_is_lost(tmp_path, dataset, decoder):
     folder, _ = dataset
     work = tmp_path / "photos"
     work.mkdir()
@@ -174,7 +176,7 @@ def test_bad_files_after_indexing_are_replaced_and_nothing_else_is_lost(tmp_path
     garbled = b"\xff\xd8\xff" + bytes(np.random.default_rng(0).integers(0, 255, size - 5, dtype=np.uint8)) + b"\xff\xd9"
     (work / "img005.jpg").write_bytes(garbled)
     bad = {"img001", "img002", "img004", "img005"}
-    it = loader(manifest)
+    it = loader(manifest, decoder=decoder)
     for epoch in range(2):
         it.set_epoch(epoch)
         served = []
@@ -195,6 +197,8 @@ def test_bad_files_after_indexing_are_replaced_and_nothing_else_is_lost(tmp_path
     assert "changed since indexing" in it.state_dict()["failed"]["img001"]
     assert "cannot open" in it.state_dict()["failed"]["img002"]
     assert "cannot be decoded" in it.state_dict()["failed"]["img005"]
+    if decoder == "dali":  # went through DALI's critical error, the rebuild and the probe
+        assert "by DALI" in it.state_dict()["failed"]["img005"]
 
 
 def test_errors_name_the_value(dataset, tmp_path):
@@ -207,6 +211,8 @@ def test_errors_name_the_value(dataset, tmp_path):
         loader(manifest, flip=2)
     with pytest.raises(ConfigError, match="device must be 'auto', 'gpu' or 'cpu', got 'tpu'"):
         loader(manifest, device="tpu")
+    with pytest.raises(ConfigError, match="decoder must be 'auto', 'dali' or 'pillow', got 'opencv'"):
+        loader(manifest, decoder="opencv")
     with pytest.raises(StateError):
         loader(manifest).load_state_dict({"epoch": 1})
     from .conftest import gpu_available, write_size_manifest
@@ -222,7 +228,7 @@ def test_errors_name_the_value(dataset, tmp_path):
 @pytest.mark.gpu
 def test_gpu_matches_cpu(dataset):
     _, manifest = dataset
-    cpu = loader(manifest, flip=0.5, device="cpu")
+    cpu = loader(manifest, flip=0.5, device="cpu", decoder="dali")
     gpu = loader(manifest, flip=0.5, device="gpu")
     for a, b in zip(cpu, gpu):
         assert b["images"].device.type == "cuda" and b["images"].dtype == torch.uint8

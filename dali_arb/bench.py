@@ -1,0 +1,310 @@
+"""Loader throughput, side by side in one run: dali_arb against what trainers otherwise run.
+
+Loaders, all on the same manifest, the same plan (batches and buckets) and the same output
+(centre crop, float16 in [-1, 1], NCHW):
+
+- ``dali_arb``: :class:`DALIBucketIterator` (``cpu`` or ``gpu``);
+- ``pillow``: a PyTorch ``DataLoader`` whose workers decode with Pillow, resize to cover (bilinear)
+  and crop: what kohya sd-scripts and SimpleTuner effectively run;
+- ``pillow_draft``: the same with ``Image.draft()``, letting libjpeg-turbo decode at 1/2, 1/4 or 1/8
+  scale when the image is much larger than its bucket (the strongest CPU peer);
+- ``memory``: the DALI-decoder pipeline fed from memory (bytes and parameters prepared before),
+  against ``loader_dali_decoder`` (the loader with ``decoder="dali"``), to measure what planning
+  and reading cost.
+
+Rounds alternate between loaders after a warm-up; the median round is reported.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .buckets import BucketSpec
+from .manifest import Manifest
+from .planner import Planner
+from .source import BatchSource, LoaderConfig, cover_crop
+from .world import World
+
+__all__ = ["make_photo_jpegs", "run_bench"]
+
+
+# -- images ----------------------------------------------------------------------------------------
+
+
+def make_photo_jpegs(
+    folder: str | os.PathLike, count: int, *, min_mp: float = 0.8, max_mp: float = 3.0, seed: int = 0
+) -> list[Path]:
+    """``count`` JPEGs of ``min_mp``..``max_mp`` megapixels and varied aspect ratios, tiled from the
+    real photographs shipped in ``dali_arb/samples`` at their native scale (photo statistics, not noise)."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    samples_dir = Path(__file__).parent / "samples"
+    photos = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(samples_dir.glob("*.jpg"))]
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        aspect = float(np.clip(np.exp(rng.normal(0, 0.45)), 1 / 3, 3))
+        pixels = rng.uniform(min_mp, max_mp) * 1e6
+        w, h = int(np.sqrt(pixels * aspect)), int(np.sqrt(pixels / aspect))
+        canvas = np.empty((h, w, 3), np.uint8)
+        y = 0
+        while y < h:
+            tile_h = int(rng.integers(200, 420))
+            x = 0
+            while x < w:
+                photo = photos[int(rng.integers(len(photos)))]
+                tile_w = int(rng.integers(200, 420))
+                th, tw = min(tile_h, h - y, photo.shape[0]), min(tile_w, w - x, photo.shape[1])
+                py, px = int(rng.integers(0, photo.shape[0] - th + 1)), int(rng.integers(0, photo.shape[1] - tw + 1))
+                tile = photo[py : py + th, px : px + tw]
+                canvas[y : y + th, x : x + tw] = tile[:, ::-1] if rng.random() < 0.5 else tile
+                x += tw
+            y += min(tile_h, h - y)
+        path = folder / f"photo{i:05d}.jpg"
+        Image.fromarray(canvas).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+# -- the Pillow baseline ---------------------------------------------------------------------------
+
+
+class PillowBatches:
+    """Map-style dataset of whole planned batches, decoded and resized by Pillow (picklable)."""
+
+    def __init__(self, sources: list[str], heights: np.ndarray, widths: np.ndarray, rows: np.ndarray,
+                 sizes: np.ndarray, *, draft: bool) -> None:  # fmt: skip
+        self.sources, self.heights, self.widths = sources, heights, widths
+        self.rows, self.sizes, self.draft = rows, sizes, draft  # rows: (steps, B); sizes: (steps, 2)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, step: int):
+        import torch
+        from PIL import Image, ImageOps
+
+        bh, bw = (int(v) for v in self.sizes[step])
+        out = torch.empty((len(self.rows[step]), 3, bh, bw), dtype=torch.float16)
+        for i, row in enumerate(self.rows[step]):
+            with Image.open(self.sources[row]) as img:
+                if self.draft:
+                    h, w = int(self.heights[row]), int(self.widths[row])
+                    rh, rw, _, _ = cover_crop(h, w, bh, bw, 0.0, 0.0, center=True)
+                    rotated = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+                    img.draft("RGB", (rh, rw) if rotated else (rw, rh))
+                img = ImageOps.exif_transpose(img).convert("RGB")
+                rh, rw, top, left = cover_crop(img.height, img.width, bh, bw, 0.0, 0.0, center=True)
+                img = img.resize((rw, rh), Image.BILINEAR).crop((left, top, left + bw, top + bh))
+            pixels = torch.from_numpy(np.array(img)).permute(2, 0, 1)
+            out[i] = (pixels.to(torch.float32) - 127.5) / 127.5
+        return out
+
+
+# -- timing ------------------------------------------------------------------------------------------
+
+
+def _time(batches: Iterator[Any], count: int, warmup: int, pixels_of: Callable[[Any], int]) -> dict[str, float]:
+    for _ in range(warmup):
+        next(batches)
+    latencies, pixels = [], 0
+    start = last = time.perf_counter()
+    for _ in range(count):
+        batch = next(batches)
+        pixels += pixels_of(batch)
+        now = time.perf_counter()
+        latencies.append(now - last)
+        last = now
+    total = last - start
+    return {"seconds": total, "latencies": latencies, "pixels": pixels}
+
+
+def _summary(runs: list[dict], batch_size: int) -> dict[str, float]:
+    best = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]  # median round
+    lat = np.array(best["latencies"]) * 1000
+    n = len(best["latencies"])
+    return {
+        "images_per_s": round(n * batch_size / best["seconds"], 1),
+        "megapixels_per_s": round(best["pixels"] / best["seconds"] / 1e6, 2),
+        "batch_ms_p50": round(float(np.percentile(lat, 50)), 1),
+        "batch_ms_p99": round(float(np.percentile(lat, 99)), 1),
+        "rounds": len(runs),
+    }
+
+
+def run_bench(
+    manifest: str | os.PathLike,
+    *,
+    device: str = "cpu",
+    batch_size: int = 8,
+    batches: int = 32,
+    warmup: int = 4,
+    rounds: int = 3,
+    baseline: bool = False,
+    memory: bool = False,
+    workers: int | None = None,
+    buckets: BucketSpec | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Time dali_arb (and, with ``baseline``, the Pillow peers; with ``memory``, DALI fed from memory)
+    on ``batches`` batches per round. Returns ``{"loader": {...}, "baseline": {...}, ...}`` with
+    ``images_per_s``, ``megapixels_per_s`` (output pixels), ``batch_ms_p50``/``p99``, plus ratios."""
+    import torch
+
+    from .iterator import DALIBucketIterator
+    from .pipeline import build_pipeline, resolve_device
+
+    device = resolve_device(device)
+    spec = buckets or BucketSpec()
+    m = Manifest.read(manifest, columns=["source", "offset", "length", "caption"])
+    cores = os.cpu_count() or 1
+    planner = Planner(spec.assign(m.heights, m.widths), batch_size=batch_size, world=World())
+    plan = planner.epoch(0)
+    need = warmup + batches
+    if len(plan) < need:
+        from .errors import PlanError
+
+        raise PlanError(
+            f"{len(plan)} batches of {batch_size} in one epoch, the benchmark needs {need} (warm-up {warmup} + {batches}); "
+            "index more images or lower --batches/--batch-size"
+        )
+
+    def cycle(factory: Callable[[], Any]) -> Iterator[Any]:
+        while True:
+            yield from factory()
+
+    def ours(decoder: str = "auto") -> Callable[[], Iterator[Any]]:
+        def make() -> Iterator[Any]:
+            it = DALIBucketIterator(
+                m, batch_size=batch_size, buckets=spec, device=device, crop="center", workers=workers,
+                rank=0, world_size=1, decoder=decoder,
+            )  # fmt: skip
+            return cycle(lambda: it)
+
+        return make
+
+    def sync(batch: Any) -> int:
+        images = batch["images"] if isinstance(batch, dict) else batch
+        if images.is_cuda:
+            torch.cuda.synchronize(images.device)
+        return int(images.shape[0] * images.shape[2] * images.shape[3])
+
+    loaders: dict[str, Callable[[], Iterator[Any]]] = {"loader": ours()}
+    if baseline:
+        sources = m.table.column("source").to_pylist()
+        sizes = plan.sizes[plan.bucket]
+
+        def pillow(draft: bool) -> Callable[[], Iterator[Any]]:
+            def make() -> Iterator[Any]:
+                dataset = PillowBatches(sources, m.heights, m.widths, plan.rows, sizes, draft=draft)
+                loader = torch.utils.data.DataLoader(
+                    dataset,
+                    batch_size=None,
+                    shuffle=False,
+                    num_workers=cores,
+                    prefetch_factor=2,
+                    persistent_workers=True,
+                )
+                return cycle(lambda: loader)
+
+            return make
+
+        loaders["baseline"] = pillow(False)
+        loaders["baseline_draft"] = pillow(True)
+    if memory:
+        config = LoaderConfig(
+            batch_size=batch_size,
+            spec=spec,
+            seed=0,
+            rank=0,
+            world_size=1,
+            leftover="nearest",
+            sync_ranks=True,
+            crop="center",
+            flip=0.0,
+        )
+        prepared = BatchSource(m, config, first_epoch=0, first_step=0)
+        replay = _Replay([prepared.batch(0, s) for s in range(need)])
+
+        def from_memory() -> Iterator[Any]:
+            pipe = build_pipeline(
+                replay,
+                batch_size=batch_size,
+                device=device,
+                device_id=0 if device == "gpu" else None,
+                dtype="float16",
+                workers=0,
+            )
+
+            def run() -> Iterator[Any]:
+                while True:
+                    images, _ = pipe.run()
+                    yield images.as_tensor()
+
+            return run()
+
+        if device == "cpu":  # on the CPU the loader decodes in its workers: compare the DALI decoder
+            loaders["loader_dali_decoder"] = ours("dali")
+        loaders["memory"] = from_memory
+
+    runs: dict[str, list[dict]] = {name: [] for name in loaders}
+    streams = {}
+    for name, make in loaders.items():  # start every loader (workers, pipelines) before timing
+        streams[name] = make()
+    gpu_memory = {}
+    if device == "gpu":
+        gpu_memory["after_warmup_mb"] = _gpu_used_mb()
+    for r in range(rounds):
+        for name, stream in streams.items():
+            if progress:
+                progress(f"round {r + 1}/{rounds}: {name}")
+            pixels_of = (
+                sync if name != "memory" else (lambda t: int(np.prod(t.shape()[:1]) * t.shape()[2] * t.shape()[3]))
+            )
+            runs[name].append(_time(stream, batches, warmup if r == 0 else 0, pixels_of))
+    result: dict[str, Any] = {
+        "device": device,
+        "batch_size": batch_size,
+        "batches_per_round": batches,
+        "images": len(m),
+        "cores": cores,
+        "output": "centre crop, float16 NCHW in [-1, 1]",
+    }
+    for name in loaders:
+        result[name] = _summary(runs[name], batch_size)
+    ours_rate = result["loader"]["images_per_s"]
+    if baseline:
+        result["speedup_vs_baseline"] = round(ours_rate / result["baseline"]["images_per_s"], 2)
+        result["speedup_vs_baseline_draft"] = round(ours_rate / result["baseline_draft"]["images_per_s"], 2)
+    if memory:
+        same_decoder = result.get("loader_dali_decoder", result["loader"])["images_per_s"]
+        result["planner_and_source_overhead"] = round(1 - same_decoder / result["memory"]["images_per_s"], 3)
+    if device == "gpu":
+        gpu_memory["after_run_mb"] = _gpu_used_mb()
+        result["gpu_memory"] = gpu_memory
+    return result
+
+
+class _Replay:
+    """External source that replays prepared batches (the "fed from memory" pipeline)."""
+
+    def __init__(self, batches: list[tuple]) -> None:
+        self.batches = batches
+
+    def __call__(self, info) -> tuple:
+        return self.batches[info.iteration % len(self.batches)]
+
+
+def _gpu_used_mb() -> float:
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    return round((total - free) / 2**20, 1)
