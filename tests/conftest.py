@@ -6,7 +6,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from dali_arb import BucketSpec
+from dali_arb.index import build_index
 from dali_arb.manifest import SCHEMA, Manifest
+
+from .images import save_jpeg
 
 
 def gpu_available() -> bool:
@@ -56,3 +60,26 @@ def write_size_manifest(path, heights, widths, *, keys=None) -> str:
 def size_manifest(tmp_path):
     heights, widths = random_sizes(3000, seed=7)
     return write_size_manifest(tmp_path / "m.parquet", heights, widths)
+
+
+# Real JPEG files (photo-like), some EXIF-rotated, with captions; small buckets keep the CPU tests fast.
+SMALL = BucketSpec(max_area=160 * 240, min_dim=64, max_dim=320, step=32, base=(160, 160))
+
+SIZES = [(300, 200), (200, 300), (240, 240), (400, 150), (150, 400), (320, 180), (180, 320), (260, 200), (210, 280),
+         (500, 160), (160, 500), (330, 250), (250, 330), (280, 210), (120, 90), (90, 120), (222, 333), (333, 222)]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("photos")
+    folder = root / "photos"
+    folder.mkdir()
+    for i, (w, h) in enumerate(SIZES * 2):
+        orientation = 6 if i % 7 == 3 else (8 if i % 11 == 5 else None)
+        # stored sideways when rotated: the displayed size is (w, h)
+        stored = (h, w) if orientation in (6, 8) else (w, h)
+        save_jpeg(folder / f"img{i:03d}.jpg", *stored, seed=i, orientation=orientation)
+        (folder / f"img{i:03d}.txt").write_text(f"caption {i}", encoding="utf-8")
+    manifest = root / "m.parquet"
+    build_index([str(folder)], manifest, progress=False)
+    return folder, manifest

@@ -12,33 +12,13 @@ from PIL import Image, ImageOps
 from dali_arb import BucketSpec, ConfigError, DALIBucketIterator, DeviceError, ManifestError, StateError
 from dali_arb.index import build_index
 
+from .conftest import SIZES, SMALL
 from .images import save_jpeg
-
-SMALL = BucketSpec(max_area=160 * 240, min_dim=64, max_dim=320, step=32, base=(160, 160))
-
-SIZES = [(300, 200), (200, 300), (240, 240), (400, 150), (150, 400), (320, 180), (180, 320), (260, 200), (210, 280),
-         (500, 160), (160, 500), (330, 250), (250, 330), (280, 210), (120, 90), (90, 120), (222, 333), (333, 222)]  # fmt: skip
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
     return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("loader")
-    folder = root / "photos"
-    folder.mkdir()
-    for i, (w, h) in enumerate(SIZES * 2):
-        orientation = 6 if i % 7 == 3 else (8 if i % 11 == 5 else None)
-        # stored sideways when rotated: the displayed size is (w, h)
-        stored = (h, w) if orientation in (6, 8) else (w, h)
-        save_jpeg(folder / f"img{i:03d}.jpg", *stored, seed=i, orientation=orientation)
-        (folder / f"img{i:03d}.txt").write_text(f"caption {i}", encoding="utf-8")
-    manifest = root / "m.parquet"
-    build_index([str(folder)], manifest, progress=False)
-    return folder, manifest
 
 
 def loader(manifest, **kw):

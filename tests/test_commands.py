@@ -1,0 +1,127 @@
+"""The user-facing commands that run the loader: demo, preview, bench, buckets --plot; and the example."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from dali_arb.cli import main
+
+from .conftest import gpu_available
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_demo_runs_the_whole_job_on_the_sample_photos(tmp_path, capsys):
+    code, out, _ = run(capsys, "demo", "--out", tmp_path / "demo", "--device", "cpu")
+    assert code == 0
+    assert "indexed 13 images" in out and "steps per epoch per rank" in out and "images/s" in out
+    for name in ("buckets.png", "preview.png"):
+        with Image.open(tmp_path / "demo" / name) as img:
+            assert img.format == "PNG" and img.width > 300 and img.height > 200
+    assert str(tmp_path / "demo" / "preview.png") in out
+
+
+def test_preview_draws_one_row_per_batch(dataset, tmp_path, capsys):
+    _, manifest = dataset
+    out_png = tmp_path / "p.png"
+    code, out, _ = run(capsys, "preview", manifest, "-o", out_png, "--batches", "3", "--device", "cpu",
+                       "--max-area", "38400", "--min-dim", "64", "--max-dim", "320", "--step", "32", "--base", "160x160")  # fmt: skip
+    assert code == 0 and "preview of 3 batches" in out
+    with Image.open(out_png) as img:
+        assert img.height == 3 * (160 + 16 + 8) + 8
+
+
+def test_buckets_plot_is_a_png(size_manifest, tmp_path, capsys):
+    png = tmp_path / "b.png"
+    code, out, _ = run(capsys, "buckets", size_manifest, "--plot", png, "--json")
+    assert code == 0 and json.loads(out)["plot"] == str(png)
+    with Image.open(png) as img:
+        assert img.format == "PNG"
+
+
+def test_bench_json_has_the_contract_keys(dataset, capsys):
+    _, manifest = dataset
+    code, out, _ = run(capsys, "bench", manifest, "--device", "cpu", "--baseline", "--json", "--batch-size", "2",
+                       "--batches", "2", "--rounds", "1", "--workers", "1",
+                       "--max-area", "38400", "--min-dim", "64", "--max-dim", "320", "--step", "32", "--base", "160x160")  # fmt: skip
+    assert code == 0
+    result = json.loads(out)
+    for key in ("loader", "baseline", "baseline_draft"):
+        assert result[key]["images_per_s"] > 0 and result[key]["megapixels_per_s"] > 0
+        assert result[key]["batch_ms_p99"] >= result[key]["batch_ms_p50"] > 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["preview", "{m}", "-o", "x.jpg"], "-o must name a .png file, got 'x.jpg'"),
+        (["preview", "{missing}", "-o", "x.png"], "manifest not found"),
+        (["bench", "{m}", "--batches", "500"], "the benchmark needs 504"),
+        (["preview", "{m}", "-o", "x.png", "--flip", "1.5"], "expected a probability between 0 and 1, got 1.5"),
+    ],
+)
+def test_loader_commands_fail_in_one_line(dataset, tmp_path, capsys, argv, message):
+    _, manifest = dataset
+    argv = [a.format(m=manifest, missing=tmp_path / "none.parquet") for a in argv]
+    code, _, err = run(capsys, *argv)
+    assert code in (1, 2) and message in err and err.strip().count("\n") == 0
+
+
+@pytest.mark.skipif(gpu_available(), reason="checks the message shown without a GPU")
+def test_gpu_asked_for_without_a_gpu(dataset, capsys):
+    _, manifest = dataset
+    code, _, err = run(capsys, "preview", manifest, "-o", "x.png", "--device", "gpu")
+    assert code == 1 and "DALI sees no CUDA GPU; use device 'cpu'" in err
+
+
+def _example(*args, torchrun: int = 0, cwd: Path = ROOT):
+    cmd = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
+        if torchrun
+        else [sys.executable]
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [*cmd, str(ROOT / "examples" / "train.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def test_example_trains_and_resumes_on_cpu(dataset, tmp_path):
+    _, manifest = dataset
+    ck = tmp_path / "ck.pt"
+    first = _example(manifest, "--small", "--device", "cpu", "--epochs", "2", "--max-steps", "2", "--checkpoint", ck)
+    assert [(r["epoch"], r["step"]) for r in first] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    resumed = _example(
+        manifest, "--small", "--device", "cpu", "--epochs", "2", "--max-steps", "3", "--checkpoint", ck, "--resume"
+    )
+    assert [(r["epoch"], r["step"]) for r in resumed] == [(1, 2)]
+    straight = _example(manifest, "--small", "--device", "cpu", "--epochs", "2", "--max-steps", "3")
+    assert resumed[0]["ids"] == straight[-1]["ids"]
+
+
+def test_example_under_torchrun_with_two_ranks(dataset):
+    _, manifest = dataset
+    lines = _example(manifest, "--small", "--device", "cpu", "--max-steps", "3", torchrun=2)
+    by_rank = {r: [x for x in lines if x["rank"] == r] for r in (0, 1)}
+    assert [x["step"] for x in by_rank[0]] == [x["step"] for x in by_rank[1]] == [0, 1, 2]
+    assert [x["size"] for x in by_rank[0]] == [x["size"] for x in by_rank[1]]  # ranks train one bucket per step
+    ids = [i for x in lines for i in x["ids"]]
+    assert len(ids) == len(set(ids)) == 2 * 3 * 4
