@@ -9,11 +9,10 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from dali_arb import BucketSpec, ConfigError, DALIBucketIterator, DeviceError, ManifestError, StateError
+from dali_arb import ConfigError, DALIBucketIterator, DeviceError, ManifestError, StateError
 from dali_arb.index import build_index
 
 from .conftest import SIZES, SMALL
-from .images import save_jpeg
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
