@@ -2,7 +2,7 @@
 # Both create .venv and install the project into it first (once; again when pyproject.toml changes).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# torch 2.13.0: the CPU build on CPU-only CI machines, the CUDA 12 build from PyPI elsewhere.
+# torch 2.13.0: CI machines find a CPU build of it on local disk; elsewhere PyPI serves the CUDA 12 build.
 # Keep your own torch with `make TORCH= ...` (any torch>=2.1 works).
 TORCH ?= torch==2.13.0
 
@@ -17,14 +17,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-demo: install  # interim main job until `dali-arb demo` lands: index metadata, bucket report, first steps of a plan
-	mkdir -p out
-	$(VENV)/bin/dali-arb index examples/sample-metadata.csv -o out/sample.parquet -q
-	$(VENV)/bin/dali-arb buckets out/sample.parquet --batch-size 8 --world-size 2
-	$(VENV)/bin/dali-arb plan out/sample.parquet --batch-size 8 --world-size 2 --rank 0 | head -n 3
+demo: install
+	$(VENV)/bin/dali-arb demo
 
 lint: install
 	$(VENV)/bin/ruff check dali_arb tests benchmarks examples
+	$(VENV)/bin/ruff format --check dali_arb tests benchmarks examples
+	$(VENV)/bin/hadolint Dockerfile
 
 test: install lint
 	$(PY) -m pytest
