@@ -81,6 +81,9 @@ class EpochPlan:
             that does not depend on the world size).
         trimmed, dropped, duplicated: images trimmed / not served / served twice this epoch,
             over all ranks.
+        bucket_counts: ``int64 (R, K)`` images per bucket this epoch, after trimming, for each unit
+            that batches are cut from: ``R = 1`` (all ranks together) with ranks in sync, else
+            ``R = world_size``. ``counts // unit`` are whole batches, ``counts % unit`` leftovers.
     """
 
     rows: np.ndarray
@@ -94,6 +97,7 @@ class EpochPlan:
     trimmed: int
     dropped: int
     duplicated: int
+    bucket_counts: np.ndarray
 
     def __len__(self) -> int:
         return int(self.rows.shape[0])
@@ -196,7 +200,7 @@ class Planner:
         if self.leftover is LeftoverPolicy.NEAREST:
             trimmed = len(perm) % G
             perm = perm[: len(perm) - trimmed]
-        serving, starts, block_bucket, dropped, duplicated = self._blocks(perm, G)
+        serving, starts, block_bucket, dropped, duplicated, counts = self._blocks(perm, G)
         order = self._block_order(rng, block_bucket)  # (steps,)
         # rows: (steps, B) this rank's slice of each global batch
         idx = starts[order][:, None] + (r * B + np.arange(B, dtype=np.int64))[None, :]
@@ -212,6 +216,7 @@ class Planner:
             trimmed=trimmed,
             dropped=dropped,
             duplicated=duplicated,
+            bucket_counts=counts[None, :],
         )
 
     # -- independent: each rank buckets its own share (NovelAI) ---------------------------------
@@ -223,14 +228,14 @@ class Planner:
         perm = perm[: len(perm) - trimmed]
         mine = perm[r::W]  # (N_trim / W,) this rank's share
         rank_rng = np.random.default_rng([self.seed, epoch, 1 + r])
-        serving, starts, block_bucket, dropped, _ = self._blocks(mine, B)
+        serving, starts, block_bucket, dropped, _, _ = self._blocks(mine, B)
         order = self._block_order(rank_rng, block_bucket)
         steps = len(order)
+        K = len(self._sizes)
+        rank_of = np.arange(len(perm), dtype=np.int64) % W
+        counts = np.bincount(rank_of * K + self._bucket[perm], minlength=W * K).reshape(W, K)  # (W, K)
         if self.leftover is LeftoverPolicy.DROP:
             # Ranks fill different numbers of whole batches; all stop at the smallest count.
-            K = len(self._sizes)
-            rank_of = np.arange(len(perm), dtype=np.int64) % W
-            counts = np.bincount(rank_of * K + self._bucket[perm], minlength=W * K).reshape(W, K)
             per_rank = (counts // B).sum(axis=1)  # (W,)
             steps = int(per_rank.min())
             dropped = int(len(perm) - steps * G)
@@ -248,6 +253,7 @@ class Planner:
             trimmed=trimmed,
             dropped=dropped if self.leftover is LeftoverPolicy.DROP else 0,
             duplicated=0,
+            bucket_counts=counts,
         )
 
     def _block_order(self, rng: np.random.Generator, block_bucket: np.ndarray) -> np.ndarray:
@@ -259,12 +265,12 @@ class Planner:
             order[[0, first]] = order[[first, 0]]
         return order
 
-    def _blocks(self, rows: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    def _blocks(self, rows: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int, np.ndarray]:
         """Cut shuffled ``rows`` into blocks of ``group`` images that share a bucket.
 
         Returns ``serving`` (rows, ``(M,)``), ``starts`` (``int64 (n_blocks,)``: block ``j`` is
-        ``serving[starts[j]:starts[j] + group]``), ``block_bucket`` (``int16 (n_blocks,)``), and
-        how many images were dropped and duplicated.
+        ``serving[starts[j]:starts[j] + group]``), ``block_bucket`` (``int16 (n_blocks,)``),
+        how many images were dropped and duplicated, and the images per bucket (``int64 (K,)``).
         """
         K = len(self._sizes)
         keys = self._bucket[rows]
@@ -307,7 +313,7 @@ class Planner:
             starts = np.concatenate([starts, len(grouped) + group * np.arange(len(extra_rows), dtype=np.int64)])
             block_bucket = np.concatenate([block_bucket, np.array(extra_bucket, np.int16)])
             grouped = np.concatenate([grouped, extra])
-        return grouped, starts, block_bucket, dropped, duplicated
+        return grouped, starts, block_bucket, dropped, duplicated, counts
 
     def _leftover_bucket(self, chunk: np.ndarray) -> int:
         """Bucket for a block of leftover rows (sorted by aspect): nearest to its middle aspect.

@@ -35,6 +35,16 @@ def bucket_report(
     sizes = assignment.sizes
     counts = assignment.counts()
     unit = batch_size * world_size if sync_ranks else batch_size
+    plan = Planner(
+        assignment,
+        batch_size=batch_size,
+        world=World(0, world_size),
+        seed=seed,
+        leftover=leftover,
+        sync_ranks=sync_ranks,
+    ).epoch(0)
+    full_batches = (plan.bucket_counts // unit).sum(axis=0)  # (K,) over all ranks
+    leftovers = (plan.bucket_counts % unit).sum(axis=0)
     kept = assignment.bucket >= 0
     rows = np.flatnonzero(kept)
     chosen = assignment.bucket[rows]
@@ -56,8 +66,8 @@ def bucket_report(
                 "height": h,
                 "aspect": round(w / h, 4),
                 "images": n,
-                "full_batches": n // unit,
-                "leftovers": n % unit,
+                "full_batches": int(full_batches[k]),
+                "leftovers": int(leftovers[k]),
                 "mean_crop_loss": round(float(loss_sum[k] / n), 4),
                 "upscaled_share": round(float(upscaled[k] / n), 4),
             }
@@ -71,14 +81,6 @@ def bucket_report(
         "mean_crop_loss": round(float(crop_loss.mean()), 4) if rows.size else 0.0,
         "upscaled_share": round(float((scale > 1).mean()), 4) if rows.size else 0.0,
     }
-    plan = Planner(
-        assignment,
-        batch_size=batch_size,
-        world=World(0, world_size),
-        seed=seed,
-        leftover=leftover,
-        sync_ranks=sync_ranks,
-    ).epoch(0)
     totals.update(
         {
             "steps_per_epoch": len(plan),

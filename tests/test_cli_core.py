@@ -37,10 +37,22 @@ def test_buckets_report_json(capsys, size_manifest):
     assert sum(b["images"] for b in rows) == totals["usable"]
     assert totals["usable"] + totals["rejected_aspect"] == totals["images"] == 3000
     for b in rows:
-        assert b["full_batches"] == b["images"] // 16 and b["leftovers"] == b["images"] % 16
+        assert 0 <= b["leftovers"] < 16 and b["full_batches"] * 16 + b["leftovers"] <= b["images"]
         assert 0 <= b["mean_crop_loss"] < 1 and 0 <= b["upscaled_share"] <= 1
-    assert totals["steps_per_epoch"] == totals["usable"] // 16
-    assert totals["trimmed_per_epoch"] == totals["usable"] % 16
+    full = sum(b["full_batches"] for b in rows)
+    left = sum(b["leftovers"] for b in rows)
+    assert full * 16 + left + totals["trimmed_per_epoch"] == totals["usable"]
+    assert totals["steps_per_epoch"] == totals["usable"] // 16 == full + left // 16
+    assert totals["trimmed_per_epoch"] == totals["usable"] % 16 and totals["leftover_images"] == left
+    # independent ranks: leftovers are per rank (each rank's bucket remainders), batches of 8
+    solo = json.loads(
+        run(capsys, "buckets", size_manifest, "-b", "8", "--world-size", "2", "--independent-ranks", "--json")[1]
+    )
+    full = sum(b["full_batches"] for b in solo["buckets"])
+    left = sum(b["leftovers"] for b in solo["buckets"])
+    assert all(b["leftovers"] < 2 * 8 for b in solo["buckets"])
+    assert full * 8 + left + solo["totals"]["trimmed_per_epoch"] == solo["totals"]["usable"]
+    assert full + left // 8 == 2 * solo["totals"]["steps_per_epoch"]
     text = run(capsys, "buckets", size_manifest, "--batch-size", "8")[1]
     assert "512x768" in text and "steps per epoch per rank" in text
 
