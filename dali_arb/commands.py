@@ -15,22 +15,13 @@ from .cli import (
     _EXTRA_COMMANDS,
     _non_negative_int,
     _positive_int,
+    _probability,
     add_bucket_options,
     spec_from_args,
 )
 from .errors import ConfigError
 
 SAMPLES = Path(__file__).parent / "samples"
-
-
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a probability between 0 and 1, got {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a probability between 0 and 1, got {text}")
-    return value
 
 
 def _add_loader_options(p: argparse.ArgumentParser, *, batch_default: int) -> None:

@@ -83,28 +83,24 @@ def build_pipeline(
         exec_dynamic=True,
     )
     def arb_pipeline():
+        feed = {
+            "source": source,
+            "batch": True,
+            "batch_info": True,
+            "parallel": workers > 0,
+            # batches computed ahead by the workers (DALI's default, 1, keeps all but one worker idle)
+            "prefetch_queue_depth": max(2, 2 * workers) if workers > 0 else None,
+        }
         if decoded_input:  # finished crops from the workers: only flip, normalise and layout here
             images, mirror, meta = fn.external_source(
-                source=source,
-                num_outputs=3,
-                batch=True,
-                batch_info=True,
-                parallel=workers > 0,
-                prefetch_queue_depth=max(2, 2 * workers) if workers > 0 else None,
-                dtype=[types.UINT8, types.INT32, types.INT64],
-                layout=["HWC"],
+                **feed, num_outputs=3, dtype=[types.UINT8, types.INT32, types.INT64], layout=["HWC"]
             )
             if gpu:
                 images = images.gpu()
         else:
             encoded, roi_start, roi_end, size, mirror, meta = fn.external_source(
-                source=source,
+                **feed,
                 num_outputs=6,
-                batch=True,
-                batch_info=True,
-                parallel=workers > 0,
-                # batches computed ahead by the workers (DALI's default, 1, keeps all but one worker idle)
-                prefetch_queue_depth=max(2, 2 * workers) if workers > 0 else None,
                 dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.FLOAT, types.INT32, types.INT64],
             )
             decode_args: dict[str, Any] = {"device": "mixed" if gpu else "cpu", "output_type": types.RGB}

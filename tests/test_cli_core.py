@@ -214,3 +214,24 @@ def test_manifest_roundtrip(tmp_path):
     m = Manifest.read(path)
     assert len(m) == 10 and m.heights.tolist() == h.tolist()
     assert m.keys_at(np.array([[3, 1]])) == ["img000003", "img000001"]
+
+
+@pytest.mark.parametrize("command", ["index", "buckets", "plan", "preview", "bench", "demo"])
+def test_every_command_has_help_with_examples(capsys, command):
+    code, out, _ = run(capsys, command, "--help")
+    assert code == 0 and "examples:" in out and f"dali-arb {command}" in out
+
+
+def test_debug_shows_the_traceback_instead(tmp_path):
+    quiet = subprocess.run(
+        [sys.executable, "-m", "dali_arb", "plan", str(tmp_path / "x.parquet"), "-b", "2"],
+        capture_output=True,
+        text=True,
+    )
+    loud = subprocess.run(
+        [sys.executable, "-m", "dali_arb", "--debug", "plan", str(tmp_path / "x.parquet"), "-b", "2"],
+        capture_output=True,
+        text=True,
+    )
+    assert quiet.returncode == 1 and "Traceback" not in quiet.stderr
+    assert loud.returncode == 1 and "Traceback" in loud.stderr and "ManifestError: manifest not found" in loud.stderr
