@@ -63,12 +63,16 @@ def cmd_preview(args: argparse.Namespace) -> int:
         crop=args.crop, flip=args.flip, dtype="uint8", workers=args.workers if args.workers is not None else 0,
         rank=0, world_size=1,
     )  # fmt: skip
+    from tqdm import tqdm
+
     loader.set_epoch(args.epoch)
     batches = []
-    for batch in loader:
-        batches.append(batch)
-        if len(batches) >= args.batches:
-            break
+    with tqdm(total=min(args.batches, len(loader)), unit="batch", disable=not _stderr_is_tty(), leave=False) as bar:
+        for batch in loader:
+            batches.append(batch)
+            bar.update(1)
+            if len(batches) >= args.batches:
+                break
     rows = contact_sheet(batches, out)
     print(f"preview of {rows} batches written to {out}")
     if loader.failed:

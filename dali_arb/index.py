@@ -245,9 +245,45 @@ def _shard_task(args: tuple) -> tuple[list[Row], list[dict]]:
 # -- sources -------------------------------------------------------------------------------------
 
 
-def _folder_tasks(root: str, max_pixels: int, known: dict | None) -> Iterator[tuple]:
+class PreviousRows:
+    """Rows of an earlier manifest for ``--update``, kept in Arrow and grouped by folder.
+
+    Only the folder being walked becomes Python objects, so a manifest of 10M files does not turn
+    into 10M Python objects at once.
+    """
+
+    def __init__(self, table: pa.Table) -> None:
+        table = table.filter(pc.and_(pc.is_valid(table.column("source")), pc.is_valid(table.column("mtime_ns"))))
+        folder = pc.replace_substring_regex(table.column("source"), pattern="/[^/]*$", replacement="")
+        table = table.append_column("_folder", folder).sort_by("_folder")
+        self.table = table.select(["source", "length", "mtime_ns", "width", "height"])
+        folders = table.column("_folder").combine_chunks()
+        if len(folders):
+            change = pc.not_equal(folders[1:], folders[:-1]).to_numpy(zero_copy_only=False)
+            starts = [0, *(int(i) + 1 for i in change.nonzero()[0])]
+            ends = [*starts[1:], len(folders)]
+            self.slices = {folders[s].as_py(): (s, e) for s, e in zip(starts, ends)}  # one entry per folder
+        else:
+            self.slices = {}
+
+    def folder(self, directory: str) -> dict[str, tuple]:
+        """``{path: (length, mtime_ns, width, height)}`` for the files indexed in ``directory``."""
+        if directory not in self.slices:
+            return {}
+        start, end = self.slices[directory]
+        part = self.table.slice(start, end - start).to_pydict()
+        return {
+            src: (length, mtime, w, h)
+            for src, length, mtime, w, h in zip(
+                part["source"], part["length"], part["mtime_ns"], part["width"], part["height"]
+            )
+        }
+
+
+def _folder_tasks(root: str, max_pixels: int, previous: PreviousRows | None) -> Iterator[tuple]:
     """Groups of image candidates of one folder tree, same-stem files kept in one group."""
     for directory, dirnames, filenames in os.walk(root, onerror=None):
+        known = previous.folder(os.path.normpath(directory)) if previous else {}
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         names = sorted(
             f for f in filenames if not f.startswith(".") and os.path.splitext(f)[1].lower() not in NOT_IMAGES
@@ -260,11 +296,7 @@ def _folder_tasks(root: str, max_pixels: int, known: dict | None) -> Iterator[tu
             while end < len(rels) and os.path.splitext(rels[end])[0] == os.path.splitext(rels[end - 1])[0]:
                 end += 1  # never split files with one stem across tasks
             chunk = rels[start:end]
-            subset = None
-            if known:
-                subset = {
-                    os.path.join(root, r): known[os.path.join(root, r)] for r in chunk if os.path.join(root, r) in known
-                }
+            subset = {p: known[p] for p in (os.path.join(root, r) for r in chunk) if p in known} if known else None
             yield (root, chunk, max_pixels, subset)
             start = end
 
@@ -414,21 +446,13 @@ def build_index(
     if not output.parent.exists():
         raise IndexingError(f"folder {output.parent} does not exist; create it or choose another -o")
     kinds = [(_classify(s), os.path.abspath(s)) for s in sources]  # rows must resolve from any working directory
-    known: dict[str, tuple] = {}
+    previous: PreviousRows | None = None
     known_shards: dict[str, pa.Table] = {}
     summary = IndexSummary(manifest=output)
     if update and output.exists():
         old = Manifest.read(output).table
         if "mtime_ns" in old.column_names and "source" in old.column_names:
-            for src, length, mtime, w, h in zip(
-                old.column("source").to_pylist(),
-                old.column("length").to_pylist(),
-                old.column("mtime_ns").to_pylist(),
-                old.column("width").to_pylist(),
-                old.column("height").to_pylist(),
-            ):
-                if src is not None and mtime is not None:
-                    known[src] = (length, mtime, w, h)
+            previous = PreviousRows(old)
             shard_sources = [s for k, s in kinds if k == "shard"]
             if shard_sources:
                 old_shards = old.filter(pc.is_in(old.column("source"), pa.array(shard_sources)))
@@ -493,7 +517,7 @@ def build_index(
                     take(rows, rejects, len(rows) + len(rejects))
                     bar.update(len(rows) + len(rejects))
                 else:
-                    tasks = _folder_tasks(source, max_pixels, known)
+                    tasks = _folder_tasks(source, max_pixels, previous)
                     empty = True
                     for (rows, rejects, reused), task in _ordered_map(pool, _folder_task, tasks):
                         empty = False
