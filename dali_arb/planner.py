@@ -164,7 +164,7 @@ class Planner:
                 f"(world_size {self.world.world_size} x batch_size {self.batch_size} = {self.global_batch}); "
                 "lower the batch size or add images"
             )
-        self._cache: tuple[int, EpochPlan] | None = None
+        self._cache: dict[int, EpochPlan] = {}  # the last two epochs (prefetch straddles epoch ends)
 
     @property
     def num_images(self) -> int:
@@ -172,11 +172,11 @@ class Planner:
         return len(self._valid)
 
     def epoch(self, epoch: int) -> EpochPlan:
-        """The plan of this rank for ``epoch`` (cached: the last epoch asked for is kept)."""
+        """The plan of this rank for ``epoch`` (the last two epochs asked for are kept)."""
         if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
             raise ConfigError(f"epoch must be a non-negative integer, got {epoch!r}")
-        if self._cache is not None and self._cache[0] == epoch:
-            return self._cache[1]
+        if epoch in self._cache:
+            return self._cache[epoch]
         plan = self._plan_sync(int(epoch)) if self.sync_ranks else self._plan_independent(int(epoch))
         if len(plan) == 0:
             raise PlanError(
@@ -184,7 +184,9 @@ class Planner:
                 f"(largest bucket holds {int(self.assignment.counts().max())} images, batch needs "
                 f"{self.global_batch if self.sync_ranks else self.batch_size}); use leftover='nearest'"
             )
-        self._cache = (int(epoch), plan)
+        if len(self._cache) >= 2:
+            del self._cache[next(iter(self._cache))]  # the oldest
+        self._cache[int(epoch)] = plan
         return plan
 
     def steps_per_epoch(self, epoch: int = 0) -> int:

@@ -152,7 +152,7 @@ class BatchSource:
         if manifest is None:
             manifest = Manifest.read(self._manifest_path, columns=["source", "offset", "length"])
         table = manifest.table
-        self._sources = table.column("source").to_pylist()
+        self._sources = table.column("source").combine_chunks()  # Arrow: no Python string per row
         self._offsets = np.asarray(table.column("offset").fill_null(0).to_numpy(), np.int64)
         self._lengths = np.asarray(table.column("length").fill_null(-1).to_numpy(), np.int64)
         self._heights = manifest.heights
@@ -236,7 +236,7 @@ class BatchSource:
     # -- reading, with deterministic replacement of bad samples ------------------------------------
     def read(self, row: int) -> tuple[np.ndarray | None, str | None]:
         """Encoded bytes of ``row``, or ``(None, reason)``."""
-        path = self._sources[row]
+        path = self._sources[row].as_py()
         if path is None:
             return None, "manifest row has no source file"
         offset, length = int(self._offsets[row]), int(self._lengths[row])
@@ -321,7 +321,7 @@ class BatchSource:
                 if img.size != stored:
                     return (
                         None,
-                        f"{self._sources[row]} changed since indexing ({img.size[0]}x{img.size[1]} stored, indexed {w}x{h})",
+                        f"{self._sources[row].as_py()} changed since indexing ({img.size[0]}x{img.size[1]} stored, indexed {w}x{h})",
                     )
                 if img.format == "JPEG":
                     img.draft("RGB", (rh, rw) if rotated else (rw, rh))
@@ -332,7 +332,7 @@ class BatchSource:
                 box = (left * x_scale, top * y_scale, (left + bucket_w) * x_scale, (top + bucket_h) * y_scale)
                 return np.asarray(upright.resize((bucket_w, bucket_h), Image.BILINEAR, box=box)), None
         except Exception as exc:  # Pillow raises many kinds on broken files
-            return None, f"{self._sources[row]} cannot be decoded ({type(exc).__name__}: {exc})"
+            return None, f"{self._sources[row].as_py()} cannot be decoded ({type(exc).__name__}: {exc})"
 
     def replacement(self, bucket: int, epoch: int, step: int, position: int, attempt: int) -> int:
         """A deterministic stand-in from the same bucket (images assigned to the batch's bucket)."""
