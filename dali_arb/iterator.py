@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ __all__ = ["DALIBucketIterator"]
 
 log = logging.getLogger("dali_arb")
 STATE_FORMAT = 1
-_TORCH_DTYPES = {"float16": "float16", "bfloat16": "float16", "float32": "float32", "uint8": "uint8"}
+DTYPES = ("float16", "bfloat16", "float32", "uint8")
 
 
 class DALIBucketIterator:
@@ -85,8 +86,8 @@ class DALIBucketIterator:
     ) -> None:
         from .pipeline import resolve_device
 
-        if dtype not in _TORCH_DTYPES:
-            raise ConfigError(f"dtype must be one of {', '.join(_TORCH_DTYPES)}, got {dtype!r}")
+        if dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
             raise ConfigError(f"workers must be a non-negative integer, got {workers!r}")
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
@@ -329,17 +330,14 @@ class DALIBucketIterator:
 
     def _to_batch(self, images: Any, meta: Any, epoch: int, step: int) -> dict[str, Any]:
         import torch
-        from nvidia.dali.plugin.pytorch import feed_ndarray
 
         dense = images.as_tensor()
         shape = list(dense.shape())
-        dtype = getattr(torch, _TORCH_DTYPES[self.dtype])
-        if self.device == "gpu":
-            out = torch.empty(shape, dtype=dtype, device=f"cuda:{self.device_id}")
-            feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(out.device))
-        else:
-            out = torch.empty(shape, dtype=dtype)
-            feed_ndarray(dense, out)
+        # The pipeline runs DALI's dynamic executor, whose outputs own their memory: hand them to
+        # torch through DLPack without a copy, as DALI's own iterator does for such pipelines.
+        device = torch.device("cuda", self.device_id) if self.device == "gpu" else torch.device("cpu")
+        with torch.cuda.device(device) if self.device == "gpu" else contextlib.nullcontext():
+            out = torch.from_dlpack(dense)
         if self.dtype == "bfloat16":
             out = out.to(torch.bfloat16)
         info = np.asarray(meta.as_array(), dtype=np.int64)  # (B, 9): see source.META_FIELDS

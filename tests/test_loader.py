@@ -63,6 +63,15 @@ def test_pixels_match_an_independent_pillow_reference(dataset, decoder):
     assert seen_flip == {True, False}
 
 
+def test_batches_stay_valid_while_later_ones_arrive(dataset):
+    _, manifest = dataset
+    held, copies = [], []
+    for batch in loader(manifest, dtype="float16"):  # outputs reach torch without a copy
+        held.append(batch["images"])
+        copies.append(batch["images"].clone())
+    assert len(held) > 3 and all(torch.equal(h, c) for h, c in zip(held, copies))
+
+
 def test_center_crop_and_float_outputs(dataset):
     _, manifest = dataset
     raw = next(iter(loader(manifest, crop="center")))
