@@ -294,7 +294,7 @@ class DALIBucketIterator:
             self.manifest, self.config, first_epoch=epoch, first_step=step, bad_rows=frozenset(self._bad_rows)
         )
         outputs = probe_source.batch(epoch, step)
-        rows = [int(m[0]) for m in outputs[5]]
+        rows = [int(m[0]) for m in outputs[-1]]  # meta is the last output
         culprits = []
         for i, row in enumerate(rows):
             single = _SingleSample(tuple(out[i] for out in outputs))
@@ -315,12 +315,10 @@ class DALIBucketIterator:
                 culprits.append((row, exc))
         if not culprits:
             return False
-        first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         for row, exc in culprits:
             self._bad_rows.add(row)
             key = self.manifest.keys_at(np.array([row]))[0]
-            detail = [line for line in str(exc).splitlines() if line.strip()][:1] or [first_line]
-            self._record_failure(key, f"cannot be decoded by DALI ({detail[0][:160]})")
+            self._record_failure(key, f"cannot be decoded by DALI ({_dali_error_summary(exc)})")
         return True
 
     def _record_failure(self, key: str, reason: str) -> None:
@@ -360,6 +358,15 @@ class DALIBucketIterator:
             "epoch": epoch,
             "step": step,
         }
+
+
+def _dali_error_summary(error: Exception) -> str:
+    """The informative part of a DALI pipeline error: the operator and what it encountered."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    operator = next((line.split("`")[1] for line in lines if line.startswith("Error in") and "`" in line), "")
+    after = lines.index("encountered:") + 1 if "encountered:" in lines else None
+    what = lines[after] if after is not None and after < len(lines) else (lines[0] if lines else type(error).__name__)
+    return f"{operator.removeprefix('nvidia.dali.fn.')}: {what}"[:200] if operator else what[:200]
 
 
 class _SingleSample:

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .buckets import BucketSpec
-from .errors import ConfigError
+from .errors import ConfigError, ManifestError
 from .manifest import Manifest
 from .planner import EpochPlan, Planner
 from .world import World
@@ -131,6 +131,7 @@ class BatchSource:
         # Workers reload a manifest that lives in a file instead of receiving it pickled.
         self._manifest_path = str(manifest.path) if manifest.path is not None else None
         self._manifest: Manifest | None = manifest
+        self.num_rows = len(manifest)
         self._ready = False
 
     def __getstate__(self) -> dict:
@@ -151,6 +152,11 @@ class BatchSource:
         manifest = self._manifest
         if manifest is None:
             manifest = Manifest.read(self._manifest_path, columns=["source", "offset", "length"])
+            if len(manifest) != self.num_rows:
+                raise ManifestError(
+                    f"manifest {self._manifest_path} has {len(manifest)} rows in the worker but {self.num_rows} in the "
+                    "loader: it changed on disk, or the loader got a Manifest edited in memory (write it to a new file)"
+                )
         table = manifest.table
         self._sources = table.column("source").combine_chunks()  # Arrow: no Python string per row
         self._offsets = np.asarray(table.column("offset").fill_null(0).to_numpy(), np.int64)
