@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="write all figures as JSON")
     parser.add_argument("--quick", action="store_true", help="smaller inputs (a smoke run, not for RESULTS.md)")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="loader device (default cpu)")
+    parser.add_argument(
+        "--images", type=int, default=None, help="JPEGs the loader case makes (default 256, --quick 64)"
+    )
     args = parser.parse_args(argv)
     unknown = [c for c in args.cases if c not in CASES]
     if unknown:

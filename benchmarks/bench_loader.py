@@ -13,8 +13,8 @@ def loader(args) -> dict:
     from dali_arb.bench import make_photo_jpegs, run_bench
     from dali_arb.index import build_index
 
-    count = 64 if args.quick else 256
-    batches = 6 if args.quick else 24
+    count = args.images or (64 if args.quick else 256)
+    batches = 6 if args.quick else max(24, min(200, count // 8 - 8))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "photos"
         make_photo_jpegs(folder, count, seed=1)

@@ -167,15 +167,7 @@ def run_bench(
     m = Manifest.read(manifest, columns=["source", "offset", "length", "caption"])
     cores = os.cpu_count() or 1
     planner = Planner(spec.assign(m.heights, m.widths), batch_size=batch_size, world=World())
-    plan = planner.epoch(0)
-    need = warmup + batches
-    if len(plan) < need:
-        from .errors import PlanError
-
-        raise PlanError(
-            f"{len(plan)} batches of {batch_size} in one epoch, the benchmark needs {need} (warm-up {warmup} + {batches}); "
-            "index more images or lower --batches/--batch-size"
-        )
+    plan = planner.epoch(0)  # every loader runs on through the epochs as long as the timing needs
 
     def cycle(factory: Callable[[], Any]) -> Iterator[Any]:
         while True:
@@ -232,7 +224,7 @@ def run_bench(
             flip=0.0,
         )
         prepared = BatchSource(m, config, first_epoch=0, first_step=0)
-        replay = _Replay([prepared.batch(0, s) for s in range(need)])
+        replay = _Replay([prepared.batch(0, s) for s in range(min(len(plan), warmup + batches))])
 
         def from_memory() -> Iterator[Any]:
             pipe = build_pipeline(

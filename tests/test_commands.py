@@ -67,7 +67,7 @@ def test_bench_json_has_the_contract_keys(dataset, capsys):
     [
         (["preview", "{m}", "-o", "x.jpg"], "-o must name a .png file, got 'x.jpg'"),
         (["preview", "{missing}", "-o", "x.png"], "manifest not found"),
-        (["bench", "{m}", "--batches", "500"], "the benchmark needs 504"),
+        (["bench", "{m}", "--batch-size", "5000"], "fewer than one global batch"),
         (["preview", "{m}", "-o", "x.png", "--flip", "1.5"], "expected a probability between 0 and 1, got 1.5"),
     ],
 )

@@ -226,3 +226,20 @@ def test_gpu_matches_cpu(dataset):
         assert diff < 2, f"mean absolute difference {diff:.2f}"
     fp = next(iter(loader(manifest, device="gpu", dtype="bfloat16")))
     assert fp["images"].dtype == torch.bfloat16 and fp["images"].device.type == "cuda"
+
+
+@pytest.mark.gpu
+def test_gpu_memory_stays_flat_across_bucket_changes(dataset):
+    _, manifest = dataset
+    it = loader(manifest, device="gpu", dtype="float16", batch_size=2)
+    for _ in it:  # warm-up epoch: step 0 serves the largest bucket
+        pass
+    torch.cuda.synchronize()
+    free, total = torch.cuda.mem_get_info()
+    warm = total - free
+    for _ in range(3):  # three more epochs, every step a different bucket order
+        for _ in it:
+            pass
+    torch.cuda.synchronize()
+    free, total = torch.cuda.mem_get_info()
+    assert (total - free) - warm < 64 * 2**20, f"GPU memory grew by {((total - free) - warm) / 2**20:.0f} MiB"
