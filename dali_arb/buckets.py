@@ -16,12 +16,9 @@ from .errors import ConfigError
 
 __all__ = ["BucketAssignment", "BucketSpec", "format_size", "parse_size"]
 
-#: Reject codes stored in :attr:`BucketAssignment.reject_code`.
+#: Reject codes in :attr:`BucketAssignment.reject_code`: kept, too far in aspect from every bucket,
+#: smaller than the smallest bucket with ``no_upscale``.
 REJECT_NONE, REJECT_ASPECT, REJECT_TOO_SMALL = 0, 1, 2
-REJECT_REASONS = {
-    REJECT_ASPECT: "aspect ratio too far from every bucket (raise --max-aspect-error)",
-    REJECT_TOO_SMALL: "smaller than the smallest bucket with --no-upscale (lower --min-dim or drop --no-upscale)",
-}
 
 
 def parse_size(text: str, *, what: str = "size") -> tuple[int, int]:
@@ -143,7 +140,7 @@ class BucketAssignment:
             buckets first, then (with ``no_upscale``) the scaled-down copies.
         num_base: how many of ``sizes`` are the spec's own buckets.
         bucket: ``int16 (N,)`` bucket index per image, ``-1`` for rejected images.
-        reject_code: ``int8 (N,)`` 0 kept, else a key of ``REJECT_REASONS``.
+        reject_code: ``int8 (N,)`` ``REJECT_NONE``, ``REJECT_ASPECT`` or ``REJECT_TOO_SMALL``.
         log_aspect: ``float64 (N,)`` ``log(width / height)`` of every image.
         heights, widths: ``int64 (N,)`` the sizes that were assigned.
         no_upscale: whether the leftover policy must avoid enlarging images too.

@@ -8,9 +8,7 @@ Columns (CONTRACT.md): ``key`` (unique string), ``width``, ``height`` (displayed
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ import pyarrow.parquet as pq
 
 from .errors import ManifestError
 
-__all__ = ["FORMAT_VERSION", "Manifest", "rejects_path", "write_rejects"]
+__all__ = ["FORMAT_VERSION", "Manifest", "rejects_path"]
 
 #: Written into the Parquet metadata; bumped when the manifest layout changes incompatibly.
 FORMAT_VERSION = 1
@@ -44,16 +42,6 @@ SCHEMA = pa.schema(
 def rejects_path(manifest_path: str | os.PathLike) -> Path:
     """``MANIFEST.rejects.jsonl`` next to the manifest."""
     return Path(str(manifest_path) + ".rejects.jsonl")
-
-
-def write_rejects(manifest_path: str | os.PathLike, rejects: Iterable[dict]) -> int:
-    """Write one JSON object per line (at least ``source`` and ``reason``); returns how many."""
-    count = 0
-    with open(rejects_path(manifest_path), "w", encoding="utf-8") as fh:
-        for reject in rejects:
-            fh.write(json.dumps(reject, ensure_ascii=False) + "\n")
-            count += 1
-    return count
 
 
 class Manifest:
