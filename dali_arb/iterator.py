@@ -57,10 +57,11 @@ class DALIBucketIterator:
         num_threads: DALI threads (default: a quarter of the cores with ``pillow``, 4 on GPU, else all cores).
         prefetch: batches DALI prepares ahead.
         device_id: GPU index (default: the local rank).
-        decoder: ``"dali"`` (DALI decodes: nvJPEG on GPU, libjpeg-turbo on CPU), ``"pillow"`` (the
-            byte-reading workers decode with libjpeg-turbo at reduced DCT scale, 1/2..1/8, when an
-            image is much larger than its bucket; DALI resizes), or ``"auto"``: ``dali`` on GPU,
-            ``pillow`` on CPU, where it is the faster (see benchmarks/RESULTS.md).
+        decoder: ``"dali"`` (DALI decodes and resizes: nvJPEG on GPU, libjpeg-turbo on CPU), ``"pillow"``
+            (the worker processes decode with libjpeg-turbo at reduced DCT scale, 1/2..1/8, when an
+            image is much larger than its bucket, and resize the crop window; DALI flips and
+            normalises), or ``"auto"``: ``dali`` on GPU, ``pillow`` on CPU, where it is the faster
+            (see benchmarks/RESULTS.md).
     """
 
     def __init__(
@@ -137,8 +138,7 @@ class DALIBucketIterator:
         self._step = 0
         self._pipe: Any = None
         self._stream: tuple[int, int] | None = None  # (epoch, step) the pipeline produces next
-        self._bad_rows: set[int] = set()
-        self._failed: dict[str, str] = {}
+        self._failed: dict[str, str] = {}  # key -> reason; the rows behind them are self._source.bad_rows
 
     # -- the public surface -----------------------------------------------------------------------
     def __len__(self) -> int:
@@ -228,7 +228,7 @@ class DALIBucketIterator:
         if step < 0 or epoch < 0:
             raise StateError(f"state has a negative position: epoch {epoch}, step {step}")
         self._failed = dict(state.get("failed", {}))
-        self._bad_rows = set(self._rows_of(list(self._failed)))
+        self._source.bad_rows = set(self._rows_of(list(self._failed)))
         self._epoch, self._step = epoch, step
         self._close_pipeline()
 
@@ -250,11 +250,8 @@ class DALIBucketIterator:
         from .pipeline import build_pipeline
 
         self._close_pipeline()
-        source = BatchSource(
-            self.manifest, self.config, first_epoch=epoch, first_step=step, bad_rows=frozenset(self._bad_rows)
-        )
         self._pipe = build_pipeline(
-            source,
+            self._source.starting_at(epoch, step),
             batch_size=self.config.batch_size,
             device=self.device,
             device_id=self.device_id,
@@ -290,10 +287,7 @@ class DALIBucketIterator:
         """Decode each sample of the failed batch alone; blocklist the ones that fail. True if any."""
         from .pipeline import build_pipeline
 
-        probe_source = BatchSource(
-            self.manifest, self.config, first_epoch=epoch, first_step=step, bad_rows=frozenset(self._bad_rows)
-        )
-        outputs = probe_source.batch(epoch, step)
+        outputs = self._source.starting_at(epoch, step).batch(epoch, step)
         rows = [int(m[0]) for m in outputs[-1]]  # meta is the last output
         culprits = []
         for i, row in enumerate(rows):
@@ -316,7 +310,7 @@ class DALIBucketIterator:
         if not culprits:
             return False
         for row, exc in culprits:
-            self._bad_rows.add(row)
+            self._source.bad_rows.add(row)
             key = self.manifest.keys_at(np.array([row]))[0]
             self._record_failure(key, f"cannot be decoded by DALI ({_dali_error_summary(exc)})")
         return True
@@ -344,7 +338,7 @@ class DALIBucketIterator:
         for i in np.flatnonzero(rows != planned):
             key = self.manifest.keys_at(planned[i : i + 1])[0]
             if key not in self._failed:
-                self._bad_rows.add(int(planned[i]))
+                self._source.bad_rows.add(int(planned[i]))
                 self._record_failure(key, self._source.problem(int(planned[i]), int(shape[2]), int(shape[3])))
         captions = self.manifest.column_at("caption", rows)
         return {

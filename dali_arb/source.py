@@ -8,6 +8,7 @@ epoch and the step, so resuming reproduces batches bit for bit.
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 from dataclasses import dataclass
@@ -181,8 +182,18 @@ class BatchSource:
         self._members = order
         self._member_starts = np.concatenate([[0], np.cumsum(counts)])
         self._epoch_lengths: dict[int, int] = {}
-        self._manifest = None  # keep only the arrays above
+        if self._manifest_path is not None:
+            self._manifest = None  # keep only the arrays above; workers reload the file
         self._ready = True
+
+    def starting_at(self, epoch: int, step: int) -> BatchSource:
+        """The same source, its stream starting at ``step`` of ``epoch``; it shares the set-up
+        arrays (pickling for worker processes drops them) and copies the bad-row set."""
+        self._setup()
+        restarted = copy.copy(self)
+        restarted.first_epoch, restarted.first_step = epoch, step
+        restarted.bad_rows = set(self.bad_rows)
+        return restarted
 
     @property
     def planner(self) -> Planner:
@@ -219,25 +230,26 @@ class BatchSource:
         c = self.config
         # Per-sample randomness keyed by position in the global batch: independent of world size.
         draws = np.random.default_rng([c.seed, epoch, step, 0x5EED]).random((plan.offset + len(rows), 3))[plan.offset :]
-        outputs: tuple[list, ...] = ([], [], [], [], [], [])
-        size = np.array([bucket_h, bucket_w], np.float32)
+        payloads, roi_start, roi_end, mirrors, metas = [], [], [], [], []
         for position, planned in enumerate(rows.tolist()):
             u_y, u_x, u_flip = draws[position]
             place = functools.partial(self.geometry, bucket_h=bucket_h, bucket_w=bucket_w, u_y=u_y, u_x=u_x)
-            row, payload = self._read_or_replace(planned, bucket, epoch, step, plan.offset + position, place)
-            h, w, rh, rw, top, left, _, _ = place(row)
+            row, payload, (h, w, rh, rw, top, left, _, _) = self._read_or_replace(
+                planned, bucket, epoch, step, plan.offset + position, place
+            )
             mirror = bool(u_flip < c.flip)
-            y_scale, x_scale = h / rh, w / rw  # the crop window in source pixels
-            outputs[0].append(payload)
-            outputs[1].append(np.array([top * y_scale, left * x_scale], np.float32))
-            outputs[2].append(np.array([(top + bucket_h) * y_scale, (left + bucket_w) * x_scale], np.float32))
-            outputs[3].append(size)
-            outputs[4].append(np.array(mirror, np.int32))
+            payloads.append(payload)
+            mirrors.append(np.array(mirror, np.int32))
             reported_left = rw - left - bucket_w if mirror else left
-            outputs[5].append(np.array([row, planned, top, reported_left, h, w, epoch, step, mirror], np.int64))
-        if c.decoder == "pillow":  # finished crops: no window or size for DALI to use
-            return outputs[0], outputs[4], outputs[5]
-        return outputs
+            metas.append(np.array([row, planned, top, reported_left, h, w, epoch, step, mirror], np.int64))
+            if c.decoder == "dali":  # the crop window in source pixels, for DALI's resize
+                y_scale, x_scale = h / rh, w / rw
+                roi_start.append(np.array([top * y_scale, left * x_scale], np.float32))
+                roi_end.append(np.array([(top + bucket_h) * y_scale, (left + bucket_w) * x_scale], np.float32))
+        if c.decoder == "pillow":  # finished crops: nothing left for DALI to place
+            return payloads, mirrors, metas
+        size = [np.array([bucket_h, bucket_w], np.float32)] * len(payloads)
+        return payloads, roi_start, roi_end, size, mirrors, metas
 
     # -- reading, with deterministic replacement of bad samples ------------------------------------
     def read(self, row: int) -> tuple[np.ndarray | None, str | None]:
@@ -282,17 +294,17 @@ class BatchSource:
 
     def _read_or_replace(
         self, planned: int, bucket: int, epoch: int, step: int, position: int, geometry
-    ) -> tuple[int, np.ndarray]:
-        """``(row, payload)`` for ``planned`` or, if it cannot be served, a deterministic stand-in.
-
-        The payload is the encoded bytes (decoder ``dali``) or the finished crop (``pillow``).
+    ) -> tuple[int, np.ndarray, Geometry]:
+        """``(row, payload, geometry)`` for ``planned`` or, if it cannot be served, a deterministic
+        stand-in. The payload is the encoded bytes (decoder ``dali``) or the finished crop (``pillow``).
         """
         row = planned
         for attempt in range(_MAX_REPLACEMENT_TRIES):
             if row not in self.bad_rows:
-                payload, _ = self.prepare(row, geometry(row))
+                placed = geometry(row)
+                payload, _ = self.prepare(row, placed)
                 if payload is not None:
-                    return row, payload
+                    return row, payload, placed
                 self.bad_rows.add(row)  # the loader logs it once, from the main process
             row = self.replacement(bucket, epoch, step, position, attempt)
         raise RuntimeError(f"no readable image found in bucket {bucket} after {_MAX_REPLACEMENT_TRIES} tries")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from dali_arb import ConfigError, DALIBucketIterator, DeviceError, ManifestError, StateError
+from dali_arb import ConfigError, DALIBucketIterator, DeviceError, Manifest, ManifestError, StateError
 from dali_arb.index import build_index
 
 from .conftest import SIZES, SMALL
@@ -23,7 +23,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def loader(manifest, **kw):
     options = {"batch_size": 4, "buckets": SMALL, "device": "cpu", "workers": 0, "dtype": "uint8", "seed": 3}
     options.update(kw)
-    return DALIBucketIterator(str(manifest), **options)
+    return DALIBucketIterator(manifest if isinstance(manifest, Manifest) else str(manifest), **options)
 
 
 def pillow_reference(path, target, top, left, flipped):
@@ -70,6 +70,13 @@ def test_batches_stay_valid_while_later_ones_arrive(dataset):
         held.append(batch["images"])
         copies.append(batch["images"].clone())
     assert len(held) > 3 and all(torch.equal(h, c) for h, c in zip(held, copies))
+
+
+def test_manifest_in_memory_reaches_the_workers(dataset):
+    _, manifest = dataset
+    in_memory = Manifest(Manifest.read(manifest).table)  # no file for the workers to reload
+    from_file = [b["ids"] for b in loader(manifest, workers=0)]
+    assert [b["ids"] for b in loader(in_memory, workers=1)] == from_file
 
 
 def test_center_crop_and_float_outputs(dataset):
