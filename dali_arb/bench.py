@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .buckets import BucketSpec
+from .index import swaps_sides
 from .manifest import Manifest
 from .planner import Planner
 from .source import BatchSource, LoaderConfig, cover_crop
@@ -99,8 +100,7 @@ class PillowBatches:
                 if self.draft:
                     h, w = int(self.heights[row]), int(self.widths[row])
                     rh, rw, _, _ = cover_crop(h, w, bh, bw, 0.0, 0.0, center=True)
-                    rotated = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
-                    img.draft("RGB", (rh, rw) if rotated else (rw, rh))
+                    img.draft("RGB", (rh, rw) if swaps_sides(img) else (rw, rh))
                 img = ImageOps.exif_transpose(img).convert("RGB")
                 rh, rw, top, left = cover_crop(img.height, img.width, bh, bw, 0.0, 0.0, center=True)
                 img = img.resize((rw, rh), Image.BILINEAR).crop((left, top, left + bw, top + bh))

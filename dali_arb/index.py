@@ -77,6 +77,21 @@ class IndexSummary:
 # -- one image -----------------------------------------------------------------------------------
 
 
+def swaps_sides(img) -> bool:
+    """True when the image's EXIF orientation turns it by 90 degrees (5-8), as DALI's decoder
+    applies it: its displayed width is its stored height. JPEG, WebP and TIFF keep it in the header."""
+    return img.format in ("JPEG", "MPO", "WEBP", "TIFF") and img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+
+
+def truncation(fmt: str, tail: bytes) -> str | None:
+    """Why a ``fmt`` file whose last bytes (up to 64 KiB) are ``tail`` is truncated, or None."""
+    if fmt in ("JPEG", "MPO") and b"\xff\xd9" not in tail:
+        return "truncated JPEG (no end-of-image marker)"
+    if fmt == "PNG" and b"IEND" not in tail[-32:]:
+        return "truncated PNG (no IEND chunk)"
+    return None
+
+
 def inspect_image(data_or_path: bytes | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int] | str:
     """The displayed ``(width, height)`` of an image, or the reason it cannot be used.
 
@@ -109,8 +124,7 @@ def inspect_image(data_or_path: bytes | str, *, max_pixels: int = DEFAULT_MAX_PI
             frames = getattr(img, "n_frames", 1)
             if width * height > max_pixels:
                 return f"too large: {width}x{height} is over --max-pixels {max_pixels} (decompression bomb guard)"
-            # EXIF orientation, as DALI's decoder applies it (JPEG, WebP, TIFF keep it in the header)
-            orientation = img.getexif().get(0x0112, 1) if fmt in ("JPEG", "MPO", "WEBP", "TIFF") else 1
+            swapped = swaps_sides(img)
     except UnidentifiedImageError:
         return "not an image (no known image format)"
     except Exception as exc:  # Pillow raises many types on damaged headers
@@ -122,11 +136,10 @@ def inspect_image(data_or_path: bytes | str, *, max_pixels: int = DEFAULT_MAX_PI
         return f"animated {fmt}: not decodable by DALI (convert to a still image)"
     if width < 1 or height < 1:
         return f"invalid size {width}x{height}"
-    if fmt in ("JPEG", "MPO") and b"\xff\xd9" not in tail:
-        return "truncated JPEG (no end-of-image marker)"
-    if fmt == "PNG" and b"IEND" not in tail[-32:]:
-        return "truncated PNG (no IEND chunk)"
-    if orientation in (5, 6, 7, 8):  # rotated by 90 degrees: displayed size is transposed
+    problem = truncation(fmt, tail)
+    if problem:
+        return problem
+    if swapped:
         width, height = height, width
     return int(width), int(height)
 

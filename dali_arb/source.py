@@ -18,6 +18,7 @@ import numpy as np
 
 from .buckets import BucketSpec
 from .errors import ConfigError, ManifestError
+from .index import swaps_sides, truncation
 from .manifest import Manifest
 from .planner import EpochPlan, Planner
 from .world import World
@@ -89,11 +90,9 @@ def check_encoded(data: bytes) -> str | None:
         return "empty"
     head = data[:16]
     if head[:3] == b"\xff\xd8\xff":
-        if data.rfind(b"\xff\xd9", max(0, len(data) - 65536)) < 0:
-            return "truncated JPEG (no end-of-image marker)"
-        return None
+        return truncation("JPEG", data[-65536:])
     if head[:8] == b"\x89PNG\r\n\x1a\n":
-        return None if b"IEND" in data[-32:] else "truncated PNG (no IEND chunk)"
+        return truncation("PNG", data[-65536:])
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         declared = int.from_bytes(head[4:8], "little") + 8
         return None if len(data) >= declared else "truncated WebP"
@@ -334,7 +333,7 @@ class BatchSource:
         h, w, rh, rw, top, left, bucket_h, bucket_w = geometry
         try:
             with Image.open(io.BytesIO(data.tobytes())) as img:
-                rotated = img.format in ("JPEG", "MPO", "WEBP", "TIFF") and img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+                rotated = swaps_sides(img)
                 stored = (h, w) if rotated else (w, h)
                 if img.size != stored:
                     return (
