@@ -112,9 +112,7 @@ class PillowBatches:
 # -- timing ------------------------------------------------------------------------------------------
 
 
-def _time(batches: Iterator[Any], count: int, warmup: int, pixels_of: Callable[[Any], int]) -> dict[str, float]:
-    for _ in range(warmup):
-        next(batches)
+def _time(batches: Iterator[Any], count: int, pixels_of: Callable[[Any], int]) -> dict[str, float]:
     latencies, pixels = [], 0
     start = last = time.perf_counter()
     for _ in range(count):
@@ -128,12 +126,12 @@ def _time(batches: Iterator[Any], count: int, warmup: int, pixels_of: Callable[[
 
 
 def _summary(runs: list[dict], batch_size: int) -> dict[str, float]:
-    best = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]  # median round
-    lat = np.array(best["latencies"]) * 1000
-    n = len(best["latencies"])
+    median = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
+    lat = np.array(median["latencies"]) * 1000
+    n = len(median["latencies"])
     return {
-        "images_per_s": round(n * batch_size / best["seconds"], 1),
-        "megapixels_per_s": round(best["pixels"] / best["seconds"] / 1e6, 2),
+        "images_per_s": round(n * batch_size / median["seconds"], 1),
+        "megapixels_per_s": round(median["pixels"] / median["seconds"] / 1e6, 2),
         "batch_ms_p50": round(float(np.percentile(lat, 50)), 1),
         "batch_ms_p99": round(float(np.percentile(lat, 99)), 1),
         "rounds": len(runs),
@@ -239,7 +237,7 @@ def run_bench(
             def run() -> Iterator[Any]:
                 while True:
                     images, _ = pipe.run()
-                    yield images.as_tensor()
+                    yield torch.from_dlpack(images.as_tensor())
 
             return run()
 
@@ -248,9 +246,12 @@ def run_bench(
         loaders["memory"] = from_memory
 
     runs: dict[str, list[dict]] = {name: [] for name in loaders}
-    streams = {}
-    for name, make in loaders.items():  # start every loader (workers, pipelines) before timing
-        streams[name] = make()
+    streams = {name: make() for name, make in loaders.items()}
+    for name, stream in streams.items():  # start every loader (workers, pipelines) and warm it up
+        if progress:
+            progress(f"warm-up: {name}")
+        for _ in range(warmup):
+            sync(next(stream))
     gpu_memory = {}
     if device == "gpu":
         gpu_memory["after_warmup_mb"] = _gpu_used_mb()
@@ -258,10 +259,7 @@ def run_bench(
         for name, stream in streams.items():
             if progress:
                 progress(f"round {r + 1}/{rounds}: {name}")
-            pixels_of = (
-                sync if name != "memory" else (lambda t: int(np.prod(t.shape()[:1]) * t.shape()[2] * t.shape()[3]))
-            )
-            runs[name].append(_time(stream, batches, warmup if r == 0 else 0, pixels_of))
+            runs[name].append(_time(stream, batches, sync))
     result: dict[str, Any] = {
         "device": device,
         "batch_size": batch_size,
