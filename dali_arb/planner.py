@@ -234,8 +234,8 @@ class Planner:
         order = self._block_order(rank_rng, block_bucket)
         steps = len(order)
         K = len(self._sizes)
-        rank_of = np.arange(len(perm), dtype=np.int64) % W
-        counts = np.bincount(rank_of * K + self._bucket[perm], minlength=W * K).reshape(W, K)  # (W, K)
+        shares = self._bucket[perm].reshape(-1, W)  # (N_trim / W, W): column r holds rank r's buckets
+        counts = np.stack([np.bincount(shares[:, r], minlength=K) for r in range(W)]).astype(np.int64)  # (W, K)
         if self.leftover is LeftoverPolicy.DROP:
             # Ranks fill different numbers of whole batches; all stop at the smallest count.
             per_rank = (counts // B).sum(axis=1)  # (W,)
