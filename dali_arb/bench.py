@@ -26,10 +26,12 @@ from typing import Any
 import numpy as np
 
 from .buckets import BucketSpec
-from .index import swaps_sides
+from .decoders import DaliDecoder
+from .geometry import cover_crop
+from .imagefacts import swaps_sides
 from .manifest import Manifest
 from .planner import Planner
-from .source import BatchSource, LoaderConfig, cover_crop
+from .source import BatchSource, LoaderConfig
 from .world import World
 
 __all__ = ["make_photo_jpegs", "run_bench"]
@@ -221,16 +223,19 @@ def run_bench(
             crop="center",
             flip=0.0,
         )
-        prepared = BatchSource(m, config, first_epoch=0, first_step=0)
+        decoder = DaliDecoder()
+        prepared = BatchSource(m, config, decoder)
         replay = _Replay([prepared.batch(0, s) for s in range(min(len(plan), warmup + batches))])
 
         def from_memory() -> Iterator[Any]:
             pipe = build_pipeline(
                 replay,
+                decoder=decoder,
                 batch_size=batch_size,
                 device=device,
                 device_id=0 if device == "gpu" else None,
                 dtype="float16",
+                num_threads=decoder.default_threads(os.cpu_count() or 1, gpu=device == "gpu"),
                 workers=0,
             )
 

@@ -95,6 +95,36 @@ class BucketSpec:
             raise ConfigError(f"max_aspect_error must be a positive number, got {err!r}")
         object.__setattr__(self, "_sizes", _generate(self))
 
+    def to_dict(self) -> dict:
+        """The options as JSON-ready data (``base`` as ``{"width", "height"}``); :meth:`from_dict` reads it back."""
+        return {
+            "max_area": int(self.max_area),
+            "min_dim": int(self.min_dim),
+            "max_dim": int(self.max_dim),
+            "step": int(self.step),
+            "base": {"width": self.base[1], "height": self.base[0]},
+            "no_upscale": bool(self.no_upscale),
+            "max_aspect_error": float(self.max_aspect_error),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> BucketSpec:
+        """The spec :meth:`to_dict` described (``base`` may also be ``[height, width]`` or ``"WxH"``)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"bucket options must be a mapping, got {type(data).__name__}")
+        unknown = sorted(set(data) - {f for f in cls.__dataclass_fields__ if not f.startswith("_")})
+        if unknown:
+            raise ConfigError(f"unknown bucket option(s) {', '.join(unknown)}")
+        options = dict(data)
+        base = options.get("base")
+        if isinstance(base, dict):
+            options["base"] = (base.get("height"), base.get("width"))
+        elif isinstance(base, list):
+            options["base"] = tuple(base)
+        if options.get("max_aspect_error") in ("inf", "Infinity"):
+            options["max_aspect_error"] = math.inf
+        return cls(**options)
+
     @property
     def sizes(self) -> np.ndarray:
         """Bucket resolutions, ``int64 (K, 2)`` as ``(height, width)``, NovelAI's order (width up, height down)."""

@@ -11,7 +11,9 @@ Hierarchy::
     ├── IndexingError            a source that cannot be indexed (missing path, empty folder)
     ├── PlanError                data and options that cannot make a plan (too few images)
     ├── StateError               a state_dict that does not fit this loader
+    ├── DataError                the data cannot be served at run time (a bucket with no readable image left)
     └── DeviceError              a device that is not there (``--device gpu`` without a GPU)
+        └── ResourceError        a device or shared memory that ran out (GPU memory, ``/dev/shm``)
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from __future__ import annotations
 __all__ = [
     "ConfigError",
     "DaliArbError",
+    "DataError",
     "DeviceError",
     "IndexingError",
     "ManifestError",
     "PlanError",
+    "ResourceError",
     "StateError",
 ]
 
@@ -53,3 +57,11 @@ class StateError(DaliArbError):
 
 class DeviceError(DaliArbError):
     """A requested device is not available."""
+
+
+class DataError(DaliArbError):
+    """The data cannot be served at run time (for example, every image of a bucket became unreadable)."""
+
+
+class ResourceError(DeviceError):
+    """A device or shared-memory resource ran out (GPU memory, ``/dev/shm``); the message says what to lower."""

@@ -23,20 +23,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import ConfigError, IndexingError
+from .imagefacts import DEFAULT_MAX_PIXELS, inspect_image
 from .manifest import SCHEMA, Manifest, rejects_path
 
 __all__ = ["DEFAULT_MAX_PIXELS", "IndexSummary", "build_index", "inspect_image"]
 
-#: Pillow's own decompression-bomb threshold (``Image.MAX_IMAGE_PIXELS``).
-DEFAULT_MAX_PIXELS = 89_478_485
 #: Files next to images that are not samples: never indexed, never rejected.
 NOT_IMAGES = frozenset(
     ".txt .caption .json .jsonl .csv .tsv .parquet .md .yaml .yml .npy .npz .pt .pth .safetensors "
     ".db .tags .xmp .log .cls .rejects".split()
 )
 CAPTION_EXTS = (".txt", ".caption")
-#: Formats DALI's image decoder reads (as Pillow names them).
-DECODABLE = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "JPEG2000", "PPM"})
 _ROWS_PER_GROUP = 65536
 _FILES_PER_TASK = 256
 
@@ -72,76 +69,6 @@ class IndexSummary:
         if self.rejected:
             text += f" ({reasons}), listed in {rejects_path(self.manifest)}"
         return text
-
-
-# -- one image -----------------------------------------------------------------------------------
-
-
-def swaps_sides(img) -> bool:
-    """True when the image's EXIF orientation turns it by 90 degrees (5-8), as DALI's decoder
-    applies it: its displayed width is its stored height. JPEG, WebP and TIFF keep it in the header."""
-    return img.format in ("JPEG", "MPO", "WEBP", "TIFF") and img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
-
-
-def truncation(fmt: str, tail: bytes) -> str | None:
-    """Why a ``fmt`` file whose last bytes (up to 64 KiB) are ``tail`` is truncated, or None."""
-    if fmt in ("JPEG", "MPO") and b"\xff\xd9" not in tail:
-        return "truncated JPEG (no end-of-image marker)"
-    if fmt == "PNG" and b"IEND" not in tail[-32:]:
-        return "truncated PNG (no IEND chunk)"
-    return None
-
-
-def inspect_image(data_or_path: bytes | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int] | str:
-    """The displayed ``(width, height)`` of an image, or the reason it cannot be used.
-
-    Reads the header only (plus the last bytes, to catch truncated JPEG/PNG files).
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    Image.MAX_IMAGE_PIXELS = None  # we apply max_pixels ourselves, with a clear reason
-    if isinstance(data_or_path, bytes):
-        size = len(data_or_path)
-        tail = data_or_path[-65536:]
-        import io
-
-        opener = io.BytesIO(data_or_path)
-    else:
-        try:
-            size = os.path.getsize(data_or_path)
-            with open(data_or_path, "rb") as fh:
-                fh.seek(max(0, size - 65536))
-                tail = fh.read()
-        except OSError as exc:
-            return f"unreadable ({exc.strerror or exc})"
-        opener = data_or_path
-    if size == 0:
-        return "empty file (0 bytes)"
-    try:
-        with Image.open(opener) as img:
-            fmt = img.format or "?"
-            width, height = img.size
-            frames = getattr(img, "n_frames", 1)
-            if width * height > max_pixels:
-                return f"too large: {width}x{height} is over --max-pixels {max_pixels} (decompression bomb guard)"
-            swapped = swaps_sides(img)
-    except UnidentifiedImageError:
-        return "not an image (no known image format)"
-    except Exception as exc:  # Pillow raises many types on damaged headers
-        return f"damaged image header ({type(exc).__name__}: {str(exc)[:80]})"
-    if fmt not in DECODABLE:
-        what = "animated GIF" if fmt == "GIF" and frames > 1 else f"{fmt} image"
-        return f"{what}: not decodable by DALI (convert to JPEG or PNG)"
-    if frames > 1 and fmt not in ("MPO", "TIFF"):
-        return f"animated {fmt}: not decodable by DALI (convert to a still image)"
-    if width < 1 or height < 1:
-        return f"invalid size {width}x{height}"
-    problem = truncation(fmt, tail)
-    if problem:
-        return problem
-    if swapped:
-        width, height = height, width
-    return int(width), int(height)
 
 
 # -- workers -------------------------------------------------------------------------------------

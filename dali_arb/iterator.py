@@ -3,25 +3,34 @@
 from __future__ import annotations
 
 import contextlib
-import logging
+import gc
+import math
 import os
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
+from .blocklist import Blocklist
 from .buckets import BucketSpec
-from .errors import ConfigError, ManifestError, StateError
+from .decoders import DaliDecoder, Decoder, choose_decoder, cpu_count
+from .errors import ConfigError, DaliArbError, DataError, DeviceError, ManifestError, ResourceError, StateError
 from .manifest import Manifest
+from .outputs import META, Failure
 from .planner import LeftoverPolicy
-from .source import BatchSource, LoaderConfig
+from .source import BatchSource, LoaderConfig, build_planner
 from .world import World
 
 __all__ = ["DALIBucketIterator"]
 
-log = logging.getLogger("dali_arb")
-STATE_FORMAT = 1
+#: Version of ``state_dict()``; 1 stored ``buckets.base`` as ``[height, width]`` and is still read.
+STATE_FORMAT = 2
 DTYPES = ("float16", "bfloat16", "float32", "uint8")
+#: The GPU decoder preallocates for this percentile of the served images' sides, capped (see ``_preallocation``).
+PREALLOCATE_PERCENTILE = 99
+PREALLOCATE_MAX_SIDE = 8192
+#: Batches the workers compute ahead at most (each holds a batch in ``/dev/shm``).
+MAX_SOURCE_PREFETCH = 8
 
 
 class DALIBucketIterator:
@@ -52,16 +61,19 @@ class DALIBucketIterator:
         flip: probability of a horizontal flip.
         dtype: ``"float16"``, ``"bfloat16"``, ``"float32"`` (scaled to [-1, 1]) or ``"uint8"`` (raw).
         leftover, sync_ranks: see :class:`Planner`.
-        workers: processes reading (and with the ``pillow`` decoder, decoding) images; 0 does it in
-            the main process. Default: all cores with ``pillow``, else a quarter of them (1-4).
-        num_threads: DALI threads (default: a quarter of the cores with ``pillow``, 4 on GPU, else all cores).
+        workers: processes running the external source (reading, and with the ``pillow`` decoder
+            decoding); 0 does it in the main process. Default: the decoder's (all cores for
+            ``pillow``, a quarter of them, 1-4, for ``dali``).
+        num_threads: DALI threads (default: the decoder's: 4 on GPU, all cores for ``dali`` on CPU,
+            a quarter of the cores for ``pillow``).
         prefetch: batches DALI prepares ahead.
         device_id: GPU index (default: the local rank).
         decoder: ``"dali"`` (DALI decodes and resizes: nvJPEG on GPU, libjpeg-turbo on CPU), ``"pillow"``
-            (the worker processes decode with libjpeg-turbo at reduced DCT scale, 1/2..1/8, when an
-            image is much larger than its bucket, and resize the crop window; DALI flips and
-            normalises), or ``"auto"``: ``dali`` on GPU, ``pillow`` on CPU, where it is the faster
-            (see benchmarks/RESULTS.md).
+            (the worker processes decode with libjpeg-turbo at reduced DCT scale and resize the crop
+            window; DALI flips and normalises), or ``"auto"``: ``dali`` on GPU, ``pillow`` on CPU.
+            See :mod:`dali_arb.decoders`.
+        hw_decoder_load: with ``dali`` on GPU, the share of each batch for the hardware JPEG decoder
+            (A100/H100; DALI's default 0.65).
     """
 
     def __init__(
@@ -84,13 +96,16 @@ class DALIBucketIterator:
         prefetch: int = 2,
         device_id: int | None = None,
         decoder: str = "auto",
+        hw_decoder_load: float | None = None,
     ) -> None:
         from .pipeline import resolve_device
 
         if dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
-            raise ConfigError(f"workers must be a non-negative integer, got {workers!r}")
+        for name, value, least in (("workers", workers, 0), ("num_threads", num_threads, 1)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+                kind = "non-negative" if least == 0 else "positive"
+                raise ConfigError(f"{name} must be a {kind} integer, got {value!r}")
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
             raise ConfigError(f"prefetch must be a positive integer, got {prefetch!r}")
         if buckets is not None and not isinstance(buckets, BucketSpec):
@@ -106,9 +121,6 @@ class DALIBucketIterator:
         self.world = world
         self.device = resolve_device(device)
         self.device_id = (world.local_rank if device_id is None else device_id) if self.device == "gpu" else None
-        if decoder not in ("auto", "dali", "pillow"):
-            raise ConfigError(f"decoder must be 'auto', 'dali' or 'pillow', got {decoder!r}")
-        decoder = ("dali" if self.device == "gpu" else "pillow") if decoder == "auto" else decoder
         self.dtype = dtype
         self.config = LoaderConfig(
             batch_size=batch_size,
@@ -120,25 +132,27 @@ class DALIBucketIterator:
             sync_ranks=sync_ranks,
             crop=crop,
             flip=flip,
-            decoder=decoder,
         )
         self.manifest = manifest
-        self._source = BatchSource(manifest, self.config, first_epoch=0, first_step=0)
-        self._planner = self._source.planner  # validates batch size, seed, leftover, sizes
-        cores = os.cpu_count() or 1
-        if self.config.decoder == "pillow":  # the workers decode and resize; DALI only normalises
-            self.workers = workers if workers is not None else cores
-            self.num_threads = num_threads or max(1, cores // 4)
-        else:  # the workers only read bytes; DALI decodes
-            self.workers = workers if workers is not None else max(1, min(4, cores // 4))
-            self.num_threads = num_threads or (4 if self.device == "gpu" else cores)
+        self._planner = build_planner(self.config, manifest.heights, manifest.widths)  # validates batch size, seed
+        gpu = self.device == "gpu"
+        self.decoder: Decoder = choose_decoder(
+            decoder,
+            self.device,
+            hw_decoder_load=hw_decoder_load,
+            preallocate=self._preallocation() if gpu and decoder in ("auto", "dali") else None,
+        )
+        cores = cpu_count()
+        self.workers = workers if workers is not None else self.decoder.default_workers(cores)
+        self.num_threads = num_threads or self.decoder.default_threads(cores, gpu=gpu)
         self.prefetch = prefetch
-        self._max_side = int(max(manifest.heights.max(), manifest.widths.max()))
+        self._source = BatchSource(manifest, self.config, self.decoder, planner=self._planner)
+        self._shared_memory = self._plan_shared_memory()
         self._epoch = 0
         self._step = 0
         self._pipe: Any = None
         self._stream: tuple[int, int] | None = None  # (epoch, step) the pipeline produces next
-        self._failed: dict[str, str] = {}  # key -> reason; the rows behind them are self._source.bad_rows
+        self._blocklist = Blocklist()
 
     # -- the public surface -----------------------------------------------------------------------
     def __len__(self) -> int:
@@ -158,7 +172,7 @@ class DALIBucketIterator:
     @property
     def failed(self) -> list[str]:
         """Keys of samples that could not be read or decoded at run time (each was replaced)."""
-        return list(self._failed)
+        return self._blocklist.keys
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self._step >= len(self):
@@ -169,13 +183,18 @@ class DALIBucketIterator:
             yield batch
 
     def state_dict(self) -> dict[str, Any]:
-        """Small and JSON-serialisable: the position and everything that decides the batches."""
+        """Small and JSON-serialisable: the position and everything that decides the batches.
+
+        Taken after the last step of an epoch, the position is the next epoch's first step.
+        """
         c = self.config
-        s = c.spec
+        epoch, step = self._epoch, self._step
+        if step >= self._planner.steps_per_epoch(epoch):
+            epoch, step = epoch + 1, 0
         return {
             "format": STATE_FORMAT,
-            "epoch": self._epoch,
-            "step": self._step,
+            "epoch": epoch,
+            "step": step,
             "seed": c.seed,
             "batch_size": c.batch_size,
             "world_size": c.world_size,
@@ -185,16 +204,9 @@ class DALIBucketIterator:
             "crop": c.crop,
             "flip": c.flip,
             "num_images": len(self.manifest),
-            "buckets": {
-                "max_area": s.max_area,
-                "min_dim": s.min_dim,
-                "max_dim": s.max_dim,
-                "step": s.step,
-                "base": list(s.base),
-                "no_upscale": s.no_upscale,
-                "max_aspect_error": s.max_aspect_error,
-            },
-            "failed": dict(self._failed),
+            "manifest": self._source.fingerprint,
+            "buckets": c.spec.to_dict(),
+            "failed": self._blocklist.reasons(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -203,16 +215,15 @@ class DALIBucketIterator:
         The world size may differ if the global batch (world size x batch size) is the same and
         ranks are in sync: the same global batches then continue (elastic resume).
         """
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise StateError(
-                f"not a DALIBucketIterator state (format {state.get('format') if isinstance(state, dict) else type(state).__name__!r})"
-            )
+        state = _checked_state(state)
         mine = self.state_dict()
-        for name in ("seed", "sync_ranks", "leftover", "crop", "flip", "num_images", "buckets"):
-            if state.get(name) != mine[name]:
+        for name in ("seed", "sync_ranks", "leftover", "crop", "flip", "num_images", "manifest", "buckets"):
+            if name in state and state[name] != mine[name]:
+                what = "another manifest (same size, other content)" if name == "manifest" else None
                 raise StateError(
-                    f"state was saved with {name}={state.get(name)!r}, this loader has {name}={mine[name]!r}; "
-                    "build the loader with the same options to resume"
+                    f"state was saved with {what or f'{name}={state[name]!r}'}, this loader has "
+                    f"{'its own' if what else f'{name}={mine[name]!r}'}; build the loader with the same options "
+                    "and manifest to resume"
                 )
         saved_global = state["world_size"] * state["batch_size"]
         here_global = mine["world_size"] * mine["batch_size"]
@@ -224,13 +235,59 @@ class DALIBucketIterator:
                     "Resuming on another world size needs the same global batch and sync_ranks=True "
                     f"(here: batch_size {saved_global // mine['world_size'] if saved_global % mine['world_size'] == 0 else '?'})"
                 )
-        epoch, step = int(state["epoch"]), int(state["step"])
-        if step < 0 or epoch < 0:
-            raise StateError(f"state has a negative position: epoch {epoch}, step {step}")
-        self._failed = dict(state.get("failed", {}))
-        self._source.bad_rows = set(self._rows_of(list(self._failed)))
+        epoch, step = state["epoch"], state["step"]
+        steps = self._planner.steps_per_epoch(epoch)
+        if step > steps:
+            raise StateError(f"state is at step {step} of epoch {epoch}, which has only {steps} steps here")
+        self._blocklist = Blocklist.restore(state["failed"], self._rows_of)
         self._epoch, self._step = epoch, step
+        if step == steps:  # a state taken at an epoch's end (format 1) resumes at the next epoch
+            self._epoch, self._step = epoch + 1, 0
         self._close_pipeline()
+
+    # -- set-up -------------------------------------------------------------------------------------
+    def _preallocation(self) -> tuple[int, int]:
+        """``(height, width)`` for the GPU decoder to preallocate: a high percentile of the served images'
+        sides, taken separately and capped (nvImageCodec's hardware decoder reserves batch x H x W x 3)."""
+        served = self._planner.assignment.bucket >= 0
+        h = np.percentile(self.manifest.heights[served], PREALLOCATE_PERCENTILE)
+        w = np.percentile(self.manifest.widths[served], PREALLOCATE_PERCENTILE)
+        return min(math.ceil(h), PREALLOCATE_MAX_SIDE), min(math.ceil(w), PREALLOCATE_MAX_SIDE)
+
+    def _plan_shared_memory(self) -> dict[str, int]:
+        """Chunk size and source prefetch for the workers' ``/dev/shm`` buffers, from the manifest; a
+        ``ResourceError`` saying what to do when ``/dev/shm`` cannot hold even the smallest set-up."""
+        if self.workers == 0:
+            return {"bytes_per_sample": 0, "source_prefetch": 0}
+        served = self._planner.assignment.bucket >= 0
+        lengths = self._source_lengths()[served]
+        known = lengths[lengths > 0]
+        encoded = int(np.percentile(known, 99)) if known.size else 0
+        sizes = self._planner.assignment.sizes
+        pixels = int((sizes[:, 0] * sizes[:, 1]).max())
+        per_sample = self.decoder.bytes_per_sample(encoded, pixels)
+        per_batch = per_sample * self.config.batch_size
+        depth = min(MAX_SOURCE_PREFETCH, max(2, 2 * self.workers))
+        free = _free_shared_memory()
+        if free is not None:
+            # every worker holds its chunks; the pipeline's own prefetch adds its batches
+            def need(d: int) -> int:
+                return (d * self.workers + self.prefetch) * per_batch
+
+            while depth > 1 and need(depth) > free:
+                depth -= 1
+            if need(depth) > free:
+                raise ResourceError(
+                    f"/dev/shm has {free / 2**20:.0f} MiB free, but {self.workers} loader worker(s) need about "
+                    f"{need(depth) / 2**20:.0f} MiB (batches of {self.config.batch_size} x {per_sample / 2**20:.1f} MiB); "
+                    "run the container with --ipc=host or --shm-size=8g, or lower batch_size or workers (0 uses none)"
+                )
+        return {"bytes_per_sample": per_sample, "source_prefetch": depth}
+
+    def _source_lengths(self) -> np.ndarray:
+        if "length" not in self.manifest.table.column_names:
+            return np.full(len(self.manifest), -1, np.int64)
+        return np.asarray(self.manifest.table.column("length").fill_null(-1).to_numpy(), np.int64)
 
     # -- the pipeline -------------------------------------------------------------------------------
     def _rows_of(self, keys: list[str]) -> list[int]:
@@ -246,21 +303,35 @@ class DALIBucketIterator:
         self._pipe = None
         self._stream = None
 
-    def _open_pipeline(self, epoch: int, step: int) -> None:
+    def _build(
+        self, source: Any, *, batch_size: int, device: str, workers: int, dtype: str, threads: int, prefetch: int
+    ) -> Any:
         from .pipeline import build_pipeline
 
+        return build_pipeline(
+            source,
+            decoder=self.decoder,
+            batch_size=batch_size,
+            device=device,
+            device_id=self.device_id if device == "gpu" else None,
+            dtype=dtype,
+            num_threads=threads,
+            workers=workers,
+            prefetch=prefetch,
+            source_prefetch=self._shared_memory["source_prefetch"] or None,
+            bytes_per_sample_hint=self._shared_memory["bytes_per_sample"] or None,
+        )
+
+    def _open_pipeline(self, epoch: int, step: int) -> None:
         self._close_pipeline()
-        self._pipe = build_pipeline(
-            self._source.starting_at(epoch, step),
+        self._pipe = self._build(
+            self._source.starting_at(epoch, step, self._blocklist.rows),
             batch_size=self.config.batch_size,
             device=self.device,
-            device_id=self.device_id,
-            dtype=self.dtype,
-            num_threads=self.num_threads,
             workers=self.workers,
+            dtype=self.dtype,
+            threads=self.num_threads,
             prefetch=self.prefetch,
-            max_image_side=self._max_side,
-            decoded_input=self.config.decoder == "pillow",
         )
         self._stream = (epoch, step)
 
@@ -268,57 +339,93 @@ class DALIBucketIterator:
         return (epoch, step + 1) if step + 1 < self._planner.steps_per_epoch(epoch) else (epoch + 1, 0)
 
     def _fetch(self, epoch: int, step: int) -> dict[str, Any]:
-        attempts = self.config.batch_size + 1
-        for _ in range(attempts):
+        recoveries = self.config.batch_size + 1
+        for _ in range(recoveries):
             if self._pipe is None or self._stream != (epoch, step):
                 self._open_pipeline(epoch, step)
             try:
                 images, meta = self._pipe.run()
-            except Exception as exc:  # DALI ends a pipeline on one undecodable image: find it, skip it
+            except DaliArbError:
                 self._close_pipeline()
-                if not self._blocklist_undecodable(epoch, step, exc):
-                    raise
+                raise
+            except Exception as exc:  # DALI ends a pipeline on one undecodable image: find it, skip it
+                self._release_failed_pipeline()
+                self._recover(epoch, step, exc)
                 continue
             self._stream = self._advance(epoch, step)
             return self._to_batch(images, meta, epoch, step)
-        raise RuntimeError(f"batch {step} of epoch {epoch} kept failing after {attempts} recoveries")
+        raise DataError(
+            f"batch {step} of epoch {epoch} kept failing after {recoveries} recoveries, each blocklisting "
+            "an undecodable sample; check the files listed in loader.failed and re-index"
+        )
 
-    def _blocklist_undecodable(self, epoch: int, step: int, error: Exception) -> bool:
-        """Decode each sample of the failed batch alone; blocklist the ones that fail. True if any."""
-        from .pipeline import build_pipeline
+    def _release_failed_pipeline(self) -> None:
+        """Drop a pipeline that hit a critical error, and the memory it held, before anything else runs."""
+        self._close_pipeline()
+        gc.collect()
+        if self.device == "gpu":
+            with contextlib.suppress(Exception):
+                from nvidia.dali.backend import ReleaseUnusedMemory
 
-        outputs = self._source.starting_at(epoch, step).batch(epoch, step)
-        rows = [int(m[0]) for m in outputs[-1]]  # meta is the last output
-        culprits = []
-        for i, row in enumerate(rows):
-            single = _SingleSample(tuple(out[i] for out in outputs))
-            try:
-                probe = build_pipeline(
-                    single,
-                    batch_size=1,
-                    device=self.device,
-                    device_id=self.device_id,
-                    dtype="uint8",
-                    workers=0,
-                    num_threads=1,
-                    prefetch=1,
-                    decoded_input=self.config.decoder == "pillow",
-                )
-                probe.run()
-            except Exception as exc:
-                culprits.append((row, exc))
-        if not culprits:
-            return False
-        for row, exc in culprits:
-            self._source.bad_rows.add(row)
+                ReleaseUnusedMemory()
+
+    def _recover(self, epoch: int, step: int, error: Exception) -> None:
+        """After a DALI error in ``step``: blocklist the samples that cannot be decoded, or raise one clear
+        error when the files are not what failed (out of memory, a broken device, every sample failing)."""
+        summary = _dali_error_summary(error)
+        if _is_out_of_memory(error):
+            raise ResourceError(
+                f"the {self.device.upper()} ran out of memory in batch {step} of epoch {epoch} ({summary}); "
+                "lower batch_size, --max-area or prefetch, or give the loader a GPU with more free memory"
+            )
+        if not isinstance(self.decoder, DaliDecoder):  # the workers decode: DALI only normalises
+            raise DeviceError(f"the DALI pipeline failed in batch {step} of epoch {epoch}: {summary}")
+        samples = self._source.starting_at(epoch, step, self._blocklist.rows).batch(epoch, step)
+        meta = np.stack(samples[-1])  # (B, F): the source's outputs end with meta
+        rows = META.unpack(meta).row
+        # the CPU decoder shares nvJPEG's parsers' verdict on broken files and costs far less to probe
+        culprits = self._probe(samples, device="cpu")
+        if not culprits and self.device == "gpu":
+            culprits = self._probe(samples, device="gpu")
+        if not culprits or (len(culprits) == len(rows) > 1):
+            what = "every sample of it fails alone too" if culprits else "each of its samples decodes alone"
+            raise DeviceError(
+                f"the DALI pipeline failed in batch {step} of epoch {epoch} ({summary}) and {what}: the decoder or "
+                "device failed, not the files, so nothing was blocklisted; check the GPU (nvidia-smi) and restart "
+                "from your checkpoint"
+            )
+        for i in culprits:
+            row = int(rows[i])
             key = self.manifest.keys_at(np.array([row]))[0]
-            self._record_failure(key, f"cannot be decoded by DALI ({_dali_error_summary(exc)})")
-        return True
+            self._blocklist.add(row, key, Failure.DALI_UNDECODABLE.describe(self._source.location(row)) + f" ({summary})")
 
-    def _record_failure(self, key: str, reason: str) -> None:
-        if key not in self._failed:
-            self._failed[key] = reason
-            log.warning("dali_arb: sample %r replaced by another of its bucket: %s", key, reason)
+    def _probe(self, samples: tuple[list, ...], *, device: str) -> list[int]:
+        """Positions of ``samples`` that DALI's decoder on ``device`` cannot decode, each tried alone in one
+        pipeline that is rebuilt only after a failure."""
+        failed: list[int] = []
+        count = len(samples[0])
+        start = 0
+        while start < count:
+            done = 0
+            try:
+                probe = self._build(
+                    _OneAtATime(samples, start), batch_size=1, device=device, workers=0, dtype="uint8", threads=1,
+                    prefetch=1,
+                )  # fmt: skip
+                while start + done < count:
+                    probe.run()
+                    done += 1
+                break
+            except Exception as exc:
+                if _is_out_of_memory(exc):
+                    raise ResourceError(
+                        f"the {device.upper()} ran out of memory while probing a failed batch; lower batch_size or prefetch"
+                    ) from None
+                failed.append(start + done)
+                start += done + 1
+            finally:
+                probe = None
+        return failed
 
     def _to_batch(self, images: Any, meta: Any, epoch: int, step: int) -> dict[str, Any]:
         import torch
@@ -332,29 +439,70 @@ class DALIBucketIterator:
             out = torch.from_dlpack(dense)
         if self.dtype == "bfloat16":
             out = out.to(torch.bfloat16)
-        info = np.asarray(meta.as_array(), dtype=np.int64)  # (B, 9): see source.META_FIELDS
-        assert (info[:, 6] == epoch).all() and (info[:, 7] == step).all(), "pipeline out of step with the loader"
-        rows, planned = info[:, 0], info[:, 1]
-        for i in np.flatnonzero(rows != planned):
-            key = self.manifest.keys_at(planned[i : i + 1])[0]
-            if key not in self._failed:
-                self._source.bad_rows.add(int(planned[i]))
-                self._record_failure(key, self._source.problem(int(planned[i]), int(shape[2]), int(shape[3])))
+        m = META.unpack(meta.as_array())
+        assert (m.epoch == epoch).all() and (m.step == step).all(), "pipeline out of step with the loader"
+        for i in np.flatnonzero(m.failure != Failure.NONE):
+            planned = int(m.planned_row[i])
+            key = self.manifest.keys_at(np.array([planned]))[0]
+            self._blocklist.add(planned, key, Failure(int(m.failure[i])).describe(self._source.location(planned)))
+        rows = m.row
         captions = self.manifest.column_at("caption", rows)
         return {
             "images": out,
             "ids": self.manifest.keys_at(rows),
             "captions": [c or "" for c in captions],
-            "original_size": torch.from_numpy(np.ascontiguousarray(info[:, 4:6])),
-            "crop_top_left": torch.from_numpy(np.ascontiguousarray(info[:, 2:4])),
+            "original_size": torch.from_numpy(m.pairs("orig_height", "orig_width")),
+            "crop_top_left": torch.from_numpy(m.pairs("crop_top", "crop_left")),
             "target_size": (int(shape[2]), int(shape[3])),
-            "flipped": torch.from_numpy(info[:, 8] != 0),
+            "flipped": torch.from_numpy(m.flipped != 0),
             "epoch": epoch,
             "step": step,
         }
 
 
-def _dali_error_summary(error: Exception) -> str:
+def _checked_state(state: Any) -> dict[str, Any]:
+    """``state`` with its fields' types checked; a StateError naming the first bad field."""
+    if not isinstance(state, dict):
+        raise StateError(f"not a DALIBucketIterator state: a {type(state).__name__}, not a dict")
+    if state.get("format") not in (1, STATE_FORMAT):
+        raise StateError(
+            f"not a DALIBucketIterator state of this version (format {state.get('format')!r}, this dali_arb reads "
+            f"1 and {STATE_FORMAT}); save it again with this version"
+        )
+    checked = dict(state)
+    for name in ("epoch", "step", "seed", "batch_size", "world_size", "num_images"):
+        value = state.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name in ("batch_size", "world_size") else 0):
+            raise StateError(f"state field {name!r} must be a {'positive' if name in ('batch_size', 'world_size') else 'non-negative'} integer, got {value!r}")  # fmt: skip
+    if not isinstance(state.get("failed", {}), dict):
+        raise StateError(f"state field 'failed' must map keys to reasons, got {type(state['failed']).__name__}")
+    checked["failed"] = state.get("failed", {})
+    buckets = state.get("buckets")
+    try:
+        checked["buckets"] = BucketSpec.from_dict(buckets).to_dict()
+    except (ConfigError, TypeError) as exc:
+        raise StateError(f"state field 'buckets' is not a bucket spec ({exc})") from None
+    return checked
+
+
+def _free_shared_memory() -> int | None:
+    """Bytes free in ``/dev/shm`` (where DALI's workers hand batches over), or None where there is none."""
+    try:
+        info = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return info.f_bavail * info.f_frsize
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    text = str(error).lower()
+    return any(
+        marker in text
+        for marker in ("out of memory", "cudaerrormemoryallocation", "allocator_failure", "std::bad_alloc", "cuda_error_out_of_memory")
+    )
+
+
+def _dali_error_summary(error: BaseException) -> str:
     """The informative part of a DALI pipeline error: the operator and what it encountered."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     operator = next((line.split("`")[1] for line in lines if line.startswith("Error in") and "`" in line), "")
@@ -363,11 +511,13 @@ def _dali_error_summary(error: Exception) -> str:
     return f"{operator.removeprefix('nvidia.dali.fn.')}: {what}"[:200] if operator else what[:200]
 
 
-class _SingleSample:
-    """An external source that serves one prepared sample (for probing decode failures)."""
+class _OneAtATime:
+    """An external source serving prepared samples one per run, from position ``start`` (for probing)."""
 
-    def __init__(self, sample: tuple) -> None:
-        self.sample = sample
+    def __init__(self, samples: tuple[list, ...], start: int) -> None:
+        self.samples = samples
+        self.start = start
 
     def __call__(self, batch_info) -> tuple[list, ...]:
-        return tuple([value] for value in self.sample)
+        position = min(self.start + batch_info.iteration, len(self.samples[0]) - 1)
+        return tuple([output[position]] for output in self.samples)

@@ -145,6 +145,30 @@ class Manifest:
         """``(N,)`` sample keys (kept in Arrow: 10M keys need not be 10M Python strings)."""
         return self.table.column("key")
 
+    def fingerprint(self, columns: tuple[str, ...]) -> str:
+        """A digest of the content of ``columns`` (absent ones count as absent), independent of how
+        the table is chunked: two manifests with equal digests serve the same bytes at the same rows."""
+        import hashlib
+
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(str(len(self)).encode())
+        for name in columns:
+            digest.update(f"|{name}|".encode())
+            if name not in self.table.column_names:
+                continue
+            column = self.table.column(name).combine_chunks()
+            digest.update(np.packbits(column.is_valid().to_numpy(zero_copy_only=False)).tobytes())
+            if pa.types.is_integer(column.type):
+                digest.update(column.fill_null(0).to_numpy().astype(np.int64).tobytes())
+            else:  # strings: value bytes and their boundaries, wherever the buffers start
+                column = column.cast(pa.large_string())
+                offsets = np.frombuffer(column.buffers()[1], np.int64)[column.offset : column.offset + len(column) + 1]
+                values = column.buffers()[2]
+                digest.update((offsets - offsets[0]).tobytes())
+                if values is not None and len(column):
+                    digest.update(memoryview(values)[int(offsets[0]) : int(offsets[-1])])
+        return digest.hexdigest()
+
     def keys_at(self, rows: np.ndarray) -> list[str]:
         """Keys of ``rows`` (any shape, flattened), as Python strings."""
         return self.keys.take(pa.array(np.asarray(rows, dtype=np.int64).reshape(-1))).to_pylist()

@@ -1,4 +1,4 @@
-"""The DALI graph: external source → decode → resize (cover, crop as ROI) → flip + normalise → NCHW.
+"""The DALI graph: external source → the decoder's part (decode, resize) → flip + normalise → NCHW.
 
 Imports DALI lazily (inside functions), so the rest of dali_arb works without it.
 """
@@ -6,11 +6,13 @@ Imports DALI lazily (inside functions), so the rest of dali_arb works without it
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, DeviceError
+
+if TYPE_CHECKING:
+    from .decoders import Decoder
 
 __all__ = ["DTYPES", "build_pipeline", "gpu_count", "resolve_device"]
 
@@ -42,40 +44,43 @@ def resolve_device(device: str) -> str:
 def build_pipeline(
     source: Any,
     *,
+    decoder: Decoder,
     batch_size: int,
     device: str,
     device_id: int | None,
     dtype: str,
-    num_threads: int | None = None,
+    num_threads: int,
     workers: int = 1,
     prefetch: int = 2,
-    max_image_side: int = 0,
-    decoded_input: bool = False,
+    source_prefetch: int | None = None,
+    bytes_per_sample_hint: int | None = None,
 ) -> Any:
     """A built DALI pipeline whose outputs are ``(images, meta)``.
 
     ``images``: ``[B, 3, H, W]`` of ``dtype`` on the pipeline's device (H, W: the step's bucket);
-    ``meta``: ``int64 [B, 9]`` on the CPU (``source.META_FIELDS``).
+    ``meta``: ``int64 [B, F]`` on the CPU (``outputs.META``).
 
     Args:
-        source: a :class:`~dali_arb.source.BatchSource`.
-        device: ``"gpu"`` (nvJPEG / hardware decoder, ``mixed``) or ``"cpu"``.
-        workers: Python worker processes reading bytes (DALI's parallel external source);
-            0 reads in the main process (for tests and debugging).
-        max_image_side: largest image side in the manifest: the GPU decoder preallocates for it.
-        decoded_input: the source delivers finished crops (``uint8 HWC`` at the bucket size; the
-            ``pillow`` decoder): no decode and no resize here.
+        source: a callable taking DALI's ``BatchInfo`` and returning ``decoder.outputs`` in order
+            (a :class:`~dali_arb.source.BatchSource`).
+        decoder: its part of the graph turns the source's outputs into ``uint8 HWC`` at the bucket size.
+        device: ``"gpu"`` or ``"cpu"``.
+        workers: Python worker processes running the source (DALI's parallel external source);
+            0 runs it in the main process (for tests and debugging).
+        prefetch: batches the pipeline prepares ahead.
+        source_prefetch: batches the workers compute ahead (default ``max(2, 2 * workers)``).
+        bytes_per_sample_hint: initial size of the workers' shared-memory chunks per sample.
     """
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device == "gpu"
-    threads = num_threads or (4 if gpu else max(1, os.cpu_count() or 1))
     out_type = getattr(types, DTYPES[dtype])
     raw = dtype == "uint8"
+    outputs = decoder.outputs
 
     @pipeline_def(
         batch_size=batch_size,
-        num_threads=threads,
+        num_threads=num_threads,
         device_id=device_id if gpu else None,
         prefetch_queue_depth=prefetch,
         py_num_workers=max(1, workers),
@@ -83,50 +88,29 @@ def build_pipeline(
         exec_dynamic=True,
     )
     def arb_pipeline():
-        feed = {
-            "source": source,
-            "batch": True,
-            "batch_info": True,
-            "parallel": workers > 0,
+        feed: dict[str, Any] = {"source": source, "batch": True, "batch_info": True, "parallel": workers > 0}
+        if workers > 0:
             # batches computed ahead by the workers (DALI's default, 1, keeps all but one worker idle)
-            "prefetch_queue_depth": max(2, 2 * workers) if workers > 0 else None,
-        }
-        if decoded_input:  # finished crops from the workers: only flip, normalise and layout here
-            images, mirror, meta = fn.external_source(
-                **feed, num_outputs=3, dtype=[types.UINT8, types.INT32, types.INT64], layout=["HWC"]
-            )
-            if gpu:
-                images = images.gpu()
-        else:
-            encoded, roi_start, roi_end, size, mirror, meta = fn.external_source(
-                **feed,
-                num_outputs=6,
-                dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.FLOAT, types.INT32, types.INT64],
-            )
-            decode_args: dict[str, Any] = {"device": "mixed" if gpu else "cpu", "output_type": types.RGB}
-            if gpu and max_image_side:
-                decode_args.update(preallocate_width_hint=max_image_side, preallocate_height_hint=max_image_side)
-            images = fn.decoders.image(encoded, **decode_args)
-            # Resize the crop window (in source pixels) straight to the bucket size: the same pixels as
-            # resizing the whole image to cover the bucket and cropping, without the discarded work.
-            images = fn.resize(
-                images,
-                size=size,
-                roi_start=roi_start,
-                roi_end=roi_end,
-                roi_relative=False,
-                antialias=True,
-                interp_type=types.INTERP_LINEAR,
-            )
+            feed["prefetch_queue_depth"] = source_prefetch or max(2, 2 * workers)
+            if bytes_per_sample_hint:
+                feed["bytes_per_sample_hint"] = int(bytes_per_sample_hint)
+        nodes = fn.external_source(
+            **feed,
+            num_outputs=len(outputs),
+            dtype=[getattr(types, o.dtype) for o in outputs],
+            layout=[o.layout or "" for o in outputs],
+        )
+        feeds = {o.name: node for o, node in zip(outputs, nodes)}
+        images = decoder.graph(feeds, gpu=gpu)
         images = fn.crop_mirror_normalize(
             images,
-            mirror=mirror,
+            mirror=feeds["mirror"],
             dtype=out_type,
             output_layout="CHW",
             mean=[0.0] * 3 if raw else [127.5] * 3,
             std=[1.0] * 3 if raw else [127.5] * 3,
         )
-        return images, meta
+        return images, feeds["meta"]
 
     pipe = arb_pipeline()
     with _workers_skip_main():

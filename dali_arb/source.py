@@ -1,5 +1,5 @@
-"""The external source: a stateless, picklable callable that turns a batch index into encoded bytes
-plus per-sample resize/crop/flip parameters.
+"""The external source: a stateless, picklable callable that turns a batch index into the outputs its
+decoder names (``decoders.py``), plus ``mirror`` and ``meta`` (``outputs.META``).
 
 No DALI import here: DALI calls :class:`BatchSource` with its ``BatchInfo`` (only ``.iteration``
 is used) from worker processes. Every value is a pure function of the loader's arguments, the
@@ -9,25 +9,29 @@ epoch and the step, so resuming reproduces batches bit for bit.
 from __future__ import annotations
 
 import copy
-import functools
 import os
+import stat
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 
-from .buckets import BucketSpec
-from .errors import ConfigError, ManifestError
-from .index import swaps_sides, truncation
+from .buckets import BucketSpec, format_size
+from .decoders import Decoder
+from .errors import ConfigError, DataError, ManifestError
+from .geometry import Geometry, cover_crop
+from .imagefacts import check_encoded
 from .manifest import Manifest
+from .outputs import META, Failure
 from .planner import EpochPlan, Planner
 from .world import World
 
-__all__ = ["META_FIELDS", "BatchSource", "LoaderConfig", "check_encoded", "cover_crop"]
+__all__ = ["BatchSource", "LoaderConfig", "build_planner"]
 
-#: Columns of the per-sample ``meta`` output (int64).
-META_FIELDS = ("row", "planned_row", "crop_top", "crop_left", "orig_height", "orig_width", "epoch", "step", "flipped")
 _MAX_REPLACEMENT_TRIES = 64
+#: Columns the worker processes read from the manifest file (besides key, width, height).
+WORKER_COLUMNS = ["source", "offset", "length"]
+#: Columns whose content pins what a loader serves (see ``Manifest.fingerprint``).
+PINNED_COLUMNS = ("width", "height", "source", "offset", "length")
 
 
 @dataclass(frozen=True)
@@ -43,106 +47,81 @@ class LoaderConfig:
     sync_ranks: bool
     crop: str
     flip: float
-    decoder: str = "dali"
 
     def __post_init__(self) -> None:
-        if self.decoder not in ("dali", "pillow"):
-            raise ConfigError(f"decoder must be 'dali' or 'pillow', got {self.decoder!r}")
         if self.crop not in ("random", "center"):
             raise ConfigError(f"crop must be 'random' or 'center', got {self.crop!r}")
         if isinstance(self.flip, bool) or not isinstance(self.flip, (int, float)) or not 0.0 <= self.flip <= 1.0:
             raise ConfigError(f"flip must be a probability in [0, 1], got {self.flip!r}")
 
 
-class Geometry(NamedTuple):
-    """Where one image goes: source size, size after the cover resize, crop corner, bucket size."""
-
-    height: int
-    width: int
-    resized_h: int
-    resized_w: int
-    top: int
-    left: int
-    bucket_h: int
-    bucket_w: int
-
-
-def cover_crop(
-    height: int, width: int, bucket_h: int, bucket_w: int, u_y: float, u_x: float, *, center: bool
-) -> tuple[int, int, int, int]:
-    """Resize ``(height, width)`` to cover the bucket (aspect kept, one side exact), then place the crop.
-
-    Returns ``(resized_h, resized_w, top, left)``; ``u_y``, ``u_x`` in [0, 1) pick a random crop.
-    """
-    scale = max(bucket_h / height, bucket_w / width)
-    resized_h = max(bucket_h, round(height * scale))
-    resized_w = max(bucket_w, round(width * scale))
-    if center:
-        return resized_h, resized_w, (resized_h - bucket_h) // 2, (resized_w - bucket_w) // 2
-    top = min(int(u_y * (resized_h - bucket_h + 1)), resized_h - bucket_h)
-    left = min(int(u_x * (resized_w - bucket_w + 1)), resized_w - bucket_w)
-    return resized_h, resized_w, top, left
-
-
-def check_encoded(data: bytes) -> str | None:
-    """Cheap checks on encoded bytes before the decoder sees them: the reason they are bad, or None."""
-    if not data:
-        return "empty"
-    head = data[:16]
-    if head[:3] == b"\xff\xd8\xff":
-        return truncation("JPEG", data[-65536:])
-    if head[:8] == b"\x89PNG\r\n\x1a\n":
-        return truncation("PNG", data[-65536:])
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        declared = int.from_bytes(head[4:8], "little") + 8
-        return None if len(data) >= declared else "truncated WebP"
-    if head[:2] == b"BM" or head[:4] in (b"II*\x00", b"MM\x00*") or head[:12] == b"\x00\x00\x00\x0cjP  \r\n\x87\n":
-        return None
-    if head[:1] == b"P" and head[1:2] in b"123456":
-        return None
-    return "not an image (unknown format)"
+def build_planner(config: LoaderConfig, heights: np.ndarray, widths: np.ndarray) -> Planner:
+    """The one way a loader's planner is made (in the loader and again in each worker), ``(N,)`` sizes."""
+    return Planner(
+        config.spec.assign(heights, widths),
+        batch_size=config.batch_size,
+        world=World(config.rank, config.world_size),
+        seed=config.seed,
+        leftover=config.leftover,
+        sync_ranks=config.sync_ranks,
+    )
 
 
 class BatchSource:
     """DALI external source: ``source(batch_info)`` returns one batch of this rank.
 
-    Outputs, per sample, with the ``dali`` decoder: encoded bytes ``uint8 (n,)``, ``roi_start`` and ``roi_end``
-    ``float32 (2,)`` (the crop window in source pixels, ``(y, x)``), ``size`` ``float32 (2,)``
-    (bucket ``(h, w)``), ``mirror`` ``int32 ()``, and ``meta`` ``int64 (9,)`` (see ``META_FIELDS``). With the ``pillow`` decoder: the finished crop ``uint8 (bucket_h, bucket_w, 3)``,
-    ``mirror`` and ``meta``.
+    Outputs: one list per name in ``decoder.outputs`` (per-sample arrays), in that order; ``mirror``
+    is ``int32 ()`` and ``meta`` is ``int64 (F,)`` (``outputs.META``).
 
     The stream of batches starts at step ``first_step`` of ``first_epoch`` and runs on through the
     following epochs without end; the loader takes ``len(epoch)`` batches per epoch.
+
+    Args:
+        manifest: the manifest the loader serves; worker processes re-read its file (when it has
+            one) and refuse it if its content no longer matches ``fingerprint``.
+        config: what decides the batches.
+        decoder: the :class:`~dali_arb.decoders.Decoder` chosen by the loader.
+        planner: the loader's planner (rebuilt from the manifest in worker processes).
+        blocked_rows: rows known to be bad (the loader's blocklist): replaced without being read.
     """
 
     def __init__(
         self,
         manifest: Manifest,
         config: LoaderConfig,
+        decoder: Decoder,
         *,
-        first_epoch: int,
-        first_step: int,
-        bad_rows: frozenset[int] = frozenset(),
+        planner: Planner | None = None,
+        first_epoch: int = 0,
+        first_step: int = 0,
+        blocked_rows: frozenset[int] = frozenset(),
     ) -> None:
         self.config = config
+        self.decoder = decoder
         self.first_epoch = first_epoch
         self.first_step = first_step
-        self.bad_rows = set(bad_rows)
+        self.blocked_rows = frozenset(blocked_rows)
+        self.num_rows = len(manifest)
+        self.fingerprint = manifest.fingerprint(PINNED_COLUMNS)
         # Workers reload a manifest that lives in a file instead of receiving it pickled.
         self._manifest_path = str(manifest.path) if manifest.path is not None else None
         self._manifest: Manifest | None = manifest
-        self.num_rows = len(manifest)
+        self._planner = planner
         self._ready = False
 
     def __getstate__(self) -> dict:
-        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_") or k == "_manifest_path"}
-        if self._manifest_path is None:
+        keep = ("config", "decoder", "first_epoch", "first_step", "blocked_rows", "num_rows", "fingerprint")
+        state = {k: self.__dict__[k] for k in keep}
+        state["_manifest_path"] = self._manifest_path
+        if self._manifest_path is None:  # nothing to reload: send the manifest and the planner along
             state["_manifest"] = self._manifest
+            state["_planner"] = self._planner
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault("_manifest", None)
+        self.__dict__.setdefault("_planner", None)
         self._ready = False
 
     # -- lazy set-up (in each worker) -------------------------------------------------------------
@@ -151,11 +130,12 @@ class BatchSource:
             return
         manifest = self._manifest
         if manifest is None:
-            manifest = Manifest.read(self._manifest_path, columns=["source", "offset", "length"])
-            if len(manifest) != self.num_rows:
+            manifest = Manifest.read(self._manifest_path, columns=WORKER_COLUMNS)
+            if manifest.fingerprint(PINNED_COLUMNS) != self.fingerprint:
                 raise ManifestError(
-                    f"manifest {self._manifest_path} has {len(manifest)} rows in the worker but {self.num_rows} in the "
-                    "loader: it changed on disk, or the loader got a Manifest edited in memory (write it to a new file)"
+                    f"manifest {self._manifest_path} changed on disk after the loader was built "
+                    f"({len(manifest)} rows now, {self.num_rows} then, or the same count with other content); "
+                    "a live loader never serves a rewritten manifest: build a new loader (or write to a new file)"
                 )
         table = manifest.table
         self._sources = table.column("source").combine_chunks()  # Arrow: no Python string per row
@@ -163,35 +143,30 @@ class BatchSource:
         self._lengths = np.asarray(table.column("length").fill_null(-1).to_numpy(), np.int64)
         self._heights = manifest.heights
         self._widths = manifest.widths
-        c = self.config
-        assignment = c.spec.assign(self._heights, self._widths)
-        self._planner = Planner(
-            assignment,
-            batch_size=c.batch_size,
-            world=World(c.rank, c.world_size),
-            seed=c.seed,
-            leftover=c.leftover,
-            sync_ranks=c.sync_ranks,
-        )
+        if self._planner is None:
+            self._planner = build_planner(self.config, self._heights, self._widths)
         # Rows of each bucket, for replacements: members[starts[k]:starts[k+1]]
+        assignment = self._planner.assignment
         bucket = assignment.bucket
         order = np.argsort(bucket, kind="stable")
         order = order[bucket[order] >= 0]
         counts = np.bincount(bucket[order], minlength=len(assignment.sizes))
         self._members = order
         self._member_starts = np.concatenate([[0], np.cumsum(counts)])
+        self._found_bad: set[int] = set()
         self._epoch_lengths: dict[int, int] = {}
         if self._manifest_path is not None:
             self._manifest = None  # keep only the arrays above; workers reload the file
         self._ready = True
 
-    def starting_at(self, epoch: int, step: int) -> BatchSource:
-        """The same source, its stream starting at ``step`` of ``epoch``; it shares the set-up
-        arrays (pickling for worker processes drops them) and copies the bad-row set."""
+    def starting_at(self, epoch: int, step: int, blocked_rows: frozenset[int]) -> BatchSource:
+        """The same source, its stream starting at ``step`` of ``epoch``, with the loader's current
+        blocklist; it shares the set-up arrays (pickling for worker processes drops them)."""
         self._setup()
         restarted = copy.copy(self)
         restarted.first_epoch, restarted.first_step = epoch, step
-        restarted.bad_rows = set(self.bad_rows)
+        restarted.blocked_rows = frozenset(blocked_rows)
+        restarted._found_bad = set()
         return restarted
 
     @property
@@ -220,7 +195,7 @@ class BatchSource:
         return self.batch(epoch, step)
 
     def batch(self, epoch: int, step: int) -> tuple[list, ...]:
-        """Outputs for ``step`` of ``epoch`` (lists of per-sample arrays)."""
+        """Outputs for ``step`` of ``epoch``: one list of per-sample arrays per ``decoder.outputs`` name."""
         self._setup()
         plan: EpochPlan = self._planner.epoch(epoch)
         rows = plan.rows[step]
@@ -229,61 +204,70 @@ class BatchSource:
         c = self.config
         # Per-sample randomness keyed by position in the global batch: independent of world size.
         draws = np.random.default_rng([c.seed, epoch, step, 0x5EED]).random((plan.offset + len(rows), 3))[plan.offset :]
-        payloads, roi_start, roi_end, mirrors, metas = [], [], [], [], []
+        columns: dict[str, list] = {output.name: [] for output in self.decoder.outputs}
         for position, planned in enumerate(rows.tolist()):
             u_y, u_x, u_flip = draws[position]
-            place = functools.partial(self.geometry, bucket_h=bucket_h, bucket_w=bucket_w, u_y=u_y, u_x=u_x)
-            row, payload, (h, w, rh, rw, top, left, _, _) = self._read_or_replace(
-                planned, bucket, epoch, step, plan.offset + position, place
+            row, failure, sample, g = self._serve(
+                planned, bucket, epoch, step, plan.offset + position, (bucket_h, bucket_w, float(u_y), float(u_x))
             )
             mirror = bool(u_flip < c.flip)
-            payloads.append(payload)
-            mirrors.append(np.array(mirror, np.int32))
-            reported_left = rw - left - bucket_w if mirror else left
-            metas.append(np.array([row, planned, top, reported_left, h, w, epoch, step, mirror], np.int64))
-            if c.decoder == "dali":  # the crop window in source pixels, for DALI's resize
-                y_scale, x_scale = h / rh, w / rw
-                roi_start.append(np.array([top * y_scale, left * x_scale], np.float32))
-                roi_end.append(np.array([(top + bucket_h) * y_scale, (left + bucket_w) * x_scale], np.float32))
-        if c.decoder == "pillow":  # finished crops: nothing left for DALI to place
-            return payloads, mirrors, metas
-        size = [np.array([bucket_h, bucket_w], np.float32)] * len(payloads)
-        return payloads, roi_start, roi_end, size, mirrors, metas
+            for name, value in sample.items():
+                columns[name].append(value)
+            columns["mirror"].append(np.array(mirror, np.int32))
+            columns["meta"].append(
+                META.pack(
+                    row=row,
+                    planned_row=planned,
+                    failure=failure,
+                    crop_top=g.top,
+                    crop_left=g.resized_w - g.left - g.bucket_w if mirror else g.left,
+                    orig_height=g.height,
+                    orig_width=g.width,
+                    epoch=epoch,
+                    step=step,
+                    flipped=mirror,
+                )
+            )
+        return tuple(columns[output.name] for output in self.decoder.outputs)
 
     # -- reading, with deterministic replacement of bad samples ------------------------------------
-    def read(self, row: int) -> tuple[np.ndarray | None, str | None]:
-        """Encoded bytes of ``row``, or ``(None, reason)``."""
+    def location(self, row: int) -> str:
+        """Where ``row``'s bytes are: the file, or ``shard.tar@offset`` inside a shard."""
+        self._setup()
+        path, offset = self._sources[row].as_py(), int(self._offsets[row])
+        return f"{path}@{offset}" if offset else str(path)
+
+    def read(self, row: int) -> tuple[np.ndarray | None, Failure]:
+        """Encoded bytes of ``row`` ``uint8 (n,)``, or ``(None, failure)``. Only regular files are read."""
+        self._setup()
         path = self._sources[row].as_py()
         if path is None:
-            return None, "manifest row has no source file"
+            return None, Failure.NO_SOURCE
         offset, length = int(self._offsets[row]), int(self._lengths[row])
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as exc:
-            return None, f"cannot open {path}: {exc.strerror}"
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
+        except OSError:
+            return None, Failure.MISSING
         try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                return None, Failure.NOT_REGULAR
             if length < 0:
-                size = os.fstat(fd).st_size
-                data = os.pread(fd, size, 0)
+                data = os.pread(fd, info.st_size, 0)
             else:
-                if offset == 0:  # a whole file: its size must be what was indexed
-                    size = os.fstat(fd).st_size
-                    if size != length:
-                        return (
-                            None,
-                            f"{path} changed since indexing ({size} bytes, indexed {length}); run `dali-arb index --update`",
-                        )
+                if offset == 0 and info.st_size != length:  # a whole file: its size must be what was indexed
+                    return None, Failure.CHANGED
                 data = os.pread(fd, length, offset)
                 if len(data) != length:
-                    return None, f"{path} is shorter than indexed (read {len(data)} of {length} bytes at {offset})"
-        except OSError as exc:
-            return None, f"cannot read {path}: {exc.strerror}"
+                    return None, Failure.SHORT
+        except OSError:
+            return None, Failure.READ_ERROR
         finally:
             os.close(fd)
         problem = check_encoded(data)
         if problem:
-            return None, f"{path}: {problem}"
-        return np.frombuffer(data, np.uint8), None
+            return None, Failure.of_bytes_problem(problem)
+        return np.frombuffer(data, np.uint8), Failure.NONE
 
     def geometry(self, row: int, *, bucket_h: int, bucket_w: int, u_y: float, u_x: float) -> Geometry:
         """Where ``row`` goes in a batch of bucket ``(bucket_h, bucket_w)``, given its crop draws."""
@@ -291,65 +275,35 @@ class BatchSource:
         rh, rw, top, left = cover_crop(h, w, bucket_h, bucket_w, u_y, u_x, center=self.config.crop == "center")
         return Geometry(h, w, rh, rw, top, left, bucket_h, bucket_w)
 
-    def _read_or_replace(
-        self, planned: int, bucket: int, epoch: int, step: int, position: int, geometry
-    ) -> tuple[int, np.ndarray, Geometry]:
-        """``(row, payload, geometry)`` for ``planned`` or, if it cannot be served, a deterministic
-        stand-in. The payload is the encoded bytes (decoder ``dali``) or the finished crop (``pillow``).
-        """
-        row = planned
+    def prepare(self, row: int, geometry: Geometry) -> tuple[dict[str, np.ndarray] | None, Failure]:
+        """The decoder's outputs for ``row`` (without mirror and meta), or ``(None, failure)``."""
+        data, failure = self.read(row)
+        if data is None:
+            return None, failure
+        return self.decoder.prepare(data, geometry, self._sources[row].as_py())
+
+    def _serve(
+        self, planned: int, bucket: int, epoch: int, step: int, position: int, placement: tuple[int, int, float, float]
+    ) -> tuple[int, Failure, dict[str, np.ndarray], Geometry]:
+        """``(row, failure of planned, sample, geometry)`` for ``planned`` or, if it cannot be served, a
+        deterministic stand-in from the same bucket."""
+        bucket_h, bucket_w, u_y, u_x = placement
+        row, first_failure = planned, Failure.NONE
         for attempt in range(_MAX_REPLACEMENT_TRIES):
-            if row not in self.bad_rows:
-                placed = geometry(row)
-                payload, _ = self.prepare(row, placed)
-                if payload is not None:
-                    return row, payload, placed
-                self.bad_rows.add(row)  # the loader logs it once, from the main process
+            if row not in self.blocked_rows and row not in self._found_bad:
+                g = self.geometry(row, bucket_h=bucket_h, bucket_w=bucket_w, u_y=u_y, u_x=u_x)
+                sample, failure = self.prepare(row, g)
+                if sample is not None:
+                    return row, first_failure, sample, g
+                self._found_bad.add(row)  # the loader learns it from meta["failure"]
+                if row == planned:
+                    first_failure = failure
             row = self.replacement(bucket, epoch, step, position, attempt)
-        raise RuntimeError(f"no readable image found in bucket {bucket} after {_MAX_REPLACEMENT_TRIES} tries")
-
-    def prepare(self, row: int, geometry: Geometry) -> tuple[np.ndarray | None, str | None]:
-        """What the pipeline gets for ``row``: encoded bytes, or with the ``pillow`` decoder the
-        finished crop ``uint8 (bucket_h, bucket_w, 3)``; ``(None, reason)`` if it cannot be served."""
-        data, reason = self.read(row)
-        if data is None or self.config.decoder == "dali":
-            return data, reason
-        return self.decode_crop(row, data, geometry)
-
-    def problem(self, row: int, bucket_h: int, bucket_w: int) -> str:
-        """Why ``row`` cannot be served (for the loader's one warning per sample)."""
-        self._setup()
-        _, reason = self.prepare(row, self.geometry(row, bucket_h=bucket_h, bucket_w=bucket_w, u_y=0.0, u_x=0.0))
-        return reason or "could not be read"
-
-    def decode_crop(self, row: int, data: np.ndarray, geometry: Geometry) -> tuple[np.ndarray | None, str | None]:
-        """Decode with libjpeg-turbo at the smallest DCT scale (1/8..1) that still covers the
-        resize, EXIF-upright, then resize just the crop window to the bucket (bilinear,
-        antialiased): ``uint8 (bucket_h, bucket_w, 3)``, or ``(None, reason)``."""
-        import io
-
-        from PIL import Image, ImageOps
-
-        h, w, rh, rw, top, left, bucket_h, bucket_w = geometry
-        try:
-            with Image.open(io.BytesIO(data.tobytes())) as img:
-                rotated = swaps_sides(img)
-                stored = (h, w) if rotated else (w, h)
-                if img.size != stored:
-                    return (
-                        None,
-                        f"{self._sources[row].as_py()} changed since indexing ({img.size[0]}x{img.size[1]} stored, indexed {w}x{h})",
-                    )
-                if img.format == "JPEG":
-                    img.draft("RGB", (rh, rw) if rotated else (rw, rh))
-                upright = ImageOps.exif_transpose(img)
-                if upright.mode != "RGB":
-                    upright = upright.convert("RGB")
-                y_scale, x_scale = upright.height / rh, upright.width / rw
-                box = (left * x_scale, top * y_scale, (left + bucket_w) * x_scale, (top + bucket_h) * y_scale)
-                return np.asarray(upright.resize((bucket_w, bucket_h), Image.BILINEAR, box=box)), None
-        except Exception as exc:  # Pillow raises many kinds on broken files
-            return None, f"{self._sources[row].as_py()} cannot be decoded ({type(exc).__name__}: {exc})"
+        raise DataError(
+            f"no readable image left in bucket {format_size(bucket_h, bucket_w)} after {_MAX_REPLACEMENT_TRIES} "
+            f"tries (epoch {epoch}, step {step}): the files behind the manifest have changed or gone; "
+            "re-index with `dali-arb index ... --update` and restart from your checkpoint"
+        )
 
     def replacement(self, bucket: int, epoch: int, step: int, position: int, attempt: int) -> int:
         """A deterministic stand-in from the same bucket (images assigned to the batch's bucket)."""

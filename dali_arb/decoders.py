@@ -1,0 +1,217 @@
+"""Decoders: chosen once per loader, each holding its external-source outputs, its part of the DALI
+graph and its defaults.
+
+=========  ==========================================  ===========================================
+decoder    the worker processes                        the DALI graph
+=========  ==========================================  ===========================================
+``dali``   read encoded bytes; compute the crop        ``decoders.image`` (nvJPEG / the hardware
+           window in source pixels                     JPEG decoder on GPU, libjpeg-turbo on CPU),
+                                                       then ``resize`` of the window to the bucket
+``pillow`` read, decode at reduced DCT scale            nothing: the finished crop goes on (to the
+           (libjpeg-turbo), resize the window           GPU, if there is one)
+=========  ==========================================  ===========================================
+
+Both then share ``crop_mirror_normalize`` (flip, scale, NCHW) in ``pipeline.py``. Decoder objects
+are small and picklable: they travel to the worker processes inside the source. DALI is imported
+only inside :meth:`Decoder.graph`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .errors import ConfigError
+from .geometry import Geometry
+from .imagefacts import swaps_sides
+from .outputs import Failure, Output
+
+__all__ = ["DECODERS", "DaliDecoder", "Decoder", "PillowDecoder", "choose_decoder"]
+
+_MIRROR = Output("mirror", "INT32")
+_META = Output("meta", "INT64")
+
+
+class Decoder:
+    """What turns a planned sample into pixels at its bucket size (``uint8 HWC``) inside the pipeline.
+
+    Attributes:
+        name: the value of ``decoder=`` that picks it.
+        outputs: the external source's outputs, in order (``mirror`` and ``meta`` last).
+    """
+
+    name: ClassVar[str]
+    outputs: ClassVar[tuple[Output, ...]]
+
+    def prepare(self, data: np.ndarray, geometry: Geometry, where: str) -> tuple[dict[str, np.ndarray] | None, Failure]:
+        """The sample's outputs other than ``mirror`` and ``meta``, from its encoded bytes ``uint8 (n,)``,
+        or ``(None, failure)`` when it cannot be served. Runs in the worker processes."""
+        raise NotImplementedError
+
+    def graph(self, feeds: dict[str, Any], *, gpu: bool) -> Any:
+        """DALI nodes from the external source's ``feeds`` (by output name) to ``uint8 HWC`` images at
+        the bucket size, on the GPU when ``gpu``."""
+        raise NotImplementedError
+
+    def default_workers(self, cores: int) -> int:
+        """Worker processes when the user gives none."""
+        raise NotImplementedError
+
+    def default_threads(self, cores: int, *, gpu: bool) -> int:
+        """DALI threads when the user gives none."""
+        raise NotImplementedError
+
+    def bytes_per_sample(self, encoded_bytes: int, bucket_pixels: int) -> int:
+        """Shared-memory bytes one sample takes between a worker and the pipeline."""
+        raise NotImplementedError
+
+    def options(self) -> dict[str, Any]:
+        """The decoder's settings, for logs and benchmark records."""
+        return {"decoder": self.name}
+
+
+@dataclass(frozen=True)
+class DaliDecoder(Decoder):
+    """DALI decodes and resizes: nvJPEG (and the A100/H100 hardware JPEG decoder) on GPU, libjpeg-turbo on CPU.
+
+    Args:
+        hw_decoder_load: share of each batch sent to the hardware JPEG decoder (DALI's default 0.65
+            when ``None``); only on GPU.
+        preallocate: ``(height, width)`` the GPU decoder preallocates for per sample (the hardware
+            decoder reserves batch x H x W x 3 at build time); ``None`` preallocates nothing.
+    """
+
+    hw_decoder_load: float | None = None
+    preallocate: tuple[int, int] | None = None
+
+    name: ClassVar[str] = "dali"
+    outputs: ClassVar[tuple[Output, ...]] = (
+        Output("encoded", "UINT8"),
+        Output("roi_start", "FLOAT"),
+        Output("roi_end", "FLOAT"),
+        Output("size", "FLOAT"),
+        _MIRROR,
+        _META,
+    )
+
+    def __post_init__(self) -> None:
+        load = self.hw_decoder_load
+        if load is not None and (isinstance(load, bool) or not isinstance(load, (int, float)) or not 0 <= load <= 1):
+            raise ConfigError(f"hw_decoder_load must be a share in [0, 1], got {load!r}")
+
+    def prepare(self, data: np.ndarray, geometry: Geometry, where: str) -> tuple[dict[str, np.ndarray] | None, Failure]:
+        top, left, bottom, right = geometry.source_window()
+        return {
+            "encoded": data,
+            "roi_start": np.array([top, left], np.float32),
+            "roi_end": np.array([bottom, right], np.float32),
+            "size": np.array([geometry.bucket_h, geometry.bucket_w], np.float32),
+        }, Failure.NONE
+
+    def graph(self, feeds: dict[str, Any], *, gpu: bool) -> Any:
+        from nvidia.dali import fn, types
+
+        decode_args: dict[str, Any] = {"device": "mixed" if gpu else "cpu", "output_type": types.RGB}
+        if gpu and self.hw_decoder_load is not None:
+            decode_args["hw_decoder_load"] = float(self.hw_decoder_load)
+        if gpu and self.preallocate is not None:
+            decode_args["preallocate_height_hint"] = int(self.preallocate[0])
+            decode_args["preallocate_width_hint"] = int(self.preallocate[1])
+        images = fn.decoders.image(feeds["encoded"], **decode_args)
+        # Resize the crop window (in source pixels, (y, x)) straight to the bucket size: the same pixels
+        # as resizing the whole image to cover the bucket and cropping, without the discarded work.
+        return fn.resize(
+            images,
+            size=feeds["size"],
+            roi_start=feeds["roi_start"],
+            roi_end=feeds["roi_end"],
+            roi_relative=False,
+            antialias=True,
+            interp_type=types.INTERP_LINEAR,
+        )
+
+    def default_workers(self, cores: int) -> int:
+        return max(1, min(4, cores // 4))  # the workers only read bytes
+
+    def default_threads(self, cores: int, *, gpu: bool) -> int:
+        return 4 if gpu else max(1, cores)
+
+    def bytes_per_sample(self, encoded_bytes: int, bucket_pixels: int) -> int:
+        return int(encoded_bytes) + 64
+
+    def options(self) -> dict[str, Any]:
+        return {"decoder": self.name, "hw_decoder_load": self.hw_decoder_load, "preallocate": self.preallocate}
+
+
+@dataclass(frozen=True)
+class PillowDecoder(Decoder):
+    """The worker processes decode with libjpeg-turbo at the smallest DCT scale (1/8..1) that still
+    covers the resize, EXIF-upright, and resize only the crop window (bilinear, antialiased)."""
+
+    name: ClassVar[str] = "pillow"
+    outputs: ClassVar[tuple[Output, ...]] = (Output("image", "UINT8", "HWC"), _MIRROR, _META)
+
+    def prepare(self, data: np.ndarray, geometry: Geometry, where: str) -> tuple[dict[str, np.ndarray] | None, Failure]:
+        from PIL import Image, ImageOps
+
+        h, w, rh, rw, top, left, bucket_h, bucket_w = geometry
+        try:
+            with Image.open(io.BytesIO(data.tobytes())) as img:
+                rotated = swaps_sides(img)
+                if img.size != ((h, w) if rotated else (w, h)):
+                    return None, Failure.RESIZED
+                if img.format == "JPEG":
+                    img.draft("RGB", (rh, rw) if rotated else (rw, rh))
+                upright = ImageOps.exif_transpose(img)
+                if upright.mode != "RGB":
+                    upright = upright.convert("RGB")
+                y_scale, x_scale = upright.height / rh, upright.width / rw
+                box = (left * x_scale, top * y_scale, (left + bucket_w) * x_scale, (top + bucket_h) * y_scale)
+                return {"image": np.asarray(upright.resize((bucket_w, bucket_h), Image.BILINEAR, box=box))}, Failure.NONE
+        except Exception:  # Pillow raises many kinds on broken files
+            return None, Failure.UNDECODABLE
+
+    def graph(self, feeds: dict[str, Any], *, gpu: bool) -> Any:
+        return feeds["image"].gpu() if gpu else feeds["image"]
+
+    def default_workers(self, cores: int) -> int:
+        return cores  # the workers do the decoding
+
+    def default_threads(self, cores: int, *, gpu: bool) -> int:
+        return max(1, cores // 4)  # DALI only flips and normalises
+
+    def bytes_per_sample(self, encoded_bytes: int, bucket_pixels: int) -> int:
+        return int(bucket_pixels) * 3 + 64
+
+
+DECODERS: dict[str, type[Decoder]] = {"dali": DaliDecoder, "pillow": PillowDecoder}
+
+
+def choose_decoder(name: str, device: str, **settings: Any) -> Decoder:
+    """The decoder for ``name`` (``"auto"``: ``dali`` on GPU, ``pillow`` on CPU, where it is the faster).
+
+    ``settings`` go to :class:`DaliDecoder` (``hw_decoder_load``, ``preallocate``); ``None`` values are
+    ignored, so callers can pass their options through.
+    """
+    if name not in ("auto", *DECODERS):
+        raise ConfigError(f"decoder must be 'auto', 'dali' or 'pillow', got {name!r}")
+    if name == "auto":
+        name = "dali" if device == "gpu" else "pillow"
+    given = {k: v for k, v in settings.items() if v is not None}
+    if name == "pillow":
+        if given.get("hw_decoder_load") is not None:
+            raise ConfigError("hw_decoder_load applies to decoder='dali' on the GPU, not to decoder='pillow'")
+        return PillowDecoder()
+    return DaliDecoder(**given)
+
+
+def cpu_count() -> int:
+    """Cores this process may use (the affinity mask where the platform has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
