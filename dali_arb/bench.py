@@ -151,6 +151,9 @@ def run_bench(
     baseline: bool = False,
     memory: bool = False,
     workers: int | None = None,
+    decoder: str = "auto",
+    num_threads: int | None = None,
+    hw_decoder_load: float | None = None,
     buckets: BucketSpec | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -173,11 +176,11 @@ def run_bench(
         while True:
             yield from factory()
 
-    def ours(decoder: str = "auto") -> Callable[[], Iterator[Any]]:
+    def ours(chosen: str = decoder) -> Callable[[], Iterator[Any]]:
         def make() -> Iterator[Any]:
             it = DALIBucketIterator(
                 m, batch_size=batch_size, buckets=spec, device=device, crop="center", workers=workers,
-                rank=0, world_size=1, decoder=decoder,
+                rank=0, world_size=1, decoder=chosen, num_threads=num_threads, hw_decoder_load=hw_decoder_load,
             )  # fmt: skip
             return cycle(lambda: it)
 
@@ -267,6 +270,12 @@ def run_bench(
             runs[name].append(_time(stream, batches, sync))
     result: dict[str, Any] = {
         "device": device,
+        "settings": {
+            "decoder": decoder,
+            "workers": workers,
+            "num_threads": num_threads,
+            "hw_decoder_load": hw_decoder_load,
+        },
         "batch_size": batch_size,
         "batches_per_round": batches,
         "images": len(m),

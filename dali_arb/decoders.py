@@ -171,7 +171,9 @@ class PillowDecoder(Decoder):
                     upright = upright.convert("RGB")
                 y_scale, x_scale = upright.height / rh, upright.width / rw
                 box = (left * x_scale, top * y_scale, (left + bucket_w) * x_scale, (top + bucket_h) * y_scale)
-                return {"image": np.asarray(upright.resize((bucket_w, bucket_h), Image.BILINEAR, box=box))}, Failure.NONE
+                return {
+                    "image": np.asarray(upright.resize((bucket_w, bucket_h), Image.BILINEAR, box=box))
+                }, Failure.NONE
         except Exception:  # Pillow raises many kinds on broken files
             return None, Failure.UNDECODABLE
 

@@ -397,7 +397,9 @@ class DALIBucketIterator:
         for i in culprits:
             row = int(rows[i])
             key = self.manifest.keys_at(np.array([row]))[0]
-            self._blocklist.add(row, key, Failure.DALI_UNDECODABLE.describe(self._source.location(row)) + f" ({summary})")
+            self._blocklist.add(
+                row, key, Failure.DALI_UNDECODABLE.describe(self._source.location(row)) + f" ({summary})"
+            )
 
     def _probe(self, samples: tuple[list, ...], *, device: str) -> list[int]:
         """Positions of ``samples`` that DALI's decoder on ``device`` cannot decode, each tried alone in one
@@ -472,7 +474,11 @@ def _checked_state(state: Any) -> dict[str, Any]:
     checked = dict(state)
     for name in ("epoch", "step", "seed", "batch_size", "world_size", "num_images"):
         value = state.get(name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name in ("batch_size", "world_size") else 0):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < (1 if name in ("batch_size", "world_size") else 0)
+        ):
             raise StateError(f"state field {name!r} must be a {'positive' if name in ('batch_size', 'world_size') else 'non-negative'} integer, got {value!r}")  # fmt: skip
     if not isinstance(state.get("failed", {}), dict):
         raise StateError(f"state field 'failed' must map keys to reasons, got {type(state['failed']).__name__}")
@@ -498,7 +504,13 @@ def _is_out_of_memory(error: BaseException) -> bool:
     text = str(error).lower()
     return any(
         marker in text
-        for marker in ("out of memory", "cudaerrormemoryallocation", "allocator_failure", "std::bad_alloc", "cuda_error_out_of_memory")
+        for marker in (
+            "out of memory",
+            "cudaerrormemoryallocation",
+            "allocator_failure",
+            "std::bad_alloc",
+            "cuda_error_out_of_memory",
+        )
     )
 
 

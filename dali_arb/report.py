@@ -95,13 +95,7 @@ def bucket_report(
         "world_size": world_size,
         "leftover": LeftoverPolicy(leftover).value,
         "sync_ranks": sync_ranks,
-        "max_area": spec.max_area,
-        "min_dim": spec.min_dim,
-        "max_dim": spec.max_dim,
-        "step": spec.step,
-        "base": {"width": spec.base[1], "height": spec.base[0]},
-        "no_upscale": spec.no_upscale,
-        "max_aspect_error": spec.max_aspect_error,
+        **spec.to_dict(),
     }
     return {"buckets": buckets, "totals": totals, "options": options}
 

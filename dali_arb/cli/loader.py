@@ -1,4 +1,4 @@
-"""Loader commands of ``dali-arb`` (preview, bench, demo); registered into the parser by cli.py.
+"""Loader commands of ``dali-arb``: preview, bench, demo.
 
 They import DALI and torch only when run.
 """
@@ -11,17 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-from .cli import (
-    _EXTRA_COMMANDS,
-    _non_negative_int,
-    _positive_int,
-    _probability,
-    add_bucket_options,
-    spec_from_args,
-)
-from .errors import ConfigError
+from ..errors import ConfigError
+from .options import add_bucket_options, non_negative_int, positive_int, probability, spec_from_args
 
-SAMPLES = Path(__file__).parent / "samples"
+SAMPLES = Path(__file__).parent.parent / "samples"
 
 
 def _add_loader_options(p: argparse.ArgumentParser, *, batch_default: int) -> None:
@@ -32,16 +25,37 @@ def _add_loader_options(p: argparse.ArgumentParser, *, batch_default: int) -> No
     g.add_argument(
         "--batch-size",
         "-b",
-        type=_positive_int,
+        type=positive_int,
         default=batch_default,
         help=f"images per batch (default {batch_default})",
     )
     g.add_argument(
         "--workers",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=None,
-        help="processes reading bytes (default: a quarter of the cores, 1-4)",
+        help="processes running the loader's source (default: the decoder's: every core with the CPU "
+        "decoder, which decodes in them; a quarter of the cores, 1-4, with DALI decoding)",
     )
+    g.add_argument(
+        "--decoder",
+        choices=["auto", "dali", "pillow"],
+        default="auto",
+        help="who decodes: DALI (nvJPEG on GPU), the workers with Pillow at reduced DCT scale, or auto (default: "
+        "dali on GPU, pillow on CPU)",
+    )
+    g.add_argument("--threads", type=positive_int, default=None, help="DALI threads (default: the decoder's)")
+    g.add_argument(
+        "--hw-decoder-load",
+        type=probability,
+        default=None,
+        help="share of each batch for the A100/H100 hardware JPEG decoder (GPU, decoder dali; DALI's default 0.65)",
+    )
+
+
+def _loader_settings(args: argparse.Namespace) -> dict:
+    """The loader options as ``DALIBucketIterator`` keyword arguments."""
+    return {"device": args.device, "workers": args.workers, "decoder": args.decoder, "num_threads": args.threads,
+            "hw_decoder_load": args.hw_decoder_load}  # fmt: skip
 
 
 def _stderr_is_tty() -> bool:
@@ -52,16 +66,16 @@ def _stderr_is_tty() -> bool:
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
-    from .iterator import DALIBucketIterator
-    from .plots import contact_sheet
+    from ..iterator import DALIBucketIterator
+    from ..plots import contact_sheet
 
     out = Path(args.output)
     if out.suffix.lower() != ".png":
         raise ConfigError(f"-o must name a .png file, got {args.output!r}")
     loader = DALIBucketIterator(
-        args.manifest, batch_size=args.batch_size, buckets=spec_from_args(args), seed=args.seed, device=args.device,
-        crop=args.crop, flip=args.flip, dtype="uint8", workers=args.workers if args.workers is not None else 0,
-        rank=0, world_size=1,
+        args.manifest, batch_size=args.batch_size, buckets=spec_from_args(args), seed=args.seed, crop=args.crop,
+        flip=args.flip, dtype="uint8", rank=0, world_size=1,
+        **{**_loader_settings(args), "workers": args.workers if args.workers is not None else 0},
     )  # fmt: skip
     from tqdm import tqdm
 
@@ -87,15 +101,15 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import run_bench
+    from ..bench import run_bench
 
     def say(text: str) -> None:
         if not args.json and _stderr_is_tty():
             print(text, file=sys.stderr)
 
     result = run_bench(
-        args.manifest, device=args.device, batch_size=args.batch_size, batches=args.batches, rounds=args.rounds,
-        baseline=args.baseline, memory=args.memory, workers=args.workers, buckets=spec_from_args(args), progress=say,
+        args.manifest, batch_size=args.batch_size, batches=args.batches, rounds=args.rounds, baseline=args.baseline,
+        memory=args.memory, buckets=spec_from_args(args), progress=say, **_loader_settings(args),
     )  # fmt: skip
     if args.json:
         print(json.dumps(result))
@@ -127,12 +141,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .index import build_index
-    from .iterator import DALIBucketIterator
-    from .manifest import Manifest
-    from .pipeline import resolve_device
-    from .plots import contact_sheet, plot_buckets
-    from .report import bucket_report, format_report
+    from ..index import build_index
+    from ..iterator import DALIBucketIterator
+    from ..manifest import Manifest
+    from ..pipeline import resolve_device
+    from ..plots import contact_sheet, plot_buckets
+    from ..report import bucket_report, format_report
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -149,8 +163,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     plot_path = out / "buckets.png"
     plot_buckets(report, plot_path)
     loader = DALIBucketIterator(
-        manifest, batch_size=args.batch_size, buckets=spec, device=device, flip=0.5, dtype="uint8", seed=args.seed,
-        workers=args.workers, rank=0, world_size=1,
+        manifest, batch_size=args.batch_size, buckets=spec, flip=0.5, dtype="uint8", seed=args.seed, rank=0,
+        world_size=1, **{**_loader_settings(args), "device": device},
     )  # fmt: skip
     print(f"\n3. one epoch through DALIBucketIterator on {device.upper()}: {len(loader)} batches of {args.batch_size}")
     batches = []
@@ -177,6 +191,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction, fmt: type) -> None:
+    """Add preview, bench and demo to the ``dali-arb`` parser."""
     p = sub.add_parser(
         "preview", help="contact sheet of the first batches as the loader makes them", formatter_class=fmt,
         description="Run the loader and draw its first batches after decode, resize and crop, one row per batch, "
@@ -186,11 +201,11 @@ def register(sub: argparse._SubParsersAction, fmt: type) -> None:
     )  # fmt: skip
     p.add_argument("manifest", metavar="MANIFEST")
     p.add_argument("-o", "--output", required=True, metavar="PNG", help="where to write the contact sheet")
-    p.add_argument("--batches", type=_positive_int, default=8, help="batches to draw (default 8)")
+    p.add_argument("--batches", type=positive_int, default=8, help="batches to draw (default 8)")
     p.add_argument("--crop", choices=["random", "center"], default="random", help="crop placement (default random)")
-    p.add_argument("--flip", type=_probability, default=0.0, help="probability of a horizontal flip (default 0)")
-    p.add_argument("--seed", type=_non_negative_int, default=0)
-    p.add_argument("--epoch", type=_non_negative_int, default=0)
+    p.add_argument("--flip", type=probability, default=0.0, help="probability of a horizontal flip (default 0)")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--epoch", type=non_negative_int, default=0)
     _add_loader_options(p, batch_default=4)
     add_bucket_options(p)
     p.set_defaults(func=cmd_preview)
@@ -203,9 +218,9 @@ def register(sub: argparse._SubParsersAction, fmt: type) -> None:
                "  dali-arb bench photos.parquet --device gpu --baseline --memory --json > bench.json\n",
     )  # fmt: skip
     p.add_argument("manifest", metavar="MANIFEST")
-    p.add_argument("--batches", type=_positive_int, default=32, help="timed batches per round (default 32)")
+    p.add_argument("--batches", type=positive_int, default=32, help="timed batches per round (default 32)")
     p.add_argument(
-        "--rounds", type=_positive_int, default=3, help="alternating rounds; the median is reported (default 3)"
+        "--rounds", type=positive_int, default=3, help="alternating rounds; the median is reported (default 3)"
     )
     p.add_argument("--baseline", action="store_true", help="also time DataLoader + Pillow (plain and draft)")
     p.add_argument("--memory", action="store_true", help="also time the same DALI pipeline fed from memory")
@@ -226,10 +241,7 @@ def register(sub: argparse._SubParsersAction, fmt: type) -> None:
         metavar="DIR",
         help="where the manifest and pictures go (default ./dali-arb-demo)",
     )
-    p.add_argument("--seed", type=_non_negative_int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     _add_loader_options(p, batch_default=2)
     add_bucket_options(p)
     p.set_defaults(func=cmd_demo)
-
-
-_EXTRA_COMMANDS.append(register)

@@ -1,0 +1,196 @@
+"""The core commands of ``dali-arb``: index, buckets, plan. They need neither DALI nor torch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..buckets import format_size
+from ..errors import ConfigError
+from .options import add_bucket_options, add_plan_options, non_negative_int, positive_int, spec_from_args
+
+__all__ = ["register"]
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from ..index import build_index
+
+    summary = build_index(
+        args.sources,
+        args.output,
+        max_pixels=args.max_pixels,
+        workers=args.workers,
+        update=args.update,
+        progress=None if not args.quiet else False,
+    )
+    print(summary.line(), file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "manifest": str(summary.manifest),
+                    "rows": summary.rows,
+                    "rejected": summary.rejected,
+                    "reused": summary.reused,
+                    "files": summary.files_seen,
+                    "seconds": round(summary.seconds, 3),
+                    "files_per_s": round(summary.files_per_s, 1),
+                    "reject_reasons": summary.reject_reasons,
+                }
+            )
+        )
+    return 0
+
+
+def cmd_buckets(args: argparse.Namespace) -> int:
+    spec = spec_from_args(args)
+    if args.manifest is None:
+        sizes = [{"width": int(w), "height": int(h)} for h, w in spec.sizes]
+        if args.json:
+            print(json.dumps({"buckets": sizes}))
+        else:
+            print(" ".join(format_size(s["height"], s["width"]) for s in sizes))
+        return 0
+    from ..manifest import Manifest
+    from ..report import bucket_report, format_report
+
+    manifest = Manifest.read(args.manifest, columns=[])
+    report = bucket_report(
+        manifest.heights,
+        manifest.widths,
+        spec,
+        batch_size=args.batch_size,
+        world_size=args.world_size,
+        seed=args.seed,
+        leftover=args.leftover,
+        sync_ranks=not args.independent_ranks,
+    )
+    report["manifest"] = str(args.manifest)
+    if args.plot:
+        from ..plots import plot_buckets
+
+        plot_buckets(report, args.plot)
+        report["plot"] = str(args.plot)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(format_report(report))
+        if args.plot:
+            print(f"plot written to {args.plot}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from ..manifest import Manifest
+    from ..planner import Planner
+    from ..world import World
+
+    if not 0 <= args.rank < args.world_size:
+        raise ConfigError(
+            f"--rank must be in [0, {args.world_size - 1}] for --world-size {args.world_size}, got {args.rank}"
+        )
+    manifest = Manifest.read(args.manifest, columns=[])
+    assignment = spec_from_args(args).assign(manifest.heights, manifest.widths)
+    planner = Planner(
+        assignment,
+        batch_size=args.batch_size,
+        world=World(rank=args.rank, world_size=args.world_size),
+        seed=args.seed,
+        leftover=args.leftover,
+        sync_ranks=not args.independent_ranks,
+    )
+    plan = planner.epoch(args.epoch)
+    keys = manifest.keys_at(plan.rows)
+    B = plan.batch_size
+    sizes = plan.sizes[plan.bucket]  # (steps, 2)
+    out = sys.stdout
+    dumps = json.JSONEncoder(ensure_ascii=False).encode
+    chunk: list[str] = []
+    for step, (h, w) in enumerate(sizes.tolist()):
+        chunk.append(
+            f'{{"step": {step}, "width": {w}, "height": {h}, "ids": {dumps(keys[step * B : (step + 1) * B])}}}\n'
+        )
+        if len(chunk) >= 4096:
+            out.write("".join(chunk))
+            chunk.clear()
+    out.write("".join(chunk))
+    out.flush()
+    return 0
+
+
+# -- registration --------------------------------------------------------------------------------------
+
+EPILOG_INDEX = """examples:
+  dali-arb index ~/photos -o photos.parquet
+  dali-arb index shards/shard-*.tar -o laion.parquet
+  dali-arb index img2dataset_out/*.parquet -o meta.parquet
+  dali-arb index ~/photos -o photos.parquet --update     # re-read only new or changed files
+"""
+EPILOG_BUCKETS = """examples:
+  dali-arb buckets --json                               # just the bucket resolutions
+  dali-arb buckets photos.parquet --batch-size 16 --world-size 8
+  dali-arb buckets photos.parquet --plot buckets.png --json
+"""
+EPILOG_PLAN = """examples:
+  dali-arb plan photos.parquet --batch-size 16 --world-size 8 --rank 3 --epoch 2 | head
+output: one JSON object per step: {"step": i, "width": w, "height": h, "ids": [...]}
+"""
+
+
+def register(sub: argparse._SubParsersAction, fmt: type) -> None:
+    """Add index, buckets and plan to the ``dali-arb`` parser."""
+    p = sub.add_parser(
+        "index",
+        help="build a manifest from folders, tar shards or metadata",
+        epilog=EPILOG_INDEX,
+        formatter_class=fmt,
+        description="Build a Parquet manifest (one row per image) from image folders (recursive), "
+        "webdataset .tar shards, or Parquet/CSV metadata with key/width/height columns. "
+        "Refused files are listed in MANIFEST.rejects.jsonl.",
+    )
+    p.add_argument("sources", nargs="+", metavar="SRC", help="image folder, .tar shard, or .parquet/.csv metadata")
+    p.add_argument("-o", "--output", required=True, metavar="MANIFEST", help="manifest to write (.parquet)")
+    p.add_argument(
+        "--max-pixels", type=positive_int, default=89_478_485, help="refuse larger images (default: Pillow's 89478485)"
+    )
+    p.add_argument("--workers", type=positive_int, default=None, help="processes reading headers (default: all cores)")
+    p.add_argument(
+        "--update",
+        action="store_true",
+        help="reuse rows of an existing manifest for unchanged files (same size and mtime)",
+    )
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser(
+        "buckets",
+        help="dry run: how a manifest falls into buckets",
+        epilog=EPILOG_BUCKETS,
+        formatter_class=fmt,
+        description="Report, per bucket, the images, full batches, leftovers, crop loss and upscaled share, "
+        "and totals per epoch. With no MANIFEST, list the bucket resolutions.",
+    )
+    p.add_argument("manifest", nargs="?", metavar="MANIFEST", help="manifest from `dali-arb index`")
+    add_bucket_options(p)
+    add_plan_options(p, batch_required=False)
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.add_argument("--plot", metavar="PNG", help="write a histogram of images per bucket")
+    p.set_defaults(func=cmd_buckets)
+
+    p = sub.add_parser(
+        "plan",
+        help="print one rank's batch plan for one epoch (JSON lines)",
+        epilog=EPILOG_PLAN,
+        formatter_class=fmt,
+        description="Print the batches of one rank for one epoch. Same arguments, same output, on any machine.",
+    )
+    p.add_argument("manifest", metavar="MANIFEST")
+    add_plan_options(p, batch_required=True)
+    p.add_argument("--rank", type=non_negative_int, default=0, help="this rank (default 0)")
+    p.add_argument("--epoch", type=non_negative_int, default=0, help="epoch (default 0)")
+    add_bucket_options(p)
+    p.set_defaults(func=cmd_plan)
