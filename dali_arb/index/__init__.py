@@ -1,0 +1,17 @@
+"""Build a manifest from image folders, webdataset tar shards, or Parquet/CSV metadata.
+
+Sizes come from file headers (Pillow's lazy open decodes no pixels) and are EXIF-upright
+(``imagefacts.py``). Files that cannot be trained on are refused with a reason
+(``MANIFEST.rejects.jsonl``); files that are not images at all (captions, JSON, hidden files) are
+neither samples nor rejects. Work is spread over processes; rows stream to Parquet in row groups.
+
+Modules: ``records`` (the row), ``folders``, ``shards``, ``metadata`` (one per kind of source),
+``driver`` (``build_index``).
+"""
+
+from __future__ import annotations
+
+from ..imagefacts import DEFAULT_MAX_PIXELS, inspect_image
+from .driver import IndexSummary, build_index
+
+__all__ = ["DEFAULT_MAX_PIXELS", "IndexSummary", "build_index", "inspect_image"]

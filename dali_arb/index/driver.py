@@ -1,0 +1,250 @@
+"""``build_index``: classify the sources, run the folder/shard/metadata readers in worker processes,
+stream rows to a temporary Parquet file, make keys unique, and move the results into place."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..errors import ConfigError, IndexingError
+from ..imagefacts import DEFAULT_MAX_PIXELS
+from ..manifest import SCHEMA, Manifest, rejects_path
+from .folders import PreviousRows, folder_task, folder_tasks
+from .metadata import metadata_rows
+from .records import Reject, Row, rows_to_table
+from .shards import shard_task
+
+__all__ = ["IndexSummary", "build_index"]
+
+ROWS_PER_GROUP = 65536
+
+
+@dataclass
+class IndexSummary:
+    """What one ``build_index`` call did."""
+
+    manifest: Path
+    rows: int = 0
+    rejected: int = 0
+    reused: int = 0
+    files_seen: int = 0
+    seconds: float = 0.0
+    reject_reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def files_per_s(self) -> float:
+        return self.files_seen / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        reasons = ", ".join(
+            f"{n} {r.split(' (')[0]}" for r, n in sorted(self.reject_reasons.items(), key=lambda x: -x[1])
+        )
+        text = (
+            f"indexed {self.rows} images into {self.manifest} "
+            f"({self.files_seen} files in {self.seconds:.1f} s, {self.files_per_s:.0f} files/s"
+            + (f", {self.reused} unchanged reused" if self.reused else "")
+            + f"); rejected {self.rejected}"
+        )
+        if self.rejected:
+            text += f" ({reasons}), listed in {rejects_path(self.manifest)}"
+        return text
+
+
+# -- the driver ----------------------------------------------------------------------------------
+
+
+def _classify(source: str) -> str:
+    path = Path(source)
+    if not path.exists():
+        raise IndexingError(f"source not found: {source}; give an image folder, .tar shards, or .parquet/.csv metadata")
+    if path.is_dir():
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise IndexingError(f"cannot read folder {source} (permission denied)")
+        return "folder"
+    name = path.name.lower()
+    if name.endswith(".tar"):
+        return "shard"
+    if name.endswith((".tar.gz", ".tgz", ".tar.xz", ".tar.bz2", ".tar.zst")):
+        raise IndexingError(
+            f"{source} is a compressed tar: the loader reads samples with one positioned read, so shards must be "
+            "plain .tar (unpack it with gunzip/xz -d first)"
+        )
+    if name.endswith((".parquet", ".csv")):
+        return "metadata"
+    raise IndexingError(f"don't know how to index {source}: expected a folder, a .tar shard, or .parquet/.csv metadata")
+
+
+def build_index(
+    sources: list[str],
+    output: str | os.PathLike,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    workers: int | None = None,
+    update: bool = False,
+    progress: bool | None = None,
+) -> IndexSummary:
+    """Index ``sources`` into the manifest ``output`` and its rejects file; returns a summary.
+
+    Args:
+        sources: image folders (recursive), ``.tar`` shards (webdataset layout), or Parquet/CSV
+            metadata with ``key``, ``width``, ``height`` (optional ``caption``, ``path``, ``status``).
+        max_pixels: refuse images with more pixels (decompression bombs).
+        workers: processes for header reading (default: all cores).
+        update: reuse rows of an existing ``output`` whose file size and mtime are unchanged.
+        progress: show a progress bar (default: when stderr is a terminal).
+    """
+    if not sources:
+        raise ConfigError("give at least one source to index")
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise ConfigError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+    if workers is not None and (not isinstance(workers, int) or workers < 1):
+        raise ConfigError(f"workers must be a positive integer, got {workers!r}")
+    output = Path(output)
+    if output.exists() and output.is_dir():
+        raise IndexingError(f"output {output} is a folder; give a file name such as {output / 'manifest.parquet'}")
+    if not output.parent.exists():
+        raise IndexingError(f"folder {output.parent} does not exist; create it or choose another -o")
+    kinds = [(_classify(s), os.path.abspath(s)) for s in sources]  # rows must resolve from any working directory
+    previous: PreviousRows | None = None
+    known_shards: dict[str, pa.Table] = {}
+    summary = IndexSummary(manifest=output)
+    if update and output.exists():
+        old = Manifest.read(output).table
+        if "mtime_ns" in old.column_names and "source" in old.column_names:
+            previous = PreviousRows(old)
+            shard_sources = [s for k, s in kinds if k == "shard"]
+            if shard_sources:
+                old_shards = old.filter(pc.is_in(old.column("source"), pa.array(shard_sources)))
+                for shard in shard_sources:
+                    part = old_shards.filter(pc.equal(old_shards.column("source"), shard))
+                    if part.num_rows:
+                        known_shards[shard] = part
+    if progress is None:
+        progress = sys.stderr.isatty()
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    tmp = output.with_name(output.name + ".partial")
+    rejects_tmp = Path(str(rejects_path(output)) + ".partial")
+    writer = pq.ParquetWriter(tmp, SCHEMA)
+    pending: list[Row] = []
+
+    def flush() -> None:
+        if pending:
+            writer.write_table(rows_to_table(pending))
+            pending.clear()
+
+    def take(rows: list[Row], rejects: list[Reject], files: int) -> None:
+        pending.extend(rows)
+        summary.rows += len(rows)
+        summary.files_seen += files
+        for reject in rejects:
+            rejects_fh.write(json.dumps(reject, ensure_ascii=False) + "\n")
+            summary.rejected += 1
+            reason = reject["reason"].split(":")[0].split(" (")[0]
+            summary.reject_reasons[reason] = summary.reject_reasons.get(reason, 0) + 1
+        if len(pending) >= ROWS_PER_GROUP:
+            flush()
+
+    try:
+        with (
+            open(rejects_tmp, "w", encoding="utf-8") as rejects_fh,
+            tqdm(disable=not progress, unit=" files", desc="indexing", dynamic_ncols=True) as bar,
+            ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool,
+        ):
+            for kind, source in kinds:
+                if kind == "metadata":
+                    table, rejects = metadata_rows(Path(source))
+                    flush()
+                    writer.write_table(table)
+                    summary.rows += table.num_rows
+                    take([], rejects, table.num_rows + len(rejects))
+                    bar.update(table.num_rows + len(rejects))
+                elif kind == "shard":
+                    stat = os.stat(source)
+                    reuse = known_shards.get(source)
+                    if reuse is not None and reuse.column("mtime_ns")[0].as_py() == stat.st_mtime_ns:
+                        flush()
+                        writer.write_table(reuse.cast(SCHEMA))
+                        summary.rows += reuse.num_rows
+                        summary.reused += reuse.num_rows
+                        continue
+                    rows, rejects = pool.submit(shard_task, (source, max_pixels)).result()
+                    take(rows, rejects, len(rows) + len(rejects))
+                    bar.update(len(rows) + len(rejects))
+                else:
+                    tasks = folder_tasks(source, max_pixels, previous)
+                    empty = True
+                    for (rows, rejects, reused), task in _ordered_map(pool, folder_task, tasks):
+                        empty = False
+                        summary.reused += reused
+                        take(rows, rejects, len(task[1]))
+                        bar.update(len(task[1]))
+                    if empty:
+                        raise IndexingError(f"no image files found in folder {source}")
+            flush()
+        writer.close()
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        rejects_tmp.unlink(missing_ok=True)
+        raise
+    _deduplicate_keys(tmp, rejects_tmp, summary)
+    os.replace(tmp, output)
+    os.replace(rejects_tmp, rejects_path(output))
+    summary.seconds = time.perf_counter() - started
+    if summary.rows == 0:
+        raise IndexingError(
+            f"no usable images in {', '.join(sources)} ({summary.rejected} rejected, see {rejects_path(output)})"
+        )
+    return summary
+
+
+def _ordered_map(pool: ProcessPoolExecutor, fn, tasks: Iterator[tuple], depth: int = 16) -> Iterator[tuple]:
+    """``pool.map`` with a bounded queue: at most ``depth`` tasks in flight, results in order."""
+    from collections import deque
+
+    inflight: deque = deque()
+    for task in tasks:
+        inflight.append((pool.submit(fn, task), task))
+        if len(inflight) >= depth:
+            future, done = inflight.popleft()
+            yield future.result(), done
+    while inflight:
+        future, done = inflight.popleft()
+        yield future.result(), done
+
+
+def _deduplicate_keys(path: Path, rejects_file: Path, summary: IndexSummary) -> None:
+    """Keys must be unique across sources: keep the first row of each key, reject the others."""
+    keys = pq.read_table(path, columns=["key"]).column("key")
+    if pc.count_distinct(keys).as_py() == len(keys):
+        return
+    table = pq.read_table(path)
+    indexed = table.append_column("_row", pa.array(range(table.num_rows), pa.int64()))
+    first = indexed.group_by("key").aggregate([("_row", "min")]).column("_row_min")
+    mask = pc.is_in(indexed.column("_row"), first)
+    dupes = table.filter(pc.invert(mask))
+    with open(rejects_file, "a", encoding="utf-8") as fh:
+        for key, source in zip(dupes.column("key").to_pylist(), dupes.column("source").to_pylist()):
+            fh.write(
+                json.dumps(
+                    {"source": source, "reason": f"duplicate key {key!r} (kept the first source's)", "key": key},
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
+            summary.rejected += 1
+            summary.rows -= 1
+    summary.reject_reasons["duplicate key"] = summary.reject_reasons.get("duplicate key", 0) + dupes.num_rows
+    pq.write_table(table.filter(mask), path, row_group_size=ROWS_PER_GROUP)
