@@ -11,10 +11,12 @@ from .buckets import BucketAssignment, BucketSpec, format_size, parse_size
 from .errors import (
     ConfigError,
     DaliArbError,
+    DataError,
     DeviceError,
     IndexingError,
     ManifestError,
     PlanError,
+    ResourceError,
     StateError,
 )
 from .manifest import Manifest
@@ -32,6 +34,7 @@ __all__ = [
     "ConfigError",
     "DALIBucketIterator",
     "DaliArbError",
+    "DataError",
     "DeviceError",
     "EpochPlan",
     "IndexingError",
@@ -40,6 +43,7 @@ __all__ = [
     "ManifestError",
     "PlanError",
     "Planner",
+    "ResourceError",
     "StateError",
     "World",
     "format_size",

@@ -1,6 +1,5 @@
 """The DALI pipeline and DALIBucketIterator on the CPU (DALI's CPU operators)."""
 
-import json
 import math
 import os
 
@@ -9,10 +8,19 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from dali_arb import ConfigError, DALIBucketIterator, DeviceError, Manifest, ManifestError, StateError
+from dali_arb import (
+    ConfigError,
+    DALIBucketIterator,
+    DeviceError,
+    Manifest,
+    ManifestError,
+    ResourceError,
+    StateError,
+)
 from dali_arb.index import build_index
 
 from .conftest import SIZES, SMALL
+from .resume import check_save_load_state
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -113,25 +121,14 @@ def test_epochs_follow_one_another_and_reshuffle(dataset):
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_resume_is_bit_identical_at_any_step(dataset, workers):
+def test_resume_is_bit_identical_for_every_following_batch(dataset, workers):
+    """Cut anywhere, including the last step of an epoch, and every batch after the cut, across the epoch
+    boundary, is the one the uninterrupted run produced (with the README's `range(loader.epoch, E)` loop)."""
     _, manifest = dataset
-    it = loader(manifest, flip=0.5, workers=workers)
-    states, batches = [], []
-    for epoch in range(2):
-        it.set_epoch(epoch)
-        for batch in it:
-            batches.append(batch)
-            states.append(json.loads(json.dumps(it.state_dict())))
-    steps = len(it)
-    for k in sorted({0, 1, steps // 2, steps - 2, steps - 1}):
-        fresh = loader(manifest, flip=0.5, workers=0)
-        fresh.load_state_dict(states[k])
-        nxt = next(iter(fresh))
-        want = batches[k + 1]
-        assert (nxt["epoch"], nxt["step"]) == (want["epoch"], want["step"])
-        assert nxt["ids"] == want["ids"]
-        assert torch.equal(nxt["crop_top_left"], want["crop_top_left"]) and torch.equal(nxt["flipped"], want["flipped"])
-        assert torch.equal(nxt["images"], want["images"])
+    steps = len(loader(manifest))
+    check_save_load_state(
+        lambda: loader(manifest, flip=0.5, workers=workers), sorted({0, 1, steps // 2, steps - 2, steps - 1, steps + 1})
+    )
 
 
 def test_elastic_resume_on_another_world_size(dataset):
@@ -153,8 +150,11 @@ def test_elastic_resume_on_another_world_size(dataset):
         loader(manifest, rank=0, world_size=2, seed=4).load_state_dict(state)
 
 
-@pytest.mark.parametrize("decoder", ["dali", "pillow"])
-def test_bad_files_after_indexing_are_replaced_and_nothing_else_is_lost(tmp_path, dataset, decoder):
+DEVICE_DECODERS = [("cpu", "dali"), ("cpu", "pillow"), pytest.param("gpu", "dali", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize(("device", "decoder"), DEVICE_DECODERS)
+def test_bad_files_after_indexing_are_replaced_and_nothing_else_is_lost(tmp_path, dataset, device, decoder):
     folder, _ = dataset
     work = tmp_path / "photos"
     work.mkdir()
@@ -171,7 +171,7 @@ def test_bad_files_after_indexing_are_replaced_and_nothing_else_is_lost(tmp_path
     garbled = b"\xff\xd8\xff" + bytes(np.random.default_rng(0).integers(0, 255, size - 5, dtype=np.uint8)) + b"\xff\xd9"
     (work / "img005.jpg").write_bytes(garbled)
     bad = {"img001", "img002", "img004", "img005"}
-    it = loader(manifest, decoder=decoder)
+    it = loader(manifest, decoder=decoder, device=device)
     for epoch in range(2):
         it.set_epoch(epoch)
         served = []
@@ -239,23 +239,28 @@ def test_gpu_matches_cpu(dataset):
 def test_gpu_memory_stays_flat_across_bucket_changes(dataset):
     _, manifest = dataset
     it = loader(manifest, device="gpu", dtype="float16", batch_size=2)
+    from nvidia.dali.backend import ReleaseUnusedMemory
+
     for _ in it:  # warm-up epoch: step 0 serves the largest bucket
         pass
     torch.cuda.synchronize()
+    ReleaseUnusedMemory()
     free, total = torch.cuda.mem_get_info()
     warm = total - free
     for _ in range(3):  # three more epochs, every step a different bucket order
         for _ in it:
             pass
     torch.cuda.synchronize()
+    ReleaseUnusedMemory()
     free, total = torch.cuda.mem_get_info()
     assert (total - free) - warm < 64 * 2**20, f"GPU memory grew by {((total - free) - warm) / 2**20:.0f} MiB"
 
 
-@pytest.mark.parametrize("decoder", ["dali", "pillow"])
-def test_tar_shards_metadata_paths_and_every_format(tmp_path, decoder):
+@pytest.mark.parametrize(("device", "decoder"), DEVICE_DECODERS)
+def test_tar_shards_metadata_paths_and_every_format(tmp_path, device, decoder):
     """Positioned reads from shards, whole-file reads from metadata paths, and PNG (gray, RGBA), WebP,
-    CMYK JPEG: every sample decodes to RGB at its bucket and matches the Pillow reference."""
+    CMYK and progressive JPEG: every sample decodes to RGB at its bucket and matches the Pillow reference
+    (on the GPU, CMYK and progressive JPEGs take nvJPEG's CUDA decoder, not the hardware one)."""
     import io
     import tarfile
 
@@ -267,8 +272,10 @@ def test_tar_shards_metadata_paths_and_every_format(tmp_path, decoder):
     def encoded(i: int) -> tuple[str, bytes]:
         img = photo_like(*SIZES[i % len(SIZES)], seed=i)
         buf = io.BytesIO()
-        kind = i % 5
-        if kind == 0:
+        kind = i % 6
+        if kind == 5:
+            img.save(buf, "JPEG", quality=92, progressive=True)
+        elif kind == 0:
             img.save(buf, "JPEG", quality=92)
         elif kind == 1:
             img.convert("L").save(buf, "PNG")
@@ -278,7 +285,7 @@ def test_tar_shards_metadata_paths_and_every_format(tmp_path, decoder):
             img.save(buf, "WEBP", quality=95)
         else:
             img.convert("CMYK").save(buf, "JPEG", quality=92)
-        return ("jpg", "png", "png", "webp", "jpg")[kind], buf.getvalue()
+        return ("jpg", "png", "png", "webp", "jpg", "jpg")[kind], buf.getvalue()
 
     samples = {f"{i:04d}": encoded(i) for i in range(20)}
     with tarfile.open(tmp_path / "shard-0.tar", "w") as tar:
@@ -296,7 +303,7 @@ def test_tar_shards_metadata_paths_and_every_format(tmp_path, decoder):
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "meta.parquet")
     manifest = tmp_path / "m.parquet"
     build_index([str(tmp_path / "shard-0.tar"), str(tmp_path / "meta.parquet")], manifest, progress=False)
-    it = loader(manifest, decoder=decoder, batch_size=2)
+    it = loader(manifest, decoder=decoder, device=device, batch_size=2)
     seen = []
     for batch in it:
         for i, key in enumerate(batch["ids"]):
@@ -305,7 +312,79 @@ def test_tar_shards_metadata_paths_and_every_format(tmp_path, decoder):
             path.write_bytes(samples[key][1])
             top, left = batch["crop_top_left"][i].tolist()
             ref, _ = pillow_reference(path, batch["target_size"], top, left, bool(batch["flipped"][i]))
-            ours = batch["images"][i].permute(1, 2, 0).numpy()
+            ours = batch["images"][i].permute(1, 2, 0).cpu().numpy()
             assert psnr(ours, ref) > 30, (key, ref_img.mode, psnr(ours, ref))
             seen.append(key)
     assert len(seen) == 20 and not it.failed
+
+
+class _FailingPipeline:
+    """Stands in for a DALI pipeline whose every run fails with ``message`` (a device, not a file)."""
+
+    def __init__(self, message):
+        self.message = message
+
+    def run(self):
+        raise RuntimeError(self.message)
+
+
+@pytest.mark.parametrize(
+    ("message", "error", "match"),
+    [
+        ("Critical error in pipeline: CUDA error (2): out of memory", ResourceError, "ran out of memory .* lower batch_size"),
+        ("Error in CPU operator `nvidia.dali.fn.decoders.image`\nencountered:\nsomething broke", DeviceError,
+         "every sample of it fails alone too: the decoder or device failed, not the files"),
+    ],
+)  # fmt: skip
+def test_a_failing_device_is_one_clear_error_and_blocklists_nothing(dataset, monkeypatch, message, error, match):
+    """Out of memory, or a decoder that fails on every sample, is not a bad file: nothing good is blocklisted."""
+    import dali_arb.pipeline
+
+    _, manifest = dataset
+    it = loader(manifest, decoder="dali")
+    monkeypatch.setattr(dali_arb.pipeline, "build_pipeline", lambda *a, **k: _FailingPipeline(message))
+    with pytest.raises(error, match=match):
+        next(iter(it))
+    assert it.failed == [] and it.state_dict()["failed"] == {}
+
+
+def test_loader_options_are_validated(dataset):
+    _, manifest = dataset
+    with pytest.raises(ConfigError, match="num_threads must be a positive integer, got 0"):
+        loader(manifest, num_threads=0)
+    with pytest.raises(ConfigError, match=r"hw_decoder_load must be a share in \[0, 1\], got 1.5"):
+        loader(manifest, decoder="dali", hw_decoder_load=1.5)
+
+
+def test_a_small_dev_shm_lowers_the_prefetch_or_says_what_to_do(dataset, monkeypatch):
+    import dali_arb.iterator as module
+
+    _, manifest = dataset
+    roomy = loader(manifest, workers=2)
+    per_batch = roomy._shared_memory["bytes_per_sample"] * 4
+    assert roomy._shared_memory["source_prefetch"] == 4  # 2 per worker
+    monkeypatch.setattr(module, "_free_shared_memory", lambda: per_batch * (2 * 1 + 2))  # 1 chunk each + prefetch 2
+    assert loader(manifest, workers=2)._shared_memory["source_prefetch"] == 1
+    monkeypatch.setattr(module, "_free_shared_memory", lambda: per_batch)
+    with pytest.raises(ResourceError, match=r"^/dev/shm has 0 MiB free, but 2 loader worker\(s\) need .*--ipc=host"):
+        loader(manifest, workers=2)
+    assert loader(manifest, workers=0)._shared_memory["source_prefetch"] == 0  # no workers, no /dev/shm
+
+
+def test_gpu_preallocation_follows_the_served_images_not_the_longest_side(dataset):
+    """One rejected 20000x800 panorama must not make the GPU decoder reserve 20000x20000 per sample."""
+    import pyarrow as pa
+
+    _, manifest = dataset
+    table = Manifest.read(manifest).table
+    panorama = table.slice(0, 1).set_column(1, "width", pa.array([20000], pa.int32()))
+    panorama = panorama.set_column(2, "height", pa.array([800], pa.int32())).set_column(
+        0, "key", pa.array(["panorama"])
+    )
+    it = loader(Manifest(pa.concat_tables([table, panorama])))
+    h, w = it._preallocation()
+    served = it._planner.assignment.bucket >= 0
+    assert not served[-1] and served[:-1].sum() > 30  # the panorama is rejected for its aspect
+    heights, widths = it.manifest.heights[:-1][served[:-1]], it.manifest.widths[:-1][served[:-1]]
+    assert (h, w) == (int(np.ceil(np.percentile(heights, 99))), int(np.ceil(np.percentile(widths, 99))))
+    assert max(h, w) <= 500  # not 20000: the rejected panorama is not served
