@@ -25,9 +25,9 @@ def loader(args) -> dict:
         )
     flat = {f"{count} JPEGs 0.8-3 MP, batch 8, device {result['device']}, {result['cores']} cores": result["output"]}
     labels = (("loader", "dali_arb"), ("baseline", "DataLoader + Pillow"), ("baseline_draft", "DataLoader + Pillow draft"),
-              ("loader_dali_decoder", "dali_arb, decoder=dali"), ("memory", "decoder=dali pipeline fed from memory"))  # fmt: skip
+              ("torchvision", "DataLoader + torchvision decode_jpeg"), ("loader_dali_decoder", "dali_arb, decoder=dali"), ("memory", "decoder=dali pipeline fed from memory"))  # fmt: skip
     for key, label in labels:
-        if key not in result:
+        if not isinstance(result.get(key), dict):
             continue
         r = result[key]
         flat[f"  {label} images/s (MP/s, p50/p99 ms)"] = (
@@ -35,6 +35,8 @@ def loader(args) -> dict:
         )
     flat["  speed-up vs Pillow"] = f"{result['speedup_vs_baseline']}x"
     flat["  speed-up vs Pillow draft (goal >= 1.0 on CPU)"] = f"{result['speedup_vs_baseline_draft']}x"
+    if "speedup_vs_torchvision" in result:
+        flat["  speed-up vs torchvision decode_jpeg"] = f"{result['speedup_vs_torchvision']}x"
     flat["  planner + external source overhead (goal < 10%)"] = f"{100 * result['planner_and_source_overhead']:.1f}%"
     if "gpu_memory" in result:
         flat["  GPU memory used after warm-up / after run (MB)"] = (

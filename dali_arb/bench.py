@@ -8,6 +8,9 @@ Loaders, all on the same manifest, the same plan (batches and buckets) and the s
   and crop: what kohya sd-scripts and SimpleTuner effectively run;
 - ``pillow_draft``: the same with ``Image.draft()``, letting libjpeg-turbo decode at 1/2, 1/4 or 1/8
   scale when the image is much larger than its bucket (the strongest CPU peer);
+- ``torchvision``: what a user writes for the GPU without DALI: a ``DataLoader`` whose workers read
+  the bytes of each planned batch, then batched ``torchvision.io.decode_jpeg(..., device=...)``
+  (nvJPEG on GPU), ``resize`` with antialias to cover, centre crop (needs torchvision);
 - ``memory``: the DALI-decoder pipeline fed from memory (bytes and parameters prepared before),
   against ``loader_dali_decoder`` (the loader with ``decoder="dali"``), to measure what planning
   and reading cost.
@@ -109,6 +112,44 @@ class PillowBatches:
             pixels = torch.from_numpy(np.array(img)).permute(2, 0, 1)
             out[i] = (pixels.to(torch.float32) - 127.5) / 127.5
         return out
+
+
+class EncodedBatches:
+    """Map-style dataset of whole planned batches as encoded bytes (``uint8 (n,)`` tensors), for peers
+    that decode in the main process (picklable)."""
+
+    def __init__(self, sources: list[str], rows: np.ndarray) -> None:
+        self.sources, self.rows = sources, rows  # rows: (steps, B)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, step: int):
+        import torch
+
+        out = []
+        for row in self.rows[step]:
+            with open(self.sources[row], "rb") as fh:
+                out.append(torch.frombuffer(bytearray(fh.read()), dtype=torch.uint8))
+        return out
+
+
+def torchvision_batch(encoded: list, bucket: tuple[int, int], device: str):
+    """Batched ``decode_jpeg`` on ``device`` (EXIF applied), antialiased bilinear resize to cover the
+    bucket, centre crop, float16 in [-1, 1]: ``[B, 3, H, W]``."""
+    import torch
+    from torchvision.io import decode_jpeg
+    from torchvision.transforms.v2 import functional as F
+
+    bh, bw = bucket
+    images = decode_jpeg(encoded, device=device, apply_exif_orientation=True)
+    out = torch.empty((len(images), 3, bh, bw), dtype=torch.float16, device=device)
+    for i, img in enumerate(images):
+        h, w = img.shape[-2:]
+        rh, rw, top, left = cover_crop(int(h), int(w), bh, bw, 0.0, 0.0, center=True)
+        resized = F.resize(img, [rh, rw], antialias=True)
+        out[i] = (resized[:, top : top + bh, left : left + bw].to(torch.float32) - 127.5) / 127.5
+    return out
 
 
 # -- timing ------------------------------------------------------------------------------------------
@@ -214,6 +255,24 @@ def run_bench(
 
         loaders["baseline"] = pillow(False)
         loaders["baseline_draft"] = pillow(True)
+        if _has_torchvision():
+            torch_device = "cuda" if device == "gpu" else "cpu"
+
+            def torchvision_peer() -> Iterator[Any]:
+                dataset = EncodedBatches(sources, plan.rows)
+                loader = torch.utils.data.DataLoader(
+                    dataset, batch_size=None, shuffle=False, num_workers=min(4, cores), prefetch_factor=4,
+                    persistent_workers=True,
+                )  # fmt: skip
+
+                def run() -> Iterator[Any]:
+                    while True:
+                        for step, encoded in enumerate(loader):
+                            yield torchvision_batch(encoded, tuple(int(v) for v in sizes[step]), torch_device)
+
+                return run()
+
+            loaders["torchvision"] = torchvision_peer
     if memory:
         config = LoaderConfig(
             batch_size=batch_size,
@@ -226,19 +285,19 @@ def run_bench(
             crop="center",
             flip=0.0,
         )
-        decoder = DaliDecoder()
-        prepared = BatchSource(m, config, decoder)
+        memory_decoder = DaliDecoder()
+        prepared = BatchSource(m, config, memory_decoder)
         replay = _Replay([prepared.batch(0, s) for s in range(min(len(plan), warmup + batches))])
 
         def from_memory() -> Iterator[Any]:
             pipe = build_pipeline(
                 replay,
-                decoder=decoder,
+                decoder=memory_decoder,
                 batch_size=batch_size,
                 device=device,
                 device_id=0 if device == "gpu" else None,
                 dtype="float16",
-                num_threads=decoder.default_threads(os.cpu_count() or 1, gpu=device == "gpu"),
+                num_threads=memory_decoder.default_threads(os.cpu_count() or 1, gpu=device == "gpu"),
                 workers=0,
             )
 
@@ -288,6 +347,10 @@ def run_bench(
     if baseline:
         result["speedup_vs_baseline"] = round(ours_rate / result["baseline"]["images_per_s"], 2)
         result["speedup_vs_baseline_draft"] = round(ours_rate / result["baseline_draft"]["images_per_s"], 2)
+        if "torchvision" in result:
+            result["speedup_vs_torchvision"] = round(ours_rate / result["torchvision"]["images_per_s"], 2)
+        else:
+            result["torchvision"] = "not installed (pip install torchvision to compare)"
     if memory:
         same_decoder = result.get("loader_dali_decoder", result["loader"])["images_per_s"]
         result["planner_and_source_overhead"] = round(1 - same_decoder / result["memory"]["images_per_s"], 3)
@@ -295,6 +358,14 @@ def run_bench(
         gpu_memory["after_run_mb"] = _gpu_used_mb()
         result["gpu_memory"] = gpu_memory
     return result
+
+
+def _has_torchvision() -> bool:
+    try:
+        import torchvision.io  # noqa: F401
+    except Exception:  # absent, or built for another torch
+        return False
+    return True
 
 
 class _Replay:

@@ -52,14 +52,16 @@ def test_buckets_plot_is_a_png(size_manifest, tmp_path, capsys):
 
 def test_bench_json_has_the_contract_keys(dataset, capsys):
     _, manifest = dataset
-    code, out, _ = run(capsys, "bench", manifest, "--device", "cpu", "--baseline", "--json", "--batch-size", "2",
-                       "--batches", "2", "--rounds", "1", "--workers", "1",
+    code, out, _ = run(capsys, "bench", manifest, "--device", "cpu", "--baseline", "--memory", "--json", "--batch-size",
+                       "2", "--batches", "2", "--rounds", "1", "--workers", "1", "--decoder", "pillow", "--threads", "1",
                        "--max-area", "38400", "--min-dim", "64", "--max-dim", "320", "--step", "32", "--base", "160x160")  # fmt: skip
     assert code == 0
     result = json.loads(out)
-    for key in ("loader", "baseline", "baseline_draft"):
+    for key in ("loader", "baseline", "baseline_draft", "memory"):
         assert result[key]["images_per_s"] > 0 and result[key]["megapixels_per_s"] > 0
         assert result[key]["batch_ms_p99"] >= result[key]["batch_ms_p50"] > 0
+    # the settings the loader ran with, as given (the memory-fed pipeline's own decoder does not replace them)
+    assert result["settings"] == {"decoder": "pillow", "workers": 1, "num_threads": 1, "hw_decoder_load": None}
 
 
 @pytest.mark.parametrize(

@@ -117,15 +117,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"{result['images']} images, batch {result['batch_size']}, {result['batches_per_round']} batches per round, "
           f"device {result['device']}, {result['cores']} cores; {result['output']}")  # fmt: skip
     names = {"loader": "dali_arb", "baseline": "DataLoader + Pillow", "baseline_draft": "DataLoader + Pillow draft",
-             "loader_dali_decoder": "dali_arb, decoder=dali", "memory": "decoder=dali pipeline fed from memory"}  # fmt: skip
+             "torchvision": "DataLoader + torchvision decode_jpeg", "loader_dali_decoder": "dali_arb, decoder=dali",
+             "memory": "decoder=dali pipeline fed from memory"}  # fmt: skip
     print(f"{'loader':<36} {'images/s':>9} {'MP/s':>7} {'p50 ms':>8} {'p99 ms':>8}")
     for key, label in names.items():
-        if key in result:
+        if isinstance(result.get(key), dict):
             r = result[key]
             print(
                 f"{label:<36} {r['images_per_s']:>9} {r['megapixels_per_s']:>7} {r['batch_ms_p50']:>8} {r['batch_ms_p99']:>8}"
             )
-    for key in ("speedup_vs_baseline", "speedup_vs_baseline_draft"):
+    for key in ("speedup_vs_baseline", "speedup_vs_baseline_draft", "speedup_vs_torchvision"):
         if key in result:
             print(f"{key.replace('_', ' ')}: {result[key]}x")
     if "planner_and_source_overhead" in result:
