@@ -21,6 +21,11 @@ __all__ = ["BucketAssignment", "BucketSpec", "format_size", "parse_size"]
 REJECT_NONE, REJECT_ASPECT, REJECT_TOO_SMALL = 0, 1, 2
 
 
+def index_dtype(count: int) -> type:
+    """The smallest signed integer type that numbers ``count`` buckets and still holds -1 (rejected)."""
+    return np.int16 if count < 2**15 else np.int32
+
+
 def parse_size(text: str, *, what: str = "size") -> tuple[int, int]:
     """Parse ``"WxH"`` (e.g. ``"768x512"``) into ``(height, width)``."""
     match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
@@ -86,10 +91,22 @@ class BucketSpec:
             )
         if self.step > self.min_dim:
             raise ConfigError(f"step ({self.step}) must not exceed min_dim ({self.min_dim})")
+        if self.min_dim % self.step:
+            lower = self.min_dim // self.step * self.step
+            raise ConfigError(
+                f"min_dim ({self.min_dim}) must be a multiple of step ({self.step}), or bucket sides are not multiples "
+                f"of step; use --min-dim {lower} or {lower + self.step}"
+            )
         base = tuple(self.base)
         if len(base) != 2 or any(not isinstance(v, (int, np.integer)) or v < 1 for v in base):
             raise ConfigError(f"base must be (height, width) with positive sides, got {self.base!r}")
         object.__setattr__(self, "base", (int(base[0]), int(base[1])))
+        if self.base[0] % self.step or self.base[1] % self.step:
+            near = [max(self.step, round(v / self.step) * self.step) for v in self.base]
+            raise ConfigError(
+                f"base {format_size(*self.base)} must have sides that are multiples of step ({self.step}); "
+                f"use --base {format_size(*near)}"
+            )
         err = self.max_aspect_error
         if not isinstance(err, (int, float)) or math.isnan(err) or err <= 0:
             raise ConfigError(f"max_aspect_error must be a positive number, got {err!r}")
@@ -169,7 +186,7 @@ class BucketAssignment:
         sizes: ``int64 (K, 2)`` ``(height, width)`` of every bucket an image may use: the spec's
             buckets first, then (with ``no_upscale``) the scaled-down copies.
         num_base: how many of ``sizes`` are the spec's own buckets.
-        bucket: ``int16 (N,)`` bucket index per image, ``-1`` for rejected images.
+        bucket: ``int16 (N,)`` bucket index per image (``int32`` beyond 32,767 buckets), ``-1`` for rejected images.
         reject_code: ``int8 (N,)`` ``REJECT_NONE``, ``REJECT_ASPECT`` or ``REJECT_TOO_SMALL``.
         log_aspect: ``float64 (N,)`` ``log(width / height)`` of every image.
         heights, widths: ``int64 (N,)`` the sizes that were assigned.
@@ -233,7 +250,7 @@ def _assign(spec: BucketSpec, heights: np.ndarray, widths: np.ndarray) -> Bucket
     keep[1:] = base_log[order][1:] != base_log[order][:-1]
     order = order[keep]
     log_aspect = np.log(widths / heights)
-    bucket = order[_nearest(base_log[order], log_aspect)].astype(np.int16)
+    bucket = order[_nearest(base_log[order], log_aspect)].astype(index_dtype(len(base_sizes)))
     sizes = base_sizes
     if spec.no_upscale:
         bucket, sizes = _no_upscale(spec, bucket, base_sizes, heights, widths)
@@ -293,11 +310,11 @@ def _no_upscale(
     # Number the copies that are used after the base buckets, deduplicated.
     used, inverse = np.unique(chosen[has], axis=0, return_inverse=True)
     known = {tuple(s): i for i, s in enumerate(base_sizes.tolist())}
-    used_index = np.empty(len(used), np.int16)
+    used_index = np.empty(len(used), np.int64)
     for j, s in enumerate(map(tuple, used.tolist())):  # a few dozen at most
         used_index[j] = known.setdefault(s, len(known))
     sizes = np.array(sorted(known, key=known.get), np.int64).reshape(-1, 2)
-    bucket = bucket.copy()
+    bucket = bucket.astype(index_dtype(len(sizes)))
     bucket[small[~has]] = -1
     bucket[small[has]] = used_index[inverse.reshape(-1)]
     return bucket, sizes

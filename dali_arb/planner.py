@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .buckets import BucketAssignment
+from .buckets import BucketAssignment, index_dtype
 from .errors import ConfigError, PlanError
 from .world import World
 
@@ -74,7 +74,7 @@ class EpochPlan:
 
     Attributes:
         rows: ``int64 (steps, B)`` manifest row of every sample of every step.
-        bucket: ``int16 (steps,)`` bucket index of every step (into ``sizes``).
+        bucket: ``int16 (steps,)`` bucket index of every step (into ``sizes``; ``int32`` beyond 32,767 buckets).
         sizes: ``int64 (K, 2)`` bucket ``(height, width)``.
         epoch, rank, world_size, batch_size: what the plan is for.
         offset: position of this rank's samples inside the global batch (for per-sample randomness
@@ -285,7 +285,7 @@ class Planner:
         full = counts // group  # whole blocks per bucket
         rem = counts - full * group
         n_full = int(full.sum())
-        block_bucket = np.repeat(np.arange(K, dtype=np.int16), full)
+        block_bucket = np.repeat(np.arange(K, dtype=index_dtype(K)), full)
         block_index = np.arange(n_full, dtype=np.int64) - np.repeat(np.cumsum(full) - full, full)
         starts = np.repeat(bucket_start, full) + group * block_index
         leftovers = [
@@ -313,7 +313,7 @@ class Planner:
         if extra_rows:
             extra = np.concatenate(extra_rows).astype(grouped.dtype)
             starts = np.concatenate([starts, len(grouped) + group * np.arange(len(extra_rows), dtype=np.int64)])
-            block_bucket = np.concatenate([block_bucket, np.array(extra_bucket, np.int16)])
+            block_bucket = np.concatenate([block_bucket, np.array(extra_bucket, block_bucket.dtype)])
             grouped = np.concatenate([grouped, extra])
         return grouped, starts, block_bucket, dropped, duplicated, counts
 
