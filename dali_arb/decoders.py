@@ -27,7 +27,7 @@ import numpy as np
 
 from .errors import ConfigError
 from .geometry import Geometry
-from .imagefacts import swaps_sides
+from .imagefacts import displayed_size, header_size, swaps_sides
 from .outputs import Failure, Output
 
 __all__ = ["DECODERS", "DaliDecoder", "Decoder", "PillowDecoder", "choose_decoder"]
@@ -104,6 +104,11 @@ class DaliDecoder(Decoder):
             raise ConfigError(f"hw_decoder_load must be a share in [0, 1], got {load!r}")
 
     def prepare(self, data: np.ndarray, geometry: Geometry, where: str) -> tuple[dict[str, np.ndarray] | None, Failure]:
+        # the header's size must be the indexed one (a file re-encoded at another size with the same byte
+        # length would otherwise get the old crop window and original_size)
+        size = header_size(data.tobytes())  # None: Pillow cannot parse it; DALI decides
+        if size is not None and size != (geometry.width, geometry.height):
+            return None, Failure.RESIZED
         top, left, bottom, right = geometry.source_window()
         return {
             "encoded": data,
@@ -159,16 +164,14 @@ class PillowDecoder(Decoder):
         from PIL import Image, ImageOps
 
         h, w, rh, rw, top, left, bucket_h, bucket_w = geometry
+        Image.MAX_IMAGE_PIXELS = None  # the indexer accepted this image under its own --max-pixels
         try:
             with Image.open(io.BytesIO(data.tobytes())) as img:
-                rotated = swaps_sides(img)
-                if img.size != ((h, w) if rotated else (w, h)):
+                if displayed_size(img) != (w, h):
                     return None, Failure.RESIZED
                 if img.format == "JPEG":
-                    img.draft("RGB", (rh, rw) if rotated else (rw, rh))
-                upright = ImageOps.exif_transpose(img)
-                if upright.mode != "RGB":
-                    upright = upright.convert("RGB")
+                    img.draft("RGB", (rh, rw) if swaps_sides(img) else (rw, rh))
+                upright = _rgb(ImageOps.exif_transpose(img))
                 y_scale, x_scale = upright.height / rh, upright.width / rw
                 box = (left * x_scale, top * y_scale, (left + bucket_w) * x_scale, (top + bucket_h) * y_scale)
                 return {
@@ -188,6 +191,19 @@ class PillowDecoder(Decoder):
 
     def bytes_per_sample(self, encoded_bytes: int, bucket_pixels: int) -> int:
         return int(bucket_pixels) * 3 + 64
+
+
+def _rgb(img):
+    """An 8-bit RGB image: 16-bit and 32-bit integer modes are scaled to 8 bits (``convert`` would clip
+    them, turning a 16-bit grayscale PNG white), everything else converted by Pillow."""
+    from PIL import Image
+
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I"):  # I, I;16, I;16B, ...: 16-bit samples (DALI scales them the same way)
+        wide = np.asarray(img).astype(np.uint32)
+        return Image.fromarray(((np.minimum(wide, 65535) * 255 + 32767) // 65535).astype(np.uint8)).convert("RGB")
+    return img.convert("RGB")
 
 
 DECODERS: dict[str, type[Decoder]] = {"dali": DaliDecoder, "pillow": PillowDecoder}

@@ -13,8 +13,19 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 
-__all__ = ["DECODABLE", "DEFAULT_MAX_PIXELS", "check_encoded", "inspect_image", "swaps_sides", "truncation"]
+__all__ = [
+    "DECODABLE",
+    "DEFAULT_MAX_PIXELS",
+    "check_encoded",
+    "displayed_size",
+    "header_size",
+    "inspect_image",
+    "jpeg_scan_start",
+    "swaps_sides",
+    "truncation",
+]
 
 #: Pillow's own decompression-bomb threshold (``Image.MAX_IMAGE_PIXELS``).
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -25,16 +36,74 @@ TAIL_BYTES = 65536
 
 
 def swaps_sides(img) -> bool:
-    """True when the image's EXIF orientation turns it by 90 degrees (5-8), as DALI's decoder
-    applies it: its displayed width is its stored height. JPEG, WebP and TIFF keep it in the header."""
+    """True when the image's EXIF orientation turns it by 90 degrees (5-8), as DALI's decoder applies it:
+    its displayed width is its stored height. JPEG, WebP, TIFF and PNG (``eXIf`` chunk) carry it."""
+    if img.format == "PNG":  # an eXIf chunk before the pixels (Pillow's getexif() would decode them to look further)
+        raw = img.info.get("exif")
+        if not raw:
+            return False
+        from PIL import Image
+
+        exif = Image.Exif()
+        exif.load(raw)
+        return exif.get(0x0112, 1) in (5, 6, 7, 8)
     return img.format in ("JPEG", "MPO", "WEBP", "TIFF") and img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
 
 
-def truncation(fmt: str, tail: bytes) -> str | None:
-    """Why a ``fmt`` file whose last bytes (up to 64 KiB) are ``tail`` is truncated, or None."""
-    if fmt in ("JPEG", "MPO") and b"\xff\xd9" not in tail:
-        return "truncated JPEG (no end-of-image marker)"
-    if fmt == "PNG" and b"IEND" not in tail[-32:]:
+def displayed_size(img) -> tuple[int, int]:
+    """``(width, height)`` as displayed (EXIF orientation applied, as DALI's decoder applies it), from the
+    header of an opened Pillow image. For TIFF the stored size is read from its tags: some Pillow versions
+    report a TIFF's size already turned."""
+    width, height = img.size
+    tags = getattr(img, "tag_v2", None)
+    if img.format == "TIFF" and tags is not None and 256 in tags and 257 in tags:
+        width, height = int(tags[256]), int(tags[257])
+    return (height, width) if swaps_sides(img) else (width, height)
+
+
+#: What a complete PNG ends with: the IEND chunk, empty, with its CRC.
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def jpeg_scan_start(data: bytes) -> int | None:
+    """Offset of the first start-of-scan marker of a JPEG (the header's segments walked by their lengths,
+    so an EXIF thumbnail's markers are skipped), or None when the header is cut short."""
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker == 0xDA:
+            return i
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+        else:
+            i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return None
+
+
+def truncation(fmt: str, tail: bytes, size: int, whole: Callable[[], bytes]) -> str | None:
+    """Why a ``fmt`` file of ``size`` bytes is truncated, or None.
+
+    ``tail`` holds its last bytes (up to 64 KiB); ``whole()`` reads it all, which happens only when the
+    tail does not settle it: small files, and files with data after the image (phones' motion photos
+    append a video to the JPEG; some tools append bytes after a PNG's IEND). A JPEG is complete when an
+    end-of-image marker follows its first scan (inside scan data ``FF D9`` cannot occur); a PNG, when it
+    holds the IEND chunk.
+    """
+    if fmt in ("JPEG", "MPO"):
+        if size > 2 * TAIL_BYTES and b"\xff\xd9" in tail:
+            return None  # the header is far away: the marker ends the image (or data appended after it)
+        data = whole()
+        start = jpeg_scan_start(data)
+        if start is None or data.find(b"\xff\xd9", start) < 0:
+            return "truncated JPEG (no end-of-image marker after its image data)"
+        return None
+    if fmt == "PNG":
+        if PNG_END in tail or PNG_END in whole():
+            return None
         return "truncated PNG (no IEND chunk)"
     return None
 
@@ -51,6 +120,9 @@ def inspect_image(data_or_path: bytes | str, *, max_pixels: int = DEFAULT_MAX_PI
         size = len(data_or_path)
         tail = data_or_path[-TAIL_BYTES:]
         opener: io.BytesIO | str = io.BytesIO(data_or_path)
+
+        def whole() -> bytes:
+            return data_or_path
     else:
         try:
             size = os.path.getsize(data_or_path)
@@ -60,16 +132,20 @@ def inspect_image(data_or_path: bytes | str, *, max_pixels: int = DEFAULT_MAX_PI
         except OSError as exc:
             return f"unreadable ({exc.strerror or exc})"
         opener = data_or_path
+
+        def whole() -> bytes:
+            with open(data_or_path, "rb") as fh:
+                return fh.read()
+
     if size == 0:
         return "empty file (0 bytes)"
     try:
         with Image.open(opener) as img:
             fmt = img.format or "?"
-            width, height = img.size
+            width, height = displayed_size(img)
             frames = getattr(img, "n_frames", 1)
             if width * height > max_pixels:
                 return f"too large: {width}x{height} is over --max-pixels {max_pixels} (decompression bomb guard)"
-            swapped = swaps_sides(img)
     except UnidentifiedImageError:
         return "not an image (no known image format)"
     except Exception as exc:  # Pillow raises many types on damaged headers
@@ -81,11 +157,12 @@ def inspect_image(data_or_path: bytes | str, *, max_pixels: int = DEFAULT_MAX_PI
         return f"animated {fmt}: not decodable by DALI (convert to a still image)"
     if width < 1 or height < 1:
         return f"invalid size {width}x{height}"
-    problem = truncation(fmt, tail)
+    try:
+        problem = truncation(fmt, tail, size, whole)
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
     if problem:
         return problem
-    if swapped:
-        width, height = height, width
     return int(width), int(height)
 
 
@@ -95,9 +172,9 @@ def check_encoded(data: bytes) -> str | None:
         return "empty"
     head = data[:16]
     if head[:3] == b"\xff\xd8\xff":
-        return truncation("JPEG", data[-TAIL_BYTES:])
+        return truncation("JPEG", data[-TAIL_BYTES:], len(data), lambda: data)
     if head[:8] == b"\x89PNG\r\n\x1a\n":
-        return truncation("PNG", data[-TAIL_BYTES:])
+        return truncation("PNG", data[-TAIL_BYTES:], len(data), lambda: data)
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         declared = int.from_bytes(head[4:8], "little") + 8
         return None if len(data) >= declared else "truncated WebP"
@@ -106,3 +183,14 @@ def check_encoded(data: bytes) -> str | None:
     if head[:1] == b"P" and head[1:2] in b"123456":
         return None
     return "not an image (unknown format)"
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """The displayed ``(width, height)`` from encoded bytes' header (no pixels decoded), or None."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return displayed_size(img)
+    except Exception:  # Pillow raises many kinds on broken headers
+        return None

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import math
 import os
+import queue
+import threading
+import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,10 +23,18 @@ from .errors import ConfigError, DaliArbError, DataError, DeviceError, ManifestE
 from .manifest import Manifest
 from .outputs import META, Failure
 from .planner import LeftoverPolicy
+from .processes import describe_exit
 from .source import BatchSource, LoaderConfig, build_planner
 from .world import World
 
 __all__ = ["DALIBucketIterator"]
+
+log = logging.getLogger("dali_arb")
+#: A dead worker is noticed within WATCH_INTERVAL_S; the run gets WORKER_DEATH_GRACE_S more to end by itself.
+WATCH_INTERVAL_S = 0.25
+WORKER_DEATH_GRACE_S = 2.0
+#: Worker deaths one loader restarts from before it stops with a ResourceError.
+MAX_WORKER_DEATHS = 2
 
 #: Version of ``state_dict()``; 1 stored ``buckets.base`` as ``[height, width]`` and is still read.
 STATE_FORMAT = 2
@@ -153,6 +166,8 @@ class DALIBucketIterator:
         self._pipe: Any = None
         self._stream: tuple[int, int] | None = None  # (epoch, step) the pipeline produces next
         self._blocklist = Blocklist()
+        self._runner: _Runner | None = None
+        self._worker_deaths = 0
 
     # -- the public surface -----------------------------------------------------------------------
     def __len__(self) -> int:
@@ -344,7 +359,10 @@ class DALIBucketIterator:
             if self._pipe is None or self._stream != (epoch, step):
                 self._open_pipeline(epoch, step)
             try:
-                images, meta = self._pipe.run()
+                images, meta = self._run_pipeline()
+            except _WorkerDied as died:
+                self._abandon_pipeline(died)
+                continue
             except DaliArbError:
                 self._close_pipeline()
                 raise
@@ -358,6 +376,46 @@ class DALIBucketIterator:
             f"batch {step} of epoch {epoch} kept failing after {recoveries} recoveries, each blocklisting "
             "an undecodable sample; check the files listed in loader.failed and re-index"
         )
+
+    def _run_pipeline(self) -> tuple[Any, Any]:
+        """``pipe.run()``, watched: a worker process that dies (the OOM killer, ``kill -9``) can leave DALI
+        blocked forever on a lock it held, so the run happens on a helper thread and the workers' liveness
+        is checked while waiting. Raises :class:`_WorkerDied` when one has died."""
+        processes = _worker_processes(self._pipe)
+        if not processes:
+            return self._pipe.run()
+        if self._runner is None:
+            self._runner = _Runner()
+
+        def dead() -> Any:
+            return next((p for p in processes if p.exitcode is not None), None)
+
+        try:
+            return self._runner.run(self._pipe.run, dead, grace=WORKER_DEATH_GRACE_S)
+        except _WorkerDied:
+            self._runner = None  # its thread may stay blocked inside DALI: never hand it work again
+            raise
+        except Exception:
+            corpse = dead()
+            if corpse is not None:  # DALI noticed first ("Worker data receiving interrupted")
+                raise _WorkerDied(corpse) from None
+            raise
+
+    def _abandon_pipeline(self, died: _WorkerDied) -> None:
+        """Leave a pipeline whose worker died: end its other workers, restart at the same step (the plan
+        makes it the same batch); after ``MAX_WORKER_DEATHS`` deaths, one clear error instead."""
+        pipe, self._pipe, self._stream = self._pipe, None, None
+        for process in _worker_processes(pipe):
+            if process.exitcode is None:
+                process.kill()
+        self._worker_deaths += 1
+        what = f"a loader worker process (pid {died.process.pid}) {describe_exit(died.process.exitcode)}"
+        if self._worker_deaths > MAX_WORKER_DEATHS:
+            raise ResourceError(
+                f"{what}, the {self._worker_deaths}th worker death of this loader; give the machine more memory, "
+                "or lower workers, prefetch or batch_size"
+            )
+        log.warning("dali_arb: %s; restarting the pipeline at the same step", what)
 
     def _release_failed_pipeline(self) -> None:
         """Drop a pipeline that hit a critical error, and the memory it held, before anything else runs."""
@@ -521,6 +579,58 @@ def _dali_error_summary(error: BaseException) -> str:
     after = lines.index("encountered:") + 1 if "encountered:" in lines else None
     what = lines[after] if after is not None and after < len(lines) else (lines[0] if lines else type(error).__name__)
     return f"{operator.removeprefix('nvidia.dali.fn.')}: {what}"[:200] if operator else what[:200]
+
+
+class _WorkerDied(Exception):
+    """A worker process of the running pipeline has ended."""
+
+    def __init__(self, process: Any) -> None:
+        super().__init__(f"worker {process.pid} {describe_exit(process.exitcode)}")
+        self.process = process
+
+
+def _worker_processes(pipe: Any) -> list:
+    """The ``multiprocessing.Process`` objects of a pipeline's parallel external source (DALI 1.x-2.x keep
+    them at ``pipe._py_pool.pool._processes``), or ``[]``."""
+    pool = getattr(getattr(pipe, "_py_pool", None), "pool", None)
+    return list(getattr(pool, "_processes", None) or [])
+
+
+class _Runner:
+    """A daemon thread that runs one callable at a time, so the caller can wait with a watch."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._results: queue.SimpleQueue = queue.SimpleQueue()
+        thread = threading.Thread(target=self._loop, name="dali_arb-pipeline", daemon=True)
+        thread.start()
+        weakref.finalize(self, self._jobs.put, None)  # the thread ends with its runner
+
+    def _loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                self._results.put((True, job()))
+            except BaseException as exc:
+                self._results.put((False, exc))
+
+    def run(self, job: Any, dead: Any, *, grace: float) -> Any:
+        """``job()``'s result (or its exception); :class:`_WorkerDied` when ``dead()`` names a process and
+        no result comes within ``grace`` seconds after that."""
+        self._jobs.put(job)
+        deadline = None
+        while True:
+            try:
+                ok, value = self._results.get(timeout=WATCH_INTERVAL_S)
+            except queue.Empty:
+                corpse = dead()
+                if corpse is not None:
+                    deadline = deadline or time.monotonic() + grace
+                    if time.monotonic() >= deadline:
+                        raise _WorkerDied(corpse) from None
+                continue
+            if ok:
+                return value
+            raise value
 
 
 class _OneAtATime:

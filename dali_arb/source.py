@@ -23,6 +23,7 @@ from .imagefacts import check_encoded
 from .manifest import Manifest
 from .outputs import META, Failure
 from .planner import EpochPlan, Planner
+from .processes import die_with_parent
 from .world import World
 
 __all__ = ["BatchSource", "LoaderConfig", "build_planner"]
@@ -119,6 +120,10 @@ class BatchSource:
         return state
 
     def __setstate__(self, state: dict) -> None:
+        import multiprocessing
+
+        if multiprocessing.parent_process() is not None:  # in a DALI worker: never outlive the training process
+            die_with_parent()
         self.__dict__.update(state)
         self.__dict__.setdefault("_manifest", None)
         self.__dict__.setdefault("_planner", None)

@@ -162,14 +162,14 @@ def test_bad_files_after_indexing_are_replaced_and_nothing_else_is_lost(tmp_path
         (work / f.name).write_bytes(f.read_bytes())
     manifest = tmp_path / "m.parquet"
     build_index([str(work)], manifest, progress=False)
-    # after indexing: one truncated, one deleted, one replaced by text, one garbled with markers intact
+    # after indexing: one truncated, one deleted, one replaced by text, one with a broken frame header
     data = (work / "img001.jpg").read_bytes()
     (work / "img001.jpg").write_bytes(data[: len(data) // 2])
     os.remove(work / "img002.jpg")
     (work / "img004.jpg").write_text("not an image any more")
-    size = (work / "img005.jpg").stat().st_size
-    garbled = b"\xff\xd8\xff" + bytes(np.random.default_rng(0).integers(0, 255, size - 5, dtype=np.uint8)) + b"\xff\xd9"
-    (work / "img005.jpg").write_bytes(garbled)
+    broken = bytearray((work / "img005.jpg").read_bytes())  # markers intact, a header no decoder accepts
+    broken[broken.find(b"\xff\xc0") + 9] = 0  # its frame claims 0 colour components
+    (work / "img005.jpg").write_bytes(bytes(broken))
     bad = {"img001", "img002", "img004", "img005"}
     it = loader(manifest, decoder=decoder, device=device)
     for epoch in range(2):

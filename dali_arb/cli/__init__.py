@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -49,8 +50,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     if getattr(args, "max_aspect_error", None) is not None and math.isinf(args.max_aspect_error):
         args.max_aspect_error = math.inf
+    previous_handler = signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.func(args) or 0)
+    except Terminated:
+        print(f"dali-arb {args.command}: terminated (SIGTERM); nothing was left behind", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except DaliArbError as exc:
         if args.debug:
             raise
@@ -78,6 +83,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
+class Terminated(SystemExit):
+    """SIGTERM, raised where the program is, so that every ``finally`` and cleanup runs (temporary files,
+    worker processes) before the exit."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated(128 + signum)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import stat as stat_module
 import sys
 import time
 from collections.abc import Iterator
@@ -19,7 +21,8 @@ import pyarrow.parquet as pq
 from ..errors import ConfigError, IndexingError
 from ..imagefacts import DEFAULT_MAX_PIXELS
 from ..manifest import SCHEMA, Manifest, rejects_path
-from .folders import PreviousRows, folder_task, folder_tasks
+from ..processes import die_with_parent
+from .folders import FolderWalk, PreviousRows, folder_task
 from .metadata import metadata_rows
 from .records import Reject, Row, rows_to_table
 from .shards import shard_task
@@ -115,6 +118,7 @@ def build_index(
     if not output.parent.exists():
         raise IndexingError(f"folder {output.parent} does not exist; create it or choose another -o")
     kinds = [(_classify(s), os.path.abspath(s)) for s in sources]  # rows must resolve from any working directory
+    _check_output(output, kinds)
     previous: PreviousRows | None = None
     known_shards: dict[str, pa.Table] = {}
     summary = IndexSummary(manifest=output)
@@ -134,8 +138,12 @@ def build_index(
     from tqdm import tqdm
 
     started = time.perf_counter()
-    tmp = output.with_name(output.name + ".partial")
-    rejects_tmp = Path(str(rejects_path(output)) + ".partial")
+    # private temporary files beside the outputs, moved into place at the end: two runs on one output
+    # never write into each other's files, and a reader only ever sees a whole manifest
+    unique = f"{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = output.with_name(f".{output.name}.{unique}.partial")
+    rejects_tmp = output.with_name(f".{rejects_path(output).name}.{unique}.partial")
+    walk = FolderWalk([s for k, s in kinds if k == "folder"], max_pixels, previous)
     writer = pq.ParquetWriter(tmp, SCHEMA)
     pending: list[Row] = []
 
@@ -156,11 +164,11 @@ def build_index(
         if len(pending) >= ROWS_PER_GROUP:
             flush()
 
+    pool = ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1, initializer=die_with_parent)
     try:
         with (
             open(rejects_tmp, "w", encoding="utf-8") as rejects_fh,
             tqdm(disable=not progress, unit=" files", desc="indexing", dynamic_ncols=True) as bar,
-            ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool,
         ):
             for kind, source in kinds:
                 if kind == "metadata":
@@ -183,23 +191,25 @@ def build_index(
                     take(rows, rejects, len(rows) + len(rejects))
                     bar.update(len(rows) + len(rejects))
                 else:
-                    tasks = folder_tasks(source, max_pixels, previous)
                     empty = True
-                    for (rows, rejects, reused), task in _ordered_map(pool, folder_task, tasks):
+                    for (rows, rejects, reused), task in _ordered_map(pool, folder_task, walk.tasks(source)):
                         empty = False
                         summary.reused += reused
-                        take(rows, rejects, len(task[1]))
+                        take(rows, rejects + _drain(walk.rejects), len(task[1]))
                         bar.update(len(task[1]))
-                    if empty:
+                    take([], _drain(walk.rejects), 0)
+                    if empty and walk.walked.get(os.path.realpath(source)) == source:  # not an overlap
                         raise IndexingError(f"no image files found in folder {source}")
             flush()
-        writer.close()
-    except BaseException:
+            writer.close()
+        _deduplicate_keys(tmp, rejects_tmp, summary)
+        pool.shutdown()
+    except BaseException:  # an error, Ctrl-C or SIGTERM (the CLI turns it into SystemExit): leave nothing behind
+        pool.shutdown(wait=True, cancel_futures=True)
         writer.close()
         tmp.unlink(missing_ok=True)
         rejects_tmp.unlink(missing_ok=True)
         raise
-    _deduplicate_keys(tmp, rejects_tmp, summary)
     os.replace(tmp, output)
     os.replace(rejects_tmp, rejects_path(output))
     summary.seconds = time.perf_counter() - started
@@ -208,6 +218,33 @@ def build_index(
             f"no usable images in {', '.join(sources)} ({summary.rejected} rejected, see {rejects_path(output)})"
         )
     return summary
+
+
+def _check_output(output: Path, kinds: list[tuple[str, str]]) -> None:
+    """Outputs are never inputs: refuse an ``output`` that is one of the sources, lies inside a source
+    folder, or exists as something other than a regular file (``/dev/null``, a FIFO)."""
+    if output.exists() and not stat_module.S_ISREG(os.stat(output).st_mode):
+        raise IndexingError(
+            f"output {output} is not a regular file (a device, FIFO or socket); give a new .parquet file name"
+        )
+    real = os.path.realpath(output)
+    for kind, source in kinds:
+        source_real = os.path.realpath(source)
+        if real == source_real:
+            raise IndexingError(
+                f"output {output} is one of the inputs ({source}); writing it would destroy it: choose another -o"
+            )
+        if kind == "folder" and real.startswith(source_real.rstrip(os.sep) + os.sep):
+            raise IndexingError(
+                f"output {output} lies inside the input folder {source}; write the manifest next to the folder, "
+                f"e.g. -o {Path(source).parent / (Path(source).name + '.parquet')}"
+            )
+
+
+def _drain(items: list) -> list:
+    taken = items[:]
+    items.clear()
+    return taken
 
 
 def _ordered_map(pool: ProcessPoolExecutor, fn, tasks: Iterator[tuple], depth: int = 16) -> Iterator[tuple]:

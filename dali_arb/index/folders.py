@@ -4,6 +4,7 @@ sidecar captions, and reusing the rows of unchanged files for ``--update``."""
 from __future__ import annotations
 
 import os
+import stat as stat_module
 from collections.abc import Iterator
 
 import pyarrow as pa
@@ -12,7 +13,16 @@ import pyarrow.compute as pc
 from ..imagefacts import inspect_image
 from .records import Reject, Row
 
-__all__ = ["CAPTION_EXTS", "NOT_IMAGES", "PreviousRows", "folder_task", "folder_tasks", "read_caption"]
+__all__ = [
+    "CAPTION_EXTS",
+    "NOT_IMAGES",
+    "FolderWalk",
+    "PreviousRows",
+    "decode_caption",
+    "display_path",
+    "folder_task",
+    "read_caption",
+]
 
 #: Files next to images that are not samples: never indexed, never rejected.
 NOT_IMAGES = frozenset(
@@ -23,14 +33,40 @@ CAPTION_EXTS = (".txt", ".caption")
 FILES_PER_TASK = 256
 
 
+def decode_caption(data: bytes) -> str:
+    """Caption text from a file's bytes: UTF-8 (a BOM is dropped), UTF-16 when it starts with its BOM, and
+    otherwise, when the bytes are not valid UTF-8, Windows-1252 (what Windows editors wrote before UTF-8)."""
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return data.decode("utf-16", errors="replace").strip()
+    try:
+        return data.decode("utf-8-sig").strip()
+    except UnicodeDecodeError:
+        return data.decode("cp1252", errors="replace").strip()
+
+
 def read_caption(stem_path: str) -> str | None:
+    """The sidecar caption of an image (``stem.txt`` / ``stem.caption``, in lower or upper case), or None."""
     for ext in CAPTION_EXTS:
-        try:
-            with open(stem_path + ext, encoding="utf-8", errors="replace") as fh:
-                return fh.read().strip()
-        except OSError:
-            continue
+        for variant in (ext, ext.upper()):
+            try:
+                with open(stem_path + variant, "rb") as fh:
+                    return decode_caption(fh.read())
+            except OSError:
+                continue
     return None
+
+
+def display_path(path: str) -> str:
+    """``path`` as text that can be written anywhere (undecodable bytes of a file name shown as U+FFFD)."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a name os.fsdecode kept as surrogates: its bytes are not UTF-8
+        return False
+    return True
 
 
 def folder_task(args: tuple) -> tuple[list[Row], list[Reject], int]:
@@ -46,6 +82,10 @@ def folder_task(args: tuple) -> tuple[list[Row], list[Reject], int]:
     for rel in relpaths:
         path = os.path.join(root, rel)
         key = os.path.splitext(rel)[0].replace(os.sep, "/")
+        if not is_utf8(path):
+            reason = "file name is not valid UTF-8 (rename the file; manifests hold UTF-8 text)"
+            rejects.append({"source": display_path(path), "reason": reason})
+            continue
         if key in kept_by_key:
             rejects.append({"source": path, "reason": f"duplicate key {key!r} (kept {kept_by_key[key]})", "key": key})
             continue
@@ -53,6 +93,9 @@ def folder_task(args: tuple) -> tuple[list[Row], list[Reject], int]:
             stat = os.stat(path)
         except OSError as exc:
             rejects.append({"source": path, "reason": f"unreadable ({exc.strerror or exc})", "key": key})
+            continue
+        if not stat_module.S_ISREG(stat.st_mode):  # a FIFO would block the read forever
+            rejects.append({"source": path, "reason": "not a regular file (a FIFO, socket or device)", "key": key})
             continue
         previous = known.get(path) if known else None
         if previous is not None and previous[0] == stat.st_size and previous[1] == stat.st_mtime_ns:
@@ -105,22 +148,61 @@ class PreviousRows:
         }
 
 
-def folder_tasks(root: str, max_pixels: int, previous: PreviousRows | None) -> Iterator[tuple]:
-    """Groups of image candidates of one folder tree, same-stem files kept in one group."""
-    for directory, dirnames, filenames in os.walk(root, onerror=None):
-        known = previous.folder(os.path.normpath(directory)) if previous else {}
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        names = sorted(
-            f for f in filenames if not f.startswith(".") and os.path.splitext(f)[1].lower() not in NOT_IMAGES
-        )
-        rel_dir = os.path.relpath(directory, root)
-        rels = [n if rel_dir == "." else os.path.join(rel_dir, n) for n in names]
-        start = 0
-        while start < len(rels):
-            end = min(start + FILES_PER_TASK, len(rels))
-            while end < len(rels) and os.path.splitext(rels[end])[0] == os.path.splitext(rels[end - 1])[0]:
-                end += 1  # never split files with one stem across tasks
-            chunk = rels[start:end]
-            subset = {p: known[p] for p in (os.path.join(root, r) for r in chunk) if p in known} if known else None
-            yield (root, chunk, max_pixels, subset)
-            start = end
+class FolderWalk:
+    """Walks the folder sources of one index run: each real folder once (overlapping sources and symlinked
+    folders included, which are followed), symlinked files into an input folder skipped (the file itself is
+    indexed), and walk errors (an unreadable subfolder) turned into rejects instead of being ignored.
+
+    ``rejects`` collects what the walk refused; the driver drains it.
+    """
+
+    def __init__(self, roots: list[str], max_pixels: int, previous: PreviousRows | None) -> None:
+        self.real_roots = [os.path.realpath(r) for r in roots]
+        self.max_pixels = max_pixels
+        self.previous = previous
+        self.walked: dict[str, str] = {}  # real folder -> the path it was walked as
+        self.linked_targets: set[str] = set()
+        self.rejects: list[Reject] = []
+
+    def _inside_inputs(self, real: str) -> bool:
+        return any(real == r or real.startswith(r + os.sep) for r in self.real_roots)
+
+    def tasks(self, root: str) -> Iterator[tuple]:
+        """Groups of image candidates of the tree at ``root``, same-stem files kept in one group."""
+
+        def on_error(exc: OSError) -> None:
+            where = display_path(exc.filename or root)
+            self.rejects.append({"source": where, "reason": f"unreadable folder ({exc.strerror or exc}); its images were not indexed"})  # fmt: skip
+
+        for directory, dirnames, filenames in os.walk(root, onerror=on_error, followlinks=True):
+            real = os.path.realpath(directory)
+            if real in self.walked:
+                dirnames[:] = []
+                self.rejects.append({"source": display_path(directory), "reason": f"folder already indexed as {display_path(self.walked[real])} (overlapping sources or a symlinked folder)"})  # fmt: skip
+                continue
+            self.walked[real] = directory
+            known = self.previous.folder(os.path.normpath(directory)) if self.previous else {}
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            names = []
+            for f in sorted(filenames):
+                if f.startswith(".") or os.path.splitext(f)[1].lower() in NOT_IMAGES:
+                    continue
+                full = os.path.join(directory, f)
+                if os.path.islink(full):
+                    target = os.path.realpath(full)
+                    if self._inside_inputs(target) or target in self.linked_targets:
+                        self.rejects.append({"source": display_path(full), "reason": f"symlink to {display_path(target)}, which is indexed itself"})  # fmt: skip
+                        continue
+                    self.linked_targets.add(target)
+                names.append(f)
+            rel_dir = os.path.relpath(directory, root)
+            rels = [n if rel_dir == "." else os.path.join(rel_dir, n) for n in names]
+            start = 0
+            while start < len(rels):
+                end = min(start + FILES_PER_TASK, len(rels))
+                while end < len(rels) and os.path.splitext(rels[end])[0] == os.path.splitext(rels[end - 1])[0]:
+                    end += 1  # never split files with one stem across tasks
+                chunk = rels[start:end]
+                subset = {p: known[p] for p in (os.path.join(root, r) for r in chunk) if p in known} if known else None
+                yield (root, chunk, self.max_pixels, subset)
+                start = end

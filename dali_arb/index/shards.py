@@ -4,40 +4,62 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import tarfile
 
 from ..imagefacts import inspect_image
-from .folders import NOT_IMAGES
+from .folders import NOT_IMAGES, decode_caption, display_path, is_utf8
 from .records import Reject, Row
 
 __all__ = ["member_key", "shard_task"]
 
 
-def member_key(name: str) -> tuple[str, str]:
-    """webdataset convention: key is the path up to the first dot of the base name."""
-    directory, base = os.path.split(name)
-    stem, dot, ext = base.partition(".")
-    return (f"{directory}/{stem}" if directory else stem), ("." + ext.lower() if dot else "")
+def member_key(name: str) -> tuple[str, str, str] | None:
+    """``(key, side, ext)`` of a tar member by the webdataset convention, or None for a hidden member.
+
+    The key is the path up to the first dot of the base name; ``ext`` is the last dot-part (lower case,
+    with its dot); ``side`` is what lies between (``"depth"`` in ``0000.depth.png``, ``""`` for the sample's
+    own ``0000.jpg``). A leading ``./`` (``tar -C dir .``) is not part of the key; members whose path has a
+    part starting with a dot (``.x.jpg``, ``._x.jpg``, ``.git/...``) are not samples.
+    """
+    path = posixpath.normpath(name.lstrip("/"))
+    parts = path.split("/")
+    if any(part.startswith(".") for part in parts):
+        return None
+    stem, dot, rest = parts[-1].partition(".")
+    key = "/".join([*parts[:-1], stem])
+    side, _, last = rest.rpartition(".")
+    return key, side, ("." + last.lower() if dot else "")
 
 
 def shard_task(args: tuple) -> tuple[list[Row], list[Reject]]:
-    """Inspect every sample of one tar shard: ``(shard path, max_pixels)``."""
+    """Inspect every sample of one tar shard: ``(shard path, max_pixels)``.
+
+    A sample's image is its member with no extra dot-part (``key.jpg``); members with one
+    (``key.depth.png``) belong to the sample and never replace its image.
+    """
     shard, max_pixels = args
     rows: list[Row] = []
-    rejects: list[dict] = []
+    rejects: list[Reject] = []
     samples: dict[str, dict] = {}
     try:
         with open(shard, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
-                key, ext = member_key(member.name)
-                if key.startswith(".") or os.path.basename(key).startswith("._"):
+                named = member_key(member.name)
+                if named is None:
+                    continue
+                key, side, ext = named
+                if not is_utf8(member.name):
+                    reason = "member name is not valid UTF-8 (rename it when writing the shard)"
+                    rejects.append({"source": display_path(f"{shard}:{member.name}"), "reason": reason})
                     continue
                 sample = samples.setdefault(key, {})
-                if ext in (".txt", ".caption", ".json"):
-                    data = tar.extractfile(member).read()
-                    sample[ext] = data.decode("utf-8", errors="replace")
+                if side:  # key.NAME.ext: a side file of the sample (pairs, masks, metadata)
+                    sample.setdefault("sides", {})[f"{side}{ext}"] = (member.name, member.offset_data, member.size)
+                elif ext in (".txt", ".caption", ".json"):
+                    sample[ext] = tar.extractfile(member).read()
                 elif ext in NOT_IMAGES:
                     continue
                 elif "image" in sample:
@@ -63,14 +85,30 @@ def shard_task(args: tuple) -> tuple[list[Row], list[Reject]]:
         if isinstance(result, str):
             rejects.append({"source": f"{shard}:{name}", "reason": result, "key": key})
             continue
-        caption = sample.get(".txt", sample.get(".caption"))
-        if caption is None and ".json" in sample:
-            try:
-                meta = json.loads(sample[".json"])
-                caption = meta.get("caption") if isinstance(meta, dict) else None
-            except ValueError:
-                caption = None
-        rows.append(
-            Row(key, result[0], result[1], caption.strip() if caption else caption, shard, offset, length, mtime)
-        )
+        caption, problem = _caption(key, sample)
+        if problem:
+            rejects.append({"source": f"{shard}:{name}", "reason": problem, "key": key})
+            continue
+        rows.append(Row(key, result[0], result[1], caption, shard, offset, length, mtime))
     return rows, rejects
+
+
+def _caption(key: str, sample: dict) -> tuple[str | None, str | None]:
+    """The caption of a sample (``.txt``, ``.caption``, or the ``caption`` field of ``.json``) and, if it
+    cannot be used, why."""
+    for ext in (".txt", ".caption"):
+        if ext in sample:
+            return decode_caption(sample[ext]) or None, None
+    if ".json" not in sample:
+        return None, None
+    try:
+        meta = json.loads(decode_caption(sample[".json"]))
+    except ValueError:
+        return None, f"{key}.json is not valid JSON (fix or drop it)"
+    caption = meta.get("caption") if isinstance(meta, dict) else None
+    if caption is None:
+        return None, None
+    if not isinstance(caption, str):
+        shown = json.dumps(caption)[:40] if not isinstance(caption, float) else repr(caption)
+        return None, f"caption in {key}.json is not text (a {type(caption).__name__}: {shown}); write it as a string"
+    return caption.strip() or None, None

@@ -1,0 +1,41 @@
+"""Process hygiene shared by the indexer's and the loader's worker processes."""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["describe_exit", "die_with_parent"]
+
+
+def die_with_parent() -> None:
+    """In a worker process: end when the parent process ends (Linux ``PR_SET_PDEATHSIG``), so a killed
+    ``dali-arb index`` or training process leaves no orphaned workers behind."""
+    import ctypes
+    import multiprocessing
+    import signal
+
+    parent_process = multiprocessing.parent_process()
+    parent = parent_process.pid if parent_process is not None else os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: nothing to set
+        return
+    if os.getppid() != parent:  # the parent died before the call
+        os._exit(1)
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """A worker's end in words: ``killed by signal 9 (SIGKILL: the out-of-memory killer, or kill -9)``."""
+    import signal
+
+    if exitcode is None:
+        return "still running"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hint = ": the out-of-memory killer, or kill -9" if name == "SIGKILL" else ""
+        return f"killed by signal {-exitcode} ({name}{hint})"
+    return f"exited with status {exitcode}"
