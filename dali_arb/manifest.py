@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute
 import pyarrow.parquet as pq
 
 from .errors import ManifestError
@@ -23,6 +24,8 @@ __all__ = ["FORMAT_VERSION", "Manifest", "rejects_path"]
 FORMAT_VERSION = 1
 _VERSION_KEY = b"dali_arb.format"
 REQUIRED = ("key", "width", "height")
+#: No image sample is larger (a length beyond it is a damaged or hand-edited manifest).
+MAX_SAMPLE_BYTES = 2**31
 
 SCHEMA = pa.schema(
     [
@@ -66,6 +69,27 @@ class Manifest:
                 raise ManifestError(f"{where}: column {name!r} must hold integers, got {column.type}")
             if column.null_count:
                 raise ManifestError(f"{where}: column {name!r} has {column.null_count} empty value(s)")
+        for name in ("offset", "length"):
+            if name in table.column_names and not (
+                pa.types.is_integer(table.column(name).type) or pa.types.is_null(table.column(name).type)
+            ):
+                raise ManifestError(
+                    f"{where}: column {name!r} must hold integers (byte positions), got {table.column(name).type}; "
+                    "rebuild the manifest with `dali-arb index`"
+                )
+        if "length" in table.column_names and len(table):
+            longest = pa.compute.max(table.column("length")).as_py()
+            if longest is not None and longest > MAX_SAMPLE_BYTES:
+                raise ManifestError(
+                    f"{where}: a sample's length is {longest} bytes, over the {MAX_SAMPLE_BYTES} an image may have; "
+                    "the manifest was edited by hand or damaged: rebuild it with `dali-arb index`"
+                )
+        if "offset" in table.column_names and len(table):
+            lowest = pa.compute.min(table.column("offset")).as_py()
+            if lowest is not None and lowest < 0:
+                raise ManifestError(
+                    f"{where}: a sample's offset is {lowest}; rebuild the manifest with `dali-arb index`"
+                )
         if not (pa.types.is_string(table.column("key").type) or pa.types.is_large_string(table.column("key").type)):
             table = table.set_column(table.column_names.index("key"), "key", table.column("key").cast(pa.string()))
         self.table = table

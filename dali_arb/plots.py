@@ -51,6 +51,11 @@ def plot_buckets(report: dict[str, Any], path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
+def printable(text: str) -> str:
+    """``text`` on one line: control characters (a newline in a key) shown escaped, as Python writes them."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def contact_sheet(batches: Iterable[dict[str, Any]], path: str | os.PathLike, *, row_height: int = 160) -> int:
     """One row per batch: the images exactly as the loader made them (uint8 ``[B, 3, H, W]``),
     scaled to ``row_height``, labelled with step, bucket and each key. Returns the rows drawn."""
@@ -88,7 +93,7 @@ def contact_sheet(batches: Iterable[dict[str, Any]], path: str | os.PathLike, *,
         for tile, label in tiles:
             sheet.paste(tile, (x, y))
             draw.rectangle([x, y, x + tile.width - 1, y + row_height - 1], outline=(200, 200, 200))
-            text = label
+            text = printable(label)
             while draw.textlength(text, font=font) > tile.width and len(text) > 2:
                 text = text.removesuffix("…")[:-1] + "…"
             draw.text((x, y + row_height + 1), text, fill=(60, 60, 60), font=font)

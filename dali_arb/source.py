@@ -142,10 +142,10 @@ class BatchSource:
                     f"({len(manifest)} rows now, {self.num_rows} then, or the same count with other content); "
                     "a live loader never serves a rewritten manifest: build a new loader (or write to a new file)"
                 )
-        table = manifest.table
+        table, n = manifest.table, len(manifest)
         self._sources = table.column("source").combine_chunks()  # Arrow: no Python string per row
-        self._offsets = np.asarray(table.column("offset").fill_null(0).to_numpy(), np.int64)
-        self._lengths = np.asarray(table.column("length").fill_null(-1).to_numpy(), np.int64)
+        self._offsets = _int_column(table, "offset", 0, n)
+        self._lengths = _int_column(table, "length", -1, n)  # -1: the whole file
         self._heights = manifest.heights
         self._widths = manifest.widths
         if self._planner is None:
@@ -262,6 +262,8 @@ class BatchSource:
             else:
                 if offset == 0 and info.st_size != length:  # a whole file: its size must be what was indexed
                     return None, Failure.CHANGED
+                if offset + length > info.st_size:  # never allocate for bytes that are not there
+                    return None, Failure.SHORT
                 data = os.pread(fd, length, offset)
                 if len(data) != length:
                     return None, Failure.SHORT
@@ -317,3 +319,10 @@ class BatchSource:
             lo, hi = 0, len(self._members)
         pick = np.random.default_rng([self.config.seed, epoch, step, position, attempt, 0xBAD]).integers(lo, hi)
         return int(self._members[pick])
+
+
+def _int_column(table, name: str, missing: int, n: int) -> np.ndarray:
+    """``int64 (n,)`` of an integer column, ``missing`` where it is null or the column is absent."""
+    if name not in table.column_names:
+        return np.full(n, missing, np.int64)
+    return np.asarray(table.column(name).fill_null(missing).to_numpy(), np.int64)

@@ -34,7 +34,10 @@ def test_tens_of_thousands_of_buckets_keep_every_image():
     [
         ({"min_dim": 300}, r"min_dim \(300\) must be a multiple of step \(64\).*--min-dim 256 or 320"),
         ({"step": 48}, r"min_dim \(256\) must be a multiple of step \(48\).*--min-dim 240 or 288"),
-        ({"step": 48, "min_dim": 240}, r"base 512x512 must have sides that are multiples of step \(48\); use --base 528x528"),
+        (
+            {"step": 48, "min_dim": 240},
+            r"base 512x512 must have sides that are multiples of step \(48\); use --base 528x528",
+        ),
     ],
 )
 def test_bucket_sides_are_multiples_of_step_or_refused(options, message):
@@ -42,3 +45,513 @@ def test_bucket_sides_are_multiples_of_step_or_refused(options, message):
         BucketSpec(**options)
     ok = BucketSpec(step=48, min_dim=240, base=(480, 480))
     assert (ok.sizes % 48 == 0).all()
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def copy_photos(src, dst, count: int | None = None):
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in sorted(src.glob("*.jpg"))[:count]:
+        (dst / f.name).write_bytes(f.read_bytes())
+        caption = f.with_suffix(".txt")
+        if caption.exists():
+            (dst / caption.name).write_bytes(caption.read_bytes())
+    return dst
+
+
+def index(sources, output, **kw):
+    from dali_arb.index import build_index
+
+    return build_index([str(s) for s in sources], output, progress=False, **kw)
+
+
+def rejects_of(manifest) -> list[dict]:
+    import json
+
+    from dali_arb.manifest import rejects_path
+
+    return [json.loads(line) for line in rejects_path(manifest).read_text(encoding="utf-8").splitlines()]
+
+
+def rows_of(manifest) -> dict[str, dict]:
+    from dali_arb import Manifest
+
+    return {r["key"]: r for r in Manifest.read(manifest).table.to_pylist()}
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    from dali_arb.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(err: str, *fragments: str) -> None:
+    assert err.strip().count("\n") == 0, err
+    assert "Traceback" not in err and "internal error" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def tar_of(path, members: list[tuple[str, bytes]]):
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def cpu_loader(manifest, **kw):
+    from dali_arb import DALIBucketIterator
+
+    from .conftest import SMALL
+
+    options = {"batch_size": 2, "buckets": SMALL, "device": "cpu", "workers": 0, "dtype": "uint8", "seed": 3}
+    options.update(kw)
+    return DALIBucketIterator(str(manifest) if not hasattr(manifest, "table") else manifest, **options)
+
+
+# -- 1. a manifest rewritten under a live loader was served with other rows' keys and captions -----
+def test_a_manifest_rewritten_under_a_live_loader_is_refused(tmp_path, dataset):
+    from dali_arb import Manifest, ManifestError
+
+    _, manifest = dataset
+    path = tmp_path / "m.parquet"
+    path.write_bytes(manifest.read_bytes())
+    loader = cpu_loader(path, workers=1, decoder="dali")
+    first = next(iter(loader))
+    assert len(first["ids"]) == 2
+    table = Manifest.read(path).table
+    Manifest(table.take(np.roll(np.arange(table.num_rows), 5))).write(path)  # same row count, rows moved
+    loader.set_epoch(1)  # a new pipeline start re-reads the file in its workers
+    with pytest.raises(ManifestError, match="changed on disk after the loader was built"):
+        next(iter(loader))
+
+
+# -- 2. -o could name an input, or a device node ---------------------------------------------------
+@pytest.mark.parametrize("case", ["inside_folder", "the_shard", "the_metadata", "dev_null", "fifo"])
+def test_outputs_are_never_inputs(tmp_path, capsys, case):
+    import os
+
+    from .images import jpeg_bytes
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes(jpeg_bytes(64, 48))
+    shard = tar_of(tmp_path / "a.tar", [("x.jpg", jpeg_bytes(64, 48))])
+    meta = tmp_path / "meta.csv"
+    meta.write_text("key,width,height\na,64,48\n")
+    source, output, fragment = {
+        "inside_folder": (photos, photos / "a.jpg", "lies inside the input folder"),
+        "the_shard": (shard, shard, "is one of the inputs"),
+        "the_metadata": (meta, meta, "is one of the inputs"),
+        "dev_null": (photos, "/dev/null", "is not a regular file"),
+        "fifo": (photos, tmp_path / "pipe", "is not a regular file"),
+    }[case]
+    if case == "fifo":
+        os.mkfifo(output)
+    before = {p: p.read_bytes() for p in (photos / "a.jpg", shard, meta)}
+    code, _, err = cli(capsys, "index", source, "-o", output)
+    assert code == 1
+    one_line_error(err, fragment)
+    assert all(p.read_bytes() == data for p, data in before.items())
+    assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
+
+
+# -- 3. two index runs on one output shared one .partial path --------------------------------------
+def test_two_index_runs_on_one_output_each_write_a_whole_manifest(tmp_path, dataset):
+    import subprocess
+    import sys
+
+    from dali_arb import Manifest
+
+    folder, _ = dataset
+    a = copy_photos(folder, tmp_path / "a")
+    b = copy_photos(folder, tmp_path / "b", count=10)
+    out = tmp_path / "m.parquet"
+    command = [sys.executable, "-m", "dali_arb", "index"]
+    runs = [subprocess.Popen([*command, str(src), "-o", str(out), "-q"], stderr=subprocess.PIPE) for src in (a, b)]
+    results = [r.communicate(timeout=120) for r in runs]
+    assert [r.returncode for r in runs] == [0, 0], results
+    assert len(Manifest.read(out)) in (len(list(a.glob("*.jpg"))), 10)  # one whole run's rows, readable
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+
+
+# -- 5, 6. tar members ./x.jpg indexed nothing; side files replaced the image -----------------------
+def test_tar_members_with_dot_slash_side_files_and_hidden_members(tmp_path):
+    from .images import jpeg_bytes, photo_like
+
+    depth = tmp_path / "depth.png"
+    photo_like(40, 30).convert("L").save(depth)
+    shard = tar_of(
+        tmp_path / "s.tar",
+        [
+            ("./0000.depth.png", depth.read_bytes()),  # a side file before its image
+            ("./0000.jpg", jpeg_bytes(64, 48, seed=1)),
+            ("./0000.txt", b"a cat"),
+            ("./sub/0001.seg.txt", b"side text"),
+            ("./sub/0001.webp", _webp(50, 40)),
+            ("./._0000.jpg", b"macOS resource fork"),
+            ("./.hidden/0002.jpg", jpeg_bytes(64, 48, seed=2)),
+        ],
+    )
+    out = tmp_path / "m.parquet"
+    index([shard], out)
+    rows = rows_of(out)
+    assert set(rows) == {"0000", "sub/0001"}
+    assert (rows["0000"]["width"], rows["0000"]["height"], rows["0000"]["caption"]) == (64, 48, "a cat")
+    assert (rows["sub/0001"]["width"], rows["sub/0001"]["height"]) == (50, 40)
+    assert rejects_of(out) == []
+
+
+def _webp(w, h) -> bytes:
+    import io
+
+    from .images import photo_like
+
+    buf = io.BytesIO()
+    photo_like(w, h).save(buf, "WEBP")
+    return buf.getvalue()
+
+
+# -- 7. 16-bit grayscale PNGs came out white from the default CPU decoder ---------------------------
+@pytest.mark.parametrize("decoder", ["pillow", "dali"])
+def test_sixteen_bit_grayscale_png_keeps_its_values(tmp_path, decoder):
+    from PIL import Image
+
+    folder = tmp_path / "png16"
+    folder.mkdir()
+    ramp = (np.linspace(0, 65535, 200 * 300).reshape(200, 300)).astype(np.uint16)
+    for i in range(4):
+        Image.fromarray(np.roll(ramp, 40 * i, axis=1)).save(folder / f"g{i}.png")
+    out = tmp_path / "m.parquet"
+    index([folder], out)
+    loader = cpu_loader(out, decoder=decoder, crop="center")
+    for batch in loader:
+        images = batch["images"].float()
+        assert images.mean() < 200 and images.std() > 40  # a ramp, not white (255)
+        assert torch_equal_channels(batch["images"])
+
+
+def torch_equal_channels(images) -> bool:
+    return bool((images[:, 0] == images[:, 1]).all() and (images[:, 1] == images[:, 2]).all())
+
+
+# -- 8. EXIF orientation in TIFF (sizes swapped twice) and PNG eXIf (not at all) -----------------------
+@pytest.mark.parametrize("fmt", ["TIFF", "PNG"])
+@pytest.mark.parametrize("decoder", ["pillow", "dali"])
+def test_exif_orientation_in_tiff_and_png(tmp_path, fmt, decoder):
+    from PIL import Image, ImageOps
+
+    from .images import photo_like
+
+    folder = tmp_path / "turned"
+    folder.mkdir()
+    for i, orientation in enumerate((6, 8, 3, 1)):
+        img = photo_like(300, 200, seed=i)
+        path = folder / f"t{i}.{fmt.lower()}"
+        if fmt == "TIFF":
+            img.save(path, "TIFF", tiffinfo={274: orientation})
+        else:
+            exif = Image.Exif()
+            exif[0x0112] = orientation
+            img.save(path, "PNG", exif=exif)
+    out = tmp_path / "m.parquet"
+    index([folder], out)
+    rows = rows_of(out)
+    assert [(rows[f"t{i}"]["width"], rows[f"t{i}"]["height"]) for i in range(4)] == [
+        (200, 300),
+        (200, 300),
+        (300, 200),
+        (300, 200),
+    ]
+    for batch in cpu_loader(out, decoder=decoder, crop="center"):
+        for i, key in enumerate(batch["ids"]):
+            upright = ImageOps.exif_transpose(Image.open(folder / f"{key}.{fmt.lower()}")).convert("RGB")
+            assert tuple(batch["original_size"][i].tolist()) == (upright.height, upright.width)
+            bh, bw = batch["target_size"]
+            top, left = batch["crop_top_left"][i].tolist()
+            scale = max(bh / upright.height, bw / upright.width)
+            rh, rw = max(bh, round(upright.height * scale)), max(bw, round(upright.width * scale))
+            ref = np.asarray(upright.resize((rw, rh), Image.BILINEAR).crop((left, top, left + bw, top + bh)))
+            ours = batch["images"][i].permute(1, 2, 0).numpy()
+            assert np.abs(ours.astype(float) - ref).mean() < 12, (key, decoder)
+
+
+# -- 9. valid JPEGs followed by data (motion photos) and PNGs with bytes after IEND were rejected ----
+def test_images_followed_by_data_are_kept_and_truncated_ones_still_refused(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from .images import jpeg_bytes, photo_like
+
+    folder = tmp_path / "f"
+    folder.mkdir()
+    video = bytes(np.random.default_rng(0).integers(0, 255, 300_000, dtype=np.uint8)).replace(b"\xff\xd9", b"\xff\x00")
+    (folder / "motion.jpg").write_bytes(jpeg_bytes(320, 240, seed=1) + video)  # a phone's motion photo
+    buf = io.BytesIO()
+    photo_like(200, 100).save(buf, "PNG")
+    (folder / "trailer.png").write_bytes(buf.getvalue() + b"\x00" * 40 + b"appended by some tool")
+    # a small truncated JPEG whose EXIF thumbnail carries its own end marker must still be refused
+    thumb = io.BytesIO()
+    photo_like(32, 24).save(thumb, "JPEG")
+    exif = Image.Exif()
+    exif[0x0112] = 1
+    big = io.BytesIO()
+    photo_like(400, 300, seed=3).save(big, "JPEG", exif=exif.tobytes() + thumb.getvalue())
+    whole = big.getvalue()
+    (folder / "cut_with_thumbnail.jpg").write_bytes(whole[: len(whole) * 2 // 3])
+    out = tmp_path / "m.parquet"
+    index([folder], out)
+    assert set(rows_of(out)) == {"motion", "trailer"}
+    assert [r["reason"].split(" (")[0] for r in rejects_of(out)] == ["truncated JPEG"]
+    served = {k for batch in cpu_loader(out, batch_size=1, decoder="dali") for k in batch["ids"]}
+    assert served == {"motion", "trailer"}
+
+
+# -- 10. unreadable subfolders were skipped with no reject line ---------------------------------------
+def test_an_unreadable_subfolder_is_listed_as_a_reject(tmp_path, dataset):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    folder, _ = dataset
+    base = tmp_path / "shared"
+    photos = copy_photos(folder, base / "photos", count=6)
+    locked = copy_photos(folder, photos / "locked", count=2)
+    out_dir = base / "out"
+    out_dir.mkdir()
+    os.chmod(locked, 0)
+    try:
+        command = [sys.executable, "-m", "dali_arb", "index", str(photos), "-o", str(out_dir / "m.parquet"), "-q"]
+        # root reads any folder: the indexer runs without the capabilities that bypass permissions
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, preexec_fn=_as_ordinary_reader)
+    finally:
+        os.chmod(locked, 0o755)
+    assert done.returncode == 0, done.stderr
+    rejects = [json.loads(line) for line in (out_dir / "m.parquet.rejects.jsonl").read_text().splitlines()]
+    assert [r["source"] for r in rejects] == [str(locked)]
+    assert rejects[0]["reason"].startswith("unreadable folder (Permission denied)")
+
+
+def _as_ordinary_reader() -> None:
+    """In a child before exec: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding set, so that
+    even root gets 'Permission denied' on a folder with mode 000 (a no-op for other users)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):
+        libc.prctl(24, capability, 0, 0, 0)  # PR_CAPBSET_DROP
+
+
+# -- 11. an image accepted with --max-pixels above Pillow's bomb limit failed in the loader every time --
+def test_the_loader_decodes_what_the_indexer_accepted_above_pillows_bomb_limit(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "huge"
+    folder.mkdir()
+    Image.new("L", (9500, 9500), 90).save(folder / "huge.jpg", quality=50)  # 90.25 MP > Pillow's 89.5 MP
+    out = tmp_path / "m.parquet"
+    index([folder], out, max_pixels=100_000_000)
+    loader = cpu_loader(out, batch_size=1, decoder="pillow")
+    batch = next(iter(loader))
+    assert batch["ids"] == ["huge"] and loader.failed == []
+    assert abs(batch["images"].float().mean().item() - 90) < 3
+
+
+# -- 12. decoder="dali": a file re-encoded at another size with the same byte length kept the old crop --
+def test_a_same_length_reencode_at_another_size_is_noticed_by_the_dali_decoder(tmp_path, dataset):
+    from .images import jpeg_bytes
+
+    folder, _ = dataset
+    work = copy_photos(folder, tmp_path / "p")
+    out = tmp_path / "m.parquet"
+    index([work], out)
+    target = work / "img000.jpg"
+    length = target.stat().st_size
+    other = jpeg_bytes(120, 90, seed=9)  # another size, smaller: padded after its end marker to the same length
+    assert len(other) < length
+    target.write_bytes(other + b"\x00" * (length - len(other)))
+    loader = cpu_loader(out, decoder="dali", batch_size=4)
+    served = [k for batch in loader for k in batch["ids"]]
+    assert "img000" not in served
+    assert "its pixel size differs" in loader.state_dict()["failed"]["img000"]
+
+
+# -- 15. one DALI worker killed (the OOM killer) blocked the training loop forever -------------------
+KILL_SCRIPT = """
+import json, os, signal, sys
+from dali_arb import DALIBucketIterator
+from tests.conftest import SMALL
+def make():
+    return DALIBucketIterator(sys.argv[1], batch_size=2, buckets=SMALL, device="cpu", workers=2, dtype="uint8",
+                              seed=3, rank=0, world_size=1)
+reference = [b["ids"] for b in make()]
+loader = make()
+got = []
+for i, batch in enumerate(loader):
+    got.append(batch["ids"])
+    if i == 1:
+        os.kill(loader._pipe._py_pool.pids()[0], signal.SIGKILL)
+print(json.dumps({"same": got == reference, "batches": len(got)}))
+"""
+
+
+def test_a_killed_worker_restarts_the_pipeline_at_the_same_step(tmp_path, dataset):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, manifest = dataset
+    done = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(manifest)], capture_output=True, text=True,
+                          timeout=180, cwd=Path(__file__).parent.parent)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["same"] and result["batches"] > 4
+    assert "killed by signal 9 (SIGKILL" in done.stderr and "restarting the pipeline at the same step" in done.stderr
+
+
+# -- 16. a FIFO hung the indexer, and a file replaced by a FIFO after indexing hung the loader ---------
+def test_fifos_are_never_read(tmp_path, dataset):
+    import os
+
+    folder, _ = dataset
+    work = copy_photos(folder, tmp_path / "p")
+    os.mkfifo(work / "pipe.jpg")
+    out = tmp_path / "m.parquet"
+    index([work], out)
+    assert [r["reason"] for r in rejects_of(out)] == ["not a regular file (a FIFO, socket or device)"]
+    (work / "img003.jpg").unlink()
+    os.mkfifo(work / "img003.jpg")
+    loader = cpu_loader(out, batch_size=4, decoder="dali")
+    assert "img003" not in [k for batch in loader for k in batch["ids"]]
+    assert "not a regular file" in loader.state_dict()["failed"]["img003"]
+
+
+# -- 17. SIGTERM left worker processes alive (reparented to PID 1) and .partial files behind ----------
+def _children(pid: int) -> set[int]:
+    import glob
+
+    found = set()
+    for path in glob.glob(f"/proc/{pid}/task/*/children"):
+        with open(path) as fh:
+            found |= {int(x) for x in fh.read().split()}
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    import os
+
+    alive = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                if fh.read().split(")")[-1].split()[0] != "Z":
+                    alive.add(pid)
+        except OSError:
+            continue
+        _ = os
+    return alive
+
+
+def _wait_for(condition, seconds: float) -> bool:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_sigterm_to_index_leaves_no_workers_and_no_partial_files(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from .images import save_jpeg
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(1500):
+        save_jpeg(folder / f"{i:05d}.jpg", 64, 48, seed=i)
+    out = tmp_path / "out" / "m.parquet"
+    out.parent.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "dali_arb", "index", str(folder), "-o", str(out), "-q", "--workers", "2"],
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert _wait_for(lambda: len(_children(proc.pid)) >= 2, 60), "the indexer started no workers"
+    workers = _children(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "terminated (SIGTERM)" in err and "Traceback" not in err
+    assert _wait_for(lambda: not _alive(workers), 10), f"workers left alive: {_alive(workers)}"
+    assert list(out.parent.iterdir()) == []
+
+
+TRAIN_SCRIPT = """
+import sys, time
+from dali_arb import DALIBucketIterator
+from tests.conftest import SMALL
+loader = DALIBucketIterator(sys.argv[1], batch_size=2, buckets=SMALL, device="cpu", workers=2, dtype="uint8",
+                            rank=0, world_size=1)
+next(iter(loader))
+print(" ".join(str(p) for p in loader._pipe._py_pool.pids()), flush=True)
+time.sleep(120)
+"""
+
+
+def test_sigterm_to_a_training_process_takes_its_loader_workers_along(dataset):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, manifest = dataset
+    proc = subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT, str(manifest)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, cwd=Path(__file__).parent.parent)  # fmt: skip
+    workers = {int(p) for p in proc.stdout.readline().split()}
+    assert len(workers) == 2 and _alive(workers) == workers
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    assert _wait_for(lambda: not _alive(workers), 10), f"workers left alive: {_alive(workers)}"
+
+
+# -- 18. a non-text JSON caption or a non-UTF-8 file name aborted the whole index ---------------------
+def test_one_bad_sample_is_rejected_and_the_rest_indexed(tmp_path):
+    import os
+
+    from .images import jpeg_bytes
+
+    captions = [
+        b'{"caption": NaN}',
+        b'{"caption": 7}',
+        b'{"caption": ["a", "b"]}',
+        b'{"caption": {}}',
+        b'{"caption": "ok"}',
+    ]
+    members = []
+    for i, caption in enumerate(captions):
+        members += [(f"{i:04d}.jpg", jpeg_bytes(64, 48, seed=i)), (f"{i:04d}.json", caption)]
+    shard = tar_of(tmp_path / "s.tar", members)
+    folder = tmp_path / "f"
+    folder.mkdir()
+    (folder / "good.jpg").write_bytes(jpeg_bytes(64, 48))
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.jpg"), "wb") as fh:  # Latin-1 bytes: not UTF-8
+        fh.write(jpeg_bytes(64, 48))
+    out = tmp_path / "m.parquet"
+    index([shard, folder], out)
+    rows = rows_of(out)
+    assert set(rows) == {"0004", "good"} and rows["0004"]["caption"] == "ok"
+    reasons = sorted(r["reason"] for r in rejects_of(out))
+    assert len(reasons) == 5
+    assert sum(r.startswith("caption in 000") and "is not text" in r for r in reasons) == 4
+    assert any(r.startswith("file name is not valid UTF-8") for r in reasons)

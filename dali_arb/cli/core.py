@@ -5,12 +5,25 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from ..buckets import format_size
 from ..errors import ConfigError
 from .options import add_bucket_options, add_plan_options, non_negative_int, positive_int, spec_from_args
 
-__all__ = ["register"]
+__all__ = ["png_path", "register"]
+
+
+def png_path(text: str, option: str) -> Path:
+    """Where a picture goes: ``text`` as given when it ends in ``.png``, with ``.png`` added when it has
+    no suffix; any other suffix is refused (the file written is always the one named)."""
+    path = Path(text)
+    if path.suffix == "":
+        return path.with_name(path.name + ".png")
+    if path.suffix.lower() != ".png":
+        raise ConfigError(f"{option} must name a .png file, got {text!r}")
+    return path
+
 
 # -- commands ------------------------------------------------------------------------------------
 
@@ -47,6 +60,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 def cmd_buckets(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
+    plot_path = png_path(args.plot, "--plot") if args.plot else None
     if args.manifest is None:
         sizes = [{"width": int(w), "height": int(h)} for h, w in spec.sizes]
         if args.json:
@@ -72,14 +86,14 @@ def cmd_buckets(args: argparse.Namespace) -> int:
     if args.plot:
         from ..plots import plot_buckets
 
-        plot_buckets(report, args.plot)
-        report["plot"] = str(args.plot)
+        plot_buckets(report, plot_path)
+        report["plot"] = str(plot_path)
     if args.json:
         print(json.dumps(report))
     else:
         print(format_report(report))
         if args.plot:
-            print(f"plot written to {args.plot}")
+            print(f"plot written to {plot_path}")
     return 0
 
 

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import ConfigError
+from .core import png_path
 from .options import add_bucket_options, non_negative_int, positive_int, probability, spec_from_args
 
 SAMPLES = Path(__file__).parent.parent / "samples"
@@ -69,9 +69,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
     from ..iterator import DALIBucketIterator
     from ..plots import contact_sheet
 
-    out = Path(args.output)
-    if out.suffix.lower() != ".png":
-        raise ConfigError(f"-o must name a .png file, got {args.output!r}")
+    out = png_path(args.output, "-o")
     loader = DALIBucketIterator(
         args.manifest, batch_size=args.batch_size, buckets=spec_from_args(args), seed=args.seed, crop=args.crop,
         flip=args.flip, dtype="uint8", rank=0, world_size=1,

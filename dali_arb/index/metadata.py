@@ -39,6 +39,8 @@ def metadata_rows(path: Path) -> tuple[pa.Table, list[Reject]]:
         )
     rejects: list[Reject] = []
     n = table.num_rows
+    if n == 0:
+        raise IndexingError(f"metadata {path} has no rows (only a header?); give metadata with one row per image")
     keep = pa.array([True] * n)
     key = pc.cast(table.column("key"), pa.string())
     if "status" in names:
@@ -53,20 +55,20 @@ def metadata_rows(path: Path) -> tuple[pa.Table, list[Reject]]:
                 }
             )
         keep = pc.and_(keep, ok)
-    width = pc.cast(table.column("width"), pa.int64(), safe=False)
-    height = pc.cast(table.column("height"), pa.int64(), safe=False)
-    good_size = pc.fill_null(pc.and_(pc.greater(width, 0), pc.greater(height, 0)), False)
-    bad_size = pc.and_(keep, pc.invert(good_size))
-    for row in pc.indices_nonzero(bad_size).to_pylist():
+    width, bad_width = _whole_numbers(table.column("width"), "width", path)
+    height, bad_height = _whole_numbers(table.column("height"), "height", path)
+    for row in pc.indices_nonzero(pc.and_(keep, pc.or_(bad_width, bad_height))).to_pylist():
+        shown = f"{table.column('width')[row].as_py()!r} x {table.column('height')[row].as_py()!r}"
         rejects.append(
             {
                 "source": f"{path}#{key[row].as_py()}",
-                "reason": f"missing or non-positive size {width[row].as_py()}x{height[row].as_py()}",
+                "reason": f"size is not two whole numbers between 1 and {INT32_MAX} ({shown})",
                 "key": key[row].as_py(),
             }
         )
+    good_size = pc.invert(pc.or_(bad_width, bad_height))
     keep = pc.and_(keep, good_size)
-    caption = pc.cast(table.column("caption"), pa.string()) if "caption" in names else pa.nulls(n, pa.string())
+    caption = _text(table.column("caption")) if "caption" in names else pa.nulls(n, pa.string())
     caption = pc.if_else(pc.equal(pc.utf8_trim_whitespace(caption), ""), pa.scalar(None, pa.string()), caption)
     path_column = next((c for c in ("path", "filepath", "file", "image_path") if c in names), None)
     if path_column:
@@ -105,3 +107,46 @@ def metadata_rows(path: Path) -> tuple[pa.Table, list[Reject]]:
         schema=SCHEMA,
     )
     return out.filter(keep), rejects
+
+
+INT32_MAX = 2**31 - 1
+
+
+def _whole_numbers(column: pa.ChunkedArray, name: str, path: Path) -> tuple[pa.Array, pa.Array]:
+    """``(values as int64, bad)`` of a size column: ``bad`` marks values that are not whole numbers in
+    ``1..INT32_MAX`` (text that is not a number, fractions, NaN, values that would wrap in int32, nulls)."""
+    column = column.combine_chunks()
+    kind = column.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        digits = pc.fill_null(pc.match_substring_regex(column, r"^\s*\d{1,10}\s*$"), False)
+        column = pc.if_else(digits, pc.utf8_trim_whitespace(column), pa.scalar(None, pa.string()))
+        column = pc.cast(column, pa.int64())
+    elif pa.types.is_floating(kind):
+        whole = pc.fill_null(pc.and_(pc.is_finite(column), pc.equal(pc.floor(column), column)), False)
+        column = pc.if_else(pc.and_(whole, pc.less_equal(pc.abs(column), float(INT32_MAX))), column, None)
+        column = pc.cast(column, pa.int64())
+    elif pa.types.is_integer(kind):
+        column = pc.cast(column, pa.int64())
+    elif not pa.types.is_null(kind):
+        raise IndexingError(
+            f"metadata {path}: column {name!r} holds {kind}, not numbers; it needs image sizes in pixels"
+        )
+    else:
+        column = pa.nulls(len(column), pa.int64())
+    good = pc.fill_null(pc.and_(pc.greater(column, 0), pc.less_equal(column, INT32_MAX)), False)
+    return pc.if_else(good, column, None), pc.invert(good)
+
+
+def _text(column: pa.ChunkedArray) -> pa.Array:
+    """Captions as UTF-8 strings: binary values are decoded like caption files (UTF-8, UTF-16 with a BOM,
+    else Windows-1252)."""
+    from .folders import decode_caption
+
+    if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+        return pa.array([None if v is None else decode_caption(v) for v in column.to_pylist()], pa.string())
+    if pa.types.is_null(column.type):
+        return pa.nulls(len(column), pa.string())
+    try:
+        return pc.cast(column, pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise IndexingError(f"caption column holds {column.type}, not text; write captions as strings") from None
