@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute
 import pyarrow.parquet as pq
 
 from .errors import ManifestError
@@ -77,15 +76,17 @@ class Manifest:
                     f"{where}: column {name!r} must hold integers (byte positions), got {table.column(name).type}; "
                     "rebuild the manifest with `dali-arb index`"
                 )
+        import pyarrow.compute as pc  # here, not at import: the core imports light
+
         if "length" in table.column_names and len(table):
-            longest = pa.compute.max(table.column("length")).as_py()
+            longest = pc.max(table.column("length")).as_py()
             if longest is not None and longest > MAX_SAMPLE_BYTES:
                 raise ManifestError(
                     f"{where}: a sample's length is {longest} bytes, over the {MAX_SAMPLE_BYTES} an image may have; "
                     "the manifest was edited by hand or damaged: rebuild it with `dali-arb index`"
                 )
         if "offset" in table.column_names and len(table):
-            lowest = pa.compute.min(table.column("offset")).as_py()
+            lowest = pc.min(table.column("offset")).as_py()
             if lowest is not None and lowest < 0:
                 raise ManifestError(
                     f"{where}: a sample's offset is {lowest}; rebuild the manifest with `dali-arb index`"

@@ -356,9 +356,10 @@ def test_the_loader_decodes_what_the_indexer_accepted_above_pillows_bomb_limit(t
 
     folder = tmp_path / "huge"
     folder.mkdir()
-    Image.new("L", (9500, 9500), 90).save(folder / "huge.jpg", quality=50)  # 90.25 MP > Pillow's 89.5 MP
+    # 182 MP: past twice Pillow's MAX_IMAGE_PIXELS, where Pillow raises instead of warning
+    Image.new("L", (13500, 13500), 90).save(folder / "huge.jpg", quality=50)
     out = tmp_path / "m.parquet"
-    index([folder], out, max_pixels=100_000_000)
+    index([folder], out, max_pixels=200_000_000)
     loader = cpu_loader(out, batch_size=1, decoder="pillow")
     batch = next(iter(loader))
     assert batch["ids"] == ["huge"] and loader.failed == []
@@ -555,3 +556,185 @@ def test_one_bad_sample_is_rejected_and_the_rest_indexed(tmp_path):
     assert len(reasons) == 5
     assert sum(r.startswith("caption in 000") and "is not text" in r for r in reasons) == 4
     assert any(r.startswith("file name is not valid UTF-8") for r in reasons)
+
+
+# -- Messages: each was an "internal error" or a raw exception ------------------------------------------
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        ("key,width,height\n", "has no rows (only a header?)"),
+        ("key,width,height\n", "give metadata with one row per image"),
+    ],
+)
+def test_metadata_with_only_a_header_is_one_line(tmp_path, capsys, content, fragment):
+    meta = tmp_path / "meta.csv"
+    meta.write_text(content)
+    code, _, err = cli(capsys, "index", meta, "-o", tmp_path / "m.parquet")
+    assert code == 1
+    one_line_error(err, fragment)
+
+
+def test_metadata_sizes_that_are_not_whole_int32_numbers_are_rejected_per_row(tmp_path, capsys):
+    meta = tmp_path / "meta.csv"
+    meta.write_text("key,width,height\na,abc,100\nb,3000000000,100\nc,12.5,100\nd,100,100\n")
+    code, out, _ = cli(capsys, "index", meta, "-o", tmp_path / "m.parquet")
+    assert code == 0 and "rejected 3" in out
+    assert set(rows_of(tmp_path / "m.parquet")) == {"d"}
+    reasons = {r["key"]: r["reason"] for r in rejects_of(tmp_path / "m.parquet")}
+    assert set(reasons) == {"a", "b", "c"}
+    assert all(r.startswith("size is not two whole numbers between 1 and 2147483647") for r in reasons.values())
+
+
+def test_binary_and_latin1_captions_in_parquet_metadata(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    captions = pa.array([b"hello", "café".encode("cp1252"), "\ufeffbom".encode()], pa.binary())
+    pq.write_table(pa.table({"key": ["a", "b", "c"], "width": [1, 2, 3], "height": [1, 2, 3], "caption": captions}),
+                   tmp_path / "meta.parquet")  # fmt: skip
+    index([tmp_path / "meta.parquet"], tmp_path / "m.parquet")
+    assert {k: r["caption"] for k, r in rows_of(tmp_path / "m.parquet").items()} == {
+        "a": "hello",
+        "b": "café",
+        "c": "bom",
+    }
+
+
+def test_sidecar_captions_in_other_encodings_and_upper_case_extensions(tmp_path):
+    from .images import jpeg_bytes
+
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for name in ("a", "b", "c", "d", "IMG"):
+        (folder / f"{name}.jpg").write_bytes(jpeg_bytes(64, 48))
+    (folder / "a.txt").write_bytes("\ufeffwith a BOM".encode())
+    (folder / "b.txt").write_bytes("crème brûlée".encode("cp1252"))
+    (folder / "c.txt").write_bytes("utf-16 text".encode("utf-16"))
+    (folder / "d.caption").write_text("ünïcode", encoding="utf-8")
+    (folder / "IMG.TXT").write_text("shouting", encoding="utf-8")
+    index([folder], tmp_path / "m.parquet")
+    captions = {k: r["caption"] for k, r in rows_of(tmp_path / "m.parquet").items()}
+    assert captions == {"a": "with a BOM", "b": "crème brûlée", "c": "utf-16 text", "d": "ünïcode", "IMG": "shouting"}
+
+
+def test_overlapping_sources_and_symlinks_index_each_file_once(tmp_path, dataset):
+    import os
+
+    folder, _ = dataset
+    photos = copy_photos(folder, tmp_path / "photos", count=4)
+    sub = copy_photos(folder, photos / "sub", count=2)
+    elsewhere = copy_photos(folder, tmp_path / "elsewhere", count=3)
+    os.symlink(elsewhere, photos / "linked_folder")  # a symlinked folder outside: followed
+    os.symlink(photos / "img000.jpg", photos / "again.jpg")  # a symlinked file inside: the file is indexed itself
+    out = tmp_path / "m.parquet"
+    index([photos, sub], out)  # sub overlaps photos
+    keys = set(rows_of(out))
+    assert keys == {f"img00{i}" for i in range(4)} | {"sub/img000", "sub/img001"} | {
+        f"linked_folder/img00{i}" for i in range(3)
+    }
+    reasons = sorted(r["reason"].split(" (")[0].split(",")[0] for r in rejects_of(out))
+    assert reasons[0].startswith("folder already indexed as") and reasons[1].startswith("symlink to")
+    assert len(reasons) == 2
+
+
+def test_a_preview_of_a_key_with_a_newline_and_plot_paths(tmp_path, capsys):
+    from PIL import Image
+
+    from .images import jpeg_bytes
+
+    meta_dir = tmp_path / "files"
+    meta_dir.mkdir()
+    rows = ["key,width,height,path"]
+    for i in range(4):
+        (meta_dir / f"{i}.jpg").write_bytes(jpeg_bytes(96, 64, seed=i))
+        rows.append(f'"line one\nline {i}",96,64,files/{i}.jpg')
+    (tmp_path / "meta.csv").write_text("\n".join(rows) + "\n")
+    manifest = tmp_path / "m.parquet"
+    index([tmp_path / "meta.csv"], manifest)
+    small = ["--max-area", "38400", "--min-dim", "64", "--max-dim", "320", "--step", "32", "--base", "160x160"]
+    code, _, err = cli(
+        capsys, "preview", manifest, "-o", tmp_path / "p.png", "--device", "cpu", "--batch-size", "2", *small
+    )
+    assert code == 0, err
+    assert Image.open(tmp_path / "p.png").size[0] > 100
+    code, _, err = cli(capsys, "buckets", manifest, "--plot", tmp_path / "x.txt")
+    assert code == 1
+    one_line_error(err, "--plot must name a .png file, got")
+    code, out, _ = cli(capsys, "buckets", manifest, "--plot", tmp_path / "x", "--batch-size", "2")
+    assert code == 0 and f"plot written to {tmp_path / 'x.png'}" in out and (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("command", ["preview", "bench"])
+def test_preview_and_bench_when_every_file_is_missing(tmp_path, dataset, capsys, command):
+    folder, _ = dataset
+    work = copy_photos(folder, tmp_path / "p")
+    out = tmp_path / "m.parquet"
+    index([work], out)
+    for f in work.glob("*.jpg"):
+        f.unlink()
+    small = ["--max-area", "38400", "--min-dim", "64", "--max-dim", "320", "--step", "32", "--base", "160x160"]
+    extra = ["-o", tmp_path / "p.png"] if command == "preview" else ["--batches", "2", "--rounds", "1"]
+    code, _, err = cli(capsys, command, out, "--device", "cpu", "--workers", "0", *extra, *small)
+    assert code == 1
+    one_line_error(err, "no readable image left in bucket", "re-index")
+
+
+@pytest.mark.parametrize(
+    ("edit", "fragment"),
+    [
+        ("huge_length", "over the 2147483648 an image may have"),
+        ("string_offset", "column 'offset' must hold integers"),
+        ("negative_offset", "a sample's offset is -5"),
+    ],
+)
+def test_hand_edited_manifests_are_one_line(tmp_path, dataset, capsys, edit, fragment):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _, manifest = dataset
+    table = pq.read_table(manifest)
+    i = table.column_names.index
+    if edit == "huge_length":
+        table = table.set_column(i("length"), "length", pa.array([2**40] * table.num_rows, pa.int64()))
+    elif edit == "string_offset":
+        table = table.set_column(i("offset"), "offset", pa.array(["0"] * table.num_rows))
+    else:
+        table = table.set_column(i("offset"), "offset", pa.array([-5] * table.num_rows, pa.int64()))
+    pq.write_table(table, tmp_path / "m.parquet")
+    code, _, err = cli(capsys, "preview", tmp_path / "m.parquet", "-o", tmp_path / "p.png", "--device", "cpu")
+    assert code == 1
+    one_line_error(err, fragment)
+
+
+def test_a_manifest_without_offset_column_reads_whole_files(tmp_path, dataset):
+    import pyarrow.parquet as pq
+
+    _, manifest = dataset
+    table = pq.read_table(manifest)
+    pq.write_table(table.drop_columns(["offset", "length"]), tmp_path / "m.parquet")
+    loader = cpu_loader(tmp_path / "m.parquet", decoder="dali")
+    assert sum(len(b["ids"]) for b in loader) > 30 and loader.failed == []
+
+
+@pytest.mark.parametrize(
+    ("tamper", "fragment"),
+    [
+        (lambda s: s.update(step=None), "state field 'step' must be a non-negative integer, got None"),
+        (lambda s: s.update(epoch=float("nan")), "state field 'epoch' must be a non-negative integer, got nan"),
+        (lambda s: s.pop("world_size"), "state field 'world_size' must be a positive integer, got None"),
+        (lambda s: s.update(failed=["a"]), "state field 'failed' must map keys to reasons, got list"),
+        (lambda s: s.update(step=10_000), "state is at step 10000 of epoch 0, which has only"),
+        (lambda s: s.update(manifest="0" * 32), "state was saved with another manifest (same size, other content)"),
+        (lambda s: s.update(buckets={"max_area": -1}), "state field 'buckets' is not a bucket spec"),
+    ],
+)
+def test_tampered_states_are_refused_in_one_line(dataset, tamper, fragment):
+    from dali_arb import StateError
+
+    _, manifest = dataset
+    loader = cpu_loader(manifest)
+    state = loader.state_dict()
+    tamper(state)
+    with pytest.raises(StateError) as caught:
+        cpu_loader(manifest).load_state_dict(state)
+    assert fragment in str(caught.value) and "\n" not in str(caught.value)

@@ -191,14 +191,14 @@ def build_index(
                     take(rows, rejects, len(rows) + len(rejects))
                     bar.update(len(rows) + len(rejects))
                 else:
-                    empty = True
+                    empty, fresh = True, os.path.realpath(source) not in walk.walked
                     for (rows, rejects, reused), task in _ordered_map(pool, folder_task, walk.tasks(source)):
                         empty = False
                         summary.reused += reused
                         take(rows, rejects + _drain(walk.rejects), len(task[1]))
                         bar.update(len(task[1]))
                     take([], _drain(walk.rejects), 0)
-                    if empty and walk.walked.get(os.path.realpath(source)) == source:  # not an overlap
+                    if empty and fresh:  # (a folder already walked through another source is not empty)
                         raise IndexingError(f"no image files found in folder {source}")
             flush()
             writer.close()
