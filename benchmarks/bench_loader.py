@@ -21,10 +21,18 @@ def loader(args) -> dict:
         manifest = Path(tmp) / "m.parquet"
         build_index([str(folder)], manifest, progress=False)
         result = run_bench(
-            manifest, device=args.device, batch_size=8, batches=batches, rounds=3, baseline=True, memory=True
+            manifest,
+            device=args.device,
+            batch_size=8,
+            batches=batches,
+            rounds=3,
+            baseline=True,
+            memory=True,
+            quality=True,
         )
     flat = {f"{count} JPEGs 0.8-3 MP, batch 8, device {result['device']}, {result['cores']} cores": result["output"]}
-    labels = (("loader", "dali_arb"), ("baseline", "DataLoader + Pillow"), ("baseline_draft", "DataLoader + Pillow draft"),
+    labels = (("loader", "dali_arb"), ("baseline_opencv", "DataLoader + OpenCV reduced decode"),
+              ("baseline", "DataLoader + Pillow"), ("baseline_draft", "DataLoader + Pillow draft"),
               ("torchvision", "DataLoader + torchvision decode_jpeg"), ("loader_dali_decoder", "dali_arb, decoder=dali"), ("memory", "decoder=dali pipeline fed from memory"))  # fmt: skip
     for key, label in labels:
         if not isinstance(result.get(key), dict):
@@ -33,6 +41,9 @@ def loader(args) -> dict:
         flat[f"  {label} images/s (MP/s, p50/p99 ms)"] = (
             f"{r['images_per_s']} ({r['megapixels_per_s']}, {r['batch_ms_p50']}/{r['batch_ms_p99']})"
         )
+    flat["  decode-only ceiling images/s"] = result["decode_ceiling"]["images_per_s"]
+    flat["  share of the decode-only ceiling"] = f"{100 * result['share_of_decode_ceiling']:.0f}%"
+    flat["  speed-up vs OpenCV reduced decode"] = f"{result['speedup_vs_baseline_opencv']}x"
     flat["  speed-up vs Pillow"] = f"{result['speedup_vs_baseline']}x"
     flat["  speed-up vs Pillow draft (goal >= 1.0 on CPU)"] = f"{result['speedup_vs_baseline_draft']}x"
     if "speedup_vs_torchvision" in result:
@@ -42,5 +53,8 @@ def loader(args) -> dict:
         flat["  GPU memory used after warm-up / after run (MB)"] = (
             f"{result['gpu_memory']['after_warmup_mb']} / {result['gpu_memory']['after_run_mb']}"
         )
+    for key, q in result["quality"].items():
+        if isinstance(q, dict):
+            flat[f"  PSNR {key} worst / median dB"] = f"{q['worst_db']} / {q['median_db']}"
     flat["raw"] = result
     return flat

@@ -83,35 +83,100 @@ def make_photo_jpegs(
 # -- the Pillow baseline ---------------------------------------------------------------------------
 
 
-class PillowBatches:
-    """Map-style dataset of whole planned batches, decoded and resized by Pillow (picklable)."""
+def reduction(h: int, w: int, rh: int, rw: int) -> int:
+    """The largest JPEG DCT reduction (8, 4, 2, else 1) whose output still covers ``(rh, rw)``."""
+    return next((f for f in (8, 4, 2) if h // f >= rh and w // f >= rw), 1)
+
+
+class PeerBatches:
+    """Map-style dataset of whole planned batches, as a user writes it with well-kept libraries
+    (picklable): ``method`` ``"pillow"`` (decode, resize to cover with antialiased bilinear, crop),
+    ``"pillow_draft"`` (the same after ``draft()``: libjpeg-turbo decodes at 1/2..1/8 scale), or
+    ``"opencv"`` (``cv2.imdecode`` with ``IMREAD_REDUCED_COLOR_2/4/8`` at the largest reduction that still
+    covers the bucket, ``cv2.resize`` with ``INTER_AREA`` when shrinking by 2x or more, else linear, crop).
+    Centre crop; output ``[B, 3, H, W]`` uint8, or float16 in [-1, 1] normalised in the worker."""
 
     def __init__(self, sources: list[str], heights: np.ndarray, widths: np.ndarray, rows: np.ndarray,
-                 sizes: np.ndarray, *, draft: bool) -> None:  # fmt: skip
+                 sizes: np.ndarray, *, method: str, dtype: str = "float16") -> None:  # fmt: skip
         self.sources, self.heights, self.widths = sources, heights, widths
-        self.rows, self.sizes, self.draft = rows, sizes, draft  # rows: (steps, B); sizes: (steps, 2)
+        self.rows, self.sizes, self.method, self.dtype = (
+            rows,
+            sizes,
+            method,
+            dtype,
+        )  # rows: (steps, B); sizes: (steps, 2)
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, step: int):
-        import torch
+    def image(self, row: int, bh: int, bw: int) -> np.ndarray:
+        """One sample, ``uint8 (bh, bw, 3)``."""
+        if self.method == "opencv":
+            import cv2
+
+            h, w = int(self.heights[row]), int(self.widths[row])
+            rh, rw, _, _ = cover_crop(h, w, bh, bw, 0.0, 0.0, center=True)
+            flag = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+                    8: cv2.IMREAD_REDUCED_COLOR_8}[reduction(h, w, rh, rw)]  # fmt: skip
+            img = cv2.imdecode(np.fromfile(self.sources[row], np.uint8), flag)
+            rh, rw, top, left = cover_crop(img.shape[0], img.shape[1], bh, bw, 0.0, 0.0, center=True)
+            shrink = img.shape[0] / rh >= 2
+            img = cv2.resize(img, (rw, rh), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+            return cv2.cvtColor(img[top : top + bh, left : left + bw], cv2.COLOR_BGR2RGB)
         from PIL import Image, ImageOps
 
+        with Image.open(self.sources[row]) as img:
+            if self.method == "pillow_draft":
+                h, w = int(self.heights[row]), int(self.widths[row])
+                rh, rw, _, _ = cover_crop(h, w, bh, bw, 0.0, 0.0, center=True)
+                img.draft("RGB", (rh, rw) if swaps_sides(img) else (rw, rh))
+            img = ImageOps.exif_transpose(img).convert("RGB")
+            rh, rw, top, left = cover_crop(img.height, img.width, bh, bw, 0.0, 0.0, center=True)
+            return np.asarray(img.resize((rw, rh), Image.BILINEAR).crop((left, top, left + bw, top + bh)))
+
+    def __getitem__(self, step: int):
+        import torch
+
         bh, bw = (int(v) for v in self.sizes[step])
-        out = torch.empty((len(self.rows[step]), 3, bh, bw), dtype=torch.float16)
-        for i, row in enumerate(self.rows[step]):
-            with Image.open(self.sources[row]) as img:
-                if self.draft:
-                    h, w = int(self.heights[row]), int(self.widths[row])
-                    rh, rw, _, _ = cover_crop(h, w, bh, bw, 0.0, 0.0, center=True)
-                    img.draft("RGB", (rh, rw) if swaps_sides(img) else (rw, rh))
-                img = ImageOps.exif_transpose(img).convert("RGB")
-                rh, rw, top, left = cover_crop(img.height, img.width, bh, bw, 0.0, 0.0, center=True)
-                img = img.resize((rw, rh), Image.BILINEAR).crop((left, top, left + bw, top + bh))
-            pixels = torch.from_numpy(np.array(img)).permute(2, 0, 1)
-            out[i] = (pixels.to(torch.float32) - 127.5) / 127.5
-        return out
+        out = torch.from_numpy(np.stack([self.image(row, bh, bw) for row in self.rows[step]])).permute(0, 3, 1, 2)
+        if self.dtype == "uint8":
+            return out.contiguous()
+        return ((out.to(torch.float32) - 127.5) / 127.5).to(torch.float16)
+
+
+class DecodeOnly(PeerBatches):
+    """The physical limit of CPU decoding for these images and buckets: each batch's JPEGs decoded at the
+    reduction the bucket allows (``cv2.IMREAD_REDUCED_*``), nothing else; returns the batch's image count."""
+
+    def __getitem__(self, step: int):
+        import cv2
+
+        bh, bw = (int(v) for v in self.sizes[step])
+        for row in self.rows[step]:
+            h, w = int(self.heights[row]), int(self.widths[row])
+            rh, rw, _, _ = cover_crop(h, w, bh, bw, 0.0, 0.0, center=True)
+            flag = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+                    8: cv2.IMREAD_REDUCED_COLOR_8}[reduction(h, w, rh, rw)]  # fmt: skip
+            cv2.imdecode(np.fromfile(self.sources[row], np.uint8), flag)
+        return len(self.rows[step])
+
+
+def reference_image(path: str, bh: int, bw: int) -> np.ndarray:
+    """The quality reference: full-resolution decode, EXIF-upright, antialiased bilinear resize to cover
+    (Pillow), centre crop: ``uint8 (bh, bw, 3)``."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img).convert("RGB")
+        rh, rw, top, left = cover_crop(img.height, img.width, bh, bw, 0.0, 0.0, center=True)
+        return np.asarray(
+            img.resize((rw, rh), Image.BILINEAR, reducing_gap=None).crop((left, top, left + bw, top + bh))
+        )
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return 99.0 if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 class EncodedBatches:
@@ -196,11 +261,16 @@ def run_bench(
     num_threads: int | None = None,
     hw_decoder_load: float | None = None,
     buckets: BucketSpec | None = None,
+    dtype: str = "float16",
+    quality: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Time dali_arb (and, with ``baseline``, the Pillow peers; with ``memory``, DALI fed from memory)
-    on ``batches`` batches per round. Returns ``{"loader": {...}, "baseline": {...}, ...}`` with
-    ``images_per_s``, ``megapixels_per_s`` (output pixels), ``batch_ms_p50``/``p99``, plus ratios."""
+    """Time dali_arb (and, with ``baseline``, the peers and the decode-only ceiling; with ``memory``, DALI
+    fed from memory) on ``batches`` batches per round, all with output ``dtype`` (``"float16"`` in [-1, 1]
+    or ``"uint8"``), centre crop. Returns ``{"loader": {...}, "baseline": {...}, ...}`` with
+    ``images_per_s``, ``megapixels_per_s`` (output pixels), ``batch_ms_p50``/``p99``, plus ratios; with
+    ``quality``, each loader's worst and median PSNR against a full-resolution antialiased reference over
+    one batch of every bucket."""
     import torch
 
     from .iterator import DALIBucketIterator
@@ -222,12 +292,15 @@ def run_bench(
             it = DALIBucketIterator(
                 m, batch_size=batch_size, buckets=spec, device=device, crop="center", workers=workers,
                 rank=0, world_size=1, decoder=chosen, num_threads=num_threads, hw_decoder_load=hw_decoder_load,
+                dtype=dtype,
             )  # fmt: skip
             return cycle(lambda: it)
 
         return make
 
     def sync(batch: Any) -> int:
+        if isinstance(batch, int):  # the decode-only ceiling counts images, makes none
+            return 0
         images = batch["images"] if isinstance(batch, dict) else batch
         if images.is_cuda:
             torch.cuda.synchronize(images.device)
@@ -238,23 +311,19 @@ def run_bench(
         sources = m.table.column("source").to_pylist()
         sizes = plan.sizes[plan.bucket]
 
-        def pillow(draft: bool) -> Callable[[], Iterator[Any]]:
+        def peer(dataset: Any) -> Callable[[], Iterator[Any]]:
             def make() -> Iterator[Any]:
-                dataset = PillowBatches(sources, m.heights, m.widths, plan.rows, sizes, draft=draft)
                 loader = torch.utils.data.DataLoader(
-                    dataset,
-                    batch_size=None,
-                    shuffle=False,
-                    num_workers=cores,
-                    prefetch_factor=2,
+                    dataset, batch_size=None, shuffle=False, num_workers=cores, prefetch_factor=2,
                     persistent_workers=True,
-                )
+                )  # fmt: skip
                 return cycle(lambda: loader)
 
             return make
 
-        loaders["baseline"] = pillow(False)
-        loaders["baseline_draft"] = pillow(True)
+        for key, method in (("baseline", "pillow"), ("baseline_draft", "pillow_draft"), ("baseline_opencv", "opencv")):
+            loaders[key] = peer(PeerBatches(sources, m.heights, m.widths, plan.rows, sizes, method=method, dtype=dtype))
+        loaders["decode_ceiling"] = peer(DecodeOnly(sources, m.heights, m.widths, plan.rows, sizes, method="opencv"))
         if _has_torchvision():
             torch_device = "cuda" if device == "gpu" else "cpu"
 
@@ -339,14 +408,19 @@ def run_bench(
         "batches_per_round": batches,
         "images": len(m),
         "cores": cores,
-        "output": "centre crop, float16 NCHW in [-1, 1]",
+        "output": f"centre crop, {dtype} NCHW" + (" in [-1, 1]" if dtype != "uint8" else " (0..255)"),
     }
     for name in loaders:
         result[name] = _summary(runs[name], batch_size)
+    if "decode_ceiling" in result:
+        for key in ("megapixels_per_s", "batch_ms_p50", "batch_ms_p99"):
+            result["decode_ceiling"].pop(key)  # it makes no output
     ours_rate = result["loader"]["images_per_s"]
     if baseline:
         result["speedup_vs_baseline"] = round(ours_rate / result["baseline"]["images_per_s"], 2)
         result["speedup_vs_baseline_draft"] = round(ours_rate / result["baseline_draft"]["images_per_s"], 2)
+        result["speedup_vs_baseline_opencv"] = round(ours_rate / result["baseline_opencv"]["images_per_s"], 2)
+        result["share_of_decode_ceiling"] = round(ours_rate / result["decode_ceiling"]["images_per_s"], 3)
         if "torchvision" in result:
             result["speedup_vs_torchvision"] = round(ours_rate / result["torchvision"]["images_per_s"], 2)
         else:
@@ -357,7 +431,47 @@ def run_bench(
     if device == "gpu":
         gpu_memory["after_run_mb"] = _gpu_used_mb()
         result["gpu_memory"] = gpu_memory
+    if quality:
+        result["quality"] = _quality(m, spec, plan, decoder, device, baseline)
     return result
+
+
+def _quality(m: Manifest, spec: BucketSpec, plan: Any, decoder: str, device: str, peers: bool) -> dict[str, Any]:
+    """Worst and median PSNR (dB) of each loader's uint8 output against :func:`reference_image`, over the
+    first batch of every bucket in the plan."""
+    from .iterator import DALIBucketIterator
+
+    sources = m.table.column("source").to_pylist()
+    first_step = {int(b): i for i, b in reversed(list(enumerate(plan.bucket.tolist())))}
+    steps = sorted(first_step.values())
+    sizes = plan.sizes[plan.bucket]
+    references = {
+        (int(row), step): reference_image(sources[row], *(int(v) for v in sizes[step]))
+        for step in steps
+        for row in plan.rows[step]
+    }
+    scores: dict[str, list[float]] = {"loader": []}
+    it = DALIBucketIterator(m, batch_size=plan.batch_size, buckets=spec, device=device, crop="center", workers=0,
+                            rank=0, world_size=1, decoder=decoder, dtype="uint8")  # fmt: skip
+    for batch in it:
+        if batch["step"] in first_step.values():
+            for i, row in enumerate(plan.rows[batch["step"]]):
+                ours = batch["images"][i].permute(1, 2, 0).cpu().numpy()
+                scores["loader"].append(psnr(ours, references[(int(row), batch["step"])]))
+    if peers:
+        for key, method in (("baseline", "pillow"), ("baseline_draft", "pillow_draft"), ("baseline_opencv", "opencv")):
+            dataset = PeerBatches(sources, m.heights, m.widths, plan.rows, sizes, method=method, dtype="uint8")
+            scores[key] = [
+                psnr(dataset[step][i].permute(1, 2, 0).numpy(), references[(int(row), step)])
+                for step in steps
+                for i, row in enumerate(plan.rows[step])
+            ]
+    return {
+        "reference": "full-resolution decode, antialiased bilinear resize (Pillow), centre crop",
+        "buckets": len(steps),
+        "images": len(scores["loader"]),
+        **{k: {"worst_db": round(min(v), 2), "median_db": round(float(np.median(v)), 2)} for k, v in scores.items()},
+    }
 
 
 def _has_torchvision() -> bool:

@@ -18,6 +18,7 @@ only inside :meth:`Decoder.graph`.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from dataclasses import dataclass
@@ -206,7 +207,52 @@ def _rgb(img):
     return img.convert("RGB")
 
 
-DECODERS: dict[str, type[Decoder]] = {"dali": DaliDecoder, "pillow": PillowDecoder}
+@dataclass(frozen=True)
+class OpenCVDecoder(PillowDecoder):
+    """The worker processes decode JPEGs with OpenCV (libjpeg-turbo, straight to RGB) at the largest
+    reduction (1/2, 1/4, 1/8) that still covers the resize, EXIF-upright, resize to cover the bucket with
+    area averaging (``INTER_AREA``: antialiased at any ratio; bilinear when enlarging) and crop at the
+    planned corner. Other formats take the Pillow path."""
+
+    name: ClassVar[str] = "opencv"
+
+    def prepare(self, data: np.ndarray, geometry: Geometry, where: str) -> tuple[dict[str, np.ndarray] | None, Failure]:
+        if data[:3].tobytes() != b"\xff\xd8\xff":
+            return super().prepare(data, geometry, where)
+        import cv2
+
+        h, w, rh, rw, top, left, bucket_h, bucket_w = geometry
+        factor = next((f for f in (8, 4, 2) if h // f >= rh and w // f >= rw), 1)  # 1: enlarging
+        flags, decodes_rgb = _opencv_flags()
+        image = cv2.imdecode(data, flags[factor])  # RGB, EXIF-upright, sides ceil(side / factor)
+        if image is None:
+            return None, Failure.UNDECODABLE
+        if image.shape[0] != -(-h // factor) or image.shape[1] != -(-w // factor):
+            return None, Failure.RESIZED
+        # resize the decoded image to cover the bucket (area averaging when shrinking: antialiased at any
+        # ratio), then crop at the planned corner: exactly aligned with the geometry, no sub-pixel rounding
+        interpolation = cv2.INTER_AREA if image.shape[0] >= rh else cv2.INTER_LINEAR
+        out = np.ascontiguousarray(
+            cv2.resize(image, (rw, rh), interpolation=interpolation)[top : top + bucket_h, left : left + bucket_w]
+        )
+        return {"image": out if decodes_rgb else cv2.cvtColor(out, cv2.COLOR_BGR2RGB)}, Failure.NONE
+
+
+@functools.cache
+def _opencv_flags() -> tuple[dict[int, int], bool]:
+    """``cv2.imdecode`` flags per JPEG reduction, asking libjpeg-turbo for RGB directly where OpenCV can
+    (4.10+: ``IMREAD_COLOR_RGB``), and whether it can."""
+    import cv2
+
+    reduced = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+               8: cv2.IMREAD_REDUCED_COLOR_8}  # fmt: skip
+    rgb = getattr(cv2, "IMREAD_COLOR_RGB", None)
+    if rgb is None:
+        return reduced, False
+    return {f: (flag & ~cv2.IMREAD_COLOR) | rgb for f, flag in reduced.items()}, True
+
+
+DECODERS: dict[str, type[Decoder]] = {"dali": DaliDecoder, "pillow": PillowDecoder, "opencv": OpenCVDecoder}
 
 
 def choose_decoder(name: str, device: str, **settings: Any) -> Decoder:
@@ -216,14 +262,14 @@ def choose_decoder(name: str, device: str, **settings: Any) -> Decoder:
     ignored, so callers can pass their options through.
     """
     if name not in ("auto", *DECODERS):
-        raise ConfigError(f"decoder must be 'auto', 'dali' or 'pillow', got {name!r}")
+        raise ConfigError(f"decoder must be 'auto', 'dali', 'pillow' or 'opencv', got {name!r}")
     if name == "auto":
         name = "dali" if device == "gpu" else "pillow"
     given = {k: v for k, v in settings.items() if v is not None}
-    if name == "pillow":
+    if name in ("pillow", "opencv"):
         if given.get("hw_decoder_load") is not None:
-            raise ConfigError("hw_decoder_load applies to decoder='dali' on the GPU, not to decoder='pillow'")
-        return PillowDecoder()
+            raise ConfigError(f"hw_decoder_load applies to decoder='dali' on the GPU, not to decoder={name!r}")
+        return DECODERS[name]()
     return DaliDecoder(**given)
 
 

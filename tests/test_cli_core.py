@@ -105,7 +105,11 @@ def test_index_metadata_csv(tmp_path, capsys):
     assert m.table.column("caption").to_pylist() == ["a cat", None]
     rejects = [json.loads(line) for line in (tmp_path / "m.parquet.rejects.jsonl").read_text().splitlines()]
     reasons = {r["key"]: r["reason"] for r in rejects}
-    assert reasons["c"].startswith("size is not two whole numbers between 1 and") and "(0 x 5)" in reasons["c"] and "failed_to_download" in reasons["d"]
+    assert (
+        reasons["c"].startswith("size is not two whole numbers between 1 and")
+        and "(0 x 5)" in reasons["c"]
+        and "failed_to_download" in reasons["d"]
+    )
 
 
 def manifest_with(tmp_path, **columns):

@@ -48,7 +48,7 @@ def pillow_reference(path, target, top, left, flipped):
     return np.asarray(out), (h, w)
 
 
-@pytest.mark.parametrize("decoder", ["dali", "pillow"])
+@pytest.mark.parametrize("decoder", ["dali", "pillow", "opencv"])
 def test_pixels_match_an_independent_pillow_reference(dataset, decoder):
     folder, manifest = dataset
     it = loader(manifest, flip=0.5, decoder=decoder)
@@ -150,7 +150,12 @@ def test_elastic_resume_on_another_world_size(dataset):
         loader(manifest, rank=0, world_size=2, seed=4).load_state_dict(state)
 
 
-DEVICE_DECODERS = [("cpu", "dali"), ("cpu", "pillow"), pytest.param("gpu", "dali", marks=pytest.mark.gpu)]
+DEVICE_DECODERS = [
+    ("cpu", "dali"),
+    ("cpu", "pillow"),
+    ("cpu", "opencv"),
+    pytest.param("gpu", "dali", marks=pytest.mark.gpu),
+]
 
 
 @pytest.mark.parametrize(("device", "decoder"), DEVICE_DECODERS)
@@ -206,8 +211,8 @@ def test_errors_name_the_value(dataset, tmp_path):
         loader(manifest, flip=2)
     with pytest.raises(ConfigError, match="device must be 'auto', 'gpu' or 'cpu', got 'tpu'"):
         loader(manifest, device="tpu")
-    with pytest.raises(ConfigError, match="decoder must be 'auto', 'dali' or 'pillow', got 'opencv'"):
-        loader(manifest, decoder="opencv")
+    with pytest.raises(ConfigError, match="decoder must be .auto., .dali., .pillow. or .opencv., got .tiff."):
+        loader(manifest, decoder="tiff")
     with pytest.raises(StateError):
         loader(manifest).load_state_dict({"epoch": 1})
     from .conftest import gpu_available, write_size_manifest

@@ -38,7 +38,7 @@ def _add_loader_options(p: argparse.ArgumentParser, *, batch_default: int) -> No
     )
     g.add_argument(
         "--decoder",
-        choices=["auto", "dali", "pillow"],
+        choices=["auto", "dali", "pillow", "opencv"],
         default="auto",
         help="who decodes: DALI (nvJPEG on GPU), the workers with Pillow at reduced DCT scale, or auto (default: "
         "dali on GPU, pillow on CPU)",
@@ -107,14 +107,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     result = run_bench(
         args.manifest, batch_size=args.batch_size, batches=args.batches, rounds=args.rounds, baseline=args.baseline,
-        memory=args.memory, buckets=spec_from_args(args), progress=say, **_loader_settings(args),
+        memory=args.memory, buckets=spec_from_args(args), progress=say, dtype=args.dtype, quality=args.quality,
+        **_loader_settings(args),
     )  # fmt: skip
     if args.json:
         print(json.dumps(result))
         return 0
     print(f"{result['images']} images, batch {result['batch_size']}, {result['batches_per_round']} batches per round, "
           f"device {result['device']}, {result['cores']} cores; {result['output']}")  # fmt: skip
-    names = {"loader": "dali_arb", "baseline": "DataLoader + Pillow", "baseline_draft": "DataLoader + Pillow draft",
+    names = {"loader": "dali_arb", "baseline_opencv": "DataLoader + OpenCV reduced decode",
+             "baseline_draft": "DataLoader + Pillow draft", "baseline": "DataLoader + Pillow",
              "torchvision": "DataLoader + torchvision decode_jpeg", "loader_dali_decoder": "dali_arb, decoder=dali",
              "memory": "decoder=dali pipeline fed from memory"}  # fmt: skip
     print(f"{'loader':<36} {'images/s':>9} {'MP/s':>7} {'p50 ms':>8} {'p99 ms':>8}")
@@ -124,9 +126,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(
                 f"{label:<36} {r['images_per_s']:>9} {r['megapixels_per_s']:>7} {r['batch_ms_p50']:>8} {r['batch_ms_p99']:>8}"
             )
-    for key in ("speedup_vs_baseline", "speedup_vs_baseline_draft", "speedup_vs_torchvision"):
+    if "decode_ceiling" in result:
+        print(f"{'decode only (the ceiling)':<36} {result['decode_ceiling']['images_per_s']:>9}")
+    for key in (
+        "speedup_vs_baseline_opencv",
+        "speedup_vs_baseline_draft",
+        "speedup_vs_baseline",
+        "speedup_vs_torchvision",
+    ):
         if key in result:
             print(f"{key.replace('_', ' ')}: {result[key]}x")
+    if "share_of_decode_ceiling" in result:
+        print(f"share of the decode-only ceiling: {100 * result['share_of_decode_ceiling']:.0f}%")
+    for key, q in result.get("quality", {}).items():
+        if isinstance(q, dict):
+            print(f"PSNR {names.get(key, key)}: worst {q['worst_db']} dB, median {q['median_db']} dB")
     if "planner_and_source_overhead" in result:
         print(f"planner and external source cost: {100 * result['planner_and_source_overhead']:.1f}% of throughput")
     if "gpu_memory" in result:
@@ -221,7 +235,18 @@ def register(sub: argparse._SubParsersAction, fmt: type) -> None:
     p.add_argument(
         "--rounds", type=positive_int, default=3, help="alternating rounds; the median is reported (default 3)"
     )
-    p.add_argument("--baseline", action="store_true", help="also time DataLoader + Pillow (plain and draft)")
+    p.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also time the peers on the same plan and output (DataLoader + OpenCV reduced decode, + Pillow draft, "
+        "+ Pillow; torchvision where installed) and the decode-only ceiling",
+    )
+    p.add_argument(
+        "--dtype", choices=["float16", "uint8"], default="float16", help="output of every loader (default float16)"
+    )
+    p.add_argument(
+        "--quality", action="store_true", help="also report PSNR against a full-resolution antialiased reference"
+    )
     p.add_argument("--memory", action="store_true", help="also time the same DALI pipeline fed from memory")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_loader_options(p, batch_default=8)
