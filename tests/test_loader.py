@@ -211,7 +211,7 @@ def test_errors_name_the_value(dataset, tmp_path):
         loader(manifest, flip=2)
     with pytest.raises(ConfigError, match="device must be 'auto', 'gpu' or 'cpu', got 'tpu'"):
         loader(manifest, device="tpu")
-    with pytest.raises(ConfigError, match="decoder must be .auto., .dali., .pillow. or .opencv., got .tiff."):
+    with pytest.raises(ConfigError, match="decoder must be 'auto', 'dali', 'pillow' or 'opencv', got 'tiff'"):
         loader(manifest, decoder="tiff")
     with pytest.raises(StateError):
         loader(manifest).load_state_dict({"epoch": 1})

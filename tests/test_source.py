@@ -130,7 +130,7 @@ def test_decoder_choice_is_validated_once():
     assert (
         choose_decoder("dali", "gpu", hw_decoder_load=0.9, preallocate=(800, 600)).options()["hw_decoder_load"] == 0.9
     )
-    with pytest.raises(ConfigError, match="decoder must be .auto., .dali., .pillow. or .opencv., got .tiff."):
+    with pytest.raises(ConfigError, match="decoder must be 'auto', 'dali', 'pillow' or 'opencv', got 'tiff'"):
         choose_decoder("tiff", "cpu")
     with pytest.raises(ConfigError, match=r"hw_decoder_load must be a share in \[0, 1\], got 2"):
         choose_decoder("dali", "gpu", hw_decoder_load=2)
