@@ -83,3 +83,23 @@ def dataset(tmp_path_factory):
     manifest = root / "m.parquet"
     build_index([str(folder)], manifest, progress=False)
     return folder, manifest
+
+
+def copy_photos(src, dst, count: int | None = None):
+    """The first ``count`` JPEGs of ``src`` (and their captions) copied into a new folder ``dst``."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in sorted(src.glob("*.jpg"))[:count]:
+        (dst / f.name).write_bytes(f.read_bytes())
+        caption = f.with_suffix(".txt")
+        if caption.exists():
+            (dst / caption.name).write_bytes(caption.read_bytes())
+    return dst
+
+
+@pytest.fixture
+def fresh_dataset(tmp_path, dataset):
+    """A private copy of the dataset's photos and its own manifest: ``(folder, manifest)``, free to damage."""
+    folder = copy_photos(dataset[0], tmp_path / "photos")
+    manifest = tmp_path / "m.parquet"
+    build_index([str(folder)], manifest, progress=False)
+    return folder, manifest

@@ -159,14 +159,8 @@ DEVICE_DECODERS = [
 
 
 @pytest.mark.parametrize(("device", "decoder"), DEVICE_DECODERS)
-def test_bad_files_after_indexing_are_replaced_and_nothing_else_is_lost(tmp_path, dataset, device, decoder):
-    folder, _ = dataset
-    work = tmp_path / "photos"
-    work.mkdir()
-    for f in sorted(folder.glob("*.jpg")):
-        (work / f.name).write_bytes(f.read_bytes())
-    manifest = tmp_path / "m.parquet"
-    build_index([str(work)], manifest, progress=False)
+def test_bad_files_after_indexing_are_replaced_and_nothing_else_is_lost(fresh_dataset, device, decoder):
+    work, manifest = fresh_dataset
     # after indexing: one truncated, one deleted, one replaced by text, one with a broken frame header
     data = (work / "img001.jpg").read_bytes()
     (work / "img001.jpg").write_bytes(data[: len(data) // 2])

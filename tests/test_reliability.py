@@ -10,7 +10,7 @@ import pytest
 
 from dali_arb import BucketSpec, ConfigError, Planner
 
-from .conftest import random_sizes
+from .conftest import copy_photos, random_sizes
 
 
 # -- 13. more than 32,767 buckets: the int16 bucket index overflowed and images vanished uncounted --
@@ -48,16 +48,6 @@ def test_bucket_sides_are_multiples_of_step_or_refused(options, message):
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-def copy_photos(src, dst, count: int | None = None):
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in sorted(src.glob("*.jpg"))[:count]:
-        (dst / f.name).write_bytes(f.read_bytes())
-        caption = f.with_suffix(".txt")
-        if caption.exists():
-            (dst / caption.name).write_bytes(caption.read_bytes())
-    return dst
-
-
 def index(sources, output, **kw):
     from dali_arb.index import build_index
 

@@ -9,7 +9,6 @@ import pytest
 from dali_arb import BucketSpec, DataError, Manifest, ManifestError
 from dali_arb.decoders import DaliDecoder, PillowDecoder, choose_decoder
 from dali_arb.errors import ConfigError
-from dali_arb.index import build_index
 from dali_arb.outputs import META, Failure
 from dali_arb.source import BatchSource, LoaderConfig, build_planner
 
@@ -65,14 +64,8 @@ class _Info:
         self.iteration = iteration
 
 
-def test_a_bad_file_is_replaced_from_its_bucket_and_its_failure_travels_in_the_meta(tmp_path, dataset):
-    folder, _ = dataset
-    work = tmp_path / "photos"
-    work.mkdir()
-    for f in sorted(folder.glob("*.jpg")):
-        (work / f.name).write_bytes(f.read_bytes())
-    manifest = tmp_path / "m.parquet"
-    build_index([str(work)], manifest, progress=False)
+def test_a_bad_file_is_replaced_from_its_bucket_and_its_failure_travels_in_the_meta(fresh_dataset):
+    work, manifest = fresh_dataset
     source = source_for(manifest)
     plan = source.planner.epoch(0)
     keys = Manifest.read(manifest).keys.to_pylist()
@@ -95,14 +88,8 @@ def test_a_bad_file_is_replaced_from_its_bucket_and_its_failure_travels_in_the_m
     assert "changed since indexing" in Failure.CHANGED.describe("x.jpg")
 
 
-def test_a_bucket_with_nothing_readable_left_is_a_data_error(tmp_path, dataset):
-    folder, _ = dataset
-    work = tmp_path / "photos"
-    work.mkdir()
-    for f in sorted(folder.glob("*.jpg")):
-        (work / f.name).write_bytes(f.read_bytes())
-    manifest = tmp_path / "m.parquet"
-    build_index([str(work)], manifest, progress=False)
+def test_a_bucket_with_nothing_readable_left_is_a_data_error(fresh_dataset):
+    work, manifest = fresh_dataset
     for f in work.glob("*.jpg"):
         f.write_bytes(b"")
     with pytest.raises(DataError, match=r"no readable image left in bucket \d+x\d+ .*re-index"):
