@@ -596,22 +596,27 @@ def _worker_processes(pipe: Any) -> list:
     return list(getattr(pool, "_processes", None) or [])
 
 
+def _serve_jobs(jobs: queue.SimpleQueue, results: queue.SimpleQueue) -> None:
+    """A runner thread's loop: run each job, hand back ``(ok, value)``; ``None`` ends it."""
+    while (job := jobs.get()) is not None:
+        try:
+            results.put((True, job()))
+        except BaseException as exc:
+            results.put((False, exc))
+        del job
+
+
 class _Runner:
     """A daemon thread that runs one callable at a time, so the caller can wait with a watch."""
 
     def __init__(self) -> None:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._results: queue.SimpleQueue = queue.SimpleQueue()
-        thread = threading.Thread(target=self._loop, name="dali_arb-pipeline", daemon=True)
+        # the thread holds the queues, not the runner, so the runner can be collected; its thread then ends
+        thread = threading.Thread(target=_serve_jobs, args=(self._jobs, self._results), name="dali_arb-pipeline",
+                                  daemon=True)  # fmt: skip
         thread.start()
-        weakref.finalize(self, self._jobs.put, None)  # the thread ends with its runner
-
-    def _loop(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            try:
-                self._results.put((True, job()))
-            except BaseException as exc:
-                self._results.put((False, exc))
+        weakref.finalize(self, self._jobs.put, None)
 
     def run(self, job: Any, dead: Any, *, grace: float) -> Any:
         """``job()``'s result (or its exception); :class:`_WorkerDied` when ``dead()`` names a process and
