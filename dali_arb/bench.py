@@ -220,17 +220,24 @@ def torchvision_batch(encoded: list, bucket: tuple[int, int], device: str):
 # -- timing ------------------------------------------------------------------------------------------
 
 
-def _time(batches: Iterator[Any], count: int, pixels_of: Callable[[Any], int]) -> dict[str, float]:
-    latencies, pixels = [], 0
+def _time(batches: Iterator[Any], count: int, pixels_of: Callable[[Any], int], step_s: float = 0.0) -> dict[str, Any]:
+    """Take ``count`` batches, each after a simulated training step of ``step_s`` seconds (a sleep: the CPU
+    is free meanwhile, as while a GPU trains). Records the interval between batches and the wait inside
+    ``next()``."""
+    latencies, waits, pixels = [], [], 0
     start = last = time.perf_counter()
     for _ in range(count):
+        if step_s:  # the training step on the batch before (the warm-up's last one, at first)
+            time.sleep(step_s)
+        asked = time.perf_counter()
         batch = next(batches)
         pixels += pixels_of(batch)
         now = time.perf_counter()
+        waits.append(now - asked)
         latencies.append(now - last)
         last = now
     total = last - start
-    return {"seconds": total, "latencies": latencies, "pixels": pixels}
+    return {"seconds": total, "latencies": latencies, "waits": waits, "pixels": pixels}
 
 
 def _summary(runs: list[dict], batch_size: int) -> dict[str, float]:
@@ -242,6 +249,8 @@ def _summary(runs: list[dict], batch_size: int) -> dict[str, float]:
         "megapixels_per_s": round(median["pixels"] / median["seconds"] / 1e6, 2),
         "batch_ms_p50": round(float(np.percentile(lat, 50)), 1),
         "batch_ms_p99": round(float(np.percentile(lat, 99)), 1),
+        "wait_ms_p50": round(float(np.percentile(np.array(median["waits"]) * 1000, 50)), 1),
+        "wait_ms_p99": round(float(np.percentile(np.array(median["waits"]) * 1000, 99)), 1),
         "rounds": len(runs),
     }
 
@@ -263,6 +272,7 @@ def run_bench(
     buckets: BucketSpec | None = None,
     dtype: str = "float16",
     quality: bool = False,
+    step_ms: float = 0.0,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Time dali_arb (and, with ``baseline``, the peers and the decode-only ceiling; with ``memory``, DALI
@@ -270,7 +280,9 @@ def run_bench(
     or ``"uint8"``), centre crop. Returns ``{"loader": {...}, "baseline": {...}, ...}`` with
     ``images_per_s``, ``megapixels_per_s`` (output pixels), ``batch_ms_p50``/``p99``, plus ratios; with
     ``quality``, each loader's worst and median PSNR against a full-resolution antialiased reference over
-    one batch of every bucket."""
+    one batch of every bucket. ``step_ms`` adds a simulated training step after each batch: batch
+    intervals then show whether a loader that is ahead of consumption keeps a steady pace (p99 vs p50),
+    and ``read_ahead_bytes`` says what the loader's prefetch holds in memory for it."""
     import torch
 
     from .iterator import DALIBucketIterator
@@ -294,6 +306,7 @@ def run_bench(
                 rank=0, world_size=1, decoder=chosen, num_threads=num_threads, hw_decoder_load=hw_decoder_load,
                 dtype=dtype,
             )  # fmt: skip
+            read_ahead[chosen] = it.read_ahead_bytes()
             return cycle(lambda: it)
 
         return make
@@ -306,6 +319,7 @@ def run_bench(
             torch.cuda.synchronize(images.device)
         return int(images.shape[0] * images.shape[2] * images.shape[3])
 
+    read_ahead: dict[str, int] = {}
     loaders: dict[str, Callable[[], Iterator[Any]]] = {"loader": ours()}
     if baseline:
         sources = m.table.column("source").to_pylist()
@@ -395,7 +409,7 @@ def run_bench(
         for name, stream in streams.items():
             if progress:
                 progress(f"round {r + 1}/{rounds}: {name}")
-            runs[name].append(_time(stream, batches, sync))
+            runs[name].append(_time(stream, batches, sync, step_ms / 1000 if name != "decode_ceiling" else 0.0))
     result: dict[str, Any] = {
         "device": device,
         "settings": {
@@ -412,8 +426,10 @@ def run_bench(
     }
     for name in loaders:
         result[name] = _summary(runs[name], batch_size)
+    result["step_ms"] = step_ms
+    result["read_ahead_bytes"] = read_ahead.get(decoder)
     if "decode_ceiling" in result:
-        for key in ("megapixels_per_s", "batch_ms_p50", "batch_ms_p99"):
+        for key in ("megapixels_per_s", "batch_ms_p50", "batch_ms_p99", "wait_ms_p50", "wait_ms_p99"):
             result["decode_ceiling"].pop(key)  # it makes no output
     ours_rate = result["loader"]["images_per_s"]
     if baseline:

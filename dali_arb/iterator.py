@@ -260,6 +260,13 @@ class DALIBucketIterator:
             self._epoch, self._step = epoch + 1, 0
         self._close_pipeline()
 
+    def read_ahead_bytes(self) -> int:
+        """Shared memory the worker processes' read-ahead may hold at most (batches computed ahead by each
+        worker, plus the pipeline's own prefetch, at the largest bucket); 0 without workers."""
+        plan = self._shared_memory
+        per_batch = plan["bytes_per_sample"] * self.config.batch_size
+        return (plan["source_prefetch"] * self.workers + self.prefetch) * per_batch if self.workers else 0
+
     # -- set-up -------------------------------------------------------------------------------------
     def _preallocation(self) -> tuple[int, int]:
         """``(height, width)`` for the GPU decoder to preallocate: a high percentile of the served images'

@@ -53,7 +53,7 @@ def test_buckets_plot_is_a_png(size_manifest, tmp_path, capsys):
 def test_bench_json_has_the_contract_keys(dataset, capsys):
     _, manifest = dataset
     code, out, _ = run(capsys, "bench", manifest, "--device", "cpu", "--baseline", "--memory", "--json", "--batch-size",
-                       "2", "--batches", "2", "--rounds", "1", "--workers", "1", "--decoder", "pillow", "--threads", "1", "--quality",
+                       "2", "--batches", "2", "--rounds", "1", "--workers", "1", "--decoder", "pillow", "--threads", "1", "--quality", "--step-ms", "5",
                        "--max-area", "38400", "--min-dim", "64", "--max-dim", "320", "--step", "32", "--base", "160x160")  # fmt: skip
     assert code == 0
     result = json.loads(out)
@@ -61,6 +61,8 @@ def test_bench_json_has_the_contract_keys(dataset, capsys):
         assert result[key]["images_per_s"] > 0 and result[key]["megapixels_per_s"] > 0
         assert result[key]["batch_ms_p99"] >= result[key]["batch_ms_p50"] > 0
     assert result["decode_ceiling"]["images_per_s"] > 0 and 0 < result["share_of_decode_ceiling"]
+    assert result["step_ms"] == 5 and result["loader"]["batch_ms_p50"] >= 5  # every interval holds a 5 ms step
+    assert result["read_ahead_bytes"] > 0 and result["loader"]["wait_ms_p99"] >= 0
     quality = result["quality"]  # every loader against the same full-resolution reference, over every bucket
     assert quality["buckets"] >= 3 and quality["images"] == 2 * quality["buckets"]
     assert quality["baseline"]["worst_db"] > 40  # plain Pillow is the reference's own method

@@ -12,7 +12,14 @@ import time
 from pathlib import Path
 
 from .core import png_path
-from .options import add_bucket_options, non_negative_int, positive_int, probability, spec_from_args
+from .options import (
+    add_bucket_options,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+    probability,
+    spec_from_args,
+)
 
 SAMPLES = Path(__file__).parent.parent / "samples"
 
@@ -108,6 +115,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = run_bench(
         args.manifest, batch_size=args.batch_size, batches=args.batches, rounds=args.rounds, baseline=args.baseline,
         memory=args.memory, buckets=spec_from_args(args), progress=say, dtype=args.dtype, quality=args.quality,
+        step_ms=args.step_ms,
         **_loader_settings(args),
     )  # fmt: skip
     if args.json:
@@ -119,12 +127,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
              "baseline_draft": "DataLoader + Pillow draft", "baseline": "DataLoader + Pillow",
              "torchvision": "DataLoader + torchvision decode_jpeg", "loader_dali_decoder": "dali_arb, decoder=dali",
              "memory": "decoder=dali pipeline fed from memory"}  # fmt: skip
-    print(f"{'loader':<36} {'images/s':>9} {'MP/s':>7} {'p50 ms':>8} {'p99 ms':>8}")
+    if result["step_ms"]:
+        print(f"after each batch a simulated training step of {result['step_ms']} ms; latency is the batch interval")
+    print(f"{'loader':<36} {'images/s':>9} {'MP/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'wait p99':>9}")
     for key, label in names.items():
         if isinstance(result.get(key), dict):
             r = result[key]
             print(
-                f"{label:<36} {r['images_per_s']:>9} {r['megapixels_per_s']:>7} {r['batch_ms_p50']:>8} {r['batch_ms_p99']:>8}"
+                f"{label:<36} {r['images_per_s']:>9} {r['megapixels_per_s']:>7} {r['batch_ms_p50']:>8} "
+                f"{r['batch_ms_p99']:>8} {r['wait_ms_p99']:>9}"
             )
     if "decode_ceiling" in result:
         print(f"{'decode only (the ceiling)':<36} {result['decode_ceiling']['images_per_s']:>9}")
@@ -136,6 +147,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     ):
         if key in result:
             print(f"{key.replace('_', ' ')}: {result[key]}x")
+    if result.get("read_ahead_bytes"):
+        print(f"dali_arb read-ahead holds at most {result['read_ahead_bytes'] / 2**20:.0f} MiB of /dev/shm")
     if "share_of_decode_ceiling" in result:
         print(f"share of the decode-only ceiling: {100 * result['share_of_decode_ceiling']:.0f}%")
     for key, q in result.get("quality", {}).items():
@@ -246,6 +259,12 @@ def register(sub: argparse._SubParsersAction, fmt: type) -> None:
     )
     p.add_argument(
         "--quality", action="store_true", help="also report PSNR against a full-resolution antialiased reference"
+    )
+    p.add_argument(
+        "--step-ms",
+        type=non_negative_float,
+        default=0.0,
+        help="simulated training step after each batch, in ms (a sleep): shows the pace when the loader is ahead",
     )
     p.add_argument("--memory", action="store_true", help="also time the same DALI pipeline fed from memory")
     p.add_argument("--json", action="store_true", help="print one JSON object")

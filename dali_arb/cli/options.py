@@ -13,6 +13,7 @@ __all__ = [
     "Parser",
     "add_bucket_options",
     "add_plan_options",
+    "non_negative_float",
     "non_negative_int",
     "positive_int",
     "probability",
@@ -47,6 +48,7 @@ def _number(convert: type, description: str, accept) -> object:
 positive_int = _number(int, "a positive integer", lambda v: v >= 1)
 non_negative_int = _number(int, "a non-negative integer", lambda v: v >= 0)
 positive_float = _number(float, "a positive number", lambda v: v > 0)
+non_negative_float = _number(float, "a non-negative number", lambda v: v >= 0 and v != float("inf"))
 probability = _number(float, "a probability between 0 and 1", lambda v: 0 <= v <= 1)
 
 
