@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -34,6 +35,9 @@ from .outputs import Failure, Output
 __all__ = ["DECODERS", "DaliDecoder", "Decoder", "PillowDecoder", "choose_decoder"]
 
 _MIRROR = Output("mirror", "INT32")
+#: Gaussian antialiasing before a bilinear shrink by r: sigma = ANTIALIAS_SIGMA * sqrt(r^2 - 1), chosen by
+#: PSNR against a full-resolution antialiased reference (0.5-0.7 within 0.4 dB; benchmarks/RESULTS.md).
+ANTIALIAS_SIGMA = 0.6
 _META = Output("meta", "INT64")
 
 
@@ -210,9 +214,9 @@ def _rgb(img):
 @dataclass(frozen=True)
 class OpenCVDecoder(PillowDecoder):
     """The worker processes decode JPEGs with OpenCV (libjpeg-turbo, straight to RGB) at the largest
-    reduction (1/2, 1/4, 1/8) that still covers the resize, EXIF-upright, resize to cover the bucket with
-    area averaging (``INTER_AREA``: antialiased at any ratio; bilinear when enlarging) and crop at the
-    planned corner. Other formats take the Pillow path."""
+    reduction (1/2, 1/4, 1/8) that still covers the resize, EXIF-upright, resize to cover the bucket
+    (a Gaussian low-pass matched to the scale, then bilinear) and crop at the planned corner. Other
+    formats take the Pillow path."""
 
     name: ClassVar[str] = "opencv"
 
@@ -229,12 +233,17 @@ class OpenCVDecoder(PillowDecoder):
             return None, Failure.UNDECODABLE
         if image.shape[0] != -(-h // factor) or image.shape[1] != -(-w // factor):
             return None, Failure.RESIZED
-        # resize the decoded image to cover the bucket (area averaging when shrinking: antialiased at any
-        # ratio), then crop at the planned corner: exactly aligned with the geometry, no sub-pixel rounding
-        interpolation = cv2.INTER_AREA if image.shape[0] >= rh else cv2.INTER_LINEAR
-        out = np.ascontiguousarray(
-            cv2.resize(image, (rw, rh), interpolation=interpolation)[top : top + bucket_h, left : left + bucket_w]
-        )
+        # resize the decoded image to cover the bucket, then crop at the planned corner: exactly aligned with
+        # the geometry. Shrinking by r is antialiased by a Gaussian low-pass of sigma 0.6 * sqrt(r^2 - 1)
+        # (the reduced decode already averaged) before bilinear: as close to a full-resolution antialiased
+        # reference as INTER_AREA, at well under half its cost (benchmarks/RESULTS.md)
+        sy, sx = image.shape[0] / rh, image.shape[1] / rw
+        if sy > 1 or sx > 1:
+            sigma_y, sigma_x = (ANTIALIAS_SIGMA * math.sqrt(max(r * r - 1, 0.0)) for r in (sy, sx))
+            if max(sigma_y, sigma_x) > 0.05:
+                image = cv2.GaussianBlur(image, (0, 0), sigmaX=max(sigma_x, 0.01), sigmaY=max(sigma_y, 0.01))
+        resized = cv2.resize(image, (rw, rh), interpolation=cv2.INTER_LINEAR)
+        out = np.ascontiguousarray(resized[top : top + bucket_h, left : left + bucket_w])
         return {"image": out if decodes_rgb else cv2.cvtColor(out, cv2.COLOR_BGR2RGB)}, Failure.NONE
 
 
@@ -256,7 +265,8 @@ DECODERS: dict[str, type[Decoder]] = {"dali": DaliDecoder, "pillow": PillowDecod
 
 
 def choose_decoder(name: str, device: str, **settings: Any) -> Decoder:
-    """The decoder for ``name`` (``"auto"``: ``dali`` on GPU, ``pillow`` on CPU, where it is the faster).
+    """The decoder for ``name`` (``"auto"``: ``dali`` on GPU, ``opencv`` on CPU, where it is the fastest at
+    the same quality: ``benchmarks/RESULTS.md``).
 
     ``settings`` go to :class:`DaliDecoder` (``hw_decoder_load``, ``preallocate``); ``None`` values are
     ignored, so callers can pass their options through.
@@ -264,7 +274,7 @@ def choose_decoder(name: str, device: str, **settings: Any) -> Decoder:
     if name not in ("auto", *DECODERS):
         raise ConfigError(f"decoder must be 'auto', 'dali', 'pillow' or 'opencv', got {name!r}")
     if name == "auto":
-        name = "dali" if device == "gpu" else "pillow"
+        name = "dali" if device == "gpu" else "opencv"
     given = {k: v for k, v in settings.items() if v is not None}
     if name in ("pillow", "opencv"):
         if given.get("hw_decoder_load") is not None:

@@ -81,9 +81,9 @@ class DALIBucketIterator:
             a quarter of the cores for ``pillow``).
         prefetch: batches DALI prepares ahead.
         device_id: GPU index (default: the local rank).
-        decoder: ``"dali"`` (DALI decodes and resizes: nvJPEG on GPU, libjpeg-turbo on CPU), ``"pillow"``
-            (the worker processes decode with libjpeg-turbo at reduced DCT scale and resize the crop
-            window; DALI flips and normalises), or ``"auto"``: ``dali`` on GPU, ``pillow`` on CPU.
+        decoder: ``"dali"`` (DALI decodes and resizes: nvJPEG on GPU, libjpeg-turbo on CPU), ``"opencv"``
+            or ``"pillow"`` (the worker processes decode with libjpeg-turbo at reduced DCT scale and resize
+            to the bucket; DALI flips and normalises), or ``"auto"``: ``dali`` on GPU, ``opencv`` on CPU.
             See :mod:`dali_arb.decoders`.
         hw_decoder_load: with ``dali`` on GPU, the share of each batch for the hardware JPEG decoder
             (A100/H100; DALI's default 0.65).

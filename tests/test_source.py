@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dali_arb import BucketSpec, DataError, Manifest, ManifestError
-from dali_arb.decoders import DaliDecoder, PillowDecoder, choose_decoder
+from dali_arb.decoders import DaliDecoder, OpenCVDecoder, PillowDecoder, choose_decoder
 from dali_arb.errors import ConfigError
 from dali_arb.outputs import META, Failure
 from dali_arb.source import BatchSource, LoaderConfig, build_planner
@@ -112,7 +112,7 @@ def test_workers_refuse_a_manifest_rewritten_under_them(tmp_path, dataset):
 
 
 def test_decoder_choice_is_validated_once():
-    assert isinstance(choose_decoder("auto", "cpu"), PillowDecoder)
+    assert isinstance(choose_decoder("auto", "cpu"), OpenCVDecoder)
     assert isinstance(choose_decoder("auto", "gpu"), DaliDecoder)
     assert (
         choose_decoder("dali", "gpu", hw_decoder_load=0.9, preallocate=(800, 600)).options()["hw_decoder_load"] == 0.9

@@ -47,8 +47,8 @@ def _add_loader_options(p: argparse.ArgumentParser, *, batch_default: int) -> No
         "--decoder",
         choices=["auto", "dali", "pillow", "opencv"],
         default="auto",
-        help="who decodes: DALI (nvJPEG on GPU), the workers with Pillow at reduced DCT scale, or auto (default: "
-        "dali on GPU, pillow on CPU)",
+        help="who decodes: DALI (nvJPEG on GPU), the workers with OpenCV or Pillow at reduced DCT scale, or auto (default: "
+        "dali on GPU, opencv on CPU)",
     )
     g.add_argument("--threads", type=positive_int, default=None, help="DALI threads (default: the decoder's)")
     g.add_argument(
