@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from .buckets import BucketSpec
-from .decoders import DaliDecoder
+from .decoders import DaliDecoder, jpeg_reduction, opencv_flags
 from .geometry import cover_crop
 from .imagefacts import swaps_sides
 from .manifest import Manifest
@@ -83,11 +83,6 @@ def make_photo_jpegs(
 # -- the Pillow baseline ---------------------------------------------------------------------------
 
 
-def reduction(h: int, w: int, rh: int, rw: int) -> int:
-    """The largest JPEG DCT reduction (8, 4, 2, else 1) whose output still covers ``(rh, rw)``."""
-    return next((f for f in (8, 4, 2) if h // f >= rh and w // f >= rw), 1)
-
-
 class PeerBatches:
     """Map-style dataset of whole planned batches, as a user writes it with well-kept libraries
     (picklable): ``method`` ``"pillow"`` (decode, resize to cover with antialiased bilinear, crop),
@@ -109,16 +104,18 @@ class PeerBatches:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def reduced_flag(self, row: int, bh: int, bw: int) -> int:
+        """The ``cv2.imdecode`` flag (BGR, as users write it) at the largest reduction covering the bucket."""
+        h, w = int(self.heights[row]), int(self.widths[row])
+        rh, rw, _, _ = cover_crop(h, w, bh, bw, 0.0, 0.0, center=True)
+        return opencv_flags(rgb=False)[0][jpeg_reduction(h, w, rh, rw)]
+
     def image(self, row: int, bh: int, bw: int) -> np.ndarray:
         """One sample, ``uint8 (bh, bw, 3)``."""
         if self.method == "opencv":
             import cv2
 
-            h, w = int(self.heights[row]), int(self.widths[row])
-            rh, rw, _, _ = cover_crop(h, w, bh, bw, 0.0, 0.0, center=True)
-            flag = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
-                    8: cv2.IMREAD_REDUCED_COLOR_8}[reduction(h, w, rh, rw)]  # fmt: skip
-            img = cv2.imdecode(np.fromfile(self.sources[row], np.uint8), flag)
+            img = cv2.imdecode(np.fromfile(self.sources[row], np.uint8), self.reduced_flag(row, bh, bw))
             rh, rw, top, left = cover_crop(img.shape[0], img.shape[1], bh, bw, 0.0, 0.0, center=True)
             shrink = img.shape[0] / rh >= 2
             img = cv2.resize(img, (rw, rh), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
@@ -153,11 +150,7 @@ class DecodeOnly(PeerBatches):
 
         bh, bw = (int(v) for v in self.sizes[step])
         for row in self.rows[step]:
-            h, w = int(self.heights[row]), int(self.widths[row])
-            rh, rw, _, _ = cover_crop(h, w, bh, bw, 0.0, 0.0, center=True)
-            flag = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
-                    8: cv2.IMREAD_REDUCED_COLOR_8}[reduction(h, w, rh, rw)]  # fmt: skip
-            cv2.imdecode(np.fromfile(self.sources[row], np.uint8), flag)
+            cv2.imdecode(np.fromfile(self.sources[row], np.uint8), self.reduced_flag(row, bh, bw))
         return len(self.rows[step])
 
 

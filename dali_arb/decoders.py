@@ -32,7 +32,16 @@ from .geometry import Geometry
 from .imagefacts import displayed_size, header_size, swaps_sides
 from .outputs import Failure, Output
 
-__all__ = ["DECODERS", "DaliDecoder", "Decoder", "PillowDecoder", "choose_decoder"]
+__all__ = [
+    "DECODERS",
+    "DaliDecoder",
+    "Decoder",
+    "OpenCVDecoder",
+    "PillowDecoder",
+    "choose_decoder",
+    "jpeg_reduction",
+    "opencv_flags",
+]
 
 _MIRROR = Output("mirror", "INT32")
 #: Gaussian antialiasing before a bilinear shrink by r: sigma = ANTIALIAS_SIGMA * sqrt(r^2 - 1), chosen by
@@ -226,8 +235,8 @@ class OpenCVDecoder(PillowDecoder):
         import cv2
 
         h, w, rh, rw, top, left, bucket_h, bucket_w = geometry
-        factor = next((f for f in (8, 4, 2) if h // f >= rh and w // f >= rw), 1)  # 1: enlarging
-        flags, decodes_rgb = _opencv_flags()
+        factor = jpeg_reduction(h, w, rh, rw)
+        flags, decodes_rgb = opencv_flags(rgb=True)
         image = cv2.imdecode(data, flags[factor])  # RGB, EXIF-upright, sides ceil(side / factor)
         if image is None:
             return None, Failure.UNDECODABLE
@@ -247,18 +256,23 @@ class OpenCVDecoder(PillowDecoder):
         return {"image": out if decodes_rgb else cv2.cvtColor(out, cv2.COLOR_BGR2RGB)}, Failure.NONE
 
 
+def jpeg_reduction(height: int, width: int, cover_h: int, cover_w: int) -> int:
+    """The largest JPEG DCT reduction (8, 4, 2; else 1) whose output still covers ``(cover_h, cover_w)``."""
+    return next((f for f in (8, 4, 2) if height // f >= cover_h and width // f >= cover_w), 1)
+
+
 @functools.cache
-def _opencv_flags() -> tuple[dict[int, int], bool]:
-    """``cv2.imdecode`` flags per JPEG reduction, asking libjpeg-turbo for RGB directly where OpenCV can
-    (4.10+: ``IMREAD_COLOR_RGB``), and whether it can."""
+def opencv_flags(*, rgb: bool) -> tuple[dict[int, int], bool]:
+    """``cv2.imdecode`` flags per JPEG reduction (1, 2, 4, 8) and whether they decode to RGB: with ``rgb``,
+    libjpeg-turbo writes RGB directly where OpenCV can (4.10+: ``IMREAD_COLOR_RGB``), else BGR."""
     import cv2
 
     reduced = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
                8: cv2.IMREAD_REDUCED_COLOR_8}  # fmt: skip
-    rgb = getattr(cv2, "IMREAD_COLOR_RGB", None)
-    if rgb is None:
+    rgb_flag = getattr(cv2, "IMREAD_COLOR_RGB", None)
+    if not rgb or rgb_flag is None:
         return reduced, False
-    return {f: (flag & ~cv2.IMREAD_COLOR) | rgb for f, flag in reduced.items()}, True
+    return {f: (flag & ~cv2.IMREAD_COLOR) | rgb_flag for f, flag in reduced.items()}, True
 
 
 DECODERS: dict[str, type[Decoder]] = {"dali": DaliDecoder, "pillow": PillowDecoder, "opencv": OpenCVDecoder}

@@ -237,9 +237,10 @@ def register(sub: argparse._SubParsersAction, fmt: type) -> None:
     p.set_defaults(func=cmd_preview)
 
     p = sub.add_parser(
-        "bench", help="loader throughput, optionally against a DataLoader + Pillow baseline", formatter_class=fmt,
+        "bench", help="loader throughput, optionally against the peers users would write", formatter_class=fmt,
         description="Time the loader (images/s, megapixels/s of output, batch latency p50/p99) on a manifest; "
-                    "--baseline adds a PyTorch DataLoader with Pillow (plain and with draft decoding) on the same plan.",
+                    "--baseline adds PyTorch DataLoaders with OpenCV reduced decoding, Pillow draft and Pillow "
+                    "(and torchvision where installed) on the same plan and output, and the decode-only ceiling.",
         epilog="examples:\n  dali-arb bench photos.parquet --device cpu --baseline\n"
                "  dali-arb bench photos.parquet --device gpu --baseline --memory --json > bench.json\n",
     )  # fmt: skip
