@@ -265,8 +265,14 @@ def jpeg_reduction(height: int, width: int, cover_h: int, cover_w: int) -> int:
 def opencv_flags(*, rgb: bool) -> tuple[dict[int, int], bool]:
     """``cv2.imdecode`` flags per JPEG reduction (1, 2, 4, 8) and whether they decode to RGB: with ``rgb``,
     libjpeg-turbo writes RGB directly where OpenCV can (4.10+: ``IMREAD_COLOR_RGB``), else BGR."""
+    import multiprocessing
+
     import cv2
 
+    if multiprocessing.parent_process() is not None:
+        # a worker process: one OpenCV thread each (as DataLoader does for torch), or 16 workers on 16 cores
+        # would start 16 thread pools of 16 threads each
+        cv2.setNumThreads(1)
     reduced = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
                8: cv2.IMREAD_REDUCED_COLOR_8}  # fmt: skip
     rgb_flag = getattr(cv2, "IMREAD_COLOR_RGB", None)
