@@ -39,6 +39,10 @@ from .world import World
 
 __all__ = ["make_photo_jpegs", "run_bench"]
 
+#: The peers' DataLoader workers start by spawning: forking a process in which DALI's threads already run
+#: (the loader under test warms up first) can deadlock the child on a lock one of those threads held.
+PEER_START_METHOD = "spawn"
+
 
 # -- images ----------------------------------------------------------------------------------------
 
@@ -322,7 +326,7 @@ def run_bench(
             def make() -> Iterator[Any]:
                 loader = torch.utils.data.DataLoader(
                     dataset, batch_size=None, shuffle=False, num_workers=cores, prefetch_factor=2,
-                    persistent_workers=True,
+                    persistent_workers=True, multiprocessing_context=PEER_START_METHOD,
                 )  # fmt: skip
                 return cycle(lambda: loader)
 
@@ -338,7 +342,7 @@ def run_bench(
                 dataset = EncodedBatches(sources, plan.rows)
                 loader = torch.utils.data.DataLoader(
                     dataset, batch_size=None, shuffle=False, num_workers=min(4, cores), prefetch_factor=4,
-                    persistent_workers=True,
+                    persistent_workers=True, multiprocessing_context=PEER_START_METHOD,
                 )  # fmt: skip
 
                 def run() -> Iterator[Any]:

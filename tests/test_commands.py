@@ -134,3 +134,26 @@ def test_example_under_torchrun_with_two_ranks(dataset):
     assert [x["size"] for x in by_rank[0]] == [x["size"] for x in by_rank[1]]  # ranks train one bucket per step
     ids = [i for x in lines for i in x["ids"]]
     assert len(ids) == len(set(ids)) == 2 * 3 * 4
+
+
+def test_bench_peers_never_fork_after_dali_started_threads(dataset, monkeypatch):
+    """The loader under test runs DALI threads before the peers' DataLoaders start their workers; a forked
+    worker can deadlock on a lock one of those threads held (CI hung so once). Every peer must spawn."""
+    import torch
+
+    from dali_arb.bench import run_bench
+
+    from .conftest import SMALL
+
+    made = []
+    real = torch.utils.data.DataLoader
+
+    def recording(*args, **kwargs):
+        made.append(kwargs.get("multiprocessing_context"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", recording)
+    _, manifest = dataset
+    run_bench(manifest, device="cpu", batch_size=2, batches=1, warmup=1, rounds=1, baseline=True, workers=0,
+              buckets=SMALL)  # fmt: skip
+    assert len(made) >= 4 and set(made) == {"spawn"}
