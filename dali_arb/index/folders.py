@@ -18,6 +18,7 @@ __all__ = [
     "NOT_IMAGES",
     "FolderWalk",
     "PreviousRows",
+    "caption_files",
     "decode_caption",
     "display_path",
     "folder_task",
@@ -44,16 +45,29 @@ def decode_caption(data: bytes) -> str:
         return data.decode("cp1252", errors="replace").strip()
 
 
-def read_caption(stem_path: str) -> str | None:
-    """The sidecar caption of an image (``stem.txt`` / ``stem.caption``, in lower or upper case), or None."""
-    for ext in CAPTION_EXTS:
-        for variant in (ext, ext.upper()):
-            try:
-                with open(stem_path + variant, "rb") as fh:
-                    return decode_caption(fh.read())
-            except OSError:
-                continue
-    return None
+def read_caption(path: str | None) -> str | None:
+    """The text of a sidecar caption file (found in the folder's listing), or None."""
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as fh:
+            return decode_caption(fh.read())
+    except OSError:
+        return None
+
+
+def caption_files(names: list[str]) -> dict[str, str]:
+    """``{stem: caption file name}`` from one folder's listing: ``stem.txt`` before ``stem.caption``, the
+    extension in any case (``IMG.TXT``)."""
+    found: dict[str, str] = {}
+    for name in names:
+        stem, ext = os.path.splitext(name)
+        rank = CAPTION_EXTS.index(ext.lower()) if ext.lower() in CAPTION_EXTS else None
+        if rank is not None and (
+            stem not in found or rank < CAPTION_EXTS.index(os.path.splitext(found[stem])[1].lower())
+        ):
+            found[stem] = name
+    return found
 
 
 def display_path(path: str) -> str:
@@ -70,16 +84,17 @@ def is_utf8(text: str) -> bool:
 
 
 def folder_task(args: tuple) -> tuple[list[Row], list[Reject], int]:
-    """Inspect a group of files of one folder: ``(root, [relative paths], max_pixels, known)``.
+    """Inspect a group of files of one folder: ``(root, [relative paths], max_pixels, known, captions)``;
+    ``captions`` holds each path's sidecar caption file (relative too) or None.
 
     Returns rows, rejects, and how many rows were reused from ``known`` (unchanged size and mtime).
     """
-    root, relpaths, max_pixels, known = args
+    root, relpaths, max_pixels, known, captions = args
     reused = 0
     rows: list[Row] = []
     rejects: list[dict] = []
     kept_by_key: dict[str, str] = {}
-    for rel in relpaths:
+    for rel, caption_rel in zip(relpaths, captions):
         path = os.path.join(root, rel)
         key = os.path.splitext(rel)[0].replace(os.sep, "/")
         if not is_utf8(path):
@@ -108,7 +123,7 @@ def folder_task(args: tuple) -> tuple[list[Row], list[Reject], int]:
                 continue
             width, height = result
         kept_by_key[key] = path
-        caption = read_caption(os.path.splitext(path)[0])
+        caption = read_caption(os.path.join(root, caption_rel) if caption_rel else None)
         rows.append(Row(key, width, height, caption, path, 0, stat.st_size, stat.st_mtime_ns))
     return rows, rejects, reused
 
@@ -174,7 +189,7 @@ class FolderWalk:
             where = display_path(exc.filename or root)
             self.rejects.append({"source": where, "reason": f"unreadable folder ({exc.strerror or exc}); its images were not indexed"})  # fmt: skip
 
-        for directory, dirnames, filenames in os.walk(root, onerror=on_error, followlinks=True):
+        for directory, dirnames, entries in _walk(root, on_error):
             real = os.path.realpath(directory)
             if real in self.walked:
                 dirnames[:] = []
@@ -183,20 +198,25 @@ class FolderWalk:
             self.walked[real] = directory
             known = self.previous.folder(os.path.normpath(directory)) if self.previous else {}
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            names = []
-            for f in sorted(filenames):
+            sidecars = caption_files([e.name for e in entries])
+            names, captions = [], []
+            for entry in sorted(entries, key=lambda e: e.name):
+                f = entry.name
                 if f.startswith(".") or os.path.splitext(f)[1].lower() in NOT_IMAGES:
                     continue
-                full = os.path.join(directory, f)
-                if os.path.islink(full):
-                    target = os.path.realpath(full)
+                if entry.is_symlink():  # from the directory listing: no system call for ordinary files
+                    target = os.path.realpath(entry.path)
                     if self._inside_inputs(target) or target in self.linked_targets:
-                        self.rejects.append({"source": display_path(full), "reason": f"symlink to {display_path(target)}, which is indexed itself"})  # fmt: skip
+                        self.rejects.append({"source": display_path(entry.path), "reason": f"symlink to {display_path(target)}, which is indexed itself"})  # fmt: skip
                         continue
                     self.linked_targets.add(target)
                 names.append(f)
+                captions.append(sidecars.get(os.path.splitext(f)[0]))
             rel_dir = os.path.relpath(directory, root)
             rels = [n if rel_dir == "." else os.path.join(rel_dir, n) for n in names]
+            caption_rels = [
+                None if c is None else (c if rel_dir == "." else os.path.join(rel_dir, c)) for c in captions
+            ]
             start = 0
             while start < len(rels):
                 end = min(start + FILES_PER_TASK, len(rels))
@@ -204,5 +224,29 @@ class FolderWalk:
                     end += 1  # never split files with one stem across tasks
                 chunk = rels[start:end]
                 subset = {p: known[p] for p in (os.path.join(root, r) for r in chunk) if p in known} if known else None
-                yield (root, chunk, self.max_pixels, subset)
+                yield (root, chunk, self.max_pixels, subset, caption_rels[start:end])
                 start = end
+
+
+def _walk(root: str, on_error) -> Iterator[tuple[str, list[str], list[os.DirEntry]]]:
+    """``os.walk`` top-down that follows symlinked folders and yields the files' ``DirEntry`` objects
+    (their symlink flag comes with the listing): ``(folder, subfolder names to descend, file entries)``.
+    Loops through symlinks end where the caller drops folders it has walked (``dirnames[:] = []``)."""
+    stack = [root]
+    while stack:
+        directory = stack.pop()
+        try:
+            with os.scandir(directory) as listing:
+                entries = list(listing)
+        except OSError as exc:
+            on_error(exc)
+            continue
+        dirnames, files = [], []
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()  # follows symlinks, like os.walk(followlinks=True)
+            except OSError:
+                is_dir = False
+            (dirnames if is_dir else files).append(entry.name if is_dir else entry)
+        yield directory, dirnames, files
+        stack.extend(os.path.join(directory, d) for d in reversed(dirnames))
