@@ -27,12 +27,6 @@ class Blocklist:
         log.warning("dali_arb: sample %r replaced by another of its bucket: %s", key, reason)
         return True
 
-    def __contains__(self, row: int) -> bool:
-        return int(row) in self._rows
-
-    def __len__(self) -> int:
-        return len(self._reasons)
-
     @property
     def rows(self) -> frozenset[int]:
         """Manifest rows never to read again (what each pipeline start gets)."""

@@ -61,7 +61,7 @@ class Decoder:
     name: ClassVar[str]
     outputs: ClassVar[tuple[Output, ...]]
 
-    def prepare(self, data: np.ndarray, geometry: Geometry, where: str) -> tuple[dict[str, np.ndarray] | None, Failure]:
+    def prepare(self, data: np.ndarray, geometry: Geometry) -> tuple[dict[str, np.ndarray] | None, Failure]:
         """The sample's outputs other than ``mirror`` and ``meta``, from its encoded bytes ``uint8 (n,)``,
         or ``(None, failure)`` when it cannot be served. Runs in the worker processes."""
         raise NotImplementedError
@@ -117,7 +117,7 @@ class DaliDecoder(Decoder):
         if load is not None and (isinstance(load, bool) or not isinstance(load, (int, float)) or not 0 <= load <= 1):
             raise ConfigError(f"hw_decoder_load must be a share in [0, 1], got {load!r}")
 
-    def prepare(self, data: np.ndarray, geometry: Geometry, where: str) -> tuple[dict[str, np.ndarray] | None, Failure]:
+    def prepare(self, data: np.ndarray, geometry: Geometry) -> tuple[dict[str, np.ndarray] | None, Failure]:
         # the header's size must be the indexed one (a file re-encoded at another size with the same byte
         # length would otherwise get the old crop window and original_size)
         size = header_size(data.tobytes())  # None: Pillow cannot parse it; DALI decides
@@ -174,7 +174,7 @@ class PillowDecoder(Decoder):
     name: ClassVar[str] = "pillow"
     outputs: ClassVar[tuple[Output, ...]] = (Output("image", "UINT8", "HWC"), _MIRROR, _META)
 
-    def prepare(self, data: np.ndarray, geometry: Geometry, where: str) -> tuple[dict[str, np.ndarray] | None, Failure]:
+    def prepare(self, data: np.ndarray, geometry: Geometry) -> tuple[dict[str, np.ndarray] | None, Failure]:
         from PIL import Image, ImageOps
 
         h, w, rh, rw, top, left, bucket_h, bucket_w = geometry
@@ -229,9 +229,9 @@ class OpenCVDecoder(PillowDecoder):
 
     name: ClassVar[str] = "opencv"
 
-    def prepare(self, data: np.ndarray, geometry: Geometry, where: str) -> tuple[dict[str, np.ndarray] | None, Failure]:
+    def prepare(self, data: np.ndarray, geometry: Geometry) -> tuple[dict[str, np.ndarray] | None, Failure]:
         if data[:3].tobytes() != b"\xff\xd8\xff":
-            return super().prepare(data, geometry, where)
+            return super().prepare(data, geometry)
         import cv2
 
         h, w, rh, rw, top, left, bucket_h, bucket_w = geometry

@@ -282,7 +282,7 @@ class DALIBucketIterator:
         if self.workers == 0:
             return {"bytes_per_sample": 0, "source_prefetch": 0}
         served = self._planner.assignment.bucket >= 0
-        lengths = self._source_lengths()[served]
+        lengths = self.manifest.int_column("length", -1)[served]
         known = lengths[lengths > 0]
         encoded = int(np.percentile(known, 99)) if known.size else 0
         sizes = self._planner.assignment.sizes
@@ -305,11 +305,6 @@ class DALIBucketIterator:
                     "run the container with --ipc=host or --shm-size=8g, or lower batch_size or workers (0 uses none)"
                 )
         return {"bytes_per_sample": per_sample, "source_prefetch": depth}
-
-    def _source_lengths(self) -> np.ndarray:
-        if "length" not in self.manifest.table.column_names:
-            return np.full(len(self.manifest), -1, np.int64)
-        return np.asarray(self.manifest.table.column("length").fill_null(-1).to_numpy(), np.int64)
 
     # -- the pipeline -------------------------------------------------------------------------------
     def _rows_of(self, keys: list[str]) -> list[int]:
@@ -460,11 +455,12 @@ class DALIBucketIterator:
                 "from your checkpoint"
             )
         for i in culprits:
-            row = int(rows[i])
-            key = self.manifest.keys_at(np.array([row]))[0]
-            self._blocklist.add(
-                row, key, Failure.DALI_UNDECODABLE.describe(self._source.location(row)) + f" ({summary})"
-            )
+            self._block(int(rows[i]), Failure.DALI_UNDECODABLE, f" ({summary})")
+
+    def _block(self, row: int, failure: Failure, detail: str = "") -> None:
+        """Blocklist manifest ``row`` for ``failure`` (logged once, with where its bytes are)."""
+        key = self.manifest.keys_at(np.array([row]))[0]
+        self._blocklist.add(row, key, failure.describe(self._source.location(row)) + detail)
 
     def _probe(self, samples: tuple[list, ...], *, device: str) -> list[int]:
         """Positions of ``samples`` that DALI's decoder on ``device`` cannot decode, each tried alone in one
@@ -509,9 +505,7 @@ class DALIBucketIterator:
         m = META.unpack(meta.as_array())
         assert (m.epoch == epoch).all() and (m.step == step).all(), "pipeline out of step with the loader"
         for i in np.flatnonzero(m.failure != Failure.NONE):
-            planned = int(m.planned_row[i])
-            key = self.manifest.keys_at(np.array([planned]))[0]
-            self._blocklist.add(planned, key, Failure(int(m.failure[i])).describe(self._source.location(planned)))
+            self._block(int(m.planned_row[i]), Failure(int(m.failure[i])))
         rows = m.row
         captions = self.manifest.column_at("caption", rows)
         return {

@@ -194,6 +194,12 @@ class Manifest:
                     digest.update(memoryview(values)[int(offsets[0]) : int(offsets[-1])])
         return digest.hexdigest()
 
+    def int_column(self, name: str, missing: int) -> np.ndarray:
+        """``int64 (N,)`` of integer column ``name``, ``missing`` where it is null or the column is absent."""
+        if name not in self.table.column_names:
+            return np.full(len(self), missing, np.int64)
+        return np.asarray(self.table.column(name).fill_null(missing).to_numpy(), np.int64)
+
     def keys_at(self, rows: np.ndarray) -> list[str]:
         """Keys of ``rows`` (any shape, flattened), as Python strings."""
         return self.keys.take(pa.array(np.asarray(rows, dtype=np.int64).reshape(-1))).to_pylist()

@@ -106,7 +106,6 @@ class MetaLayout:
     """The names of the ``meta`` columns, in order. ``pack`` in the source, ``unpack`` in the iterator."""
 
     fields: tuple[str, ...]
-    dtype: str = "INT64"
 
     def pack(self, **values: int) -> np.ndarray:
         """One sample's meta, ``int64 (F,)``; every field must be given, by name."""

@@ -142,10 +142,9 @@ class BatchSource:
                     f"({len(manifest)} rows now, {self.num_rows} then, or the same count with other content); "
                     "a live loader never serves a rewritten manifest: build a new loader (or write to a new file)"
                 )
-        table, n = manifest.table, len(manifest)
-        self._sources = table.column("source").combine_chunks()  # Arrow: no Python string per row
-        self._offsets = _int_column(table, "offset", 0, n)
-        self._lengths = _int_column(table, "length", -1, n)  # -1: the whole file
+        self._sources = manifest.table.column("source").combine_chunks()  # Arrow: no Python string per row
+        self._offsets = manifest.int_column("offset", 0)
+        self._lengths = manifest.int_column("length", -1)  # -1: the whole file
         self._heights = manifest.heights
         self._widths = manifest.widths
         if self._planner is None:
@@ -287,7 +286,7 @@ class BatchSource:
         data, failure = self.read(row)
         if data is None:
             return None, failure
-        return self.decoder.prepare(data, geometry, self._sources[row].as_py())
+        return self.decoder.prepare(data, geometry)
 
     def _serve(
         self, planned: int, bucket: int, epoch: int, step: int, position: int, placement: tuple[int, int, float, float]
@@ -319,10 +318,3 @@ class BatchSource:
             lo, hi = 0, len(self._members)
         pick = np.random.default_rng([self.config.seed, epoch, step, position, attempt, 0xBAD]).integers(lo, hi)
         return int(self._members[pick])
-
-
-def _int_column(table, name: str, missing: int, n: int) -> np.ndarray:
-    """``int64 (n,)`` of an integer column, ``missing`` where it is null or the column is absent."""
-    if name not in table.column_names:
-        return np.full(n, missing, np.int64)
-    return np.asarray(table.column(name).fill_null(missing).to_numpy(), np.int64)
