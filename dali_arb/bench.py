@@ -42,6 +42,8 @@ __all__ = ["make_photo_jpegs", "run_bench"]
 #: The peers' DataLoader workers start by spawning: forking a process in which DALI's threads already run
 #: (the loader under test warms up first) can deadlock the child on a lock one of those threads held.
 PEER_START_METHOD = "spawn"
+#: The CPU peers, by result key: the ``PeerBatches`` method each runs.
+PEERS = {"baseline": "pillow", "baseline_draft": "pillow_draft", "baseline_opencv": "opencv"}
 
 
 # -- images ----------------------------------------------------------------------------------------
@@ -332,7 +334,7 @@ def run_bench(
 
             return make
 
-        for key, method in (("baseline", "pillow"), ("baseline_draft", "pillow_draft"), ("baseline_opencv", "opencv")):
+        for key, method in PEERS.items():
             loaders[key] = peer(PeerBatches(sources, m.heights, m.widths, plan.rows, sizes, method=method, dtype=dtype))
         loaders["decode_ceiling"] = peer(DecodeOnly(sources, m.heights, m.widths, plan.rows, sizes, method="opencv"))
         if _has_torchvision():
@@ -472,7 +474,7 @@ def _quality(m: Manifest, spec: BucketSpec, plan: Any, decoder: str, device: str
                 ours = batch["images"][i].permute(1, 2, 0).cpu().numpy()
                 scores["loader"].append(psnr(ours, references[(int(row), batch["step"])]))
     if peers:
-        for key, method in (("baseline", "pillow"), ("baseline_draft", "pillow_draft"), ("baseline_opencv", "opencv")):
+        for key, method in PEERS.items():
             dataset = PeerBatches(sources, m.heights, m.widths, plan.rows, sizes, method=method, dtype="uint8")
             scores[key] = [
                 psnr(dataset[step][i].permute(1, 2, 0).numpy(), references[(int(row), step)])
