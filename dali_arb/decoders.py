@@ -284,13 +284,17 @@ def opencv_flags(*, rgb: bool) -> tuple[dict[int, int], bool]:
 DECODERS: dict[str, type[Decoder]] = {"dali": DaliDecoder, "pillow": PillowDecoder, "opencv": OpenCVDecoder}
 
 
-def choose_decoder(name: str, device: str, **settings: Any) -> Decoder:
+def choose_decoder(name: str | Decoder, device: str, **settings: Any) -> Decoder:
     """The decoder for ``name`` (``"auto"``: ``dali`` on GPU, ``opencv`` on CPU, where it is the fastest at
-    the same quality: ``benchmarks/RESULTS.md``).
+    the same quality: ``benchmarks/RESULTS.md``); a :class:`Decoder` instance is used as it is.
 
     ``settings`` go to :class:`DaliDecoder` (``hw_decoder_load``, ``preallocate``); ``None`` values are
     ignored, so callers can pass their options through.
     """
+    if isinstance(name, Decoder):
+        if settings.get("hw_decoder_load") is not None:
+            raise ConfigError("hw_decoder_load is a setting of the decoder by name; give it to the Decoder instance")
+        return name
     if name not in ("auto", *DECODERS):
         raise ConfigError(f"decoder must be 'auto', 'dali', 'pillow' or 'opencv', got {name!r}")
     if name == "auto":

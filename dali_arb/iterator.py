@@ -84,7 +84,7 @@ class DALIBucketIterator:
         decoder: ``"dali"`` (DALI decodes and resizes: nvJPEG on GPU, libjpeg-turbo on CPU), ``"opencv"``
             or ``"pillow"`` (the worker processes decode with libjpeg-turbo at reduced DCT scale and resize
             to the bucket; DALI flips and normalises), or ``"auto"``: ``dali`` on GPU, ``opencv`` on CPU.
-            See :mod:`dali_arb.decoders`.
+            A :class:`~dali_arb.decoders.Decoder` instance is used as it is. See :mod:`dali_arb.decoders`.
         hw_decoder_load: with ``dali`` on GPU, the share of each batch for the hardware JPEG decoder
             (A100/H100; DALI's default 0.65).
     """
@@ -108,7 +108,7 @@ class DALIBucketIterator:
         num_threads: int | None = None,
         prefetch: int = 2,
         device_id: int | None = None,
-        decoder: str = "auto",
+        decoder: str | Decoder = "auto",
         hw_decoder_load: float | None = None,
     ) -> None:
         from .pipeline import resolve_device
@@ -373,7 +373,11 @@ class DALIBucketIterator:
                 self._recover(epoch, step, exc)
                 continue
             self._stream = self._advance(epoch, step)
-            return self._to_batch(images, meta, epoch, step)
+            batch = self._to_batch(images, meta, epoch, step)
+            corpse = _first_dead(_worker_processes(self._pipe))
+            if corpse is not None:  # it died idle: nothing was lost, but the pool runs short from here on
+                self._abandon_pipeline(_WorkerDied(corpse), resume="the next step")
+            return batch
         raise DataError(
             f"batch {step} of epoch {epoch} kept failing after {recoveries} recoveries, each blocklisting "
             "an undecodable sample; check the files listed in loader.failed and re-index"
@@ -390,7 +394,7 @@ class DALIBucketIterator:
             self._runner = _Runner()
 
         def dead() -> Any:
-            return next((p for p in processes if p.exitcode is not None), None)
+            return _first_dead(processes)
 
         try:
             return self._runner.run(self._pipe.run, dead, grace=WORKER_DEATH_GRACE_S)
@@ -403,9 +407,10 @@ class DALIBucketIterator:
                 raise _WorkerDied(corpse) from None
             raise
 
-    def _abandon_pipeline(self, died: _WorkerDied) -> None:
-        """Leave a pipeline whose worker died: end its other workers, restart at the same step (the plan
-        makes it the same batch); after ``MAX_WORKER_DEATHS`` deaths, one clear error instead."""
+    def _abandon_pipeline(self, died: _WorkerDied, *, resume: str = "the same step") -> None:
+        """Leave a pipeline whose worker died: end its other workers; the next fetch opens a new one where
+        the loader stands (the plan makes its batches the same); after ``MAX_WORKER_DEATHS`` deaths, one
+        clear error instead."""
         pipe, self._pipe, self._stream = self._pipe, None, None
         for process in _worker_processes(pipe):
             if process.exitcode is None:
@@ -417,7 +422,7 @@ class DALIBucketIterator:
                 f"{what}, the {self._worker_deaths}th worker death of this loader; give the machine more memory, "
                 "or lower workers, prefetch or batch_size"
             )
-        log.warning("dali_arb: %s; restarting the pipeline at the same step", what)
+        log.warning("dali_arb: %s; restarting the pipeline at %s", what, resume)
 
     def _release_failed_pipeline(self) -> None:
         """Drop a pipeline that hit a critical error, and the memory it held, before anything else runs."""
@@ -595,6 +600,11 @@ def _worker_processes(pipe: Any) -> list:
     them at ``pipe._py_pool.pool._processes``), or ``[]``."""
     pool = getattr(getattr(pipe, "_py_pool", None), "pool", None)
     return list(getattr(pool, "_processes", None) or [])
+
+
+def _first_dead(processes: list) -> Any:
+    """The first of ``processes`` that has ended, or ``None``."""
+    return next((p for p in processes if p.exitcode is not None), None)
 
 
 def _serve_jobs(jobs: queue.SimpleQueue, results: queue.SimpleQueue) -> None:
