@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import ConfigError
 
-__all__ = ["BucketAssignment", "BucketSpec", "format_size", "parse_size"]
+__all__ = ["BucketAssignment", "BucketIndex", "BucketSpec", "format_size", "parse_size"]
 
 #: Reject codes in :attr:`BucketAssignment.reject_code`: kept, too far in aspect from every bucket,
 #: smaller than the smallest bucket with ``no_upscale``.
@@ -221,6 +221,79 @@ class BucketAssignment:
         if code is None:
             return int(np.count_nonzero(self.reject_code))
         return int(np.count_nonzero(self.reject_code == code))
+
+
+@dataclass(frozen=True, eq=False)
+class BucketIndex:
+    """Images grouped by bucket: what the planner reads. Built once per manifest and bucket options, and
+    memory-mapped from the cache by every process of a node (``dataplane.py``), so that it holds no
+    per-row Python object and no private per-row array.
+
+    Attributes:
+        sizes: ``int64 (K, 2)`` ``(height, width)`` of every bucket (as :class:`BucketAssignment`).
+        num_base: how many of ``sizes`` are the spec's own buckets.
+        no_upscale: whether leftover batches must avoid enlarging images too.
+        bucket: ``int16 (N,)`` bucket per row (``int32`` beyond 32,767 buckets), ``-1`` for rejected rows.
+        members: ``int32 (M,)`` the usable rows grouped by bucket, ascending inside each bucket (``int64``
+            from 2**31 rows); bucket ``k`` owns ``members[starts[k]:starts[k + 1]]``.
+        starts: ``int64 (K + 1,)``.
+        heights, widths: ``(N,)`` displayed sizes (any integer type).
+        rejected_aspect, rejected_too_small: rows rejected for each reason.
+    """
+
+    sizes: np.ndarray
+    num_base: int
+    no_upscale: bool
+    bucket: np.ndarray
+    members: np.ndarray
+    starts: np.ndarray
+    heights: np.ndarray
+    widths: np.ndarray
+    rejected_aspect: int
+    rejected_too_small: int
+
+    @classmethod
+    def of(cls, assignment: BucketAssignment) -> BucketIndex:
+        """Group an assignment's rows by bucket (O(N))."""
+        bucket = assignment.bucket
+        order = np.argsort(bucket, kind="stable")  # radix sort of int16: rows ascending inside each bucket
+        usable = order[np.count_nonzero(bucket < 0) :]
+        counts = np.bincount(bucket[usable], minlength=len(assignment.sizes)).astype(np.int64)
+        return cls(
+            sizes=assignment.sizes,
+            num_base=assignment.num_base,
+            no_upscale=assignment.no_upscale,
+            bucket=bucket,
+            members=usable.astype(np.int32 if len(bucket) < 2**31 else np.int64),
+            starts=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+            heights=assignment.heights,
+            widths=assignment.widths,
+            rejected_aspect=assignment.rejected(REJECT_ASPECT),
+            rejected_too_small=assignment.rejected(REJECT_TOO_SMALL),
+        )
+
+    @property
+    def num_images(self) -> int:
+        """Rows, usable or not (``N``)."""
+        return int(self.bucket.shape[0])
+
+    @property
+    def num_usable(self) -> int:
+        """Rows that belong to a bucket (``M``)."""
+        return int(self.starts[-1])
+
+    def counts(self) -> np.ndarray:
+        """``int64 (K,)`` images per bucket."""
+        return np.diff(self.starts)
+
+    @property
+    def bucket_log_aspect(self) -> np.ndarray:
+        """``float64 (K,)`` log aspect ratio of each bucket."""
+        return np.log(self.sizes[:, 1] / self.sizes[:, 0])
+
+    def log_aspect(self, rows: np.ndarray) -> np.ndarray:
+        """``float64`` ``log(width / height)`` of ``rows`` (same shape), as :attr:`BucketAssignment.log_aspect`."""
+        return np.log(self.widths[rows].astype(np.int64) / self.heights[rows].astype(np.int64))
 
 
 def _nearest(sorted_log_aspect: np.ndarray, values: np.ndarray) -> np.ndarray:

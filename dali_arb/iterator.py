@@ -37,7 +37,8 @@ WORKER_DEATH_GRACE_S = 2.0
 MAX_WORKER_DEATHS = 2
 
 #: Version of ``state_dict()``; 1 stored ``buckets.base`` as ``[height, width]`` and is still read.
-STATE_FORMAT = 2
+#: 3: the O(steps) planner (keyed shuffles per bucket); states of formats 1 and 2 are refused.
+STATE_FORMAT = 3
 DTYPES = ("float16", "bfloat16", "float32", "uint8")
 #: The GPU decoder preallocates for this percentile of the served images' sides, capped (see ``_preallocation``).
 PREALLOCATE_PERCENTILE = 99
@@ -530,10 +531,16 @@ def _checked_state(state: Any) -> dict[str, Any]:
     """``state`` with its fields' types checked; a StateError naming the first bad field."""
     if not isinstance(state, dict):
         raise StateError(f"not a DALIBucketIterator state: a {type(state).__name__}, not a dict")
-    if state.get("format") not in (1, STATE_FORMAT):
+    if state.get("format") in (1, 2):
+        raise StateError(
+            f"state format {state['format']} was saved by an earlier dali_arb, whose plans differ from this version's "
+            f"(format {STATE_FORMAT}): the saved step does not name the same batch here; to go on at its epoch, call "
+            f"loader.set_epoch({state.get('epoch')!r}) instead of load_state_dict (the epoch starts again)"
+        )
+    if state.get("format") != STATE_FORMAT:
         raise StateError(
             f"not a DALIBucketIterator state of this version (format {state.get('format')!r}, this dali_arb reads "
-            f"1 and {STATE_FORMAT}); save it again with this version"
+            f"{STATE_FORMAT}); save it again with this version"
         )
     checked = dict(state)
     for name in ("epoch", "step", "seed", "batch_size", "world_size", "num_images"):

@@ -1,18 +1,52 @@
 """A straightforward per-image planner: the test oracle for :class:`dali_arb.Planner`.
 
-It loops over images in Python like NovelAI's bucket manager, but draws the same random numbers
-in the same order as the vectorised planner, so both must produce identical plans. Slow on
-purpose (readable); used by the tests and by ``benchmarks/`` as the baseline.
+It loops over images in Python like NovelAI's bucket manager, evaluates the keyed shuffles with a
+scalar Feistel network written from its definition, and draws the same random numbers in the same
+order as the planner, so both must produce identical plans. Slow on purpose (readable); used by the
+tests and by ``benchmarks/`` as the baseline.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from .buckets import BucketAssignment
+from .permute import ROUNDS
 from .planner import LeftoverPolicy
 
-__all__ = ["reference_plan"]
+__all__ = ["feistel", "reference_plan"]
+
+_MASK64 = (1 << 64) - 1
+
+
+def feistel(n: int, keys: list[int]) -> Callable[[int], int]:
+    """The bijection of ``range(n)`` that :class:`dali_arb.permute.Permutation` computes, one value at a time."""
+    bits = max(2, max(n - 1, 1).bit_length())
+    bits += bits % 2
+    half, mask = bits // 2, (1 << (bits // 2)) - 1
+
+    def mix(x: int) -> int:  # splitmix64's finaliser
+        x ^= x >> 30
+        x = (x * 0xBF58476D1CE4E5B9) & _MASK64
+        x ^= x >> 27
+        x = (x * 0x94D049BB133111EB) & _MASK64
+        return x ^ (x >> 31)
+
+    def encrypt(x: int) -> int:
+        left, right = x >> half, x & mask
+        for key in keys:
+            left, right = right, left ^ (mix(right ^ key) & mask)
+        return (left << half) | right
+
+    def permute(position: int) -> int:
+        value = encrypt(position)
+        while value >= n:
+            value = encrypt(value)
+        return value
+
+    return permute
 
 
 def reference_plan(
@@ -33,9 +67,11 @@ def reference_plan(
     log_aspect = assignment.log_aspect.tolist()
     sizes = assignment.sizes.tolist()
     bucket_log = assignment.bucket_log_aspect
+    K = len(sizes)
     G = world_size * batch_size
-    index_type = np.int32 if len(bucket) < 2**31 else np.int64
-    valid = np.array([i for i, b in enumerate(bucket) if b >= 0], dtype=index_type)
+
+    def keys_of(rng: np.random.Generator, count: int) -> list[list[int]]:
+        return rng.integers(0, 2**64, size=(count, ROUNDS), dtype=np.uint64).tolist()
 
     def leftover_bucket(chunk: list[int]) -> int:
         values = [log_aspect[row] for row in chunk]
@@ -56,60 +92,65 @@ def reference_plan(
                 best, best_distance = k, distance
         return best
 
-    def blocks_of(rows: list[int], group: int) -> list[tuple[list[int], int]]:
-        by_bucket: dict[int, list[int]] = {k: [] for k in range(len(sizes))}
+    def by_bucket(rows: list[int]) -> list[list[int]]:
+        groups: list[list[int]] = [[] for _ in range(K)]
         for row in rows:
-            by_bucket[bucket[row]].append(row)
-        blocks: list[tuple[list[int], int]] = []
-        rests: list[tuple[int, list[int], list[int]]] = []
-        for k in range(len(sizes)):
-            members = by_bucket[k]
+            groups[bucket[row]].append(row)
+        return groups
+
+    def blocks_of(groups: list[list[int]], group: int, pool_trim: Callable | None) -> list[tuple[list[int], int]]:
+        """Whole blocks of each bucket (bucket order), then the policy's blocks of what is left."""
+        blocks = []
+        rests = []
+        for k, members in enumerate(groups):
             whole = len(members) // group
-            for j in range(whole):
-                blocks.append((members[j * group : (j + 1) * group], k))
-            rest = members[whole * group :]
-            if rest:
-                rests.append((k, rest, members))
+            blocks += [(members[j * group : (j + 1) * group], k) for j in range(whole)]
+            if members[whole * group :]:
+                rests.append((k, members[whole * group :], members))
         if policy is LeftoverPolicy.DUPLICATE:
             for k, rest, members in rests:
-                pad = [members[i % len(members)] for i in range(group - len(rest))]
-                blocks.append((rest + pad, k))
+                blocks.append((rest + [members[i % len(members)] for i in range(group - len(rest))], k))
         elif policy is LeftoverPolicy.NEAREST:
-            pool = [row for _, rest, _ in rests for row in rest]
-            pool.sort(key=lambda row: log_aspect[row])
+            pool = sorted((row for _, rest, _ in rests for row in rest), key=lambda row: log_aspect[row])
+            if pool_trim is not None:
+                pool = pool_trim(pool)
             for start in range(0, len(pool), group):
                 chunk = pool[start : start + group]
                 blocks.append((chunk, leftover_bucket(chunk)))
         return blocks
 
-    def ordered(rng: np.random.Generator, blocks: list[tuple[list[int], int]]) -> list[int]:
-        order = rng.permutation(len(blocks)).tolist()
+    def ordered(keys: list[int], blocks: list[tuple[list[int], int]]) -> list[int]:
+        shuffle = feistel(len(blocks), keys)
+        order = [shuffle(i) for i in range(len(blocks))]
         if largest_first and order:
-            areas = [sizes[blocks[o][1]][0] * sizes[blocks[o][1]][1] for o in order]
-            first = areas.index(max(areas))
-            order[0], order[first] = order[first], order[0]
+            areas = [sizes[k][0] * sizes[k][1] for _, k in blocks]
+            first = areas.index(max(areas))  # the lowest-numbered block of the largest area
+            where = order.index(first)
+            order[0], order[where] = order[where], order[0]
         return order
 
     rng = np.random.default_rng([seed, epoch])
-    perm = rng.permutation(valid).tolist()
+    members = by_bucket([row for row in range(len(bucket)) if bucket[row] >= 0])
+    shuffles = [feistel(len(m), keys) for m, keys in zip(members, keys_of(rng, K))]
+    shuffled = [[m[shuffle(p)] for p in range(len(m))] for m, shuffle in zip(members, shuffles)]
     if sync_ranks:
-        if policy is LeftoverPolicy.NEAREST:
-            perm = perm[: len(perm) - len(perm) % G]
-        blocks = blocks_of(perm, G)
-        order = ordered(rng, blocks)
+        order_keys = keys_of(rng, 1)[0]
+
+        def trim(pool: list[int]) -> list[int]:
+            cut = set(rng.choice(len(pool), len(pool) % G, replace=False).tolist()) if len(pool) % G else set()
+            return [row for i, row in enumerate(pool) if i not in cut]
+
+        blocks = blocks_of(shuffled, G, trim)
+        order = ordered(order_keys, blocks)
         lo, hi = rank * batch_size, (rank + 1) * batch_size
         return [blocks[o][0][lo:hi] for o in order], [blocks[o][1] for o in order]
-    perm = perm[: len(perm) - len(perm) % G]
-    mine = perm[rank::world_size]
-    blocks = blocks_of(mine, batch_size)
-    order = ordered(np.random.default_rng([seed, epoch, 1 + rank]), blocks)
+    sequence = [row for k in rng.permutation(K).tolist() for row in shuffled[k]]
+    sequence = sequence[: len(sequence) - len(sequence) % G]
+    blocks = blocks_of(by_bucket(sequence[rank::world_size]), batch_size, None)
+    order = ordered(keys_of(np.random.default_rng([seed, epoch, 1 + rank]), 1)[0], blocks)
     if policy is LeftoverPolicy.DROP:
         steps = min(
-            sum(
-                count // batch_size
-                for count in np.bincount([bucket[row] for row in perm[r::world_size]], minlength=len(sizes)).tolist()
-            )
-            for r in range(world_size)
+            sum(len(group) // batch_size for group in by_bucket(sequence[r::world_size])) for r in range(world_size)
         )
         order = order[:steps]
     return [blocks[o][0] for o in order], [blocks[o][1] for o in order]

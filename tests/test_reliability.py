@@ -739,6 +739,10 @@ def test_a_manifest_without_offset_column_reads_whole_files(tmp_path, dataset):
         (lambda s: s.update(step=10_000), "state is at step 10000 of epoch 0, which has only"),
         (lambda s: s.update(manifest="0" * 32), "state was saved with another manifest (same size, other content)"),
         (lambda s: s.update(buckets={"max_area": -1}), "state field 'buckets' is not a bucket spec"),
+        # the planner of format 3 makes other batches: an older state's step would name another batch
+        (lambda s: s.update(format=2, epoch=4), "earlier dali_arb, whose plans differ from this version's (format 3)"),
+        (lambda s: s.update(format=1, epoch=4), "call loader.set_epoch(4) instead of load_state_dict"),
+        (lambda s: s.update(format=99), "not a DALIBucketIterator state of this version (format 99"),
     ],
 )
 def test_tampered_states_are_refused_in_one_line(dataset, tamper, fragment):
