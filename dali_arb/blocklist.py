@@ -1,5 +1,5 @@
 """The one record of samples that could not be served: owned by the iterator, handed to every pipeline
-(re)start as a frozen set of rows, saved in ``state_dict()["failed"]`` as ``{key: reason}``."""
+(re)start as a frozen set of rows, saved in ``state_dict()`` as ``"failed"`` (``{key: reason}``) and ``"failed_rows"``."""
 
 from __future__ import annotations
 
@@ -42,8 +42,8 @@ class Blocklist:
 
     @classmethod
     def restore(cls, reasons: dict[str, str], rows_of: Callable[[list[str]], list[int]]) -> Blocklist:
-        """A blocklist from a saved ``{key: reason}``; ``rows_of`` finds the rows of keys (unknown keys are
-        kept as reasons only)."""
+        """A blocklist from a saved ``{key: reason}``; ``rows_of`` finds the rows of keys (keys it does not
+        find are kept as reasons only)."""
         restored = cls()
         restored._reasons = {str(k): str(v) for k, v in reasons.items()}
         restored._rows = set(rows_of(list(restored._reasons)))

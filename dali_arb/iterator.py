@@ -42,6 +42,8 @@ STATE_FORMAT = 3
 DTYPES = ("float16", "bfloat16", "float32", "uint8")
 #: The GPU decoder preallocates for this percentile of the served images' sides, capped (see ``_preallocation``).
 PREALLOCATE_PERCENTILE = 99
+#: Rows sampled for the percentiles of sizes and lengths that set buffers up.
+STATISTICS_SAMPLE = 1 << 20
 PREALLOCATE_MAX_SIDE = 8192
 #: Batches the workers compute ahead at most (each holds a batch in ``/dev/shm``).
 MAX_SOURCE_PREFETCH = 8
@@ -88,6 +90,9 @@ class DALIBucketIterator:
             A :class:`~dali_arb.decoders.Decoder` instance is used as it is. See :mod:`dali_arb.decoders`.
         hw_decoder_load: with ``dali`` on GPU, the share of each batch for the hardware JPEG decoder
             (A100/H100; DALI's default 0.65).
+        cache_dir: where the manifest's memory-mapped cache lives (default ``$DALI_ARB_CACHE``, else
+            ``~/.cache/dali_arb``; see :mod:`dali_arb.dataplane`). A manifest path is opened through it,
+            so every rank and worker of a node shares one copy; a :class:`Manifest` object is used as it is.
     """
 
     def __init__(
@@ -111,6 +116,7 @@ class DALIBucketIterator:
         device_id: int | None = None,
         decoder: str | Decoder = "auto",
         hw_decoder_load: float | None = None,
+        cache_dir: str | os.PathLike | None = None,
     ) -> None:
         from .pipeline import resolve_device
 
@@ -125,7 +131,7 @@ class DALIBucketIterator:
         if buckets is not None and not isinstance(buckets, BucketSpec):
             raise ConfigError(f"buckets must be a BucketSpec, got {type(buckets).__name__}")
         if not isinstance(manifest, Manifest):
-            manifest = Manifest.read(manifest, columns=["caption", "source", "offset", "length"])
+            manifest = Manifest.open(manifest, cache_dir=cache_dir)
         if "source" not in manifest.table.column_names or manifest.table.column("source").null_count == len(manifest):
             raise ManifestError(
                 f"manifest {manifest.path or ''} has no image files to read (it was indexed from metadata without "
@@ -148,7 +154,7 @@ class DALIBucketIterator:
             flip=flip,
         )
         self.manifest = manifest
-        self._planner = build_planner(self.config, manifest.heights, manifest.widths)  # validates batch size, seed
+        self._planner = build_planner(self.config, manifest)  # validates batch size, seed
         gpu = self.device == "gpu"
         self.decoder: Decoder = choose_decoder(
             decoder,
@@ -223,6 +229,7 @@ class DALIBucketIterator:
             "manifest": self._source.fingerprint,
             "buckets": c.spec.to_dict(),
             "failed": self._blocklist.reasons(),
+            "failed_rows": sorted(self._blocklist.rows),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -255,7 +262,7 @@ class DALIBucketIterator:
         steps = self._planner.steps_per_epoch(epoch)
         if step > steps:
             raise StateError(f"state is at step {step} of epoch {epoch}, which has only {steps} steps here")
-        self._blocklist = Blocklist.restore(state["failed"], self._rows_of)
+        self._blocklist = Blocklist.restore(state["failed"], self._rows_checked(state.get("failed_rows") or []))
         self._epoch, self._step = epoch, step
         if step == steps:  # a state taken at an epoch's end (format 1) resumes at the next epoch
             self._epoch, self._step = epoch + 1, 0
@@ -272,18 +279,24 @@ class DALIBucketIterator:
     def _preallocation(self) -> tuple[int, int]:
         """``(height, width)`` for the GPU decoder to preallocate: a high percentile of the served images'
         sides, taken separately and capped (nvImageCodec's hardware decoder reserves batch x H x W x 3)."""
-        served = self._planner.assignment.bucket >= 0
+        served = self._served_sample()
         h = np.percentile(self.manifest.heights[served], PREALLOCATE_PERCENTILE)
         w = np.percentile(self.manifest.widths[served], PREALLOCATE_PERCENTILE)
         return min(math.ceil(h), PREALLOCATE_MAX_SIDE), min(math.ceil(w), PREALLOCATE_MAX_SIDE)
+
+    def _served_sample(self) -> np.ndarray:
+        """``int64 (<= STATISTICS_SAMPLE,)`` rows spread evenly over the usable ones (for percentiles: the
+        whole manifest would cost O(N) private memory in every rank)."""
+        members = self._planner.index.members
+        count = min(len(members), STATISTICS_SAMPLE)
+        return np.asarray(members[np.linspace(0, len(members) - 1, count).astype(np.int64)], np.int64)
 
     def _plan_shared_memory(self) -> dict[str, int]:
         """Chunk size and source prefetch for the workers' ``/dev/shm`` buffers, from the manifest; a
         ``ResourceError`` saying what to do when ``/dev/shm`` cannot hold even the smallest set-up."""
         if self.workers == 0:
             return {"bytes_per_sample": 0, "source_prefetch": 0}
-        served = self._planner.assignment.bucket >= 0
-        lengths = self.manifest.int_column("length", -1)[served]
+        lengths = self.manifest.int_column("length", -1)[self._served_sample()]
         known = lengths[lengths > 0]
         encoded = int(np.percentile(known, 99)) if known.size else 0
         sizes = self._planner.assignment.sizes
@@ -308,14 +321,16 @@ class DALIBucketIterator:
         return {"bytes_per_sample": per_sample, "source_prefetch": depth}
 
     # -- the pipeline -------------------------------------------------------------------------------
-    def _rows_of(self, keys: list[str]) -> list[int]:
-        if not keys:
-            return []
-        import pyarrow as pa
-        import pyarrow.compute as pc
+    def _rows_checked(self, rows: list[int]) -> Any:
+        """``rows_of(keys)`` for :meth:`Blocklist.restore`: the saved rows whose key is the saved key (the
+        manifest is the same: its fingerprint was checked), in O(len(rows))."""
 
-        found = pc.index_in(pa.array(keys, pa.string()), value_set=self.manifest.keys.combine_chunks())
-        return [int(i) for i in found.to_pylist() if i is not None]
+        def rows_of(keys: list[str]) -> list[int]:
+            valid = [int(r) for r in rows if 0 <= int(r) < len(self.manifest)]
+            wanted = set(keys)
+            return [r for r, key in zip(valid, self.manifest.keys_at(np.array(valid, np.int64))) if key in wanted]
+
+        return rows_of
 
     def _close_pipeline(self) -> None:
         self._pipe = None
@@ -554,6 +569,10 @@ def _checked_state(state: Any) -> dict[str, Any]:
     if not isinstance(state.get("failed", {}), dict):
         raise StateError(f"state field 'failed' must map keys to reasons, got {type(state['failed']).__name__}")
     checked["failed"] = state.get("failed", {})
+    rows = state.get("failed_rows", [])
+    if not isinstance(rows, list) or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in rows):
+        raise StateError(f"state field 'failed_rows' must be a list of manifest rows, got {rows!r:.80}")
+    checked["failed_rows"] = rows
     buckets = state.get("buckets")
     try:
         checked["buckets"] = BucketSpec.from_dict(buckets).to_dict()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -17,12 +18,14 @@ import pyarrow.parquet as pq
 
 from .errors import ManifestError
 
-__all__ = ["FORMAT_VERSION", "Manifest", "rejects_path"]
+__all__ = ["FORMAT_VERSION", "PINNED_COLUMNS", "Fingerprint", "Manifest", "check_file", "rejects_path"]
 
 #: Written into the Parquet metadata; bumped when the manifest layout changes incompatibly.
 FORMAT_VERSION = 1
 _VERSION_KEY = b"dali_arb.format"
 REQUIRED = ("key", "width", "height")
+#: Columns whose content pins what a loader serves (see ``Manifest.fingerprint``).
+PINNED_COLUMNS = ("width", "height", "source", "offset", "length")
 #: No image sample is larger (a length beyond it is a damaged or hand-edited manifest).
 MAX_SAMPLE_BYTES = 2**31
 
@@ -95,6 +98,8 @@ class Manifest:
             table = table.set_column(table.column_names.index("key"), "key", table.column("key").cast(pa.string()))
         self.table = table
         self.path = Path(path) if path else None
+        self.cache: Any = None  # the dataplane.ManifestCache this manifest is mapped from, if any
+        self._fingerprints: dict[tuple[str, ...], str] = {}
         self._heights = table.column("height").to_numpy().astype(np.int64)
         self._widths = table.column("width").to_numpy().astype(np.int64)
         bad = np.flatnonzero((self._heights < 1) | (self._widths < 1))
@@ -108,34 +113,10 @@ class Manifest:
 
     @classmethod
     def read(cls, path: str | os.PathLike, *, columns: list[str] | None = None) -> Manifest:
-        """Read and validate a manifest; ``columns`` limits what is loaded (``key``/``width``/``height`` always are)."""
+        """Read and validate a manifest into memory; ``columns`` limits what is loaded (``key``/``width``/
+        ``height`` always are). :meth:`open` maps it instead, shared by every process of a node."""
         path = Path(path)
-        if not path.exists():
-            raise ManifestError(f"manifest not found: {path}; build one with `dali-arb index SRC -o {path}`")
-        if path.is_dir():
-            raise ManifestError(f"manifest {path} is a folder; give the .parquet file `dali-arb index` wrote")
-        try:
-            schema = pq.read_schema(path)
-        except (pa.ArrowException, OSError) as exc:
-            raise ManifestError(
-                f"{path} is not a Parquet manifest ({_first_line(exc)}); build one with `dali-arb index`"
-            ) from None
-        version = (schema.metadata or {}).get(_VERSION_KEY)
-        if version is not None:
-            try:
-                number = int(version)
-            except ValueError:
-                number = -1
-            if number < FORMAT_VERSION:
-                raise ManifestError(
-                    f"manifest {path} was written by an older dali_arb (format {version.decode(errors='replace')}, "
-                    f"this version reads {FORMAT_VERSION}); rebuild it with `dali-arb index`"
-                )
-            if number > FORMAT_VERSION:
-                raise ManifestError(
-                    f"manifest {path} was written by a newer dali_arb (format {number}, this version reads "
-                    f"{FORMAT_VERSION}); upgrade dali_arb"
-                )
+        schema = check_file(path)
         wanted = None
         if columns is not None:
             wanted = [c for c in dict.fromkeys([*REQUIRED, *columns]) if c in schema.names]
@@ -144,6 +125,25 @@ class Manifest:
         except (pa.ArrowException, OSError) as exc:
             raise ManifestError(f"cannot read manifest {path}: {_first_line(exc)}") from None
         return cls(table, path=path)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> Manifest:
+        """The manifest at ``path``, memory-mapped from the node's cache (built on first use, keyed by the
+        file's content: :mod:`dali_arb.dataplane`). Every process that opens it shares one copy of its pages."""
+        from .dataplane import ManifestCache
+
+        return ManifestCache.open(path, cache_dir=cache_dir).manifest()
+
+    @classmethod
+    def mapped(
+        cls, table: pa.Table, *, path: Path | None, cache: Any, heights: np.ndarray, widths: np.ndarray
+    ) -> Manifest:
+        """A manifest over a cache's memory-mapped columns (validated when the cache was built)."""
+        manifest = cls.__new__(cls)
+        manifest.table, manifest.path, manifest.cache = table, path, cache
+        manifest._heights, manifest._widths = heights, widths
+        manifest._fingerprints = {PINNED_COLUMNS: cache.meta["pinned"]}
+        return manifest
 
     def write(self, path: str | os.PathLike) -> None:
         """Write as Parquet with the format version in its metadata."""
@@ -157,12 +157,12 @@ class Manifest:
 
     @property
     def heights(self) -> np.ndarray:
-        """``int64 (N,)`` displayed heights."""
+        """``(N,)`` displayed heights (``int64`` in memory, ``int32`` memory-mapped)."""
         return self._heights
 
     @property
     def widths(self) -> np.ndarray:
-        """``int64 (N,)`` displayed widths."""
+        """``(N,)`` displayed widths (``int64`` in memory, ``int32`` memory-mapped)."""
         return self._widths
 
     @property
@@ -173,32 +173,22 @@ class Manifest:
     def fingerprint(self, columns: tuple[str, ...]) -> str:
         """A digest of the content of ``columns`` (absent ones count as absent), independent of how
         the table is chunked: two manifests with equal digests serve the same bytes at the same rows."""
-        import hashlib
-
-        digest = hashlib.blake2b(digest_size=16)
-        digest.update(str(len(self)).encode())
-        for name in columns:
-            digest.update(f"|{name}|".encode())
-            if name not in self.table.column_names:
-                continue
-            column = self.table.column(name).combine_chunks()
-            digest.update(np.packbits(column.is_valid().to_numpy(zero_copy_only=False)).tobytes())
-            if pa.types.is_integer(column.type):
-                digest.update(column.fill_null(0).to_numpy().astype(np.int64).tobytes())
-            else:  # strings: value bytes and their boundaries, wherever the buffers start
-                column = column.cast(pa.large_string())
-                offsets = np.frombuffer(column.buffers()[1], np.int64)[column.offset : column.offset + len(column) + 1]
-                values = column.buffers()[2]
-                digest.update((offsets - offsets[0]).tobytes())
-                if values is not None and len(column):
-                    digest.update(memoryview(values)[int(offsets[0]) : int(offsets[-1])])
-        return digest.hexdigest()
+        if columns not in self._fingerprints:
+            digest = Fingerprint(columns, len(self))
+            for batch in self.table.to_batches():
+                digest.update(batch)
+            self._fingerprints[columns] = digest.hexdigest()
+        return self._fingerprints[columns]
 
     def int_column(self, name: str, missing: int) -> np.ndarray:
-        """``int64 (N,)`` of integer column ``name``, ``missing`` where it is null or the column is absent."""
+        """``int64 (N,)`` of integer column ``name``, ``missing`` where it is null or the column is absent
+        (no copy when the column is one chunk of ``int64`` without nulls, as a mapped manifest's are)."""
         if name not in self.table.column_names:
             return np.full(len(self), missing, np.int64)
-        return np.asarray(self.table.column(name).fill_null(missing).to_numpy(), np.int64)
+        column = self.table.column(name)
+        if column.num_chunks == 1 and column.null_count == 0 and column.type == pa.int64():
+            return column.chunk(0).to_numpy(zero_copy_only=True)
+        return np.asarray(column.fill_null(missing).to_numpy(), np.int64)
 
     def keys_at(self, rows: np.ndarray) -> list[str]:
         """Keys of ``rows`` (any shape, flattened), as Python strings."""
@@ -210,6 +200,83 @@ class Manifest:
         if name not in self.table.column_names:
             return [None] * len(flat)
         return self.table.column(name).take(pa.array(flat)).to_pylist()
+
+
+def check_file(path: Path) -> pa.Schema:
+    """The schema of the manifest file at ``path``; a ManifestError saying what to do when it is not one
+    this version reads."""
+    if not path.exists():
+        raise ManifestError(f"manifest not found: {path}; build one with `dali-arb index SRC -o {path}`")
+    if path.is_dir():
+        raise ManifestError(f"manifest {path} is a folder; give the .parquet file `dali-arb index` wrote")
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise ManifestError(
+            f"{path} is not a Parquet manifest ({_first_line(exc)}); build one with `dali-arb index`"
+        ) from None
+    version = (schema.metadata or {}).get(_VERSION_KEY)
+    if version is not None:
+        try:
+            number = int(version)
+        except ValueError:
+            number = -1
+        if number < FORMAT_VERSION:
+            raise ManifestError(
+                f"manifest {path} was written by an older dali_arb (format {version.decode(errors='replace')}, "
+                f"this version reads {FORMAT_VERSION}); rebuild it with `dali-arb index`"
+            )
+        if number > FORMAT_VERSION:
+            raise ManifestError(
+                f"manifest {path} was written by a newer dali_arb (format {number}, this version reads "
+                f"{FORMAT_VERSION}); upgrade dali_arb"
+            )
+    return schema
+
+
+class Fingerprint:
+    """The content digest of some columns, fed one record batch at a time (so a manifest of any size is
+    digested in bounded memory, and chunking never changes the result).
+
+    Per column: the validity of every row, its values (integers as ``int64``, nulls as 0; strings as
+    their UTF-8 bytes) and, for strings, every value's length.
+    """
+
+    def __init__(self, columns: tuple[str, ...], num_rows: int) -> None:
+        import hashlib
+
+        self.columns, self.num_rows = columns, num_rows
+        self._parts = {name: [hashlib.blake2b(digest_size=16) for _ in range(3)] for name in columns}
+        self._present: set[str] = set()
+
+    def update(self, batch: pa.RecordBatch) -> None:
+        for name in self.columns:
+            if name not in batch.schema.names:
+                continue
+            self._present.add(name)
+            valid, values, lengths = self._parts[name]
+            column = batch.column(name)
+            valid.update(column.is_valid().to_numpy(zero_copy_only=False).astype(np.uint8).tobytes())
+            if pa.types.is_integer(column.type):
+                values.update(column.fill_null(0).to_numpy().astype(np.int64).tobytes())
+                continue
+            column = column.cast(pa.large_string())
+            offsets = np.frombuffer(column.buffers()[1], np.int64)[column.offset : column.offset + len(column) + 1]
+            lengths.update(np.diff(offsets).tobytes())
+            if column.buffers()[2] is not None and len(column):
+                values.update(memoryview(column.buffers()[2])[int(offsets[0]) : int(offsets[-1])])
+
+    def hexdigest(self) -> str:
+        import hashlib
+
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(str(self.num_rows).encode())
+        for name in self.columns:
+            digest.update(f"|{name}|".encode())
+            if name in self._present:
+                for part in self._parts[name]:
+                    digest.update(part.digest())
+        return digest.hexdigest()
 
 
 def _first_line(exc: BaseException) -> str:

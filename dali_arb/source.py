@@ -20,7 +20,7 @@ from .decoders import Decoder
 from .errors import ConfigError, DataError, ManifestError
 from .geometry import Geometry, cover_crop
 from .imagefacts import check_encoded
-from .manifest import Manifest
+from .manifest import PINNED_COLUMNS, Manifest
 from .outputs import META, Failure
 from .planner import EpochPlan, Planner
 from .processes import die_with_parent
@@ -29,10 +29,8 @@ from .world import World
 __all__ = ["BatchSource", "LoaderConfig", "build_planner"]
 
 _MAX_REPLACEMENT_TRIES = 64
-#: Columns the worker processes read from the manifest file (besides key, width, height).
+#: Columns the worker processes read from an in-memory manifest's file (besides key, width, height).
 WORKER_COLUMNS = ["source", "offset", "length"]
-#: Columns whose content pins what a loader serves (see ``Manifest.fingerprint``).
-PINNED_COLUMNS = ("width", "height", "source", "offset", "length")
 
 
 @dataclass(frozen=True)
@@ -56,10 +54,13 @@ class LoaderConfig:
             raise ConfigError(f"flip must be a probability in [0, 1], got {self.flip!r}")
 
 
-def build_planner(config: LoaderConfig, heights: np.ndarray, widths: np.ndarray) -> Planner:
-    """The one way a loader's planner is made (in the loader and again in each worker), ``(N,)`` sizes."""
+def build_planner(config: LoaderConfig, manifest: Manifest) -> Planner:
+    """The one way a loader's planner is made (in the loader and again in each worker): from the bucket
+    index of the manifest's cache when it is mapped (``dataplane.py``), else computed."""
+    from .dataplane import bucket_index
+
     return Planner(
-        config.spec.assign(heights, widths),
+        bucket_index(manifest, config.spec),
         batch_size=config.batch_size,
         world=World(config.rank, config.world_size),
         seed=config.seed,
@@ -78,8 +79,9 @@ class BatchSource:
     following epochs without end; the loader takes ``len(epoch)`` batches per epoch.
 
     Args:
-        manifest: the manifest the loader serves; worker processes re-read its file (when it has
-            one) and refuse it if its content no longer matches ``fingerprint``.
+        manifest: the manifest the loader serves. Worker processes map the same cache when it is mapped
+            (``Manifest.open``), else re-read its file (when it has one); either way they refuse a
+            manifest file whose content changed since.
         config: what decides the batches.
         decoder: the :class:`~dali_arb.decoders.Decoder` chosen by the loader.
         planner: the loader's planner (rebuilt from the manifest in worker processes).
@@ -104,8 +106,10 @@ class BatchSource:
         self.blocked_rows = frozenset(blocked_rows)
         self.num_rows = len(manifest)
         self.fingerprint = manifest.fingerprint(PINNED_COLUMNS)
-        # Workers reload a manifest that lives in a file instead of receiving it pickled.
+        # Workers reopen a manifest that lives in a file instead of receiving it pickled.
         self._manifest_path = str(manifest.path) if manifest.path is not None else None
+        cache = manifest.cache
+        self._cache = (str(cache.folder), cache.signature) if cache is not None else None
         self._manifest: Manifest | None = manifest
         self._planner = planner
         self._ready = False
@@ -114,6 +118,7 @@ class BatchSource:
         keep = ("config", "decoder", "first_epoch", "first_step", "blocked_rows", "num_rows", "fingerprint")
         state = {k: self.__dict__[k] for k in keep}
         state["_manifest_path"] = self._manifest_path
+        state["_cache"] = self._cache
         if self._manifest_path is None:  # nothing to reload: send the manifest and the planner along
             state["_manifest"] = self._manifest
             state["_planner"] = self._planner
@@ -127,6 +132,7 @@ class BatchSource:
         self.__dict__.update(state)
         self.__dict__.setdefault("_manifest", None)
         self.__dict__.setdefault("_planner", None)
+        self.__dict__.setdefault("_cache", None)
         self._ready = False
 
     # -- lazy set-up (in each worker) -------------------------------------------------------------
@@ -134,6 +140,11 @@ class BatchSource:
         if self._ready:
             return
         manifest = self._manifest
+        if manifest is None and self._cache is not None:
+            from .dataplane import ManifestCache
+
+            folder, signature = self._cache
+            manifest = ManifestCache.at(folder, manifest_path=self._manifest_path, signature=signature).manifest()
         if manifest is None:
             manifest = Manifest.read(self._manifest_path, columns=WORKER_COLUMNS)
             if manifest.fingerprint(PINNED_COLUMNS) != self.fingerprint:
@@ -142,21 +153,16 @@ class BatchSource:
                     f"({len(manifest)} rows now, {self.num_rows} then, or the same count with other content); "
                     "a live loader never serves a rewritten manifest: build a new loader (or write to a new file)"
                 )
-        self._sources = manifest.table.column("source").combine_chunks()  # Arrow: no Python string per row
+        self._sources = manifest.table.column("source")  # Arrow (mapped, shared): no Python string per row
         self._offsets = manifest.int_column("offset", 0)
         self._lengths = manifest.int_column("length", -1)  # -1: the whole file
         self._heights = manifest.heights
         self._widths = manifest.widths
         if self._planner is None:
-            self._planner = build_planner(self.config, self._heights, self._widths)
+            self._planner = build_planner(self.config, manifest)
         # Rows of each bucket, for replacements: members[starts[k]:starts[k+1]]
-        assignment = self._planner.assignment
-        bucket = assignment.bucket
-        order = np.argsort(bucket, kind="stable")
-        order = order[bucket[order] >= 0]
-        counts = np.bincount(bucket[order], minlength=len(assignment.sizes))
-        self._members = order
-        self._member_starts = np.concatenate([[0], np.cumsum(counts)])
+        self._members = self._planner.index.members
+        self._member_starts = self._planner.index.starts
         self._found_bad: set[int] = set()
         self._epoch_lengths: dict[int, int] = {}
         if self._manifest_path is not None:
@@ -202,8 +208,8 @@ class BatchSource:
         """Outputs for ``step`` of ``epoch``: one list of per-sample arrays per ``decoder.outputs`` name."""
         self._setup()
         plan: EpochPlan = self._planner.epoch(epoch)
-        rows = plan.rows[step]
-        bucket = int(plan.bucket[step])
+        rows = plan.rows_at(step)
+        bucket = plan.bucket_at(step)
         bucket_h, bucket_w = (int(v) for v in plan.sizes[bucket])
         c = self.config
         # Per-sample randomness keyed by position in the global batch: independent of world size.

@@ -13,6 +13,14 @@ from dali_arb.manifest import SCHEMA, Manifest
 from .images import save_jpeg
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Every test (and the processes it starts) caches manifests in a folder of this session, not ~/.cache."""
+    import os
+
+    os.environ["DALI_ARB_CACHE"] = str(tmp_path_factory.mktemp("dali_arb_cache"))
+
+
 def gpu_available() -> bool:
     try:
         from nvidia.dali.backend import GetCUDADeviceCount

@@ -25,7 +25,7 @@ def config(**kw) -> LoaderConfig:
 def source_for(manifest_path, decoder=None, **kw) -> BatchSource:
     m = Manifest.read(manifest_path, columns=["caption", "source", "offset", "length"])
     c = config(**kw)
-    return BatchSource(m, c, decoder or DaliDecoder(), planner=build_planner(c, m.heights, m.widths))
+    return BatchSource(m, c, decoder or DaliDecoder(), planner=build_planner(c, m))
 
 
 @pytest.mark.parametrize("decoder", [DaliDecoder(), PillowDecoder()])

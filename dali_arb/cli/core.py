@@ -9,7 +9,14 @@ from pathlib import Path
 
 from ..buckets import format_size
 from ..errors import ConfigError
-from .options import add_bucket_options, add_plan_options, non_negative_int, positive_int, spec_from_args
+from .options import (
+    add_bucket_options,
+    add_cache_option,
+    add_plan_options,
+    non_negative_int,
+    positive_int,
+    spec_from_args,
+)
 
 __all__ = ["png_path", "register"]
 
@@ -71,7 +78,7 @@ def cmd_buckets(args: argparse.Namespace) -> int:
     from ..manifest import Manifest
     from ..report import bucket_report, format_report
 
-    manifest = Manifest.read(args.manifest, columns=[])
+    manifest = Manifest.open(args.manifest, cache_dir=args.cache_dir)
     report = bucket_report(
         manifest.heights,
         manifest.widths,
@@ -98,6 +105,7 @@ def cmd_buckets(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from ..dataplane import bucket_index
     from ..manifest import Manifest
     from ..planner import Planner
     from ..world import World
@@ -106,10 +114,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--rank must be in [0, {args.world_size - 1}] for --world-size {args.world_size}, got {args.rank}"
         )
-    manifest = Manifest.read(args.manifest, columns=[])
-    assignment = spec_from_args(args).assign(manifest.heights, manifest.widths)
+    manifest = Manifest.open(args.manifest, cache_dir=args.cache_dir)
     planner = Planner(
-        assignment,
+        bucket_index(manifest, spec_from_args(args)),
         batch_size=args.batch_size,
         world=World(rank=args.rank, world_size=args.world_size),
         seed=args.seed,
@@ -191,6 +198,7 @@ def register(sub: argparse._SubParsersAction, fmt: type) -> None:
     p.add_argument("manifest", nargs="?", metavar="MANIFEST", help="manifest from `dali-arb index`")
     add_bucket_options(p)
     add_plan_options(p, batch_required=False)
+    add_cache_option(p)
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.add_argument("--plot", metavar="PNG", help="write a histogram of images per bucket")
     p.set_defaults(func=cmd_buckets)
@@ -204,6 +212,7 @@ def register(sub: argparse._SubParsersAction, fmt: type) -> None:
     )
     p.add_argument("manifest", metavar="MANIFEST")
     add_plan_options(p, batch_required=True)
+    add_cache_option(p)
     p.add_argument("--rank", type=non_negative_int, default=0, help="this rank (default 0)")
     p.add_argument("--epoch", type=non_negative_int, default=0, help="epoch (default 0)")
     add_bucket_options(p)

@@ -14,6 +14,7 @@ from pathlib import Path
 from .core import png_path
 from .options import (
     add_bucket_options,
+    add_cache_option,
     non_negative_float,
     non_negative_int,
     positive_int,
@@ -80,7 +81,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
     loader = DALIBucketIterator(
         args.manifest, batch_size=args.batch_size, buckets=spec_from_args(args), seed=args.seed, crop=args.crop,
         flip=args.flip, dtype="uint8", rank=0, world_size=1,
-        **{**_loader_settings(args), "workers": args.workers if args.workers is not None else 0},
+        cache_dir=args.cache_dir, **{**_loader_settings(args), "workers": args.workers if args.workers is not None else 0},
     )  # fmt: skip
     from tqdm import tqdm
 
@@ -234,6 +235,7 @@ def register(sub: argparse._SubParsersAction, fmt: type) -> None:
     p.add_argument("--epoch", type=non_negative_int, default=0)
     _add_loader_options(p, batch_default=4)
     add_bucket_options(p)
+    add_cache_option(p)
     p.set_defaults(func=cmd_preview)
 
     p = sub.add_parser(

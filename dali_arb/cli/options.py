@@ -117,3 +117,14 @@ def add_plan_options(parser: argparse.ArgumentParser, *, batch_required: bool) -
         action="store_true",
         help="let each rank draw its own buckets (NovelAI) instead of all ranks training one bucket per step",
     )
+
+
+def add_cache_option(parser: argparse.ArgumentParser) -> None:
+    """``--cache-dir``: where the manifest's memory-mapped cache lives (``dataplane.py``)."""
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        metavar="DIR",
+        help="folder of the manifest cache, shared by the processes of a node (default $DALI_ARB_CACHE, "
+        "else ~/.cache/dali_arb)",
+    )
