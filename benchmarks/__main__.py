@@ -8,7 +8,7 @@ import platform
 import sys
 import time
 
-from . import CASES, bench_gpu, bench_index, bench_loader, bench_planner  # noqa: F401  (register cases)
+from . import CASES, bench_dataplane, bench_gpu, bench_index, bench_loader, bench_planner  # noqa: F401  (register cases)
 
 
 def machine() -> str:
@@ -32,6 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--images", type=int, default=None, help="JPEGs the loader case makes (default 256, --quick 64)"
     )
+    parser.add_argument("--min-mp", type=float, default=0.8, help="smallest JPEG the loader cases make, MP (0.8)")
+    parser.add_argument("--max-mp", type=float, default=3.0, help="largest JPEG the loader cases make, MP (3.0)")
+    parser.add_argument(
+        "--photos", metavar="DIR", default=None,
+        help="make the loader cases' JPEGs once under DIR and reuse them (default: a temporary folder per case)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     unknown = [c for c in args.cases if c not in CASES]
     if unknown:
