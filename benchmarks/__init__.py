@@ -6,7 +6,10 @@ table and writes JSON. Cases register with :func:`case`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 CASES: dict[str, Callable] = {}
 
@@ -19,3 +22,25 @@ def case(name: str):
         return fn
 
     return register
+
+
+@contextlib.contextmanager
+def photo_manifest(args, count: int, *, min_mp: float, max_mp: float, seed: int) -> Iterator[Path]:
+    """A manifest of ``count`` photo-like JPEGs of ``min_mp``..``max_mp`` megapixels (``make_photo_jpegs``).
+
+    With ``--photos DIR`` the JPEGs and the manifest are made once under ``DIR/<count>-<min>-<max>-<seed>``
+    and kept, so several cases (and several runs) time the same files without making them again;
+    otherwise they live in a temporary folder for the case alone."""
+    from dali_arb.bench import make_photo_jpegs
+    from dali_arb.index import build_index
+
+    with contextlib.ExitStack() as stack:
+        if getattr(args, "photos", None):
+            root = Path(args.photos) / f"{count}-{min_mp:g}-{max_mp:g}-{seed}"
+        else:
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        manifest = root / "m.parquet"
+        if not manifest.exists():
+            make_photo_jpegs(root / "photos", count, min_mp=min_mp, max_mp=max_mp, seed=seed)
+            build_index([str(root / "photos")], manifest, progress=False)
+        yield manifest

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
-from . import case
+from . import case, photo_manifest
 
 
 @case("loader")
 def loader(args) -> dict:
-    from dali_arb.bench import make_photo_jpegs, run_bench
-    from dali_arb.index import build_index
+    from dali_arb.bench import run_bench
 
     count = args.images or (64 if args.quick else 256)
     batches = 6 if args.quick else max(24, min(200, count // 8 - 8))
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "photos"
-        make_photo_jpegs(folder, count, seed=1)
-        manifest = Path(tmp) / "m.parquet"
-        build_index([str(folder)], manifest, progress=False)
+    with photo_manifest(args, count, min_mp=args.min_mp, max_mp=args.max_mp, seed=1) as manifest:
         result = run_bench(
             manifest,
             device=args.device,
@@ -30,7 +22,11 @@ def loader(args) -> dict:
             memory=True,
             quality=True,
         )
-    flat = {f"{count} JPEGs 0.8-3 MP, batch 8, device {result['device']}, {result['cores']} cores": result["output"]}
+    flat = {
+        f"{count} JPEGs {args.min_mp:g}-{args.max_mp:g} MP, batch 8, device {result['device']}, {result['cores']} cores": result[
+            "output"
+        ]
+    }
     labels = (("loader", "dali_arb"), ("baseline_opencv", "DataLoader + OpenCV reduced decode"),
               ("baseline", "DataLoader + Pillow"), ("baseline_draft", "DataLoader + Pillow draft"),
               ("torchvision", "DataLoader + torchvision decode_jpeg"), ("loader_dali_decoder", "dali_arb, decoder=dali"), ("memory", "decoder=dali pipeline fed from memory"))  # fmt: skip

@@ -1,33 +1,44 @@
 #!/usr/bin/env bash
-# Every GPU check in one command, for a lent GPU machine (../shared/gpu/README.md). Figures go under $OUT:
-#   device.txt     date, GPU, versions, NVIDIA_DRIVER_CAPABILITIES, /dev/shm, and whether the hardware
-#                  JPEG decoder exists (nvImageCodec restricted to HW_GPU_ONLY: DALI hides its absence)
-#   gpu-tests.txt  the GPU test tier: shapes, dtype, device, pixels against the CPU path, bad files and
-#                  formats on the GPU decoder, flat GPU memory across bucket switches
-#   bench-gpu.*    the loader on the GPU vs DataLoader + torchvision decode_jpeg(device="cuda") and
-#                  DataLoader + Pillow (plain, draft) on all cores, same plan and output
-#   sweep.*        hw_decoder_load x DALI threads, beside the same peers
-#   bench-cpu.*    the CPU path and its peers on the same machine
+# Every GPU check in one command, for a lent GPU machine (../shared/gpu/README.md). Each step runs under its
+# own time limit, most important first, so a slow step costs only itself. Figures go under $OUT:
+#   device.txt       date, GPU, driver, cores, versions, NVIDIA_DRIVER_CAPABILITIES, /dev/shm, and whether the
+#                    hardware JPEG decoder exists (nvImageCodec restricted to HW_GPU_ONLY: DALI hides its absence)
+#   gpu-tests.txt    the GPU test tier: shapes, dtype, device, pixels against the CPU path, bad files and
+#                    formats on the GPU decoder, flat GPU memory across bucket switches
+#   bench-gpu.*      the loader on the GPU vs DataLoader + torchvision decode_jpeg(device="cuda") and
+#                    DataLoaders with OpenCV reduced decode, Pillow draft and Pillow on all cores; PSNR
+#   sweep.*          hw_decoder_load x DALI threads, the OpenCV decoder feeding the GPU, the CPU path on all
+#                    cores, beside the same peers
 #
 #   after wheels.sh install:  export PYTHONPATH=/tmp/site:$PWD && bash benchmarks/gpu_check.sh
+#   limits (s): TESTS_S BENCH_S SWEEP_S; sizes: IMAGES, MIN_MP, MAX_MP; TESTS (a pytest -k expression)
 #
-# The machine needs, besides DALI and torch: numpy, pyarrow, pillow, tqdm, matplotlib, pytest,
+# The machine needs, besides DALI and torch: numpy, pyarrow, pillow, opencv, tqdm, matplotlib, pytest,
 # hypothesis (and torchvision for its peer; stage wheels with DALI's if the machine lacks them).
 set -uo pipefail
 OUT=${OUT:-out}
-mkdir -p "$OUT"
-{
-    date -u
-    nvidia-smi -L
-    python3 -c 'import nvidia.dali as d, torch; print("DALI", d.__version__, "torch", torch.__version__)'
+PHOTOS=${PHOTOS:-/tmp/dali-arb-photos}
+mkdir -p "$OUT" "$PHOTOS"
+export PYTHONUNBUFFERED=1
+sizes=(--images "${IMAGES:-1600}" --min-mp "${MIN_MP:-1}" --max-mp "${MAX_MP:-4}" --photos "$PHOTOS")
+
+step() {  # step NAME SECONDS COMMAND...: output to $OUT/NAME.txt (and the console), exit status logged
+    local name=$1 limit=$2 start=$SECONDS
+    shift 2
+    echo "== $name (limit ${limit}s)"
+    timeout -k 10 "$limit" "$@" 2>&1 | grep -v -i -E 'warn(ing)?[: ]' | tee "$OUT/$name.txt"
+    echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start))s" | tee -a "$OUT/$name.txt"
+}
+
+step device 90 bash -c '
+    date -u; nvidia-smi -L
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+    echo "cores $(nproc), memory $(free -g | awk "/Mem:/ {print \$2}") GiB"
+    python3 -c "import nvidia.dali as d, torch, cv2, PIL; print(\"DALI\", d.__version__, \"torch\", torch.__version__, \"opencv\", cv2.__version__, \"Pillow\", PIL.__version__)"
+    python3 -c "import torchvision; print(\"torchvision\", torchvision.__version__)" || echo "torchvision missing"
     echo "NVIDIA_DRIVER_CAPABILITIES=${NVIDIA_DRIVER_CAPABILITIES:-<unset>}"
     df -h /dev/shm
-    python3 benchmarks/hw_decoder.py
-} 2>&1 | tee "$OUT/device.txt"
-python3 -m pytest -q -m gpu tests 2>&1 | tail -n 30 | tee "$OUT/gpu-tests.txt"
-python3 -m benchmarks loader --device gpu --images "${IMAGES:-3000}" --json "$OUT/bench-gpu.json" 2>&1 \
-    | grep -v -i warn | tee "$OUT/bench-gpu.txt"
-python3 -m benchmarks gpu_sweep --device gpu --images "${SWEEP_IMAGES:-2000}" --json "$OUT/sweep.json" 2>&1 \
-    | grep -v -i warn | tee "$OUT/sweep.txt"
-python3 -m benchmarks loader --device cpu --images "${CPU_IMAGES:-512}" --json "$OUT/bench-cpu.json" 2>&1 \
-    | grep -v -i warn | tee "$OUT/bench-cpu.txt"
+    python3 benchmarks/hw_decoder.py'
+step gpu-tests "${TESTS_S:-240}" python3 -m pytest -q -p no:cacheprovider -m gpu -k "${TESTS:-}" tests
+step bench-gpu "${BENCH_S:-240}" python3 -m benchmarks loader --device gpu "${sizes[@]}" --json "$OUT/bench-gpu.json"
+step sweep "${SWEEP_S:-240}" python3 -m benchmarks gpu_sweep --device gpu "${sizes[@]}" --json "$OUT/sweep.json"

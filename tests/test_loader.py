@@ -120,14 +120,16 @@ def test_epochs_follow_one_another_and_reshuffle(dataset):
     assert [b["ids"] for b in it] == first
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_resume_is_bit_identical_for_every_following_batch(dataset, workers):
+@pytest.mark.parametrize(("workers", "device"), [(0, "cpu"), (1, "cpu"), pytest.param(1, "gpu", marks=pytest.mark.gpu)])
+def test_resume_is_bit_identical_for_every_following_batch(dataset, workers, device):
     """Cut anywhere, including the last step of an epoch, and every batch after the cut, across the epoch
-    boundary, is the one the uninterrupted run produced (with the README's `range(loader.epoch, E)` loop)."""
+    boundary, is the one the uninterrupted run produced (with the README's `range(loader.epoch, E)` loop);
+    on the GPU too (nvJPEG, the hardware decoder's share of each batch, GPU resize)."""
     _, manifest = dataset
     steps = len(loader(manifest))
     check_save_load_state(
-        lambda: loader(manifest, flip=0.5, workers=workers), sorted({0, 1, steps // 2, steps - 2, steps - 1, steps + 1})
+        lambda: loader(manifest, flip=0.5, workers=workers, device=device),
+        sorted({0, 1, steps // 2, steps - 2, steps - 1, steps + 1}),
     )
 
 
@@ -155,6 +157,7 @@ DEVICE_DECODERS = [
     ("cpu", "pillow"),
     ("cpu", "opencv"),
     pytest.param("gpu", "dali", marks=pytest.mark.gpu),
+    pytest.param("gpu", "opencv", marks=pytest.mark.gpu),  # CPU workers decode, uint8 crosses, GPU normalises
 ]
 
 
