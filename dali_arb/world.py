@@ -19,14 +19,16 @@ class World:
         rank: global rank, ``0 <= rank < world_size``.
         world_size: number of processes that share the data.
         local_rank: rank on this node; picks the GPU (``device_id``).
+        local_world_size: processes of the job on this node; they share its cores.
     """
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("rank", "world_size", "local_rank"):
+        for name in ("rank", "world_size", "local_rank", "local_world_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"{name} must be an integer, got {value!r}")
@@ -38,11 +40,14 @@ class World:
             )
         if self.local_rank < 0:
             raise ConfigError(f"local_rank must not be negative, got {self.local_rank}")
+        if self.local_world_size < 1:
+            raise ConfigError(f"local_world_size must be at least 1, got {self.local_world_size}")
 
     @classmethod
     def detect(cls, rank: int | None = None, world_size: int | None = None) -> World:
         """The world from explicit values, else ``torch.distributed`` (if initialised), else
         torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), else a single process.
+        ``LOCAL_WORLD_SIZE`` (set by torchrun) gives the processes on this node, else 1.
 
         torch is never imported here: it is consulted only if the program already imported it.
         """
@@ -59,6 +64,7 @@ class World:
             rank=env_rank if rank is None else rank,
             world_size=env_world if world_size is None else world_size,
             local_rank=local,
+            local_world_size=_env_int("LOCAL_WORLD_SIZE", 1),
         )
 
 
