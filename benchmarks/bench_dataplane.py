@@ -129,6 +129,33 @@ sys.stdin.readline()
 """
 
 
+BARE_RANK_SCRIPT = """
+import sys, torch
+print("ready", flush=True)
+sys.stdin.readline()
+"""
+
+
+def bare_ranks(ranks: int = 4) -> int:
+    """Summed PSS of ``ranks`` processes that import torch and nothing else: what the ranks of a PyTorch job hold
+    with no data loader at all (the floor the loader's own figure is measured above)."""
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", BARE_RANK_SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(ranks)
+    ]
+    try:
+        for child in children:
+            child.stdout.readline()
+        return sum(_rollup(child.pid)["Pss"] for child in children)
+    finally:
+        for child in children:
+            child.stdin.write("\n")
+            child.stdin.flush()
+            child.wait(timeout=60)
+
+
 def _descendants(pid: int) -> list[int]:
     found, todo = [], [pid]
     while todo:
@@ -193,6 +220,8 @@ def dataplane(args) -> dict:
         big = realistic_manifest(tmp / "big", n)
         tiny = realistic_manifest(tmp / "tiny", 4096)
         out["manifest rows / Parquet bytes per row"] = f"{n} / {big.stat().st_size / n:.0f}"
+        floor = bare_ranks()
+        out["4 bare ranks (python + import torch, no loader): summed PSS, GB"] = round(floor / 1e9, 2)
         for label, code in codes.items():
             cache = tmp / f"cache-{len(out)}"
             start = time.perf_counter()
@@ -204,7 +233,10 @@ def dataplane(args) -> dict:
             above = (warm["pss"] - fixed["pss"]) / n
             cache_bytes = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
             out[f"{label}: summed PSS, {warm['processes']} processes, GB"] = round(warm["pss"] / 1e9, 2)
-            out[f"{label}:   B/row (goal < 300)"] = round(per_row)
+            out[f"{label}:   B/row, all of it"] = round(per_row)
+            out[f"{label}:   B/row above 4 bare torch ranks: the loader's share (goal < 300)"] = round(
+                (warm["pss"] - floor) / n
+            )
             out[f"{label}:   B/row above a 4k-row run (fixed cost of the processes: {fixed['pss'] / 1e9:.2f} GB)"] = (
                 round(above)
             )

@@ -33,6 +33,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import time
@@ -214,9 +215,26 @@ class _StringWriter:
             self.valid.close()
 
 
+def map_npy(path: Path) -> np.ndarray:
+    """The ``.npy`` file at ``path``, memory-mapped for random access: ``(N,)``.
+
+    Rows are read a few at a time at random places, so the kernel is told not to read ahead
+    (``MADV_RANDOM``): with a device's default read-ahead (8 MiB on the machine the figures come from),
+    64 random rows of a cold caption file read 84 MiB from disk, against 0.2 MiB with the advice."""
+    return _advise_random(np.load(path, mmap_mode="r"))
+
+
+def _advise_random(array: np.ndarray) -> np.ndarray:
+    mapping = getattr(array, "_mmap", None)  # np.memmap keeps its mmap.mmap here
+    if mapping is not None and hasattr(mmap, "MADV_RANDOM"):
+        with contextlib.suppress(OSError, ValueError):
+            mapping.madvise(mmap.MADV_RANDOM)
+    return array
+
+
 def _string_array(folder: Path, name: str, n: int) -> pa.Array:
     """A ``large_string`` array over the mapped files of column ``name`` (no copy)."""
-    offsets = np.load(folder / f"{name}.offsets.npy", mmap_mode="r")
+    offsets = map_npy(folder / f"{name}.offsets.npy")
     data = _map_bytes(folder / f"{name}.bytes")
     valid = _map_bytes(folder / f"{name}.valid") if (folder / f"{name}.valid").exists() else None
     return pa.LargeStringArray.from_buffers(n, pa.py_buffer(offsets), data, valid)
@@ -225,7 +243,7 @@ def _string_array(folder: Path, name: str, n: int) -> pa.Array:
 def _map_bytes(path: Path) -> pa.Buffer:
     if path.stat().st_size == 0:
         return pa.py_buffer(b"")
-    return pa.py_buffer(np.memmap(path, dtype=np.uint8, mode="r"))
+    return pa.py_buffer(_advise_random(np.memmap(path, dtype=np.uint8, mode="r")))
 
 
 class ManifestCache:
@@ -323,7 +341,7 @@ class ManifestCache:
     # -- reading ----------------------------------------------------------------------------------
     def array(self, name: str) -> np.ndarray:
         """A fixed-width column, memory-mapped: ``(N,)``."""
-        return np.load(self.folder / f"{name}.npy", mmap_mode="r")
+        return map_npy(self.folder / f"{name}.npy")
 
     def manifest(self) -> Manifest:
         """The manifest over the mapped columns (one per cache object)."""
@@ -335,7 +353,7 @@ class ManifestCache:
                 if name in _STRINGS:
                     arrays[name] = _string_array(self.folder, name, n)
                 elif name == "source":
-                    index = np.load(self.folder / "source.index.npy", mmap_mode="r")
+                    index = map_npy(self.folder / "source.index.npy")
                     runs = _string_array(self.folder, "source.runs", int(self.meta["source_runs"]))
                     valid = _map_bytes(self.folder / "source.valid")
                     indices = pa.Array.from_buffers(pa.from_numpy_dtype(index.dtype), n, [valid, pa.py_buffer(index)])
@@ -370,7 +388,7 @@ class ManifestCache:
                         meta = _read_json(folder / "meta.json")
             except OSError as exc:
                 raise _cache_error(root, exc, "build the bucket index") from None
-        load = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ("bucket", "members", "starts")}
+        load = {name: map_npy(folder / f"{name}.npy") for name in ("bucket", "members", "starts")}
         return BucketIndex(
             sizes=np.load(folder / "sizes.npy"),
             num_base=int(meta["num_base"]),
