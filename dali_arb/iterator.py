@@ -18,6 +18,7 @@ import numpy as np
 
 from .blocklist import Blocklist
 from .buckets import BucketSpec
+from .captions import CaptionPolicy
 from .decoders import DaliDecoder, Decoder, choose_decoder, cpu_count
 from .errors import ConfigError, DaliArbError, DataError, DeviceError, ManifestError, ResourceError, StateError
 from .manifest import Manifest
@@ -92,6 +93,11 @@ class DALIBucketIterator:
             A :class:`~dali_arb.decoders.Decoder` instance is used as it is. See :mod:`dali_arb.decoders`.
         hw_decoder_load: with ``dali`` on GPU, the share of each batch for the hardware JPEG decoder
             (A100/H100; DALI's default 0.65).
+        caption_dropout, shuffle_tags, keep_tags, tag_separator: caption tricks (:class:`CaptionPolicy`): a
+            caption of several lines is several captions, one drawn per sample per epoch; ``caption_dropout``
+            empties it with that probability; ``shuffle_tags`` shuffles the tags after the first
+            ``keep_tags`` (split at ``tag_separator``, joined with ``tag_separator + " "``). Seeded by
+            (seed, epoch, step, position in the global batch): resume reproduces them.
         cache_dir: where the manifest's memory-mapped cache lives (default ``$DALI_ARB_CACHE``, else
             ``~/.cache/dali_arb``; see :mod:`dali_arb.dataplane`). A manifest path is opened through it,
             so every rank and worker of a node shares one copy; a :class:`Manifest` object is used as it is.
@@ -119,6 +125,10 @@ class DALIBucketIterator:
         decoder: str | Decoder = "auto",
         hw_decoder_load: float | None = None,
         cache_dir: str | os.PathLike | None = None,
+        caption_dropout: float = 0.0,
+        shuffle_tags: bool = False,
+        keep_tags: int = 0,
+        tag_separator: str = ",",
     ) -> None:
         from .pipeline import resolve_device
 
@@ -155,6 +165,7 @@ class DALIBucketIterator:
             crop=crop,
             flip=flip,
         )
+        self.captions = CaptionPolicy(caption_dropout, shuffle_tags, keep_tags, tag_separator)
         self.manifest = manifest
         self._planner = build_planner(self.config, manifest)  # validates batch size, seed
         gpu = self.device == "gpu"
@@ -230,6 +241,7 @@ class DALIBucketIterator:
             "num_images": len(self.manifest),
             "manifest": self._source.fingerprint,
             "buckets": c.spec.to_dict(),
+            "captions": self.captions.to_dict(),
             "failed": self._blocklist.reasons(),
             "failed_rows": sorted(self._blocklist.rows),
         }
@@ -242,7 +254,7 @@ class DALIBucketIterator:
         """
         state = _checked_state(state)
         mine = self.state_dict()
-        for name in ("seed", "sync_ranks", "leftover", "crop", "flip", "num_images", "manifest", "buckets"):
+        for name in ("seed", "sync_ranks", "leftover", "crop", "flip", "num_images", "manifest", "buckets", "captions"):
             if name in state and state[name] != mine[name]:
                 what = "another manifest (same size, other content)" if name == "manifest" else None
                 raise StateError(
@@ -531,11 +543,17 @@ class DALIBucketIterator:
         for i in np.flatnonzero(m.failure != Failure.NONE):
             self._block(int(m.planned_row[i]), Failure(int(m.failure[i])))
         rows = m.row
-        captions = self.manifest.column_at("caption", rows)
+        captions = self.captions.batch(
+            self.manifest.column_at("caption", rows),
+            seed=self.config.seed,
+            epoch=epoch,
+            step=step,
+            offset=self._planner.epoch(epoch).offset,
+        )
         return {
             "images": out,
             "ids": self.manifest.keys_at(rows),
-            "captions": [c or "" for c in captions],
+            "captions": captions,
             "original_size": torch.from_numpy(m.pairs("orig_height", "orig_width")),
             "crop_top_left": torch.from_numpy(m.pairs("crop_top", "crop_left")),
             "target_size": (int(shape[2]), int(shape[3])),
