@@ -50,3 +50,26 @@ def gpu_sweep(args) -> dict:
         figures["raw_sweep"] = raw
         figures["raw_peers"] = peers
     return figures
+
+
+@case("cpu_cores")
+def cpu_cores(args) -> dict:
+    """The CPU path on every core of the machine against the same peers (for many-core machines: how the work
+    splits between decoding workers and DALI threads)."""
+    from dali_arb.bench import run_bench
+
+    count = args.images or 1600
+    batches = max(24, min(60, count // 16 - 8))
+    with photo_manifest(args, count, min_mp=args.min_mp, max_mp=args.max_mp, seed=1) as manifest:
+        r = run_bench(manifest, device="cpu", batch_size=16, batches=batches, rounds=2, baseline=True)
+    figures: dict = {f"{count} JPEGs {args.min_mp:g}-{args.max_mp:g} MP, batch 16, {r['cores']} cores": r["output"]}
+    for key in ("loader", "baseline_opencv", "baseline_draft", "baseline", "torchvision"):
+        if isinstance(r.get(key), dict):
+            figures[f"  {key} images/s (p50/p99 ms)"] = (
+                f"{r[key]['images_per_s']} ({r[key]['batch_ms_p50']}/{r[key]['batch_ms_p99']})"
+            )
+    figures["  decode-only ceiling images/s"] = r["decode_ceiling"]["images_per_s"]
+    figures["  dali_arb vs OpenCV peer"] = f"{r['speedup_vs_baseline_opencv']}x"
+    figures["  read-ahead /dev/shm MiB"] = round((r["read_ahead_bytes"] or 0) / 2**20)
+    figures["raw"] = r
+    return figures

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .buckets import BucketAssignment, BucketSpec, format_size, parse_size
+from .captions import CaptionPolicy
 from .errors import (
     ConfigError,
     DaliArbError,
@@ -20,6 +21,8 @@ from .errors import (
     StateError,
 )
 from .manifest import Manifest
+from .mixture import MixedIndex
+from .pairs import PairSpec
 from .planner import EpochPlan, LeftoverPolicy, Planner
 from .world import World
 
@@ -31,6 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BucketAssignment",
     "BucketSpec",
+    "CaptionPolicy",
     "ConfigError",
     "DALIBucketIterator",
     "DaliArbError",
@@ -41,6 +45,8 @@ __all__ = [
     "LeftoverPolicy",
     "Manifest",
     "ManifestError",
+    "MixedIndex",
+    "PairSpec",
     "PlanError",
     "Planner",
     "ResourceError",

@@ -295,6 +295,34 @@ class BucketIndex:
         """``float64`` ``log(width / height)`` of ``rows`` (same shape), as :attr:`BucketAssignment.log_aspect`."""
         return np.log(self.widths[rows].astype(np.int64) / self.heights[rows].astype(np.int64))
 
+    # -- what the planner reads (shared with mixture.MixedIndex) ---------------------------------------
+    def member_rows(self, positions: np.ndarray, epoch: int) -> np.ndarray:
+        """``int64`` rows at ``positions`` of :attr:`members` (any shape; the same in every epoch)."""
+        return self.members[positions].astype(np.int64)
+
+    def bucket_of(self, rows: np.ndarray) -> np.ndarray:
+        """Bucket of each row (same shape)."""
+        return self.bucket[rows]
+
+    def dataset_of(self, rows: np.ndarray) -> np.ndarray:
+        """Dataset of each row: always 0 (one manifest)."""
+        return np.zeros(np.shape(rows), np.int64)
+
+    def leftover_order(self, pool: np.ndarray) -> np.ndarray:
+        """Order of leftover ``pool`` rows: by aspect, so that neighbours share a batch."""
+        return np.argsort(self.log_aspect(pool), kind="stable")
+
+    def leftover_candidates(self, chunk: np.ndarray) -> np.ndarray:
+        """Buckets a batch of leftover rows may take: the spec's own; with ``no_upscale``, only those every image
+        of the batch covers (else the smallest by area)."""
+        if not self.no_upscale:
+            return np.arange(self.num_base)
+        h, w = self.heights[chunk].min(), self.widths[chunk].min()
+        candidates = np.flatnonzero((self.sizes[:, 0] <= h) & (self.sizes[:, 1] <= w))
+        if len(candidates) == 0:
+            candidates = np.array([int(np.argmin(self.sizes[:, 0] * self.sizes[:, 1]))])
+        return candidates
+
 
 def _nearest(sorted_log_aspect: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Index into ``sorted_log_aspect`` (ascending) of the nearest entry to each value."""

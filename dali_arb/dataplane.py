@@ -14,7 +14,8 @@ Where the cache lives: the ``cache_dir`` argument (``--cache-dir``), else ``$DAL
                        /<column>.offsets.npy    string columns: int64 (n + 1) byte offsets,
                        /<column>.bytes           the UTF-8 bytes, and
                        /<column>.valid           a validity bitmap (Arrow's bit order)
-                       /source.index.npy        source: int32 row -> run of equal values (shards)
+                       /source.index.npy        source (and each pair's NAME.source): int32 row -> run of
+                                                equal values (shards), the runs as a string column
                        /buckets/<options digest>/  bucket.npy members.npy starts.npy sizes.npy meta.json
     v1/by-path/<path digest>.json              stat signature -> content digest (skips re-hashing)
     v1/locks/                                  one builder per manifest at a time
@@ -47,14 +48,15 @@ import pyarrow.parquet as pq
 
 from .buckets import BucketIndex, BucketSpec
 from .errors import ManifestError, ResourceError
-from .manifest import PINNED_COLUMNS, Fingerprint, Manifest, check_file
+from .manifest import Fingerprint, Manifest, check_file, pinned_columns
+from .pairs import pair_columns, pairs_of
 
 __all__ = ["CACHE_ENV", "CACHE_FORMAT", "ManifestCache", "bucket_index", "cache_root"]
 
 #: The environment variable naming the cache folder.
 CACHE_ENV = "DALI_ARB_CACHE"
 #: Bumped when the layout changes; each format lives in its own ``v<N>`` folder.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: pair columns; runs of every source column
 #: Rows converted per step while building (a multiple of 8: validity bitmaps are written per step).
 BUILD_ROWS = 1 << 20
 _FIXED = {"height": np.int32, "width": np.int32, "offset": np.int64, "length": np.int64}
@@ -352,10 +354,10 @@ class ManifestCache:
             for name in columns:
                 if name in _STRINGS:
                     arrays[name] = _string_array(self.folder, name, n)
-                elif name == "source":
-                    index = map_npy(self.folder / "source.index.npy")
-                    runs = _string_array(self.folder, "source.runs", int(self.meta["source_runs"]))
-                    valid = _map_bytes(self.folder / "source.valid")
+                elif _is_location(name):
+                    index = map_npy(self.folder / f"{name}.index.npy")
+                    runs = _string_array(self.folder, f"{name}.runs", int(self.meta["runs"][name]))
+                    valid = _map_bytes(self.folder / f"{name}.valid")
                     indices = pa.Array.from_buffers(pa.from_numpy_dtype(index.dtype), n, [valid, pa.py_buffer(index)])
                     arrays[name] = pa.DictionaryArray.from_arrays(indices, runs)
                 else:
@@ -408,6 +410,65 @@ def bucket_index(manifest: Manifest, spec: BucketSpec) -> BucketIndex:
     return BucketIndex.of(spec.assign(manifest.heights, manifest.widths))
 
 
+class _RunsWriter:
+    """Writes a column of locations (``source``, ``NAME.source``) as its runs of equal values: ``NAME.index.npy``
+    (row -> run), ``NAME.valid`` and the runs as the string column ``NAME.runs`` (a shard path once per shard,
+    not once per sample)."""
+
+    def __init__(self, folder: Path, name: str, n: int) -> None:
+        self.folder, self.name = folder, name
+        self.runs = _StringWriter(folder, f"{name}.runs", n, nullable=False)
+        self.index = np.lib.format.open_memmap(
+            folder / f"{name}.index.npy", mode="w+", dtype=_index_type(n), shape=(n,)
+        )
+        self.valid = _BitWriter(folder / f"{name}.valid")
+        self.count, self.last, self.row = 0, None, 0
+
+    def append(self, column: pa.Array) -> None:
+        import pyarrow.compute as pc
+
+        source = column.cast(pa.large_string())
+        present = source.is_valid().to_numpy(zero_copy_only=False)
+        kept = source.filter(pa.array(present))  # runs are counted over the rows that have a source
+        starts_run = np.ones(len(kept), bool)
+        if len(kept) > 1:
+            starts_run[1:] = pc.not_equal(kept[1:], kept[:-1]).to_numpy(zero_copy_only=False)
+        if len(kept) and self.last is not None and kept[0].as_py() == self.last:
+            starts_run[0] = False
+        index = np.zeros(len(source), np.int64)
+        index[present] = self.count - 1 + np.cumsum(starts_run)
+        self.index[self.row : self.row + len(source)] = np.maximum(index, 0)
+        new_runs = np.flatnonzero(starts_run)
+        if len(new_runs):
+            self.runs.append(kept.take(pa.array(new_runs)))
+            self.count += len(new_runs)
+        if len(kept):
+            self.last = kept[len(kept) - 1].as_py()
+        self.valid.append(present)
+        self.row += len(source)
+
+    def close(self) -> None:
+        self.runs.close()
+        self.valid.close()
+        self.index.flush()
+        del self.index
+
+    def finish(self) -> None:
+        """Cut the runs' offsets file (sized for n) to the runs found."""
+        offsets_path = self.folder / f"{self.name}.runs.offsets.npy"
+        offsets = np.load(offsets_path, mmap_mode="r")[: self.count + 1].copy()
+        np.save(offsets_path, offsets)
+
+
+def _is_location(name: str) -> bool:
+    return name == "source" or name.endswith(".source")
+
+
+def _fixed_type(name: str) -> type | None:
+    """The NumPy type of a fixed-width column (``height``, ``NAME.offset``, ...), or None."""
+    return _FIXED.get(name.rpartition(".")[2])
+
+
 def _build_columns(path: Path, folder: Path, content: str) -> None:
     """Convert the Parquet manifest at ``path`` into ``folder``, validating every row as ``Manifest`` does."""
     try:
@@ -416,84 +477,60 @@ def _build_columns(path: Path, folder: Path, content: str) -> None:
         raise ManifestError(f"cannot read manifest {path}: {exc}") from None
     names = parquet.schema_arrow.names
     n = parquet.metadata.num_rows
-    columns = [c for c in ("key", "height", "width", "caption", "source", "offset", "length") if c in names]
-    fingerprint = Fingerprint(PINNED_COLUMNS, n)
+    try:
+        pairs = pairs_of(parquet.schema_arrow)
+    except Exception as exc:
+        raise ManifestError(f"manifest {path}: {exc}") from None
+    base = [c for c in ("key", "height", "width", "caption", "source", "offset", "length") if c in names]
+    columns = base + [c for name in pairs for c in pair_columns(name)]
+    fingerprint = Fingerprint(pinned_columns(pairs), n)
     fixed = {
-        c: np.lib.format.open_memmap(folder / f"{c}.npy", mode="w+", dtype=_FIXED[c], shape=(n,))
+        c: np.lib.format.open_memmap(folder / f"{c}.npy", mode="w+", dtype=_fixed_type(c), shape=(n,))
         for c in columns
-        if c in _FIXED
+        if _fixed_type(c) is not None
     }
     strings = {c: _StringWriter(folder, c, n) for c in columns if c in _STRINGS}
-    runs = _StringWriter(folder, "source.runs", n, nullable=False) if "source" in columns else None
-    source_index = (
-        np.lib.format.open_memmap(folder / "source.index.npy", mode="w+", dtype=_index_type(n), shape=(n,))
-        if runs is not None
-        else None
-    )
-    source_valid = _BitWriter(folder / "source.valid") if runs is not None else None
-    run_count, last_source = 0, None
+    locations = {c: _RunsWriter(folder, c, n) for c in columns if _is_location(c)}
     row = 0
     try:
         for batch in parquet.iter_batches(batch_size=BUILD_ROWS, columns=columns):
-            m = Manifest(pa.Table.from_batches([batch]), path=path)  # validates: types, sizes, offsets, lengths
+            table = pa.Table.from_batches([batch]).replace_schema_metadata(parquet.schema_arrow.metadata)
+            m = Manifest(table, path=path)  # validates: types, sizes, offsets, lengths, pairs
             fingerprint.update(batch)
             count = batch.num_rows
             for name, out in fixed.items():
                 column = m.table.column(name)
-                if name in _FILL:
-                    column = column.fill_null(_FILL[name])
+                fill = _FILL.get(name.rpartition(".")[2])
+                if fill is not None:
+                    column = column.fill_null(fill)
                 try:
-                    values = column.cast(pa.from_numpy_dtype(_FIXED[name])).to_numpy()
+                    values = column.cast(pa.from_numpy_dtype(_fixed_type(name))).to_numpy()
                 except pa.ArrowInvalid:
                     raise ManifestError(
-                        f"manifest {path}: column {name!r} holds values beyond {_FIXED[name].__name__}"
+                        f"manifest {path}: column {name!r} holds values beyond {_fixed_type(name).__name__}"
                     ) from None
                 out[row : row + count] = values
             for name, writer in strings.items():
                 writer.append(m.table.column(name).combine_chunks())
-            if runs is not None:
-                import pyarrow.compute as pc
-
-                source = m.table.column("source").combine_chunks().cast(pa.large_string())
-                present = source.is_valid().to_numpy(zero_copy_only=False)
-                kept = source.filter(pa.array(present))  # runs are counted over the rows that have a source
-                starts_run = np.ones(len(kept), bool)
-                if len(kept) > 1:
-                    starts_run[1:] = pc.not_equal(kept[1:], kept[:-1]).to_numpy(zero_copy_only=False)
-                if len(kept) and last_source is not None and kept[0].as_py() == last_source:
-                    starts_run[0] = False
-                index = np.zeros(count, np.int64)
-                index[present] = run_count - 1 + np.cumsum(starts_run)
-                source_index[row : row + count] = np.maximum(index, 0)
-                new_runs = np.flatnonzero(starts_run)
-                if len(new_runs):
-                    runs.append(kept.take(pa.array(new_runs)))
-                    run_count += len(new_runs)
-                if len(kept):
-                    last_source = kept[len(kept) - 1].as_py()
-                source_valid.append(present)
+            for name, writer in locations.items():
+                writer.append(m.table.column(name).combine_chunks())
             row += count
     finally:
         for out in fixed.values():
             out.flush()
         fixed.clear()
-        for writer in strings.values():
+        for writer in [*strings.values(), *locations.values()]:
             writer.close()
-        if runs is not None:
-            runs.close()
-            source_valid.close()
-            source_index.flush()
-            del source_index
-    if runs is not None:  # the runs' offsets file was sized for n: cut it to the runs found
-        offsets = np.load(folder / "source.runs.offsets.npy", mmap_mode="r")[: run_count + 1].copy()
-        np.save(folder / "source.runs.offsets.npy", offsets)
+    for writer in locations.values():
+        writer.finish()
     meta = {
         "format": CACHE_FORMAT,
         "content": content,
         "rows": n,
         "columns": columns,
+        "pairs": pairs,
         "pinned": fingerprint.hexdigest(),
-        "source_runs": run_count,
+        "runs": {name: writer.count for name, writer in locations.items()},
         "built_from": str(path),
         "files": _files_of(folder),
     }

@@ -53,22 +53,53 @@ _META = Output("meta", "INT64")
 class Decoder:
     """What turns a planned sample into pixels at its bucket size (``uint8 HWC``) inside the pipeline.
 
+    A sample has parts: its image, then each of its paired images (``pairs``: ``(name, kind)``, kind
+    ``"pair"`` for 3 channels or ``"mask"`` for 1, in the manifest's order). Each part has the outputs
+    :attr:`part_outputs` (a pair's named ``NAME.<output>``); :attr:`shared_outputs` are given once per
+    sample (the bucket size), ``mirror`` and ``meta`` come last.
+
     Attributes:
         name: the value of ``decoder=`` that picks it.
-        outputs: the external source's outputs, in order (``mirror`` and ``meta`` last).
+        part_outputs: the external-source outputs of one part, unprefixed.
+        shared_outputs: outputs given once per sample.
+        pairs: ``((name, kind), ...)`` of the manifest the loader serves.
     """
 
     name: ClassVar[str]
-    outputs: ClassVar[tuple[Output, ...]]
+    part_outputs: ClassVar[tuple[Output, ...]]
+    shared_outputs: ClassVar[tuple[Output, ...]] = ()
+    pairs: tuple[tuple[str, str], ...] = ()
 
-    def prepare(self, data: np.ndarray, geometry: Geometry) -> tuple[dict[str, np.ndarray] | None, Failure]:
-        """The sample's outputs other than ``mirror`` and ``meta``, from its encoded bytes ``uint8 (n,)``,
-        or ``(None, failure)`` when it cannot be served. Runs in the worker processes."""
+    @property
+    def outputs(self) -> tuple[Output, ...]:
+        """The external source's outputs, in order: the image's, the shared ones, each pair's, mirror, meta."""
+        paired = tuple(o._replace(name=f"{name}.{o.name}") for name, _ in self.pairs for o in self.part_outputs)
+        return (*self.part_outputs, *self.shared_outputs, *paired, _MIRROR, _META)
+
+    @property
+    def parts(self) -> tuple[tuple[str, str, int], ...]:
+        """``(output key, output prefix, channels)`` of the image and of each pair."""
+        return (("images", "", 3), *((name, f"{name}.", 1 if kind == "mask" else 3) for name, kind in self.pairs))
+
+    def with_pairs(self, pairs: tuple[tuple[str, str], ...]) -> Decoder:
+        """This decoder serving a manifest with ``pairs`` (a copy; decoders are values)."""
+        import copy
+
+        chosen = copy.copy(self)
+        object.__setattr__(chosen, "pairs", tuple((str(n), str(k)) for n, k in pairs))
+        return chosen
+
+    def prepare(
+        self, data: np.ndarray, geometry: Geometry, *, channels: int = 3
+    ) -> tuple[dict[str, np.ndarray] | None, Failure]:
+        """One part's outputs (:attr:`part_outputs`, plus :attr:`shared_outputs` for the image), from its
+        encoded bytes ``uint8 (n,)`` and its geometry (a pair's: its own size, the image's crop), or
+        ``(None, failure)`` when it cannot be served. Runs in the worker processes."""
         raise NotImplementedError
 
-    def graph(self, feeds: dict[str, Any], *, gpu: bool) -> Any:
+    def graph(self, feeds: dict[str, Any], *, gpu: bool) -> dict[str, Any]:
         """DALI nodes from the external source's ``feeds`` (by output name) to ``uint8 HWC`` images at
-        the bucket size, on the GPU when ``gpu``."""
+        the bucket size, on the GPU when ``gpu``: ``{"images": node, pair name: node, ...}``."""
         raise NotImplementedError
 
     def default_workers(self, cores: int) -> int:
@@ -102,22 +133,24 @@ class DaliDecoder(Decoder):
     hw_decoder_load: float | None = None
     preallocate: tuple[int, int] | None = None
 
+    pairs: tuple[tuple[str, str], ...] = ()
+
     name: ClassVar[str] = "dali"
-    outputs: ClassVar[tuple[Output, ...]] = (
+    part_outputs: ClassVar[tuple[Output, ...]] = (
         Output("encoded", "UINT8"),
         Output("roi_start", "FLOAT"),
         Output("roi_end", "FLOAT"),
-        Output("size", "FLOAT"),
-        _MIRROR,
-        _META,
     )
+    shared_outputs: ClassVar[tuple[Output, ...]] = (Output("size", "FLOAT"),)
 
     def __post_init__(self) -> None:
         load = self.hw_decoder_load
         if load is not None and (isinstance(load, bool) or not isinstance(load, (int, float)) or not 0 <= load <= 1):
             raise ConfigError(f"hw_decoder_load must be a share in [0, 1], got {load!r}")
 
-    def prepare(self, data: np.ndarray, geometry: Geometry) -> tuple[dict[str, np.ndarray] | None, Failure]:
+    def prepare(
+        self, data: np.ndarray, geometry: Geometry, *, channels: int = 3
+    ) -> tuple[dict[str, np.ndarray] | None, Failure]:
         # the header's size must be the indexed one (a file re-encoded at another size with the same byte
         # length would otherwise get the old crop window and original_size)
         size = header_size(data.tobytes())  # None: Pillow cannot parse it; DALI decides
@@ -131,27 +164,32 @@ class DaliDecoder(Decoder):
             "size": np.array([geometry.bucket_h, geometry.bucket_w], np.float32),
         }, Failure.NONE
 
-    def graph(self, feeds: dict[str, Any], *, gpu: bool) -> Any:
+    def graph(self, feeds: dict[str, Any], *, gpu: bool) -> dict[str, Any]:
         from nvidia.dali import fn, types
 
-        decode_args: dict[str, Any] = {"device": "mixed" if gpu else "cpu", "output_type": types.RGB}
+        decode_args: dict[str, Any] = {"device": "mixed" if gpu else "cpu"}
         if gpu and self.hw_decoder_load is not None:
             decode_args["hw_decoder_load"] = float(self.hw_decoder_load)
         if gpu and self.preallocate is not None:
             decode_args["preallocate_height_hint"] = int(self.preallocate[0])
             decode_args["preallocate_width_hint"] = int(self.preallocate[1])
-        images = fn.decoders.image(feeds["encoded"], **decode_args)
-        # Resize the crop window (in source pixels, (y, x)) straight to the bucket size: the same pixels
-        # as resizing the whole image to cover the bucket and cropping, without the discarded work.
-        return fn.resize(
-            images,
-            size=feeds["size"],
-            roi_start=feeds["roi_start"],
-            roi_end=feeds["roi_end"],
-            roi_relative=False,
-            antialias=True,
-            interp_type=types.INTERP_LINEAR,
-        )
+        nodes = {}
+        for key, prefix, channels in self.parts:
+            decoded = fn.decoders.image(
+                feeds[f"{prefix}encoded"], output_type=types.GRAY if channels == 1 else types.RGB, **decode_args
+            )
+            # Resize the crop window (in the part's own pixels, (y, x)) straight to the bucket size: the same
+            # pixels as resizing the whole image to cover the bucket and cropping, without the discarded work.
+            nodes[key] = fn.resize(
+                decoded,
+                size=feeds["size"],
+                roi_start=feeds[f"{prefix}roi_start"],
+                roi_end=feeds[f"{prefix}roi_end"],
+                roi_relative=False,
+                antialias=True,
+                interp_type=types.INTERP_LINEAR,
+            )
+        return nodes
 
     def default_workers(self, cores: int) -> int:
         return max(1, min(4, cores // 4))  # the workers only read bytes
@@ -163,7 +201,8 @@ class DaliDecoder(Decoder):
         return int(encoded_bytes) + 64
 
     def options(self) -> dict[str, Any]:
-        return {"decoder": self.name, "hw_decoder_load": self.hw_decoder_load, "preallocate": self.preallocate}
+        return {"decoder": self.name, "hw_decoder_load": self.hw_decoder_load, "preallocate": self.preallocate,
+                "pairs": [name for name, _ in self.pairs]}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -171,10 +210,14 @@ class PillowDecoder(Decoder):
     """The worker processes decode with libjpeg-turbo at the smallest DCT scale (1/8..1) that still
     covers the resize, EXIF-upright, and resize only the crop window (bilinear, antialiased)."""
 
-    name: ClassVar[str] = "pillow"
-    outputs: ClassVar[tuple[Output, ...]] = (Output("image", "UINT8", "HWC"), _MIRROR, _META)
+    pairs: tuple[tuple[str, str], ...] = ()
 
-    def prepare(self, data: np.ndarray, geometry: Geometry) -> tuple[dict[str, np.ndarray] | None, Failure]:
+    name: ClassVar[str] = "pillow"
+    part_outputs: ClassVar[tuple[Output, ...]] = (Output("image", "UINT8", "HWC"),)
+
+    def prepare(
+        self, data: np.ndarray, geometry: Geometry, *, channels: int = 3
+    ) -> tuple[dict[str, np.ndarray] | None, Failure]:
         from PIL import Image, ImageOps
 
         h, w, rh, rw, top, left, bucket_h, bucket_w = geometry
@@ -184,18 +227,18 @@ class PillowDecoder(Decoder):
                 if displayed_size(img) != (w, h):
                     return None, Failure.RESIZED
                 if img.format == "JPEG":
-                    img.draft("RGB", (rh, rw) if swaps_sides(img) else (rw, rh))
-                upright = _rgb(ImageOps.exif_transpose(img))
+                    img.draft("L" if channels == 1 else "RGB", (rh, rw) if swaps_sides(img) else (rw, rh))
+                upright = _eight_bit(ImageOps.exif_transpose(img), "L" if channels == 1 else "RGB")
                 y_scale, x_scale = upright.height / rh, upright.width / rw
                 box = (left * x_scale, top * y_scale, (left + bucket_w) * x_scale, (top + bucket_h) * y_scale)
-                return {
-                    "image": np.asarray(upright.resize((bucket_w, bucket_h), Image.BILINEAR, box=box))
-                }, Failure.NONE
+                out = np.asarray(upright.resize((bucket_w, bucket_h), Image.BILINEAR, box=box))
+                return {"image": out[:, :, None] if out.ndim == 2 else out}, Failure.NONE
         except Exception:  # Pillow raises many kinds on broken files
             return None, Failure.UNDECODABLE
 
-    def graph(self, feeds: dict[str, Any], *, gpu: bool) -> Any:
-        return feeds["image"].gpu() if gpu else feeds["image"]
+    def graph(self, feeds: dict[str, Any], *, gpu: bool) -> dict[str, Any]:
+        nodes = {key: feeds[f"{prefix}image"] for key, prefix, _ in self.parts}
+        return {key: node.gpu() for key, node in nodes.items()} if gpu else nodes
 
     def default_workers(self, cores: int) -> int:
         return cores  # the workers do the decoding
@@ -207,17 +250,17 @@ class PillowDecoder(Decoder):
         return int(bucket_pixels) * 3 + 64
 
 
-def _rgb(img):
-    """An 8-bit RGB image: 16-bit and 32-bit integer modes are scaled to 8 bits (``convert`` would clip
-    them, turning a 16-bit grayscale PNG white), everything else converted by Pillow."""
+def _eight_bit(img, mode: str = "RGB"):
+    """An 8-bit image in ``mode`` (``"RGB"`` or ``"L"``): 16-bit and 32-bit integer modes are scaled to 8 bits
+    (``convert`` would clip them, turning a 16-bit grayscale PNG white), everything else converted by Pillow."""
     from PIL import Image
 
-    if img.mode == "RGB":
+    if img.mode == mode:
         return img
     if img.mode.startswith("I"):  # I, I;16, I;16B, ...: 16-bit samples (DALI scales them the same way)
         wide = np.asarray(img).astype(np.uint32)
-        return Image.fromarray(((np.minimum(wide, 65535) * 255 + 32767) // 65535).astype(np.uint8)).convert("RGB")
-    return img.convert("RGB")
+        return Image.fromarray(((np.minimum(wide, 65535) * 255 + 32767) // 65535).astype(np.uint8)).convert(mode)
+    return img.convert(mode)
 
 
 @dataclass(frozen=True)
@@ -229,15 +272,20 @@ class OpenCVDecoder(PillowDecoder):
 
     name: ClassVar[str] = "opencv"
 
-    def prepare(self, data: np.ndarray, geometry: Geometry) -> tuple[dict[str, np.ndarray] | None, Failure]:
+    def prepare(
+        self, data: np.ndarray, geometry: Geometry, *, channels: int = 3
+    ) -> tuple[dict[str, np.ndarray] | None, Failure]:
         if data[:3].tobytes() != b"\xff\xd8\xff":
-            return super().prepare(data, geometry)
+            return super().prepare(data, geometry, channels=channels)
         import cv2
 
         h, w, rh, rw, top, left, bucket_h, bucket_w = geometry
         factor = jpeg_reduction(h, w, rh, rw)
-        flags, decodes_rgb = opencv_flags(rgb=True)
-        image = cv2.imdecode(data, flags[factor])  # RGB, EXIF-upright, sides ceil(side / factor)
+        if channels == 1:
+            flags, decodes_rgb = opencv_gray_flags(), True
+        else:
+            flags, decodes_rgb = opencv_flags(rgb=True)
+        image = cv2.imdecode(data, flags[factor])  # RGB (or gray), EXIF-upright, sides ceil(side / factor)
         if image is None:
             return None, Failure.UNDECODABLE
         if image.shape[0] != -(-h // factor) or image.shape[1] != -(-w // factor):
@@ -253,6 +301,8 @@ class OpenCVDecoder(PillowDecoder):
                 image = cv2.GaussianBlur(image, (0, 0), sigmaX=max(sigma_x, 0.01), sigmaY=max(sigma_y, 0.01))
         resized = cv2.resize(image, (rw, rh), interpolation=cv2.INTER_LINEAR)
         out = np.ascontiguousarray(resized[top : top + bucket_h, left : left + bucket_w])
+        if channels == 1:
+            return {"image": out[:, :, None]}, Failure.NONE
         return {"image": out if decodes_rgb else cv2.cvtColor(out, cv2.COLOR_BGR2RGB)}, Failure.NONE
 
 
@@ -281,20 +331,32 @@ def opencv_flags(*, rgb: bool) -> tuple[dict[int, int], bool]:
     return {f: (flag & ~cv2.IMREAD_COLOR) | rgb_flag for f, flag in reduced.items()}, True
 
 
+@functools.cache
+def opencv_gray_flags() -> dict[int, int]:
+    """``cv2.imdecode`` flags per JPEG reduction (1, 2, 4, 8) for one-channel output (masks), EXIF-upright."""
+    import cv2
+
+    opencv_flags(rgb=True)  # one OpenCV thread per worker process, as for images
+    return {1: cv2.IMREAD_GRAYSCALE, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+            8: cv2.IMREAD_REDUCED_GRAYSCALE_8}  # fmt: skip
+
+
 DECODERS: dict[str, type[Decoder]] = {"dali": DaliDecoder, "pillow": PillowDecoder, "opencv": OpenCVDecoder}
 
 
-def choose_decoder(name: str | Decoder, device: str, **settings: Any) -> Decoder:
+def choose_decoder(
+    name: str | Decoder, device: str, *, pairs: tuple[tuple[str, str], ...] = (), **settings: Any
+) -> Decoder:
     """The decoder for ``name`` (``"auto"``: ``dali`` on GPU, ``opencv`` on CPU, where it is the fastest at
     the same quality: ``benchmarks/RESULTS.md``); a :class:`Decoder` instance is used as it is.
 
     ``settings`` go to :class:`DaliDecoder` (``hw_decoder_load``, ``preallocate``); ``None`` values are
-    ignored, so callers can pass their options through.
+    ignored, so callers can pass their options through. ``pairs`` are the manifest's paired images.
     """
     if isinstance(name, Decoder):
         if settings.get("hw_decoder_load") is not None:
             raise ConfigError("hw_decoder_load is a setting of the decoder by name; give it to the Decoder instance")
-        return name
+        return name.with_pairs(pairs)
     if name not in ("auto", *DECODERS):
         raise ConfigError(f"decoder must be 'auto', 'dali', 'pillow' or 'opencv', got {name!r}")
     if name == "auto":
@@ -303,8 +365,8 @@ def choose_decoder(name: str | Decoder, device: str, **settings: Any) -> Decoder
     if name in ("pillow", "opencv"):
         if given.get("hw_decoder_load") is not None:
             raise ConfigError(f"hw_decoder_load applies to decoder='dali' on the GPU, not to decoder={name!r}")
-        return DECODERS[name]()
-    return DaliDecoder(**given)
+        return DECODERS[name](pairs=tuple(pairs))
+    return DaliDecoder(pairs=tuple(pairs), **given)
 
 
 def cpu_count() -> int:

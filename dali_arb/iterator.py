@@ -21,7 +21,8 @@ from .buckets import BucketSpec
 from .captions import CaptionPolicy
 from .decoders import DaliDecoder, Decoder, choose_decoder, cpu_count
 from .errors import ConfigError, DaliArbError, DataError, DeviceError, ManifestError, ResourceError, StateError
-from .manifest import Manifest
+from .manifest import Manifest, ManifestSet
+from .mixture import check_repeats
 from .outputs import META, Failure
 from .planner import LeftoverPolicy
 from .processes import describe_exit
@@ -69,9 +70,12 @@ class DALIBucketIterator:
     bucket, logged once, and listed in :attr:`failed`; the batch keeps its size.
 
     Args:
-        manifest: path of a manifest from ``dali-arb index``, or a :class:`Manifest`.
+        manifest: path of a manifest from ``dali-arb index``, or a :class:`Manifest`; or a list of them, one
+            per dataset (``batch["dataset"]`` says which each sample came from).
         batch_size: samples per batch on this rank.
-        buckets: a :class:`BucketSpec` (default: NovelAI's buckets).
+        buckets: a :class:`BucketSpec` (default: NovelAI's buckets), or one per dataset (multi-resolution).
+        repeats: per dataset, times each image is served per epoch: an integer serves it that many times, a
+            fraction serves that share of the dataset, another subset each epoch (:mod:`dali_arb.mixture`).
         seed: shared by every rank.
         rank, world_size: ``None`` reads ``torch.distributed`` / torchrun's environment (else 0, 1).
         device: ``"gpu"`` (decode with nvJPEG on this rank's GPU), ``"cpu"``, or ``"auto"``.
@@ -105,10 +109,11 @@ class DALIBucketIterator:
 
     def __init__(
         self,
-        manifest: str | os.PathLike | Manifest,
+        manifest: str | os.PathLike | Manifest | list[str | os.PathLike | Manifest],
         *,
         batch_size: int,
-        buckets: BucketSpec | None = None,
+        buckets: BucketSpec | list[BucketSpec] | None = None,
+        repeats: list[float] | None = None,
         seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
@@ -140,15 +145,24 @@ class DALIBucketIterator:
                 raise ConfigError(f"{name} must be a {kind} integer, got {value!r}")
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
             raise ConfigError(f"prefetch must be a positive integer, got {prefetch!r}")
-        if buckets is not None and not isinstance(buckets, BucketSpec):
+        given = list(manifest) if isinstance(manifest, (list, tuple)) else [manifest]
+        if not given:
+            raise ConfigError("give at least one manifest")
+        if isinstance(buckets, (list, tuple)):
+            if len(buckets) != len(given) or not all(isinstance(b, BucketSpec) for b in buckets):
+                raise ConfigError(f"buckets must be a BucketSpec or one per manifest ({len(given)}), got {buckets!r}")
+            buckets = tuple(buckets)
+        elif buckets is not None and not isinstance(buckets, BucketSpec):
             raise ConfigError(f"buckets must be a BucketSpec, got {type(buckets).__name__}")
-        if not isinstance(manifest, Manifest):
-            manifest = Manifest.open(manifest, cache_dir=cache_dir)
-        if "source" not in manifest.table.column_names or manifest.table.column("source").null_count == len(manifest):
-            raise ManifestError(
-                f"manifest {manifest.path or ''} has no image files to read (it was indexed from metadata without "
-                "a path column); index the images themselves with `dali-arb index FOLDER_OR_SHARDS`"
-            )
+        repeats = check_repeats(repeats, len(given)) if repeats is not None or len(given) > 1 else None
+        manifests = [m if isinstance(m, Manifest) else Manifest.open(m, cache_dir=cache_dir) for m in given]
+        for m in manifests:
+            if "source" not in m.table.column_names or m.table.column("source").null_count == len(m):
+                raise ManifestError(
+                    f"manifest {m.path or ''} has no image files to read (it was indexed from metadata without "
+                    "a path column); index the images themselves with `dali-arb index FOLDER_OR_SHARDS`"
+                )
+        self.data = ManifestSet(manifests)
         world = World.detect(rank, world_size)
         self.world = world
         self.device = resolve_device(device)
@@ -164,14 +178,17 @@ class DALIBucketIterator:
             sync_ranks=sync_ranks,
             crop=crop,
             flip=flip,
+            repeats=repeats,
         )
         self.captions = CaptionPolicy(caption_dropout, shuffle_tags, keep_tags, tag_separator)
-        self.manifest = manifest
-        self._planner = build_planner(self.config, manifest)  # validates batch size, seed
+        self.manifests = manifests
+        self.manifest = manifests[0]  # the only one, or the first dataset's
+        self._planner = build_planner(self.config, manifests)  # validates batch size, seed, buckets, repeats
         gpu = self.device == "gpu"
         self.decoder: Decoder = choose_decoder(
             decoder,
             self.device,
+            pairs=tuple(self.data.pairs.items()),
             hw_decoder_load=hw_decoder_load,
             preallocate=self._preallocation() if gpu and decoder in ("auto", "dali") else None,
         )
@@ -179,7 +196,7 @@ class DALIBucketIterator:
         self.workers = workers if workers is not None else self.decoder.default_workers(cores)
         self.num_threads = num_threads or self.decoder.default_threads(cores, gpu=gpu)
         self.prefetch = prefetch
-        self._source = BatchSource(manifest, self.config, self.decoder, planner=self._planner)
+        self._source = BatchSource(manifests, self.config, self.decoder, planner=self._planner)
         self._shared_memory = self._plan_shared_memory()
         self._epoch = 0
         self._step = 0
@@ -238,9 +255,10 @@ class DALIBucketIterator:
             "leftover": c.leftover,
             "crop": c.crop,
             "flip": c.flip,
-            "num_images": len(self.manifest),
+            "num_images": len(self.data),
             "manifest": self._source.fingerprint,
-            "buckets": c.spec.to_dict(),
+            "buckets": c.spec.to_dict() if isinstance(c.spec, BucketSpec) else [b.to_dict() for b in c.spec],
+            "repeats": list(c.repeats) if c.repeats is not None else None,
             "captions": self.captions.to_dict(),
             "failed": self._blocklist.reasons(),
             "failed_rows": sorted(self._blocklist.rows),
@@ -254,7 +272,8 @@ class DALIBucketIterator:
         """
         state = _checked_state(state)
         mine = self.state_dict()
-        for name in ("seed", "sync_ranks", "leftover", "crop", "flip", "num_images", "manifest", "buckets", "captions"):
+        for name in ("seed", "sync_ranks", "leftover", "crop", "flip", "num_images", "manifest", "buckets", "repeats",
+                     "captions"):  # fmt: skip
             if name in state and state[name] != mine[name]:
                 what = "another manifest (same size, other content)" if name == "manifest" else None
                 raise StateError(
@@ -295,23 +314,24 @@ class DALIBucketIterator:
         """``(height, width)`` for the GPU decoder to preallocate: a high percentile of the served images'
         sides, taken separately and capped (nvImageCodec's hardware decoder reserves batch x H x W x 3)."""
         served = self._served_sample()
-        h = np.percentile(self.manifest.heights[served], PREALLOCATE_PERCENTILE)
-        w = np.percentile(self.manifest.widths[served], PREALLOCATE_PERCENTILE)
+        h = np.percentile(self.data.ints_at("heights", served, 1), PREALLOCATE_PERCENTILE)
+        w = np.percentile(self.data.ints_at("widths", served, 1), PREALLOCATE_PERCENTILE)
         return min(math.ceil(h), PREALLOCATE_MAX_SIDE), min(math.ceil(w), PREALLOCATE_MAX_SIDE)
 
     def _served_sample(self) -> np.ndarray:
         """``int64 (<= STATISTICS_SAMPLE,)`` rows spread evenly over the usable ones (for percentiles: the
         whole manifest would cost O(N) private memory in every rank)."""
-        members = self._planner.index.members
-        count = min(len(members), STATISTICS_SAMPLE)
-        return np.asarray(members[np.linspace(0, len(members) - 1, count).astype(np.int64)], np.int64)
+        index = self._planner.index
+        usable = int(index.starts[-1])
+        count = min(usable, STATISTICS_SAMPLE)
+        return index.member_rows(np.linspace(0, usable - 1, count).astype(np.int64), 0)
 
     def _plan_shared_memory(self) -> dict[str, int]:
         """Chunk size and source prefetch for the workers' ``/dev/shm`` buffers, from the manifest; a
         ``ResourceError`` saying what to do when ``/dev/shm`` cannot hold even the smallest set-up."""
         if self.workers == 0:
             return {"bytes_per_sample": 0, "source_prefetch": 0}
-        lengths = self.manifest.int_column("length", -1)[self._served_sample()]
+        lengths = self.data.ints_at("length", self._served_sample(), -1)
         known = lengths[lengths > 0]
         encoded = int(np.percentile(known, 99)) if known.size else 0
         sizes = self._planner.assignment.sizes
@@ -341,9 +361,9 @@ class DALIBucketIterator:
         manifest is the same: its fingerprint was checked), in O(len(rows))."""
 
         def rows_of(keys: list[str]) -> list[int]:
-            valid = [int(r) for r in rows if 0 <= int(r) < len(self.manifest)]
+            valid = [int(r) for r in rows if 0 <= int(r) < len(self.data)]
             wanted = set(keys)
-            return [r for r, key in zip(valid, self.manifest.keys_at(np.array(valid, np.int64))) if key in wanted]
+            return [r for r, key in zip(valid, self.data.keys_at(np.array(valid, np.int64))) if key in wanted]
 
         return rows_of
 
@@ -392,7 +412,7 @@ class DALIBucketIterator:
             if self._pipe is None or self._stream != (epoch, step):
                 self._open_pipeline(epoch, step)
             try:
-                images, meta = self._run_pipeline()
+                outputs = self._run_pipeline()
             except _WorkerDied as died:
                 self._abandon_pipeline(died)
                 continue
@@ -404,7 +424,7 @@ class DALIBucketIterator:
                 self._recover(epoch, step, exc)
                 continue
             self._stream = self._advance(epoch, step)
-            batch = self._to_batch(images, meta, epoch, step)
+            batch = self._to_batch(outputs, epoch, step)
             corpse = _first_dead(_worker_processes(self._pipe))
             if corpse is not None:  # it died idle: nothing was lost, but the pool runs short from here on
                 self._abandon_pipeline(_WorkerDied(corpse), resume="the next step")
@@ -493,10 +513,11 @@ class DALIBucketIterator:
         for i in culprits:
             self._block(int(rows[i]), Failure.DALI_UNDECODABLE, f" ({summary})")
 
-    def _block(self, row: int, failure: Failure, detail: str = "") -> None:
-        """Blocklist manifest ``row`` for ``failure`` (logged once, with where its bytes are)."""
-        key = self.manifest.keys_at(np.array([row]))[0]
-        self._blocklist.add(row, key, failure.describe(self._source.location(row)) + detail)
+    def _block(self, row: int, failure: Failure, detail: str = "", *, part: int = 0) -> None:
+        """Blocklist manifest ``row`` for ``failure`` of its image (``part`` 0) or of its ``part - 1``-th pair
+        (logged once, with where the bytes are)."""
+        key = self.data.keys_at(np.array([row]))[0]
+        self._blocklist.add(row, key, failure.describe(self._source.location(row, part)) + detail)
 
     def _probe(self, samples: tuple[list, ...], *, device: str) -> list[int]:
         """Positions of ``samples`` that DALI's decoder on ``device`` cannot decode, each tried alone in one
@@ -526,25 +547,27 @@ class DALIBucketIterator:
                 probe = None
         return failed
 
-    def _to_batch(self, images: Any, meta: Any, epoch: int, step: int) -> dict[str, Any]:
+    def _to_batch(self, outputs: tuple, epoch: int, step: int) -> dict[str, Any]:
+        """The batch dict from the pipeline's outputs ``(images, *pairs, meta)``."""
         import torch
 
-        dense = images.as_tensor()
-        shape = list(dense.shape())
         # The pipeline runs DALI's dynamic executor, whose outputs own their memory: hand them to
         # torch through DLPack without a copy, as DALI's own iterator does for such pipelines.
         device = torch.device("cuda", self.device_id) if self.device == "gpu" else torch.device("cpu")
-        with torch.cuda.device(device) if self.device == "gpu" else contextlib.nullcontext():
-            out = torch.from_dlpack(dense)
-        if self.dtype == "bfloat16":
-            out = out.to(torch.bfloat16)
-        m = META.unpack(meta.as_array())
+        tensors = {}
+        for (key, _, _), output in zip(self.decoder.parts, outputs[:-1]):
+            with torch.cuda.device(device) if self.device == "gpu" else contextlib.nullcontext():
+                tensor = torch.from_dlpack(output.as_tensor())
+            tensors[key] = tensor.to(torch.bfloat16) if self.dtype == "bfloat16" else tensor
+        out = tensors.pop("images")
+        shape = list(out.shape)
+        m = META.unpack(outputs[-1].as_array())
         assert (m.epoch == epoch).all() and (m.step == step).all(), "pipeline out of step with the loader"
         for i in np.flatnonzero(m.failure != Failure.NONE):
-            self._block(int(m.planned_row[i]), Failure(int(m.failure[i])))
+            self._block(int(m.planned_row[i]), Failure(int(m.failure[i])), part=int(m.failed_part[i]))
         rows = m.row
         captions = self.captions.batch(
-            self.manifest.column_at("caption", rows),
+            self.data.column_at("caption", rows),
             seed=self.config.seed,
             epoch=epoch,
             step=step,
@@ -552,7 +575,8 @@ class DALIBucketIterator:
         )
         return {
             "images": out,
-            "ids": self.manifest.keys_at(rows),
+            "ids": self.data.keys_at(rows),
+            "dataset": torch.from_numpy(self.data.dataset_of(rows)),
             "captions": captions,
             "original_size": torch.from_numpy(m.pairs("orig_height", "orig_width")),
             "crop_top_left": torch.from_numpy(m.pairs("crop_top", "crop_left")),
@@ -560,6 +584,7 @@ class DALIBucketIterator:
             "flipped": torch.from_numpy(m.flipped != 0),
             "epoch": epoch,
             "step": step,
+            **tensors,
         }
 
 
@@ -596,7 +621,10 @@ def _checked_state(state: Any) -> dict[str, Any]:
     checked["failed_rows"] = rows
     buckets = state.get("buckets")
     try:
-        checked["buckets"] = BucketSpec.from_dict(buckets).to_dict()
+        if isinstance(buckets, list):
+            checked["buckets"] = [BucketSpec.from_dict(b).to_dict() for b in buckets]
+        else:
+            checked["buckets"] = BucketSpec.from_dict(buckets).to_dict()
     except (ConfigError, TypeError) as exc:
         raise StateError(f"state field 'buckets' is not a bucket spec ({exc})") from None
     return checked

@@ -16,9 +16,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import ManifestError
+from .errors import ConfigError, ManifestError
+from .pairs import pair_columns, pairs_of
 
-__all__ = ["FORMAT_VERSION", "PINNED_COLUMNS", "Fingerprint", "Manifest", "check_file", "rejects_path"]
+__all__ = [
+    "FORMAT_VERSION",
+    "PINNED_COLUMNS",
+    "Fingerprint",
+    "Manifest",
+    "ManifestSet",
+    "check_file",
+    "pinned_columns",
+    "rejects_path",
+]
 
 #: Written into the Parquet metadata; bumped when the manifest layout changes incompatibly.
 FORMAT_VERSION = 1
@@ -42,6 +52,11 @@ SCHEMA = pa.schema(
     ],
     metadata={_VERSION_KEY: str(FORMAT_VERSION).encode()},
 )
+
+
+def pinned_columns(pairs: dict[str, str] | list[str]) -> tuple[str, ...]:
+    """:data:`PINNED_COLUMNS` and the columns of ``pairs``: what a live loader pins."""
+    return PINNED_COLUMNS + tuple(c for name in pairs for c in pair_columns(name))
 
 
 def rejects_path(manifest_path: str | os.PathLike) -> Path:
@@ -94,10 +109,24 @@ class Manifest:
                 raise ManifestError(
                     f"{where}: a sample's offset is {lowest}; rebuild the manifest with `dali-arb index`"
                 )
+        try:
+            pairs = pairs_of(table.schema)
+        except ConfigError as exc:
+            raise ManifestError(f"{where}: {exc}") from None
+        for name in pairs:
+            for column_name in pair_columns(name)[3:]:
+                column = table.column(column_name)
+                if not pa.types.is_integer(column.type) or column.null_count:
+                    raise ManifestError(
+                        f"{where}: pair column {column_name!r} must hold a size for every row; rebuild it"
+                    )
+                if len(column) and pc.min(column).as_py() < 1:
+                    raise ManifestError(f"{where}: pair column {column_name!r} holds a size below 1; rebuild it")
         if not (pa.types.is_string(table.column("key").type) or pa.types.is_large_string(table.column("key").type)):
             table = table.set_column(table.column_names.index("key"), "key", table.column("key").cast(pa.string()))
         self.table = table
         self.path = Path(path) if path else None
+        self.pairs: dict[str, str] = pairs  # {name: "pair" | "mask"} (``pairs.py``)
         self.cache: Any = None  # the dataplane.ManifestCache this manifest is mapped from, if any
         self._fingerprints: dict[tuple[str, ...], str] = {}
         self._heights = table.column("height").to_numpy().astype(np.int64)
@@ -142,7 +171,8 @@ class Manifest:
         manifest = cls.__new__(cls)
         manifest.table, manifest.path, manifest.cache = table, path, cache
         manifest._heights, manifest._widths = heights, widths
-        manifest._fingerprints = {PINNED_COLUMNS: cache.meta["pinned"]}
+        manifest.pairs = dict(cache.meta.get("pairs", {}))
+        manifest._fingerprints = {pinned_columns(manifest.pairs): cache.meta["pinned"]}
         return manifest
 
     def write(self, path: str | os.PathLike) -> None:
@@ -180,6 +210,11 @@ class Manifest:
             self._fingerprints[columns] = digest.hexdigest()
         return self._fingerprints[columns]
 
+    @property
+    def pinned(self) -> str:
+        """The fingerprint of what a loader serves from this manifest (:func:`pinned_columns`)."""
+        return self.fingerprint(pinned_columns(self.pairs))
+
     def int_column(self, name: str, missing: int) -> np.ndarray:
         """``int64 (N,)`` of integer column ``name``, ``missing`` where it is null or the column is absent
         (no copy when the column is one chunk of ``int64`` without nulls, as a mapped manifest's are)."""
@@ -200,6 +235,69 @@ class Manifest:
         if name not in self.table.column_names:
             return [None] * len(flat)
         return self.table.column(name).take(pa.array(flat)).to_pylist()
+
+
+class ManifestSet:
+    """Several manifests addressed by *global* row: manifest ``d``'s row ``r`` is ``offsets[d] + r`` (one
+    manifest: global rows are its rows). What the loader reads per served row, without a per-row array.
+
+    Attributes:
+        manifests: the datasets, in order.
+        offsets: ``int64 (D + 1,)`` first global row of each.
+        pairs: the paired images every manifest has (``{name: kind}``).
+    """
+
+    def __init__(self, manifests: list[Manifest]) -> None:
+        self.manifests = list(manifests)
+        self.offsets = np.concatenate([[0], np.cumsum([len(m) for m in self.manifests])]).astype(np.int64)
+        first = self.manifests[0].pairs
+        for m in self.manifests[1:]:
+            if m.pairs != first:
+                raise ManifestError(
+                    f"manifests {self.manifests[0].path or '(in memory)'} and {m.path or '(in memory)'} have different "
+                    f"paired images ({sorted(first.items()) or 'none'} and {sorted(m.pairs.items()) or 'none'}); every "
+                    "dataset of one loader needs the same pairs (batch keys)"
+                )
+        self.pairs = first
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def dataset_of(self, rows: np.ndarray) -> np.ndarray:
+        """``int64`` manifest of each global row (same shape)."""
+        return np.searchsorted(self.offsets, np.asarray(rows, np.int64), side="right") - 1
+
+    def _gather(self, rows: np.ndarray, take) -> list:
+        flat = np.asarray(rows, np.int64).reshape(-1)
+        if len(self.manifests) == 1:
+            return take(self.manifests[0], flat)
+        d = self.dataset_of(flat)
+        out: list = [None] * len(flat)
+        for k in np.unique(d).tolist():
+            at = np.flatnonzero(d == k)
+            for i, value in zip(at.tolist(), take(self.manifests[k], flat[at] - self.offsets[k])):
+                out[i] = value
+        return out
+
+    def keys_at(self, rows: np.ndarray) -> list[str]:
+        """Keys of global ``rows`` (flattened)."""
+        return self._gather(rows, lambda m, local: m.keys_at(local))
+
+    def column_at(self, name: str, rows: np.ndarray) -> list:
+        """Values of column ``name`` at global ``rows`` (flattened), ``None`` where a manifest lacks it."""
+        return self._gather(rows, lambda m, local: m.column_at(name, local))
+
+    def ints_at(self, name: str, rows: np.ndarray, missing: int) -> np.ndarray:
+        """``int64`` of integer column ``name`` (``heights``/``widths`` for the sizes) at global ``rows``."""
+
+        flat = np.asarray(rows, np.int64).reshape(-1)
+        d = self.dataset_of(flat)
+        out = np.empty(len(flat), np.int64)
+        for k in np.unique(d).tolist():
+            at = d == k
+            m, local = self.manifests[k], flat[at] - self.offsets[k]
+            out[at] = getattr(m, name)[local] if name in ("heights", "widths") else m.int_column(name, missing)[local]
+        return out
 
 
 def check_file(path: Path) -> pa.Schema:

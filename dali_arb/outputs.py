@@ -125,13 +125,15 @@ class MetaLayout:
 
 #: Per-sample metadata that travels with every sample through the pipeline.
 #: ``row``: manifest row served; ``planned_row``: the row the plan asked for (differs when replaced);
-#: ``failure``: a :class:`Failure` code for ``planned_row``; ``crop_top``/``crop_left``: the crop corner in
+#: ``failure``: a :class:`Failure` code for ``planned_row``; ``failed_part``: 0 when its image failed, ``i + 1`` when
+#: its ``i``-th paired image did; ``crop_top``/``crop_left``: the crop corner in
 #: resized-image pixels, after the flip; ``orig_height``/``orig_width``: EXIF-upright source size.
 META = MetaLayout(
     (
         "row",
         "planned_row",
         "failure",
+        "failed_part",
         "crop_top",
         "crop_left",
         "orig_height",

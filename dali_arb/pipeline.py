@@ -55,9 +55,11 @@ def build_pipeline(
     source_prefetch: int | None = None,
     bytes_per_sample_hint: int | None = None,
 ) -> Any:
-    """A built DALI pipeline whose outputs are ``(images, meta)``.
+    """A built DALI pipeline whose outputs are ``(images, *pairs, meta)``.
 
-    ``images``: ``[B, 3, H, W]`` of ``dtype`` on the pipeline's device (H, W: the step's bucket);
+    ``images``: ``[B, 3, H, W]`` of ``dtype`` on the pipeline's device (H, W: the step's bucket); each of
+    ``decoder.pairs`` in order: ``[B, 3, H, W]`` like the images for a pair, ``[B, 1, H, W]`` for a mask
+    (``[0, 1]`` for float dtypes, ``0..255`` for ``uint8``), all cut and flipped alike;
     ``meta``: ``int64 [B, F]`` on the CPU (``outputs.META``).
 
     Args:
@@ -101,16 +103,19 @@ def build_pipeline(
             layout=[o.layout or "" for o in outputs],
         )
         feeds = {o.name: node for o, node in zip(outputs, nodes)}
-        images = decoder.graph(feeds, gpu=gpu)
-        images = fn.crop_mirror_normalize(
-            images,
-            mirror=feeds["mirror"],
-            dtype=out_type,
-            output_layout="CHW",
-            mean=[0.0] * 3 if raw else [127.5] * 3,
-            std=[1.0] * 3 if raw else [127.5] * 3,
-        )
-        return images, feeds["meta"]
+        decoded = decoder.graph(feeds, gpu=gpu)
+        finished = []
+        for key, _, channels in decoder.parts:
+            if channels == 1:  # a mask: [0, 1] (or 0..255 raw)
+                mean, std = [0.0], [1.0 if raw else 255.0]
+            else:  # [-1, 1] (or 0..255 raw)
+                mean, std = [0.0 if raw else 127.5] * 3, [1.0 if raw else 127.5] * 3
+            finished.append(
+                fn.crop_mirror_normalize(
+                    decoded[key], mirror=feeds["mirror"], dtype=out_type, output_layout="CHW", mean=mean, std=std
+                )
+            )
+        return (*finished, feeds["meta"])
 
     pipe = arb_pipeline()
     with _workers_skip_main():

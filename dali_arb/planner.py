@@ -169,14 +169,14 @@ class EpochPlan:
         extra = blocks >= full
         if extra.any():
             rows[extra] = self._extra_rows[blocks[extra] - full]
-        members, starts = self._index.members, self._index.starts
+        starts = self._index.starts
         for k in np.unique(bucket[~extra]).tolist():
             chosen = np.flatnonzero((bucket == k) & ~extra)
             block = blocks[chosen] - self._full_starts[k]  # the block's number inside its bucket
             positions = self._first_position[k] + self._stride * (
                 block[:, None] * self._pitch + np.arange(B, dtype=np.int64)[None, :]
             )
-            rows[chosen] = members[starts[k] + self._permutations[k](positions)]
+            rows[chosen] = self._index.member_rows(starts[k] + self._permutations[k](positions), self.epoch)
         return rows
 
     @cached_property
@@ -213,7 +213,8 @@ class Planner:
     """Makes :class:`EpochPlan` objects for one rank.
 
     Args:
-        index: images grouped by bucket: a :class:`BucketIndex` (the data plane's, memory-mapped) or a
+        index: images grouped by bucket: a :class:`BucketIndex` (the data plane's, memory-mapped), a
+            :class:`~dali_arb.mixture.MixedIndex` (several datasets with repeats) or a
             :class:`BucketAssignment` (:meth:`BucketSpec.assign`), grouped here.
         batch_size: samples per batch per rank.
         world: this rank's :class:`World`.
@@ -247,7 +248,7 @@ class Planner:
         self.world = world if world is not None else World()
         if not sync_ranks and self.leftover is LeftoverPolicy.DUPLICATE:
             raise ConfigError("leftover='duplicate' needs sync_ranks=True; use 'nearest' or 'drop'")
-        self.index = index if isinstance(index, BucketIndex) else BucketIndex.of(index)
+        self.index = BucketIndex.of(index) if isinstance(index, BucketAssignment) else index
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.sync_ranks = bool(sync_ranks)
@@ -303,9 +304,9 @@ class Planner:
         keys = round_keys(rng, len(self._sizes))
         return rng, [Permutation(int(n), k) for n, k in zip(self._counts.tolist(), keys)]
 
-    def _members_at(self, permutations: list[Permutation], k: int, positions: np.ndarray) -> np.ndarray:
-        """``int64`` rows at ``positions`` of bucket ``k``'s shuffle."""
-        return self.index.members[self.index.starts[k] + permutations[k](positions)].astype(np.int64)
+    def _members_at(self, permutations: list[Permutation], k: int, positions: np.ndarray, epoch: int) -> np.ndarray:
+        """``int64`` rows at ``positions`` of bucket ``k``'s shuffle in ``epoch``."""
+        return self.index.member_rows(self.index.starts[k] + permutations[k](positions), epoch)
 
     # -- sync: every rank serves one slice of the same global batch at each step ------------------
     def _plan_sync(self, epoch: int) -> EpochPlan:
@@ -325,15 +326,16 @@ class Planner:
             for k in np.flatnonzero(rem).tolist():
                 pad = np.arange(G - rem[k], dtype=np.int64) % counts[k]  # earliest images of the shuffle
                 positions = np.concatenate([np.arange(full[k] * G, counts[k], dtype=np.int64), pad])
-                extra_blocks.append(self._members_at(permutations, k, positions))
+                extra_blocks.append(self._members_at(permutations, k, positions, epoch))
                 extra_bucket.append(k)
                 duplicated += len(pad)
         else:  # NEAREST: pool the leftovers, sorted by aspect; trim fewer than G of them at random
-            pool = self._leftovers(permutations, [(k, full[k] * G, 1, rem[k]) for k in np.flatnonzero(rem).tolist()])
+            pieces = [(k, full[k] * G, 1, rem[k]) for k in np.flatnonzero(rem).tolist()]
+            pool = self._leftovers(permutations, pieces, epoch)
             trimmed = len(pool) % G
             if trimmed:
                 cut = np.sort(rng.choice(len(pool), trimmed, replace=False))
-                counts_after -= np.bincount(self.index.bucket[pool[cut]], minlength=len(counts))
+                counts_after -= np.bincount(self.index.bucket_of(pool[cut]), minlength=len(counts))
                 pool = np.delete(pool, cut)
             for chunk in pool.reshape(-1, G):
                 extra_blocks.append(chunk)
@@ -384,7 +386,7 @@ class Planner:
             steps = int(full.sum(axis=1).min())  # ranks fill different numbers of whole batches
             dropped = total - trimmed - steps * G
         else:
-            pool = self._leftovers(permutations, [p for p in pieces if p[3]])
+            pool = self._leftovers(permutations, [p for p in pieces if p[3]], epoch)
             for chunk in pool.reshape(-1, B):
                 extra_blocks.append(chunk)
                 extra_bucket.append(self._leftover_bucket(chunk))
@@ -405,14 +407,17 @@ class Planner:
             bucket_counts=shares.astype(np.int64),
         )
 
-    def _leftovers(self, permutations: list[Permutation], pieces: list[tuple[int, int, int, int]]) -> np.ndarray:
-        """Rows of the leftover ``pieces`` (``(bucket, first position, stride, count)``), sorted by aspect."""
+    def _leftovers(
+        self, permutations: list[Permutation], pieces: list[tuple[int, int, int, int]], epoch: int
+    ) -> np.ndarray:
+        """Rows of the leftover ``pieces`` (``(bucket, first position, stride, count)``), in the index's leftover
+        order (by aspect; with several datasets, by group of datasets first)."""
         parts = [
-            self._members_at(permutations, k, first + stride * np.arange(count, dtype=np.int64))
+            self._members_at(permutations, k, first + stride * np.arange(count, dtype=np.int64), epoch)
             for k, first, stride, count in pieces
         ]
         pool = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-        return pool[np.argsort(self.index.log_aspect(pool), kind="stable")]
+        return pool[self.index.leftover_order(pool)]
 
     def _plan(
         self,
@@ -449,20 +454,9 @@ class Planner:
         )
 
     def _leftover_bucket(self, chunk: np.ndarray) -> int:
-        """Bucket for a block of leftover rows (sorted by aspect): nearest to its middle aspect.
-
-        Only the spec's own buckets are candidates; with ``no_upscale``, only buckets that every
-        image of the block covers (falling back to the smallest such bucket by area).
-        """
+        """Bucket for a block of leftover rows (in leftover order): among the index's candidates for it (the
+        spec's own buckets; with ``no_upscale``, those every image covers), the nearest to its middle aspect."""
         log_aspect = self.index.log_aspect(chunk)
         middle = (log_aspect.min() + log_aspect.max()) / 2
-        if self.index.no_upscale:
-            h = self.index.heights[chunk].min()
-            w = self.index.widths[chunk].min()
-            candidates = np.flatnonzero((self._sizes[:, 0] <= h) & (self._sizes[:, 1] <= w))
-            if len(candidates) == 0:
-                candidates = np.array([int(np.argmin(self._area))])
-        else:
-            candidates = np.arange(self.index.num_base)
-        best = candidates[np.argmin(np.abs(self._log_sizes[candidates] - middle))]
-        return int(best)
+        candidates = self.index.leftover_candidates(chunk)
+        return int(candidates[np.argmin(np.abs(self._log_sizes[candidates] - middle))])

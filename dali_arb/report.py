@@ -14,15 +14,16 @@ __all__ = ["bucket_report", "format_report"]
 
 
 def bucket_report(
-    heights: np.ndarray,
-    widths: np.ndarray,
-    spec: BucketSpec,
+    heights: np.ndarray | list[np.ndarray],
+    widths: np.ndarray | list[np.ndarray],
+    spec: BucketSpec | list[BucketSpec],
     *,
     batch_size: int = 1,
     world_size: int = 1,
     seed: int = 0,
     leftover: LeftoverPolicy | str = LeftoverPolicy.NEAREST,
     sync_ranks: bool = True,
+    repeats: list[float] | None = None,
 ) -> dict[str, Any]:
     """A JSON-ready report: one entry per bucket that holds images, and totals.
 
@@ -30,13 +31,31 @@ def bucket_report(
     sync), leftovers, mean crop loss (share of the resized image cut away by the crop) and
     upscaled share (images enlarged to cover the bucket). Totals: steps per epoch per rank and
     images trimmed / dropped / duplicated per epoch (epoch 0) and rejected.
+
+    Several datasets: ``heights``/``widths`` are lists (one array per dataset), ``spec`` one spec or one per
+    dataset, ``repeats`` one count per dataset; images per bucket then count each image as often as it is
+    served per epoch (``dali_arb.mixture``).
     """
-    assignment = spec.assign(heights, widths)
-    sizes = assignment.sizes
-    counts = assignment.counts()
+    from .buckets import BucketIndex
+    from .mixture import MixedIndex, check_repeats
+
+    several = isinstance(heights, list)
+    all_heights = heights if several else [heights]
+    all_widths = widths if several else [widths]
+    specs = list(spec) if isinstance(spec, (list, tuple)) else [spec] * len(all_heights)
+    assignments = [s.assign(h, w) for s, h, w in zip(specs, all_heights, all_widths)]
+    if not several and repeats is None:
+        index: Any = BucketIndex.of(assignments[0])
+        to_global, weights = [np.arange(len(assignments[0].sizes))], [1.0]
+    else:
+        weights = list(check_repeats(repeats, len(assignments)))
+        index = MixedIndex([BucketIndex.of(a) for a in assignments], tuple(weights), specs, seed=seed)
+        to_global = index.to_global
+    sizes = index.sizes
+    counts = index.counts()
     unit = batch_size * world_size if sync_ranks else batch_size
     plan = Planner(
-        assignment,
+        index,
         batch_size=batch_size,
         world=World(0, world_size),
         seed=seed,
@@ -45,14 +64,21 @@ def bucket_report(
     ).epoch(0)
     full_batches = (plan.bucket_counts // unit).sum(axis=0)  # (K,) over all ranks
     leftovers = (plan.bucket_counts % unit).sum(axis=0)
-    kept = assignment.bucket >= 0
-    rows = np.flatnonzero(kept)
-    chosen = assignment.bucket[rows]
-    bucket_log = assignment.bucket_log_aspect
-    crop_loss = 1.0 - np.exp(-np.abs(assignment.log_aspect[rows] - bucket_log[chosen]))
-    scale = np.maximum(sizes[chosen, 0] / assignment.heights[rows], sizes[chosen, 1] / assignment.widths[rows])
-    loss_sum = np.bincount(chosen, weights=crop_loss, minlength=len(sizes))
-    upscaled = np.bincount(chosen, weights=(scale > 1.0).astype(float), minlength=len(sizes))
+    bucket_log = index.bucket_log_aspect
+    loss_sum = np.zeros(len(sizes))
+    upscaled = np.zeros(len(sizes))
+    served = np.zeros(len(sizes))
+    losses, scales = [], []
+    for assignment, mapping, weight in zip(assignments, to_global, weights):
+        rows = np.flatnonzero(assignment.bucket >= 0)
+        chosen = mapping[assignment.bucket[rows]]
+        crop_loss = 1.0 - np.exp(-np.abs(assignment.log_aspect[rows] - bucket_log[chosen]))
+        scale = np.maximum(sizes[chosen, 0] / assignment.heights[rows], sizes[chosen, 1] / assignment.widths[rows])
+        loss_sum += weight * np.bincount(chosen, weights=crop_loss, minlength=len(sizes))
+        upscaled += weight * np.bincount(chosen, weights=(scale > 1.0).astype(float), minlength=len(sizes))
+        served += weight * np.bincount(chosen, minlength=len(sizes))
+        losses.append((crop_loss, weight))
+        scales.append((scale > 1.0, weight))
     buckets = []
     for k in np.argsort(bucket_log, kind="stable"):  # portrait to landscape
         n = int(counts[k])
@@ -68,21 +94,23 @@ def bucket_report(
                 "images": n,
                 "full_batches": int(full_batches[k]),
                 "leftovers": int(leftovers[k]),
-                "mean_crop_loss": round(float(loss_sum[k] / n), 4),
-                "upscaled_share": round(float(upscaled[k] / n), 4),
+                "mean_crop_loss": round(float(loss_sum[k] / served[k]), 4) if served[k] else 0.0,
+                "upscaled_share": round(float(upscaled[k] / served[k]), 4) if served[k] else 0.0,
             }
         )
+    total_served = float(served.sum())
     totals: dict[str, Any] = {
-        "images": assignment.num_images,
-        "usable": int(rows.size),
-        "rejected_aspect": assignment.rejected(REJECT_ASPECT),
-        "rejected_too_small": assignment.rejected(REJECT_TOO_SMALL),
+        "images": int(sum(a.num_images for a in assignments)),
+        "usable": int(sum(int(np.count_nonzero(a.bucket >= 0)) for a in assignments)),
+        "rejected_aspect": sum(a.rejected(REJECT_ASPECT) for a in assignments),
+        "rejected_too_small": sum(a.rejected(REJECT_TOO_SMALL) for a in assignments),
         "buckets_used": len(buckets),
-        "mean_crop_loss": round(float(crop_loss.mean()), 4) if rows.size else 0.0,
-        "upscaled_share": round(float((scale > 1).mean()), 4) if rows.size else 0.0,
+        "mean_crop_loss": round(sum(float(l.sum()) * w for l, w in losses) / total_served, 4) if total_served else 0.0,
+        "upscaled_share": round(sum(float(u.sum()) * w for u, w in scales) / total_served, 4) if total_served else 0.0,
     }
     totals.update(
         {
+            "samples_per_epoch": int(counts.sum()),
             "steps_per_epoch": len(plan),
             "trimmed_per_epoch": plan.trimmed,
             "dropped_per_epoch": plan.dropped,
@@ -95,9 +123,16 @@ def bucket_report(
         "world_size": world_size,
         "leftover": LeftoverPolicy(leftover).value,
         "sync_ranks": sync_ranks,
-        **spec.to_dict(),
+        **specs[0].to_dict(),
     }
+    if several or repeats is not None:
+        options["datasets"] = [{"repeats": r, **s.to_dict()} for r, s in zip(weights, specs)]
+        options["no_upscale"] = any(s.no_upscale for s in specs)
     return {"buckets": buckets, "totals": totals, "options": options}
+
+
+def _repeats(options: dict[str, Any]) -> str:
+    return ",".join(f"{d['repeats']:g}" for d in options["datasets"])
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -127,6 +162,7 @@ def format_report(report: dict[str, Any]) -> str:
     text += [
         "",
         f"images {t['images']}, usable {t['usable']}, rejected for aspect error {t['rejected_aspect']}"
+        + (f", {t['samples_per_epoch']} samples per epoch with repeats {_repeats(o)}" if "datasets" in o else "")
         + (f", too small for --no-upscale {t['rejected_too_small']}" if o["no_upscale"] else ""),
         f"batch {o['batch_size']} x world {o['world_size']} ({unit} {o['batch_size'] * (o['world_size'] if o['sync_ranks'] else 1)}), "
         f"leftover policy {o['leftover']}: {t['steps_per_epoch']} steps per epoch per rank",

@@ -20,8 +20,9 @@ from .decoders import Decoder
 from .errors import ConfigError, DataError, ManifestError
 from .geometry import Geometry, cover_crop
 from .imagefacts import check_encoded
-from .manifest import PINNED_COLUMNS, Manifest
+from .manifest import Manifest
 from .outputs import META, Failure
+from .pairs import pair_columns
 from .planner import EpochPlan, Planner
 from .processes import die_with_parent
 from .world import World
@@ -35,10 +36,13 @@ WORKER_COLUMNS = ["source", "offset", "length"]
 
 @dataclass(frozen=True)
 class LoaderConfig:
-    """Everything that decides the batches (all of it goes into ``state_dict``)."""
+    """Everything that decides the batches (all of it goes into ``state_dict``).
+
+    ``spec``: one :class:`BucketSpec` for every dataset, or a tuple of one per dataset; ``repeats``: per
+    dataset, ``None`` for once each (see :mod:`dali_arb.mixture`)."""
 
     batch_size: int
-    spec: BucketSpec
+    spec: BucketSpec | tuple[BucketSpec, ...]
     seed: int
     rank: int
     world_size: int
@@ -46,6 +50,7 @@ class LoaderConfig:
     sync_ranks: bool
     crop: str
     flip: float
+    repeats: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.crop not in ("random", "center"):
@@ -53,20 +58,50 @@ class LoaderConfig:
         if isinstance(self.flip, bool) or not isinstance(self.flip, (int, float)) or not 0.0 <= self.flip <= 1.0:
             raise ConfigError(f"flip must be a probability in [0, 1], got {self.flip!r}")
 
+    def specs(self, count: int) -> tuple[BucketSpec, ...]:
+        """The bucket options of each of ``count`` datasets."""
+        if isinstance(self.spec, BucketSpec):
+            return (self.spec,) * count
+        if len(self.spec) != count or not all(isinstance(s, BucketSpec) for s in self.spec):
+            raise ConfigError(f"buckets must be one BucketSpec, or one per dataset ({count}), got {self.spec!r}")
+        return tuple(self.spec)
 
-def build_planner(config: LoaderConfig, manifest: Manifest) -> Planner:
+
+def build_planner(config: LoaderConfig, manifests: Manifest | list[Manifest]) -> Planner:
     """The one way a loader's planner is made (in the loader and again in each worker): from the bucket
-    index of the manifest's cache when it is mapped (``dataplane.py``), else computed."""
+    index of each manifest's cache when it is mapped (``dataplane.py``), else computed; several datasets
+    (or repeats) plan as one :class:`~dali_arb.mixture.MixedIndex`."""
     from .dataplane import bucket_index
+    from .mixture import MixedIndex
 
+    manifests = [manifests] if isinstance(manifests, Manifest) else list(manifests)
+    specs = config.specs(len(manifests))
+    if len(manifests) == 1 and config.repeats in (None, (1.0,)):
+        index = bucket_index(manifests[0], specs[0])
+    else:
+        repeats = config.repeats or (1.0,) * len(manifests)
+        indexes = [bucket_index(m, s) for m, s in zip(manifests, specs)]
+        index = MixedIndex(indexes, repeats, list(specs), seed=config.seed)
     return Planner(
-        bucket_index(manifest, config.spec),
+        index,
         batch_size=config.batch_size,
         world=World(config.rank, config.world_size),
         seed=config.seed,
         leftover=config.leftover,
         sync_ranks=config.sync_ranks,
     )
+
+
+@dataclass
+class _Rows:
+    """One dataset's arrays a worker reads (Arrow and NumPy, mapped and shared: no Python object per row):
+    ``locations[part]`` is ``(sources, offsets, lengths)`` of its images (part 0) and of each pair;
+    ``pair_sizes[i]`` is ``(heights, widths)`` of pair ``i``."""
+
+    locations: list[tuple]
+    heights: np.ndarray
+    widths: np.ndarray
+    pair_sizes: list[tuple[np.ndarray, np.ndarray]]
 
 
 class BatchSource:
@@ -79,18 +114,19 @@ class BatchSource:
     following epochs without end; the loader takes ``len(epoch)`` batches per epoch.
 
     Args:
-        manifest: the manifest the loader serves. Worker processes map the same cache when it is mapped
-            (``Manifest.open``), else re-read its file (when it has one); either way they refuse a
+        manifests: the manifest the loader serves, or one per dataset (rows are global rows: dataset ``d``'s
+            row ``r`` is ``offsets[d] + r``). Worker processes map the same caches when they are mapped
+            (``Manifest.open``), else re-read the files (when there are files); either way they refuse a
             manifest file whose content changed since.
         config: what decides the batches.
         decoder: the :class:`~dali_arb.decoders.Decoder` chosen by the loader.
-        planner: the loader's planner (rebuilt from the manifest in worker processes).
+        planner: the loader's planner (rebuilt from the manifests in worker processes).
         blocked_rows: rows known to be bad (the loader's blocklist): replaced without being read.
     """
 
     def __init__(
         self,
-        manifest: Manifest,
+        manifests: Manifest | list[Manifest],
         config: LoaderConfig,
         decoder: Decoder,
         *,
@@ -99,28 +135,35 @@ class BatchSource:
         first_step: int = 0,
         blocked_rows: frozenset[int] = frozenset(),
     ) -> None:
+        manifests = [manifests] if isinstance(manifests, Manifest) else list(manifests)
         self.config = config
         self.decoder = decoder
         self.first_epoch = first_epoch
         self.first_step = first_step
         self.blocked_rows = frozenset(blocked_rows)
-        self.num_rows = len(manifest)
-        self.fingerprint = manifest.fingerprint(PINNED_COLUMNS)
-        # Workers reopen a manifest that lives in a file instead of receiving it pickled.
-        self._manifest_path = str(manifest.path) if manifest.path is not None else None
-        cache = manifest.cache
-        self._cache = (str(cache.folder), cache.signature) if cache is not None else None
-        self._manifest: Manifest | None = manifest
+        self.num_rows = [len(m) for m in manifests]
+        self.offsets = np.concatenate([[0], np.cumsum(self.num_rows)]).astype(np.int64)
+        pinned = [m.pinned for m in manifests]
+        self.fingerprint: str | list[str] = pinned[0] if len(pinned) == 1 else pinned
+        # Workers reopen manifests that live in files instead of receiving them pickled: (path, cache) each.
+        self._homes = [
+            (
+                str(m.path) if m.path is not None else None,
+                (str(m.cache.folder), m.cache.signature) if m.cache is not None else None,
+                p,
+            )
+            for m, p in zip(manifests, pinned)
+        ]
+        self._manifests: list[Manifest] | None = manifests
         self._planner = planner
         self._ready = False
 
     def __getstate__(self) -> dict:
-        keep = ("config", "decoder", "first_epoch", "first_step", "blocked_rows", "num_rows", "fingerprint")
+        keep = ("config", "decoder", "first_epoch", "first_step", "blocked_rows", "num_rows", "offsets",
+                "fingerprint", "_homes")  # fmt: skip
         state = {k: self.__dict__[k] for k in keep}
-        state["_manifest_path"] = self._manifest_path
-        state["_cache"] = self._cache
-        if self._manifest_path is None:  # nothing to reload: send the manifest and the planner along
-            state["_manifest"] = self._manifest
+        if any(path is None for path, _, _ in self._homes):  # nothing to reload: send manifests and planner along
+            state["_manifests"] = self._manifests
             state["_planner"] = self._planner
         return state
 
@@ -130,44 +173,57 @@ class BatchSource:
         if multiprocessing.parent_process() is not None:  # in a DALI worker: never outlive the training process
             die_with_parent()
         self.__dict__.update(state)
-        self.__dict__.setdefault("_manifest", None)
+        self.__dict__.setdefault("_manifests", None)
         self.__dict__.setdefault("_planner", None)
-        self.__dict__.setdefault("_cache", None)
         self._ready = False
 
     # -- lazy set-up (in each worker) -------------------------------------------------------------
+    def _reopen(self, d: int) -> Manifest:
+        """Dataset ``d``'s manifest as the loader had it: its mapped cache, else its file, checked unchanged."""
+        path, cache, pinned = self._homes[d]
+        if cache is not None:
+            from .dataplane import ManifestCache
+
+            folder, signature = cache
+            return ManifestCache.at(folder, manifest_path=path, signature=signature).manifest()
+        paired = [c for name, _ in self.decoder.pairs for c in pair_columns(name)]
+        manifest = Manifest.read(path, columns=WORKER_COLUMNS + paired)
+        if manifest.pinned != pinned:
+            raise ManifestError(
+                f"manifest {path} changed on disk after the loader was built "
+                f"({len(manifest)} rows now, {self.num_rows[d]} then, or the same count with other content); "
+                "a live loader never serves a rewritten manifest: build a new loader (or write to a new file)"
+            )
+        return manifest
+
     def _setup(self) -> None:
         if self._ready:
             return
-        manifest = self._manifest
-        if manifest is None and self._cache is not None:
-            from .dataplane import ManifestCache
-
-            folder, signature = self._cache
-            manifest = ManifestCache.at(folder, manifest_path=self._manifest_path, signature=signature).manifest()
-        if manifest is None:
-            manifest = Manifest.read(self._manifest_path, columns=WORKER_COLUMNS)
-            if manifest.fingerprint(PINNED_COLUMNS) != self.fingerprint:
-                raise ManifestError(
-                    f"manifest {self._manifest_path} changed on disk after the loader was built "
-                    f"({len(manifest)} rows now, {self.num_rows} then, or the same count with other content); "
-                    "a live loader never serves a rewritten manifest: build a new loader (or write to a new file)"
+        manifests = self._manifests or [self._reopen(d) for d in range(len(self._homes))]
+        self._datasets = []
+        for manifest in manifests:
+            locations = [(manifest.table.column("source"), manifest.int_column("offset", 0),
+                          manifest.int_column("length", -1))]  # fmt: skip
+            pair_sizes = []
+            for name, _ in self.decoder.pairs:
+                source, offset, length, width, height = pair_columns(name)
+                locations.append(
+                    (manifest.table.column(source), manifest.int_column(offset, 0), manifest.int_column(length, -1))
                 )
-        self._sources = manifest.table.column("source")  # Arrow (mapped, shared): no Python string per row
-        self._offsets = manifest.int_column("offset", 0)
-        self._lengths = manifest.int_column("length", -1)  # -1: the whole file
-        self._heights = manifest.heights
-        self._widths = manifest.widths
+                pair_sizes.append((manifest.int_column(height, 1), manifest.int_column(width, 1)))
+            self._datasets.append(_Rows(locations, manifest.heights, manifest.widths, pair_sizes))
         if self._planner is None:
-            self._planner = build_planner(self.config, manifest)
-        # Rows of each bucket, for replacements: members[starts[k]:starts[k+1]]
-        self._members = self._planner.index.members
-        self._member_starts = self._planner.index.starts
+            self._planner = build_planner(self.config, manifests)
         self._found_bad: set[int] = set()
         self._epoch_lengths: dict[int, int] = {}
-        if self._manifest_path is not None:
-            self._manifest = None  # keep only the arrays above; workers reload the file
+        if all(path is not None for path, _, _ in self._homes):
+            self._manifests = None  # keep only the arrays above; workers reload the files
         self._ready = True
+
+    def _split(self, row: int) -> tuple[_Rows, int]:
+        """The dataset of global ``row`` and its row there."""
+        d = int(np.searchsorted(self.offsets, row, side="right")) - 1
+        return self._datasets[d], int(row - self.offsets[d])
 
     def starting_at(self, epoch: int, step: int, blocked_rows: frozenset[int]) -> BatchSource:
         """The same source, its stream starting at ``step`` of ``epoch``, with the loader's current
@@ -217,7 +273,7 @@ class BatchSource:
         columns: dict[str, list] = {output.name: [] for output in self.decoder.outputs}
         for position, planned in enumerate(rows.tolist()):
             u_y, u_x, u_flip = draws[position]
-            row, failure, sample, g = self._serve(
+            row, failure, failed_part, sample, g = self._serve(
                 planned, bucket, epoch, step, plan.offset + position, (bucket_h, bucket_w, float(u_y), float(u_x))
             )
             mirror = bool(u_flip < c.flip)
@@ -229,6 +285,7 @@ class BatchSource:
                     row=row,
                     planned_row=planned,
                     failure=failure,
+                    failed_part=failed_part,
                     crop_top=g.top,
                     crop_left=g.resized_w - g.left - g.bucket_w if mirror else g.left,
                     orig_height=g.height,
@@ -241,19 +298,29 @@ class BatchSource:
         return tuple(columns[output.name] for output in self.decoder.outputs)
 
     # -- reading, with deterministic replacement of bad samples ------------------------------------
-    def location(self, row: int) -> str:
-        """Where ``row``'s bytes are: the file, or ``shard.tar@offset`` inside a shard."""
+    def location(self, row: int, part: int = 0) -> str:
+        """Where the bytes of ``row``'s image (``part`` 0) or its ``part - 1``-th pair are: the file, or
+        ``shard.tar@offset`` inside a shard; a pair's prefixed by its kind and name."""
         self._setup()
-        path, offset = self._sources[row].as_py(), int(self._offsets[row])
-        return f"{path}@{offset}" if offset else str(path)
+        rows, row = self._split(row)
+        sources, offsets, _ = rows.locations[part]
+        path, offset = sources[row].as_py(), int(offsets[row])
+        where = f"{path}@{offset}" if offset else str(path)
+        if part:
+            name, kind = self.decoder.pairs[part - 1]
+            return f"{kind} {name!r} {where}"
+        return where
 
-    def read(self, row: int) -> tuple[np.ndarray | None, Failure]:
-        """Encoded bytes of ``row`` ``uint8 (n,)``, or ``(None, failure)``. Only regular files are read."""
+    def read(self, row: int, part: int = 0) -> tuple[np.ndarray | None, Failure]:
+        """Encoded bytes ``uint8 (n,)`` of ``row``'s image (``part`` 0) or of its ``part - 1``-th pair, or
+        ``(None, failure)``. Only regular files are read."""
         self._setup()
-        path = self._sources[row].as_py()
+        rows, row = self._split(row)
+        sources, offsets, lengths = rows.locations[part]
+        path = sources[row].as_py()
         if path is None:
             return None, Failure.NO_SOURCE
-        offset, length = int(self._offsets[row]), int(self._lengths[row])
+        offset, length = int(offsets[row]), int(lengths[row])
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
         except OSError:
@@ -283,33 +350,49 @@ class BatchSource:
 
     def geometry(self, row: int, *, bucket_h: int, bucket_w: int, u_y: float, u_x: float) -> Geometry:
         """Where ``row`` goes in a batch of bucket ``(bucket_h, bucket_w)``, given its crop draws."""
-        h, w = int(self._heights[row]), int(self._widths[row])
+        rows, row = self._split(row)
+        h, w = int(rows.heights[row]), int(rows.widths[row])
         rh, rw, top, left = cover_crop(h, w, bucket_h, bucket_w, u_y, u_x, center=self.config.crop == "center")
         return Geometry(h, w, rh, rw, top, left, bucket_h, bucket_w)
 
-    def prepare(self, row: int, geometry: Geometry) -> tuple[dict[str, np.ndarray] | None, Failure]:
-        """The decoder's outputs for ``row`` (without mirror and meta), or ``(None, failure)``."""
+    def prepare(self, row: int, geometry: Geometry) -> tuple[dict[str, np.ndarray] | None, Failure, int]:
+        """The decoder's outputs for ``row``'s image and pairs (without mirror and meta), or ``(None, failure,
+        part)`` naming the part that failed (0: the image, ``i + 1``: its ``i``-th pair)."""
         data, failure = self.read(row)
         if data is None:
-            return None, failure
-        return self.decoder.prepare(data, geometry)
+            return None, failure, 0
+        sample, failure = self.decoder.prepare(data, geometry)
+        if sample is None:
+            return None, failure, 0
+        rows, local = self._split(row)
+        for i, ((name, kind), (heights, widths)) in enumerate(zip(self.decoder.pairs, rows.pair_sizes)):
+            data, failure = self.read(row, i + 1)
+            if data is None:
+                return None, failure, i + 1
+            # the pair's own size, the image's cover size and crop: the same window, scaled
+            pair_geometry = geometry._replace(height=int(heights[local]), width=int(widths[local]))
+            part, failure = self.decoder.prepare(data, pair_geometry, channels=1 if kind == "mask" else 3)
+            if part is None:
+                return None, failure, i + 1
+            sample.update({f"{name}.{o.name}": part[o.name] for o in self.decoder.part_outputs})
+        return sample, Failure.NONE, 0
 
     def _serve(
         self, planned: int, bucket: int, epoch: int, step: int, position: int, placement: tuple[int, int, float, float]
-    ) -> tuple[int, Failure, dict[str, np.ndarray], Geometry]:
-        """``(row, failure of planned, sample, geometry)`` for ``planned`` or, if it cannot be served, a
-        deterministic stand-in from the same bucket."""
+    ) -> tuple[int, Failure, int, dict[str, np.ndarray], Geometry]:
+        """``(row, failure of planned, its failed part, sample, geometry)`` for ``planned`` or, if it cannot be
+        served, a deterministic stand-in from the same bucket."""
         bucket_h, bucket_w, u_y, u_x = placement
-        row, first_failure = planned, Failure.NONE
+        row, first_failure, first_part = planned, Failure.NONE, 0
         for attempt in range(_MAX_REPLACEMENT_TRIES):
             if row not in self.blocked_rows and row not in self._found_bad:
                 g = self.geometry(row, bucket_h=bucket_h, bucket_w=bucket_w, u_y=u_y, u_x=u_x)
-                sample, failure = self.prepare(row, g)
+                sample, failure, part = self.prepare(row, g)
                 if sample is not None:
-                    return row, first_failure, sample, g
+                    return row, first_failure, first_part, sample, g
                 self._found_bad.add(row)  # the loader learns it from meta["failure"]
                 if row == planned:
-                    first_failure = failure
+                    first_failure, first_part = failure, part
             row = self.replacement(bucket, epoch, step, position, attempt)
         raise DataError(
             f"no readable image left in bucket {format_size(bucket_h, bucket_w)} after {_MAX_REPLACEMENT_TRIES} "
@@ -319,8 +402,9 @@ class BatchSource:
 
     def replacement(self, bucket: int, epoch: int, step: int, position: int, attempt: int) -> int:
         """A deterministic stand-in from the same bucket (images assigned to the batch's bucket)."""
-        lo, hi = int(self._member_starts[bucket]), int(self._member_starts[bucket + 1])
+        index = self._planner.index
+        lo, hi = int(index.starts[bucket]), int(index.starts[bucket + 1])
         if hi == lo:  # a leftover batch at a bucket that owns no images: any usable image
-            lo, hi = 0, len(self._members)
+            lo, hi = 0, int(index.starts[-1])
         pick = np.random.default_rng([self.config.seed, epoch, step, position, attempt, 0xBAD]).integers(lo, hi)
-        return int(self._members[pick])
+        return int(index.member_rows(np.array([pick]), epoch)[0])

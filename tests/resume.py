@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 
 BATCH_FIELDS = ("ids", "captions", "target_size", "epoch", "step")
-TENSOR_FIELDS = ("images", "original_size", "crop_top_left", "flipped")
+TENSOR_FIELDS = ("images", "original_size", "crop_top_left", "flipped")  # and every other tensor (pairs, dataset)
 
 
 def run_epochs(loader, epochs: int) -> tuple[list[dict], list[dict]]:
@@ -26,10 +26,12 @@ def assert_same_batches(got: list[dict], want: list[dict]) -> None:
     assert len(got) == len(want), f"{len(got)} batches after the cut, expected {len(want)}"
     for a, b in zip(got, want):
         where = f"epoch {b['epoch']} step {b['step']}"
+        assert a.keys() == b.keys(), f"batch keys differ at {where}"
         for name in BATCH_FIELDS:
             assert a[name] == b[name], f"{name} differs at {where}"
-        for name in TENSOR_FIELDS:
-            assert torch.equal(a[name], b[name]), f"{name} differs at {where}"
+        for name in a:
+            if isinstance(a[name], torch.Tensor) or name in TENSOR_FIELDS:
+                assert torch.equal(a[name], b[name]), f"{name} differs at {where}"
 
 
 def check_save_load_state(make_loader: Callable[[], object], cuts: list[int], *, epochs: int = 2) -> None:

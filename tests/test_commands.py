@@ -136,6 +136,40 @@ def test_example_under_torchrun_with_two_ranks(dataset):
     assert len(ids) == len(set(ids)) == 2 * 3 * 4
 
 
+def test_diffusers_sdxl_example_trains_a_tiny_sdxl_on_the_batches(dataset):
+    """diffusers' own UNet2DConditionModel (text_time) and AutoencoderKL on our batches: VAE latents, SDXL
+    time_ids from original_size / crop_top_left / target_size, noise, loss; one line per step."""
+    import math
+    import subprocess
+    import sys
+
+    _, manifest = dataset
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "diffusers_sdxl.py"), str(manifest), "--tiny", "--max-steps", "3",
+         "--device", "cpu", "--batch-size", "2"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    steps = [line.split() for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert [s[1] for s in steps] == ["0", "1", "2"]
+    losses = [float(s[s.index("loss") + 1]) for s in steps]
+    assert all(math.isfinite(v) and 0 < v < 10 for v in losses), losses
+    assert "3 steps in" in result.stdout
+
+
+def test_diffusers_time_ids_come_from_the_batch():
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("diffusers_sdxl", ROOT / "examples" / "diffusers_sdxl.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    batch = {"ids": ["a", "b"], "original_size": torch.tensor([[600, 400], [300, 900]]),
+             "crop_top_left": torch.tensor([[0, 12], [5, 0]]), "target_size": (512, 768)}  # fmt: skip
+    assert example.time_ids(batch).tolist() == [[600, 400, 0, 12, 512, 768], [300, 900, 5, 0, 512, 768]]
+
+
 def test_bench_peers_never_fork_after_dali_started_threads(dataset, monkeypatch):
     """The loader under test runs DALI threads before the peers' DataLoaders start their workers; a forked
     worker can deadlock on a lock one of those threads held (CI hung so once). Every peer must spawn."""

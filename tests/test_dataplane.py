@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dali_arb import BucketSpec, Manifest, Planner, World
-from dali_arb.dataplane import CACHE_ENV, ManifestCache, bucket_index, cache_root
+from dali_arb.dataplane import CACHE_ENV, CACHE_FORMAT, ManifestCache, bucket_index, cache_root
 from dali_arb.errors import ManifestError, ResourceError
 from dali_arb.manifest import PINNED_COLUMNS
 
@@ -124,7 +124,8 @@ def test_the_cache_is_built_once_and_found_again_by_content(tmp_path):
     changed = ManifestCache.open(path, cache_dir=tmp_path / "cache")
     assert changed.folder != first.folder
     assert changed.manifest().keys_at([0]) == Manifest.read(path).keys_at([0])
-    assert not list((tmp_path / "cache" / "v1").glob(".build-*"))
+    root = tmp_path / "cache" / f"v{CACHE_FORMAT}"
+    assert root.is_dir() and not list(root.glob(".build-*"))
 
 
 def test_bucket_index_is_cached_per_options_and_plans_as_the_in_memory_one(tmp_path):
@@ -179,7 +180,7 @@ def test_cli_plan_uses_the_cache_dir_it_is_given(tmp_path, capsys):
     path = odd_manifest(tmp_path / "m.parquet", n=400)
     assert main(["plan", str(path), "-b", "4", "--cache-dir", str(tmp_path / "c")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) > 10 and list((tmp_path / "c" / "v1").iterdir())
+    assert len(lines) > 10 and list((tmp_path / "c" / f"v{CACHE_FORMAT}").iterdir())
     assert main(["plan", str(path), "-b", "4", "--cache-dir", str(tmp_path / "c")]) == 0
     assert capsys.readouterr().out.splitlines() == lines
 
@@ -238,7 +239,7 @@ def test_a_cache_folder_that_runs_out_of_room_is_refused_in_one_line(tmp_path):
     assert done.returncode == 1 and "Traceback" not in done.stderr
     line = done.stderr.strip()
     assert "\n" not in line and "cannot build the cache of manifest" in line and "DALI_ARB_CACHE" in line
-    left = [p.name for p in (tmp_path / "c" / "v1").iterdir()]
+    left = [p.name for p in (tmp_path / "c" / f"v{CACHE_FORMAT}").iterdir()]
     assert not [name for name in left if name.startswith(".build-") or len(name) == 32]  # no partial or whole cache
 
 
@@ -274,7 +275,9 @@ def test_eight_processes_opening_at_once_share_one_cache(tmp_path):
     memory = Manifest.read(path)
     folder, pinned, key = outputs[0][0].split()
     assert pinned == memory.fingerprint(PINNED_COLUMNS) and key == memory.keys_at([7])[0]
-    assert [p.name for p in (tmp_path / "c" / "v1").iterdir() if not p.name.startswith(("by-", "locks"))] == [folder]
+    assert [
+        p.name for p in (tmp_path / "c" / f"v{CACHE_FORMAT}").iterdir() if not p.name.startswith(("by-", "locks"))
+    ] == [folder]
 
 
 def test_a_manifest_changed_while_a_worker_reopens_the_cache_is_refused(tmp_path):

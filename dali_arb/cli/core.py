@@ -37,7 +37,10 @@ def png_path(text: str, option: str) -> Path:
 
 def cmd_index(args: argparse.Namespace) -> int:
     from ..index import build_index
+    from ..pairs import PairSpec
 
+    pairs = [PairSpec.parse(text, "pair") for text in args.pair or []]
+    pairs += [PairSpec.parse(text, "mask") for text in args.mask or []]
     summary = build_index(
         args.sources,
         args.output,
@@ -45,6 +48,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         workers=args.workers,
         update=args.update,
         progress=None if not args.quiet else False,
+        pairs=pairs,
     )
     print(summary.line(), file=sys.stderr if args.json else sys.stdout)
     if args.json:
@@ -68,7 +72,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 def cmd_buckets(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     plot_path = png_path(args.plot, "--plot") if args.plot else None
-    if args.manifest is None:
+    if not args.manifest:
         sizes = [{"width": int(w), "height": int(h)} for h, w in spec.sizes]
         if args.json:
             print(json.dumps({"buckets": sizes}))
@@ -78,18 +82,20 @@ def cmd_buckets(args: argparse.Namespace) -> int:
     from ..manifest import Manifest
     from ..report import bucket_report, format_report
 
-    manifest = Manifest.open(args.manifest, cache_dir=args.cache_dir)
+    manifests = [Manifest.open(path, cache_dir=args.cache_dir) for path in args.manifest]
+    several = len(manifests) > 1 or args.repeats is not None
     report = bucket_report(
-        manifest.heights,
-        manifest.widths,
+        [m.heights for m in manifests] if several else manifests[0].heights,
+        [m.widths for m in manifests] if several else manifests[0].widths,
         spec,
         batch_size=args.batch_size,
         world_size=args.world_size,
         seed=args.seed,
         leftover=args.leftover,
         sync_ranks=not args.independent_ranks,
+        repeats=args.repeats,
     )
-    report["manifest"] = str(args.manifest)
+    report["manifest"] = str(args.manifest[0]) if len(args.manifest) == 1 else [str(p) for p in args.manifest]
     if args.plot:
         from ..plots import plot_buckets
 
@@ -105,34 +111,36 @@ def cmd_buckets(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from ..dataplane import bucket_index
-    from ..manifest import Manifest
-    from ..planner import Planner
-    from ..world import World
+    from ..manifest import Manifest, ManifestSet
+    from ..mixture import check_repeats
+    from ..source import LoaderConfig, build_planner
 
     if not 0 <= args.rank < args.world_size:
         raise ConfigError(
             f"--rank must be in [0, {args.world_size - 1}] for --world-size {args.world_size}, got {args.rank}"
         )
-    manifest = Manifest.open(args.manifest, cache_dir=args.cache_dir)
-    planner = Planner(
-        bucket_index(manifest, spec_from_args(args)),
-        batch_size=args.batch_size,
-        world=World(rank=args.rank, world_size=args.world_size),
-        seed=args.seed,
-        leftover=args.leftover,
-        sync_ranks=not args.independent_ranks,
-    )
-    plan = planner.epoch(args.epoch)
-    keys = manifest.keys_at(plan.rows)
+    manifests = [Manifest.open(path, cache_dir=args.cache_dir) for path in args.manifest]
+    several = len(manifests) > 1
+    config = LoaderConfig(
+        batch_size=args.batch_size, spec=spec_from_args(args), seed=args.seed, rank=args.rank,
+        world_size=args.world_size, leftover=args.leftover, sync_ranks=not args.independent_ranks,
+        crop="random", flip=0.0,
+        repeats=check_repeats(args.repeats, len(manifests)) if several or args.repeats is not None else None,
+    )  # fmt: skip
+    plan = build_planner(config, manifests).epoch(args.epoch)  # the loader's own planner
+    data = ManifestSet(manifests)
+    rows = plan.rows
+    keys = data.keys_at(rows)
+    datasets = data.dataset_of(rows).reshape(-1).tolist() if several else None
     B = plan.batch_size
     sizes = plan.sizes[plan.bucket]  # (steps, 2)
     out = sys.stdout
     dumps = json.JSONEncoder(ensure_ascii=False).encode
     chunk: list[str] = []
     for step, (h, w) in enumerate(sizes.tolist()):
+        extra = f', "datasets": {dumps(datasets[step * B : (step + 1) * B])}' if several else ""
         chunk.append(
-            f'{{"step": {step}, "width": {w}, "height": {h}, "ids": {dumps(keys[step * B : (step + 1) * B])}}}\n'
+            f'{{"step": {step}, "width": {w}, "height": {h}, "ids": {dumps(keys[step * B : (step + 1) * B])}{extra}}}\n'
         )
         if len(chunk) >= 4096:
             out.write("".join(chunk))
@@ -149,14 +157,18 @@ EPILOG_INDEX = """examples:
   dali-arb index shards/shard-*.tar -o laion.parquet
   dali-arb index img2dataset_out/*.parquet -o meta.parquet
   dali-arb index ~/photos -o photos.parquet --update     # re-read only new or changed files
+  dali-arb index ~/photos -o cn.parquet --pair depth=~/depth --mask hole=~/masks   # ~/depth/KEY.png per image
+  dali-arb index shards/*.tar -o cn.parquet --pair depth  # tar members KEY.depth.png
 """
 EPILOG_BUCKETS = """examples:
   dali-arb buckets --json                               # just the bucket resolutions
   dali-arb buckets photos.parquet --batch-size 16 --world-size 8
   dali-arb buckets photos.parquet --plot buckets.png --json
+  dali-arb buckets a.parquet b.parquet --repeats 3,0.5   # two datasets, a thrice, half of b each epoch
 """
 EPILOG_PLAN = """examples:
   dali-arb plan photos.parquet --batch-size 16 --world-size 8 --rank 3 --epoch 2 | head
+  dali-arb plan a.parquet b.parquet --repeats 3,0.5 -b 16    # two datasets: ids with "datasets": [0, 1, ...]
 output: one JSON object per step: {"step": i, "width": w, "height": h, "ids": [...]}
 """
 
@@ -183,6 +195,15 @@ def register(sub: argparse._SubParsersAction, fmt: type) -> None:
         action="store_true",
         help="reuse rows of an existing manifest for unchanged files (same size and mtime)",
     )
+    p.add_argument(
+        "--pair", action="append", metavar="NAME[=DIR]",
+        help="a paired image (3 channels, e.g. a ControlNet condition): DIR/KEY.<ext> for image KEY, or tar members "
+        "KEY.NAME.<ext>; the loader serves it as batch[NAME], cut and flipped as the image (repeatable)",
+    )  # fmt: skip
+    p.add_argument(
+        "--mask", action="append", metavar="NAME[=DIR]",
+        help="a mask (1 channel, [0, 1] for float dtypes), found like --pair (repeatable)",
+    )  # fmt: skip
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.set_defaults(func=cmd_index)
@@ -195,7 +216,9 @@ def register(sub: argparse._SubParsersAction, fmt: type) -> None:
         description="Report, per bucket, the images, full batches, leftovers, crop loss and upscaled share, "
         "and totals per epoch. With no MANIFEST, list the bucket resolutions.",
     )
-    p.add_argument("manifest", nargs="?", metavar="MANIFEST", help="manifest from `dali-arb index`")
+    p.add_argument(
+        "manifest", nargs="*", metavar="MANIFEST", help="manifest(s) from `dali-arb index` (several: one per dataset)"
+    )
     add_bucket_options(p)
     add_plan_options(p, batch_required=False)
     add_cache_option(p)
@@ -210,7 +233,7 @@ def register(sub: argparse._SubParsersAction, fmt: type) -> None:
         formatter_class=fmt,
         description="Print the batches of one rank for one epoch. Same arguments, same output, on any machine.",
     )
-    p.add_argument("manifest", metavar="MANIFEST")
+    p.add_argument("manifest", nargs="+", metavar="MANIFEST", help="manifest(s) (several: one per dataset)")
     add_plan_options(p, batch_required=True)
     add_cache_option(p)
     p.add_argument("--rank", type=non_negative_int, default=0, help="this rank (default 0)")

@@ -113,10 +113,23 @@ def add_plan_options(parser: argparse.ArgumentParser, *, batch_required: bool) -
         help="what to do with images that do not fill a batch (default nearest; see LeftoverPolicy)",
     )
     g.add_argument(
+        "--repeats", type=_repeats, default=None, metavar="R,R,...",
+        help="with several manifests: times each one's images are served per epoch (3,0.5: thrice, and half of "
+        "the second, another half each epoch; default 1 each)",
+    )  # fmt: skip
+    g.add_argument(
         "--independent-ranks",
         action="store_true",
         help="let each rank draw its own buckets (NovelAI) instead of all ranks training one bucket per step",
     )
+
+
+def _repeats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas (3,0.5), got {text!r}") from None
+    return values
 
 
 def add_cache_option(parser: argparse.ArgumentParser) -> None:

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from ..errors import ConfigError, IndexingError
 from ..imagefacts import DEFAULT_MAX_PIXELS
 from ..manifest import SCHEMA, Manifest, rejects_path
+from ..pairs import PairSpec, pair_schema, pairs_of
 from ..processes import die_with_parent
 from .folders import FolderWalk, PreviousRows, folder_task
 from .metadata import metadata_rows
@@ -95,6 +96,7 @@ def build_index(
     workers: int | None = None,
     update: bool = False,
     progress: bool | None = None,
+    pairs: list[PairSpec] | tuple = (),
 ) -> IndexSummary:
     """Index ``sources`` into the manifest ``output`` and its rejects file; returns a summary.
 
@@ -105,6 +107,9 @@ def build_index(
         workers: processes for header reading (default: all cores).
         update: reuse rows of an existing ``output`` whose file size and mtime are unchanged.
         progress: show a progress bar (default: when stderr is a terminal).
+        pairs: paired images and masks (:class:`~dali_arb.pairs.PairSpec`): for the image of key ``K``,
+            ``folder/K.<ext>``, or in tar shards the member ``K.NAME.<ext>``. A sample whose pair is missing,
+            unreadable or of another aspect is rejected with a reason naming the pair.
     """
     if not sources:
         raise ConfigError("give at least one source to index")
@@ -119,12 +124,15 @@ def build_index(
         raise IndexingError(f"folder {output.parent} does not exist; create it or choose another -o")
     kinds = [(_classify(s), os.path.abspath(s)) for s in sources]  # rows must resolve from any working directory
     _check_output(output, kinds)
+    pairs = _checked_pairs(pairs, kinds)
+    schema = pair_schema(SCHEMA, pairs)
     previous: PreviousRows | None = None
     known_shards: dict[str, pa.Table] = {}
     summary = IndexSummary(manifest=output)
     if update and output.exists():
         old = Manifest.read(output).table
-        if "mtime_ns" in old.column_names and "source" in old.column_names:
+        same_pairs = pairs_of(old.schema) == {p.name: p.kind for p in pairs}
+        if same_pairs and "mtime_ns" in old.column_names and "source" in old.column_names:
             previous = PreviousRows(old)
             shard_sources = [s for k, s in kinds if k == "shard"]
             if shard_sources:
@@ -143,13 +151,13 @@ def build_index(
     unique = f"{os.getpid()}-{secrets.token_hex(4)}"
     tmp = output.with_name(f".{output.name}.{unique}.partial")
     rejects_tmp = output.with_name(f".{rejects_path(output).name}.{unique}.partial")
-    walk = FolderWalk([s for k, s in kinds if k == "folder"], max_pixels, previous)
-    writer = pq.ParquetWriter(tmp, SCHEMA)
+    walk = FolderWalk([s for k, s in kinds if k == "folder"], max_pixels, previous, pairs)
+    writer = pq.ParquetWriter(tmp, schema)
     pending: list[Row] = []
 
     def flush() -> None:
         if pending:
-            writer.write_table(rows_to_table(pending))
+            writer.write_table(rows_to_table(pending, pairs))
             pending.clear()
 
     def take(rows: list[Row], rejects: list[Reject], files: int) -> None:
@@ -183,11 +191,11 @@ def build_index(
                     reuse = known_shards.get(source)
                     if reuse is not None and reuse.column("mtime_ns")[0].as_py() == stat.st_mtime_ns:
                         flush()
-                        writer.write_table(reuse.cast(SCHEMA))
+                        writer.write_table(reuse.select(schema.names).cast(schema))
                         summary.rows += reuse.num_rows
                         summary.reused += reuse.num_rows
                         continue
-                    rows, rejects = pool.submit(shard_task, (source, max_pixels)).result()
+                    rows, rejects = pool.submit(shard_task, (source, max_pixels, pairs)).result()
                     take(rows, rejects, len(rows) + len(rejects))
                     bar.update(len(rows) + len(rejects))
                 else:
@@ -218,6 +226,31 @@ def build_index(
             f"no usable images in {', '.join(sources)} ({summary.rejected} rejected, see {rejects_path(output)})"
         )
     return summary
+
+
+def _checked_pairs(pairs: list[PairSpec] | tuple, kinds: list[tuple[str, str]]) -> list[PairSpec]:
+    """The pairs with absolute folders; a ConfigError for what cannot work (a pair without a folder for image
+    folders, metadata sources, a missing folder, a name given twice)."""
+    checked = []
+    for spec in pairs:
+        if not isinstance(spec, PairSpec):
+            raise ConfigError(f"pairs must be PairSpec objects, got {type(spec).__name__}")
+        if any(p.name == spec.name for p in checked):
+            raise ConfigError(f"pair name {spec.name!r} is given twice; each pair needs its own name")
+        if spec.folder is None and any(kind == "folder" for kind, _ in kinds):
+            raise ConfigError(
+                f"--{spec.kind} {spec.name} has no folder: for image folders give --{spec.kind} {spec.name}=DIR "
+                "(DIR/KEY.<ext> is the pair of image KEY); a name alone means tar members KEY.NAME.<ext>"
+            )
+        if spec.folder is not None and not os.path.isdir(spec.folder):
+            raise ConfigError(f"--{spec.kind} {spec.name}={spec.folder}: no such folder")
+        checked.append(PairSpec(spec.name, spec.kind, os.path.abspath(spec.folder) if spec.folder else None))
+    if checked and any(kind == "metadata" for kind, _ in kinds):
+        raise ConfigError(
+            "pairs are found next to images (folders) or inside tar shards, not in metadata; index the image folders "
+            "or shards with --pair/--mask"
+        )
+    return checked
 
 
 def _check_output(output: Path, kinds: list[tuple[str, str]]) -> None:

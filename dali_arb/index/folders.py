@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..imagefacts import inspect_image
+from .pairing import FolderListings, find_pairs
 from .records import Reject, Row
 
 __all__ = [
@@ -84,12 +85,14 @@ def is_utf8(text: str) -> bool:
 
 
 def folder_task(args: tuple) -> tuple[list[Row], list[Reject], int]:
-    """Inspect a group of files of one folder: ``(root, [relative paths], max_pixels, known, captions)``;
-    ``captions`` holds each path's sidecar caption file (relative too) or None.
+    """Inspect a group of files of one folder: ``(root, [relative paths], max_pixels, known, captions, pairs)``;
+    ``captions`` holds each path's sidecar caption file (relative too) or None; ``pairs`` the
+    :class:`~dali_arb.pairs.PairSpec` of the run (each with its folder).
 
     Returns rows, rejects, and how many rows were reused from ``known`` (unchanged size and mtime).
     """
-    root, relpaths, max_pixels, known, captions = args
+    root, relpaths, max_pixels, known, captions, pairs = args
+    listings = FolderListings()
     reused = 0
     rows: list[Row] = []
     rejects: list[dict] = []
@@ -122,9 +125,13 @@ def folder_task(args: tuple) -> tuple[list[Row], list[Reject], int]:
                 rejects.append({"source": path, "reason": result, "key": key})
                 continue
             width, height = result
+        paired, problem = find_pairs(pairs, key, (width, height), max_pixels=max_pixels, listings=listings)
+        if problem:
+            rejects.append({"source": path, "reason": problem, "key": key})
+            continue
         kept_by_key[key] = path
         caption = read_caption(os.path.join(root, caption_rel) if caption_rel else None)
-        rows.append(Row(key, width, height, caption, path, 0, stat.st_size, stat.st_mtime_ns))
+        rows.append(Row(key, width, height, caption, path, 0, stat.st_size, stat.st_mtime_ns, paired))
     return rows, rejects, reused
 
 
@@ -171,9 +178,12 @@ class FolderWalk:
     ``rejects`` collects what the walk refused; the driver drains it.
     """
 
-    def __init__(self, roots: list[str], max_pixels: int, previous: PreviousRows | None) -> None:
+    def __init__(
+        self, roots: list[str], max_pixels: int, previous: PreviousRows | None, pairs: list | None = None
+    ) -> None:
         self.real_roots = [os.path.realpath(r) for r in roots]
         self.max_pixels = max_pixels
+        self.pairs = list(pairs or [])
         self.previous = previous
         self.walked: dict[str, str] = {}  # real folder -> the path it was walked as
         self.linked_targets: set[str] = set()
@@ -224,7 +234,7 @@ class FolderWalk:
                     end += 1  # never split files with one stem across tasks
                 chunk = rels[start:end]
                 subset = {p: known[p] for p in (os.path.join(root, r) for r in chunk) if p in known} if known else None
-                yield (root, chunk, self.max_pixels, subset, caption_rels[start:end])
+                yield (root, chunk, self.max_pixels, subset, caption_rels[start:end], self.pairs)
                 start = end
 
 

@@ -9,6 +9,7 @@ import tarfile
 
 from ..imagefacts import inspect_image
 from .folders import NOT_IMAGES, decode_caption, display_path, is_utf8
+from .pairing import FolderListings, find_pairs
 from .records import Reject, Row
 
 __all__ = ["member_key", "shard_task"]
@@ -33,12 +34,13 @@ def member_key(name: str) -> tuple[str, str, str] | None:
 
 
 def shard_task(args: tuple) -> tuple[list[Row], list[Reject]]:
-    """Inspect every sample of one tar shard: ``(shard path, max_pixels)``.
+    """Inspect every sample of one tar shard: ``(shard path, max_pixels, pairs)``.
 
     A sample's image is its member with no extra dot-part (``key.jpg``); members with one
-    (``key.depth.png``) belong to the sample and never replace its image.
+    (``key.depth.png``) belong to the sample and never replace its image: a pair without a folder
+    (``--pair depth``) is that member.
     """
-    shard, max_pixels = args
+    shard, max_pixels, pairs = args
     rows: list[Row] = []
     rejects: list[Reject] = []
     samples: dict[str, dict] = {}
@@ -77,6 +79,13 @@ def shard_task(args: tuple) -> tuple[list[Row], list[Reject]]:
     except (tarfile.TarError, OSError, EOFError) as exc:
         return [], [{"source": shard, "reason": f"unreadable tar shard ({exc})"}]
     mtime = os.stat(shard).st_mtime_ns
+    listings = FolderListings()
+
+    def read_member(offset: int, length: int) -> bytes:
+        with open(shard, "rb") as fh:
+            fh.seek(offset)
+            return fh.read(length)
+
     for key, sample in samples.items():
         if "image" not in sample:
             continue
@@ -89,7 +98,14 @@ def shard_task(args: tuple) -> tuple[list[Row], list[Reject]]:
         if problem:
             rejects.append({"source": f"{shard}:{name}", "reason": problem, "key": key})
             continue
-        rows.append(Row(key, result[0], result[1], caption, shard, offset, length, mtime))
+        paired, problem = find_pairs(
+            pairs, key, result, max_pixels=max_pixels, listings=listings, sides=sample.get("sides", {}),
+            read_member=read_member, shard=shard,
+        )  # fmt: skip
+        if problem:
+            rejects.append({"source": f"{shard}:{name}", "reason": problem, "key": key})
+            continue
+        rows.append(Row(key, result[0], result[1], caption, shard, offset, length, mtime, paired))
     return rows, rejects
 
 

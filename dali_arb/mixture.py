@@ -1,0 +1,224 @@
+"""Several datasets in one loader: each with its own bucket options and a repeat count, planned as one.
+
+Rows of dataset ``d`` are numbered ``offsets[d] + row`` (its *global* rows). Buckets of equal size are
+shared by the datasets that have them, so a 512x768 batch may mix both; leftovers pool within each group
+of datasets with the same bucket options first (a 512-class set never lends a batch to a 1024-class bucket
+unless both groups' last images must share one batch).
+
+``repeats[d]`` serves dataset ``d``'s images that many times per epoch: the whole part ``floor(r)`` as
+copies, the fraction ``f`` as ``floor(f * n)`` images of each of its buckets (``n`` images), a window that
+moves along a fixed shuffle of the bucket each epoch, so every image is served as often as any other over
+the epochs (within one). Nothing per row is materialised: a bucket's members are segments (one per dataset
+and part) evaluated at any position, so the planner still costs O(K x G) per epoch and O(B) per step.
+
+Imports only the standard library and NumPy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .buckets import BucketIndex, BucketSpec
+from .errors import ConfigError
+from .permute import Permutation, round_keys
+
+__all__ = ["MixedIndex", "check_repeats"]
+
+#: Separates the fraction windows' shuffles from every other keyed draw.
+FRACTION_STREAM = 0xF4AC
+
+
+def check_repeats(repeats, count: int) -> tuple[float, ...]:
+    """``repeats`` as a tuple of ``count`` non-negative numbers (``None``: all 1); a ConfigError echoing it."""
+    if repeats is None:
+        return (1.0,) * count
+    if isinstance(repeats, (int, float)) and not isinstance(repeats, bool):
+        repeats = [repeats] * count
+    values = list(repeats) if isinstance(repeats, (list, tuple)) else None
+    if values is None or len(values) != count:
+        raise ConfigError(f"repeats must give one number per dataset ({count}), got {repeats!r}")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ConfigError(f"repeats must be non-negative numbers (3, 0.5), got {repeats!r}")
+    if not any(values):
+        raise ConfigError(f"repeats must serve at least one dataset, got {repeats!r}")
+    return tuple(float(v) for v in values)
+
+
+@dataclass(frozen=True)
+class _Segments:
+    """The parts of every bucket's virtual member list, ``S`` segments in bucket order.
+
+    ``start``: ``int64 (S,)`` first virtual position; ``dataset``; ``local_start``: where the dataset's bucket
+    begins in its ``members``; ``size``: images of that dataset's bucket; ``fraction``: ``bool (S,)`` whether
+    the segment is a moving window (else whole copies); ``window``: images a window serves per epoch."""
+
+    start: np.ndarray
+    dataset: np.ndarray
+    local_bucket: np.ndarray
+    local_start: np.ndarray
+    size: np.ndarray
+    fraction: np.ndarray
+    window: np.ndarray
+
+
+class MixedIndex:
+    """Several :class:`BucketIndex` objects (one per dataset, each from its own :class:`BucketSpec`) with repeat
+    counts, as the one index the :class:`~dali_arb.planner.Planner` plans from. Rows are global rows.
+
+    Attributes:
+        sizes: ``int64 (K, 2)`` every bucket of every dataset, once each: the specs' own first, then scaled-down
+            copies (``no_upscale``).
+        num_base: how many of ``sizes`` are a spec's own buckets.
+        starts: ``int64 (K + 1,)`` virtual member positions of each bucket (repeats counted).
+        offsets: ``int64 (D + 1,)`` first global row of each dataset.
+        groups: ``int64 (D,)`` datasets with equal bucket options share a group.
+        to_global: per dataset, ``int64 (K_d,)`` the global bucket of each of its buckets.
+    """
+
+    def __init__(
+        self, indexes: list[BucketIndex], repeats: tuple[float, ...], specs: list[BucketSpec], *, seed: int
+    ) -> None:
+        if not indexes or len(indexes) != len(repeats) or len(specs) != len(indexes):
+            raise ConfigError("give one bucket index, repeat count and bucket spec per dataset")
+        self.indexes, self.repeats, self.seed = list(indexes), tuple(repeats), int(seed)
+        self.offsets = np.concatenate([[0], np.cumsum([ix.num_images for ix in indexes])]).astype(np.int64)
+        options = [repr(sorted(s.to_dict().items())) for s in specs]
+        self.groups = np.array([options.index(o) for o in options], np.int64)
+        # the union of the buckets: every spec's own ones first (leftover batches may take those), then copies
+        ordered: dict[tuple[int, int], None] = {}
+        for index in indexes:
+            ordered.update(dict.fromkeys(map(tuple, index.sizes[: index.num_base].tolist())))
+        self.num_base = len(ordered)
+        for index in indexes:
+            ordered.update(dict.fromkeys(map(tuple, index.sizes[index.num_base :].tolist())))
+        self.sizes = np.array(list(ordered), np.int64).reshape(-1, 2)
+        where = {size: k for k, size in enumerate(ordered)}
+        self.to_global = [np.array([where[tuple(s)] for s in ix.sizes.tolist()], np.int64) for ix in indexes]
+        self.no_upscale = any(ix.no_upscale for ix in indexes)
+        self._group_base = {}  # group -> its spec's own buckets, as global ids
+        for d, index in enumerate(indexes):
+            self._group_base.setdefault(int(self.groups[d]), self.to_global[d][: index.num_base])
+        self._group_no_upscale = {int(self.groups[d]): ix.no_upscale for d, ix in enumerate(indexes)}
+        self._segments = self._build_segments()
+        self._shuffles: dict[tuple[int, int], Permutation] = {}
+
+    def _build_segments(self) -> _Segments:
+        rows: list[tuple[int, int, int, int, int, bool, int]] = []  # (bucket, d, k, local start, n, fraction, length)
+        for d, (index, repeat) in enumerate(zip(self.indexes, self.repeats)):
+            whole, part = math.floor(repeat), repeat - math.floor(repeat)
+            counts = index.counts()
+            for k in np.flatnonzero(counts).tolist():
+                n, start, bucket = int(counts[k]), int(index.starts[k]), int(self.to_global[d][k])
+                if whole:
+                    rows.append((bucket, d, k, start, n, False, whole * n))
+                window = math.floor(part * n + 1e-9)
+                if window:
+                    rows.append((bucket, d, k, start, n, True, window))
+        rows.sort(key=lambda r: r[0])  # bucket order; stable: datasets in order inside a bucket
+        lengths = np.array([r[6] for r in rows], np.int64)
+        buckets = np.array([r[0] for r in rows], np.int64)
+        counts = np.bincount(buckets, weights=lengths, minlength=len(self.sizes)).astype(np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        first = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        column = (lambda i, t: np.array([r[i] for r in rows], t)) if rows else (lambda i, t: np.zeros(0, t))
+        return _Segments(
+            start=first,
+            dataset=column(1, np.int64),
+            local_bucket=column(2, np.int64),
+            local_start=column(3, np.int64),
+            size=column(4, np.int64),
+            fraction=column(5, bool),
+            window=lengths,
+        )
+
+    # -- what the planner reads --------------------------------------------------------------------
+    @property
+    def num_images(self) -> int:
+        """Global rows, usable or not."""
+        return int(self.offsets[-1])
+
+    @property
+    def num_usable(self) -> int:
+        """Samples per epoch before batching (repeats counted)."""
+        return int(self.starts[-1])
+
+    def counts(self) -> np.ndarray:
+        """``int64 (K,)`` samples per bucket per epoch (repeats counted)."""
+        return np.diff(self.starts)
+
+    @property
+    def bucket_log_aspect(self) -> np.ndarray:
+        return np.log(self.sizes[:, 1] / self.sizes[:, 0])
+
+    def _shuffle(self, d: int, k: int) -> Permutation:
+        """The fixed shuffle of dataset ``d``'s bucket ``k`` that fraction windows move along."""
+        if (d, k) not in self._shuffles:
+            n = int(np.diff(self.indexes[d].starts)[k])
+            keys = round_keys(np.random.default_rng([self.seed, d, k, FRACTION_STREAM]), 1)[0]
+            self._shuffles[(d, k)] = Permutation(n, keys)
+        return self._shuffles[(d, k)]
+
+    def member_rows(self, positions: np.ndarray, epoch: int) -> np.ndarray:
+        """``int64`` global rows at virtual member ``positions`` (any shape) in ``epoch``."""
+        positions = np.asarray(positions, np.int64)
+        flat = positions.reshape(-1)
+        seg = self._segments
+        s = np.searchsorted(seg.start, flat, side="right") - 1
+        q = flat - seg.start[s]
+        out = np.empty(flat.shape, np.int64)
+        for i in np.unique(s).tolist():
+            chosen = np.flatnonzero(s == i)
+            d, n = int(seg.dataset[i]), int(seg.size[i])
+            if seg.fraction[i]:  # this epoch's window along the bucket's fixed shuffle
+                local = self._shuffle(d, int(seg.local_bucket[i]))((q[chosen] + epoch * int(seg.window[i])) % n)
+            else:
+                local = q[chosen] % n
+            members = self.indexes[d].members
+            out[chosen] = self.offsets[d] + members[int(seg.local_start[i]) + local].astype(np.int64)
+        return out.reshape(positions.shape)
+
+    def dataset_of(self, rows: np.ndarray) -> np.ndarray:
+        """``int64`` dataset of each global row (same shape)."""
+        return np.searchsorted(self.offsets, np.asarray(rows, np.int64), side="right") - 1
+
+    def _per_dataset(self, rows: np.ndarray, pick) -> np.ndarray:
+        rows = np.asarray(rows, np.int64)
+        d = self.dataset_of(rows)
+        out = np.empty(rows.shape, np.float64)
+        for k in np.unique(d).tolist():
+            chosen = d == k
+            out[chosen] = pick(k, self.indexes[k], rows[chosen] - self.offsets[k])
+        return out
+
+    def bucket_of(self, rows: np.ndarray) -> np.ndarray:
+        """``int64`` global bucket of each global row."""
+        return self._per_dataset(rows, lambda d, ix, local: self.to_global[d][ix.bucket[local]]).astype(np.int64)
+
+    def log_aspect(self, rows: np.ndarray) -> np.ndarray:
+        return self._per_dataset(rows, lambda d, ix, local: ix.log_aspect(local))
+
+    def side_lengths(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(heights, widths)`` of global rows."""
+        h = self._per_dataset(rows, lambda d, ix, local: ix.heights[local]).astype(np.int64)
+        w = self._per_dataset(rows, lambda d, ix, local: ix.widths[local]).astype(np.int64)
+        return h, w
+
+    def leftover_order(self, pool: np.ndarray) -> np.ndarray:
+        """Order of leftover ``pool`` rows: by group of datasets, then by aspect (neighbours share a batch)."""
+        return np.lexsort((self.log_aspect(pool), self.groups[self.dataset_of(pool)]))
+
+    def leftover_candidates(self, chunk: np.ndarray) -> np.ndarray:
+        """Buckets a batch of leftover rows may take: the own buckets of their groups; where a group does not
+        upscale, only those every image covers (else the smallest)."""
+        groups = np.unique(self.groups[self.dataset_of(chunk)]).tolist()
+        candidates = np.unique(np.concatenate([self._group_base[g] for g in groups]))
+        if any(self._group_no_upscale[g] for g in groups):
+            h, w = self.side_lengths(chunk)
+            fits = candidates[(self.sizes[candidates, 0] <= h.min()) & (self.sizes[candidates, 1] <= w.min())]
+            area = self.sizes[candidates, 0] * self.sizes[candidates, 1]
+            candidates = fits if len(fits) else candidates[[int(np.argmin(area))]]
+        return candidates
