@@ -266,8 +266,8 @@ class ManifestCache:
     # -- opening ----------------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> ManifestCache:
-        """The cache of the manifest file ``path``, built first if there is none (or a broken one)."""
-        path = Path(path)
+        """The cache of the manifest file ``path`` (or URL), built first if there is none (or a broken one)."""
+        path = Path(local_manifest(path, cache_dir=cache_dir))
         check_file(path)
         real = path.resolve()
         root = cache_root(cache_dir) / f"v{CACHE_FORMAT}"
@@ -401,6 +401,29 @@ class ManifestCache:
             rejected_too_small=int(meta["rejected_too_small"]),
             **load,
         )
+
+
+def local_manifest(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> str | os.PathLike:
+    """``path`` itself, or for a URL (``s3://bucket/m.parquet``) a local copy in the cache folder, fetched once per
+    version of the object (its URL, size and modification time name the copy)."""
+    from .storage import download, head, is_url
+
+    if not is_url(path):
+        return path
+    from .errors import StorageError
+
+    try:
+        info = head(str(path))
+        folder = cache_root(cache_dir) / f"v{CACHE_FORMAT}" / "remote"
+        local = folder / f"{_digest(str(path))}-{info.size}-{info.mtime_ns}.parquet"
+        if not local.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            download(str(path), local)
+    except StorageError as exc:
+        raise ManifestError(f"cannot read manifest {path}: {exc}") from None
+    except OSError as exc:
+        raise _cache_error(cache_root(cache_dir), exc, f"copy manifest {path}") from None
+    return local
 
 
 def bucket_index(manifest: Manifest, spec: BucketSpec) -> BucketIndex:

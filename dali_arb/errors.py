@@ -12,6 +12,7 @@ Hierarchy::
     ├── PlanError                data and options that cannot make a plan (too few images)
     ├── StateError               a state_dict that does not fit this loader
     ├── DataError                the data cannot be served at run time (a bucket with no readable image left)
+    ├── StorageError             object storage refused or failed a request for good (URL, credentials, 403)
     └── DeviceError              a device that is not there (``--device gpu`` without a GPU)
         └── ResourceError        a device or shared memory that ran out (GPU memory, ``/dev/shm``)
 """
@@ -28,6 +29,7 @@ __all__ = [
     "PlanError",
     "ResourceError",
     "StateError",
+    "StorageError",
 ]
 
 
@@ -61,6 +63,10 @@ class DeviceError(DaliArbError):
 
 class DataError(DaliArbError):
     """The data cannot be served at run time (for example, every image of a bucket became unreadable)."""
+
+
+class StorageError(DaliArbError):
+    """Object storage refused a request or kept failing: the message names the URL and what to do."""
 
 
 class ResourceError(DeviceError):

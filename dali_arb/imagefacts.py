@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Callable
+from typing import Any
 
 __all__ = [
     "DECODABLE",
@@ -108,15 +109,31 @@ def truncation(fmt: str, tail: bytes, size: int, whole: Callable[[], bytes]) -> 
     return None
 
 
-def inspect_image(data_or_path: bytes | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int] | str:
+def inspect_image(data_or_path: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int] | str:
     """The displayed ``(width, height)`` of an image, or the reason it cannot be used.
 
-    Reads the header only (plus the last bytes, to catch truncated JPEG/PNG files).
+    ``data_or_path``: the encoded bytes, a file path, or a seekable binary file object with a ``size`` attribute
+    (a remote object read in blocks: ``index/remote.py``). Reads the header only (plus the last bytes, to catch
+    truncated JPEG/PNG files).
     """
     from PIL import Image, UnidentifiedImageError
 
     Image.MAX_IMAGE_PIXELS = None  # we apply max_pixels ourselves, with a clear reason
-    if isinstance(data_or_path, bytes):
+    if hasattr(data_or_path, "read"):
+        handle = data_or_path
+        size = int(handle.size)
+        try:
+            handle.seek(max(0, size - TAIL_BYTES))
+            tail = handle.read()
+            handle.seek(0)
+        except OSError as exc:
+            return f"unreadable ({exc})"
+        opener = handle
+
+        def whole() -> bytes:
+            handle.seek(0)
+            return handle.read()
+    elif isinstance(data_or_path, bytes):
         size = len(data_or_path)
         tail = data_or_path[-TAIL_BYTES:]
         opener: io.BytesIO | str = io.BytesIO(data_or_path)

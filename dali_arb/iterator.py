@@ -23,7 +23,7 @@ from .decoders import DaliDecoder, Decoder, choose_decoder, cpu_count
 from .errors import ConfigError, DaliArbError, DataError, DeviceError, ManifestError, ResourceError, StateError
 from .manifest import Manifest, ManifestSet
 from .mixture import check_repeats
-from .outputs import META, Failure
+from .outputs import IO_FIELDS, META, Failure
 from .planner import LeftoverPolicy
 from .processes import describe_exit
 from .source import BatchSource, LoaderConfig, build_planner
@@ -97,6 +97,13 @@ class DALIBucketIterator:
             A :class:`~dali_arb.decoders.Decoder` instance is used as it is. See :mod:`dali_arb.decoders`.
         hw_decoder_load: with ``dali`` on GPU, the share of each batch for the hardware JPEG decoder
             (A100/H100; DALI's default 0.65).
+        read_ahead: for samples in object storage (``s3://``, ``gs://``, ``https://`` manifests), steps whose samples
+            are fetched ahead in the background, from the plan (default: every step the pipeline and its workers
+            prepare ahead, plus one); 0 fetches each sample when it is needed, one request at a time.
+        sample_cache, sample_cache_gb: a folder where samples read from object storage stay for later epochs
+            (default: none; read-ahead then waits in a private folder of ``/dev/shm`` and each sample is dropped
+            once read), at most ``sample_cache_gb`` (least recently used removed first). The ranks of a node may
+            share one folder.
         caption_dropout, shuffle_tags, keep_tags, tag_separator: caption tricks (:class:`CaptionPolicy`): a
             caption of several lines is several captions, one drawn per sample per epoch; ``caption_dropout``
             empties it with that probability; ``shuffle_tags`` shuffles the tags after the first
@@ -130,6 +137,9 @@ class DALIBucketIterator:
         decoder: str | Decoder = "auto",
         hw_decoder_load: float | None = None,
         cache_dir: str | os.PathLike | None = None,
+        read_ahead: int | None = None,
+        sample_cache: str | os.PathLike | None = None,
+        sample_cache_gb: float = 50.0,
         caption_dropout: float = 0.0,
         shuffle_tags: bool = False,
         keep_tags: int = 0,
@@ -145,6 +155,12 @@ class DALIBucketIterator:
                 raise ConfigError(f"{name} must be a {kind} integer, got {value!r}")
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
             raise ConfigError(f"prefetch must be a positive integer, got {prefetch!r}")
+        if read_ahead is not None and (
+            isinstance(read_ahead, bool) or not isinstance(read_ahead, int) or read_ahead < 0
+        ):
+            raise ConfigError(f"read_ahead must be a non-negative integer (steps), got {read_ahead!r}")
+        if isinstance(sample_cache_gb, bool) or not isinstance(sample_cache_gb, (int, float)) or sample_cache_gb <= 0:
+            raise ConfigError(f"sample_cache_gb must be a positive number, got {sample_cache_gb!r}")
         given = list(manifest) if isinstance(manifest, (list, tuple)) else [manifest]
         if not given:
             raise ConfigError("give at least one manifest")
@@ -196,8 +212,12 @@ class DALIBucketIterator:
         self.workers = workers if workers is not None else self.decoder.default_workers(cores)
         self.num_threads = num_threads or self.decoder.default_threads(cores, gpu=gpu)
         self.prefetch = prefetch
-        self._source = BatchSource(manifests, self.config, self.decoder, planner=self._planner)
         self._shared_memory = self._plan_shared_memory()
+        remote = self._remote_reads(manifests, read_ahead, sample_cache, sample_cache_gb)
+        self._source = BatchSource(
+            manifests, self.config, self.decoder, planner=self._planner, remote=remote[0], read_ahead_steps=remote[1]
+        )
+        self._io: dict[str, int] = dict.fromkeys(IO_FIELDS, 0)
         self._epoch = 0
         self._step = 0
         self._pipe: Any = None
@@ -309,7 +329,49 @@ class DALIBucketIterator:
         per_batch = plan["bytes_per_sample"] * self.config.batch_size
         return (plan["source_prefetch"] + self.prefetch) * per_batch if self.workers else 0
 
+    @property
+    def stats(self) -> dict[str, Any]:
+        """What reading from object storage cost so far (zeros for local files): ``requests``, ``retries``,
+        ``bytes_read``, ``bytes_served``, read-ahead ``hits`` and ``misses``, ``requests_per_sample`` and
+        ``bytes_read_per_byte_served``."""
+        io = dict(self._io)
+        samples = io["hits"] + io["misses"]
+        io["requests_per_sample"] = round(io["requests"] / samples, 3) if samples else 0.0
+        io["bytes_read_per_byte_served"] = (
+            round(io["bytes_read"] / io["bytes_served"], 3) if io["bytes_served"] else 0.0
+        )
+        return io
+
     # -- set-up -------------------------------------------------------------------------------------
+    def _remote_reads(self, manifests: list[Manifest], read_ahead: int | None, cache: Any, cache_gb: float):
+        """``(RemoteReads or None, read-ahead steps)`` for manifests whose samples live in object storage."""
+        from .remote import RemoteReads
+        from .source import has_urls
+
+        if not any(has_urls(m) for m in manifests):
+            return None, 0
+        steps = read_ahead
+        if steps is None:  # every batch the pipeline and the workers prepare ahead, and one more
+            steps = (self._shared_memory["source_prefetch"] + self.prefetch + 1) if self.workers else 2
+        if cache is not None:
+            folder = os.path.abspath(os.fspath(cache))
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(
+                    f"sample_cache {folder} cannot be created ({exc.strerror}); give a writable folder"
+                ) from None
+            return RemoteReads(folder, keep=True, limit_bytes=int(cache_gb * 2**30)), steps
+        if not steps:
+            return RemoteReads(None), 0
+        import shutil
+        import tempfile
+
+        base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+        folder = tempfile.mkdtemp(prefix="dali_arb-readahead-", dir=base)
+        weakref.finalize(self, shutil.rmtree, folder, True)  # gone with the loader (and at exit)
+        return RemoteReads(folder, keep=False, limit_bytes=1 << 30), steps
+
     def _preallocation(self) -> tuple[int, int]:
         """``(height, width)`` for the GPU decoder to preallocate: a high percentile of the served images'
         sides, taken separately and capped (nvImageCodec's hardware decoder reserves batch x H x W x 3)."""
@@ -565,6 +627,8 @@ class DALIBucketIterator:
         assert (m.epoch == epoch).all() and (m.step == step).all(), "pipeline out of step with the loader"
         for i in np.flatnonzero(m.failure != Failure.NONE):
             self._block(int(m.planned_row[i]), Failure(int(m.failure[i])), part=int(m.failed_part[i]))
+        for name, column in IO_FIELDS.items():
+            self._io[name] += int(m[column].sum())
         rows = m.row
         captions = self.captions.batch(
             self.data.column_at("caption", rows),

@@ -142,9 +142,11 @@ class Manifest:
 
     @classmethod
     def read(cls, path: str | os.PathLike, *, columns: list[str] | None = None) -> Manifest:
-        """Read and validate a manifest into memory; ``columns`` limits what is loaded (``key``/``width``/
-        ``height`` always are). :meth:`open` maps it instead, shared by every process of a node."""
-        path = Path(path)
+        """Read and validate a manifest (a file or URL) into memory; ``columns`` limits what is loaded (``key``/
+        ``width``/``height`` always are). :meth:`open` maps it instead, shared by every process of a node."""
+        from .dataplane import local_manifest
+
+        path = Path(local_manifest(path))
         schema = check_file(path)
         wanted = None
         if columns is not None:

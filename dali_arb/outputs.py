@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["META", "Failure", "MetaColumns", "MetaLayout", "Output"]
+__all__ = ["IO_FIELDS", "META", "Failure", "MetaColumns", "MetaLayout", "Output"]
 
 
 class Output(NamedTuple):
@@ -141,5 +141,15 @@ META = MetaLayout(
         "epoch",
         "step",
         "flipped",
+        # reads from object storage since the source's last batch (on the batch's first sample, 0 elsewhere)
+        "io_requests",
+        "io_retries",
+        "io_bytes_read",
+        "io_bytes_served",
+        "io_hits",
+        "io_misses",
     )
 )
+#: The ``io_*`` meta columns, by the name :class:`~dali_arb.storage.IOStats` gives them.
+IO_FIELDS = {"requests": "io_requests", "retries": "io_retries", "bytes_read": "io_bytes_read",
+             "bytes_served": "io_bytes_served", "hits": "io_hits", "misses": "io_misses"}  # fmt: skip

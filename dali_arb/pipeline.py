@@ -5,11 +5,10 @@ Imports DALI lazily (inside functions), so the rest of dali_arb works without it
 
 from __future__ import annotations
 
-import contextlib
-import sys
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, DeviceError
+from .processes import spawn_without_main
 
 if TYPE_CHECKING:
     from .decoders import Decoder
@@ -118,28 +117,6 @@ def build_pipeline(
         return (*finished, feeds["meta"])
 
     pipe = arb_pipeline()
-    with _workers_skip_main():
+    with spawn_without_main():
         pipe.build()
     return pipe
-
-
-@contextlib.contextmanager
-def _workers_skip_main():
-    """Start worker processes without re-importing the program's ``__main__``.
-
-    "spawn" workers normally import the main script again: that fails for stdin and notebooks, and
-    re-runs a training script that lacks an ``if __name__ == "__main__"`` guard in every worker. Our
-    source lives in ``dali_arb.source``, so workers never need ``__main__``.
-    """
-    main = sys.modules.get("__main__")
-    saved = {name: getattr(main, name) for name in ("__file__", "__spec__") if hasattr(main, name)}
-    try:
-        for name in saved:
-            if name == "__spec__":
-                main.__spec__ = None
-            else:
-                delattr(main, name)
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(main, name, value)

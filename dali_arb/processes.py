@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 
-__all__ = ["describe_exit", "die_with_parent"]
+__all__ = ["describe_exit", "die_with_parent", "spawn_without_main"]
 
 
 def die_with_parent() -> None:
@@ -39,3 +41,26 @@ def describe_exit(exitcode: int | None) -> str:
         hint = ": the out-of-memory killer, or kill -9" if name == "SIGKILL" else ""
         return f"killed by signal {-exitcode} ({name}{hint})"
     return f"exited with status {exitcode}"
+
+
+@contextlib.contextmanager
+def spawn_without_main():
+    """Start "spawn" worker processes without re-importing the program's ``__main__``.
+
+    Spawned workers normally import the main script again: that fails for stdin and notebooks, and re-runs a
+    script that lacks an ``if __name__ == "__main__"`` guard in every worker (a training script, or a script
+    that builds an index). The workers' code lives in dali_arb's modules, so they never need ``__main__``. Keep
+    every start of a worker inside this block.
+    """
+    main = sys.modules.get("__main__")
+    saved = {name: getattr(main, name) for name in ("__file__", "__spec__") if hasattr(main, name)}
+    try:
+        for name in saved:
+            if name == "__spec__":
+                main.__spec__ = None
+            else:
+                delattr(main, name)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(main, name, value)

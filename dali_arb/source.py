@@ -17,14 +17,16 @@ import numpy as np
 
 from .buckets import BucketSpec, format_size
 from .decoders import Decoder
-from .errors import ConfigError, DataError, ManifestError
+from .errors import ConfigError, DataError, ManifestError, StorageError
 from .geometry import Geometry, cover_crop
 from .imagefacts import check_encoded
 from .manifest import Manifest
-from .outputs import META, Failure
+from .outputs import IO_FIELDS, META, Failure
 from .pairs import pair_columns
 from .planner import EpochPlan, Planner
 from .processes import die_with_parent
+from .remote import RemoteReads
+from .storage import Request, is_url
 from .world import World
 
 __all__ = ["BatchSource", "LoaderConfig", "build_planner"]
@@ -92,6 +94,14 @@ def build_planner(config: LoaderConfig, manifests: Manifest | list[Manifest]) ->
     )
 
 
+def has_urls(manifest: Manifest) -> bool:
+    """Whether ``manifest``'s samples (its first rows with a source) live in object storage."""
+    if "source" not in manifest.table.column_names:
+        return False
+    head = manifest.table.column("source").slice(0, 64).to_pylist()
+    return any(is_url(v) for v in head if v)
+
+
 @dataclass
 class _Rows:
     """One dataset's arrays a worker reads (Arrow and NumPy, mapped and shared: no Python object per row):
@@ -122,6 +132,9 @@ class BatchSource:
         decoder: the :class:`~dali_arb.decoders.Decoder` chosen by the loader.
         planner: the loader's planner (rebuilt from the manifests in worker processes).
         blocked_rows: rows known to be bad (the loader's blocklist): replaced without being read.
+        remote: how samples in object storage are read (:class:`~dali_arb.remote.RemoteReads`).
+        read_ahead_steps: iterations ahead whose samples in object storage are fetched in the background
+            (``L``); 0 fetches each such sample when it is needed, one request at a time.
     """
 
     def __init__(
@@ -134,8 +147,12 @@ class BatchSource:
         first_epoch: int = 0,
         first_step: int = 0,
         blocked_rows: frozenset[int] = frozenset(),
+        remote: RemoteReads | None = None,
+        read_ahead_steps: int = 0,
     ) -> None:
         manifests = [manifests] if isinstance(manifests, Manifest) else list(manifests)
+        self.remote = remote if remote is not None else RemoteReads(None)
+        self.read_ahead_steps = int(read_ahead_steps)
         self.config = config
         self.decoder = decoder
         self.first_epoch = first_epoch
@@ -160,7 +177,7 @@ class BatchSource:
 
     def __getstate__(self) -> dict:
         keep = ("config", "decoder", "first_epoch", "first_step", "blocked_rows", "num_rows", "offsets",
-                "fingerprint", "_homes")  # fmt: skip
+                "fingerprint", "_homes", "remote", "read_ahead_steps")  # fmt: skip
         state = {k: self.__dict__[k] for k in keep}
         if any(path is None for path, _, _ in self._homes):  # nothing to reload: send manifests and planner along
             state["_manifests"] = self._manifests
@@ -212,6 +229,7 @@ class BatchSource:
                 )
                 pair_sizes.append((manifest.int_column(height, 1), manifest.int_column(width, 1)))
             self._datasets.append(_Rows(locations, manifest.heights, manifest.widths, pair_sizes))
+        self._remote_rows = any(has_urls(m) for m in manifests)
         if self._planner is None:
             self._planner = build_planner(self.config, manifests)
         self._found_bad: set[int] = set()
@@ -256,15 +274,39 @@ class BatchSource:
 
     # -- DALI entry point -------------------------------------------------------------------------
     def __call__(self, batch_info) -> tuple[list, ...]:
-        iteration = batch_info if isinstance(batch_info, int) else batch_info.iteration
-        epoch, step = self.locate(int(iteration))
-        return self.batch(epoch, step)
+        iteration = int(batch_info if isinstance(batch_info, int) else batch_info.iteration)
+        epoch, step = self.locate(iteration)
+        outputs = self.batch(epoch, step)
+        if self.read_ahead_steps and self._remote_rows:
+            # the plan says what comes: start fetching iteration + L (the first iteration also 1 .. L - 1)
+            L = self.read_ahead_steps
+            for ahead in range(1, L + 1) if iteration == 0 else (L,):
+                target_epoch, target_step = self.locate(iteration + ahead)
+                self.remote.read_ahead(self._requests(self._planner.epoch(target_epoch).rows_at(target_step)))
+        return outputs
+
+    def _request(self, row: int, part: int) -> Request | None:
+        """The object-storage request for ``row``'s ``part``, or None when its bytes are in a local file."""
+        rows, local = self._split(row)
+        sources, offsets, lengths = rows.locations[part]
+        path = sources[local].as_py()
+        if path is None or not is_url(path):
+            return None
+        offset, length = int(offsets[local]), int(lengths[local])
+        return Request(path, offset, offset + length if length >= 0 else -1, whole=offset == 0)
+
+    def _requests(self, rows: np.ndarray) -> list[Request]:
+        """Requests for every part of ``rows`` that lies in object storage."""
+        parts = range(1 + len(self.decoder.pairs))
+        return [r for row in rows.tolist() for part in parts if (r := self._request(row, part)) is not None]
 
     def batch(self, epoch: int, step: int) -> tuple[list, ...]:
         """Outputs for ``step`` of ``epoch``: one list of per-sample arrays per ``decoder.outputs`` name."""
         self._setup()
         plan: EpochPlan = self._planner.epoch(epoch)
         rows = plan.rows_at(step)
+        if self.read_ahead_steps and self._remote_rows:
+            self.remote.gather(self._requests(rows))  # every sample of the batch at once, concurrently
         bucket = plan.bucket_at(step)
         bucket_h, bucket_w = (int(v) for v in plan.sizes[bucket])
         c = self.config
@@ -293,8 +335,15 @@ class BatchSource:
                     epoch=epoch,
                     step=step,
                     flipped=mirror,
+                    **dict.fromkeys(IO_FIELDS.values(), 0),
                 )
             )
+        self.remote.clear()
+        if self._remote_rows:  # what was read since the last batch travels on its first sample
+            counts = self.remote.stats.take()
+            first = columns["meta"][0]
+            for name, column in IO_FIELDS.items():
+                first[META.fields.index(column)] = counts[name]
         return tuple(columns[output.name] for output in self.decoder.outputs)
 
     # -- reading, with deterministic replacement of bad samples ------------------------------------
@@ -321,6 +370,8 @@ class BatchSource:
         if path is None:
             return None, Failure.NO_SOURCE
         offset, length = int(offsets[row]), int(lengths[row])
+        if is_url(path):
+            return self._read_remote(Request(path, offset, offset + length if length >= 0 else -1, whole=offset == 0))
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
         except OSError:
@@ -347,6 +398,18 @@ class BatchSource:
         if problem:
             return None, Failure.of_bytes_problem(problem)
         return np.frombuffer(data, np.uint8), Failure.NONE
+
+    def _read_remote(self, request: Request) -> tuple[np.ndarray | None, Failure]:
+        result = self.remote.take(request)
+        if isinstance(result, StorageError):
+            text = str(result)
+            return None, Failure.MISSING if "not found" in text else (
+                Failure.CHANGED if "changed since indexing" in text else Failure.READ_ERROR
+            )
+        problem = check_encoded(result)
+        if problem:
+            return None, Failure.of_bytes_problem(problem)
+        return np.frombuffer(result, np.uint8), Failure.NONE
 
     def geometry(self, row: int, *, bucket_h: int, bucket_w: int, u_y: float, u_x: float) -> Geometry:
         """Where ``row`` goes in a batch of bucket ``(bucket_h, bucket_w)``, given its crop draws."""

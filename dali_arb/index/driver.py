@@ -18,14 +18,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..errors import ConfigError, IndexingError
+from ..errors import ConfigError, IndexingError, StorageError
 from ..imagefacts import DEFAULT_MAX_PIXELS
 from ..manifest import SCHEMA, Manifest, rejects_path
 from ..pairs import PairSpec, pair_schema, pairs_of
-from ..processes import die_with_parent
+from ..processes import die_with_parent, spawn_without_main
 from .folders import FolderWalk, PreviousRows, folder_task
 from .metadata import metadata_rows
 from .records import Reject, Row, rows_to_table
+from .remote import fetched, prefix_tasks, remote_folder_task
 from .shards import shard_task
 
 __all__ = ["IndexSummary", "build_index"]
@@ -44,6 +45,13 @@ class IndexSummary:
     files_seen: int = 0
     seconds: float = 0.0
     reject_reasons: dict[str, int] = field(default_factory=dict)
+    #: reads from object storage for images under prefixes (headers only): requests, bytes, images
+    remote_requests: int = 0
+    remote_bytes: int = 0
+    remote_images: int = 0
+    #: shards and metadata fetched whole from object storage: objects, bytes
+    fetched_objects: int = 0
+    fetched_bytes: int = 0
 
     @property
     def files_per_s(self) -> float:
@@ -61,13 +69,42 @@ class IndexSummary:
         )
         if self.rejected:
             text += f" ({reasons}), listed in {rejects_path(self.manifest)}"
+        if self.remote_images:
+            text += (
+                f"; from object storage: {self.remote_requests / self.remote_images:.2f} requests and "
+                f"{self.remote_bytes / self.remote_images / 1024:.0f} KiB per image (headers only)"
+            )
+        if self.fetched_objects:
+            text += f"; {self.fetched_objects} shard/metadata object(s) fetched whole ({self.fetched_bytes / 2**20:.1f} MiB)"
         return text
 
 
 # -- the driver ----------------------------------------------------------------------------------
 
 
+def _classify_url(source: str) -> str:
+    from ..storage import split_url
+
+    scheme, _, key = split_url(source)
+    name = key.lower()
+    if name.endswith(".tar"):
+        return "remote_shard"
+    if name.endswith((".tar.gz", ".tgz", ".tar.xz", ".tar.bz2", ".tar.zst")):
+        raise IndexingError(
+            f"{source} is a compressed tar: the loader reads samples with ranged reads, so shards must be plain .tar"
+        )
+    if name.endswith((".parquet", ".csv")):
+        return "remote_metadata"
+    if scheme.startswith("http"):
+        raise IndexingError(f"{source}: HTTP cannot list a folder; give .tar shard or .parquet/.csv metadata URLs")
+    return "remote_folder"  # a prefix: the objects under it, like a folder
+
+
 def _classify(source: str) -> str:
+    from ..storage import is_url
+
+    if is_url(source):
+        return _classify_url(source)
     path = Path(source)
     if not path.exists():
         raise IndexingError(f"source not found: {source}; give an image folder, .tar shards, or .parquet/.csv metadata")
@@ -122,7 +159,19 @@ def build_index(
         raise IndexingError(f"output {output} is a folder; give a file name such as {output / 'manifest.parquet'}")
     if not output.parent.exists():
         raise IndexingError(f"folder {output.parent} does not exist; create it or choose another -o")
-    kinds = [(_classify(s), os.path.abspath(s)) for s in sources]  # rows must resolve from any working directory
+    from ..storage import expand_sources, is_url
+
+    if is_url(str(output)):
+        raise IndexingError(
+            f"-o {output}: the manifest is written to a local file; copy it to object storage afterwards (loaders "
+            "read manifests from URLs)"
+        )
+    try:
+        expanded = [u for s in sources for u in (expand_sources(s) if is_url(s) else [s])]
+        # rows must resolve from any working directory: local sources become absolute paths
+        kinds = [(_classify(s), s if is_url(s) else os.path.abspath(s)) for s in expanded]
+    except StorageError as exc:
+        raise IndexingError(str(exc)) from None
     _check_output(output, kinds)
     pairs = _checked_pairs(pairs, kinds)
     schema = pair_schema(SCHEMA, pairs)
@@ -172,13 +221,27 @@ def build_index(
         if len(pending) >= ROWS_PER_GROUP:
             flush()
 
-    pool = ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1, initializer=die_with_parent)
+    # where this process may run obstore's threads (object storage), workers are spawned, never forked: a forked
+    # child inherits its runtime broken (indexing a bucket crashed with SIGSEGV so); else forking is cheaper
+    import multiprocessing
+
+    remote = any(kind.startswith("remote_") for kind, _ in kinds) or "obstore" in sys.modules
+    pool = ProcessPoolExecutor(
+        max_workers=workers or os.cpu_count() or 1,
+        initializer=die_with_parent,
+        mp_context=multiprocessing.get_context("spawn" if remote else "fork"),
+    )
+    hidden_main = spawn_without_main()  # workers start at submits throughout the loop: none re-runs __main__
+    hidden_main.__enter__()
     try:
         with (
             open(rejects_tmp, "w", encoding="utf-8") as rejects_fh,
             tqdm(disable=not progress, unit=" files", desc="indexing", dynamic_ncols=True) as bar,
         ):
             for kind, source in kinds:
+                if kind.startswith("remote_"):
+                    _index_remote(kind, source, pool, max_pixels, pairs, take, flush, writer, summary, bar)
+                    continue
                 if kind == "metadata":
                     table, rejects = metadata_rows(Path(source))
                     flush()
@@ -218,6 +281,8 @@ def build_index(
         tmp.unlink(missing_ok=True)
         rejects_tmp.unlink(missing_ok=True)
         raise
+    finally:
+        hidden_main.__exit__(None, None, None)
     os.replace(tmp, output)
     os.replace(rejects_tmp, rejects_path(output))
     summary.seconds = time.perf_counter() - started
@@ -226,6 +291,50 @@ def build_index(
             f"no usable images in {', '.join(sources)} ({summary.rejected} rejected, see {rejects_path(output)})"
         )
     return summary
+
+
+def _index_remote(kind, url, pool, max_pixels, pairs, take, flush, writer, summary, bar) -> None:
+    """Index one object-storage source (``remote.py``): a prefix (headers only), a shard or metadata (fetched)."""
+    from ..storage import head
+
+    try:
+        if kind == "remote_folder":
+            tasks, _ = prefix_tasks(url, max_pixels)
+            for (rows, rejects, io), task in _ordered_map(pool, remote_folder_task, iter(tasks)):
+                summary.remote_requests += io["requests"]
+                summary.remote_bytes += io["bytes_read"]
+                summary.remote_images += len(task[0])
+                take(rows, rejects, len(task[0]))
+                bar.update(len(task[0]))
+            return
+        suffix = ".tar" if kind == "remote_shard" else os.path.splitext(url)[1]
+        with fetched(url, suffix) as local:
+            summary.fetched_objects += 1
+            summary.fetched_bytes += os.path.getsize(local)
+            if kind == "remote_metadata":
+                table, rejects = metadata_rows(Path(local), base_url=url.rsplit("/", 1)[0] + "/")
+                flush()
+                writer.write_table(table)
+                summary.rows += table.num_rows
+                take([], [_renamed(r, local, url) for r in rejects], table.num_rows + len(rejects))
+                return
+            rows, rejects = pool.submit(shard_task, (local, max_pixels, pairs)).result()
+        mtime = head(url).mtime_ns
+        rows = [
+            row._replace(
+                source=url, mtime_ns=mtime, pairs=tuple((url, *f[1:]) if f[0] == local else f for f in row.pairs)
+            )
+            for row in rows
+        ]
+        take(rows, [_renamed(r, local, url) for r in rejects], len(rows) + len(rejects))
+        bar.update(len(rows) + len(rejects))
+    except StorageError as exc:
+        raise IndexingError(str(exc)) from None
+
+
+def _renamed(reject: Reject, local: str, url: str) -> Reject:
+    """A reject of a fetched copy, naming the object instead of the copy."""
+    return {**reject, "source": str(reject["source"]).replace(local, url)}
 
 
 def _checked_pairs(pairs: list[PairSpec] | tuple, kinds: list[tuple[str, str]]) -> list[PairSpec]:
@@ -237,7 +346,12 @@ def _checked_pairs(pairs: list[PairSpec] | tuple, kinds: list[tuple[str, str]]) 
             raise ConfigError(f"pairs must be PairSpec objects, got {type(spec).__name__}")
         if any(p.name == spec.name for p in checked):
             raise ConfigError(f"pair name {spec.name!r} is given twice; each pair needs its own name")
-        if spec.folder is None and any(kind == "folder" for kind, _ in kinds):
+        if spec.folder is not None and any(kind == "remote_folder" for kind, _ in kinds):
+            raise ConfigError(
+                f"--{spec.kind} {spec.name}={spec.folder}: pairs of images in object storage come from tar shards "
+                f"(--{spec.kind} {spec.name} for members KEY.{spec.name}.<ext>); folder pairs need local folders"
+            )
+        if spec.folder is None and any(kind in ("folder", "remote_folder") for kind, _ in kinds):
             raise ConfigError(
                 f"--{spec.kind} {spec.name} has no folder: for image folders give --{spec.kind} {spec.name}=DIR "
                 "(DIR/KEY.<ext> is the pair of image KEY); a name alone means tar members KEY.NAME.<ext>"
@@ -245,7 +359,7 @@ def _checked_pairs(pairs: list[PairSpec] | tuple, kinds: list[tuple[str, str]]) 
         if spec.folder is not None and not os.path.isdir(spec.folder):
             raise ConfigError(f"--{spec.kind} {spec.name}={spec.folder}: no such folder")
         checked.append(PairSpec(spec.name, spec.kind, os.path.abspath(spec.folder) if spec.folder else None))
-    if checked and any(kind == "metadata" for kind, _ in kinds):
+    if checked and any(kind in ("metadata", "remote_metadata") for kind, _ in kinds):
         raise ConfigError(
             "pairs are found next to images (folders) or inside tar shards, not in metadata; index the image folders "
             "or shards with --pair/--mask"
@@ -262,6 +376,8 @@ def _check_output(output: Path, kinds: list[tuple[str, str]]) -> None:
         )
     real = os.path.realpath(output)
     for kind, source in kinds:
+        if kind.startswith("remote_"):
+            continue  # the output is a local file
         source_real = os.path.realpath(source)
         if real == source_real:
             raise IndexingError(

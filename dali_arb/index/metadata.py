@@ -17,8 +17,11 @@ from .records import Reject
 __all__ = ["metadata_rows"]
 
 
-def metadata_rows(path: Path) -> tuple[pa.Table, list[Reject]]:
-    """Rows from img2dataset-style Parquet/CSV metadata with ``key``, ``width``, ``height`` columns."""
+def metadata_rows(path: Path, *, base_url: str | None = None) -> tuple[pa.Table, list[Reject]]:
+    """Rows from img2dataset-style Parquet/CSV metadata with ``key``, ``width``, ``height`` columns.
+
+    ``base_url``: the metadata came from object storage (``path`` is a local copy); relative paths in it are
+    taken relative to this URL prefix and not checked here (the loader replaces samples that are not there)."""
     import pyarrow.csv as pacsv
 
     try:
@@ -72,12 +75,19 @@ def metadata_rows(path: Path) -> tuple[pa.Table, list[Reject]]:
     caption = pc.if_else(pc.equal(pc.utf8_trim_whitespace(caption), ""), pa.scalar(None, pa.string()), caption)
     path_column = next((c for c in ("path", "filepath", "file", "image_path") if c in names), None)
     if path_column:
+        from ..storage import is_url
+
         base = path.parent
+
+        def resolve(p: str) -> str:
+            if is_url(p) or os.path.isabs(p):
+                return p
+            return base_url + p if base_url else str(base / p)
+
         sources = [
-            None if p is None else str(p if os.path.isabs(p) else base / p)
-            for p in pc.cast(table.column(path_column), pa.string()).to_pylist()
+            None if p is None else resolve(p) for p in pc.cast(table.column(path_column), pa.string()).to_pylist()
         ]
-        exists = [s is not None and os.path.isfile(s) for s in sources]
+        exists = [s is not None and (is_url(s) or os.path.isfile(s)) for s in sources]
         for row, (s, ok) in enumerate(zip(sources, exists)):
             if not ok and keep[row].as_py():
                 rejects.append(

@@ -1,0 +1,164 @@
+"""Indexing from object storage: a prefix is a folder, shards and metadata are fetched whole.
+
+Per image under a prefix the indexer reads headers only: Pillow reads through :class:`RemoteFile`, which fetches
+64 KiB blocks on demand, so a JPEG's size and EXIF orientation usually cost one ranged GET and the truncation
+check one more (the last 64 KiB); an image of 64 KiB or less is one GET. Sidecar captions (``KEY.txt``,
+``KEY.caption``) are fetched whole. Per shard: one streaming GET of the whole shard (its images' headers lie
+inside it), read as a local file. Metadata (img2dataset Parquet/CSV): one GET.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+
+from ..errors import StorageError
+from ..imagefacts import inspect_image
+from ..storage import IOStats, ObjectInfo, download, get_bytes, get_range, list_prefix
+from .folders import CAPTION_EXTS, NOT_IMAGES, decode_caption
+from .records import Reject, Row
+
+__all__ = ["BLOCK", "RemoteFile", "fetched", "prefix_tasks", "remote_folder_task"]
+
+#: Bytes a header read fetches at once.
+BLOCK = 64 << 10
+#: Images of one task inspected at once (network-bound: more than the cores).
+CONCURRENT_HEADERS = 16
+FILES_PER_TASK = 256
+
+
+class RemoteFile(io.RawIOBase):
+    """A read-only, seekable view of an object in storage that fetches :data:`BLOCK`-sized blocks on demand
+    (and keeps them), so Pillow reads a header with one request. ``size``: the object's size in bytes."""
+
+    def __init__(self, url: str, size: int, stats: IOStats | None = None) -> None:
+        super().__init__()
+        self.url, self.size, self.stats = url, int(size), stats
+        self._pos = 0
+        self._blocks: dict[int, bytes] = {}
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def _block(self, index: int) -> bytes:
+        if index not in self._blocks:
+            start = index * BLOCK
+            self._blocks[index] = get_range(self.url, start, min(self.size, start + BLOCK), self.stats)
+        return self._blocks[index]
+
+    def readinto(self, buffer) -> int:
+        end = min(self.size, self._pos + len(buffer))
+        if end <= self._pos:
+            return 0
+        if end - self._pos > 4 * BLOCK:  # a long read (the whole file): one request for the span not held
+            data = get_range(self.url, self._pos, end, self.stats)
+        else:
+            data = b"".join(self._block(i) for i in range(self._pos // BLOCK, (end - 1) // BLOCK + 1))
+            first = (self._pos // BLOCK) * BLOCK
+            data = data[self._pos - first : end - first]
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def read(self, size: int = -1) -> bytes:
+        size = self.size - self._pos if size is None or size < 0 else size
+        buffer = bytearray(min(size, max(0, self.size - self._pos)))
+        n = self.readinto(memoryview(buffer))
+        return bytes(buffer[:n])
+
+
+def prefix_tasks(url: str, max_pixels: int) -> tuple[list[tuple], int]:
+    """The tasks of one prefix (``s3://bucket/prefix/``): groups of image objects with their sidecar captions;
+    and how many objects were listed. A StorageError when the listing holds no images."""
+    base = url.rstrip("/") + "/"
+    images: dict[str, ObjectInfo] = {}
+    captions: dict[str, str] = {}
+    listed = 0
+    for info in list_prefix(base):
+        listed += 1
+        rel = info.url[len(base) :]
+        name = rel.rsplit("/", 1)[-1]
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue
+        stem, ext = os.path.splitext(rel)
+        if ext.lower() in CAPTION_EXTS:
+            if stem not in captions or ext.lower() == ".txt":
+                captions[stem] = info.url
+        elif ext.lower() not in NOT_IMAGES and name:
+            images[rel] = info
+    if not images:
+        raise StorageError(
+            f"no images under {base} ({listed} objects listed); check the prefix (a folder of images ends with '/')"
+        )
+    ordered = sorted(images)
+    tasks = []
+    for start in range(0, len(ordered), FILES_PER_TASK):
+        chunk = ordered[start : start + FILES_PER_TASK]
+        objects = [(rel, images[rel].url, images[rel].size, images[rel].mtime_ns) for rel in chunk]
+        tasks.append((objects, {os.path.splitext(rel)[0]: captions.get(os.path.splitext(rel)[0]) for rel in chunk},
+                      max_pixels))  # fmt: skip
+    return tasks, listed
+
+
+def remote_folder_task(args: tuple) -> tuple[list[Row], list[Reject], dict[str, int]]:
+    """Inspect a group of objects of one prefix (headers only, :data:`CONCURRENT_HEADERS` at once): rows,
+    rejects, and the requests and bytes it read."""
+    objects, captions, max_pixels = args
+    stats = IOStats()
+
+    def inspect(item: tuple) -> tuple[Row | None, Reject | None]:
+        rel, url, size, mtime = item
+        key = os.path.splitext(rel)[0]
+        try:
+            result = inspect_image(RemoteFile(url, size, stats), max_pixels=max_pixels)
+        except StorageError as exc:
+            return None, {"source": url, "reason": f"unreadable ({exc})", "key": key}
+        if isinstance(result, str):
+            return None, {"source": url, "reason": result, "key": key}
+        caption = None
+        if captions.get(key):
+            try:
+                caption = decode_caption(get_bytes(captions[key], stats)) or None
+            except StorageError:
+                caption = None
+        return Row(key, result[0], result[1], caption, url, 0, size, mtime), None
+
+    rows, rejects = [], []
+    with ThreadPoolExecutor(CONCURRENT_HEADERS) as pool:
+        for row, reject in pool.map(inspect, objects):
+            if row is not None:
+                rows.append(row)
+            if reject is not None:
+                rejects.append(reject)
+    return rows, rejects, stats.take()
+
+
+class fetched:
+    """A local copy of the object at ``url`` for the duration of a ``with`` block (shards, metadata)."""
+
+    def __init__(self, url: str, suffix: str = "") -> None:
+        self.url, self.suffix = url, suffix
+        self.path: str | None = None
+
+    def __enter__(self) -> str:
+        handle, self.path = tempfile.mkstemp(prefix="dali_arb-", suffix=self.suffix)
+        os.close(handle)
+        download(self.url, self.path)
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        if self.path and os.path.exists(self.path):
+            os.unlink(self.path)

@@ -1,0 +1,283 @@
+"""Real servers on loopback for tests and benchmarks (nothing here is used by the loader itself):
+
+- :func:`moto_s3`: a real S3 endpoint (moto's server, its own process) on 127.0.0.1, with the standard AWS
+  environment pointed at it;
+- :class:`FaultProxy`: a TCP proxy in front of such a server that adds latency to every request and, by count,
+  answers ``503 SlowDown`` itself or drops the connection, so retries, backoff and prefetching are measured
+  against a real server;
+- :class:`RangeHTTPServer`: a static HTTP server with ``Range`` support serving a folder.
+
+Everything listens on 127.0.0.1 only; every fault is bounded in count; every server stops with its context
+manager.
+
+    with moto_s3() as endpoint, FaultProxy(endpoint.port, latency_s=0.02, slow_down=3) as proxy:
+        os.environ["AWS_ENDPOINT_URL"] = proxy.url
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+__all__ = ["FaultProxy", "MotoS3", "RangeHTTPServer", "moto_s3"]
+
+#: What the local S3 answers to: any key pair works (moto checks none), the region is fixed.
+TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
+
+
+@dataclass
+class MotoS3:
+    """A running moto S3 server: ``url`` (``http://127.0.0.1:PORT``) and ``port``."""
+
+    url: str
+    port: int
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def moto_s3(*, environ: bool = True, start_timeout_s: float = 30.0) -> Iterator[MotoS3]:
+    """moto's S3 server in its own process on 127.0.0.1; with ``environ``, ``AWS_ENDPOINT_URL`` and test credentials
+    are set for the duration (and the EC2 metadata service disabled, so nothing looks beyond loopback)."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    saved = {k: os.environ.get(k) for k in (*TEST_CREDENTIALS, "AWS_ENDPOINT_URL", "AWS_EC2_METADATA_DISABLED")}
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto's S3 server did not start on 127.0.0.1:{port}") from None
+                time.sleep(0.1)
+        if environ:
+            os.environ.update(TEST_CREDENTIALS)
+            os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"
+            os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+        yield MotoS3(f"http://127.0.0.1:{port}", port)
+    finally:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:  # pragma: no cover
+            server.kill()
+        if environ:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+class _RangeHandler(SimpleHTTPRequestHandler):
+    """``SimpleHTTPRequestHandler`` with single ``bytes=a-b`` ranges (206), quiet."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def send_head(self):
+        spec = self.headers.get("Range")
+        path = Path(self.translate_path(self.path))
+        if not spec or not path.is_file():
+            return super().send_head()
+        size = path.stat().st_size
+        start_text, _, end_text = spec.removeprefix("bytes=").partition("-")
+        if start_text:
+            start, end = int(start_text), min(int(end_text) if end_text else size - 1, size - 1)
+        else:  # a suffix: the last N bytes
+            start, end = max(0, size - int(end_text)), size - 1
+        if start >= size:
+            self.send_error(416)
+            return None
+        fh = open(path, "rb")
+        fh.seek(start)
+        self.send_response(206)
+        self.send_header("Content-Type", self.guess_type(str(path)))
+        self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.send_header("Content-Length", str(end - start + 1))
+        self.send_header("Last-Modified", self.date_time_string(int(path.stat().st_mtime)))
+        self.end_headers()
+        self._remaining = end - start + 1
+        return fh
+
+    def copyfile(self, source, outputfile) -> None:
+        remaining = getattr(self, "_remaining", None)
+        if remaining is None:
+            return super().copyfile(source, outputfile)
+        while remaining > 0 and (chunk := source.read(min(65536, remaining))):
+            outputfile.write(chunk)
+            remaining -= len(chunk)
+
+
+class RangeHTTPServer:
+    """Serve ``folder`` over HTTP on 127.0.0.1 (``url``), with byte ranges, until stopped."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        folder = str(folder)
+
+        class Handler(_RangeHandler):
+            def __init__(self, *args, **kwargs) -> None:
+                super().__init__(*args, directory=folder, **kwargs)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="range-http", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> RangeHTTPServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+_METHODS = (b"GET ", b"HEAD ", b"PUT ", b"POST ", b"DELETE ")
+_SLOW_DOWN_BODY = (
+    b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
+
+
+@dataclass
+class FaultCounts:
+    """What the proxy did: requests seen, 503s sent, connections dropped."""
+
+    requests: int = 0
+    slowed: int = 0
+    dropped: int = 0
+
+
+class FaultProxy:
+    """Forward 127.0.0.1:``port`` to 127.0.0.1:``upstream_port`` with faults (see the module's docstring).
+
+    Args:
+        latency_s: added before forwarding each request.
+        slow_down: the first ``slow_down`` GET requests after ``skip`` are answered ``503 SlowDown``.
+        drop: the next ``drop`` GET requests have their connection closed without an answer.
+        skip: GET requests passed through before the faults begin.
+    """
+
+    def __init__(
+        self, upstream_port: int, *, latency_s: float = 0.0, slow_down: int = 0, drop: int = 0, skip: int = 0
+    ) -> None:
+        self.upstream = ("127.0.0.1", upstream_port)  # loopback only
+        self.latency_s, self.slow_down, self.drop, self.skip = latency_s, slow_down, drop, skip
+        self.counts = FaultCounts()
+        self._gets = 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fault-proxy", daemon=True)
+        self._server: asyncio.AbstractServer | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> FaultProxy:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("the fault proxy did not start within 10 s")
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._loop.call_soon_threadsafe(self._server.close)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def __enter__(self) -> FaultProxy:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._server = self._loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0))
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._ready.set()
+        self._loop.run_forever()
+
+    def _fault(self, head: bytes) -> str | None:
+        """``"slow"``, ``"drop"`` or ``None`` for a request starting with ``head``."""
+        self.counts.requests += 1
+        if not head.startswith(b"GET "):
+            return None
+        self._gets += 1
+        n = self._gets - self.skip
+        if 0 < n <= self.slow_down:
+            self.counts.slowed += 1
+            return "slow"
+        if self.slow_down < n <= self.slow_down + self.drop:
+            self.counts.dropped += 1
+            return "drop"
+        return None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            writer.close()
+            return
+        back = asyncio.ensure_future(self._pump(up_reader, writer))
+        try:
+            while data := await reader.read(65536):
+                if data.startswith(_METHODS):  # a new request on this connection
+                    fault = self._fault(data)
+                    if self.latency_s:
+                        await asyncio.sleep(self.latency_s)
+                    if fault == "drop":
+                        break
+                    if fault == "slow":
+                        header = (
+                            b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
+                            b"Content-Length: %d\r\n\r\n" % len(_SLOW_DOWN_BODY)
+                        )
+                        writer.write(header + _SLOW_DOWN_BODY)
+                        await writer.drain()
+                        continue
+                up_writer.write(data)
+                await up_writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            back.cancel()
+            for w in (writer, up_writer):
+                try:
+                    w.close()
+                except Exception:  # pragma: no cover - closing a broken socket
+                    pass
+
+    @staticmethod
+    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError, asyncio.CancelledError):
+            pass
