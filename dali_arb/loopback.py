@@ -37,10 +37,24 @@ TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "te
 
 @dataclass
 class MotoS3:
-    """A running moto S3 server: ``url`` (``http://127.0.0.1:PORT``) and ``port``."""
+    """A running moto S3 server: ``url`` (``http://127.0.0.1:PORT``), ``port`` and its process id."""
 
     url: str
     port: int
+    pid: int
+
+    def cpu_seconds(self) -> float:
+        """CPU time the server process has used so far (user + system)."""
+        return _cpu_of(f"/proc/{self.pid}/stat")
+
+
+def _cpu_of(stat_path: str) -> float:
+    """User + system CPU seconds from a ``/proc/.../stat`` file (0 where there is none)."""
+    try:
+        fields = Path(stat_path).read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _free_port() -> int:
@@ -50,14 +64,19 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def moto_s3(*, environ: bool = True, start_timeout_s: float = 30.0) -> Iterator[MotoS3]:
+def moto_s3(*, environ: bool = True, auth_after: int | None = None, start_timeout_s: float = 30.0) -> Iterator[MotoS3]:
     """moto's S3 server in its own process on 127.0.0.1; with ``environ``, ``AWS_ENDPOINT_URL`` and test credentials
-    are set for the duration (and the EC2 metadata service disabled, so nothing looks beyond loopback)."""
+    are set for the duration (and the EC2 metadata service disabled, so nothing looks beyond loopback). With
+    ``auth_after``, the server checks credentials and permissions (IAM) after that many requests."""
     port = _free_port()
+    env = dict(os.environ)
+    if auth_after is not None:
+        env["INITIAL_NO_AUTH_ACTION_COUNT"] = str(auth_after)
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env=env,
     )
     saved = {k: os.environ.get(k) for k in (*TEST_CREDENTIALS, "AWS_ENDPOINT_URL", "AWS_EC2_METADATA_DISABLED")}
     try:
@@ -74,7 +93,7 @@ def moto_s3(*, environ: bool = True, start_timeout_s: float = 30.0) -> Iterator[
             os.environ.update(TEST_CREDENTIALS)
             os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"
             os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
-        yield MotoS3(f"http://127.0.0.1:{port}", port)
+        yield MotoS3(f"http://127.0.0.1:{port}", port, server.pid)
     finally:
         server.terminate()
         try:
@@ -192,6 +211,7 @@ class FaultProxy:
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fault-proxy", daemon=True)
         self._server: asyncio.AbstractServer | None = None
+        self._tid = 0
         self.port = 0
 
     @property
@@ -205,10 +225,20 @@ class FaultProxy:
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._loop.call_soon_threadsafe(self._server.close)
+        """Close the listening socket, end every connection's tasks, stop the loop."""
+
+        async def shutdown() -> None:
+            if self._server is not None:
+                self._server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+        self._loop.close()
 
     def __enter__(self) -> FaultProxy:
         return self.start()
@@ -216,7 +246,12 @@ class FaultProxy:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def cpu_seconds(self) -> float:
+        """CPU time the proxy's thread has used so far."""
+        return _cpu_of(f"/proc/self/task/{self._tid}/stat") if self._tid else 0.0
+
     def _run(self) -> None:
+        self._tid = threading.get_native_id()
         asyncio.set_event_loop(self._loop)
         self._server = self._loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0))
         self.port = self._server.sockets[0].getsockname()[1]
@@ -263,7 +298,7 @@ class FaultProxy:
                         continue
                 up_writer.write(data)
                 await up_writer.drain()
-        except (ConnectionError, OSError):
+        except (ConnectionError, OSError, asyncio.CancelledError):
             pass
         finally:
             back.cancel()

@@ -159,7 +159,9 @@ class RemoteReads:
         result = self._held.pop(r, None)
         if result is None:
             result = self._from_folder(r)
-            if result is None:
+            if result is not None:
+                self.stats.add(hits=1)
+            else:
                 self.stats.add(misses=1)
                 result = self.fetcher.fetch([r])[0]
                 if self.keep and isinstance(result, bytes):

@@ -82,9 +82,20 @@ def _truthy(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-@functools.cache
+#: The environment a store is configured from: a change makes a new store.
+_SETTINGS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+             "AWS_REGION", "AWS_PROFILE", "AWS_SKIP_SIGNATURE", "AWS_EC2_METADATA_DISABLED",
+             "GOOGLE_APPLICATION_CREDENTIALS")  # fmt: skip
+
+
 def _store(scheme: str, bucket: str) -> Any:
-    """The obstore store of one bucket (or HTTP host), configured from the environment; one per process."""
+    """The obstore store of one bucket (or HTTP host), configured from the environment; one per process and
+    setting of the environment."""
+    return _store_for(scheme, bucket, tuple(os.environ.get(name) for name in _SETTINGS))
+
+
+@functools.cache
+def _store_for(scheme: str, bucket: str, settings: tuple) -> Any:
     from obstore.store import GCSStore, HTTPStore, S3Store
 
     retry = {"max_retries": 0, "retry_timeout": timedelta(seconds=60)}  # retries are ours (counted)
@@ -140,9 +151,9 @@ def describe(exc: BaseException, url: str) -> str:
     from obstore import exceptions as E
 
     text = str(exc)
-    if isinstance(exc, (E.NotFoundError, FileNotFoundError)):
-        if "NoSuchBucket" in text:
-            return f"bucket of {url} does not exist (NoSuchBucket); check the URL (and AWS_ENDPOINT_URL, AWS_REGION)"
+    if "NoSuchBucket" in text:
+        return f"bucket of {url} does not exist (NoSuchBucket); check the URL (and AWS_ENDPOINT_URL, AWS_REGION)"
+    if isinstance(exc, (E.NotFoundError, FileNotFoundError)) or re.search(r"\b404 Not Found\b", text):
         return f"not found: {url}"
     if isinstance(exc, (E.UnauthenticatedError,)) or re.search(
         r"\b401\b|InvalidAccessKeyId|SignatureDoesNotMatch", text

@@ -1,0 +1,247 @@
+"""Object storage against real servers on loopback: moto's S3 (its own process), a fault proxy in front of it,
+and an HTTP server with ranges. Every dataset served from storage must give the same pixels as the same files
+indexed locally."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from dali_arb import DALIBucketIterator, Manifest
+from dali_arb.cli import main
+from dali_arb.index import build_index
+from dali_arb.loopback import FaultProxy, RangeHTTPServer, moto_s3
+from dali_arb.remote import RemoteReads
+from dali_arb.storage import Fetcher, IOStats, Request
+
+from .conftest import SMALL
+
+BUCKET = "data"
+
+
+def put(key: str, data: bytes) -> None:
+    import obstore
+    from obstore.store import S3Store
+
+    obstore.put(S3Store(BUCKET, client_options={"allow_http": True}), key, data)
+
+
+@pytest.fixture(scope="module")
+def s3(dataset, tmp_path_factory):
+    """moto's S3 with the photo dataset under ``photos/``, three tar shards under ``shards/`` and img2dataset-style
+    metadata; yields ``(server, local folder, local shards)``."""
+    import boto3
+
+    folder = dataset[0]
+    root = tmp_path_factory.mktemp("s3src")
+    photos = sorted(folder.glob("*.jpg"))
+    shards = []
+    for s in range(3):
+        path = root / f"{s:05d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for p in photos[s::3]:
+                for f in (p, p.with_suffix(".txt")):
+                    tar.add(f, arcname=f.name)
+        shards.append(path)
+    with moto_s3() as server:
+        boto3.client("s3").create_bucket(Bucket=BUCKET)
+        for f in sorted(folder.iterdir()):
+            put(f"photos/{f.name}", f.read_bytes())
+        for path in shards:
+            put(f"shards/{path.name}", path.read_bytes())
+        meta = io.BytesIO()
+        pq.write_table(pa.table({"key": ["a", "b"], "width": [300, 200], "height": [200, 300],
+                                 "path": ["../photos/img000.jpg", "../photos/img001.jpg"]}), meta)  # fmt: skip
+        put("meta/m.parquet", meta.getvalue())
+        yield server, folder, shards
+
+
+def loader(manifest, **kw):
+    options = {"batch_size": 4, "buckets": SMALL, "device": "cpu", "workers": 0, "dtype": "uint8", "seed": 3}
+    return DALIBucketIterator(manifest, **{**options, **kw})
+
+
+def same_batches(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=True):
+        assert x["ids"] == y["ids"] and x["captions"] == y["captions"]
+        assert torch.equal(x["images"], y["images"]) and torch.equal(x["original_size"], y["original_size"])
+        n += 1
+    return n
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_prefix_indexes_like_its_folder_and_serves_the_same_pixels(s3, tmp_path, workers):
+    _, folder, _ = s3
+    summary = build_index([f"s3://{BUCKET}/photos/"], tmp_path / "remote.parquet", progress=False)
+    build_index([str(folder)], tmp_path / "local.parquet", progress=False)
+    remote, local = Manifest.read(tmp_path / "remote.parquet"), Manifest.read(tmp_path / "local.parquet")
+    for column in ("key", "width", "height", "caption", "length"):
+        assert remote.table.column(column).to_pylist() == local.table.column(column).to_pylist(), column
+    assert remote.table.column("source")[0].as_py() == f"s3://{BUCKET}/photos/img000.jpg"
+    assert summary.remote_images == 36 and summary.remote_requests == 2 * 36  # a header block and the tail
+    it = loader(str(tmp_path / "remote.parquet"), workers=workers, flip=0.5)
+    assert same_batches(it, loader(str(tmp_path / "local.parquet"), workers=workers, flip=0.5)) == 9
+    stats = it.stats
+    assert stats["bytes_served"] == sum(
+        os.path.getsize(folder / f"{k}.jpg") for b in loader(str(tmp_path / "local.parquet")) for k in b["ids"]
+    )
+    assert stats["requests"] >= 1 and stats["retries"] == 0
+
+
+def test_shards_by_brace_range_and_glob_metadata_and_the_manifest_by_url(s3, tmp_path):
+    _, _, shards = s3
+    build_index([str(p) for p in shards], tmp_path / "local.parquet", progress=False)
+    braces = build_index([f"s3://{BUCKET}/shards/{{00000..00002}}.tar"], tmp_path / "b.parquet", progress=False)
+    build_index([f"s3://{BUCKET}/shards/*.tar"], tmp_path / "g.parquet", progress=False)
+    assert braces.fetched_objects == 3
+    local, b, g = (Manifest.read(tmp_path / n).table.to_pydict() for n in ("local.parquet", "b.parquet", "g.parquet"))
+    assert b["key"] == g["key"] == local["key"] and b["offset"] == local["offset"] and b["caption"] == local["caption"]
+    assert set(b["source"]) == {f"s3://{BUCKET}/shards/{p.name}" for p in shards}
+    assert same_batches(loader(str(tmp_path / "b.parquet")), loader(str(tmp_path / "local.parquet"))) > 0
+    put("manifests/b.parquet", (tmp_path / "b.parquet").read_bytes())
+    by_url = loader(f"s3://{BUCKET}/manifests/b.parquet")
+    assert same_batches(by_url, loader(str(tmp_path / "b.parquet"))) > 0
+    build_index([f"s3://{BUCKET}/meta/m.parquet"], tmp_path / "meta.parquet", progress=False)
+    sources = Manifest.read(tmp_path / "meta.parquet").table.column("source").to_pylist()
+    assert sources == [f"s3://{BUCKET}/meta/../photos/img000.jpg", f"s3://{BUCKET}/meta/../photos/img001.jpg"]
+
+
+def test_latency_slowdowns_and_dropped_connections_are_retried_counted_and_change_nothing(s3, tmp_path, monkeypatch):
+    server, folder, _ = s3
+    build_index([str(folder)], tmp_path / "local.parquet", progress=False)
+    build_index([f"s3://{BUCKET}/photos/"], tmp_path / "remote.parquet", progress=False)
+    with FaultProxy(server.port, latency_s=0.01, slow_down=4, drop=3, skip=2) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        monkeypatch.setattr("dali_arb.storage.BACKOFF_S", 0.01)
+        it = loader(str(tmp_path / "remote.parquet"), flip=0.5)
+        assert same_batches(it, loader(str(tmp_path / "local.parquet"), flip=0.5)) == 9
+        assert proxy.counts.slowed == 4 and proxy.counts.dropped == 3
+    assert it.stats["retries"] >= 7 and it.failed == []
+
+
+def test_objects_deleted_or_changed_after_indexing_are_replaced(s3, tmp_path):
+    import obstore
+    from obstore.store import S3Store
+
+    _, folder, _ = s3
+    store = S3Store(BUCKET, client_options={"allow_http": True})
+    for f in sorted(folder.glob("*"))[:24]:  # 12 photos and captions: 3 whole batches
+        obstore.put(store, f"gone/{f.name}", f.read_bytes())
+    build_index([f"s3://{BUCKET}/gone/"], tmp_path / "m.parquet", progress=False)
+    obstore.delete(store, "gone/img001.jpg")
+    obstore.put(store, "gone/img002.jpg", (folder / "img003.jpg").read_bytes())  # another size now
+    for workers in (0, 1):
+        it = loader(str(tmp_path / "m.parquet"), workers=workers)
+        served = [k for batch in it for k in batch["ids"]]
+        assert "img001" not in served and "img002" not in served and len(served) == 12
+        reasons = it.state_dict()["failed"]
+        assert reasons["img001"].startswith("cannot open s3://data/gone/img001.jpg")
+        assert "changed since indexing" in reasons["img002"]
+
+
+def test_http_shards_and_metadata_read_with_ranges(s3, tmp_path):
+    _, _, shards = s3
+    site = tmp_path / "site"
+    site.mkdir()
+    for p in shards:
+        (site / p.name).write_bytes(p.read_bytes())
+    build_index([str(p) for p in shards], tmp_path / "local.parquet", progress=False)
+    with RangeHTTPServer(site) as http:
+        build_index([f"{http.url}/{p.name}" for p in shards], tmp_path / "http.parquet", progress=False)
+        assert Manifest.read(tmp_path / "http.parquet").table.column("source")[0].as_py().startswith(http.url)
+        assert (
+            same_batches(loader(str(tmp_path / "http.parquet"), workers=1), loader(str(tmp_path / "local.parquet"))) > 0
+        )
+
+
+def test_read_ahead_follows_the_plan_and_a_sample_cache_serves_later_epochs(s3, tmp_path):
+    build_index([f"s3://{BUCKET}/photos/"], tmp_path / "m.parquet", progress=False)
+    it = loader(str(tmp_path / "m.parquet"), workers=1)
+    list(it)
+    assert it.stats["hits"] > it.stats["misses"]  # steps after the first were fetched ahead
+    cache = tmp_path / "cache"
+    cached = loader(str(tmp_path / "m.parquet"), workers=1, sample_cache=cache, read_ahead=0)
+    list(cached)
+    first = dict(cached.stats)
+    cached.set_epoch(1)
+    list(cached)
+    second = {k: v - first[k] for k, v in cached.stats.items() if isinstance(v, int)}
+    assert first["requests"] >= 36 and second["requests"] == 0 and second["hits"] == 36  # epoch 2 from the cache
+    assert len(list(cache.rglob("*"))) > 36
+
+
+def test_a_sample_cache_stays_under_its_limit(tmp_path):
+    reads = RemoteReads(str(tmp_path), keep=True, limit_bytes=10_000)
+    for i in range(30):
+        reads._write(Request(f"s3://x/{i}", 0, 1000), b"x" * 1000)
+        os.utime(reads._path(Request(f"s3://x/{i}", 0, 1000)), ns=(i * 10**9, i * 10**9))
+    reads.evict()
+    kept = sorted(int(p.name.split(".")[0] != "") for p in tmp_path.rglob("*") if p.is_file())
+    assert 0 < len(kept) <= 9
+    assert os.path.exists(reads._path(Request("s3://x/29", 0, 1000)))  # the most recently used stay
+    assert not os.path.exists(reads._path(Request("s3://x/0", 0, 1000)))
+
+
+def test_ranges_of_one_object_are_coalesced_into_one_request(s3):
+    stats = IOStats()
+    fetcher = Fetcher(stats=stats)
+    url = f"s3://{BUCKET}/shards/00000.tar"
+    parts = fetcher.fetch([Request(url, 0, 100), Request(url, 200, 300), Request(url, 100, 200)])
+    whole = fetcher.fetch([Request(url, 0, 300)])[0]
+    assert b"".join([parts[0], parts[2], parts[1]]) == whole and stats.requests == 2
+    fetcher.close()
+
+
+def test_storage_mistakes_are_one_line_each(s3, tmp_path, capsys, monkeypatch):
+    def index(*sources) -> str:
+        code = main(["index", *sources, "-o", str(tmp_path / "m.parquet"), "-q"])
+        err = capsys.readouterr().err.strip()
+        assert code != 0 and "\n" not in err and "Traceback" not in err, err
+        return err
+
+    assert "unsupported URL scheme 'ftp' in ftp://host/x/; use s3://, gs://, https://" in index("ftp://host/x/")
+    assert "bucket of s3://nobucket/x/ does not exist" in index("s3://nobucket/x/")
+    put("empty/readme.md", b"nothing to see")
+    assert "no images under s3://data/empty/ (1 objects listed)" in index(f"s3://{BUCKET}/empty/")
+    assert "no object matches s3://data/shards/*.tgz" in index(f"s3://{BUCKET}/shards/*.tgz")
+    assert "HTTP cannot list a folder" in index("http://127.0.0.1:9/folder/")
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    assert "no AWS credentials for s3://data: set AWS_ACCESS_KEY_ID" in index(f"s3://{BUCKET}/photos/")
+    code = main(["plan", "s3://data/nothing.parquet", "-b", "2"])
+    assert code != 0 and "cannot read manifest s3://data/nothing.parquet" in capsys.readouterr().err
+
+
+def test_rejected_credentials_and_denied_access_against_a_checking_server(tmp_path, capsys, monkeypatch):
+    import boto3
+
+    with moto_s3(auth_after=4):
+        iam = boto3.client("iam", region_name="us-east-1")
+        iam.create_user(UserName="reader")
+        key = iam.create_access_key(UserName="reader")["AccessKey"]  # a user with no permission at all
+        s3client = boto3.client("s3", region_name="us-east-1")
+        s3client.create_bucket(Bucket="locked")
+        s3client.put_object(Bucket="locked", Key="x/a.jpg", Body=b"\xff\xd8\xff")
+        code = main(["index", "s3://locked/x/", "-o", str(tmp_path / "m.parquet"), "-q"])
+        assert code != 0 and "credentials rejected for s3://locked/x/" in capsys.readouterr().err
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+        code = main(["index", "s3://locked/x/", "-o", str(tmp_path / "m.parquet"), "-q"])
+        err = capsys.readouterr().err
+        assert code != 0 and "access denied to s3://locked/x/ (403)" in err, err
+
+
+def test_index_json_reports_reads_per_image(s3, tmp_path, capsys):
+    assert main(["index", f"s3://{BUCKET}/photos/", "-o", str(tmp_path / "m.parquet"), "-q", "--json"]) == 0
+    out = capsys.readouterr()
+    assert "2.00 requests and" in out.err and json.loads(out.out)["rows"] == 36
+    assert np.isfinite(json.loads(out.out)["seconds"])
