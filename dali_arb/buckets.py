@@ -223,8 +223,32 @@ class BucketAssignment:
         return int(np.count_nonzero(self.reject_code == code))
 
 
+class PlannedIndex:
+    """What the :class:`~dali_arb.planner.Planner` reads of an index, derived from its ``sizes`` (``int64 (K, 2)``)
+    and ``starts`` (``int64 (K + 1,)``, each bucket's first member position): :class:`BucketIndex` (one manifest)
+    and :class:`~dali_arb.mixture.MixedIndex` (several, with repeats) both provide ``member_rows``, ``bucket_of``,
+    ``dataset_of``, ``log_aspect``, ``leftover_order`` and ``leftover_candidates``."""
+
+    sizes: np.ndarray
+    starts: np.ndarray
+
+    @property
+    def num_usable(self) -> int:
+        """Samples per epoch before batching (``M``; repeats counted)."""
+        return int(self.starts[-1])
+
+    def counts(self) -> np.ndarray:
+        """``int64 (K,)`` samples per bucket per epoch."""
+        return np.diff(self.starts)
+
+    @property
+    def bucket_log_aspect(self) -> np.ndarray:
+        """``float64 (K,)`` log aspect ratio of each bucket."""
+        return np.log(self.sizes[:, 1] / self.sizes[:, 0])
+
+
 @dataclass(frozen=True, eq=False)
-class BucketIndex:
+class BucketIndex(PlannedIndex):
     """Images grouped by bucket: what the planner reads. Built once per manifest and bucket options, and
     memory-mapped from the cache by every process of a node (``dataplane.py``), so that it holds no
     per-row Python object and no private per-row array.
@@ -276,20 +300,6 @@ class BucketIndex:
     def num_images(self) -> int:
         """Rows, usable or not (``N``)."""
         return int(self.bucket.shape[0])
-
-    @property
-    def num_usable(self) -> int:
-        """Rows that belong to a bucket (``M``)."""
-        return int(self.starts[-1])
-
-    def counts(self) -> np.ndarray:
-        """``int64 (K,)`` images per bucket."""
-        return np.diff(self.starts)
-
-    @property
-    def bucket_log_aspect(self) -> np.ndarray:
-        """``float64 (K,)`` log aspect ratio of each bucket."""
-        return np.log(self.sizes[:, 1] / self.sizes[:, 0])
 
     def log_aspect(self, rows: np.ndarray) -> np.ndarray:
         """``float64`` ``log(width / height)`` of ``rows`` (same shape), as :attr:`BucketAssignment.log_aspect`."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .buckets import BucketIndex, BucketSpec
+from .buckets import BucketIndex, BucketSpec, PlannedIndex
 from .errors import ConfigError
 from .permute import Permutation, round_keys
 
@@ -65,7 +65,7 @@ class _Segments:
     window: np.ndarray
 
 
-class MixedIndex:
+class MixedIndex(PlannedIndex):
     """Several :class:`BucketIndex` objects (one per dataset, each from its own :class:`BucketSpec`) with repeat
     counts, as the one index the :class:`~dali_arb.planner.Planner` plans from. Rows are global rows.
 
@@ -140,19 +140,6 @@ class MixedIndex:
     def num_images(self) -> int:
         """Global rows, usable or not."""
         return int(self.offsets[-1])
-
-    @property
-    def num_usable(self) -> int:
-        """Samples per epoch before batching (repeats counted)."""
-        return int(self.starts[-1])
-
-    def counts(self) -> np.ndarray:
-        """``int64 (K,)`` samples per bucket per epoch (repeats counted)."""
-        return np.diff(self.starts)
-
-    @property
-    def bucket_log_aspect(self) -> np.ndarray:
-        return np.log(self.sizes[:, 1] / self.sizes[:, 0])
 
     def _shuffle(self, d: int, k: int) -> Permutation:
         """The fixed shuffle of dataset ``d``'s bucket ``k`` that fraction windows move along."""
