@@ -290,6 +290,16 @@ def run_bench(
     device = resolve_device(device)
     spec = buckets or BucketSpec()
     m = Manifest.read(manifest, columns=["source", "offset", "length", "caption"])
+    if baseline or quality or memory:
+        from .source import has_urls
+
+        if has_urls(m):
+            from .errors import ConfigError
+
+            raise ConfigError(
+                f"--baseline, --quality and --memory compare peers that read local files, and the samples of {manifest} "
+                "are in object storage; run them on a manifest of local copies (bench alone measures the loader)"
+            )
     cores = os.cpu_count() or 1
     planner = Planner(spec.assign(m.heights, m.widths), batch_size=batch_size, world=World())
     plan = planner.epoch(0)  # every loader runs on through the epochs as long as the timing needs

@@ -240,6 +240,19 @@ def test_rejected_credentials_and_denied_access_against_a_checking_server(tmp_pa
         assert code != 0 and "access denied to s3://locked/x/ (403)" in err, err
 
 
+def test_bench_serves_from_storage_and_refuses_local_peers_in_one_line(s3, tmp_path, capsys):
+    build_index([f"s3://{BUCKET}/photos/"], tmp_path / "m.parquet", progress=False)
+    assert (
+        main(["bench", str(tmp_path / "m.parquet"), "--batches", "2", "--rounds", "1", "--device", "cpu", "--json"])
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["loader"]["images_per_s"] > 0
+    for option in ("--baseline", "--quality", "--memory"):
+        code = main(["bench", str(tmp_path / "m.parquet"), "--batches", "2", "--device", "cpu", option])
+        err = capsys.readouterr().err.strip()
+        assert code != 0 and "compare peers that read local files" in err and "\n" not in err, err
+
+
 def test_index_json_reports_reads_per_image(s3, tmp_path, capsys):
     assert main(["index", f"s3://{BUCKET}/photos/", "-o", str(tmp_path / "m.parquet"), "-q", "--json"]) == 0
     out = capsys.readouterr()
