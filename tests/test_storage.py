@@ -115,6 +115,31 @@ def test_shards_by_brace_range_and_glob_metadata_and_the_manifest_by_url(s3, tmp
     assert sources == [f"s3://{BUCKET}/meta/../photos/img000.jpg", f"s3://{BUCKET}/meta/../photos/img001.jpg"]
 
 
+def test_pairs_in_shards_in_storage_are_served_aligned(s3, tmp_path):
+    from PIL import Image, ImageOps
+
+    from dali_arb.pairs import PairSpec
+
+    _, folder, _ = s3
+    shard = tmp_path / "paired.tar"
+    with tarfile.open(shard, "w") as tar:
+        for p in sorted(folder.glob("*.jpg"))[:8]:
+            depth = io.BytesIO()
+            Image.fromarray(255 - np.asarray(ImageOps.exif_transpose(Image.open(p)).convert("RGB"))).save(depth, "PNG")
+            for name, data in ((p.name, p.read_bytes()), (f"{p.stem}.depth.png", depth.getvalue())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    put("paired/0.tar", shard.read_bytes())
+    build_index([f"s3://{BUCKET}/paired/0.tar"], tmp_path / "m.parquet", progress=False, pairs=[PairSpec("depth")])
+    m = Manifest.read(tmp_path / "m.parquet")
+    assert set(m.table.column("depth.source").to_pylist()) == {f"s3://{BUCKET}/paired/0.tar"}
+    for batch in loader(str(tmp_path / "m.parquet"), flip=0.5, workers=1):
+        for i in range(len(batch["ids"])):
+            diff = (255 - batch["depth"][i].float() - batch["images"][i].float()).abs().mean().item()
+            assert diff < 3, f"pair not aligned with its image: mean difference {diff:.1f}"
+
+
 def test_latency_slowdowns_and_dropped_connections_are_retried_counted_and_change_nothing(s3, tmp_path, monkeypatch):
     server, folder, _ = s3
     build_index([str(folder)], tmp_path / "local.parquet", progress=False)
