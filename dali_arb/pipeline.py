@@ -103,6 +103,8 @@ def build_pipeline(
         )
         feeds = {o.name: node for o, node in zip(outputs, nodes)}
         decoded = decoder.graph(feeds, gpu=gpu)
+        if not isinstance(decoded, dict):  # a decoder written before pairs: one node, the images
+            decoded = {"images": decoded}
         finished = []
         for key, _, channels in decoder.parts:
             if channels == 1:  # a mask: [0, 1] (or 0..255 raw)

@@ -364,14 +364,15 @@ class BatchSource:
         """Encoded bytes ``uint8 (n,)`` of ``row``'s image (``part`` 0) or of its ``part - 1``-th pair, or
         ``(None, failure)``. Only regular files are read."""
         self._setup()
+        request = self._request(row, part)
+        if request is not None:
+            return self._read_remote(request)
         rows, row = self._split(row)
         sources, offsets, lengths = rows.locations[part]
         path = sources[row].as_py()
         if path is None:
             return None, Failure.NO_SOURCE
         offset, length = int(offsets[row]), int(lengths[row])
-        if is_url(path):
-            return self._read_remote(Request(path, offset, offset + length if length >= 0 else -1, whole=offset == 0))
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
         except OSError:
