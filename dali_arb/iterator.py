@@ -367,8 +367,9 @@ class DALIBucketIterator:
         import shutil
         import tempfile
 
-        base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-        folder = tempfile.mkdtemp(prefix="dali_arb-readahead-", dir=base)
+        base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+        remove_stale_read_ahead(base)
+        folder = tempfile.mkdtemp(prefix=f"{READ_AHEAD_PREFIX}{os.getpid()}-", dir=base)
         weakref.finalize(self, shutil.rmtree, folder, True)  # gone with the loader (and at exit)
         return RemoteReads(folder, keep=False, limit_bytes=1 << 30), steps
 
@@ -692,6 +693,36 @@ def _checked_state(state: Any) -> dict[str, Any]:
     except (ConfigError, TypeError) as exc:
         raise StateError(f"state field 'buckets' is not a bucket spec ({exc})") from None
     return checked
+
+
+READ_AHEAD_PREFIX = "dali_arb-readahead-"
+
+
+def remove_stale_read_ahead(base: str) -> list[str]:
+    """Remove read-ahead folders in ``base`` left by loader processes that no longer run (killed with SIGKILL,
+    say: ``/dev/shm`` is memory); returns what was removed. Folders are named ``READ_AHEAD_PREFIX<pid>-...``."""
+    import shutil
+
+    removed = []
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(READ_AHEAD_PREFIX):
+            continue
+        pid_text = entry.name[len(READ_AHEAD_PREFIX) :].split("-", 1)[0]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+            continue  # its process still runs
+        except ProcessLookupError:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+        except OSError:  # another user's process: not ours to touch
+            continue
+    return removed
 
 
 def _free_shared_memory() -> int | None:

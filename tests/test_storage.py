@@ -204,6 +204,23 @@ def test_read_ahead_follows_the_plan_and_a_sample_cache_serves_later_epochs(s3, 
     assert len(list(cache.rglob("*"))) > 36
 
 
+def test_read_ahead_folders_of_dead_processes_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    from dali_arb.iterator import READ_AHEAD_PREFIX, remove_stale_read_ahead
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f"{READ_AHEAD_PREFIX}{gone.stdout.strip()}-abc"
+    alive = tmp_path / f"{READ_AHEAD_PREFIX}{os.getppid()}-def"
+    other = tmp_path / "someone-elses"
+    for folder in (dead, alive, other):
+        (folder / "ab").mkdir(parents=True)
+        (folder / "ab" / "sample").write_bytes(b"x" * 100)
+    assert remove_stale_read_ahead(str(tmp_path)) == [str(dead)]
+    assert not dead.exists() and alive.exists() and other.exists()
+
+
 def test_a_sample_cache_stays_under_its_limit(tmp_path):
     reads = RemoteReads(str(tmp_path), keep=True, limit_bytes=10_000)
     for i in range(30):
