@@ -50,6 +50,7 @@ ANTIALIAS_SIGMA = 0.6
 _META = Output("meta", "INT64")
 
 
+@dataclass(frozen=True)
 class Decoder:
     """What turns a planned sample into pixels at its bucket size (``uint8 HWC``) inside the pipeline.
 
@@ -133,8 +134,6 @@ class DaliDecoder(Decoder):
     hw_decoder_load: float | None = None
     preallocate: tuple[int, int] | None = None
 
-    pairs: tuple[tuple[str, str], ...] = ()
-
     name: ClassVar[str] = "dali"
     part_outputs: ClassVar[tuple[Output, ...]] = (
         Output("encoded", "UINT8"),
@@ -209,8 +208,6 @@ class DaliDecoder(Decoder):
 class PillowDecoder(Decoder):
     """The worker processes decode with libjpeg-turbo at the smallest DCT scale (1/8..1) that still
     covers the resize, EXIF-upright, and resize only the crop window (bilinear, antialiased)."""
-
-    pairs: tuple[tuple[str, str], ...] = ()
 
     name: ClassVar[str] = "pillow"
     part_outputs: ClassVar[tuple[Output, ...]] = (Output("image", "UINT8", "HWC"),)

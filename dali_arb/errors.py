@@ -13,6 +13,8 @@ Hierarchy::
     ├── StateError               a state_dict that does not fit this loader
     ├── DataError                the data cannot be served at run time (a bucket with no readable image left)
     ├── StorageError             object storage refused or failed a request for good (URL, credentials, 403)
+    │   ├── ObjectMissing        the object is not there (deleted after indexing)
+    │   └── ObjectChanged        the object's size is not the indexed one
     └── DeviceError              a device that is not there (``--device gpu`` without a GPU)
         └── ResourceError        a device or shared memory that ran out (GPU memory, ``/dev/shm``)
 """
@@ -26,6 +28,8 @@ __all__ = [
     "DeviceError",
     "IndexingError",
     "ManifestError",
+    "ObjectChanged",
+    "ObjectMissing",
     "PlanError",
     "ResourceError",
     "StateError",
@@ -67,6 +71,14 @@ class DataError(DaliArbError):
 
 class StorageError(DaliArbError):
     """Object storage refused a request or kept failing: the message names the URL and what to do."""
+
+
+class ObjectMissing(StorageError):
+    """The object is not in the store (a sample deleted after indexing)."""
+
+
+class ObjectChanged(StorageError):
+    """The object's size differs from the indexed one (a sample rewritten after indexing)."""
 
 
 class ResourceError(DeviceError):

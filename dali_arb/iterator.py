@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import math
@@ -376,14 +377,15 @@ class DALIBucketIterator:
     def _preallocation(self) -> tuple[int, int]:
         """``(height, width)`` for the GPU decoder to preallocate: a high percentile of the served images'
         sides, taken separately and capped (nvImageCodec's hardware decoder reserves batch x H x W x 3)."""
-        served = self._served_sample()
+        served = self._served_sample
         h = np.percentile(self.data.ints_at("heights", served, 1), PREALLOCATE_PERCENTILE)
         w = np.percentile(self.data.ints_at("widths", served, 1), PREALLOCATE_PERCENTILE)
         return min(math.ceil(h), PREALLOCATE_MAX_SIDE), min(math.ceil(w), PREALLOCATE_MAX_SIDE)
 
+    @functools.cached_property
     def _served_sample(self) -> np.ndarray:
         """``int64 (<= STATISTICS_SAMPLE,)`` rows spread evenly over the usable ones (for percentiles: the
-        whole manifest would cost O(N) private memory in every rank)."""
+        whole manifest would cost O(N) private memory in every rank); taken once per loader."""
         index = self._planner.index
         usable = int(index.starts[-1])
         count = min(usable, STATISTICS_SAMPLE)
@@ -394,7 +396,7 @@ class DALIBucketIterator:
         ``ResourceError`` saying what to do when ``/dev/shm`` cannot hold even the smallest set-up."""
         if self.workers == 0:
             return {"bytes_per_sample": 0, "source_prefetch": 0}
-        lengths = self.data.ints_at("length", self._served_sample(), -1)
+        lengths = self.data.ints_at("length", self._served_sample, -1)
         known = lengths[lengths > 0]
         encoded = int(np.percentile(known, 99)) if known.size else 0
         sizes = self._planner.assignment.sizes
@@ -618,10 +620,10 @@ class DALIBucketIterator:
         # torch through DLPack without a copy, as DALI's own iterator does for such pipelines.
         device = torch.device("cuda", self.device_id) if self.device == "gpu" else torch.device("cpu")
         tensors = {}
-        for (key, _, _), output in zip(self.decoder.parts, outputs[:-1]):
-            with torch.cuda.device(device) if self.device == "gpu" else contextlib.nullcontext():
+        with torch.cuda.device(device) if self.device == "gpu" else contextlib.nullcontext():
+            for (key, _, _), output in zip(self.decoder.parts, outputs[:-1]):
                 tensor = torch.from_dlpack(output.as_tensor())
-            tensors[key] = tensor.to(torch.bfloat16) if self.dtype == "bfloat16" else tensor
+                tensors[key] = tensor.to(torch.bfloat16) if self.dtype == "bfloat16" else tensor
         out = tensors.pop("images")
         shape = list(out.shape)
         m = META.unpack(outputs[-1].as_array())

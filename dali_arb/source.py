@@ -17,7 +17,7 @@ import numpy as np
 
 from .buckets import BucketSpec, format_size
 from .decoders import Decoder
-from .errors import ConfigError, DataError, ManifestError, StorageError
+from .errors import ConfigError, DataError, ManifestError, ObjectChanged, ObjectMissing, StorageError
 from .geometry import Geometry, cover_crop
 from .imagefacts import check_encoded
 from .manifest import Manifest
@@ -402,11 +402,12 @@ class BatchSource:
 
     def _read_remote(self, request: Request) -> tuple[np.ndarray | None, Failure]:
         result = self.remote.take(request)
+        if isinstance(result, ObjectMissing):
+            return None, Failure.MISSING
+        if isinstance(result, ObjectChanged):
+            return None, Failure.CHANGED
         if isinstance(result, StorageError):
-            text = str(result)
-            return None, Failure.MISSING if "not found" in text else (
-                Failure.CHANGED if "changed since indexing" in text else Failure.READ_ERROR
-            )
+            return None, Failure.READ_ERROR
         problem = check_encoded(result)
         if problem:
             return None, Failure.of_bytes_problem(problem)

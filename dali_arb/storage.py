@@ -25,11 +25,11 @@ import re
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from typing import Any
 
-from .errors import StorageError
+from .errors import ObjectChanged, ObjectMissing, StorageError
 
 __all__ = [
     "RETRIES",
@@ -169,6 +169,20 @@ def describe(exc: BaseException, url: str) -> str:
     return f"cannot read {url}: {_first_line(text)}"
 
 
+def failed(exc: BaseException, url: str) -> StorageError:
+    """The error for a request that failed for good: :class:`ObjectMissing` when the object is not there (its
+    bucket is), else a :class:`StorageError`; the message from :func:`describe`."""
+    from obstore import exceptions as E
+
+    text = str(exc)
+    missing = "NoSuchBucket" not in text and (
+        isinstance(exc, (E.NotFoundError, FileNotFoundError)) or re.search(r"\b404 Not Found\b", text)
+    )
+    error = (ObjectMissing if missing else StorageError)(describe(exc, url))
+    error.__cause__ = exc
+    return error
+
+
 def _first_line(text: str) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return (lines[0] if lines else "unknown error")[:200]
@@ -196,7 +210,7 @@ class IOStats:
     def take(self) -> dict[str, int]:
         """The counts since the last ``take`` (and reset them)."""
         with self._lock:
-            names = ("requests", "retries", "bytes_read", "bytes_served", "hits", "misses", "failures")
+            names = [f.name for f in fields(self) if not f.name.startswith("_")]
             out = {n: getattr(self, n) for n in names}
             for n in names:
                 setattr(self, n, 0)
@@ -215,7 +229,7 @@ def _with_retries(call, url: str, stats: IOStats | None):
             return call()
         except Exception as exc:
             if attempt == RETRIES or not is_transient(exc):
-                raise StorageError(describe(exc, url)) from exc
+                raise failed(exc, url) from exc
             if stats is not None:
                 stats.add(retries=1)
             time.sleep(_backoff(attempt))
@@ -255,7 +269,7 @@ def list_prefix(url: str) -> Iterator[ObjectInfo]:
     except StorageError:
         raise
     except Exception as exc:
-        raise StorageError(describe(exc, url)) from exc
+        raise failed(exc, url) from exc
 
 
 def head(url: str, stats: IOStats | None = None) -> ObjectInfo:
@@ -427,7 +441,7 @@ class Fetcher:
                         size = int(got.meta["size"])
                         if size != end:
                             for i in members:
-                                results[i] = StorageError(f"{url} changed since indexing: {size} bytes, not {end}")
+                                results[i] = ObjectChanged(f"{url} changed since indexing: {size} bytes, not {end}")
                             return
                         data = bytes(await got.bytes_async())
                     else:
@@ -435,8 +449,7 @@ class Fetcher:
                     break
                 except Exception as exc:
                     if attempt == RETRIES or not is_transient(exc):
-                        error = StorageError(describe(exc, url))
-                        error.__cause__ = exc
+                        error = failed(exc, url)
                         for i in members:
                             results[i] = error
                         return
