@@ -19,6 +19,7 @@ from .errors import (
     PlanError,
     ResourceError,
     StateError,
+    StorageError,
 )
 from .manifest import Manifest
 from .mixture import MixedIndex
@@ -51,6 +52,7 @@ __all__ = [
     "Planner",
     "ResourceError",
     "StateError",
+    "StorageError",
     "World",
     "format_size",
     "parse_size",
