@@ -6,7 +6,7 @@ import contextlib
 import os
 import sys
 
-__all__ = ["describe_exit", "die_with_parent", "spawn_without_main"]
+__all__ = ["describe_exit", "die_with_parent", "spawn_without_main", "stop_pool"]
 
 
 def die_with_parent() -> None:
@@ -64,3 +64,23 @@ def spawn_without_main():
     finally:
         for name, value in saved.items():
             setattr(main, name, value)
+
+
+def stop_pool(pool: object) -> None:
+    """Stop a ``ProcessPoolExecutor`` on the way out of an error, Ctrl-C or SIGTERM, whatever state the
+    interruption left it in, and never raise: the exception that brought us here is the one to report.
+
+    A SIGTERM that lands inside ``submit`` can leave the pool's manager thread created but not started;
+    ``shutdown`` then raises ``RuntimeError: cannot join thread before it is started`` and would leave the
+    workers running. Those are killed here instead (they only read files; nothing of theirs is kept).
+    """
+    try:
+        pool.shutdown(wait=True, cancel_futures=True)  # type: ignore[attr-defined]
+        return
+    except Exception:  # noqa: BLE001 - the half-started pool is handled below
+        pass
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        with contextlib.suppress(Exception):
+            process.kill()
+            process.join(timeout=10)
+

@@ -511,6 +511,39 @@ def test_sigterm_to_index_leaves_no_workers_and_no_partial_files(tmp_path):
     assert list(out.parent.iterdir()) == []
 
 
+
+def test_a_signal_inside_the_pools_start_up_is_reported_and_stops_the_workers(tmp_path, monkeypatch):
+    """CI saw `dali-arb index` exit 1 with "internal error: RuntimeError: cannot join thread before it is
+    started" instead of 143: the SIGTERM landed in ``submit`` between creating the pool's manager thread and
+    starting it, and the clean-up's ``shutdown`` raised over the Terminated exception."""
+    import concurrent.futures.process as cf_process
+    import multiprocessing
+
+    from .images import save_jpeg
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(40):
+        save_jpeg(folder / f"{i:03d}.jpg", 64, 48, seed=i)
+    out = tmp_path / "out" / "m.parquet"
+    out.parent.mkdir()
+
+    def interrupted_start(thread):
+        raise KeyboardInterrupt  # what the SIGTERM handler's exception does at this point
+
+    before = set(multiprocessing.active_children())
+    monkeypatch.setattr(cf_process._ExecutorManagerThread, "start", interrupted_start)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            index([folder], out, workers=2)
+        monkeypatch.undo()
+        started = {p.pid for p in set(multiprocessing.active_children()) - before}
+        assert _wait_for(lambda: not _alive(started), 10), f"workers left alive: {_alive(started)}"
+        assert list(out.parent.iterdir()) == []
+    finally:  # (workers left behind would hang pytest's exit: end them whatever the outcome)
+        for process in set(multiprocessing.active_children()) - before:
+            process.kill()
+
 TRAIN_SCRIPT = """
 import sys, time
 from dali_arb import DALIBucketIterator

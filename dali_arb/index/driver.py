@@ -3,6 +3,7 @@ stream rows to a temporary Parquet file, make keys unique, and move the results 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -22,7 +23,7 @@ from ..errors import ConfigError, IndexingError, StorageError
 from ..imagefacts import DEFAULT_MAX_PIXELS
 from ..manifest import SCHEMA, Manifest, rejects_path
 from ..pairs import PairSpec, pair_schema, pairs_of
-from ..processes import die_with_parent, spawn_without_main
+from ..processes import die_with_parent, spawn_without_main, stop_pool
 from .folders import FolderWalk, PreviousRows, folder_task
 from .metadata import metadata_rows
 from .records import Reject, Row, rows_to_table
@@ -276,8 +277,9 @@ def build_index(
         _deduplicate_keys(tmp, rejects_tmp, summary)
         pool.shutdown()
     except BaseException:  # an error, Ctrl-C or SIGTERM (the CLI turns it into SystemExit): leave nothing behind
-        pool.shutdown(wait=True, cancel_futures=True)
-        writer.close()
+        stop_pool(pool)
+        with contextlib.suppress(Exception):  # (a writer interrupted mid-write may refuse to close)
+            writer.close()
         tmp.unlink(missing_ok=True)
         rejects_tmp.unlink(missing_ok=True)
         raise
