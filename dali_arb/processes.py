@@ -77,10 +77,9 @@ def stop_pool(pool: object) -> None:
     try:
         pool.shutdown(wait=True, cancel_futures=True)  # type: ignore[attr-defined]
         return
-    except Exception:  # noqa: BLE001 - the half-started pool is handled below
+    except Exception:  # the half-started pool is handled below
         pass
     for process in list((getattr(pool, "_processes", None) or {}).values()):
         with contextlib.suppress(Exception):
             process.kill()
             process.join(timeout=10)
-

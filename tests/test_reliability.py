@@ -511,7 +511,6 @@ def test_sigterm_to_index_leaves_no_workers_and_no_partial_files(tmp_path):
     assert list(out.parent.iterdir()) == []
 
 
-
 def test_a_signal_inside_the_pools_start_up_is_reported_and_stops_the_workers(tmp_path, monkeypatch):
     """CI saw `dali-arb index` exit 1 with "internal error: RuntimeError: cannot join thread before it is
     started" instead of 143: the SIGTERM landed in ``submit`` between creating the pool's manager thread and
@@ -543,6 +542,7 @@ def test_a_signal_inside_the_pools_start_up_is_reported_and_stops_the_workers(tm
     finally:  # (workers left behind would hang pytest's exit: end them whatever the outcome)
         for process in set(multiprocessing.active_children()) - before:
             process.kill()
+
 
 TRAIN_SCRIPT = """
 import sys, time
