@@ -7,7 +7,11 @@ Loaders, all on the same manifest, the same plan (batches and buckets) and the s
 - ``pillow``: a PyTorch ``DataLoader`` whose workers decode with Pillow, resize to cover (bilinear)
   and crop: what kohya sd-scripts and SimpleTuner effectively run;
 - ``pillow_draft``: the same with ``Image.draft()``, letting libjpeg-turbo decode at 1/2, 1/4 or 1/8
-  scale when the image is much larger than its bucket (the strongest CPU peer);
+  scale when the image is much larger than its bucket;
+- ``opencv``: ``cv2.imdecode`` at the largest DCT reduction covering the bucket, ``INTER_AREA`` (the
+  fastest CPU peer, compared with ``jpeg_scaling="fast"``), and ``opencv_quality``: the same reducing only
+  while the image keeps 3x the bucket (full-resolution quality: the peer for the default
+  ``jpeg_scaling="quality"``);
 - ``torchvision``: what a user writes for the GPU without DALI: a ``DataLoader`` whose workers read
   the bytes of each planned batch, then batched ``torchvision.io.decode_jpeg(..., device=...)``
   (nvJPEG on GPU), ``resize`` with antialias to cover, centre crop (needs torchvision);
@@ -29,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from .buckets import BucketSpec
-from .decoders import DaliDecoder, jpeg_reduction, opencv_flags
+from .decoders import JPEG_SCALINGS, QUALITY_MARGIN, DaliDecoder, jpeg_reduction, opencv_flags
 from .geometry import cover_crop
 from .imagefacts import swaps_sides
 from .manifest import Manifest
@@ -43,7 +47,10 @@ __all__ = ["make_photo_jpegs", "run_bench"]
 #: (the loader under test warms up first) can deadlock the child on a lock one of those threads held.
 PEER_START_METHOD = "spawn"
 #: The CPU peers, by result key: the ``PeerBatches`` method each runs.
-PEERS = {"baseline": "pillow", "baseline_draft": "pillow_draft", "baseline_opencv": "opencv"}
+PEERS = {"baseline": "pillow", "baseline_draft": "pillow_draft", "baseline_opencv": "opencv",
+         "baseline_opencv_quality": "opencv_quality"}  # fmt: skip
+#: the peer that decodes as ``jpeg_scaling`` does: the strongest one producing output of the same quality
+SAME_QUALITY_PEER = {"quality": "baseline_opencv_quality", "fast": "baseline_opencv"}
 
 
 # -- images ----------------------------------------------------------------------------------------
@@ -94,7 +101,9 @@ class PeerBatches:
     (picklable): ``method`` ``"pillow"`` (decode, resize to cover with antialiased bilinear, crop),
     ``"pillow_draft"`` (the same after ``draft()``: libjpeg-turbo decodes at 1/2..1/8 scale), or
     ``"opencv"`` (``cv2.imdecode`` with ``IMREAD_REDUCED_COLOR_2/4/8`` at the largest reduction that still
-    covers the bucket, ``cv2.resize`` with ``INTER_AREA`` when shrinking by 2x or more, else linear, crop).
+    covers the bucket, ``cv2.resize`` with ``INTER_AREA`` when shrinking by 2x or more, else linear, crop),
+    or ``"opencv_quality"`` (the same, reducing only while the image keeps ``QUALITY_MARGIN`` times the
+    resize: the quality of a full-resolution decode, as ``jpeg_scaling="quality"``).
     Centre crop; output ``[B, 3, H, W]`` uint8, or float16 in [-1, 1] normalised in the worker."""
 
     def __init__(self, sources: list[str], heights: np.ndarray, widths: np.ndarray, rows: np.ndarray,
@@ -114,11 +123,12 @@ class PeerBatches:
         """The ``cv2.imdecode`` flag (BGR, as users write it) at the largest reduction covering the bucket."""
         h, w = int(self.heights[row]), int(self.widths[row])
         rh, rw, _, _ = cover_crop(h, w, bh, bw, 0.0, 0.0, center=True)
-        return opencv_flags(rgb=False)[0][jpeg_reduction(h, w, rh, rw)]
+        margin = QUALITY_MARGIN if self.method == "opencv_quality" else 1.0
+        return opencv_flags(rgb=False)[0][jpeg_reduction(h, w, rh, rw, margin=margin)]
 
     def image(self, row: int, bh: int, bw: int) -> np.ndarray:
         """One sample, ``uint8 (bh, bw, 3)``."""
-        if self.method == "opencv":
+        if self.method in ("opencv", "opencv_quality"):
             import cv2
 
             img = cv2.imdecode(np.fromfile(self.sources[row], np.uint8), self.reduced_flag(row, bh, bw))
@@ -149,7 +159,8 @@ class PeerBatches:
 
 class DecodeOnly(PeerBatches):
     """The physical limit of CPU decoding for these images and buckets: each batch's JPEGs decoded at the
-    reduction the bucket allows (``cv2.IMREAD_REDUCED_*``), nothing else; returns the batch's image count."""
+    reduction the bucket allows (``cv2.IMREAD_REDUCED_*``; ``method`` ``"opencv"`` or ``"opencv_quality"``
+    as in :class:`PeerBatches`), nothing else; returns the batch's image count."""
 
     def __getitem__(self, step: int):
         import cv2
@@ -268,6 +279,7 @@ def run_bench(
     decoder: str = "auto",
     num_threads: int | None = None,
     hw_decoder_load: float | None = None,
+    jpeg_scaling: str | None = None,
     buckets: BucketSpec | None = None,
     dtype: str = "float16",
     quality: bool = False,
@@ -281,7 +293,8 @@ def run_bench(
     ``quality``, each loader's worst and median PSNR against a full-resolution antialiased reference over
     one batch of every bucket. ``step_ms`` adds a simulated training step after each batch: batch
     intervals then show whether a loader that is ahead of consumption keeps a steady pace (p99 vs p50),
-    and ``read_ahead_bytes`` says what the loader's prefetch holds in memory for it."""
+    and ``read_ahead_bytes`` says what the loader's prefetch holds in memory for it. ``jpeg_scaling`` goes
+    to the loader; ``speedup_vs_same_quality`` compares it with the peer that decodes at the same scale."""
     import torch
 
     from .iterator import DALIBucketIterator
@@ -301,6 +314,11 @@ def run_bench(
                 "are in object storage; run them on a manifest of local copies (bench alone measures the loader)"
             )
     cores = os.cpu_count() or 1
+    scaling = jpeg_scaling or "quality"
+    if scaling not in JPEG_SCALINGS:
+        from .errors import ConfigError
+
+        raise ConfigError(f"jpeg_scaling must be 'quality' or 'fast', got {jpeg_scaling!r}")
     planner = Planner(spec.assign(m.heights, m.widths), batch_size=batch_size, world=World())
     plan = planner.epoch(0)  # every loader runs on through the epochs as long as the timing needs
 
@@ -313,7 +331,7 @@ def run_bench(
             it = DALIBucketIterator(
                 m, batch_size=batch_size, buckets=spec, device=device, crop="center", workers=workers,
                 rank=0, world_size=1, decoder=chosen, num_threads=num_threads, hw_decoder_load=hw_decoder_load,
-                dtype=dtype,
+                dtype=dtype, jpeg_scaling=jpeg_scaling if chosen != "dali" else None,
             )  # fmt: skip
             read_ahead[chosen] = it.read_ahead_bytes()
             return cycle(lambda: it)
@@ -346,7 +364,8 @@ def run_bench(
 
         for key, method in PEERS.items():
             loaders[key] = peer(PeerBatches(sources, m.heights, m.widths, plan.rows, sizes, method=method, dtype=dtype))
-        loaders["decode_ceiling"] = peer(DecodeOnly(sources, m.heights, m.widths, plan.rows, sizes, method="opencv"))
+        ceiling = "opencv_quality" if scaling == "quality" else "opencv"
+        loaders["decode_ceiling"] = peer(DecodeOnly(sources, m.heights, m.widths, plan.rows, sizes, method=ceiling))
         if _has_torchvision():
             torch_device = "cuda" if device == "gpu" else "cpu"
 
@@ -426,6 +445,7 @@ def run_bench(
             "workers": workers,
             "num_threads": num_threads,
             "hw_decoder_load": hw_decoder_load,
+            "jpeg_scaling": jpeg_scaling,
         },
         "batch_size": batch_size,
         "batches_per_round": batches,
@@ -445,6 +465,11 @@ def run_bench(
         result["speedup_vs_baseline"] = round(ours_rate / result["baseline"]["images_per_s"], 2)
         result["speedup_vs_baseline_draft"] = round(ours_rate / result["baseline_draft"]["images_per_s"], 2)
         result["speedup_vs_baseline_opencv"] = round(ours_rate / result["baseline_opencv"]["images_per_s"], 2)
+        result["speedup_vs_baseline_opencv_quality"] = round(
+            ours_rate / result["baseline_opencv_quality"]["images_per_s"], 2
+        )
+        result["same_quality_peer"] = SAME_QUALITY_PEER[scaling]
+        result["speedup_vs_same_quality"] = round(ours_rate / result[SAME_QUALITY_PEER[scaling]]["images_per_s"], 2)
         result["share_of_decode_ceiling"] = round(ours_rate / result["decode_ceiling"]["images_per_s"], 3)
         if "torchvision" in result:
             result["speedup_vs_torchvision"] = round(ours_rate / result["torchvision"]["images_per_s"], 2)
@@ -457,11 +482,13 @@ def run_bench(
         gpu_memory["after_run_mb"] = _gpu_used_mb()
         result["gpu_memory"] = gpu_memory
     if quality:
-        result["quality"] = _quality(m, spec, plan, decoder, device, baseline)
+        result["quality"] = _quality(m, spec, plan, decoder, device, baseline, jpeg_scaling)
     return result
 
 
-def _quality(m: Manifest, spec: BucketSpec, plan: Any, decoder: str, device: str, peers: bool) -> dict[str, Any]:
+def _quality(
+    m: Manifest, spec: BucketSpec, plan: Any, decoder: str, device: str, peers: bool, jpeg_scaling: str | None = None
+) -> dict[str, Any]:
     """Worst and median PSNR (dB) of each loader's uint8 output against :func:`reference_image`, over the
     first batch of every bucket in the plan."""
     from .iterator import DALIBucketIterator
@@ -477,7 +504,8 @@ def _quality(m: Manifest, spec: BucketSpec, plan: Any, decoder: str, device: str
     }
     scores: dict[str, list[float]] = {"loader": []}
     it = DALIBucketIterator(m, batch_size=plan.batch_size, buckets=spec, device=device, crop="center", workers=0,
-                            rank=0, world_size=1, decoder=decoder, dtype="uint8")  # fmt: skip
+                            rank=0, world_size=1, decoder=decoder, dtype="uint8",
+                            jpeg_scaling=jpeg_scaling if decoder != "dali" else None)  # fmt: skip
     for batch in it:
         if batch["step"] in first_step.values():
             for i, row in enumerate(plan.rows[batch["step"]]):

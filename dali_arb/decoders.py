@@ -34,6 +34,8 @@ from .outputs import Failure, Output
 
 __all__ = [
     "DECODERS",
+    "JPEG_SCALINGS",
+    "QUALITY_MARGIN",
     "DaliDecoder",
     "Decoder",
     "OpenCVDecoder",
@@ -47,6 +49,14 @@ _MIRROR = Output("mirror", "INT32")
 #: Gaussian antialiasing before a bilinear shrink by r: sigma = ANTIALIAS_SIGMA * sqrt(r^2 - 1), chosen by
 #: PSNR against a full-resolution antialiased reference (0.5-0.7 within 0.4 dB; benchmarks/RESULTS.md).
 ANTIALIAS_SIGMA = 0.6
+#: ``jpeg_scaling="quality"`` decodes a JPEG at a reduced DCT scale only while the decoded image stays at least
+#: this many times the resize on both sides. libjpeg-turbo's reduced decode truncates each 8x8 block's DCT on its
+#: own; on detailed photos it lands 29-31 dB from any full-resolution antialiased resize, and a further shrink
+#: of 3x or more filters that difference away (worst 35.7 dB against 29.4 at a margin of 1; RESULTS.md).
+QUALITY_MARGIN = 3.0
+#: the values of ``jpeg_scaling``: ``"quality"`` (the default) or ``"fast"`` (the largest reduction that covers
+#: the resize, as the fastest peers decode: about 2.5x less decoding on large photos, 29-30 dB worst).
+JPEG_SCALINGS = ("quality", "fast")
 _META = Output("meta", "INT64")
 
 
@@ -206,11 +216,23 @@ class DaliDecoder(Decoder):
 
 @dataclass(frozen=True)
 class PillowDecoder(Decoder):
-    """The worker processes decode with libjpeg-turbo at the smallest DCT scale (1/8..1) that still
-    covers the resize, EXIF-upright, and resize only the crop window (bilinear, antialiased)."""
+    """The worker processes decode with libjpeg-turbo at a reduced DCT scale (1/8..1) where
+    ``jpeg_scaling`` allows it (``"quality"``: while the decoded image stays :data:`QUALITY_MARGIN` times
+    the resize; ``"fast"``: the smallest scale that still covers it), EXIF-upright, and resize only the
+    crop window (bilinear, antialiased)."""
 
     name: ClassVar[str] = "pillow"
     part_outputs: ClassVar[tuple[Output, ...]] = (Output("image", "UINT8", "HWC"),)
+    jpeg_scaling: str = "quality"
+
+    def __post_init__(self) -> None:
+        if self.jpeg_scaling not in JPEG_SCALINGS:
+            raise ConfigError(f"jpeg_scaling must be 'quality' or 'fast', got {self.jpeg_scaling!r}")
+
+    @property
+    def margin(self) -> float:
+        """How many times the resize a reduced JPEG decode must keep on both sides."""
+        return QUALITY_MARGIN if self.jpeg_scaling == "quality" else 1.0
 
     def prepare(
         self, data: np.ndarray, geometry: Geometry, *, channels: int = 3
@@ -223,8 +245,11 @@ class PillowDecoder(Decoder):
             with Image.open(io.BytesIO(data.tobytes())) as img:
                 if displayed_size(img) != (w, h):
                     return None, Failure.RESIZED
-                if img.format == "JPEG":
-                    img.draft("L" if channels == 1 else "RGB", (rh, rw) if swaps_sides(img) else (rw, rh))
+                if img.format == "JPEG":  # draft: the largest DCT reduction keeping at least the requested size
+                    need_h, need_w = math.ceil(rh * self.margin), math.ceil(rw * self.margin)
+                    img.draft(
+                        "L" if channels == 1 else "RGB", (need_h, need_w) if swaps_sides(img) else (need_w, need_h)
+                    )
                 upright = _eight_bit(ImageOps.exif_transpose(img), "L" if channels == 1 else "RGB")
                 y_scale, x_scale = upright.height / rh, upright.width / rw
                 box = (left * x_scale, top * y_scale, (left + bucket_w) * x_scale, (top + bucket_h) * y_scale)
@@ -246,6 +271,9 @@ class PillowDecoder(Decoder):
     def bytes_per_sample(self, encoded_bytes: int, bucket_pixels: int) -> int:
         return int(bucket_pixels) * 3 + 64
 
+    def options(self) -> dict[str, Any]:
+        return {"decoder": self.name, "jpeg_scaling": self.jpeg_scaling, "pairs": [name for name, _ in self.pairs]}
+
 
 def _eight_bit(img, mode: str = "RGB"):
     """An 8-bit image in ``mode`` (``"RGB"`` or ``"L"``): 16-bit and 32-bit integer modes are scaled to 8 bits
@@ -262,10 +290,11 @@ def _eight_bit(img, mode: str = "RGB"):
 
 @dataclass(frozen=True)
 class OpenCVDecoder(PillowDecoder):
-    """The worker processes decode JPEGs with OpenCV (libjpeg-turbo, straight to RGB) at the largest
-    reduction (1/2, 1/4, 1/8) that still covers the resize, EXIF-upright, resize to cover the bucket
-    (a Gaussian low-pass matched to the scale, then bilinear) and crop at the planned corner. Other
-    formats take the Pillow path."""
+    """The worker processes decode JPEGs with OpenCV (libjpeg-turbo, straight to RGB) at a reduced DCT
+    scale (1/2, 1/4, 1/8) where ``jpeg_scaling`` allows it (as :class:`PillowDecoder`), EXIF-upright,
+    resize to cover the bucket (area averaging when shrinking 2x or more, else a Gaussian low-pass
+    matched to the scale, then bilinear) and crop at the planned corner. Other formats take the Pillow
+    path."""
 
     name: ClassVar[str] = "opencv"
 
@@ -277,7 +306,7 @@ class OpenCVDecoder(PillowDecoder):
         import cv2
 
         h, w, rh, rw, top, left, bucket_h, bucket_w = geometry
-        factor = jpeg_reduction(h, w, rh, rw)
+        factor = jpeg_reduction(h, w, rh, rw, margin=self.margin)
         if channels == 1:
             flags, decodes_rgb = opencv_gray_flags(), True
         else:
@@ -288,24 +317,27 @@ class OpenCVDecoder(PillowDecoder):
         if image.shape[0] != -(-h // factor) or image.shape[1] != -(-w // factor):
             return None, Failure.RESIZED
         # resize the decoded image to cover the bucket, then crop at the planned corner: exactly aligned with
-        # the geometry. Shrinking by r is antialiased by a Gaussian low-pass of sigma 0.6 * sqrt(r^2 - 1)
-        # (the reduced decode already averaged) before bilinear: as close to a full-resolution antialiased
-        # reference as INTER_AREA, at well under half its cost (benchmarks/RESULTS.md)
+        # the geometry. A shrink by 2x or more is area-averaged (cheaper than a wide Gaussian at full
+        # resolution, as good: RESULTS.md); a smaller shrink by r is antialiased by a Gaussian low-pass of
+        # sigma 0.6 * sqrt(r^2 - 1) before bilinear: as close to the reference as INTER_AREA, at under half its cost
         sy, sx = image.shape[0] / rh, image.shape[1] / rw
-        if sy > 1 or sx > 1:
+        if min(sy, sx) >= 2:
+            resized = cv2.resize(image, (rw, rh), interpolation=cv2.INTER_AREA)
+        else:
             sigma_y, sigma_x = (ANTIALIAS_SIGMA * math.sqrt(max(r * r - 1, 0.0)) for r in (sy, sx))
             if max(sigma_y, sigma_x) > 0.05:
                 image = cv2.GaussianBlur(image, (0, 0), sigmaX=max(sigma_x, 0.01), sigmaY=max(sigma_y, 0.01))
-        resized = cv2.resize(image, (rw, rh), interpolation=cv2.INTER_LINEAR)
+            resized = cv2.resize(image, (rw, rh), interpolation=cv2.INTER_LINEAR)
         out = np.ascontiguousarray(resized[top : top + bucket_h, left : left + bucket_w])
         if channels == 1:
             return {"image": out[:, :, None]}, Failure.NONE
         return {"image": out if decodes_rgb else cv2.cvtColor(out, cv2.COLOR_BGR2RGB)}, Failure.NONE
 
 
-def jpeg_reduction(height: int, width: int, cover_h: int, cover_w: int) -> int:
-    """The largest JPEG DCT reduction (8, 4, 2; else 1) whose output still covers ``(cover_h, cover_w)``."""
-    return next((f for f in (8, 4, 2) if height // f >= cover_h and width // f >= cover_w), 1)
+def jpeg_reduction(height: int, width: int, cover_h: int, cover_w: int, *, margin: float = 1.0) -> int:
+    """The largest JPEG DCT reduction (8, 4, 2; else 1) whose output keeps at least ``margin`` times
+    ``(cover_h, cover_w)`` on both sides."""
+    return next((f for f in (8, 4, 2) if height // f >= margin * cover_h and width // f >= margin * cover_w), 1)
 
 
 @functools.cache
@@ -347,22 +379,33 @@ def choose_decoder(
     """The decoder for ``name`` (``"auto"``: ``dali`` on GPU, ``opencv`` on CPU, where it is the fastest at
     the same quality: ``benchmarks/RESULTS.md``); a :class:`Decoder` instance is used as it is.
 
-    ``settings`` go to :class:`DaliDecoder` (``hw_decoder_load``, ``preallocate``); ``None`` values are
-    ignored, so callers can pass their options through. ``pairs`` are the manifest's paired images.
+    ``settings`` go to :class:`DaliDecoder` (``hw_decoder_load``, ``preallocate``) or, ``jpeg_scaling``, to
+    the worker decoders (with ``"auto"`` on a GPU, where DALI decodes at full resolution, it has nothing to
+    do); ``None`` values are ignored, so callers can pass their options through. ``pairs`` are the manifest's paired images.
     """
     if isinstance(name, Decoder):
-        if settings.get("hw_decoder_load") is not None:
-            raise ConfigError("hw_decoder_load is a setting of the decoder by name; give it to the Decoder instance")
+        for setting in ("hw_decoder_load", "jpeg_scaling"):
+            if settings.get(setting) is not None:
+                raise ConfigError(f"{setting} is a setting of the decoder by name; give it to the Decoder instance")
         return name.with_pairs(pairs)
     if name not in ("auto", *DECODERS):
         raise ConfigError(f"decoder must be 'auto', 'dali', 'pillow' or 'opencv', got {name!r}")
+    explicit = name != "auto"
     if name == "auto":
         name = "dali" if device == "gpu" else "opencv"
     given = {k: v for k, v in settings.items() if v is not None}
+    scaling = given.pop("jpeg_scaling", None)
     if name in ("pillow", "opencv"):
         if given.get("hw_decoder_load") is not None:
             raise ConfigError(f"hw_decoder_load applies to decoder='dali' on the GPU, not to decoder={name!r}")
-        return DECODERS[name](pairs=tuple(pairs))
+        return DECODERS[name](pairs=tuple(pairs), jpeg_scaling=scaling or "quality")
+    if scaling is not None and explicit:
+        raise ConfigError(
+            f"jpeg_scaling applies where the workers decode (decoder 'opencv' or 'pillow'); decoder 'dali' always "
+            f"decodes at full resolution, so drop jpeg_scaling={scaling!r} or choose another decoder"
+        )
+    if scaling is not None and scaling not in JPEG_SCALINGS:
+        raise ConfigError(f"jpeg_scaling must be 'quality' or 'fast', got {scaling!r}")
     return DaliDecoder(pairs=tuple(pairs), **given)
 
 

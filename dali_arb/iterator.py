@@ -98,6 +98,11 @@ class DALIBucketIterator:
             A :class:`~dali_arb.decoders.Decoder` instance is used as it is. See :mod:`dali_arb.decoders`.
         hw_decoder_load: with ``dali`` on GPU, the share of each batch for the hardware JPEG decoder
             (A100/H100; DALI's default 0.65).
+        jpeg_scaling: with ``opencv`` or ``pillow``, how far the workers let libjpeg-turbo decode a JPEG at a
+            reduced DCT scale: ``"quality"`` (default) only while the image keeps 3x the resize, so the output
+            stays within 35 dB of a full-resolution antialiased resize; ``"fast"`` the largest reduction that
+            covers the resize (as the fastest peers do: up to 2.5x less decoding on large photos, 29-30 dB
+            worst on detailed ones). ``benchmarks/RESULTS.md`` has both.
         read_ahead: for samples in object storage (``s3://``, ``gs://``, ``https://`` manifests), steps whose samples
             are fetched ahead in the background, from the plan (default: every step the pipeline and its workers
             prepare ahead, plus one); 0 fetches each sample when it is needed, one request at a time.
@@ -137,6 +142,7 @@ class DALIBucketIterator:
         device_id: int | None = None,
         decoder: str | Decoder = "auto",
         hw_decoder_load: float | None = None,
+        jpeg_scaling: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         read_ahead: int | None = None,
         sample_cache: str | os.PathLike | None = None,
@@ -207,6 +213,7 @@ class DALIBucketIterator:
             self.device,
             pairs=tuple(self.data.pairs.items()),
             hw_decoder_load=hw_decoder_load,
+            jpeg_scaling=jpeg_scaling,
             preallocate=self._preallocation() if gpu and decoder in ("auto", "dali") else None,
         )
         cores = max(1, cpu_count() // world.local_world_size)  # the ranks of a node share its cores

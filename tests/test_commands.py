@@ -54,10 +54,11 @@ def test_bench_json_has_the_contract_keys(dataset, capsys):
     _, manifest = dataset
     code, out, _ = run(capsys, "bench", manifest, "--device", "cpu", "--baseline", "--memory", "--json", "--batch-size",
                        "2", "--batches", "2", "--rounds", "1", "--workers", "1", "--decoder", "pillow", "--threads", "1", "--quality", "--step-ms", "5",
+                       "--jpeg-scaling", "fast",
                        "--max-area", "38400", "--min-dim", "64", "--max-dim", "320", "--step", "32", "--base", "160x160")  # fmt: skip
     assert code == 0
     result = json.loads(out)
-    for key in ("loader", "baseline", "baseline_draft", "baseline_opencv", "memory"):
+    for key in ("loader", "baseline", "baseline_draft", "baseline_opencv", "baseline_opencv_quality", "memory"):
         assert result[key]["images_per_s"] > 0 and result[key]["megapixels_per_s"] > 0
         assert result[key]["batch_ms_p99"] >= result[key]["batch_ms_p50"] > 0
     assert result["decode_ceiling"]["images_per_s"] > 0 and 0 < result["share_of_decode_ceiling"]
@@ -68,7 +69,11 @@ def test_bench_json_has_the_contract_keys(dataset, capsys):
     assert quality["baseline"]["worst_db"] > 40  # plain Pillow is the reference's own method
     assert 25 < quality["loader"]["worst_db"] <= quality["loader"]["median_db"]
     # the settings the loader ran with, as given (the memory-fed pipeline's own decoder does not replace them)
-    assert result["settings"] == {"decoder": "pillow", "workers": 1, "num_threads": 1, "hw_decoder_load": None}
+    settings = {"decoder": "pillow", "workers": 1, "num_threads": 1, "hw_decoder_load": None, "jpeg_scaling": "fast"}
+    assert result["settings"] == settings
+    # fast scaling is compared with the peer that decodes at the same scale
+    assert result["same_quality_peer"] == "baseline_opencv"
+    assert result["speedup_vs_same_quality"] == result["speedup_vs_baseline_opencv"] > 0
 
 
 @pytest.mark.parametrize(

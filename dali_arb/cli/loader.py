@@ -51,6 +51,14 @@ def _add_loader_options(p: argparse.ArgumentParser, *, batch_default: int) -> No
         help="who decodes: DALI (nvJPEG on GPU), the workers with OpenCV or Pillow at reduced DCT scale, or auto (default: "
         "dali on GPU, opencv on CPU)",
     )
+    g.add_argument(
+        "--jpeg-scaling",
+        choices=["quality", "fast"],
+        default=None,
+        help="how far the opencv/pillow workers decode JPEGs at reduced DCT scale: quality (default: only while the "
+        "image keeps 3x the bucket; within 35 dB of a full-resolution resize) or fast (the largest reduction that "
+        "covers the bucket, as the fastest peers do)",
+    )
     g.add_argument("--threads", type=positive_int, default=None, help="DALI threads (default: the decoder's)")
     g.add_argument(
         "--hw-decoder-load",
@@ -63,7 +71,7 @@ def _add_loader_options(p: argparse.ArgumentParser, *, batch_default: int) -> No
 def _loader_settings(args: argparse.Namespace) -> dict:
     """The loader options as ``DALIBucketIterator`` keyword arguments."""
     return {"device": args.device, "workers": args.workers, "decoder": args.decoder, "num_threads": args.threads,
-            "hw_decoder_load": args.hw_decoder_load}  # fmt: skip
+            "hw_decoder_load": args.hw_decoder_load, "jpeg_scaling": args.jpeg_scaling}  # fmt: skip
 
 
 def _stderr_is_tty() -> bool:
@@ -124,7 +132,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     print(f"{result['images']} images, batch {result['batch_size']}, {result['batches_per_round']} batches per round, "
           f"device {result['device']}, {result['cores']} cores; {result['output']}")  # fmt: skip
-    names = {"loader": "dali_arb", "baseline_opencv": "DataLoader + OpenCV reduced decode",
+    names = {"loader": "dali_arb", "baseline_opencv_quality": "DataLoader + OpenCV, quality scaling",
+             "baseline_opencv": "DataLoader + OpenCV reduced decode",
              "baseline_draft": "DataLoader + Pillow draft", "baseline": "DataLoader + Pillow",
              "torchvision": "DataLoader + torchvision decode_jpeg", "loader_dali_decoder": "dali_arb, decoder=dali",
              "memory": "decoder=dali pipeline fed from memory"}  # fmt: skip
@@ -140,7 +149,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             )
     if "decode_ceiling" in result:
         print(f"{'decode only (the ceiling)':<36} {result['decode_ceiling']['images_per_s']:>9}")
+    if "speedup_vs_same_quality" in result:
+        print(f"speedup vs the strongest peer of the same quality ({names[result['same_quality_peer']]}): "
+              f"{result['speedup_vs_same_quality']}x")  # fmt: skip
     for key in (
+        "speedup_vs_baseline_opencv_quality",
         "speedup_vs_baseline_opencv",
         "speedup_vs_baseline_draft",
         "speedup_vs_baseline",
