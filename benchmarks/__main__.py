@@ -8,7 +8,7 @@ import platform
 import sys
 import time
 
-from . import CASES, bench_dataplane, bench_gpu, bench_index, bench_loader, bench_planner, bench_storage  # noqa: F401  (register cases)
+from . import CASES, bench_dataplane, bench_gpu, bench_index, bench_loader, bench_planner, bench_scaling, bench_storage  # noqa: F401  (register cases)
 
 
 def machine() -> str:

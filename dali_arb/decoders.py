@@ -52,10 +52,11 @@ ANTIALIAS_SIGMA = 0.6
 #: ``jpeg_scaling="quality"`` decodes a JPEG at a reduced DCT scale only while the decoded image stays at least
 #: this many times the resize on both sides. libjpeg-turbo's reduced decode truncates each 8x8 block's DCT on its
 #: own; on detailed photos it lands 29-31 dB from any full-resolution antialiased resize, and a further shrink
-#: of 3x or more filters that difference away (worst 35.7 dB against 29.4 at a margin of 1; RESULTS.md).
+#: of 3x or more filters that difference away (worst 36.7 dB against 28.6 at a margin of 1 on 4-12 MP photos;
+#: `python -m benchmarks jpeg_scaling`, RESULTS.md).
 QUALITY_MARGIN = 3.0
 #: the values of ``jpeg_scaling``: ``"quality"`` (the default) or ``"fast"`` (the largest reduction that covers
-#: the resize, as the fastest peers decode: about 2.5x less decoding on large photos, 29-30 dB worst).
+#: the resize, as the fastest peers decode: about 2.7x less decoding on large photos, 28-30 dB worst).
 JPEG_SCALINGS = ("quality", "fast")
 _META = Output("meta", "INT64")
 

@@ -101,7 +101,7 @@ class DALIBucketIterator:
         jpeg_scaling: with ``opencv`` or ``pillow``, how far the workers let libjpeg-turbo decode a JPEG at a
             reduced DCT scale: ``"quality"`` (default) only while the image keeps 3x the resize, so the output
             stays within 35 dB of a full-resolution antialiased resize; ``"fast"`` the largest reduction that
-            covers the resize (as the fastest peers do: up to 2.5x less decoding on large photos, 29-30 dB
+            covers the resize (as the fastest peers do: up to 2.7x less decoding on large photos, 28-30 dB
             worst on detailed ones). ``benchmarks/RESULTS.md`` has both.
         read_ahead: for samples in object storage (``s3://``, ``gs://``, ``https://`` manifests), steps whose samples
             are fetched ahead in the background, from the plan (default: every step the pipeline and its workers

@@ -83,6 +83,11 @@ def test_bench_json_has_the_contract_keys(dataset, capsys):
         (["preview", "{missing}", "-o", "x.png"], "manifest not found"),
         (["bench", "{m}", "--batch-size", "5000"], "fewer than one global batch"),
         (["preview", "{m}", "-o", "x.png", "--flip", "1.5"], "expected a probability between 0 and 1, got 1.5"),
+        (["preview", "{m}", "-o", "x.png", "--jpeg-scaling", "best"], "invalid choice: 'best'"),
+        (
+            ["preview", "{m}", "-o", "x.png", "--decoder", "dali", "--jpeg-scaling", "fast"],
+            "decoder 'dali' always decodes at full resolution",
+        ),
     ],
 )
 def test_loader_commands_fail_in_one_line(dataset, tmp_path, capsys, argv, message):

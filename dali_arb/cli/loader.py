@@ -254,9 +254,11 @@ def register(sub: argparse._SubParsersAction, fmt: type) -> None:
     p = sub.add_parser(
         "bench", help="loader throughput, optionally against the peers users would write", formatter_class=fmt,
         description="Time the loader (images/s, megapixels/s of output, batch latency p50/p99) on a manifest; "
-                    "--baseline adds PyTorch DataLoaders with OpenCV reduced decoding, Pillow draft and Pillow "
-                    "(and torchvision where installed) on the same plan and output, and the decode-only ceiling.",
-        epilog="examples:\n  dali-arb bench photos.parquet --device cpu --baseline\n"
+                    "--baseline adds PyTorch DataLoaders with OpenCV (at the loader's quality, and at the largest "
+                    "DCT reduction), Pillow draft and Pillow (and torchvision where installed) on the same plan and "
+                    "output, the decode-only ceiling, and the speed-up against the OpenCV peer of the same quality.",
+        epilog="examples:\n  dali-arb bench photos.parquet --device cpu --baseline --quality\n"
+               "  dali-arb bench photos.parquet --device cpu --baseline --jpeg-scaling fast\n"
                "  dali-arb bench photos.parquet --device gpu --baseline --memory --json > bench.json\n",
     )  # fmt: skip
     p.add_argument("manifest", metavar="MANIFEST")
