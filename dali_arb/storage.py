@@ -329,6 +329,27 @@ def download(url: str, path: str | os.PathLike, stats: IOStats | None = None) ->
     return size
 
 
+def upload(path: str | os.PathLike, url: str, stats: IOStats | None = None) -> int:
+    """Write the local file ``path`` to ``url`` (with retries); returns its size. A reader sees the whole object
+    or none of it: obstore's puts are atomic, multipart above 5 MiB."""
+    from pathlib import Path
+
+    import obstore
+
+    store, key = store_of(url)
+    _with_retries(lambda: obstore.put(store, key, Path(path)), url, stats)
+    return os.path.getsize(path)
+
+
+def exists(url: str) -> bool:
+    """Whether an object is at ``url``."""
+    try:
+        head(url)
+    except ObjectMissing:
+        return False
+    return True
+
+
 def expand_sources(source: str) -> list[str]:
     """The URLs a source stands for: webdataset brace ranges (``{00000..00099}``, ``{a,b}``) and globs
     (``s3://b/shards/*.tar``, listed) expanded; anything else as it is."""

@@ -301,3 +301,25 @@ def test_index_json_reports_reads_per_image(s3, tmp_path, capsys):
     out = capsys.readouterr()
     assert "2.00 requests and" in out.err and json.loads(out.out)["rows"] == 36
     assert np.isfinite(json.loads(out.out)["seconds"])
+
+
+def test_a_manifest_written_to_storage_serves_like_a_local_one_and_updates_in_place(s3, tmp_path, capsys):
+    """`-o s3://...` used to be refused: the manifest had to be copied to storage by hand."""
+    import obstore
+    from obstore.store import S3Store
+
+    _, folder, _ = s3
+    url = f"s3://{BUCKET}/manifests/photos.parquet"
+    assert main(["index", str(folder), "-o", url, "-q"]) == 0
+    assert f"into {url}" in capsys.readouterr().out
+    build_index([str(folder)], tmp_path / "local.parquet", progress=False)
+    assert same_batches(loader(url), loader(str(tmp_path / "local.parquet"))) > 0
+    store = S3Store(BUCKET, client_options={"allow_http": True})
+    assert obstore.head(store, "manifests/photos.parquet.rejects.jsonl")["size"] >= 0
+    again = build_index([str(folder)], url, update=True, progress=False)  # the manifest in storage is reused
+    assert again.manifest == url and again.reused == again.rows == len(Manifest.read(tmp_path / "local.parquet"))
+    code = main(["index", str(folder), "-o", f"s3://{BUCKET}/manifests/", "-q"])
+    err = capsys.readouterr().err.strip()
+    assert (
+        code != 0 and "name the manifest object, e.g. s3://data/manifests/manifest.parquet" in err and "\n" not in err
+    )

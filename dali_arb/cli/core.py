@@ -185,7 +185,10 @@ def register(sub: argparse._SubParsersAction, fmt: type) -> None:
         "Refused files are listed in MANIFEST.rejects.jsonl.",
     )
     p.add_argument("sources", nargs="+", metavar="SRC", help="image folder, .tar shard, or .parquet/.csv metadata")
-    p.add_argument("-o", "--output", required=True, metavar="MANIFEST", help="manifest to write (.parquet)")
+    p.add_argument(
+        "-o", "--output", required=True, metavar="MANIFEST",
+        help="manifest to write (.parquet): a local file, or an s3:// or gs:// URL (built locally, then uploaded)",
+    )  # fmt: skip
     p.add_argument(
         "--max-pixels", type=positive_int, default=89_478_485, help="refuse larger images (default: Pillow's 89478485)"
     )

@@ -39,7 +39,7 @@ ROWS_PER_GROUP = 65536
 class IndexSummary:
     """What one ``build_index`` call did."""
 
-    manifest: Path
+    manifest: Path | str  # a path, or the URL of a manifest written to object storage
     rows: int = 0
     rejected: int = 0
     reused: int = 0
@@ -69,7 +69,7 @@ class IndexSummary:
             + f"); rejected {self.rejected}"
         )
         if self.rejected:
-            text += f" ({reasons}), listed in {rejects_path(self.manifest)}"
+            text += f" ({reasons}), listed in {self.manifest}.rejects.jsonl"
         if self.remote_images:
             text += (
                 f"; from object storage: {self.remote_requests / self.remote_images:.2f} requests and "
@@ -155,18 +155,16 @@ def build_index(
         raise ConfigError(f"max_pixels must be a positive integer, got {max_pixels!r}")
     if workers is not None and (not isinstance(workers, int) or workers < 1):
         raise ConfigError(f"workers must be a positive integer, got {workers!r}")
+    from ..storage import expand_sources, is_url
+
+    if is_url(str(output)):
+        return _index_to_url(sources, str(output), max_pixels=max_pixels, workers=workers, update=update,
+                             progress=progress, pairs=pairs)  # fmt: skip
     output = Path(output)
     if output.exists() and output.is_dir():
         raise IndexingError(f"output {output} is a folder; give a file name such as {output / 'manifest.parquet'}")
     if not output.parent.exists():
         raise IndexingError(f"folder {output.parent} does not exist; create it or choose another -o")
-    from ..storage import expand_sources, is_url
-
-    if is_url(str(output)):
-        raise IndexingError(
-            f"-o {output}: the manifest is written to a local file; copy it to object storage afterwards (loaders "
-            "read manifests from URLs)"
-        )
     try:
         expanded = [u for s in sources for u in (expand_sources(s) if is_url(s) else [s])]
         # rows must resolve from any working directory: local sources become absolute paths
@@ -293,6 +291,42 @@ def build_index(
             f"no usable images in {', '.join(sources)} ({summary.rejected} rejected, see {rejects_path(output)})"
         )
     return summary
+
+
+def _index_to_url(sources: list[str], url: str, *, update: bool, **options) -> IndexSummary:
+    """``build_index`` into object storage: the manifest and its rejects file are written in a private local
+    folder, then uploaded, rejects first, so a reader that finds the manifest finds whole files. With ``update``,
+    the manifest already at ``url`` (if any) is fetched first and its unchanged rows reused."""
+    import shutil
+    import tempfile
+
+    from ..storage import download, exists, upload
+
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    if not name.endswith(".parquet") or url.endswith("/"):
+        raise IndexingError(f"-o {url}: name the manifest object, e.g. {url.rstrip('/')}/manifest.parquet")
+    rejects_url = f"{url}.rejects.jsonl"  # (rejects_path's naming; a Path would fold the URL's //)
+    folder = Path(tempfile.mkdtemp(prefix="dali-arb-index-"))
+    try:
+        local = folder / name
+        try:
+            if update and exists(url):
+                download(url, local)
+        except StorageError as exc:
+            raise IndexingError(str(exc)) from None
+        try:
+            summary = build_index(sources, local, update=update, **options)
+        except IndexingError as exc:  # its message names the local file: name the URL the user gave
+            raise IndexingError(str(exc).replace(str(local), url)) from None
+        try:
+            upload(rejects_path(local), rejects_url)
+            upload(local, url)
+        except StorageError as exc:
+            raise IndexingError(f"the manifest was built but could not be written: {exc}") from None
+        summary.manifest = url
+        return summary
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _index_remote(kind, url, pool, max_pixels, pairs, take, flush, writer, summary, bar) -> None:
