@@ -323,3 +323,26 @@ def test_a_manifest_written_to_storage_serves_like_a_local_one_and_updates_in_pl
     assert (
         code != 0 and "name the manifest object, e.g. s3://data/manifests/manifest.parquet" in err and "\n" not in err
     )
+
+
+def test_update_of_a_prefix_reuses_the_rows_of_unchanged_objects(s3, tmp_path):
+    """`--update` used to read every image header under a prefix again (2 ranged GETs per image)."""
+    from tests.images import save_jpeg
+
+    _, folder, _ = s3
+    for f in sorted(folder.iterdir()):
+        put(f"again/{f.name}", f.read_bytes())
+    out = tmp_path / "m.parquet"
+    first = build_index([f"s3://{BUCKET}/again/"], out, progress=False)
+    captions = len(list(folder.glob("*.txt")))
+    unchanged = build_index([f"s3://{BUCKET}/again/"], out, update=True, progress=False)
+    assert unchanged.rows == first.rows and unchanged.reused == first.rows
+    assert unchanged.remote_requests == captions  # only the sidecar captions are read again
+    changed = tmp_path / "img000.jpg"
+    save_jpeg(changed, 96, 64, seed=99)
+    put("again/img000.jpg", changed.read_bytes())  # a new object: another size and time
+    updated = build_index([f"s3://{BUCKET}/again/"], out, update=True, progress=False)
+    assert updated.reused == first.rows - 1
+    table = Manifest.read(out).table.to_pydict()
+    row = table["key"].index("img000")
+    assert (table["width"][row], table["height"][row]) == (96, 64)

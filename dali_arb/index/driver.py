@@ -239,7 +239,7 @@ def build_index(
         ):
             for kind, source in kinds:
                 if kind.startswith("remote_"):
-                    _index_remote(kind, source, pool, max_pixels, pairs, take, flush, writer, summary, bar)
+                    _index_remote(kind, source, pool, max_pixels, pairs, take, flush, writer, summary, bar, previous)
                     continue
                 if kind == "metadata":
                     table, rejects = metadata_rows(Path(source))
@@ -329,14 +329,15 @@ def _index_to_url(sources: list[str], url: str, *, update: bool, **options) -> I
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _index_remote(kind, url, pool, max_pixels, pairs, take, flush, writer, summary, bar) -> None:
+def _index_remote(kind, url, pool, max_pixels, pairs, take, flush, writer, summary, bar, previous) -> None:
     """Index one object-storage source (``remote.py``): a prefix (headers only), a shard or metadata (fetched)."""
     from ..storage import head
 
     try:
         if kind == "remote_folder":
-            tasks, _ = prefix_tasks(url, max_pixels)
+            tasks, _ = prefix_tasks(url, max_pixels, previous)
             for (rows, rejects, io), task in _ordered_map(pool, remote_folder_task, iter(tasks)):
+                summary.reused += io["reused"]
                 summary.remote_requests += io["requests"]
                 summary.remote_bytes += io["bytes_read"]
                 summary.remote_images += len(task[0])

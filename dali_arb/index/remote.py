@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from ..errors import StorageError
 from ..imagefacts import inspect_image
 from ..storage import IOStats, ObjectInfo, download, get_bytes, get_range, list_prefix
-from .folders import CAPTION_EXTS, NOT_IMAGES, decode_caption
+from .folders import CAPTION_EXTS, NOT_IMAGES, PreviousRows, decode_caption
 from .records import Reject, Row
 
 __all__ = ["BLOCK", "RemoteFile", "fetched", "prefix_tasks", "remote_folder_task"]
@@ -80,9 +80,10 @@ class RemoteFile(io.RawIOBase):
         return bytes(buffer[:n])
 
 
-def prefix_tasks(url: str, max_pixels: int) -> tuple[list[tuple], int]:
-    """The tasks of one prefix (``s3://bucket/prefix/``): groups of image objects with their sidecar captions;
-    and how many objects were listed. A StorageError when the listing holds no images."""
+def prefix_tasks(url: str, max_pixels: int, previous: PreviousRows | None = None) -> tuple[list[tuple], int]:
+    """The tasks of one prefix (``s3://bucket/prefix/``): groups of image objects with their sidecar captions
+    and, from ``previous`` (``--update``), the earlier rows of those objects; and how many objects were listed.
+    A StorageError when the listing holds no images."""
     base = url.rstrip("/") + "/"
     images: dict[str, ObjectInfo] = {}
     captions: dict[str, str] = {}
@@ -105,27 +106,43 @@ def prefix_tasks(url: str, max_pixels: int) -> tuple[list[tuple], int]:
         )
     ordered = sorted(images)
     tasks = []
+    earlier: dict[str, dict[str, tuple]] = {}  # folder URL -> {url: (length, mtime_ns, width, height)}
     for start in range(0, len(ordered), FILES_PER_TASK):
         chunk = ordered[start : start + FILES_PER_TASK]
         objects = [(rel, images[rel].url, images[rel].size, images[rel].mtime_ns) for rel in chunk]
+        known = {}
+        if previous is not None:
+            for _, object_url, _, _ in objects:
+                folder = object_url.rsplit("/", 1)[0]
+                if folder not in earlier:
+                    earlier[folder] = previous.folder(folder)
+                if object_url in earlier[folder]:
+                    known[object_url] = earlier[folder][object_url]
         tasks.append((objects, {os.path.splitext(rel)[0]: captions.get(os.path.splitext(rel)[0]) for rel in chunk},
-                      max_pixels))  # fmt: skip
+                      max_pixels, known))  # fmt: skip
     return tasks, listed
 
 
 def remote_folder_task(args: tuple) -> tuple[list[Row], list[Reject], dict[str, int]]:
-    """Inspect a group of objects of one prefix (headers only, :data:`CONCURRENT_HEADERS` at once): rows,
-    rejects, and the requests and bytes it read."""
-    objects, captions, max_pixels = args
+    """Inspect a group of objects of one prefix (headers only, :data:`CONCURRENT_HEADERS` at once; an object whose
+    size and modification time match its row in ``known`` keeps that row's size unread): rows, rejects, and the
+    requests and bytes it read, with ``reused``, the rows taken from ``known``."""
+    objects, captions, max_pixels, known = args
     stats = IOStats()
+    reused = []
 
     def inspect(item: tuple) -> tuple[Row | None, Reject | None]:
         rel, url, size, mtime = item
         key = os.path.splitext(rel)[0]
-        try:
-            result = inspect_image(RemoteFile(url, size, stats), max_pixels=max_pixels)
-        except StorageError as exc:
-            return None, {"source": url, "reason": f"unreadable ({exc})", "key": key}
+        earlier = known.get(url)
+        if earlier is not None and earlier[0] == size and earlier[1] == mtime:
+            result: tuple[int, int] | str = (earlier[2], earlier[3])
+            reused.append(url)
+        else:
+            try:
+                result = inspect_image(RemoteFile(url, size, stats), max_pixels=max_pixels)
+            except StorageError as exc:
+                return None, {"source": url, "reason": f"unreadable ({exc})", "key": key}
         if isinstance(result, str):
             return None, {"source": url, "reason": result, "key": key}
         caption = None
@@ -143,7 +160,7 @@ def remote_folder_task(args: tuple) -> tuple[list[Row], list[Reject], dict[str, 
                 rows.append(row)
             if reject is not None:
                 rejects.append(reject)
-    return rows, rejects, stats.take()
+    return rows, rejects, {**stats.take(), "reused": len(reused)}
 
 
 class fetched:
