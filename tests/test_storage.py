@@ -346,3 +346,48 @@ def test_update_of_a_prefix_reuses_the_rows_of_unchanged_objects(s3, tmp_path):
     table = Manifest.read(out).table.to_pydict()
     row = table["key"].index("img000")
     assert (table["width"][row], table["height"][row]) == (96, 64)
+
+
+def test_pair_folders_in_storage_index_and_serve_like_local_ones(s3, tmp_path, capsys):
+    """Folder pairs (`--pair depth=DIR`) used to need local folders when the images were in storage."""
+    from PIL import Image, ImageOps
+
+    from dali_arb.pairs import PairSpec
+
+    _, folder, _ = s3
+    depth = tmp_path / "depth"
+    depth.mkdir()
+    photos = sorted(folder.glob("*.jpg"))
+    for p in photos[1:]:  # the first photo has no pair: rejected, with the reason
+        inverted = 255 - np.asarray(ImageOps.exif_transpose(Image.open(p)).convert("RGB"))
+        Image.fromarray(inverted).save(depth / f"{p.stem}.png")
+        put(f"depth/{p.stem}.png", (depth / f"{p.stem}.png").read_bytes())
+    remote = build_index([f"s3://{BUCKET}/photos/"], tmp_path / "r.parquet", progress=False,
+                         pairs=[PairSpec("depth", "pair", f"s3://{BUCKET}/depth")])  # fmt: skip
+    local = build_index(
+        [str(folder)], tmp_path / "l.parquet", progress=False, pairs=[PairSpec("depth", "pair", str(depth))]
+    )
+    assert remote.rows == local.rows == len(photos) - 1 and remote.rejected == local.rejected == 1
+    reasons = [json.loads(line)["reason"] for line in open(f"{tmp_path / 'r.parquet'}.rejects.jsonl")]
+    assert reasons == [
+        f"pair 'depth' missing: no s3://{BUCKET}/depth/{photos[0].stem}.* (an image object) for this sample"
+    ]
+    table = Manifest.read(tmp_path / "r.parquet").table
+    assert set(table.column("depth.source").to_pylist()) == {f"s3://{BUCKET}/depth/{p.stem}.png" for p in photos[1:]}
+    served = 0
+    for a, b in zip(
+        loader(str(tmp_path / "r.parquet"), flip=0.5), loader(str(tmp_path / "l.parquet"), flip=0.5), strict=True
+    ):
+        assert a["ids"] == b["ids"] and torch.equal(a["images"], b["images"]) and torch.equal(a["depth"], b["depth"])
+        served += len(a["ids"])
+    assert served > 0
+    code = main(
+        ["index", str(folder), "-o", str(tmp_path / "x.parquet"), "--pair", f"depth=s3://{BUCKET}/depth/", "-q"]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "a pair folder in object storage goes with image prefixes in object storage" in err
+    code = main(
+        ["index", f"s3://{BUCKET}/photos/", "-o", str(tmp_path / "y.parquet"), "--pair", "depth=s3://data/none/", "-q"]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "--pair depth=s3://data/none/: no images under that prefix" in err and "\n" not in err

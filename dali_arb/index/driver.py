@@ -27,7 +27,7 @@ from ..processes import die_with_parent, spawn_without_main, stop_pool
 from .folders import FolderWalk, PreviousRows, folder_task
 from .metadata import metadata_rows
 from .records import Reject, Row, rows_to_table
-from .remote import fetched, prefix_tasks, remote_folder_task
+from .remote import fetched, pair_listings, prefix_tasks, remote_folder_task
 from .shards import shard_task
 
 __all__ = ["IndexSummary", "build_index"]
@@ -335,7 +335,7 @@ def _index_remote(kind, url, pool, max_pixels, pairs, take, flush, writer, summa
 
     try:
         if kind == "remote_folder":
-            tasks, _ = prefix_tasks(url, max_pixels, previous)
+            tasks, _ = prefix_tasks(url, max_pixels, previous, pair_listings(pairs))
             for (rows, rejects, io), task in _ordered_map(pool, remote_folder_task, iter(tasks)):
                 summary.reused += io["reused"]
                 summary.remote_requests += io["requests"]
@@ -375,18 +375,30 @@ def _renamed(reject: Reject, local: str, url: str) -> Reject:
 
 
 def _checked_pairs(pairs: list[PairSpec] | tuple, kinds: list[tuple[str, str]]) -> list[PairSpec]:
-    """The pairs with absolute folders; a ConfigError for what cannot work (a pair without a folder for image
-    folders, metadata sources, a missing folder, a name given twice)."""
+    """The pairs with absolute folders (or prefix URLs ending in ``/``); a ConfigError for what cannot work (a pair
+    without a folder for image folders, metadata sources, a missing folder, a name given twice, a pair folder in
+    object storage for local images or the reverse)."""
+    from ..storage import is_url
+
     checked = []
     for spec in pairs:
         if not isinstance(spec, PairSpec):
             raise ConfigError(f"pairs must be PairSpec objects, got {type(spec).__name__}")
         if any(p.name == spec.name for p in checked):
             raise ConfigError(f"pair name {spec.name!r} is given twice; each pair needs its own name")
+        remote_pair = spec.folder is not None and is_url(spec.folder)
+        if remote_pair:
+            if any(kind != "remote_folder" for kind, _ in kinds):
+                raise ConfigError(
+                    f"--{spec.kind} {spec.name}={spec.folder}: a pair folder in object storage goes with image prefixes "
+                    "in object storage (s3://bucket/images/); give a local pair folder for local images"
+                )
+            checked.append(PairSpec(spec.name, spec.kind, spec.folder.rstrip("/") + "/"))
+            continue
         if spec.folder is not None and any(kind == "remote_folder" for kind, _ in kinds):
             raise ConfigError(
-                f"--{spec.kind} {spec.name}={spec.folder}: pairs of images in object storage come from tar shards "
-                f"(--{spec.kind} {spec.name} for members KEY.{spec.name}.<ext>); folder pairs need local folders"
+                f"--{spec.kind} {spec.name}={spec.folder}: the images are in object storage, so give the pair folder "
+                f"there too ({spec.name}=s3://bucket/{spec.name}/), or use tar shards with members KEY.{spec.name}.<ext>"
             )
         if spec.folder is None and any(kind in ("folder", "remote_folder") for kind, _ in kinds):
             raise ConfigError(

@@ -16,11 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import StorageError
 from ..imagefacts import inspect_image
+from ..pairs import PairSpec, same_aspect
 from ..storage import IOStats, ObjectInfo, download, get_bytes, get_range, list_prefix
 from .folders import CAPTION_EXTS, NOT_IMAGES, PreviousRows, decode_caption
 from .records import Reject, Row
 
-__all__ = ["BLOCK", "RemoteFile", "fetched", "prefix_tasks", "remote_folder_task"]
+__all__ = ["BLOCK", "RemoteFile", "fetched", "pair_listings", "prefix_tasks", "remote_folder_task"]
 
 #: Bytes a header read fetches at once.
 BLOCK = 64 << 10
@@ -80,10 +81,38 @@ class RemoteFile(io.RawIOBase):
         return bytes(buffer[:n])
 
 
-def prefix_tasks(url: str, max_pixels: int, previous: PreviousRows | None = None) -> tuple[list[tuple], int]:
+def pair_listings(pairs: list[PairSpec]) -> list[tuple[PairSpec, dict[str, tuple[str, int]]]]:
+    """Each pair whose folder is a prefix in object storage, with ``{key: (url, size)}`` of the images under it
+    (listed once; the first name in order where a key has several). A StorageError for an empty prefix."""
+    found = []
+    for spec in pairs:
+        if spec.folder is None or not spec.folder.endswith("/") or "://" not in spec.folder:
+            continue
+        objects: dict[str, tuple[str, int]] = {}
+        for info in list_prefix(spec.folder):
+            rel = info.url[len(spec.folder) :]
+            stem, ext = os.path.splitext(rel)
+            if (
+                ext.lower() in CAPTION_EXTS
+                or ext.lower() in NOT_IMAGES
+                or any(p.startswith(".") for p in rel.split("/"))
+            ):
+                continue
+            if stem not in objects or info.url < objects[stem][0]:
+                objects[stem] = (info.url, info.size)
+        if not objects:
+            raise StorageError(f"--{spec.kind} {spec.name}={spec.folder}: no images under that prefix")
+        found.append((spec, objects))
+    return found
+
+
+def prefix_tasks(
+    url: str, max_pixels: int, previous: PreviousRows | None = None, pairs: list[tuple] = ()
+) -> tuple[list[tuple], int]:
     """The tasks of one prefix (``s3://bucket/prefix/``): groups of image objects with their sidecar captions
-    and, from ``previous`` (``--update``), the earlier rows of those objects; and how many objects were listed.
-    A StorageError when the listing holds no images."""
+    and, from ``previous`` (``--update``), the earlier rows of those objects, and from ``pairs``
+    (:func:`pair_listings`) their paired objects; and how many objects were listed. A StorageError when the
+    listing holds no images."""
     base = url.rstrip("/") + "/"
     images: dict[str, ObjectInfo] = {}
     captions: dict[str, str] = {}
@@ -118,8 +147,11 @@ def prefix_tasks(url: str, max_pixels: int, previous: PreviousRows | None = None
                     earlier[folder] = previous.folder(folder)
                 if object_url in earlier[folder]:
                     known[object_url] = earlier[folder][object_url]
-        tasks.append((objects, {os.path.splitext(rel)[0]: captions.get(os.path.splitext(rel)[0]) for rel in chunk},
-                      max_pixels, known))  # fmt: skip
+        keys = [os.path.splitext(rel)[0] for rel in chunk]
+        paired = [
+            (spec.name, spec.kind, spec.folder, {k: found[k] for k in keys if k in found}) for spec, found in pairs
+        ]
+        tasks.append((objects, {key: captions.get(key) for key in keys}, max_pixels, known, paired))
     return tasks, listed
 
 
@@ -127,7 +159,7 @@ def remote_folder_task(args: tuple) -> tuple[list[Row], list[Reject], dict[str, 
     """Inspect a group of objects of one prefix (headers only, :data:`CONCURRENT_HEADERS` at once; an object whose
     size and modification time match its row in ``known`` keeps that row's size unread): rows, rejects, and the
     requests and bytes it read, with ``reused``, the rows taken from ``known``."""
-    objects, captions, max_pixels, known = args
+    objects, captions, max_pixels, known, paired = args
     stats = IOStats()
     reused = []
 
@@ -145,13 +177,31 @@ def remote_folder_task(args: tuple) -> tuple[list[Row], list[Reject], dict[str, 
                 return None, {"source": url, "reason": f"unreadable ({exc})", "key": key}
         if isinstance(result, str):
             return None, {"source": url, "reason": result, "key": key}
+        facts = []
+        for name, kind, folder, found in paired:
+            what = f"{kind} {name!r}"
+            if key not in found:
+                return None, {"source": url, "reason": f"{what} missing: no {folder}{key}.* (an image object) for "
+                              "this sample", "key": key}  # fmt: skip
+            pair_url, pair_size = found[key]
+            try:
+                pair = inspect_image(RemoteFile(pair_url, pair_size, stats), max_pixels=max_pixels)
+            except StorageError as exc:
+                pair = f"unreadable ({exc})"
+            if isinstance(pair, str):
+                return None, {"source": url, "reason": f"{what} {pair_url}: {pair}", "key": key}
+            if not same_aspect(*result, *pair):
+                reason = (f"{what} {pair_url} is {pair[0]}x{pair[1]}, not the aspect of the image ({result[0]}x"
+                          f"{result[1]}); a pair must show the same picture, at any scale")  # fmt: skip
+                return None, {"source": url, "reason": reason, "key": key}
+            facts.append((pair_url, 0, pair_size, pair[0], pair[1]))
         caption = None
         if captions.get(key):
             try:
                 caption = decode_caption(get_bytes(captions[key], stats)) or None
             except StorageError:
                 caption = None
-        return Row(key, result[0], result[1], caption, url, 0, size, mtime), None
+        return Row(key, result[0], result[1], caption, url, 0, size, mtime, tuple(facts)), None
 
     rows, rejects = [], []
     with ThreadPoolExecutor(CONCURRENT_HEADERS) as pool:
