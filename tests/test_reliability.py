@@ -486,19 +486,25 @@ def _wait_for(condition, seconds: float) -> bool:
     return False
 
 
+def _jpegs_and_output(tmp_path, count: int):
+    """``count`` small JPEGs in a folder, and a manifest path in an empty folder of its own."""
+    from .images import save_jpeg
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(count):
+        save_jpeg(folder / f"{i:05d}.jpg", 64, 48, seed=i)
+    out = tmp_path / "out" / "m.parquet"
+    out.parent.mkdir()
+    return folder, out
+
+
 def test_sigterm_to_index_leaves_no_workers_and_no_partial_files(tmp_path):
     import signal
     import subprocess
     import sys
 
-    from .images import save_jpeg
-
-    folder = tmp_path / "many"
-    folder.mkdir()
-    for i in range(1500):
-        save_jpeg(folder / f"{i:05d}.jpg", 64, 48, seed=i)
-    out = tmp_path / "out" / "m.parquet"
-    out.parent.mkdir()
+    folder, out = _jpegs_and_output(tmp_path, 1500)
     proc = subprocess.Popen([sys.executable, "-m", "dali_arb", "index", str(folder), "-o", str(out), "-q", "--workers", "2"],
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
     assert _wait_for(lambda: len(_children(proc.pid)) >= 2, 60), "the indexer started no workers"
@@ -518,14 +524,7 @@ def test_a_signal_inside_the_pools_start_up_is_reported_and_stops_the_workers(tm
     import concurrent.futures.process as cf_process
     import multiprocessing
 
-    from .images import save_jpeg
-
-    folder = tmp_path / "many"
-    folder.mkdir()
-    for i in range(40):
-        save_jpeg(folder / f"{i:03d}.jpg", 64, 48, seed=i)
-    out = tmp_path / "out" / "m.parquet"
-    out.parent.mkdir()
+    folder, out = _jpegs_and_output(tmp_path, 40)
 
     def interrupted_start(thread):
         raise KeyboardInterrupt  # what the SIGTERM handler's exception does at this point
