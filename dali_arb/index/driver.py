@@ -23,7 +23,7 @@ from ..errors import ConfigError, IndexingError, StorageError
 from ..imagefacts import DEFAULT_MAX_PIXELS
 from ..manifest import SCHEMA, Manifest, rejects_path
 from ..pairs import PairSpec, pair_schema, pairs_of
-from ..processes import die_with_parent, spawn_without_main, stop_pool
+from ..processes import die_with_parent, signals_deferred, spawn_without_main, stop_pool
 from .folders import FolderWalk, PreviousRows, folder_task
 from .metadata import metadata_rows
 from .records import Reject, Row, rows_to_table
@@ -257,7 +257,7 @@ def build_index(
                         summary.rows += reuse.num_rows
                         summary.reused += reuse.num_rows
                         continue
-                    rows, rejects = pool.submit(shard_task, (source, max_pixels, pairs)).result()
+                    rows, rejects = _submit(pool, shard_task, (source, max_pixels, pairs)).result()
                     take(rows, rejects, len(rows) + len(rejects))
                     bar.update(len(rows) + len(rejects))
                 else:
@@ -355,7 +355,7 @@ def _index_remote(kind, url, pool, max_pixels, pairs, take, flush, writer, summa
                 summary.rows += table.num_rows
                 take([], [_renamed(r, local, url) for r in rejects], table.num_rows + len(rejects))
                 return
-            rows, rejects = pool.submit(shard_task, (local, max_pixels, pairs)).result()
+            rows, rejects = _submit(pool, shard_task, (local, max_pixels, pairs)).result()
         mtime = head(url).mtime_ns
         rows = [
             row._replace(
@@ -445,13 +445,19 @@ def _drain(items: list) -> list:
     return taken
 
 
+def _submit(pool: ProcessPoolExecutor, fn, task: tuple):
+    """``pool.submit`` with SIGINT and SIGTERM held until it returns (see :func:`signals_deferred`)."""
+    with signals_deferred():
+        return pool.submit(fn, task)
+
+
 def _ordered_map(pool: ProcessPoolExecutor, fn, tasks: Iterator[tuple], depth: int = 16) -> Iterator[tuple]:
     """``pool.map`` with a bounded queue: at most ``depth`` tasks in flight, results in order."""
     from collections import deque
 
     inflight: deque = deque()
     for task in tasks:
-        inflight.append((pool.submit(fn, task), task))
+        inflight.append((_submit(pool, fn, task), task))
         if len(inflight) >= depth:
             future, done = inflight.popleft()
             yield future.result(), done
