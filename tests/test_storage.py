@@ -318,6 +318,14 @@ def test_a_manifest_written_to_storage_serves_like_a_local_one_and_updates_in_pl
     assert obstore.head(store, "manifests/photos.parquet.rejects.jsonl")["size"] >= 0
     again = build_index([str(folder)], url, update=True, progress=False)  # the manifest in storage is reused
     assert again.manifest == url and again.reused == again.rows == len(Manifest.read(tmp_path / "local.parquet"))
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "a.jpg").write_bytes(b"not a jpeg")
+    code = main(["index", str(junk), "-o", f"s3://{BUCKET}/manifests/junk.parquet", "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and f"see s3://{BUCKET}/manifests/junk.parquet.rejects.jsonl" in err, err
+    rejects = bytes(obstore.get(store, "manifests/junk.parquet.rejects.jsonl").bytes()).decode()
+    assert "a.jpg" in rejects
     code = main(["index", str(folder), "-o", f"s3://{BUCKET}/manifests/", "-q"])
     err = capsys.readouterr().err.strip()
     assert (

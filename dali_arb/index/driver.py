@@ -317,6 +317,9 @@ def _index_to_url(sources: list[str], url: str, *, update: bool, **options) -> I
         try:
             summary = build_index(sources, local, update=update, **options)
         except IndexingError as exc:  # its message names the local file: name the URL the user gave
+            if rejects_path(local).exists():  # ("no usable images ... see the rejects file": put it there)
+                with contextlib.suppress(StorageError):
+                    upload(rejects_path(local), rejects_url)
             raise IndexingError(str(exc).replace(str(local), url)) from None
         try:
             upload(rejects_path(local), rejects_url)
