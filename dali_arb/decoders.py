@@ -7,8 +7,8 @@ decoder    the worker processes                        the DALI graph
 ``dali``   read encoded bytes; compute the crop        ``decoders.image`` (nvJPEG / the hardware
            window in source pixels                     JPEG decoder on GPU, libjpeg-turbo on CPU),
                                                        then ``resize`` of the window to the bucket
-``pillow``  read, decode (libjpeg-turbo; at a reduced   nothing: the finished crop goes on (to the
-``opencv``  DCT scale where ``jpeg_scaling`` allows),   GPU, if there is one)
+``pillow`` read, decode (libjpeg-turbo; at a reduced   nothing: the finished crop goes on (to the
+``opencv`` DCT scale where ``jpeg_scaling`` allows),   GPU, if there is one)
            resize to the bucket, crop
 =========  ==========================================  ===========================================
 
