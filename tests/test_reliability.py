@@ -5,6 +5,8 @@ Each test failed before its fix; the comment on each names what the user saw the
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -499,6 +501,20 @@ def _jpegs_and_output(tmp_path, count: int):
     return folder, out
 
 
+@contextlib.contextmanager
+def _new_children():
+    """Yields a function giving the pids of the multiprocessing children started since the block began; ends
+    them all on the way out, whatever the outcome (workers left behind would hang pytest's exit)."""
+    import multiprocessing
+
+    before = set(multiprocessing.active_children())
+    try:
+        yield lambda: {p.pid for p in set(multiprocessing.active_children()) - before}
+    finally:
+        for process in set(multiprocessing.active_children()) - before:
+            process.kill()
+
+
 def test_sigterm_to_index_leaves_no_workers_and_no_partial_files(tmp_path):
     import signal
     import subprocess
@@ -523,25 +539,19 @@ def test_a_signal_inside_the_pools_start_up_is_reported_and_stops_the_workers(tm
     started" instead of 143: the SIGTERM landed in ``submit`` between creating the pool's manager thread and
     starting it, and the clean-up's ``shutdown`` raised over the Terminated exception."""
     import concurrent.futures.process as cf_process
-    import multiprocessing
 
     folder, out = _jpegs_and_output(tmp_path, 40)
 
     def interrupted_start(thread):
         raise KeyboardInterrupt  # what the SIGTERM handler's exception does at this point
 
-    before = set(multiprocessing.active_children())
     monkeypatch.setattr(cf_process._ExecutorManagerThread, "start", interrupted_start)
-    try:
+    with _new_children() as started:
         with pytest.raises(KeyboardInterrupt):
             index([folder], out, workers=2)
         monkeypatch.undo()
-        started = {p.pid for p in set(multiprocessing.active_children()) - before}
-        assert _wait_for(lambda: not _alive(started), 10), f"workers left alive: {_alive(started)}"
+        assert _wait_for(lambda: not _alive(started()), 10), f"workers left alive: {_alive(started())}"
         assert list(out.parent.iterdir()) == []
-    finally:  # (workers left behind would hang pytest's exit: end them whatever the outcome)
-        for process in set(multiprocessing.active_children()) - before:
-            process.kill()
 
 
 def test_a_signal_between_starting_a_worker_and_registering_it_leaves_no_worker(tmp_path, monkeypatch):
@@ -549,7 +559,6 @@ def test_a_signal_between_starting_a_worker_and_registering_it_leaves_no_worker(
     the interpreter waiting on a worker the pool had started but not yet registered (so nothing stopped it).
     Here a real SIGINT arrives at exactly that point of the pool's own code."""
     import concurrent.futures.process as cf_process
-    import multiprocessing
     import os
     import signal
 
@@ -566,18 +575,13 @@ def test_a_signal_between_starting_a_worker_and_registering_it_leaves_no_worker(
             pass
         pool._processes[worker.pid] = worker
 
-    before = set(multiprocessing.active_children())
     monkeypatch.setattr(cf_process.ProcessPoolExecutor, "_spawn_process", spawn_with_a_signal_before_registering)
-    try:
+    with _new_children() as started:
         with pytest.raises(KeyboardInterrupt):
             index([folder], out, workers=2)
         monkeypatch.undo()
-        started = {p.pid for p in set(multiprocessing.active_children()) - before}
-        assert not _alive(started), f"workers left alive: {_alive(started)}"
+        assert not _alive(started()), f"workers left alive: {_alive(started())}"
         assert list(out.parent.iterdir()) == []
-    finally:  # (workers left behind would hang pytest's exit: end them whatever the outcome)
-        for process in set(multiprocessing.active_children()) - before:
-            process.kill()
 
 
 TRAIN_SCRIPT = """
