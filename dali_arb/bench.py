@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from .buckets import BucketSpec
-from .decoders import JPEG_SCALINGS, QUALITY_MARGIN, DaliDecoder, jpeg_reduction, opencv_flags
+from .decoders import DaliDecoder, jpeg_reduction, opencv_flags, reduction_margin
 from .geometry import cover_crop
 from .imagefacts import swaps_sides
 from .manifest import Manifest
@@ -124,7 +124,7 @@ class PeerBatches:
         """The ``cv2.imdecode`` flag (BGR, as users write it) at the largest reduction covering the bucket."""
         h, w = int(self.heights[row]), int(self.widths[row])
         rh, rw, _, _ = cover_crop(h, w, bh, bw, 0.0, 0.0, center=True)
-        margin = QUALITY_MARGIN if self.method == "opencv_quality" else 1.0
+        margin = reduction_margin("quality" if self.method == "opencv_quality" else "fast")
         return opencv_flags(rgb=False)[0][jpeg_reduction(h, w, rh, rw, margin=margin)]
 
     def image(self, row: int, bh: int, bw: int) -> np.ndarray:
@@ -318,10 +318,7 @@ def run_bench(
             )
     cores = os.cpu_count() or 1
     scaling = jpeg_scaling or "quality"
-    if scaling not in JPEG_SCALINGS:
-        from .errors import ConfigError
-
-        raise ConfigError(f"jpeg_scaling must be 'quality' or 'fast', got {jpeg_scaling!r}")
+    reduction_margin(scaling)  # (a bad value stops here, before any loader starts)
     planner = Planner(spec.assign(m.heights, m.widths), batch_size=batch_size, world=World())
     plan = planner.epoch(0)  # every loader runs on through the epochs as long as the timing needs
 
@@ -367,7 +364,7 @@ def run_bench(
 
         for key, method in PEERS.items():
             loaders[key] = peer(PeerBatches(sources, m.heights, m.widths, plan.rows, sizes, method=method, dtype=dtype))
-        ceiling = "opencv_quality" if scaling == "quality" else "opencv"
+        ceiling = PEERS[SAME_QUALITY_PEER[scaling]]  # decoding at the loader's own scale
         loaders["decode_ceiling"] = peer(DecodeOnly(sources, m.heights, m.widths, plan.rows, sizes, method=ceiling))
         if _has_torchvision():
             torch_device = "cuda" if device == "gpu" else "cpu"
@@ -465,14 +462,10 @@ def run_bench(
             result["decode_ceiling"].pop(key)  # it makes no output
     ours_rate = result["loader"]["images_per_s"]
     if baseline:
-        result["speedup_vs_baseline"] = round(ours_rate / result["baseline"]["images_per_s"], 2)
-        result["speedup_vs_baseline_draft"] = round(ours_rate / result["baseline_draft"]["images_per_s"], 2)
-        result["speedup_vs_baseline_opencv"] = round(ours_rate / result["baseline_opencv"]["images_per_s"], 2)
-        result["speedup_vs_baseline_opencv_quality"] = round(
-            ours_rate / result["baseline_opencv_quality"]["images_per_s"], 2
-        )
+        for key in PEERS:
+            result[f"speedup_vs_{key}"] = round(ours_rate / result[key]["images_per_s"], 2)
         result["same_quality_peer"] = SAME_QUALITY_PEER[scaling]
-        result["speedup_vs_same_quality"] = round(ours_rate / result[SAME_QUALITY_PEER[scaling]]["images_per_s"], 2)
+        result["speedup_vs_same_quality"] = result[f"speedup_vs_{SAME_QUALITY_PEER[scaling]}"]
         result["share_of_decode_ceiling"] = round(ours_rate / result["decode_ceiling"]["images_per_s"], 3)
         if "torchvision" in result:
             result["speedup_vs_torchvision"] = round(ours_rate / result["torchvision"]["images_per_s"], 2)

@@ -44,6 +44,7 @@ __all__ = [
     "choose_decoder",
     "jpeg_reduction",
     "opencv_flags",
+    "reduction_margin",
 ]
 
 _MIRROR = Output("mirror", "INT32")
@@ -59,6 +60,16 @@ QUALITY_MARGIN = 3.0
 #: the values of ``jpeg_scaling``: ``"quality"`` (the default) or ``"fast"`` (the largest reduction that covers
 #: the resize, as the fastest peers decode: about 2.7x less decoding on large photos, 28-30 dB worst).
 JPEG_SCALINGS = ("quality", "fast")
+
+
+def reduction_margin(jpeg_scaling: str) -> float:
+    """How many times the resize a reduced JPEG decode must keep on both sides under ``jpeg_scaling``
+    (validated: a ConfigError echoing any other value)."""
+    if jpeg_scaling not in JPEG_SCALINGS:
+        raise ConfigError(f"jpeg_scaling must be 'quality' or 'fast', got {jpeg_scaling!r}")
+    return QUALITY_MARGIN if jpeg_scaling == "quality" else 1.0
+
+
 _META = Output("meta", "INT64")
 
 
@@ -228,13 +239,12 @@ class PillowDecoder(Decoder):
     jpeg_scaling: str = "quality"
 
     def __post_init__(self) -> None:
-        if self.jpeg_scaling not in JPEG_SCALINGS:
-            raise ConfigError(f"jpeg_scaling must be 'quality' or 'fast', got {self.jpeg_scaling!r}")
+        reduction_margin(self.jpeg_scaling)
 
     @property
     def margin(self) -> float:
         """How many times the resize a reduced JPEG decode must keep on both sides."""
-        return QUALITY_MARGIN if self.jpeg_scaling == "quality" else 1.0
+        return reduction_margin(self.jpeg_scaling)
 
     def prepare(
         self, data: np.ndarray, geometry: Geometry, *, channels: int = 3
@@ -397,6 +407,8 @@ def choose_decoder(
         name = "dali" if device == "gpu" else "opencv"
     given = {k: v for k, v in settings.items() if v is not None}
     scaling = given.pop("jpeg_scaling", None)
+    if scaling is not None:
+        reduction_margin(scaling)  # validated whichever decoder it reaches
     if name in ("pillow", "opencv"):
         if given.get("hw_decoder_load") is not None:
             raise ConfigError(f"hw_decoder_load applies to decoder='dali' on the GPU, not to decoder={name!r}")
@@ -406,8 +418,6 @@ def choose_decoder(
             f"jpeg_scaling applies where the workers decode (decoder 'opencv' or 'pillow'); decoder 'dali' always "
             f"decodes at full resolution, so drop jpeg_scaling={scaling!r} or choose another decoder"
         )
-    if scaling is not None and scaling not in JPEG_SCALINGS:
-        raise ConfigError(f"jpeg_scaling must be 'quality' or 'fast', got {scaling!r}")
     return DaliDecoder(pairs=tuple(pairs), **given)
 
 
