@@ -27,6 +27,7 @@ __all__ = [
     "ManifestSet",
     "check_file",
     "pinned_columns",
+    "rejects_name",
     "rejects_path",
 ]
 
@@ -61,7 +62,12 @@ def pinned_columns(pairs: dict[str, str] | list[str]) -> tuple[str, ...]:
 
 def rejects_path(manifest_path: str | os.PathLike) -> Path:
     """``MANIFEST.rejects.jsonl`` next to the manifest."""
-    return Path(str(manifest_path) + ".rejects.jsonl")
+    return Path(rejects_name(manifest_path))
+
+
+def rejects_name(manifest: str | os.PathLike) -> str:
+    """The rejects file of ``manifest`` (a path or a URL, whose ``//`` a ``Path`` would fold) as text."""
+    return f"{manifest}.rejects.jsonl"
 
 
 class Manifest:

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from ..errors import ConfigError, IndexingError, StorageError
 from ..imagefacts import DEFAULT_MAX_PIXELS
-from ..manifest import SCHEMA, Manifest, rejects_path
+from ..manifest import SCHEMA, Manifest, rejects_name, rejects_path
 from ..pairs import PairSpec, pair_schema, pairs_of
 from ..processes import die_with_parent, signals_deferred, spawn_without_main, stop_pool
 from .folders import FolderWalk, PreviousRows, folder_task
@@ -69,7 +69,7 @@ class IndexSummary:
             + f"); rejected {self.rejected}"
         )
         if self.rejected:
-            text += f" ({reasons}), listed in {self.manifest}.rejects.jsonl"
+            text += f" ({reasons}), listed in {rejects_name(self.manifest)}"
         if self.remote_images:
             text += (
                 f"; from object storage: {self.remote_requests / self.remote_images:.2f} requests and "
@@ -305,7 +305,7 @@ def _index_to_url(sources: list[str], url: str, *, update: bool, **options) -> I
     name = url.rstrip("/").rsplit("/", 1)[-1]
     if not name.endswith(".parquet") or url.endswith("/"):
         raise IndexingError(f"-o {url}: name the manifest object, e.g. {url.rstrip('/')}/manifest.parquet")
-    rejects_url = f"{url}.rejects.jsonl"  # (rejects_path's naming; a Path would fold the URL's //)
+    rejects_url = rejects_name(url)
     folder = Path(tempfile.mkdtemp(prefix="dali-arb-index-"))
     try:
         local = folder / name
