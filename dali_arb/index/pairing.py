@@ -11,7 +11,7 @@ from ..imagefacts import inspect_image
 from ..pairs import PairSpec, same_aspect
 from .records import PairFacts
 
-__all__ = ["FolderListings", "find_pairs"]
+__all__ = ["FolderListings", "find_pairs", "pair_problem"]
 
 
 class FolderListings:
@@ -77,13 +77,21 @@ def find_pairs(
             path = f"{shard}:{member}"
             result = inspect_image(read_member(offset, length), max_pixels=max_pixels)
             where = (shard, offset, length)
-        if isinstance(result, str):
-            return (), f"{what} {path}: {result}"
-        pair_w, pair_h = result
-        if not same_aspect(*size, pair_w, pair_h):
-            return (), (
-                f"{what} {path} is {pair_w}x{pair_h}, not the aspect of the image ({size[0]}x{size[1]}); "
-                "a pair must show the same picture, at any scale"
-            )
-        facts.append((*where, pair_w, pair_h))
+        problem = pair_problem(what, path, result, size)
+        if problem:
+            return (), problem
+        facts.append((*where, *result))
     return tuple(facts), None
+
+
+def pair_problem(what: str, where: str, found: tuple[int, int] | str, size: tuple[int, int]) -> str | None:
+    """Why a pair found at ``where`` cannot serve an image of ``size`` ``(width, height)``: ``found`` is what
+    ``inspect_image`` said of it (its size, or why it is unusable); None when it can."""
+    if isinstance(found, str):
+        return f"{what} {where}: {found}"
+    if not same_aspect(*size, *found):
+        return (
+            f"{what} {where} is {found[0]}x{found[1]}, not the aspect of the image ({size[0]}x{size[1]}); "
+            "a pair must show the same picture, at any scale"
+        )
+    return None

@@ -16,9 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import StorageError
 from ..imagefacts import inspect_image
-from ..pairs import PairSpec, same_aspect
-from ..storage import IOStats, ObjectInfo, download, get_bytes, get_range, list_prefix
+from ..pairs import PairSpec
+from ..storage import IOStats, ObjectInfo, download, get_bytes, get_range, is_url, list_prefix
 from .folders import CAPTION_EXTS, NOT_IMAGES, PreviousRows, decode_caption
+from .pairing import pair_problem
 from .records import Reject, Row
 
 __all__ = ["BLOCK", "RemoteFile", "fetched", "pair_listings", "prefix_tasks", "remote_folder_task"]
@@ -81,39 +82,10 @@ class RemoteFile(io.RawIOBase):
         return bytes(buffer[:n])
 
 
-def pair_listings(pairs: list[PairSpec]) -> list[tuple[PairSpec, dict[str, tuple[str, int]]]]:
-    """Each pair whose folder is a prefix in object storage, with ``{key: (url, size)}`` of the images under it
-    (listed once; the first name in order where a key has several). A StorageError for an empty prefix."""
-    found = []
-    for spec in pairs:
-        if spec.folder is None or not spec.folder.endswith("/") or "://" not in spec.folder:
-            continue
-        objects: dict[str, tuple[str, int]] = {}
-        for info in list_prefix(spec.folder):
-            rel = info.url[len(spec.folder) :]
-            stem, ext = os.path.splitext(rel)
-            if (
-                ext.lower() in CAPTION_EXTS
-                or ext.lower() in NOT_IMAGES
-                or any(p.startswith(".") for p in rel.split("/"))
-            ):
-                continue
-            if stem not in objects or info.url < objects[stem][0]:
-                objects[stem] = (info.url, info.size)
-        if not objects:
-            raise StorageError(f"--{spec.kind} {spec.name}={spec.folder}: no images under that prefix")
-        found.append((spec, objects))
-    return found
-
-
-def prefix_tasks(
-    url: str, max_pixels: int, previous: PreviousRows | None = None, pairs: list[tuple] = ()
-) -> tuple[list[tuple], int]:
-    """The tasks of one prefix (``s3://bucket/prefix/``): groups of image objects with their sidecar captions
-    and, from ``previous`` (``--update``), the earlier rows of those objects, and from ``pairs``
-    (:func:`pair_listings`) their paired objects; and how many objects were listed. A StorageError when the
-    listing holds no images."""
-    base = url.rstrip("/") + "/"
+def _listing(base: str) -> tuple[dict[str, ObjectInfo], dict[str, str], int]:
+    """The objects under the prefix ``base`` (ending in ``/``) as a folder walk sees them: ``{relative name:
+    info}`` of the images, ``{stem: url}`` of the sidecar captions (``.txt`` first), and how many were listed.
+    Hidden names (a part starting with ``.``) are skipped."""
     images: dict[str, ObjectInfo] = {}
     captions: dict[str, str] = {}
     listed = 0
@@ -129,6 +101,35 @@ def prefix_tasks(
                 captions[stem] = info.url
         elif ext.lower() not in NOT_IMAGES and name:
             images[rel] = info
+    return images, captions, listed
+
+
+def pair_listings(pairs: list[PairSpec]) -> list[tuple[PairSpec, dict[str, tuple[str, int]]]]:
+    """Each pair whose folder is a prefix in object storage, with ``{key: (url, size)}`` of the images under it
+    (listed once; the first name in order where a key has several). A StorageError for an empty prefix."""
+    found = []
+    for spec in pairs:
+        if spec.folder is None or not is_url(spec.folder):
+            continue
+        images, _, _ = _listing(spec.folder)
+        objects: dict[str, tuple[str, int]] = {}
+        for rel in sorted(images):
+            objects.setdefault(os.path.splitext(rel)[0], (images[rel].url, images[rel].size))
+        if not objects:
+            raise StorageError(f"--{spec.kind} {spec.name}={spec.folder}: no images under that prefix")
+        found.append((spec, objects))
+    return found
+
+
+def prefix_tasks(
+    url: str, max_pixels: int, previous: PreviousRows | None = None, pairs: list[tuple] = ()
+) -> tuple[list[tuple], int]:
+    """The tasks of one prefix (``s3://bucket/prefix/``): groups of image objects with their sidecar captions
+    and, from ``previous`` (``--update``), the earlier rows of those objects, and from ``pairs``
+    (:func:`pair_listings`) their paired objects; and how many objects were listed. A StorageError when the
+    listing holds no images."""
+    base = url.rstrip("/") + "/"
+    images, captions, listed = _listing(base)
     if not images:
         raise StorageError(
             f"no images under {base} ({listed} objects listed); check the prefix (a folder of images ends with '/')"
@@ -188,13 +189,10 @@ def remote_folder_task(args: tuple) -> tuple[list[Row], list[Reject], dict[str, 
                 pair = inspect_image(RemoteFile(pair_url, pair_size, stats), max_pixels=max_pixels)
             except StorageError as exc:
                 pair = f"unreadable ({exc})"
-            if isinstance(pair, str):
-                return None, {"source": url, "reason": f"{what} {pair_url}: {pair}", "key": key}
-            if not same_aspect(*result, *pair):
-                reason = (f"{what} {pair_url} is {pair[0]}x{pair[1]}, not the aspect of the image ({result[0]}x"
-                          f"{result[1]}); a pair must show the same picture, at any scale")  # fmt: skip
-                return None, {"source": url, "reason": reason, "key": key}
-            facts.append((pair_url, 0, pair_size, pair[0], pair[1]))
+            problem = pair_problem(what, pair_url, pair, result)
+            if problem:
+                return None, {"source": url, "reason": problem, "key": key}
+            facts.append((pair_url, 0, pair_size, *pair))
         caption = None
         if captions.get(key):
             try:
