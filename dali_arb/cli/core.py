@@ -159,6 +159,7 @@ EPILOG_INDEX = """examples:
   dali-arb index ~/photos -o photos.parquet --update     # re-read only new or changed files
   dali-arb index ~/photos -o cn.parquet --pair depth=~/depth --mask hole=~/masks   # ~/depth/KEY.png per image
   dali-arb index shards/*.tar -o cn.parquet --pair depth  # tar members KEY.depth.png
+  dali-arb index s3://bucket/photos/ -o s3://bucket/photos.parquet --update   # in object storage
 """
 EPILOG_BUCKETS = """examples:
   dali-arb buckets --json                               # just the bucket resolutions
@@ -200,8 +201,9 @@ def register(sub: argparse._SubParsersAction, fmt: type) -> None:
     )
     p.add_argument(
         "--pair", action="append", metavar="NAME[=DIR]",
-        help="a paired image (3 channels, e.g. a ControlNet condition): DIR/KEY.<ext> for image KEY, or tar members "
-        "KEY.NAME.<ext>; the loader serves it as batch[NAME], cut and flipped as the image (repeatable)",
+        help="a paired image (3 channels, e.g. a ControlNet condition): DIR/KEY.<ext> for image KEY (DIR may be an "
+        "s3:// or gs:// prefix when the images are in storage), or tar members KEY.NAME.<ext>; the loader serves it "
+        "as batch[NAME], cut and flipped as the image (repeatable)",
     )  # fmt: skip
     p.add_argument(
         "--mask", action="append", metavar="NAME[=DIR]",
