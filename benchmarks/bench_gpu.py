@@ -71,6 +71,6 @@ def cpu_cores(args) -> dict:
     figures["  decode-only ceiling images/s"] = r["decode_ceiling"]["images_per_s"]
     figures["  dali_arb vs the OpenCV peer of the same quality"] = f"{r['speedup_vs_same_quality']}x"
     figures["  dali_arb vs OpenCV reduced decode (faster, 25 dB worst)"] = f"{r['speedup_vs_baseline_opencv']}x"
-    figures["  read-ahead /dev/shm MiB"] = round((r["read_ahead_bytes"] or 0) / 2**20)
+    figures["  read-ahead MiB (/dev/shm with worker processes)"] = round((r["read_ahead_bytes"] or 0) / 2**20)
     figures["raw"] = r
     return figures

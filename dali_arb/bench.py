@@ -24,6 +24,7 @@ Rounds alternate between loaders after a warm-up; the median round is reported.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +35,7 @@ import numpy as np
 
 from .buckets import BucketSpec
 from .decoders import DaliDecoder, jpeg_reduction, opencv_flags, reduction_margin
+from .errors import ConfigError
 from .geometry import cover_crop
 from .imagefacts import swaps_sides
 from .manifest import Manifest
@@ -96,6 +98,18 @@ def make_photo_jpegs(
 # -- the Pillow baseline ---------------------------------------------------------------------------
 
 
+@functools.cache
+def _one_opencv_thread_per_worker() -> None:
+    """In a peer's DataLoader worker process, one OpenCV thread (as a good user's ``worker_init_fn`` sets it, and
+    as dali_arb's workers run): every worker's own pool of a thread per core would oversubscribe the cores."""
+    import multiprocessing
+
+    import cv2
+
+    if multiprocessing.parent_process() is not None:
+        cv2.setNumThreads(1)
+
+
 class PeerBatches:
     """Map-style dataset of whole planned batches, as a user writes it with well-kept libraries
     (picklable): ``method`` ``"pillow"`` (decode, resize to cover with antialiased bilinear, crop),
@@ -132,6 +146,7 @@ class PeerBatches:
         if self.method in ("opencv", "opencv_quality"):
             import cv2
 
+            _one_opencv_thread_per_worker()
             img = cv2.imdecode(np.fromfile(self.sources[row], np.uint8), self.reduced_flag(row, bh, bw))
             rh, rw, top, left = cover_crop(img.shape[0], img.shape[1], bh, bw, 0.0, 0.0, center=True)
             # the fast peer area-averages from 2x (as the issue's user wrote it); the quality peer whenever it
@@ -233,15 +248,42 @@ def torchvision_batch(encoded: list, bucket: tuple[int, int], device: str):
 # -- timing ------------------------------------------------------------------------------------------
 
 
-def _time(batches: Iterator[Any], count: int, pixels_of: Callable[[Any], int], step_s: float = 0.0) -> dict[str, Any]:
-    """Take ``count`` batches, each after a simulated training step of ``step_s`` seconds (a sleep: the CPU
-    is free meanwhile, as while a GPU trains). Records the interval between batches and the wait inside
-    ``next()``."""
+#: What a simulated training step does (``step_work``): ``sleep`` leaves the CPU free, as while a GPU computes;
+#: ``torch`` dispatches small CPU tensor ops, as a loop launching kernels does (PyTorch releases the GIL inside
+#: each op); ``python`` runs pure Python, holding the GIL throughout: the worst case for thread workers.
+STEP_WORKS = ("sleep", "torch", "python")
+
+
+def simulated_step(seconds: float, work: str = "sleep") -> None:
+    """Spend ``seconds`` as a training step of kind ``work`` (:data:`STEP_WORKS`) would."""
+    if work == "sleep":
+        time.sleep(seconds)
+        return
+    end = time.perf_counter() + seconds
+    if work == "torch":
+        import torch
+
+        x, w = torch.ones(32, 32), torch.full((32, 32), 1 / 32)
+        while time.perf_counter() < end:
+            for _ in range(16):
+                x = torch.tanh(x @ w + 0.1)
+        return
+    total = 0
+    while time.perf_counter() < end:
+        for i in range(256):
+            total += i * i
+
+
+def _time(
+    batches: Iterator[Any], count: int, pixels_of: Callable[[Any], int], step_s: float = 0.0, work: str = "sleep"
+) -> dict[str, Any]:
+    """Take ``count`` batches, each after a simulated training step of ``step_s`` seconds (of kind ``work``:
+    :func:`simulated_step`). Records the interval between batches and the wait inside ``next()``."""
     latencies, waits, pixels = [], [], 0
     start = last = time.perf_counter()
     for _ in range(count):
         if step_s:  # the training step on the batch before (the warm-up's last one, at first)
-            time.sleep(step_s)
+            simulated_step(step_s, work)
         asked = time.perf_counter()
         batch = next(batches)
         pixels += pixels_of(batch)
@@ -279,6 +321,7 @@ def run_bench(
     baseline: bool = False,
     memory: bool = False,
     workers: int | None = None,
+    worker_kind: str = "thread",
     decoder: str = "auto",
     num_threads: int | None = None,
     hw_decoder_load: float | None = None,
@@ -287,6 +330,7 @@ def run_bench(
     dtype: str = "float16",
     quality: bool = False,
     step_ms: float = 0.0,
+    step_work: str = "sleep",
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Time dali_arb (and, with ``baseline``, the peers and the decode-only ceiling; with ``memory``, DALI
@@ -296,22 +340,26 @@ def run_bench(
     ``quality``, each loader's worst and median PSNR against a full-resolution antialiased reference over
     one batch of every bucket. ``step_ms`` adds a simulated training step after each batch: batch
     intervals then show whether a loader that is ahead of consumption keeps a steady pace (p99 vs p50),
-    and ``read_ahead_bytes`` says what the loader's prefetch holds in memory for it. ``jpeg_scaling`` goes
-    to the loader; ``speedup_vs_same_quality`` compares it with the peer that decodes at the same scale."""
+    and ``read_ahead_bytes`` says what the loader's prefetch holds in memory for it; ``step_work`` says what that
+    step does (:data:`STEP_WORKS`). ``jpeg_scaling`` goes to the loader; ``speedup_vs_same_quality`` compares it
+    with the peer that decodes at the same scale. With ``baseline``, the loader also runs with its workers of the
+    other ``worker_kind`` (``loader_process_workers`` or ``loader_thread_workers``)."""
     import torch
 
     from .iterator import DALIBucketIterator
     from .pipeline import build_pipeline, resolve_device
+    from .workers import check_worker_kind
 
     device = resolve_device(device)
+    check_worker_kind(worker_kind)
+    if step_work not in STEP_WORKS:
+        raise ConfigError(f"step_work must be one of {', '.join(STEP_WORKS)}, got {step_work!r}")
     spec = buckets or BucketSpec()
     m = Manifest.read(manifest, columns=["source", "offset", "length", "caption"])
     if baseline or quality or memory:
         from .source import has_urls
 
         if has_urls(m):
-            from .errors import ConfigError
-
             raise ConfigError(
                 f"--baseline, --quality and --memory compare peers that read local files, and the samples of {manifest} "
                 "are in object storage; run them on a manifest of local copies (bench alone measures the loader)"
@@ -326,14 +374,14 @@ def run_bench(
         while True:
             yield from factory()
 
-    def ours(chosen: str = decoder) -> Callable[[], Iterator[Any]]:
+    def ours(chosen: str = decoder, kind: str = worker_kind) -> Callable[[], Iterator[Any]]:
         def make() -> Iterator[Any]:
             it = DALIBucketIterator(
                 m, batch_size=batch_size, buckets=spec, device=device, crop="center", workers=workers,
-                rank=0, world_size=1, decoder=chosen, num_threads=num_threads, hw_decoder_load=hw_decoder_load,
+                worker_kind=kind, rank=0, world_size=1, decoder=chosen, num_threads=num_threads, hw_decoder_load=hw_decoder_load,
                 dtype=dtype, jpeg_scaling=jpeg_scaling if chosen != "dali" else None,
             )  # fmt: skip
-            read_ahead[chosen] = it.read_ahead_bytes()
+            read_ahead.setdefault(chosen, it.read_ahead_bytes())
             return cycle(lambda: it)
 
         return make
@@ -348,7 +396,9 @@ def run_bench(
 
     read_ahead: dict[str, int] = {}
     loaders: dict[str, Callable[[], Iterator[Any]]] = {"loader": ours()}
+    other_kind = "process" if worker_kind == "thread" else "thread"
     if baseline:
+        loaders[f"loader_{other_kind}_workers"] = ours(kind=other_kind)
         sources = m.table.column("source").to_pylist()
         sizes = plan.sizes[plan.bucket]
 
@@ -437,12 +487,14 @@ def run_bench(
         for name, stream in streams.items():
             if progress:
                 progress(f"round {r + 1}/{rounds}: {name}")
-            runs[name].append(_time(stream, batches, sync, step_ms / 1000 if name != "decode_ceiling" else 0.0))
+            step_s = step_ms / 1000 if name != "decode_ceiling" else 0.0
+            runs[name].append(_time(stream, batches, sync, step_s, step_work))
     result: dict[str, Any] = {
         "device": device,
         "settings": {
             "decoder": decoder,
             "workers": workers,
+            "worker_kind": worker_kind,
             "num_threads": num_threads,
             "hw_decoder_load": hw_decoder_load,
             "jpeg_scaling": jpeg_scaling,
@@ -456,6 +508,7 @@ def run_bench(
     for name in loaders:
         result[name] = _summary(runs[name], batch_size)
     result["step_ms"] = step_ms
+    result["step_work"] = step_work
     result["read_ahead_bytes"] = read_ahead.get(decoder)
     if "decode_ceiling" in result:
         for key in ("megapixels_per_s", "batch_ms_p50", "batch_ms_p99", "wait_ms_p50", "wait_ms_p99"):
@@ -467,6 +520,8 @@ def run_bench(
         result["same_quality_peer"] = SAME_QUALITY_PEER[scaling]
         result["speedup_vs_same_quality"] = result[f"speedup_vs_{SAME_QUALITY_PEER[scaling]}"]
         result["share_of_decode_ceiling"] = round(ours_rate / result["decode_ceiling"]["images_per_s"], 3)
+        other = result[f"loader_{other_kind}_workers"]["images_per_s"]
+        result[f"{worker_kind}_vs_{other_kind}_workers"] = round(ours_rate / other, 2)
         if "torchvision" in result:
             result["speedup_vs_torchvision"] = round(ours_rate / result["torchvision"]["images_per_s"], 2)
         else:

@@ -138,6 +138,9 @@ class Decoder:
         """Shared-memory bytes one sample takes between a worker and the pipeline."""
         raise NotImplementedError
 
+    def enter_worker(self) -> None:
+        """Called once in each worker process, and for each worker thread, before it serves a batch."""
+
     def options(self) -> dict[str, Any]:
         """The decoder's settings, for logs and benchmark records."""
         return {"decoder": self.name}
@@ -310,6 +313,13 @@ class OpenCVDecoder(PillowDecoder):
 
     name: ClassVar[str] = "opencv"
 
+    def enter_worker(self) -> None:
+        # one OpenCV thread per worker (as DataLoader does for torch), or 16 workers on 16 cores would start 16
+        # thread pools of 16 threads each; with worker threads this is OpenCV's setting for the whole process
+        import cv2
+
+        cv2.setNumThreads(1)
+
     def prepare(
         self, data: np.ndarray, geometry: Geometry, *, channels: int = 3
     ) -> tuple[dict[str, np.ndarray] | None, Failure]:
@@ -356,14 +366,8 @@ def jpeg_reduction(height: int, width: int, cover_h: int, cover_w: int, *, margi
 def opencv_flags(*, rgb: bool) -> tuple[dict[int, int], bool]:
     """``cv2.imdecode`` flags per JPEG reduction (1, 2, 4, 8) and whether they decode to RGB: with ``rgb``,
     libjpeg-turbo writes RGB directly where OpenCV can (4.10+: ``IMREAD_COLOR_RGB``), else BGR."""
-    import multiprocessing
-
     import cv2
 
-    if multiprocessing.parent_process() is not None:
-        # a worker process: one OpenCV thread each (as DataLoader does for torch), or 16 workers on 16 cores
-        # would start 16 thread pools of 16 threads each
-        cv2.setNumThreads(1)
     reduced = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
                8: cv2.IMREAD_REDUCED_COLOR_8}  # fmt: skip
     rgb_flag = getattr(cv2, "IMREAD_COLOR_RGB", None)
@@ -377,7 +381,6 @@ def opencv_gray_flags() -> dict[int, int]:
     """``cv2.imdecode`` flags per JPEG reduction (1, 2, 4, 8) for one-channel output (masks), EXIF-upright."""
     import cv2
 
-    opencv_flags(rgb=True)  # one OpenCV thread per worker process, as for images
     return {1: cv2.IMREAD_GRAYSCALE, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
             8: cv2.IMREAD_REDUCED_GRAYSCALE_8}  # fmt: skip
 

@@ -28,6 +28,7 @@ from .outputs import IO_FIELDS, META, Failure
 from .planner import LeftoverPolicy
 from .processes import describe_exit
 from .source import BatchSource, LoaderConfig, build_planner
+from .workers import ThreadedSource, check_worker_kind
 from .world import World
 
 __all__ = ["DALIBucketIterator"]
@@ -84,10 +85,14 @@ class DALIBucketIterator:
         flip: probability of a horizontal flip.
         dtype: ``"float16"``, ``"bfloat16"``, ``"float32"`` (scaled to [-1, 1]) or ``"uint8"`` (raw).
         leftover, sync_ranks: see :class:`Planner`.
-        workers: processes running the external source (reading, and with the ``opencv`` and ``pillow``
-            decoders decoding); 0 does it in the main process. Default: the decoder's, from this rank's
-            share of the cores (``LOCAL_WORLD_SIZE`` ranks share a node): all of it for ``opencv`` and
-            ``pillow``, a quarter of it, 1-4, for ``dali``.
+        workers: threads or processes (``worker_kind``) running the external source (reading, and with the
+            ``opencv`` and ``pillow`` decoders decoding); 0 does it on the loader's own thread, when DALI asks
+            for a batch. Default: the decoder's, from this rank's share of the cores (``LOCAL_WORLD_SIZE`` ranks
+            share a node): all of it for ``opencv`` and ``pillow``, a quarter of it, 1-4, for ``dali``.
+        worker_kind: ``"thread"`` (default): the workers are threads of this process (no process, no import,
+            no ``/dev/shm``; decoding and reading release the GIL); ``"process"``: DALI's spawned worker
+            processes (a worker killed by the OOM killer is restarted from; about 180 MB each). See
+            :mod:`dali_arb.workers` and benchmarks/RESULTS.md.
         num_threads: DALI threads (default: the decoder's: 4 on GPU, all cores for ``dali`` on CPU,
             a quarter of the cores for ``pillow``).
         prefetch: batches DALI prepares ahead.
@@ -137,6 +142,7 @@ class DALIBucketIterator:
         leftover: LeftoverPolicy | str = LeftoverPolicy.NEAREST,
         sync_ranks: bool = True,
         workers: int | None = None,
+        worker_kind: str = "thread",
         num_threads: int | None = None,
         prefetch: int = 2,
         device_id: int | None = None,
@@ -218,9 +224,10 @@ class DALIBucketIterator:
         )
         cores = max(1, cpu_count() // world.local_world_size)  # the ranks of a node share its cores
         self.workers = workers if workers is not None else self.decoder.default_workers(cores)
+        self.worker_kind = check_worker_kind(worker_kind)
         self.num_threads = num_threads or self.decoder.default_threads(cores, gpu=gpu)
         self.prefetch = prefetch
-        self._shared_memory = self._plan_shared_memory()
+        self._read_ahead_plan = self._plan_read_ahead()
         remote = self._remote_reads(manifests, read_ahead, sample_cache, sample_cache_gb)
         self._source = BatchSource(
             manifests, self.config, self.decoder, planner=self._planner, remote=remote[0], read_ahead_steps=remote[1]
@@ -232,6 +239,7 @@ class DALIBucketIterator:
         self._stream: tuple[int, int] | None = None  # (epoch, step) the pipeline produces next
         self._blocklist = Blocklist()
         self._runner: _Runner | None = None
+        self._threaded: ThreadedSource | None = None  # the running pipeline's worker threads
         self._worker_deaths = 0
 
     # -- the public surface -----------------------------------------------------------------------
@@ -330,12 +338,14 @@ class DALIBucketIterator:
         self._close_pipeline()
 
     def read_ahead_bytes(self) -> int:
-        """Shared memory the worker processes' read-ahead may hold at most, at the largest bucket: DALI's
-        pool keeps one chunk per batch computed ahead plus one per batch of the pipeline's own prefetch,
-        shared by all workers; 0 without workers."""
-        plan = self._shared_memory
+        """Memory the batches the workers compute ahead may hold at most, at the largest bucket: with worker
+        processes, ``/dev/shm``, where DALI's pool keeps one chunk per batch computed ahead plus one per batch of
+        the pipeline's own prefetch; with worker threads, this process's memory, one batch per batch ahead;
+        0 without workers."""
+        plan = self._read_ahead_plan
         per_batch = plan["bytes_per_sample"] * self.config.batch_size
-        return (plan["source_prefetch"] + self.prefetch) * per_batch if self.workers else 0
+        in_shared_memory = self.worker_kind == "process"
+        return (plan["source_prefetch"] + (self.prefetch if in_shared_memory else 0)) * per_batch
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -360,7 +370,7 @@ class DALIBucketIterator:
             return None, 0
         steps = read_ahead
         if steps is None:  # every batch the pipeline and the workers prepare ahead, and one more
-            steps = (self._shared_memory["source_prefetch"] + self.prefetch + 1) if self.workers else 2
+            steps = (self._read_ahead_plan["source_prefetch"] + self.prefetch + 1) if self.workers else 2
         if cache is not None:
             folder = os.path.abspath(os.fspath(cache))
             try:
@@ -398,11 +408,13 @@ class DALIBucketIterator:
         count = min(usable, STATISTICS_SAMPLE)
         return index.member_rows(np.linspace(0, usable - 1, count).astype(np.int64), 0)
 
-    def _plan_shared_memory(self) -> dict[str, int]:
-        """Chunk size and source prefetch for the workers' ``/dev/shm`` buffers, from the manifest; a
-        ``ResourceError`` saying what to do when ``/dev/shm`` cannot hold even the smallest set-up."""
+    def _plan_read_ahead(self) -> dict[str, int]:
+        """Batches the workers compute ahead, and the bytes a sample takes while it waits (the chunk size of the
+        worker processes' ``/dev/shm`` buffers), from the manifest; with worker processes, a ``ResourceError``
+        saying what to do when ``/dev/shm`` cannot hold even the smallest set-up."""
         if self.workers == 0:
             return {"bytes_per_sample": 0, "source_prefetch": 0}
+        depth = max(2, SOURCE_PREFETCH_PER_WORKER * self.workers)  # every worker busy, and one batch more each
         lengths = self.data.ints_at("length", self._served_sample, -1)
         known = lengths[lengths > 0]
         encoded = int(np.percentile(known, 99)) if known.size else 0
@@ -410,7 +422,8 @@ class DALIBucketIterator:
         pixels = int((sizes[:, 0] * sizes[:, 1]).max())
         per_sample = self.decoder.bytes_per_sample(encoded, pixels)
         per_batch = per_sample * self.config.batch_size
-        depth = max(2, SOURCE_PREFETCH_PER_WORKER * self.workers)  # every worker busy, and one batch more each
+        if self.worker_kind == "thread":  # the threads hand batches over in this process's memory
+            return {"bytes_per_sample": per_sample, "source_prefetch": depth}
         free = _free_shared_memory()
         if free is not None:
             # DALI's pool holds one chunk per batch in flight, shared by the workers, plus the pipeline's prefetch
@@ -423,7 +436,7 @@ class DALIBucketIterator:
                 raise ResourceError(
                     f"/dev/shm has {free / 2**20:.0f} MiB free, but the {self.workers} loader worker(s) need about "
                     f"{need(depth) / 2**20:.0f} MiB (batches of {self.config.batch_size} x {per_sample / 2**20:.1f} MiB); "
-                    "run the container with --ipc=host or --shm-size=8g, or lower batch_size or workers (0 uses none)"
+                    "run the container with --ipc=host or --shm-size=8g, lower batch_size or workers, or use worker_kind='thread' (no /dev/shm)"
                 )
         return {"bytes_per_sample": per_sample, "source_prefetch": depth}
 
@@ -442,6 +455,9 @@ class DALIBucketIterator:
     def _close_pipeline(self) -> None:
         self._pipe = None
         self._stream = None
+        if self._threaded is not None:
+            self._threaded.close()
+            self._threaded = None
 
     def _build(
         self, source: Any, *, batch_size: int, device: str, workers: int, dtype: str, threads: int, prefetch: int
@@ -458,17 +474,24 @@ class DALIBucketIterator:
             num_threads=threads,
             workers=workers,
             prefetch=prefetch,
-            source_prefetch=self._shared_memory["source_prefetch"] or None,
-            bytes_per_sample_hint=self._shared_memory["bytes_per_sample"] or None,
+            source_prefetch=self._read_ahead_plan["source_prefetch"] or None,
+            bytes_per_sample_hint=self._read_ahead_plan["bytes_per_sample"] or None,
         )
 
     def _open_pipeline(self, epoch: int, step: int) -> None:
         self._close_pipeline()
+        source = self._source.starting_at(epoch, step, self._blocklist.rows)
+        workers = self.workers
+        if workers and self.worker_kind == "thread":
+            source = self._threaded = ThreadedSource(
+                source, threads=workers, depth=self._read_ahead_plan["source_prefetch"]
+            )
+            workers = 0  # DALI calls it in this process
         self._pipe = self._build(
-            self._source.starting_at(epoch, step, self._blocklist.rows),
+            source,
             batch_size=self.config.batch_size,
             device=self.device,
-            workers=self.workers,
+            workers=workers,
             dtype=self.dtype,
             threads=self.num_threads,
             prefetch=self.prefetch,
@@ -492,6 +515,10 @@ class DALIBucketIterator:
                 self._close_pipeline()
                 raise
             except Exception as exc:  # DALI ends a pipeline on one undecodable image: find it, skip it
+                ours = _raised_by_the_source(exc)
+                if ours is not None:  # a worker process's own error, wrapped by DALI: as if raised here
+                    self._close_pipeline()
+                    raise ours from None
                 self._release_failed_pipeline()
                 self._recover(epoch, step, exc)
                 continue
@@ -741,6 +768,27 @@ def _free_shared_memory() -> int | None:
     except OSError:
         return None
     return info.f_bavail * info.f_frsize
+
+
+def _raised_by_the_source(error: BaseException) -> DaliArbError | None:
+    """The dali_arb error (a DataError, a ManifestError...) that the source raised: itself (worker threads, no
+    workers), or, from a worker process, rebuilt from the traceback DALI hands on as the text of its own
+    ``Exception("Exception traceback received from worker thread ...")`` (its cause keeps the message only)."""
+    from . import errors
+
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, DaliArbError):
+            return error
+        for line in reversed(str(error).splitlines()):
+            name, colon, message = line.strip().partition(": ")
+            kind = (
+                getattr(errors, name.removeprefix("dali_arb.errors."), None) if name.startswith("dali_arb.") else None
+            )
+            if colon and isinstance(kind, type) and issubclass(kind, DaliArbError):
+                return kind(message)
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
 
 
 def _is_out_of_memory(error: BaseException) -> bool:

@@ -280,8 +280,9 @@ class Planner:
         """The plan of this rank for ``epoch`` (the last two epochs asked for are kept)."""
         if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
             raise ConfigError(f"epoch must be a non-negative integer, got {epoch!r}")
-        if epoch in self._cache:
-            return self._cache[epoch]
+        cached = self._cache.get(epoch)
+        if cached is not None:
+            return cached
         plan = self._plan_sync(int(epoch)) if self.sync_ranks else self._plan_independent(int(epoch))
         if len(plan) == 0:
             raise PlanError(
@@ -289,9 +290,9 @@ class Planner:
                 f"(largest bucket holds {int(self._counts.max())} images, batch needs "
                 f"{self.global_batch if self.sync_ranks else self.batch_size}); use leftover='nearest'"
             )
-        if len(self._cache) >= 2:
-            del self._cache[next(iter(self._cache))]  # the oldest
-        self._cache[int(epoch)] = plan
+        # replaced, never changed in place: the loader's thread and its worker threads plan at once
+        newest = list(self._cache.items())[-1:]
+        self._cache = dict([*newest, (int(epoch), plan)])
         return plan
 
     def steps_per_epoch(self, epoch: int = 0) -> int:

@@ -187,9 +187,10 @@ class BatchSource:
     def __setstate__(self, state: dict) -> None:
         import multiprocessing
 
+        self.__dict__.update(state)
         if multiprocessing.parent_process() is not None:  # in a DALI worker: never outlive the training process
             die_with_parent()
-        self.__dict__.update(state)
+            self.decoder.enter_worker()
         self.__dict__.setdefault("_manifests", None)
         self.__dict__.setdefault("_planner", None)
         self._ready = False
@@ -246,12 +247,27 @@ class BatchSource:
     def starting_at(self, epoch: int, step: int, blocked_rows: frozenset[int]) -> BatchSource:
         """The same source, its stream starting at ``step`` of ``epoch``, with the loader's current
         blocklist; it shares the set-up arrays (pickling for worker processes drops them)."""
-        self._setup()
-        restarted = copy.copy(self)
+        restarted = self._view()
         restarted.first_epoch, restarted.first_step = epoch, step
         restarted.blocked_rows = frozenset(blocked_rows)
         restarted._found_bad = set()
         return restarted
+
+    def for_thread(self) -> BatchSource:
+        """A view for one more thread serving this stream (:class:`~dali_arb.workers.ThreadedSource`): the arrays,
+        the plan and the samples found bad are shared; reads from object storage are its own."""
+        self.decoder.enter_worker()
+        view = self._view()
+        view.remote = copy.copy(self.remote)  # RemoteReads copies its settings only: its own fetcher and counters
+        return view
+
+    def _view(self) -> BatchSource:
+        """A shallow copy that shares the set-up (``copy.copy`` would go through ``__getstate__``, which drops
+        it for worker processes: every copy would map the caches and plan again)."""
+        self._setup()
+        view = object.__new__(type(self))
+        view.__dict__.update(self.__dict__)
+        return view
 
     @property
     def planner(self) -> Planner:

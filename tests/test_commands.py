@@ -54,22 +54,25 @@ def test_bench_json_has_the_contract_keys(dataset, capsys):
     _, manifest = dataset
     code, out, _ = run(capsys, "bench", manifest, "--device", "cpu", "--baseline", "--memory", "--json", "--batch-size",
                        "2", "--batches", "2", "--rounds", "1", "--workers", "1", "--decoder", "pillow", "--threads", "1", "--quality", "--step-ms", "5",
-                       "--jpeg-scaling", "fast",
+                       "--step-work", "torch", "--jpeg-scaling", "fast",
                        "--max-area", "38400", "--min-dim", "64", "--max-dim", "320", "--step", "32", "--base", "160x160")  # fmt: skip
     assert code == 0
     result = json.loads(out)
-    for key in ("loader", "baseline", "baseline_draft", "baseline_opencv", "baseline_opencv_quality", "memory"):
+    for key in ("loader", "loader_process_workers", "baseline", "baseline_draft", "baseline_opencv",
+                "baseline_opencv_quality", "memory"):  # fmt: skip
         assert result[key]["images_per_s"] > 0 and result[key]["megapixels_per_s"] > 0
         assert result[key]["batch_ms_p99"] >= result[key]["batch_ms_p50"] > 0
     assert result["decode_ceiling"]["images_per_s"] > 0 and 0 < result["share_of_decode_ceiling"]
     assert result["step_ms"] == 5 and result["loader"]["batch_ms_p50"] >= 5  # every interval holds a 5 ms step
+    assert result["step_work"] == "torch" and result["thread_vs_process_workers"] > 0
     assert result["read_ahead_bytes"] > 0 and result["loader"]["wait_ms_p99"] >= 0
     quality = result["quality"]  # every loader against the same full-resolution reference, over every bucket
     assert quality["buckets"] >= 3 and quality["images"] == 2 * quality["buckets"]
     assert quality["baseline"]["worst_db"] > 40  # plain Pillow is the reference's own method
     assert 25 < quality["loader"]["worst_db"] <= quality["loader"]["median_db"]
     # the settings the loader ran with, as given (the memory-fed pipeline's own decoder does not replace them)
-    settings = {"decoder": "pillow", "workers": 1, "num_threads": 1, "hw_decoder_load": None, "jpeg_scaling": "fast"}
+    settings = {"decoder": "pillow", "workers": 1, "worker_kind": "thread", "num_threads": 1, "hw_decoder_load": None,
+                "jpeg_scaling": "fast"}  # fmt: skip
     assert result["settings"] == settings
     # fast scaling is compared with the peer that decodes at the same scale
     assert result["same_quality_peer"] == "baseline_opencv"

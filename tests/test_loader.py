@@ -85,6 +85,7 @@ def test_manifest_in_memory_reaches_the_workers(dataset):
     in_memory = Manifest(Manifest.read(manifest).table)  # no file for the workers to reload
     from_file = [b["ids"] for b in loader(manifest, workers=0)]
     assert [b["ids"] for b in loader(in_memory, workers=1)] == from_file
+    assert [b["ids"] for b in loader(in_memory, workers=1, worker_kind="process")] == from_file
 
 
 def test_center_crop_and_float_outputs(dataset):
@@ -120,15 +121,23 @@ def test_epochs_follow_one_another_and_reshuffle(dataset):
     assert [b["ids"] for b in it] == first
 
 
-@pytest.mark.parametrize(("workers", "device"), [(0, "cpu"), (1, "cpu"), pytest.param(1, "gpu", marks=pytest.mark.gpu)])
-def test_resume_is_bit_identical_for_every_following_batch(dataset, workers, device):
+@pytest.mark.parametrize(
+    ("workers", "kind", "device"),
+    [
+        (0, "thread", "cpu"),
+        (2, "thread", "cpu"),
+        (1, "process", "cpu"),
+        pytest.param(1, "thread", "gpu", marks=pytest.mark.gpu),
+    ],
+)
+def test_resume_is_bit_identical_for_every_following_batch(dataset, workers, kind, device):
     """Cut anywhere, including the last step of an epoch, and every batch after the cut, across the epoch
     boundary, is the one the uninterrupted run produced (with the README's `range(loader.epoch, E)` loop);
     on the GPU too (nvJPEG, the hardware decoder's share of each batch, GPU resize)."""
     _, manifest = dataset
     steps = len(loader(manifest))
     check_save_load_state(
-        lambda: loader(manifest, flip=0.5, workers=workers, device=device),
+        lambda: loader(manifest, flip=0.5, workers=workers, worker_kind=kind, device=device),
         sorted({0, 1, steps // 2, steps - 2, steps - 1, steps + 1}),
     )
 
@@ -362,19 +371,24 @@ def test_a_small_dev_shm_lowers_the_prefetch_or_says_what_to_do(dataset, monkeyp
     import dali_arb.iterator as module
 
     _, manifest = dataset
-    roomy = loader(manifest, workers=2)
-    per_batch = roomy._shared_memory["bytes_per_sample"] * 4
-    assert roomy._shared_memory["source_prefetch"] == 4  # 2 per worker
+    roomy = loader(manifest, workers=2, worker_kind="process")
+    per_batch = roomy._read_ahead_plan["bytes_per_sample"] * 4
+    assert roomy._read_ahead_plan["source_prefetch"] == 4  # 2 per worker
     # DALI's pool holds one chunk per batch ahead, shared by the workers, plus the pipeline's prefetch (2)
     assert roomy.read_ahead_bytes() == (4 + 2) * per_batch
     monkeypatch.setattr(module, "_free_shared_memory", lambda: per_batch * (3 + 2))
-    assert loader(manifest, workers=2)._shared_memory["source_prefetch"] == 3
+    assert loader(manifest, workers=2, worker_kind="process")._read_ahead_plan["source_prefetch"] == 3
     monkeypatch.setattr(module, "_free_shared_memory", lambda: per_batch)
     with pytest.raises(
-        ResourceError, match=r"^/dev/shm has 0 MiB free, but the 2 loader worker\(s\) need .*--ipc=host"
+        ResourceError,
+        match=r"^/dev/shm has 0 MiB free, but the 2 loader worker\(s\) need .*--ipc=host.*worker_kind='thread'",
     ):
-        loader(manifest, workers=2)
-    assert loader(manifest, workers=0)._shared_memory["source_prefetch"] == 0  # no workers, no /dev/shm
+        loader(manifest, workers=2, worker_kind="process")
+    # worker threads hand batches over in the process's memory: /dev/shm plays no part, the depth stays
+    threads = loader(manifest, workers=2)
+    assert threads._read_ahead_plan["source_prefetch"] == 4 and threads.read_ahead_bytes() == 4 * per_batch
+    assert len(list(threads)) == len(threads)
+    assert loader(manifest, workers=0)._read_ahead_plan["source_prefetch"] == 0  # no workers, no read-ahead
 
 
 def test_the_ranks_of_a_node_share_its_cores(dataset, monkeypatch):
@@ -400,7 +414,9 @@ def test_every_worker_has_a_batch_in_flight(dataset, monkeypatch):
     _, manifest = dataset
     monkeypatch.setattr(module, "_free_shared_memory", lambda: 64 << 30)
     for workers in (1, 4, 16, 24):
-        assert loader(manifest, workers=workers)._shared_memory["source_prefetch"] >= max(2, workers + 1)
+        for kind in ("thread", "process"):
+            plan = loader(manifest, workers=workers, worker_kind=kind)._read_ahead_plan
+            assert plan["source_prefetch"] >= max(2, workers + 1)
 
 
 def test_gpu_preallocation_follows_the_served_images_not_the_longest_side(dataset):

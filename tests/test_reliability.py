@@ -109,12 +109,13 @@ def cpu_loader(manifest, **kw):
 
 # -- 1. a manifest rewritten under a live loader was served with other rows' keys and captions -----
 def test_a_manifest_rewritten_under_a_live_loader_is_refused(tmp_path, dataset):
+    """Worker processes re-read the manifest at each pipeline start: they refuse a rewritten one."""
     from dali_arb import Manifest, ManifestError
 
     _, manifest = dataset
     path = tmp_path / "m.parquet"
     path.write_bytes(manifest.read_bytes())
-    loader = cpu_loader(path, workers=1, decoder="dali")
+    loader = cpu_loader(path, workers=1, decoder="dali", worker_kind="process")
     first = next(iter(loader))
     assert len(first["ids"]) == 2
     table = Manifest.read(path).table
@@ -122,6 +123,27 @@ def test_a_manifest_rewritten_under_a_live_loader_is_refused(tmp_path, dataset):
     loader.set_epoch(1)  # a new pipeline start re-reads the file in its workers
     with pytest.raises(ManifestError, match="changed on disk after the loader was built"):
         next(iter(loader))
+
+
+def test_worker_threads_serve_the_manifest_the_loader_was_built_with_after_a_rewrite(tmp_path, dataset):
+    """Worker threads read the loader's own mapped copy (pinned by content): a manifest rewritten on disk changes
+    nothing they serve, and never mixes rows."""
+    from dali_arb import Manifest
+
+    _, manifest = dataset
+    path = tmp_path / "m.parquet"
+    path.write_bytes(manifest.read_bytes())
+    untouched = cpu_loader(manifest, workers=2, flip=0.5)
+    untouched.set_epoch(1)
+    expected = [(b["ids"], b["images"].clone()) for b in untouched]
+    loader = cpu_loader(path, workers=2, flip=0.5)
+    next(iter(loader))
+    table = Manifest.read(path).table
+    Manifest(table.take(np.roll(np.arange(table.num_rows), 5))).write(path)  # same row count, rows moved
+    loader.set_epoch(1)  # a new pipeline start
+    got = [(b["ids"], b["images"]) for b in loader]
+    assert [ids for ids, _ in got] == [ids for ids, _ in expected]
+    assert all(a.equal(b) for (_, a), (_, b) in zip(got, expected))
 
 
 # -- 2. -o could name an input, or a device node ---------------------------------------------------
@@ -387,7 +409,7 @@ from tests.holding_decoder import HoldingDecoder
 manifest, when, meeting = sys.argv[1:]
 def make(decoder):
     return DALIBucketIterator(manifest, batch_size=2, buckets=SMALL, device="cpu", workers=2, dtype="uint8",
-                              seed=3, rank=0, world_size=1, decoder=decoder)
+                              seed=3, rank=0, world_size=1, decoder=decoder, worker_kind="process")
 reference = [b["ids"] for b in make("opencv")]
 def kill_the_holder():  # a worker that holds a task: its batch never comes
     deadline = time.monotonic() + 60
@@ -589,7 +611,7 @@ import sys, time
 from dali_arb import DALIBucketIterator
 from tests.conftest import SMALL
 loader = DALIBucketIterator(sys.argv[1], batch_size=2, buckets=SMALL, device="cpu", workers=2, dtype="uint8",
-                            rank=0, world_size=1)
+                            rank=0, world_size=1, worker_kind="process")
 next(iter(loader))
 print(" ".join(str(p) for p in loader._pipe._py_pool.pids()), flush=True)
 time.sleep(120)

@@ -78,8 +78,8 @@ def same_batches(a, b) -> int:
     return n
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_a_prefix_indexes_like_its_folder_and_serves_the_same_pixels(s3, tmp_path, workers):
+@pytest.mark.parametrize(("workers", "kind"), [(0, "thread"), (2, "thread"), (2, "process")])
+def test_a_prefix_indexes_like_its_folder_and_serves_the_same_pixels(s3, tmp_path, workers, kind):
     _, folder, _ = s3
     summary = build_index([f"s3://{BUCKET}/photos/"], tmp_path / "remote.parquet", progress=False)
     build_index([str(folder)], tmp_path / "local.parquet", progress=False)
@@ -88,8 +88,8 @@ def test_a_prefix_indexes_like_its_folder_and_serves_the_same_pixels(s3, tmp_pat
         assert remote.table.column(column).to_pylist() == local.table.column(column).to_pylist(), column
     assert remote.table.column("source")[0].as_py() == f"s3://{BUCKET}/photos/img000.jpg"
     assert summary.remote_images == 36 and summary.remote_requests == 2 * 36  # a header block and the tail
-    it = loader(str(tmp_path / "remote.parquet"), workers=workers, flip=0.5)
-    assert same_batches(it, loader(str(tmp_path / "local.parquet"), workers=workers, flip=0.5)) == 9
+    it = loader(str(tmp_path / "remote.parquet"), workers=workers, worker_kind=kind, flip=0.5)
+    assert same_batches(it, loader(str(tmp_path / "local.parquet"), workers=workers, worker_kind=kind, flip=0.5)) == 9
     stats = it.stats
     assert stats["bytes_served"] == sum(
         os.path.getsize(folder / f"{k}.jpg") for b in loader(str(tmp_path / "local.parquet")) for k in b["ids"]

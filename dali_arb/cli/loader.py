@@ -41,8 +41,15 @@ def _add_loader_options(p: argparse.ArgumentParser, *, batch_default: int) -> No
         "--workers",
         type=non_negative_int,
         default=None,
-        help="processes running the loader's source (default: the decoder's: every core with the CPU "
-        "decoder, which decodes in them; a quarter of the cores, 1-4, with DALI decoding)",
+        help="threads or processes (--worker-kind) running the loader's source (default: the decoder's: every core "
+        "with the CPU decoder, which decodes in them; a quarter of the cores, 1-4, with DALI decoding)",
+    )
+    g.add_argument(
+        "--worker-kind",
+        choices=["thread", "process"],
+        default="thread",
+        help="the workers are threads of the loader's process (default: no process, no /dev/shm; decoding releases "
+        "the GIL) or DALI's worker processes (a worker killed by the OOM killer is restarted from; ~180 MB each)",
     )
     g.add_argument(
         "--decoder",
@@ -70,8 +77,9 @@ def _add_loader_options(p: argparse.ArgumentParser, *, batch_default: int) -> No
 
 def _loader_settings(args: argparse.Namespace) -> dict:
     """The loader options as ``DALIBucketIterator`` keyword arguments."""
-    return {"device": args.device, "workers": args.workers, "decoder": args.decoder, "num_threads": args.threads,
-            "hw_decoder_load": args.hw_decoder_load, "jpeg_scaling": args.jpeg_scaling}  # fmt: skip
+    return {"device": args.device, "workers": args.workers, "worker_kind": args.worker_kind, "decoder": args.decoder,
+            "num_threads": args.threads, "hw_decoder_load": args.hw_decoder_load,
+            "jpeg_scaling": args.jpeg_scaling}  # fmt: skip
 
 
 def _stderr_is_tty() -> bool:
@@ -124,7 +132,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = run_bench(
         args.manifest, batch_size=args.batch_size, batches=args.batches, rounds=args.rounds, baseline=args.baseline,
         memory=args.memory, buckets=spec_from_args(args), progress=say, dtype=args.dtype, quality=args.quality,
-        step_ms=args.step_ms,
+        step_ms=args.step_ms, step_work=args.step_work,
         **_loader_settings(args),
     )  # fmt: skip
     if args.json:
@@ -135,10 +143,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     names = {"loader": "dali_arb", "baseline_opencv_quality": "DataLoader + OpenCV, quality scaling",
              "baseline_opencv": "DataLoader + OpenCV reduced decode",
              "baseline_draft": "DataLoader + Pillow draft", "baseline": "DataLoader + Pillow",
+             "loader_process_workers": "dali_arb, worker processes", "loader_thread_workers": "dali_arb, worker threads",
              "torchvision": "DataLoader + torchvision decode_jpeg", "loader_dali_decoder": "dali_arb, decoder=dali",
              "memory": "decoder=dali pipeline fed from memory"}  # fmt: skip
     if result["step_ms"]:
-        print(f"after each batch a simulated training step of {result['step_ms']} ms; latency is the batch interval")
+        print(f"after each batch a simulated training step of {result['step_ms']} ms ({result['step_work']}); "
+              "latency is the batch interval")  # fmt: skip
     print(f"{'loader':<36} {'images/s':>9} {'MP/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'wait p99':>9}")
     for key, label in names.items():
         if isinstance(result.get(key), dict):
@@ -158,11 +168,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "speedup_vs_baseline_draft",
         "speedup_vs_baseline",
         "speedup_vs_torchvision",
+        "thread_vs_process_workers",
+        "process_vs_thread_workers",
     ):
         if key in result:
             print(f"{key.replace('_', ' ')}: {result[key]}x")
     if result.get("read_ahead_bytes"):
-        print(f"dali_arb read-ahead holds at most {result['read_ahead_bytes'] / 2**20:.0f} MiB of /dev/shm")
+        where = "/dev/shm" if result["settings"]["worker_kind"] == "process" else "the loader's process memory"
+        print(f"dali_arb read-ahead holds at most {result['read_ahead_bytes'] / 2**20:.0f} MiB of {where}")
     if "share_of_decode_ceiling" in result:
         print(f"share of the decode-only ceiling: {100 * result['share_of_decode_ceiling']:.0f}%")
     for key, q in result.get("quality", {}).items():
@@ -282,7 +295,15 @@ def register(sub: argparse._SubParsersAction, fmt: type) -> None:
         "--step-ms",
         type=non_negative_float,
         default=0.0,
-        help="simulated training step after each batch, in ms (a sleep): shows the pace when the loader is ahead",
+        help="simulated training step after each batch, in ms: shows the pace when the loader is ahead",
+    )
+    p.add_argument(
+        "--step-work",
+        choices=["sleep", "torch", "python"],
+        default="sleep",
+        help="what that step does: sleep (default: the CPU is free, as while a GPU computes), torch (small CPU "
+        "tensor ops, as a loop dispatching kernels; the GIL is released inside each op) or python (pure Python "
+        "holding the GIL: the worst case for worker threads)",
     )
     p.add_argument("--memory", action="store_true", help="also time the same DALI pipeline fed from memory")
     p.add_argument("--json", action="store_true", help="print one JSON object")
