@@ -8,7 +8,17 @@ import platform
 import sys
 import time
 
-from . import CASES, bench_dataplane, bench_gpu, bench_index, bench_loader, bench_planner, bench_scaling, bench_storage  # noqa: F401  (register cases)
+from . import (  # noqa: F401  (register cases)
+    CASES,
+    bench_dataplane,
+    bench_gpu,
+    bench_index,
+    bench_loader,
+    bench_planner,
+    bench_scaling,
+    bench_storage,
+    bench_workers,
+)
 
 
 def machine() -> str:

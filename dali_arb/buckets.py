@@ -223,6 +223,11 @@ class BucketAssignment:
         return int(np.count_nonzero(self.reject_code == code))
 
 
+#: Loaders size their buffers by this percentile of the served images' sides and encoded lengths (the GPU decoder's
+#: preallocation, the worker processes' shared-memory chunks): :attr:`BucketIndex.served_p99`.
+SERVED_PERCENTILE = 99
+
+
 class PlannedIndex:
     """What the :class:`~dali_arb.planner.Planner` reads of an index, derived from its ``sizes`` (``int64 (K, 2)``)
     and ``starts`` (``int64 (K + 1,)``, each bucket's first member position): :class:`BucketIndex` (one manifest)
@@ -263,6 +268,9 @@ class BucketIndex(PlannedIndex):
         starts: ``int64 (K + 1,)``.
         heights, widths: ``(N,)`` displayed sizes (any integer type).
         rejected_aspect, rejected_too_small: rows rejected for each reason.
+        served_p99: the 99th percentiles of the usable rows' ``height``, ``width`` and known encoded ``length``
+            (``None`` where no length is known), when the index comes from a manifest's cache, which computes
+            them once per node; ``None`` otherwise (a loader then samples rows).
     """
 
     sizes: np.ndarray
@@ -275,6 +283,7 @@ class BucketIndex(PlannedIndex):
     widths: np.ndarray
     rejected_aspect: int
     rejected_too_small: int
+    served_p99: dict[str, float | None] | None = None
 
     @classmethod
     def of(cls, assignment: BucketAssignment) -> BucketIndex:

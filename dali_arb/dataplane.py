@@ -46,7 +46,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .buckets import BucketIndex, BucketSpec
+from .buckets import SERVED_PERCENTILE, BucketIndex, BucketSpec
 from .errors import ManifestError, ResourceError
 from .manifest import Fingerprint, Manifest, check_file, pinned_columns
 from .pairs import pair_columns, pairs_of
@@ -359,7 +359,8 @@ class ManifestCache:
                     runs = _string_array(self.folder, f"{name}.runs", int(self.meta["runs"][name]))
                     valid = _map_bytes(self.folder / f"{name}.valid")
                     indices = pa.Array.from_buffers(pa.from_numpy_dtype(index.dtype), n, [valid, pa.py_buffer(index)])
-                    arrays[name] = pa.DictionaryArray.from_arrays(indices, runs)
+                    # written and checked at the build: not validated again, which read every row's index
+                    arrays[name] = pa.DictionaryArray.from_arrays(indices, runs, safe=False)
                 else:
                     arrays[name] = pa.array(self.array(name))
             table = pa.table(arrays)
@@ -399,6 +400,7 @@ class ManifestCache:
             widths=self.array("width"),
             rejected_aspect=int(meta["rejected_aspect"]),
             rejected_too_small=int(meta["rejected_too_small"]),
+            served_p99=meta.get("served_p99"),
             **load,
         )
 
@@ -560,6 +562,19 @@ def _build_columns(path: Path, folder: Path, content: str) -> None:
     _write_json(folder / "meta.json", meta)
 
 
+def _served_p99(cache: ManifestCache, rows: np.ndarray) -> dict[str, float | None]:
+    """The 99th percentiles of ``rows``' height, width and known encoded length (what a loader sizes its buffers
+    by), computed here once per node so that no rank reads every row's value at start-up."""
+
+    def p99(values: np.ndarray) -> float | None:
+        return float(np.percentile(values, SERVED_PERCENTILE)) if len(values) else None
+
+    out: dict[str, float | None] = {name: p99(np.asarray(cache.array(name))[rows]) for name in ("height", "width")}
+    lengths = np.asarray(cache.array("length"))[rows] if "length" in cache.meta["columns"] else np.empty(0)
+    out["length"] = p99(lengths[lengths > 0])
+    return out
+
+
 def _build_buckets(cache: ManifestCache, spec: BucketSpec, options: str, folder: Path) -> None:
     index = BucketIndex.of(spec.assign(cache.array("height"), cache.array("width")))
     for name in ("bucket", "members", "starts", "sizes"):
@@ -571,6 +586,7 @@ def _build_buckets(cache: ManifestCache, spec: BucketSpec, options: str, folder:
         "no_upscale": index.no_upscale,
         "rejected_aspect": index.rejected_aspect,
         "rejected_too_small": index.rejected_too_small,
+        "served_p99": _served_p99(cache, index.members),
         "files": _files_of(folder),
     }
     _write_json(folder / "meta.json", meta)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .blocklist import Blocklist
-from .buckets import BucketSpec
+from .buckets import SERVED_PERCENTILE, BucketSpec
 from .captions import CaptionPolicy
 from .decoders import DaliDecoder, Decoder, choose_decoder, cpu_count
 from .errors import ConfigError, DaliArbError, DataError, DeviceError, ManifestError, ResourceError, StateError
@@ -44,8 +44,6 @@ MAX_WORKER_DEATHS = 2
 #: 3: the O(steps) planner (keyed shuffles per bucket); states of formats 1 and 2 are refused.
 STATE_FORMAT = 3
 DTYPES = ("float16", "bfloat16", "float32", "uint8")
-#: The GPU decoder preallocates for this percentile of the served images' sides, capped (see ``_preallocation``).
-PREALLOCATE_PERCENTILE = 99
 #: Rows sampled for the percentiles of sizes and lengths that set buffers up.
 STATISTICS_SAMPLE = 1 << 20
 PREALLOCATE_MAX_SIDE = 8192
@@ -394,19 +392,29 @@ class DALIBucketIterator:
     def _preallocation(self) -> tuple[int, int]:
         """``(height, width)`` for the GPU decoder to preallocate: a high percentile of the served images'
         sides, taken separately and capped (nvImageCodec's hardware decoder reserves batch x H x W x 3)."""
-        served = self._served_sample
-        h = np.percentile(self.data.ints_at("heights", served, 1), PREALLOCATE_PERCENTILE)
-        w = np.percentile(self.data.ints_at("widths", served, 1), PREALLOCATE_PERCENTILE)
-        return min(math.ceil(h), PREALLOCATE_MAX_SIDE), min(math.ceil(w), PREALLOCATE_MAX_SIDE)
+        served = self._served_p99
+        height, width = (min(math.ceil(served[side]), PREALLOCATE_MAX_SIDE) for side in ("height", "width"))
+        return height, width
 
     @functools.cached_property
-    def _served_sample(self) -> np.ndarray:
-        """``int64 (<= STATISTICS_SAMPLE,)`` rows spread evenly over the usable ones (for percentiles: the
-        whole manifest would cost O(N) private memory in every rank); taken once per loader."""
+    def _served_p99(self) -> dict[str, float | None]:
+        """The ``SERVED_PERCENTILE``-th percentiles of the served images' ``height``, ``width`` and known encoded
+        ``length`` (``None`` when none is known): from the bucket index's cache, which computed them once per node;
+        else from ``STATISTICS_SAMPLE`` rows spread evenly over the usable ones (the whole manifest would cost O(N)
+        in every rank). Taken once per loader."""
+        cached = getattr(self._planner.index, "served_p99", None)
+        if cached:
+            return cached
         index = self._planner.index
         usable = int(index.starts[-1])
-        count = min(usable, STATISTICS_SAMPLE)
-        return index.member_rows(np.linspace(0, usable - 1, count).astype(np.int64), 0)
+        served = index.member_rows(np.linspace(0, usable - 1, min(usable, STATISTICS_SAMPLE)).astype(np.int64), 0)
+        lengths = self.data.ints_at("length", served, -1)
+        known = lengths[lengths > 0]
+        return {
+            "height": float(np.percentile(self.data.ints_at("heights", served, 1), SERVED_PERCENTILE)),
+            "width": float(np.percentile(self.data.ints_at("widths", served, 1), SERVED_PERCENTILE)),
+            "length": float(np.percentile(known, SERVED_PERCENTILE)) if known.size else None,
+        }
 
     def _plan_read_ahead(self) -> dict[str, int]:
         """Batches the workers compute ahead, and the bytes a sample takes while it waits (the chunk size of the
@@ -415,9 +423,7 @@ class DALIBucketIterator:
         if self.workers == 0:
             return {"bytes_per_sample": 0, "source_prefetch": 0}
         depth = max(2, SOURCE_PREFETCH_PER_WORKER * self.workers)  # every worker busy, and one batch more each
-        lengths = self.data.ints_at("length", self._served_sample, -1)
-        known = lengths[lengths > 0]
-        encoded = int(np.percentile(known, 99)) if known.size else 0
+        encoded = int(self._served_p99["length"] or 0)
         sizes = self._planner.assignment.sizes
         pixels = int((sizes[:, 0] * sizes[:, 1]).max())
         per_sample = self.decoder.bytes_per_sample(encoded, pixels)

@@ -142,6 +142,38 @@ def test_bucket_index_is_cached_per_options_and_plans_as_the_in_memory_one(tmp_p
     assert len(list((mapped.cache.folder / "buckets").iterdir())) == 2
 
 
+def test_the_bucket_index_cache_holds_the_served_percentiles_so_no_rank_reads_every_row(tmp_path, monkeypatch):
+    """A loader sized its buffers by sampling a million rows spread over the manifest in every rank at start-up:
+    every page of the length column and of the bucket members (92 B/row of a node's memory at 4M rows)."""
+    from dali_arb import DALIBucketIterator
+    from dali_arb.manifest import ManifestSet
+
+    path = odd_manifest(tmp_path / "m.parquet", n=2000)
+    index = bucket_index(Manifest.open(path, cache_dir=tmp_path / "cache"), BucketSpec())
+    memory = Manifest.read(path)
+    rows = index.members
+    lengths = memory.int_column("length", -1)[rows]
+    assert index.served_p99 == pytest.approx(
+        {
+            "height": np.percentile(memory.heights[rows], 99),
+            "width": np.percentile(memory.widths[rows], 99),
+            "length": np.percentile(lengths[lengths > 0], 99),
+        }
+    )
+    assert bucket_index(memory, BucketSpec()).served_p99 is None  # an index made in memory: the loader samples
+
+    options = {"batch_size": 4, "device": "cpu", "workers": 2, "worker_kind": "process", "rank": 0, "world_size": 1}
+    sampled = DALIBucketIterator(memory, **options)  # samples every usable row here (2000 < the sample size)
+
+    def no_row_reads(*args, **kwargs):
+        raise AssertionError("a loader over a cached manifest read rows to size its buffers")
+
+    monkeypatch.setattr(ManifestSet, "ints_at", no_row_reads)
+    cached = DALIBucketIterator(str(path), cache_dir=tmp_path / "cache", **options)
+    assert cached._served_p99 == pytest.approx(sampled._served_p99)
+    assert cached._read_ahead_plan == sampled._read_ahead_plan
+
+
 @pytest.mark.parametrize("damage", ["truncate", "meta", "missing", "foreign"])
 def test_a_damaged_cache_is_rebuilt_never_served(tmp_path, damage):
     path = odd_manifest(tmp_path / "m.parquet")
