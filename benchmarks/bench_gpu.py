@@ -63,12 +63,14 @@ def cpu_cores(args) -> dict:
     with photo_manifest(args, count, min_mp=args.min_mp, max_mp=args.max_mp, seed=1) as manifest:
         r = run_bench(manifest, device="cpu", batch_size=16, batches=batches, rounds=2, baseline=True)
     figures: dict = {f"{count} JPEGs {args.min_mp:g}-{args.max_mp:g} MP, batch 16, {r['cores']} cores": r["output"]}
-    for key in ("loader", "baseline_opencv_quality", "baseline_opencv", "baseline_draft", "baseline", "torchvision"):
+    for key in ("loader", "loader_process_workers", "baseline_opencv_quality", "baseline_opencv", "baseline_draft",
+                "baseline", "torchvision"):  # fmt: skip
         if isinstance(r.get(key), dict):
             figures[f"  {key} images/s (p50/p99 ms)"] = (
                 f"{r[key]['images_per_s']} ({r[key]['batch_ms_p50']}/{r[key]['batch_ms_p99']})"
             )
     figures["  decode-only ceiling images/s"] = r["decode_ceiling"]["images_per_s"]
+    figures["  worker threads (the default) vs worker processes"] = f"{r['thread_vs_process_workers']}x"
     figures["  dali_arb vs the OpenCV peer of the same quality"] = f"{r['speedup_vs_same_quality']}x"
     figures["  dali_arb vs OpenCV reduced decode (faster, 25 dB worst)"] = f"{r['speedup_vs_baseline_opencv']}x"
     figures["  read-ahead MiB (/dev/shm with worker processes)"] = round((r["read_ahead_bytes"] or 0) / 2**20)

@@ -6,7 +6,8 @@
 #   gpu-tests.txt    the GPU test tier: shapes, dtype, device, pixels against the CPU path, pairs and masks, bad
 #                    files and formats on the GPU decoder, resume, flat GPU memory across bucket switches
 #   example.txt      examples/diffusers_sdxl.py --tiny on the GPU (needs diffusers: carry its wheel in .whl)
-#   cpu.*            the CPU path on every core against the OpenCV, Pillow and torchvision peers
+#   cpu.*            the CPU path on every core against the OpenCV, Pillow and torchvision peers, and with worker
+#                    processes beside its default worker threads
 #   bench-gpu.*      the loader on the GPU vs DataLoader + torchvision decode_jpeg(device="cuda") and
 #                    DataLoaders with OpenCV reduced decode, Pillow draft and Pillow on all cores; PSNR, overhead
 #   sweep.*          hw_decoder_load x DALI threads, the OpenCV decoder feeding the GPU, beside the same peers

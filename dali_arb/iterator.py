@@ -88,8 +88,10 @@ class DALIBucketIterator:
             for a batch. Default: the decoder's, from this rank's share of the cores (``LOCAL_WORLD_SIZE`` ranks
             share a node): all of it for ``opencv`` and ``pillow``, a quarter of it, 1-4, for ``dali``.
         worker_kind: ``"thread"`` (default): the workers are threads of this process (no process, no import,
-            no ``/dev/shm``; decoding and reading release the GIL); ``"process"``: DALI's spawned worker
-            processes (a worker killed by the OOM killer is restarted from; about 180 MB each). See
+            no ``/dev/shm``; decoding and reading release the GIL, so they keep pace with processes while the
+            training loop dispatches torch ops); ``"process"``: DALI's spawned worker processes (about 100 MB PSS
+            each on a node; a worker killed by the OOM killer is restarted from), for a training loop that runs
+            long stretches of pure Python, which holds the GIL the threads need (0.78x their pace measured). See
             :mod:`dali_arb.workers` and benchmarks/RESULTS.md.
         num_threads: DALI threads (default: the decoder's: 4 on GPU, all cores for ``dali`` on CPU,
             a quarter of the cores for ``pillow``).

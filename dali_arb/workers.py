@@ -8,7 +8,7 @@ worker_kind    what runs the source                            costs and guarant
                whole batches ahead of DALI                     decoding (libjpeg-turbo, OpenCV, Pillow) and
                                                                the reads release the GIL
 ``process``    DALI's parallel external source: ``workers``    crash isolation (a worker killed by the OOM
-               spawned processes, batches handed over in       killer is restarted from), at about 180 MB
+               spawned processes, batches handed over in       killer is restarted from), at about 100 MB
                ``/dev/shm``                                    PSS per worker (benchmarks/RESULTS.md)
 =============  ==============================================  ==============================================
 

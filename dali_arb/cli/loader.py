@@ -49,7 +49,7 @@ def _add_loader_options(p: argparse.ArgumentParser, *, batch_default: int) -> No
         choices=["thread", "process"],
         default="thread",
         help="the workers are threads of the loader's process (default: no process, no /dev/shm; decoding releases "
-        "the GIL) or DALI's worker processes (a worker killed by the OOM killer is restarted from; ~180 MB each)",
+        "the GIL) or DALI's worker processes (a worker killed by the OOM killer is restarted from; ~100 MB PSS each on a node)",
     )
     g.add_argument(
         "--decoder",
