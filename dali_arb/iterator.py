@@ -573,6 +573,8 @@ class DALIBucketIterator:
         for process in _worker_processes(pipe):
             if process.exitcode is None:
                 process.kill()
+        _finalize_in_background(pipe)
+        del pipe
         self._worker_deaths += 1
         what = f"a loader worker process (pid {died.process.pid}) {describe_exit(died.process.exitcode)}"
         if self._worker_deaths > MAX_WORKER_DEATHS:
@@ -835,6 +837,26 @@ def _worker_processes(pipe: Any) -> list:
     them at ``pipe._py_pool.pool._processes``), or ``[]``."""
     pool = getattr(getattr(pipe, "_py_pool", None), "pool", None)
     return list(getattr(pool, "_processes", None) or [])
+
+
+def _finalize_in_background(obj: Any) -> None:
+    """Run ``obj``'s ``weakref.finalize`` callbacks now, on a daemon thread, instead of wherever it is collected.
+
+    DALI closes a pipeline's worker pool in such a callback, and that close waits for its observer thread, which
+    takes the lock of the pool's result queue: a worker killed while it held that lock (the OOM killer, or the
+    loader ending the others after a death) leaves the close waiting forever. The training loop must not wait
+    with it; the daemon thread ends with the process."""
+    registry = getattr(weakref.finalize, "_registry", {})
+    detached = [f.detach() for f in list(registry) if (f.peek() or (None,))[0] is obj]
+    callbacks = [(func, args, kwargs) for _, func, args, kwargs in filter(None, detached)]  # not obj itself
+    del detached
+
+    def run() -> None:
+        for func, args, kwargs in callbacks:
+            with contextlib.suppress(Exception):
+                func(*args, **(kwargs or {}))
+
+    threading.Thread(target=run, name="dali_arb-closing-pipeline", daemon=True).start()
 
 
 def _first_dead(processes: list) -> Any:

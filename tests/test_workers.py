@@ -217,3 +217,41 @@ def test_the_planner_serves_epochs_to_several_threads_at_once(dataset):
     snapshot = dict(seen)
     planner.epoch(max(expected) + 1)
     assert seen == snapshot and planner._cache is not seen
+
+
+def test_abandoning_a_pipeline_never_waits_for_dali_to_close_its_pool(dataset):
+    """DALI closes a pipeline's worker pool in a finalizer that joins its observer thread; a worker killed while it
+    held the pool's result-queue lock leaves that join waiting forever (seen in CI: the killed-worker test hung in
+    ``Observer.close``). The loader must go on; the close runs on a daemon thread."""
+    import weakref
+
+    from dali_arb.iterator import _WorkerDied
+
+    _, manifest = dataset
+    it = loader(manifest)
+    never = threading.Event()
+    closing = threading.Event()
+
+    class Pipe:  # a pipeline whose pool close blocks, as DALI's does then
+        pass
+
+    def close(event):
+        closing.set()
+        event.wait()
+
+    it._pipe = Pipe()
+    weakref.finalize(it._pipe, close, never)
+
+    class Dead:
+        pid, exitcode = 12345, -9
+
+    done = threading.Event()
+
+    def abandon():
+        it._abandon_pipeline(_WorkerDied(Dead()))
+        done.set()
+
+    threading.Thread(target=abandon, daemon=True).start()
+    assert done.wait(timeout=10), "the training loop waited for the pool to close"
+    assert closing.wait(timeout=10)  # the close did run, elsewhere
+    never.set()
