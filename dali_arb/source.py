@@ -114,6 +114,11 @@ class _Rows:
     pair_sizes: list[tuple[np.ndarray, np.ndarray]]
 
 
+def _remote_request(url: str, offset: int, length: int) -> Request:
+    """The request for ``length`` bytes at ``offset`` of ``url`` (``length`` -1: the whole object)."""
+    return Request(url, offset, offset + length if length >= 0 else -1, whole=offset == 0)
+
+
 class BatchSource:
     """DALI external source: ``source(batch_info)`` returns one batch of this rank.
 
@@ -241,6 +246,8 @@ class BatchSource:
 
     def _split(self, row: int) -> tuple[_Rows, int]:
         """The dataset of global ``row`` and its row there."""
+        if len(self._datasets) == 1:  # (called several times per sample: no search for one dataset)
+            return self._datasets[0], row
         d = int(np.searchsorted(self.offsets, row, side="right")) - 1
         return self._datasets[d], int(row - self.offsets[d])
 
@@ -301,15 +308,16 @@ class BatchSource:
                 self.remote.read_ahead(self._requests(self._planner.epoch(target_epoch).rows_at(target_step)))
         return outputs
 
-    def _request(self, row: int, part: int) -> Request | None:
-        """The object-storage request for ``row``'s ``part``, or None when its bytes are in a local file."""
+    def _where(self, row: int, part: int) -> tuple[str | None, int, int]:
+        """``(path or URL, offset, length)`` of global ``row``'s ``part`` (``length`` -1: the whole file)."""
         rows, local = self._split(row)
         sources, offsets, lengths = rows.locations[part]
-        path = sources[local].as_py()
-        if path is None or not is_url(path):
-            return None
-        offset, length = int(offsets[local]), int(lengths[local])
-        return Request(path, offset, offset + length if length >= 0 else -1, whole=offset == 0)
+        return sources[local].as_py(), int(offsets[local]), int(lengths[local])
+
+    def _request(self, row: int, part: int) -> Request | None:
+        """The object-storage request for ``row``'s ``part``, or None when its bytes are in a local file."""
+        path, offset, length = self._where(row, part)
+        return _remote_request(path, offset, length) if path is not None and is_url(path) else None
 
     def _requests(self, rows: np.ndarray) -> list[Request]:
         """Requests for every part of ``rows`` that lies in object storage."""
@@ -367,9 +375,7 @@ class BatchSource:
         """Where the bytes of ``row``'s image (``part`` 0) or its ``part - 1``-th pair are: the file, or
         ``shard.tar@offset`` inside a shard; a pair's prefixed by its kind and name."""
         self._setup()
-        rows, row = self._split(row)
-        sources, offsets, _ = rows.locations[part]
-        path, offset = sources[row].as_py(), int(offsets[row])
+        path, offset, _ = self._where(row, part)
         where = f"{path}@{offset}" if offset else str(path)
         if part:
             name, kind = self.decoder.pairs[part - 1]
@@ -380,15 +386,11 @@ class BatchSource:
         """Encoded bytes ``uint8 (n,)`` of ``row``'s image (``part`` 0) or of its ``part - 1``-th pair, or
         ``(None, failure)``. Only regular files are read."""
         self._setup()
-        request = self._request(row, part)
-        if request is not None:
-            return self._read_remote(request)
-        rows, row = self._split(row)
-        sources, offsets, lengths = rows.locations[part]
-        path = sources[row].as_py()
+        path, offset, length = self._where(row, part)  # once per sample: the path is the costliest column read
         if path is None:
             return None, Failure.NO_SOURCE
-        offset, length = int(offsets[row]), int(lengths[row])
+        if is_url(path):
+            return self._read_remote(_remote_request(path, offset, length))
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
         except OSError:
