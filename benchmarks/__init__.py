@@ -44,3 +44,16 @@ def photo_manifest(args, count: int, *, min_mp: float, max_mp: float, seed: int)
             make_photo_jpegs(root / "photos", count, min_mp=min_mp, max_mp=max_mp, seed=seed)
             build_index([str(root / "photos")], manifest, progress=False)
         yield manifest
+
+
+def loader_rows(result: dict) -> dict[str, str]:
+    """One figure per loader a ``dali_arb.bench.run_bench`` result timed: ``images/s (MP/s, p50/p99 ms)``."""
+    from dali_arb.bench import LOADER_NAMES
+
+    return {
+        f"  {label} images/s (MP/s, p50/p99 ms)": (
+            f"{r['images_per_s']} ({r['megapixels_per_s']}, {r['batch_ms_p50']}/{r['batch_ms_p99']})"
+        )
+        for key, label in LOADER_NAMES.items()
+        if isinstance(r := result.get(key), dict)
+    }

@@ -5,7 +5,7 @@ same run. Needs a GPU; prints a table and returns the raw figures."""
 
 from __future__ import annotations
 
-from . import case, photo_manifest
+from . import case, loader_rows, photo_manifest
 
 #: (hw_decoder_load, DALI threads): the default first, then one setting changed at a time.
 SETTINGS = ((0.65, 4), (0.0, 4), (0.9, 4), (0.65, 2), (0.65, 8))
@@ -23,11 +23,7 @@ def gpu_sweep(args) -> dict:
     with photo_manifest(args, count, min_mp=args.min_mp, max_mp=args.max_mp, seed=1) as manifest:
         peers = run_bench(manifest, device="gpu", batch_size=16, batches=batches, rounds=3, baseline=True)
         figures[f"{count} JPEGs {args.min_mp:g}-{args.max_mp:g} MP, batch 16, {peers['cores']} cores"] = peers["output"]
-        for key in ("loader", "torchvision", "baseline_opencv", "baseline_draft", "baseline"):
-            if isinstance(peers.get(key), dict):
-                figures[f"  {key} images/s (p50/p99 ms)"] = (
-                    f"{peers[key]['images_per_s']} ({peers[key]['batch_ms_p50']}/{peers[key]['batch_ms_p99']})"
-                )
+        figures.update(loader_rows(peers))
         figures["  decode-only ceiling (OpenCV reduced, all cores) images/s"] = peers["decode_ceiling"]["images_per_s"]
         raw = []
         for load, threads in SETTINGS:
@@ -63,12 +59,7 @@ def cpu_cores(args) -> dict:
     with photo_manifest(args, count, min_mp=args.min_mp, max_mp=args.max_mp, seed=1) as manifest:
         r = run_bench(manifest, device="cpu", batch_size=16, batches=batches, rounds=2, baseline=True)
     figures: dict = {f"{count} JPEGs {args.min_mp:g}-{args.max_mp:g} MP, batch 16, {r['cores']} cores": r["output"]}
-    for key in ("loader", "loader_process_workers", "baseline_opencv_quality", "baseline_opencv", "baseline_draft",
-                "baseline", "torchvision"):  # fmt: skip
-        if isinstance(r.get(key), dict):
-            figures[f"  {key} images/s (p50/p99 ms)"] = (
-                f"{r[key]['images_per_s']} ({r[key]['batch_ms_p50']}/{r[key]['batch_ms_p99']})"
-            )
+    figures.update(loader_rows(r))
     figures["  decode-only ceiling images/s"] = r["decode_ceiling"]["images_per_s"]
     figures["  worker threads (the default) vs worker processes"] = f"{r['thread_vs_process_workers']}x"
     figures["  dali_arb vs the OpenCV peer of the same quality"] = f"{r['speedup_vs_same_quality']}x"

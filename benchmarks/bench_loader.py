@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import case, photo_manifest
+from . import case, loader_rows, photo_manifest
 
 
 @case("loader")
@@ -27,17 +27,7 @@ def loader(args) -> dict:
             "output"
         ]
     }
-    labels = (("loader", "dali_arb"), ("baseline_opencv_quality", "DataLoader + OpenCV, same quality"),
-              ("baseline_opencv", "DataLoader + OpenCV reduced decode"),
-              ("baseline", "DataLoader + Pillow"), ("baseline_draft", "DataLoader + Pillow draft"),
-              ("torchvision", "DataLoader + torchvision decode_jpeg"), ("loader_dali_decoder", "dali_arb, decoder=dali"), ("memory", "decoder=dali pipeline fed from memory"))  # fmt: skip
-    for key, label in labels:
-        if not isinstance(result.get(key), dict):
-            continue
-        r = result[key]
-        flat[f"  {label} images/s (MP/s, p50/p99 ms)"] = (
-            f"{r['images_per_s']} ({r['megapixels_per_s']}, {r['batch_ms_p50']}/{r['batch_ms_p99']})"
-        )
+    flat.update(loader_rows(result))
     flat["  decode-only ceiling images/s"] = result["decode_ceiling"]["images_per_s"]
     flat["  share of the decode-only ceiling"] = f"{100 * result['share_of_decode_ceiling']:.0f}%"
     flat["  speed-up vs the OpenCV peer of the same quality (goal >= 1.0)"] = f"{result['speedup_vs_same_quality']}x"

@@ -248,6 +248,21 @@ def torchvision_batch(encoded: list, bucket: tuple[int, int], device: str):
 # -- timing ------------------------------------------------------------------------------------------
 
 
+#: What each entry of a :func:`run_bench` result that timed a loader is, in words, in the order reports list them.
+LOADER_NAMES = {
+    "loader": "dali_arb",
+    "baseline_opencv_quality": "DataLoader + OpenCV, quality scaling",
+    "baseline_opencv": "DataLoader + OpenCV reduced decode",
+    "baseline_draft": "DataLoader + Pillow draft",
+    "baseline": "DataLoader + Pillow",
+    "loader_process_workers": "dali_arb, worker processes",
+    "loader_thread_workers": "dali_arb, worker threads",
+    "torchvision": "DataLoader + torchvision decode_jpeg",
+    "loader_dali_decoder": "dali_arb, decoder=dali",
+    "memory": "decoder=dali pipeline fed from memory",
+}
+
+
 #: What a simulated training step does (``step_work``): ``sleep`` leaves the CPU free, as while a GPU computes;
 #: ``torch`` dispatches small CPU tensor ops, as a loop launching kernels does (PyTorch releases the GIL inside
 #: each op); ``python`` runs pure Python, holding the GIL throughout: the worst case for thread workers.

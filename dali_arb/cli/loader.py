@@ -123,6 +123,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from ..bench import LOADER_NAMES as names
     from ..bench import run_bench
 
     def say(text: str) -> None:
@@ -140,12 +141,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     print(f"{result['images']} images, batch {result['batch_size']}, {result['batches_per_round']} batches per round, "
           f"device {result['device']}, {result['cores']} cores; {result['output']}")  # fmt: skip
-    names = {"loader": "dali_arb", "baseline_opencv_quality": "DataLoader + OpenCV, quality scaling",
-             "baseline_opencv": "DataLoader + OpenCV reduced decode",
-             "baseline_draft": "DataLoader + Pillow draft", "baseline": "DataLoader + Pillow",
-             "loader_process_workers": "dali_arb, worker processes", "loader_thread_workers": "dali_arb, worker threads",
-             "torchvision": "DataLoader + torchvision decode_jpeg", "loader_dali_decoder": "dali_arb, decoder=dali",
-             "memory": "decoder=dali pipeline fed from memory"}  # fmt: skip
     if result["step_ms"]:
         print(f"after each batch a simulated training step of {result['step_ms']} ms ({result['step_work']}); "
               "latency is the batch interval")  # fmt: skip
