@@ -228,6 +228,17 @@ class BucketAssignment:
 SERVED_PERCENTILE = 99
 
 
+def served_p99(heights: np.ndarray, widths: np.ndarray, lengths: np.ndarray) -> dict[str, float | None]:
+    """``SERVED_PERCENTILE``-th percentiles of served images' ``height``, ``width`` and known encoded ``length``
+    (``lengths`` ``<= 0`` are unknown; ``None`` when none is known), from ``(n,)`` arrays of them."""
+    known = lengths[lengths > 0]
+    return {
+        "height": float(np.percentile(heights, SERVED_PERCENTILE)),
+        "width": float(np.percentile(widths, SERVED_PERCENTILE)),
+        "length": float(np.percentile(known, SERVED_PERCENTILE)) if known.size else None,
+    }
+
+
 class PlannedIndex:
     """What the :class:`~dali_arb.planner.Planner` reads of an index, derived from its ``sizes`` (``int64 (K, 2)``)
     and ``starts`` (``int64 (K + 1,)``, each bucket's first member position): :class:`BucketIndex` (one manifest)

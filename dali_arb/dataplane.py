@@ -46,7 +46,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .buckets import SERVED_PERCENTILE, BucketIndex, BucketSpec
+from .buckets import BucketIndex, BucketSpec, served_p99
 from .errors import ManifestError, ResourceError
 from .manifest import Fingerprint, Manifest, check_file, pinned_columns
 from .pairs import pair_columns, pairs_of
@@ -563,16 +563,10 @@ def _build_columns(path: Path, folder: Path, content: str) -> None:
 
 
 def _served_p99(cache: ManifestCache, rows: np.ndarray) -> dict[str, float | None]:
-    """The 99th percentiles of ``rows``' height, width and known encoded length (what a loader sizes its buffers
-    by), computed here once per node so that no rank reads every row's value at start-up."""
-
-    def p99(values: np.ndarray) -> float | None:
-        return float(np.percentile(values, SERVED_PERCENTILE)) if len(values) else None
-
-    out: dict[str, float | None] = {name: p99(np.asarray(cache.array(name))[rows]) for name in ("height", "width")}
+    """:func:`~dali_arb.buckets.served_p99` of ``rows`` (what a loader sizes its buffers by), computed here once
+    per node so that no rank reads every row's value at start-up."""
     lengths = np.asarray(cache.array("length"))[rows] if "length" in cache.meta["columns"] else np.empty(0)
-    out["length"] = p99(lengths[lengths > 0])
-    return out
+    return served_p99(np.asarray(cache.array("height"))[rows], np.asarray(cache.array("width"))[rows], lengths)
 
 
 def _build_buckets(cache: ManifestCache, spec: BucketSpec, options: str, folder: Path) -> None:

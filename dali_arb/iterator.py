@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .blocklist import Blocklist
-from .buckets import SERVED_PERCENTILE, BucketSpec
+from .buckets import BucketSpec, served_p99
 from .captions import CaptionPolicy
 from .decoders import DaliDecoder, Decoder, choose_decoder, cpu_count
 from .errors import ConfigError, DaliArbError, DataError, DeviceError, ManifestError, ResourceError, StateError
@@ -400,23 +400,16 @@ class DALIBucketIterator:
 
     @functools.cached_property
     def _served_p99(self) -> dict[str, float | None]:
-        """The ``SERVED_PERCENTILE``-th percentiles of the served images' ``height``, ``width`` and known encoded
-        ``length`` (``None`` when none is known): from the bucket index's cache, which computed them once per node;
-        else from ``STATISTICS_SAMPLE`` rows spread evenly over the usable ones (the whole manifest would cost O(N)
-        in every rank). Taken once per loader."""
+        """:func:`~dali_arb.buckets.served_p99` of the served images: from the bucket index's cache, which computed
+        them once per node; else from ``STATISTICS_SAMPLE`` rows spread evenly over the usable ones (the whole
+        manifest would cost O(N) in every rank). Taken once per loader."""
         cached = getattr(self._planner.index, "served_p99", None)
         if cached:
             return cached
         index = self._planner.index
         usable = int(index.starts[-1])
         served = index.member_rows(np.linspace(0, usable - 1, min(usable, STATISTICS_SAMPLE)).astype(np.int64), 0)
-        lengths = self.data.ints_at("length", served, -1)
-        known = lengths[lengths > 0]
-        return {
-            "height": float(np.percentile(self.data.ints_at("heights", served, 1), SERVED_PERCENTILE)),
-            "width": float(np.percentile(self.data.ints_at("widths", served, 1), SERVED_PERCENTILE)),
-            "length": float(np.percentile(known, SERVED_PERCENTILE)) if known.size else None,
-        }
+        return served_p99(*(self.data.ints_at(name, served, -1) for name in ("heights", "widths", "length")))
 
     def _plan_read_ahead(self) -> dict[str, int]:
         """Batches the workers compute ahead, and the bytes a sample takes while it waits (the chunk size of the
