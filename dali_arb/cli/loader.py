@@ -264,7 +264,8 @@ def register(sub: argparse._SubParsersAction, fmt: type) -> None:
         description="Time the loader (images/s, megapixels/s of output, batch latency p50/p99) on a manifest; "
                     "--baseline adds PyTorch DataLoaders with OpenCV (at the loader's quality, and at the largest "
                     "DCT reduction), Pillow draft and Pillow (and torchvision where installed) on the same plan and "
-                    "output, the decode-only ceiling, and the speed-up against the OpenCV peer of the same quality.",
+                    "output, the decode-only ceiling, the loader with its workers of the other kind (threads or "
+                    "processes), and the speed-up against the OpenCV peer of the same quality.",
         epilog="examples:\n  dali-arb bench photos.parquet --device cpu --baseline --quality\n"
                "  dali-arb bench photos.parquet --device cpu --baseline --jpeg-scaling fast\n"
                "  dali-arb bench photos.parquet --device gpu --baseline --memory --json > bench.json\n",
@@ -278,7 +279,7 @@ def register(sub: argparse._SubParsersAction, fmt: type) -> None:
         "--baseline",
         action="store_true",
         help="also time the peers on the same plan and output (DataLoader + OpenCV reduced decode, + Pillow draft, "
-        "+ Pillow; torchvision where installed) and the decode-only ceiling",
+        "+ Pillow; torchvision where installed), the decode-only ceiling, and the loader with the other --worker-kind",
     )
     p.add_argument(
         "--dtype", choices=["float16", "uint8"], default="float16", help="output of every loader (default float16)"
