@@ -257,6 +257,15 @@ class PlannedIndex:
         """``int64 (K,)`` samples per bucket per epoch."""
         return np.diff(self.starts)
 
+    def epoch_counts(self, epoch: int) -> np.ndarray:
+        """``int64 (K,)`` samples per bucket in ``epoch``: :meth:`counts` (fractional repeats vary them per epoch)."""
+        return self.counts()
+
+    def bucket_rows(self, k: int, positions: np.ndarray, epoch: int) -> np.ndarray:
+        """``int64`` rows at ``positions`` (any shape, in ``[0, epoch_counts(epoch)[k])``) of bucket ``k`` in
+        ``epoch``."""
+        return self.member_rows(self.starts[k] + positions, epoch)
+
     @property
     def bucket_log_aspect(self) -> np.ndarray:
         """``float64 (K,)`` log aspect ratio of each bucket."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["ROUNDS", "Permutation", "round_keys"]
+__all__ = ["ROUNDS", "Permutation", "moving_round", "round_keys"]
 
 #: Feistel rounds (Luby-Rackoff: 4 make a pseudo-random permutation from a pseudo-random function;
 #: 6 leave a margin for the narrow half-words of small buckets). See benchmarks/RESULTS.md for the
@@ -27,6 +27,14 @@ _M2 = np.uint64(0x94D049BB133111EB)
 def round_keys(rng: np.random.Generator, count: int) -> np.ndarray:
     """``uint64 (count, ROUNDS)`` round keys for ``count`` permutations, drawn from ``rng``."""
     return rng.integers(0, 2**64, size=(count, ROUNDS), dtype=np.uint64, endpoint=False)
+
+
+def moving_round(rate: np.ndarray | float, phase: np.ndarray | float, epoch: int) -> np.ndarray:
+    """``int64`` share of epoch ``epoch`` of a ``rate`` per epoch (any shape, with ``phase`` in ``[0, 1)``):
+    ``floor(rate * (epoch + 1) + phase) - floor(rate * epoch + phase)``, floor or ceil of ``rate``. The shares of
+    epochs ``0..e`` add up to ``rate * (e + 1)`` within one, so a seeded phase rounds without bias."""
+    rate, phase = np.asarray(rate, np.float64), np.asarray(phase, np.float64)
+    return (np.floor(rate * (epoch + 1) + phase) - np.floor(rate * epoch + phase)).astype(np.int64)
 
 
 def _round(half: np.ndarray, key: np.uint64, mask: np.uint64) -> np.ndarray:

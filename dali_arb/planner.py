@@ -9,7 +9,9 @@ size of the dataset is built per epoch. Bucket ``k`` (``n_k`` images, ``members[
 :class:`BucketIndex`) is shuffled by a keyed permutation (:mod:`dali_arb.permute`) that gives the
 image at any position directly. Blocks of ``G`` consecutive positions are global batches; what is left
 over of each bucket (fewer than ``G`` images, a random subset) is pooled per epoch; the order of the
-blocks is another keyed permutation. Every key comes from ``np.random.default_rng([seed, epoch])``.
+blocks is another keyed permutation. What an epoch trims (``M mod G`` samples) is drawn uniformly from all
+samples first, O(G log K): bucket ``k`` trims the last ``t_k`` positions of its shuffle. Every key comes from
+``np.random.default_rng([seed, epoch])``.
 
 This module imports only the standard library and NumPy.
 
@@ -26,10 +28,13 @@ import numpy as np
 
 from .buckets import BucketAssignment, BucketIndex, index_dtype
 from .errors import ConfigError, PlanError
-from .permute import Permutation, round_keys
+from .permute import Permutation, moving_round, round_keys
 from .world import World
 
 __all__ = ["EpochPlan", "LeftoverPolicy", "Planner"]
+
+#: Separates DUPLICATE's rounding phases (buckets smaller than a global batch) from every other keyed draw.
+DUPLICATE_STREAM = 0xD0B1
 
 
 class LeftoverPolicy(str, enum.Enum):
@@ -41,26 +46,39 @@ class LeftoverPolicy(str, enum.Enum):
 
         768x512: a1 a2 a3      512x768: p1 p2 p3      512x512: s1
 
-        NEAREST    [a1 a2]@768x512 [p1 p2]@512x768 and the leftovers a3 p3 s1, sorted by aspect
-                   (p3 s1 a3), form [p3 s1]@576x640 (the bucket nearest their middle aspect);
-                   a3 is the one image trimmed (fewer than G are trimmed per epoch, at random)
-        DROP       [a1 a2]@768x512 [p1 p2]@512x768; a3 p3 s1 sit out this epoch
-        DUPLICATE  [a1 a2] [a3 a1]@768x512 [p1 p2] [p3 p1]@512x768 [s1 s1]@512x512
+        NEAREST    7 % 2 = 1 image, drawn from all seven, is trimmed first (say a3); then [a1 a2]@768x512
+                   [p1 p2]@512x768, and the leftovers p3 s1, sorted by aspect, form [p3 s1]@576x640 (the
+                   bucket nearest their middle aspect)
+        DROP       [a1 a2]@768x512 [p1 p2]@512x768; s1's bucket can never fill a batch, so one image is
+                   trimmed as for NEAREST (say a3) and the pooled [p3 s1]@576x640 is served too
+        DUPLICATE  [a1 a2] [a3 a1]@768x512 [p1 p2] [p3 p1]@512x768, and [s1 s1]@512x512 every other
+                   epoch (its bucket holds 1 image of the 2 a batch needs)
 
-    Every policy reshuffles each epoch, so images left over in one epoch are served in others.
+    Every policy reshuffles each epoch, and whatever an epoch trims or leaves out is drawn at random, so no
+    image is left out for good, however small its bucket: with NEAREST and DUPLICATE every image is served
+    about as often as any other over the epochs; DROP serves a bucket of ``n >= G`` images ``G * (n // G)``
+    of them per epoch.
 
     Attributes:
-        NEAREST: leftovers of all buckets are pooled, sorted by aspect ratio and cut into batches;
-            each batch takes the bucket nearest (in log aspect) to the middle of its aspect range,
-            so neighbours share a batch and crops stay small. Never squashes into the square base
-            bucket (NovelAI's catch-all). No image twice; fewer than ``G`` trimmed per epoch.
+        NEAREST: ``M mod G`` of the ``M`` images are trimmed first, drawn uniformly from all of them; each
+            bucket then serves its whole batches, and the leftovers of all buckets (together a whole number of
+            batches) are pooled, sorted by aspect ratio and cut into batches; each batch takes the bucket
+            nearest (in log aspect) to the middle of its aspect range, so neighbours share a batch and crops
+            stay small. Never squashes into the square base bucket (NovelAI's catch-all). No image twice;
+            fewer than ``G`` trimmed per epoch, nothing else left out.
             When the data has a gap in aspect (say only 3:2 and 2:3 images) and the leftovers of
             the two sides do not each fill whole batches, the one batch that straddles the gap
             takes the bucket between them: the smallest worst-case crop for its images. Use
             DUPLICATE where no image may ever be cropped beyond its own bucket.
-        DROP: leftovers are not served this epoch; every batch is at its own bucket.
+        DROP: leftovers are not served this epoch; every batch is at its own bucket, except for buckets
+            that cannot fill one batch (fewer than ``G`` images; with independent ranks, no whole batch on
+            the rank): their images join the nearest-bucket pool as for NEAREST (trimming ``M mod G`` from
+            all images first), and the pooled batches that hold one of them are served. No image twice.
         DUPLICATE: a bucket's last batch is filled up with images of the same bucket, served a
-            second time; every image is served at its own bucket, none dropped.
+            second time; every image is served at its own bucket. A bucket of ``n < G`` images serves
+            its one batch (each image about ``G / n`` times) in a share ``n / G`` of the epochs, by a seeded
+            rounding, so that its images are served once per epoch on average like all others; in the
+            other epochs they count as dropped.
     """
 
     NEAREST = "nearest"
@@ -169,14 +187,13 @@ class EpochPlan:
         extra = blocks >= full
         if extra.any():
             rows[extra] = self._extra_rows[blocks[extra] - full]
-        starts = self._index.starts
         for k in np.unique(bucket[~extra]).tolist():
             chosen = np.flatnonzero((bucket == k) & ~extra)
             block = blocks[chosen] - self._full_starts[k]  # the block's number inside its bucket
             positions = self._first_position[k] + self._stride * (
                 block[:, None] * self._pitch + np.arange(B, dtype=np.int64)[None, :]
             )
-            rows[chosen] = self._index.member_rows(starts[k] + self._permutations[k](positions), self.epoch)
+            rows[chosen] = self._index.bucket_rows(k, self._permutations[k](positions), self.epoch)
         return rows
 
     @cached_property
@@ -257,7 +274,7 @@ class Planner:
         self._sizes = self.index.sizes
         self._log_sizes = self.index.bucket_log_aspect
         self._area = self._sizes[:, 0] * self._sizes[:, 1]
-        self._counts = self.index.counts()  # (K,)
+        self._duplicate_phase = np.random.default_rng([self.seed, DUPLICATE_STREAM]).random(len(self._sizes))
         if self.num_images < self.global_batch:
             raise PlanError(
                 f"only {self.num_images} usable images, fewer than one global batch "
@@ -284,12 +301,8 @@ class Planner:
         if cached is not None:
             return cached
         plan = self._plan_sync(int(epoch)) if self.sync_ranks else self._plan_independent(int(epoch))
-        if len(plan) == 0:
-            raise PlanError(
-                f"no full batch can be made with leftover='{self.leftover.value}' "
-                f"(largest bucket holds {int(self._counts.max())} images, batch needs "
-                f"{self.global_batch if self.sync_ranks else self.batch_size}); use leftover='nearest'"
-            )
+        if len(plan) == 0:  # every policy serves at least one block of the (at least G) samples
+            raise AssertionError(f"epoch {epoch} has no step with leftover='{self.leftover.value}': a planner bug")
         # replaced, never changed in place: the loader's thread and its worker threads plan at once
         newest = list(self._cache.items())[-1:]
         self._cache = dict([*newest, (int(epoch), plan)])
@@ -299,49 +312,57 @@ class Planner:
         """Steps per epoch, equal on every rank."""
         return len(self.epoch(epoch))
 
-    def _epoch_keys(self, epoch: int) -> tuple[np.random.Generator, list[Permutation]]:
+    def _epoch_counts(self, epoch: int) -> np.ndarray:
+        """``int64 (K,)`` samples per bucket in ``epoch``; a PlanError when they do not fill one global batch."""
+        counts = self.index.epoch_counts(epoch)
+        if int(counts.sum()) < self.global_batch:
+            raise PlanError(
+                f"epoch {epoch} serves only {int(counts.sum())} samples (fractional repeats), fewer than one global "
+                f"batch ({self.global_batch}); lower the batch size or raise the repeats"
+            )
+        return counts
+
+    def _epoch_keys(self, epoch: int, counts: np.ndarray) -> tuple[np.random.Generator, list[Permutation]]:
         """The epoch's generator and the shuffle of every bucket (keys drawn first, in bucket order)."""
         rng = np.random.default_rng([self.seed, epoch])
         keys = round_keys(rng, len(self._sizes))
-        return rng, [Permutation(int(n), k) for n, k in zip(self._counts.tolist(), keys)]
+        return rng, [Permutation(int(n), k) for n, k in zip(counts.tolist(), keys)]
+
+    def _trimmed(self, counts: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        """``int64 (K,)`` samples trimmed from each bucket: ``M mod G`` of all ``M``, drawn uniformly from all of
+        them (the first positions of a keyed permutation of ``[0, M)``: O(G log K)), so that an image of a small
+        bucket is trimmed no more often than any other. Bucket ``k`` trims the last ones of its shuffle."""
+        total = int(counts.sum())
+        picks = Permutation(total, keys)(np.arange(total % self.global_batch, dtype=np.int64))
+        return np.bincount(np.searchsorted(np.cumsum(counts), picks, side="right"), minlength=len(counts))
 
     def _members_at(self, permutations: list[Permutation], k: int, positions: np.ndarray, epoch: int) -> np.ndarray:
         """``int64`` rows at ``positions`` of bucket ``k``'s shuffle in ``epoch``."""
-        return self.index.member_rows(self.index.starts[k] + permutations[k](positions), epoch)
+        return self.index.bucket_rows(k, permutations[k](positions), epoch)
 
     # -- sync: every rank serves one slice of the same global batch at each step ------------------
     def _plan_sync(self, epoch: int) -> EpochPlan:
         G, B, r = self.global_batch, self.batch_size, self.world.rank
-        rng, permutations = self._epoch_keys(epoch)
-        order_keys = round_keys(rng, 1)[0]
-        counts = self._counts
-        full = counts // G
-        rem = counts - full * G
-        trimmed = dropped = duplicated = 0
-        counts_after = counts.copy()
-        extra_blocks: list[np.ndarray] = []  # (G,) rows of each extra block
-        extra_bucket: list[int] = []
-        if self.leftover is LeftoverPolicy.DROP:
-            dropped = int(rem.sum())
-        elif self.leftover is LeftoverPolicy.DUPLICATE:
-            for k in np.flatnonzero(rem).tolist():
-                pad = np.arange(G - rem[k], dtype=np.int64) % counts[k]  # earliest images of the shuffle
-                positions = np.concatenate([np.arange(full[k] * G, counts[k], dtype=np.int64), pad])
-                extra_blocks.append(self._members_at(permutations, k, positions, epoch))
-                extra_bucket.append(k)
-                duplicated += len(pad)
-        else:  # NEAREST: pool the leftovers, sorted by aspect; trim fewer than G of them at random
+        counts = self._epoch_counts(epoch)
+        rng, permutations = self._epoch_keys(epoch, counts)
+        order_keys, trim_keys = round_keys(rng, 2)
+        small = (counts > 0) & (counts < G)  # buckets that cannot fill one global batch
+        trim = self.leftover is LeftoverPolicy.NEAREST or (self.leftover is LeftoverPolicy.DROP and small.any())
+        kept = counts - (self._trimmed(counts, trim_keys) if trim else 0)
+        full = kept // G
+        rem = kept - full * G
+        dropped = duplicated = 0
+        if self.leftover is LeftoverPolicy.DUPLICATE:
+            extra, extra_bucket, duplicated, dropped = self._padded(permutations, counts, full, rem, epoch)
+        elif trim:  # NEAREST, or DROP with small buckets: the pool fills whole global batches
             pieces = [(k, full[k] * G, 1, rem[k]) for k in np.flatnonzero(rem).tolist()]
-            pool = self._leftovers(permutations, pieces, epoch)
-            trimmed = len(pool) % G
-            if trimmed:
-                cut = np.sort(rng.choice(len(pool), trimmed, replace=False))
-                counts_after -= np.bincount(self.index.bucket_of(pool[cut]), minlength=len(counts))
-                pool = np.delete(pool, cut)
-            for chunk in pool.reshape(-1, G):
-                extra_blocks.append(chunk)
-                extra_bucket.append(self._leftover_bucket(chunk))
-        extra = np.array(extra_blocks, np.int64).reshape(-1, G)[:, r * B : (r + 1) * B]
+            pool, owner = self._leftovers(permutations, pieces, epoch)
+            extra = self._cut(pool, owner, G, starved=full == 0 if self.leftover is LeftoverPolicy.DROP else None)
+            extra_bucket = self._leftover_buckets(extra)
+            dropped = len(pool) - extra.size
+        else:  # DROP, every bucket fills a global batch: each one's remainder sits out
+            extra, extra_bucket = np.zeros((0, G), np.int64), np.zeros(0, np.int64)
+            dropped = int(rem.sum())
         return self._plan(
             epoch=epoch,
             permutations=permutations,
@@ -349,48 +370,71 @@ class Planner:
             first_position=np.full(len(counts), r * B, np.int64),
             stride=1,
             pitch=G,
-            extra_rows=extra,
-            extra_bucket=np.array(extra_bucket, np.int64),
+            extra_rows=extra[:, r * B : (r + 1) * B],
+            extra_bucket=extra_bucket,
             order_keys=order_keys,
             steps=None,
-            trimmed=trimmed,
+            trimmed=int((counts - kept).sum()),
             dropped=dropped,
             duplicated=duplicated,
-            bucket_counts=counts_after[None, :],
+            bucket_counts=kept[None, :],
         )
+
+    def _padded(
+        self, permutations: list[Permutation], counts: np.ndarray, full: np.ndarray, rem: np.ndarray, epoch: int
+    ) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """DUPLICATE's last block of each bucket, filled up with the earliest images of its shuffle: ``(rows (L, G),
+        bucket (L,), duplicated, dropped)``. A bucket of ``n < G`` images would serve each one ``G / n`` times every epoch: it
+        serves its block in a share ``n / G`` of the epochs instead (seeded moving rounding), so its images are
+        served once per epoch on average, like all others; when no block at all is due, the nearest to due serves."""
+        G = self.global_batch
+        small = (counts > 0) & (counts < G)
+        rate = counts / G
+        due = ~small | (moving_round(rate, self._duplicate_phase, epoch) > 0)
+        if small.any() and not full.any() and not due[small].any():
+            progress = np.where(small, np.mod(rate * epoch + self._duplicate_phase, 1.0) + rate, -1.0)
+            due[int(np.argmax(progress))] = True
+        blocks: list[np.ndarray] = []
+        duplicated = 0
+        padded = np.flatnonzero((rem > 0) & due)
+        for k in padded.tolist():
+            pad = np.arange(G - rem[k], dtype=np.int64) % counts[k]  # earliest images of the shuffle
+            positions = np.concatenate([np.arange(full[k] * G, counts[k], dtype=np.int64), pad])
+            blocks.append(self._members_at(permutations, k, positions, epoch))
+            duplicated += len(pad)
+        return np.array(blocks, np.int64).reshape(-1, G), padded.astype(np.int64), duplicated, int(counts[~due].sum())
 
     # -- independent: each rank buckets its own share (NovelAI) ---------------------------------
     def _plan_independent(self, epoch: int) -> EpochPlan:
         G, B, W, r = self.global_batch, self.batch_size, self.world.world_size, self.world.rank
-        rng, permutations = self._epoch_keys(epoch)
-        counts = self._counts
+        counts = self._epoch_counts(epoch)
         K = len(counts)
-        # One sequence of all images: the buckets in a random order, each shuffled; the last N % G are
-        # trimmed and position q goes to rank q % W, so every rank gets N // G * B images.
+        rng, permutations = self._epoch_keys(epoch, counts)
+        # One sequence of all images but M % G of them, trimmed uniformly from all: the buckets in a random order,
+        # each shuffled; position q goes to rank q % W, so every rank gets M // G * B images.
         bucket_order = rng.permutation(K)
+        kept = counts - self._trimmed(counts, round_keys(rng, 1)[0])
         sequence_start = np.empty(K, np.int64)
-        sequence_start[bucket_order] = np.cumsum(counts[bucket_order]) - counts[bucket_order]
-        total = int(counts.sum())
-        trimmed = total % G
-        kept = np.clip(total - trimmed - sequence_start, 0, counts)  # (K,) images of each bucket kept
+        sequence_start[bucket_order] = np.cumsum(kept[bucket_order]) - kept[bucket_order]
         first = (np.arange(W)[:, None] - sequence_start[None, :]) % W  # (W, K) each rank's first position
         shares = np.maximum(0, -((first - kept[None, :]) // W))  # (W, K) ceil((kept - first) / W)
         full = shares // B
+
+        def pool_of(q: int) -> tuple[np.ndarray, np.ndarray]:  # rank q's leftovers
+            left = shares[q] - full[q] * B
+            pieces = [(k, int(first[q, k] + W * full[q, k] * B), W, int(left[k])) for k in np.flatnonzero(left)]
+            return self._leftovers(permutations, pieces, epoch)
+
+        drop = self.leftover is LeftoverPolicy.DROP
+        starved = full == 0  # (W, K) a rank's buckets with no whole batch: DROP serves their pooled batches
+        extra = self._cut(*pool_of(r), B, starved=starved[r] if drop else None)
         steps = None
         dropped = 0
-        pieces = [
-            (k, int(first[r, k]) + W * int(full[r, k]) * B, W, int(shares[r, k] - full[r, k] * B)) for k in range(K)
-        ]
-        extra_blocks: list[np.ndarray] = []
-        extra_bucket: list[int] = []
-        if self.leftover is LeftoverPolicy.DROP:
-            steps = int(full.sum(axis=1).min())  # ranks fill different numbers of whole batches
-            dropped = total - trimmed - steps * G
-        else:
-            pool = self._leftovers(permutations, [p for p in pieces if p[3]], epoch)
-            for chunk in pool.reshape(-1, B):
-                extra_blocks.append(chunk)
-                extra_bucket.append(self._leftover_bucket(chunk))
+        if drop:  # ranks serve different numbers of batches: all stop at the fewest
+            pooled = [len(self._cut(*pool_of(q), B, starved=starved[q])) if (starved[q] & (shares[q] > 0)).any()
+                      else 0 for q in range(W)]  # fmt: skip
+            steps = int((full.sum(axis=1) + np.array(pooled)).min())
+            dropped = int(kept.sum()) - steps * G
         return self._plan(
             epoch=epoch,
             permutations=permutations,
@@ -398,11 +442,11 @@ class Planner:
             first_position=first[r].astype(np.int64),
             stride=W,
             pitch=B,
-            extra_rows=np.array(extra_blocks, np.int64).reshape(-1, B),
-            extra_bucket=np.array(extra_bucket, np.int64),
+            extra_rows=extra,
+            extra_bucket=self._leftover_buckets(extra),
             order_keys=round_keys(np.random.default_rng([self.seed, epoch, 1 + r]), 1)[0],
             steps=steps,
-            trimmed=trimmed,
+            trimmed=int((counts - kept).sum()),
             dropped=dropped,
             duplicated=0,
             bucket_counts=shares.astype(np.int64),
@@ -410,15 +454,28 @@ class Planner:
 
     def _leftovers(
         self, permutations: list[Permutation], pieces: list[tuple[int, int, int, int]], epoch: int
-    ) -> np.ndarray:
-        """Rows of the leftover ``pieces`` (``(bucket, first position, stride, count)``), in the index's leftover
-        order (by aspect; with several datasets, by group of datasets first)."""
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of the leftover ``pieces`` (``(bucket, first position, stride, count)``) and the bucket each comes
+        from, in the index's leftover order (by aspect; with several datasets, by group of datasets first)."""
         parts = [
             self._members_at(permutations, k, first + stride * np.arange(count, dtype=np.int64), epoch)
             for k, first, stride, count in pieces
         ]
         pool = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-        return pool[self.index.leftover_order(pool)]
+        owner = np.repeat(np.array([p[0] for p in pieces], np.int64), [int(p[3]) for p in pieces])
+        order = self.index.leftover_order(pool)
+        return pool[order], owner[order]
+
+    @staticmethod
+    def _cut(pool: np.ndarray, owner: np.ndarray, unit: int, *, starved: np.ndarray | None = None) -> np.ndarray:
+        """``int64 (L, unit)`` the pool (a whole number of blocks) cut into blocks in leftover order; with
+        ``starved`` (``bool (K,)``, DROP), only the blocks that hold an image of a starved bucket."""
+        if len(pool) % unit:
+            raise AssertionError(f"a leftover pool of {len(pool)} is no whole number of blocks of {unit}")
+        blocks = pool.reshape(-1, unit)
+        if starved is not None:
+            blocks = blocks[starved[owner.reshape(-1, unit)].any(axis=1)]
+        return blocks
 
     def _plan(
         self,
@@ -453,6 +510,10 @@ class Planner:
             offset=self.world.rank * self.batch_size,
             **given,
         )
+
+    def _leftover_buckets(self, blocks: np.ndarray) -> np.ndarray:
+        """``int64 (L,)`` the bucket of each pooled block of ``blocks`` (``(L, unit)``): :meth:`_leftover_bucket`."""
+        return np.array([self._leftover_bucket(block) for block in blocks], np.int64)
 
     def _leftover_bucket(self, chunk: np.ndarray) -> int:
         """Bucket for a block of leftover rows (in leftover order): among the index's candidates for it (the

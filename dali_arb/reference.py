@@ -8,13 +8,14 @@ tests and by ``benchmarks/`` as the baseline.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
 
 from .buckets import BucketAssignment
 from .permute import ROUNDS
-from .planner import LeftoverPolicy
+from .planner import DUPLICATE_STREAM, LeftoverPolicy
 
 __all__ = ["feistel", "reference_plan"]
 
@@ -98,8 +99,9 @@ def reference_plan(
             groups[bucket[row]].append(row)
         return groups
 
-    def blocks_of(groups: list[list[int]], group: int, pool_trim: Callable | None) -> list[tuple[list[int], int]]:
-        """Whole blocks of each bucket (bucket order), then the policy's blocks of what is left."""
+    def blocks_of(groups: list[list[int]], group: int, starved: list[bool] | None) -> list[tuple[list[int], int]]:
+        """Whole blocks of each bucket (bucket order), then the policy's blocks of what is left (NEAREST, DROP with
+        ``starved``: the pooled blocks that hold an image of a starved bucket; DUPLICATE: padded, if due)."""
         blocks = []
         rests = []
         for k, members in enumerate(groups):
@@ -109,15 +111,29 @@ def reference_plan(
                 rests.append((k, members[whole * group :], members))
         if policy is LeftoverPolicy.DUPLICATE:
             for k, rest, members in rests:
-                blocks.append((rest + [members[i % len(members)] for i in range(group - len(rest))], k))
-        elif policy is LeftoverPolicy.NEAREST:
+                if due[k]:
+                    blocks.append((rest + [members[i % len(members)] for i in range(group - len(rest))], k))
+        elif policy is LeftoverPolicy.NEAREST or starved is not None:
             pool = sorted((row for _, rest, _ in rests for row in rest), key=lambda row: log_aspect[row])
-            if pool_trim is not None:
-                pool = pool_trim(pool)
             for start in range(0, len(pool), group):
                 chunk = pool[start : start + group]
-                blocks.append((chunk, leftover_bucket(chunk)))
+                if starved is None or any(starved[bucket[row]] for row in chunk):
+                    blocks.append((chunk, leftover_bucket(chunk)))
         return blocks
+
+    def trim(lists: list[list[int]], keys: list[int]) -> list[list[int]]:
+        """Each bucket's shuffled list less the last ones of it: ``M mod G`` of all, picked uniformly."""
+        total = sum(len(m) for m in lists)
+        pick = feistel(total, keys)
+        trimmed = [0] * K
+        for i in range(total % G):
+            position = pick(i)
+            for k, members in enumerate(lists):
+                if position < len(members):
+                    trimmed[k] += 1
+                    break
+                position -= len(members)
+        return [m[: len(m) - t] for m, t in zip(lists, trimmed)]
 
     def ordered(keys: list[int], blocks: list[tuple[list[int], int]]) -> list[int]:
         shuffle = feistel(len(blocks), keys)
@@ -133,24 +149,39 @@ def reference_plan(
     members = by_bucket([row for row in range(len(bucket)) if bucket[row] >= 0])
     shuffles = [feistel(len(m), keys) for m, keys in zip(members, keys_of(rng, K))]
     shuffled = [[m[shuffle(p)] for p in range(len(m))] for m, shuffle in zip(members, shuffles)]
+    small = [0 < len(m) < G for m in members]
+    phases = np.random.default_rng([seed, DUPLICATE_STREAM]).random(K).tolist()
+    due = [True] * K
+    for k in range(K):
+        if small[k]:
+            rate = len(members[k]) / G
+            due[k] = math.floor(rate * (epoch + 1) + phases[k]) - math.floor(rate * epoch + phases[k]) > 0
+    if any(small) and not any(len(m) >= G for m in members) and not any(due):
+        progress = [(rate * epoch + phases[k]) % 1.0 + rate if small[k] else -1.0
+                    for k, rate in enumerate(len(m) / G for m in members)]  # fmt: skip
+        due[progress.index(max(progress))] = True
     if sync_ranks:
-        order_keys = keys_of(rng, 1)[0]
-
-        def trim(pool: list[int]) -> list[int]:
-            cut = set(rng.choice(len(pool), len(pool) % G, replace=False).tolist()) if len(pool) % G else set()
-            return [row for i, row in enumerate(pool) if i not in cut]
-
-        blocks = blocks_of(shuffled, G, trim)
+        order_keys, trim_keys = keys_of(rng, 2)
+        if policy is LeftoverPolicy.NEAREST or (policy is LeftoverPolicy.DROP and any(small)):
+            shuffled = trim(shuffled, trim_keys)
+            starved = [len(m) < G for m in shuffled] if policy is LeftoverPolicy.DROP else None
+        else:
+            starved = None
+        blocks = blocks_of(shuffled, G, starved)
         order = ordered(order_keys, blocks)
         lo, hi = rank * batch_size, (rank + 1) * batch_size
         return [blocks[o][0][lo:hi] for o in order], [blocks[o][1] for o in order]
-    sequence = [row for k in rng.permutation(K).tolist() for row in shuffled[k]]
-    sequence = sequence[: len(sequence) - len(sequence) % G]
-    blocks = blocks_of(by_bucket(sequence[rank::world_size]), batch_size, None)
+    bucket_order = rng.permutation(K).tolist()
+    shuffled = trim(shuffled, keys_of(rng, 1)[0])
+    sequence = [row for k in bucket_order for row in shuffled[k]]
+
+    def blocks_of_rank(r: int) -> list[tuple[list[int], int]]:
+        groups = by_bucket(sequence[r::world_size])
+        starved = [len(g) < batch_size for g in groups] if policy is LeftoverPolicy.DROP else None
+        return blocks_of(groups, batch_size, starved)
+
+    blocks = blocks_of_rank(rank)
     order = ordered(keys_of(np.random.default_rng([seed, epoch, 1 + rank]), 1)[0], blocks)
     if policy is LeftoverPolicy.DROP:
-        steps = min(
-            sum(len(group) // batch_size for group in by_bucket(sequence[r::world_size])) for r in range(world_size)
-        )
-        order = order[:steps]
+        order = order[: min(len(blocks_of_rank(r)) for r in range(world_size))]
     return [blocks[o][0] for o in order], [blocks[o][1] for o in order]
