@@ -6,10 +6,18 @@ of datasets with the same bucket options first (a 512-class set never lends a ba
 unless both groups' last images must share one batch).
 
 ``repeats[d]`` serves dataset ``d``'s images that many times per epoch: the whole part ``floor(r)`` as
-copies, the fraction ``f`` as ``floor(f * n)`` images of each of its buckets (``n`` images), a window that
-moves along a fixed shuffle of the bucket each epoch, so every image is served as often as any other over
-the epochs (within one). Nothing per row is materialised: a bucket's members are segments (one per dataset
-and part) evaluated at any position, so the planner still costs O(K x G) per epoch and O(B) per step.
+copies, the fraction ``f`` as a window of each of its buckets (``n`` images) that moves along a fixed shuffle
+of the bucket, epoch after epoch. Epoch ``e``'s window is positions ``[floor(f n e + phi), floor(f n (e + 1) +
+phi))`` of that shuffle (mod ``n``; ``phi`` a seeded phase per bucket): ``floor(f n)`` or ``ceil(f n)`` images,
+``f n`` on average, so a bucket of 3 at 0.5 serves 1 or 2 images (1.5 per epoch) and a bucket of 1 at 0.2 one
+image every fifth epoch; the windows tile the shuffle, so every image is served ``f`` times per epoch over the
+epochs, within one. Nothing per row is materialised: a bucket's members are segments (one per dataset and part)
+evaluated at any position, so the planner still costs O(K x G) per epoch and O(B) per step.
+
+Positions: :attr:`MixedIndex.starts` and :meth:`MixedIndex.member_rows` use a layout that is the same in every
+epoch, with room for the largest window (``ceil(f n)``); the planner reads each epoch's own layout through
+:meth:`MixedIndex.epoch_counts` and :meth:`MixedIndex.bucket_rows`. A position past an epoch's window (a
+stand-in drawn from the fixed layout) is the next image along the bucket's shuffle.
 
 Imports only the standard library and NumPy.
 """
@@ -23,7 +31,7 @@ import numpy as np
 
 from .buckets import BucketIndex, BucketSpec, PlannedIndex
 from .errors import ConfigError
-from .permute import Permutation, round_keys
+from .permute import Permutation, moving_round, round_keys
 
 __all__ = ["MixedIndex", "check_repeats"]
 
@@ -52,17 +60,30 @@ def check_repeats(repeats, count: int) -> tuple[float, ...]:
 class _Segments:
     """The parts of every bucket's virtual member list, ``S`` segments in bucket order.
 
-    ``start``: ``int64 (S,)`` first virtual position; ``dataset``; ``local_start``: where the dataset's bucket
-    begins in its ``members``; ``size``: images of that dataset's bucket; ``fraction``: ``bool (S,)`` whether
-    the segment is a moving window (else whole copies); ``window``: images a window serves per epoch."""
+    ``start``: ``int64 (S,)`` first position in the fixed layout; ``bucket``: global bucket; ``dataset``;
+    ``local_bucket``; ``local_start``: where the dataset's bucket begins in its ``members``; ``size``: images of
+    that dataset's bucket; ``fraction``: ``bool (S,)`` whether the segment is a moving window (else whole copies);
+    ``window``: its length in the fixed layout (the most an epoch serves); ``rate``: ``float64 (S,)`` images a
+    window serves per epoch on average; ``phase``: ``float64 (S,)`` its seeded rounding phase in ``[0, 1)``."""
 
     start: np.ndarray
+    bucket: np.ndarray
     dataset: np.ndarray
     local_bucket: np.ndarray
     local_start: np.ndarray
     size: np.ndarray
     fraction: np.ndarray
     window: np.ndarray
+    rate: np.ndarray
+    phase: np.ndarray
+
+    def lengths(self, epoch: int) -> np.ndarray:
+        """``int64 (S,)`` images each segment serves in ``epoch``."""
+        return np.where(self.fraction, moving_round(self.rate, self.phase, epoch), self.window)
+
+    def window_start(self, i: int, epoch: int) -> int:
+        """Where fraction segment ``i``'s window of ``epoch`` begins along its bucket's shuffle."""
+        return int(np.floor(self.rate[i] * epoch + self.phase[i])) % int(self.size[i])
 
 
 class MixedIndex(PlannedIndex):
@@ -73,7 +94,8 @@ class MixedIndex(PlannedIndex):
         sizes: ``int64 (K, 2)`` every bucket of every dataset, once each: the specs' own first, then scaled-down
             copies (``no_upscale``).
         num_base: how many of ``sizes`` are a spec's own buckets.
-        starts: ``int64 (K + 1,)`` virtual member positions of each bucket (repeats counted).
+        starts: ``int64 (K + 1,)`` virtual member positions of each bucket in the fixed layout (repeats counted,
+            room for the largest fraction windows; :meth:`epoch_counts` gives an epoch's own).
         offsets: ``int64 (D + 1,)`` first global row of each dataset.
         groups: ``int64 (D,)`` datasets with equal bucket options share a group.
         to_global: per dataset, ``int64 (K_d,)`` the global bucket of each of its buckets.
@@ -105,19 +127,21 @@ class MixedIndex(PlannedIndex):
         self._group_no_upscale = {int(self.groups[d]): ix.no_upscale for d, ix in enumerate(indexes)}
         self._segments = self._build_segments()
         self._shuffles: dict[tuple[int, int], Permutation] = {}
+        self._layouts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def _build_segments(self) -> _Segments:
-        rows: list[tuple[int, int, int, int, int, bool, int]] = []  # (bucket, d, k, local start, n, fraction, length)
+        # (bucket, d, k, local start, n, fraction, length in the fixed layout, rate)
+        rows: list[tuple[int, int, int, int, int, bool, int, float]] = []
         for d, (index, repeat) in enumerate(zip(self.indexes, self.repeats)):
             whole, part = math.floor(repeat), repeat - math.floor(repeat)
             counts = index.counts()
             for k in np.flatnonzero(counts).tolist():
                 n, start, bucket = int(counts[k]), int(index.starts[k]), int(self.to_global[d][k])
                 if whole:
-                    rows.append((bucket, d, k, start, n, False, whole * n))
-                window = math.floor(part * n + 1e-9)
-                if window:
-                    rows.append((bucket, d, k, start, n, True, window))
+                    rows.append((bucket, d, k, start, n, False, whole * n, 0.0))
+                rate = round(part * n, 9)  # images per epoch; round(): 2.2 - 2 is 0.2000000000000002
+                if rate:
+                    rows.append((bucket, d, k, start, n, True, math.ceil(rate), rate))
         rows.sort(key=lambda r: r[0])  # bucket order; stable: datasets in order inside a bucket
         lengths = np.array([r[6] for r in rows], np.int64)
         buckets = np.array([r[0] for r in rows], np.int64)
@@ -125,14 +149,18 @@ class MixedIndex(PlannedIndex):
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         first = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         column = (lambda i, t: np.array([r[i] for r in rows], t)) if rows else (lambda i, t: np.zeros(0, t))
+        phase = [np.random.default_rng([self.seed, r[1], r[2], FRACTION_STREAM, 1]).random() for r in rows]
         return _Segments(
             start=first,
+            bucket=buckets,
             dataset=column(1, np.int64),
             local_bucket=column(2, np.int64),
             local_start=column(3, np.int64),
             size=column(4, np.int64),
             fraction=column(5, bool),
             window=lengths,
+            rate=column(7, np.float64),
+            phase=np.array(phase, np.float64),
         )
 
     # -- what the planner reads --------------------------------------------------------------------
@@ -150,7 +178,7 @@ class MixedIndex(PlannedIndex):
         return self._shuffles[(d, k)]
 
     def member_rows(self, positions: np.ndarray, epoch: int) -> np.ndarray:
-        """``int64`` global rows at virtual member ``positions`` (any shape) in ``epoch``."""
+        """``int64`` global rows at ``positions`` (any shape) of the fixed layout (:attr:`starts`) in ``epoch``."""
         positions = np.asarray(positions, np.int64)
         flat = positions.reshape(-1)
         seg = self._segments
@@ -161,12 +189,40 @@ class MixedIndex(PlannedIndex):
             chosen = np.flatnonzero(s == i)
             d, n = int(seg.dataset[i]), int(seg.size[i])
             if seg.fraction[i]:  # this epoch's window along the bucket's fixed shuffle
-                local = self._shuffle(d, int(seg.local_bucket[i]))((q[chosen] + epoch * int(seg.window[i])) % n)
+                local = self._shuffle(d, int(seg.local_bucket[i]))((q[chosen] + seg.window_start(i, epoch)) % n)
             else:
                 local = q[chosen] % n
             members = self.indexes[d].members
             out[chosen] = self.offsets[d] + members[int(seg.local_start[i]) + local].astype(np.int64)
         return out.reshape(positions.shape)
+
+    def _layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(segment starts int64 (S,), bucket starts int64 (K + 1,))`` of ``epoch``'s own layout (O(S); the last
+        two epochs are kept)."""
+        cached = self._layouts.get(epoch)
+        if cached is None:
+            lengths = self._segments.lengths(epoch)
+            per_bucket = np.bincount(self._segments.bucket, weights=lengths, minlength=len(self.sizes))
+            cached = (
+                np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64),
+                np.concatenate([[0], np.cumsum(per_bucket)]).astype(np.int64),
+            )
+            # replaced, never changed in place: the loader's threads plan at once
+            self._layouts = dict([*list(self._layouts.items())[-1:], (epoch, cached)])
+        return cached
+
+    def epoch_counts(self, epoch: int) -> np.ndarray:
+        """``int64 (K,)`` samples per bucket in ``epoch`` (fraction windows serve floor or ceil of ``f n``)."""
+        return np.diff(self._layout(epoch)[1])
+
+    def bucket_rows(self, k: int, positions: np.ndarray, epoch: int) -> np.ndarray:
+        """``int64`` global rows at ``positions`` (any shape, in ``[0, epoch_counts(epoch)[k])``) of bucket ``k`` in
+        ``epoch``."""
+        segment_starts, bucket_starts = self._layout(epoch)
+        at = bucket_starts[k] + np.asarray(positions, np.int64)
+        # the last segment starting at or before each position: windows empty this epoch start where the next does
+        s = np.searchsorted(segment_starts, at, side="right") - 1
+        return self.member_rows(self._segments.start[s] + (at - segment_starts[s]), epoch)
 
     def dataset_of(self, rows: np.ndarray) -> np.ndarray:
         """``int64`` dataset of each global row (same shape)."""

@@ -52,7 +52,7 @@ def bucket_report(
         index = MixedIndex([BucketIndex.of(a) for a in assignments], tuple(weights), specs, seed=seed)
         to_global = index.to_global
     sizes = index.sizes
-    counts = index.counts()
+    counts = index.epoch_counts(0)  # the samples of epoch 0 (fractional repeats vary them by one per bucket)
     unit = batch_size * world_size if sync_ranks else batch_size
     plan = Planner(
         index,

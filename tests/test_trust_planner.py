@@ -3,10 +3,14 @@ size, the leftover policy, the sync mode or a fractional repeat count."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 
 from dali_arb import BucketSpec, Planner, World
+from dali_arb.buckets import BucketIndex
+from dali_arb.mixture import MixedIndex
 from dali_arb.reference import reference_plan
 from dali_arb.report import bucket_report
 
@@ -77,6 +81,51 @@ def test_f1_the_bucket_report_counts_what_the_planner_serves(leftover, sync):
     assert totals["usable"] - distinct == totals["trimmed_per_epoch"] + totals["dropped_per_epoch"]
     assert len(rows) - distinct == totals["duplicated_per_epoch"]
     assert totals["trimmed_per_epoch"] == plans[0].trimmed and totals["dropped_per_epoch"] == plans[0].dropped
+
+
+def one_dataset(repeat: float, seed: int = 7) -> MixedIndex:
+    """One dataset with buckets of 1 (512x512), 3 (512x768) and 20 (768x512) images, at ``repeat``."""
+    h = np.array([1024] * 1 + [1536] * 3 + [1024] * 20)
+    w = np.array([1024] * 1 + [1024] * 3 + [1536] * 20)
+    spec = BucketSpec()
+    index = BucketIndex.of(spec.assign(h, w))
+    assert sorted(n for n in index.counts().tolist() if n) == [1, 3, 20]
+    return MixedIndex([index], (repeat,), [spec], seed=seed)
+
+
+@pytest.mark.parametrize("repeat", [0.2, 0.5, 1.5, 2.5])
+def test_f2_a_fractional_repeat_serves_each_image_that_often_over_the_epochs(repeat):
+    """Finding 2: a fraction took floor(f * n) images of each bucket per epoch: a bucket of 1 or 3 at 0.2 was
+    never served, a bucket of 3 at 0.5 a third of the epochs. Now each image f times per epoch, within one or two."""
+    index = one_dataset(repeat)
+    planner = Planner(index, batch_size=1, seed=4)  # one sample per batch: nothing trimmed
+    epochs = 40
+    served: Counter = Counter()
+    subsets = []
+    for epoch in range(epochs):
+        rows = planner.epoch(epoch).rows.ravel()
+        served.update(rows.tolist())
+        subsets.append(frozenset(Counter(rows.tolist()).items()))  # which images are served twice, with 1.5
+    expected = repeat * epochs
+    counts = [served.get(r, 0) for r in range(index.num_images)]
+    assert all(abs(c - expected) <= 2 for c in counts), (expected, counts)
+    assert len(set(subsets)) > 1, "the same images are served every epoch"
+
+
+def test_f2_each_epoch_serves_the_rounded_share_of_every_bucket():
+    """Finding 2: an epoch serves floor or ceil of f * n images of each bucket, and epochs differ."""
+    index = one_dataset(0.5)
+    per_epoch = [index.epoch_counts(e) for e in range(12)]
+    nonzero = np.flatnonzero(index.counts())
+    for counts in per_epoch:
+        for k in nonzero.tolist():
+            n = int(np.diff(index.indexes[0].starts)[k])
+            assert np.floor(0.5 * n) <= counts[k] <= np.ceil(0.5 * n), (k, counts[k])
+    assert len({tuple(c.tolist()) for c in per_epoch}) > 1
+    total = np.sum(per_epoch, axis=0)
+    for k in nonzero.tolist():
+        n = int(np.diff(index.indexes[0].starts)[k])
+        assert abs(total[k] - 0.5 * n * 12) <= 1
 
 
 @pytest.mark.parametrize(("leftover", "sync"), MODES)
