@@ -20,6 +20,7 @@ Where the cache lives: the ``cache_dir`` argument (``--cache-dir``), else ``$DAL
                                                 equal values (shards), the runs as a string column
                        /buckets/<options digest>/  bucket.npy members.npy starts.npy sizes.npy meta.json
     v2/by-path/<path digest>.json              stat signature -> content digest (skips re-hashing)
+    v2/remote/<url digest>-<version digest>.parquet  a URL manifest's local copy, per ETag, size, Last-Modified
     v2/locks/                                  one hasher per manifest path, one builder per content
 
 Every folder is built under a temporary name (``.build-<key>-<pid>-<random>``, with ordinary writes, so a full
@@ -619,25 +620,116 @@ class ManifestCache:
 
 def local_manifest(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> str | os.PathLike:
     """``path`` itself, or for a URL (``s3://bucket/m.parquet``) a local copy in the cache folder, fetched once per
-    version of the object (its URL, size and modification time name the copy)."""
-    from .storage import download, head, is_url
+    version of the object.
+
+    A version is named by the object's ETag, size and Last-Modified (a rewrite within one second at the same size has
+    another ETag), and fetched only while the ETag still matches (``If-Match``), so a copy never holds another
+    version's bytes. A store that gives no ETag (some HTTP servers) is named by size and Last-Modified, to the
+    second: a warning says so, as a rewrite within that second at the same size would be served stale."""
+    from .storage import is_url
 
     if not is_url(path):
         return path
     from .errors import StorageError
 
+    url = str(path)
+    folder = cache_root(cache_dir) / f"v{CACHE_FORMAT}" / "remote"
     try:
-        info = head(str(path))
-        folder = cache_root(cache_dir) / f"v{CACHE_FORMAT}" / "remote"
-        local = folder / f"{_digest(str(path))}-{info.size}-{info.mtime_ns}.parquet"
-        if not local.exists():
+        for _ in range(3):  # the object may be rewritten between the HEAD and the GET: look again
+            version = _remote_version(url)
+            local = folder / f"{_digest(url)}-{_digest(json.dumps(version, sort_keys=True))}.parquet"
+            with contextlib.suppress(OSError):
+                if local.stat().st_size == version["size"]:
+                    return local
             folder.mkdir(parents=True, exist_ok=True)
-            download(str(path), local)
+            if _download_version(url, version, local):
+                return local
+        raise ManifestError(f"manifest {url} kept changing while it was copied; open it again once it is written")
     except StorageError as exc:
-        raise ManifestError(f"cannot read manifest {path}: {exc}") from None
+        raise ManifestError(f"cannot read manifest {url}: {exc}") from None
     except OSError as exc:
-        raise _cache_error(cache_root(cache_dir), exc, f"copy manifest {path}") from None
-    return local
+        raise _cache_error(cache_root(cache_dir), exc, f"copy manifest {url}") from None
+
+
+def _remote_version(url: str) -> dict[str, Any]:
+    """What names a version of the object at ``url``: its ETag (or None), size and Last-Modified, as the store
+    gives them (a warning where it gives no ETag)."""
+    import obstore
+
+    from .storage import _with_retries, store_of
+
+    store, key = store_of(url)
+    meta = _with_retries(lambda: obstore.head(store, key), url, None)
+    modified = meta.get("last_modified")
+    version = {
+        "e_tag": meta.get("e_tag") or None,
+        "size": int(meta["size"]),
+        "last_modified": modified.isoformat() if modified is not None else None,
+    }
+    if version["e_tag"] is None:
+        import warnings
+
+        warnings.warn(
+            f"{url} has no ETag: its local copy is known by size and Last-Modified ({version['last_modified']}) "
+            "only, so a rewrite within that second at the same size is not seen; serve it from a store that sends "
+            "ETags, or write a changed manifest to a new name",
+            UserWarning,
+            stacklevel=4,
+        )
+    return version
+
+
+def _download_version(url: str, version: dict[str, Any], local: Path) -> bool:
+    """Copy the object at ``url`` into ``local`` (whole or not at all, through a temporary file created exclusively)
+    if it is still ``version``; False if it changed meanwhile."""
+    import obstore
+    from obstore.exceptions import PreconditionError
+
+    from .storage import _with_retries, store_of
+
+    store, key = store_of(url)
+    options = {"if_match": version["e_tag"]} if version["e_tag"] else {}
+
+    def fetch() -> int | None:
+        try:
+            fd, partial = tempfile.mkstemp(prefix=f".{local.name}.", suffix=".partial", dir=local.parent)
+            fh = os.fdopen(fd, "wb")
+        except OSError as exc:
+            raise _LocalWriteFailed(exc) from exc
+        try:
+            size = 0
+            with fh:
+                for chunk in obstore.get(store, key, options=options).stream(min_chunk_size=8 << 20):
+                    try:
+                        fh.write(chunk)
+                    except OSError as exc:
+                        raise _LocalWriteFailed(exc) from exc
+                    size += len(chunk)
+            if size != version["size"]:
+                return None  # rewritten between the HEAD and the GET (a store with no ETag to hold it)
+            os.chmod(partial, 0o644)
+            os.replace(partial, local)
+            return size
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(partial)
+
+    try:
+        return _with_retries(fetch, url, None) is not None
+    except Exception as exc:
+        if isinstance(exc.__cause__, PreconditionError):
+            return False
+        if isinstance(exc.__cause__, _LocalWriteFailed):
+            raise exc.__cause__.error from None  # the disk's failure, not the store's
+        raise
+
+
+class _LocalWriteFailed(Exception):
+    """Carries a failed local write through the store's retries (never retried, never blamed on the store)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__()
+        self.error = error
 
 
 def bucket_index(manifest: Manifest, spec: BucketSpec) -> BucketIndex:

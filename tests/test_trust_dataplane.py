@@ -4,6 +4,7 @@ exclusive (f24's rule)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -12,10 +13,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from dali_arb import BucketSpec, Manifest
-from dali_arb.dataplane import CACHE_FORMAT, ManifestCache, bucket_index
+from dali_arb.dataplane import CACHE_FORMAT, ManifestCache, bucket_index, local_manifest
 from dali_arb.errors import ManifestError
 
 from .test_dataplane import ROOT, odd_manifest
@@ -195,6 +198,78 @@ def test_f16_an_installed_whole_cache_is_never_replaced_by_a_later_build(tmp_pat
     dataplane._install(built, first.folder)
     assert (first.folder / "meta.json").stat().st_ino == inode and not built.exists()
     assert first.manifest().keys_at([3]) == Manifest.read(path).keys_at([3])
+
+
+# -- f25g: a URL manifest rewritten within one second, at the same size -----------------------------------------------
+def _same_size_manifest(keys: list[str]) -> bytes:
+    out = io.BytesIO()
+    pq.write_table(
+        pa.table(
+            {
+                "key": keys,
+                "width": pa.array([300] * len(keys), pa.int32()),
+                "height": pa.array([200] * len(keys), pa.int32()),
+            }
+        ),
+        out,
+    )
+    return out.getvalue()
+
+
+@pytest.mark.slow
+def test_f25g_a_url_manifest_rewritten_in_the_same_second_at_the_same_size_is_fetched_again(tmp_path, monkeypatch):
+    import boto3
+    import obstore
+    from obstore.store import S3Store
+
+    from dali_arb.loopback import moto_s3
+
+    first = _same_size_manifest([f"a{i:03d}" for i in range(50)])
+    second = _same_size_manifest([f"b{i:03d}" for i in range(50)])
+    assert len(first) == len(second) and first != second
+    with moto_s3():
+        boto3.client("s3").create_bucket(Bucket="data")
+        store = S3Store("data", client_options={"allow_http": True})
+        url = "s3://data/m.parquet"
+        for attempt in range(5):  # until both writes fall in one second of Last-Modified (the case that was stale)
+            cache = tmp_path / f"c{attempt}"
+            obstore.put(store, "m.parquet", first)
+            before = obstore.head(store, "m.parquet")["last_modified"]
+            assert Manifest.open(url, cache_dir=cache).keys_at([0]) == ["a000"]
+            obstore.put(store, "m.parquet", second)
+            if obstore.head(store, "m.parquet")["last_modified"] == before:
+                break
+        else:
+            pytest.skip("could not rewrite the object within one second")
+        assert Manifest.open(url, cache_dir=cache).keys_at([0]) == ["b000"]
+        assert Manifest.read(url).keys_at([0]) == ["b000"]
+        copies = list((cache / f"v{CACHE_FORMAT}" / "remote").iterdir())
+        assert len(copies) == 2 and not [p for p in copies if "partial" in p.name or p.name.startswith(".")], copies
+        obstore.put(store, "m.parquet", first)  # rewritten back: the first copy (same ETag) is used again
+        assert Manifest.open(url, cache_dir=cache).keys_at([0]) == ["a000"]
+
+        # rewritten between the HEAD and the GET: the GET holds the HEAD's ETag (If-Match), so the copy named by the
+        # old version never holds the new bytes; the object is looked at again
+        import dali_arb.dataplane as dataplane
+
+        real = dataplane._remote_version
+        stale = [real(url)]
+        obstore.put(store, "m.parquet", second)
+        monkeypatch.setattr(dataplane, "_remote_version", lambda u: stale.pop() if stale else real(u))
+        local = Path(local_manifest(url, cache_dir=tmp_path / "raced"))
+        assert local.read_bytes() == second
+        assert [p.name for p in local.parent.iterdir()] == [local.name]
+
+
+def test_f25g_without_an_etag_the_copy_is_named_by_size_and_last_modified_and_says_so(tmp_path):
+    from dali_arb.loopback import RangeHTTPServer
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "m.parquet").write_bytes(_same_size_manifest(["a", "b"]))
+    with RangeHTTPServer(site) as http, pytest.warns(UserWarning, match="no ETag"):
+        local = Path(local_manifest(f"{http.url}/m.parquet", cache_dir=tmp_path / "cache"))
+    assert local.read_bytes() == (site / "m.parquet").read_bytes()
 
 
 # -- f24's rule: temporary files are created exclusively, never through a planted link ------------------------------
