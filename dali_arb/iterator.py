@@ -507,6 +507,9 @@ class DALIBucketIterator:
         for _ in range(recoveries):
             if self._pipe is None or self._stream != (epoch, step):
                 self._open_pipeline(epoch, step)
+            # unknown while the run is in flight: one that ends any other way than below (Ctrl-C lands in it, say)
+            # leaves the pipeline where nobody knows, so the next fetch opens a new one at the loader's step
+            self._stream = None
             try:
                 outputs = self._run_pipeline()
             except _WorkerDied as died:
@@ -541,7 +544,7 @@ class DALIBucketIterator:
         processes = _worker_processes(self._pipe)
         if not processes:
             return self._pipe.run()
-        if self._runner is None:
+        if self._runner is None or self._runner.owed:  # a run interrupted (Ctrl-C): its result would come next
             self._runner = _Runner()
 
         def dead() -> Any:
@@ -664,7 +667,13 @@ class DALIBucketIterator:
         out = tensors.pop("images")
         shape = list(out.shape)
         m = META.unpack(outputs[-1].as_array())
-        assert (m.epoch == epoch).all() and (m.step == step).all(), "pipeline out of step with the loader"
+        if not ((m.epoch == epoch).all() and (m.step == step).all()):  # our own invariant: never silent, even under -O
+            self._close_pipeline()
+            raise RuntimeError(
+                f"dali_arb bug: the pipeline produced epoch {int(m.epoch[0])} step {int(m.step[0])} where the loader "
+                f"expected epoch {epoch} step {step}; the batch was not handed out and the next one opens a new "
+                "pipeline; please report this with your loader options"
+            )
         for i in np.flatnonzero(m.failure != Failure.NONE):
             self._block(int(m.planned_row[i]), Failure(int(m.failure[i])), part=int(m.failed_part[i]))
         for name, column in IO_FIELDS.items():
@@ -878,15 +887,19 @@ class _Runner:
                                   daemon=True)  # fmt: skip
         thread.start()
         weakref.finalize(self, self._jobs.put, None)
+        #: Jobs whose result was not taken (a wait interrupted by Ctrl-C): their results come first.
+        self.owed = 0
 
     def run(self, job: Any, dead: Any, *, grace: float) -> Any:
         """``job()``'s result (or its exception); :class:`_WorkerDied` when ``dead()`` names a process and
         no result comes within ``grace`` seconds after that."""
+        self.owed += 1
         self._jobs.put(job)
         deadline = None
         while True:
             try:
                 ok, value = self._results.get(timeout=WATCH_INTERVAL_S)
+                self.owed -= 1
             except queue.Empty:
                 corpse = dead()
                 if corpse is not None:
