@@ -27,6 +27,8 @@ from .mixture import check_repeats
 from .outputs import IO_FIELDS, META, Failure
 from .planner import LeftoverPolicy
 from .processes import describe_exit
+from .remote import READ_AHEAD_PREFIX as READ_AHEAD_PREFIX
+from .remote import remove_stale_read_ahead as remove_stale_read_ahead
 from .source import BatchSource, LoaderConfig, build_planner
 from .workers import ThreadedSource, check_worker_kind
 from .world import World
@@ -228,10 +230,18 @@ class DALIBucketIterator:
         self.num_threads = num_threads or self.decoder.default_threads(cores, gpu=gpu)
         self.prefetch = prefetch
         self._read_ahead_plan = self._plan_read_ahead()
-        remote = self._remote_reads(manifests, read_ahead, sample_cache, sample_cache_gb)
+        remote, read_ahead_steps, folder = self._remote_reads(manifests, read_ahead, sample_cache, sample_cache_gb)
+        # at close(), when collected, or at exit: the loader's own reads end, then its read-ahead folder goes
+        self._release = weakref.finalize(self, _release, remote, folder)
         self._source = BatchSource(
-            manifests, self.config, self.decoder, planner=self._planner, remote=remote[0], read_ahead_steps=remote[1]
+            manifests,
+            self.config,
+            self.decoder,
+            planner=self._planner,
+            remote=remote,
+            read_ahead_steps=read_ahead_steps,
         )
+        self._closed = False
         self._io: dict[str, int] = dict.fromkeys(IO_FIELDS, 0)
         self._epoch = 0
         self._step = 0
@@ -263,12 +273,29 @@ class DALIBucketIterator:
         return self._blocklist.keys
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self._closed:
+            raise ConfigError("this loader was closed (loader.close()); build a new DALIBucketIterator to go on")
         if self._step >= len(self):
             self._epoch, self._step = self._epoch + 1, 0
         while self._step < len(self):
             batch = self._fetch(self._epoch, self._step)
             self._step += 1
             yield batch
+
+    def close(self) -> None:
+        """Stop the pipeline and its workers, end the reads from object storage (their threads and sockets) and
+        remove the read-ahead folder; the state stays readable (``state_dict``), iterating is refused. Idempotent;
+        a loader that is collected, or alive at exit, is closed the same way. Also ``with DALIBucketIterator(...)``."""
+        self._closed = True
+        self._close_pipeline()
+        self._runner = None
+        self._release()
+
+    def __enter__(self) -> DALIBucketIterator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def state_dict(self) -> dict[str, Any]:
         """Small and JSON-serialisable: the position and everything that decides the batches.
@@ -362,12 +389,13 @@ class DALIBucketIterator:
 
     # -- set-up -------------------------------------------------------------------------------------
     def _remote_reads(self, manifests: list[Manifest], read_ahead: int | None, cache: Any, cache_gb: float):
-        """``(RemoteReads or None, read-ahead steps)`` for manifests whose samples live in object storage."""
-        from .remote import RemoteReads
+        """``(RemoteReads or None, read-ahead steps, the private ReadAheadFolder or None)`` for manifests whose
+        samples live in object storage."""
+        from .remote import ReadAheadFolder, RemoteReads
         from .source import has_urls
 
         if not any(has_urls(m) for m in manifests):
-            return None, 0
+            return None, 0, None
         steps = read_ahead
         if steps is None:  # every batch the pipeline and the workers prepare ahead, and one more
             steps = (self._read_ahead_plan["source_prefetch"] + self.prefetch + 1) if self.workers else 2
@@ -379,17 +407,14 @@ class DALIBucketIterator:
                 raise ConfigError(
                     f"sample_cache {folder} cannot be created ({exc.strerror}); give a writable folder"
                 ) from None
-            return RemoteReads(folder, keep=True, limit_bytes=int(cache_gb * 2**30)), steps
+            return RemoteReads(folder, keep=True, limit_bytes=int(cache_gb * 2**30)), steps, None
         if not steps:
-            return RemoteReads(None), 0
-        import shutil
+            return RemoteReads(None), 0, None
         import tempfile
 
         base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
-        remove_stale_read_ahead(base)
-        folder = tempfile.mkdtemp(prefix=f"{READ_AHEAD_PREFIX}{os.getpid()}-", dir=base)
-        weakref.finalize(self, shutil.rmtree, folder, True)  # gone with the loader (and at exit)
-        return RemoteReads(folder, keep=False, limit_bytes=1 << 30), steps
+        private = ReadAheadFolder(base)
+        return RemoteReads(private.path, keep=False, limit_bytes=1 << 30), steps, private
 
     def _preallocation(self) -> tuple[int, int]:
         """``(height, width)`` for the GPU decoder to preallocate: a high percentile of the served images'
@@ -743,34 +768,13 @@ def _checked_state(state: Any) -> dict[str, Any]:
     return checked
 
 
-READ_AHEAD_PREFIX = "dali_arb-readahead-"
-
-
-def remove_stale_read_ahead(base: str) -> list[str]:
-    """Remove read-ahead folders in ``base`` left by loader processes that no longer run (killed with SIGKILL,
-    say: ``/dev/shm`` is memory); returns what was removed. Folders are named ``READ_AHEAD_PREFIX<pid>-...``."""
-    import shutil
-
-    removed = []
-    try:
-        entries = list(os.scandir(base))
-    except OSError:
-        return removed
-    for entry in entries:
-        if not entry.name.startswith(READ_AHEAD_PREFIX):
-            continue
-        pid_text = entry.name[len(READ_AHEAD_PREFIX) :].split("-", 1)[0]
-        if not pid_text.isdigit() or int(pid_text) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid_text), 0)
-            continue  # its process still runs
-        except ProcessLookupError:
-            shutil.rmtree(entry.path, ignore_errors=True)
-            removed.append(entry.path)
-        except OSError:  # another user's process: not ours to touch
-            continue
-    return removed
+def _release(remote: Any, folder: Any) -> None:
+    """A loader's end: its reads from object storage (fetcher thread, sockets, read-ahead in flight), then its
+    read-ahead folder, in that order, so that nothing in flight writes into the folder once it is gone."""
+    if remote is not None:
+        remote.close()
+    if folder is not None:
+        folder.remove()
 
 
 def _free_shared_memory() -> int | None:

@@ -3,13 +3,18 @@ folder's life, the world from launchers' variables, temporary files, and the epo
 
 from __future__ import annotations
 
+import collections
+import gc
+import os
 import signal
+import tempfile
 import threading
+import time
 
 import numpy as np
 import pytest
 
-from dali_arb import DALIBucketIterator
+from dali_arb import ConfigError, DALIBucketIterator
 from dali_arb.source import BatchSource
 
 from .conftest import SMALL
@@ -133,3 +138,112 @@ def test_f12_a_pipeline_out_of_step_is_a_loud_error_even_under_python_O(dataset)
         it._to_batch(outputs, 0, 1)
     assert not isinstance(caught.value, AssertionError)
     assert np.array_equal(next(iter(it))["images"].numpy(), loader(manifest).__iter__().__next__()["images"].numpy())
+
+
+# -- 14: pipeline starts leak nothing; the read-ahead folder dies with its loader --------------------------------
+BUCKET = "lifecycle"
+
+
+@pytest.fixture(scope="module")
+def s3_manifest(dataset, tmp_path_factory):
+    """moto's S3 (loopback) holding the photos, and a manifest of them indexed from there: ``(server, manifest)``."""
+    import boto3
+    import obstore
+    from obstore.store import S3Store
+
+    from dali_arb.index import build_index
+    from dali_arb.loopback import moto_s3
+
+    folder, _ = dataset
+    manifest = tmp_path_factory.mktemp("s3m") / "m.parquet"
+    with moto_s3() as server:
+        boto3.client("s3").create_bucket(Bucket=BUCKET)
+        store = S3Store(BUCKET, client_options={"allow_http": True})
+        for f in sorted(folder.iterdir()):
+            obstore.put(store, f"photos/{f.name}", f.read_bytes())
+        build_index([f"s3://{BUCKET}/photos/"], manifest, progress=False)
+        yield server, manifest
+
+
+def _fetcher_threads() -> int:
+    return sum(t.name == "dali_arb-fetcher" for t in threading.enumerate())
+
+
+def _open_fds() -> list[str]:
+    """What this process's descriptors point at (sockets and pipes by kind only: their inodes change)."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out.append(os.readlink(f"/proc/self/fd/{fd}").split(":")[0])
+        except OSError:
+            pass  # the listing's own descriptor
+    return sorted(out)
+
+
+def _read_ahead_folders() -> set[str]:
+    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+    return {p for p in os.listdir(base) if p.startswith(f"dali_arb-readahead-{os.getpid()}-")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("workers", "kind"), KINDS[:2])
+def test_f14_twenty_pipeline_starts_leak_no_fetcher_thread_and_no_descriptor(s3_manifest, workers, kind):
+    """Every start (set_epoch after a break, load_state_dict, a recovery) left one fetcher thread with its event
+    loop and descriptors per worker behind."""
+    _, manifest = s3_manifest
+    it = loader(manifest, workers=workers, worker_kind=kind)
+    state = it.state_dict()
+    for start in range(22):
+        if start == 2:
+            gc.collect()
+            threads, fds = _fetcher_threads(), _open_fds()
+        if start % 2:
+            it.load_state_dict(state)
+        else:
+            it.set_epoch(start)
+        next(iter(it))
+    gc.collect()
+    assert _fetcher_threads() == threads
+    deadline = time.monotonic() + 3  # a read-ahead file being written right now holds a descriptor a moment
+    while True:
+        grown = collections.Counter(_open_fds()) - collections.Counter(fds)
+        grown["socket"] -= 2  # the process's one connection pool to the store may hold a connection or two more
+        if not +grown or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert not +grown, grown  # (each start left an event loop's epoll and self-pipe behind, and its sockets)
+    it.close()
+    assert _fetcher_threads() == 0 and not _read_ahead_folders()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("workers", "kind"), KINDS)
+def test_f14_the_read_ahead_folder_is_gone_with_its_loader_and_stays_gone(s3_manifest, workers, kind):
+    """In-flight read-ahead wrote into (and so recreated) the folder after the loader removed it: it outlived the
+    process in /dev/shm. Fetches are slowed by a proxy so that they are in flight when the loader goes."""
+    from dali_arb.loopback import FaultProxy
+
+    server, manifest = s3_manifest
+    saved = os.environ["AWS_ENDPOINT_URL"]
+    with FaultProxy(server.port, latency_s=0.4) as proxy:
+        os.environ["AWS_ENDPOINT_URL"] = proxy.url
+        try:
+            for ending in ("collect", "close"):
+                before = _read_ahead_folders()
+                it = loader(manifest, workers=workers, worker_kind=kind, read_ahead=4)
+                next(iter(it))  # read-ahead of the next steps is now in flight
+                mine = _read_ahead_folders() - before
+                assert mine  # the folder (and its lock)
+                if ending == "close":
+                    it.close()
+                    it.close()  # twice is fine
+                    with pytest.raises(ConfigError, match="this loader was closed"):
+                        next(iter(it))
+                del it
+                gc.collect()
+                assert not mine & _read_ahead_folders(), ending
+                time.sleep(1.0)  # every fetch that was in flight has had its answer
+                assert not mine & _read_ahead_folders(), f"{ending}: in-flight read-ahead made the folder again"
+                assert _fetcher_threads() == 0, ending
+        finally:
+            os.environ["AWS_ENDPOINT_URL"] = saved
