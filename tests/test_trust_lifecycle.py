@@ -247,3 +247,81 @@ def test_f14_the_read_ahead_folder_is_gone_with_its_loader_and_stays_gone(s3_man
                 assert _fetcher_threads() == 0, ending
         finally:
             os.environ["AWS_ENDPOINT_URL"] = saved
+
+
+# -- 24: temporary files in shared folders are created exclusively ---------------------------------------------
+def test_f24_a_planted_symlink_in_a_shared_sample_cache_never_redirects_a_write(tmp_path):
+    """``.partial`` names were predictable (``<file>.<pid>.<thread>.partial``) and opened through symlinks: a link
+    planted in a shared sample_cache made the loader overwrite the link's target with fetched bytes."""
+    from dali_arb.remote import RemoteReads
+    from dali_arb.storage import Request
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    reads = RemoteReads(str(cache), keep=True)
+    r = Request(f"s3://{BUCKET}/photos/img000.jpg", 0, 5)
+    path = reads._path(r)
+    os.makedirs(os.path.dirname(path))
+    os.symlink(victim, f"{path}.{os.getpid()}.{threading.get_ident()}.partial")  # the name it would write
+    reads._write(r, b"fetch")
+    assert victim.read_text() == "precious"
+    assert open(path, "rb").read() == b"fetch" and not os.path.islink(path)
+    os.unlink(path)
+    os.symlink(victim, path)  # a link at the sample's own name is replaced, never written through
+    reads._write(r, b"again")
+    assert victim.read_text() == "precious" and not os.path.islink(path) and open(path, "rb").read() == b"again"
+    os.unlink(path)
+    os.symlink(victim, path)
+    assert reads.take(r) != b"precious"  # a planted link is not read as the sample either (it is fetched)
+
+
+def test_f24_a_planted_symlink_beside_a_download_is_never_written_through(s3_manifest, tmp_path):
+    """``storage.download`` wrote ``<file>.<pid>.partial`` through a symlink (the node cache's manifest copies)."""
+    from dali_arb.storage import download
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    target = tmp_path / "copy.jpg"
+    os.symlink(victim, f"{target}.{os.getpid()}.partial")
+    size = download(f"s3://{BUCKET}/photos/img000.jpg", target)
+    assert victim.read_text() == "precious" and target.stat().st_size == size > 0
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial") and not p.is_symlink()] == []
+
+
+# -- 25d: stale read-ahead cleanup never removes a live loader's folder, whatever its PID namespace ------------
+HOLDER = """
+import os, sys, time
+from dali_arb import remote
+os.getpid = lambda: int(sys.argv[2])  # a loader in another PID namespace: its pid means nothing here
+folder = remote.ReadAheadFolder(sys.argv[1])
+open(os.path.join(folder.path, "sample"), "wb").write(b"x" * 100)
+print(folder.path, flush=True)
+time.sleep(60)
+"""
+
+
+def test_f25d_cleanup_keeps_a_live_loaders_folder_from_another_pid_namespace(tmp_path):
+    """``remove_stale_read_ahead`` judged folders by ``kill(pid, 0)``: with ``/dev/shm`` shared between containers
+    (``--ipc=host``), a live loader whose pid does not exist here lost its folder. Now its flock keeps it."""
+    import subprocess
+    import sys
+
+    from dali_arb.iterator import remove_stale_read_ahead
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = gone.stdout.strip()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path), dead_pid], stdout=subprocess.PIPE,
+                              text=True, env=env)  # fmt: skip
+    try:
+        folder = holder.stdout.readline().strip()
+        assert os.path.basename(folder).startswith(f"dali_arb-readahead-{dead_pid}-")
+        assert remove_stale_read_ahead(str(tmp_path)) == []
+        assert os.path.exists(os.path.join(folder, "sample"))  # the other container's loader keeps its samples
+    finally:
+        holder.kill()
+        holder.wait()
+    assert remove_stale_read_ahead(str(tmp_path)) == [folder]  # killed: its lock is free, its folder stale
+    assert os.listdir(tmp_path) == []
