@@ -45,6 +45,11 @@ MAX_WORKER_DEATHS = 2
 #: Version of ``state_dict()``; 1 stored ``buckets.base`` as ``[height, width]`` and is still read.
 #: 3: the O(steps) planner (keyed shuffles per bucket); states of formats 1 and 2 are refused.
 STATE_FORMAT = 3
+#: Every field of ``state_dict()``; a state without one of them is refused (it was edited or built by hand).
+STATE_FIELDS = ("format", "epoch", "step", "seed", "batch_size", "world_size", "rank", "sync_ranks", "leftover", "crop",
+                "flip", "num_images", "manifest", "buckets", "repeats", "captions", "failed", "failed_rows")  # fmt: skip
+#: The largest epoch: the batches' metadata carries epochs as int64, and the stream runs on into the next epoch.
+MAX_EPOCH = 2**62
 DTYPES = ("float16", "bfloat16", "float32", "uint8")
 #: Rows sampled for the percentiles of sizes and lengths that set buffers up.
 STATISTICS_SAMPLE = 1 << 20
@@ -264,6 +269,8 @@ class DALIBucketIterator:
         """Start ``epoch`` from its first step at the next iteration."""
         if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
             raise ConfigError(f"epoch must be a non-negative integer, got {epoch!r}")
+        if epoch > MAX_EPOCH:
+            raise ConfigError(f"epoch must be at most 2**62, got {epoch!r}")
         if epoch != self._epoch or self._step >= len(self):
             self._epoch, self._step = int(epoch), 0
 
@@ -337,7 +344,7 @@ class DALIBucketIterator:
         mine = self.state_dict()
         for name in ("seed", "sync_ranks", "leftover", "crop", "flip", "num_images", "manifest", "buckets", "repeats",
                      "captions"):  # fmt: skip
-            if name in state and state[name] != mine[name]:
+            if state[name] != mine[name]:
                 what = "another manifest (same size, other content)" if name == "manifest" else None
                 raise StateError(
                     f"state was saved with {what or f'{name}={state[name]!r}'}, this loader has "
@@ -750,6 +757,14 @@ def _checked_state(state: Any) -> dict[str, Any]:
             or value < (1 if name in ("batch_size", "world_size") else 0)
         ):
             raise StateError(f"state field {name!r} must be a {'positive' if name in ('batch_size', 'world_size') else 'non-negative'} integer, got {value!r}")  # fmt: skip
+        if value > (MAX_EPOCH if name == "epoch" else 2**63 - 1):
+            raise StateError(f"state field {name!r} is out of range (at most {'2**62' if name == 'epoch' else '2**63 - 1'}), got {value!r}")  # fmt: skip
+    missing = [name for name in STATE_FIELDS if name not in state]
+    if missing:
+        raise StateError(
+            f"state has no {', '.join(map(repr, missing))} field{'s' if len(missing) > 1 else ''}, which every state of "
+            "this version holds (it was edited or made by hand); load the dict that loader.state_dict() returned"
+        )
     if not isinstance(state.get("failed", {}), dict):
         raise StateError(f"state field 'failed' must map keys to reasons, got {type(state['failed']).__name__}")
     checked["failed"] = state.get("failed", {})

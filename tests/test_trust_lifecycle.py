@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from dali_arb import ConfigError, DALIBucketIterator
+from dali_arb import ConfigError, DALIBucketIterator, StateError
 from dali_arb.source import BatchSource
 
 from .conftest import SMALL
@@ -325,3 +325,128 @@ def test_f25d_cleanup_keeps_a_live_loaders_folder_from_another_pid_namespace(tmp
         holder.wait()
     assert remove_stale_read_ahead(str(tmp_path)) == [folder]  # killed: its lock is free, its folder stale
     assert os.listdir(tmp_path) == []
+
+
+# -- 22: the world from launchers' variables, never a silent rank 0 ----------------------------------------------
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
+                    "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID",
+                    "MPI_LOCALNRANKS", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID",
+                    "SLURM_NTASKS_PER_NODE")  # fmt: skip
+
+
+@pytest.fixture
+def launch(monkeypatch):
+    """Set a launcher's environment (and nothing else of any launcher)."""
+    for name in LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+    def setenv(**variables):
+        for name, value in variables.items():
+            monkeypatch.setenv(name, str(value))
+
+    return setenv
+
+
+@pytest.mark.parametrize(
+    ("variables", "fragment"),
+    [
+        ({"WORLD_SIZE": 8}, "WORLD_SIZE=8 is set but RANK is not"),
+        ({"RANK": 3}, "RANK=3 is set but WORLD_SIZE is not"),
+        ({"OMPI_COMM_WORLD_SIZE": 4}, "OMPI_COMM_WORLD_SIZE=4 is set but OMPI_COMM_WORLD_RANK is not"),
+        ({"PMI_RANK": 1}, "PMI_RANK=1 is set but PMI_SIZE is not"),
+        ({"SLURM_STEP_NUM_TASKS": 4}, "SLURM_STEP_NUM_TASKS=4 is set but SLURM_PROCID is not"),
+        # torchrun's partial set is refused even where another launcher's is whole: which one is meant is unknown
+        ({"WORLD_SIZE": 2, "SLURM_PROCID": 1, "SLURM_STEP_NUM_TASKS": 2}, "WORLD_SIZE=2 is set but RANK is not"),
+    ],
+)
+def test_f22_a_world_size_without_a_rank_is_refused_in_one_line(dataset, launch, variables, fragment):
+    """WORLD_SIZE without RANK made every process rank 0: half the data twice, half never."""
+    from dali_arb.world import World
+
+    launch(**variables)
+    with pytest.raises(ConfigError, match=fragment) as caught:
+        World.detect()
+    assert "pass rank= and world_size=" in str(caught.value) and "\n" not in str(caught.value)
+    with pytest.raises(ConfigError, match=fragment):
+        loader(dataset[1], rank=None, world_size=None)
+
+
+@pytest.mark.parametrize(
+    ("variables", "world"),
+    [
+        (
+            {
+                "OMPI_COMM_WORLD_RANK": 5,
+                "OMPI_COMM_WORLD_SIZE": 8,
+                "OMPI_COMM_WORLD_LOCAL_RANK": 1,
+                "OMPI_COMM_WORLD_LOCAL_SIZE": 4,
+            },
+            (5, 8, 1, 4),
+        ),
+        ({"PMI_RANK": 2, "PMI_SIZE": 3, "MPI_LOCALRANKID": 2, "MPI_LOCALNRANKS": 3}, (2, 3, 2, 3)),
+        (
+            {"SLURM_PROCID": 6, "SLURM_STEP_NUM_TASKS": 16, "SLURM_LOCALID": 2, "SLURM_NTASKS_PER_NODE": 8},
+            (6, 16, 2, 8),
+        ),
+        ({"SLURM_PROCID": 0, "SLURM_NTASKS": 8}, (0, 1, 0, 1)),  # a batch script without srun: one process
+        # rank and size come from one launcher: torchrun's whole set wins over SLURM's (torchrun under srun)
+        ({"RANK": 1, "WORLD_SIZE": 2, "SLURM_PROCID": 0, "SLURM_STEP_NUM_TASKS": 1}, (1, 2, 0, 1)),
+        # mpirun inside a SLURM allocation: Open MPI's ranks, not the batch step's
+        (
+            {"OMPI_COMM_WORLD_RANK": 3, "OMPI_COMM_WORLD_SIZE": 4, "SLURM_PROCID": 0, "SLURM_STEP_NUM_TASKS": 1},
+            (3, 4, 0, 1),
+        ),
+    ],
+)
+def test_f22_launchers_ranks_are_read_whole_from_one_launcher(launch, variables, world):
+    from dali_arb.world import World
+
+    launch(**variables)
+    assert World.detect() == World(*world)
+
+
+# -- 25e, 25f: epochs and states that cannot work are refused in one line --------------------------------------
+@pytest.mark.parametrize(
+    ("epoch", "message"),
+    [
+        (2**63, "epoch must be at most 2**62, got 9223372036854775808"),
+        (np.uint64(2**63), "epoch must be at most 2**62, got"),
+        (-1, "epoch must be a non-negative integer, got -1"),
+        (1.0, "epoch must be a non-negative integer, got 1.0"),
+        ("3", "epoch must be a non-negative integer, got '3'"),
+    ],
+)
+def test_f25e_an_epoch_out_of_range_is_a_config_error_naming_it(dataset, epoch, message):
+    """An epoch >= 2**63 passed set_epoch's check and failed later, in NumPy or DALI, as their error."""
+    it = loader(dataset[1])
+    with pytest.raises(ConfigError, match=message.replace("*", r"\*")):
+        it.set_epoch(epoch)
+    state = it.state_dict()
+    state["epoch"] = 2**63
+    with pytest.raises(
+        StateError, match=r"state field 'epoch' is out of range \(at most 2\*\*62\), got 9223372036854775808"
+    ):
+        loader(dataset[1]).load_state_dict(state)
+    it.set_epoch(2**62)  # the largest serves
+    assert next(iter(it))["epoch"] == 2**62
+
+
+@pytest.mark.parametrize("name", ["manifest", "buckets", "captions", "repeats", "failed", "failed_rows", "crop"])
+def test_f25f_a_state_without_a_required_field_is_refused_naming_it(dataset, name):
+    """A state without ``"manifest"`` skipped the manifest check: another manifest of the same size was served."""
+    it = loader(dataset[1])
+    state = it.state_dict()
+    del state[name]
+    with pytest.raises(StateError, match=f"state has no '{name}' field, which every state of this version holds"):
+        loader(dataset[1]).load_state_dict(state)
+    from dali_arb.iterator import STATE_FIELDS
+
+    assert set(it.state_dict()) == set(STATE_FIELDS)
+
+
+def test_f22_a_world_size_given_without_a_rank_is_refused(launch):
+    from dali_arb.world import World
+
+    with pytest.raises(ConfigError, match="world_size 4 is given but no rank: pass rank= too"):
+        World.detect(world_size=4)
+    assert World.detect(world_size=1) == World() and World.detect(rank=2, world_size=4) == World(2, 4)
