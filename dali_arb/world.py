@@ -55,7 +55,8 @@ class World:
         script run without ``srun`` has ``SLURM_PROCID`` but no step size: one process.) torch is never imported
         here: it is consulted only if the program already imported it.
         """
-        env_rank, env_world, local, local_world = _from_torch() or _from_launcher() or (None, None, 0, 1)
+        found = _from_torch() or _from_launcher()
+        env_rank, env_world, local, local_world = found or (None, None, 0, _env_int("LOCAL_WORLD_SIZE", 1))
         if world_size is None:
             world_size = 1 if env_world is None else env_world
         if rank is None:
