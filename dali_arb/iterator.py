@@ -27,6 +27,8 @@ from .mixture import check_repeats
 from .outputs import IO_FIELDS, META, Failure
 from .planner import LeftoverPolicy
 from .processes import describe_exit
+from .remote import READ_AHEAD_PREFIX as READ_AHEAD_PREFIX
+from .remote import remove_stale_read_ahead as remove_stale_read_ahead
 from .source import BatchSource, LoaderConfig, build_planner
 from .workers import ThreadedSource, check_worker_kind
 from .world import World
@@ -43,6 +45,11 @@ MAX_WORKER_DEATHS = 2
 #: Version of ``state_dict()``; 1 stored ``buckets.base`` as ``[height, width]`` and is still read.
 #: 3: the O(steps) planner (keyed shuffles per bucket); states of formats 1 and 2 are refused.
 STATE_FORMAT = 3
+#: Every field of ``state_dict()``; a state without one of them is refused (it was edited or built by hand).
+STATE_FIELDS = ("format", "epoch", "step", "seed", "batch_size", "world_size", "rank", "sync_ranks", "leftover", "crop",
+                "flip", "num_images", "manifest", "buckets", "repeats", "captions", "failed", "failed_rows")  # fmt: skip
+#: The largest epoch: the batches' metadata carries epochs as int64, and the stream runs on into the next epoch.
+MAX_EPOCH = 2**62
 DTYPES = ("float16", "bfloat16", "float32", "uint8")
 #: Rows sampled for the percentiles of sizes and lengths that set buffers up.
 STATISTICS_SAMPLE = 1 << 20
@@ -228,10 +235,18 @@ class DALIBucketIterator:
         self.num_threads = num_threads or self.decoder.default_threads(cores, gpu=gpu)
         self.prefetch = prefetch
         self._read_ahead_plan = self._plan_read_ahead()
-        remote = self._remote_reads(manifests, read_ahead, sample_cache, sample_cache_gb)
+        remote, read_ahead_steps, folder = self._remote_reads(manifests, read_ahead, sample_cache, sample_cache_gb)
+        # at close(), when collected, or at exit: the loader's own reads end, then its read-ahead folder goes
+        self._release = weakref.finalize(self, _release, remote, folder)
         self._source = BatchSource(
-            manifests, self.config, self.decoder, planner=self._planner, remote=remote[0], read_ahead_steps=remote[1]
+            manifests,
+            self.config,
+            self.decoder,
+            planner=self._planner,
+            remote=remote,
+            read_ahead_steps=read_ahead_steps,
         )
+        self._closed = False
         self._io: dict[str, int] = dict.fromkeys(IO_FIELDS, 0)
         self._epoch = 0
         self._step = 0
@@ -254,6 +269,8 @@ class DALIBucketIterator:
         """Start ``epoch`` from its first step at the next iteration."""
         if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
             raise ConfigError(f"epoch must be a non-negative integer, got {epoch!r}")
+        if epoch > MAX_EPOCH:
+            raise ConfigError(f"epoch must be at most 2**62, got {epoch!r}")
         if epoch != self._epoch or self._step >= len(self):
             self._epoch, self._step = int(epoch), 0
 
@@ -263,12 +280,29 @@ class DALIBucketIterator:
         return self._blocklist.keys
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self._closed:
+            raise ConfigError("this loader was closed (loader.close()); build a new DALIBucketIterator to go on")
         if self._step >= len(self):
             self._epoch, self._step = self._epoch + 1, 0
         while self._step < len(self):
             batch = self._fetch(self._epoch, self._step)
             self._step += 1
             yield batch
+
+    def close(self) -> None:
+        """Stop the pipeline and its workers, end the reads from object storage (their threads and sockets) and
+        remove the read-ahead folder; the state stays readable (``state_dict``), iterating is refused. Idempotent;
+        a loader that is collected, or alive at exit, is closed the same way. Also ``with DALIBucketIterator(...)``."""
+        self._closed = True
+        self._close_pipeline()
+        self._runner = None
+        self._release()
+
+    def __enter__(self) -> DALIBucketIterator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def state_dict(self) -> dict[str, Any]:
         """Small and JSON-serialisable: the position and everything that decides the batches.
@@ -310,7 +344,7 @@ class DALIBucketIterator:
         mine = self.state_dict()
         for name in ("seed", "sync_ranks", "leftover", "crop", "flip", "num_images", "manifest", "buckets", "repeats",
                      "captions"):  # fmt: skip
-            if name in state and state[name] != mine[name]:
+            if state[name] != mine[name]:
                 what = "another manifest (same size, other content)" if name == "manifest" else None
                 raise StateError(
                     f"state was saved with {what or f'{name}={state[name]!r}'}, this loader has "
@@ -362,12 +396,13 @@ class DALIBucketIterator:
 
     # -- set-up -------------------------------------------------------------------------------------
     def _remote_reads(self, manifests: list[Manifest], read_ahead: int | None, cache: Any, cache_gb: float):
-        """``(RemoteReads or None, read-ahead steps)`` for manifests whose samples live in object storage."""
-        from .remote import RemoteReads
+        """``(RemoteReads or None, read-ahead steps, the private ReadAheadFolder or None)`` for manifests whose
+        samples live in object storage."""
+        from .remote import ReadAheadFolder, RemoteReads
         from .source import has_urls
 
         if not any(has_urls(m) for m in manifests):
-            return None, 0
+            return None, 0, None
         steps = read_ahead
         if steps is None:  # every batch the pipeline and the workers prepare ahead, and one more
             steps = (self._read_ahead_plan["source_prefetch"] + self.prefetch + 1) if self.workers else 2
@@ -379,17 +414,14 @@ class DALIBucketIterator:
                 raise ConfigError(
                     f"sample_cache {folder} cannot be created ({exc.strerror}); give a writable folder"
                 ) from None
-            return RemoteReads(folder, keep=True, limit_bytes=int(cache_gb * 2**30)), steps
+            return RemoteReads(folder, keep=True, limit_bytes=int(cache_gb * 2**30)), steps, None
         if not steps:
-            return RemoteReads(None), 0
-        import shutil
+            return RemoteReads(None), 0, None
         import tempfile
 
         base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
-        remove_stale_read_ahead(base)
-        folder = tempfile.mkdtemp(prefix=f"{READ_AHEAD_PREFIX}{os.getpid()}-", dir=base)
-        weakref.finalize(self, shutil.rmtree, folder, True)  # gone with the loader (and at exit)
-        return RemoteReads(folder, keep=False, limit_bytes=1 << 30), steps
+        private = ReadAheadFolder(base)
+        return RemoteReads(private.path, keep=False, limit_bytes=1 << 30), steps, private
 
     def _preallocation(self) -> tuple[int, int]:
         """``(height, width)`` for the GPU decoder to preallocate: a high percentile of the served images'
@@ -507,6 +539,9 @@ class DALIBucketIterator:
         for _ in range(recoveries):
             if self._pipe is None or self._stream != (epoch, step):
                 self._open_pipeline(epoch, step)
+            # unknown while the run is in flight: one that ends any other way than below (Ctrl-C lands in it, say)
+            # leaves the pipeline where nobody knows, so the next fetch opens a new one at the loader's step
+            self._stream = None
             try:
                 outputs = self._run_pipeline()
             except _WorkerDied as died:
@@ -541,7 +576,7 @@ class DALIBucketIterator:
         processes = _worker_processes(self._pipe)
         if not processes:
             return self._pipe.run()
-        if self._runner is None:
+        if self._runner is None or self._runner.owed:  # a run interrupted (Ctrl-C): its result would come next
             self._runner = _Runner()
 
         def dead() -> Any:
@@ -664,7 +699,13 @@ class DALIBucketIterator:
         out = tensors.pop("images")
         shape = list(out.shape)
         m = META.unpack(outputs[-1].as_array())
-        assert (m.epoch == epoch).all() and (m.step == step).all(), "pipeline out of step with the loader"
+        if not ((m.epoch == epoch).all() and (m.step == step).all()):  # our own invariant: never silent, even under -O
+            self._close_pipeline()
+            raise RuntimeError(
+                f"dali_arb bug: the pipeline produced epoch {int(m.epoch[0])} step {int(m.step[0])} where the loader "
+                f"expected epoch {epoch} step {step}; the batch was not handed out and the next one opens a new "
+                "pipeline; please report this with your loader options"
+            )
         for i in np.flatnonzero(m.failure != Failure.NONE):
             self._block(int(m.planned_row[i]), Failure(int(m.failure[i])), part=int(m.failed_part[i]))
         for name, column in IO_FIELDS.items():
@@ -716,6 +757,14 @@ def _checked_state(state: Any) -> dict[str, Any]:
             or value < (1 if name in ("batch_size", "world_size") else 0)
         ):
             raise StateError(f"state field {name!r} must be a {'positive' if name in ('batch_size', 'world_size') else 'non-negative'} integer, got {value!r}")  # fmt: skip
+        if value > (MAX_EPOCH if name == "epoch" else 2**63 - 1):
+            raise StateError(f"state field {name!r} is out of range (at most {'2**62' if name == 'epoch' else '2**63 - 1'}), got {value!r}")  # fmt: skip
+    missing = [name for name in STATE_FIELDS if name not in state]
+    if missing:
+        raise StateError(
+            f"state has no {', '.join(map(repr, missing))} field{'s' if len(missing) > 1 else ''}, which every state of "
+            "this version holds (it was edited or made by hand); load the dict that loader.state_dict() returned"
+        )
     if not isinstance(state.get("failed", {}), dict):
         raise StateError(f"state field 'failed' must map keys to reasons, got {type(state['failed']).__name__}")
     checked["failed"] = state.get("failed", {})
@@ -734,34 +783,13 @@ def _checked_state(state: Any) -> dict[str, Any]:
     return checked
 
 
-READ_AHEAD_PREFIX = "dali_arb-readahead-"
-
-
-def remove_stale_read_ahead(base: str) -> list[str]:
-    """Remove read-ahead folders in ``base`` left by loader processes that no longer run (killed with SIGKILL,
-    say: ``/dev/shm`` is memory); returns what was removed. Folders are named ``READ_AHEAD_PREFIX<pid>-...``."""
-    import shutil
-
-    removed = []
-    try:
-        entries = list(os.scandir(base))
-    except OSError:
-        return removed
-    for entry in entries:
-        if not entry.name.startswith(READ_AHEAD_PREFIX):
-            continue
-        pid_text = entry.name[len(READ_AHEAD_PREFIX) :].split("-", 1)[0]
-        if not pid_text.isdigit() or int(pid_text) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid_text), 0)
-            continue  # its process still runs
-        except ProcessLookupError:
-            shutil.rmtree(entry.path, ignore_errors=True)
-            removed.append(entry.path)
-        except OSError:  # another user's process: not ours to touch
-            continue
-    return removed
+def _release(remote: Any, folder: Any) -> None:
+    """A loader's end: its reads from object storage (fetcher thread, sockets, read-ahead in flight), then its
+    read-ahead folder, in that order, so that nothing in flight writes into the folder once it is gone."""
+    if remote is not None:
+        remote.close()
+    if folder is not None:
+        folder.remove()
 
 
 def _free_shared_memory() -> int | None:
@@ -878,15 +906,19 @@ class _Runner:
                                   daemon=True)  # fmt: skip
         thread.start()
         weakref.finalize(self, self._jobs.put, None)
+        #: Jobs whose result was not taken (a wait interrupted by Ctrl-C): their results come first.
+        self.owed = 0
 
     def run(self, job: Any, dead: Any, *, grace: float) -> Any:
         """``job()``'s result (or its exception); :class:`_WorkerDied` when ``dead()`` names a process and
         no result comes within ``grace`` seconds after that."""
+        self.owed += 1
         self._jobs.put(job)
         deadline = None
         while True:
             try:
                 ok, value = self._results.get(timeout=WATCH_INTERVAL_S)
+                self.owed -= 1
             except queue.Empty:
                 corpse = dead()
                 if corpse is not None:

@@ -14,18 +14,31 @@
 
 Memory for read-ahead is bounded: at most ``L`` steps of encoded samples wait in the folder, and each
 process has at most its own batch and one read-ahead step in flight.
+
+Lifetimes: a :class:`RemoteReads` is closed with the pipeline (or loader) that owns it: its fetcher thread ends and
+nothing it fetched is written after that. A loader's private folder (:class:`ReadAheadFolder`) is created once,
+never re-created by a write, held under an ``flock`` for its life and removed with the loader; cleanup of
+folders left by killed loaders (:func:`remove_stale_read_ahead`) removes only folders whose lock it can take.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
+import secrets
+import shutil
+import stat
 import threading
 
 from .errors import StorageError
-from .storage import Fetcher, IOStats, Request
+from .storage import Fetcher, IOStats, Request, replacing
 
-__all__ = ["RemoteReads"]
+__all__ = ["READ_AHEAD_PREFIX", "ReadAheadFolder", "RemoteReads", "remove_stale_read_ahead"]
+
+#: Private read-ahead folders are named ``READ_AHEAD_PREFIX<pid>-<random>``, each with ``<name>.lock`` beside it.
+READ_AHEAD_PREFIX = "dali_arb-readahead-"
 
 #: After this many files written, the writer checks the folder's size against the limit.
 EVICT_EVERY = 64
@@ -48,6 +61,7 @@ class RemoteReads:
         self._held: dict[Request, bytes | StorageError] = {}
         self._writes = 0
         self._lock = threading.Lock()
+        self._closed = False
 
     def __getstate__(self) -> dict:  # worker processes make their own fetcher and counters
         return {
@@ -62,9 +76,22 @@ class RemoteReads:
 
     @property
     def fetcher(self) -> Fetcher:
-        if self._fetcher is None:
-            self._fetcher = Fetcher(concurrency=self.concurrency, stats=self.stats)
-        return self._fetcher
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("dali_arb: a read through RemoteReads after it was closed with its pipeline")
+            if self._fetcher is None:
+                self._fetcher = Fetcher(concurrency=self.concurrency, stats=self.stats)
+            return self._fetcher
+
+    def close(self) -> None:
+        """End the fetcher (its thread, event loop and sockets) and every fetch in flight; nothing is written into
+        the folder after this returns. Idempotent."""
+        with self._lock:
+            self._closed = True
+            fetcher, self._fetcher = self._fetcher, None
+        if fetcher is not None:
+            fetcher.close()
+        self._held.clear()
 
     # -- files in the shared folder --------------------------------------------------------------
     def _path(self, r: Request) -> str:
@@ -76,7 +103,11 @@ class RemoteReads:
             return None
         path = self._path(r)
         try:
-            with open(path, "rb") as fh:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)  # a link planted in a shared folder is not a sample
+        except OSError:
+            return None
+        try:
+            with open(fd, "rb") as fh:
                 data = fh.read()
         except OSError:
             return None
@@ -90,18 +121,21 @@ class RemoteReads:
         return data
 
     def _write(self, r: Request, data: bytes) -> None:
+        """Put ``data`` in the folder as ``r``'s file, whole (see :func:`~dali_arb.storage.replacing`). Only into the
+        folder as it is: a folder removed (its loader closed) is never created again."""
+        if self._closed:
+            return
         path = self._path(r)
-        partial = f"{path}.{os.getpid()}.{threading.get_ident()}.partial"
+        sub = os.path.dirname(path)
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(partial, "wb") as fh:
-                fh.write(data)
-            os.replace(partial, path)
-        except OSError:  # a full or vanished folder costs a fetch later, never a failure
             try:
-                os.unlink(partial)
-            except OSError:
-                pass
+                os.mkdir(sub)  # not makedirs: the folder itself must still be there
+            except FileExistsError:
+                if not stat.S_ISDIR(os.lstat(sub).st_mode):  # a link planted in a shared folder: not ours to follow
+                    return
+            with replacing(path) as fh:
+                fh.write(data)
+        except OSError:  # a full or vanished folder costs a fetch later, never a failure
             return
         with self._lock:
             self._writes += 1
@@ -188,3 +222,122 @@ class RemoteReads:
         for r, result in zip(requests, results):
             if isinstance(result, bytes):
                 self._write(r, result)
+
+
+class ReadAheadFolder:
+    """A loader's private read-ahead folder in ``base`` (``/dev/shm``), alive as long as this object.
+
+    Its lock file, ``<folder>.lock`` beside it, is created first and held with ``flock`` for the folder's life:
+    ``flock`` works across PID namespaces on a shared tmpfs (containers run with ``--ipc=host``), where a process id
+    says nothing. :meth:`remove` (at the loader's close, collection or exit) removes both. Folders left by loaders
+    that were killed are removed when the next one starts (:func:`remove_stale_read_ahead`).
+    """
+
+    def __init__(self, base: str) -> None:
+        remove_stale_read_ahead(base)
+        while True:
+            path = os.path.join(base, f"{READ_AHEAD_PREFIX}{os.getpid()}-{secrets.token_hex(6)}")
+            try:
+                fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                break
+            except FileExistsError:
+                continue
+        if not _try_lock(fd):  # no flock here: no lock file either, so cleanup falls back to the process id
+            os.unlink(f"{path}.lock")
+            os.close(fd)
+            fd = None
+        try:
+            os.mkdir(path, 0o700)
+        except OSError:
+            _release_lock(path, fd)
+            raise
+        self.path, self._fd = path, fd
+
+    def remove(self) -> None:
+        """Remove the folder and its lock (call after every writer into it was closed). Idempotent."""
+        _remove_tree(self.path)
+        fd, self._fd = self._fd, None
+        _release_lock(self.path, fd)
+
+
+def _try_lock(fd: int) -> bool:
+    """Whether an exclusive, non-blocking ``flock`` on ``fd`` was taken."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def _release_lock(path: str, fd: int | None) -> None:
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(f"{path}.lock")
+        os.close(fd)
+
+
+def _remove_tree(path: str) -> None:
+    """``rmtree`` that also wins against a writer finishing a file inside while the tree goes (a few tries)."""
+    for _ in range(5):
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.lexists(path):
+            return
+
+
+def remove_stale_read_ahead(base: str) -> list[str]:
+    """Remove read-ahead folders in ``base`` left by loaders that no longer run (killed with SIGKILL, say:
+    ``/dev/shm`` is memory); returns what was removed.
+
+    A folder is stale when its lock (``<folder>.lock``) can be taken: its loader held it until it ended, in
+    whatever PID namespace it ran. A folder without a lock file (an earlier dali_arb) is stale when its process
+    id (``READ_AHEAD_PREFIX<pid>-...``) runs nowhere here. Another user's folders are left alone."""
+    removed = []
+    try:
+        names = sorted(entry.name for entry in os.scandir(base) if entry.name.startswith(READ_AHEAD_PREFIX))
+    except OSError:
+        return removed
+    for name in names:
+        folder = os.path.join(base, name.removesuffix(".lock"))
+        if name.endswith(".lock"):
+            if not os.path.lexists(folder):
+                _stale_by_lock(folder)  # a lock whose folder is gone (a loader killed between the two)
+            continue  # else judged with its folder
+        if _stale_by_lock(folder) if os.path.lexists(f"{folder}.lock") else _stale_by_pid(folder):
+            removed.append(folder)
+    return removed
+
+
+def _stale_by_lock(folder: str) -> bool:
+    """Take ``folder``'s lock; when it is free, remove the folder and the lock (holding it) and say True."""
+    try:
+        fd = os.open(f"{folder}.lock", os.O_RDWR | os.O_NOFOLLOW)
+    except OSError:  # gone meanwhile, another user's, or a link: not ours to judge
+        return False
+    try:
+        if not _try_lock(fd):
+            return False  # its loader runs (here or in another container)
+        _remove_tree(folder)
+        with contextlib.suppress(OSError):
+            os.unlink(f"{folder}.lock")
+        return True
+    finally:
+        os.close(fd)
+
+
+def _stale_by_pid(folder: str) -> bool:
+    """For a folder without a lock file: remove it when its process id runs nowhere in this PID namespace."""
+    pid_text = os.path.basename(folder)[len(READ_AHEAD_PREFIX) :].split("-", 1)[0]
+    if not pid_text.isdigit() or int(pid_text) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+        return False  # its process still runs
+    except ProcessLookupError:
+        pass
+    except OSError as exc:  # another user's process: not ours to touch
+        if exc.errno != errno.ESRCH:
+            return False
+    _remove_tree(folder)
+    return True

@@ -268,6 +268,10 @@ class BatchSource:
         view.remote = copy.copy(self.remote)  # RemoteReads copies its settings only: its own fetcher and counters
         return view
 
+    def close(self) -> None:
+        """End a :meth:`for_thread` view's own reads from object storage (its fetcher thread and sockets)."""
+        self.remote.close()
+
     def _view(self) -> BatchSource:
         """A shallow copy that shares the set-up (``copy.copy`` would go through ``__getstate__``, which drops
         it for worker processes: every copy would map the caches and plan again)."""

@@ -18,16 +18,18 @@ obstore is imported lazily; nothing here runs for local paths.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import random
 import re
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
-from typing import Any
+from typing import Any, BinaryIO
 
 from .errors import ObjectChanged, ObjectMissing, StorageError
 
@@ -303,27 +305,55 @@ def get_bytes(url: str, stats: IOStats | None = None) -> bytes:
     return data
 
 
+@functools.cache
+def _umask() -> int:
+    """This process's umask, read without changing it (``os.umask`` sets it for every thread); 0o022 if unknown."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            return next(int(line.split()[1], 8) for line in fh if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return 0o022
+
+
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A new file to write ``path``'s content into, moved onto ``path`` when the block ends (removed on error).
+
+    It is created beside ``path`` exclusively, under a random name (``tempfile.mkstemp``: ``O_CREAT | O_EXCL |
+    O_NOFOLLOW``), so a file or symlink planted in a shared folder is never written through, and ``os.replace``
+    swaps the directory entry (a symlink at ``path`` is replaced, its target untouched). Mode: 0o666 less the
+    umask, as ``open`` gives."""
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, partial = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o666 & ~_umask())
+            yield fh
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+        raise
+
+
 def download(url: str, path: str | os.PathLike, stats: IOStats | None = None) -> int:
-    """Stream the object at ``url`` into the local file ``path`` (written whole or not at all); its size."""
+    """Stream the object at ``url`` into the local file ``path`` (written whole or not at all, see
+    :func:`replacing`); its size."""
     import obstore
 
     store, key = store_of(url)
-    partial = f"{path}.{os.getpid()}.partial"
+    with replacing(path) as fh:
 
-    def fetch() -> int:
-        size = 0
-        with open(partial, "wb") as fh:
+        def fetch() -> int:
+            fh.seek(0)
+            fh.truncate()  # a retry starts over
+            size = 0
             for chunk in obstore.get(store, key).stream(min_chunk_size=8 << 20):
                 fh.write(chunk)
                 size += len(chunk)
-        return size
+            return size
 
-    try:
         size = _with_retries(fetch, url, stats)
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
     if stats is not None:
         stats.add(bytes_read=size)
     return size
@@ -377,6 +407,23 @@ def expand_sources(source: str) -> list[str]:
 
 
 # -- the loader's reader: many ranges at once, coalesced, from a background event loop ----------------
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """A fetcher's thread: run ``loop`` until stopped, then cancel what is left, wait for it, and close the loop
+    (its selector and self-pipe: the thread leaves no descriptor behind)."""
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_forever()
+    finally:
+        try:
+            tasks = asyncio.all_tasks(loop)
+            for task in tasks:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()
+
+
 @dataclass(frozen=True)
 class Request:
     """Bytes ``[start, end)`` of ``url``; ``whole``: the request is the whole object, whose size must be ``end``."""
@@ -396,24 +443,47 @@ class Fetcher:
         self.concurrency = concurrency
         self.stats = stats or IOStats()
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="dali_arb-fetcher", daemon=True)
+        self._lock = threading.Lock()  # orders every schedule before the stop that close() schedules
+        self._closed = False
+        self._thread = threading.Thread(target=_run_loop, args=(self._loop,), name="dali_arb-fetcher", daemon=True)
         self._thread.start()
         self._gate: asyncio.Semaphore | None = None
 
     def close(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        """Cancel every fetch in flight (a waiting :meth:`fetch` raises ``CancelledError``; no ``done`` callback
+        runs after this), end the thread and close its event loop. Idempotent; callable from any thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._loop.call_soon_threadsafe(self._loop.stop)  # after everything scheduled before it
+        if threading.current_thread() is not self._thread:  # (a finalizer may run on the fetcher's own thread)
+            self._thread.join()
+
+    def _schedule(self, coroutine: Any) -> Any:
+        """``coroutine`` running on the loop: its concurrent future, or None (and the coroutine dropped) once closed."""
+        with self._lock:
+            if not self._closed:
+                return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        coroutine.close()
+        return None
 
     def fetch(self, requests: list[Request]) -> list[bytes | StorageError]:
-        """The bytes of each request (or the StorageError that ended it), in order; blocks until all are done."""
-        return asyncio.run_coroutine_threadsafe(self._fetch(requests), self._loop).result()
+        """The bytes of each request (or the StorageError that ended it), in order; blocks until all are done.
+        After :meth:`close`, a RuntimeError: nothing reads through a closed fetcher."""
+        future = self._schedule(self._fetch(requests))
+        if future is None:
+            raise RuntimeError("dali_arb: a read through a fetcher that was closed with its pipeline")
+        return future.result()
 
     def submit(self, requests: list[Request], done) -> None:
-        """Fetch in the background; ``done(requests, results)`` runs on the fetcher's thread when all are done."""
+        """Fetch in the background; ``done(requests, results)`` runs on the fetcher's thread when all are done
+        (never after :meth:`close`: a closed fetcher drops the submission)."""
 
         async def run() -> None:
             done(requests, await self._fetch(requests))
 
-        asyncio.run_coroutine_threadsafe(run(), self._loop)
+        self._schedule(run())
 
     async def _fetch(self, requests: list[Request]) -> list[bytes | StorageError]:
         if self._gate is None:

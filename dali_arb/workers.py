@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -38,11 +39,43 @@ def check_worker_kind(kind: str) -> str:
     return kind
 
 
-def _compute(base: Any, local: threading.local, iteration: int) -> tuple[list, ...]:
+class _Views:
+    """The threads' views of one stream's source, closed with it: each has its own reads from object storage (a
+    fetcher thread, its event loop and sockets). A view made after :meth:`close` (by a batch already running) is
+    closed at once: its batch is dropped anyway."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._views: list[Any] = []
+        self._closed = False
+
+    def add(self, view: Any) -> Any:
+        with self._lock:
+            if not self._closed:
+                self._views.append(view)
+                return view
+        _close(view)
+        return view
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            views, self._views = self._views, []
+        for view in views:
+            _close(view)
+
+
+def _close(view: Any) -> None:
+    close = getattr(view, "close", None)
+    if close is not None:
+        close()
+
+
+def _compute(base: Any, local: threading.local, views: _Views, iteration: int) -> tuple[list, ...]:
     """Batch ``iteration`` of ``base``'s stream, on this thread's own view of the source."""
     source = getattr(local, "source", None)
     if source is None:
-        source = local.source = base.for_thread()
+        source = local.source = views.add(base.for_thread())
     return source(iteration)
 
 
@@ -68,10 +101,12 @@ class ThreadedSource:
         self.threads = threads
         self.depth = max(int(depth), threads)
         # the work items hold the source and a thread-local, not this object: dropping it ends the pool
-        self._compute = functools.partial(_compute, source, threading.local())
+        self._views = _Views()
+        self._compute = functools.partial(_compute, source, threading.local(), self._views)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix=THREAD_PREFIX)
         self._futures: dict[int, Future] = {}
         self._next = 0  # the first iteration not submitted yet
+        weakref.finalize(self, self._views.close)  # dropped without close(): the views' reads end all the same
 
     def __call__(self, batch_info: Any) -> tuple[list, ...]:
         iteration = int(batch_info if isinstance(batch_info, int) else batch_info.iteration)
@@ -86,6 +121,8 @@ class ThreadedSource:
         return self._futures.pop(iteration).result()
 
     def close(self) -> None:
-        """Cancel the batches not started; the running ones end in the background (their results are dropped)."""
+        """Cancel the batches not started and end the threads' reads from object storage (their fetcher threads
+        are joined); the running batches end in the background, their results dropped."""
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._futures.clear()
+        self._views.close()
