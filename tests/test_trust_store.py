@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dali_arb import DALIBucketIterator, Manifest
+from dali_arb.cli import main
 from dali_arb.errors import StorageError
 from dali_arb.index import build_index
 from dali_arb.loopback import FaultProxy, RangeHTTPServer, moto_s3
@@ -411,3 +412,19 @@ def test_f25c_a_manifest_with_urls_after_its_first_rows_reads_from_storage(s3, t
     assert has_urls(mixed) and not has_urls(Manifest(local))
     mixed.write(tmp_path / "mixed.parquet")
     assert np.isin(["s3"], [s.split(":")[0] for s in rows.column("source").to_pylist()]).all()
+
+
+@pytest.mark.slow
+def test_f4_a_503_burst_while_indexing_stops_the_index_instead_of_rejecting_good_images(
+    s3, tmp_path, monkeypatch, capsys
+):
+    """Finding 4, indexing: images whose header reads meet a 503 burst are not rejected as "unreadable" (lost from
+    the manifest): the indexing stops with one line naming the store's answer."""
+    server, _, _ = s3
+    monkeypatch.setattr("dali_arb.storage.BACKOFF_S", 0.01)
+    with FaultProxy(server.port, skip=4, slow_down=10**9) as proxy:  # the listing and a few headers pass
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        code = main(["index", f"s3://{BUCKET}/photos/", "-o", str(tmp_path / "m.parquet"), "-q", "--workers", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and not (tmp_path / "m.parquet").exists(), err
+    assert "\n" not in err and "503" in err and "SlowDown" in err, err
