@@ -199,11 +199,12 @@ class BatchSource:
         ]
         self._manifests: list[Manifest] | None = manifests
         self._planner = planner
+        self._remote_rows = any(has_urls(m) for m in manifests)  # once, here: workers receive it
         self._ready = False
 
     def __getstate__(self) -> dict:
         keep = ("config", "decoder", "first_epoch", "first_step", "blocked_rows", "num_rows", "offsets",
-                "fingerprint", "_homes", "remote", "read_ahead_steps")  # fmt: skip
+                "fingerprint", "_homes", "remote", "read_ahead_steps", "_remote_rows")  # fmt: skip
         state = {k: self.__dict__[k] for k in keep}
         if any(path is None for path, _, _ in self._homes):  # nothing to reload: send manifests and planner along
             state["_manifests"] = self._manifests
@@ -256,7 +257,6 @@ class BatchSource:
                 )
                 pair_sizes.append((manifest.int_column(height, 1), manifest.int_column(width, 1)))
             self._datasets.append(_Rows(locations, manifest.heights, manifest.widths, pair_sizes))
-        self._remote_rows = any(has_urls(m) for m in manifests)
         if self._planner is None:
             self._planner = build_planner(self.config, manifests)
         self._found_bad: set[int] = set()
