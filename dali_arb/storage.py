@@ -382,10 +382,11 @@ class _Health:
             return
         deadline = store_deadline_s()
         if time.monotonic() - entry[0] >= deadline:
+            endpoint = "the endpoint (AWS_ENDPOINT_URL)" if url.startswith("s3://") else "the URL"
             raise StorageError(
-                f"{_store_name(url)} answered nothing for {deadline:g} s (last: {entry[1]}, reading {url}); check the "
-                "endpoint (AWS_ENDPOINT_URL), the network and the store's status, then run again (a loader resumes "
-                "from its last checkpoint; DALI_ARB_STORE_DEADLINE_S sets the wait)"
+                f"{_store_name(url)} answered nothing for {deadline:g} s (last: {entry[1]}, reading {url}); check "
+                f"{endpoint}, the network and the store's status, then run again (a loader resumes from its last "
+                "checkpoint; DALI_ARB_STORE_DEADLINE_S sets the wait)"
             )
 
     def answered(self, url: str) -> None:
