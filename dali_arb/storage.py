@@ -361,33 +361,37 @@ def _store_name(url: str) -> str:
 
 
 class _Health:
-    """When each store (of this process) last began failing without an answer, and why: once that lasts longer than
-    :func:`store_deadline_s`, every request to it fails at once (a black-holed endpoint costs one deadline, not
-    hundreds of timeouts). Any answer (data, a 404, a 403) clears it."""
+    """When each store (of this process) began failing without an answer, and why: once that lasts longer than
+    :func:`store_deadline_s`, requests to it fail at once (a black-holed endpoint costs one deadline, not hundreds of
+    timeouts), but for one every further deadline, which finds out whether it is back. Any answer (data, a 404, a
+    403) clears it."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._silent: dict[tuple[str, str], tuple[float, str]] = {}
+        self._silent: dict[tuple, tuple[float, str, float]] = {}  # store -> (since, cause, next probe)
 
     @staticmethod
-    def _key(url: str) -> tuple[str, str]:
+    def _key(url: str) -> tuple:
         scheme, bucket, _ = split_url(url)
-        return scheme, bucket
+        return scheme, bucket, _store_name(url)
 
     def check(self, url: str) -> None:
         """A StorageError when the store of ``url`` has answered nothing for longer than the deadline."""
+        deadline = store_deadline_s()
+        now = time.monotonic()
         with self._lock:
             entry = self._silent.get(self._key(url))
-        if entry is None:
-            return
-        deadline = store_deadline_s()
-        if time.monotonic() - entry[0] >= deadline:
-            endpoint = "the endpoint (AWS_ENDPOINT_URL)" if url.startswith("s3://") else "the URL"
-            raise StorageError(
-                f"{_store_name(url)} answered nothing for {deadline:g} s (last: {entry[1]}, reading {url}); check "
-                f"{endpoint}, the network and the store's status, then run again (a loader resumes from its last "
-                "checkpoint; DALI_ARB_STORE_DEADLINE_S sets the wait)"
-            )
+            if entry is None or now - entry[0] < deadline:
+                return
+            if now >= entry[2]:  # this request goes through: the store may be back
+                self._silent[self._key(url)] = (entry[0], entry[1], now + deadline)
+                return
+        endpoint = "the endpoint (AWS_ENDPOINT_URL)" if url.startswith("s3://") else "the URL"
+        raise StorageError(
+            f"{_store_name(url)} answered nothing for {deadline:g} s (last: {entry[1]}, reading {url}); check "
+            f"{endpoint}, the network and the store's status, then run again (a loader resumes from its last "
+            "checkpoint; DALI_ARB_STORE_DEADLINE_S sets the wait)"
+        )
 
     def answered(self, url: str) -> None:
         with self._lock:
@@ -395,9 +399,10 @@ class _Health:
 
     def silent(self, url: str, exc: BaseException) -> None:
         cause = answer(exc).cause
+        now = time.monotonic()
         with self._lock:
-            since = self._silent.get(self._key(url), (time.monotonic(), ""))[0]
-            self._silent[self._key(url)] = (since, cause)
+            since, _, probe = self._silent.get(self._key(url), (now, "", now + 2 * store_deadline_s()))
+            self._silent[self._key(url)] = (since, cause, probe)
 
     def settle(self, url: str, exc: BaseException) -> bool:
         """Record a failed request; whether it is worth retrying (transient)."""

@@ -208,6 +208,38 @@ def test_f13_an_unreachable_store_stops_the_loader_and_the_indexer_within_the_de
         assert took < bound + 10, (took, err)
 
 
+def test_f13_past_the_deadline_requests_fail_at_once_and_one_per_deadline_finds_the_store_back(tmp_path, monkeypatch):
+    """Finding 13: once a store has answered nothing for the deadline, a request fails at once without being sent;
+    one request per further deadline goes through, so a store that is back is used again."""
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler
+
+    monkeypatch.setenv("DALI_ARB_STORE_DEADLINE_S", "1")
+    monkeypatch.setattr("dali_arb.storage.BACKOFF_S", 0.01)
+    (tmp_path / "a.jpg").write_bytes(b"\xff\xd8\xff\xd9")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/a.jpg"
+    with pytest.raises(StorageError, match="refused"):
+        get_bytes(url)  # nothing listens: refused, retried
+    time.sleep(1.1)
+    stats, start = IOStats(), time.monotonic()
+    with pytest.raises(StorageError) as caught:
+        get_bytes(url, stats)
+    assert stats.requests == 0 and time.monotonic() - start < 0.5
+    assert f"http://127.0.0.1:{port} answered nothing for 1 s" in one_line(caught.value)
+    handler = partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        time.sleep(1.1)
+        assert get_bytes(url) == b"\xff\xd8\xff\xd9"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 # -- 17: what one sample may cost ------------------------------------------------------------------------------
 def _padded_metadata(tmp_path, dataset, paths) -> str:
     """img2dataset-style metadata (no lengths) naming ``paths`` (one per photo of the dataset manifest)."""
