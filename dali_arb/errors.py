@@ -12,9 +12,12 @@ Hierarchy::
     ├── PlanError                data and options that cannot make a plan (too few images)
     ├── StateError               a state_dict that does not fit this loader
     ├── DataError                the data cannot be served at run time (a bucket with no readable image left)
-    ├── StorageError             object storage refused or failed a request for good (URL, credentials, 403)
+    ├── StorageError             a store, its credentials or the OS failed (5xx after retries, 401/403, no
+    │   │                        answer before the deadline, a server that ignores Range, EMFILE, EIO): the
+    │   │                        run stops and nothing is blocklisted; its subclasses are a sample's own
     │   ├── ObjectMissing        the object is not there (deleted after indexing)
-    │   └── ObjectChanged        the object's size is not the indexed one
+    │   ├── ObjectChanged        the object's size is not the indexed one
+    │   └── ObjectTooLarge       the object is larger than one sample may be (``DALI_ARB_MAX_SAMPLE_BYTES``)
     └── DeviceError              a device that is not there (``--device gpu`` without a GPU)
         └── ResourceError        a device or shared memory that ran out (GPU memory, ``/dev/shm``)
 """
@@ -30,6 +33,7 @@ __all__ = [
     "ManifestError",
     "ObjectChanged",
     "ObjectMissing",
+    "ObjectTooLarge",
     "PlanError",
     "ResourceError",
     "StateError",
@@ -70,7 +74,8 @@ class DataError(DaliArbError):
 
 
 class StorageError(DaliArbError):
-    """Object storage refused a request or kept failing: the message names the URL and what to do."""
+    """A store, its credentials or the OS failed (not the sample): the message names the URL or file, the store's
+    own words and what to do. Raised out of the loader; never a reason to blocklist a sample."""
 
 
 class ObjectMissing(StorageError):
@@ -79,6 +84,10 @@ class ObjectMissing(StorageError):
 
 class ObjectChanged(StorageError):
     """The object's size differs from the indexed one (a sample rewritten after indexing)."""
+
+
+class ObjectTooLarge(StorageError):
+    """The object is larger than one sample may cost (``DALI_ARB_MAX_SAMPLE_BYTES``); its body is not read."""
 
 
 class ResourceError(DeviceError):

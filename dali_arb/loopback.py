@@ -5,7 +5,8 @@
 - :class:`FaultProxy`: a TCP proxy in front of such a server that adds latency to every request and, by count,
   answers ``503 SlowDown`` itself or drops the connection, so retries, backoff and prefetching are measured
   against a real server;
-- :class:`RangeHTTPServer`: a static HTTP server with ``Range`` support serving a folder.
+- :class:`RangeHTTPServer`: a static HTTP server with ``Range`` support serving a folder (or, with
+  ``ranges=False``, one that ignores ``Range`` and answers 200 with the whole body, as some servers do).
 
 Everything listens on 127.0.0.1 only; every fault is bounded in count; every server stops with its context
 manager.
@@ -114,8 +115,10 @@ class _RangeHandler(SimpleHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
 
+    ranges = True
+
     def send_head(self):
-        spec = self.headers.get("Range")
+        spec = self.headers.get("Range") if self.ranges else None
         path = Path(self.translate_path(self.path))
         if not spec or not path.is_file():
             return super().send_head()
@@ -149,12 +152,16 @@ class _RangeHandler(SimpleHTTPRequestHandler):
 
 
 class RangeHTTPServer:
-    """Serve ``folder`` over HTTP on 127.0.0.1 (``url``), with byte ranges, until stopped."""
+    """Serve ``folder`` over HTTP on 127.0.0.1 (``url``), with byte ranges (``ranges``; without, a ``Range`` header
+    is ignored: 200 and the whole body), until stopped."""
 
-    def __init__(self, folder: str | os.PathLike) -> None:
+    def __init__(self, folder: str | os.PathLike, *, ranges: bool = True) -> None:
         folder = str(folder)
+        honour = ranges
 
         class Handler(_RangeHandler):
+            ranges = honour
+
             def __init__(self, *args, **kwargs) -> None:
                 super().__init__(*args, directory=folder, **kwargs)
 

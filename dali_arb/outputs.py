@@ -47,6 +47,7 @@ class Failure(enum.IntEnum):
     RESIZED = 10
     UNDECODABLE = 11
     DALI_UNDECODABLE = 12
+    TOO_LARGE = 13
 
     def describe(self, where: str) -> str:
         """One line for the user: ``where`` is the file (or ``shard:offset``) the sample came from."""
@@ -77,6 +78,8 @@ _DESCRIPTIONS = {
     Failure.RESIZED: "{where} changed since indexing (its pixel size differs)" + _UPDATE,
     Failure.UNDECODABLE: "{where} cannot be decoded (damaged image data)",
     Failure.DALI_UNDECODABLE: "{where} cannot be decoded by DALI",
+    Failure.TOO_LARGE: "{where} is too large for one sample (over DALI_ARB_MAX_SAMPLE_BYTES, 256 MiB unless set); "
+    "it was not read: remove it, or raise the limit",
 }
 
 

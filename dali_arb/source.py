@@ -9,6 +9,7 @@ epoch and the step, so resuming reproduces batches bit for bit.
 from __future__ import annotations
 
 import copy
+import errno
 import os
 import stat
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import numpy as np
 
 from .buckets import BucketSpec, format_size
 from .decoders import Decoder
-from .errors import ConfigError, DataError, ManifestError, ObjectChanged, ObjectMissing, StorageError
+from .errors import ConfigError, DataError, ManifestError, ObjectChanged, ObjectMissing, ObjectTooLarge, StorageError
 from .geometry import Geometry, cover_crop
 from .imagefacts import check_encoded
 from .manifest import Manifest
@@ -26,12 +27,18 @@ from .pairs import pair_columns
 from .planner import EpochPlan, Planner
 from .processes import die_with_parent
 from .remote import RemoteReads
-from .storage import Request, is_url
+from .storage import Request, is_url, max_sample_bytes
 from .world import World
 
 __all__ = ["BatchSource", "LoaderConfig", "build_planner"]
 
 _MAX_REPLACEMENT_TRIES = 64
+#: Errors of opening a sample's file that are the file's own (it is gone, or its permissions shut this process
+#: out: the indexer read it): the sample is replaced. Any other OSError is the OS or the disk failing (EMFILE,
+#: ENFILE, ENOMEM, EIO, ESTALE...): the run stops and nothing is blocklisted, so a resume loses nothing.
+_THE_FILES_OWN = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG, errno.EACCES, errno.EPERM})
+#: A URL at the start of a ``source`` value (the same test as :func:`~dali_arb.storage.is_url`).
+_URL_PATTERN = r"^[a-zA-Z][a-zA-Z0-9+.-]*://"
 #: Columns the worker processes read from an in-memory manifest's file (besides key, width, height).
 WORKER_COLUMNS = ["source", "offset", "length"]
 
@@ -95,11 +102,25 @@ def build_planner(config: LoaderConfig, manifests: Manifest | list[Manifest]) ->
 
 
 def has_urls(manifest: Manifest) -> bool:
-    """Whether ``manifest``'s samples (its first rows with a source) live in object storage."""
+    """Whether any of ``manifest``'s samples lives in object storage: every row looked at, in Arrow (a dictionary
+    column's distinct values only)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     if "source" not in manifest.table.column_names:
         return False
-    head = manifest.table.column("source").slice(0, 64).to_pylist()
-    return any(is_url(v) for v in head if v)
+    column = manifest.table.column("source")
+    chunks = [c.dictionary for c in column.chunks] if pa.types.is_dictionary(column.type) else column.chunks
+    return any(pc.any(pc.match_substring_regex(chunk, _URL_PATTERN)).as_py() for chunk in chunks)
+
+
+def _os_failure(path: str, error: OSError) -> StorageError:
+    """The error that stops the run when the OS or the disk fails reading ``path`` (not the file)."""
+    name = errno.errorcode.get(error.errno or 0, str(error.errno))
+    return StorageError(
+        f"cannot read {path}: {error.strerror} ({name}): the OS or the disk failed, not the file; fix that (the "
+        "open-file limit `ulimit -n`, memory, the disk) and resume from the last checkpoint"
+    )
 
 
 @dataclass
@@ -178,11 +199,12 @@ class BatchSource:
         ]
         self._manifests: list[Manifest] | None = manifests
         self._planner = planner
+        self._remote_rows = any(has_urls(m) for m in manifests)  # once, here: workers receive it
         self._ready = False
 
     def __getstate__(self) -> dict:
         keep = ("config", "decoder", "first_epoch", "first_step", "blocked_rows", "num_rows", "offsets",
-                "fingerprint", "_homes", "remote", "read_ahead_steps")  # fmt: skip
+                "fingerprint", "_homes", "remote", "read_ahead_steps", "_remote_rows")  # fmt: skip
         state = {k: self.__dict__[k] for k in keep}
         if any(path is None for path, _, _ in self._homes):  # nothing to reload: send manifests and planner along
             state["_manifests"] = self._manifests
@@ -235,7 +257,6 @@ class BatchSource:
                 )
                 pair_sizes.append((manifest.int_column(height, 1), manifest.int_column(width, 1)))
             self._datasets.append(_Rows(locations, manifest.heights, manifest.widths, pair_sizes))
-        self._remote_rows = any(has_urls(m) for m in manifests)
         if self._planner is None:
             self._planner = build_planner(self.config, manifests)
         self._found_bad: set[int] = set()
@@ -393,17 +414,23 @@ class BatchSource:
         path, offset, length = self._where(row, part)  # once per sample: the path is the costliest column read
         if path is None:
             return None, Failure.NO_SOURCE
+        if length > max_sample_bytes():  # what one sample may cost: never read
+            return None, Failure.TOO_LARGE
         if is_url(path):
             return self._read_remote(_remote_request(path, offset, length))
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
-        except OSError:
-            return None, Failure.MISSING
+        except OSError as exc:
+            if exc.errno in _THE_FILES_OWN:
+                return None, Failure.MISSING
+            raise _os_failure(path, exc) from None
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
                 return None, Failure.NOT_REGULAR
             if length < 0:
+                if info.st_size > max_sample_bytes():
+                    return None, Failure.TOO_LARGE
                 data = os.pread(fd, info.st_size, 0)
             else:
                 if offset == 0 and info.st_size != length:  # a whole file: its size must be what was indexed
@@ -413,8 +440,8 @@ class BatchSource:
                 data = os.pread(fd, length, offset)
                 if len(data) != length:
                     return None, Failure.SHORT
-        except OSError:
-            return None, Failure.READ_ERROR
+        except OSError as exc:  # the file opened: reading it failed in the OS or the disk (EIO)
+            raise _os_failure(path, exc) from None
         finally:
             os.close(fd)
         problem = check_encoded(data)
@@ -423,13 +450,17 @@ class BatchSource:
         return np.frombuffer(data, np.uint8), Failure.NONE
 
     def _read_remote(self, request: Request) -> tuple[np.ndarray | None, Failure]:
+        """The sample's bytes, or its own failure (gone, changed, too large); a StorageError (the store, its
+        credentials or the network failed) is raised: the run stops, nothing is blocklisted."""
         result = self.remote.take(request)
         if isinstance(result, ObjectMissing):
             return None, Failure.MISSING
         if isinstance(result, ObjectChanged):
             return None, Failure.CHANGED
-        if isinstance(result, StorageError):
-            return None, Failure.READ_ERROR
+        if isinstance(result, ObjectTooLarge):
+            return None, Failure.TOO_LARGE
+        if isinstance(result, StorageError):  # (a copy: the fetcher hands one error to every sample of a request)
+            raise type(result)(*result.args) from result.__cause__
         problem = check_encoded(result)
         if problem:
             return None, Failure.of_bytes_problem(problem)

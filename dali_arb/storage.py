@@ -8,9 +8,18 @@ boto3 is installed); ``GOOGLE_APPLICATION_CREDENTIALS`` for ``gs://``. HTTP(S) c
 metadata URLs there.
 
 Transient failures (5xx, ``SlowDown``, dropped connections, timeouts) are retried here, not inside obstore, so
-that they can be counted: at most :data:`RETRIES` times with exponential backoff and full jitter. Other failures
-become one line naming the URL and what to do (:class:`~dali_arb.errors.StorageError`), or, for a sample, a
-:class:`~dali_arb.outputs.Failure` code so that the loader replaces it.
+that they can be counted: at most :data:`RETRIES` times with exponential backoff and full jitter. A failure is
+classified by the store's answer (its exception type, HTTP status, error code, the network error's kind), never by
+words in the URL. A store that has answered nothing for :data:`STORE_DEADLINE_S` fails every request at once.
+Failures become one line naming the URL, the store's own words and what to do
+(:class:`~dali_arb.errors.StorageError`): the loader stops and blocklists nothing. Only the sample's own problems
+(404, changed size, over :data:`MAX_SAMPLE_BYTES`) are its subclasses, which the loader turns into a
+:class:`~dali_arb.outputs.Failure` code and replaces.
+
+Redirects to another host are not followed (they would carry the request's credentials, such as
+``x-amz-security-token``, there) unless ``DALI_ARB_FOLLOW_REDIRECTS=1``: obstore has no redirect option, so every
+host but the store's own (and its provider's credential services) is routed to a proxy address that refuses
+connections. Where an ``HTTP(S)_PROXY`` is set, that proxy is used as it is and redirects are followed.
 
 obstore is imported lazily; nothing here runs for local paths.
 """
@@ -23,6 +32,7 @@ import functools
 import os
 import random
 import re
+import socket
 import tempfile
 import threading
 import time
@@ -31,10 +41,12 @@ from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from typing import Any, BinaryIO
 
-from .errors import ObjectChanged, ObjectMissing, StorageError
+from .errors import ConfigError, ObjectChanged, ObjectMissing, ObjectTooLarge, StorageError
 
 __all__ = [
+    "MAX_SAMPLE_BYTES",
     "RETRIES",
+    "STORE_DEADLINE_S",
     "Fetcher",
     "IOStats",
     "ObjectInfo",
@@ -44,7 +56,9 @@ __all__ = [
     "head",
     "is_url",
     "list_prefix",
+    "max_sample_bytes",
     "split_url",
+    "store_deadline_s",
 ]
 
 SCHEMES = ("s3", "gs", "http", "https")
@@ -54,12 +68,28 @@ BACKOFF_S = 0.1
 MAX_BACKOFF_S = 5.0
 #: Ranges of one object closer than this are fetched with one request (bytes between them are read and dropped).
 COALESCE_GAP = 64 << 10
+#: Once a store has answered nothing for this many seconds (every request a timeout, a refused or dropped
+#: connection, a 5xx), every request to it fails at once; ``DALI_ARB_STORE_DEADLINE_S`` overrides it.
+STORE_DEADLINE_S = 60.0
+#: Seconds to connect, and to wait for the next bytes of an answer (never more than the deadline).
+CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 20.0
+#: The most bytes one sample may cost; a larger one is a "too large" failure, never read whole.
+#: ``DALI_ARB_MAX_SAMPLE_BYTES`` overrides it.
+MAX_SAMPLE_BYTES = 256 << 20
 _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+_ANY_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://\S+")
+_STATUS = re.compile(r"status code: (\d{3})([^:\n]*)|\bstatus: (\d{3}),")
+_HTTP_KIND = re.compile(r"HttpError \{\s*kind: (\w+)")
+_OS_MESSAGE = re.compile(r'message: "([^"]+)"')
+_CODE = re.compile(r"<Code>(\w+)</Code>")
+#: Words of a failed request (its URLs removed) that say the network or the server failed, not the request.
 _TRANSIENT = re.compile(
-    r"\b(50[0-4]|SlowDown|Slow Down|RequestTimeout|InternalError|timed? ?out|connection|reset|broken pipe|"
-    r"error sending request|incomplete|unexpected eof|service unavailable)\b",
+    r"\b(SlowDown|Slow Down|RequestTimeout|InternalError|ServiceUnavailable|timed? ?out|connection (reset|refused|"
+    r"closed|aborted)|broken pipe|error sending request|incomplete ?message|unexpected eof)\b",
     re.IGNORECASE,
 )
+_REJECTED = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "TokenRefreshRequired")
 
 
 def is_url(text: str | os.PathLike) -> bool:
@@ -84,10 +114,64 @@ def _truthy(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _positive(name: str, default: float) -> float:
+    """The positive number in the environment variable ``name``, else ``default``; a ConfigError echoing it."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ConfigError(f"{name} must be a positive number, got {text!r}; unset it for the default ({default:g})")
+    return value
+
+
+def store_deadline_s() -> float:
+    """Seconds a store may answer nothing before every request to it fails (:data:`STORE_DEADLINE_S`)."""
+    return _positive("DALI_ARB_STORE_DEADLINE_S", STORE_DEADLINE_S)
+
+
+def max_sample_bytes() -> int:
+    """The most bytes one sample may cost (:data:`MAX_SAMPLE_BYTES`, or ``DALI_ARB_MAX_SAMPLE_BYTES``)."""
+    return int(_positive("DALI_ARB_MAX_SAMPLE_BYTES", MAX_SAMPLE_BYTES))
+
+
+_PROXIES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
+#: Hosts a store may talk to besides its endpoint: its provider's credential services.
+_PROVIDER_HOSTS = {"s3": ("amazonaws.com", "169.254.169.254", "169.254.170.2"),
+                   "gs": ("googleapis.com", "metadata.google.internal", "169.254.169.254")}  # fmt: skip
+_refuser: socket.socket | None = None
+_refuser_lock = threading.Lock()
+
+
+def _refusing_address() -> str:
+    """``127.0.0.1:PORT`` of a socket bound (so no one else can listen there) but never listening: a connection to
+    it is refused by the kernel before a byte is sent. One per process (a forked child shares its parent's)."""
+    global _refuser
+    with _refuser_lock:
+        if _refuser is None:
+            _refuser = socket.socket()
+            _refuser.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{_refuser.getsockname()[1]}"
+
+
+def _no_cross_origin_redirects(options: dict[str, Any], scheme: str, host: str | None) -> None:
+    """Route every host but ``host`` (and the provider's own) to the refusing address, so that a redirect to another
+    origin fails before it carries anything there; nothing where ``DALI_ARB_FOLLOW_REDIRECTS`` or a proxy is set."""
+    if _truthy("DALI_ARB_FOLLOW_REDIRECTS") or any(os.environ.get(name) for name in _PROXIES):
+        return
+    hosts = [host] if host else []
+    options["proxy_url"] = f"http://{_refusing_address()}"
+    options["proxy_excludes"] = ",".join(hosts + list(_PROVIDER_HOSTS.get(scheme, ())))
+
+
 #: The environment a store is configured from: a change makes a new store.
 _SETTINGS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
              "AWS_REGION", "AWS_PROFILE", "AWS_SKIP_SIGNATURE", "AWS_EC2_METADATA_DISABLED",
-             "GOOGLE_APPLICATION_CREDENTIALS")  # fmt: skip
+             "GOOGLE_APPLICATION_CREDENTIALS", "DALI_ARB_STORE_DEADLINE_S", "DALI_ARB_FOLLOW_REDIRECTS",
+             *_PROXIES)  # fmt: skip
 
 
 def _store(scheme: str, bucket: str) -> Any:
@@ -98,12 +182,18 @@ def _store(scheme: str, bucket: str) -> Any:
 
 @functools.cache
 def _store_for(scheme: str, bucket: str, settings: tuple) -> Any:
+    from urllib.parse import urlsplit
+
     from obstore.store import GCSStore, HTTPStore, S3Store
 
     retry = {"max_retries": 0, "retry_timeout": timedelta(seconds=60)}  # retries are ours (counted)
-    options: dict[str, Any] = {"timeout": "60s", "connect_timeout": "10s"}
+    deadline = store_deadline_s()
+    # a stalled answer is noticed by the read timeout; the whole request (a shard streamed) may take long
+    options: dict[str, Any] = {"timeout": "1h", "connect_timeout": timedelta(seconds=min(CONNECT_TIMEOUT_S, deadline)),
+                               "read_timeout": timedelta(seconds=min(READ_TIMEOUT_S, deadline))}  # fmt: skip
     if scheme == "s3":
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+        _no_cross_origin_redirects(options, scheme, urlsplit(endpoint).hostname if endpoint else None)
         options["allow_http"] = endpoint.startswith("http://")
         kwargs: dict[str, Any] = {}
         if endpoint:
@@ -125,7 +215,9 @@ def _store_for(scheme: str, bucket: str, settings: tuple) -> Any:
             )
         return S3Store(bucket, client_options=options, retry_config=retry, **kwargs)
     if scheme == "gs":
+        _no_cross_origin_redirects(options, scheme, "storage.googleapis.com")
         return GCSStore(bucket, client_options=options, retry_config=retry)
+    _no_cross_origin_redirects(options, scheme, urlsplit(f"{scheme}://{bucket}").hostname)
     options["allow_http"] = scheme == "http"
     return HTTPStore.from_url(f"{scheme}://{bucket}", client_options=options, retry_config=retry)
 
@@ -134,6 +226,54 @@ def store_of(url: str) -> tuple[Any, str]:
     """``(store, path inside it)`` for ``url``."""
     scheme, bucket, key = split_url(url)
     return _store(scheme, bucket), key
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a failed request says, read from the error's type and the structured parts of its text (its URLs
+    removed first: a key such as ``img-503.jpg`` says nothing): the HTTP ``status``, the store's error ``code``
+    (``SlowDown``, ``InvalidAccessKeyId``), the network error's ``kind`` (reqwest's ``Connect``, ``Timeout``...),
+    and ``cause``, a short phrase for the user."""
+
+    status: int | None
+    code: str | None
+    kind: str | None
+    cause: str
+    redirected: bool = False
+    ignores_range: bool = False
+    missing: bool = False
+
+
+def answer(exc: BaseException) -> Answer:
+    """The :class:`Answer` of a failed request."""
+    from obstore import exceptions as E
+
+    text = _ANY_URL.sub("<url>", str(exc))
+    status_match = _STATUS.search(text)
+    status = int(status_match.group(1) or status_match.group(3)) if status_match else None
+    code = (_CODE.search(text) or [None, None])[1]
+    kind = (_HTTP_KIND.search(text) or [None, None])[1]
+    missing = isinstance(exc, (E.NotFoundError, FileNotFoundError)) or status == 404
+    redirected = _refuser is not None and f"{_refusing_address()}," in str(exc)
+    ignores_range = any(
+        words in text for words in ("NotPartial", "non-partial response when range", "Range request not supported")
+    )
+    if redirected:
+        cause = "redirected to another host"
+    elif ignores_range:
+        cause = "the server ignores Range requests: it answered 200 with the whole object"
+    elif status is not None:
+        reason = status_match.group(2).strip() if status_match.group(1) else ""
+        cause = " ".join(filter(None, [str(status), reason])) + (f", {code}" if code else "")
+    elif kind is not None:
+        os_message = _OS_MESSAGE.search(text)
+        detail = os_message.group(1).lower() if os_message else {"Timeout": "timed out"}.get(kind, "")
+        cause = {"Connect": "cannot connect", "Timeout": "no answer"}.get(kind, "connection dropped") + (
+            f": {detail}" if detail else ""
+        )
+    else:
+        cause = _first_line(text)
+    return Answer(status, code, kind, cause, redirected, ignores_range, missing)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -145,42 +285,67 @@ def is_transient(exc: BaseException) -> bool:
         return False
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
-    return bool(_TRANSIENT.search(str(exc)))
+    said = answer(exc)
+    if said.redirected or said.ignores_range:
+        return False
+    if said.status is not None:
+        return said.status in (408, 429) or said.status >= 500
+    if said.kind is not None or said.code in ("SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable"):
+        return True
+    return bool(_TRANSIENT.search(_ANY_URL.sub("<url>", str(exc))))
 
 
-def describe(exc: BaseException, url: str) -> str:
-    """One line for a request that failed for good: what, the URL, what to do."""
+def describe(exc: BaseException, url: str, *, retried: int = RETRIES) -> str:
+    """One line for a request that failed for good: what, the URL, the store's own words, what to do."""
     from obstore import exceptions as E
 
-    text = str(exc)
-    if "NoSuchBucket" in text:
+    said = answer(exc)
+    if said.code == "NoSuchBucket":
         return f"bucket of {url} does not exist (NoSuchBucket); check the URL (and AWS_ENDPOINT_URL, AWS_REGION)"
-    if isinstance(exc, (E.NotFoundError, FileNotFoundError)) or re.search(r"\b404 Not Found\b", text):
+    if said.missing:
         return f"not found: {url}"
-    if isinstance(exc, (E.UnauthenticatedError,)) or re.search(
-        r"\b401\b|InvalidAccessKeyId|SignatureDoesNotMatch", text
-    ):
+    if said.status == 416:
+        return f"{url} is shorter than indexed (416 Range Not Satisfiable)"
+    if said.redirected:
         return (
-            f"credentials rejected for {url} (InvalidAccessKeyId or SignatureDoesNotMatch): check AWS_ACCESS_KEY_ID, "
-            "AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN (or GOOGLE_APPLICATION_CREDENTIALS)"
+            f"{url}: the store redirected the request to another host, which is not followed (it would carry the "
+            "request's credentials there); use the URL (or AWS_ENDPOINT_URL) of the host that serves the data, or "
+            "set DALI_ARB_FOLLOW_REDIRECTS=1 to follow redirects"
         )
-    if isinstance(exc, (E.PermissionDeniedError, PermissionError)) or re.search(r"\b403\b|AccessDenied", text):
+    if said.ignores_range:
+        return (
+            f"{url}: the server ignores Range requests (it answered 200 with the whole object to a ranged GET); "
+            "serve the shards from a server with byte ranges (HTTP 206), or copy them here and index the copies"
+        )
+    if isinstance(exc, E.UnauthenticatedError) or said.status == 401 or said.code in _REJECTED:
+        return (
+            f"credentials rejected for {url} ({said.code or said.cause}): check AWS_ACCESS_KEY_ID, "
+            "AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN (or GOOGLE_APPLICATION_CREDENTIALS), then run again (a "
+            "loader resumes from its last checkpoint)"
+        )
+    if isinstance(exc, (E.PermissionDeniedError, PermissionError)) or said.status == 403:
         return f"access denied to {url} (403): the credentials lack permission to read it"
     if is_transient(exc):
-        return f"{url}: the store kept failing after {RETRIES} retries ({_first_line(text)})"
-    return f"cannot read {url}: {_first_line(text)}"
+        tries = f" after {retried} retries" if retried else ""
+        return (
+            f"{url}: the store {_store_name(url)} kept failing{tries} ({said.cause}); check its status and the "
+            "network, then run again (a loader resumes from its last checkpoint)"
+        )
+    return f"cannot read {url}: {said.cause}"
 
 
-def failed(exc: BaseException, url: str) -> StorageError:
+def failed(exc: BaseException, url: str, *, retried: int = RETRIES) -> StorageError:
     """The error for a request that failed for good: :class:`ObjectMissing` when the object is not there (its
-    bucket is), else a :class:`StorageError`; the message from :func:`describe`."""
-    from obstore import exceptions as E
-
-    text = str(exc)
-    missing = "NoSuchBucket" not in text and (
-        isinstance(exc, (E.NotFoundError, FileNotFoundError)) or re.search(r"\b404 Not Found\b", text)
-    )
-    error = (ObjectMissing if missing else StorageError)(describe(exc, url))
+    bucket is), :class:`ObjectChanged` for a range past its end (416), else a :class:`StorageError`; the message
+    from :func:`describe`."""
+    said = answer(exc)
+    if said.missing and said.code != "NoSuchBucket":
+        kind: type[StorageError] = ObjectMissing
+    elif said.status == 416:
+        kind = ObjectChanged
+    else:
+        kind = StorageError
+    error = kind(describe(exc, url, retried=retried))
     error.__cause__ = exc
     return error
 
@@ -188,6 +353,70 @@ def failed(exc: BaseException, url: str) -> StorageError:
 def _first_line(text: str) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return (lines[0] if lines else "unknown error")[:200]
+
+
+def _store_name(url: str) -> str:
+    """The store behind ``url``, as the user knows it: ``s3://bucket (at ENDPOINT)``, or the HTTP origin."""
+    scheme, bucket, _ = split_url(url)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") if scheme == "s3" else None
+    return f"{scheme}://{bucket}" + (f" (at {endpoint})" if endpoint else "")
+
+
+class _Health:
+    """When each store (of this process) began failing without an answer, and why: once that lasts longer than
+    :func:`store_deadline_s`, requests to it fail at once (a black-holed endpoint costs one deadline, not hundreds of
+    timeouts), but for one every further deadline, which finds out whether it is back. Any answer (data, a 404, a
+    403) clears it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._silent: dict[tuple, tuple[float, str, float]] = {}  # store -> (since, cause, next probe)
+
+    @staticmethod
+    def _key(url: str) -> tuple:
+        scheme, bucket, _ = split_url(url)
+        return scheme, bucket, _store_name(url)
+
+    def check(self, url: str) -> None:
+        """A StorageError when the store of ``url`` has answered nothing for longer than the deadline."""
+        deadline = store_deadline_s()
+        now = time.monotonic()
+        with self._lock:
+            entry = self._silent.get(self._key(url))
+            if entry is None or now - entry[0] < deadline:
+                return
+            if now >= entry[2]:  # this request goes through: the store may be back
+                self._silent[self._key(url)] = (entry[0], entry[1], now + deadline)
+                return
+        endpoint = "the endpoint (AWS_ENDPOINT_URL)" if url.startswith("s3://") else "the URL"
+        raise StorageError(
+            f"{_store_name(url)} answered nothing for {deadline:g} s (last: {entry[1]}, reading {url}); check "
+            f"{endpoint}, the network and the store's status, then run again (a loader resumes from its last "
+            "checkpoint; DALI_ARB_STORE_DEADLINE_S sets the wait)"
+        )
+
+    def answered(self, url: str) -> None:
+        with self._lock:
+            self._silent.pop(self._key(url), None)
+
+    def silent(self, url: str, exc: BaseException) -> None:
+        cause = answer(exc).cause
+        now = time.monotonic()
+        with self._lock:
+            since, _, probe = self._silent.get(self._key(url), (now, "", now + 2 * store_deadline_s()))
+            self._silent[self._key(url)] = (since, cause, probe)
+
+    def settle(self, url: str, exc: BaseException) -> bool:
+        """Record a failed request; whether it is worth retrying (transient)."""
+        transient = is_transient(exc)
+        if transient:
+            self.silent(url, exc)
+        else:
+            self.answered(url)
+        return transient
+
+
+_HEALTH = _Health()
 
 
 @dataclass
@@ -225,16 +454,20 @@ def _backoff(attempt: int) -> float:
 
 def _with_retries(call, url: str, stats: IOStats | None):
     for attempt in range(RETRIES + 1):
+        _HEALTH.check(url)
         try:
             if stats is not None:
                 stats.add(requests=1)
-            return call()
+            result = call()
         except Exception as exc:
-            if attempt == RETRIES or not is_transient(exc):
-                raise failed(exc, url) from exc
+            if not _HEALTH.settle(url, exc) or attempt == RETRIES:
+                raise failed(exc, url, retried=attempt) from exc
             if stats is not None:
                 stats.add(retries=1)
             time.sleep(_backoff(attempt))
+        else:
+            _HEALTH.answered(url)
+            return result
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -266,12 +499,14 @@ def list_prefix(url: str) -> Iterator[ObjectInfo]:
     prefix = key.rstrip("/") + "/" if key else None
     try:
         for page in _with_retries(lambda: obstore.list(store, prefix, chunk_size=1000), url, None):
+            _HEALTH.answered(url)
             for meta in page:
                 yield _info(base, meta)
     except StorageError:
         raise
-    except Exception as exc:
-        raise failed(exc, url) from exc
+    except Exception as exc:  # a page failed (pages are not retried: the listing would start again)
+        _HEALTH.settle(url, exc)
+        raise failed(exc, url, retried=0) from exc
 
 
 def head(url: str, stats: IOStats | None = None) -> ObjectInfo:
@@ -512,41 +747,57 @@ class Fetcher:
 
     async def _span(self, url: str, members: list[int], requests: list[Request], results: list) -> None:
         """One request covering ``members`` (ranges of ``url``), split into their results."""
-        import obstore
-
         start = min(requests[i].start for i in members)
         end = max(requests[i].end for i in members)
         whole = len(members) == 1 and requests[members[0]].whole
         try:
-            store, key = store_of(url)
+            data = await self._get(url, start, end, whole)
         except StorageError as exc:
             for i in members:
                 results[i] = exc
             return
-        for attempt in range(RETRIES + 1):
-            async with self._gate:
-                self.stats.add(requests=1)
-                try:
-                    if whole:  # the object's size must still be the indexed one (a changed file)
-                        got = await obstore.get_async(store, key)
-                        size = int(got.meta["size"])
-                        if size != end:
-                            for i in members:
-                                results[i] = ObjectChanged(f"{url} changed since indexing: {size} bytes, not {end}")
-                            return
-                        data = bytes(await got.bytes_async())
-                    else:
-                        data = bytes(await obstore.get_range_async(store, key, start=start, end=end))
-                    break
-                except Exception as exc:
-                    if attempt == RETRIES or not is_transient(exc):
-                        error = failed(exc, url)
-                        for i in members:
-                            results[i] = error
-                        return
-                    self.stats.add(retries=1)
-            await asyncio.sleep(_backoff(attempt))
         self.stats.add(bytes_read=len(data))
         for i in members:
             r = requests[i]
-            results[i] = data[r.start - start : r.end - start]
+            results[i] = data if r.end < 0 else data[r.start - start : r.end - start]
+
+    async def _get(self, url: str, start: int, end: int, whole: bool) -> bytes:
+        """Bytes ``[start, end)`` of ``url``, or the whole object when ``whole`` (whose size must be ``end``, any
+        size up to :func:`max_sample_bytes` when ``end`` is -1), with retries; a StorageError when it fails."""
+        import obstore
+
+        store, key = store_of(url)
+        for attempt in range(RETRIES + 1):
+            _HEALTH.check(url)
+            async with self._gate:
+                self.stats.add(requests=1)
+                try:
+                    if whole:  # the object's size must still be the indexed one (a changed file), and affordable
+                        got = await obstore.get_async(store, key)
+                        _HEALTH.answered(url)
+                        _check_size(url, int(got.meta["size"]), end)
+                        data = bytes(await got.bytes_async())
+                    else:
+                        data = bytes(await obstore.get_range_async(store, key, start=start, end=end))
+                    _HEALTH.answered(url)
+                    return data
+                except StorageError:
+                    raise
+                except Exception as exc:
+                    if not _HEALTH.settle(url, exc) or attempt == RETRIES:
+                        raise failed(exc, url, retried=attempt) from exc
+                    self.stats.add(retries=1)
+            await asyncio.sleep(_backoff(attempt))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _check_size(url: str, size: int, expected: int) -> None:
+    """ObjectChanged when an object of ``size`` bytes is not the ``expected`` size (-1: unknown); ObjectTooLarge
+    when it is over :func:`max_sample_bytes` (before its body is read)."""
+    if expected >= 0 and size != expected:
+        raise ObjectChanged(f"{url} changed since indexing: {size} bytes, not {expected}")
+    limit = max_sample_bytes()
+    if size > limit:
+        raise ObjectTooLarge(
+            f"{url} is {size} bytes, over the {limit} bytes one sample may be (DALI_ARB_MAX_SAMPLE_BYTES)"
+        )

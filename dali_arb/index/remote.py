@@ -14,7 +14,7 @@ import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
-from ..errors import StorageError
+from ..errors import ObjectChanged, ObjectMissing, StorageError
 from ..imagefacts import inspect_image
 from ..pairs import PairSpec
 from ..storage import IOStats, ObjectInfo, download, get_bytes, get_range, is_url, list_prefix
@@ -174,7 +174,7 @@ def remote_folder_task(args: tuple) -> tuple[list[Row], list[Reject], dict[str, 
         else:
             try:
                 result = inspect_image(RemoteFile(url, size, stats), max_pixels=max_pixels)
-            except StorageError as exc:
+            except (ObjectMissing, ObjectChanged) as exc:  # the object's own; a failing store stops the run
                 return None, {"source": url, "reason": f"unreadable ({exc})", "key": key}
         if isinstance(result, str):
             return None, {"source": url, "reason": result, "key": key}
@@ -187,7 +187,7 @@ def remote_folder_task(args: tuple) -> tuple[list[Row], list[Reject], dict[str, 
             pair_url, pair_size = found[key]
             try:
                 pair = inspect_image(RemoteFile(pair_url, pair_size, stats), max_pixels=max_pixels)
-            except StorageError as exc:
+            except (ObjectMissing, ObjectChanged) as exc:
                 pair = f"unreadable ({exc})"
             problem = pair_problem(what, pair_url, pair, result)
             if problem:
@@ -197,7 +197,7 @@ def remote_folder_task(args: tuple) -> tuple[list[Row], list[Reject], dict[str, 
         if captions.get(key):
             try:
                 caption = decode_caption(get_bytes(captions[key], stats)) or None
-            except StorageError:
+            except ObjectMissing:
                 caption = None
         return Row(key, result[0], result[1], caption, url, 0, size, mtime, tuple(facts)), None
 
