@@ -9,19 +9,20 @@ object or a private per-row array. Per bucket options, the rows grouped by bucke
 Where the cache lives: the ``cache_dir`` argument (``--cache-dir``), else ``$DALI_ARB_CACHE``, else
 ``$XDG_CACHE_HOME/dali_arb``, else ``~/.cache/dali_arb``. Layout under it::
 
-    v2/<content digest>/meta.json              what was built, from which file, each file's size and CRC-32,
+    v3/<content digest>/meta.json              what was built, from which file, each file's size and CRC-32,
                                                 sealed by a digest of it all
                        /.verified.json          this boot's id and every file's stat signature, once hashed
-                       /<column>.npy            fixed-width columns (height, width, offset, length)
+                       /<column>.npy            fixed-width columns (height, width, offset, length, mtime_ns,
+                                                source_size)
                        /<column>.offsets.npy    string columns: int64 (n + 1) byte offsets,
                        /<column>.bytes           the UTF-8 bytes, and
                        /<column>.valid           a validity bitmap (Arrow's bit order)
-                       /source.index.npy        source (and each pair's NAME.source): int32 row -> run of
-                                                equal values (shards), the runs as a string column
+                       /source.index.npy        source (each pair's NAME.source, and etag): int32 row -> run
+                                                of equal values (shards), the runs as a string column
                        /buckets/<options digest>/  bucket.npy members.npy starts.npy sizes.npy meta.json
-    v2/by-path/<path digest>.json              stat signature -> content digest (skips re-hashing)
-    v2/remote/<url digest>-<version digest>.parquet  a URL manifest's local copy, per ETag, size, Last-Modified
-    v2/locks/                                  one hasher per manifest path, one builder per content
+    v3/by-path/<path digest>.json              stat signature -> content digest (skips re-hashing)
+    v3/remote/<url digest>-<version digest>.parquet  a URL manifest's local copy, per ETag, size, Last-Modified
+    v3/locks/                                  one hasher per manifest path, one builder per content
 
 Every folder is built under a temporary name (``.build-<key>-<pid>-<random>``, with ordinary writes, so a full
 disk is ENOSPC, never SIGBUS) and renamed into place, so a reader sees a whole cache or none. Builders lock per
@@ -55,7 +56,7 @@ import pyarrow.parquet as pq
 
 from .buckets import BucketIndex, BucketSpec, served_p99
 from .errors import ManifestError, ResourceError
-from .manifest import Fingerprint, Manifest, check_file, pinned_columns
+from .manifest import NO_IDENTITY, Fingerprint, Manifest, check_file, pinned_columns
 from .pairs import pair_columns, pairs_of
 
 __all__ = ["CACHE_ENV", "CACHE_FORMAT", "ManifestCache", "bucket_index", "cache_root"]
@@ -63,11 +64,12 @@ __all__ = ["CACHE_ENV", "CACHE_FORMAT", "ManifestCache", "bucket_index", "cache_
 #: The environment variable naming the cache folder.
 CACHE_ENV = "DALI_ARB_CACHE"
 #: Bumped when the layout changes; each format lives in its own ``v<N>`` folder.
-CACHE_FORMAT = 2  # 2: pair columns; runs of every source column
+CACHE_FORMAT = 3  # 2: pair columns; runs of every source column; 3: the sources' identity (mtime_ns, source_size, etag)
 #: Rows converted per step while building (a multiple of 8: validity bitmaps are written per step).
 BUILD_ROWS = 1 << 20
-_FIXED = {"height": np.int32, "width": np.int32, "offset": np.int64, "length": np.int64}
-_FILL = {"offset": 0, "length": -1}
+_FIXED = {"height": np.int32, "width": np.int32, "offset": np.int64, "length": np.int64, "mtime_ns": np.int64,
+          "source_size": np.int64}  # fmt: skip
+_FILL = {"offset": 0, "length": -1, "mtime_ns": NO_IDENTITY, "source_size": NO_IDENTITY}
 _STRINGS = ("key", "caption")
 _HASH_CHUNK = 8 << 20
 _VERIFIED = ".verified.json"  # the marker of a folder hashed on this boot
@@ -785,7 +787,8 @@ class _RunsWriter:
 
 
 def _is_location(name: str) -> bool:
-    return name == "source" or name.endswith(".source")
+    """Columns kept as runs of equal values: sources (a shard's path once per shard) and their ETags."""
+    return name in ("source", "etag") or name.endswith(".source")
 
 
 def _fixed_type(name: str) -> type | None:
@@ -806,6 +809,7 @@ def _build_columns(path: Path, folder: Path, content: str) -> None:
     except Exception as exc:
         raise ManifestError(f"manifest {path}: {exc}") from None
     base = [c for c in ("key", "height", "width", "caption", "source", "offset", "length") if c in names]
+    base += [c for c in ("mtime_ns", "source_size", "etag") if c in names]  # what the loader checks a source by
     columns = base + [c for name in pairs for c in pair_columns(name)]
     fingerprint = Fingerprint(pinned_columns(pairs), n)
     fixed = {c: _NpyWriter(folder / f"{c}.npy", _fixed_type(c), n) for c in columns if _fixed_type(c) is not None}

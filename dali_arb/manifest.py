@@ -3,7 +3,8 @@
 Columns (CONTRACT.md): ``key`` (unique string), ``width``, ``height`` (displayed, EXIF-upright),
 ``caption`` (may be null), and where the bytes are: ``source`` (file or tar shard path),
 ``offset`` and ``length`` (bytes inside ``source``; ``length`` -1 means the whole file), ``mtime_ns``
-(files only, for ``index --update``). Imports only the standard library, NumPy and pyarrow.
+(the source's modification time). The indexer adds the rest of the source's identity (:data:`IDENTITY`). Imports
+only the standard library, NumPy and pyarrow.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from .pairs import pair_columns, pairs_of
 
 __all__ = [
     "FORMAT_VERSION",
+    "IDENTITY",
+    "NO_IDENTITY",
     "PINNED_COLUMNS",
     "Fingerprint",
     "Manifest",
@@ -53,6 +56,16 @@ SCHEMA = pa.schema(
     ],
     metadata={_VERSION_KEY: str(FORMAT_VERSION).encode()},
 )
+
+#: Columns the indexer writes after :data:`SCHEMA`'s: with ``mtime_ns``, the identity of a sample's ``source`` (the
+#: file, the tar shard or the object) when it was indexed. ``ctime_ns``: a local file's status-change time (for
+#: ``index --update`` only: a copy or ``chmod`` changes it too); ``source_size``: the whole source's size in bytes;
+#: ``etag``: the object's (strong) ETag in object storage. Null or absent where unknown (metadata, older
+#: manifests): then not checked. The loader refuses a sample whose source's size, ``mtime_ns`` (local) or ETag
+#: (storage) differs from these.
+IDENTITY = pa.schema([("ctime_ns", pa.int64()), ("source_size", pa.int64()), ("etag", pa.string())])
+#: What an unknown ``mtime_ns`` or ``source_size`` reads as (``Manifest.int_column``): never a real value.
+NO_IDENTITY = -(2**63)
 
 
 def pinned_columns(pairs: dict[str, str] | list[str]) -> tuple[str, ...]:
@@ -98,6 +111,14 @@ class Manifest:
             ):
                 raise ManifestError(
                     f"{where}: column {name!r} must hold integers (byte positions), got {table.column(name).type}; "
+                    "rebuild the manifest with `dali-arb index`"
+                )
+        for name in ("mtime_ns", "source_size"):
+            if name in table.column_names and not (
+                pa.types.is_integer(table.column(name).type) or pa.types.is_null(table.column(name).type)
+            ):
+                raise ManifestError(
+                    f"{where}: column {name!r} must hold integers, got {table.column(name).type}; "
                     "rebuild the manifest with `dali-arb index`"
                 )
         import pyarrow.compute as pc  # here, not at import: the core imports light

@@ -69,7 +69,8 @@ _DESCRIPTIONS = {
     Failure.NO_SOURCE: "manifest row has no source file ({where})",
     Failure.MISSING: "cannot open {where}: missing or unreadable" + _UPDATE,
     Failure.NOT_REGULAR: "{where} is not a regular file (a FIFO, device or folder); only regular files are read",
-    Failure.CHANGED: "{where} changed since indexing (its byte size differs)" + _UPDATE,
+    Failure.CHANGED: "{where} changed since indexing (rewritten or replaced: its size, its modification time or "
+    "its ETag in object storage is not the indexed one)" + _UPDATE,
     Failure.SHORT: "{where} is shorter than indexed (the sample's bytes run past its end)" + _UPDATE,
     Failure.READ_ERROR: "cannot read {where} (I/O error)",
     Failure.EMPTY: "{where} is empty",

@@ -6,7 +6,8 @@
   samples of iteration ``i + L`` in the background (the first one also ``1 .. L - 1``). DALI gives every
   iteration to exactly one worker, so every future step is fetched exactly once, whichever worker serves
   it. Fetched samples wait as files in a folder the loader's worker processes share (``/dev/shm`` by default,
-  RAM), named by URL and byte range, written whole or not at all; a worker that finds its sample there
+  RAM), named by endpoint, URL, byte range and the object's version (its ETag at indexing: a replaced object,
+  re-indexed, is fetched again), written whole or not at all; a worker that finds its sample there
   reads it (a hit), else fetches it (a miss).
 - The folder doubles as a cache: by default a sample file is removed once it is read; with ``keep`` (the
   loader's ``sample_cache``) files stay for later epochs, on a disk folder that the ranks of a node may share,
@@ -33,7 +34,7 @@ import stat
 import threading
 
 from .errors import StorageError
-from .storage import Fetcher, IOStats, Request, replacing
+from .storage import Fetcher, IOStats, Request, endpoint_of, replacing
 
 __all__ = ["READ_AHEAD_PREFIX", "ReadAheadFolder", "RemoteReads", "remove_stale_read_ahead"]
 
@@ -95,7 +96,10 @@ class RemoteReads:
 
     # -- files in the shared folder --------------------------------------------------------------
     def _path(self, r: Request) -> str:
-        digest = hashlib.blake2b(f"{r.url}\0{r.start}\0{r.end}".encode(), digest_size=20).hexdigest()
+        """The file of ``r``'s bytes: named by the endpoint (one bucket name on two servers is two objects), URL,
+        range and version (bytes are written only once a fetch checked that version)."""
+        name = f"{endpoint_of(r.url)}\0{r.url}\0{r.start}\0{r.end}\0{r.version or ''}"
+        digest = hashlib.blake2b(name.encode(), digest_size=20).hexdigest()
         return os.path.join(self.folder, digest[:2], digest)
 
     def _from_folder(self, r: Request) -> bytes | None:

@@ -13,6 +13,7 @@ import errno
 import os
 import stat
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -21,7 +22,7 @@ from .decoders import Decoder
 from .errors import ConfigError, DataError, ManifestError, ObjectChanged, ObjectMissing, ObjectTooLarge, StorageError
 from .geometry import Geometry, cover_crop
 from .imagefacts import check_encoded
-from .manifest import Manifest
+from .manifest import NO_IDENTITY, Manifest
 from .outputs import IO_FIELDS, META, Failure
 from .pairs import pair_columns
 from .planner import EpochPlan, Planner
@@ -40,7 +41,7 @@ _THE_FILES_OWN = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAM
 #: A URL at the start of a ``source`` value (the same test as :func:`~dali_arb.storage.is_url`).
 _URL_PATTERN = r"^[a-zA-Z][a-zA-Z0-9+.-]*://"
 #: Columns the worker processes read from an in-memory manifest's file (besides key, width, height).
-WORKER_COLUMNS = ["source", "offset", "length"]
+WORKER_COLUMNS = ["source", "offset", "length", "mtime_ns", "source_size", "etag"]
 
 
 @dataclass(frozen=True)
@@ -127,17 +128,45 @@ def _os_failure(path: str, error: OSError) -> StorageError:
 class _Rows:
     """One dataset's arrays a worker reads (Arrow and NumPy, mapped and shared: no Python object per row):
     ``locations[part]`` is ``(sources, offsets, lengths)`` of its images (part 0) and of each pair;
-    ``pair_sizes[i]`` is ``(heights, widths)`` of pair ``i``."""
+    ``pair_sizes[i]`` is ``(heights, widths)`` of pair ``i``; ``identity`` is ``(sizes, mtimes, etags)`` of the
+    images' sources at indexing (:data:`~dali_arb.manifest.IDENTITY`; ``NO_IDENTITY`` or null where unknown,
+    ``etags`` None when the manifest has none)."""
 
     locations: list[tuple]
     heights: np.ndarray
     widths: np.ndarray
     pair_sizes: list[tuple[np.ndarray, np.ndarray]]
+    identity: tuple
 
 
-def _remote_request(url: str, offset: int, length: int) -> Request:
-    """The request for ``length`` bytes at ``offset`` of ``url`` (``length`` -1: the whole object)."""
-    return Request(url, offset, offset + length if length >= 0 else -1, whole=offset == 0)
+class _Identity(NamedTuple):
+    """What a sample's source was when it was indexed (None where unknown): its size in bytes, its modification
+    time (local files) and its ETag (object storage)."""
+
+    size: int | None
+    mtime_ns: int | None
+    etag: str | None
+
+
+_UNKNOWN = _Identity(None, None, None)
+
+
+def _remote_request(url: str, offset: int, length: int, version: str | None = None) -> Request:
+    """The request for ``length`` bytes at ``offset`` of ``url`` (``length`` -1: the whole object), of the
+    object's ``version`` (its ETag at indexing; None: not checked)."""
+    return Request(url, offset, offset + length if length >= 0 else -1, whole=offset == 0, version=version)
+
+
+def _local_change(info: os.stat_result, offset: int, length: int, expected: _Identity) -> Failure:
+    """Whether the file ``info`` (its ``fstat``) is still the one indexed: the local identity is its size and
+    mtime (a copy that keeps them, ``cp -a`` or ``rsync -a``, serves on; a ``chmod`` changes only the ctime).
+    Without a recorded size (older manifests), a whole file's size must be its ``length``."""
+    size = expected.size if expected.size is not None else (length if offset == 0 and length >= 0 else None)
+    if size is not None and info.st_size != size:
+        return Failure.CHANGED
+    if expected.mtime_ns is not None and info.st_mtime_ns != expected.mtime_ns:
+        return Failure.CHANGED
+    return Failure.NONE
 
 
 class BatchSource:
@@ -256,7 +285,9 @@ class BatchSource:
                     (manifest.table.column(source), manifest.int_column(offset, 0), manifest.int_column(length, -1))
                 )
                 pair_sizes.append((manifest.int_column(height, 1), manifest.int_column(width, 1)))
-            self._datasets.append(_Rows(locations, manifest.heights, manifest.widths, pair_sizes))
+            identity = (manifest.int_column("source_size", NO_IDENTITY), manifest.int_column("mtime_ns", NO_IDENTITY),
+                        manifest.table.column("etag") if "etag" in manifest.table.column_names else None)  # fmt: skip
+            self._datasets.append(_Rows(locations, manifest.heights, manifest.widths, pair_sizes, identity))
         if self._planner is None:
             self._planner = build_planner(self.config, manifests)
         self._found_bad: set[int] = set()
@@ -339,10 +370,26 @@ class BatchSource:
         sources, offsets, lengths = rows.locations[part]
         return sources[local].as_py(), int(offsets[local]), int(lengths[local])
 
+    def _identity(self, row: int, part: int, path: str | None) -> _Identity:
+        """What the source ``path`` of global ``row``'s ``part`` was at indexing: the row's identity for its image,
+        and for a pair in the image's own source (a tar shard's member); unknown for other pairs."""
+        rows, local = self._split(row)
+        if part and path != self._where(row, 0)[0]:
+            return _UNKNOWN
+        sizes, mtimes, etags = rows.identity
+        size, mtime = int(sizes[local]), int(mtimes[local])
+        return _Identity(
+            None if size == NO_IDENTITY else size,
+            None if mtime == NO_IDENTITY else mtime,
+            etags[local].as_py() if etags is not None else None,
+        )
+
     def _request(self, row: int, part: int) -> Request | None:
         """The object-storage request for ``row``'s ``part``, or None when its bytes are in a local file."""
         path, offset, length = self._where(row, part)
-        return _remote_request(path, offset, length) if path is not None and is_url(path) else None
+        if path is None or not is_url(path):
+            return None
+        return _remote_request(path, offset, length, self._identity(row, part, path).etag)
 
     def _requests(self, rows: np.ndarray) -> list[Request]:
         """Requests for every part of ``rows`` that lies in object storage."""
@@ -416,8 +463,9 @@ class BatchSource:
             return None, Failure.NO_SOURCE
         if length > max_sample_bytes():  # what one sample may cost: never read
             return None, Failure.TOO_LARGE
+        expected = self._identity(row, part, path)
         if is_url(path):
-            return self._read_remote(_remote_request(path, offset, length))
+            return self._read_remote(_remote_request(path, offset, length, expected.etag))
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
         except OSError as exc:
@@ -428,13 +476,14 @@ class BatchSource:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
                 return None, Failure.NOT_REGULAR
+            changed = _local_change(info, offset, length, expected)
+            if changed:
+                return None, changed
             if length < 0:
                 if info.st_size > max_sample_bytes():
                     return None, Failure.TOO_LARGE
                 data = os.pread(fd, info.st_size, 0)
             else:
-                if offset == 0 and info.st_size != length:  # a whole file: its size must be what was indexed
-                    return None, Failure.CHANGED
                 if offset + length > info.st_size:  # never allocate for bytes that are not there
                     return None, Failure.SHORT
                 data = os.pread(fd, length, offset)

@@ -50,6 +50,7 @@ __all__ = [
     "Fetcher",
     "IOStats",
     "ObjectInfo",
+    "endpoint_of",
     "expand_sources",
     "get_bytes",
     "get_range",
@@ -192,7 +193,7 @@ def _store_for(scheme: str, bucket: str, settings: tuple) -> Any:
     options: dict[str, Any] = {"timeout": "1h", "connect_timeout": timedelta(seconds=min(CONNECT_TIMEOUT_S, deadline)),
                                "read_timeout": timedelta(seconds=min(READ_TIMEOUT_S, deadline))}  # fmt: skip
     if scheme == "s3":
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+        endpoint = endpoint_of(f"s3://{bucket}")
         _no_cross_origin_redirects(options, scheme, urlsplit(endpoint).hostname if endpoint else None)
         options["allow_http"] = endpoint.startswith("http://")
         kwargs: dict[str, Any] = {}
@@ -220,6 +221,14 @@ def _store_for(scheme: str, bucket: str, settings: tuple) -> Any:
     _no_cross_origin_redirects(options, scheme, urlsplit(f"{scheme}://{bucket}").hostname)
     options["allow_http"] = scheme == "http"
     return HTTPStore.from_url(f"{scheme}://{bucket}", client_options=options, retry_config=retry)
+
+
+def endpoint_of(url: str) -> str:
+    """The endpoint ``url`` is read from when it is not the store's default (``AWS_ENDPOINT_URL_S3`` or
+    ``AWS_ENDPOINT_URL`` for ``s3://``; HTTP URLs name their host themselves), else ``""``."""
+    if url.lower().startswith("s3://"):
+        return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+    return ""
 
 
 def store_of(url: str) -> tuple[Any, str]:
@@ -474,17 +483,26 @@ def _with_retries(call, url: str, stats: IOStats | None):
 # -- synchronous requests (indexing, manifests) ----------------------------------------------------
 @dataclass(frozen=True)
 class ObjectInfo:
-    """An object found by a listing: its URL, size in bytes and modification time (ns since the epoch)."""
+    """An object found by a listing: its URL, size in bytes, modification time (ns since the epoch) and strong
+    ETag (its version; None where the store gives none)."""
 
     url: str
     size: int
     mtime_ns: int
+    etag: str | None = None
+
+
+def strong_etag(meta: dict) -> str | None:
+    """The ETag of an object's ``meta`` (obstore's), or None when there is none or it is weak (``W/"..."``: it
+    names no bytes, and a GET with ``If-Match`` would never match it)."""
+    etag = meta.get("e_tag")
+    return etag if etag and not etag.startswith("W/") else None
 
 
 def _info(url_prefix: str, meta: dict) -> ObjectInfo:
     modified = meta.get("last_modified")
     mtime = int(modified.timestamp() * 1e9) if modified is not None else 0
-    return ObjectInfo(url_prefix + meta["path"], int(meta["size"]), mtime)
+    return ObjectInfo(url_prefix + meta["path"], int(meta["size"]), mtime, strong_etag(meta))
 
 
 def list_prefix(url: str) -> Iterator[ObjectInfo]:
@@ -641,6 +659,28 @@ def expand_sources(source: str) -> list[str]:
     return out
 
 
+def _changed(meta: dict, url: str, size: int | None, version: str | None) -> ObjectChanged | None:
+    """Why the object a GET read (its ``meta``) is not the indexed one (``size``, ``version``: None where not
+    checked), or None."""
+    if size is not None and int(meta["size"]) != size:
+        return ObjectChanged(f"{url} changed since indexing: {meta['size']} bytes, not {size}")
+    etag = meta.get("e_tag")
+    if version is not None and etag is not None and etag != version:
+        return ObjectChanged(f"{url} changed since indexing: its ETag is {etag}, not {version}")
+    return None
+
+
+def _precondition_failed(exc: BaseException, url: str, version: str | None) -> ObjectChanged | None:
+    """A GET refused because the object's ETag is no longer ``version`` (``If-Match``: 412), as ObjectChanged."""
+    from obstore.exceptions import PreconditionError
+
+    if version is None or not isinstance(exc, PreconditionError):
+        return None
+    error = ObjectChanged(f"{url} changed since indexing: its ETag is no longer {version}")
+    error.__cause__ = exc
+    return error
+
+
 # -- the loader's reader: many ranges at once, coalesced, from a background event loop ----------------
 def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
     """A fetcher's thread: run ``loop`` until stopped, then cancel what is left, wait for it, and close the loop
@@ -661,12 +701,14 @@ def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
 
 @dataclass(frozen=True)
 class Request:
-    """Bytes ``[start, end)`` of ``url``; ``whole``: the request is the whole object, whose size must be ``end``."""
+    """Bytes ``[start, end)`` of ``url``; ``whole``: the request is the whole object, whose size must be ``end``;
+    ``version``: the ETag the object had when it was indexed (None: unknown, not checked)."""
 
     url: str
     start: int
     end: int
     whole: bool = False
+    version: str | None = None
 
 
 class Fetcher:
@@ -724,11 +766,11 @@ class Fetcher:
         if self._gate is None:
             self._gate = asyncio.Semaphore(self.concurrency)
         results: list[bytes | StorageError | None] = [None] * len(requests)
-        groups: dict[str, list[int]] = {}
+        groups: dict[tuple[str, str | None], list[int]] = {}
         for i, r in enumerate(requests):
-            groups.setdefault(r.url, []).append(i)
+            groups.setdefault((r.url, r.version), []).append(i)  # (one request reads one version)
         jobs = []
-        for url, members in groups.items():
+        for (url, _), members in groups.items():
             members.sort(key=lambda i: requests[i].start)
             run: list[int] = []
             for i in members:
@@ -746,12 +788,13 @@ class Fetcher:
         return results  # type: ignore[return-value]
 
     async def _span(self, url: str, members: list[int], requests: list[Request], results: list) -> None:
-        """One request covering ``members`` (ranges of ``url``), split into their results."""
+        """One request covering ``members`` (ranges of ``url``, one expected version), split into their results."""
         start = min(requests[i].start for i in members)
         end = max(requests[i].end for i in members)
         whole = len(members) == 1 and requests[members[0]].whole
+        version = requests[members[0]].version
         try:
-            data = await self._get(url, start, end, whole)
+            data = await self._get(url, start, end, whole, version)
         except StorageError as exc:
             for i in members:
                 results[i] = exc
@@ -761,9 +804,10 @@ class Fetcher:
             r = requests[i]
             results[i] = data if r.end < 0 else data[r.start - start : r.end - start]
 
-    async def _get(self, url: str, start: int, end: int, whole: bool) -> bytes:
+    async def _get(self, url: str, start: int, end: int, whole: bool, version: str | None = None) -> bytes:
         """Bytes ``[start, end)`` of ``url``, or the whole object when ``whole`` (whose size must be ``end``, any
-        size up to :func:`max_sample_bytes` when ``end`` is -1), with retries; a StorageError when it fails."""
+        size up to :func:`max_sample_bytes` when ``end`` is -1), with retries; a StorageError when it fails, an
+        ObjectChanged when the object is not the indexed ``version`` (its ETag; None: not checked)."""
         import obstore
 
         store, key = store_of(url)
@@ -772,10 +816,17 @@ class Fetcher:
             async with self._gate:
                 self.stats.add(requests=1)
                 try:
-                    if whole:  # the object's size must still be the indexed one (a changed file), and affordable
-                        got = await obstore.get_async(store, key)
+                    if whole or version is not None:  # the GET's meta names the object read: the indexed one?
+                        options: dict[str, Any] = {} if whole else {"range": (start, end)}
+                        if version is not None:
+                            options["if_match"] = version  # another version: 412, not its bytes
+                        got = await obstore.get_async(store, key, options=options)
                         _HEALTH.answered(url)
-                        _check_size(url, int(got.meta["size"]), end)
+                        if whole:  # the object's size must still be the indexed one, and affordable
+                            _check_size(url, int(got.meta["size"]), end)
+                        changed = _changed(got.meta, url, None, version)
+                        if changed is not None:  # (a store that ignores If-Match)
+                            raise changed
                         data = bytes(await got.bytes_async())
                     else:
                         data = bytes(await obstore.get_range_async(store, key, start=start, end=end))
@@ -784,6 +835,10 @@ class Fetcher:
                 except StorageError:
                     raise
                 except Exception as exc:
+                    refused = _precondition_failed(exc, url, version)
+                    if refused is not None:  # the store answered: the object is another version
+                        _HEALTH.answered(url)
+                        raise refused from exc
                     if not _HEALTH.settle(url, exc) or attempt == RETRIES:
                         raise failed(exc, url, retried=attempt) from exc
                     self.stats.add(retries=1)

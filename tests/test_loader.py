@@ -180,7 +180,10 @@ def test_bad_files_after_indexing_are_replaced_and_nothing_else_is_lost(fresh_da
     (work / "img004.jpg").write_text("not an image any more")
     broken = bytearray((work / "img005.jpg").read_bytes())  # markers intact, a header no decoder accepts
     broken[broken.find(b"\xff\xc0") + 9] = 0  # its frame claims 0 colour components
+    before = (work / "img005.jpg").stat()
     (work / "img005.jpg").write_bytes(bytes(broken))
+    # its mtime set back: the size and mtime the loader checks are the indexed ones, the decoders must refuse it
+    os.utime(work / "img005.jpg", ns=(before.st_atime_ns, before.st_mtime_ns))
     bad = {"img001", "img002", "img004", "img005"}
     it = loader(manifest, decoder=decoder, device=device)
     for epoch in range(2):

@@ -385,6 +385,8 @@ def test_the_loader_decodes_what_the_indexer_accepted_above_pillows_bomb_limit(t
 
 # -- 12. decoder="dali": a file re-encoded at another size with the same byte length kept the old crop --
 def test_a_same_length_reencode_at_another_size_is_noticed_by_the_dali_decoder(tmp_path, dataset):
+    import os
+
     from .images import jpeg_bytes
 
     folder, _ = dataset
@@ -392,10 +394,13 @@ def test_a_same_length_reencode_at_another_size_is_noticed_by_the_dali_decoder(t
     out = tmp_path / "m.parquet"
     index([work], out)
     target = work / "img000.jpg"
-    length = target.stat().st_size
+    before = target.stat()
+    length = before.st_size
     other = jpeg_bytes(120, 90, seed=9)  # another size, smaller: padded after its end marker to the same length
     assert len(other) < length
     target.write_bytes(other + b"\x00" * (length - len(other)))
+    # its mtime set back (touch -r): the loader's identity check (size, mtime) passes, the decoder must notice
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
     loader = cpu_loader(out, decoder="dali", batch_size=4)
     served = [k for batch in loader for k in batch["ids"]]
     assert "img000" not in served

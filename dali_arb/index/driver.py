@@ -21,12 +21,12 @@ import pyarrow.parquet as pq
 
 from ..errors import ConfigError, IndexingError, StorageError
 from ..imagefacts import DEFAULT_MAX_PIXELS
-from ..manifest import SCHEMA, Manifest, rejects_name, rejects_path
-from ..pairs import PairSpec, pair_schema, pairs_of
+from ..manifest import Manifest, rejects_name, rejects_path
+from ..pairs import PairSpec, pairs_of
 from ..processes import die_with_parent, signals_deferred, spawn_without_main, stop_pool
 from .folders import FolderWalk, PreviousRows, folder_task
 from .metadata import metadata_rows
-from .records import Reject, Row, rows_to_table
+from .records import Reject, Row, index_schema, rows_to_table, with_identity
 from .remote import fetched, pair_listings, prefix_tasks, remote_folder_task
 from .shards import shard_task
 
@@ -173,7 +173,7 @@ def build_index(
         raise IndexingError(str(exc)) from None
     _check_output(output, kinds)
     pairs = _checked_pairs(pairs, kinds)
-    schema = pair_schema(SCHEMA, pairs)
+    schema = index_schema(pairs)
     previous: PreviousRows | None = None
     known_shards: dict[str, pa.Table] = {}
     summary = IndexSummary(manifest=output)
@@ -244,16 +244,15 @@ def build_index(
                 if kind == "metadata":
                     table, rejects = metadata_rows(Path(source))
                     flush()
-                    writer.write_table(table)
+                    writer.write_table(with_identity(table, schema))
                     summary.rows += table.num_rows
                     take([], rejects, table.num_rows + len(rejects))
                     bar.update(table.num_rows + len(rejects))
                 elif kind == "shard":
-                    stat = os.stat(source)
                     reuse = known_shards.get(source)
-                    if reuse is not None and reuse.column("mtime_ns")[0].as_py() == stat.st_mtime_ns:
+                    if reuse is not None and _shard_unchanged(reuse, os.stat(source)):
                         flush()
-                        writer.write_table(reuse.select(schema.names).cast(schema))
+                        writer.write_table(with_identity(reuse, schema))
                         summary.rows += reuse.num_rows
                         summary.reused += reuse.num_rows
                         continue
@@ -348,28 +347,40 @@ def _index_remote(kind, url, pool, max_pixels, pairs, take, flush, writer, summa
                 bar.update(len(task[0]))
             return
         suffix = ".tar" if kind == "remote_shard" else os.path.splitext(url)[1]
+        before = head(url) if kind == "remote_shard" else None
         with fetched(url, suffix) as local:
             summary.fetched_objects += 1
             summary.fetched_bytes += os.path.getsize(local)
             if kind == "remote_metadata":
                 table, rejects = metadata_rows(Path(local), base_url=url.rsplit("/", 1)[0] + "/")
                 flush()
-                writer.write_table(table)
+                writer.write_table(with_identity(table, writer.schema))
                 summary.rows += table.num_rows
                 take([], [_renamed(r, local, url) for r in rejects], table.num_rows + len(rejects))
                 return
             rows, rejects = _submit(pool, shard_task, (local, max_pixels, pairs)).result()
-        mtime = head(url).mtime_ns
+        info = head(url)
+        if (info.size, info.etag, info.mtime_ns) != (before.size, before.etag, before.mtime_ns):
+            raise IndexingError(f"{url} was rewritten while it was indexed; index it again once it is written")
+        identity = {"source": url, "mtime_ns": info.mtime_ns, "ctime_ns": None, "source_size": info.size,
+                    "etag": info.etag}  # fmt: skip
         rows = [
-            row._replace(
-                source=url, mtime_ns=mtime, pairs=tuple((url, *f[1:]) if f[0] == local else f for f in row.pairs)
-            )
+            row._replace(**identity, pairs=tuple((url, *f[1:]) if f[0] == local else f for f in row.pairs))
             for row in rows
         ]
         take(rows, [_renamed(r, local, url) for r in rejects], len(rows) + len(rejects))
         bar.update(len(rows) + len(rejects))
     except StorageError as exc:
         raise IndexingError(str(exc)) from None
+
+
+def _shard_unchanged(rows: pa.Table, stat: os.stat_result) -> bool:
+    """Whether a local shard is the one its earlier ``rows`` were indexed from (their mtime, ctime and size; a
+    shard re-packed with its mtime set back has another ctime). Rows of an older manifest (no ctime): no."""
+    if "ctime_ns" not in rows.column_names or "source_size" not in rows.column_names:
+        return False
+    first = {name: rows.column(name)[0].as_py() for name in ("mtime_ns", "ctime_ns", "source_size")}
+    return first == {"mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns, "source_size": stat.st_size}
 
 
 def _renamed(reject: Reject, local: str, url: str) -> Reject:

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..imagefacts import inspect_image
+from ..manifest import IDENTITY
 from .pairing import FolderListings, find_pairs
 from .records import Reject, Row
 
@@ -89,7 +90,7 @@ def folder_task(args: tuple) -> tuple[list[Row], list[Reject], int]:
     ``captions`` holds each path's sidecar caption file (relative too) or None; ``pairs`` the
     :class:`~dali_arb.pairs.PairSpec` of the run (each with its folder).
 
-    Returns rows, rejects, and how many rows were reused from ``known`` (unchanged size and mtime).
+    Returns rows, rejects, and how many rows were reused from ``known`` (:meth:`PreviousRows.unchanged`).
     """
     root, relpaths, max_pixels, known, captions, pairs = args
     listings = FolderListings()
@@ -116,7 +117,7 @@ def folder_task(args: tuple) -> tuple[list[Row], list[Reject], int]:
             rejects.append({"source": path, "reason": "not a regular file (a FIFO, socket or device)", "key": key})
             continue
         previous = known.get(path) if known else None
-        if previous is not None and previous[0] == stat.st_size and previous[1] == stat.st_mtime_ns:
+        if PreviousRows.unchanged(previous, stat.st_size, stat.st_mtime_ns, ctime_ns=stat.st_ctime_ns):
             width, height = previous[2], previous[3]
             reused += 1
         else:
@@ -131,7 +132,8 @@ def folder_task(args: tuple) -> tuple[list[Row], list[Reject], int]:
             continue
         kept_by_key[key] = path
         caption = read_caption(os.path.join(root, caption_rel) if caption_rel else None)
-        rows.append(Row(key, width, height, caption, path, 0, stat.st_size, stat.st_mtime_ns, paired))
+        identity = {"ctime_ns": stat.st_ctime_ns, "source_size": stat.st_size}
+        rows.append(Row(key, width, height, caption, path, 0, stat.st_size, stat.st_mtime_ns, paired, **identity))
     return rows, rejects, reused
 
 
@@ -146,7 +148,10 @@ class PreviousRows:
         table = table.filter(pc.and_(pc.is_valid(table.column("source")), pc.is_valid(table.column("mtime_ns"))))
         folder = pc.replace_substring_regex(table.column("source"), pattern="/[^/]*$", replacement="")
         table = table.append_column("_folder", folder).sort_by("_folder")
-        self.table = table.select(["source", "length", "mtime_ns", "width", "height"])
+        for name in ("ctime_ns", "etag"):  # (an older manifest's rows: their identity unknown)
+            if name not in table.column_names:
+                table = table.append_column(name, pa.nulls(table.num_rows, IDENTITY.field(name).type))
+        self.table = table.select(["source", "length", "mtime_ns", "width", "height", "ctime_ns", "etag"])
         folders = table.column("_folder").combine_chunks()
         if len(folders):
             change = pc.not_equal(folders[1:], folders[:-1]).to_numpy(zero_copy_only=False)
@@ -157,17 +162,27 @@ class PreviousRows:
             self.slices = {}
 
     def folder(self, directory: str) -> dict[str, tuple]:
-        """``{path: (length, mtime_ns, width, height)}`` for the files indexed in ``directory``."""
+        """``{path: (length, mtime_ns, width, height, ctime_ns, etag)}`` for the files indexed in ``directory``."""
         if directory not in self.slices:
             return {}
         start, end = self.slices[directory]
         part = self.table.slice(start, end - start).to_pydict()
-        return {
-            src: (length, mtime, w, h)
-            for src, length, mtime, w, h in zip(
-                part["source"], part["length"], part["mtime_ns"], part["width"], part["height"]
-            )
-        }
+        columns = ("length", "mtime_ns", "width", "height", "ctime_ns", "etag")
+        return {src: facts for src, *facts in zip(part["source"], *(part[c] for c in columns))}
+
+    @staticmethod
+    def unchanged(
+        previous: tuple | None, size: int, mtime_ns: int, *, ctime_ns: int | None = None, etag: str | None = None
+    ) -> bool:
+        """Whether a file (or object) is the one a :meth:`folder` entry ``previous`` indexed, so that its row may
+        be reused: same size and mtime, and same ctime (a local file: an edit that sets the mtime back, as
+        ``touch -r`` or ``exiftool -P`` do, cannot set it back) or ETag (an object) where those are known now. A
+        row that did not record them (an older manifest) is not reused: its header is read again once."""
+        if previous is None or previous[0] != size or previous[1] != mtime_ns:
+            return False
+        if ctime_ns is not None and previous[4] != ctime_ns:
+            return False
+        return etag is None or previous[5] == etag
 
 
 class FolderWalk:

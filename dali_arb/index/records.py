@@ -6,18 +6,19 @@ from typing import NamedTuple
 
 import pyarrow as pa
 
-from ..manifest import SCHEMA
+from ..manifest import IDENTITY, SCHEMA
 from ..pairs import PairSpec, pair_schema
 
-__all__ = ["PairFacts", "Reject", "Row", "rows_to_table"]
+__all__ = ["PairFacts", "Reject", "Row", "index_schema", "rows_to_table", "with_identity"]
 
 #: Where a pair's bytes are and its displayed size: ``(source, offset, length, width, height)``.
 PairFacts = tuple
 
 
 class Row(NamedTuple):
-    """One manifest row (``manifest.SCHEMA``, same names, same order), and its pairs' facts in the order of
-    the index run's pairs (``pair_columns`` names their columns)."""
+    """One manifest row: the columns of ``manifest.SCHEMA`` (same names, same order), its pairs' facts in the order
+    of the index run's pairs (``pair_columns`` names their columns), then the rest of its source's identity
+    (``manifest.IDENTITY``; None where unknown)."""
 
     key: str
     width: int
@@ -28,20 +29,42 @@ class Row(NamedTuple):
     length: int | None
     mtime_ns: int | None
     pairs: tuple[PairFacts, ...] = ()
+    ctime_ns: int | None = None
+    source_size: int | None = None
+    etag: str | None = None
 
 
-assert Row._fields[:-1] == tuple(SCHEMA.names), "Row must name the manifest's columns in order"
+_BASE = len(SCHEMA)
+assert Row._fields[:_BASE] == tuple(SCHEMA.names), "Row must name the manifest's columns in order"
+assert Row._fields[_BASE + 1 :] == tuple(IDENTITY.names), "Row must end with the identity columns in order"
 
 #: A refused source: at least ``{"source": ..., "reason": ...}`` (and ``"key"`` where one is known).
 Reject = dict
 
 
+def index_schema(pairs: list[PairSpec] | tuple = ()) -> pa.Schema:
+    """What the indexer writes: ``SCHEMA``, the identity columns, then the columns of ``pairs``."""
+    schema = SCHEMA
+    for field in IDENTITY:
+        schema = schema.append(field)
+    return pair_schema(schema, list(pairs))
+
+
 def rows_to_table(rows: list[Row], pairs: list[PairSpec] | tuple = ()) -> pa.Table:
-    """``rows`` as a table of the manifest schema with the columns of ``pairs``."""
-    schema = pair_schema(SCHEMA, list(pairs))
-    base = len(SCHEMA)
-    columns = [list(c) for c in zip(*(row[:base] for row in rows))] if rows else [[] for _ in range(base)]
+    """``rows`` as a table of :func:`index_schema`."""
+    schema = index_schema(pairs)
+    fields = list(zip(*rows)) if rows else [()] * len(Row._fields)
+    columns = [list(fields[Row._fields.index(name)]) for name in (*SCHEMA.names, *IDENTITY.names)]
     for i in range(len(pairs)):
         facts = [row.pairs[i] for row in rows]
         columns += [[f[j] for f in facts] for j in range(5)]
     return pa.Table.from_arrays([pa.array(c, schema.field(j).type) for j, c in enumerate(columns)], schema=schema)
+
+
+def with_identity(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` (metadata rows, rows of an older manifest) in ``schema``'s columns, the identity columns it lacks
+    null (unknown)."""
+    for field in IDENTITY:
+        if field.name not in table.column_names:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table.select(schema.names).cast(schema)

@@ -136,13 +136,14 @@ def prefix_tasks(
         )
     ordered = sorted(images)
     tasks = []
-    earlier: dict[str, dict[str, tuple]] = {}  # folder URL -> {url: (length, mtime_ns, width, height)}
+    earlier: dict[str, dict[str, tuple]] = {}  # folder URL -> {url: PreviousRows.folder's facts}
     for start in range(0, len(ordered), FILES_PER_TASK):
         chunk = ordered[start : start + FILES_PER_TASK]
-        objects = [(rel, images[rel].url, images[rel].size, images[rel].mtime_ns) for rel in chunk]
+        objects = [(rel, images[rel]) for rel in chunk]
         known = {}
         if previous is not None:
-            for _, object_url, _, _ in objects:
+            for _, info in objects:
+                object_url = info.url
                 folder = object_url.rsplit("/", 1)[0]
                 if folder not in earlier:
                     earlier[folder] = previous.folder(folder)
@@ -158,17 +159,18 @@ def prefix_tasks(
 
 def remote_folder_task(args: tuple) -> tuple[list[Row], list[Reject], dict[str, int]]:
     """Inspect a group of objects of one prefix (headers only, :data:`CONCURRENT_HEADERS` at once; an object whose
-    size and modification time match its row in ``known`` keeps that row's size unread): rows, rejects, and the
-    requests and bytes it read, with ``reused``, the rows taken from ``known``."""
+    size, modification time and ETag match its row in ``known`` keeps that row's size unread): rows, rejects, and
+    the requests and bytes it read, with ``reused``, the rows taken from ``known``."""
     objects, captions, max_pixels, known, paired = args
     stats = IOStats()
     reused = []
 
     def inspect(item: tuple) -> tuple[Row | None, Reject | None]:
-        rel, url, size, mtime = item
+        rel, info = item
+        url, size, mtime = info.url, info.size, info.mtime_ns
         key = os.path.splitext(rel)[0]
         earlier = known.get(url)
-        if earlier is not None and earlier[0] == size and earlier[1] == mtime:
+        if PreviousRows.unchanged(earlier, size, mtime, etag=info.etag):
             result: tuple[int, int] | str = (earlier[2], earlier[3])
             reused.append(url)
         else:
@@ -199,7 +201,8 @@ def remote_folder_task(args: tuple) -> tuple[list[Row], list[Reject], dict[str, 
                 caption = decode_caption(get_bytes(captions[key], stats)) or None
             except ObjectMissing:
                 caption = None
-        return Row(key, result[0], result[1], caption, url, 0, size, mtime, tuple(facts)), None
+        identity = {"source_size": size, "etag": info.etag}
+        return Row(key, result[0], result[1], caption, url, 0, size, mtime, tuple(facts), **identity), None
 
     rows, rejects = [], []
     with ThreadPoolExecutor(CONCURRENT_HEADERS) as pool:

@@ -46,6 +46,7 @@ def shard_task(args: tuple) -> tuple[list[Row], list[Reject]]:
     samples: dict[str, dict] = {}
     try:
         with open(shard, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+            stat = os.fstat(raw.fileno())  # the identity of the shard read (a shard rewritten meanwhile: not it)
             for member in tar:
                 if not member.isfile():
                     continue
@@ -78,7 +79,7 @@ def shard_task(args: tuple) -> tuple[list[Row], list[Reject]]:
                     sample["image"] = (member.name, member.offset_data, member.size, data)
     except (tarfile.TarError, OSError, EOFError) as exc:
         return [], [{"source": shard, "reason": f"unreadable tar shard ({exc})"}]
-    mtime = os.stat(shard).st_mtime_ns
+    identity = {"ctime_ns": stat.st_ctime_ns, "source_size": stat.st_size}
     listings = FolderListings()
 
     def read_member(offset: int, length: int) -> bytes:
@@ -105,7 +106,9 @@ def shard_task(args: tuple) -> tuple[list[Row], list[Reject]]:
         if problem:
             rejects.append({"source": f"{shard}:{name}", "reason": problem, "key": key})
             continue
-        rows.append(Row(key, result[0], result[1], caption, shard, offset, length, mtime, paired))
+        rows.append(
+            Row(key, result[0], result[1], caption, shard, offset, length, stat.st_mtime_ns, paired, **identity)
+        )
     return rows, rejects
 
 
