@@ -71,3 +71,64 @@ def test_f11_an_indexed_caption_with_odd_breaks_is_served_whole(tmp_path):
     assert {r["caption"] for r in rows_of(tmp_path / "m.parquet").values()} == {ODD_BREAKS}
     served = [c for batch in loader(str(tmp_path / "m.parquet")) for c in batch["captions"]]
     assert served == [ODD_BREAKS, ODD_BREAKS]
+
+
+# -- f8: a tar appended to (tar -r / tar -u): the last copy of a member is the current one ----------------------
+def png_bytes(width: int, height: int) -> bytes:
+    from .images import photo_like
+
+    out = io.BytesIO()
+    photo_like(width, height).save(out, "PNG")
+    return out.getvalue()
+
+
+def appended_shard(path) -> None:
+    """``0000`` written with a landscape picture, caption and depth, then all three appended again in portrait
+    (what ``tar -rf`` / ``tar -uf`` leave); ``0001`` written once."""
+    with tarfile.open(path, "w") as tar:
+        add_member(tar, "0000.jpg", jpeg_bytes(120, 80, seed=1))
+        add_member(tar, "0000.txt", b"old caption")
+        add_member(tar, "0000.depth.png", png_bytes(120, 80))
+        add_member(tar, "0001.jpg", jpeg_bytes(100, 100, seed=2))
+        add_member(tar, "0001.depth.png", png_bytes(100, 100))
+    with tarfile.open(path, "a") as tar:
+        add_member(tar, "0000.depth.png", png_bytes(80, 120))
+        add_member(tar, "0000.jpg", jpeg_bytes(80, 120, seed=3))
+        add_member(tar, "0000.txt", b"new caption")
+
+
+def last_copies(path) -> dict[str, tuple[int, int]]:
+    with tarfile.open(path) as tar:
+        return {m.name: (m.offset_data, m.size) for m in tar}  # later members overwrite earlier ones
+
+
+def check_last_copy_wins(manifest, shard) -> None:
+    rows = rows_of(manifest)
+    last = last_copies(shard)
+    new = rows["0000"]
+    assert (new["width"], new["height"], new["caption"]) == (80, 120, "new caption")
+    assert (new["offset"], new["length"]) == last["0000.jpg"]
+    assert (new["depth.offset"], new["depth.length"], new["depth.width"]) == (*last["0000.depth.png"], 80)
+    assert rows["0001"]["caption"] is None and len(rows) == 2
+    assert rejects_of(manifest) == []  # an older copy is no sample of its own
+
+
+def test_f8_a_tar_appended_to_is_indexed_with_the_last_copy_of_every_member(tmp_path):
+    from dali_arb.pairs import PairSpec
+
+    shard = tmp_path / "00000.tar"
+    appended_shard(shard)
+    build_index([str(shard)], tmp_path / "m.parquet", progress=False, workers=1, pairs=[PairSpec("depth")])
+    check_last_copy_wins(tmp_path / "m.parquet", shard)
+
+
+def test_f8_two_images_of_one_key_under_different_names_stay_a_duplicate(tmp_path):
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w") as tar:
+        add_member(tar, "0000.jpg", jpeg_bytes(120, 80))
+        add_member(tar, "0000.png", png_bytes(80, 120))
+        add_member(tar, "0000.jpg", jpeg_bytes(100, 100))
+    build_index([str(shard)], tmp_path / "m.parquet", progress=False, workers=1)
+    row = rows_of(tmp_path / "m.parquet")["0000"]
+    assert (row["width"], row["height"], row["offset"]) == (100, 100, last_copies(shard)["0000.jpg"][0])
+    assert [r["reason"] for r in rejects_of(tmp_path / "m.parquet")] == ["duplicate key '0000' (kept 0000.jpg)"]
