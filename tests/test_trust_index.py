@@ -132,3 +132,48 @@ def test_f8_two_images_of_one_key_under_different_names_stay_a_duplicate(tmp_pat
     row = rows_of(tmp_path / "m.parquet")["0000"]
     assert (row["width"], row["height"], row["offset"]) == (100, 100, last_copies(shard)["0000.jpg"][0])
     assert [r["reason"] for r in rejects_of(tmp_path / "m.parquet")] == ["duplicate key '0000' (kept 0000.jpg)"]
+
+
+# -- f21: mistakes that ended in "internal error" are one line each -------------------------------------------
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    code = main(argv)
+    err = capsys.readouterr().err
+    return code, err
+
+
+def check_one_line(code: int, err: str, *words: str) -> None:
+    assert code != 0
+    assert "internal error" not in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    for word in words:
+        assert word in err, err
+
+
+def test_f21_metadata_with_a_column_named_twice_is_one_line(tmp_path, capsys):
+    (tmp_path / "dup.csv").write_text("key,width,height,key\na,10,10,b\n", encoding="utf-8")
+    code, err = run_cli(["index", str(tmp_path / "dup.csv"), "-o", str(tmp_path / "m.parquet")], capsys)
+    check_one_line(code, err, "dup.csv", "'key'", "more than once")
+    table = pa.Table.from_arrays([pa.array(["a"]), pa.array([10]), pa.array([10]), pa.array([10])],
+                                 names=["key", "width", "height", "width"])  # fmt: skip
+    pq.write_table(table, tmp_path / "dup.parquet")
+    code, err = run_cli(["index", str(tmp_path / "dup.parquet"), "-o", str(tmp_path / "m.parquet")], capsys)
+    check_one_line(code, err, "dup.parquet", "'width'")
+
+
+def test_f21_unbalanced_braces_in_a_source_url_are_one_line(tmp_path, capsys):
+    url = "s3://bucket/shards/{00000..00002.tar"
+    code, err = run_cli(["index", url, "-o", str(tmp_path / "m.parquet")], capsys)
+    check_one_line(code, err, url, "unbalanced braces")
+    assert not (tmp_path / "m.parquet").exists()
+
+
+@pytest.mark.parametrize("captions", [pa.array([b"a cat"] * 4, pa.binary()), pa.array([["a", "cat"]] * 4)])
+def test_f21_a_manifest_whose_captions_are_not_text_is_one_line(tmp_path, capsys, captions):
+    table = pa.table({"key": [f"k{i}" for i in range(4)], "width": pa.array([100] * 4, pa.int32()),
+                      "height": pa.array([100] * 4, pa.int32()), "caption": captions})  # fmt: skip
+    pq.write_table(table, tmp_path / "m.parquet")
+    for command in (["plan", "-b", "2"], ["buckets", "-b", "2"]):
+        code, err = run_cli([command[0], str(tmp_path / "m.parquet"), *command[1:]], capsys)
+        check_one_line(code, err, "m.parquet", "'caption'", "binary" if captions.type == pa.binary() else "list<")
+    with pytest.raises(Exception, match="column 'caption' holds"):
+        Manifest(table)

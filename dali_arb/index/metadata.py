@@ -30,9 +30,11 @@ def metadata_rows(path: Path, *, base_url: str | None = None) -> tuple[pa.Table,
                 path, convert_options=pacsv.ConvertOptions(column_types={"key": pa.string(), "caption": pa.string()})
             )
         else:
+            _check_unique(pq.read_schema(path).names, path)
             table = pq.read_table(path)
     except (pa.ArrowException, OSError) as exc:
         raise IndexingError(f"cannot read metadata {path}: {str(exc).splitlines()[0]}") from None
+    _check_unique(table.column_names, path)
     names = set(table.column_names)
     missing = [c for c in ("key", "width", "height") if c not in names]
     if missing:
@@ -71,7 +73,7 @@ def metadata_rows(path: Path, *, base_url: str | None = None) -> tuple[pa.Table,
         )
     good_size = pc.invert(pc.or_(bad_width, bad_height))
     keep = pc.and_(keep, good_size)
-    caption = _text(table.column("caption")) if "caption" in names else pa.nulls(n, pa.string())
+    caption = _text(table.column("caption"), path) if "caption" in names else pa.nulls(n, pa.string())
     caption = pc.if_else(pc.equal(pc.utf8_trim_whitespace(caption), ""), pa.scalar(None, pa.string()), caption)
     path_column = next((c for c in ("path", "filepath", "file", "image_path") if c in names), None)
     if path_column:
@@ -122,6 +124,16 @@ def metadata_rows(path: Path, *, base_url: str | None = None) -> tuple[pa.Table,
 INT32_MAX = 2**31 - 1
 
 
+def _check_unique(names: list[str], path: Path) -> None:
+    """An IndexingError naming the columns of metadata ``path`` that occur more than once."""
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise IndexingError(
+            f"metadata {path} has column(s) {', '.join(map(repr, twice))} more than once; "
+            "rename or drop the extra column(s) (each name once)"
+        )
+
+
 def _whole_numbers(column: pa.ChunkedArray, name: str, path: Path) -> tuple[pa.Array, pa.Array]:
     """``(values as int64, bad)`` of a size column: ``bad`` marks values that are not whole numbers in
     ``1..INT32_MAX`` (text that is not a number, fractions, NaN, values that would wrap in int32, nulls)."""
@@ -147,7 +159,7 @@ def _whole_numbers(column: pa.ChunkedArray, name: str, path: Path) -> tuple[pa.A
     return pc.if_else(good, column, None), pc.invert(good)
 
 
-def _text(column: pa.ChunkedArray) -> pa.Array:
+def _text(column: pa.ChunkedArray, path: Path) -> pa.Array:
     """Captions as UTF-8 strings: binary values are decoded like caption files (UTF-8, UTF-16 with a BOM,
     else Windows-1252)."""
     from .folders import decode_caption
@@ -159,4 +171,6 @@ def _text(column: pa.ChunkedArray) -> pa.Array:
     try:
         return pc.cast(column, pa.string())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        raise IndexingError(f"caption column holds {column.type}, not text; write captions as strings") from None
+        raise IndexingError(
+            f"metadata {path}: column 'caption' holds {column.type}, not text; write captions as strings"
+        ) from None
