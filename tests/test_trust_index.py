@@ -177,3 +177,38 @@ def test_f21_a_manifest_whose_captions_are_not_text_is_one_line(tmp_path, capsys
         check_one_line(code, err, "m.parquet", "'caption'", "binary" if captions.type == pa.binary() else "list<")
     with pytest.raises(Exception, match="column 'caption' holds"):
         Manifest(table)
+
+
+# -- f25a: a symlinked folder never leads the walk back up (to `/`, a parent) or into /proc, /sys, /dev ----------
+@pytest.mark.slow  # (a process of its own, so that a walk of / or /proc would end at the timeout)
+def test_f25a_symlinked_folders_to_ancestors_or_system_folders_are_rejected_not_crawled(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    save_jpeg(outside / "stray.jpg", 64, 64)  # reached through `up -> ..` only if the walk leaves the dataset
+    root = tmp_path / "outside" / "photos"
+    (root / "sub").mkdir(parents=True)
+    (root / ".hidden").mkdir()
+    save_jpeg(root / "a.jpg", 64, 64)
+    save_jpeg(root / "sub" / "b.jpg", 64, 64)
+    save_jpeg(root / ".hidden" / "c.jpg", 64, 64)
+    links = {
+        "up": "..",
+        "top": "/",
+        "proc": "/proc",
+        "loop": ".",
+        "sub/back": "..",
+        "mirror": "sub",
+        "shown": ".hidden",
+    }
+    for name, target in links.items():
+        os.symlink(target, root / name)
+    out = tmp_path / "m.parquet"
+    command = [sys.executable, "-m", "dali_arb", "index", str(root), "-o", str(out), "--workers", "1"]
+    subprocess.run(command, check=True, timeout=60, capture_output=True)  # never a crawl of / or /proc
+    assert set(rows_of(out)) == {"a", "sub/b", "shown/c"}  # a link inside the dataset is followed
+    reasons = {os.path.relpath(r["source"], root): r["reason"] for r in rejects_of(out)}
+    for name in ("up", "top", "loop", "sub/back"):
+        assert reasons.pop(name).startswith(f"symlinked folder {root / name} leads to {os.path.realpath(root / name)}")
+    assert "a system folder" in reasons.pop("proc")
+    assert reasons.pop("mirror") == f"symlink to {root / 'sub'}, which is indexed itself"
+    assert reasons == {}
