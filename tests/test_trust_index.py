@@ -212,3 +212,48 @@ def test_f25a_symlinked_folders_to_ancestors_or_system_folders_are_rejected_not_
     assert "a system folder" in reasons.pop("proc")
     assert reasons.pop("mirror") == f"symlink to {root / 'sub'}, which is indexed itself"
     assert reasons == {}
+
+
+# -- f20: a sidecar caption that cannot be read is never "no caption" -----------------------------------------
+def captioned_folder(tmp_path, n: int = 3):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(n):
+        save_jpeg(folder / f"p{i}.jpg", 64, 64, seed=i)
+        (folder / f"p{i}.txt").write_text(f"caption {i}", encoding="utf-8")
+    return folder
+
+
+def failing_open(monkeypatch, name: str, code: int) -> None:
+    """``open`` of any file called ``name`` fails with ``code`` (in this process and the workers it forks)."""
+    real_open = builtins.open
+
+    def patched(file, *args, **kwargs):
+        if os.path.basename(str(file)) == name:
+            raise OSError(code, os.strerror(code), str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", patched)
+
+
+def test_f20_an_unreadable_local_caption_rejects_its_sample_also_on_update(tmp_path, monkeypatch):
+    folder = captioned_folder(tmp_path)
+    out = tmp_path / "m.parquet"
+    build_index([str(folder)], out, progress=False, workers=1)
+    failing_open(monkeypatch, "p1.txt", errno.EACCES)
+    summary = build_index([str(folder)], out, progress=False, workers=1, update=True)
+    rows = rows_of(out)
+    assert {k: r["caption"] for k, r in rows.items()} == {"p0": "caption 0", "p2": "caption 2"}
+    assert summary.rejected == 1
+    [reject] = rejects_of(out)
+    assert reject["key"] == "p1" and reject["source"] == str(folder / "p1.jpg")
+    assert reject["reason"] == f"caption file {folder / 'p1.txt'} is unreadable (Permission denied)"
+
+
+def test_f20_a_failing_disk_under_a_local_caption_stops_the_run(tmp_path, monkeypatch):
+    folder = captioned_folder(tmp_path)
+    out = tmp_path / "m.parquet"
+    failing_open(monkeypatch, "p1.txt", errno.EIO)
+    with pytest.raises(StorageError, match=r"p1\.txt: Input/output error"):
+        build_index([str(folder)], out, progress=False, workers=1)
+    assert not out.exists() and not os.path.exists(f"{out}.rejects.jsonl")

@@ -3,6 +3,7 @@ sidecar captions, and reusing the rows of unchanged files for ``--update``."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat as stat_module
 from collections.abc import Iterator
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..errors import StorageError
 from ..imagefacts import inspect_image
 from .pairing import FolderListings, find_pairs
 from .records import Reject, Row
@@ -46,15 +48,26 @@ def decode_caption(data: bytes) -> str:
         return data.decode("cp1252", errors="replace").strip()
 
 
-def read_caption(path: str | None) -> str | None:
-    """The text of a sidecar caption file (found in the folder's listing), or None."""
+#: Errors of a caption file itself (its sample is rejected); any other OSError is the disk or the system failing.
+FILE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOENT, errno.EISDIR, errno.ELOOP, errno.ENAMETOOLONG})
+
+
+def read_caption(path: str | None) -> tuple[str | None, str | None]:
+    """``(text, None)`` of a sidecar caption file found in the folder's listing (``(None, None)`` for no file),
+    or ``(None, why)`` when the file cannot be read (its sample is rejected: never "no caption"). A
+    StorageError when the disk or the system fails (EIO, EMFILE...): the run stops."""
     if path is None:
-        return None
+        return None, None
     try:
         with open(path, "rb") as fh:
-            return decode_caption(fh.read())
-    except OSError:
-        return None
+            return decode_caption(fh.read()), None
+    except OSError as exc:
+        if exc.errno in FILE_ERRNOS:
+            return None, f"caption file {display_path(path)} is unreadable ({exc.strerror or exc})"
+        raise StorageError(
+            f"{display_path(path)}: {exc.strerror or exc}; the disk or the system failed (not this file): "
+            "fix that and index again"
+        ) from None
 
 
 def caption_files(names: list[str]) -> dict[str, str]:
@@ -129,8 +142,11 @@ def folder_task(args: tuple) -> tuple[list[Row], list[Reject], int]:
         if problem:
             rejects.append({"source": path, "reason": problem, "key": key})
             continue
+        caption, problem = read_caption(os.path.join(root, caption_rel) if caption_rel else None)
+        if problem:
+            rejects.append({"source": path, "reason": problem, "key": key})
+            continue
         kept_by_key[key] = path
-        caption = read_caption(os.path.join(root, caption_rel) if caption_rel else None)
         rows.append(Row(key, width, height, caption, path, 0, stat.st_size, stat.st_mtime_ns, paired))
     return rows, rejects, reused
 
