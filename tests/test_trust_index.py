@@ -257,3 +257,119 @@ def test_f20_a_failing_disk_under_a_local_caption_stops_the_run(tmp_path, monkey
     with pytest.raises(StorageError, match=r"p1\.txt: Input/output error"):
         build_index([str(folder)], out, progress=False, workers=1)
     assert not out.exists() and not os.path.exists(f"{out}.rejects.jsonl")
+
+
+# -- object storage: moto's S3 server on loopback ---------------------------------------------------------------
+BUCKET = "trust"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    import boto3
+
+    from dali_arb.loopback import moto_s3
+
+    with moto_s3() as server:
+        boto3.client("s3").create_bucket(Bucket=BUCKET)
+        yield server
+
+
+def put(key: str, data: bytes) -> None:
+    import obstore
+    from obstore.store import S3Store
+
+    obstore.put(S3Store(BUCKET, client_options={"allow_http": True}), key, data)
+
+
+def delete(key: str) -> None:
+    import obstore
+    from obstore.store import S3Store
+
+    obstore.delete(S3Store(BUCKET, client_options={"allow_http": True}), key)
+
+
+# f8: a shard in object storage, appended to
+def test_f8_a_shard_in_object_storage_appended_to_is_indexed_with_the_last_copies(s3, tmp_path):
+    from dali_arb.pairs import PairSpec
+
+    shard = tmp_path / "00000.tar"
+    appended_shard(shard)
+    put("f8/00000.tar", shard.read_bytes())
+    out = tmp_path / "m.parquet"
+    build_index([f"s3://{BUCKET}/f8/00000.tar"], out, progress=False, workers=1, pairs=[PairSpec("depth")])
+    check_last_copy_wins(out, shard)
+
+
+# f19: keys object storage allows but paths cannot hold
+def put_bad(key: str) -> None:
+    import boto3
+
+    boto3.client("s3").put_object(Bucket=BUCKET, Key=key, Body=jpeg_bytes(64, 64))  # (obstore cannot write it)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["zz//w.jpg", "a//x.jpg", "./y.jpg", "../z.jpg", "zz/./q/v.jpg"],  # some sort after the images: the page before
+)
+def test_f19_one_key_with_an_empty_dot_or_dotdot_segment_is_rejected_and_the_prefix_indexed(s3, tmp_path, bad):
+    prefix = f"f19-{len(bad)}-{bad.count('.')}-{bad[0]}"
+    good = {f"img{i}.jpg": jpeg_bytes(64, 64, seed=i) for i in range(4)}
+    good.update(
+        {"zz/ok.jpg": jpeg_bytes(64, 64, seed=7), "zz/0": jpeg_bytes(64, 64, seed=8)}
+    )  # "zz/0": just after "zz//"
+    for name, data in good.items():
+        put(f"{prefix}/{name}", data)
+    put_bad(f"{prefix}/{bad}")
+    out = tmp_path / "m.parquet"
+    summary = build_index([f"s3://{BUCKET}/{prefix}/"], out, progress=False, workers=1)
+    assert set(rows_of(out)) == {os.path.splitext(n)[0] for n in good} and summary.rows == len(good)
+    [reject] = rejects_of(out)
+    assert reject["source"] == f"s3://{BUCKET}/{prefix}/{bad}"
+    assert reject["reason"].startswith("key has an empty, '.' or '..' path segment, which this reader cannot address")
+
+
+def test_f19_several_bad_keys_in_one_folder_that_hide_images_stop_the_run_naming_them(s3, tmp_path):
+    good = [f"img{i}.jpg" for i in range(4)]
+    for name in good:
+        put(f"f19many/{name}", jpeg_bytes(64, 64))
+    bad = ["f19many/../z.jpg", "f19many/./y.jpg", "f19many/a//x.jpg", "f19many/zz//w.jpg"]
+    for key in bad:
+        put_bad(key)
+    # the store returns the images in one page with the last bad key, and the folder's listing fails on the
+    # others: the run says which key to rename instead of indexing a prefix with images missing
+    with pytest.raises(IndexingError, match=r"f19many/: objects of this folder .* could not be listed"):
+        build_index([f"s3://{BUCKET}/f19many/"], tmp_path / "m.parquet", progress=False, workers=1)
+
+
+# f20: a sidecar caption in storage that cannot be read
+def test_f20_a_caption_object_gone_before_its_read_rejects_the_sample(s3):
+    from dali_arb.index.remote import prefix_tasks, remote_folder_task
+
+    for i in range(3):
+        put(f"f20gone/p{i}.jpg", jpeg_bytes(64, 64, seed=i))
+        put(f"f20gone/p{i}.txt", f"caption {i}".encode())
+    [task], _ = prefix_tasks(f"s3://{BUCKET}/f20gone/", 10**8)
+    delete("f20gone/p1.txt")
+    rows, rejects, _ = remote_folder_task(task)
+    assert {r.key: r.caption for r in rows} == {"p0": "caption 0", "p2": "caption 2"}
+    [reject] = rejects
+    assert reject["key"] == "p1" and f"caption s3://{BUCKET}/f20gone/p1.txt was listed but is gone" in reject["reason"]
+
+
+def test_f20_a_failing_store_under_a_caption_stops_the_update_instead_of_erasing_it(s3, tmp_path, monkeypatch):
+    from dali_arb.index.folders import PreviousRows
+    from dali_arb.index.remote import prefix_tasks, remote_folder_task
+    from dali_arb.loopback import FaultProxy
+
+    for i in range(2):
+        put(f"f20fail/p{i}.jpg", jpeg_bytes(64, 64, seed=i))
+        put(f"f20fail/p{i}.txt", f"caption {i}".encode())
+    out = tmp_path / "m.parquet"
+    build_index([f"s3://{BUCKET}/f20fail/"], out, progress=False, workers=1)
+    previous = PreviousRows(Manifest.read(out).table)
+    [task], _ = prefix_tasks(f"s3://{BUCKET}/f20fail/", 10**8, previous)  # unchanged images: only captions read
+    monkeypatch.setattr("dali_arb.storage.BACKOFF_S", 0.001)
+    with FaultProxy(s3.port, slow_down=1000) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        with pytest.raises(StorageError, match=f"s3://{BUCKET}/f20fail/p0.txt: the store kept failing"):
+            remote_folder_task(task)
