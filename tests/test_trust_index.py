@@ -288,6 +288,37 @@ def delete(key: str) -> None:
     obstore.delete(S3Store(BUCKET, client_options={"allow_http": True}), key)
 
 
+# f3: metadata whose paths are URLs
+@pytest.mark.parametrize("list_from", [64, 2])  # objects asked for one by one (HEAD), or their folder listed
+def test_f3_metadata_with_object_storage_paths_serves_every_image(s3, tmp_path, monkeypatch, list_from):
+    monkeypatch.setattr("dali_arb.index.metadata.LIST_FROM", list_from)
+    sizes = [(300, 200), (200, 300), (240, 240)] * 2
+    rows = {"key": [], "width": [], "height": [], "path": []}
+    for i, (w, h) in enumerate(sizes):
+        put(f"f3/imgs/{i}.jpg", jpeg_bytes(w, h, seed=i))
+        path = f"s3://{BUCKET}/f3/imgs/{i}.jpg" if i % 2 else f"../imgs/./{i}.jpg"  # absolute, or relative
+        for name, value in zip(rows, (f"k{i}", w, h, path)):
+            rows[name].append(value)
+    for name, value in zip(rows, ("gone", 100, 100, "../imgs/gone.jpg")):
+        rows[name].append(value)
+    meta = io.BytesIO()
+    pq.write_table(pa.table(rows), meta)
+    put("f3/meta/m.parquet", meta.getvalue())
+    out = tmp_path / "m.parquet"
+    build_index([f"s3://{BUCKET}/f3/meta/m.parquet"], out, progress=False, workers=1)
+    it = loader(str(out))
+    served = sorted(k for batch in it for k in batch["ids"])
+    assert served == sorted(f"k{i}" for i in range(6)) and it.state_dict()["failed"] == {}
+    indexed = rows_of(out)
+    assert set(indexed) == {f"k{i}" for i in range(6)}
+    for i in range(6):
+        assert indexed[f"k{i}"]["source"] == f"s3://{BUCKET}/f3/imgs/{i}.jpg"
+        assert indexed[f"k{i}"]["length"] == len(jpeg_bytes(*sizes[i], seed=i))  # the size, recorded at indexing
+    [reject] = rejects_of(out)
+    assert reject == {"source": f"s3://{BUCKET}/f3/imgs/gone.jpg", "key": "gone",
+                      "reason": "object named in metadata does not exist"}  # fmt: skip
+
+
 # f8: a shard in object storage, appended to
 def test_f8_a_shard_in_object_storage_appended_to_is_indexed_with_the_last_copies(s3, tmp_path):
     from dali_arb.pairs import PairSpec
