@@ -189,15 +189,19 @@ def _object_infos(urls: list[str]) -> dict:
     for url in urls:
         by_folder.setdefault(url.rsplit("/", 1)[0] + "/", set()).add(url)
     found: dict = {}
-    listed: list[str] = []
-    for folder in sorted(by_folder):
-        members = by_folder[folder]
-        if folder.startswith("http") or len(members) < LIST_FROM or any(folder.startswith(f) for f in listed):
+    listed: set[str] = set()
+
+    def covered(folder: str) -> bool:  # a folder inside one listed (listings are recursive)
+        parts = folder.split("/")
+        return any("/".join(parts[:i]) + "/" in listed for i in range(3, len(parts)))
+
+    for folder in sorted(by_folder):  # (a folder sorts after the folders that hold it)
+        if folder.startswith("http") or len(by_folder[folder]) < LIST_FROM or covered(folder):
             continue
-        listed.append(folder)
+        listed.add(folder)
         for info in list_objects(folder, []):
             found[info.url] = info
-    wanted = sorted({u for u in urls if u not in found and not any(u.startswith(f) for f in listed)})
+    wanted = sorted(url for folder, urls in by_folder.items() if not covered(folder) for url in urls - found.keys())
 
     def head_of(url: str):
         from ..storage import head
