@@ -1,7 +1,9 @@
 """Caption tricks the trainers build by hand (kohya's ``shuffle_caption`` / ``keep_tokens`` /
 ``caption_dropout_rate``, SimpleTuner's multi-line caption files), drawn reproducibly.
 
-A caption with several lines is several captions: one is drawn per sample per epoch. Then, with
+A caption with several lines is several captions: one is drawn per sample per epoch. Lines end at ``\n``,
+``\r\n`` or a lone ``\r`` only (:func:`caption_lines`); U+2028, U+0085, form feeds and the other breaks
+``str.splitlines`` knows are text inside a caption. Then, with
 probability ``dropout``, the caption becomes ``""`` (for classifier-free guidance). With ``shuffle_tags``
 it is split at ``separator``, the first ``keep_tags`` tags stay in front, the rest are shuffled, and the
 tags are joined with ``separator + " "``.
@@ -13,16 +15,26 @@ resume. Imports only the standard library and NumPy.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import ConfigError
 
-__all__ = ["CaptionPolicy"]
+__all__ = ["CaptionPolicy", "caption_lines"]
 
 #: Separates the caption draws from every other per-sample draw of the same (seed, epoch, step, position).
 CAPTION_STREAM = 0xCA9
+#: What ends a line of a caption file: LF, CRLF, or a lone CR (old Mac editors).
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+def caption_lines(text: str | None) -> list[str]:
+    """The captions a stored caption holds: its non-blank lines, stripped. Only ``\n``, ``\r\n`` and ``\r``
+    end a line (``str.splitlines`` would also cut at U+2028, U+0085, form feed and other characters that
+    occur inside captions)."""
+    return [line for line in (part.strip() for part in _LINE_BREAK.split(text or "")) if line]
 
 
 @dataclass(frozen=True)
@@ -66,8 +78,7 @@ class CaptionPolicy:
 
         The draws are made in a fixed order (line, dropout, shuffle) whatever the options, so turning
         one option on never changes what another one draws."""
-        lines = [line.strip() for line in (text or "").splitlines()]
-        lines = [line for line in lines if line]
+        lines = caption_lines(text)
         pick = rng.integers(len(lines)) if len(lines) > 1 else 0
         dropped = rng.random() < self.dropout
         caption = lines[pick] if lines else ""

@@ -121,6 +121,8 @@ class Manifest:
                     f"{where}: column {name!r} must hold integers, got {table.column(name).type}; "
                     "rebuild the manifest with `dali-arb index`"
                 )
+        if "caption" in table.column_names:
+            _check_captions(table.schema.field("caption").type, where)
         import pyarrow.compute as pc  # here, not at import: the core imports light
 
         if "length" in table.column_names and len(table):
@@ -358,7 +360,18 @@ def check_file(path: Path) -> pa.Schema:
                 f"manifest {path} was written by a newer dali_arb (format {number}, this version reads "
                 f"{FORMAT_VERSION}); upgrade dali_arb"
             )
+    if "caption" in schema.names:
+        _check_captions(schema.field("caption").type, f"manifest {path}")
     return schema
+
+
+def _check_captions(kind: pa.DataType, where: str) -> None:
+    """A ManifestError unless a ``caption`` column of type ``kind`` holds text (or only nulls)."""
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
+        raise ManifestError(
+            f"{where}: column 'caption' holds {kind}, not text; write captions as UTF-8 strings (one per row, "
+            "lines for several) or rebuild the manifest with `dali-arb index`"
+        )
 
 
 class Fingerprint:

@@ -638,9 +638,16 @@ def expand_sources(source: str) -> list[str]:
     (``s3://b/shards/*.tar``, listed) expanded; anything else as it is."""
     import fnmatch
 
-    from braceexpand import braceexpand
+    from braceexpand import UnbalancedBracesError, braceexpand
 
-    expanded = list(braceexpand(source)) if "{" in source else [source]
+    from .errors import ConfigError
+
+    try:
+        expanded = list(braceexpand(source)) if "{" in source else [source]
+    except UnbalancedBracesError:
+        raise ConfigError(
+            f"unbalanced braces in {source}: close each brace, e.g. {{00000..00099}} for a range or {{a,b}} for a choice"
+        ) from None
     out: list[str] = []
     for item in expanded:
         if is_url(item) and any(c in item for c in "*?["):

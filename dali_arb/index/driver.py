@@ -337,7 +337,9 @@ def _index_remote(kind, url, pool, max_pixels, pairs, take, flush, writer, summa
 
     try:
         if kind == "remote_folder":
-            tasks, _ = prefix_tasks(url, max_pixels, previous, pair_listings(pairs))
+            unlisted: list[Reject] = []
+            tasks, _ = prefix_tasks(url, max_pixels, previous, pair_listings(pairs), unlisted)
+            take([], unlisted, len(unlisted))
             for (rows, rejects, io), task in _ordered_map(pool, remote_folder_task, iter(tasks)):
                 summary.reused += io["reused"]
                 summary.remote_requests += io["requests"]

@@ -3,6 +3,7 @@ sidecar captions, and reusing the rows of unchanged files for ``--update``."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat as stat_module
 from collections.abc import Iterator
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..errors import StorageError
 from ..imagefacts import inspect_image
 from ..manifest import IDENTITY
 from .pairing import FolderListings, find_pairs
@@ -47,15 +49,26 @@ def decode_caption(data: bytes) -> str:
         return data.decode("cp1252", errors="replace").strip()
 
 
-def read_caption(path: str | None) -> str | None:
-    """The text of a sidecar caption file (found in the folder's listing), or None."""
+#: Errors of a caption file itself (its sample is rejected); any other OSError is the disk or the system failing.
+FILE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOENT, errno.EISDIR, errno.ELOOP, errno.ENAMETOOLONG})
+
+
+def read_caption(path: str | None) -> tuple[str | None, str | None]:
+    """``(text, None)`` of a sidecar caption file found in the folder's listing (``(None, None)`` for no file),
+    or ``(None, why)`` when the file cannot be read (its sample is rejected: never "no caption"). A
+    StorageError when the disk or the system fails (EIO, EMFILE...): the run stops."""
     if path is None:
-        return None
+        return None, None
     try:
         with open(path, "rb") as fh:
-            return decode_caption(fh.read())
-    except OSError:
-        return None
+            return decode_caption(fh.read()), None
+    except OSError as exc:
+        if exc.errno in FILE_ERRNOS:
+            return None, f"caption file {display_path(path)} is unreadable ({exc.strerror or exc})"
+        raise StorageError(
+            f"{display_path(path)}: {exc.strerror or exc}; the disk or the system failed (not this file): "
+            "fix that and index again"
+        ) from None
 
 
 def caption_files(names: list[str]) -> dict[str, str]:
@@ -130,8 +143,11 @@ def folder_task(args: tuple) -> tuple[list[Row], list[Reject], int]:
         if problem:
             rejects.append({"source": path, "reason": problem, "key": key})
             continue
+        caption, problem = read_caption(os.path.join(root, caption_rel) if caption_rel else None)
+        if problem:
+            rejects.append({"source": path, "reason": problem, "key": key})
+            continue
         kept_by_key[key] = path
-        caption = read_caption(os.path.join(root, caption_rel) if caption_rel else None)
         identity = {"ctime_ns": stat.st_ctime_ns, "source_size": stat.st_size}
         rows.append(Row(key, width, height, caption, path, 0, stat.st_size, stat.st_mtime_ns, paired, **identity))
     return rows, rejects, reused
@@ -187,8 +203,9 @@ class PreviousRows:
 
 class FolderWalk:
     """Walks the folder sources of one index run: each real folder once (overlapping sources and symlinked
-    folders included, which are followed), symlinked files into an input folder skipped (the file itself is
-    indexed), and walk errors (an unreadable subfolder) turned into rejects instead of being ignored.
+    folders included, which are followed unless they lead back up, into a system folder or to a folder indexed
+    itself: :meth:`_follow`), symlinked files into an input folder skipped (the file itself is indexed), and walk
+    errors (an unreadable subfolder) turned into rejects instead of being ignored.
 
     ``rejects`` collects what the walk refused; the driver drains it.
     """
@@ -207,6 +224,32 @@ class FolderWalk:
     def _inside_inputs(self, real: str) -> bool:
         return any(real == r or real.startswith(r + os.sep) for r in self.real_roots)
 
+    def _follow(self, directory: str, real: str, name: str) -> bool:
+        """Whether to walk the symlinked folder ``name`` of ``directory`` (whose real path is ``real``); when not,
+        why is added to the rejects. Not followed: a link to a folder that holds it (``..``, ``/``: the walk would
+        cover the dataset again and all around it), into ``/proc``, ``/sys`` or ``/dev``, or to a folder the
+        inputs index under its own name. Followed: links out to other folders (another disk) and to hidden ones."""
+        link = os.path.join(directory, name)
+        target = os.path.realpath(link)
+        if _holds(target, real):
+            reason = f"symlinked folder {display_path(link)} leads to {display_path(target)}, which holds it; not followed (it would walk the dataset again and everything around it)"  # fmt: skip
+        elif any(_holds(system, target) for system in SYSTEM_FOLDERS):
+            reason = f"symlinked folder {display_path(link)} leads to {display_path(target)}, a system folder; not followed"  # fmt: skip
+        elif self._indexed_itself(target):
+            reason = f"symlink to {display_path(target)}, which is indexed itself"
+        else:
+            return True
+        self.rejects.append({"source": display_path(link), "reason": reason})
+        return False
+
+    def _indexed_itself(self, real: str) -> bool:
+        """Whether the folder ``real`` is walked under its own name: inside an input, on no hidden path."""
+        for root in self.real_roots:
+            if _holds(root, real):
+                parts = os.path.relpath(real, root).split(os.sep)
+                return not any(part.startswith(".") and part not in (".", "..") for part in parts)
+        return False
+
     def tasks(self, root: str) -> Iterator[tuple]:
         """Groups of image candidates of the tree at ``root``, same-stem files kept in one group."""
 
@@ -214,7 +257,7 @@ class FolderWalk:
             where = display_path(exc.filename or root)
             self.rejects.append({"source": where, "reason": f"unreadable folder ({exc.strerror or exc}); its images were not indexed"})  # fmt: skip
 
-        for directory, dirnames, entries in _walk(root, on_error):
+        for directory, dirnames, entries, linked in _walk(root, on_error):
             real = os.path.realpath(directory)
             if real in self.walked:
                 dirnames[:] = []
@@ -222,7 +265,9 @@ class FolderWalk:
                 continue
             self.walked[real] = directory
             known = self.previous.folder(os.path.normpath(directory)) if self.previous else {}
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            dirnames[:] = sorted(
+                d for d in dirnames if not d.startswith(".") and (d not in linked or self._follow(directory, real, d))
+            )
             sidecars = caption_files([e.name for e in entries])
             names, captions = [], []
             for entry in sorted(entries, key=lambda e: e.name):
@@ -253,10 +298,20 @@ class FolderWalk:
                 start = end
 
 
-def _walk(root: str, on_error) -> Iterator[tuple[str, list[str], list[os.DirEntry]]]:
+#: Pseudo-filesystems a symlinked folder is never followed into.
+SYSTEM_FOLDERS = ("/proc", "/sys", "/dev")
+
+
+def _holds(folder: str, path: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (both real, absolute paths)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _walk(root: str, on_error) -> Iterator[tuple[str, list[str], list[os.DirEntry], set[str]]]:
     """``os.walk`` top-down that follows symlinked folders and yields the files' ``DirEntry`` objects
-    (their symlink flag comes with the listing): ``(folder, subfolder names to descend, file entries)``.
-    Loops through symlinks end where the caller drops folders it has walked (``dirnames[:] = []``)."""
+    (their symlink flag comes with the listing): ``(folder, subfolder names to descend, file entries, names of
+    the subfolders that are symlinks)``. The caller drops the subfolders it will not walk (``dirnames[:] = ...``):
+    loops end there, at folders it has walked."""
     stack = [root]
     while stack:
         directory = stack.pop()
@@ -266,12 +321,14 @@ def _walk(root: str, on_error) -> Iterator[tuple[str, list[str], list[os.DirEntr
         except OSError as exc:
             on_error(exc)
             continue
-        dirnames, files = [], []
+        dirnames, files, linked = [], [], set()
         for entry in entries:
             try:
                 is_dir = entry.is_dir()  # follows symlinks, like os.walk(followlinks=True)
             except OSError:
                 is_dir = False
             (dirnames if is_dir else files).append(entry.name if is_dir else entry)
-        yield directory, dirnames, files
+            if is_dir and entry.is_symlink():
+                linked.add(entry.name)
+        yield directory, dirnames, files, linked
         stack.extend(os.path.join(directory, d) for d in reversed(dirnames))

@@ -21,7 +21,8 @@ def metadata_rows(path: Path, *, base_url: str | None = None) -> tuple[pa.Table,
     """Rows from img2dataset-style Parquet/CSV metadata with ``key``, ``width``, ``height`` columns.
 
     ``base_url``: the metadata came from object storage (``path`` is a local copy); relative paths in it are
-    taken relative to this URL prefix and not checked here (the loader replaces samples that are not there)."""
+    taken relative to this URL prefix. Rows naming objects in storage get their size and modification time from
+    the store (:func:`_locations`)."""
     import pyarrow.csv as pacsv
 
     try:
@@ -30,9 +31,11 @@ def metadata_rows(path: Path, *, base_url: str | None = None) -> tuple[pa.Table,
                 path, convert_options=pacsv.ConvertOptions(column_types={"key": pa.string(), "caption": pa.string()})
             )
         else:
+            _check_unique(pq.read_schema(path).names, path)
             table = pq.read_table(path)
     except (pa.ArrowException, OSError) as exc:
         raise IndexingError(f"cannot read metadata {path}: {str(exc).splitlines()[0]}") from None
+    _check_unique(table.column_names, path)
     names = set(table.column_names)
     missing = [c for c in ("key", "width", "height") if c not in names]
     if missing:
@@ -71,35 +74,19 @@ def metadata_rows(path: Path, *, base_url: str | None = None) -> tuple[pa.Table,
         )
     good_size = pc.invert(pc.or_(bad_width, bad_height))
     keep = pc.and_(keep, good_size)
-    caption = _text(table.column("caption")) if "caption" in names else pa.nulls(n, pa.string())
+    caption = _text(table.column("caption"), path) if "caption" in names else pa.nulls(n, pa.string())
     caption = pc.if_else(pc.equal(pc.utf8_trim_whitespace(caption), ""), pa.scalar(None, pa.string()), caption)
     path_column = next((c for c in ("path", "filepath", "file", "image_path") if c in names), None)
+    mtime = pa.nulls(n, pa.int64())
     if path_column:
-        from ..storage import is_url
-
-        base = path.parent
-
-        def resolve(p: str) -> str:
-            if is_url(p) or os.path.isabs(p):
-                return p
-            return base_url + p if base_url else str(base / p)
-
-        sources = [
-            None if p is None else resolve(p) for p in pc.cast(table.column(path_column), pa.string()).to_pylist()
-        ]
-        exists = [s is not None and (is_url(s) or os.path.isfile(s)) for s in sources]
-        for row, (s, ok) in enumerate(zip(sources, exists)):
-            if not ok and keep[row].as_py():
-                rejects.append(
-                    {
-                        "source": s or f"{path}#{key[row].as_py()}",
-                        "reason": "file named in metadata does not exist",
-                        "key": key[row].as_py(),
-                    }
-                )
-        keep = pc.and_(keep, pa.array(exists))
+        paths = pc.cast(table.column(path_column), pa.string()).to_pylist()
+        sources, lengths, mtimes, problems = _locations(paths, path, base_url, keep.to_pylist())
+        for row, (where, reason) in sorted(problems.items()):
+            rejects.append({"source": where or f"{path}#{key[row].as_py()}", "reason": reason, "key": key[row].as_py()})
+        keep = pc.and_(keep, pa.array([row not in problems for row in range(n)]))
         source = pa.array(sources, pa.string())
-        length = pa.array([-1] * n, pa.int64())
+        length = pa.array(lengths, pa.int64())
+        mtime = pa.array(mtimes, pa.int64())
     else:
         source = pa.nulls(n, pa.string())
         length = pa.nulls(n, pa.int64())
@@ -112,7 +99,7 @@ def metadata_rows(path: Path, *, base_url: str | None = None) -> tuple[pa.Table,
             "source": source,
             "offset": pa.array([0] * n, pa.int64()) if path_column else pa.nulls(n, pa.int64()),
             "length": length,
-            "mtime_ns": pa.nulls(n, pa.int64()),
+            "mtime_ns": mtime,
         },
         schema=SCHEMA,
     )
@@ -120,6 +107,125 @@ def metadata_rows(path: Path, *, base_url: str | None = None) -> tuple[pa.Table,
 
 
 INT32_MAX = 2**31 - 1
+#: A folder of object storage with at least this many rows of metadata is listed (1000 objects per request);
+#: the objects of a folder with fewer are asked for one by one (HEAD), so a handful of rows never lists a big folder.
+LIST_FROM = 64
+#: HEAD requests in flight at once.
+CONCURRENT_HEADS = 32
+
+
+def _locations(
+    paths: list[str | None], metadata: Path, base_url: str | None, wanted: list[bool]
+) -> tuple[list, list, list, dict[int, tuple[str | None, str]]]:
+    """``(sources, lengths, mtimes, problems)`` of the ``paths`` column: each path resolved (relative to the
+    metadata's folder, or to ``base_url`` when the metadata came from object storage), and ``{row: (source,
+    reason)}`` for the ``wanted`` rows that cannot be served. A local file has length -1 (read whole); an object
+    in storage gets its size and modification time from the store now, so that the loader reads it whole and
+    checks it (a missing object is a problem; a failing store a StorageError)."""
+    from ..storage import is_url
+
+    sources: list[str | None] = []
+    problems: dict[int, tuple[str | None, str]] = {}
+    for row, p in enumerate(paths):
+        if p is None or is_url(p) or os.path.isabs(p):
+            source = p
+        elif base_url:
+            source = _joined(base_url, p)
+        else:
+            source = str(metadata.parent / p)
+        sources.append(source)
+        if not wanted[row]:
+            continue
+        if source is None:
+            problems[row] = (None, "file named in metadata does not exist")
+        elif not is_url(source) and not os.path.isfile(source):
+            problems[row] = (source, "file named in metadata does not exist")
+        elif is_url(source) and _bad_key(source):
+            problems[row] = (source, "path has an empty, '.' or '..' segment, which object storage paths cannot hold")
+    found = _object_infos(
+        [s for row, s in enumerate(sources) if wanted[row] and row not in problems and s and is_url(s)]
+    )
+    lengths, mtimes = [], []
+    for row, source in enumerate(sources):
+        info = found.get(source) if source else None
+        if source in found and info is None and wanted[row] and row not in problems:
+            problems[row] = (source, "object named in metadata does not exist")
+        lengths.append(info.size if info else (-1 if source else None))
+        mtimes.append(info.mtime_ns if info else None)
+    return sources, lengths, mtimes, problems
+
+
+def _joined(base_url: str, relative: str) -> str:
+    """``relative`` (a path) resolved against the folder URL ``base_url`` as a browser resolves it: ``.`` and ``..``
+    segments removed (``..`` never above the bucket), empty segments kept."""
+    from ..storage import split_url
+
+    scheme, bucket, key = split_url(base_url + relative)
+    out: list[str] = []
+    for part in key.split("/"):
+        if part == "..":
+            if out:
+                out.pop()
+        elif part != ".":
+            out.append(part)
+    return f"{scheme}://{bucket}/" + "/".join(out)
+
+
+def _bad_key(url: str) -> bool:
+    from ..storage import split_url
+
+    return any(part in ("", ".", "..") for part in split_url(url)[2].split("/"))
+
+
+def _object_infos(urls: list[str]) -> dict:
+    """``{url: ObjectInfo or None (not there)}`` of objects in storage: the folders holding :data:`LIST_FROM` or
+    more of them listed (a request per 1000 objects), the others asked for one by one (HEAD, concurrently)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..errors import ObjectMissing
+    from .remote import list_objects
+
+    by_folder: dict[str, set[str]] = {}
+    for url in urls:
+        by_folder.setdefault(url.rsplit("/", 1)[0] + "/", set()).add(url)
+    found: dict = {}
+    listed: set[str] = set()
+
+    def covered(folder: str) -> bool:  # a folder inside one listed (listings are recursive)
+        parts = folder.split("/")
+        return any("/".join(parts[:i]) + "/" in listed for i in range(3, len(parts)))
+
+    for folder in sorted(by_folder):  # (a folder sorts after the folders that hold it)
+        if folder.startswith("http") or len(by_folder[folder]) < LIST_FROM or covered(folder):
+            continue
+        listed.add(folder)
+        for info in list_objects(folder, []):
+            found[info.url] = info
+    wanted = sorted(url for folder, urls in by_folder.items() if not covered(folder) for url in urls - found.keys())
+
+    def head_of(url: str):
+        from ..storage import head
+
+        try:
+            return head(url)
+        except ObjectMissing:
+            return None
+
+    with ThreadPoolExecutor(CONCURRENT_HEADS) as pool:
+        found.update(zip(wanted, pool.map(head_of, wanted)))
+    for url in urls:
+        found.setdefault(url, None)  # in a listed folder, not listed: not there
+    return found
+
+
+def _check_unique(names: list[str], path: Path) -> None:
+    """An IndexingError naming the columns of metadata ``path`` that occur more than once."""
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise IndexingError(
+            f"metadata {path} has column(s) {', '.join(map(repr, twice))} more than once; "
+            "rename or drop the extra column(s) (each name once)"
+        )
 
 
 def _whole_numbers(column: pa.ChunkedArray, name: str, path: Path) -> tuple[pa.Array, pa.Array]:
@@ -147,7 +253,7 @@ def _whole_numbers(column: pa.ChunkedArray, name: str, path: Path) -> tuple[pa.A
     return pc.if_else(good, column, None), pc.invert(good)
 
 
-def _text(column: pa.ChunkedArray) -> pa.Array:
+def _text(column: pa.ChunkedArray, path: Path) -> pa.Array:
     """Captions as UTF-8 strings: binary values are decoded like caption files (UTF-8, UTF-16 with a BOM,
     else Windows-1252)."""
     from .folders import decode_caption
@@ -159,4 +265,6 @@ def _text(column: pa.ChunkedArray) -> pa.Array:
     try:
         return pc.cast(column, pa.string())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        raise IndexingError(f"caption column holds {column.type}, not text; write captions as strings") from None
+        raise IndexingError(
+            f"metadata {path}: column 'caption' holds {column.type}, not text; write captions as strings"
+        ) from None

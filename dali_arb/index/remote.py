@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tempfile
+import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import ObjectChanged, ObjectMissing, StorageError
 from ..imagefacts import inspect_image
 from ..pairs import PairSpec
-from ..storage import IOStats, ObjectInfo, download, get_bytes, get_range, is_url, list_prefix
+from ..storage import IOStats, ObjectInfo, _info, download, get_bytes, get_range, is_url
 from .folders import CAPTION_EXTS, NOT_IMAGES, PreviousRows, decode_caption
 from .pairing import pair_problem
 from .records import Reject, Row
 
-__all__ = ["BLOCK", "RemoteFile", "fetched", "pair_listings", "prefix_tasks", "remote_folder_task"]
+__all__ = ["BLOCK", "RemoteFile", "fetched", "list_objects", "pair_listings", "prefix_tasks", "remote_folder_task"]
 
 #: Bytes a header read fetches at once.
 BLOCK = 64 << 10
@@ -82,14 +85,15 @@ class RemoteFile(io.RawIOBase):
         return bytes(buffer[:n])
 
 
-def _listing(base: str) -> tuple[dict[str, ObjectInfo], dict[str, str], int]:
+def _listing(base: str, rejects: list[Reject] | None = None) -> tuple[dict[str, ObjectInfo], dict[str, str], int]:
     """The objects under the prefix ``base`` (ending in ``/``) as a folder walk sees them: ``{relative name:
     info}`` of the images, ``{stem: url}`` of the sidecar captions (``.txt`` first), and how many were listed.
-    Hidden names (a part starting with ``.``) are skipped."""
+    Hidden names (a part starting with ``.``) are skipped; objects that cannot be addressed are added to
+    ``rejects`` (:func:`list_objects`)."""
     images: dict[str, ObjectInfo] = {}
     captions: dict[str, str] = {}
     listed = 0
-    for info in list_prefix(base):
+    for info in list_objects(base, rejects if rejects is not None else []):
         listed += 1
         rel = info.url[len(base) :]
         name = rel.rsplit("/", 1)[-1]
@@ -102,6 +106,112 @@ def _listing(base: str) -> tuple[dict[str, ObjectInfo], dict[str, str], int]:
         elif ext.lower() not in NOT_IMAGES and name:
             images[rel] = info
     return images, captions, listed
+
+
+#: Where the store's listing names an object whose key cannot be a path (object_store's message).
+_BAD_PATH = re.compile(r'Path "(.*)"(?:: Encountered| contained)', re.DOTALL)
+
+
+def list_objects(base: str, rejects: list[Reject]) -> Iterator[ObjectInfo]:
+    """Every object under the prefix ``base``, in key order, like ``storage.list_prefix``, except that a key with an
+    empty, ``.`` or ``..`` segment (``a//x.jpg``, ``a/../x.jpg``: object storage allows them, paths do not) is
+    added to ``rejects`` with a reason and the listing goes on after it (and after the keys below that segment).
+    The store returns such a key in a page of up to 1000 that fails whole: the keys of that page before it are
+    listed again folder by folder (:func:`_between`). A transient failure resumes after the last key listed."""
+    import obstore
+    from obstore.exceptions import InvalidPathError
+
+    from ..storage import RETRIES, _backoff, failed, is_transient, store_of
+
+    store, prefix = store_of(base)
+    root = base[: len(base) - len(prefix)]  # scheme://bucket/
+    last: str | None = None
+    attempt = 0
+    while True:
+        try:
+            for page in obstore.list(store, prefix.rstrip("/") or None, offset=last, chunk_size=1000):
+                for meta in page:
+                    attempt = 0
+                    last = meta["path"]
+                    yield _info(root, meta)
+            return
+        except InvalidPathError as exc:
+            found = _BAD_PATH.search(str(exc))
+            if found is None:
+                raise failed(exc, base) from exc
+            key = found.group(1)
+            parts = key.split("/")
+            bad = next(i for i, part in enumerate(parts) if part in ("", ".", ".."))
+            folder = root + "/".join(parts[:bad]) + "/"
+            rejects.append({"source": root + key, "reason": "key has an empty, '.' or '..' path segment, which "
+                            f"this reader cannot address; rename the object and index again (objects of {folder} "
+                            "whose names sort before that segment may be missing until then)"})  # fmt: skip
+            yield from _between(store, root, prefix, last, key, rejects)
+            last, extra = _past(key)
+            if extra is not None:  # the one key the new offset leaves out
+                yield from _heads(root, [extra])
+        except Exception as exc:
+            if attempt >= RETRIES or not is_transient(exc):
+                raise failed(exc, base) from exc
+            time.sleep(_backoff(attempt))
+            attempt += 1
+
+
+def _past(key: str) -> tuple[str, str | None]:
+    """``(offset, key)``: a valid listing offset after every key that shares ``key``'s first bad segment, and the one
+    key that may lie between them and the offset (listed with a HEAD), or None."""
+    parts = key.split("/")
+    bad = next(i for i, part in enumerate(parts) if part in ("", ".", ".."))
+    folder = "/".join(parts[:bad]) + "/" if bad else ""
+    if parts[bad]:  # "F/." or "F/..": what lies before "F/.." + U+10FFFF and after them is hidden (skipped)
+        return folder + parts[bad] + "\U0010ffff", None
+    return folder + "0", folder + "0"  # "F//...": "F/0" is the first key after them ("/" + 1)
+
+
+def _between(store, root: str, prefix: str, low: str | None, high: str, rejects: list[Reject]) -> Iterator[ObjectInfo]:
+    """The objects under ``prefix`` with keys in ``(low, high)`` (``high``: a bad key), folder by folder along
+    ``high``'s path: a folder's own objects and its subfolders that lie between, each listed on its own."""
+    import obstore
+    from obstore.exceptions import InvalidPathError
+
+    from ..storage import failed
+
+    parts = high.split("/")
+    bad = next(i for i, part in enumerate(parts) if part in ("", ".", ".."))
+    folder = prefix.rstrip("/")
+    depth = len(folder.split("/")) if folder else 0
+    while depth < bad:
+        try:
+            found = obstore.list_with_delimiter(store, folder or None)
+        except InvalidPathError:
+            break
+        except Exception as exc:
+            raise failed(exc, root + folder) from exc
+        for meta in found["objects"]:
+            if (low is None or meta["path"] > low) and meta["path"] < high:
+                yield _info(root, meta)
+        toward = "/".join(parts[: depth + 1])
+        for sub in found["common_prefixes"]:
+            sub = sub.rstrip("/")
+            if sub != toward and (low is None or sub + "/\U0010ffff" > low) and sub < high:
+                inner = low if low is not None and low.startswith(sub + "/") else None
+                yield from (i for i in list_objects(root + sub + "/", rejects) if inner is None or i.url > root + inner)
+        folder, depth = toward, depth + 1
+    if depth < bad:  # a folder whose own entries include a bad name: what sorts before it there is unknown
+        rejects.append({"source": root + folder + "/", "reason": f"objects of this folder that sort between "
+                        f"{low or '(the start)'} and {high} could not be listed (the store returns them with that "
+                        "key); rename it and index again"})  # fmt: skip
+
+
+def _heads(root: str, keys: list[str]) -> Iterator[ObjectInfo]:
+    """The objects among ``keys`` that exist (one HEAD each)."""
+    from ..storage import head
+
+    for key in keys:
+        try:
+            yield head(root + key)
+        except ObjectMissing:
+            continue
 
 
 def pair_listings(pairs: list[PairSpec]) -> list[tuple[PairSpec, dict[str, tuple[str, int]]]]:
@@ -122,17 +232,27 @@ def pair_listings(pairs: list[PairSpec]) -> list[tuple[PairSpec, dict[str, tuple
 
 
 def prefix_tasks(
-    url: str, max_pixels: int, previous: PreviousRows | None = None, pairs: list[tuple] = ()
+    url: str,
+    max_pixels: int,
+    previous: PreviousRows | None = None,
+    pairs: list[tuple] = (),
+    rejects: list[Reject] | None = None,
 ) -> tuple[list[tuple], int]:
     """The tasks of one prefix (``s3://bucket/prefix/``): groups of image objects with their sidecar captions
     and, from ``previous`` (``--update``), the earlier rows of those objects, and from ``pairs``
-    (:func:`pair_listings`) their paired objects; and how many objects were listed. A StorageError when the
-    listing holds no images."""
+    (:func:`pair_listings`) their paired objects; and how many objects were listed. Objects the listing cannot
+    address are added to ``rejects``. A StorageError when the listing holds no images."""
     base = url.rstrip("/") + "/"
-    images, captions, listed = _listing(base)
+    unlisted: list[Reject] = []
+    images, captions, listed = _listing(base, unlisted)
+    if rejects is not None:
+        rejects += unlisted
     if not images:
+        worst = sorted(unlisted, key=lambda r: "could not be listed" not in r["reason"])[:1]
+        why = "".join(f"; {r['source']}: {r['reason']}" for r in worst)
         raise StorageError(
             f"no images under {base} ({listed} objects listed); check the prefix (a folder of images ends with '/')"
+            + why
         )
     ordered = sorted(images)
     tasks = []
@@ -196,11 +316,12 @@ def remote_folder_task(args: tuple) -> tuple[list[Row], list[Reject], dict[str, 
                 return None, {"source": url, "reason": problem, "key": key}
             facts.append((pair_url, 0, pair_size, *pair))
         caption = None
-        if captions.get(key):
+        if captions.get(key):  # a caption that cannot be read is never "no caption"; a failing store stops the run
             try:
                 caption = decode_caption(get_bytes(captions[key], stats)) or None
             except ObjectMissing:
-                caption = None
+                reason = f"caption {captions[key]} was listed but is gone (deleted while indexing?); index again"
+                return None, {"source": url, "reason": reason, "key": key}
         identity = {"source_size": size, "etag": info.etag}
         return Row(key, result[0], result[1], caption, url, 0, size, mtime, tuple(facts), **identity), None
 

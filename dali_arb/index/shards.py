@@ -43,73 +43,74 @@ def shard_task(args: tuple) -> tuple[list[Row], list[Reject]]:
     shard, max_pixels, pairs = args
     rows: list[Row] = []
     rejects: list[Reject] = []
-    samples: dict[str, dict] = {}
     try:
-        with open(shard, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
-            stat = os.fstat(raw.fileno())  # the identity of the shard read (a shard rewritten meanwhile: not it)
-            for member in tar:
-                if not member.isfile():
-                    continue
-                named = member_key(member.name)
-                if named is None:
-                    continue
-                key, side, ext = named
-                if not is_utf8(member.name):
-                    reason = "member name is not valid UTF-8 (rename it when writing the shard)"
-                    rejects.append({"source": display_path(f"{shard}:{member.name}"), "reason": reason})
-                    continue
-                sample = samples.setdefault(key, {})
-                if side:  # key.NAME.ext: a side file of the sample (pairs, masks, metadata)
-                    sample.setdefault("sides", {})[f"{side}{ext}"] = (member.name, member.offset_data, member.size)
-                elif ext in (".txt", ".caption", ".json"):
-                    sample[ext] = tar.extractfile(member).read()
-                elif ext in NOT_IMAGES:
-                    continue
-                elif "image" in sample:
-                    rejects.append(
-                        {
-                            "source": f"{shard}:{member.name}",
-                            "reason": f"duplicate key {key!r} (kept {sample['image'][0]})",
-                            "key": key,
-                        }
-                    )
-                else:
-                    raw.seek(member.offset_data)
-                    data = raw.read(member.size)
-                    sample["image"] = (member.name, member.offset_data, member.size, data)
+        samples, unnamed = _members(shard)
     except (tarfile.TarError, OSError, EOFError) as exc:
         return [], [{"source": shard, "reason": f"unreadable tar shard ({exc})"}]
-    identity = {"ctime_ns": stat.st_ctime_ns, "source_size": stat.st_size}
+    rejects += unnamed
     listings = FolderListings()
+    with open(shard, "rb") as fh:
+        stat = os.fstat(fh.fileno())  # the identity of the shard read (a shard rewritten meanwhile: not it)
+        identity = {"ctime_ns": stat.st_ctime_ns, "source_size": stat.st_size}
 
-    def read_member(offset: int, length: int) -> bytes:
-        with open(shard, "rb") as fh:
-            fh.seek(offset)
-            return fh.read(length)
+        def read_member(offset: int, length: int) -> bytes:
+            return os.pread(fh.fileno(), length, offset)
 
-    for key, sample in samples.items():
-        if "image" not in sample:
-            continue
-        name, offset, length, data = sample.pop("image")
-        result = inspect_image(data, max_pixels=max_pixels)
-        if isinstance(result, str):
-            rejects.append({"source": f"{shard}:{name}", "reason": result, "key": key})
-            continue
-        caption, problem = _caption(key, sample)
-        if problem:
-            rejects.append({"source": f"{shard}:{name}", "reason": problem, "key": key})
-            continue
-        paired, problem = find_pairs(
-            pairs, key, result, max_pixels=max_pixels, listings=listings, sides=sample.get("sides", {}),
-            read_member=read_member, shard=shard,
-        )  # fmt: skip
-        if problem:
-            rejects.append({"source": f"{shard}:{name}", "reason": problem, "key": key})
-            continue
-        rows.append(
-            Row(key, result[0], result[1], caption, shard, offset, length, stat.st_mtime_ns, paired, **identity)
-        )
+        for key, sample in samples.items():
+            if "image" not in sample:
+                continue
+            images = sample.pop("image")  # {member name: (offset, length)}, in order of first appearance
+            name, (offset, length) = next(iter(images.items()))
+            for other in list(images)[1:]:
+                rejects.append({"source": f"{shard}:{other}", "reason": f"duplicate key {key!r} (kept {name})", "key": key})  # fmt: skip
+            result = inspect_image(read_member(offset, length), max_pixels=max_pixels)
+            if isinstance(result, str):
+                rejects.append({"source": f"{shard}:{name}", "reason": result, "key": key})
+                continue
+            caption, problem = _caption(key, sample)
+            if problem:
+                rejects.append({"source": f"{shard}:{name}", "reason": problem, "key": key})
+                continue
+            paired, problem = find_pairs(
+                pairs, key, result, max_pixels=max_pixels, listings=listings, sides=sample.get("sides", {}),
+                read_member=read_member, shard=shard,
+            )  # fmt: skip
+            if problem:
+                rejects.append({"source": f"{shard}:{name}", "reason": problem, "key": key})
+                continue
+            rows.append(
+                Row(key, result[0], result[1], caption, shard, offset, length, stat.st_mtime_ns, paired, **identity)
+            )
     return rows, rejects
+
+
+def _members(shard: str) -> tuple[dict[str, dict], list[Reject]]:
+    """``{key: sample}`` of a shard's members by the webdataset convention, and rejects for names that are not
+    UTF-8. A sample holds ``"image"`` (``{member name: (offset, length)}``), its captions' bytes by extension and
+    ``"sides"``. A member that occurs twice (``tar -rf`` / ``tar -uf`` append a new copy) is its last copy, as
+    for every tar extractor: the picture, its caption and its pairs all come from the latest copies."""
+    samples: dict[str, dict] = {}
+    rejects: list[Reject] = []
+    with open(shard, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            named = member_key(member.name)
+            if named is None:
+                continue
+            key, side, ext = named
+            if not is_utf8(member.name):
+                reason = "member name is not valid UTF-8 (rename it when writing the shard)"
+                rejects.append({"source": display_path(f"{shard}:{member.name}"), "reason": reason})
+                continue
+            sample = samples.setdefault(key, {})
+            if side:  # key.NAME.ext: a side file of the sample (pairs, masks, metadata)
+                sample.setdefault("sides", {})[f"{side}{ext}"] = (member.name, member.offset_data, member.size)
+            elif ext in (".txt", ".caption", ".json"):
+                sample[ext] = tar.extractfile(member).read()
+            elif ext not in NOT_IMAGES:
+                sample.setdefault("image", {})[member.name] = (member.offset_data, member.size)
+    return samples, rejects
 
 
 def _caption(key: str, sample: dict) -> tuple[str | None, str | None]:
