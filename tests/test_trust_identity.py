@@ -260,6 +260,30 @@ def test_f6_an_object_replaced_by_one_of_the_same_size_is_refused_as_changed(s3,
 
 
 @pytest.mark.slow
+def test_f6_an_object_named_by_metadata_and_replaced_by_one_of_the_same_size_is_refused_as_changed(s3, tmp_path):
+    """img2dataset metadata whose paths are s3:// URLs: the indexer records each object's size and ETag, so a
+    same-size replacement is refused like one under a prefix (it was served under the old key: no ETag recorded)."""
+    folder = bmp_folder(tmp_path / "photos")
+    upload_folder(folder, "meta")
+    files = sorted(folder.glob("*.bmp"))
+    metadata = tmp_path / "meta.csv"
+    metadata.write_text(
+        "key,width,height,path\n" + "".join(f"{f.stem},{W},{H},s3://{BUCKET}/meta/{f.name}\n" for f in files)
+    )
+    out = tmp_path / "m.parquet"
+    build_index([str(metadata)], out, progress=False)
+    table = pq.read_table(out)
+    assert all(e.startswith('"') for e in table.column("etag").to_pylist())
+    assert table.column("source_size").to_pylist() == [f.stat().st_size for f in files]
+    replace_keeping_size(folder / "img005.bmp", seed=97, keep_mtime=False)
+    put("meta/img005.bmp", (folder / "img005.bmp").read_bytes())
+    it = loader(out, workers=1)
+    images = served(it)
+    assert "img005" not in images and len(images) == 7, "the new object was served under the old key"
+    assert it.failed == ["img005"]
+
+
+@pytest.mark.slow
 def test_f7_a_shard_in_storage_repacked_in_another_order_is_refused_as_changed(s3, tmp_path):
     folder = bmp_folder(tmp_path / "photos", count=8)
     files = sorted(folder.glob("*"))
