@@ -105,20 +105,13 @@ class Manifest:
                 raise ManifestError(f"{where}: column {name!r} must hold integers, got {column.type}")
             if column.null_count:
                 raise ManifestError(f"{where}: column {name!r} has {column.null_count} empty value(s)")
-        for name in ("offset", "length"):
+        for name in ("offset", "length", "mtime_ns", "source_size"):
             if name in table.column_names and not (
                 pa.types.is_integer(table.column(name).type) or pa.types.is_null(table.column(name).type)
             ):
+                what = " (byte positions)" if name in ("offset", "length") else ""
                 raise ManifestError(
-                    f"{where}: column {name!r} must hold integers (byte positions), got {table.column(name).type}; "
-                    "rebuild the manifest with `dali-arb index`"
-                )
-        for name in ("mtime_ns", "source_size"):
-            if name in table.column_names and not (
-                pa.types.is_integer(table.column(name).type) or pa.types.is_null(table.column(name).type)
-            ):
-                raise ManifestError(
-                    f"{where}: column {name!r} must hold integers, got {table.column(name).type}; "
+                    f"{where}: column {name!r} must hold integers{what}, got {table.column(name).type}; "
                     "rebuild the manifest with `dali-arb index`"
                 )
         if "caption" in table.column_names:
