@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import IndexingError
-from ..manifest import SCHEMA
+from ..manifest import IDENTITY, SCHEMA
 from .records import Reject
 
 __all__ = ["metadata_rows"]
@@ -78,15 +78,19 @@ def metadata_rows(path: Path, *, base_url: str | None = None) -> tuple[pa.Table,
     caption = pc.if_else(pc.equal(pc.utf8_trim_whitespace(caption), ""), pa.scalar(None, pa.string()), caption)
     path_column = next((c for c in ("path", "filepath", "file", "image_path") if c in names), None)
     mtime = pa.nulls(n, pa.int64())
+    source_size, etag = pa.nulls(n, pa.int64()), pa.nulls(n, pa.string())
     if path_column:
         paths = pc.cast(table.column(path_column), pa.string()).to_pylist()
-        sources, lengths, mtimes, problems = _locations(paths, path, base_url, keep.to_pylist())
+        sources, lengths, mtimes, etags, problems = _locations(paths, path, base_url, keep.to_pylist())
         for row, (where, reason) in sorted(problems.items()):
             rejects.append({"source": where or f"{path}#{key[row].as_py()}", "reason": reason, "key": key[row].as_py()})
         keep = pc.and_(keep, pa.array([row not in problems for row in range(n)]))
         source = pa.array(sources, pa.string())
         length = pa.array(lengths, pa.int64())
         mtime = pa.array(mtimes, pa.int64())
+        # an object's identity, checked by the loader as for every other object-storage row (a local file's: unknown)
+        source_size = pa.array([size if size is not None and size >= 0 else None for size in lengths], pa.int64())
+        etag = pa.array(etags, pa.string())
     else:
         source = pa.nulls(n, pa.string())
         length = pa.nulls(n, pa.int64())
@@ -103,6 +107,7 @@ def metadata_rows(path: Path, *, base_url: str | None = None) -> tuple[pa.Table,
         },
         schema=SCHEMA,
     )
+    out = out.append_column(IDENTITY.field("source_size"), source_size).append_column(IDENTITY.field("etag"), etag)
     return out.filter(keep), rejects
 
 
@@ -116,11 +121,11 @@ CONCURRENT_HEADS = 32
 
 def _locations(
     paths: list[str | None], metadata: Path, base_url: str | None, wanted: list[bool]
-) -> tuple[list, list, list, dict[int, tuple[str | None, str]]]:
-    """``(sources, lengths, mtimes, problems)`` of the ``paths`` column: each path resolved (relative to the
+) -> tuple[list, list, list, list, dict[int, tuple[str | None, str]]]:
+    """``(sources, lengths, mtimes, etags, problems)`` of the ``paths`` column: each path resolved (relative to the
     metadata's folder, or to ``base_url`` when the metadata came from object storage), and ``{row: (source,
     reason)}`` for the ``wanted`` rows that cannot be served. A local file has length -1 (read whole); an object
-    in storage gets its size and modification time from the store now, so that the loader reads it whole and
+    in storage gets its size, modification time and ETag from the store now, so that the loader reads it whole and
     checks it (a missing object is a problem; a failing store a StorageError)."""
     from ..storage import is_url
 
@@ -145,14 +150,15 @@ def _locations(
     found = _object_infos(
         [s for row, s in enumerate(sources) if wanted[row] and row not in problems and s and is_url(s)]
     )
-    lengths, mtimes = [], []
+    lengths, mtimes, etags = [], [], []
     for row, source in enumerate(sources):
         info = found.get(source) if source else None
         if source in found and info is None and wanted[row] and row not in problems:
             problems[row] = (source, "object named in metadata does not exist")
         lengths.append(info.size if info else (-1 if source else None))
         mtimes.append(info.mtime_ns if info else None)
-    return sources, lengths, mtimes, problems
+        etags.append(info.etag if info else None)
+    return sources, lengths, mtimes, etags, problems
 
 
 def _joined(base_url: str, relative: str) -> str:
