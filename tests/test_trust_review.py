@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dali_arb import DALIBucketIterator, Manifest
+from dali_arb.errors import DataError
 from dali_arb.index import build_index
 
 from .conftest import SMALL
@@ -79,3 +80,58 @@ def test_metadata_url_rows_record_the_etag_and_refuse_an_object_replaced_by_one_
         it = loader(out, workers=workers, worker_kind=kind)
         assert "k5" not in keys_of(it), "the new object was served under the old key"
         assert it.failed == ["k5"]
+
+
+# -- a shard's last members (index f8) met its identity (identity f5/f7) ------------------------------------------
+def served(it) -> dict:
+    """``{key: image}`` of one epoch."""
+    return {key: image.clone() for batch in it for key, image in zip(batch["ids"], batch["images"])}
+
+
+def test_a_shard_replaced_while_it_is_indexed_is_never_served_under_the_wrong_keys(tmp_path, monkeypatch):
+    """The members of a shard were read from one open of it and its identity (fstat) from a second: a shard
+    re-packed in between got the new shard's identity for the old shard's offsets, so each key served another
+    key's image and nothing was refused. Members and identity now come from one open file."""
+    import os
+    import tarfile
+
+    import torch
+
+    from dali_arb.index import shards
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(8):
+        (folder / f"img{i:03d}.bmp").write_bytes(bmp_bytes(i))
+        (folder / f"img{i:03d}.txt").write_text(f"caption {i}")
+    files = sorted(folder.iterdir())
+
+    def pack(path, members):
+        with tarfile.open(path, "w") as tar:
+            for f in members:
+                tar.add(f, arcname=f.name)
+        return path
+
+    shard = pack(tmp_path / "00000.tar", files)
+    repacked = pack(tmp_path / "repacked.tar", sorted(files, key=lambda f: (-int(f.stem[3:]), f.suffix)))
+    assert os.path.getsize(repacked) == os.path.getsize(shard)
+    members = shards._members
+
+    def members_then_repacked(path, *args, **kwargs):
+        out = members(path, *args, **kwargs)
+        if os.path.exists(repacked):
+            os.replace(repacked, shard)  # `tar` of another writer lands now
+        return out
+
+    monkeypatch.setattr(shards, "_members", members_then_repacked)
+    fixed = {"crop": "center", "flip": 0.0}
+    out = tmp_path / "m.parquet"
+    build_index([str(shard)], out, progress=False, workers=1)
+    truth = served(loader(build_index([str(folder)], tmp_path / "truth.parquet", progress=False).manifest, **fixed))
+    try:
+        images = served(loader(out, **fixed))
+    except DataError as exc:  # every sample of the bucket refused as changed since indexing: loud, none wrong
+        assert "changed or gone" in str(exc)
+        images = {}
+    wrong = [key for key, image in images.items() if not torch.equal(image, truth[key])]
+    assert not wrong, f"served under the wrong key: {wrong}"
