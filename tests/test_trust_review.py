@@ -135,3 +135,29 @@ def test_a_shard_replaced_while_it_is_indexed_is_never_served_under_the_wrong_ke
         images = {}
     wrong = [key for key, image in images.items() if not torch.equal(image, truth[key])]
     assert not wrong, f"served under the wrong key: {wrong}"
+
+
+# -- metadata rows naming local files (index f3) and the local identity check (identity f6) ----------------------
+def test_metadata_rows_naming_local_files_refuse_a_file_replaced_after_indexing(tmp_path):
+    """Metadata rows naming local files recorded no identity at all (length -1, no mtime, no size): the loader
+    read whatever file was there. They now record the file's size and mtime, checked like a folder's."""
+    import os
+    import time
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rows = {"key": [], "width": [], "height": [], "path": []}
+    for i in range(8):
+        (folder / f"{i}.bmp").write_bytes(bmp_bytes(i))
+        for name, value in zip(rows, (f"k{i}", W, H, f"photos/{i}.bmp")):
+            rows[name].append(value)
+    pq.write_table(pa.table(rows), tmp_path / "meta.parquet")
+    out = tmp_path / "m.parquet"
+    build_index([str(tmp_path / "meta.parquet")], out, progress=False, workers=1)
+    time.sleep(0.02)
+    (folder / "new.bmp").write_bytes(bmp_bytes(97))  # the same byte length, other pixels
+    os.replace(folder / "new.bmp", folder / "5.bmp")
+    for workers, kind in ((0, "thread"), (1, "process")):
+        it = loader(out, workers=workers, worker_kind=kind)
+        assert "k5" not in keys_of(it), "the new file was served under the old key"
+        assert it.failed == ["k5"]
