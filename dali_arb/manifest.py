@@ -60,9 +60,9 @@ SCHEMA = pa.schema(
 #: Columns the indexer writes after :data:`SCHEMA`'s: with ``mtime_ns``, the identity of a sample's ``source`` (the
 #: file, the tar shard or the object) when it was indexed. ``ctime_ns``: a local file's status-change time (for
 #: ``index --update`` only: a copy or ``chmod`` changes it too); ``source_size``: the whole source's size in bytes;
-#: ``etag``: the object's (strong) ETag in object storage. Null or absent where unknown (metadata, older
-#: manifests): then not checked. The loader refuses a sample whose source's size, ``mtime_ns`` (local) or ETag
-#: (storage) differs from these.
+#: ``etag``: the object's (strong) ETag in object storage. Null or absent where unknown (metadata without paths,
+#: a metadata row's ``ctime_ns``, older manifests): then not checked. The loader refuses a sample whose source's
+#: size, ``mtime_ns`` (local) or ETag (storage) differs from these.
 IDENTITY = pa.schema([("ctime_ns", pa.int64()), ("source_size", pa.int64()), ("etag", pa.string())])
 #: What an unknown ``mtime_ns`` or ``source_size`` reads as (``Manifest.int_column``): never a real value.
 NO_IDENTITY = -(2**63)

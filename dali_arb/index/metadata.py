@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from stat import S_ISREG
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import IndexingError
-from ..manifest import SCHEMA
+from ..manifest import IDENTITY, SCHEMA
 from .records import Reject
 
 __all__ = ["metadata_rows"]
@@ -78,17 +79,19 @@ def metadata_rows(path: Path, *, base_url: str | None = None) -> tuple[pa.Table,
     caption = pc.if_else(pc.equal(pc.utf8_trim_whitespace(caption), ""), pa.scalar(None, pa.string()), caption)
     path_column = next((c for c in ("path", "filepath", "file", "image_path") if c in names), None)
     mtime = pa.nulls(n, pa.int64())
-    versions = pa.nulls(n, pa.string())
+    source_size, etag = pa.nulls(n, pa.int64()), pa.nulls(n, pa.string())
     if path_column:
         paths = pc.cast(table.column(path_column), pa.string()).to_pylist()
-        sources, lengths, mtimes, etags, problems = _locations(paths, path, base_url, keep.to_pylist())
+        sources, lengths, sizes, mtimes, etags, problems = _locations(paths, path, base_url, keep.to_pylist())
         for row, (where, reason) in sorted(problems.items()):
             rejects.append({"source": where or f"{path}#{key[row].as_py()}", "reason": reason, "key": key[row].as_py()})
         keep = pc.and_(keep, pa.array([row not in problems for row in range(n)]))
         source = pa.array(sources, pa.string())
         length = pa.array(lengths, pa.int64())
         mtime = pa.array(mtimes, pa.int64())
-        versions = pa.array(etags, pa.string())
+        # the source's identity, checked by the loader as for rows of folders and prefixes
+        source_size = pa.array(sizes, pa.int64())
+        etag = pa.array(etags, pa.string())
     else:
         source = pa.nulls(n, pa.string())
         length = pa.nulls(n, pa.int64())
@@ -105,9 +108,7 @@ def metadata_rows(path: Path, *, base_url: str | None = None) -> tuple[pa.Table,
         },
         schema=SCHEMA,
     )
-    # what identifies an object in storage, checked by the loader (ETag: If-Match; size: the whole object's)
-    known_size = pc.if_else(pc.greater_equal(out.column("length"), 0), out.column("length"), pa.scalar(None, pa.int64()))
-    out = out.append_column("source_size", known_size).append_column("etag", versions)
+    out = out.append_column(IDENTITY.field("source_size"), source_size).append_column(IDENTITY.field("etag"), etag)
     return out.filter(keep), rejects
 
 
@@ -121,16 +122,18 @@ CONCURRENT_HEADS = 32
 
 def _locations(
     paths: list[str | None], metadata: Path, base_url: str | None, wanted: list[bool]
-) -> tuple[list, list, list, list, dict[int, tuple[str | None, str]]]:
-    """``(sources, lengths, mtimes, etags, problems)`` of the ``paths`` column: each path resolved (relative to the
+) -> tuple[list, list, list, list, list, dict[int, tuple[str | None, str]]]:
+    """``(sources, lengths, sizes, mtimes, etags, problems)`` of the ``paths`` column: each path resolved (relative to the
     metadata's folder, or to ``base_url`` when the metadata came from object storage), and ``{row: (source,
-    reason)}`` for the ``wanted`` rows that cannot be served. A local file has length -1 (read whole); an object
-    in storage gets its size and modification time from the store now, so that the loader reads it whole and
+    reason)}`` for the ``wanted`` rows that cannot be served. A local file has length -1 (read whole), its size
+    and modification time (``os.stat`` now) its identity; an object in storage gets its size, modification time and
+    ETag from the store now, so that the loader reads it whole and
     checks it (a missing object is a problem; a failing store a StorageError)."""
     from ..storage import is_url
 
     sources: list[str | None] = []
     problems: dict[int, tuple[str | None, str]] = {}
+    local: dict[int, os.stat_result] = {}  # a local file's identity at indexing, checked by the loader
     for row, p in enumerate(paths):
         if p is None or is_url(p) or os.path.isabs(p):
             source = p
@@ -143,22 +146,31 @@ def _locations(
             continue
         if source is None:
             problems[row] = (None, "file named in metadata does not exist")
-        elif not is_url(source) and not os.path.isfile(source):
-            problems[row] = (source, "file named in metadata does not exist")
+        elif not is_url(source):
+            try:
+                stat = os.stat(source)
+            except OSError:
+                stat = None
+            if stat is None or not S_ISREG(stat.st_mode):
+                problems[row] = (source, "file named in metadata does not exist")
+            else:
+                local[row] = stat
         elif is_url(source) and _bad_key(source):
             problems[row] = (source, "path has an empty, '.' or '..' segment, which object storage paths cannot hold")
     found = _object_infos(
         [s for row, s in enumerate(sources) if wanted[row] and row not in problems and s and is_url(s)]
     )
-    lengths, mtimes, etags = [], [], []
+    lengths, sizes, mtimes, etags = [], [], [], []
     for row, source in enumerate(sources):
         info = found.get(source) if source else None
         if source in found and info is None and wanted[row] and row not in problems:
             problems[row] = (source, "object named in metadata does not exist")
+        stat = local.get(row)
         lengths.append(info.size if info else (-1 if source else None))
-        mtimes.append(info.mtime_ns if info else None)
+        sizes.append(info.size if info else (stat.st_size if stat else None))
+        mtimes.append(info.mtime_ns if info else (stat.st_mtime_ns if stat else None))
         etags.append(info.etag if info else None)
-    return sources, lengths, mtimes, etags, problems
+    return sources, lengths, sizes, mtimes, etags, problems
 
 
 def _joined(base_url: str, relative: str) -> str:

@@ -6,6 +6,7 @@ import json
 import os
 import posixpath
 import tarfile
+from typing import BinaryIO
 
 from ..imagefacts import inspect_image
 from .folders import NOT_IMAGES, decode_caption, display_path, is_utf8
@@ -44,14 +45,20 @@ def shard_task(args: tuple) -> tuple[list[Row], list[Reject]]:
     rows: list[Row] = []
     rejects: list[Reject] = []
     try:
-        samples, unnamed = _members(shard)
-    except (tarfile.TarError, OSError, EOFError) as exc:
+        fh = open(shard, "rb")
+    except OSError as exc:
         return [], [{"source": shard, "reason": f"unreadable tar shard ({exc})"}]
-    rejects += unnamed
-    listings = FolderListings()
-    with open(shard, "rb") as fh:
-        stat = os.fstat(fh.fileno())  # the identity of the shard read (a shard rewritten meanwhile: not it)
+    with fh:
+        # one open file for the identity, the member list and every read: a shard replaced meanwhile (renamed
+        # over) is not mixed in (its identity with the offsets of the one read would serve keys other images)
+        stat = os.fstat(fh.fileno())
         identity = {"ctime_ns": stat.st_ctime_ns, "source_size": stat.st_size}
+        try:
+            samples, unnamed = _members(shard, fh)
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            return [], [{"source": shard, "reason": f"unreadable tar shard ({exc})"}]
+        rejects += unnamed
+        listings = FolderListings()
 
         def read_member(offset: int, length: int) -> bytes:
             return os.pread(fh.fileno(), length, offset)
@@ -84,14 +91,15 @@ def shard_task(args: tuple) -> tuple[list[Row], list[Reject]]:
     return rows, rejects
 
 
-def _members(shard: str) -> tuple[dict[str, dict], list[Reject]]:
-    """``{key: sample}`` of a shard's members by the webdataset convention, and rejects for names that are not
-    UTF-8. A sample holds ``"image"`` (``{member name: (offset, length)}``), its captions' bytes by extension and
+def _members(shard: str, raw: BinaryIO) -> tuple[dict[str, dict], list[Reject]]:
+    """``{key: sample}`` of a shard's members (read from ``raw``, the shard open) by the webdataset convention,
+    and rejects for names that are not UTF-8. A sample holds ``"image"`` (``{member name: (offset, length)}``), its captions' bytes by extension and
     ``"sides"``. A member that occurs twice (``tar -rf`` / ``tar -uf`` append a new copy) is its last copy, as
     for every tar extractor: the picture, its caption and its pairs all come from the latest copies."""
     samples: dict[str, dict] = {}
     rejects: list[Reject] = []
-    with open(shard, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+    raw.seek(0)
+    with tarfile.open(fileobj=raw, mode="r:") as tar:
         for member in tar:
             if not member.isfile():
                 continue
