@@ -410,3 +410,46 @@ def test_f20_a_failing_store_under_a_caption_stops_the_update_instead_of_erasing
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         with pytest.raises(StorageError, match=f"s3://{BUCKET}/f20fail/p0.txt: the store .* kept failing"):
             remote_folder_task(task)
+
+
+# -- the error model for local shards: a failing disk or system stops the run, never rejects good samples --------
+class _FailingReads(io.FileIO):
+    """A file whose reads fail with EIO after its first ``good`` bytes (a disk failing under a shard)."""
+
+    good = 1024
+
+    def read(self, size=-1):
+        if self.tell() >= self.good:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), self.name)
+        return super().read(size)
+
+
+def test_a_failing_disk_or_system_under_a_shard_stops_the_index_and_a_missing_shard_is_a_reject(tmp_path, monkeypatch):
+    """Issue 18's error model for shards (found by the review after f8 and f7 met): an OSError opening or reading a
+    local shard was a reject ("unreadable tar shard"), so a disk failing or a process out of descriptors dropped
+    every sample of the shard from the manifest; only the shard's own state (gone, a folder) is a reject."""
+    from dali_arb.index.shards import shard_task
+
+    shard = tmp_path / "00000.tar"
+    appended_shard(shard)
+    real_open = builtins.open
+
+    def out_of_descriptors(file, *args, **kwargs):
+        if str(file) == str(shard):
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE), str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", out_of_descriptors)
+    with pytest.raises(StorageError, match=r"00000\.tar: Too many open files; the disk or the system failed"):
+        shard_task((str(shard), SMALL, []))
+
+    def failing_reads(file, *args, **kwargs):
+        return _FailingReads(str(file)) if str(file) == str(shard) else real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", failing_reads)
+    with pytest.raises(StorageError, match=r"00000\.tar: Input/output error"):
+        shard_task((str(shard), SMALL, []))
+
+    monkeypatch.setattr(builtins, "open", real_open)
+    rows, rejects = shard_task((str(tmp_path / "gone.tar"), SMALL, []))
+    assert rows == [] and rejects[0]["reason"].startswith("unreadable tar shard")

@@ -8,8 +8,9 @@ import posixpath
 import tarfile
 from typing import BinaryIO
 
+from ..errors import StorageError
 from ..imagefacts import inspect_image
-from .folders import NOT_IMAGES, decode_caption, display_path, is_utf8
+from .folders import FILE_ERRNOS, NOT_IMAGES, decode_caption, display_path, is_utf8
 from .pairing import FolderListings, find_pairs
 from .records import Reject, Row
 
@@ -47,6 +48,8 @@ def shard_task(args: tuple) -> tuple[list[Row], list[Reject]]:
     try:
         fh = open(shard, "rb")
     except OSError as exc:
+        if exc.errno not in FILE_ERRNOS:  # the disk or the system (EIO, EMFILE): never a reject of good samples
+            raise _system_failed(shard, exc) from None
         return [], [{"source": shard, "reason": f"unreadable tar shard ({exc})"}]
     with fh:
         # one open file for the identity, the member list and every read: a shard replaced meanwhile (renamed
@@ -55,7 +58,9 @@ def shard_task(args: tuple) -> tuple[list[Row], list[Reject]]:
         identity = {"ctime_ns": stat.st_ctime_ns, "source_size": stat.st_size}
         try:
             samples, unnamed = _members(shard, fh)
-        except (tarfile.TarError, OSError, EOFError) as exc:
+        except OSError as exc:  # the shard opened: reading it failed in the disk or the system
+            raise _system_failed(shard, exc) from None
+        except (tarfile.TarError, EOFError) as exc:
             return [], [{"source": shard, "reason": f"unreadable tar shard ({exc})"}]
         rejects += unnamed
         listings = FolderListings()
@@ -89,6 +94,14 @@ def shard_task(args: tuple) -> tuple[list[Row], list[Reject]]:
                 Row(key, result[0], result[1], caption, shard, offset, length, stat.st_mtime_ns, paired, **identity)
             )
     return rows, rejects
+
+
+def _system_failed(shard: str, exc: OSError) -> StorageError:
+    """The error that stops indexing when the OS fails under ``shard`` (not the shard's own content)."""
+    return StorageError(
+        f"{display_path(shard)}: {exc.strerror or exc}; the disk or the system failed (not this shard): fix that "
+        "and index again"
+    )
 
 
 def _members(shard: str, raw: BinaryIO) -> tuple[dict[str, dict], list[Reject]]:
