@@ -44,7 +44,7 @@ MAX_WORKER_DEATHS = 2
 
 #: Version of ``state_dict()``; 1 stored ``buckets.base`` as ``[height, width]`` and is still read.
 #: 3: the O(steps) planner (keyed shuffles per bucket); states of formats 1 and 2 are refused.
-STATE_FORMAT = 3
+STATE_FORMAT = 4  # 4: plans that trim from all images and round fractional repeats (issue 18)
 #: Every field of ``state_dict()``; a state without one of them is refused (it was edited or built by hand).
 STATE_FIELDS = ("format", "epoch", "step", "seed", "batch_size", "world_size", "rank", "sync_ranks", "leftover", "crop",
                 "flip", "num_images", "manifest", "buckets", "repeats", "captions", "failed", "failed_rows")  # fmt: skip
@@ -743,7 +743,16 @@ def _checked_state(state: Any) -> dict[str, Any]:
             f"(format {STATE_FORMAT}): the saved step does not name the same batch here; to go on at its epoch, call "
             f"loader.set_epoch({state.get('epoch')!r}) instead of load_state_dict (the epoch starts again)"
         )
-    if state.get("format") != STATE_FORMAT:
+    if state.get("format") == 3 and state.get("step") != 0:
+        raise StateError(
+            f"state format 3 was saved by an earlier dali_arb, whose plans differ from this version's (format "
+            f"{STATE_FORMAT}: what an epoch trims is drawn from all images, fractional repeats are rounded so that every "
+            f"image is served alike): step {state.get('step')!r} of epoch {state.get('epoch')!r} names another batch "
+            f"here, and going on from it would serve some images of that epoch twice and others never; call "
+            f"loader.set_epoch({state.get('epoch')!r}) instead of load_state_dict (the epoch starts again), or load a "
+            "state saved at an epoch's start, which carries over exactly"
+        )
+    if state.get("format") not in (3, STATE_FORMAT):  # 3 at an epoch's start: its epoch is planned anew, whole
         raise StateError(
             f"not a DALIBucketIterator state of this version (format {state.get('format')!r}, this dali_arb reads "
             f"{STATE_FORMAT}); save it again with this version"

@@ -851,8 +851,9 @@ def test_a_manifest_without_offset_column_reads_whole_files(tmp_path, dataset):
         (lambda s: s.update(step=10_000), "state is at step 10000 of epoch 0, which has only"),
         (lambda s: s.update(manifest="0" * 32), "state was saved with another manifest (same size, other content)"),
         (lambda s: s.update(buckets={"max_area": -1}), "state field 'buckets' is not a bucket spec"),
-        # the planner of format 3 makes other batches: an older state's step would name another batch
-        (lambda s: s.update(format=2, epoch=4), "earlier dali_arb, whose plans differ from this version's (format 3)"),
+        # the planner of format 4 makes other batches: an older state's step would name another batch
+        (lambda s: s.update(format=2, epoch=4), "earlier dali_arb, whose plans differ from this version's (format 4)"),
+        (lambda s: s.update(format=3, step=1), "call loader.set_epoch(0) instead of load_state_dict"),
         (lambda s: s.update(format=1, epoch=4), "call loader.set_epoch(4) instead of load_state_dict"),
         (lambda s: s.update(format=99), "not a DALIBucketIterator state of this version (format 99"),
     ],
@@ -867,3 +868,20 @@ def test_tampered_states_are_refused_in_one_line(dataset, tamper, fragment):
     with pytest.raises(StateError) as caught:
         cpu_loader(manifest).load_state_dict(state)
     assert fragment in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_format_3_state_at_an_epochs_start_carries_over_exactly(dataset):
+    """Plans changed with issue 18 (f1, f2: format 4): a state saved by the previous version at an epoch's start
+    still loads (that epoch is planned anew, whole: nothing is served twice or never); mid-epoch it is refused."""
+    _, manifest = dataset
+    loader = cpu_loader(manifest)
+    for _ in loader:
+        pass
+    state = loader.state_dict()
+    assert (state["epoch"], state["step"], state["format"]) == (1, 0, 4)
+    state["format"] = 3
+    resumed = cpu_loader(manifest)
+    resumed.load_state_dict(state)
+    fresh = cpu_loader(manifest)
+    fresh.set_epoch(1)
+    assert [b["ids"] for b in resumed] == [b["ids"] for b in fresh]
