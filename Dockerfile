@@ -31,6 +31,7 @@ COPY pyproject.toml README.md ./
 COPY dali_arb ./dali_arb
 COPY examples ./examples
 COPY tests ./tests
+COPY support ./support
 # torch from PyPI is the CUDA 12 build on Linux; the test extra lets `pytest -m gpu` run in here.
 # The project's own pyproject.toml bounds every dependency.
 # hadolint ignore=DL3013

@@ -21,8 +21,8 @@ demo: install
 	$(VENV)/bin/dali-arb demo
 
 lint: install
-	$(VENV)/bin/ruff check dali_arb tests benchmarks examples
-	$(VENV)/bin/ruff format --check dali_arb tests benchmarks examples
+	$(VENV)/bin/ruff check dali_arb support tests benchmarks examples
+	$(VENV)/bin/ruff format --check dali_arb support tests benchmarks examples
 	$(VENV)/bin/hadolint Dockerfile
 
 test: install lint

@@ -28,7 +28,7 @@ for step, (ids, (w, h)) in enumerate(bm.generator()):
 REFERENCE_SCRIPT = """
 import json, sys
 from dali_arb import BucketSpec, Manifest
-from dali_arb.reference import reference_plan
+from support.reference import reference_plan
 m = Manifest.read(sys.argv[1], columns=[])
 keys = m.keys.to_pylist()
 a = BucketSpec().assign(m.heights, m.widths)

@@ -98,7 +98,7 @@ LIBRARIES = {"obstore": read_obstore, "s3fs": read_s3fs, "boto3": read_boto3}
 
 @case("storage_libs")
 def storage_libs(args) -> dict:
-    from dali_arb.loopback import FaultProxy, moto_s3
+    from support.loopback import FaultProxy, moto_s3
 
     n = 128 if args.quick else 512
     concurrency = 32
@@ -139,7 +139,7 @@ def storage(args) -> dict:
     from dali_arb import DALIBucketIterator
     from dali_arb.bench import _summary, _time
     from dali_arb.index import build_index
-    from dali_arb.loopback import FaultProxy, moto_s3
+    from support.loopback import FaultProxy, moto_s3
 
     count = args.images or (64 if args.quick else 256)
     batches = 6 if args.quick else 24

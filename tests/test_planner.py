@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dali_arb import BucketSpec, ConfigError, LeftoverPolicy, PlanError, Planner, World
-from dali_arb.reference import reference_plan
+from support.reference import reference_plan
 
 from .conftest import random_sizes
 

@@ -18,9 +18,9 @@ import torch
 from dali_arb import DALIBucketIterator, Manifest
 from dali_arb.cli import main
 from dali_arb.index import build_index
-from dali_arb.loopback import FaultProxy, RangeHTTPServer, moto_s3
 from dali_arb.remote import RemoteReads
 from dali_arb.storage import Fetcher, IOStats, Request
+from support.loopback import FaultProxy, RangeHTTPServer, moto_s3
 
 from .conftest import SMALL
 

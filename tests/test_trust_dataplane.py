@@ -222,7 +222,7 @@ def test_f25g_a_url_manifest_rewritten_in_the_same_second_at_the_same_size_is_fe
     import obstore
     from obstore.store import S3Store
 
-    from dali_arb.loopback import moto_s3
+    from support.loopback import moto_s3
 
     first = _same_size_manifest([f"a{i:03d}" for i in range(50)])
     second = _same_size_manifest([f"b{i:03d}" for i in range(50)])
@@ -262,7 +262,7 @@ def test_f25g_a_url_manifest_rewritten_in_the_same_second_at_the_same_size_is_fe
 
 
 def test_f25g_without_an_etag_the_copy_is_named_by_size_and_last_modified_and_says_so(tmp_path):
-    from dali_arb.loopback import RangeHTTPServer
+    from support.loopback import RangeHTTPServer
 
     site = tmp_path / "site"
     site.mkdir()

@@ -225,7 +225,7 @@ def put(key: str, data: bytes) -> None:
 def s3():
     import boto3
 
-    from dali_arb.loopback import moto_s3
+    from support.loopback import moto_s3
 
     with moto_s3() as server:
         boto3.client("s3").create_bucket(Bucket=BUCKET)

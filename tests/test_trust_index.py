@@ -273,7 +273,7 @@ BUCKET = "trust"
 def s3():
     import boto3
 
-    from dali_arb.loopback import moto_s3
+    from support.loopback import moto_s3
 
     with moto_s3() as server:
         boto3.client("s3").create_bucket(Bucket=BUCKET)
@@ -396,7 +396,7 @@ def test_f20_a_caption_object_gone_before_its_read_rejects_the_sample(s3):
 def test_f20_a_failing_store_under_a_caption_stops_the_update_instead_of_erasing_it(s3, tmp_path, monkeypatch):
     from dali_arb.index.folders import PreviousRows
     from dali_arb.index.remote import prefix_tasks, remote_folder_task
-    from dali_arb.loopback import FaultProxy
+    from support.loopback import FaultProxy
 
     for i in range(2):
         put(f"f20fail/p{i}.jpg", jpeg_bytes(64, 64, seed=i))

@@ -152,7 +152,7 @@ def s3_manifest(dataset, tmp_path_factory):
     from obstore.store import S3Store
 
     from dali_arb.index import build_index
-    from dali_arb.loopback import moto_s3
+    from support.loopback import moto_s3
 
     folder, _ = dataset
     manifest = tmp_path_factory.mktemp("s3m") / "m.parquet"
@@ -221,7 +221,7 @@ def test_f14_twenty_pipeline_starts_leak_no_fetcher_thread_and_no_descriptor(s3_
 def test_f14_the_read_ahead_folder_is_gone_with_its_loader_and_stays_gone(s3_manifest, workers, kind):
     """In-flight read-ahead wrote into (and so recreated) the folder after the loader removed it: it outlived the
     process in /dev/shm. Fetches are slowed by a proxy so that they are in flight when the loader goes."""
-    from dali_arb.loopback import FaultProxy
+    from support.loopback import FaultProxy
 
     server, manifest = s3_manifest
     saved = os.environ["AWS_ENDPOINT_URL"]

@@ -41,7 +41,7 @@ def keys_of(it) -> list[str]:
 def s3():
     import boto3
 
-    from dali_arb.loopback import moto_s3
+    from support.loopback import moto_s3
 
     with moto_s3() as server:
         boto3.client("s3").create_bucket(Bucket=BUCKET)

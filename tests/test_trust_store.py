@@ -26,9 +26,9 @@ from dali_arb import DALIBucketIterator, Manifest
 from dali_arb.cli import main
 from dali_arb.errors import StorageError
 from dali_arb.index import build_index
-from dali_arb.loopback import FaultProxy, RangeHTTPServer, moto_s3
 from dali_arb.outputs import Failure
 from dali_arb.storage import Fetcher, IOStats, Request, get_bytes
+from support.loopback import FaultProxy, RangeHTTPServer, moto_s3
 
 from .conftest import SMALL
 

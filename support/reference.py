@@ -13,9 +13,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .buckets import BucketAssignment
-from .permute import ROUNDS
-from .planner import DUPLICATE_STREAM, LeftoverPolicy
+from dali_arb.buckets import BucketAssignment
+from dali_arb.permute import ROUNDS
+from dali_arb.planner import DUPLICATE_STREAM, LeftoverPolicy
 
 __all__ = ["feistel", "reference_plan"]
 
