@@ -15,7 +15,7 @@ from ..errors import StorageError
 from ..imagefacts import inspect_image
 from ..manifest import IDENTITY
 from .pairing import FolderListings, find_pairs
-from .records import Reject, Row
+from .records import NOT_IMAGES, Reject, Row
 
 __all__ = [
     "CAPTION_EXTS",
@@ -29,11 +29,6 @@ __all__ = [
     "read_caption",
 ]
 
-#: Files next to images that are not samples: never indexed, never rejected.
-NOT_IMAGES = frozenset(
-    ".txt .caption .json .jsonl .csv .tsv .parquet .md .yaml .yml .npy .npz .pt .pth .safetensors "
-    ".db .tags .xmp .log .cls .rejects".split()
-)
 CAPTION_EXTS = (".txt", ".caption")
 FILES_PER_TASK = 256
 

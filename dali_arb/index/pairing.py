@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from ..imagefacts import inspect_image
 from ..pairs import PairSpec, same_aspect
-from .records import PairFacts
+from .records import NOT_IMAGES, PairFacts
 
 __all__ = ["FolderListings", "find_pairs", "pair_problem"]
 
@@ -22,8 +22,6 @@ class FolderListings:
 
     def candidates(self, directory: str, stem: str) -> list[str]:
         if directory not in self._listings:
-            from .folders import NOT_IMAGES
-
             found: dict[str, list[str]] = {}
             try:
                 with os.scandir(directory) as entries:

@@ -9,7 +9,13 @@ import pyarrow as pa
 from ..manifest import IDENTITY, SCHEMA
 from ..pairs import PairSpec, pair_schema
 
-__all__ = ["PairFacts", "Reject", "Row", "index_schema", "rows_to_table", "with_identity"]
+__all__ = ["NOT_IMAGES", "PairFacts", "Reject", "Row", "index_schema", "rows_to_table", "with_identity"]
+
+#: Files next to images that are not samples: never indexed, never rejected (folders, shards, prefixes, pairs).
+NOT_IMAGES = frozenset(
+    ".txt .caption .json .jsonl .csv .tsv .parquet .md .yaml .yml .npy .npz .pt .pth .safetensors "
+    ".db .tags .xmp .log .cls .rejects".split()
+)
 
 #: Where a pair's bytes are and its displayed size: ``(source, offset, length, width, height)``.
 PairFacts = tuple
