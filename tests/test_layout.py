@@ -85,3 +85,22 @@ def test_no_import_circles_but_the_known_ones():
         f"new import circles: {[c for c in circles if c not in KNOWN_CIRCLES]}"
     )
     assert all(k in circles for k in KNOWN_CIRCLES), "a known circle is gone: remove it from KNOWN_CIRCLES"
+
+
+def _choices(parser, command: str, option: str) -> list[str]:
+    sub = next(a for a in parser._actions if a.choices and command in a.choices).choices[command]
+    return list(next(a for a in sub._actions if option in a.option_strings).choices)
+
+
+def test_the_cli_reads_its_choices_from_their_owners():
+    """The CLI lists no decoder, worker kind, JPEG scaling or leftover policy of its own (issue 19)."""
+    from dali_arb.cli import build_parser
+    from dali_arb.decoders import DECODERS, JPEG_SCALINGS
+    from dali_arb.planner import LeftoverPolicy
+    from dali_arb.workers import WORKER_KINDS
+
+    parser = build_parser()
+    assert _choices(parser, "preview", "--decoder") == ["auto", *DECODERS]
+    assert _choices(parser, "preview", "--worker-kind") == list(WORKER_KINDS)
+    assert _choices(parser, "bench", "--jpeg-scaling") == list(JPEG_SCALINGS)
+    assert _choices(parser, "plan", "--leftover") == [p.value for p in LeftoverPolicy]

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..decoders import DECODERS, JPEG_SCALINGS
+from ..workers import WORKER_KINDS
 from .core import png_path
 from .options import (
     add_bucket_options,
@@ -46,21 +48,21 @@ def _add_loader_options(p: argparse.ArgumentParser, *, batch_default: int) -> No
     )
     g.add_argument(
         "--worker-kind",
-        choices=["thread", "process"],
+        choices=list(WORKER_KINDS),
         default="thread",
         help="the workers are threads of the loader's process (default: no process, no /dev/shm; decoding releases "
         "the GIL) or DALI's worker processes (a worker killed by the OOM killer is restarted from; ~100 MB PSS each on a node)",
     )
     g.add_argument(
         "--decoder",
-        choices=["auto", "dali", "pillow", "opencv"],
+        choices=["auto", *DECODERS],
         default="auto",
         help="who decodes: DALI (nvJPEG on GPU), the workers with OpenCV or Pillow at reduced DCT scale, or auto (default: "
         "dali on GPU, opencv on CPU)",
     )
     g.add_argument(
         "--jpeg-scaling",
-        choices=["quality", "fast"],
+        choices=list(JPEG_SCALINGS),
         default=None,
         help="how far the opencv/pillow workers decode JPEGs at reduced DCT scale: quality (default: only while the "
         "image keeps 3x the bucket; within 35 dB of a full-resolution resize) or fast (the largest reduction that "

@@ -7,6 +7,7 @@ import argparse
 
 from ..buckets import BucketSpec, parse_size
 from ..errors import ConfigError
+from ..planner import LeftoverPolicy
 
 __all__ = [
     "EXIT_USAGE",
@@ -108,7 +109,7 @@ def add_plan_options(parser: argparse.ArgumentParser, *, batch_required: bool) -
     g.add_argument("--seed", type=non_negative_int, default=0, help="shared by all ranks (default 0)")
     g.add_argument(
         "--leftover",
-        choices=["nearest", "drop", "duplicate"],
+        choices=[policy.value for policy in LeftoverPolicy],
         default="nearest",
         help="what to do with images that do not fill a batch (default nearest; see LeftoverPolicy)",
     )
