@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-__all__ = ["FaultProxy", "MotoS3", "RangeHTTPServer", "moto_s3"]
+__all__ = ["FaultProxy", "MotoS3", "RangeHTTPServer", "moto_bucket", "moto_s3", "put_object"]
 
 #: What the local S3 answers to: any key pair works (moto checks none), the region is fixed.
 TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
@@ -323,3 +323,21 @@ class FaultProxy:
                 await writer.drain()
         except (ConnectionError, OSError, asyncio.CancelledError):
             pass
+
+
+@contextlib.contextmanager
+def moto_bucket(bucket: str, **kwargs) -> Iterator[MotoS3]:
+    """:func:`moto_s3` (``kwargs``) with an empty ``bucket`` made in it."""
+    import boto3
+
+    with moto_s3(**kwargs) as server:
+        boto3.client("s3").create_bucket(Bucket=bucket)
+        yield server
+
+
+def put_object(bucket: str, key: str, data: bytes) -> None:
+    """Write ``data`` at ``key`` of ``bucket`` on the endpoint :func:`moto_s3` set (``AWS_ENDPOINT_URL``)."""
+    import obstore
+    from obstore.store import S3Store
+
+    obstore.put(S3Store(bucket, client_options={"allow_http": True}), key, data)

@@ -20,7 +20,7 @@ from dali_arb.cli import main
 from dali_arb.index import build_index
 from dali_arb.remote import RemoteReads
 from dali_arb.storage import Fetcher, IOStats, Request
-from support.loopback import FaultProxy, RangeHTTPServer, moto_s3
+from support.loopback import FaultProxy, RangeHTTPServer, moto_s3, put_object
 
 from .conftest import SMALL
 
@@ -28,10 +28,7 @@ BUCKET = "data"
 
 
 def put(key: str, data: bytes) -> None:
-    import obstore
-    from obstore.store import S3Store
-
-    obstore.put(S3Store(BUCKET, client_options={"allow_http": True}), key, data)
+    put_object(BUCKET, key, data)
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from dali_arb import DALIBucketIterator, Manifest
 from dali_arb.index import build_index
 from dali_arb.remote import RemoteReads
 from dali_arb.storage import Request
+from support.loopback import moto_bucket, put_object
 
 from .conftest import SMALL
 from .images import photo_like, save_jpeg
@@ -215,20 +216,12 @@ def test_f7_a_shard_repacked_in_another_order_is_refused_as_changed(tmp_path):
 
 # -- object storage (findings 6, 7 and 9) ---------------------------------------------------------------------------
 def put(key: str, data: bytes) -> None:
-    import obstore
-    from obstore.store import S3Store
-
-    obstore.put(S3Store(BUCKET, client_options={"allow_http": True}), key, data)
+    put_object(BUCKET, key, data)
 
 
 @pytest.fixture(scope="module")
 def s3():
-    import boto3
-
-    from support.loopback import moto_s3
-
-    with moto_s3() as server:
-        boto3.client("s3").create_bucket(Bucket=BUCKET)
+    with moto_bucket(BUCKET) as server:
         yield server
 
 

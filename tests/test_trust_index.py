@@ -23,6 +23,7 @@ from dali_arb.captions import CaptionPolicy
 from dali_arb.cli import main
 from dali_arb.errors import IndexingError, StorageError
 from dali_arb.index import build_index
+from support.loopback import moto_bucket, put_object
 
 from .conftest import SMALL
 from .images import jpeg_bytes, save_jpeg
@@ -271,20 +272,12 @@ BUCKET = "trust"
 
 @pytest.fixture(scope="module")
 def s3():
-    import boto3
-
-    from support.loopback import moto_s3
-
-    with moto_s3() as server:
-        boto3.client("s3").create_bucket(Bucket=BUCKET)
+    with moto_bucket(BUCKET) as server:
         yield server
 
 
 def put(key: str, data: bytes) -> None:
-    import obstore
-    from obstore.store import S3Store
-
-    obstore.put(S3Store(BUCKET, client_options={"allow_http": True}), key, data)
+    put_object(BUCKET, key, data)
 
 
 def delete(key: str) -> None:

@@ -12,6 +12,7 @@ import pytest
 from dali_arb import DALIBucketIterator, Manifest
 from dali_arb.errors import DataError
 from dali_arb.index import build_index
+from support.loopback import moto_bucket, put_object
 
 from .conftest import SMALL
 from .images import photo_like
@@ -39,20 +40,12 @@ def keys_of(it) -> list[str]:
 
 @pytest.fixture(scope="module")
 def s3():
-    import boto3
-
-    from support.loopback import moto_s3
-
-    with moto_s3() as server:
-        boto3.client("s3").create_bucket(Bucket=BUCKET)
+    with moto_bucket(BUCKET) as server:
         yield server
 
 
 def put(key: str, data: bytes) -> None:
-    import obstore
-    from obstore.store import S3Store
-
-    obstore.put(S3Store(BUCKET, client_options={"allow_http": True}), key, data)
+    put_object(BUCKET, key, data)
 
 
 def url_metadata(prefix: str, count: int = 8) -> str:

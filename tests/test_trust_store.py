@@ -28,7 +28,7 @@ from dali_arb.errors import StorageError
 from dali_arb.index import build_index
 from dali_arb.outputs import Failure
 from dali_arb.storage import Fetcher, IOStats, Request, get_bytes
-from support.loopback import FaultProxy, RangeHTTPServer, moto_s3
+from support.loopback import FaultProxy, RangeHTTPServer, moto_s3, put_object
 
 from .conftest import SMALL
 
@@ -37,10 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def put(key: str, data: bytes) -> None:
-    import obstore
-    from obstore.store import S3Store
-
-    obstore.put(S3Store(BUCKET, client_options={"allow_http": True}), key, data)
+    put_object(BUCKET, key, data)
 
 
 @pytest.fixture(scope="module")
