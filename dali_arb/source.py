@@ -28,7 +28,7 @@ from .pairs import pair_columns
 from .planner import EpochPlan, Planner
 from .processes import die_with_parent
 from .remote import RemoteReads
-from .storage import Request, is_url, max_sample_bytes
+from .storage import URL_PATTERN, Request, is_url, max_sample_bytes
 from .world import World
 
 __all__ = ["BatchSource", "LoaderConfig", "build_planner"]
@@ -38,8 +38,6 @@ _MAX_REPLACEMENT_TRIES = 64
 #: out: the indexer read it): the sample is replaced. Any other OSError is the OS or the disk failing (EMFILE,
 #: ENFILE, ENOMEM, EIO, ESTALE...): the run stops and nothing is blocklisted, so a resume loses nothing.
 _THE_FILES_OWN = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG, errno.EACCES, errno.EPERM})
-#: A URL at the start of a ``source`` value (the same test as :func:`~dali_arb.storage.is_url`).
-_URL_PATTERN = r"^[a-zA-Z][a-zA-Z0-9+.-]*://"
 #: Columns the worker processes read from an in-memory manifest's file (besides key, width, height).
 WORKER_COLUMNS = ["source", "offset", "length", "mtime_ns", "source_size", "etag"]
 
@@ -112,7 +110,7 @@ def has_urls(manifest: Manifest) -> bool:
         return False
     column = manifest.table.column("source")
     chunks = [c.dictionary for c in column.chunks] if pa.types.is_dictionary(column.type) else column.chunks
-    return any(pc.any(pc.match_substring_regex(chunk, _URL_PATTERN)).as_py() for chunk in chunks)
+    return any(pc.any(pc.match_substring_regex(chunk, URL_PATTERN)).as_py() for chunk in chunks)
 
 
 def _os_failure(path: str, error: OSError) -> StorageError:

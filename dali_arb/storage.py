@@ -78,7 +78,9 @@ READ_TIMEOUT_S = 20.0
 #: The most bytes one sample may cost; a larger one is a "too large" failure, never read whole.
 #: ``DALI_ARB_MAX_SAMPLE_BYTES`` overrides it.
 MAX_SAMPLE_BYTES = 256 << 20
-_URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+#: A URL at the start of a text (``scheme://``): :func:`is_url`, and the loader's scan of a whole source column.
+URL_PATTERN = r"^([a-zA-Z][a-zA-Z0-9+.-]*)://"
+_URL = re.compile(URL_PATTERN)
 _ANY_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://\S+")
 _STATUS = re.compile(r"status code: (\d{3})([^:\n]*)|\bstatus: (\d{3}),")
 _HTTP_KIND = re.compile(r"HttpError \{\s*kind: (\w+)")
@@ -666,15 +668,12 @@ def expand_sources(source: str) -> list[str]:
     return out
 
 
-def _changed(meta: dict, url: str, size: int | None, version: str | None) -> ObjectChanged | None:
-    """Why the object a GET read (its ``meta``) is not the indexed one (``size``, ``version``: None where not
-    checked), or None."""
-    if size is not None and int(meta["size"]) != size:
-        return ObjectChanged(f"{url} changed since indexing: {meta['size']} bytes, not {size}")
+def _check_version(url: str, meta: dict, version: str | None) -> None:
+    """ObjectChanged when the object a GET read (its ``meta``) is not the indexed ``version`` (its ETag; None: not
+    checked), for stores that ignore ``If-Match``."""
     etag = meta.get("e_tag")
     if version is not None and etag is not None and etag != version:
-        return ObjectChanged(f"{url} changed since indexing: its ETag is {etag}, not {version}")
-    return None
+        raise ObjectChanged(f"{url} changed since indexing: its ETag is {etag}, not {version}")
 
 
 def _precondition_failed(exc: BaseException, url: str, version: str | None) -> ObjectChanged | None:
@@ -831,12 +830,9 @@ class Fetcher:
                         _HEALTH.answered(url)
                         if whole:  # the object's size must still be the indexed one, and affordable
                             _check_size(url, int(got.meta["size"]), end)
-                        changed = _changed(got.meta, url, None, version)
-                        if changed is not None:  # (a store that ignores If-Match)
-                            raise changed
-                        data = bytes(await got.bytes_async())
-                    else:
-                        data = bytes(await obstore.get_range_async(store, key, start=start, end=end))
+                        _check_version(url, got.meta, version)
+                        return bytes(await got.bytes_async())
+                    data = bytes(await obstore.get_range_async(store, key, start=start, end=end))
                     _HEALTH.answered(url)
                     return data
                 except StorageError:
