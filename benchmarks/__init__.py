@@ -31,8 +31,8 @@ def photo_manifest(args, count: int, *, min_mp: float, max_mp: float, seed: int)
     With ``--photos DIR`` the JPEGs and the manifest are made once under ``DIR/<count>-<min>-<max>-<seed>``
     and kept, so several cases (and several runs) time the same files without making them again;
     otherwise they live in a temporary folder for the case alone."""
-    from dali_arb.bench import make_photo_jpegs
     from dali_arb.index import build_index
+    from dali_arb.tools.bench import make_photo_jpegs
 
     with contextlib.ExitStack() as stack:
         if getattr(args, "photos", None):
@@ -47,8 +47,8 @@ def photo_manifest(args, count: int, *, min_mp: float, max_mp: float, seed: int)
 
 
 def loader_rows(result: dict) -> dict[str, str]:
-    """One figure per loader a ``dali_arb.bench.run_bench`` result timed: ``images/s (MP/s, p50/p99 ms)``."""
-    from dali_arb.bench import LOADER_NAMES
+    """One figure per loader a ``dali_arb.tools.bench.run_bench`` result timed: ``images/s (MP/s, p50/p99 ms)``."""
+    from dali_arb.tools.bench import LOADER_NAMES
 
     return {
         f"  {label} images/s (MP/s, p50/p99 ms)": (

@@ -80,7 +80,7 @@ def realistic_manifest(folder: Path, n: int) -> Path:
     table_members = np.array(members, np.int64)  # (64, 4)
     captions = _captions(200_000, seed=1)  # a pool: captions are bytes here, unique or not
     path = folder / "m.parquet"
-    from dali_arb.manifest import SCHEMA
+    from dali_arb.data.manifest import SCHEMA
 
     with pq.ParquetWriter(path, SCHEMA) as writer:
         for lo in range(0, n, CHUNK):
@@ -272,7 +272,7 @@ start = time.perf_counter()
 from pathlib import Path
 import numpy as np
 from dali_arb import BucketSpec, Manifest, Planner, World
-from dali_arb.dataplane import bucket_index
+from dali_arb.data.cache import bucket_index
 manifest, cache = sys.argv[1:3]
 m = Manifest.open(manifest, cache_dir=cache)
 index = bucket_index(m, BucketSpec())
@@ -302,7 +302,7 @@ BUILD_SCRIPT = """
 import json, resource, sys, time
 start = time.perf_counter()
 from dali_arb import BucketSpec, Manifest
-from dali_arb.dataplane import bucket_index
+from dali_arb.data.cache import bucket_index
 m = Manifest.open(sys.argv[1], cache_dir=sys.argv[2])
 columns = time.perf_counter() - start
 bucket_index(m, BucketSpec())
@@ -379,7 +379,7 @@ def _co_occurrence(first: np.ndarray, second: np.ndarray, group: int) -> float:
 
 @case("shuffle")
 def shuffle(args) -> dict:
-    from dali_arb.permute import Permutation, round_keys
+    from dali_arb.plan.permute import Permutation, round_keys
 
     out: dict = {}
     for n, group in ((1_000, 16), (100_000, 16), (1_000_000, 128)):

@@ -13,7 +13,7 @@ SETTINGS = ((0.65, 4), (0.0, 4), (0.9, 4), (0.65, 2), (0.65, 8))
 
 @case("gpu_sweep")
 def gpu_sweep(args) -> dict:
-    from dali_arb.bench import run_bench
+    from dali_arb.tools.bench import run_bench
 
     if args.device != "gpu":
         return {"skipped": "gpu_sweep runs with --device gpu"}
@@ -52,7 +52,7 @@ def gpu_sweep(args) -> dict:
 def cpu_cores(args) -> dict:
     """The CPU path on every core of the machine against the same peers (for many-core machines: how the work
     splits between decoding workers and DALI threads)."""
-    from dali_arb.bench import run_bench
+    from dali_arb.tools.bench import run_bench
 
     count = args.images or 1600
     batches = max(24, min(60, count // 16 - 8))

@@ -7,7 +7,7 @@ from . import case, loader_rows, photo_manifest
 
 @case("loader")
 def loader(args) -> dict:
-    from dali_arb.bench import run_bench
+    from dali_arb.tools.bench import run_bench
 
     count = args.images or (64 if args.quick else 256)
     batches = 6 if args.quick else max(24, min(200, count // 8 - 8))

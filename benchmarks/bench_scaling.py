@@ -33,9 +33,9 @@ def _items(manifest, batch_size: int = 8) -> list[tuple[str, int, int, int, int]
 def _score(items, margin: float) -> dict:
     import cv2
 
-    from dali_arb.bench import psnr, reference_image
-    from dali_arb.decoders import OpenCVDecoder
-    from dali_arb.geometry import Geometry, cover_crop
+    from dali_arb.loader.decoders import OpenCVDecoder
+    from dali_arb.plan.geometry import Geometry, cover_crop
+    from dali_arb.tools.bench import psnr, reference_image
 
     cv2.setNumThreads(1)
     decoder = type("MarginDecoder", (OpenCVDecoder,), {"margin": property(lambda self: margin)})()

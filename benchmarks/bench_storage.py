@@ -137,8 +137,8 @@ def storage(args) -> dict:
     from obstore.store import S3Store
 
     from dali_arb import DALIBucketIterator
-    from dali_arb.bench import _summary, _time
     from dali_arb.index import build_index
+    from dali_arb.tools.bench import _summary, _time
     from support.loopback import FaultProxy, moto_s3
 
     count = args.images or (64 if args.quick else 256)

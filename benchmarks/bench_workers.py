@@ -1,7 +1,7 @@
 """Worker threads against worker processes (``worker_kind``), under the training steps that matter to them.
 
 The same loader (CPU, the default decoder, uint8, batch 8, centre crop) with its workers as threads and as DALI's
-processes, after a simulated training step of each kind (``dali_arb.bench.STEP_WORKS``): none (the loader flat
+processes, after a simulated training step of each kind (``dali_arb.tools.bench.STEP_WORKS``): none (the loader flat
 out), ``sleep`` (a GPU step: the CPU is free), ``torch`` (a loop dispatching small tensor ops: PyTorch releases the
 GIL inside each op) and ``python`` (pure Python holding the GIL: the worst case for threads). Each measurement runs
 in a fresh process, as a training job holds one loader; kinds alternate over the rounds; the median round counts.
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHILD = """
 import json, sys, time
 from dali_arb import DALIBucketIterator
-from dali_arb.bench import _time
+from dali_arb.tools.bench import _time
 manifest, kind, workers, work, step_ms, batches = sys.argv[1:7]
 it = DALIBucketIterator(manifest, batch_size=8, device="cpu", crop="center", dtype="uint8", workers=int(workers),
                         worker_kind=kind, rank=0, world_size=1)

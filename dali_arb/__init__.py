@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .buckets import BucketAssignment, BucketSpec, format_size, parse_size
-from .captions import CaptionPolicy
+from .data.manifest import Manifest
+from .data.pairs import PairSpec
 from .errors import (
     ConfigError,
     DaliArbError,
@@ -21,14 +21,14 @@ from .errors import (
     StateError,
     StorageError,
 )
-from .manifest import Manifest
-from .mixture import MixedIndex
-from .pairs import PairSpec
-from .planner import EpochPlan, LeftoverPolicy, Planner
-from .world import World
+from .plan.buckets import BucketAssignment, BucketSpec, format_size, parse_size
+from .plan.captions import CaptionPolicy
+from .plan.mixture import MixedIndex
+from .plan.planner import EpochPlan, LeftoverPolicy, Planner
+from .plan.world import World
 
 if TYPE_CHECKING:
-    from .iterator import DALIBucketIterator
+    from .torch import DALIBucketIterator
 
 __version__ = "0.1.0"
 
@@ -61,7 +61,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name == "DALIBucketIterator":  # imports DALI and torch: only on first use
-        from .iterator import DALIBucketIterator
+        from .torch import DALIBucketIterator
 
         return DALIBucketIterator
     raise AttributeError(f"module 'dali_arb' has no attribute {name!r}")

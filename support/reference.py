@@ -13,9 +13,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from dali_arb.buckets import BucketAssignment
-from dali_arb.permute import ROUNDS
-from dali_arb.planner import DUPLICATE_STREAM, LeftoverPolicy
+from dali_arb.plan.buckets import BucketAssignment
+from dali_arb.plan.permute import ROUNDS
+from dali_arb.plan.planner import DUPLICATE_STREAM, LeftoverPolicy
 
 __all__ = ["feistel", "reference_plan"]
 
@@ -23,7 +23,7 @@ _MASK64 = (1 << 64) - 1
 
 
 def feistel(n: int, keys: list[int]) -> Callable[[int], int]:
-    """The bijection of ``range(n)`` that :class:`dali_arb.permute.Permutation` computes, one value at a time."""
+    """The bijection of ``range(n)`` that :class:`dali_arb.plan.permute.Permutation` computes, one value at a time."""
     bits = max(2, max(n - 1, 1).bit_length())
     bits += bits % 2
     half, mask = bits // 2, (1 << (bits // 2)) - 1

@@ -7,8 +7,8 @@ import pyarrow as pa
 import pytest
 
 from dali_arb import BucketSpec
+from dali_arb.data.manifest import SCHEMA, Manifest
 from dali_arb.index import build_index
-from dali_arb.manifest import SCHEMA, Manifest
 
 from .images import save_jpeg
 

@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from dali_arb.decoders import OpenCVDecoder
+from dali_arb.loader.decoders import OpenCVDecoder
 
 HOLD_LIMIT_S = 60.0
 

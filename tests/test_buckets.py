@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dali_arb import BucketSpec, ConfigError, format_size, parse_size
-from dali_arb.buckets import REJECT_ASPECT, REJECT_TOO_SMALL
+from dali_arb.plan.buckets import REJECT_ASPECT, REJECT_TOO_SMALL
 
 NOVELAI = (
     "256x1024 320x1024 384x1024 384x960 384x896 448x832 512x768 512x704 512x512 576x640 "

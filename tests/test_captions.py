@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from dali_arb import ConfigError, DALIBucketIterator, Manifest
-from dali_arb.captions import CaptionPolicy
+from dali_arb.plan.captions import CaptionPolicy
 
 from .conftest import SMALL
 from .resume import check_save_load_state

@@ -183,7 +183,7 @@ def test_console_script_has_no_traceback_on_error(tmp_path):
 
 def test_import_and_buckets_need_neither_dali_nor_torch():
     code = (
-        "import sys, dali_arb, dali_arb.cli, dali_arb.index, dali_arb.report\n"
+        "import sys, dali_arb, dali_arb.cli, dali_arb.index, dali_arb.tools.report\n"
         "from dali_arb.cli import main\n"
         "main(['buckets', '--json'])\n"
         "bad = [m for m in sys.modules if m.startswith(('torch', 'nvidia'))]\n"
@@ -197,7 +197,7 @@ def test_planner_core_imports_only_numpy_and_pyarrow():
     code = (
         "import sys\n"
         "before = set(sys.modules)\n"
-        "import dali_arb.planner, dali_arb.buckets, dali_arb.world, dali_arb.manifest\n"
+        "import dali_arb.plan.planner, dali_arb.plan.buckets, dali_arb.plan.world, dali_arb.data.manifest\n"
         "new = {m.split('.')[0] for m in set(sys.modules) - before if 'cython' not in m}\n"
         "extra = new - {'dali_arb', 'numpy', 'pyarrow'} - set(sys.stdlib_module_names)\n"
         "assert not extra, extra\n"

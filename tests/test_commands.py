@@ -188,7 +188,7 @@ def test_bench_peers_never_fork_after_dali_started_threads(dataset, monkeypatch)
     worker can deadlock on a lock one of those threads held (CI hung so once). Every peer must spawn."""
     import torch
 
-    from dali_arb.bench import run_bench
+    from dali_arb.tools.bench import run_bench
 
     from .conftest import SMALL
 

@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from dali_arb import BucketSpec, Manifest, Planner, World
-from dali_arb.dataplane import CACHE_ENV, CACHE_FORMAT, ManifestCache, bucket_index, cache_root
+from dali_arb.data.cache import CACHE_ENV, CACHE_FORMAT, ManifestCache, bucket_index, cache_root
+from dali_arb.data.manifest import PINNED_COLUMNS
 from dali_arb.errors import ManifestError, ResourceError
-from dali_arb.manifest import PINNED_COLUMNS
 
 from .conftest import random_sizes
 
@@ -49,7 +49,7 @@ def odd_manifest(path: Path, n: int = 301, *, seed: int = 0) -> Path:
 
 @pytest.fixture
 def small_steps(monkeypatch):
-    import dali_arb.dataplane as dataplane
+    import dali_arb.data.cache as dataplane
 
     monkeypatch.setattr(dataplane, "BUILD_ROWS", 40)  # many build steps, none a multiple of the row groups
 
@@ -146,7 +146,7 @@ def test_the_bucket_index_cache_holds_the_served_percentiles_so_no_rank_reads_ev
     """A loader sized its buffers by sampling a million rows spread over the manifest in every rank at start-up:
     every page of the length column and of the bucket members (92 B/row of a node's memory at 4M rows)."""
     from dali_arb import DALIBucketIterator
-    from dali_arb.manifest import ManifestSet
+    from dali_arb.data.manifest import ManifestSet
 
     path = odd_manifest(tmp_path / "m.parquet", n=2000)
     index = bucket_index(Manifest.open(path, cache_dir=tmp_path / "cache"), BucketSpec())

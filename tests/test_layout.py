@@ -10,7 +10,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dali_arb"
 #: Circles still to break (issue 19: the node cache opens manifests and a manifest opens its cache). Shrinks only.
-KNOWN_CIRCLES: list[set[str]] = [{"dali_arb.manifest", "dali_arb.dataplane"}]
+KNOWN_CIRCLES: list[set[str]] = [{"dali_arb.data.manifest", "dali_arb.data.cache"}]
 
 
 @pytest.mark.parametrize("name", ["loopback", "reference"])
@@ -95,9 +95,9 @@ def _choices(parser, command: str, option: str) -> list[str]:
 def test_the_cli_reads_its_choices_from_their_owners():
     """The CLI lists no decoder, worker kind, JPEG scaling or leftover policy of its own (issue 19)."""
     from dali_arb.cli import build_parser
-    from dali_arb.decoders import DECODERS, JPEG_SCALINGS
-    from dali_arb.planner import LeftoverPolicy
-    from dali_arb.workers import WORKER_KINDS
+    from dali_arb.loader.decoders import DECODERS, JPEG_SCALINGS
+    from dali_arb.loader.workers import WORKER_KINDS
+    from dali_arb.plan.planner import LeftoverPolicy
 
     parser = build_parser()
     assert _choices(parser, "preview", "--decoder") == ["auto", *DECODERS]

@@ -352,11 +352,11 @@ class _FailingPipeline:
 )  # fmt: skip
 def test_a_failing_device_is_one_clear_error_and_blocklists_nothing(dataset, monkeypatch, message, error, match):
     """Out of memory, or a decoder that fails on every sample, is not a bad file: nothing good is blocklisted."""
-    import dali_arb.pipeline
+    import dali_arb.loader.pipeline
 
     _, manifest = dataset
     it = loader(manifest, decoder="dali")
-    monkeypatch.setattr(dali_arb.pipeline, "build_pipeline", lambda *a, **k: _FailingPipeline(message))
+    monkeypatch.setattr(dali_arb.loader.pipeline, "build_pipeline", lambda *a, **k: _FailingPipeline(message))
     with pytest.raises(error, match=match):
         next(iter(it))
     assert it.failed == [] and it.state_dict()["failed"] == {}
@@ -371,7 +371,7 @@ def test_loader_options_are_validated(dataset):
 
 
 def test_a_small_dev_shm_lowers_the_prefetch_or_says_what_to_do(dataset, monkeypatch):
-    import dali_arb.iterator as module
+    import dali_arb.torch as module
 
     _, manifest = dataset
     roomy = loader(manifest, workers=2, worker_kind="process")
@@ -396,7 +396,7 @@ def test_a_small_dev_shm_lowers_the_prefetch_or_says_what_to_do(dataset, monkeyp
 
 def test_the_ranks_of_a_node_share_its_cores(dataset, monkeypatch):
     """Eight ranks on a 16-core node: each starts 2 decoding workers by default, not 16 (128 in all)."""
-    import dali_arb.iterator as module
+    import dali_arb.torch as module
 
     _, manifest = dataset
     monkeypatch.setattr(module, "cpu_count", lambda: 16)
@@ -412,7 +412,7 @@ def test_the_ranks_of_a_node_share_its_cores(dataset, monkeypatch):
 def test_every_worker_has_a_batch_in_flight(dataset, monkeypatch):
     """DALI gives each batch to one worker: with fewer batches ahead than workers, workers sit idle (16 workers
     ran with 8 batches ahead, 0.78x the OpenCV peer on 16 cores)."""
-    import dali_arb.iterator as module
+    import dali_arb.torch as module
 
     _, manifest = dataset
     monkeypatch.setattr(module, "_free_shared_memory", lambda: 64 << 30)

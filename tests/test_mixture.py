@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from dali_arb import BucketSpec, ConfigError, DALIBucketIterator, Manifest, Planner, World
-from dali_arb.buckets import BucketIndex
 from dali_arb.cli import main
 from dali_arb.index import build_index
-from dali_arb.mixture import MixedIndex, check_repeats
+from dali_arb.plan.buckets import BucketIndex
+from dali_arb.plan.mixture import MixedIndex, check_repeats
 
 from .conftest import SMALL, copy_photos, random_sizes
 from .resume import check_save_load_state
@@ -160,7 +160,7 @@ def test_several_datasets_resume_exactly_with_a_spec_each(two):
 def test_datasets_with_other_pairs_are_refused_in_one_line(two, tmp_path):
     import pyarrow as pa
 
-    from dali_arb.pairs import pair_schema
+    from dali_arb.data.pairs import pair_schema
 
     a, b = two
     table = Manifest.read(b).table

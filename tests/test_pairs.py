@@ -16,9 +16,9 @@ from PIL import Image, ImageOps
 
 from dali_arb import DALIBucketIterator, Manifest
 from dali_arb.cli import main
+from dali_arb.data.pairs import PairSpec, pair_columns
 from dali_arb.errors import ConfigError
 from dali_arb.index import build_index
-from dali_arb.pairs import PairSpec, pair_columns
 
 from .conftest import SIZES, SMALL
 from .images import save_jpeg

@@ -62,7 +62,7 @@ def index(sources, output, **kw):
 def rejects_of(manifest) -> list[dict]:
     import json
 
-    from dali_arb.manifest import rejects_path
+    from dali_arb.data.manifest import rejects_path
 
     return [json.loads(line) for line in rejects_path(manifest).read_text(encoding="utf-8").splitlines()]
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from dali_arb import BucketSpec, DataError, Manifest, ManifestError
-from dali_arb.decoders import DaliDecoder, OpenCVDecoder, PillowDecoder, choose_decoder
 from dali_arb.errors import ConfigError
-from dali_arb.outputs import META, Failure
-from dali_arb.source import BatchSource, LoaderConfig, build_planner
+from dali_arb.loader.contracts import META, Failure
+from dali_arb.loader.decoders import DaliDecoder, OpenCVDecoder, PillowDecoder, choose_decoder
+from dali_arb.loader.source import BatchSource, LoaderConfig, build_planner
 
 from .conftest import SMALL
 

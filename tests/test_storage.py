@@ -17,9 +17,9 @@ import torch
 
 from dali_arb import DALIBucketIterator, Manifest
 from dali_arb.cli import main
+from dali_arb.data.readahead import RemoteReads
+from dali_arb.data.storage import Fetcher, IOStats, Request
 from dali_arb.index import build_index
-from dali_arb.remote import RemoteReads
-from dali_arb.storage import Fetcher, IOStats, Request
 from support.loopback import FaultProxy, RangeHTTPServer, moto_s3, put_object
 
 from .conftest import SMALL
@@ -115,7 +115,7 @@ def test_shards_by_brace_range_and_glob_metadata_and_the_manifest_by_url(s3, tmp
 def test_pairs_in_shards_in_storage_are_served_aligned(s3, tmp_path):
     from PIL import Image, ImageOps
 
-    from dali_arb.pairs import PairSpec
+    from dali_arb.data.pairs import PairSpec
 
     _, folder, _ = s3
     shard = tmp_path / "paired.tar"
@@ -143,7 +143,7 @@ def test_latency_slowdowns_and_dropped_connections_are_retried_counted_and_chang
     build_index([f"s3://{BUCKET}/photos/"], tmp_path / "remote.parquet", progress=False)
     with FaultProxy(server.port, latency_s=0.01, slow_down=4, drop=3, skip=2) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-        monkeypatch.setattr("dali_arb.storage.BACKOFF_S", 0.01)
+        monkeypatch.setattr("dali_arb.data.storage.BACKOFF_S", 0.01)
         it = loader(str(tmp_path / "remote.parquet"), flip=0.5)
         assert same_batches(it, loader(str(tmp_path / "local.parquet"), flip=0.5)) == 9
         assert proxy.counts.slowed == 4 and proxy.counts.dropped == 3
@@ -206,7 +206,7 @@ def test_read_ahead_folders_of_dead_processes_are_removed(tmp_path):
     import subprocess
     import sys
 
-    from dali_arb.iterator import READ_AHEAD_PREFIX, remove_stale_read_ahead
+    from dali_arb.torch import READ_AHEAD_PREFIX, remove_stale_read_ahead
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead = tmp_path / f"{READ_AHEAD_PREFIX}{gone.stdout.strip()}-abc"
@@ -357,7 +357,7 @@ def test_pair_folders_in_storage_index_and_serve_like_local_ones(s3, tmp_path, c
     """Folder pairs (`--pair depth=DIR`) used to need local folders when the images were in storage."""
     from PIL import Image, ImageOps
 
-    from dali_arb.pairs import PairSpec
+    from dali_arb.data.pairs import PairSpec
 
     _, folder, _ = s3
     depth = tmp_path / "depth"

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dali_arb import BucketSpec, Manifest
-from dali_arb.dataplane import CACHE_FORMAT, ManifestCache, bucket_index, local_manifest
+from dali_arb.data.cache import CACHE_FORMAT, ManifestCache, bucket_index, local_manifest
 from dali_arb.errors import ManifestError
 
 from .test_dataplane import ROOT, odd_manifest
@@ -74,7 +74,7 @@ def test_f10_a_bucket_index_damaged_in_place_is_rebuilt(tmp_path):
 def test_f10_content_is_verified_once_per_boot_then_by_the_files_identity(tmp_path, monkeypatch):
     """A rank start must not hash every file of a 100M-row cache: a whole verification is recorded for this boot and
     the files' stat signatures; another boot (or a file whose ctime moved) verifies again."""
-    import dali_arb.dataplane as dataplane
+    import dali_arb.data.cache as dataplane
 
     path = odd_manifest(tmp_path / "m.parquet")
     ManifestCache.open(path, cache_dir=tmp_path / "cache")
@@ -187,7 +187,7 @@ def test_f16_copies_and_hardlinks_of_one_manifest_opened_at_once_share_one_cache
 
 def test_f16_an_installed_whole_cache_is_never_replaced_by_a_later_build(tmp_path, monkeypatch):
     """A second builder (another path, same content) that built while the first installed keeps the first's."""
-    import dali_arb.dataplane as dataplane
+    import dali_arb.data.cache as dataplane
 
     path = odd_manifest(tmp_path / "m.parquet")
     first = ManifestCache.open(path, cache_dir=tmp_path / "cache")
@@ -250,7 +250,7 @@ def test_f25g_a_url_manifest_rewritten_in_the_same_second_at_the_same_size_is_fe
 
         # rewritten between the HEAD and the GET: the GET holds the HEAD's ETag (If-Match), so the copy named by the
         # old version never holds the new bytes; the object is looked at again
-        import dali_arb.dataplane as dataplane
+        import dali_arb.data.cache as dataplane
 
         real = dataplane._remote_version
         stale = [real(url)]
@@ -274,7 +274,7 @@ def test_f25g_without_an_etag_the_copy_is_named_by_size_and_last_modified_and_sa
 
 # -- f24's rule: temporary files are created exclusively, never through a planted link ------------------------------
 def test_f24_a_link_planted_at_a_temporary_name_is_never_written_through(tmp_path):
-    from dali_arb.dataplane import _digest
+    from dali_arb.data.cache import _digest
 
     path = odd_manifest(tmp_path / "m.parquet")
     victim = tmp_path / "victim"

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from dali_arb import DALIBucketIterator, Manifest
+from dali_arb.data.readahead import RemoteReads
+from dali_arb.data.storage import Request
 from dali_arb.index import build_index
-from dali_arb.remote import RemoteReads
-from dali_arb.storage import Request
 from support.loopback import moto_bucket, put_object
 
 from .conftest import SMALL

@@ -19,10 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from dali_arb import DALIBucketIterator, Manifest
-from dali_arb.captions import CaptionPolicy
 from dali_arb.cli import main
 from dali_arb.errors import IndexingError, StorageError
 from dali_arb.index import build_index
+from dali_arb.plan.captions import CaptionPolicy
 from support.loopback import moto_bucket, put_object
 
 from .conftest import SMALL
@@ -115,7 +115,7 @@ def check_last_copy_wins(manifest, shard) -> None:
 
 
 def test_f8_a_tar_appended_to_is_indexed_with_the_last_copy_of_every_member(tmp_path):
-    from dali_arb.pairs import PairSpec
+    from dali_arb.data.pairs import PairSpec
 
     shard = tmp_path / "00000.tar"
     appended_shard(shard)
@@ -320,7 +320,7 @@ def test_f3_metadata_with_object_storage_paths_serves_every_image(s3, tmp_path, 
 
 # f8: a shard in object storage, appended to
 def test_f8_a_shard_in_object_storage_appended_to_is_indexed_with_the_last_copies(s3, tmp_path):
-    from dali_arb.pairs import PairSpec
+    from dali_arb.data.pairs import PairSpec
 
     shard = tmp_path / "00000.tar"
     appended_shard(shard)
@@ -398,7 +398,7 @@ def test_f20_a_failing_store_under_a_caption_stops_the_update_instead_of_erasing
     build_index([f"s3://{BUCKET}/f20fail/"], out, progress=False, workers=1)
     previous = PreviousRows(Manifest.read(out).table)
     [task], _ = prefix_tasks(f"s3://{BUCKET}/f20fail/", 10**8, previous)  # unchanged images: only captions read
-    monkeypatch.setattr("dali_arb.storage.BACKOFF_S", 0.001)
+    monkeypatch.setattr("dali_arb.data.storage.BACKOFF_S", 0.001)
     with FaultProxy(s3.port, slow_down=1000) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         with pytest.raises(StorageError, match=f"s3://{BUCKET}/f20fail/p0.txt: the store .* kept failing"):

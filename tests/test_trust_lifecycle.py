@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from dali_arb import ConfigError, DALIBucketIterator, StateError
-from dali_arb.source import BatchSource
+from dali_arb.loader.source import BatchSource
 
 from .conftest import SMALL
 from .resume import assert_same_batches
@@ -253,8 +253,8 @@ def test_f14_the_read_ahead_folder_is_gone_with_its_loader_and_stays_gone(s3_man
 def test_f24_a_planted_symlink_in_a_shared_sample_cache_never_redirects_a_write(tmp_path):
     """``.partial`` names were predictable (``<file>.<pid>.<thread>.partial``) and opened through symlinks: a link
     planted in a shared sample_cache made the loader overwrite the link's target with fetched bytes."""
-    from dali_arb.remote import RemoteReads
-    from dali_arb.storage import Request
+    from dali_arb.data.readahead import RemoteReads
+    from dali_arb.data.storage import Request
 
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
@@ -279,7 +279,7 @@ def test_f24_a_planted_symlink_in_a_shared_sample_cache_never_redirects_a_write(
 
 def test_f24_a_planted_symlink_beside_a_download_is_never_written_through(s3_manifest, tmp_path):
     """``storage.download`` wrote ``<file>.<pid>.partial`` through a symlink (the node cache's manifest copies)."""
-    from dali_arb.storage import download
+    from dali_arb.data.storage import download
 
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
@@ -293,7 +293,7 @@ def test_f24_a_planted_symlink_beside_a_download_is_never_written_through(s3_man
 # -- 25d: stale read-ahead cleanup never removes a live loader's folder, whatever its PID namespace ------------
 HOLDER = """
 import os, sys, time
-from dali_arb import remote
+from dali_arb.data import readahead as remote
 os.getpid = lambda: int(sys.argv[2])  # a loader in another PID namespace: its pid means nothing here
 folder = remote.ReadAheadFolder(sys.argv[1])
 open(os.path.join(folder.path, "sample"), "wb").write(b"x" * 100)
@@ -308,7 +308,7 @@ def test_f25d_cleanup_keeps_a_live_loaders_folder_from_another_pid_namespace(tmp
     import subprocess
     import sys
 
-    from dali_arb.iterator import remove_stale_read_ahead
+    from dali_arb.torch import remove_stale_read_ahead
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = gone.stdout.strip()
@@ -361,7 +361,7 @@ def launch(monkeypatch):
 )
 def test_f22_a_world_size_without_a_rank_is_refused_in_one_line(dataset, launch, variables, fragment):
     """WORLD_SIZE without RANK made every process rank 0: half the data twice, half never."""
-    from dali_arb.world import World
+    from dali_arb.plan.world import World
 
     launch(**variables)
     with pytest.raises(ConfigError, match=fragment) as caught:
@@ -399,7 +399,7 @@ def test_f22_a_world_size_without_a_rank_is_refused_in_one_line(dataset, launch,
     ],
 )
 def test_f22_launchers_ranks_are_read_whole_from_one_launcher(launch, variables, world):
-    from dali_arb.world import World
+    from dali_arb.plan.world import World
 
     launch(**variables)
     assert World.detect() == World(*world)
@@ -439,13 +439,13 @@ def test_f25f_a_state_without_a_required_field_is_refused_naming_it(dataset, nam
     del state[name]
     with pytest.raises(StateError, match=f"state has no '{name}' field, which every state of this version holds"):
         loader(dataset[1]).load_state_dict(state)
-    from dali_arb.iterator import STATE_FIELDS
+    from dali_arb.torch import STATE_FIELDS
 
     assert set(it.state_dict()) == set(STATE_FIELDS)
 
 
 def test_f22_a_world_size_given_without_a_rank_is_refused(launch):
-    from dali_arb.world import World
+    from dali_arb.plan.world import World
 
     with pytest.raises(ConfigError, match="world_size 4 is given but no rank: pass rank= too"):
         World.detect(world_size=4)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from dali_arb import BucketSpec, Planner, World
-from dali_arb.buckets import BucketIndex
-from dali_arb.mixture import MixedIndex
-from dali_arb.report import bucket_report
+from dali_arb.plan.buckets import BucketIndex
+from dali_arb.plan.mixture import MixedIndex
+from dali_arb.tools.report import bucket_report
 from support.reference import reference_plan
 
 MODES = [("nearest", True), ("drop", True), ("duplicate", True), ("nearest", False), ("drop", False)]

@@ -24,10 +24,10 @@ import pytest
 
 from dali_arb import DALIBucketIterator, Manifest
 from dali_arb.cli import main
+from dali_arb.data.storage import Fetcher, IOStats, Request, get_bytes
 from dali_arb.errors import StorageError
 from dali_arb.index import build_index
-from dali_arb.outputs import Failure
-from dali_arb.storage import Fetcher, IOStats, Request, get_bytes
+from dali_arb.loader.contracts import Failure
 from support.loopback import FaultProxy, RangeHTTPServer, moto_s3, put_object
 
 from .conftest import SMALL
@@ -76,7 +76,7 @@ def test_f4_a_503_burst_stops_the_loader_blocklists_nothing_and_a_resume_serves_
     store and the cause; ``loader.failed`` stays empty; a new loader resumed from the last state serves the rest."""
     server, _, manifest = s3
     everything = [k for batch in loader(str(manifest)) for k in batch["ids"]]
-    monkeypatch.setattr("dali_arb.storage.BACKOFF_S", 0.01)
+    monkeypatch.setattr("dali_arb.data.storage.BACKOFF_S", 0.01)
     with FaultProxy(server.port, skip=10, slow_down=10**9) as proxy:  # after 10 GETs every GET is a 503
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         it = loader(str(manifest), workers=workers, worker_kind=kind)
@@ -99,8 +99,8 @@ def test_f4_a_503_burst_stops_the_loader_blocklists_nothing_and_a_resume_serves_
 def test_f4_local_os_failures_raise_and_a_missing_file_is_the_samples_own(fresh_dataset):
     """Finding 4, local files: EMFILE (the process ran out of file descriptors) is the OS failing, raised as a
     StorageError naming the file and errno; ENOENT is the sample's own (gone) and replaced."""
-    from dali_arb.decoders import PillowDecoder
-    from dali_arb.source import BatchSource, LoaderConfig
+    from dali_arb.loader.decoders import PillowDecoder
+    from dali_arb.loader.source import BatchSource, LoaderConfig
 
     _, manifest = fresh_dataset
     config = LoaderConfig(4, SMALL, 0, 0, 1, "nearest", True, "random", 0.0)
@@ -212,7 +212,7 @@ def test_f13_past_the_deadline_requests_fail_at_once_and_one_per_deadline_finds_
     from http.server import SimpleHTTPRequestHandler
 
     monkeypatch.setenv("DALI_ARB_STORE_DEADLINE_S", "1")
-    monkeypatch.setattr("dali_arb.storage.BACKOFF_S", 0.01)
+    monkeypatch.setattr("dali_arb.data.storage.BACKOFF_S", 0.01)
     (tmp_path / "a.jpg").write_bytes(b"\xff\xd8\xff\xd9")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -260,7 +260,7 @@ def _padded_metadata(tmp_path, dataset, paths) -> str:
 def test_f17_a_sample_over_the_size_cap_is_a_too_large_failure_never_read_whole(tmp_path, dataset, monkeypatch):
     """Finding 17, local files: a row of unknown length naming a file over MAX_SAMPLE_BYTES (lowered here) is
     replaced with the reason "too large", read never (its size comes from fstat)."""
-    from dali_arb import storage
+    from dali_arb.data import storage
 
     assert storage.MAX_SAMPLE_BYTES == 256 << 20
     photos = sorted(dataset[0].glob("*.jpg"))[:12]
@@ -420,8 +420,8 @@ def test_f25b_a_client_error_on_a_key_with_50x_in_its_name_is_not_retried(s3, tm
     """Finding 25b: the store's answer decides, not words in the URL: a range past the end of ``img-503.jpg`` (416,
     the object is shorter than indexed: the sample's own) fails at once, not retried six times because the URL in
     the message holds "503" (or "connection", "timeout"); a missing one is a 404 at once."""
+    from dali_arb.data.storage import get_range
     from dali_arb.errors import ObjectChanged, ObjectMissing
-    from dali_arb.storage import get_range
 
     site = tmp_path / "site"
     site.mkdir()
@@ -442,7 +442,7 @@ def test_f25b_a_client_error_on_a_key_with_50x_in_its_name_is_not_retried(s3, tm
 
 def test_f25c_a_manifest_with_urls_after_its_first_rows_reads_from_storage(s3, dataset):
     """Finding 25c: ``has_urls`` looks at every row: 100 local rows then URLs is a manifest with URLs."""
-    from dali_arb.source import has_urls
+    from dali_arb.loader.source import has_urls
 
     local = Manifest.read(dataset[1]).table
     remote = Manifest.read(s3[2]).table
@@ -461,7 +461,7 @@ def test_f4_a_503_burst_while_indexing_stops_the_index_instead_of_rejecting_good
     """Finding 4, indexing: images whose header reads meet a 503 burst are not rejected as "unreadable" (lost from
     the manifest): the indexing stops with one line naming the store's answer."""
     server, _, _ = s3
-    monkeypatch.setattr("dali_arb.storage.BACKOFF_S", 0.01)
+    monkeypatch.setattr("dali_arb.data.storage.BACKOFF_S", 0.01)
     with FaultProxy(server.port, skip=4, slow_down=10**9) as proxy:  # the listing and a few headers pass
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         code = main(["index", f"s3://{BUCKET}/photos/", "-o", str(tmp_path / "m.parquet"), "-q", "--workers", "1"])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dali_arb import ConfigError, DALIBucketIterator, DataError
-from dali_arb.workers import ThreadedSource
+from dali_arb.loader.workers import ThreadedSource
 
 from .conftest import SMALL, copy_photos
 from .test_reliability import index
@@ -225,7 +225,7 @@ def test_abandoning_a_pipeline_never_waits_for_dali_to_close_its_pool(dataset):
     ``Observer.close``). The loader must go on; the close runs on a daemon thread."""
     import weakref
 
-    from dali_arb.iterator import _WorkerDied
+    from dali_arb.torch import _WorkerDied
 
     _, manifest = dataset
     it = loader(manifest)

@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from ..buckets import format_size
 from ..errors import ConfigError
+from ..plan.buckets import format_size
 from .options import (
     add_bucket_options,
     add_cache_option,
@@ -36,8 +36,8 @@ def png_path(text: str, option: str) -> Path:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
+    from ..data.pairs import PairSpec
     from ..index import build_index
-    from ..pairs import PairSpec
 
     pairs = [PairSpec.parse(text, "pair") for text in args.pair or []]
     pairs += [PairSpec.parse(text, "mask") for text in args.mask or []]
@@ -79,8 +79,8 @@ def cmd_buckets(args: argparse.Namespace) -> int:
         else:
             print(" ".join(format_size(s["height"], s["width"]) for s in sizes))
         return 0
-    from ..manifest import Manifest
-    from ..report import bucket_report, format_report
+    from ..data.manifest import Manifest
+    from ..tools.report import bucket_report, format_report
 
     manifests = [Manifest.open(path, cache_dir=args.cache_dir) for path in args.manifest]
     several = len(manifests) > 1 or args.repeats is not None
@@ -97,7 +97,7 @@ def cmd_buckets(args: argparse.Namespace) -> int:
     )
     report["manifest"] = str(args.manifest[0]) if len(args.manifest) == 1 else [str(p) for p in args.manifest]
     if args.plot:
-        from ..plots import plot_buckets
+        from ..tools.plots import plot_buckets
 
         plot_buckets(report, plot_path)
         report["plot"] = str(plot_path)
@@ -111,9 +111,9 @@ def cmd_buckets(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from ..manifest import Manifest, ManifestSet
-    from ..mixture import check_repeats
-    from ..source import LoaderConfig, build_planner
+    from ..data.manifest import Manifest, ManifestSet
+    from ..loader.source import LoaderConfig, build_planner
+    from ..plan.mixture import check_repeats
 
     if not 0 <= args.rank < args.world_size:
         raise ConfigError(

@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..decoders import DECODERS, JPEG_SCALINGS
-from ..workers import WORKER_KINDS
+from ..loader.decoders import DECODERS, JPEG_SCALINGS
+from ..loader.workers import WORKER_KINDS
 from .core import png_path
 from .options import (
     add_bucket_options,
@@ -92,8 +92,8 @@ def _stderr_is_tty() -> bool:
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
-    from ..iterator import DALIBucketIterator
-    from ..plots import contact_sheet
+    from ..tools.plots import contact_sheet
+    from ..torch import DALIBucketIterator
 
     out = png_path(args.output, "-o")
     loader = DALIBucketIterator(
@@ -125,8 +125,8 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ..bench import LOADER_NAMES as names
-    from ..bench import run_bench
+    from ..tools.bench import LOADER_NAMES as names
+    from ..tools.bench import run_bench
 
     def say(text: str) -> None:
         if not args.json and _stderr_is_tty():
@@ -191,12 +191,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from ..data.manifest import Manifest
     from ..index import build_index
-    from ..iterator import DALIBucketIterator
-    from ..manifest import Manifest
-    from ..pipeline import resolve_device
-    from ..plots import contact_sheet, plot_buckets
-    from ..report import bucket_report, format_report
+    from ..loader.pipeline import resolve_device
+    from ..tools.plots import contact_sheet, plot_buckets
+    from ..tools.report import bucket_report, format_report
+    from ..torch import DALIBucketIterator
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

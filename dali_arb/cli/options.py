@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..buckets import BucketSpec, parse_size
 from ..errors import ConfigError
-from ..planner import LeftoverPolicy
+from ..plan.buckets import BucketSpec, parse_size
+from ..plan.planner import LeftoverPolicy
 
 __all__ = [
     "EXIT_USAGE",

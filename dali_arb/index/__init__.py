@@ -11,7 +11,7 @@ Modules: ``records`` (the row), ``folders``, ``shards``, ``metadata`` (one per k
 
 from __future__ import annotations
 
-from ..imagefacts import DEFAULT_MAX_PIXELS, inspect_image
+from ..data.imagefacts import DEFAULT_MAX_PIXELS, inspect_image
 from .driver import IndexSummary, build_index
 
 __all__ = ["DEFAULT_MAX_PIXELS", "IndexSummary", "build_index", "inspect_image"]

@@ -19,10 +19,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..data.imagefacts import DEFAULT_MAX_PIXELS
+from ..data.manifest import Manifest, rejects_name, rejects_path
+from ..data.pairs import PairSpec, pairs_of
 from ..errors import ConfigError, IndexingError, StorageError
-from ..imagefacts import DEFAULT_MAX_PIXELS
-from ..manifest import Manifest, rejects_name, rejects_path
-from ..pairs import PairSpec, pairs_of
 from ..processes import die_with_parent, signals_deferred, spawn_without_main, stop_pool
 from .folders import FolderWalk, PreviousRows, folder_task
 from .metadata import metadata_rows
@@ -84,7 +84,7 @@ class IndexSummary:
 
 
 def _classify_url(source: str) -> str:
-    from ..storage import split_url
+    from ..data.storage import split_url
 
     scheme, _, key = split_url(source)
     name = key.lower()
@@ -102,7 +102,7 @@ def _classify_url(source: str) -> str:
 
 
 def _classify(source: str) -> str:
-    from ..storage import is_url
+    from ..data.storage import is_url
 
     if is_url(source):
         return _classify_url(source)
@@ -145,7 +145,7 @@ def build_index(
         workers: processes for header reading (default: all cores).
         update: reuse rows of an existing ``output`` whose file size and mtime are unchanged.
         progress: show a progress bar (default: when stderr is a terminal).
-        pairs: paired images and masks (:class:`~dali_arb.pairs.PairSpec`): for the image of key ``K``,
+        pairs: paired images and masks (:class:`~dali_arb.data.pairs.PairSpec`): for the image of key ``K``,
             ``folder/K.<ext>``, or in tar shards the member ``K.NAME.<ext>``. A sample whose pair is missing,
             unreadable or of another aspect is rejected with a reason naming the pair.
     """
@@ -155,7 +155,7 @@ def build_index(
         raise ConfigError(f"max_pixels must be a positive integer, got {max_pixels!r}")
     if workers is not None and (not isinstance(workers, int) or workers < 1):
         raise ConfigError(f"workers must be a positive integer, got {workers!r}")
-    from ..storage import expand_sources, is_url
+    from ..data.storage import expand_sources, is_url
 
     if is_url(str(output)):
         return _index_to_url(sources, str(output), max_pixels=max_pixels, workers=workers, update=update,
@@ -299,7 +299,7 @@ def _index_to_url(sources: list[str], url: str, *, update: bool, **options) -> I
     import shutil
     import tempfile
 
-    from ..storage import download, exists, upload
+    from ..data.storage import download, exists, upload
 
     name = url.rstrip("/").rsplit("/", 1)[-1]
     if not name.endswith(".parquet") or url.endswith("/"):
@@ -333,7 +333,7 @@ def _index_to_url(sources: list[str], url: str, *, update: bool, **options) -> I
 
 def _index_remote(kind, url, pool, max_pixels, pairs, take, flush, writer, summary, bar, previous) -> None:
     """Index one object-storage source (``remote.py``): a prefix (headers only), a shard or metadata (fetched)."""
-    from ..storage import head
+    from ..data.storage import head
 
     try:
         if kind == "remote_folder":
@@ -394,7 +394,7 @@ def _checked_pairs(pairs: list[PairSpec] | tuple, kinds: list[tuple[str, str]]) 
     """The pairs with absolute folders (or prefix URLs ending in ``/``); a ConfigError for what cannot work (a pair
     without a folder for image folders, metadata sources, a missing folder, a name given twice, a pair folder in
     object storage for local images or the reverse)."""
-    from ..storage import is_url
+    from ..data.storage import is_url
 
     checked = []
     for spec in pairs:

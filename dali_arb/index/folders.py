@@ -11,9 +11,9 @@ from collections.abc import Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..data.imagefacts import inspect_image
+from ..data.manifest import IDENTITY
 from ..errors import StorageError
-from ..imagefacts import inspect_image
-from ..manifest import IDENTITY
 from .pairing import FolderListings, find_pairs
 from .records import NOT_IMAGES, Reject, Row
 
@@ -96,7 +96,7 @@ def is_utf8(text: str) -> bool:
 def folder_task(args: tuple) -> tuple[list[Row], list[Reject], int]:
     """Inspect a group of files of one folder: ``(root, [relative paths], max_pixels, known, captions, pairs)``;
     ``captions`` holds each path's sidecar caption file (relative too) or None; ``pairs`` the
-    :class:`~dali_arb.pairs.PairSpec` of the run (each with its folder).
+    :class:`~dali_arb.data.pairs.PairSpec` of the run (each with its folder).
 
     Returns rows, rejects, and how many rows were reused from ``known`` (:meth:`PreviousRows.unchanged`).
     """

@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..data.manifest import IDENTITY, SCHEMA
 from ..errors import IndexingError
-from ..manifest import IDENTITY, SCHEMA
 from .records import Reject
 
 __all__ = ["metadata_rows"]
@@ -129,7 +129,7 @@ def _locations(
     and modification time (``os.stat`` now) its identity; an object in storage gets its size, modification time and
     ETag from the store now, so that the loader reads it whole and
     checks it (a missing object is a problem; a failing store a StorageError)."""
-    from ..storage import is_url
+    from ..data.storage import is_url
 
     sources: list[str | None] = []
     problems: dict[int, tuple[str | None, str]] = {}
@@ -176,7 +176,7 @@ def _locations(
 def _joined(base_url: str, relative: str) -> str:
     """``relative`` (a path) resolved against the folder URL ``base_url`` as a browser resolves it: ``.`` and ``..``
     segments removed (``..`` never above the bucket), empty segments kept."""
-    from ..storage import split_url
+    from ..data.storage import split_url
 
     scheme, bucket, key = split_url(base_url + relative)
     out: list[str] = []
@@ -190,7 +190,7 @@ def _joined(base_url: str, relative: str) -> str:
 
 
 def _bad_key(url: str) -> bool:
-    from ..storage import split_url
+    from ..data.storage import split_url
 
     return any(part in ("", ".", "..") for part in split_url(url)[2].split("/"))
 
@@ -222,7 +222,7 @@ def _object_infos(urls: list[str]) -> dict:
     wanted = sorted(url for folder, urls in by_folder.items() if not covered(folder) for url in urls - found.keys())
 
     def head_of(url: str):
-        from ..storage import head
+        from ..data.storage import head
 
         try:
             return head(url)

@@ -7,8 +7,8 @@ import os
 import stat as stat_module
 from collections.abc import Callable
 
-from ..imagefacts import inspect_image
-from ..pairs import PairSpec, same_aspect
+from ..data.imagefacts import inspect_image
+from ..data.pairs import PairSpec, same_aspect
 from .records import NOT_IMAGES, PairFacts
 
 __all__ = ["FolderListings", "find_pairs", "pair_problem"]

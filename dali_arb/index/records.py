@@ -6,8 +6,8 @@ from typing import NamedTuple
 
 import pyarrow as pa
 
-from ..manifest import IDENTITY, SCHEMA
-from ..pairs import PairSpec, pair_schema
+from ..data.manifest import IDENTITY, SCHEMA
+from ..data.pairs import PairSpec, pair_schema
 
 __all__ = ["NOT_IMAGES", "PairFacts", "Reject", "Row", "index_schema", "rows_to_table", "with_identity"]
 

@@ -17,10 +17,10 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+from ..data.imagefacts import inspect_image
+from ..data.pairs import PairSpec
+from ..data.storage import IOStats, ObjectInfo, _info, download, get_bytes, get_range, is_url
 from ..errors import ObjectChanged, ObjectMissing, StorageError
-from ..imagefacts import inspect_image
-from ..pairs import PairSpec
-from ..storage import IOStats, ObjectInfo, _info, download, get_bytes, get_range, is_url
 from .folders import CAPTION_EXTS, NOT_IMAGES, PreviousRows, decode_caption
 from .pairing import pair_problem
 from .records import Reject, Row
@@ -121,7 +121,7 @@ def list_objects(base: str, rejects: list[Reject]) -> Iterator[ObjectInfo]:
     import obstore
     from obstore.exceptions import InvalidPathError
 
-    from ..storage import RETRIES, _backoff, failed, is_transient, store_of
+    from ..data.storage import RETRIES, _backoff, failed, is_transient, store_of
 
     store, prefix = store_of(base)
     root = base[: len(base) - len(prefix)]  # scheme://bucket/
@@ -174,7 +174,7 @@ def _between(store, root: str, prefix: str, low: str | None, high: str, rejects:
     import obstore
     from obstore.exceptions import InvalidPathError
 
-    from ..storage import failed
+    from ..data.storage import failed
 
     parts = high.split("/")
     bad = next(i for i, part in enumerate(parts) if part in ("", ".", ".."))
@@ -205,7 +205,7 @@ def _between(store, root: str, prefix: str, low: str | None, high: str, rejects:
 
 def _heads(root: str, keys: list[str]) -> Iterator[ObjectInfo]:
     """The objects among ``keys`` that exist (one HEAD each)."""
-    from ..storage import head
+    from ..data.storage import head
 
     for key in keys:
         try:

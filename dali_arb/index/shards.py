@@ -8,8 +8,8 @@ import posixpath
 import tarfile
 from typing import BinaryIO
 
+from ..data.imagefacts import inspect_image
 from ..errors import StorageError
-from ..imagefacts import inspect_image
 from .folders import FILE_ERRNOS, NOT_IMAGES, decode_caption, display_path, is_utf8
 from .pairing import FolderListings, find_pairs
 from .records import Reject, Row

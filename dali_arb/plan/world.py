@@ -6,7 +6,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["World"]
 

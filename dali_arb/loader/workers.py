@@ -23,7 +23,7 @@ import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["WORKER_KINDS", "ThreadedSource", "check_worker_kind"]
 
@@ -80,7 +80,7 @@ def _compute(base: Any, local: threading.local, views: _Views, iteration: int) -
 
 
 class ThreadedSource:
-    """A :class:`~dali_arb.source.BatchSource` run on ``threads`` threads, ``depth`` batches ahead of DALI.
+    """A :class:`~dali_arb.loader.source.BatchSource` run on ``threads`` threads, ``depth`` batches ahead of DALI.
 
     DALI calls it as a plain (not parallel) external source, with iterations 0, 1, 2, ... in order: the call for
     iteration ``i`` makes sure iterations up to ``i + depth - 1`` are being computed, then waits for ``i``. Each

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, DeviceError
-from .processes import spawn_without_main
+from ..errors import ConfigError, DeviceError
+from ..processes import spawn_without_main
 
 if TYPE_CHECKING:
     from .decoders import Decoder
@@ -63,7 +63,7 @@ def build_pipeline(
 
     Args:
         source: a callable taking DALI's ``BatchInfo`` and returning ``decoder.outputs`` in order
-            (a :class:`~dali_arb.source.BatchSource`).
+            (a :class:`~dali_arb.loader.source.BatchSource`).
         decoder: its part of the graph turns the source's outputs into ``uint8 HWC`` at the bucket size.
         device: ``"gpu"`` or ``"cpu"``.
         workers: Python worker processes running the source (DALI's parallel external source);

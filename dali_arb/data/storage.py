@@ -14,7 +14,7 @@ words in the URL. A store that has answered nothing for :data:`STORE_DEADLINE_S`
 Failures become one line naming the URL, the store's own words and what to do
 (:class:`~dali_arb.errors.StorageError`): the loader stops and blocklists nothing. Only the sample's own problems
 (404, changed size, over :data:`MAX_SAMPLE_BYTES`) are its subclasses, which the loader turns into a
-:class:`~dali_arb.outputs.Failure` code and replaces.
+:class:`~dali_arb.loader.contracts.Failure` code and replaces.
 
 Redirects to another host are not followed (they would carry the request's credentials, such as
 ``x-amz-security-token``, there) unless ``DALI_ARB_FOLLOW_REDIRECTS=1``: obstore has no redirect option, so every
@@ -41,7 +41,7 @@ from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from typing import Any, BinaryIO
 
-from .errors import ConfigError, ObjectChanged, ObjectMissing, ObjectTooLarge, StorageError
+from ..errors import ConfigError, ObjectChanged, ObjectMissing, ObjectTooLarge, StorageError
 
 __all__ = [
     "MAX_SAMPLE_BYTES",
@@ -642,7 +642,7 @@ def expand_sources(source: str) -> list[str]:
 
     from braceexpand import UnbalancedBracesError, braceexpand
 
-    from .errors import ConfigError
+    from ..errors import ConfigError
 
     try:
         expanded = list(braceexpand(source)) if "{" in source else [source]

@@ -6,9 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from .buckets import REJECT_ASPECT, REJECT_TOO_SMALL, BucketSpec, format_size
-from .planner import LeftoverPolicy, Planner
-from .world import World
+from ..plan.buckets import REJECT_ASPECT, REJECT_TOO_SMALL, BucketSpec, format_size
+from ..plan.planner import LeftoverPolicy, Planner
+from ..plan.world import World
 
 __all__ = ["bucket_report", "format_report"]
 
@@ -34,10 +34,10 @@ def bucket_report(
 
     Several datasets: ``heights``/``widths`` are lists (one array per dataset), ``spec`` one spec or one per
     dataset, ``repeats`` one count per dataset; images per bucket then count each image as often as it is
-    served per epoch (``dali_arb.mixture``).
+    served per epoch (``dali_arb.plan.mixture``).
     """
-    from .buckets import BucketIndex
-    from .mixture import MixedIndex, check_repeats
+    from ..plan.buckets import BucketIndex
+    from ..plan.mixture import MixedIndex, check_repeats
 
     several = isinstance(heights, list)
     all_heights = heights if several else [heights]

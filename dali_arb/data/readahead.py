@@ -33,7 +33,7 @@ import shutil
 import stat
 import threading
 
-from .errors import StorageError
+from ..errors import StorageError
 from .storage import Fetcher, IOStats, Request, endpoint_of, replacing
 
 __all__ = ["READ_AHEAD_PREFIX", "ReadAheadFolder", "RemoteReads", "remove_stale_read_ahead"]
@@ -125,7 +125,7 @@ class RemoteReads:
         return data
 
     def _write(self, r: Request, data: bytes) -> None:
-        """Put ``data`` in the folder as ``r``'s file, whole (see :func:`~dali_arb.storage.replacing`). Only into the
+        """Put ``data`` in the folder as ``r``'s file, whole (see :func:`~dali_arb.data.storage.replacing`). Only into the
         folder as it is: a folder removed (its loader closed) is never created again."""
         if self._closed:
             return

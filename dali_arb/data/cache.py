@@ -4,7 +4,7 @@ A manifest is converted, the first time any process opens it, into flat column f
 named by the digest of the manifest file's bytes; every process after that (every rank, every worker)
 maps those files, so a node holds one copy of each page, shared, and no process holds a per-row Python
 object or a private per-row array. Per bucket options, the rows grouped by bucket (the planner's
-:class:`~dali_arb.buckets.BucketIndex`) are cached beside them.
+:class:`~dali_arb.plan.buckets.BucketIndex`) are cached beside them.
 
 Where the cache lives: the ``cache_dir`` argument (``--cache-dir``), else ``$DALI_ARB_CACHE``, else
 ``$XDG_CACHE_HOME/dali_arb``, else ``~/.cache/dali_arb``. Layout under it::
@@ -54,8 +54,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .buckets import BucketIndex, BucketSpec, served_p99
-from .errors import ManifestError, ResourceError
+from ..errors import ManifestError, ResourceError
+from ..plan.buckets import BucketIndex, BucketSpec, served_p99
 from .manifest import NO_IDENTITY, Fingerprint, Manifest, check_file, pinned_columns
 from .pairs import pair_columns, pairs_of
 
@@ -632,7 +632,7 @@ def local_manifest(path: str | os.PathLike, *, cache_dir: str | os.PathLike | No
 
     if not is_url(path):
         return path
-    from .errors import StorageError
+    from ..errors import StorageError
 
     url = str(path)
     folder = cache_root(cache_dir) / f"v{CACHE_FORMAT}" / "remote"
@@ -860,7 +860,7 @@ def _build_columns(path: Path, folder: Path, content: str) -> None:
 
 
 def _served_p99(cache: ManifestCache, rows: np.ndarray) -> dict[str, float | None]:
-    """:func:`~dali_arb.buckets.served_p99` of ``rows`` (what a loader sizes its buffers by), computed here once
+    """:func:`~dali_arb.plan.buckets.served_p99` of ``rows`` (what a loader sizes its buffers by), computed here once
     per node so that no rank reads every row's value at start-up."""
     lengths = np.asarray(cache.array("length"))[rows] if "length" in cache.meta["columns"] else np.empty(0)
     return served_p99(np.asarray(cache.array("height"))[rows], np.asarray(cache.array("width"))[rows], lengths)

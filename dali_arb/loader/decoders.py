@@ -28,10 +28,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .errors import ConfigError
-from .geometry import Geometry
-from .imagefacts import displayed_size, header_size, swaps_sides
-from .outputs import Failure, Output
+from ..data.imagefacts import displayed_size, header_size, swaps_sides
+from ..errors import ConfigError
+from ..plan.geometry import Geometry
+from .contracts import Failure, Output
 
 __all__ = [
     "DECODERS",

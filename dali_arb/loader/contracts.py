@@ -55,7 +55,7 @@ class Failure(enum.IntEnum):
 
     @classmethod
     def of_bytes_problem(cls, problem: str) -> Failure:
-        """The code for a reason given by :func:`dali_arb.imagefacts.check_encoded`."""
+        """The code for a reason given by :func:`dali_arb.data.imagefacts.check_encoded`."""
         if problem.startswith("empty"):
             return cls.EMPTY
         if problem.startswith("truncated"):
@@ -154,6 +154,6 @@ META = MetaLayout(
         "io_misses",
     )
 )
-#: The ``io_*`` meta columns, by the name :class:`~dali_arb.storage.IOStats` gives them.
+#: The ``io_*`` meta columns, by the name :class:`~dali_arb.data.storage.IOStats` gives them.
 IO_FIELDS = {"requests": "io_requests", "retries": "io_retries", "bytes_read": "io_bytes_read",
              "bytes_served": "io_bytes_served", "hits": "io_hits", "misses": "io_misses"}  # fmt: skip

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import ConfigError, ManifestError
+from ..errors import ConfigError, ManifestError
 from .pairs import pair_columns, pairs_of
 
 __all__ = [
@@ -166,7 +166,7 @@ class Manifest:
     def read(cls, path: str | os.PathLike, *, columns: list[str] | None = None) -> Manifest:
         """Read and validate a manifest (a file or URL) into memory; ``columns`` limits what is loaded (``key``/
         ``width``/``height`` always are). :meth:`open` maps it instead, shared by every process of a node."""
-        from .dataplane import local_manifest
+        from .cache import local_manifest
 
         path = Path(local_manifest(path))
         schema = check_file(path)
@@ -182,8 +182,8 @@ class Manifest:
     @classmethod
     def open(cls, path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> Manifest:
         """The manifest at ``path``, memory-mapped from the node's cache (built on first use, keyed by the
-        file's content: :mod:`dali_arb.dataplane`). Every process that opens it shares one copy of its pages."""
-        from .dataplane import ManifestCache
+        file's content: :mod:`dali_arb.data.cache`). Every process that opens it shares one copy of its pages."""
+        from .cache import ManifestCache
 
         return ManifestCache.open(path, cache_dir=cache_dir).manifest()
 

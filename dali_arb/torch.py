@@ -17,21 +17,21 @@ from typing import Any
 
 import numpy as np
 
-from .blocklist import Blocklist
-from .buckets import BucketSpec, served_p99
-from .captions import CaptionPolicy
-from .decoders import DaliDecoder, Decoder, choose_decoder, cpu_count
+from .data.manifest import Manifest, ManifestSet
+from .data.readahead import READ_AHEAD_PREFIX as READ_AHEAD_PREFIX
+from .data.readahead import remove_stale_read_ahead as remove_stale_read_ahead
 from .errors import ConfigError, DaliArbError, DataError, DeviceError, ManifestError, ResourceError, StateError
-from .manifest import Manifest, ManifestSet
-from .mixture import check_repeats
-from .outputs import IO_FIELDS, META, Failure
-from .planner import LeftoverPolicy
+from .loader.blocklist import Blocklist
+from .loader.contracts import IO_FIELDS, META, Failure
+from .loader.decoders import DaliDecoder, Decoder, choose_decoder, cpu_count
+from .loader.source import BatchSource, LoaderConfig, build_planner
+from .loader.workers import ThreadedSource, check_worker_kind
+from .plan.buckets import BucketSpec, served_p99
+from .plan.captions import CaptionPolicy
+from .plan.mixture import check_repeats
+from .plan.planner import LeftoverPolicy
+from .plan.world import World
 from .processes import describe_exit
-from .remote import READ_AHEAD_PREFIX as READ_AHEAD_PREFIX
-from .remote import remove_stale_read_ahead as remove_stale_read_ahead
-from .source import BatchSource, LoaderConfig, build_planner
-from .workers import ThreadedSource, check_worker_kind
-from .world import World
 
 __all__ = ["DALIBucketIterator"]
 
@@ -82,7 +82,7 @@ class DALIBucketIterator:
         batch_size: samples per batch on this rank.
         buckets: a :class:`BucketSpec` (default: NovelAI's buckets), or one per dataset (multi-resolution).
         repeats: per dataset, times each image is served per epoch: an integer serves it that many times, a
-            fraction serves that share of the dataset, another subset each epoch (:mod:`dali_arb.mixture`).
+            fraction serves that share of the dataset, another subset each epoch (:mod:`dali_arb.plan.mixture`).
         seed: shared by every rank.
         rank, world_size: ``None`` reads ``torch.distributed`` / torchrun's environment (else 0, 1).
         device: ``"gpu"`` (decode with nvJPEG on this rank's GPU), ``"cpu"``, or ``"auto"``.
@@ -99,7 +99,7 @@ class DALIBucketIterator:
             training loop dispatches torch ops); ``"process"``: DALI's spawned worker processes (about 100 MB PSS
             each on a node; a worker killed by the OOM killer is restarted from), for a training loop that runs
             long stretches of pure Python, which holds the GIL the threads need (0.78x their pace measured). See
-            :mod:`dali_arb.workers` and benchmarks/RESULTS.md.
+            :mod:`dali_arb.loader.workers` and benchmarks/RESULTS.md.
         num_threads: DALI threads (default: the decoder's: 4 on GPU, all cores for ``dali`` on CPU,
             a quarter of the cores for ``pillow``).
         prefetch: batches DALI prepares ahead.
@@ -107,7 +107,7 @@ class DALIBucketIterator:
         decoder: ``"dali"`` (DALI decodes and resizes: nvJPEG on GPU, libjpeg-turbo on CPU), ``"opencv"``
             or ``"pillow"`` (the worker processes decode with libjpeg-turbo at reduced DCT scale and resize
             to the bucket; DALI flips and normalises), or ``"auto"``: ``dali`` on GPU, ``opencv`` on CPU.
-            A :class:`~dali_arb.decoders.Decoder` instance is used as it is. See :mod:`dali_arb.decoders`.
+            A :class:`~dali_arb.loader.decoders.Decoder` instance is used as it is. See :mod:`dali_arb.loader.decoders`.
         hw_decoder_load: with ``dali`` on GPU, the share of each batch for the hardware JPEG decoder
             (A100/H100; DALI's default 0.65).
         jpeg_scaling: with ``opencv`` or ``pillow``, how far the workers let libjpeg-turbo decode a JPEG at a
@@ -128,7 +128,7 @@ class DALIBucketIterator:
             ``keep_tags`` (split at ``tag_separator``, joined with ``tag_separator + " "``). Seeded by
             (seed, epoch, step, position in the global batch): resume reproduces them.
         cache_dir: where the manifest's memory-mapped cache lives (default ``$DALI_ARB_CACHE``, else
-            ``~/.cache/dali_arb``; see :mod:`dali_arb.dataplane`). A manifest path is opened through it,
+            ``~/.cache/dali_arb``; see :mod:`dali_arb.data.cache`). A manifest path is opened through it,
             so every rank and worker of a node shares one copy; a :class:`Manifest` object is used as it is.
     """
 
@@ -165,7 +165,7 @@ class DALIBucketIterator:
         keep_tags: int = 0,
         tag_separator: str = ",",
     ) -> None:
-        from .pipeline import resolve_device
+        from .loader.pipeline import resolve_device
 
         if dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -398,8 +398,8 @@ class DALIBucketIterator:
     def _remote_reads(self, manifests: list[Manifest], read_ahead: int | None, cache: Any, cache_gb: float):
         """``(RemoteReads or None, read-ahead steps, the private ReadAheadFolder or None)`` for manifests whose
         samples live in object storage."""
-        from .remote import ReadAheadFolder, RemoteReads
-        from .source import has_urls
+        from .data.readahead import ReadAheadFolder, RemoteReads
+        from .loader.source import has_urls
 
         if not any(has_urls(m) for m in manifests):
             return None, 0, None
@@ -432,7 +432,7 @@ class DALIBucketIterator:
 
     @functools.cached_property
     def _served_p99(self) -> dict[str, float | None]:
-        """:func:`~dali_arb.buckets.served_p99` of the served images: from the bucket index's cache, which computed
+        """:func:`~dali_arb.plan.buckets.served_p99` of the served images: from the bucket index's cache, which computed
         them once per node; else from ``STATISTICS_SAMPLE`` rows spread evenly over the usable ones (the whole
         manifest would cost O(N) in every rank). Taken once per loader."""
         cached = getattr(self._planner.index, "served_p99", None)
@@ -495,7 +495,7 @@ class DALIBucketIterator:
     def _build(
         self, source: Any, *, batch_size: int, device: str, workers: int, dtype: str, threads: int, prefetch: int
     ) -> Any:
-        from .pipeline import build_pipeline
+        from .loader.pipeline import build_pipeline
 
         return build_pipeline(
             source,

@@ -5,7 +5,7 @@ A pair named ``NAME`` is five manifest columns beside the sample's own: ``NAME.s
 ``NAME.length`` (where its bytes are, as ``source``/``offset``/``length``) and ``NAME.width``,
 ``NAME.height`` (its displayed, EXIF-upright size). Which names are pairs (3 channels, the images' dtype)
 and which are masks (1 channel, [0, 1]) is recorded in the Parquet schema's metadata
-(``dali_arb.pairs``). A pair of another size must have the image's aspect (within
+(``dali_arb.data.pairs``). A pair of another size must have the image's aspect (within
 :data:`ASPECT_TOLERANCE`): the loader cuts the same window, scaled, from it.
 
 Imports only the standard library and pyarrow.
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = [
     "ASPECT_TOLERANCE",
@@ -36,7 +36,7 @@ __all__ = [
 ASPECT_TOLERANCE = 0.01
 KINDS = ("pair", "mask")
 #: Schema metadata key: JSON ``{name: kind}`` of a manifest's pairs, in column order.
-PAIRS_KEY = b"dali_arb.pairs"
+PAIRS_KEY = b"dali_arb.data.pairs"
 #: Names that are batch keys or manifest columns already.
 RESERVED = frozenset(
     "images ids captions original_size crop_top_left target_size flipped epoch step dataset key width height "

@@ -17,19 +17,19 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .buckets import BucketSpec, format_size
+from ..data.imagefacts import check_encoded
+from ..data.manifest import NO_IDENTITY, Manifest
+from ..data.pairs import pair_columns
+from ..data.readahead import RemoteReads
+from ..data.storage import URL_PATTERN, Request, is_url, max_sample_bytes
+from ..errors import ConfigError, DataError, ManifestError, ObjectChanged, ObjectMissing, ObjectTooLarge, StorageError
+from ..plan.buckets import BucketSpec, format_size
+from ..plan.geometry import Geometry, cover_crop
+from ..plan.planner import EpochPlan, Planner
+from ..plan.world import World
+from ..processes import die_with_parent
+from .contracts import IO_FIELDS, META, Failure
 from .decoders import Decoder
-from .errors import ConfigError, DataError, ManifestError, ObjectChanged, ObjectMissing, ObjectTooLarge, StorageError
-from .geometry import Geometry, cover_crop
-from .imagefacts import check_encoded
-from .manifest import NO_IDENTITY, Manifest
-from .outputs import IO_FIELDS, META, Failure
-from .pairs import pair_columns
-from .planner import EpochPlan, Planner
-from .processes import die_with_parent
-from .remote import RemoteReads
-from .storage import URL_PATTERN, Request, is_url, max_sample_bytes
-from .world import World
 
 __all__ = ["BatchSource", "LoaderConfig", "build_planner"]
 
@@ -47,7 +47,7 @@ class LoaderConfig:
     """Everything that decides the batches (all of it goes into ``state_dict``).
 
     ``spec``: one :class:`BucketSpec` for every dataset, or a tuple of one per dataset; ``repeats``: per
-    dataset, ``None`` for once each (see :mod:`dali_arb.mixture`)."""
+    dataset, ``None`` for once each (see :mod:`dali_arb.plan.mixture`)."""
 
     batch_size: int
     spec: BucketSpec | tuple[BucketSpec, ...]
@@ -78,9 +78,9 @@ class LoaderConfig:
 def build_planner(config: LoaderConfig, manifests: Manifest | list[Manifest]) -> Planner:
     """The one way a loader's planner is made (in the loader and again in each worker): from the bucket
     index of each manifest's cache when it is mapped (``dataplane.py``), else computed; several datasets
-    (or repeats) plan as one :class:`~dali_arb.mixture.MixedIndex`."""
-    from .dataplane import bucket_index
-    from .mixture import MixedIndex
+    (or repeats) plan as one :class:`~dali_arb.plan.mixture.MixedIndex`."""
+    from ..data.cache import bucket_index
+    from ..plan.mixture import MixedIndex
 
     manifests = [manifests] if isinstance(manifests, Manifest) else list(manifests)
     specs = config.specs(len(manifests))
@@ -127,7 +127,7 @@ class _Rows:
     """One dataset's arrays a worker reads (Arrow and NumPy, mapped and shared: no Python object per row):
     ``locations[part]`` is ``(sources, offsets, lengths)`` of its images (part 0) and of each pair;
     ``pair_sizes[i]`` is ``(heights, widths)`` of pair ``i``; ``identity`` is ``(sizes, mtimes, etags)`` of the
-    images' sources at indexing (:data:`~dali_arb.manifest.IDENTITY`; ``NO_IDENTITY`` or null where unknown,
+    images' sources at indexing (:data:`~dali_arb.data.manifest.IDENTITY`; ``NO_IDENTITY`` or null where unknown,
     ``etags`` None when the manifest has none)."""
 
     locations: list[tuple]
@@ -182,10 +182,10 @@ class BatchSource:
             (``Manifest.open``), else re-read the files (when there are files); either way they refuse a
             manifest file whose content changed since.
         config: what decides the batches.
-        decoder: the :class:`~dali_arb.decoders.Decoder` chosen by the loader.
+        decoder: the :class:`~dali_arb.loader.decoders.Decoder` chosen by the loader.
         planner: the loader's planner (rebuilt from the manifests in worker processes).
         blocked_rows: rows known to be bad (the loader's blocklist): replaced without being read.
-        remote: how samples in object storage are read (:class:`~dali_arb.remote.RemoteReads`).
+        remote: how samples in object storage are read (:class:`~dali_arb.data.readahead.RemoteReads`).
         read_ahead_steps: iterations ahead whose samples in object storage are fetched in the background
             (``L``); 0 fetches each such sample when it is needed, one request at a time.
     """
@@ -254,7 +254,7 @@ class BatchSource:
         """Dataset ``d``'s manifest as the loader had it: its mapped cache, else its file, checked unchanged."""
         path, cache, pinned = self._homes[d]
         if cache is not None:
-            from .dataplane import ManifestCache
+            from ..data.cache import ManifestCache
 
             folder, signature = cache
             return ManifestCache.at(folder, manifest_path=path, signature=signature).manifest()
@@ -311,7 +311,7 @@ class BatchSource:
         return restarted
 
     def for_thread(self) -> BatchSource:
-        """A view for one more thread serving this stream (:class:`~dali_arb.workers.ThreadedSource`): the arrays,
+        """A view for one more thread serving this stream (:class:`~dali_arb.loader.workers.ThreadedSource`): the arrays,
         the plan and the samples found bad are shared; reads from object storage are its own."""
         self.decoder.enter_worker()
         view = self._view()

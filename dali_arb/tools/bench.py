@@ -33,15 +33,15 @@ from typing import Any
 
 import numpy as np
 
-from .buckets import BucketSpec
-from .decoders import DaliDecoder, jpeg_reduction, opencv_flags, reduction_margin
-from .errors import ConfigError
-from .geometry import cover_crop
-from .imagefacts import swaps_sides
-from .manifest import Manifest
-from .planner import Planner
-from .source import BatchSource, LoaderConfig
-from .world import World
+from ..data.imagefacts import swaps_sides
+from ..data.manifest import Manifest
+from ..errors import ConfigError
+from ..loader.decoders import DaliDecoder, jpeg_reduction, opencv_flags, reduction_margin
+from ..loader.source import BatchSource, LoaderConfig
+from ..plan.buckets import BucketSpec
+from ..plan.geometry import cover_crop
+from ..plan.planner import Planner
+from ..plan.world import World
 
 __all__ = ["make_photo_jpegs", "run_bench"]
 
@@ -67,7 +67,7 @@ def make_photo_jpegs(
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    samples_dir = Path(__file__).parent / "samples"
+    samples_dir = Path(__file__).parent.parent / "samples"
     photos = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(samples_dir.glob("*.jpg"))]
     rng = np.random.default_rng(seed)
     paths = []
@@ -360,9 +360,9 @@ def run_bench(
     other ``worker_kind`` (``loader_process_workers`` or ``loader_thread_workers``)."""
     import torch
 
-    from .iterator import DALIBucketIterator
-    from .pipeline import build_pipeline, resolve_device
-    from .workers import check_worker_kind
+    from ..loader.pipeline import build_pipeline, resolve_device
+    from ..loader.workers import check_worker_kind
+    from ..torch import DALIBucketIterator
 
     device = resolve_device(device)
     check_worker_kind(worker_kind)
@@ -371,7 +371,7 @@ def run_bench(
     spec = buckets or BucketSpec()
     m = Manifest.read(manifest, columns=["source", "offset", "length", "caption"])
     if baseline or quality or memory:
-        from .source import has_urls
+        from ..loader.source import has_urls
 
         if has_urls(m):
             raise ConfigError(
@@ -556,7 +556,7 @@ def _quality(
 ) -> dict[str, Any]:
     """Worst and median PSNR (dB) of each loader's uint8 output against :func:`reference_image`, over the
     first batch of every bucket in the plan."""
-    from .iterator import DALIBucketIterator
+    from ..torch import DALIBucketIterator
 
     sources = m.table.column("source").to_pylist()
     first_step = {int(b): i for i, b in reversed(list(enumerate(plan.bucket.tolist())))}

@@ -6,7 +6,7 @@ replaying earlier steps.
 
 An epoch costs O(K x G) time and memory to plan, not O(N), and any step's batch O(B): nothing the
 size of the dataset is built per epoch. Bucket ``k`` (``n_k`` images, ``members[starts[k]:]`` of the
-:class:`BucketIndex`) is shuffled by a keyed permutation (:mod:`dali_arb.permute`) that gives the
+:class:`BucketIndex`) is shuffled by a keyed permutation (:mod:`dali_arb.plan.permute`) that gives the
 image at any position directly. Blocks of ``G`` consecutive positions are global batches; what is left
 over of each bucket (fewer than ``G`` images, a random subset) is pooled per epoch; the order of the
 blocks is another keyed permutation. What an epoch trims (``M mod G`` samples) is drawn uniformly from all
@@ -26,8 +26,8 @@ from functools import cached_property
 
 import numpy as np
 
+from ..errors import ConfigError, PlanError
 from .buckets import BucketAssignment, BucketIndex, index_dtype
-from .errors import ConfigError, PlanError
 from .permute import Permutation, moving_round, round_keys
 from .world import World
 
@@ -231,7 +231,7 @@ class Planner:
 
     Args:
         index: images grouped by bucket: a :class:`BucketIndex` (the data plane's, memory-mapped), a
-            :class:`~dali_arb.mixture.MixedIndex` (several datasets with repeats) or a
+            :class:`~dali_arb.plan.mixture.MixedIndex` (several datasets with repeats) or a
             :class:`BucketAssignment` (:meth:`BucketSpec.assign`), grouped here.
         batch_size: samples per batch per rank.
         world: this rank's :class:`World`.

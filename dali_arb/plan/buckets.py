@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["BucketAssignment", "BucketIndex", "BucketSpec", "format_size", "parse_size"]
 
@@ -240,9 +240,9 @@ def served_p99(heights: np.ndarray, widths: np.ndarray, lengths: np.ndarray) -> 
 
 
 class PlannedIndex:
-    """What the :class:`~dali_arb.planner.Planner` reads of an index, derived from its ``sizes`` (``int64 (K, 2)``)
+    """What the :class:`~dali_arb.plan.planner.Planner` reads of an index, derived from its ``sizes`` (``int64 (K, 2)``)
     and ``starts`` (``int64 (K + 1,)``, each bucket's first member position): :class:`BucketIndex` (one manifest)
-    and :class:`~dali_arb.mixture.MixedIndex` (several, with repeats) both provide ``member_rows``, ``bucket_of``,
+    and :class:`~dali_arb.plan.mixture.MixedIndex` (several, with repeats) both provide ``member_rows``, ``bucket_of``,
     ``dataset_of``, ``log_aspect``, ``leftover_order`` and ``leftover_candidates``."""
 
     sizes: np.ndarray

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import ConfigError
 from .buckets import BucketIndex, BucketSpec, PlannedIndex
-from .errors import ConfigError
 from .permute import Permutation, moving_round, round_keys
 
 __all__ = ["MixedIndex", "check_repeats"]
@@ -88,7 +88,7 @@ class _Segments:
 
 class MixedIndex(PlannedIndex):
     """Several :class:`BucketIndex` objects (one per dataset, each from its own :class:`BucketSpec`) with repeat
-    counts, as the one index the :class:`~dali_arb.planner.Planner` plans from. Rows are global rows.
+    counts, as the one index the :class:`~dali_arb.plan.planner.Planner` plans from. Rows are global rows.
 
     Attributes:
         sizes: ``int64 (K, 2)`` every bucket of every dataset, once each: the specs' own first, then scaled-down
