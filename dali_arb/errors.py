@@ -92,3 +92,44 @@ class ObjectTooLarge(StorageError):
 
 class ResourceError(DeviceError):
     """A device or shared-memory resource ran out (GPU memory, ``/dev/shm``); the message says what to lower."""
+
+
+# -- reading DALI's failures (DALI is not imported: its errors are read by their text) --------------------
+def raised_by_dali_arb(error: BaseException) -> DaliArbError | None:
+    """The dali_arb error (a DataError, a ManifestError...) that the source raised: itself (worker threads, no
+    workers), or, from a worker process, rebuilt from the traceback DALI hands on as the text of its own
+    ``Exception("Exception traceback received from worker thread ...")`` (its cause keeps the message only)."""
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, DaliArbError):
+            return error
+        for line in reversed(str(error).splitlines()):
+            name, colon, message = line.strip().partition(": ")
+            kind = globals().get(name.removeprefix("dali_arb.errors.")) if name.startswith("dali_arb.") else None
+            if colon and isinstance(kind, type) and issubclass(kind, DaliArbError):
+                return kind(message)
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    text = str(error).lower()
+    return any(
+        marker in text
+        for marker in (
+            "out of memory",
+            "cudaerrormemoryallocation",
+            "allocator_failure",
+            "std::bad_alloc",
+            "cuda_error_out_of_memory",
+        )
+    )
+
+
+def dali_error_summary(error: BaseException) -> str:
+    """The informative part of a DALI pipeline error: the operator and what it encountered."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    operator = next((line.split("`")[1] for line in lines if line.startswith("Error in") and "`" in line), "")
+    after = lines.index("encountered:") + 1 if "encountered:" in lines else None
+    what = lines[after] if after is not None and after < len(lines) else (lines[0] if lines else type(error).__name__)
+    return f"{operator.removeprefix('nvidia.dali.fn.')}: {what}"[:200] if operator else what[:200]

@@ -20,11 +20,23 @@ import numpy as np
 from .data.manifest import Manifest, ManifestSet
 from .data.readahead import READ_AHEAD_PREFIX as READ_AHEAD_PREFIX
 from .data.readahead import remove_stale_read_ahead as remove_stale_read_ahead
-from .errors import ConfigError, DaliArbError, DataError, DeviceError, ManifestError, ResourceError, StateError
+from .errors import (
+    ConfigError,
+    DaliArbError,
+    DataError,
+    DeviceError,
+    ManifestError,
+    ResourceError,
+    StateError,
+    dali_error_summary,
+    is_out_of_memory,
+    raised_by_dali_arb,
+)
 from .loader.blocklist import Blocklist
 from .loader.contracts import IO_FIELDS, META, Failure
 from .loader.decoders import DaliDecoder, Decoder, choose_decoder, cpu_count
-from .loader.source import BatchSource, LoaderConfig, build_planner
+from .loader.planning import LoaderConfig, build_planner
+from .loader.source import BatchSource
 from .loader.workers import ThreadedSource, check_worker_kind
 from .plan.buckets import BucketSpec, served_p99
 from .plan.captions import CaptionPolicy
@@ -551,7 +563,7 @@ class DALIBucketIterator:
                 self._close_pipeline()
                 raise
             except Exception as exc:  # DALI ends a pipeline on one undecodable image: find it, skip it
-                ours = _raised_by_the_source(exc)
+                ours = raised_by_dali_arb(exc)
                 if ours is not None:  # a worker process's own error, wrapped by DALI: as if raised here
                     self._close_pipeline()
                     raise ours from None
@@ -625,8 +637,8 @@ class DALIBucketIterator:
     def _recover(self, epoch: int, step: int, error: Exception) -> None:
         """After a DALI error in ``step``: blocklist the samples that cannot be decoded, or raise one clear
         error when the files are not what failed (out of memory, a broken device, every sample failing)."""
-        summary = _dali_error_summary(error)
-        if _is_out_of_memory(error):
+        summary = dali_error_summary(error)
+        if is_out_of_memory(error):
             raise ResourceError(
                 f"the {self.device.upper()} ran out of memory in batch {step} of epoch {epoch} ({summary}); "
                 "lower batch_size, --max-area or prefetch, or give the loader a GPU with more free memory"
@@ -674,7 +686,7 @@ class DALIBucketIterator:
                     done += 1
                 break
             except Exception as exc:
-                if _is_out_of_memory(exc):
+                if is_out_of_memory(exc):
                     raise ResourceError(
                         f"the {device.upper()} ran out of memory while probing a failed batch; lower batch_size or prefetch"
                     ) from None
@@ -808,50 +820,6 @@ def _free_shared_memory() -> int | None:
     except OSError:
         return None
     return info.f_bavail * info.f_frsize
-
-
-def _raised_by_the_source(error: BaseException) -> DaliArbError | None:
-    """The dali_arb error (a DataError, a ManifestError...) that the source raised: itself (worker threads, no
-    workers), or, from a worker process, rebuilt from the traceback DALI hands on as the text of its own
-    ``Exception("Exception traceback received from worker thread ...")`` (its cause keeps the message only)."""
-    from . import errors
-
-    seen = 0
-    while error is not None and seen < 8:
-        if isinstance(error, DaliArbError):
-            return error
-        for line in reversed(str(error).splitlines()):
-            name, colon, message = line.strip().partition(": ")
-            kind = (
-                getattr(errors, name.removeprefix("dali_arb.errors."), None) if name.startswith("dali_arb.") else None
-            )
-            if colon and isinstance(kind, type) and issubclass(kind, DaliArbError):
-                return kind(message)
-        error, seen = error.__cause__ or error.__context__, seen + 1
-    return None
-
-
-def _is_out_of_memory(error: BaseException) -> bool:
-    text = str(error).lower()
-    return any(
-        marker in text
-        for marker in (
-            "out of memory",
-            "cudaerrormemoryallocation",
-            "allocator_failure",
-            "std::bad_alloc",
-            "cuda_error_out_of_memory",
-        )
-    )
-
-
-def _dali_error_summary(error: BaseException) -> str:
-    """The informative part of a DALI pipeline error: the operator and what it encountered."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    operator = next((line.split("`")[1] for line in lines if line.startswith("Error in") and "`" in line), "")
-    after = lines.index("encountered:") + 1 if "encountered:" in lines else None
-    what = lines[after] if after is not None and after < len(lines) else (lines[0] if lines else type(error).__name__)
-    return f"{operator.removeprefix('nvidia.dali.fn.')}: {what}"[:200] if operator else what[:200]
 
 
 class _WorkerDied(Exception):

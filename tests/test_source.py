@@ -10,7 +10,8 @@ from dali_arb import BucketSpec, DataError, Manifest, ManifestError
 from dali_arb.errors import ConfigError
 from dali_arb.loader.contracts import META, Failure
 from dali_arb.loader.decoders import DaliDecoder, OpenCVDecoder, PillowDecoder, choose_decoder
-from dali_arb.loader.source import BatchSource, LoaderConfig, build_planner
+from dali_arb.loader.planning import LoaderConfig, build_planner
+from dali_arb.loader.source import BatchSource
 
 from .conftest import SMALL
 

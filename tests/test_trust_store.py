@@ -100,7 +100,8 @@ def test_f4_local_os_failures_raise_and_a_missing_file_is_the_samples_own(fresh_
     """Finding 4, local files: EMFILE (the process ran out of file descriptors) is the OS failing, raised as a
     StorageError naming the file and errno; ENOENT is the sample's own (gone) and replaced."""
     from dali_arb.loader.decoders import PillowDecoder
-    from dali_arb.loader.source import BatchSource, LoaderConfig
+    from dali_arb.loader.planning import LoaderConfig
+    from dali_arb.loader.source import BatchSource
 
     _, manifest = fresh_dataset
     config = LoaderConfig(4, SMALL, 0, 0, 1, "nearest", True, "random", 0.0)

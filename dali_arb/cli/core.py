@@ -112,7 +112,7 @@ def cmd_buckets(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from ..data.manifest import Manifest, ManifestSet
-    from ..loader.source import LoaderConfig, build_planner
+    from ..loader.planning import LoaderConfig, build_planner
     from ..plan.mixture import check_repeats
 
     if not 0 <= args.rank < args.world_size:

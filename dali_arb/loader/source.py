@@ -22,16 +22,16 @@ from ..data.manifest import NO_IDENTITY, Manifest
 from ..data.pairs import pair_columns
 from ..data.readahead import RemoteReads
 from ..data.storage import URL_PATTERN, Request, is_url, max_sample_bytes
-from ..errors import ConfigError, DataError, ManifestError, ObjectChanged, ObjectMissing, ObjectTooLarge, StorageError
-from ..plan.buckets import BucketSpec, format_size
+from ..errors import DataError, ManifestError, ObjectChanged, ObjectMissing, ObjectTooLarge, StorageError
+from ..plan.buckets import format_size
 from ..plan.geometry import Geometry, cover_crop
 from ..plan.planner import EpochPlan, Planner
-from ..plan.world import World
 from ..processes import die_with_parent
 from .contracts import IO_FIELDS, META, Failure
 from .decoders import Decoder
+from .planning import LoaderConfig, build_planner
 
-__all__ = ["BatchSource", "LoaderConfig", "build_planner"]
+__all__ = ["BatchSource"]
 
 _MAX_REPLACEMENT_TRIES = 64
 #: Errors of opening a sample's file that are the file's own (it is gone, or its permissions shut this process
@@ -40,64 +40,6 @@ _MAX_REPLACEMENT_TRIES = 64
 _THE_FILES_OWN = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG, errno.EACCES, errno.EPERM})
 #: Columns the worker processes read from an in-memory manifest's file (besides key, width, height).
 WORKER_COLUMNS = ["source", "offset", "length", "mtime_ns", "source_size", "etag"]
-
-
-@dataclass(frozen=True)
-class LoaderConfig:
-    """Everything that decides the batches (all of it goes into ``state_dict``).
-
-    ``spec``: one :class:`BucketSpec` for every dataset, or a tuple of one per dataset; ``repeats``: per
-    dataset, ``None`` for once each (see :mod:`dali_arb.plan.mixture`)."""
-
-    batch_size: int
-    spec: BucketSpec | tuple[BucketSpec, ...]
-    seed: int
-    rank: int
-    world_size: int
-    leftover: str
-    sync_ranks: bool
-    crop: str
-    flip: float
-    repeats: tuple[float, ...] | None = None
-
-    def __post_init__(self) -> None:
-        if self.crop not in ("random", "center"):
-            raise ConfigError(f"crop must be 'random' or 'center', got {self.crop!r}")
-        if isinstance(self.flip, bool) or not isinstance(self.flip, (int, float)) or not 0.0 <= self.flip <= 1.0:
-            raise ConfigError(f"flip must be a probability in [0, 1], got {self.flip!r}")
-
-    def specs(self, count: int) -> tuple[BucketSpec, ...]:
-        """The bucket options of each of ``count`` datasets."""
-        if isinstance(self.spec, BucketSpec):
-            return (self.spec,) * count
-        if len(self.spec) != count or not all(isinstance(s, BucketSpec) for s in self.spec):
-            raise ConfigError(f"buckets must be one BucketSpec, or one per dataset ({count}), got {self.spec!r}")
-        return tuple(self.spec)
-
-
-def build_planner(config: LoaderConfig, manifests: Manifest | list[Manifest]) -> Planner:
-    """The one way a loader's planner is made (in the loader and again in each worker): from the bucket
-    index of each manifest's cache when it is mapped (``dataplane.py``), else computed; several datasets
-    (or repeats) plan as one :class:`~dali_arb.plan.mixture.MixedIndex`."""
-    from ..data.cache import bucket_index
-    from ..plan.mixture import MixedIndex
-
-    manifests = [manifests] if isinstance(manifests, Manifest) else list(manifests)
-    specs = config.specs(len(manifests))
-    if len(manifests) == 1 and config.repeats in (None, (1.0,)):
-        index = bucket_index(manifests[0], specs[0])
-    else:
-        repeats = config.repeats or (1.0,) * len(manifests)
-        indexes = [bucket_index(m, s) for m, s in zip(manifests, specs)]
-        index = MixedIndex(indexes, repeats, list(specs), seed=config.seed)
-    return Planner(
-        index,
-        batch_size=config.batch_size,
-        world=World(config.rank, config.world_size),
-        seed=config.seed,
-        leftover=config.leftover,
-        sync_ranks=config.sync_ranks,
-    )
 
 
 def has_urls(manifest: Manifest) -> bool:

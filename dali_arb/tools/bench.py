@@ -37,7 +37,8 @@ from ..data.imagefacts import swaps_sides
 from ..data.manifest import Manifest
 from ..errors import ConfigError
 from ..loader.decoders import DaliDecoder, jpeg_reduction, opencv_flags, reduction_margin
-from ..loader.source import BatchSource, LoaderConfig
+from ..loader.planning import LoaderConfig
+from ..loader.source import BatchSource
 from ..plan.buckets import BucketSpec
 from ..plan.geometry import cover_crop
 from ..plan.planner import Planner
