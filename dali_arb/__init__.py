@@ -28,11 +28,13 @@ from .plan.planner import EpochPlan, LeftoverPolicy, Planner
 from .plan.world import World
 
 if TYPE_CHECKING:
+    from .loader.options import Augment, Dataset, Decode, LoaderOptions, Remote, Workers
     from .torch import DALIBucketIterator
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Augment",
     "BucketAssignment",
     "BucketSpec",
     "CaptionPolicy",
@@ -40,23 +42,32 @@ __all__ = [
     "DALIBucketIterator",
     "DaliArbError",
     "DataError",
+    "Dataset",
+    "Decode",
     "DeviceError",
     "EpochPlan",
     "IndexingError",
     "LeftoverPolicy",
+    "LoaderOptions",
     "Manifest",
     "ManifestError",
     "MixedIndex",
     "PairSpec",
     "PlanError",
     "Planner",
+    "Remote",
     "ResourceError",
     "StateError",
     "StorageError",
+    "Workers",
     "World",
     "format_size",
     "parse_size",
 ]
+
+
+#: The loader's option objects (dali_arb.loader.options); they import the loader's registries, so load lazily.
+_OPTIONS = ("Augment", "Dataset", "Decode", "LoaderOptions", "Remote", "Workers")
 
 
 def __getattr__(name: str) -> Any:
@@ -64,4 +75,8 @@ def __getattr__(name: str) -> Any:
         from .torch import DALIBucketIterator
 
         return DALIBucketIterator
+    if name in _OPTIONS:
+        from .loader import options
+
+        return getattr(options, name)
     raise AttributeError(f"module 'dali_arb' has no attribute {name!r}")

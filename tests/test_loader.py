@@ -371,7 +371,7 @@ def test_loader_options_are_validated(dataset):
 
 
 def test_a_small_dev_shm_lowers_the_prefetch_or_says_what_to_do(dataset, monkeypatch):
-    import dali_arb.torch as module
+    import dali_arb.loader.resources as module
 
     _, manifest = dataset
     roomy = loader(manifest, workers=2, worker_kind="process")
@@ -379,9 +379,9 @@ def test_a_small_dev_shm_lowers_the_prefetch_or_says_what_to_do(dataset, monkeyp
     assert roomy._read_ahead_plan["source_prefetch"] == 4  # 2 per worker
     # DALI's pool holds one chunk per batch ahead, shared by the workers, plus the pipeline's prefetch (2)
     assert roomy.read_ahead_bytes() == (4 + 2) * per_batch
-    monkeypatch.setattr(module, "_free_shared_memory", lambda: per_batch * (3 + 2))
+    monkeypatch.setattr(module, "free_shared_memory", lambda: per_batch * (3 + 2))
     assert loader(manifest, workers=2, worker_kind="process")._read_ahead_plan["source_prefetch"] == 3
-    monkeypatch.setattr(module, "_free_shared_memory", lambda: per_batch)
+    monkeypatch.setattr(module, "free_shared_memory", lambda: per_batch)
     with pytest.raises(
         ResourceError,
         match=r"^/dev/shm has 0 MiB free, but the 2 loader worker\(s\) need .*--ipc=host.*worker_kind='thread'",
@@ -396,7 +396,7 @@ def test_a_small_dev_shm_lowers_the_prefetch_or_says_what_to_do(dataset, monkeyp
 
 def test_the_ranks_of_a_node_share_its_cores(dataset, monkeypatch):
     """Eight ranks on a 16-core node: each starts 2 decoding workers by default, not 16 (128 in all)."""
-    import dali_arb.torch as module
+    import dali_arb.loader.session as module
 
     _, manifest = dataset
     monkeypatch.setattr(module, "cpu_count", lambda: 16)
@@ -412,10 +412,10 @@ def test_the_ranks_of_a_node_share_its_cores(dataset, monkeypatch):
 def test_every_worker_has_a_batch_in_flight(dataset, monkeypatch):
     """DALI gives each batch to one worker: with fewer batches ahead than workers, workers sit idle (16 workers
     ran with 8 batches ahead, 0.78x the OpenCV peer on 16 cores)."""
-    import dali_arb.torch as module
+    import dali_arb.loader.resources as module
 
     _, manifest = dataset
-    monkeypatch.setattr(module, "_free_shared_memory", lambda: 64 << 30)
+    monkeypatch.setattr(module, "free_shared_memory", lambda: 64 << 30)
     for workers in (1, 4, 16, 24):
         for kind in ("thread", "process"):
             plan = loader(manifest, workers=workers, worker_kind=kind)._read_ahead_plan

@@ -206,7 +206,7 @@ def test_read_ahead_folders_of_dead_processes_are_removed(tmp_path):
     import subprocess
     import sys
 
-    from dali_arb.torch import READ_AHEAD_PREFIX, remove_stale_read_ahead
+    from dali_arb.data.readahead import READ_AHEAD_PREFIX, remove_stale_read_ahead
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead = tmp_path / f"{READ_AHEAD_PREFIX}{gone.stdout.strip()}-abc"

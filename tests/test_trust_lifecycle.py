@@ -308,7 +308,7 @@ def test_f25d_cleanup_keeps_a_live_loaders_folder_from_another_pid_namespace(tmp
     import subprocess
     import sys
 
-    from dali_arb.torch import remove_stale_read_ahead
+    from dali_arb.data.readahead import remove_stale_read_ahead
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = gone.stdout.strip()
@@ -439,7 +439,7 @@ def test_f25f_a_state_without_a_required_field_is_refused_naming_it(dataset, nam
     del state[name]
     with pytest.raises(StateError, match=f"state has no '{name}' field, which every state of this version holds"):
         loader(dataset[1]).load_state_dict(state)
-    from dali_arb.torch import STATE_FIELDS
+    from dali_arb.loader.state import STATE_FIELDS
 
     assert set(it.state_dict()) == set(STATE_FIELDS)
 

@@ -225,7 +225,7 @@ def test_abandoning_a_pipeline_never_waits_for_dali_to_close_its_pool(dataset):
     ``Observer.close``). The loader must go on; the close runs on a daemon thread."""
     import weakref
 
-    from dali_arb.torch import _WorkerDied
+    from dali_arb.loader.recovery import WorkerDied as _WorkerDied
 
     _, manifest = dataset
     it = loader(manifest)

@@ -10,6 +10,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from ..loader.decoders import DECODERS, JPEG_SCALINGS
 from ..loader.workers import WORKER_KINDS
@@ -84,6 +85,17 @@ def _loader_settings(args: argparse.Namespace) -> dict:
             "jpeg_scaling": args.jpeg_scaling}  # fmt: skip
 
 
+def _options(args: argparse.Namespace, *, augment: Any, workers: int | None, device: str | None = None,
+             cache_dir: str | None = None) -> Any:  # fmt: skip
+    """The loader options of ``preview`` and ``demo``: the same objects a training script builds (uint8 out)."""
+    from ..loader.options import Decode, LoaderOptions, Workers
+
+    decode = Decode(device=device or args.device, decoder=args.decoder, dtype="uint8", jpeg_scaling=args.jpeg_scaling,
+                    hw_decoder_load=args.hw_decoder_load, num_threads=args.threads)  # fmt: skip
+    return LoaderOptions(batch_size=args.batch_size, seed=args.seed, rank=0, world_size=1, augment=augment,
+                         decode=decode, workers=Workers(count=workers, kind=args.worker_kind), cache_dir=cache_dir)  # fmt: skip
+
+
 def _stderr_is_tty() -> bool:
     return sys.stderr.isatty()
 
@@ -92,15 +104,14 @@ def _stderr_is_tty() -> bool:
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
+    from ..loader.options import Augment, Dataset
     from ..tools.plots import contact_sheet
     from ..torch import DALIBucketIterator
 
     out = png_path(args.output, "-o")
-    loader = DALIBucketIterator(
-        args.manifest, batch_size=args.batch_size, buckets=spec_from_args(args), seed=args.seed, crop=args.crop,
-        flip=args.flip, dtype="uint8", rank=0, world_size=1,
-        cache_dir=args.cache_dir, **{**_loader_settings(args), "workers": args.workers if args.workers is not None else 0},
-    )  # fmt: skip
+    options = _options(args, augment=Augment(crop=args.crop, flip=args.flip), cache_dir=args.cache_dir,
+                       workers=args.workers if args.workers is not None else 0)  # fmt: skip
+    loader = DALIBucketIterator([Dataset(args.manifest, buckets=spec_from_args(args))], options=options)
     from tqdm import tqdm
 
     loader.set_epoch(args.epoch)
@@ -193,6 +204,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from ..data.manifest import Manifest
     from ..index import build_index
+    from ..loader.options import Augment, Dataset
     from ..loader.pipeline import resolve_device
     from ..tools.plots import contact_sheet, plot_buckets
     from ..tools.report import bucket_report, format_report
@@ -212,10 +224,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("   " + format_report(report).replace("\n", "\n   "))
     plot_path = out / "buckets.png"
     plot_buckets(report, plot_path)
-    loader = DALIBucketIterator(
-        manifest, batch_size=args.batch_size, buckets=spec, flip=0.5, dtype="uint8", seed=args.seed, rank=0,
-        world_size=1, **{**_loader_settings(args), "device": device},
-    )  # fmt: skip
+    options = _options(args, augment=Augment(flip=0.5), device=device, workers=args.workers)
+    loader = DALIBucketIterator([Dataset(manifest, buckets=spec)], options=options)
     print(f"\n3. one epoch through DALIBucketIterator on {device.upper()}: {len(loader)} batches of {args.batch_size}")
     batches = []
     start = time.perf_counter()

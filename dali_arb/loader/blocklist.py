@@ -40,6 +40,10 @@ class Blocklist:
         """``{key: reason}`` (a copy; JSON-serialisable)."""
         return dict(self._reasons)
 
+    def to_dict(self) -> dict[str, object]:
+        """Its piece of ``state_dict()``: ``failed`` (``{key: reason}``) and ``failed_rows`` (sorted rows)."""
+        return {"failed": self.reasons(), "failed_rows": sorted(self._rows)}
+
     @classmethod
     def restore(cls, reasons: dict[str, str], rows_of: Callable[[list[str]], list[int]]) -> Blocklist:
         """A blocklist from a saved ``{key: reason}``; ``rows_of`` finds the rows of keys (keys it does not

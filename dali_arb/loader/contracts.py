@@ -157,3 +157,15 @@ META = MetaLayout(
 #: The ``io_*`` meta columns, by the name :class:`~dali_arb.data.storage.IOStats` gives them.
 IO_FIELDS = {"requests": "io_requests", "retries": "io_retries", "bytes_read": "io_bytes_read",
              "bytes_served": "io_bytes_served", "hits": "io_hits", "misses": "io_misses"}  # fmt: skip
+
+
+def io_stats(io: dict[str, int]) -> dict[str, int | float]:
+    """A loader's ``stats`` from its summed :data:`IO_FIELDS`: ``requests``, ``retries``, ``bytes_read``,
+    ``bytes_served``, read-ahead ``hits`` and ``misses`` (zeros for local files), and ``requests_per_sample`` and
+    ``bytes_read_per_byte_served``."""
+    out: dict[str, int | float] = dict(io)
+    samples = io["hits"] + io["misses"]
+    out["requests_per_sample"] = round(io["requests"] / samples, 3) if samples else 0.0
+    served = io["bytes_served"]
+    out["bytes_read_per_byte_served"] = round(io["bytes_read"] / served, 3) if served else 0.0
+    return out

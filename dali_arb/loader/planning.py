@@ -10,6 +10,7 @@ from ..errors import ConfigError
 from ..plan.buckets import BucketSpec
 from ..plan.planner import Planner
 from ..plan.world import World
+from .options import Augment
 
 __all__ = ["LoaderConfig", "build_planner"]
 
@@ -33,10 +34,14 @@ class LoaderConfig:
     repeats: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.crop not in ("random", "center"):
-            raise ConfigError(f"crop must be 'random' or 'center', got {self.crop!r}")
-        if isinstance(self.flip, bool) or not isinstance(self.flip, (int, float)) or not 0.0 <= self.flip <= 1.0:
-            raise ConfigError(f"flip must be a probability in [0, 1], got {self.flip!r}")
+        Augment(crop=self.crop, flip=self.flip)  # the one check of crop and flip
+
+    def to_dict(self) -> dict[str, object]:
+        """Its piece of ``state_dict()``: the plan's settings (``buckets`` and ``repeats`` as JSON data)."""
+        spec = self.spec.to_dict() if isinstance(self.spec, BucketSpec) else [b.to_dict() for b in self.spec]
+        return {"seed": self.seed, "batch_size": self.batch_size, "world_size": self.world_size, "rank": self.rank,
+                "sync_ranks": self.sync_ranks, "leftover": self.leftover, "crop": self.crop, "flip": self.flip,
+                "buckets": spec, "repeats": list(self.repeats) if self.repeats is not None else None}  # fmt: skip
 
     def specs(self, count: int) -> tuple[BucketSpec, ...]:
         """The bucket options of each of ``count`` datasets."""

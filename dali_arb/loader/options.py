@@ -1,0 +1,276 @@
+"""The loader's settings as small frozen objects, each validated once, with ``to_dict()``.
+
+``DALIBucketIterator(datasets, options=LoaderOptions(...))`` is the grouped spelling; the keyword arguments of
+earlier versions build the same objects (:meth:`LoaderOptions.from_keywords`), and so does the CLI. Imports the
+plan layer and the loader's registries (decoders, worker kinds); no DALI, no torch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from ..data.manifest import Manifest
+from ..errors import ConfigError
+from ..plan.buckets import BucketSpec
+from ..plan.captions import CaptionPolicy
+from ..plan.mixture import check_repeats
+from ..plan.planner import LeftoverPolicy
+from .decoders import DECODERS, Decoder
+from .workers import check_worker_kind
+
+__all__ = [
+    "DTYPES",
+    "Augment",
+    "Dataset",
+    "Decode",
+    "LoaderOptions",
+    "Remote",
+    "Workers",
+    "datasets_from",
+    "loader_options",
+]
+
+DTYPES = ("float16", "bfloat16", "float32", "uint8")
+DEVICES = ("auto", "gpu", "cpu")
+
+
+def _count(name: str, value: Any, *, least: int, what: str = "") -> None:
+    """A ConfigError echoing ``value`` unless it is an int (not a bool) of at least ``least``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        kind = "non-negative" if least == 0 else "positive"
+        raise ConfigError(f"{name} must be a {kind} integer{what}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Augment:
+    """How each sample is cut and flipped. ``crop``: ``"random"`` (seeded by seed, epoch, step and sample) or
+    ``"center"``; ``flip``: probability of a horizontal flip."""
+
+    crop: str = "random"
+    flip: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.crop not in ("random", "center"):
+            raise ConfigError(f"crop must be 'random' or 'center', got {self.crop!r}")
+        if isinstance(self.flip, bool) or not isinstance(self.flip, (int, float)) or not 0.0 <= self.flip <= 1.0:
+            raise ConfigError(f"flip must be a probability in [0, 1], got {self.flip!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"crop": self.crop, "flip": float(self.flip)}
+
+
+@dataclass(frozen=True)
+class Decode:
+    """Where and how samples are decoded: ``device`` (``"gpu"``, ``"cpu"``, ``"auto"``), ``decoder`` (a name in
+    :data:`~dali_arb.loader.decoders.DECODERS`, ``"auto"``, or a :class:`~dali_arb.loader.decoders.Decoder`),
+    the output ``dtype``, ``jpeg_scaling`` and ``hw_decoder_load`` (see the decoders), DALI's ``num_threads``
+    and the GPU ``device_id`` (``None``: defaults chosen at start-up)."""
+
+    device: str = "auto"
+    decoder: str | Decoder = "auto"
+    dtype: str = "float16"
+    jpeg_scaling: str | None = None
+    hw_decoder_load: float | None = None
+    num_threads: int | None = None
+    device_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.num_threads is not None:
+            _count("num_threads", self.num_threads, least=1)
+        if self.device not in DEVICES:
+            raise ConfigError(f"device must be 'auto', 'gpu' or 'cpu', got {self.device!r}")
+        if not isinstance(self.decoder, Decoder) and self.decoder not in ("auto", *DECODERS):
+            *first, last = (repr(n) for n in ("auto", *DECODERS))
+            raise ConfigError(f"decoder must be {', '.join(first)} or {last}, got {self.decoder!r}")
+        if self.device_id is not None:
+            _count("device_id", self.device_id, least=0)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["decoder"] = self.decoder if isinstance(self.decoder, str) else type(self.decoder).__name__
+        return out
+
+
+@dataclass(frozen=True)
+class Workers:
+    """Who runs the external source: ``count`` threads or processes (``kind``; ``None``: the decoder's default
+    for this rank's share of the cores, 0: the loader's own thread) and ``prefetch``, batches DALI prepares
+    ahead."""
+
+    count: int | None = None
+    kind: str = "thread"
+    prefetch: int = 2
+
+    def __post_init__(self) -> None:
+        if self.count is not None:
+            _count("workers", self.count, least=0)
+        check_worker_kind(self.kind)
+        _count("prefetch", self.prefetch, least=1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Remote:
+    """Reading samples from object storage: ``read_ahead`` steps fetched ahead from the plan (``None``: what
+    the pipeline and its workers prepare ahead, plus one), a kept ``sample_cache`` folder and its size bound in
+    GiB (``sample_cache_gb``)."""
+
+    read_ahead: int | None = None
+    sample_cache: str | os.PathLike | None = None
+    sample_cache_gb: float = 50.0
+
+    def __post_init__(self) -> None:
+        if self.read_ahead is not None:
+            _count("read_ahead", self.read_ahead, least=0, what=" (steps)")
+        gb = self.sample_cache_gb
+        if isinstance(gb, bool) or not isinstance(gb, (int, float)) or gb <= 0:
+            raise ConfigError(f"sample_cache_gb must be a positive number, got {gb!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        cache = None if self.sample_cache is None else os.fspath(self.sample_cache)
+        return {"read_ahead": self.read_ahead, "sample_cache": cache, "sample_cache_gb": float(self.sample_cache_gb)}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One dataset of a loader: its ``manifest`` (a path or a :class:`Manifest`), its ``buckets`` (``None``:
+    NovelAI's) and ``repeats``, the times each image is served per epoch (a fraction serves that share, another
+    subset each epoch; ``None``: once)."""
+
+    manifest: str | os.PathLike | Manifest
+    buckets: BucketSpec | None = None
+    repeats: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.manifest, (str, os.PathLike, Manifest)):
+            raise ConfigError(f"a dataset's manifest must be a path or a Manifest, got {self.manifest!r:.80}")
+        if self.buckets is not None and not isinstance(self.buckets, BucketSpec):
+            raise ConfigError(f"buckets must be a BucketSpec, got {type(self.buckets).__name__}")
+        r = self.repeats
+        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r < 0):
+            raise ConfigError(f"repeats must be a non-negative number (3, 0.5), got {r!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        manifest = self.manifest.path if isinstance(self.manifest, Manifest) else os.fspath(self.manifest)
+        return {
+            "manifest": None if manifest is None else os.fspath(manifest),
+            "buckets": None if self.buckets is None else self.buckets.to_dict(),
+            "repeats": self.repeats,
+        }
+
+
+@dataclass(frozen=True)
+class LoaderOptions:
+    """Every setting of a loader but its datasets. ``rank``/``world_size`` ``None`` read ``torch.distributed``
+    / torchrun's environment; ``leftover`` and ``sync_ranks`` are the :class:`~dali_arb.plan.planner.Planner`'s;
+    ``cache_dir`` is where the node cache of a manifest is kept (default: beside it)."""
+
+    batch_size: int
+    seed: int = 0
+    rank: int | None = None
+    world_size: int | None = None
+    leftover: LeftoverPolicy | str = LeftoverPolicy.NEAREST
+    sync_ranks: bool = True
+    augment: Augment = field(default_factory=Augment)
+    decode: Decode = field(default_factory=Decode)
+    workers: Workers = field(default_factory=Workers)
+    remote: Remote = field(default_factory=Remote)
+    captions: CaptionPolicy = field(default_factory=CaptionPolicy)
+    cache_dir: str | os.PathLike | None = None
+
+    def __post_init__(self) -> None:
+        for name, kind in (("augment", Augment), ("decode", Decode), ("workers", Workers), ("remote", Remote),
+                           ("captions", CaptionPolicy)):  # fmt: skip
+            if not isinstance(getattr(self, name), kind):
+                raise ConfigError(f"{name} must be a {kind.__name__}, got {getattr(self, name)!r:.80}")
+        object.__setattr__(self, "leftover", LeftoverPolicy.parse(self.leftover))
+
+    @classmethod
+    def from_keywords(cls, **keywords: Any) -> LoaderOptions:
+        """The options from the flat keyword arguments ``DALIBucketIterator`` has always taken (all but the
+        manifest, ``buckets`` and ``repeats``); an unknown keyword is a ConfigError naming it."""
+        groups: dict[str, dict[str, Any]] = {name: {} for name in _GROUPED}
+        top: dict[str, Any] = {}
+        for key, value in keywords.items():
+            if key in _KEYWORD_TO_FIELD:
+                group, name = _KEYWORD_TO_FIELD[key]
+                groups[group][name] = value
+            elif key in _TOP_LEVEL:
+                top[key] = value
+            else:
+                raise ConfigError(f"unknown loader option {key!r}; see help(dali_arb.DALIBucketIterator)")
+        if "batch_size" not in top:
+            raise ConfigError("batch_size is required (samples per batch on this rank)")
+        built = {name: kind(**groups[name]) for name, kind in _GROUPED.items()}
+        return cls(**top, **built)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.to_dict() if hasattr(value, "to_dict") else value
+        out["leftover"] = self.leftover.value
+        out["cache_dir"] = None if self.cache_dir is None else os.fspath(self.cache_dir)
+        return out
+
+
+_GROUPED = {"augment": Augment, "decode": Decode, "workers": Workers, "remote": Remote, "captions": CaptionPolicy}
+#: Earlier versions' flat keywords -> (group, field).
+_KEYWORD_TO_FIELD = {
+    "crop": ("augment", "crop"), "flip": ("augment", "flip"),
+    "device": ("decode", "device"), "decoder": ("decode", "decoder"), "dtype": ("decode", "dtype"),
+    "jpeg_scaling": ("decode", "jpeg_scaling"), "hw_decoder_load": ("decode", "hw_decoder_load"),
+    "num_threads": ("decode", "num_threads"), "device_id": ("decode", "device_id"),
+    "workers": ("workers", "count"), "worker_kind": ("workers", "kind"), "prefetch": ("workers", "prefetch"),
+    "read_ahead": ("remote", "read_ahead"), "sample_cache": ("remote", "sample_cache"),
+    "sample_cache_gb": ("remote", "sample_cache_gb"),
+    "caption_dropout": ("captions", "dropout"), "shuffle_tags": ("captions", "shuffle_tags"),
+    "keep_tags": ("captions", "keep_tags"), "tag_separator": ("captions", "separator"),
+}  # fmt: skip
+_TOP_LEVEL = ("batch_size", "seed", "rank", "world_size", "leftover", "sync_ranks", "cache_dir")
+
+
+def datasets_from(manifest: Any, buckets: Any = None, repeats: Any = None) -> list[Dataset]:
+    """The datasets of the earlier spelling: one manifest or a list, ``buckets`` one spec or one per manifest,
+    ``repeats`` one count per manifest; or a list of :class:`Dataset` as it is (then ``buckets`` and ``repeats``
+    must be ``None``)."""
+    given = list(manifest) if isinstance(manifest, (list, tuple)) else [manifest]
+    if not given:
+        raise ConfigError("give at least one manifest")
+    if any(isinstance(g, Dataset) for g in given):
+        if not all(isinstance(g, Dataset) for g in given):
+            raise ConfigError("give every dataset as a Dataset, or every one as a manifest, not a mix")
+        if buckets is not None or repeats is not None:
+            raise ConfigError("give buckets and repeats inside each Dataset, not beside them")
+        return given
+    if isinstance(buckets, (list, tuple)):
+        if len(buckets) != len(given) or not all(isinstance(b, BucketSpec) for b in buckets):
+            raise ConfigError(f"buckets must be a BucketSpec or one per manifest ({len(given)}), got {buckets!r}")
+        per_dataset = list(buckets)
+    elif buckets is not None and not isinstance(buckets, BucketSpec):
+        raise ConfigError(f"buckets must be a BucketSpec, got {type(buckets).__name__}")
+    else:
+        per_dataset = [buckets] * len(given)
+    counts = check_repeats(repeats, len(given)) if repeats is not None else (None,) * len(given)
+    return [Dataset(m, buckets=b, repeats=r) for m, b, r in zip(given, per_dataset, counts)]
+
+
+def loader_options(options: LoaderOptions | None, keywords: dict[str, Any]) -> LoaderOptions:
+    """``options``, or the options the flat keyword arguments of earlier versions build; not both."""
+    if options is None:
+        return LoaderOptions.from_keywords(**keywords)
+    if not isinstance(options, LoaderOptions):
+        raise ConfigError(f"options must be a LoaderOptions, got {type(options).__name__}")
+    if keywords:
+        raise ConfigError(
+            f"give the loader's settings in options= or as keyword arguments, not both (got options and "
+            f"{', '.join(sorted(keywords))})"
+        )
+    return options
