@@ -32,11 +32,11 @@ build folders of dead builders are removed by the next build. A cache whose file
 rebuilt; a folder that cannot be written gives one line saying where to point the cache instead. Temporary files
 are created exclusively (``O_EXCL``: never written through a link planted at their name).
 
-Imports the standard library, NumPy, pyarrow, ``plan.buckets`` and, in ``data/``, ``manifest``, ``pairs`` and
-``cachefolder`` (where the cache lives; the local copy of a URL manifest, which imports ``storage`` and obstore when
-a URL is opened). The manifest never imports this module: it is registered as what :meth:`Manifest.open
-<dali_arb.data.manifest.Manifest.open>` maps through (:func:`~dali_arb.data.manifest.set_mapper`, when
-``dali_arb.data`` is imported).
+Imports the standard library, NumPy, pyarrow, ``errors``, ``plan.buckets`` and, in ``data/``, ``manifest``,
+``pairs`` and ``cachefolder`` (where the cache lives; the local copy of a URL manifest, which imports ``storage`` and
+obstore when a URL is opened). The manifest never imports this module: it is registered as what
+:meth:`Manifest.open <dali_arb.data.manifest.Manifest.open>` maps through (:func:`~dali_arb.data.manifest.set_mapper`,
+when ``dali_arb.data`` is imported).
 """
 
 from __future__ import annotations

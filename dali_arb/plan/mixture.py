@@ -19,7 +19,7 @@ epoch, with room for the largest window (``ceil(f n)``); the planner reads each 
 :meth:`MixedIndex.epoch_counts` and :meth:`MixedIndex.bucket_rows`. A position past an epoch's window (a
 stand-in drawn from the fixed layout) is the next image along the bucket's shuffle.
 
-Imports only the standard library and NumPy.
+Imports only the standard library, NumPy, ``errors`` and ``plan`` (buckets, permute, rows).
 """
 
 from __future__ import annotations
