@@ -19,7 +19,7 @@ from typing import NamedTuple
 from ..errors import StorageError
 from .storage import max_sample_bytes
 
-__all__ = ["UNKNOWN", "FileProblem", "Identity", "local_change", "os_failure", "read_local"]
+__all__ = ["THE_FILES_OWN", "UNKNOWN", "FileProblem", "Identity", "local_change", "os_failure", "read_local"]
 
 #: Errors of opening a sample's file that are the file's own (it is gone, or its permissions shut this process
 #: out: the indexer read it): the sample is replaced. Any other OSError is the OS or the disk failing (EMFILE,
