@@ -250,7 +250,7 @@ def test_f25g_a_url_manifest_rewritten_in_the_same_second_at_the_same_size_is_fe
 
         # rewritten between the HEAD and the GET: the GET holds the HEAD's ETag (If-Match), so the copy named by the
         # old version never holds the new bytes; the object is looked at again
-        import dali_arb.data.cache as dataplane
+        import dali_arb.data.cachefolder as dataplane
 
         real = dataplane._remote_version
         stale = [real(url)]

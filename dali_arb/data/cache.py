@@ -32,7 +32,11 @@ build folders of dead builders are removed by the next build. A cache whose file
 rebuilt; a folder that cannot be written gives one line saying where to point the cache instead. Temporary files
 are created exclusively (``O_EXCL``: never written through a link planted at their name).
 
-Imports only the standard library, NumPy and pyarrow.
+Imports the standard library, NumPy, pyarrow, ``errors``, ``plan.buckets`` and, in ``data/``, ``manifest``,
+``pairs`` and ``cachefolder`` (where the cache lives; the local copy of a URL manifest, which imports ``storage`` and
+obstore when a URL is opened). The manifest never imports this module: it is registered as what
+:meth:`Manifest.open <dali_arb.data.manifest.Manifest.open>` maps through (:func:`~dali_arb.data.manifest.set_mapper`,
+when ``dali_arb.data`` is imported).
 """
 
 from __future__ import annotations
@@ -54,17 +58,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import ManifestError, ResourceError
+from ..errors import ManifestError
 from ..plan.buckets import BucketIndex, BucketSpec, served_p99
-from .manifest import NO_IDENTITY, Fingerprint, Manifest, check_file, pinned_columns
+from .cachefolder import CACHE_ENV, CACHE_FORMAT, cache_root, local_manifest
+from .cachefolder import cache_error as _cache_error
+from .cachefolder import text_digest as _digest
+from .manifest import NO_IDENTITY, Fingerprint, Manifest, check_file, pinned_columns, set_mapper
 from .pairs import pair_columns, pairs_of
 
-__all__ = ["CACHE_ENV", "CACHE_FORMAT", "ManifestCache", "bucket_index", "cache_root"]
+__all__ = ["CACHE_ENV", "CACHE_FORMAT", "ManifestCache", "bucket_index", "cache_root", "open_manifest"]
 
-#: The environment variable naming the cache folder.
-CACHE_ENV = "DALI_ARB_CACHE"
-#: Bumped when the layout changes; each format lives in its own ``v<N>`` folder.
-CACHE_FORMAT = 3  # 2: pair columns; runs of every source column; 3: the sources' identity (mtime_ns, source_size, etag)
 #: Rows converted per step while building (a multiple of 8: validity bitmaps are written per step).
 BUILD_ROWS = 1 << 20
 _FIXED = {"height": np.int32, "width": np.int32, "offset": np.int64, "length": np.int64, "mtime_ns": np.int64,
@@ -78,20 +81,6 @@ _BUILD, _STALE = ".build-", ".stale-"
 
 def _index_type(n: int) -> type:
     return np.int32 if n < 2**31 else np.int64
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The cache folder: ``cache_dir``, ``$DALI_ARB_CACHE``, ``$XDG_CACHE_HOME/dali_arb`` or ``~/.cache/dali_arb``."""
-    if cache_dir:
-        return Path(cache_dir).expanduser()
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "dali_arb"
-
-
-def _digest(text: str) -> str:
-    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
 def file_digest(path: Path) -> str:
@@ -322,14 +311,6 @@ def _install(built: Path, final: Path, **expected: Any) -> None:
         if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
             raise
         shutil.rmtree(built, ignore_errors=True)  # installed meanwhile by a builder that holds no lock
-
-
-def _cache_error(root: Path, exc: OSError, doing: str) -> ResourceError:
-    reason = exc.strerror or type(exc).__name__
-    return ResourceError(
-        f"cannot {doing} in the dali_arb cache {root} ({reason}); point ${CACHE_ENV} or --cache-dir at a "
-        "writable folder with room for about the manifest's size"
-    )
 
 
 class _NpyWriter:
@@ -620,125 +601,20 @@ class ManifestCache:
         )
 
 
-def local_manifest(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> str | os.PathLike:
-    """``path`` itself, or for a URL (``s3://bucket/m.parquet``) a local copy in the cache folder, fetched once per
-    version of the object.
-
-    A version is named by the object's ETag, size and Last-Modified (a rewrite within one second at the same size has
-    another ETag), and fetched only while the ETag still matches (``If-Match``), so a copy never holds another
-    version's bytes. A store that gives no ETag (some HTTP servers) is named by size and Last-Modified, to the
-    second: a warning says so, as a rewrite within that second at the same size would be served stale."""
-    from .storage import is_url
-
-    if not is_url(path):
-        return path
-    from ..errors import StorageError
-
-    url = str(path)
-    folder = cache_root(cache_dir) / f"v{CACHE_FORMAT}" / "remote"
-    try:
-        for _ in range(3):  # the object may be rewritten between the HEAD and the GET: look again
-            version = _remote_version(url)
-            local = folder / f"{_digest(url)}-{_digest(json.dumps(version, sort_keys=True))}.parquet"
-            with contextlib.suppress(OSError):
-                if local.stat().st_size == version["size"]:
-                    return local
-            folder.mkdir(parents=True, exist_ok=True)
-            if _download_version(url, version, local):
-                return local
-        raise ManifestError(f"manifest {url} kept changing while it was copied; open it again once it is written")
-    except StorageError as exc:
-        raise ManifestError(f"cannot read manifest {url}: {exc}") from None
-    except OSError as exc:
-        raise _cache_error(cache_root(cache_dir), exc, f"copy manifest {url}") from None
-
-
-def _remote_version(url: str) -> dict[str, Any]:
-    """What names a version of the object at ``url``: its ETag (or None), size and Last-Modified, as the store
-    gives them (a warning where it gives no ETag)."""
-    import obstore
-
-    from .storage import _with_retries, store_of
-
-    store, key = store_of(url)
-    meta = _with_retries(lambda: obstore.head(store, key), url, None)
-    modified = meta.get("last_modified")
-    version = {
-        "e_tag": meta.get("e_tag") or None,
-        "size": int(meta["size"]),
-        "last_modified": modified.isoformat() if modified is not None else None,
-    }
-    if version["e_tag"] is None:
-        import warnings
-
-        warnings.warn(
-            f"{url} has no ETag: its local copy is known by size and Last-Modified ({version['last_modified']}) "
-            "only, so a rewrite within that second at the same size is not seen; serve it from a store that sends "
-            "ETags, or write a changed manifest to a new name",
-            UserWarning,
-            stacklevel=4,
-        )
-    return version
-
-
-def _download_version(url: str, version: dict[str, Any], local: Path) -> bool:
-    """Copy the object at ``url`` into ``local`` (whole or not at all, through a temporary file created exclusively)
-    if it is still ``version``; False if it changed meanwhile."""
-    import obstore
-    from obstore.exceptions import PreconditionError
-
-    from .storage import _with_retries, store_of
-
-    store, key = store_of(url)
-    options = {"if_match": version["e_tag"]} if version["e_tag"] else {}
-
-    def fetch() -> int | None:
-        try:
-            fd, partial = tempfile.mkstemp(prefix=f".{local.name}.", suffix=".partial", dir=local.parent)
-            fh = os.fdopen(fd, "wb")
-        except OSError as exc:
-            raise _LocalWriteFailed(exc) from exc
-        try:
-            size = 0
-            with fh:
-                for chunk in obstore.get(store, key, options=options).stream(min_chunk_size=8 << 20):
-                    try:
-                        fh.write(chunk)
-                    except OSError as exc:
-                        raise _LocalWriteFailed(exc) from exc
-                    size += len(chunk)
-            if size != version["size"]:
-                return None  # rewritten between the HEAD and the GET (a store with no ETag to hold it)
-            os.chmod(partial, 0o644)
-            os.replace(partial, local)
-            return size
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(partial)
-
-    try:
-        return _with_retries(fetch, url, None) is not None
-    except Exception as exc:
-        if isinstance(exc.__cause__, PreconditionError):
-            return False
-        if isinstance(exc.__cause__, _LocalWriteFailed):
-            raise exc.__cause__.error from None  # the disk's failure, not the store's
-        raise
-
-
-class _LocalWriteFailed(Exception):
-    """Carries a failed local write through the store's retries (never retried, never blamed on the store)."""
-
-    def __init__(self, error: OSError) -> None:
-        super().__init__()
-        self.error = error
-
-
 def bucket_index(manifest: Manifest, spec: BucketSpec) -> BucketIndex:
     """``manifest``'s rows grouped by ``spec``'s buckets: from its cache when it is mapped, else computed."""
     if manifest.cache is not None:
         return manifest.cache.bucket_index(spec)
     return BucketIndex.of(spec.assign(manifest.heights, manifest.widths))
+
+
+def open_manifest(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> Manifest:
+    """The manifest at ``path`` (a file or URL), memory-mapped from the node's cache (built on first use, keyed by
+    the file's content): what :meth:`Manifest.open <dali_arb.data.manifest.Manifest.open>` returns."""
+    return ManifestCache.open(path, cache_dir=cache_dir).manifest()
+
+
+set_mapper(open_manifest)  # Manifest.open maps through the node cache (the manifest module never imports it)
 
 
 class _RunsWriter:

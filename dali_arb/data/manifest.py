@@ -3,21 +3,30 @@
 Columns (CONTRACT.md): ``key`` (unique string), ``width``, ``height`` (displayed, EXIF-upright),
 ``caption`` (may be null), and where the bytes are: ``source`` (file or tar shard path),
 ``offset`` and ``length`` (bytes inside ``source``; ``length`` -1 means the whole file), ``mtime_ns``
-(the source's modification time). The indexer adds the rest of the source's identity (:data:`IDENTITY`). Imports
-only the standard library, NumPy and pyarrow.
+(the source's modification time). The indexer adds the rest of the source's identity (:data:`IDENTITY`).
+
+:meth:`Manifest.open` maps a manifest through the node cache (:mod:`dali_arb.data.cache`), which is built from
+manifests and so imports this module, never the other way: the cache registers itself here (:func:`set_mapper`) when
+``dali_arb.data`` is imported, and a mapped manifest holds its cache as a :class:`MappedColumns`.
+
+Imports the standard library, NumPy, pyarrow, ``errors``, ``plan.rows`` and, in ``data/``, ``pairs`` and
+``cachefolder`` (a URL manifest's local copy: ``storage`` and obstore, only when a URL is read).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import ConfigError, ManifestError
+from ..plan.rows import GlobalRows
+from .cachefolder import local_manifest
 from .pairs import pair_columns, pairs_of
 
 __all__ = [
@@ -28,10 +37,12 @@ __all__ = [
     "Fingerprint",
     "Manifest",
     "ManifestSet",
+    "MappedColumns",
     "check_file",
     "pinned_columns",
     "rejects_name",
     "rejects_path",
+    "set_mapper",
 ]
 
 #: Written into the Parquet metadata; bumped when the manifest layout changes incompatibly.
@@ -66,6 +77,28 @@ SCHEMA = pa.schema(
 IDENTITY = pa.schema([("ctime_ns", pa.int64()), ("source_size", pa.int64()), ("etag", pa.string())])
 #: What an unknown ``mtime_ns`` or ``source_size`` reads as (``Manifest.int_column``): never a real value.
 NO_IDENTITY = -(2**63)
+
+
+class MappedColumns(Protocol):
+    """What a manifest mapped from a node cache holds of it (:class:`~dali_arb.data.cache.ManifestCache`)."""
+
+    folder: Path  #: where its column files are (worker processes reopen them there)
+    meta: dict  #: what was built: ``rows``, ``columns``, ``pinned`` fingerprint, ``pairs``, ``content``
+    signature: list[int] | None  #: the manifest file's stat signature when it was opened
+
+    def bucket_index(self, spec: Any) -> Any:
+        """The rows grouped by ``spec``'s buckets (a :class:`~dali_arb.plan.buckets.BucketIndex`)."""
+
+
+#: How :meth:`Manifest.open` maps a manifest file: ``mapper(path, cache_dir=...)``; set by the node cache.
+_mapper: Callable[..., Manifest] | None = None
+
+
+def set_mapper(mapper: Callable[..., Manifest]) -> None:
+    """Make ``mapper(path, *, cache_dir)`` what :meth:`Manifest.open` returns (:mod:`dali_arb.data.cache` registers
+    its ``open_manifest`` when imported, as ``dali_arb.data`` does)."""
+    global _mapper
+    _mapper = mapper
 
 
 def pinned_columns(pairs: dict[str, str] | list[str]) -> tuple[str, ...]:
@@ -149,7 +182,7 @@ class Manifest:
         self.table = table
         self.path = Path(path) if path else None
         self.pairs: dict[str, str] = pairs  # {name: "pair" | "mask"} (``pairs.py``)
-        self.cache: Any = None  # the dataplane.ManifestCache this manifest is mapped from, if any
+        self.cache: MappedColumns | None = None  # the node cache this manifest is mapped from, if any
         self._fingerprints: dict[tuple[str, ...], str] = {}
         self._heights = table.column("height").to_numpy().astype(np.int64)
         self._widths = table.column("width").to_numpy().astype(np.int64)
@@ -166,8 +199,6 @@ class Manifest:
     def read(cls, path: str | os.PathLike, *, columns: list[str] | None = None) -> Manifest:
         """Read and validate a manifest (a file or URL) into memory; ``columns`` limits what is loaded (``key``/
         ``width``/``height`` always are). :meth:`open` maps it instead, shared by every process of a node."""
-        from .cache import local_manifest
-
         path = Path(local_manifest(path))
         schema = check_file(path)
         wanted = None
@@ -182,14 +213,14 @@ class Manifest:
     @classmethod
     def open(cls, path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> Manifest:
         """The manifest at ``path``, memory-mapped from the node's cache (built on first use, keyed by the
-        file's content: :mod:`dali_arb.data.cache`). Every process that opens it shares one copy of its pages."""
-        from .cache import ManifestCache
-
-        return ManifestCache.open(path, cache_dir=cache_dir).manifest()
+        file's content: :mod:`dali_arb.data.cache`, registered by :func:`set_mapper`). Every process that opens it
+        shares one copy of its pages."""
+        assert _mapper is not None, "importing dali_arb.data registers the node cache (dali_arb.data.cache)"
+        return _mapper(path, cache_dir=cache_dir)
 
     @classmethod
     def mapped(
-        cls, table: pa.Table, *, path: Path | None, cache: Any, heights: np.ndarray, widths: np.ndarray
+        cls, table: pa.Table, *, path: Path | None, cache: MappedColumns, heights: np.ndarray, widths: np.ndarray
     ) -> Manifest:
         """A manifest over a cache's memory-mapped columns (validated when the cache was built)."""
         manifest = cls.__new__(cls)
@@ -263,17 +294,18 @@ class Manifest:
 
 class ManifestSet:
     """Several manifests addressed by *global* row: manifest ``d``'s row ``r`` is ``offsets[d] + r`` (one
-    manifest: global rows are its rows). What the loader reads per served row, without a per-row array.
+    manifest: global rows are its rows; :class:`~dali_arb.plan.rows.GlobalRows`). What the loader reads per served
+    row, without a per-row array.
 
     Attributes:
         manifests: the datasets, in order.
-        offsets: ``int64 (D + 1,)`` first global row of each.
+        rows: their global rows.
+        offsets: ``int64 (D + 1,)`` first global row of each (``rows.offsets``).
         pairs: the paired images every manifest has (``{name: kind}``).
     """
 
     def __init__(self, manifests: list[Manifest]) -> None:
         self.manifests = list(manifests)
-        self.offsets = np.concatenate([[0], np.cumsum([len(m) for m in self.manifests])]).astype(np.int64)
         first = self.manifests[0].pairs
         for m in self.manifests[1:]:
             if m.pairs != first:
@@ -282,24 +314,21 @@ class ManifestSet:
                     f"paired images ({sorted(first.items()) or 'none'} and {sorted(m.pairs.items()) or 'none'}); every "
                     "dataset of one loader needs the same pairs (batch keys)"
                 )
+        self.rows = GlobalRows([len(m) for m in self.manifests])
+        self.offsets = self.rows.offsets
         self.pairs = first
 
     def __len__(self) -> int:
-        return int(self.offsets[-1])
+        return len(self.rows)
 
     def dataset_of(self, rows: np.ndarray) -> np.ndarray:
         """``int64`` manifest of each global row (same shape)."""
-        return np.searchsorted(self.offsets, np.asarray(rows, np.int64), side="right") - 1
+        return self.rows.dataset_of(rows)
 
     def _gather(self, rows: np.ndarray, take) -> list:
-        flat = np.asarray(rows, np.int64).reshape(-1)
-        if len(self.manifests) == 1:
-            return take(self.manifests[0], flat)
-        d = self.dataset_of(flat)
-        out: list = [None] * len(flat)
-        for k in np.unique(d).tolist():
-            at = np.flatnonzero(d == k)
-            for i, value in zip(at.tolist(), take(self.manifests[k], flat[at] - self.offsets[k])):
+        out: list = [None] * np.size(rows)
+        for d, at, local in self.rows.by_dataset(rows):
+            for i, value in zip(at.tolist(), take(self.manifests[d], local)):
                 out[i] = value
         return out
 
@@ -312,14 +341,11 @@ class ManifestSet:
         return self._gather(rows, lambda m, local: m.column_at(name, local))
 
     def ints_at(self, name: str, rows: np.ndarray, missing: int) -> np.ndarray:
-        """``int64`` of integer column ``name`` (``heights``/``widths`` for the sizes) at global ``rows``."""
-
-        flat = np.asarray(rows, np.int64).reshape(-1)
-        d = self.dataset_of(flat)
-        out = np.empty(len(flat), np.int64)
-        for k in np.unique(d).tolist():
-            at = d == k
-            m, local = self.manifests[k], flat[at] - self.offsets[k]
+        """``int64 (n,)`` of integer column ``name`` (``heights``/``widths`` for the sizes) at global ``rows``
+        (flattened to ``(n,)``)."""
+        out = np.empty(np.size(rows), np.int64)
+        for d, at, local in self.rows.by_dataset(rows):
+            m = self.manifests[d]
             out[at] = getattr(m, name)[local] if name in ("heights", "widths") else m.int_column(name, missing)[local]
         return out
 

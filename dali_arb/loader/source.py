@@ -1,43 +1,42 @@
 """The external source: a stateless, picklable callable that turns a batch index into the outputs its
-decoder names (``decoders.py``), plus ``mirror`` and ``meta`` (``outputs.META``).
+decoder names (``decoders.py``), plus ``mirror`` and ``meta`` (``contracts.META``).
 
 No DALI import here: DALI calls :class:`BatchSource` with its ``BatchInfo`` (only ``.iteration``
 is used) from worker processes. Every value is a pure function of the loader's arguments, the
-epoch and the step, so resuming reproduces batches bit for bit.
+epoch and the step, so resuming reproduces batches bit for bit. Its parts: where a row's bytes are
+(``samples.py``), reading them (``data.localfiles`` and ``data.readahead``), stand-ins for bad samples
+(``replacements.py``) and the batch's columns (``assembly.py``).
+
+Imports NumPy, pyarrow (``has_urls``), ``errors``, ``processes``, ``data`` (manifest, pairs, readahead, storage,
+localfiles, imagefacts; ``data.cache`` in worker processes of a mapped manifest), ``plan`` (planner, geometry) and
+the loader's ``contracts``, ``decoders``, ``planning``, ``samples``, ``replacements`` and ``assembly``.
 """
 
 from __future__ import annotations
 
 import copy
-import errno
-import os
-import stat
-from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 
 from ..data.imagefacts import check_encoded
-from ..data.manifest import NO_IDENTITY, Manifest
+from ..data.localfiles import FileProblem, read_local
+from ..data.manifest import Manifest
 from ..data.pairs import pair_columns
 from ..data.readahead import RemoteReads
-from ..data.storage import URL_PATTERN, Request, is_url, max_sample_bytes
-from ..errors import DataError, ManifestError, ObjectChanged, ObjectMissing, ObjectTooLarge, StorageError
-from ..plan.buckets import format_size
-from ..plan.geometry import Geometry, cover_crop
+from ..data.storage import URL_PATTERN, is_url, max_sample_bytes
+from ..errors import ManifestError, ObjectChanged, ObjectMissing, ObjectTooLarge, StorageError
+from ..plan.geometry import Geometry
 from ..plan.planner import EpochPlan, Planner
 from ..processes import die_with_parent
-from .contracts import IO_FIELDS, META, Failure
+from .assembly import BatchColumns, place
+from .contracts import Failure
 from .decoders import Decoder
 from .planning import LoaderConfig, build_planner
+from .replacements import replacement_row, serve_or_replace
+from .samples import Datasets, remote_request
 
 __all__ = ["BatchSource"]
 
-_MAX_REPLACEMENT_TRIES = 64
-#: Errors of opening a sample's file that are the file's own (it is gone, or its permissions shut this process
-#: out: the indexer read it): the sample is replaced. Any other OSError is the OS or the disk failing (EMFILE,
-#: ENFILE, ENOMEM, EIO, ESTALE...): the run stops and nothing is blocklisted, so a resume loses nothing.
-_THE_FILES_OWN = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG, errno.EACCES, errno.EPERM})
 #: Columns the worker processes read from an in-memory manifest's file (besides key, width, height).
 WORKER_COLUMNS = ["source", "offset", "length", "mtime_ns", "source_size", "etag"]
 
@@ -55,74 +54,41 @@ def has_urls(manifest: Manifest) -> bool:
     return any(pc.any(pc.match_substring_regex(chunk, URL_PATTERN)).as_py() for chunk in chunks)
 
 
-def _os_failure(path: str, error: OSError) -> StorageError:
-    """The error that stops the run when the OS or the disk fails reading ``path`` (not the file)."""
-    name = errno.errorcode.get(error.errno or 0, str(error.errno))
-    return StorageError(
-        f"cannot read {path}: {error.strerror} ({name}): the OS or the disk failed, not the file; fix that (the "
-        "open-file limit `ulimit -n`, memory, the disk) and resume from the last checkpoint"
-    )
-
-
-@dataclass
-class _Rows:
-    """One dataset's arrays a worker reads (Arrow and NumPy, mapped and shared: no Python object per row):
-    ``locations[part]`` is ``(sources, offsets, lengths)`` of its images (part 0) and of each pair;
-    ``pair_sizes[i]`` is ``(heights, widths)`` of pair ``i``; ``identity`` is ``(sizes, mtimes, etags)`` of the
-    images' sources at indexing (:data:`~dali_arb.data.manifest.IDENTITY`; ``NO_IDENTITY`` or null where unknown,
-    ``etags`` None when the manifest has none)."""
-
-    locations: list[tuple]
-    heights: np.ndarray
-    widths: np.ndarray
-    pair_sizes: list[tuple[np.ndarray, np.ndarray]]
-    identity: tuple
-
-
-class _Identity(NamedTuple):
-    """What a sample's source was when it was indexed (None where unknown): its size in bytes, its modification
-    time (local files) and its ETag (object storage)."""
-
-    size: int | None
-    mtime_ns: int | None
-    etag: str | None
-
-
-_UNKNOWN = _Identity(None, None, None)
-
-
-def _remote_request(url: str, offset: int, length: int, version: str | None = None) -> Request:
-    """The request for ``length`` bytes at ``offset`` of ``url`` (``length`` -1: the whole object), of the
-    object's ``version`` (its ETag at indexing; None: not checked)."""
-    return Request(url, offset, offset + length if length >= 0 else -1, whole=offset == 0, version=version)
-
-
-def _local_change(info: os.stat_result, offset: int, length: int, expected: _Identity) -> Failure:
-    """Whether the file ``info`` (its ``fstat``) is still the one indexed: the local identity is its size and
-    mtime (a copy that keeps them, ``cp -a`` or ``rsync -a``, serves on; a ``chmod`` changes only the ctime).
-    Without a recorded size (older manifests), a whole file's size must be its ``length``."""
-    size = expected.size if expected.size is not None else (length if offset == 0 and length >= 0 else None)
-    if size is not None and info.st_size != size:
-        return Failure.CHANGED
-    if expected.mtime_ns is not None and info.st_mtime_ns != expected.mtime_ns:
-        return Failure.CHANGED
-    return Failure.NONE
+def _bytes_or_failure(result: bytes | FileProblem | StorageError) -> tuple[np.ndarray | None, Failure]:
+    """A sample's encoded bytes ``uint8 (n,)``, or ``(None, failure)`` for its own problem: what a local file
+    (:func:`~dali_arb.data.localfiles.read_local`) or the store (``RemoteReads.take``) gave, checked
+    (:func:`~dali_arb.data.imagefacts.check_encoded`). A StorageError that is not the sample's own (the store, its
+    credentials or the network failed) is raised: the run stops, nothing is blocklisted."""
+    if isinstance(result, FileProblem):
+        return None, Failure[result.name]
+    if isinstance(result, ObjectMissing):
+        return None, Failure.MISSING
+    if isinstance(result, ObjectChanged):
+        return None, Failure.CHANGED
+    if isinstance(result, ObjectTooLarge):
+        return None, Failure.TOO_LARGE
+    if isinstance(result, StorageError):  # (a copy: the fetcher hands one error to every sample of a request)
+        raise type(result)(*result.args) from result.__cause__
+    problem = check_encoded(result)
+    if problem:
+        return None, Failure.of_bytes_problem(problem)
+    return np.frombuffer(result, np.uint8), Failure.NONE
 
 
 class BatchSource:
     """DALI external source: ``source(batch_info)`` returns one batch of this rank.
 
     Outputs: one list per name in ``decoder.outputs`` (per-sample arrays), in that order; ``mirror``
-    is ``int32 ()`` and ``meta`` is ``int64 (F,)`` (``outputs.META``).
+    is ``int32 ()`` and ``meta`` is ``int64 (F,)`` (``contracts.META``).
 
     The stream of batches starts at step ``first_step`` of ``first_epoch`` and runs on through the
     following epochs without end; the loader takes ``len(epoch)`` batches per epoch.
 
     Args:
         manifests: the manifest the loader serves, or one per dataset (rows are global rows: dataset ``d``'s
-            row ``r`` is ``offsets[d] + r``). Worker processes map the same caches when they are mapped
-            (``Manifest.open``), else re-read the files (when there are files); either way they refuse a
-            manifest file whose content changed since.
+            row ``r`` is ``offsets[d] + r``, :class:`~dali_arb.plan.rows.GlobalRows`). Worker processes map the
+            same caches when they are mapped (``Manifest.open``), else re-read the files (when there are files);
+            either way they refuse a manifest file whose content changed since.
         config: what decides the batches.
         decoder: the :class:`~dali_arb.loader.decoders.Decoder` chosen by the loader.
         planner: the loader's planner (rebuilt from the manifests in worker processes).
@@ -154,7 +120,6 @@ class BatchSource:
         self.first_step = first_step
         self.blocked_rows = frozenset(blocked_rows)
         self.num_rows = [len(m) for m in manifests]
-        self.offsets = np.concatenate([[0], np.cumsum(self.num_rows)]).astype(np.int64)
         pinned = [m.pinned for m in manifests]
         self.fingerprint: str | list[str] = pinned[0] if len(pinned) == 1 else pinned
         # Workers reopen manifests that live in files instead of receiving them pickled: (path, cache) each.
@@ -172,7 +137,7 @@ class BatchSource:
         self._ready = False
 
     def __getstate__(self) -> dict:
-        keep = ("config", "decoder", "first_epoch", "first_step", "blocked_rows", "num_rows", "offsets",
+        keep = ("config", "decoder", "first_epoch", "first_step", "blocked_rows", "num_rows",
                 "fingerprint", "_homes", "remote", "read_ahead_steps", "_remote_rows")  # fmt: skip
         state = {k: self.__dict__[k] for k in keep}
         if any(path is None for path, _, _ in self._homes):  # nothing to reload: send manifests and planner along
@@ -214,20 +179,7 @@ class BatchSource:
         if self._ready:
             return
         manifests = self._manifests or [self._reopen(d) for d in range(len(self._homes))]
-        self._datasets = []
-        for manifest in manifests:
-            locations = [(manifest.table.column("source"), manifest.int_column("offset", 0),
-                          manifest.int_column("length", -1))]  # fmt: skip
-            pair_sizes = []
-            for name, _ in self.decoder.pairs:
-                source, offset, length, width, height = pair_columns(name)
-                locations.append(
-                    (manifest.table.column(source), manifest.int_column(offset, 0), manifest.int_column(length, -1))
-                )
-                pair_sizes.append((manifest.int_column(height, 1), manifest.int_column(width, 1)))
-            identity = (manifest.int_column("source_size", NO_IDENTITY), manifest.int_column("mtime_ns", NO_IDENTITY),
-                        manifest.table.column("etag") if "etag" in manifest.table.column_names else None)  # fmt: skip
-            self._datasets.append(_Rows(locations, manifest.heights, manifest.widths, pair_sizes, identity))
+        self._datasets = Datasets(manifests, self.decoder.pairs)
         if self._planner is None:
             self._planner = build_planner(self.config, manifests)
         self._found_bad: set[int] = set()
@@ -235,13 +187,6 @@ class BatchSource:
         if all(path is not None for path, _, _ in self._homes):
             self._manifests = None  # keep only the arrays above; workers reload the files
         self._ready = True
-
-    def _split(self, row: int) -> tuple[_Rows, int]:
-        """The dataset of global ``row`` and its row there."""
-        if len(self._datasets) == 1:  # (called several times per sample: no search for one dataset)
-            return self._datasets[0], row
-        d = int(np.searchsorted(self.offsets, row, side="right")) - 1
-        return self._datasets[d], int(row - self.offsets[d])
 
     def starting_at(self, epoch: int, step: int, blocked_rows: frozenset[int]) -> BatchSource:
         """The same source, its stream starting at ``step`` of ``epoch``, with the loader's current
@@ -301,40 +246,9 @@ class BatchSource:
             L = self.read_ahead_steps
             for ahead in range(1, L + 1) if iteration == 0 else (L,):
                 target_epoch, target_step = self.locate(iteration + ahead)
-                self.remote.read_ahead(self._requests(self._planner.epoch(target_epoch).rows_at(target_step)))
+                rows = self._planner.epoch(target_epoch).rows_at(target_step)
+                self.remote.read_ahead(self._datasets.requests(rows))
         return outputs
-
-    def _where(self, row: int, part: int) -> tuple[str | None, int, int]:
-        """``(path or URL, offset, length)`` of global ``row``'s ``part`` (``length`` -1: the whole file)."""
-        rows, local = self._split(row)
-        sources, offsets, lengths = rows.locations[part]
-        return sources[local].as_py(), int(offsets[local]), int(lengths[local])
-
-    def _identity(self, row: int, part: int, path: str | None) -> _Identity:
-        """What the source ``path`` of global ``row``'s ``part`` was at indexing: the row's identity for its image,
-        and for a pair in the image's own source (a tar shard's member); unknown for other pairs."""
-        rows, local = self._split(row)
-        if part and path != self._where(row, 0)[0]:
-            return _UNKNOWN
-        sizes, mtimes, etags = rows.identity
-        size, mtime = int(sizes[local]), int(mtimes[local])
-        return _Identity(
-            None if size == NO_IDENTITY else size,
-            None if mtime == NO_IDENTITY else mtime,
-            etags[local].as_py() if etags is not None else None,
-        )
-
-    def _request(self, row: int, part: int) -> Request | None:
-        """The object-storage request for ``row``'s ``part``, or None when its bytes are in a local file."""
-        path, offset, length = self._where(row, part)
-        if path is None or not is_url(path):
-            return None
-        return _remote_request(path, offset, length, self._identity(row, part, path).etag)
-
-    def _requests(self, rows: np.ndarray) -> list[Request]:
-        """Requests for every part of ``rows`` that lies in object storage."""
-        parts = range(1 + len(self.decoder.pairs))
-        return [r for row in rows.tolist() for part in parts if (r := self._request(row, part)) is not None]
 
     def batch(self, epoch: int, step: int) -> tuple[list, ...]:
         """Outputs for ``step`` of ``epoch``: one list of per-sample arrays per ``decoder.outputs`` name."""
@@ -342,52 +256,32 @@ class BatchSource:
         plan: EpochPlan = self._planner.epoch(epoch)
         rows = plan.rows_at(step)
         if self.read_ahead_steps and self._remote_rows:
-            self.remote.gather(self._requests(rows))  # every sample of the batch at once, concurrently
+            self.remote.gather(self._datasets.requests(rows))  # every sample of the batch at once, concurrently
         bucket = plan.bucket_at(step)
         bucket_h, bucket_w = (int(v) for v in plan.sizes[bucket])
         c = self.config
         # Per-sample randomness keyed by position in the global batch: independent of world size.
         draws = np.random.default_rng([c.seed, epoch, step, 0x5EED]).random((plan.offset + len(rows), 3))[plan.offset :]
-        columns: dict[str, list] = {output.name: [] for output in self.decoder.outputs}
+        columns = BatchColumns(self.decoder.outputs)
         for position, planned in enumerate(rows.tolist()):
             u_y, u_x, u_flip = draws[position]
-            row, failure, failed_part, sample, g = self._serve(
+            row, failure, failed_part, (sample, g) = self._serve(
                 planned, bucket, epoch, step, plan.offset + position, (bucket_h, bucket_w, float(u_y), float(u_x))
             )
             mirror = bool(u_flip < c.flip)
-            for name, value in sample.items():
-                columns[name].append(value)
-            columns["mirror"].append(np.array(mirror, np.int32))
-            columns["meta"].append(
-                META.pack(
-                    row=row,
-                    planned_row=planned,
-                    failure=failure,
-                    failed_part=failed_part,
-                    crop_top=g.top,
-                    crop_left=g.resized_w - g.left - g.bucket_w if mirror else g.left,
-                    orig_height=g.height,
-                    orig_width=g.width,
-                    epoch=epoch,
-                    step=step,
-                    flipped=mirror,
-                    **dict.fromkeys(IO_FIELDS.values(), 0),
-                )
-            )
+            columns.add(sample, row=row, planned=planned, failure=failure, failed_part=failed_part, geometry=g,
+                        mirror=mirror, epoch=epoch, step=step)  # fmt: skip
         self.remote.clear()
         if self._remote_rows:  # what was read since the last batch travels on its first sample
-            counts = self.remote.stats.take()
-            first = columns["meta"][0]
-            for name, column in IO_FIELDS.items():
-                first[META.fields.index(column)] = counts[name]
-        return tuple(columns[output.name] for output in self.decoder.outputs)
+            columns.count_reads(self.remote.stats.take())
+        return columns.outputs()
 
     # -- reading, with deterministic replacement of bad samples ------------------------------------
     def location(self, row: int, part: int = 0) -> str:
         """Where the bytes of ``row``'s image (``part`` 0) or its ``part - 1``-th pair are: the file, or
         ``shard.tar@offset`` inside a shard; a pair's prefixed by its kind and name."""
         self._setup()
-        path, offset, _ = self._where(row, part)
+        path, offset, _ = self._datasets.where(row, part)
         where = f"{path}@{offset}" if offset else str(path)
         if part:
             name, kind = self.decoder.pairs[part - 1]
@@ -396,71 +290,23 @@ class BatchSource:
 
     def read(self, row: int, part: int = 0) -> tuple[np.ndarray | None, Failure]:
         """Encoded bytes ``uint8 (n,)`` of ``row``'s image (``part`` 0) or of its ``part - 1``-th pair, or
-        ``(None, failure)``. Only regular files are read."""
+        ``(None, failure)``. Only regular files are read; a StorageError (the OS, the disk or the store failed) is
+        raised."""
         self._setup()
-        path, offset, length = self._where(row, part)  # once per sample: the path is the costliest column read
+        path, offset, length = self._datasets.where(row, part)  # once per sample: the costliest column read
         if path is None:
             return None, Failure.NO_SOURCE
         if length > max_sample_bytes():  # what one sample may cost: never read
             return None, Failure.TOO_LARGE
-        expected = self._identity(row, part, path)
+        expected = self._datasets.identity(row, part, path)
         if is_url(path):
-            return self._read_remote(_remote_request(path, offset, length, expected.etag))
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
-        except OSError as exc:
-            if exc.errno in _THE_FILES_OWN:
-                return None, Failure.MISSING
-            raise _os_failure(path, exc) from None
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                return None, Failure.NOT_REGULAR
-            changed = _local_change(info, offset, length, expected)
-            if changed:
-                return None, changed
-            if length < 0:
-                if info.st_size > max_sample_bytes():
-                    return None, Failure.TOO_LARGE
-                data = os.pread(fd, info.st_size, 0)
-            else:
-                if offset + length > info.st_size:  # never allocate for bytes that are not there
-                    return None, Failure.SHORT
-                data = os.pread(fd, length, offset)
-                if len(data) != length:
-                    return None, Failure.SHORT
-        except OSError as exc:  # the file opened: reading it failed in the OS or the disk (EIO)
-            raise _os_failure(path, exc) from None
-        finally:
-            os.close(fd)
-        problem = check_encoded(data)
-        if problem:
-            return None, Failure.of_bytes_problem(problem)
-        return np.frombuffer(data, np.uint8), Failure.NONE
-
-    def _read_remote(self, request: Request) -> tuple[np.ndarray | None, Failure]:
-        """The sample's bytes, or its own failure (gone, changed, too large); a StorageError (the store, its
-        credentials or the network failed) is raised: the run stops, nothing is blocklisted."""
-        result = self.remote.take(request)
-        if isinstance(result, ObjectMissing):
-            return None, Failure.MISSING
-        if isinstance(result, ObjectChanged):
-            return None, Failure.CHANGED
-        if isinstance(result, ObjectTooLarge):
-            return None, Failure.TOO_LARGE
-        if isinstance(result, StorageError):  # (a copy: the fetcher hands one error to every sample of a request)
-            raise type(result)(*result.args) from result.__cause__
-        problem = check_encoded(result)
-        if problem:
-            return None, Failure.of_bytes_problem(problem)
-        return np.frombuffer(result, np.uint8), Failure.NONE
+            return _bytes_or_failure(self.remote.take(remote_request(path, offset, length, expected.etag)))
+        return _bytes_or_failure(read_local(path, offset, length, expected))
 
     def geometry(self, row: int, *, bucket_h: int, bucket_w: int, u_y: float, u_x: float) -> Geometry:
         """Where ``row`` goes in a batch of bucket ``(bucket_h, bucket_w)``, given its crop draws."""
-        rows, row = self._split(row)
-        h, w = int(rows.heights[row]), int(rows.widths[row])
-        rh, rw, top, left = cover_crop(h, w, bucket_h, bucket_w, u_y, u_x, center=self.config.crop == "center")
-        return Geometry(h, w, rh, rw, top, left, bucket_h, bucket_w)
+        h, w = self._datasets.size(row)
+        return place(h, w, bucket_h=bucket_h, bucket_w=bucket_w, u_y=u_y, u_x=u_x, center=self.config.crop == "center")
 
     def prepare(self, row: int, geometry: Geometry) -> tuple[dict[str, np.ndarray] | None, Failure, int]:
         """The decoder's outputs for ``row``'s image and pairs (without mirror and meta), or ``(None, failure,
@@ -471,13 +317,12 @@ class BatchSource:
         sample, failure = self.decoder.prepare(data, geometry)
         if sample is None:
             return None, failure, 0
-        rows, local = self._split(row)
-        for i, ((name, kind), (heights, widths)) in enumerate(zip(self.decoder.pairs, rows.pair_sizes)):
+        for i, ((name, kind), (height, width)) in enumerate(zip(self.decoder.pairs, self._datasets.pair_sizes(row))):
             data, failure = self.read(row, i + 1)
             if data is None:
                 return None, failure, i + 1
             # the pair's own size, the image's cover size and crop: the same window, scaled
-            pair_geometry = geometry._replace(height=int(heights[local]), width=int(widths[local]))
+            pair_geometry = geometry._replace(height=height, width=width)
             part, failure = self.decoder.prepare(data, pair_geometry, channels=1 if kind == "mask" else 3)
             if part is None:
                 return None, failure, i + 1
@@ -486,32 +331,27 @@ class BatchSource:
 
     def _serve(
         self, planned: int, bucket: int, epoch: int, step: int, position: int, placement: tuple[int, int, float, float]
-    ) -> tuple[int, Failure, int, dict[str, np.ndarray], Geometry]:
-        """``(row, failure of planned, its failed part, sample, geometry)`` for ``planned`` or, if it cannot be
-        served, a deterministic stand-in from the same bucket."""
+    ) -> tuple[int, Failure, int, tuple[dict[str, np.ndarray], Geometry]]:
+        """``(row, failure of planned, its failed part, (sample, geometry))`` for ``planned`` or, if it cannot be
+        served, a deterministic stand-in from the same bucket (:func:`~dali_arb.loader.replacements.serve_or_replace`)."""
         bucket_h, bucket_w, u_y, u_x = placement
-        row, first_failure, first_part = planned, Failure.NONE, 0
-        for attempt in range(_MAX_REPLACEMENT_TRIES):
-            if row not in self.blocked_rows and row not in self._found_bad:
-                g = self.geometry(row, bucket_h=bucket_h, bucket_w=bucket_w, u_y=u_y, u_x=u_x)
-                sample, failure, part = self.prepare(row, g)
-                if sample is not None:
-                    return row, first_failure, first_part, sample, g
-                self._found_bad.add(row)  # the loader learns it from meta["failure"]
-                if row == planned:
-                    first_failure, first_part = failure, part
-            row = self.replacement(bucket, epoch, step, position, attempt)
-        raise DataError(
-            f"no readable image left in bucket {format_size(bucket_h, bucket_w)} after {_MAX_REPLACEMENT_TRIES} "
-            f"tries (epoch {epoch}, step {step}): the files behind the manifest have changed or gone; "
-            "re-index with `dali-arb index ... --update` and restart from your checkpoint"
+
+        def serve(row: int) -> tuple[tuple[dict[str, np.ndarray], Geometry] | None, Failure, int]:
+            g = self.geometry(row, bucket_h=bucket_h, bucket_w=bucket_w, u_y=u_y, u_x=u_x)
+            sample, failure, part = self.prepare(row, g)
+            return (sample, g) if sample is not None else None, failure, part
+
+        return serve_or_replace(
+            planned,
+            serve=serve,
+            usable=lambda row: row not in self.blocked_rows and row not in self._found_bad,
+            found_bad=self._found_bad.add,  # the loader learns it from meta["failure"]
+            stand_in=lambda attempt: self.replacement(bucket, epoch, step, position, attempt),
+            bucket_size=(bucket_h, bucket_w),
+            epoch=epoch,
+            step=step,
         )
 
     def replacement(self, bucket: int, epoch: int, step: int, position: int, attempt: int) -> int:
         """A deterministic stand-in from the same bucket (images assigned to the batch's bucket)."""
-        index = self._planner.index
-        lo, hi = int(index.starts[bucket]), int(index.starts[bucket + 1])
-        if hi == lo:  # a leftover batch at a bucket that owns no images: any usable image
-            lo, hi = 0, int(index.starts[-1])
-        pick = np.random.default_rng([self.config.seed, epoch, step, position, attempt, 0xBAD]).integers(lo, hi)
-        return int(index.member_rows(np.array([pick]), epoch)[0])
+        return replacement_row(self._planner.index, self.config.seed, bucket, epoch, step, position, attempt)

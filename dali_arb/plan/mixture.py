@@ -19,7 +19,7 @@ epoch, with room for the largest window (``ceil(f n)``); the planner reads each 
 :meth:`MixedIndex.epoch_counts` and :meth:`MixedIndex.bucket_rows`. A position past an epoch's window (a
 stand-in drawn from the fixed layout) is the next image along the bucket's shuffle.
 
-Imports only the standard library and NumPy.
+Imports only the standard library, NumPy, ``errors`` and ``plan`` (buckets, permute, rows).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import numpy as np
 from ..errors import ConfigError
 from .buckets import BucketIndex, BucketSpec, PlannedIndex
 from .permute import Permutation, moving_round, round_keys
+from .rows import GlobalRows
 
 __all__ = ["MixedIndex", "check_repeats"]
 
@@ -96,7 +97,8 @@ class MixedIndex(PlannedIndex):
         num_base: how many of ``sizes`` are a spec's own buckets.
         starts: ``int64 (K + 1,)`` virtual member positions of each bucket in the fixed layout (repeats counted,
             room for the largest fraction windows; :meth:`epoch_counts` gives an epoch's own).
-        offsets: ``int64 (D + 1,)`` first global row of each dataset.
+        rows: the datasets' global rows (:class:`~dali_arb.plan.rows.GlobalRows`).
+        offsets: ``int64 (D + 1,)`` first global row of each dataset (``rows.offsets``).
         groups: ``int64 (D,)`` datasets with equal bucket options share a group.
         to_global: per dataset, ``int64 (K_d,)`` the global bucket of each of its buckets.
     """
@@ -107,7 +109,8 @@ class MixedIndex(PlannedIndex):
         if not indexes or len(indexes) != len(repeats) or len(specs) != len(indexes):
             raise ConfigError("give one bucket index, repeat count and bucket spec per dataset")
         self.indexes, self.repeats, self.seed = list(indexes), tuple(repeats), int(seed)
-        self.offsets = np.concatenate([[0], np.cumsum([ix.num_images for ix in indexes])]).astype(np.int64)
+        self.rows = GlobalRows([ix.num_images for ix in indexes])
+        self.offsets = self.rows.offsets
         options = [repr(sorted(s.to_dict().items())) for s in specs]
         self.groups = np.array([options.index(o) for o in options], np.int64)
         # the union of the buckets: every spec's own ones first (leftover batches may take those), then copies
@@ -167,7 +170,7 @@ class MixedIndex(PlannedIndex):
     @property
     def num_images(self) -> int:
         """Global rows, usable or not."""
-        return int(self.offsets[-1])
+        return len(self.rows)
 
     def _shuffle(self, d: int, k: int) -> Permutation:
         """The fixed shuffle of dataset ``d``'s bucket ``k`` that fraction windows move along."""
@@ -193,7 +196,7 @@ class MixedIndex(PlannedIndex):
             else:
                 local = q[chosen] % n
             members = self.indexes[d].members
-            out[chosen] = self.offsets[d] + members[int(seg.local_start[i]) + local].astype(np.int64)
+            out[chosen] = self.rows.to_global(d, members[int(seg.local_start[i]) + local])
         return out.reshape(positions.shape)
 
     def _layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -226,16 +229,14 @@ class MixedIndex(PlannedIndex):
 
     def dataset_of(self, rows: np.ndarray) -> np.ndarray:
         """``int64`` dataset of each global row (same shape)."""
-        return np.searchsorted(self.offsets, np.asarray(rows, np.int64), side="right") - 1
+        return self.rows.dataset_of(rows)
 
     def _per_dataset(self, rows: np.ndarray, pick) -> np.ndarray:
-        rows = np.asarray(rows, np.int64)
-        d = self.dataset_of(rows)
-        out = np.empty(rows.shape, np.float64)
-        for k in np.unique(d).tolist():
-            chosen = d == k
-            out[chosen] = pick(k, self.indexes[k], rows[chosen] - self.offsets[k])
-        return out
+        """``float64`` ``pick(d, index, local rows)`` of each global row (same shape as ``rows``)."""
+        out = np.empty(np.size(rows), np.float64)
+        for d, at, local in self.rows.by_dataset(rows):
+            out[at] = pick(d, self.indexes[d], local)
+        return out.reshape(np.shape(rows))
 
     def bucket_of(self, rows: np.ndarray) -> np.ndarray:
         """``int64`` global bucket of each global row."""
