@@ -120,3 +120,57 @@ def test_settings_go_to_the_decoder_that_takes_them():
         choose_decoder("pillow", "cpu", colour="red")
     with pytest.raises(ConfigError, match="hw_decoder_load applies to decoder='dali', not to decoder='opencv'"):
         choose_decoder("auto", "cpu", hw_decoder_load=0.5)  # auto does not drop a setting the user aimed at dali
+
+
+# -- the one planner factory ---------------------------------------------------------------------------
+
+
+def _manifests(tmp_path):
+    from dali_arb.data.manifest import Manifest
+
+    from .conftest import random_sizes, write_size_manifest
+
+    sizes = [random_sizes(400, seed=1), random_sizes(250, seed=2)]
+    paths = [write_size_manifest(tmp_path / f"m{d}.parquet", h, w) for d, (h, w) in enumerate(sizes)]
+    return [Manifest.read(p) for p in paths], sizes
+
+
+@pytest.mark.parametrize("repeats", [None, (1.0,), (2.5,), (1.0, 0.5)])
+def test_the_loader_the_report_and_the_factory_make_the_same_plan(tmp_path, repeats):
+    from dali_arb.loader.planning import LoaderConfig, build_planner
+    from dali_arb.plan.buckets import BucketIndex, BucketSpec
+    from dali_arb.plan.mixture import MixedIndex
+    from dali_arb.plan.planner import make_planner
+    from dali_arb.plan.world import World
+    from dali_arb.tools.report import bucket_report
+
+    manifests, sizes = _manifests(tmp_path)
+    count = 1 if repeats is None else len(repeats)
+    specs = [BucketSpec(), BucketSpec(max_area=512 * 512, min_dim=256, max_dim=1024, base=(512, 512))][:count]
+    config = LoaderConfig(batch_size=4, spec=tuple(specs), seed=5, rank=1, world_size=2, leftover="nearest",
+                          sync_ranks=True, crop="center", flip=0.0, repeats=repeats)  # fmt: skip
+    loader = build_planner(config, manifests[:count])
+    made = make_planner([s.assign(h, w) for s, (h, w) in zip(specs, sizes)], specs, repeats=repeats, seed=5,
+                        batch_size=4, world=World(1, 2))  # fmt: skip
+    assert isinstance(made.index, MixedIndex if repeats not in (None, (1.0,)) else BucketIndex)
+    assert type(loader.index) is type(made.index)
+    for epoch in (0, 3):
+        assert np.array_equal(loader.epoch(epoch).rows, made.epoch(epoch).rows)
+        assert np.array_equal(loader.epoch(epoch).bucket, made.epoch(epoch).bucket)
+    heights, widths = [h for h, _ in sizes[:count]], [w for _, w in sizes[:count]]
+    report = bucket_report(heights, widths, specs, batch_size=4, world_size=2, seed=5,
+                           repeats=list(repeats) if repeats else None)  # fmt: skip
+    assert report["totals"]["steps_per_epoch"] == len(made.epoch(0))
+
+
+def test_the_factory_wants_one_index_and_spec_per_dataset():
+    from dali_arb.plan.buckets import BucketSpec
+    from dali_arb.plan.planner import make_planner
+
+    spec = BucketSpec()
+    assignment = spec.assign(np.full(8, 512), np.full(8, 512))
+    with pytest.raises(ConfigError, match="one bucket index and one bucket spec per dataset, got 2 and 1"):
+        make_planner([assignment, assignment], [spec], batch_size=2)
+    with pytest.raises(ConfigError, match=r"repeats must give one number per dataset \(1\), got \[1, 2\]"):
+        make_planner([assignment], [spec], repeats=[1, 2], batch_size=2)
+    assert len(make_planner([assignment], [spec], batch_size=2).epoch(0)) == 4
