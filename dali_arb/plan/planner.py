@@ -13,7 +13,8 @@ blocks is another keyed permutation. What an epoch trims (``M mod G`` samples) i
 samples first, O(G log K): bucket ``k`` trims the last ``t_k`` positions of its shuffle. Every key comes from
 ``np.random.default_rng([seed, epoch])``.
 
-This module imports only the standard library and NumPy.
+This module imports only the standard library, NumPy and the plan layer (buckets, permute, mixture, world).
+:func:`make_planner` is the one way a planner is made from per-dataset bucket indexes.
 
 Shapes: ``N`` images in the manifest, ``M`` usable, ``K`` buckets, ``B`` batch size, ``W`` world size,
 ``G = W * B`` the global batch.

@@ -1,8 +1,8 @@
 """The loaders trainers otherwise run, as a user writes them with well-kept libraries, on dali_arb's plan (the
 same batches and buckets; centre crop): PyTorch ``DataLoader`` workers decoding with Pillow (with and without
 ``draft()``) or OpenCV (at the reduced DCT scale ``jpeg_scaling`` "fast" or "quality" would use), the decode-only
-ceiling, and batched ``torchvision.io.decode_jpeg``. Imports NumPy, the plan layer and the decoders' JPEG
-reduction helpers; torch, Pillow, OpenCV and torchvision when they run."""
+ceiling, and batched ``torchvision.io.decode_jpeg``. Imports NumPy, ``data.imagefacts``, ``plan.geometry`` and
+the decoders' JPEG reduction helpers; torch, Pillow, OpenCV and torchvision when they run."""
 
 from __future__ import annotations
 

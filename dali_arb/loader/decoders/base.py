@@ -3,8 +3,8 @@
 A decoder is chosen once per loader and holds its external-source outputs, its part of the DALI graph and
 its defaults. Decoder objects are small and picklable: they travel to the worker processes inside the source.
 The decoders themselves are one module each (``dali.py``, ``pillow.py``, ``opencv.py``), found by name in
-``registry.py``. Imports NumPy, ``data.imagefacts``, ``plan.geometry`` and ``loader.contracts``; DALI only
-inside a decoder's :meth:`Decoder.graph`.
+``registry.py``. Imports NumPy, ``plan.geometry`` and ``loader.contracts``; DALI only inside a decoder's
+:meth:`Decoder.graph`.
 """
 
 from __future__ import annotations
