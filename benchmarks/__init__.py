@@ -32,7 +32,7 @@ def photo_manifest(args, count: int, *, min_mp: float, max_mp: float, seed: int)
     and kept, so several cases (and several runs) time the same files without making them again;
     otherwise they live in a temporary folder for the case alone."""
     from dali_arb.index import build_index
-    from dali_arb.tools.bench import make_photo_jpegs
+    from dali_arb.tools.photos import make_photo_jpegs
 
     with contextlib.ExitStack() as stack:
         if getattr(args, "photos", None):

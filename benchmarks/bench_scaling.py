@@ -35,7 +35,7 @@ def _score(items, margin: float) -> dict:
 
     from dali_arb.loader.decoders import OpenCVDecoder
     from dali_arb.plan.geometry import Geometry, cover_crop
-    from dali_arb.tools.bench import psnr, reference_image
+    from dali_arb.tools.photos import psnr, reference_image
 
     cv2.setNumThreads(1)
     decoder = type("MarginDecoder", (OpenCVDecoder,), {"margin": property(lambda self: margin)})()

@@ -7,7 +7,7 @@ import pytest
 from dali_arb import BucketSpec, ConfigError, DALIBucketIterator
 from dali_arb.index import build_index
 from dali_arb.loader.decoders import QUALITY_MARGIN, OpenCVDecoder, PillowDecoder, choose_decoder, jpeg_reduction
-from dali_arb.tools.bench import make_photo_jpegs, psnr, reference_image
+from dali_arb.tools.photos import make_photo_jpegs, psnr, reference_image
 
 #: buckets of about a quarter megapixel: the 0.9-1.3 MP photos shrink by 1.9-2.3x, where the fast scaling
 #: decodes at 1/2 scale and the DCT's own low-pass is the whole antialiasing

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from ..data.manifest import Manifest
 from ..errors import ConfigError
 from ..plan.buckets import BucketSpec
-from ..plan.planner import Planner
+from ..plan.planner import Planner, make_planner
 from ..plan.world import World
 from .options import Augment
 
@@ -53,25 +53,19 @@ class LoaderConfig:
 
 
 def build_planner(config: LoaderConfig, manifests: Manifest | list[Manifest]) -> Planner:
-    """The one way a loader's planner is made (in the loader and again in each worker): from the bucket
-    index of each manifest's cache when it is mapped (``dataplane.py``), else computed; several datasets
-    (or repeats) plan as one :class:`~dali_arb.plan.mixture.MixedIndex`."""
+    """The loader's planner (in the loader and again in each worker): :func:`~dali_arb.plan.planner.make_planner`
+    over the bucket index of each manifest's cache when it is mapped (``data/cache.py``), else computed."""
     from ..data.cache import bucket_index
-    from ..plan.mixture import MixedIndex
 
     manifests = [manifests] if isinstance(manifests, Manifest) else list(manifests)
     specs = config.specs(len(manifests))
-    if len(manifests) == 1 and config.repeats in (None, (1.0,)):
-        index = bucket_index(manifests[0], specs[0])
-    else:
-        repeats = config.repeats or (1.0,) * len(manifests)
-        indexes = [bucket_index(m, s) for m, s in zip(manifests, specs)]
-        index = MixedIndex(indexes, repeats, list(specs), seed=config.seed)
-    return Planner(
-        index,
+    return make_planner(
+        [bucket_index(m, s) for m, s in zip(manifests, specs)],
+        specs,
+        repeats=config.repeats or None,
+        seed=config.seed,
         batch_size=config.batch_size,
         world=World(config.rank, config.world_size),
-        seed=config.seed,
         leftover=config.leftover,
         sync_ranks=config.sync_ranks,
     )

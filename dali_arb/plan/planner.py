@@ -13,7 +13,8 @@ blocks is another keyed permutation. What an epoch trims (``M mod G`` samples) i
 samples first, O(G log K): bucket ``k`` trims the last ``t_k`` positions of its shuffle. Every key comes from
 ``np.random.default_rng([seed, epoch])``.
 
-This module imports only the standard library and NumPy.
+This module imports only the standard library, NumPy and the plan layer (buckets, permute, mixture, world).
+:func:`make_planner` is the one way a planner is made from per-dataset bucket indexes.
 
 Shapes: ``N`` images in the manifest, ``M`` usable, ``K`` buckets, ``B`` batch size, ``W`` world size,
 ``G = W * B`` the global batch.
@@ -22,16 +23,18 @@ Shapes: ``N`` images in the manifest, ``M`` usable, ``K`` buckets, ``B`` batch s
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from functools import cached_property
 
 import numpy as np
 
 from ..errors import ConfigError, PlanError
-from .buckets import BucketAssignment, BucketIndex, index_dtype
+from .buckets import BucketAssignment, BucketIndex, BucketSpec, PlannedIndex, index_dtype
+from .mixture import MixedIndex, check_repeats
 from .permute import Permutation, moving_round, round_keys
 from .world import World
 
-__all__ = ["EpochPlan", "LeftoverPolicy", "Planner"]
+__all__ = ["EpochPlan", "LeftoverPolicy", "Planner", "make_planner"]
 
 #: Separates DUPLICATE's rounding phases (buckets smaller than a global batch) from every other keyed draw.
 DUPLICATE_STREAM = 0xD0B1
@@ -522,3 +525,30 @@ class Planner:
         middle = (log_aspect.min() + log_aspect.max()) / 2
         candidates = self.index.leftover_candidates(chunk)
         return int(candidates[np.argmin(np.abs(self._log_sizes[candidates] - middle))])
+
+
+def make_planner(
+    indexes: Sequence[BucketIndex],
+    specs: Sequence[BucketSpec],
+    *,
+    repeats: Sequence[float] | float | None = None,
+    seed: int = 0,
+    batch_size: int,
+    world: World | None = None,
+    leftover: LeftoverPolicy | str = LeftoverPolicy.NEAREST,
+    sync_ranks: bool = True,
+) -> Planner:
+    """THE planner factory: a :class:`Planner` over ``D`` datasets from each one's :class:`BucketIndex` (or
+    :class:`BucketAssignment`) and :class:`BucketSpec`, with ``repeats`` (one per dataset, ``None``: all 1;
+    validated by :func:`~dali_arb.plan.mixture.check_repeats`). One dataset served once plans from its own index;
+    otherwise the datasets plan as one :class:`~dali_arb.plan.mixture.MixedIndex` (its rows are global rows).
+    The loader (``loader.planning.build_planner``), the bucket report and the benchmark all make it here."""
+    if len(indexes) != len(specs) or not indexes:
+        raise ConfigError(f"give one bucket index and one bucket spec per dataset, got {len(indexes)} and {len(specs)}")
+    weights = check_repeats(repeats, len(indexes))
+    grouped = [BucketIndex.of(ix) if isinstance(ix, BucketAssignment) else ix for ix in indexes]
+    if len(grouped) == 1 and weights == (1.0,):
+        index: PlannedIndex = grouped[0]
+    else:
+        index = MixedIndex(grouped, weights, list(specs), seed=seed)
+    return Planner(index, batch_size=batch_size, world=world, seed=seed, leftover=leftover, sync_ranks=sync_ranks)

@@ -24,226 +24,35 @@ Rounds alternate between loaders after a warm-up; the median round is reported.
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ..data.imagefacts import swaps_sides
 from ..data.manifest import Manifest
 from ..errors import ConfigError
-from ..loader.decoders import DaliDecoder, jpeg_reduction, opencv_flags, reduction_margin
+from ..loader.decoders import DaliDecoder, reduction_margin
 from ..loader.planning import LoaderConfig
 from ..loader.source import BatchSource
 from ..plan.buckets import BucketSpec
-from ..plan.geometry import cover_crop
-from ..plan.planner import Planner
+from ..plan.planner import make_planner
 from ..plan.world import World
+from .peers import (
+    PEER_START_METHOD,
+    PEERS,
+    SAME_QUALITY_PEER,
+    DecodeOnly,
+    EncodedBatches,
+    PeerBatches,
+    has_torchvision,
+    torchvision_batch,
+)
+from .photos import psnr, reference_image
 
-__all__ = ["make_photo_jpegs", "run_bench"]
-
-#: The peers' DataLoader workers start by spawning: forking a process in which DALI's threads already run
-#: (the loader under test warms up first) can deadlock the child on a lock one of those threads held.
-PEER_START_METHOD = "spawn"
-#: The CPU peers, by result key: the ``PeerBatches`` method each runs.
-PEERS = {"baseline": "pillow", "baseline_draft": "pillow_draft", "baseline_opencv": "opencv",
-         "baseline_opencv_quality": "opencv_quality"}  # fmt: skip
-#: the peer that decodes as ``jpeg_scaling`` does: the strongest one producing output of the same quality
-SAME_QUALITY_PEER = {"quality": "baseline_opencv_quality", "fast": "baseline_opencv"}
-
-
-# -- images ----------------------------------------------------------------------------------------
-
-
-def make_photo_jpegs(
-    folder: str | os.PathLike, count: int, *, min_mp: float = 0.8, max_mp: float = 3.0, seed: int = 0
-) -> list[Path]:
-    """``count`` JPEGs of ``min_mp``..``max_mp`` megapixels and varied aspect ratios, tiled from the
-    real photographs shipped in ``dali_arb/samples`` at their native scale (photo statistics, not noise)."""
-    from PIL import Image
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    samples_dir = Path(__file__).parent.parent / "samples"
-    photos = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(samples_dir.glob("*.jpg"))]
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(count):
-        aspect = float(np.clip(np.exp(rng.normal(0, 0.45)), 1 / 3, 3))
-        pixels = rng.uniform(min_mp, max_mp) * 1e6
-        w, h = int(np.sqrt(pixels * aspect)), int(np.sqrt(pixels / aspect))
-        canvas = np.empty((h, w, 3), np.uint8)
-        y = 0
-        while y < h:
-            tile_h = int(rng.integers(200, 420))
-            x = 0
-            while x < w:
-                photo = photos[int(rng.integers(len(photos)))]
-                tile_w = int(rng.integers(200, 420))
-                th, tw = min(tile_h, h - y, photo.shape[0]), min(tile_w, w - x, photo.shape[1])
-                py, px = int(rng.integers(0, photo.shape[0] - th + 1)), int(rng.integers(0, photo.shape[1] - tw + 1))
-                tile = photo[py : py + th, px : px + tw]
-                canvas[y : y + th, x : x + tw] = tile[:, ::-1] if rng.random() < 0.5 else tile
-                x += tw
-            y += min(tile_h, h - y)
-        path = folder / f"photo{i:05d}.jpg"
-        Image.fromarray(canvas).save(path, quality=90)
-        paths.append(path)
-    return paths
-
-
-# -- the Pillow baseline ---------------------------------------------------------------------------
-
-
-@functools.cache
-def _one_opencv_thread_per_worker() -> None:
-    """In a peer's DataLoader worker process, one OpenCV thread (as a good user's ``worker_init_fn`` sets it, and
-    as dali_arb's workers run): every worker's own pool of a thread per core would oversubscribe the cores."""
-    import multiprocessing
-
-    import cv2
-
-    if multiprocessing.parent_process() is not None:
-        cv2.setNumThreads(1)
-
-
-class PeerBatches:
-    """Map-style dataset of whole planned batches, as a user writes it with well-kept libraries
-    (picklable): ``method`` ``"pillow"`` (decode, resize to cover with antialiased bilinear, crop),
-    ``"pillow_draft"`` (the same after ``draft()``: libjpeg-turbo decodes at 1/2..1/8 scale), or
-    ``"opencv"`` (``cv2.imdecode`` with ``IMREAD_REDUCED_COLOR_2/4/8`` at the largest reduction that still
-    covers the bucket, ``cv2.resize`` with ``INTER_AREA`` when shrinking by 2x or more, else linear, crop),
-    or ``"opencv_quality"`` (reducing only while the image keeps ``QUALITY_MARGIN`` times the resize, as
-    ``jpeg_scaling="quality"``, and ``INTER_AREA`` for every shrink, as kohya's sd-scripts resizes: the
-    quality of a full-resolution antialiased resize).
-    Centre crop; output ``[B, 3, H, W]`` uint8, or float16 in [-1, 1] normalised in the worker."""
-
-    def __init__(self, sources: list[str], heights: np.ndarray, widths: np.ndarray, rows: np.ndarray,
-                 sizes: np.ndarray, *, method: str, dtype: str = "float16") -> None:  # fmt: skip
-        self.sources, self.heights, self.widths = sources, heights, widths
-        self.rows, self.sizes, self.method, self.dtype = (
-            rows,
-            sizes,
-            method,
-            dtype,
-        )  # rows: (steps, B); sizes: (steps, 2)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def reduced_flag(self, row: int, bh: int, bw: int) -> int:
-        """The ``cv2.imdecode`` flag (BGR, as users write it) at the largest reduction covering the bucket."""
-        h, w = int(self.heights[row]), int(self.widths[row])
-        rh, rw, _, _ = cover_crop(h, w, bh, bw, 0.0, 0.0, center=True)
-        margin = reduction_margin("quality" if self.method == "opencv_quality" else "fast")
-        return opencv_flags(rgb=False)[0][jpeg_reduction(h, w, rh, rw, margin=margin)]
-
-    def image(self, row: int, bh: int, bw: int) -> np.ndarray:
-        """One sample, ``uint8 (bh, bw, 3)``."""
-        if self.method in ("opencv", "opencv_quality"):
-            import cv2
-
-            _one_opencv_thread_per_worker()
-            img = cv2.imdecode(np.fromfile(self.sources[row], np.uint8), self.reduced_flag(row, bh, bw))
-            rh, rw, top, left = cover_crop(img.shape[0], img.shape[1], bh, bw, 0.0, 0.0, center=True)
-            # the fast peer area-averages from 2x (as the issue's user wrote it); the quality peer whenever it
-            # shrinks, as kohya's sd-scripts does: bilinear below 2x aliases (27.9 dB worst, RESULTS.md)
-            shrink = img.shape[0] / rh >= (1.0 if self.method == "opencv_quality" else 2.0) and img.shape[0] > rh
-            img = cv2.resize(img, (rw, rh), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-            return cv2.cvtColor(img[top : top + bh, left : left + bw], cv2.COLOR_BGR2RGB)
-        from PIL import Image, ImageOps
-
-        with Image.open(self.sources[row]) as img:
-            if self.method == "pillow_draft":
-                h, w = int(self.heights[row]), int(self.widths[row])
-                rh, rw, _, _ = cover_crop(h, w, bh, bw, 0.0, 0.0, center=True)
-                img.draft("RGB", (rh, rw) if swaps_sides(img) else (rw, rh))
-            img = ImageOps.exif_transpose(img).convert("RGB")
-            rh, rw, top, left = cover_crop(img.height, img.width, bh, bw, 0.0, 0.0, center=True)
-            return np.asarray(img.resize((rw, rh), Image.BILINEAR).crop((left, top, left + bw, top + bh)))
-
-    def __getitem__(self, step: int):
-        import torch
-
-        bh, bw = (int(v) for v in self.sizes[step])
-        out = torch.from_numpy(np.stack([self.image(row, bh, bw) for row in self.rows[step]])).permute(0, 3, 1, 2)
-        if self.dtype == "uint8":
-            return out.contiguous()
-        return ((out.to(torch.float32) - 127.5) / 127.5).to(torch.float16)
-
-
-class DecodeOnly(PeerBatches):
-    """The physical limit of CPU decoding for these images and buckets: each batch's JPEGs decoded at the
-    reduction the bucket allows (``cv2.IMREAD_REDUCED_*``; ``method`` ``"opencv"`` or ``"opencv_quality"``
-    as in :class:`PeerBatches`), nothing else; returns the batch's image count."""
-
-    def __getitem__(self, step: int):
-        import cv2
-
-        bh, bw = (int(v) for v in self.sizes[step])
-        for row in self.rows[step]:
-            cv2.imdecode(np.fromfile(self.sources[row], np.uint8), self.reduced_flag(row, bh, bw))
-        return len(self.rows[step])
-
-
-def reference_image(path: str, bh: int, bw: int) -> np.ndarray:
-    """The quality reference: full-resolution decode, EXIF-upright, antialiased bilinear resize to cover
-    (Pillow), centre crop: ``uint8 (bh, bw, 3)``."""
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img).convert("RGB")
-        rh, rw, top, left = cover_crop(img.height, img.width, bh, bw, 0.0, 0.0, center=True)
-        return np.asarray(
-            img.resize((rw, rh), Image.BILINEAR, reducing_gap=None).crop((left, top, left + bw, top + bh))
-        )
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 99.0 if mse == 0 else 10 * np.log10(255.0**2 / mse)
-
-
-class EncodedBatches:
-    """Map-style dataset of whole planned batches as encoded bytes (``uint8 (n,)`` tensors), for peers
-    that decode in the main process (picklable)."""
-
-    def __init__(self, sources: list[str], rows: np.ndarray) -> None:
-        self.sources, self.rows = sources, rows  # rows: (steps, B)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, step: int):
-        import torch
-
-        out = []
-        for row in self.rows[step]:
-            with open(self.sources[row], "rb") as fh:
-                out.append(torch.frombuffer(bytearray(fh.read()), dtype=torch.uint8))
-        return out
-
-
-def torchvision_batch(encoded: list, bucket: tuple[int, int], device: str):
-    """Batched ``decode_jpeg`` on ``device`` (EXIF applied), antialiased bilinear resize to cover the
-    bucket, centre crop, float16 in [-1, 1]: ``[B, 3, H, W]``."""
-    import torch
-    from torchvision.io import decode_jpeg
-    from torchvision.transforms.v2 import functional as F
-
-    bh, bw = bucket
-    images = decode_jpeg(encoded, device=device, apply_exif_orientation=True)
-    out = torch.empty((len(images), 3, bh, bw), dtype=torch.float16, device=device)
-    for i, img in enumerate(images):
-        h, w = img.shape[-2:]
-        rh, rw, top, left = cover_crop(int(h), int(w), bh, bw, 0.0, 0.0, center=True)
-        resized = F.resize(img, [rh, rw], antialias=True)
-        out[i] = (resized[:, top : top + bh, left : left + bw].to(torch.float32) - 127.5) / 127.5
-    return out
+__all__ = ["LOADER_NAMES", "STEP_WORKS", "run_bench", "simulated_step"]
 
 
 # -- timing ------------------------------------------------------------------------------------------
@@ -359,11 +168,8 @@ def run_bench(
     step does (:data:`STEP_WORKS`). ``jpeg_scaling`` goes to the loader; ``speedup_vs_same_quality`` compares it
     with the peer that decodes at the same scale. With ``baseline``, the loader also runs with its workers of the
     other ``worker_kind`` (``loader_process_workers`` or ``loader_thread_workers``)."""
-    import torch
-
-    from ..loader.pipeline import build_pipeline, resolve_device
+    from ..loader.pipeline import resolve_device
     from ..loader.workers import check_worker_kind
-    from ..torch import DALIBucketIterator
 
     device = resolve_device(device)
     check_worker_kind(worker_kind)
@@ -372,138 +178,13 @@ def run_bench(
     spec = buckets or BucketSpec()
     m = Manifest.read(manifest, columns=["source", "offset", "length", "caption"])
     if baseline or quality or memory:
-        from ..loader.source import has_urls
-
-        if has_urls(m):
-            raise ConfigError(
-                f"--baseline, --quality and --memory compare peers that read local files, and the samples of {manifest} "
-                "are in object storage; run them on a manifest of local copies (bench alone measures the loader)"
-            )
-    cores = os.cpu_count() or 1
-    scaling = jpeg_scaling or "quality"
-    reduction_margin(scaling)  # (a bad value stops here, before any loader starts)
-    planner = Planner(spec.assign(m.heights, m.widths), batch_size=batch_size, world=World())
-    plan = planner.epoch(0)  # every loader runs on through the epochs as long as the timing needs
-
-    def cycle(factory: Callable[[], Any]) -> Iterator[Any]:
-        while True:
-            yield from factory()
-
-    def ours(chosen: str = decoder, kind: str = worker_kind) -> Callable[[], Iterator[Any]]:
-        def make() -> Iterator[Any]:
-            it = DALIBucketIterator(
-                m, batch_size=batch_size, buckets=spec, device=device, crop="center", workers=workers,
-                worker_kind=kind, rank=0, world_size=1, decoder=chosen, num_threads=num_threads, hw_decoder_load=hw_decoder_load,
-                dtype=dtype, jpeg_scaling=jpeg_scaling if chosen != "dali" else None,
-            )  # fmt: skip
-            read_ahead.setdefault(chosen, it.read_ahead_bytes())
-            return cycle(lambda: it)
-
-        return make
-
-    def sync(batch: Any) -> int:
-        if isinstance(batch, int):  # the decode-only ceiling counts images, makes none
-            return 0
-        images = batch["images"] if isinstance(batch, dict) else batch
-        if images.is_cuda:
-            torch.cuda.synchronize(images.device)
-        return int(images.shape[0] * images.shape[2] * images.shape[3])
-
-    read_ahead: dict[str, int] = {}
-    loaders: dict[str, Callable[[], Iterator[Any]]] = {"loader": ours()}
-    other_kind = "process" if worker_kind == "thread" else "thread"
-    if baseline:
-        loaders[f"loader_{other_kind}_workers"] = ours(kind=other_kind)
-        sources = m.table.column("source").to_pylist()
-        sizes = plan.sizes[plan.bucket]
-
-        def peer(dataset: Any) -> Callable[[], Iterator[Any]]:
-            def make() -> Iterator[Any]:
-                loader = torch.utils.data.DataLoader(
-                    dataset, batch_size=None, shuffle=False, num_workers=cores, prefetch_factor=2,
-                    persistent_workers=True, multiprocessing_context=PEER_START_METHOD,
-                )  # fmt: skip
-                return cycle(lambda: loader)
-
-            return make
-
-        for key, method in PEERS.items():
-            loaders[key] = peer(PeerBatches(sources, m.heights, m.widths, plan.rows, sizes, method=method, dtype=dtype))
-        ceiling = PEERS[SAME_QUALITY_PEER[scaling]]  # decoding at the loader's own scale
-        loaders["decode_ceiling"] = peer(DecodeOnly(sources, m.heights, m.widths, plan.rows, sizes, method=ceiling))
-        if _has_torchvision():
-            torch_device = "cuda" if device == "gpu" else "cpu"
-
-            def torchvision_peer() -> Iterator[Any]:
-                dataset = EncodedBatches(sources, plan.rows)
-                loader = torch.utils.data.DataLoader(
-                    dataset, batch_size=None, shuffle=False, num_workers=min(4, cores), prefetch_factor=4,
-                    persistent_workers=True, multiprocessing_context=PEER_START_METHOD,
-                )  # fmt: skip
-
-                def run() -> Iterator[Any]:
-                    while True:
-                        for step, encoded in enumerate(loader):
-                            yield torchvision_batch(encoded, tuple(int(v) for v in sizes[step]), torch_device)
-
-                return run()
-
-            loaders["torchvision"] = torchvision_peer
-    if memory:
-        config = LoaderConfig(
-            batch_size=batch_size,
-            spec=spec,
-            seed=0,
-            rank=0,
-            world_size=1,
-            leftover="nearest",
-            sync_ranks=True,
-            crop="center",
-            flip=0.0,
-        )
-        memory_decoder = DaliDecoder()
-        prepared = BatchSource(m, config, memory_decoder)
-        replay = _Replay([prepared.batch(0, s) for s in range(min(len(plan), warmup + batches))])
-
-        def from_memory() -> Iterator[Any]:
-            pipe = build_pipeline(
-                replay,
-                decoder=memory_decoder,
-                batch_size=batch_size,
-                device=device,
-                device_id=0 if device == "gpu" else None,
-                dtype="float16",
-                num_threads=memory_decoder.default_threads(os.cpu_count() or 1, gpu=device == "gpu"),
-                workers=0,
-            )
-
-            def run() -> Iterator[Any]:
-                while True:
-                    images, _ = pipe.run()
-                    yield torch.from_dlpack(images.as_tensor())
-
-            return run()
-
-        if device == "cpu":  # on the CPU the loader decodes in its workers: compare the DALI decoder
-            loaders["loader_dali_decoder"] = ours("dali")
-        loaders["memory"] = from_memory
-
-    runs: dict[str, list[dict]] = {name: [] for name in loaders}
-    streams = {name: make() for name, make in loaders.items()}
-    for name, stream in streams.items():  # start every loader (workers, pipelines) and warm it up
-        if progress:
-            progress(f"warm-up: {name}")
-        for _ in range(warmup):
-            sync(next(stream))
-    gpu_memory = {}
-    if device == "gpu":
-        gpu_memory["after_warmup_mb"] = _gpu_used_mb()
-    for r in range(rounds):
-        for name, stream in streams.items():
-            if progress:
-                progress(f"round {r + 1}/{rounds}: {name}")
-            step_s = step_ms / 1000 if name != "decode_ceiling" else 0.0
-            runs[name].append(_time(stream, batches, sync, step_s, step_work))
+        _check_local(m, manifest)
+    reduction_margin(jpeg_scaling or "quality")  # (a bad value stops here, before any loader starts)
+    planner = make_planner([spec.assign(m.heights, m.widths)], [spec], batch_size=batch_size, world=World())
+    bench = _Bench(m, spec, planner.epoch(0), device, batch_size, workers, worker_kind, decoder, num_threads,
+                   hw_decoder_load, jpeg_scaling, dtype, warmup + batches)  # fmt: skip
+    loaders = bench.loaders(baseline=baseline, memory=memory)
+    runs, gpu_memory = _time_loaders(loaders, warmup, rounds, batches, step_ms, step_work, device, progress)
     result: dict[str, Any] = {
         "device": device,
         "settings": {
@@ -517,14 +198,208 @@ def run_bench(
         "batch_size": batch_size,
         "batches_per_round": batches,
         "images": len(m),
-        "cores": cores,
+        "cores": _cores(),
         "output": f"centre crop, {dtype} NCHW" + (" in [-1, 1]" if dtype != "uint8" else " (0..255)"),
     }
     for name in loaders:
         result[name] = _summary(runs[name], batch_size)
     result["step_ms"] = step_ms
     result["step_work"] = step_work
-    result["read_ahead_bytes"] = read_ahead.get(decoder)
+    result["read_ahead_bytes"] = bench.read_ahead.get(decoder)
+    _add_ratios(result, baseline=baseline, memory=memory, worker_kind=worker_kind, scaling=bench.scaling)
+    if device == "gpu":
+        gpu_memory["after_run_mb"] = _gpu_used_mb()
+        result["gpu_memory"] = gpu_memory
+    if quality:
+        result["quality"] = _quality(m, spec, bench.plan, decoder, device, baseline, jpeg_scaling)
+    return result
+
+
+def _cores() -> int:
+    return os.cpu_count() or 1
+
+
+def _check_local(m: Manifest, manifest: str | os.PathLike) -> None:
+    """The peers read local files: a ConfigError for a manifest whose samples are in object storage."""
+    from ..loader.source import has_urls
+
+    if has_urls(m):
+        raise ConfigError(
+            f"--baseline, --quality and --memory compare peers that read local files, and the samples of {manifest} "
+            "are in object storage; run them on a manifest of local copies (bench alone measures the loader)"
+        )
+
+
+def _cycle(factory: Callable[[], Any]) -> Iterator[Any]:
+    """The iterables ``factory`` makes, one after another, for ever (a loader running on through the epochs)."""
+    while True:
+        yield from factory()
+
+
+def _sync(batch: Any) -> int:
+    """Output pixels of ``batch`` once it is finished (a CUDA batch synchronised); 0 for the decode-only ceiling,
+    which counts images and makes none."""
+    if isinstance(batch, int):
+        return 0
+    images = batch["images"] if isinstance(batch, dict) else batch
+    if images.is_cuda:
+        import torch
+
+        torch.cuda.synchronize(images.device)
+    return int(images.shape[0] * images.shape[2] * images.shape[3])
+
+
+#: A loader under test: a function starting it, returning an endless iterator of batches.
+Loader = Callable[[], Iterator[Any]]
+
+
+@dataclass
+class _Bench:
+    """One :func:`run_bench` call's loaders, all on the same plan (``plan``: epoch 0 of rank 0 of 1)."""
+
+    m: Manifest
+    spec: BucketSpec
+    plan: Any
+    device: str
+    batch_size: int
+    workers: int | None
+    worker_kind: str
+    decoder: str
+    num_threads: int | None
+    hw_decoder_load: float | None
+    jpeg_scaling: str | None
+    dtype: str
+    replayed: int  # batches the memory pipeline replays (warm-up and one round)
+    read_ahead: dict[str, int] = field(default_factory=dict)  # decoder -> what the loader's prefetch holds
+
+    @property
+    def scaling(self) -> str:
+        return self.jpeg_scaling or "quality"
+
+    @property
+    def other_kind(self) -> str:
+        return "process" if self.worker_kind == "thread" else "thread"
+
+    def loaders(self, *, baseline: bool, memory: bool) -> dict[str, Loader]:
+        """Every loader to time, by result key, in the order they run and are reported."""
+        loaders = {"loader": self.ours()}
+        if baseline:
+            loaders[f"loader_{self.other_kind}_workers"] = self.ours(kind=self.other_kind)
+            loaders.update(self.peers())
+            if has_torchvision():
+                loaders["torchvision"] = self.torchvision
+        if memory:
+            if self.device == "cpu":  # on the CPU the loader decodes in its workers: compare the DALI decoder
+                loaders["loader_dali_decoder"] = self.ours("dali")
+            loaders["memory"] = self.from_memory()
+        return loaders
+
+    def ours(self, chosen: str | None = None, kind: str | None = None) -> Loader:
+        """dali_arb with ``decoder=chosen`` (default: the bench's) and workers of ``kind``."""
+        from ..torch import DALIBucketIterator
+
+        chosen, kind = chosen or self.decoder, kind or self.worker_kind
+
+        def make() -> Iterator[Any]:
+            it = DALIBucketIterator(
+                self.m, batch_size=self.batch_size, buckets=self.spec, device=self.device, crop="center",
+                workers=self.workers, worker_kind=kind, rank=0, world_size=1, decoder=chosen,
+                num_threads=self.num_threads, hw_decoder_load=self.hw_decoder_load, dtype=self.dtype,
+                jpeg_scaling=self.jpeg_scaling if chosen != "dali" else None,
+            )  # fmt: skip
+            self.read_ahead.setdefault(chosen, it.read_ahead_bytes())
+            return _cycle(lambda: it)
+
+        return make
+
+    def _data_loader(self, dataset: Any, *, workers: int, prefetch: int) -> Any:
+        import torch
+
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=None, shuffle=False, num_workers=workers, prefetch_factor=prefetch,
+            persistent_workers=True, multiprocessing_context=PEER_START_METHOD,
+        )  # fmt: skip
+
+    def peers(self) -> dict[str, Loader]:
+        """The CPU peers (:data:`~dali_arb.tools.peers.PEERS`), then the decode-only ceiling at the loader's scale."""
+        sources = self.m.table.column("source").to_pylist()
+        sizes = self.plan.sizes[self.plan.bucket]
+
+        def peer(dataset: Any) -> Loader:
+            def make() -> Iterator[Any]:
+                loader = self._data_loader(dataset, workers=_cores(), prefetch=2)  # one, with persistent workers
+                return _cycle(lambda: loader)
+
+            return make
+
+        out = {}
+        for key, method in PEERS.items():
+            out[key] = peer(PeerBatches(sources, self.m.heights, self.m.widths, self.plan.rows, sizes,
+                                        method=method, dtype=self.dtype))  # fmt: skip
+        ceiling = PEERS[SAME_QUALITY_PEER[self.scaling]]  # decoding at the loader's own scale
+        out["decode_ceiling"] = peer(DecodeOnly(sources, self.m.heights, self.m.widths, self.plan.rows, sizes,
+                                                method=ceiling))  # fmt: skip
+        return out
+
+    def torchvision(self) -> Iterator[Any]:
+        """A DataLoader reading each planned batch's bytes, decoded by batched ``decode_jpeg`` in this process."""
+        sources = self.m.table.column("source").to_pylist()
+        sizes = self.plan.sizes[self.plan.bucket]
+        torch_device = "cuda" if self.device == "gpu" else "cpu"
+        loader = self._data_loader(EncodedBatches(sources, self.plan.rows), workers=min(4, _cores()), prefetch=4)
+        while True:
+            for step, encoded in enumerate(loader):
+                yield torchvision_batch(encoded, tuple(int(v) for v in sizes[step]), torch_device)
+
+    def from_memory(self) -> Loader:
+        """The DALI-decoder pipeline fed batches prepared now (bytes and parameters), replayed from memory."""
+        config = LoaderConfig(batch_size=self.batch_size, spec=self.spec, seed=0, rank=0, world_size=1,
+                              leftover="nearest", sync_ranks=True, crop="center", flip=0.0)  # fmt: skip
+        memory_decoder = DaliDecoder()
+        prepared = BatchSource(self.m, config, memory_decoder)
+        replay = _Replay([prepared.batch(0, s) for s in range(min(len(self.plan), self.replayed))])
+
+        def make() -> Iterator[Any]:
+            import torch
+
+            from ..loader.pipeline import build_pipeline
+
+            pipe = build_pipeline(
+                replay, decoder=memory_decoder, batch_size=self.batch_size, device=self.device,
+                device_id=0 if self.device == "gpu" else None, dtype="float16",
+                num_threads=memory_decoder.default_threads(_cores(), gpu=self.device == "gpu"), workers=0,
+            )  # fmt: skip
+            while True:
+                images, _ = pipe.run()
+                yield torch.from_dlpack(images.as_tensor())
+
+        return make
+
+
+def _time_loaders(
+    loaders: dict[str, Loader], warmup: int, rounds: int, batches: int, step_ms: float, step_work: str, device: str,
+    progress: Callable[[str], None] | None,
+) -> tuple[dict[str, list[dict]], dict[str, float]]:  # fmt: skip
+    """Start and warm up every loader, then time ``rounds`` rounds of ``batches`` batches, alternating between
+    loaders: ``({name: [one _time record per round]}, GPU memory after the warm-up)``."""
+    say = progress or (lambda text: None)
+    runs: dict[str, list[dict]] = {name: [] for name in loaders}
+    streams = {name: make() for name, make in loaders.items()}
+    for name, stream in streams.items():  # start every loader (workers, pipelines) and warm it up
+        say(f"warm-up: {name}")
+        for _ in range(warmup):
+            _sync(next(stream))
+    gpu_memory = {"after_warmup_mb": _gpu_used_mb()} if device == "gpu" else {}
+    for r in range(rounds):
+        for name, stream in streams.items():
+            say(f"round {r + 1}/{rounds}: {name}")
+            step_s = step_ms / 1000 if name != "decode_ceiling" else 0.0
+            runs[name].append(_time(stream, batches, _sync, step_s, step_work))
+    return runs, gpu_memory
+
+
+def _add_ratios(result: dict[str, Any], *, baseline: bool, memory: bool, worker_kind: str, scaling: str) -> None:
+    """The comparisons of a :func:`run_bench` result, added to it (speedups, shares, overheads)."""
     if "decode_ceiling" in result:
         for key in ("megapixels_per_s", "batch_ms_p50", "batch_ms_p99", "wait_ms_p50", "wait_ms_p99"):
             result["decode_ceiling"].pop(key)  # it makes no output
@@ -535,6 +410,7 @@ def run_bench(
         result["same_quality_peer"] = SAME_QUALITY_PEER[scaling]
         result["speedup_vs_same_quality"] = result[f"speedup_vs_{SAME_QUALITY_PEER[scaling]}"]
         result["share_of_decode_ceiling"] = round(ours_rate / result["decode_ceiling"]["images_per_s"], 3)
+        other_kind = "process" if worker_kind == "thread" else "thread"
         other = result[f"loader_{other_kind}_workers"]["images_per_s"]
         result[f"{worker_kind}_vs_{other_kind}_workers"] = round(ours_rate / other, 2)
         if "torchvision" in result:
@@ -544,12 +420,6 @@ def run_bench(
     if memory:
         same_decoder = result.get("loader_dali_decoder", result["loader"])["images_per_s"]
         result["planner_and_source_overhead"] = round(1 - same_decoder / result["memory"]["images_per_s"], 3)
-    if device == "gpu":
-        gpu_memory["after_run_mb"] = _gpu_used_mb()
-        result["gpu_memory"] = gpu_memory
-    if quality:
-        result["quality"] = _quality(m, spec, plan, decoder, device, baseline, jpeg_scaling)
-    return result
 
 
 def _quality(
@@ -591,14 +461,6 @@ def _quality(
         "images": len(scores["loader"]),
         **{k: {"worst_db": round(min(v), 2), "median_db": round(float(np.median(v)), 2)} for k, v in scores.items()},
     }
-
-
-def _has_torchvision() -> bool:
-    try:
-        import torchvision.io  # noqa: F401
-    except Exception:  # absent, or built for another torch
-        return False
-    return True
 
 
 class _Replay:
