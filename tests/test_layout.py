@@ -104,3 +104,69 @@ def test_the_cli_reads_its_choices_from_their_owners():
     assert _choices(parser, "preview", "--worker-kind") == list(WORKER_KINDS)
     assert _choices(parser, "bench", "--jpeg-scaling") == list(JPEG_SCALINGS)
     assert _choices(parser, "plan", "--leftover") == [p.value for p in LeftoverPolicy]
+
+
+# -- the indexer's table of readers (issue 19) -----------------------------------------------------------------
+
+
+def _read_jsonl(run, source: str) -> None:
+    """A reader a user might add: JSON Lines metadata, one ``{"key", "width", "height"}`` per line."""
+    import json
+
+    from dali_arb.index.records import Row
+
+    lines = Path(source).read_text(encoding="utf-8").splitlines()
+    rows = [Row(d["key"], d["width"], d["height"], None, None, None, None, None) for d in map(json.loads, lines)]
+    run.take(rows, [], len(rows))
+
+
+@pytest.fixture
+def jsonl_reader(monkeypatch):
+    from dali_arb.index.readers import READERS, Reader
+
+    reader = Reader("jsonl", "JSON Lines metadata (.jsonl)", False, lambda s: s.endswith(".jsonl"), _read_jsonl)
+    monkeypatch.setitem(READERS, "jsonl", reader)
+    return reader
+
+
+def test_a_registered_reader_indexes_its_sources(tmp_path, jsonl_reader):
+    from dali_arb.data.manifest import Manifest
+    from dali_arb.index import build_index
+
+    source = tmp_path / "meta.jsonl"
+    source.write_text('{"key": "a", "width": 640, "height": 480}\n{"key": "b", "width": 480, "height": 640}\n')
+    summary = build_index([str(source)], tmp_path / "m.parquet", progress=False, workers=1)
+    table = Manifest.read(tmp_path / "m.parquet").table
+    assert (summary.rows, summary.files_seen) == (2, 2)
+    assert table.select(["key", "width", "height"]).to_pylist() == [
+        {"key": "a", "width": 640, "height": 480},
+        {"key": "b", "width": 480, "height": 640},
+    ]
+
+
+def test_a_registered_remote_reader_comes_before_the_prefix_fallback(monkeypatch):
+    from dali_arb.index.readers import READERS, Reader, reader_for
+
+    assert reader_for("s3://bucket/meta.jsonl").name == "remote_folder"  # (any other URL is a prefix)
+    monkeypatch.setitem(READERS, "remote_jsonl", Reader("remote_jsonl", "a .jsonl URL", True, lambda u: u.endswith(".jsonl"), _read_jsonl))  # fmt: skip
+    assert reader_for("s3://bucket/meta.jsonl").name == "remote_jsonl"
+    assert reader_for("s3://bucket/photos/").name == "remote_folder"
+
+
+def test_the_cannot_index_error_and_the_cli_help_list_the_readers(tmp_path, jsonl_reader):
+    from dali_arb.cli import build_parser
+    from dali_arb.errors import IndexingError
+    from dali_arb.index import build_index
+    from dali_arb.index.readers import READERS
+
+    (tmp_path / "x.zip").write_bytes(b"x")
+    with pytest.raises(IndexingError, match="don't know how to index") as caught:
+        build_index([str(tmp_path / "x.zip")], tmp_path / "m.parquet", progress=False)
+    local = [r.accepts for r in READERS.values() if not r.remote]
+    assert len(local) == 4 and all(kind in str(caught.value) for kind in local), str(caught.value)
+    with pytest.raises(IndexingError, match="source not found") as caught:
+        build_index([str(tmp_path / "nope")], tmp_path / "m.parquet", progress=False)
+    assert all(kind in str(caught.value) for kind in local), str(caught.value)
+    index = next(a for a in build_parser()._actions if a.choices and "index" in a.choices).choices["index"]
+    sources = next(a for a in index._actions if a.dest == "sources")
+    assert all(r.accepts in " ".join(sources.help.split()) for r in READERS.values()), sources.help
