@@ -1,14 +1,20 @@
-"""The package's shape (issue 19): test support lives outside it; no import circles."""
+"""The package's shape (issue 19): test support lives outside it; no import circles; the layers of
+``[tool.importlinter]`` (pyproject.toml, docs/layout.md) kept, checked by ``lint-imports``; registries read."""
 
 from __future__ import annotations
 
 import ast
 import importlib.util
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "dali_arb"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "dali_arb"
 #: Circles still to break (issue 19: the node cache opens manifests and a manifest opens its cache). Shrinks only.
 KNOWN_CIRCLES: list[set[str]] = [{"dali_arb.data.manifest", "dali_arb.data.cache"}]
 
@@ -170,3 +176,60 @@ def test_the_cannot_index_error_and_the_cli_help_list_the_readers(tmp_path, json
     index = next(a for a in build_parser()._actions if a.choices and "index" in a.choices).choices["index"]
     sources = next(a for a in index._actions if a.dest == "sources")
     assert all(r.accepts in " ".join(sources.help.split()) for r in READERS.values()), sources.help
+
+
+# -- the layers, checked by import-linter (issue 19) -----------------------------------------------------------
+
+
+def _lint_imports(package_root: Path) -> subprocess.CompletedProcess:
+    """``lint-imports`` with this repository's contracts over the package found in ``package_root``."""
+    beside = Path(sys.executable).with_name("lint-imports")
+    exe = str(beside) if beside.exists() else shutil.which("lint-imports")
+    assert exe, "lint-imports is missing: install the test extra (pip install -e '.[test]', import-linter)"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(package_root), os.environ.get("PYTHONPATH", "")])}
+    command = [exe, "--no-logo", "--no-cache", str(ROOT / "pyproject.toml")]
+    return subprocess.run(command, cwd=package_root, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_the_layers_are_kept():
+    result = _lint_imports(ROOT)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert "0 broken" in result.stdout
+
+
+def test_the_contracts_catch_what_they_forbid(tmp_path):
+    """A copy of the package with forbidden imports, lazy ones included: each breaks its contract, and
+    ``dali_arb.torch`` (the adapter) is told apart from ``torch`` (the framework)."""
+    copy = tmp_path / "dali_arb"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__", "samples"))
+    additions = {
+        "plan/world.py": "\n\ndef _lazy():\n    import pyarrow  # noqa\n",  # plan-pure, lazily
+        "loader/blocklist.py": "\n\ndef _lazy():\n    import torch  # noqa\n",  # loader-no-framework
+        "data/pairs.py": "\n\ndef _lazy():\n    from ..torch import DALIBucketIterator  # noqa\n",  # layers
+        "index/records.py": "\n\ndef _lazy():\n    from ..tools import report  # noqa\n",  # tools-under-cli
+    }
+    for name, text in additions.items():
+        with open(copy / name, "a", encoding="utf-8") as fh:
+            fh.write(text)
+    result = _lint_imports(tmp_path)
+    out = " ".join(result.stdout.split())
+    assert result.returncode != 0, out
+    assert "dali_arb.plan.world -> pyarrow" in out
+    assert "dali_arb.loader.blocklist -> torch" in out
+    assert "dali_arb.data.pairs -> dali_arb.torch" in out
+    assert "dali_arb.index.records -> dali_arb.tools" in out
+    assert "dali_arb.data is not allowed to import dali_arb.torch" in out  # (the layers contract)
+
+
+def test_every_top_level_module_is_in_a_layer():
+    """The layers contract checks only the modules it names: a new top-level module must be named there."""
+    tomllib = pytest.importorskip("tomllib")
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["importlinter"]
+    layers = next(c for c in config["contracts"] if c["type"] == "layers")["layers"]
+    named = {m.strip(" ()") for layer in layers for m in layer.split("|")}
+    top = {
+        f"dali_arb.{p.stem}" if p.is_file() else f"dali_arb.{p.name}"
+        for p in PACKAGE.iterdir()
+        if (p.suffix == ".py" and p.stem not in ("__init__", "__main__")) or (p / "__init__.py").exists()
+    }
+    assert top <= named, f"not in a layer of [tool.importlinter]: {sorted(top - named)}"
