@@ -233,3 +233,20 @@ def test_every_top_level_module_is_in_a_layer():
         if (p.suffix == ".py" and p.stem not in ("__init__", "__main__")) or (p / "__init__.py").exists()
     }
     assert top <= named, f"not in a layer of [tool.importlinter]: {sorted(top - named)}"
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"name": ""}, "name must be a non-empty string, got ''"),
+        ({"accepts": None}, "accepts must say what it reads, got None"),
+        ({"read": "read_jsonl"}, "read must be callable, got 'read_jsonl'"),
+    ],
+)
+def test_a_reader_is_validated(fields, message):
+    from dali_arb.errors import ConfigError
+    from dali_arb.index.readers import Reader
+
+    good = {"name": "jsonl", "accepts": ".jsonl metadata", "remote": False, "recognises": bool, "read": _read_jsonl}
+    with pytest.raises(ConfigError, match=message):
+        Reader(**{**good, **fields})

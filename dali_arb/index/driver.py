@@ -25,7 +25,7 @@ from ..data.manifest import Manifest, rejects_name, rejects_path
 from ..data.pairs import PairSpec, pairs_of
 from ..errors import ConfigError, IndexingError, StorageError
 from ..processes import die_with_parent, spawn_without_main, stop_pool
-from .readers import READERS, reader_for
+from .readers import reader_for
 from .records import index_schema
 from .run import ROWS_PER_GROUP, IndexRun, IndexSummary
 
@@ -75,9 +75,10 @@ def build_index(
     try:
         expanded = [u for s in sources for u in (expand_sources(s) if is_url(s) else [s])]
         # rows must resolve from any working directory: local sources become absolute paths
-        kinds = [(reader_for(s).name, s if is_url(s) else os.path.abspath(s)) for s in expanded]
+        chosen = [(reader_for(s), s if is_url(s) else os.path.abspath(s)) for s in expanded]
     except StorageError as exc:
         raise IndexingError(str(exc)) from None
+    kinds = [(reader.name, source) for reader, source in chosen]
     _check_output(output, kinds)
     pairs = _checked_pairs(pairs, kinds)
     old = _old_rows(output, pairs) if update else None
@@ -89,15 +90,15 @@ def build_index(
     tmp = output.with_name(f".{output.name}.{unique}.partial")
     rejects_tmp = output.with_name(f".{rejects_path(output).name}.{unique}.partial")
     writer = pq.ParquetWriter(tmp, index_schema(pairs))
-    pool = _pool(workers, remote=any(READERS[kind].remote for kind, _ in kinds))
+    pool = _pool(workers, remote=any(reader.remote for reader, _ in chosen))
     hidden_main = spawn_without_main()  # workers start at submits throughout the loop: none re-runs __main__
     hidden_main.__enter__()
     try:
         with open(rejects_tmp, "w", encoding="utf-8") as rejects_fh, _progress_bar(progress) as bar:
             run = IndexRun(sources=kinds, max_pixels=max_pixels, pairs=pairs, old=old, pool=pool, writer=writer,
                            rejects=rejects_fh, progress=bar.update, summary=summary)  # fmt: skip
-            for kind, source in kinds:
-                READERS[kind].read(run, source)
+            for reader, source in chosen:
+                reader.read(run, source)
             run.flush()
             writer.close()
         _deduplicate_keys(tmp, rejects_tmp, summary)

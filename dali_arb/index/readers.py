@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import IndexingError, StorageError
+from ..errors import ConfigError, IndexingError, StorageError
 from .folders import folder_task
 from .metadata import metadata_rows
 from .records import Reject
@@ -36,7 +36,7 @@ class Reader:
         name: its key in :data:`READERS`.
         accepts: what it reads, in words (``"a .tar shard (webdataset layout)"``): the CLI's help and errors.
         remote: its sources are URLs in object storage (``s3://``, ``gs://``, ``https://``), else local paths.
-        recognises: whether a source (an absolute path, or a URL) is of this kind.
+        recognises: whether a source (a local path as given, or a URL) is of this kind.
         read: indexes one source into an :class:`~dali_arb.index.run.IndexRun`.
         fallback: tried after the others (the prefix reader takes any URL no other reader recognises).
     """
@@ -47,6 +47,15 @@ class Reader:
     recognises: Callable[[str], bool]
     read: Callable[[IndexRun, str], None]
     fallback: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"a reader's name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.accepts, str) or not self.accepts:
+            raise ConfigError(f"reader {self.name!r}: accepts must say what it reads, got {self.accepts!r}")
+        for field in ("recognises", "read"):
+            if not callable(getattr(self, field)):
+                raise ConfigError(f"reader {self.name!r}: {field} must be callable, got {getattr(self, field)!r}")
 
 
 def _key(url: str) -> str:
