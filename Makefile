@@ -24,6 +24,7 @@ lint: install
 	$(VENV)/bin/ruff check dali_arb support tests benchmarks examples
 	$(VENV)/bin/ruff format --check dali_arb support tests benchmarks examples
 	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/lint-imports --no-logo --no-cache   # the layers ([tool.importlinter] in pyproject.toml)
 
 test: install lint
 	$(PY) -m pytest

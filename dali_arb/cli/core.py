@@ -185,7 +185,9 @@ def register(sub: argparse._SubParsersAction, fmt: type) -> None:
         "webdataset .tar shards, or Parquet/CSV metadata with key/width/height columns. "
         "Refused files are listed in MANIFEST.rejects.jsonl.",
     )
-    p.add_argument("sources", nargs="+", metavar="SRC", help="image folder, .tar shard, or .parquet/.csv metadata")
+    from ..index.readers import accepted  # (the kinds of source are the indexer's table: its help is theirs)
+
+    p.add_argument("sources", nargs="+", metavar="SRC", help=f"what to index: {accepted()}")
     p.add_argument(
         "-o", "--output", required=True, metavar="MANIFEST",
         help="manifest to write (.parquet): a local file, or an s3:// or gs:// URL (built locally, then uploaded)",

@@ -1,5 +1,8 @@
-"""``build_index``: classify the sources, run the folder/shard/metadata readers in worker processes,
-stream rows to a temporary Parquet file, make keys unique, and move the results into place."""
+"""``build_index``: find each source's reader (``readers.READERS``), run the readers with header reading in worker
+processes, stream rows to a temporary Parquet file, make keys unique, and move the results into place.
+
+Imports pyarrow, tqdm (lazily), the standard library, ``data`` (manifest, pairs, storage) and ``processes``.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +13,7 @@ import secrets
 import stat as stat_module
 import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,107 +24,12 @@ from ..data.imagefacts import DEFAULT_MAX_PIXELS
 from ..data.manifest import Manifest, rejects_name, rejects_path
 from ..data.pairs import PairSpec, pairs_of
 from ..errors import ConfigError, IndexingError, StorageError
-from ..processes import die_with_parent, signals_deferred, spawn_without_main, stop_pool
-from .folders import FolderWalk, PreviousRows, folder_task
-from .metadata import metadata_rows
-from .records import Reject, Row, index_schema, rows_to_table, with_identity
-from .remote import fetched, pair_listings, prefix_tasks, remote_folder_task
-from .shards import shard_task
+from ..processes import die_with_parent, spawn_without_main, stop_pool
+from .readers import reader_for
+from .records import index_schema
+from .run import ROWS_PER_GROUP, IndexRun, IndexSummary
 
 __all__ = ["IndexSummary", "build_index"]
-
-ROWS_PER_GROUP = 65536
-
-
-@dataclass
-class IndexSummary:
-    """What one ``build_index`` call did."""
-
-    manifest: Path | str  # a path, or the URL of a manifest written to object storage
-    rows: int = 0
-    rejected: int = 0
-    reused: int = 0
-    files_seen: int = 0
-    seconds: float = 0.0
-    reject_reasons: dict[str, int] = field(default_factory=dict)
-    #: reads from object storage for images under prefixes (headers only): requests, bytes, images
-    remote_requests: int = 0
-    remote_bytes: int = 0
-    remote_images: int = 0
-    #: shards and metadata fetched whole from object storage: objects, bytes
-    fetched_objects: int = 0
-    fetched_bytes: int = 0
-
-    @property
-    def files_per_s(self) -> float:
-        return self.files_seen / self.seconds if self.seconds > 0 else 0.0
-
-    def line(self) -> str:
-        reasons = ", ".join(
-            f"{n} {r.split(' (')[0]}" for r, n in sorted(self.reject_reasons.items(), key=lambda x: -x[1])
-        )
-        text = (
-            f"indexed {self.rows} images into {self.manifest} "
-            f"({self.files_seen} files in {self.seconds:.1f} s, {self.files_per_s:.0f} files/s"
-            + (f", {self.reused} unchanged reused" if self.reused else "")
-            + f"); rejected {self.rejected}"
-        )
-        if self.rejected:
-            text += f" ({reasons}), listed in {rejects_name(self.manifest)}"
-        if self.remote_images:
-            text += (
-                f"; from object storage: {self.remote_requests / self.remote_images:.2f} requests and "
-                f"{self.remote_bytes / self.remote_images / 1024:.0f} KiB per image (headers only)"
-            )
-        if self.fetched_objects:
-            text += f"; {self.fetched_objects} shard/metadata object(s) fetched whole ({self.fetched_bytes / 2**20:.1f} MiB)"
-        return text
-
-
-# -- the driver ----------------------------------------------------------------------------------
-
-
-def _classify_url(source: str) -> str:
-    from ..data.storage import split_url
-
-    scheme, _, key = split_url(source)
-    name = key.lower()
-    if name.endswith(".tar"):
-        return "remote_shard"
-    if name.endswith((".tar.gz", ".tgz", ".tar.xz", ".tar.bz2", ".tar.zst")):
-        raise IndexingError(
-            f"{source} is a compressed tar: the loader reads samples with ranged reads, so shards must be plain .tar"
-        )
-    if name.endswith((".parquet", ".csv")):
-        return "remote_metadata"
-    if scheme.startswith("http"):
-        raise IndexingError(f"{source}: HTTP cannot list a folder; give .tar shard or .parquet/.csv metadata URLs")
-    return "remote_folder"  # a prefix: the objects under it, like a folder
-
-
-def _classify(source: str) -> str:
-    from ..data.storage import is_url
-
-    if is_url(source):
-        return _classify_url(source)
-    path = Path(source)
-    if not path.exists():
-        raise IndexingError(f"source not found: {source}; give an image folder, .tar shards, or .parquet/.csv metadata")
-    if path.is_dir():
-        if not os.access(path, os.R_OK | os.X_OK):
-            raise IndexingError(f"cannot read folder {source} (permission denied)")
-        return "folder"
-    name = path.name.lower()
-    if name.endswith(".tar"):
-        return "shard"
-    if name.endswith((".tar.gz", ".tgz", ".tar.xz", ".tar.bz2", ".tar.zst")):
-        raise IndexingError(
-            f"{source} is a compressed tar: the loader reads samples with one positioned read, so shards must be "
-            "plain .tar (unpack it with gunzip/xz -d first)"
-        )
-    if name.endswith((".parquet", ".csv")):
-        return "metadata"
-    raise IndexingError(f"don't know how to index {source}: expected a folder, a .tar shard, or .parquet/.csv metadata")
 
 
 def build_index(
@@ -140,7 +46,8 @@ def build_index(
 
     Args:
         sources: image folders (recursive), ``.tar`` shards (webdataset layout), or Parquet/CSV
-            metadata with ``key``, ``width``, ``height`` (optional ``caption``, ``path``, ``status``).
+            metadata with ``key``, ``width``, ``height`` (optional ``caption``, ``path``, ``status``); local or in
+            object storage. Each is indexed by its reader in ``readers.READERS``.
         max_pixels: refuse images with more pixels (decompression bombs).
         workers: processes for header reading (default: all cores).
         update: reuse rows of an existing ``output`` whose file size and mtime are unchanged.
@@ -168,108 +75,31 @@ def build_index(
     try:
         expanded = [u for s in sources for u in (expand_sources(s) if is_url(s) else [s])]
         # rows must resolve from any working directory: local sources become absolute paths
-        kinds = [(_classify(s), s if is_url(s) else os.path.abspath(s)) for s in expanded]
+        chosen = [(reader_for(s), s if is_url(s) else os.path.abspath(s)) for s in expanded]
     except StorageError as exc:
         raise IndexingError(str(exc)) from None
+    kinds = [(reader.name, source) for reader, source in chosen]
     _check_output(output, kinds)
     pairs = _checked_pairs(pairs, kinds)
-    schema = index_schema(pairs)
-    previous: PreviousRows | None = None
-    known_shards: dict[str, pa.Table] = {}
+    old = _old_rows(output, pairs) if update else None
     summary = IndexSummary(manifest=output)
-    if update and output.exists():
-        old = Manifest.read(output).table
-        same_pairs = pairs_of(old.schema) == {p.name: p.kind for p in pairs}
-        if same_pairs and "mtime_ns" in old.column_names and "source" in old.column_names:
-            previous = PreviousRows(old)
-            shard_sources = [s for k, s in kinds if k == "shard"]
-            if shard_sources:
-                old_shards = old.filter(pc.is_in(old.column("source"), pa.array(shard_sources)))
-                for shard in shard_sources:
-                    part = old_shards.filter(pc.equal(old_shards.column("source"), shard))
-                    if part.num_rows:
-                        known_shards[shard] = part
-    if progress is None:
-        progress = sys.stderr.isatty()
-    from tqdm import tqdm
-
     started = time.perf_counter()
     # private temporary files beside the outputs, moved into place at the end: two runs on one output
     # never write into each other's files, and a reader only ever sees a whole manifest
     unique = f"{os.getpid()}-{secrets.token_hex(4)}"
     tmp = output.with_name(f".{output.name}.{unique}.partial")
     rejects_tmp = output.with_name(f".{rejects_path(output).name}.{unique}.partial")
-    walk = FolderWalk([s for k, s in kinds if k == "folder"], max_pixels, previous, pairs)
-    writer = pq.ParquetWriter(tmp, schema)
-    pending: list[Row] = []
-
-    def flush() -> None:
-        if pending:
-            writer.write_table(rows_to_table(pending, pairs))
-            pending.clear()
-
-    def take(rows: list[Row], rejects: list[Reject], files: int) -> None:
-        pending.extend(rows)
-        summary.rows += len(rows)
-        summary.files_seen += files
-        for reject in rejects:
-            rejects_fh.write(json.dumps(reject, ensure_ascii=False) + "\n")
-            summary.rejected += 1
-            reason = reject["reason"].split(":")[0].split(" (")[0]
-            summary.reject_reasons[reason] = summary.reject_reasons.get(reason, 0) + 1
-        if len(pending) >= ROWS_PER_GROUP:
-            flush()
-
-    # where this process may run obstore's threads (object storage), workers are spawned, never forked: a forked
-    # child inherits its runtime broken (indexing a bucket crashed with SIGSEGV so); else forking is cheaper
-    import multiprocessing
-
-    remote = any(kind.startswith("remote_") for kind, _ in kinds) or "obstore" in sys.modules
-    pool = ProcessPoolExecutor(
-        max_workers=workers or os.cpu_count() or 1,
-        initializer=die_with_parent,
-        mp_context=multiprocessing.get_context("spawn" if remote else "fork"),
-    )
+    writer = pq.ParquetWriter(tmp, index_schema(pairs))
+    pool = _pool(workers, remote=any(reader.remote for reader, _ in chosen))
     hidden_main = spawn_without_main()  # workers start at submits throughout the loop: none re-runs __main__
     hidden_main.__enter__()
     try:
-        with (
-            open(rejects_tmp, "w", encoding="utf-8") as rejects_fh,
-            tqdm(disable=not progress, unit=" files", desc="indexing", dynamic_ncols=True) as bar,
-        ):
-            for kind, source in kinds:
-                if kind.startswith("remote_"):
-                    _index_remote(kind, source, pool, max_pixels, pairs, take, flush, writer, summary, bar, previous)
-                    continue
-                if kind == "metadata":
-                    table, rejects = metadata_rows(Path(source))
-                    flush()
-                    writer.write_table(with_identity(table, schema))
-                    summary.rows += table.num_rows
-                    take([], rejects, table.num_rows + len(rejects))
-                    bar.update(table.num_rows + len(rejects))
-                elif kind == "shard":
-                    reuse = known_shards.get(source)
-                    if reuse is not None and _shard_unchanged(reuse, os.stat(source)):
-                        flush()
-                        writer.write_table(with_identity(reuse, schema))
-                        summary.rows += reuse.num_rows
-                        summary.reused += reuse.num_rows
-                        continue
-                    rows, rejects = _submit(pool, shard_task, (source, max_pixels, pairs)).result()
-                    take(rows, rejects, len(rows) + len(rejects))
-                    bar.update(len(rows) + len(rejects))
-                else:
-                    empty, fresh = True, os.path.realpath(source) not in walk.walked
-                    for (rows, rejects, reused), task in _ordered_map(pool, folder_task, walk.tasks(source)):
-                        empty = False
-                        summary.reused += reused
-                        take(rows, rejects + _drain(walk.rejects), len(task[1]))
-                        bar.update(len(task[1]))
-                    take([], _drain(walk.rejects), 0)
-                    if empty and fresh:  # (a folder already walked through another source is not empty)
-                        raise IndexingError(f"no image files found in folder {source}")
-            flush()
+        with open(rejects_tmp, "w", encoding="utf-8") as rejects_fh, _progress_bar(progress) as bar:
+            run = IndexRun(sources=kinds, max_pixels=max_pixels, pairs=pairs, old=old, pool=pool, writer=writer,
+                           rejects=rejects_fh, progress=bar.update, summary=summary)  # fmt: skip
+            for reader, source in chosen:
+                reader.read(run, source)
+            run.flush()
             writer.close()
         _deduplicate_keys(tmp, rejects_tmp, summary)
         pool.shutdown()
@@ -290,6 +120,39 @@ def build_index(
             f"no usable images in {', '.join(sources)} ({summary.rejected} rejected, see {rejects_path(output)})"
         )
     return summary
+
+
+def _old_rows(output: Path, pairs: list[PairSpec]) -> pa.Table | None:
+    """The rows of the manifest ``output`` (being updated), if it exists, has the same pairs and records its rows'
+    sources and mtimes (so unchanged files can be recognised); else None."""
+    if not output.exists():
+        return None
+    old = Manifest.read(output).table
+    same_pairs = pairs_of(old.schema) == {p.name: p.kind for p in pairs}
+    return old if same_pairs and "mtime_ns" in old.column_names and "source" in old.column_names else None
+
+
+def _pool(workers: int | None, *, remote: bool) -> ProcessPoolExecutor:
+    """The header-reading processes. Where this process may run obstore's threads (a ``remote`` source, or obstore
+    imported), workers are spawned, never forked: a forked child inherits its runtime broken (indexing a bucket
+    crashed with SIGSEGV so); else forking is cheaper."""
+    import multiprocessing
+
+    spawn = remote or "obstore" in sys.modules
+    return ProcessPoolExecutor(
+        max_workers=workers or os.cpu_count() or 1,
+        initializer=die_with_parent,
+        mp_context=multiprocessing.get_context("spawn" if spawn else "fork"),
+    )
+
+
+def _progress_bar(progress: bool | None):
+    """A tqdm bar counting files, shown when ``progress`` (None: when stderr is a terminal)."""
+    from tqdm import tqdm
+
+    if progress is None:
+        progress = sys.stderr.isatty()
+    return tqdm(disable=not progress, unit=" files", desc="indexing", dynamic_ncols=True)
 
 
 def _index_to_url(sources: list[str], url: str, *, update: bool, **options) -> IndexSummary:
@@ -329,65 +192,6 @@ def _index_to_url(sources: list[str], url: str, *, update: bool, **options) -> I
         return summary
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def _index_remote(kind, url, pool, max_pixels, pairs, take, flush, writer, summary, bar, previous) -> None:
-    """Index one object-storage source (``remote.py``): a prefix (headers only), a shard or metadata (fetched)."""
-    from ..data.storage import head
-
-    try:
-        if kind == "remote_folder":
-            unlisted: list[Reject] = []
-            tasks, _ = prefix_tasks(url, max_pixels, previous, pair_listings(pairs), unlisted)
-            take([], unlisted, len(unlisted))
-            for (rows, rejects, io), task in _ordered_map(pool, remote_folder_task, iter(tasks)):
-                summary.reused += io["reused"]
-                summary.remote_requests += io["requests"]
-                summary.remote_bytes += io["bytes_read"]
-                summary.remote_images += len(task[0])
-                take(rows, rejects, len(task[0]))
-                bar.update(len(task[0]))
-            return
-        suffix = ".tar" if kind == "remote_shard" else os.path.splitext(url)[1]
-        before = head(url) if kind == "remote_shard" else None
-        with fetched(url, suffix) as local:
-            summary.fetched_objects += 1
-            summary.fetched_bytes += os.path.getsize(local)
-            if kind == "remote_metadata":
-                table, rejects = metadata_rows(Path(local), base_url=url.rsplit("/", 1)[0] + "/")
-                flush()
-                writer.write_table(with_identity(table, writer.schema))
-                summary.rows += table.num_rows
-                take([], [_renamed(r, local, url) for r in rejects], table.num_rows + len(rejects))
-                return
-            rows, rejects = _submit(pool, shard_task, (local, max_pixels, pairs)).result()
-        info = head(url)
-        if (info.size, info.etag, info.mtime_ns) != (before.size, before.etag, before.mtime_ns):
-            raise IndexingError(f"{url} was rewritten while it was indexed; index it again once it is written")
-        identity = {"source": url, "mtime_ns": info.mtime_ns, "ctime_ns": None, "source_size": info.size,
-                    "etag": info.etag}  # fmt: skip
-        rows = [
-            row._replace(**identity, pairs=tuple((url, *f[1:]) if f[0] == local else f for f in row.pairs))
-            for row in rows
-        ]
-        take(rows, [_renamed(r, local, url) for r in rejects], len(rows) + len(rejects))
-        bar.update(len(rows) + len(rejects))
-    except StorageError as exc:
-        raise IndexingError(str(exc)) from None
-
-
-def _shard_unchanged(rows: pa.Table, stat: os.stat_result) -> bool:
-    """Whether a local shard is the one its earlier ``rows`` were indexed from (their mtime, ctime and size; a
-    shard re-packed with its mtime set back has another ctime). Rows of an older manifest (no ctime): no."""
-    if "ctime_ns" not in rows.column_names or "source_size" not in rows.column_names:
-        return False
-    first = {name: rows.column(name)[0].as_py() for name in ("mtime_ns", "ctime_ns", "source_size")}
-    return first == {"mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns, "source_size": stat.st_size}
-
-
-def _renamed(reject: Reject, local: str, url: str) -> Reject:
-    """A reject of a fetched copy, naming the object instead of the copy."""
-    return {**reject, "source": str(reject["source"]).replace(local, url)}
 
 
 def _checked_pairs(pairs: list[PairSpec] | tuple, kinds: list[tuple[str, str]]) -> list[PairSpec]:
@@ -453,33 +257,6 @@ def _check_output(output: Path, kinds: list[tuple[str, str]]) -> None:
                 f"output {output} lies inside the input folder {source}; write the manifest next to the folder, "
                 f"e.g. -o {Path(source).parent / (Path(source).name + '.parquet')}"
             )
-
-
-def _drain(items: list) -> list:
-    taken = items[:]
-    items.clear()
-    return taken
-
-
-def _submit(pool: ProcessPoolExecutor, fn, task: tuple):
-    """``pool.submit`` with SIGINT and SIGTERM held until it returns (see :func:`signals_deferred`)."""
-    with signals_deferred():
-        return pool.submit(fn, task)
-
-
-def _ordered_map(pool: ProcessPoolExecutor, fn, tasks: Iterator[tuple], depth: int = 16) -> Iterator[tuple]:
-    """``pool.map`` with a bounded queue: at most ``depth`` tasks in flight, results in order."""
-    from collections import deque
-
-    inflight: deque = deque()
-    for task in tasks:
-        inflight.append((_submit(pool, fn, task), task))
-        if len(inflight) >= depth:
-            future, done = inflight.popleft()
-            yield future.result(), done
-    while inflight:
-        future, done = inflight.popleft()
-        yield future.result(), done
 
 
 def _deduplicate_keys(path: Path, rejects_file: Path, summary: IndexSummary) -> None:

@@ -1,0 +1,193 @@
+"""One ``build_index`` call as the readers see it: :class:`IndexRun` (where a reader puts rows and rejects, the
+worker pool it submits header reading to) and :class:`IndexSummary` (what the call did).
+
+Imports pyarrow and the standard library; ``folders`` for the folder walk and the rows of an earlier manifest.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import IO, Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..data.manifest import rejects_name
+from ..data.pairs import PairSpec
+from ..processes import signals_deferred
+from .folders import FolderWalk, PreviousRows
+from .records import Reject, Row, rows_to_table, with_identity
+
+__all__ = ["ROWS_PER_GROUP", "IndexRun", "IndexSummary"]
+
+ROWS_PER_GROUP = 65536
+
+
+@dataclass
+class IndexSummary:
+    """What one ``build_index`` call did."""
+
+    manifest: Path | str  # a path, or the URL of a manifest written to object storage
+    rows: int = 0
+    rejected: int = 0
+    reused: int = 0
+    files_seen: int = 0
+    seconds: float = 0.0
+    reject_reasons: dict[str, int] = field(default_factory=dict)
+    #: reads from object storage for images under prefixes (headers only): requests, bytes, images
+    remote_requests: int = 0
+    remote_bytes: int = 0
+    remote_images: int = 0
+    #: shards and metadata fetched whole from object storage: objects, bytes
+    fetched_objects: int = 0
+    fetched_bytes: int = 0
+
+    @property
+    def files_per_s(self) -> float:
+        return self.files_seen / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        reasons = ", ".join(
+            f"{n} {r.split(' (')[0]}" for r, n in sorted(self.reject_reasons.items(), key=lambda x: -x[1])
+        )
+        text = (
+            f"indexed {self.rows} images into {self.manifest} "
+            f"({self.files_seen} files in {self.seconds:.1f} s, {self.files_per_s:.0f} files/s"
+            + (f", {self.reused} unchanged reused" if self.reused else "")
+            + f"); rejected {self.rejected}"
+        )
+        if self.rejected:
+            text += f" ({reasons}), listed in {rejects_name(self.manifest)}"
+        if self.remote_images:
+            text += (
+                f"; from object storage: {self.remote_requests / self.remote_images:.2f} requests and "
+                f"{self.remote_bytes / self.remote_images / 1024:.0f} KiB per image (headers only)"
+            )
+        if self.fetched_objects:
+            text += f"; {self.fetched_objects} shard/metadata object(s) fetched whole ({self.fetched_bytes / 2**20:.1f} MiB)"
+        return text
+
+
+class IndexRun:
+    """Where the readers of one ``build_index`` call put what they read.
+
+    A reader (``readers.READERS``) indexes one source by calling :meth:`take` with rows and rejects (rows are
+    buffered and written in row groups of :data:`ROWS_PER_GROUP`) or :meth:`write_table` with a whole table, and
+    runs header reading in worker processes with :meth:`submit` or :meth:`ordered_map`.
+
+    Args:
+        sources: ``(reader name, source)`` of the whole call, in order (a source: an absolute path or a URL).
+        max_pixels, pairs: the call's options.
+        old: rows of the manifest being updated (``--update``), or None.
+        pool: the worker processes; writer: the temporary Parquet file; rejects: the temporary rejects file (text).
+        progress: called with the number of files each :meth:`take` accounts for (a progress bar's ``update``).
+        summary: counts, updated as rows and rejects come.
+    """
+
+    def __init__(
+        self,
+        *,
+        sources: list[tuple[str, str]],
+        max_pixels: int,
+        pairs: list[PairSpec],
+        old: pa.Table | None,
+        pool: ProcessPoolExecutor,
+        writer: pq.ParquetWriter,
+        rejects: IO[str],
+        progress: Callable[[int], Any],
+        summary: IndexSummary,
+    ) -> None:
+        self.sources = sources
+        self.max_pixels = max_pixels
+        self.pairs = pairs
+        self.old = old
+        self.pool = pool
+        self.writer = writer
+        self.rejects = rejects
+        self.progress = progress
+        self.summary = summary
+        self.pending: list[Row] = []
+
+    @property
+    def schema(self) -> pa.Schema:
+        """The manifest's schema (``records.index_schema`` of the pairs)."""
+        return self.writer.schema
+
+    @cached_property
+    def previous(self) -> PreviousRows | None:
+        """The rows of the manifest being updated, grouped by folder (None without ``--update``)."""
+        return PreviousRows(self.old) if self.old is not None else None
+
+    @cached_property
+    def walk(self) -> FolderWalk:
+        """The walk over every folder source of the call (each real folder once)."""
+        return FolderWalk(
+            [s for kind, s in self.sources if kind == "folder"], self.max_pixels, self.previous, self.pairs
+        )
+
+    @cached_property
+    def _old_by_source(self) -> dict[str, pa.Table]:
+        if self.old is None:
+            return {}
+        wanted = [s for _, s in self.sources]
+        old = self.old.filter(pc.is_in(self.old.column("source"), pa.array(wanted, pa.string())))
+        parts = {s: old.filter(pc.equal(old.column("source"), s)) for s in dict.fromkeys(wanted)}
+        return {s: part for s, part in parts.items() if part.num_rows}
+
+    def old_rows(self, source: str) -> pa.Table | None:
+        """The rows the manifest being updated holds with ``source`` as their source (a shard's), or None."""
+        return self._old_by_source.get(source)
+
+    def take(self, rows: list[Row], rejects: list[Reject], files: int) -> None:
+        """Add ``rows`` and ``rejects``, found in ``files`` files (their count goes to the summary and progress)."""
+        self.pending.extend(rows)
+        self.summary.rows += len(rows)
+        self.summary.files_seen += files
+        for reject in rejects:
+            self.rejects.write(json.dumps(reject, ensure_ascii=False) + "\n")
+            self.summary.rejected += 1
+            reason = reject["reason"].split(":")[0].split(" (")[0]
+            self.summary.reject_reasons[reason] = self.summary.reject_reasons.get(reason, 0) + 1
+        if files:
+            self.progress(files)
+        if len(self.pending) >= ROWS_PER_GROUP:
+            self.flush()
+
+    def write_table(self, table: pa.Table, *, reused: bool = False) -> None:
+        """Write a whole table of rows (metadata, reused rows of an earlier manifest) after the pending rows;
+        identity columns it lacks are null. Counts its rows (as reused ones with ``reused``), not files."""
+        self.flush()
+        self.writer.write_table(with_identity(table, self.schema))
+        self.summary.rows += table.num_rows
+        if reused:
+            self.summary.reused += table.num_rows
+
+    def flush(self) -> None:
+        """Write the pending rows as one row group."""
+        if self.pending:
+            self.writer.write_table(rows_to_table(self.pending, self.pairs))
+            self.pending.clear()
+
+    def submit(self, fn: Callable, task: tuple) -> Future:
+        """``pool.submit`` with SIGINT and SIGTERM held until it returns (see :func:`signals_deferred`)."""
+        with signals_deferred():
+            return self.pool.submit(fn, task)
+
+    def ordered_map(self, fn: Callable, tasks: Iterator[tuple], depth: int = 16) -> Iterator[tuple]:
+        """``(fn(task), task)`` for each task, run in the pool with at most ``depth`` in flight, in order."""
+        inflight: deque = deque()
+        for task in tasks:
+            inflight.append((self.submit(fn, task), task))
+            if len(inflight) >= depth:
+                future, done = inflight.popleft()
+                yield future.result(), done
+        while inflight:
+            future, done = inflight.popleft()
+            yield future.result(), done
