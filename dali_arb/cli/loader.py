@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..loader.decoders import DECODERS, JPEG_SCALINGS
+from ..loader.decoders import DECODERS, JPEG_SCALINGS, decoder_help
 from ..loader.workers import WORKER_KINDS
 from .core import png_path
 from .options import (
@@ -58,8 +58,7 @@ def _add_loader_options(p: argparse.ArgumentParser, *, batch_default: int) -> No
         "--decoder",
         choices=["auto", *DECODERS],
         default="auto",
-        help="who decodes: DALI (nvJPEG on GPU), the workers with OpenCV or Pillow at reduced DCT scale, or auto (default: "
-        "dali on GPU, opencv on CPU)",
+        help=decoder_help(),
     )
     g.add_argument(
         "--jpeg-scaling",

@@ -1,7 +1,7 @@
 """What crosses DALI's runtime between the external source and the iterator, named once.
 
 - :class:`Output`: one output of the external source (name, DALI dtype, layout). Each decoder
-  (``decoders.py``) holds the tuple of outputs its source produces; the pipeline declares them to
+  (``decoders/``) holds the tuple of outputs its source produces; the pipeline declares them to
   ``fn.external_source`` from that tuple and the source packs them in that order.
 - :data:`META`: the per-sample ``meta`` columns (``int64 (F,)`` per sample, ``(B, F)`` per batch):
   packed by the source with :meth:`MetaLayout.pack`, unpacked by the iterator with

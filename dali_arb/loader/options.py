@@ -18,7 +18,8 @@ from ..plan.buckets import BucketSpec
 from ..plan.captions import CaptionPolicy
 from ..plan.mixture import check_repeats
 from ..plan.planner import LeftoverPolicy
-from .decoders import DECODERS, Decoder
+from .decoders import Decoder
+from .decoders.registry import check_decoder_name
 from .workers import check_worker_kind
 
 __all__ = [
@@ -84,9 +85,8 @@ class Decode:
             _count("num_threads", self.num_threads, least=1)
         if self.device not in DEVICES:
             raise ConfigError(f"device must be 'auto', 'gpu' or 'cpu', got {self.device!r}")
-        if not isinstance(self.decoder, Decoder) and self.decoder not in ("auto", *DECODERS):
-            *first, last = (repr(n) for n in ("auto", *DECODERS))
-            raise ConfigError(f"decoder must be {', '.join(first)} or {last}, got {self.decoder!r}")
+        if not isinstance(self.decoder, Decoder):
+            check_decoder_name(self.decoder)
         if self.device_id is not None:
             _count("device_id", self.device_id, least=0)
 

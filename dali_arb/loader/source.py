@@ -1,5 +1,5 @@
 """The external source: a stateless, picklable callable that turns a batch index into the outputs its
-decoder names (``decoders.py``), plus ``mirror`` and ``meta`` (``contracts.META``).
+decoder names (``decoders/``), plus ``mirror`` and ``meta`` (``contracts.META``).
 
 No DALI import here: DALI calls :class:`BatchSource` with its ``BatchInfo`` (only ``.iteration``
 is used) from worker processes. Every value is a pure function of the loader's arguments, the

@@ -14,7 +14,7 @@ from .dali import DaliDecoder
 from .opencv import OpenCVDecoder
 from .pillow import PillowDecoder
 
-__all__ = ["AUTO", "DECODERS", "HINTS", "choose_decoder", "decoder_help", "register_decoder"]
+__all__ = ["AUTO", "DECODERS", "HINTS", "check_decoder_name", "choose_decoder", "decoder_help", "register_decoder"]
 
 #: Every decoder, by the name that picks it (in the order the CLI lists them).
 DECODERS: dict[str, type[Decoder]] = {
@@ -54,12 +54,17 @@ def decoder_help() -> str:
     return f"who decodes: {each}; or auto (default: {AUTO['gpu']} on GPU, {AUTO['cpu']} on CPU)"
 
 
+def check_decoder_name(name: object) -> str:
+    """``name`` if it is ``"auto"`` or in :data:`DECODERS`, else a ConfigError naming every choice."""
+    if not isinstance(name, str) or name not in ("auto", *DECODERS):
+        raise ConfigError(f"decoder must be {_alternatives(['auto', *DECODERS])}, got {name!r}")
+    return name
+
+
 def _decoder_class(name: str, device: str) -> type[Decoder]:
     """The class ``name`` picks (``"auto"``: :data:`AUTO` for ``device``); a ConfigError naming every choice."""
-    if name == "auto":
+    if check_decoder_name(name) == "auto":
         name = AUTO["gpu"] if device == "gpu" else AUTO["cpu"]
-    if not isinstance(name, str) or name not in DECODERS:
-        raise ConfigError(f"decoder must be {_alternatives(['auto', *DECODERS])}, got {name!r}")
     return DECODERS[name]
 
 
