@@ -57,7 +57,9 @@ __all__ = [
     "Translation",
     "dali_error_summary",
     "is_out_of_memory",
+    "pipeline_facts",
     "raised_by_dali_arb",
+    "request_facts",
     "translate",
 ]
 
@@ -87,7 +89,8 @@ class DaliArbError(Exception):
 
     ``str(error)`` is its one line (the message); the keyword-only fields say where: ``key`` (the manifest key),
     ``source`` (the file or URL), ``epoch`` and ``step``, ``cause`` (the underlying failure, one line: an
-    exception given is summarised), ``kind`` (the :data:`TABLE` row that made it, where one did)."""
+    exception given is summarised), ``kind`` (a short name of what happened: the :data:`TABLE` row that made it,
+    or one its raise site gives, such as ``"too_large"``)."""
 
     FIELDS: ClassVar[tuple[str, ...]] = ("key", "source", "epoch", "step", "cause", "kind")
 
