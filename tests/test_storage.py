@@ -143,7 +143,7 @@ def test_latency_slowdowns_and_dropped_connections_are_retried_counted_and_chang
     build_index([f"s3://{BUCKET}/photos/"], tmp_path / "remote.parquet", progress=False)
     with FaultProxy(server.port, latency_s=0.01, slow_down=4, drop=3, skip=2) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-        monkeypatch.setattr("dali_arb.data.storage.BACKOFF_S", 0.01)
+        monkeypatch.setattr("dali_arb.data.storage.base.BACKOFF_S", 0.01)
         it = loader(str(tmp_path / "remote.parquet"), flip=0.5)
         assert same_batches(it, loader(str(tmp_path / "local.parquet"), flip=0.5)) == 9
         assert proxy.counts.slowed == 4 and proxy.counts.dropped == 3

@@ -398,7 +398,7 @@ def test_f20_a_failing_store_under_a_caption_stops_the_update_instead_of_erasing
     build_index([f"s3://{BUCKET}/f20fail/"], out, progress=False, workers=1)
     previous = PreviousRows(Manifest.read(out).table)
     [task], _ = prefix_tasks(f"s3://{BUCKET}/f20fail/", 10**8, previous)  # unchanged images: only captions read
-    monkeypatch.setattr("dali_arb.data.storage.BACKOFF_S", 0.001)
+    monkeypatch.setattr("dali_arb.data.storage.base.BACKOFF_S", 0.001)
     with FaultProxy(s3.port, slow_down=1000) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         with pytest.raises(StorageError, match=f"s3://{BUCKET}/f20fail/p0.txt: the store .* kept failing"):

@@ -76,7 +76,7 @@ def test_f4_a_503_burst_stops_the_loader_blocklists_nothing_and_a_resume_serves_
     store and the cause; ``loader.failed`` stays empty; a new loader resumed from the last state serves the rest."""
     server, _, manifest = s3
     everything = [k for batch in loader(str(manifest)) for k in batch["ids"]]
-    monkeypatch.setattr("dali_arb.data.storage.BACKOFF_S", 0.01)
+    monkeypatch.setattr("dali_arb.data.storage.base.BACKOFF_S", 0.01)
     with FaultProxy(server.port, skip=10, slow_down=10**9) as proxy:  # after 10 GETs every GET is a 503
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         it = loader(str(manifest), workers=workers, worker_kind=kind)
@@ -213,7 +213,7 @@ def test_f13_past_the_deadline_requests_fail_at_once_and_one_per_deadline_finds_
     from http.server import SimpleHTTPRequestHandler
 
     monkeypatch.setenv("DALI_ARB_STORE_DEADLINE_S", "1")
-    monkeypatch.setattr("dali_arb.data.storage.BACKOFF_S", 0.01)
+    monkeypatch.setattr("dali_arb.data.storage.base.BACKOFF_S", 0.01)
     (tmp_path / "a.jpg").write_bytes(b"\xff\xd8\xff\xd9")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -462,7 +462,7 @@ def test_f4_a_503_burst_while_indexing_stops_the_index_instead_of_rejecting_good
     """Finding 4, indexing: images whose header reads meet a 503 burst are not rejected as "unreadable" (lost from
     the manifest): the indexing stops with one line naming the store's answer."""
     server, _, _ = s3
-    monkeypatch.setattr("dali_arb.data.storage.BACKOFF_S", 0.01)
+    monkeypatch.setattr("dali_arb.data.storage.base.BACKOFF_S", 0.01)
     with FaultProxy(server.port, skip=4, slow_down=10**9) as proxy:  # the listing and a few headers pass
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         code = main(["index", f"s3://{BUCKET}/photos/", "-o", str(tmp_path / "m.parquet"), "-q", "--workers", "1"])

@@ -1,4 +1,4 @@
-"""How a loader process reads samples that live in object storage (``storage.py`` makes the requests).
+"""How a loader process reads samples that live in object storage (``storage`` makes the requests).
 
 - A batch's samples are fetched together: every part of every sample at once, concurrently, ranges of one
   object coalesced.
