@@ -88,10 +88,10 @@ def _remote_version(url: str) -> dict[str, Any]:
     gives them (a warning where it gives no ETag)."""
     import obstore
 
-    from .storage import _with_retries, store_of
+    from .storage import store_of, with_retries
 
     store, key = store_of(url)
-    meta = _with_retries(lambda: obstore.head(store, key), url, None)
+    meta = with_retries(lambda: obstore.head(store, key), url, None)
     modified = meta.get("last_modified")
     version = {
         "e_tag": meta.get("e_tag") or None,
@@ -117,7 +117,7 @@ def _download_version(url: str, version: dict[str, Any], local: Path) -> bool:
     import obstore
     from obstore.exceptions import PreconditionError
 
-    from .storage import _with_retries, store_of
+    from .storage import store_of, with_retries
 
     store, key = store_of(url)
     options = {"if_match": version["e_tag"]} if version["e_tag"] else {}
@@ -147,7 +147,7 @@ def _download_version(url: str, version: dict[str, Any], local: Path) -> bool:
                 os.unlink(partial)
 
     try:
-        return _with_retries(fetch, url, None) is not None
+        return with_retries(fetch, url, None) is not None
     except Exception as exc:
         if isinstance(exc.__cause__, PreconditionError):
             return False

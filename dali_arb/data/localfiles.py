@@ -56,7 +56,10 @@ def os_failure(path: str, error: OSError) -> StorageError:
     name = errno.errorcode.get(error.errno or 0, str(error.errno))
     return StorageError(
         f"cannot read {path}: {error.strerror} ({name}): the OS or the disk failed, not the file; fix that (the "
-        "open-file limit `ulimit -n`, memory, the disk) and resume from the last checkpoint"
+        "open-file limit `ulimit -n`, memory, the disk) and resume from the last checkpoint",
+        source=path,
+        cause=error,
+        kind="os",
     )
 
 

@@ -200,6 +200,7 @@ def _object_infos(urls: list[str]) -> dict:
     more of them listed (a request per 1000 objects), the others asked for one by one (HEAD, concurrently)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from ..data.storage import SCHEMES, split_url
     from ..errors import ObjectMissing
     from .remote import list_objects
 
@@ -214,7 +215,7 @@ def _object_infos(urls: list[str]) -> dict:
         return any("/".join(parts[:i]) + "/" in listed for i in range(3, len(parts)))
 
     for folder in sorted(by_folder):  # (a folder sorts after the folders that hold it)
-        if folder.startswith("http") or len(by_folder[folder]) < LIST_FROM or covered(folder):
+        if not SCHEMES[split_url(folder)[0]].can_list or len(by_folder[folder]) < LIST_FROM or covered(folder):
             continue
         listed.add(folder)
         for info in list_objects(folder, []):

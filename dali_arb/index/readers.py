@@ -65,9 +65,9 @@ def _key(url: str) -> str:
 
 
 def _listable(url: str) -> bool:
-    from ..data.storage import split_url
+    from ..data.storage import SCHEMES, split_url
 
-    return not split_url(url)[0].startswith("http")  # (HTTP cannot list a folder)
+    return SCHEMES[split_url(url)[0]].can_list  # (HTTP cannot list a folder)
 
 
 def _is_metadata(name: str) -> bool:

@@ -19,7 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..data.imagefacts import inspect_image
 from ..data.pairs import PairSpec
-from ..data.storage import IOStats, ObjectInfo, _info, download, get_bytes, get_range, is_url
+from ..data.storage import IOStats, ObjectInfo, download, get_bytes, get_range, is_url
+from ..data.storage import info as object_info
 from ..errors import ObjectChanged, ObjectMissing, StorageError
 from .folders import CAPTION_EXTS, NOT_IMAGES, PreviousRows, decode_caption
 from .pairing import pair_problem
@@ -121,7 +122,7 @@ def list_objects(base: str, rejects: list[Reject]) -> Iterator[ObjectInfo]:
     import obstore
     from obstore.exceptions import InvalidPathError
 
-    from ..data.storage import RETRIES, _backoff, failed, is_transient, store_of
+    from ..data.storage import RETRIES, backoff, failed, is_transient, store_of
 
     store, prefix = store_of(base)
     root = base[: len(base) - len(prefix)]  # scheme://bucket/
@@ -133,7 +134,7 @@ def list_objects(base: str, rejects: list[Reject]) -> Iterator[ObjectInfo]:
                 for meta in page:
                     attempt = 0
                     last = meta["path"]
-                    yield _info(root, meta)
+                    yield object_info(root, meta)
             return
         except InvalidPathError as exc:
             found = _BAD_PATH.search(str(exc))
@@ -153,7 +154,7 @@ def list_objects(base: str, rejects: list[Reject]) -> Iterator[ObjectInfo]:
         except Exception as exc:
             if attempt >= RETRIES or not is_transient(exc):
                 raise failed(exc, base) from exc
-            time.sleep(_backoff(attempt))
+            time.sleep(backoff(attempt))
             attempt += 1
 
 
@@ -189,7 +190,7 @@ def _between(store, root: str, prefix: str, low: str | None, high: str, rejects:
             raise failed(exc, root + folder) from exc
         for meta in found["objects"]:
             if (low is None or meta["path"] > low) and meta["path"] < high:
-                yield _info(root, meta)
+                yield object_info(root, meta)
         toward = "/".join(parts[: depth + 1])
         for sub in found["common_prefixes"]:
             sub = sub.rstrip("/")

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DeviceError, ResourceError, dali_error_summary, is_out_of_memory
+from ..errors import DeviceError, ResourceError, Translation, is_out_of_memory
 from ..processes import describe_exit
 
 __all__ = ["MAX_WORKER_DEATHS", "OneAtATime", "Runner", "WorkerDied", "abandon", "culprits", "finalize_in_background",
@@ -183,22 +183,16 @@ def abandon(pipe: Any) -> None:
 
 
 def culprits(
-    error: Exception, samples: tuple[list, ...], build: Callable[..., Any], *, where: str, device: str,
-    decodes_in_dali: bool,
-) -> list[int]:  # fmt: skip
-    """Manifest rows of the samples (the source's outputs of the failed batch, ``where``) that DALI cannot
-    decode, found by :func:`probe`; a ResourceError when ``device`` ran out of memory and a DeviceError when the
-    files are not what failed (the workers decode, or every sample fails alone too, or none does)."""
+    said: Translation, samples: tuple[list, ...], build: Callable[..., Any], *, device: str, decodes_in_dali: bool
+) -> list[int]:
+    """Manifest rows of the samples (the source's outputs of the failed batch) that DALI cannot decode, found by
+    :func:`probe`. ``said``: the failure's row of :data:`~dali_arb.errors.TABLE`; its error is raised when the
+    files are not what failed (out of memory; the workers decode, so DALI only normalised), and a DeviceError when
+    every sample fails alone too, or none does."""
     from .contracts import META
 
-    summary = dali_error_summary(error)
-    if is_out_of_memory(error):
-        raise ResourceError(
-            f"the {device.upper()} ran out of memory in {where} ({summary}); "
-            "lower batch_size, --max-area or prefetch, or give the loader a GPU with more free memory"
-        )
-    if not decodes_in_dali:  # the workers decode: DALI only normalises
-        raise DeviceError(f"the DALI pipeline failed in {where}: {summary}")
+    if said.kind == "out_of_memory" or not decodes_in_dali:
+        raise said.error
     rows = META.unpack(np.stack(samples[-1])).row  # (B, F): the source's outputs end with meta
     # the CPU decoder shares nvJPEG's parsers' verdict on broken files and costs far less to probe
     found = probe(build, samples, device="cpu")
@@ -206,11 +200,16 @@ def culprits(
         found = probe(build, samples, device="gpu")
     if not found or (len(found) == len(rows) > 1):
         what = "every sample of it fails alone too" if found else "each of its samples decodes alone"
+        error = said.error
         raise DeviceError(
-            f"the DALI pipeline failed in {where} ({summary}) and {what}: the decoder or "
-            "device failed, not the files, so nothing was blocklisted; check the GPU (nvidia-smi) and restart "
-            "from your checkpoint"
-        )
+            f"the DALI pipeline failed in batch {error.step} of epoch {error.epoch} ({said.facts.summary}) and {what}: "
+            "the decoder or device failed, not the files, so nothing was blocklisted; check the GPU (nvidia-smi) and "
+            "restart from your checkpoint",
+            epoch=error.epoch,
+            step=error.step,
+            cause=said.facts.summary,
+            kind="device",
+        ) from None
     return [int(rows[i]) for i in found]
 
 

@@ -24,8 +24,8 @@ from ..errors import (
     ManifestError,
     ResourceError,
     StateError,
-    dali_error_summary,
-    raised_by_dali_arb,
+    Translation,
+    translate,
 )
 from ..plan.buckets import BucketSpec
 from ..plan.mixture import check_repeats
@@ -103,7 +103,9 @@ def _open_manifests(datasets: list[Dataset], cache_dir: Any) -> list[Manifest]:
         if "source" not in m.table.column_names or m.table.column("source").null_count == len(m):
             raise ManifestError(
                 f"manifest {m.path or ''} has no image files to read (it was indexed from metadata without "
-                "a path column); index the images themselves with `dali-arb index FOLDER_OR_SHARDS`"
+                "a path column); index the images themselves with `dali-arb index FOLDER_OR_SHARDS`",
+                source=None if m.path is None else str(m.path),
+                kind="no_images",
             )
     return manifests
 
@@ -325,12 +327,12 @@ class LoaderSession:
                 self._close_pipeline()
                 raise
             except Exception as exc:  # DALI ends a pipeline on one undecodable image: find it, skip it
-                ours = raised_by_dali_arb(exc)
-                if ours is not None:  # a worker process's own error, wrapped by DALI: as if raised here
+                said = translate(exc, during="pipeline", device=self.device, epoch=epoch, step=step)
+                if said.kind == "ours":  # a worker process's own error, wrapped by DALI: as if raised here
                     self._close_pipeline()
-                    raise ours from None
+                    raise said.error from None
                 self._release_failed_pipeline()
-                self._recover(epoch, step, exc)
+                self._recover(epoch, step, said)
                 continue
             self._stream = self._advance(epoch, step)
             batch = self._to_batch(outputs, epoch, step)
@@ -340,7 +342,10 @@ class LoaderSession:
             return batch
         raise DataError(
             f"batch {step} of epoch {epoch} kept failing after {recoveries} recoveries, each blocklisting "
-            "an undecodable sample; check the files listed in loader.failed and re-index"
+            "an undecodable sample; check the files listed in loader.failed and re-index",
+            epoch=epoch,
+            step=step,
+            kind="recoveries",
         )
 
     def _run_pipeline(self) -> tuple[Any, ...]:
@@ -368,7 +373,9 @@ class LoaderSession:
         if self._worker_deaths > recovery.MAX_WORKER_DEATHS:
             raise ResourceError(
                 f"{what}, the {self._worker_deaths}th worker death of this loader; give the machine more memory, "
-                "or lower workers, prefetch or batch_size"
+                "or lower workers, prefetch or batch_size",
+                cause=describe_exit(died.process.exitcode),
+                kind="worker_deaths",
             )
         log.warning("dali_arb: %s; restarting the pipeline at %s", what, resume)
 
@@ -377,19 +384,18 @@ class LoaderSession:
         self._close_pipeline()
         recovery.release_unused_memory(gpu=self.device == "gpu")
 
-    def _recover(self, epoch: int, step: int, error: Exception) -> None:
-        """After a DALI error in ``step``: blocklist the samples that cannot be decoded, or raise one clear
-        error when the files are not what failed (:func:`~dali_arb.loader.recovery.culprits`)."""
+    def _recover(self, epoch: int, step: int, said: Translation) -> None:
+        """After a DALI error in ``step`` (``said``: its row of :data:`~dali_arb.errors.TABLE`): blocklist the
+        samples that cannot be decoded, or raise one clear error when the files are not what failed
+        (:func:`~dali_arb.loader.recovery.culprits`)."""
         samples = self._source.starting_at(epoch, step, self._blocklist.rows).batch(epoch, step)
 
         def build(source: Any, *, device: str) -> Any:
             return self._build(source, batch_size=1, device=device, workers=0, dtype="uint8", threads=1, prefetch=1)
 
-        where = f"batch {step} of epoch {epoch}"
-        summary = dali_error_summary(error)
-        for row in recovery.culprits(error, samples, build, where=where, device=self.device,
+        for row in recovery.culprits(said, samples, build, device=self.device,
                                      decodes_in_dali=isinstance(self.decoder, DaliDecoder)):  # fmt: skip
-            self._block(row, Failure.DALI_UNDECODABLE, f" ({summary})")
+            self._block(row, Failure.DALI_UNDECODABLE, f" ({said.facts.summary})")
 
     def _block(self, row: int, failure: Failure, detail: str = "", *, part: int = 0) -> None:
         """Blocklist manifest ``row`` for ``failure`` of its image (``part`` 0) or of its ``part - 1``-th pair

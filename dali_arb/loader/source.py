@@ -68,7 +68,7 @@ def _bytes_or_failure(result: bytes | FileProblem | StorageError) -> tuple[np.nd
     if isinstance(result, ObjectTooLarge):
         return None, Failure.TOO_LARGE
     if isinstance(result, StorageError):  # (a copy: the fetcher hands one error to every sample of a request)
-        raise type(result)(*result.args) from result.__cause__
+        raise result.copy() from result.__cause__
     problem = check_encoded(result)
     if problem:
         return None, Failure.of_bytes_problem(problem)

@@ -66,9 +66,6 @@ from .retries import check_size, check_version, failed, is_transient, translated
 from .schemes import SCHEMES, URL_PATTERN, backend_of, endpoint_of, is_url, split_url, store_name, store_of
 
 # the names other modules import under their old, private spelling (to be renamed there: see issue 19)
-_backoff = backoff
-_info = info
-_with_retries = with_retries
 
 __all__ = [
     "BACKOFF_S",
