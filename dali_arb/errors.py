@@ -31,6 +31,7 @@ is read by its class's name and module and by its text. Imports: the standard li
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -84,6 +85,11 @@ def _count(name: str, value: object) -> int | None:
         raise TypeError(f"{name} must be an integer or None, got {value!r}") from None
 
 
+#: How a worker process's error carries its fields through DALI, which hands on only the traceback's text: a note
+#: line (printed by the traceback, Python 3.11+) of this prefix and the fields as JSON.
+FIELDS_NOTE = "dali_arb fields: "
+
+
 class DaliArbError(Exception):
     """Base class of every error dali_arb raises on purpose.
 
@@ -111,6 +117,21 @@ class DaliArbError(Exception):
         self.step = _count("step", step)
         self.cause = _one_line(cause)
         self.kind = kind
+
+    @property
+    def __notes__(self) -> list[str]:  # type: ignore[override]
+        """Notes a traceback prints: any added, then the fields as one :data:`FIELDS_NOTE` line (Python 3.11+), so
+        that a worker process's error keeps them through DALI, which hands on only the traceback's text."""
+        fields = self.fields()
+        line = [FIELDS_NOTE + json.dumps(fields, default=str)] if fields else []
+        return [*self.__dict__.get("_notes", []), *line]
+
+    @__notes__.setter
+    def __notes__(self, notes: list[str]) -> None:
+        self.__dict__["_notes"] = [n for n in notes if not str(n).startswith(FIELDS_NOTE)]
+
+    def add_note(self, note: str) -> None:
+        self.__dict__.setdefault("_notes", []).append(str(note))
 
     def fields(self) -> dict[str, Any]:
         """The fields that are set (not None), by name, in :attr:`FIELDS` order."""
@@ -432,19 +453,35 @@ def translate(
 
 
 # -- reading DALI's failures (DALI is not imported: its errors are read by their text) --------------------
+
+
 def _ours(error: BaseException | None) -> DaliArbError | None:
-    """The dali_arb error in ``error`` or its causes: itself, or rebuilt from a worker's traceback text."""
+    """The dali_arb error in ``error`` or its causes: itself, or rebuilt from a worker's traceback text (its class,
+    its message, and its fields from the :data:`FIELDS_NOTE` line that follows)."""
     seen = 0
     while error is not None and seen < 8:
         if isinstance(error, DaliArbError):
             return error
-        for line in reversed(str(error).splitlines()):
-            name, colon, message = line.strip().partition(": ")
+        lines = [line.strip() for line in str(error).splitlines()]
+        for at in range(len(lines) - 1, -1, -1):
+            name, colon, message = lines[at].partition(": ")
             kind = globals().get(name.removeprefix("dali_arb.errors.")) if name.startswith("dali_arb.") else None
             if colon and isinstance(kind, type) and issubclass(kind, DaliArbError):
-                return kind(message)
+                return kind(message, **_noted_fields(lines[at + 1 : at + 2], kind))
         error, seen = error.__cause__ or error.__context__, seen + 1
     return None
+
+
+def _noted_fields(lines: list[str], kind: type[DaliArbError]) -> dict[str, Any]:
+    """The fields of a :data:`FIELDS_NOTE` line among ``lines`` that ``kind`` takes, else ``{}``."""
+    for line in lines:
+        if line.startswith(FIELDS_NOTE):
+            try:
+                fields = json.loads(line[len(FIELDS_NOTE) :])
+            except ValueError:
+                return {}
+            return {k: v for k, v in fields.items() if k in kind.FIELDS} if isinstance(fields, dict) else {}
+    return {}
 
 
 def raised_by_dali_arb(error: BaseException) -> DaliArbError | None:

@@ -186,8 +186,23 @@ def test_import_and_buckets_need_neither_dali_nor_torch():
         "import sys, dali_arb, dali_arb.cli, dali_arb.index, dali_arb.tools.report\n"
         "from dali_arb.cli import main\n"
         "main(['buckets', '--json'])\n"
-        "bad = [m for m in sys.modules if m.startswith(('torch', 'nvidia'))]\n"
+        "heavy = ('torch', 'nvidia', 'jax', 'jaxlib', 'obstore', 'cv2', 'PIL', 'matplotlib')\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in heavy]\n"
         "assert not bad, bad\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_import_dali_arb_loads_only_numpy_and_pyarrow():
+    """import-linter cannot tell an eager import from a lazy one: this checks what ``import dali_arb`` loads."""
+    code = (
+        "import sys\n"
+        "before = set(sys.modules)\n"
+        "import dali_arb\n"
+        "new = {m.split('.')[0] for m in set(sys.modules) - before if 'cython' not in m}\n"
+        "extra = new - {'dali_arb', 'numpy', 'pyarrow'} - set(sys.stdlib_module_names)\n"
+        "assert not extra, extra\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -58,9 +58,14 @@ def test_a_registered_decoder_is_found_by_name(inverting):
     assert "inverting: the workers decode with Pillow and invert" in decoder_help()
     with pytest.raises(ConfigError, match="decoder must be 'auto', 'dali', 'pillow', 'opencv' or 'inverting', got 'x'"):
         choose_decoder("x", "cpu")
-    with pytest.raises(ConfigError, match="hw_decoder_load applies to decoder='dali', not to decoder='inverting'"):
+    with pytest.raises(
+        ConfigError, match="hw_decoder_load applies to decoder='dali' on the GPU, not to decoder='inverting'"
+    ):
         choose_decoder("inverting", "gpu", hw_decoder_load=0.5)
-    with pytest.raises(ConfigError, match="jpeg_scaling applies to decoder='pillow', 'opencv' or 'inverting'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"jpeg_scaling applies where the workers decode \(decoder 'inverting', 'opencv' or 'pillow'\)",
+    ):
         choose_decoder("dali", "gpu", jpeg_scaling="fast")
 
 
@@ -118,7 +123,9 @@ def test_settings_go_to_the_decoder_that_takes_them():
     assert choose_decoder("auto", "gpu", jpeg_scaling="fast") == DaliDecoder()  # auto: DALI ignores it
     with pytest.raises(ConfigError, match=r"unknown decoder setting colour='red'; decoders take hw_decoder_load, "):
         choose_decoder("pillow", "cpu", colour="red")
-    with pytest.raises(ConfigError, match="hw_decoder_load applies to decoder='dali', not to decoder='opencv'"):
+    with pytest.raises(
+        ConfigError, match="hw_decoder_load applies to decoder='dali' on the GPU, not to decoder='opencv'"
+    ):
         choose_decoder("auto", "cpu", hw_decoder_load=0.5)  # auto does not drop a setting the user aimed at dali
 
 

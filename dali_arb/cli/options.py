@@ -134,7 +134,7 @@ def _repeats(text: str) -> list[float]:
 
 
 def add_cache_option(parser: argparse.ArgumentParser) -> None:
-    """``--cache-dir``: where the manifest's memory-mapped cache lives (``dataplane.py``)."""
+    """``--cache-dir``: where the manifest's memory-mapped cache lives (``data/cache.py``)."""
     parser.add_argument(
         "--cache-dir",
         default=None,

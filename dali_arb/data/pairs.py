@@ -8,7 +8,7 @@ and which are masks (1 channel, [0, 1]) is recorded in the Parquet schema's meta
 (``dali_arb.data.pairs``). A pair of another size must have the image's aspect (within
 :data:`ASPECT_TOLERANCE`): the loader cuts the same window, scaled, from it.
 
-Imports only the standard library and pyarrow.
+Imports only the standard library, pyarrow and ``errors``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """One ``build_index`` call as the readers see it: :class:`IndexRun` (where a reader puts rows and rejects, the
 worker pool it submits header reading to) and :class:`IndexSummary` (what the call did).
 
-Imports pyarrow and the standard library; ``folders`` for the folder walk and the rows of an earlier manifest.
+Imports pyarrow, the standard library, ``data.manifest``, ``data.pairs``, ``processes``, ``records`` and ``folders``
+(the folder walk and the rows of an earlier manifest).
 """
 
 from __future__ import annotations

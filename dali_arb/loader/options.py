@@ -2,12 +2,13 @@
 
 ``DALIBucketIterator(datasets, options=LoaderOptions(...))`` is the grouped spelling; the keyword arguments of
 earlier versions build the same objects (:meth:`LoaderOptions.from_keywords`), and so does the CLI. Imports the
-plan layer and the loader's registries (decoders, worker kinds); no DALI, no torch.
+plan layer, ``data.manifest`` and the loader's registries (decoders, worker kinds); no DALI, no torch.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -18,7 +19,7 @@ from ..plan.buckets import BucketSpec
 from ..plan.captions import CaptionPolicy
 from ..plan.mixture import check_repeats
 from ..plan.planner import LeftoverPolicy
-from .decoders import Decoder
+from .decoders import JPEG_SCALINGS, Decoder
 from .decoders.registry import check_decoder_name
 from .workers import check_worker_kind
 
@@ -38,11 +39,29 @@ DTYPES = ("float16", "bfloat16", "float32", "uint8")
 DEVICES = ("auto", "gpu", "cpu")
 
 
-def _count(name: str, value: Any, *, least: int, what: str = "") -> None:
-    """A ConfigError echoing ``value`` unless it is an int (not a bool) of at least ``least``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+def _count(name: str, value: Any, *, least: int, what: str = "") -> int:
+    """``value`` as an int, or a ConfigError echoing it unless it is an integer (NumPy's too, not a bool) of at
+    least ``least``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
         kind = "non-negative" if least == 0 else "positive"
         raise ConfigError(f"{name} must be a {kind} integer{what}, got {value!r}")
+    return int(value)
+
+
+def _share(name: str, value: Any, *, what: str = "a share in [0, 1]", top: float = 1.0) -> float:
+    """``value`` as a float, or a ConfigError echoing it unless it is a finite number in ``[0, top]``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= top:
+        raise ConfigError(f"{name} must be {what}, got {value!r}")
+    return float(value)
+
+
+def _path(name: str, value: Any) -> None:
+    if value is not None and not (isinstance(value, (str, os.PathLike)) and os.fspath(value)):
+        raise ConfigError(f"{name} must be a folder path, got {value!r}")
+
+
+def _set(obj: Any, name: str, value: Any) -> None:
+    object.__setattr__(obj, name, value)
 
 
 @dataclass(frozen=True)
@@ -56,8 +75,7 @@ class Augment:
     def __post_init__(self) -> None:
         if self.crop not in ("random", "center"):
             raise ConfigError(f"crop must be 'random' or 'center', got {self.crop!r}")
-        if isinstance(self.flip, bool) or not isinstance(self.flip, (int, float)) or not 0.0 <= self.flip <= 1.0:
-            raise ConfigError(f"flip must be a probability in [0, 1], got {self.flip!r}")
+        _set(self, "flip", _share("flip", self.flip, what="a probability in [0, 1]"))
 
     def to_dict(self) -> dict[str, Any]:
         return {"crop": self.crop, "flip": float(self.flip)}
@@ -82,13 +100,19 @@ class Decode:
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.num_threads is not None:
-            _count("num_threads", self.num_threads, least=1)
+            _set(self, "num_threads", _count("num_threads", self.num_threads, least=1))
+        if self.jpeg_scaling is not None and self.jpeg_scaling not in JPEG_SCALINGS:
+            raise ConfigError(
+                f"jpeg_scaling must be one of {', '.join(map(repr, JPEG_SCALINGS))}, got {self.jpeg_scaling!r}"
+            )
+        if self.hw_decoder_load is not None:
+            _set(self, "hw_decoder_load", _share("hw_decoder_load", self.hw_decoder_load))
         if self.device not in DEVICES:
             raise ConfigError(f"device must be 'auto', 'gpu' or 'cpu', got {self.device!r}")
         if not isinstance(self.decoder, Decoder):
             check_decoder_name(self.decoder)
         if self.device_id is not None:
-            _count("device_id", self.device_id, least=0)
+            _set(self, "device_id", _count("device_id", self.device_id, least=0))
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -108,9 +132,9 @@ class Workers:
 
     def __post_init__(self) -> None:
         if self.count is not None:
-            _count("workers", self.count, least=0)
+            _set(self, "count", _count("workers", self.count, least=0))
         check_worker_kind(self.kind)
-        _count("prefetch", self.prefetch, least=1)
+        _set(self, "prefetch", _count("prefetch", self.prefetch, least=1))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,10 +152,12 @@ class Remote:
 
     def __post_init__(self) -> None:
         if self.read_ahead is not None:
-            _count("read_ahead", self.read_ahead, least=0, what=" (steps)")
+            _set(self, "read_ahead", _count("read_ahead", self.read_ahead, least=0, what=" (steps)"))
         gb = self.sample_cache_gb
-        if isinstance(gb, bool) or not isinstance(gb, (int, float)) or gb <= 0:
+        if isinstance(gb, bool) or not isinstance(gb, numbers.Real) or not math.isfinite(gb) or gb <= 0:
             raise ConfigError(f"sample_cache_gb must be a positive number, got {gb!r}")
+        _set(self, "sample_cache_gb", float(gb))
+        _path("sample_cache", self.sample_cache)
 
     def to_dict(self) -> dict[str, Any]:
         cache = None if self.sample_cache is None else os.fspath(self.sample_cache)
@@ -149,12 +175,12 @@ class Dataset:
     repeats: float | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.manifest, (str, os.PathLike, Manifest)):
+        if not isinstance(self.manifest, (str, os.PathLike, Manifest)) or self.manifest == "":
             raise ConfigError(f"a dataset's manifest must be a path or a Manifest, got {self.manifest!r:.80}")
         if self.buckets is not None and not isinstance(self.buckets, BucketSpec):
             raise ConfigError(f"buckets must be a BucketSpec, got {type(self.buckets).__name__}")
         r = self.repeats
-        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r < 0):
+        if r is not None and (isinstance(r, bool) or not isinstance(r, numbers.Real) or not math.isfinite(r) or r < 0):
             raise ConfigError(f"repeats must be a non-negative number (3, 0.5), got {r!r}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -190,7 +216,15 @@ class LoaderOptions:
                            ("captions", CaptionPolicy)):  # fmt: skip
             if not isinstance(getattr(self, name), kind):
                 raise ConfigError(f"{name} must be a {kind.__name__}, got {getattr(self, name)!r:.80}")
-        object.__setattr__(self, "leftover", LeftoverPolicy.parse(self.leftover))
+        _set(self, "batch_size", _count("batch_size", self.batch_size, least=1))
+        _set(self, "seed", _count("seed", self.seed, least=0))
+        for name in ("rank", "world_size"):
+            if getattr(self, name) is not None:
+                _set(self, name, _count(name, getattr(self, name), least=0 if name == "rank" else 1))
+        if not isinstance(self.sync_ranks, bool):
+            raise ConfigError(f"sync_ranks must be True or False, got {self.sync_ranks!r}")
+        _path("cache_dir", self.cache_dir)
+        _set(self, "leftover", LeftoverPolicy.parse(self.leftover))
 
     @classmethod
     def from_keywords(cls, **keywords: Any) -> LoaderOptions:
@@ -204,8 +238,11 @@ class LoaderOptions:
                 groups[group][name] = value
             elif key in _TOP_LEVEL:
                 top[key] = value
-            else:
-                raise ConfigError(f"unknown loader option {key!r}; see help(dali_arb.DALIBucketIterator)")
+            else:  # as Python says of any other unknown keyword (a TypeError), with what the loader takes
+                raise TypeError(
+                    f"DALIBucketIterator() got an unexpected keyword argument {key!r}; it takes "
+                    f"{', '.join(sorted([*_KEYWORD_TO_FIELD, *_TOP_LEVEL, 'buckets', 'repeats', 'options']))}"
+                )
         if "batch_size" not in top:
             raise ConfigError("batch_size is required (samples per batch on this rank)")
         built = {name: kind(**groups[name]) for name, kind in _GROUPED.items()}

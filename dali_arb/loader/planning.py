@@ -1,5 +1,6 @@
 """THE planner factory: what decides the batches (:class:`LoaderConfig`) and the one way a loader's
-:class:`~dali_arb.plan.planner.Planner` is made from manifests. Imports NumPy, the plan and the data layer."""
+:class:`~dali_arb.plan.planner.Planner` is made from manifests. Imports the plan layer, ``data.manifest`` and
+``loader.options``."""
 
 from __future__ import annotations
 

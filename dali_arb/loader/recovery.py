@@ -1,7 +1,8 @@
 """Keeping a run alive: watching DALI's worker processes while a batch is made, leaving a pipeline whose
 worker died without waiting on it, and finding which samples of a failed batch DALI cannot decode.
 
-Imports the standard library; DALI only through the pipelines it is handed.
+Imports the standard library, NumPy, ``errors``, ``processes`` and (lazily) ``contracts``; DALI's backend only to
+hand unused memory back after a failed run (:func:`release_unused_memory`).
 """
 
 from __future__ import annotations

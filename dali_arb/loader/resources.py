@@ -1,7 +1,7 @@
 """What a loader's set-up sizes from the manifest and the machine: the GPU decoder's preallocation, the batches
 the workers compute ahead (and the ``/dev/shm`` they need), and the reads from object storage ahead of the plan.
 
-Imports NumPy and the data layer; no DALI, no torch.
+Imports NumPy, the plan and data layers and ``loader.decoders`` (``loader.source`` lazily); no DALI, no torch.
 """
 
 from __future__ import annotations

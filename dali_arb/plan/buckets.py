@@ -1,7 +1,7 @@
 """Bucket resolutions (NovelAI's algorithm) and vectorised assignment of images to buckets.
 
 Sizes are ``(height, width)`` in the Python API; human-facing text writes ``WxH``.
-This module imports only the standard library and NumPy.
+This module imports only the standard library, NumPy and ``errors``.
 """
 
 from __future__ import annotations
@@ -275,7 +275,7 @@ class PlannedIndex:
 @dataclass(frozen=True, eq=False)
 class BucketIndex(PlannedIndex):
     """Images grouped by bucket: what the planner reads. Built once per manifest and bucket options, and
-    memory-mapped from the cache by every process of a node (``dataplane.py``), so that it holds no
+    memory-mapped from the cache by every process of a node (``data/cache.py``), so that it holds no
     per-row Python object and no private per-row array.
 
     Attributes:

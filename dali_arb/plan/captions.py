@@ -10,7 +10,7 @@ tags are joined with ``separator + " "``.
 
 Every draw of a sample comes from ``np.random.default_rng([seed, epoch, step, position, CAPTION_STREAM])``
 (``position``: the sample's place in the global batch), so it is the same on any world size and after a
-resume. Imports only the standard library and NumPy.
+resume. Imports only the standard library, NumPy and ``errors``.
 """
 
 from __future__ import annotations

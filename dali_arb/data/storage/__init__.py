@@ -65,8 +65,6 @@ from .objects import (
 from .retries import check_size, check_version, failed, is_transient, translated, with_retries
 from .schemes import SCHEMES, URL_PATTERN, backend_of, endpoint_of, is_url, split_url, store_name, store_of
 
-# the names other modules import under their old, private spelling (to be renamed there: see issue 19)
-
 __all__ = [
     "BACKOFF_S",
     "COALESCE_GAP",

@@ -69,7 +69,8 @@ class Decoder:
         settings: the keyword settings of ``choose_decoder`` it takes (fields of its own).
         ignored_under_auto: settings of other decoders it drops quietly when ``decoder="auto"`` chose it (it has
             nothing to do with them); any other setting it does not take is refused.
-        refusals: ``((setting, why), ...)``: why it refuses a setting, for the error message.
+        refusals: ``((setting, message), ...)``: the whole error message when this decoder is given a setting it
+            refuses (``{name}``, ``{value}`` and ``{owners}``, the decoders that take it, are filled in); others get a message built from the table.
     """
 
     name: ClassVar[str]

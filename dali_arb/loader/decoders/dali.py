@@ -37,7 +37,10 @@ class DaliDecoder(Decoder):
     summary: ClassVar[str] = "DALI decodes and resizes (nvJPEG on GPU, libjpeg-turbo on CPU)"
     settings: ClassVar[tuple[str, ...]] = ("hw_decoder_load", "preallocate")
     ignored_under_auto: ClassVar[tuple[str, ...]] = ("jpeg_scaling",)  # DALI decodes at full resolution
-    refusals: ClassVar[tuple[tuple[str, str], ...]] = (("jpeg_scaling", "always decodes at full resolution"),)
+    refusals: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("jpeg_scaling", "jpeg_scaling applies where the workers decode (decoder {owners}); decoder 'dali' "
+         "always decodes at full resolution, so drop jpeg_scaling={value!r} or choose another decoder"),
+    )  # fmt: skip
     part_outputs: ClassVar[tuple[Output, ...]] = (
         Output("encoded", "UINT8"),
         Output("roi_start", "FLOAT"),

@@ -1,6 +1,6 @@
 """The ``opencv`` decoder: as ``pillow`` (the workers decode, resize and crop), with OpenCV's libjpeg-turbo for
-JPEGs (straight to RGB, at a reduced DCT scale where ``jpeg_scaling`` allows). Imports NumPy and the decoder
-base; OpenCV when it decodes."""
+JPEGs (straight to RGB, at a reduced DCT scale where ``jpeg_scaling`` allows). Imports NumPy, the decoder
+base, the ``pillow`` decoder it extends, ``contracts`` and ``plan.geometry``; OpenCV when it decodes."""
 
 from __future__ import annotations
 

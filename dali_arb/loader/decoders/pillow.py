@@ -29,6 +29,9 @@ class PillowDecoder(Decoder):
     name: ClassVar[str] = "pillow"
     summary: ClassVar[str] = "the workers decode with Pillow at reduced DCT scale"
     settings: ClassVar[tuple[str, ...]] = ("jpeg_scaling",)
+    refusals: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("hw_decoder_load", "hw_decoder_load applies to decoder='dali' on the GPU, not to decoder={name!r}"),
+    )
     part_outputs: ClassVar[tuple[Output, ...]] = (Output("image", "UINT8", "HWC"),)
     jpeg_scaling: str = "quality"
 

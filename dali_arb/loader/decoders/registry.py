@@ -74,10 +74,11 @@ def _refused(setting: str, value: Any, cls: type[Decoder]) -> ConfigError:
     if not owners:
         known = sorted({s for c in DECODERS.values() for s in c.settings} | set(HINTS))
         return ConfigError(f"unknown decoder setting {setting}={value!r}; decoders take {', '.join(known)}")
-    why = dict(cls.refusals).get(setting)
-    note = f" (decoder {cls.name!r} {why})" if why else ""
+    message = dict(cls.refusals).get(setting)
+    if message:
+        return ConfigError(message.format(name=cls.name, value=value, owners=_alternatives(sorted(owners))))
     return ConfigError(
-        f"{setting} applies to decoder={_alternatives(owners)}, not to decoder={cls.name!r}{note}; "
+        f"{setting} applies to decoder={_alternatives(owners)}, not to decoder={cls.name!r}; "
         f"drop {setting}={value!r} or choose another decoder"
     )
 
