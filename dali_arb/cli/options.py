@@ -78,27 +78,37 @@ def read_bucket_sizes(text: str) -> list[tuple[int, int]]:
     ``.csv`` of one size a line), or is JSON (``.json``, or text starting with ``[``): a list of ``"WxH"`` strings,
     ``[width, height]`` pairs or ``{"width": w, "height": h}`` objects. Text that is not a file but a list of
     sizes (``1024x1024,896x1152``) is read as that list."""
+    listed = _listed_sizes(text)
+    try:
+        return list(BucketSpec.from_sizes(listed).bucket_sizes or ())
+    except ConfigError as exc:  # a bad entry, a size given twice
+        raise ConfigError(f"{text}: {exc}") from None
+
+
+def _listed_sizes(text: str) -> list:
+    """The entries ``--bucket-sizes text`` lists, unchecked (see :func:`read_bucket_sizes`)."""
     path = Path(text)
-    if not path.is_file():
+    try:
+        is_file = path.is_file()
+    except OSError:  # a name too long for a file: an inline list
+        is_file = False
+    if not is_file:
         if re.fullmatch(r"[\s,;]*\d+\s*[xX]\s*\d+([\s,;]+\d+\s*[xX]\s*\d+)*[\s,;]*", text):
-            return parse_sizes(text, what="bucket sizes")
+            return parse_sizes(text)
         raise ConfigError(f"{text}: no such file (give a file of WxH lines, or WxH,WxH,... inline)")
     try:
         content = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{text}: cannot read it ({exc})") from None
-    if path.suffix.lower() == ".json" or content.lstrip().startswith("["):
-        try:
-            listed = json.loads(content)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{text}: not valid JSON ({exc})") from None
-        if not isinstance(listed, list):
-            raise ConfigError(f"{text}: the JSON must be a list of sizes, got a {type(listed).__name__}")
-        try:
-            return list(BucketSpec.from_sizes(listed).bucket_sizes or ())
-        except ConfigError as exc:
-            raise ConfigError(f"{text}: {exc}") from None
-    return parse_sizes(content, what=f"{text}")
+    if path.suffix.lower() != ".json" and not content.lstrip().startswith("["):
+        return parse_sizes(content, what=text)
+    try:
+        listed = json.loads(content)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{text}: not valid JSON ({exc})") from None
+    if not isinstance(listed, list):
+        raise ConfigError(f"{text}: the JSON must be a list of sizes, got a {type(listed).__name__}")
+    return listed
 
 
 def _bucket_sizes(text: str) -> list[tuple[int, int]]:
