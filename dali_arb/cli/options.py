@@ -4,9 +4,12 @@ and plan options. Imports nothing of the loader."""
 from __future__ import annotations
 
 import argparse
+import json
+import re
+from pathlib import Path
 
 from ..errors import ConfigError
-from ..plan.buckets import BucketSpec, parse_size
+from ..plan.buckets import BucketSpec, parse_area, parse_size, parse_sizes
 from ..plan.planner import LeftoverPolicy
 
 __all__ = [
@@ -18,6 +21,7 @@ __all__ = [
     "non_negative_int",
     "positive_int",
     "probability",
+    "read_bucket_sizes",
     "spec_from_args",
 ]
 
@@ -60,24 +64,85 @@ def _size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _area(text: str) -> int:
+    try:
+        return parse_area(text, what="area")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def read_bucket_sizes(text: str) -> list[tuple[int, int]]:
+    """``--bucket-sizes``: the ``(width, height)`` buckets listed in the file ``text``, or written inline.
+
+    The file holds ``WxH`` sizes separated by new lines, commas or blanks, ``#`` starting a comment (a ``.txt`` or
+    ``.csv`` of one size a line), or is JSON (``.json``, or text starting with ``[``): a list of ``"WxH"`` strings,
+    ``[width, height]`` pairs or ``{"width": w, "height": h}`` objects. Text that is not a file but a list of
+    sizes (``1024x1024,896x1152``) is read as that list."""
+    listed = _listed_sizes(text)
+    try:
+        return list(BucketSpec.from_sizes(listed).bucket_sizes or ())
+    except ConfigError as exc:  # a bad entry, a size given twice
+        raise ConfigError(f"{text}: {exc}") from None
+
+
+def _listed_sizes(text: str) -> list:
+    """The entries ``--bucket-sizes text`` lists, unchecked (see :func:`read_bucket_sizes`)."""
+    path = Path(text)
+    try:
+        is_file = path.is_file()
+    except OSError:  # a name too long for a file: an inline list
+        is_file = False
+    if not is_file:
+        if re.fullmatch(r"[\s,;]*\d+\s*[xX]\s*\d+([\s,;]+\d+\s*[xX]\s*\d+)*[\s,;]*", text):
+            return parse_sizes(text)
+        raise ConfigError(f"{text}: no such file (give a file of WxH lines, or WxH,WxH,... inline)")
+    try:
+        content = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{text}: cannot read it ({exc})") from None
+    if path.suffix.lower() != ".json" and not content.lstrip().startswith("["):
+        return parse_sizes(content, what=text)
+    try:
+        listed = json.loads(content)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{text}: not valid JSON ({exc})") from None
+    if not isinstance(listed, list):
+        raise ConfigError(f"{text}: the JSON must be a list of sizes, got a {type(listed).__name__}")
+    return listed
+
+
+def _bucket_sizes(text: str) -> list[tuple[int, int]]:
+    try:
+        return read_bucket_sizes(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_bucket_options(parser: argparse.ArgumentParser) -> None:
-    """The bucket options, same names wherever buckets are involved (CONTRACT.md)."""
+    """The bucket options, same names wherever buckets are involved (CONTRACT.md). Geometry options default to
+    ``None`` (NovelAI's, or what ``--resolution`` / ``--bucket-sizes`` set), so that a clash can be named."""
     d = BucketSpec()
     g = parser.add_argument_group("bucket options")
     g.add_argument(
-        "--max-area",
-        type=positive_int,
-        default=d.max_area,
-        help=f"largest bucket area in pixels (default {d.max_area})",
-    )
+        "--resolution", type=positive_int, default=None, metavar="R",
+        help="preset: buckets of area R*R, sides R/2..2R in steps of --step, base RxR (1024: SDXL-class, 33 "
+        "buckets); instead of --max-area, --min-dim, --max-dim and --base",
+    )  # fmt: skip
     g.add_argument(
-        "--min-dim", type=positive_int, default=d.min_dim, help=f"smallest bucket side (default {d.min_dim})"
-    )
-    g.add_argument("--max-dim", type=positive_int, default=d.max_dim, help=f"largest bucket side (default {d.max_dim})")
+        "--bucket-sizes", type=_bucket_sizes, default=None, metavar="FILE",
+        help="exactly these buckets: a file of WxH sizes, one a line (# comments), or JSON [\"WxH\", ...]; "
+        "or WxH,WxH,... inline",
+    )  # fmt: skip
     g.add_argument(
-        "--step", type=positive_int, default=d.step, help=f"bucket sides are multiples of this (default {d.step})"
+        "--max-area", type=_area, default=None, metavar="AREA",
+        help="largest bucket area in pixels: N, W*H or WxH (default 512*768)",
+    )  # fmt: skip
+    g.add_argument("--min-dim", type=positive_int, default=None, help=f"smallest bucket side (default {d.min_dim})")
+    g.add_argument("--max-dim", type=positive_int, default=None, help=f"largest bucket side (default {d.max_dim})")
+    g.add_argument(
+        "--step", type=positive_int, default=None, help=f"bucket sides are multiples of this (default {d.step})"
     )
-    g.add_argument("--base", type=_size, default=d.base, metavar="WxH", help="base bucket (default 512x512)")
+    g.add_argument("--base", type=_size, default=None, metavar="WxH", help="base bucket (default 512x512)")
     g.add_argument(
         "--no-upscale", action="store_true", help="never enlarge images; small ones go to scaled-down buckets"
     )
@@ -87,12 +152,24 @@ def add_bucket_options(parser: argparse.ArgumentParser) -> None:
         default=d.max_aspect_error,
         help=f"reject images whose |log aspect| is further than this from every bucket (default {d.max_aspect_error}; 'inf' keeps all)",
     )
+    g.add_argument(
+        "--min-size", type=positive_int, default=None, metavar="PIXELS",
+        help="reject images whose short side is under this (instead of enlarging them; default: keep all)",
+    )  # fmt: skip
+    g.add_argument(
+        "--min-area", type=_area, default=None, metavar="AREA",
+        help="reject images of fewer pixels than this: N, W*H or WxH (default: keep all)",
+    )  # fmt: skip
+
+
+#: The bucket options ``spec_from_args`` passes on when given (``None``: not given).
+_SPEC_OPTIONS = ("resolution", "bucket_sizes", "max_area", "min_dim", "max_dim", "step", "base", "min_size", "min_area")
 
 
 def spec_from_args(args: argparse.Namespace) -> BucketSpec:
-    """The :class:`BucketSpec` of the parsed bucket options."""
-    names = ("max_area", "min_dim", "max_dim", "step", "base", "no_upscale", "max_aspect_error")
-    return BucketSpec.from_dict({name: getattr(args, name) for name in names})
+    """The :class:`BucketSpec` of the parsed bucket options; a ConfigError names options that clash."""
+    given = {name: getattr(args, name) for name in _SPEC_OPTIONS if getattr(args, name, None) is not None}
+    return BucketSpec(no_upscale=args.no_upscale, max_aspect_error=args.max_aspect_error, **given)
 
 
 def add_plan_options(parser: argparse.ArgumentParser, *, batch_required: bool) -> None:

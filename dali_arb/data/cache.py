@@ -596,6 +596,7 @@ class ManifestCache:
             widths=self.array("width"),
             rejected_aspect=int(meta["rejected_aspect"]),
             rejected_too_small=int(meta["rejected_too_small"]),
+            rejected_min_size=int(meta.get("rejected_min_size", 0)),
             served_p99=meta.get("served_p99"),
             **load,
         )
@@ -754,6 +755,7 @@ def _build_buckets(cache: ManifestCache, spec: BucketSpec, options: str, folder:
         "no_upscale": index.no_upscale,
         "rejected_aspect": index.rejected_aspect,
         "rejected_too_small": index.rejected_too_small,
+        "rejected_min_size": index.rejected_min_size,
         "served_p99": _served_p99(cache, index.members),
     }
     _write_meta(folder, meta)
