@@ -16,7 +16,6 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..plan.batching import BatchSizing
-from .options import positive_int
 
 __all__ = ["add_batch_options", "batch_from_args", "parse_pixels", "read_batch_sizes"]
 
@@ -63,6 +62,17 @@ def read_batch_sizes(path: str | Path) -> dict[tuple[int, int], int]:
     return table
 
 
+def _positive(text: str) -> int:
+    """A positive integer (``--batch-size``, ``--max-batch``, ``--batch-multiple``); a ConfigError otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise ConfigError(f"expected a positive integer, got {text}")
+    return value
+
+
 def _argparse_type(parse):
     """``parse`` as an argparse type: its ConfigError becomes argparse's one-line usage error."""
 
@@ -81,7 +91,7 @@ def add_batch_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
     ``--max-batch`` and ``--batch-multiple`` (with ``--batch-pixels``). Read them with :func:`batch_from_args`."""
     one = parser.add_mutually_exclusive_group(required=required)
     one.add_argument(
-        "--batch-size", "-b", type=positive_int, default=None,
+        "--batch-size", "-b", type=_argparse_type(_positive), default=None,
         help="images per batch per rank, the same for every bucket" + ("" if required else " (default 16)"),
     )  # fmt: skip
     one.add_argument(
@@ -94,11 +104,11 @@ def add_batch_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
         help="images per rank and step for each bucket: one WxH=B line per bucket served (1024x1024=4)",
     )  # fmt: skip
     parser.add_argument(
-        "--max-batch", type=positive_int, default=None, metavar="B",
+        "--max-batch", type=_argparse_type(_positive), default=None, metavar="B",
         help="with --batch-pixels: at most B images per rank and step",
     )  # fmt: skip
     parser.add_argument(
-        "--batch-multiple", type=positive_int, default=None, metavar="M",
+        "--batch-multiple", type=_argparse_type(_positive), default=None, metavar="M",
         help="with --batch-pixels: round each bucket's images down to a multiple of M (where one fits)",
     )  # fmt: skip
 

@@ -8,6 +8,7 @@ import argparse
 from ..errors import ConfigError
 from ..plan.buckets import BucketSpec, parse_size
 from ..plan.planner import LeftoverPolicy
+from .batching import add_batch_options
 
 __all__ = [
     "EXIT_USAGE",
@@ -96,8 +97,6 @@ def spec_from_args(args: argparse.Namespace) -> BucketSpec:
 
 
 def add_plan_options(parser: argparse.ArgumentParser, *, batch_required: bool) -> None:
-    from .batching import add_batch_options  # (it imports this module's number types)
-
     g = parser.add_argument_group("plan options")
     add_batch_options(g, required=batch_required)  # --batch-size, or a pixel budget or table: batch_from_args
     g.add_argument("--world-size", type=positive_int, default=1, help="number of ranks (default 1)")

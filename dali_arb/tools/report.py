@@ -184,8 +184,8 @@ class _Images:
 class _Served:
     """What one epoch serves, on every rank: ``rows int64 (S,)`` (global rows, with duplicates), ``own int64 (S,)``
     the bucket of each, ``at int64 (S,)`` the bucket it is served at, its crop loss and whether it is upscaled
-    there; and rank 0's steps:
-    ``step_images int64 (steps,)`` and ``step_bucket int64 (steps,)``."""
+    there; and the steps of every rank, one after the other: ``step_images int64 (W * steps,)`` and
+    ``step_bucket int64 (W * steps,)``."""
 
     rows: np.ndarray
     own: np.ndarray
@@ -200,7 +200,7 @@ class _Served:
            sizes: np.ndarray) -> _Served:  # fmt: skip
         """From ``planner`` (rank 0) and the same planner for every other rank (made from its index)."""
         world = planner.world.world_size
-        parts, first = [], None
+        parts, steps = [], []
         for rank in range(world):
             same = planner if rank == 0 else Planner(
                 planner.index, batch_size=planned, world=World(rank, world), seed=planner.seed,
@@ -208,12 +208,13 @@ class _Served:
             )  # fmt: skip
             rows, bounds, bucket = plan_steps(same.epoch(epoch))
             parts.append((rows, np.repeat(bucket, np.diff(bounds))))
-            first = first or (np.diff(bounds), bucket)
+            steps.append((np.diff(bounds), bucket))
         rows = np.concatenate([p[0] for p in parts])
         at = np.concatenate([p[1] for p in parts])
         loss = crop_share(images.log_aspect[rows], bucket_log[at])
         upscaled = (sizes[at, 0] > images.heights[rows]) | (sizes[at, 1] > images.widths[rows])
-        return cls(rows, images.own[rows], at, loss, upscaled, first[0].astype(np.int64), first[1])
+        step_images = np.concatenate([s[0] for s in steps]).astype(np.int64)
+        return cls(rows, images.own[rows], at, loss, upscaled, step_images, np.concatenate([s[1] for s in steps]))
 
 
 def _per_bucket(sizing: BatchSizing, sizes: np.ndarray, needed: np.ndarray) -> np.ndarray:
@@ -278,7 +279,7 @@ def _totals(
     reasons = reject_reasons()
     codes = np.concatenate([a.reject_code for a in assignments]).astype(np.int64)
     by_code = np.bincount(codes, minlength=max(reasons, default=0) + 1)
-    pixels = served.step_images * index.sizes[served.step_bucket].prod(axis=1)  # (steps,) rank 0's pixels per step
+    pixels = served.step_images * index.sizes[served.step_bucket].prod(axis=1)  # (W * steps,) per rank and step
     return {
         "epoch": epoch,
         "images": int(sum(a.num_images for a in assignments)),
