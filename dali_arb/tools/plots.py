@@ -74,7 +74,8 @@ def plot_buckets(report: dict[str, Any], path: str | os.PathLike) -> dict[str, n
             ax.bar(x, heights, bottom=bottom, color=colour, hatch=hatch, edgecolor="#c0392b" if name == "trimmed"
                    else None, linewidth=0.6, label=legend.format(leftover=options["leftover"]))  # fmt: skip
         bottom = bottom + heights
-    ax.scatter(x, bars["served"], marker="_", s=160, color="black", zorder=3,
+    serving = bars["served"] > 0
+    ax.scatter(x[serving], bars["served"][serving], marker="_", s=160, color="black", zorder=3,
                label=f"served at this bucket in epoch {totals.get('epoch', 0)} (leftovers included)")  # fmt: skip
     for xi, top, n, t in zip(x, bars["top"], bars["images"].tolist(), bars["trimmed"].tolist()):
         ax.text(xi, top, f"{n}" + (f"\n-{t}" if t else ""), ha="center", va="bottom", fontsize=7,
