@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..plan.batching import BatchSizing
 from ..plan.buckets import format_size
+from .batching import batch_from_args
 from .options import (
     add_bucket_options,
     add_cache_option,
@@ -71,16 +73,21 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 def cmd_buckets(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
+    batch = batch_from_args(args, default=16)
     plot_path = png_path(args.plot, "--plot") if args.plot else None
     if not args.manifest:
         sizes = [{"width": int(w), "height": int(h)} for h, w in spec.sizes]
+        if not isinstance(batch, int) or args.batch_size is not None:  # the batch each bucket would get
+            per_step = BatchSizing.of(batch).per_bucket(spec.sizes).tolist()
+            sizes = [{**s, "images_per_step": b, "pixels_per_step": b * s["width"] * s["height"]}
+                     for s, b in zip(sizes, per_step)]  # fmt: skip
         if args.json:
             print(json.dumps({"buckets": sizes}))
         else:
-            print(" ".join(format_size(s["height"], s["width"]) for s in sizes))
+            print(" ".join(_bucket_word(s) for s in sizes))
         return 0
     from ..data.manifest import Manifest
-    from ..tools.report import bucket_report, format_report
+    from ..tools.report import REJECTED_LISTED, bucket_report, format_report
 
     manifests = [Manifest.open(path, cache_dir=args.cache_dir) for path in args.manifest]
     several = len(manifests) > 1 or args.repeats is not None
@@ -88,32 +95,68 @@ def cmd_buckets(args: argparse.Namespace) -> int:
         [m.heights for m in manifests] if several else manifests[0].heights,
         [m.widths for m in manifests] if several else manifests[0].widths,
         spec,
-        batch_size=args.batch_size,
+        batch_size=batch,
         world_size=args.world_size,
         seed=args.seed,
         leftover=args.leftover,
         sync_ranks=not args.independent_ranks,
         repeats=args.repeats,
+        epoch=args.epoch,
+        keys=[m.keys_at for m in manifests] if several else manifests[0].keys_at,
+        rejected_limit=None if args.rejected else REJECTED_LISTED,
     )
     report["manifest"] = str(args.manifest[0]) if len(args.manifest) == 1 else [str(p) for p in args.manifest]
+    if args.rejected:
+        write_rejected(report["rejected"], [str(p) for p in args.manifest], Path(args.rejected))
+        report["rejected"] = report["rejected"][:REJECTED_LISTED]
+        report["rejected_file"] = str(args.rejected)
     if args.plot:
         from ..tools.plots import plot_buckets
 
         plot_buckets(report, plot_path)
         report["plot"] = str(plot_path)
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps(report, ensure_ascii=False))
     else:
         print(format_report(report))
+        if args.rejected:
+            print(f"rejected images written to {args.rejected}")
         if args.plot:
             print(f"plot written to {plot_path}")
     return 0
+
+
+def _bucket_word(size: dict) -> str:
+    """``WxH``, with ``:B`` images per step when the report has them."""
+    word = format_size(size["height"], size["width"])
+    return f"{word}:{size['images_per_step']}" if "images_per_step" in size else word
+
+
+def write_rejected(rejected: list[dict], manifests: list[str], path: Path) -> None:
+    """The rejected images as CSV (``manifest,key,reason,width,height``; quoted as needed, so keys holding commas
+    or newlines survive), one row per image, written atomically."""
+    import csv
+    import io
+
+    text = io.StringIO()
+    out = csv.writer(text, lineterminator="\n")
+    out.writerow(["manifest", "key", "reason", "width", "height"])
+    for entry in rejected:
+        key = entry.get("key", entry["row"])
+        out.writerow([manifests[entry.get("dataset", 0)], key, entry["reason"], entry["width"], entry["height"]])
+    partial = path.with_name(path.name + ".partial")
+    try:
+        partial.write_text(text.getvalue(), encoding="utf-8")
+        partial.replace(path)
+    except OSError as exc:
+        raise ConfigError(f"--rejected: cannot write {str(path)!r}: {exc.strerror or exc}") from None
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from ..data.manifest import Manifest, ManifestSet
     from ..loader.planning import LoaderConfig, build_planner
     from ..plan.mixture import check_repeats
+    from ..tools.report import plan_steps
 
     if not 0 <= args.rank < args.world_size:
         raise ConfigError(
@@ -122,26 +165,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
     manifests = [Manifest.open(path, cache_dir=args.cache_dir) for path in args.manifest]
     several = len(manifests) > 1
     config = LoaderConfig(
-        batch_size=args.batch_size, spec=spec_from_args(args), seed=args.seed, rank=args.rank,
+        batch_size=batch_from_args(args, default=None), spec=spec_from_args(args), seed=args.seed, rank=args.rank,
         world_size=args.world_size, leftover=args.leftover, sync_ranks=not args.independent_ranks,
         crop="random", flip=0.0,
         repeats=check_repeats(args.repeats, len(manifests)) if several or args.repeats is not None else None,
     )  # fmt: skip
     plan = build_planner(config, manifests).epoch(args.epoch)  # the loader's own planner
     data = ManifestSet(manifests)
-    rows = plan.rows
+    rows, bounds, bucket = plan_steps(plan)  # (S,), (steps + 1,), (steps,): batches may differ in size
     keys = data.keys_at(rows)
-    datasets = data.dataset_of(rows).reshape(-1).tolist() if several else None
-    B = plan.batch_size
-    sizes = plan.sizes[plan.bucket]  # (steps, 2)
+    datasets = data.dataset_of(rows).tolist() if several else None
+    sizes = plan.sizes[bucket]  # (steps, 2)
     out = sys.stdout
     dumps = json.JSONEncoder(ensure_ascii=False).encode
     chunk: list[str] = []
-    for step, (h, w) in enumerate(sizes.tolist()):
-        extra = f', "datasets": {dumps(datasets[step * B : (step + 1) * B])}' if several else ""
-        chunk.append(
-            f'{{"step": {step}, "width": {w}, "height": {h}, "ids": {dumps(keys[step * B : (step + 1) * B])}{extra}}}\n'
-        )
+    for step, ((h, w), a, b) in enumerate(zip(sizes.tolist(), bounds[:-1].tolist(), bounds[1:].tolist())):
+        extra = f', "datasets": {dumps(datasets[a:b])}' if several else ""
+        chunk.append(f'{{"step": {step}, "width": {w}, "height": {h}, "ids": {dumps(keys[a:b])}{extra}}}\n')
         if len(chunk) >= 4096:
             out.write("".join(chunk))
             chunk.clear()
@@ -166,10 +206,13 @@ EPILOG_BUCKETS = """examples:
   dali-arb buckets photos.parquet --batch-size 16 --world-size 8
   dali-arb buckets photos.parquet --plot buckets.png --json
   dali-arb buckets a.parquet b.parquet --repeats 3,0.5   # two datasets, a thrice, half of b each epoch
+  dali-arb buckets photos.parquet --batch-pixels 16*512*512 --max-batch 32   # a pixel budget: images per bucket
+  dali-arb buckets photos.parquet --rejected rejected.csv --epoch 3          # name the rejected images
 """
 EPILOG_PLAN = """examples:
   dali-arb plan photos.parquet --batch-size 16 --world-size 8 --rank 3 --epoch 2 | head
   dali-arb plan a.parquet b.parquet --repeats 3,0.5 -b 16    # two datasets: ids with "datasets": [0, 1, ...]
+  dali-arb plan photos.parquet --batch-pixels 2048x2048      # a pixel budget: batches differ in size by bucket
 output: one JSON object per step: {"step": i, "width": w, "height": h, "ids": [...]}
 """
 
@@ -220,8 +263,10 @@ def register(sub: argparse._SubParsersAction, fmt: type) -> None:
         help="dry run: how a manifest falls into buckets",
         epilog=EPILOG_BUCKETS,
         formatter_class=fmt,
-        description="Report, per bucket, the images, full batches, leftovers, crop loss and upscaled share, "
-        "and totals per epoch. With no MANIFEST, list the bucket resolutions.",
+        description="Report, per bucket, the images, images and pixels per step, full batches, leftovers, trimmed "
+        "images, crop loss (at each image's own bucket, and as served in --epoch, leftovers included) and upscaled "
+        "share, and totals per epoch; name the rejected images. With no MANIFEST, list the bucket resolutions "
+        "(WxH:B with the images per step of a batch option).",
     )
     p.add_argument(
         "manifest", nargs="*", metavar="MANIFEST", help="manifest(s) from `dali-arb index` (several: one per dataset)"
@@ -231,6 +276,11 @@ def register(sub: argparse._SubParsersAction, fmt: type) -> None:
     add_cache_option(p)
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.add_argument("--plot", metavar="PNG", help="write a histogram of images per bucket")
+    p.add_argument("--epoch", type=non_negative_int, default=0, help="the epoch the report describes (default 0)")
+    p.add_argument(
+        "--rejected", metavar="CSV",
+        help="write every rejected image (manifest,key,reason,width,height) to this CSV file",
+    )  # fmt: skip
     p.set_defaults(func=cmd_buckets)
 
     p = sub.add_parser(

@@ -11,6 +11,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..plan.buckets import BucketSpec, parse_area, parse_size, parse_sizes
 from ..plan.planner import LeftoverPolicy
+from .batching import add_batch_options
 
 __all__ = [
     "EXIT_USAGE",
@@ -174,14 +175,7 @@ def spec_from_args(args: argparse.Namespace) -> BucketSpec:
 
 def add_plan_options(parser: argparse.ArgumentParser, *, batch_required: bool) -> None:
     g = parser.add_argument_group("plan options")
-    g.add_argument(
-        "--batch-size",
-        "-b",
-        type=positive_int,
-        required=batch_required,
-        default=None if batch_required else 16,
-        help="samples per batch per rank" + ("" if batch_required else " (default 16)"),
-    )
+    add_batch_options(g, required=batch_required)  # --batch-size, or a pixel budget or table: batch_from_args
     g.add_argument("--world-size", type=positive_int, default=1, help="number of ranks (default 1)")
     g.add_argument("--seed", type=non_negative_int, default=0, help="shared by all ranks (default 0)")
     g.add_argument(

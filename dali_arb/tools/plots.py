@@ -8,47 +8,109 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["contact_sheet", "plot_buckets"]
+__all__ = ["bucket_bars", "contact_sheet", "plot_buckets"]
 
 
-def plot_buckets(report: dict[str, Any], path: str | os.PathLike) -> None:
-    """Images per bucket, portrait to landscape, split into served-in-full-batches and leftovers,
-    with the totals (trimmed, dropped, duplicated, rejected) in the title. Writes a PNG."""
+#: A bar segment that holds images is drawn at least this share of the tallest bar, so that 1 image beside
+#: 2,000 still shows (its number is written above the bar).
+MIN_VISIBLE = 0.015
+
+#: The stacked segments of a bucket's bar, bottom to top: (key, colour, hatch, legend).
+SEGMENTS = (
+    ("full", "#3b75af", None, "in full batches at their own bucket"),
+    ("leftovers", "#ef8636", None, "leftovers served (policy: {leftover})"),
+    ("dropped", "#b0b0b0", "//", "dropped this epoch"),
+    ("trimmed", "#ffffff", "xx", "trimmed this epoch"),
+    ("duplicated", "#6aa84f", None, "served a second time (padding)"),
+)
+
+
+def bucket_bars(report: dict[str, Any]) -> dict[str, np.ndarray]:
+    """What :func:`plot_buckets` draws, per bucket of ``report["buckets"]`` (portrait to landscape), each
+    ``int64 (K,)``: ``full``, ``leftovers`` (served), ``dropped``, ``trimmed`` and ``duplicated`` images, their
+    drawn heights ``height_<name>`` (``float64``: a non-zero segment at least :data:`MIN_VISIBLE` of the tallest
+    bar), ``top`` (``float64``, where the label goes), ``images`` and ``served`` (samples served AT the bucket, as
+    served, pooled leftovers included); ``labels`` is a list of ``WxH``."""
+    buckets = report["buckets"]
+    take = lambda key: np.array([int(b.get(key, 0)) for b in buckets], np.int64)
+    dropped, leftovers = take("dropped"), take("leftovers")
+    values = {
+        "full": take("in_full_batches"),
+        "leftovers": np.maximum(leftovers - dropped, 0),
+        "dropped": dropped,
+        "trimmed": take("trimmed"),
+        "duplicated": take("duplicated"),
+    }
+    total = sum(values.values())
+    floor = MIN_VISIBLE * float(max(total.max(initial=0), take("served").max(initial=0), 1))
+    bars: dict[str, Any] = {"labels": [b["resolution"] for b in buckets], **values}
+    top = np.zeros(len(buckets))
+    for name, value in values.items():
+        bars[f"height_{name}"] = np.where(value > 0, np.maximum(value, floor), 0.0)
+        top = top + bars[f"height_{name}"]
+    bars.update(top=top, images=take("images"), served=take("served"))
+    return bars
+
+
+def plot_buckets(report: dict[str, Any], path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Images per bucket, portrait to landscape, stacked: in full batches, leftovers served, dropped, trimmed and
+    duplicated (:func:`bucket_bars`; small segments drawn tall enough to see), with a mark for the samples served
+    AT each bucket (leftovers pooled in included) and the totals in the title. Writes a PNG; returns the bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    buckets = report["buckets"]
+    bars = bucket_bars(report)
     totals, options = report["totals"], report["options"]
-    labels = [b["resolution"] for b in buckets]
-    unit = options["batch_size"] * (options["world_size"] if options["sync_ranks"] else 1)
-    full = np.array([b["full_batches"] * unit for b in buckets])
-    left = np.array([b["leftovers"] for b in buckets])
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.5 * len(labels) + 3), 4.8), dpi=120)
+    labels = bars["labels"]
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.5 * len(labels) + 3), 5.2), dpi=120)
     x = np.arange(len(labels))
-    ax.bar(x, full, color="#3b75af", label="in full batches at their own bucket")
-    ax.bar(x, left, bottom=full, color="#ef8636", label=f"leftovers (policy: {options['leftover']})")
-    for xi, b in zip(x, buckets):
-        ax.text(xi, b["images"], f"{b['images']}", ha="center", va="bottom", fontsize=7)
+    bottom = np.zeros(len(labels))
+    for name, colour, hatch, legend in SEGMENTS:
+        heights = bars[f"height_{name}"]
+        if heights.any() or name in ("full", "leftovers"):
+            ax.bar(x, heights, bottom=bottom, color=colour, hatch=hatch, edgecolor="#c0392b" if name == "trimmed"
+                   else None, linewidth=0.6, label=legend.format(leftover=options["leftover"]))  # fmt: skip
+        bottom = bottom + heights
+    serving = bars["served"] > 0
+    ax.scatter(x[serving], bars["served"][serving], marker="_", s=160, color="black", zorder=3,
+               label=f"served at this bucket in epoch {totals.get('epoch', 0)} (leftovers included)")  # fmt: skip
+    for xi, top, n, t in zip(x, bars["top"], bars["images"].tolist(), bars["trimmed"].tolist()):
+        ax.text(xi, top, f"{n}" + (f"\n-{t}" if t else ""), ha="center", va="bottom", fontsize=7,
+                color="#c0392b" if t else "black")  # fmt: skip
     ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=8)
     ax.set_xlabel("bucket (width x height), portrait → landscape")
     ax.set_ylabel("images")
-    ax.set_title(
-        f"{totals['usable']} images in {len(buckets)} buckets · batch {options['batch_size']} x {options['world_size']} ranks · "
-        f"{totals['steps_per_epoch']} steps/epoch\n"
-        f"per epoch: trimmed {totals['trimmed_per_epoch']}, dropped {totals['dropped_per_epoch']}, "
-        f"duplicated {totals['duplicated_per_epoch']} · rejected (aspect) {totals['rejected_aspect']}"
-        + (f", too small {totals['rejected_too_small']}" if options["no_upscale"] else ""),
-        fontsize=9,
-    )
+    ax.set_title(_title(report), fontsize=9)
     ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.margins(y=0.12)
+    ax.margins(y=0.15)
     fig.legend(fontsize=8, loc="lower center", ncol=2, frameon=False)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(path)
     plt.close(fig)
+    return bars
+
+
+def _title(report: dict[str, Any]) -> str:
+    totals, options = report["totals"], report["options"]
+    batch = options.get("batch") or {"batch_size": options["batch_size"]}
+    if batch.get("batch_size") is not None:
+        size = f"batch {batch['batch_size']}"
+    else:
+        size = f"{totals.get('images_per_step_min', '?')}-{totals.get('images_per_step_max', '?')} images/step"
+    rejected = ", ".join(f"{reason} {n}" for reason, n in totals.get("rejected", {}).items()) or "none"
+    served = totals.get("served_crop_loss")
+    crops = (
+        "" if served is None else f" · crop loss {100 * totals['mean_crop_loss']:.1f}% own, {100 * served:.1f}% served"
+    )
+    return (
+        f"{totals['usable']} images in {totals['buckets_used']} buckets · {size} x {options['world_size']} ranks · "
+        f"{totals['steps_per_epoch']} steps/epoch\n"
+        f"epoch {totals.get('epoch', 0)}: trimmed {totals['trimmed_per_epoch']}, dropped {totals['dropped_per_epoch']}, "
+        f"duplicated {totals['duplicated_per_epoch']} · rejected: {rejected}{crops}"
+    )
 
 
 def printable(text: str) -> str:
