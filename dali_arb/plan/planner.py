@@ -30,6 +30,7 @@ Shapes: ``N`` images in the manifest, ``M`` usable, ``K`` buckets, ``b_k`` image
 from __future__ import annotations
 
 import enum
+import itertools
 import math
 from collections.abc import Sequence
 from functools import cached_property
@@ -725,7 +726,7 @@ class Planner:
             buckets.append(k)
         offsets, bucket = np.array(bounds, np.int64), np.array(buckets, np.int64)
         if starved is not None:
-            keep = np.array([starved[owner[a:z]].any() for a, z in zip(bounds[:-1], bounds[1:])], bool)
+            keep = np.array([starved[owner[a:z]].any() for a, z in itertools.pairwise(bounds)], bool)
             kept = np.flatnonzero(keep)
             rows = pool[_ranges(offsets[kept], np.diff(offsets)[kept])]
             return _Blocks(rows, _offsets(np.diff(offsets)[kept]), bucket[kept])
