@@ -32,7 +32,7 @@ from __future__ import annotations
 import enum
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cached_property
 
 import numpy as np
@@ -187,6 +187,94 @@ class _Blocks:
         share = self.sizes // world_size
         rows = self.rows[_ranges(self.offsets[:-1] + rank * share, share)]
         return _Blocks(rows, _offsets(share), self.bucket)
+
+
+def _leftover_bucket(index: PlannedIndex, chunk: np.ndarray, log_aspect: np.ndarray) -> int:
+    """Bucket for a block of leftover rows (in leftover order, their log aspects given): among the index's
+    candidates for it (the spec's own buckets; with ``no_upscale``, those every image covers), the nearest to
+    its middle aspect."""
+    middle = (log_aspect.min() + log_aspect.max()) / 2
+    candidates = index.leftover_candidates(chunk)
+    return int(candidates[np.argmin(np.abs(index.bucket_log_aspect[candidates] - middle))])
+
+
+def _cut_pool(
+    index: PlannedIndex, pool: np.ndarray, owner: np.ndarray, units: np.ndarray, *, starved: np.ndarray | None = None
+) -> _Blocks:
+    """The pool (rows in leftover order, ``owner`` the bucket of each) cut into blocks, each served at the bucket
+    nearest its middle aspect (:func:`_leftover_bucket`) with that bucket's unit (``units`` ``int64 (K,)``); with
+    ``starved`` (``bool (K,)``, DROP), only the blocks that hold an image of a starved bucket.
+
+    A block of ``u`` rows starting at ``p`` takes the unit of its first image's bucket, then of the bucket its
+    rows choose, until the two agree (at most four rounds; else it shrinks to its bucket's unit). With one batch
+    size every block is one unit. The last block may be smaller than its bucket's unit (the ``rest`` rows)."""
+    log_aspect = index.log_aspect(pool) if len(pool) else np.zeros(0)
+    bounds, buckets = [0], []
+    p = 0
+    while p < len(pool):
+        rest = len(pool) - p
+        u = min(rest, int(units[owner[p]]))
+        for _ in range(4):
+            k = _leftover_bucket(index, pool[p : p + u], log_aspect[p : p + u])
+            if min(rest, int(units[k])) == u:
+                break
+            u = min(rest, int(units[k]))
+            k = _leftover_bucket(index, pool[p : p + u], log_aspect[p : p + u])
+        u = min(u, int(units[k]))
+        p += u
+        bounds.append(p)
+        buckets.append(k)
+    offsets, bucket = np.array(bounds, np.int64), np.array(buckets, np.int64)
+    if starved is None:
+        return _Blocks(pool.astype(np.int64), offsets, bucket)
+    kept = np.flatnonzero([starved[owner[a:z]].any() for a, z in itertools.pairwise(bounds)])
+    sizes = np.diff(offsets)[kept]
+    return _Blocks(pool[_ranges(offsets[kept], sizes)], _offsets(sizes), bucket[kept])
+
+
+MembersAt = Callable[[int, np.ndarray], np.ndarray]  # (bucket, positions of its shuffle) -> rows
+
+
+def _padded(members_at: MembersAt, counts: np.ndarray, full: np.ndarray, rem: np.ndarray, units: np.ndarray,
+            phase: np.ndarray, epoch: int) -> tuple[_Blocks, int, int]:  # fmt: skip
+    """DUPLICATE's last block of each bucket (``int64 (K,)`` ``counts``, whole blocks ``full``, remainders ``rem``,
+    ``units``), filled up with the earliest images of its shuffle: ``(blocks (each U_k rows), duplicated,
+    dropped)``. A bucket of ``n < U`` images would serve each one ``U / n`` times every epoch: it serves its block in
+    a share ``n / U`` of the epochs instead (moving rounding with the seeded ``phase``), so its images are served
+    once per epoch on average, like all others; when no block at all is due, the nearest to due serves."""
+    small = (counts > 0) & (counts < units)
+    rate = counts / units
+    due = ~small | (moving_round(rate, phase, epoch) > 0)
+    if small.any() and not full.any() and not due[small].any():
+        progress = np.where(small, np.mod(rate * epoch + phase, 1.0) + rate, -1.0)
+        due[int(np.argmax(progress))] = True
+    blocks: list[np.ndarray] = []
+    duplicated = 0
+    padded = np.flatnonzero((rem > 0) & due)
+    for k in padded.tolist():
+        pad = np.arange(units[k] - rem[k], dtype=np.int64) % counts[k]  # earliest images of the shuffle
+        positions = np.concatenate([np.arange(full[k] * units[k], counts[k], dtype=np.int64), pad])
+        blocks.append(members_at(k, positions))
+        duplicated += len(pad)
+    return _Blocks.join(blocks, padded.tolist()), duplicated, int(counts[~due].sum())
+
+
+def _partial(members_at: MembersAt, counts: np.ndarray, full: np.ndarray, rem: np.ndarray, units: np.ndarray,
+             world_size: int) -> tuple[_Blocks, int]:  # fmt: skip
+    """PARTIAL's last block of each bucket with ranks in sync: its ``r`` remaining images and ``W * ceil(r / W) - r``
+    repeats (the earliest of its shuffle), laid out so that rank ``q``'s contiguous share is slots ``q, q + W, ...``:
+    ``(blocks, duplicated)``."""
+    W = world_size
+    blocks: list[np.ndarray] = []
+    duplicated = 0
+    partial = np.flatnonzero(rem > 0)
+    for k in partial.tolist():
+        per_rank = -(-int(rem[k]) // W)
+        pad = np.arange(W * per_rank - rem[k], dtype=np.int64) % counts[k]
+        slots = members_at(k, np.concatenate([np.arange(full[k] * units[k], counts[k], dtype=np.int64), pad]))
+        blocks.append(slots.reshape(per_rank, W).T.reshape(-1))
+        duplicated += len(pad)
+    return _Blocks.join(blocks, partial.tolist()), duplicated
 
 
 class EpochPlan:
@@ -424,7 +512,6 @@ class Planner:
         self.sync_ranks = bool(sync_ranks)
         self.largest_first = bool(largest_first)
         self._sizes = self.index.sizes
-        self._log_sizes = self.index.bucket_log_aspect
         self._area = self._sizes[:, 0] * self._sizes[:, 1]
         W = self.world.world_size
         self.batch = self._per_bucket()
@@ -533,10 +620,14 @@ class Planner:
         full = kept // U
         rem = kept - full * U
         dropped = duplicated = 0
+
+        def members_at(k: int, positions: np.ndarray) -> np.ndarray:
+            return self._members_at(permutations, k, positions, epoch)
+
         if policy is LeftoverPolicy.DUPLICATE:
-            extra, duplicated, dropped = self._padded(permutations, counts, full, rem, epoch)
+            extra, duplicated, dropped = _padded(members_at, counts, full, rem, U, self._duplicate_phase, epoch)
         elif policy is LeftoverPolicy.PARTIAL:
-            extra, duplicated = self._partial_sync(permutations, counts, full, rem, epoch)
+            extra, duplicated = _partial(members_at, counts, full, rem, U, W)
         elif trim:  # NEAREST, or DROP with small buckets: the pool fills whole global batches
             pieces = [(k, full[k] * U[k], 1, rem[k]) for k in np.flatnonzero(rem).tolist()]
             pool, owner = self._leftovers(permutations, pieces, epoch)
@@ -560,50 +651,6 @@ class Planner:
             duplicated=duplicated,
             bucket_counts=kept[None, :],
         )
-
-    def _padded(
-        self, permutations: list[Permutation], counts: np.ndarray, full: np.ndarray, rem: np.ndarray, epoch: int
-    ) -> tuple[_Blocks, int, int]:
-        """DUPLICATE's last block of each bucket, filled up with the earliest images of its shuffle: ``(blocks
-        (each U_k rows), duplicated, dropped)``. A bucket of ``n < U`` images would serve each one ``U / n`` times
-        every epoch: it serves its block in a share ``n / U`` of the epochs instead (seeded moving rounding), so its
-        images are served once per epoch on average, like all others; when no block at all is due, the nearest to
-        due serves."""
-        U = self.units
-        small = (counts > 0) & (counts < U)
-        rate = counts / U
-        due = ~small | (moving_round(rate, self._duplicate_phase, epoch) > 0)
-        if small.any() and not full.any() and not due[small].any():
-            progress = np.where(small, np.mod(rate * epoch + self._duplicate_phase, 1.0) + rate, -1.0)
-            due[int(np.argmax(progress))] = True
-        blocks: list[np.ndarray] = []
-        duplicated = 0
-        padded = np.flatnonzero((rem > 0) & due)
-        for k in padded.tolist():
-            pad = np.arange(U[k] - rem[k], dtype=np.int64) % counts[k]  # earliest images of the shuffle
-            positions = np.concatenate([np.arange(full[k] * U[k], counts[k], dtype=np.int64), pad])
-            blocks.append(self._members_at(permutations, k, positions, epoch))
-            duplicated += len(pad)
-        return _Blocks.join(blocks, padded.tolist()), duplicated, int(counts[~due].sum())
-
-    def _partial_sync(
-        self, permutations: list[Permutation], counts: np.ndarray, full: np.ndarray, rem: np.ndarray, epoch: int
-    ) -> tuple[_Blocks, int]:
-        """PARTIAL's last block of each bucket: its ``r`` remaining images and ``W * ceil(r / W) - r`` repeats (the
-        earliest of its shuffle), laid out so that rank ``q`` takes slots ``q, q + W, ...``: ``(blocks,
-        duplicated)``."""
-        W = self.world.world_size
-        blocks: list[np.ndarray] = []
-        duplicated = 0
-        partial = np.flatnonzero(rem > 0)
-        for k in partial.tolist():
-            per_rank = -(-int(rem[k]) // W)
-            pad = np.arange(W * per_rank - rem[k], dtype=np.int64) % counts[k]
-            positions = np.concatenate([np.arange(full[k] * self.units[k], counts[k], dtype=np.int64), pad])
-            slots = self._members_at(permutations, k, positions, epoch)
-            blocks.append(slots.reshape(per_rank, W).T.reshape(-1))  # rank q's contiguous share: slots q::W
-            duplicated += len(pad)
-        return _Blocks.join(blocks, partial.tolist()), duplicated
 
     # -- independent: each rank buckets its own share (NovelAI) ---------------------------------
     def _plan_independent(self, epoch: int) -> EpochPlan:
@@ -699,38 +746,10 @@ class Planner:
     def _cut(
         self, pool: np.ndarray, owner: np.ndarray, units: np.ndarray, *, starved: np.ndarray | None = None
     ) -> _Blocks:
-        """The pool (in leftover order; a multiple of ``T``, of ``T / W`` per rank) cut into blocks, each served at
-        the bucket nearest its middle aspect (:meth:`_leftover_bucket`) with that bucket's unit (``units`` ``int64
-        (K,)``); with ``starved`` (``bool (K,)``, DROP), only the blocks that hold an image of a starved bucket.
-
-        A block of ``u`` rows starting at ``p`` takes the unit of its first image's bucket, then of the bucket its
-        rows choose, until the two agree (at most four rounds; else it shrinks to its bucket's unit). With one batch
-        size every block is one unit. The last block may be smaller than its bucket's unit (``rest`` rows)."""
+        """:func:`_cut_pool` of a pool that is a multiple of ``T`` (of ``T / W`` per rank with independent ranks)."""
         if len(pool) % (self._trim_unit // (1 if self.sync_ranks else self.world.world_size)):
             raise AssertionError(f"a leftover pool of {len(pool)} is no whole number of blocks of {self._trim_unit}")
-        log_aspect = self.index.log_aspect(pool) if len(pool) else np.zeros(0)
-        bounds, buckets = [0], []
-        p = 0
-        while p < len(pool):
-            rest = len(pool) - p
-            u = min(rest, int(units[owner[p]]))
-            for _ in range(4):
-                k = self._leftover_bucket(pool[p : p + u], log_aspect[p : p + u])
-                if min(rest, int(units[k])) == u:
-                    break
-                u = min(rest, int(units[k]))
-                k = self._leftover_bucket(pool[p : p + u], log_aspect[p : p + u])
-            u = min(u, int(units[k]))
-            p += u
-            bounds.append(p)
-            buckets.append(k)
-        offsets, bucket = np.array(bounds, np.int64), np.array(buckets, np.int64)
-        if starved is not None:
-            keep = np.array([starved[owner[a:z]].any() for a, z in itertools.pairwise(bounds)], bool)
-            kept = np.flatnonzero(keep)
-            rows = pool[_ranges(offsets[kept], np.diff(offsets)[kept])]
-            return _Blocks(rows, _offsets(np.diff(offsets)[kept]), bucket[kept])
-        return _Blocks(pool.astype(np.int64), offsets, bucket)
+        return _cut_pool(self.index, pool, owner, units, starved=starved)
 
     def _largest_block(self, full: np.ndarray, full_starts: np.ndarray, extra_bucket: np.ndarray) -> int | None:
         """The lowest-numbered block of the largest area (the first full block of a bucket, or an extra block), or
@@ -773,14 +792,6 @@ class Planner:
             leftover=self.leftover,
             **given,
         )
-
-    def _leftover_bucket(self, chunk: np.ndarray, log_aspect: np.ndarray) -> int:
-        """Bucket for a block of leftover rows (in leftover order, their log aspects given): among the index's
-        candidates for it (the spec's own buckets; with ``no_upscale``, those every image covers), the nearest to
-        its middle aspect."""
-        middle = (log_aspect.min() + log_aspect.max()) / 2
-        candidates = self.index.leftover_candidates(chunk)
-        return int(candidates[np.argmin(np.abs(self._log_sizes[candidates] - middle))])
 
 
 def make_planner(
