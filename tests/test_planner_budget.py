@@ -128,6 +128,9 @@ def test_partial_serves_every_remainder_at_its_own_bucket():
     assert (a.bucket[p.flat_rows] == np.repeat(p.bucket, p.batch_sizes)).all()
     assert p.trimmed == p.dropped == p.duplicated == 0
     assert sorted(p.batch_sizes[p.batch_sizes < 4].tolist()) == sorted((counts % 4)[counts % 4 > 0].tolist())
+    assert p.batch_size == 4 and p.offset == 0 and p.max_batch == 4
+    with pytest.raises(ValueError, match="steps differ in size"):
+        p.rows  # noqa: B018
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 8])

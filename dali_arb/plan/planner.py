@@ -291,8 +291,9 @@ class EpochPlan:
         max_batch: the largest batch of any step of any epoch (what a pipeline is built for; the same in every
             epoch).
         leftover: the :class:`LeftoverPolicy` this plan follows (never AUTO).
-        offset: ``rank * batch_size`` (position of this rank's samples inside every global batch) when every
-            step has the same size, else ``None``: use :meth:`offset_at`.
+        offset: ``rank * batch_size`` (position of this rank's samples inside a whole global batch) with one
+            batch size, ``None`` when it varies by bucket; :meth:`offset_at` is exact at every step (a smaller
+            PARTIAL or pooled step too).
         trimmed, dropped, duplicated: images trimmed / not served / served twice this epoch,
             over all ranks.
         bucket_counts: ``int64 (R, K)`` images per bucket this epoch, after trimming, for each unit
@@ -302,7 +303,7 @@ class EpochPlan:
 
     def __init__(self, *, index: PlannedIndex, permutations: list[Permutation], full_starts: np.ndarray,
                  first_position: np.ndarray, stride: int, pitch: np.ndarray, width: np.ndarray, extra: _Blocks,
-                 repeats: int, order: _BlockOrder, steps: int, epoch: int, rank: int, world_size: int,
+                 order: _BlockOrder, steps: int, epoch: int, rank: int, world_size: int,
                  batch_size: int | None, max_batch: int, leftover: LeftoverPolicy, trimmed: int, dropped: int,
                  duplicated: int, bucket_counts: np.ndarray) -> None:  # fmt: skip
         self._index = index
@@ -320,9 +321,8 @@ class EpochPlan:
         self.batch_size, self.max_batch, self.leftover = batch_size, max_batch, leftover
         self.trimmed, self.dropped, self.duplicated = trimmed, dropped, duplicated
         self.bucket_counts = bucket_counts
-        uniform = batch_size is not None and not repeats and bool((extra.sizes == batch_size).all())
-        self.offset = rank * batch_size if uniform else None
-        self._uniform = uniform
+        self.offset = None if batch_size is None else rank * batch_size
+        self._uniform = batch_size is not None and bool((extra.sizes == batch_size).all())
 
     def __len__(self) -> int:
         return self._steps
@@ -421,7 +421,7 @@ class EpochPlan:
     @cached_property
     def rows(self) -> np.ndarray:
         """``int64 (steps, B)`` manifest row of every sample of every step, when every step has the same size
-        ``B`` (:attr:`offset` is not ``None``); a ValueError otherwise: read :attr:`flat_rows` and
+        ``B``; a ValueError otherwise: read :attr:`flat_rows` and
         :attr:`row_offsets` (or :meth:`rows_at`)."""
         if not self._uniform:
             raise ValueError(
@@ -781,7 +781,6 @@ class Planner:
             full_starts=full_starts,
             width=self.batch,
             extra=extra,
-            repeats=repeats,
             order=order,
             steps=n_blocks if steps is None else min(steps, n_blocks),
             epoch=epoch,
