@@ -85,7 +85,8 @@ class LeftoverPolicy(str, enum.Enum):
             neighbours share a batch and crops stay small. Never squashes into the square base bucket (NovelAI's
             catch-all). No image twice; fewer than ``T`` trimmed per epoch, nothing else left out. With batch
             sizes that differ by bucket, the pool's last batch may be smaller than its bucket's (a multiple of
-            ``gcd(b_k)`` per rank).
+            ``gcd(b_k)`` per rank), and with independent ranks a rank whose share cuts into fewer batches than
+            another's repeats some of its batches (counted in ``duplicated``) so that every rank has as many steps.
             When the data has a gap in aspect (say only 3:2 and 2:3 images) and the leftovers of
             the two sides do not each fill whole batches, the one batch that straddles the gap
             takes the bucket between them: the smallest worst-case crop for its images. Use
