@@ -102,3 +102,42 @@ def planner(args) -> dict:
         "  steps": len(plan),
         f"  bucket assignment of {big} rows s (once per manifest)": round(t_assign, 3),
     }
+
+
+@case("planner-budget")
+def planner_budget(args) -> dict:
+    """Plan time for fixed batches (16) vs a pixel budget (16 x 512 x 512 per rank) on 1M photo-like rows, rank 0
+    of 8, each leftover policy: side by side with the ratio, the steps and the batch sizes the budget gives."""
+    from dali_arb import BucketSpec, Planner, World
+    from dali_arb.plan.batching import BatchSizing
+
+    n = 200_000 if args.quick else 1_000_000
+    h, w = sizes(n, seed=2)
+    assignment = BucketSpec().assign(h, w)
+    budget = BatchSizing(batch_pixels=16 * 512 * 512)
+    out: dict = {}
+    for leftover in ("nearest", "drop", "duplicate", "partial"):
+        times, steps = [], []
+        for batch in (16, budget):
+            planner = Planner(assignment, batch_size=batch, world=World(0, 8), leftover=leftover)
+            best = float("inf")
+            for epoch in range(3):
+                start = time.perf_counter()
+                plan = planner.epoch(epoch)
+                plan.rows_at(len(plan) // 2)
+                best = min(best, time.perf_counter() - start)
+            times.append(best)
+            steps.append(len(plan))
+        out[f"{leftover}: plan one epoch + one step, {n} rows, fixed 16 / budget ms"] = (
+            f"{times[0] * 1e3:.1f} / {times[1] * 1e3:.1f} ({times[1] / times[0]:.2f}x)"
+        )
+        out[f"  {leftover}: steps per epoch fixed / budget"] = f"{steps[0]} / {steps[1]}"
+    b = budget.per_bucket(assignment.sizes)
+    counts = assignment.counts()
+    pixels = b * assignment.sizes[:, 0] * assignment.sizes[:, 1]
+    used = counts > 0
+    out["budget: images per rank and step, smallest / largest bucket"] = f"{int(b[used].min())} / {int(b[used].max())}"
+    out["budget: pixels per rank and step max / mean (MP)"] = (
+        f"{pixels[used].max() / 1e6:.2f} / {np.average(pixels[used], weights=counts[used]) / 1e6:.2f}"
+    )
+    return out

@@ -100,15 +100,15 @@ def test_duplicate_serves_every_image_at_its_own_bucket(assignment):
 
 
 def test_same_arguments_same_plan_and_epochs_reshuffle(assignment):
-    first = Planner(assignment, batch_size=8, world=World(1, 2), seed=5)
-    again = Planner(assignment, batch_size=8, world=World(1, 2), seed=5)
+    first = Planner(assignment, batch_size=8, world=World(1, 2), seed=5, leftover="nearest")
+    again = Planner(assignment, batch_size=8, world=World(1, 2), seed=5, leftover="nearest")
     assert np.array_equal(first.epoch(2).rows, again.epoch(2).rows)
     e0, e1 = first.epoch(0), first.epoch(1)
     assert not np.array_equal(e0.bucket, e1.bucket), "batch order did not change between epochs"
     batches0 = {frozenset(r) for r in e0.rows.tolist()}
     batches1 = {frozenset(r) for r in e1.rows.tolist()}
     assert len(batches0 & batches1) < len(batches0) // 10, "images shared a batch again in the next epoch"
-    other_seed = Planner(assignment, batch_size=8, world=World(1, 2), seed=6).epoch(2)
+    other_seed = Planner(assignment, batch_size=8, world=World(1, 2), seed=6, leftover="nearest").epoch(2)
     assert not np.array_equal(other_seed.rows, first.epoch(2).rows)
 
 
@@ -147,7 +147,7 @@ def test_leftovers_are_never_squashed_into_the_square_base():
 
 
 def test_leftover_batches_group_neighbouring_aspects(assignment):
-    p = Planner(assignment, batch_size=16, world=World(0, 8), seed=2).epoch(0)
+    p = Planner(assignment, batch_size=16, world=World(0, 8), seed=2, leftover="nearest").epoch(0)
     off = assignment.bucket[p.rows] != p.bucket[:, None]  # samples served away from their own bucket
     served_log = np.log(p.sizes[p.bucket, 1] / p.sizes[p.bucket, 0])[:, None]
     loss = 1 - np.exp(-np.abs(assignment.log_aspect[p.rows] - served_log))
@@ -158,10 +158,10 @@ def test_leftover_batches_group_neighbouring_aspects(assignment):
 
 def test_largest_bucket_comes_first(assignment):
     for epoch in range(3):
-        p = Planner(assignment, batch_size=4, world=World(0, 2), seed=epoch).epoch(epoch)
+        p = Planner(assignment, batch_size=4, world=World(0, 2), seed=epoch, leftover="nearest").epoch(epoch)
         areas = p.sizes[p.bucket, 0] * p.sizes[p.bucket, 1]
         assert areas[0] == areas.max()
-    q = Planner(assignment, batch_size=4, world=World(0, 2), largest_first=False).epoch(0)
+    q = Planner(assignment, batch_size=4, world=World(0, 2), largest_first=False, leftover="nearest").epoch(0)
     assert len(q) == len(p)
 
 
@@ -193,7 +193,7 @@ def test_properties_hold_for_any_data(n, batch, world_size, seed, mode):
     usable = int((a.bucket >= 0).sum())
     if usable < batch * world_size:
         with pytest.raises(PlanError):
-            Planner(a, batch_size=batch, world=World(0, world_size))
+            Planner(a, batch_size=batch, world=World(0, world_size), leftover="nearest")
         return
     try:
         ps = plans(a, batch_size=batch, world_size=world_size, seed=seed, leftover=leftover, sync_ranks=sync)
@@ -226,7 +226,7 @@ def test_bad_arguments_name_the_value(assignment):
 def test_too_few_images_for_one_global_batch():
     a = BucketSpec().assign(np.array([512] * 10), np.array([512] * 10))
     with pytest.raises(PlanError, match=r"only 10 usable images, fewer than one global batch .*= 12"):
-        Planner(a, batch_size=4, world=World(0, 3))
+        Planner(a, batch_size=4, world=World(0, 3), leftover="nearest")
 
 
 def test_world_detect_reads_torchrun_environment(monkeypatch):
@@ -247,7 +247,7 @@ def test_steps_match_the_arithmetic_of_each_policy(assignment):
     counts = assignment.counts()
     G = 4 * 8
     usable = int(counts.sum())
-    assert Planner(assignment, batch_size=8, world=World(0, 4)).steps_per_epoch() == usable // G
+    assert Planner(assignment, batch_size=8, world=World(0, 4), leftover="nearest").steps_per_epoch() == usable // G
     assert Planner(assignment, batch_size=8, world=World(0, 4), leftover="drop").steps_per_epoch() == int(
         (counts // G).sum()
     )
@@ -257,6 +257,6 @@ def test_steps_match_the_arithmetic_of_each_policy(assignment):
 
 
 def test_plan_rows_index_the_manifest(assignment):
-    p = Planner(assignment, batch_size=3, world=World(0, 1)).epoch(0)
+    p = Planner(assignment, batch_size=3, world=World(0, 1), leftover="nearest").epoch(0)
     assert p.rows.dtype == np.int64 and p.rows.shape == (len(p), 3)
     assert list(itertools.chain(p.size(0))) == list(p.sizes[p.bucket[0]])

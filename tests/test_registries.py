@@ -158,7 +158,7 @@ def test_the_loader_the_report_and_the_factory_make_the_same_plan(tmp_path, repe
                           sync_ranks=True, crop="center", flip=0.0, repeats=repeats)  # fmt: skip
     loader = build_planner(config, manifests[:count])
     made = make_planner([s.assign(h, w) for s, (h, w) in zip(specs, sizes)], specs, repeats=repeats, seed=5,
-                        batch_size=4, world=World(1, 2))  # fmt: skip
+                        batch_size=4, world=World(1, 2), leftover="nearest")  # fmt: skip
     assert isinstance(made.index, MixedIndex if repeats not in (None, (1.0,)) else BucketIndex)
     assert type(loader.index) is type(made.index)
     for epoch in (0, 3):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from ..data.manifest import Manifest
 from ..errors import ConfigError
+from ..plan.batching import BatchSizing
 from ..plan.buckets import BucketSpec
 from ..plan.planner import Planner, make_planner
 from ..plan.world import World
@@ -20,10 +21,11 @@ __all__ = ["LoaderConfig", "build_planner"]
 class LoaderConfig:
     """Everything that decides the batches (all of it goes into ``state_dict``).
 
-    ``spec``: one :class:`BucketSpec` for every dataset, or a tuple of one per dataset; ``repeats``: per
-    dataset, ``None`` for once each (see :mod:`dali_arb.plan.mixture`)."""
+    ``batch_size``: an ``int`` (every bucket the same) or a :class:`~dali_arb.plan.batching.BatchSizing` (a pixel
+    budget or a table); ``spec``: one :class:`BucketSpec` for every dataset, or a tuple of one per dataset;
+    ``repeats``: per dataset, ``None`` for once each (see :mod:`dali_arb.plan.mixture`)."""
 
-    batch_size: int
+    batch_size: int | BatchSizing
     spec: BucketSpec | tuple[BucketSpec, ...]
     seed: int
     rank: int
@@ -37,11 +39,19 @@ class LoaderConfig:
     def __post_init__(self) -> None:
         Augment(crop=self.crop, flip=self.flip)  # the one check of crop and flip
 
+    @property
+    def sizing(self) -> BatchSizing:
+        """``batch_size`` as a :class:`~dali_arb.plan.batching.BatchSizing`."""
+        return BatchSizing.of(self.batch_size)
+
     def to_dict(self) -> dict[str, object]:
-        """Its piece of ``state_dict()``: the plan's settings (``buckets`` and ``repeats`` as JSON data)."""
+        """Its piece of ``state_dict()``: the plan's settings (``buckets`` and ``repeats`` as JSON data). With batch
+        sizes by bucket, ``batch_size`` is ``None`` and ``batching`` holds :meth:`BatchSizing.to_dict`."""
         spec = self.spec.to_dict() if isinstance(self.spec, BucketSpec) else [b.to_dict() for b in self.spec]
-        return {"seed": self.seed, "batch_size": self.batch_size, "world_size": self.world_size, "rank": self.rank,
-                "sync_ranks": self.sync_ranks, "leftover": self.leftover, "crop": self.crop, "flip": self.flip,
+        sizing = self.sizing
+        batching = {} if sizing.fixed is not None else {"batching": sizing.to_dict()}
+        return {**batching, "seed": self.seed, "batch_size": sizing.fixed, "world_size": self.world_size,
+                "rank": self.rank, "sync_ranks": self.sync_ranks, "leftover": self.leftover, "crop": self.crop, "flip": self.flip,
                 "buckets": spec, "repeats": list(self.repeats) if self.repeats is not None else None}  # fmt: skip
 
     def specs(self, count: int) -> tuple[BucketSpec, ...]:

@@ -180,7 +180,9 @@ def run_bench(
     if baseline or quality or memory:
         _check_local(m, manifest)
     reduction_margin(jpeg_scaling or "quality")  # (a bad value stops here, before any loader starts)
-    planner = make_planner([spec.assign(m.heights, m.widths)], [spec], batch_size=batch_size, world=World())
+    planner = make_planner(
+        [spec.assign(m.heights, m.widths)], [spec], batch_size=batch_size, world=World(), leftover="nearest"
+    )  # the loaders it times plan with leftover="nearest"
     bench = _Bench(m, spec, planner.epoch(0), device, batch_size, workers, worker_kind, decoder, num_threads,
                    hw_decoder_load, jpeg_scaling, dtype, warmup + batches)  # fmt: skip
     loaders = bench.loaders(baseline=baseline, memory=memory)
