@@ -21,6 +21,7 @@ from .errors import (
     StateError,
     StorageError,
 )
+from .plan.batching import BatchSizing
 from .plan.buckets import BucketAssignment, BucketSpec, format_size, parse_size
 from .plan.captions import CaptionPolicy
 from .plan.mixture import MixedIndex
@@ -35,6 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Augment",
+    "BatchSizing",
     "BucketAssignment",
     "BucketSpec",
     "CaptionPolicy",

@@ -12,8 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
 from ..loader.decoders import DECODERS, JPEG_SCALINGS, decoder_help
 from ..loader.workers import WORKER_KINDS
+from .batching import add_batch_options, batch_from_args
 from .core import png_path
 from .options import (
     add_bucket_options,
@@ -33,13 +35,8 @@ def _add_loader_options(p: argparse.ArgumentParser, *, batch_default: int) -> No
     g.add_argument(
         "--device", choices=["auto", "cpu", "gpu"], default="auto", help="decode on the GPU, the CPU, or auto (default)"
     )
-    g.add_argument(
-        "--batch-size",
-        "-b",
-        type=positive_int,
-        default=batch_default,
-        help=f"images per batch (default {batch_default})",
-    )
+    add_batch_options(g, required=False)
+    p.set_defaults(batch_default=batch_default)
     g.add_argument(
         "--workers",
         type=non_negative_int,
@@ -91,8 +88,22 @@ def _options(args: argparse.Namespace, *, augment: Any, workers: int | None, dev
 
     decode = Decode(device=device or args.device, decoder=args.decoder, dtype="uint8", jpeg_scaling=args.jpeg_scaling,
                     hw_decoder_load=args.hw_decoder_load, num_threads=args.threads)  # fmt: skip
-    return LoaderOptions(batch_size=args.batch_size, seed=args.seed, rank=0, world_size=1, augment=augment,
+    return LoaderOptions(batch_size=_batch(args), seed=args.seed, rank=0, world_size=1, augment=augment,
                          decode=decode, workers=Workers(count=workers, kind=args.worker_kind), cache_dir=cache_dir)  # fmt: skip
+
+
+def _batch(args: argparse.Namespace) -> Any:
+    """The batch sizing the flags ask for (the command's default batch size when none is given)."""
+    return batch_from_args(args, default=args.batch_default)
+
+
+def _batch_words(args: argparse.Namespace) -> str:
+    batch = _batch(args)
+    return (
+        str(batch)
+        if isinstance(batch, int)
+        else "sizes by bucket (" + ", ".join(f"{k}={v}" for k, v in batch.to_dict().items() if v not in (None, 1)) + ")"
+    )
 
 
 def _stderr_is_tty() -> bool:
@@ -142,8 +153,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not args.json and _stderr_is_tty():
             print(text, file=sys.stderr)
 
+    batch = _batch(args)
+    if not isinstance(batch, int):
+        raise ConfigError(
+            "dali-arb bench compares loaders at one batch size: give --batch-size B (the budget's figures are "
+            "`python -m benchmarks budget`)"
+        )
     result = run_bench(
-        args.manifest, batch_size=args.batch_size, batches=args.batches, rounds=args.rounds, baseline=args.baseline,
+        args.manifest, batch_size=batch, batches=args.batches, rounds=args.rounds, baseline=args.baseline,
         memory=args.memory, buckets=spec_from_args(args), progress=say, dtype=args.dtype, quality=args.quality,
         step_ms=args.step_ms, step_work=args.step_work,
         **_loader_settings(args),
@@ -218,14 +235,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"   {summary.line()}")
     manifest = Manifest.read(manifest_path)
     spec = spec_from_args(args)
-    report = bucket_report(manifest.heights, manifest.widths, spec, batch_size=args.batch_size)
+    report = bucket_report(manifest.heights, manifest.widths, spec, batch_size=_batch(args), keys=manifest.keys_at)
     print("\n2. buckets (dali-arb buckets):\n")
     print("   " + format_report(report).replace("\n", "\n   "))
     plot_path = out / "buckets.png"
     plot_buckets(report, plot_path)
     options = _options(args, augment=Augment(flip=0.5), device=device, workers=args.workers)
     loader = DALIBucketIterator([Dataset(manifest, buckets=spec)], options=options)
-    print(f"\n3. one epoch through DALIBucketIterator on {device.upper()}: {len(loader)} batches of {args.batch_size}")
+    print(
+        f"\n3. one epoch through DALIBucketIterator on {device.upper()}: {len(loader)} batches of {_batch_words(args)}"
+    )
     batches = []
     start = time.perf_counter()
     with tqdm(total=len(loader), unit="batch", disable=not _stderr_is_tty(), leave=False) as bar:

@@ -181,8 +181,8 @@ def add_plan_options(parser: argparse.ArgumentParser, *, batch_required: bool) -
     g.add_argument(
         "--leftover",
         choices=[policy.value for policy in LeftoverPolicy],
-        default="nearest",
-        help="what to do with images that do not fill a batch (default nearest; see LeftoverPolicy)",
+        default="auto",
+        help="what to do with images that do not fill a batch (default auto: partial, each remainder as one smaller batch at its own bucket, where nearest would move 1 image in 10 to another bucket, else nearest; see LeftoverPolicy)",
     )
     g.add_argument(
         "--repeats", type=_repeats, default=None, metavar="R,R,...",

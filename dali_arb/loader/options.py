@@ -15,6 +15,7 @@ from typing import Any
 
 from ..data.manifest import Manifest
 from ..errors import ConfigError
+from ..plan.batching import BatchSizing
 from ..plan.buckets import BucketSpec
 from ..plan.captions import CaptionPolicy
 from ..plan.mixture import check_repeats
@@ -198,11 +199,11 @@ class LoaderOptions:
     / torchrun's environment; ``leftover`` and ``sync_ranks`` are the :class:`~dali_arb.plan.planner.Planner`'s;
     ``cache_dir`` is where the node cache of a manifest is kept (default: beside it)."""
 
-    batch_size: int
+    batch_size: int | BatchSizing
     seed: int = 0
     rank: int | None = None
     world_size: int | None = None
-    leftover: LeftoverPolicy | str = LeftoverPolicy.NEAREST
+    leftover: LeftoverPolicy | str = LeftoverPolicy.AUTO
     sync_ranks: bool = True
     augment: Augment = field(default_factory=Augment)
     decode: Decode = field(default_factory=Decode)
@@ -216,7 +217,8 @@ class LoaderOptions:
                            ("captions", CaptionPolicy)):  # fmt: skip
             if not isinstance(getattr(self, name), kind):
                 raise ConfigError(f"{name} must be a {kind.__name__}, got {getattr(self, name)!r:.80}")
-        _set(self, "batch_size", _count("batch_size", self.batch_size, least=1))
+        if not isinstance(self.batch_size, BatchSizing):
+            _set(self, "batch_size", _count("batch_size", self.batch_size, least=1))
         _set(self, "seed", _count("seed", self.seed, least=0))
         for name in ("rank", "world_size"):
             if getattr(self, name) is not None:
@@ -243,8 +245,15 @@ class LoaderOptions:
                     f"DALIBucketIterator() got an unexpected keyword argument {key!r}; it takes "
                     f"{', '.join(sorted([*_KEYWORD_TO_FIELD, *_TOP_LEVEL, 'buckets', 'repeats', 'options']))}"
                 )
+        sizing = {k: top.pop(k) for k in _SIZING if k in top}
+        if sizing:  # batch sizes by bucket: a pixel budget or a table (the flat batch_size is then not given)
+            if "batch_size" in top:
+                raise ConfigError(f"give batch_size or {' and '.join(sizing)}, not both")
+            top["batch_size"] = BatchSizing(**sizing)
         if "batch_size" not in top:
-            raise ConfigError("batch_size is required (samples per batch on this rank)")
+            raise ConfigError(
+                "batch_size (or batch_pixels, or batch_sizes) is required: samples per batch on this rank"
+            )
         built = {name: kind(**groups[name]) for name, kind in _GROUPED.items()}
         return cls(**top, **built)
 
@@ -271,7 +280,9 @@ _KEYWORD_TO_FIELD = {
     "caption_dropout": ("captions", "dropout"), "shuffle_tags": ("captions", "shuffle_tags"),
     "keep_tags": ("captions", "keep_tags"), "tag_separator": ("captions", "separator"),
 }  # fmt: skip
-_TOP_LEVEL = ("batch_size", "seed", "rank", "world_size", "leftover", "sync_ranks", "cache_dir")
+#: Keywords that size batches by bucket (:class:`~dali_arb.plan.batching.BatchSizing`).
+_SIZING = ("batch_pixels", "max_batch", "batch_multiple", "batch_sizes")
+_TOP_LEVEL = ("batch_size", "seed", "rank", "world_size", "leftover", "sync_ranks", "cache_dir", *_SIZING)
 
 
 def datasets_from(manifest: Any, buckets: Any = None, repeats: Any = None) -> list[Dataset]:

@@ -46,10 +46,11 @@ class LoaderConfig:
 
     def to_dict(self) -> dict[str, object]:
         """Its piece of ``state_dict()``: the plan's settings (``buckets`` and ``repeats`` as JSON data). With batch
-        sizes by bucket, ``batch_size`` is ``None`` and ``batching`` holds :meth:`BatchSizing.to_dict`."""
+        sizes by bucket, ``batch_size`` is ``None`` and ``batching`` holds :meth:`BatchSizing.to_dict` (else
+        ``None``)."""
         spec = self.spec.to_dict() if isinstance(self.spec, BucketSpec) else [b.to_dict() for b in self.spec]
         sizing = self.sizing
-        batching = {} if sizing.fixed is not None else {"batching": sizing.to_dict()}
+        batching = {"batching": None if sizing.fixed is not None else sizing.to_dict()}
         return {**batching, "seed": self.seed, "batch_size": sizing.fixed, "world_size": self.world_size,
                 "rank": self.rank, "sync_ranks": self.sync_ranks, "leftover": self.leftover, "crop": self.crop, "flip": self.flip,
                 "buckets": spec, "repeats": list(self.repeats) if self.repeats is not None else None}  # fmt: skip

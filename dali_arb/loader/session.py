@@ -27,6 +27,7 @@ from ..errors import (
     Translation,
     translate,
 )
+from ..plan.batching import BatchSizing
 from ..plan.buckets import BucketSpec
 from ..plan.mixture import check_repeats
 from ..plan.world import World
@@ -141,6 +142,9 @@ class LoaderSession:
         self.manifests = manifests
         self.manifest = manifests[0]  # the only one, or the first dataset's
         self._planner = build_planner(self.config, manifests)  # validates batch size, seed, buckets, repeats
+        #: The largest batch of any step (the batch size, or with batch sizes by bucket the largest): what the
+        #: pipeline is built for; each step serves its own bucket's batch (DALI's external source varies it).
+        self.batch_size = int(self._planner.max_batch)
         gpu = self.device == "gpu"
         self.decoder: Decoder = choose_decoder(
             decode.decoder, self.device, pairs=tuple(self.data.pairs.items()), hw_decoder_load=decode.hw_decoder_load,
@@ -154,7 +158,7 @@ class LoaderSession:
         self.num_threads = decode.num_threads or self.decoder.default_threads(cores, gpu=gpu)
         self.prefetch = work.prefetch
         self._read_ahead_plan = resources.plan_read_ahead(
-            workers=self.workers, kind=self.worker_kind, prefetch=self.prefetch, batch_size=options.batch_size,
+            workers=self.workers, kind=self.worker_kind, prefetch=self.prefetch, batch_size=self.batch_size,
             decoder=self.decoder, planner=self._planner, encoded=int(self._served_p99["length"] or 0),
         )  # fmt: skip
         ahead = (self._read_ahead_plan["source_prefetch"] + self.prefetch + 1) if self.workers else 2
@@ -254,7 +258,7 @@ class LoaderSession:
         ranks are in sync: the same global batches then continue (elastic resume).
         """
         state = checked_state(state)
-        check_resumable(state, self.state_dict(), datasets=len(self.manifests))
+        check_resumable(state, self.state_dict(), datasets=len(self.manifests), units=self._global_units)
         epoch, step = state["epoch"], state["step"]
         steps = self._planner.steps_per_epoch(epoch)
         if step > steps:
@@ -265,9 +269,18 @@ class LoaderSession:
             self._epoch, self._step = epoch + 1, 0
         self._close_pipeline()
 
+    def _global_units(self, state: dict[str, Any]) -> list[int]:
+        """Each bucket's global batch (world size x its batch) under the batch sizes of ``state``."""
+        sizing = (
+            BatchSizing.of(state["batch_size"])
+            if state["batching"] is None
+            else BatchSizing.from_dict(state["batching"])
+        )
+        return (state["world_size"] * sizing.per_bucket(self._planner.index.sizes)).tolist()
+
     def read_ahead_bytes(self) -> int:
         """Memory the batches the workers compute ahead may hold at most (:func:`resources.read_ahead_bytes`)."""
-        return resources.read_ahead_bytes(self._read_ahead_plan, batch_size=self.config.batch_size,
+        return resources.read_ahead_bytes(self._read_ahead_plan, batch_size=self.batch_size,
                                           kind=self.worker_kind, prefetch=self.prefetch)  # fmt: skip
 
     @property
@@ -303,7 +316,7 @@ class LoaderSession:
             depth = self._read_ahead_plan["source_prefetch"]
             source = self._threaded = ThreadedSource(source, threads=workers, depth=depth)
             workers = 0  # DALI calls it in this process
-        self._pipe = self._build(source, batch_size=self.config.batch_size, device=self.device, workers=workers,
+        self._pipe = self._build(source, batch_size=self.batch_size, device=self.device, workers=workers,
                                  dtype=self.dtype, threads=self.num_threads, prefetch=self.prefetch)  # fmt: skip
         self._stream = (epoch, step)
 
@@ -311,7 +324,7 @@ class LoaderSession:
         return (epoch, step + 1) if step + 1 < self._planner.steps_per_epoch(epoch) else (epoch + 1, 0)
 
     def _fetch(self, epoch: int, step: int) -> Any:
-        recoveries = self.config.batch_size + 1
+        recoveries = self.batch_size + 1
         for _ in range(recoveries):
             if self._pipe is None or self._stream != (epoch, step):
                 self._open_pipeline(epoch, step)
@@ -421,7 +434,7 @@ class LoaderSession:
             self._block(int(m.planned_row[i]), Failure(int(m.failure[i])), part=int(m.failed_part[i]))
         for name, column in IO_FIELDS.items():
             self._io[name] += int(m[column].sum())
-        offset = self._planner.epoch(epoch).offset
+        offset = self._planner.epoch(epoch).offset_at(step)
         captions = self.captions.batch(self.data.column_at("caption", m.row), seed=self.config.seed, epoch=epoch,
                                        step=step, offset=offset)  # fmt: skip
         parts = {key: output for (key, _, _), output in zip(self.decoder.parts, outputs[:-1])}

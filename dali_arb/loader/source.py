@@ -259,14 +259,15 @@ class BatchSource:
             self.remote.gather(self._datasets.requests(rows))  # every sample of the batch at once, concurrently
         bucket = plan.bucket_at(step)
         bucket_h, bucket_w = (int(v) for v in plan.sizes[bucket])
+        offset = plan.offset_at(step)
         c = self.config
         # Per-sample randomness keyed by position in the global batch: independent of world size.
-        draws = np.random.default_rng([c.seed, epoch, step, 0x5EED]).random((plan.offset + len(rows), 3))[plan.offset :]
+        draws = np.random.default_rng([c.seed, epoch, step, 0x5EED]).random((offset + len(rows), 3))[offset:]
         columns = BatchColumns(self.decoder.outputs)
         for position, planned in enumerate(rows.tolist()):
             u_y, u_x, u_flip = draws[position]
             row, failure, failed_part, (sample, g) = self._serve(
-                planned, bucket, epoch, step, plan.offset + position, (bucket_h, bucket_w, float(u_y), float(u_x))
+                planned, bucket, epoch, step, offset + position, (bucket_h, bucket_w, float(u_y), float(u_x))
             )
             mirror = bool(u_flip < c.flip)
             columns.add(sample, row=row, planned=planned, failure=failure, failed_part=failed_part, geometry=g,

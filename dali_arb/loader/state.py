@@ -9,9 +9,11 @@ JSON-serialisable dict (documented in docs/contract.md). Standard library only, 
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import ConfigError, StateError
+from ..plan.batching import BatchSizing
 from ..plan.buckets import BucketSpec
 
 __all__ = ["MAX_EPOCH", "STATE_FIELDS", "STATE_FORMAT", "check_resumable", "checked_epoch", "checked_state",
@@ -19,10 +21,12 @@ __all__ = ["MAX_EPOCH", "STATE_FIELDS", "STATE_FORMAT", "check_resumable", "chec
 
 #: Version of ``state_dict()``; 1 stored ``buckets.base`` as ``[height, width]`` and is still read.
 #: 3: the O(steps) planner (keyed shuffles per bucket); states of formats 1 and 2 are refused.
-STATE_FORMAT = 4  # 4: plans that trim from all images and round fractional repeats (issue 18)
+STATE_FORMAT = 5  # 4: plans that trim from all images and round fractional repeats (issue 18)
+#: 5: ``batching`` (batch sizes by bucket, issue 20); a format-4 state is a format-5 one with ``batching`` None
 #: Every field of ``state_dict()``; a state without one of them is refused (it was edited or built by hand).
-STATE_FIELDS = ("format", "epoch", "step", "seed", "batch_size", "world_size", "rank", "sync_ranks", "leftover", "crop",
-                "flip", "num_images", "manifest", "buckets", "repeats", "captions", "failed", "failed_rows")  # fmt: skip
+STATE_FIELDS = ("format", "epoch", "step", "seed", "batch_size", "batching", "world_size", "rank", "sync_ranks",
+                "leftover", "crop", "flip", "num_images", "manifest", "buckets", "repeats", "captions", "failed",
+                "failed_rows")  # fmt: skip
 #: The largest epoch: the batches' metadata carries epochs as int64, and the stream runs on into the next epoch.
 MAX_EPOCH = 2**62
 #: Fields that must be equal for a state to load (world size and batch size have their own rule).
@@ -58,10 +62,12 @@ def _per_dataset(buckets: Any, count: int) -> list[Any]:
     return list(buckets) if isinstance(buckets, list) else [buckets] * count
 
 
-def check_resumable(saved: dict[str, Any], mine: dict[str, Any], *, datasets: int) -> None:
+def check_resumable(
+    saved: dict[str, Any], mine: dict[str, Any], *, datasets: int, units: Callable[[dict[str, Any]], Any]
+) -> None:
     """A StateError saying what differs unless ``saved`` (checked) can continue in a loader whose own state is
-    ``mine``: the same options and manifest, and the same world size x batch size, or the same global batch with
-    ranks in sync (elastic resume)."""
+    ``mine``: the same options and manifest, and the same world size and batch sizes, or the same global batch of
+    every bucket (``units(state)``: world size x each bucket's batch) with ranks in sync (elastic resume)."""
     for name in MUST_MATCH:
         a, b = saved[name], mine[name]
         if name == "buckets":
@@ -73,6 +79,16 @@ def check_resumable(saved: dict[str, Any], mine: dict[str, Any], *, datasets: in
                 f"{'its own' if what else f'{name}={mine[name]!r}'}; build the loader with the same options "
                 "and manifest to resume"
             )
+    if saved["batching"] is not None or mine["batching"] is not None:
+        same = (saved["world_size"], saved["batching"]) == (mine["world_size"], mine["batching"])
+        if not same and not (mine["sync_ranks"] and list(units(saved)) == list(units(mine))):
+            raise StateError(
+                f"state was saved with world_size {saved['world_size']} x batching {saved['batching'] or saved['batch_size']}; "
+                f"this loader has {mine['world_size']} x {mine['batching'] or mine['batch_size']}, which gives another "
+                "global batch for some bucket; resuming on another world size needs the same global batch of every "
+                "bucket (world size x its batch) and sync_ranks=True"
+            )
+        return
     saved_global = saved["world_size"] * saved["batch_size"]
     here_global = mine["world_size"] * mine["batch_size"]
     if (saved["world_size"], saved["batch_size"]) != (mine["world_size"], mine["batch_size"]):
@@ -102,7 +118,7 @@ def _check_format(state: dict[str, Any]) -> None:
             f"loader.set_epoch({state.get('epoch')!r}) instead of load_state_dict (the epoch starts again), or load a "
             "state saved at an epoch's start, which carries over exactly"
         )
-    if state.get("format") not in (3, STATE_FORMAT):  # 3 at an epoch's start: its epoch is planned anew, whole
+    if state.get("format") not in (3, 4, STATE_FORMAT):  # 3 at an epoch's start: its epoch is planned anew, whole
         raise StateError(
             f"not a DALIBucketIterator state of this version (format {state.get('format')!r}, this dali_arb reads "
             f"{STATE_FORMAT}); save it again with this version"
@@ -112,6 +128,8 @@ def _check_format(state: dict[str, Any]) -> None:
 def _check_counts(state: dict[str, Any]) -> None:
     for name in ("epoch", "step", "seed", "batch_size", "world_size", "num_images"):
         value = state.get(name)
+        if name == "batch_size" and value is None and state.get("batching") is not None:
+            continue  # batch sizes by bucket: ``batching`` says them
         positive = name in ("batch_size", "world_size")
         if isinstance(value, bool) or not isinstance(value, int) or value < (1 if positive else 0):
             raise StateError(f"state field {name!r} must be a {'positive' if positive else 'non-negative'} integer, got {value!r}")  # fmt: skip
@@ -125,6 +143,9 @@ def checked_state(state: Any) -> dict[str, Any]:
         raise StateError(f"not a DALIBucketIterator state: a {type(state).__name__}, not a dict")
     _check_format(state)
     checked = dict(state)
+    if state.get("format") in (3, 4):  # before batch sizes by bucket: every state had one batch size
+        checked.setdefault("batching", None)
+        state = checked
     _check_counts(state)
     missing = [name for name in STATE_FIELDS if name not in state]
     if missing:
@@ -137,6 +158,11 @@ def checked_state(state: Any) -> dict[str, Any]:
     rows = state.get("failed_rows", [])
     if not isinstance(rows, list) or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in rows):
         raise StateError(f"state field 'failed_rows' must be a list of manifest rows, got {rows!r:.80}")
+    if state["batching"] is not None:
+        try:
+            checked["batching"] = BatchSizing.from_dict(state["batching"]).to_dict()
+        except (ConfigError, TypeError, AttributeError, ValueError) as exc:
+            raise StateError(f"state field 'batching' is not a batch sizing ({exc})") from None
     buckets = state.get("buckets")
     try:
         if isinstance(buckets, list):

@@ -63,7 +63,7 @@ def bucket_report(
     batch_size: int | BatchSizing = 1,
     world_size: int = 1,
     seed: int = 0,
-    leftover: LeftoverPolicy | str = LeftoverPolicy.NEAREST,
+    leftover: LeftoverPolicy | str = LeftoverPolicy.AUTO,
     sync_ranks: bool = True,
     repeats: list[float] | None = None,
     epoch: int = 0,
