@@ -49,6 +49,10 @@ def main() -> None:
         "--max-steps", type=int, default=None, help="stop each epoch after this many steps (for a quick try)"
     )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
+    parser.add_argument(
+        "--leftover", default="auto", choices=["auto", "partial", "nearest", "drop", "duplicate"],
+        help="what a bucket's remainder becomes (default auto: partial for small datasets, else nearest)",
+    )  # fmt: skip
     parser.add_argument("--small", action="store_true", help="small buckets (about 128x192) for a fast run on the CPU")
     parser.add_argument("--checkpoint", help="save model, optimizer and loader state here after every step")
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
@@ -77,6 +81,7 @@ def main() -> None:
         flip=0.5,
         dtype="float32",
         seed=42,
+        leftover=args.leftover,
     )
     torch.manual_seed(0)
     model = TinyAutoencoder().to(device)

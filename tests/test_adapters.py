@@ -28,11 +28,11 @@ from dali_arb.loader.state import compose
 from .conftest import SMALL
 
 FLAT = {"batch_size": 4, "buckets": SMALL, "device": "cpu", "workers": 0, "dtype": "uint8", "seed": 3, "flip": 0.5,
-        "rank": 0, "world_size": 1}  # fmt: skip
+        "rank": 0, "world_size": 1, "leftover": "nearest"}  # fmt: skip
 
 
 def grouped(**changes) -> LoaderOptions:
-    base = {"batch_size": 4, "seed": 3, "rank": 0, "world_size": 1, "augment": Augment(flip=0.5),
+    base = {"batch_size": 4, "seed": 3, "rank": 0, "world_size": 1, "leftover": "nearest", "augment": Augment(flip=0.5),
             "decode": Decode(device="cpu", dtype="uint8"), "workers": Workers(count=0)}  # fmt: skip
     return LoaderOptions(**{**base, **changes})
 

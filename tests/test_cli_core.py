@@ -160,7 +160,7 @@ def test_older_and_newer_manifest_formats_are_refused(tmp_path):
         ),
         (["--batch-size", "4", "--min-dim", "2000"], "min_dim (2000) must not exceed max_dim (1024)"),
         (["--batch-size", "4", "--max-area", "1000"], "max_area (1000) is smaller than min_dim**2"),
-        (["--batch-size", "5000"], "fewer than one global batch"),
+        (["--batch-size", "5000", "--leftover", "nearest"], "fewer than one global batch"),
         (["--batch-size", "4", "--base", "wide"], "'wide'"),
         (["--batch-size", "4", "--leftover", "sideways"], "invalid choice: 'sideways'"),
     ],

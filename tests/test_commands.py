@@ -141,7 +141,7 @@ def test_example_trains_and_resumes_on_cpu(dataset, tmp_path):
 
 def test_example_under_torchrun_with_two_ranks(dataset):
     _, manifest = dataset
-    lines = _example(manifest, "--small", "--device", "cpu", "--max-steps", "3", torchrun=2)
+    lines = _example(manifest, "--small", "--device", "cpu", "--max-steps", "3", "--leftover", "nearest", torchrun=2)
     by_rank = {r: [x for x in lines if x["rank"] == r] for r in (0, 1)}
     assert [x["step"] for x in by_rank[0]] == [x["step"] for x in by_rank[1]] == [0, 1, 2]
     assert [x["size"] for x in by_rank[0]] == [x["size"] for x in by_rank[1]]  # ranks train one bucket per step

@@ -125,7 +125,8 @@ def two(tmp_path_factory, dataset):
 
 
 def loader(manifests, **kw):
-    options = {"batch_size": 4, "buckets": SMALL, "device": "cpu", "workers": 0, "dtype": "uint8", "seed": 3}
+    options = {"batch_size": 4, "buckets": SMALL, "device": "cpu", "workers": 0, "dtype": "uint8", "seed": 3,
+               "leftover": "nearest"}  # fmt: skip
     return DALIBucketIterator([m if isinstance(m, Manifest) else str(m) for m in manifests], **{**options, **kw})
 
 
@@ -180,7 +181,7 @@ def test_cli_buckets_and_plan_take_several_manifests(two, capsys):
     report = json.loads(capsys.readouterr().out)
     assert [d["repeats"] for d in report["options"]["datasets"]] == [2.0, 0.5]
     assert report["totals"]["samples_per_epoch"] == sum(bucket["images"] for bucket in report["buckets"])
-    assert main(["plan", str(a), str(b), "--repeats", "2,0.5", "-b", "4"]) == 0
+    assert main(["plan", str(a), str(b), "--repeats", "2,0.5", "-b", "4", "--leftover", "nearest"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert lines and all(len(line["datasets"]) == len(line["ids"]) == 4 for line in lines)
     assert {d for line in lines for d in line["datasets"]} == {0, 1}

@@ -22,8 +22,6 @@ from dali_arb.tools.report import bucket_report, format_report, plan_steps
 
 from .conftest import random_sizes, write_size_manifest
 
-BUDGET_PENDING = pytest.mark.xfail(strict=True, reason="planner budget lands in i20-planner20")
-
 
 def run(capsys, *argv):
     code = main([str(a) for a in argv])
@@ -103,7 +101,9 @@ def test_a_small_dataset_is_cropped_more_as_served_than_at_its_own_buckets():
 def test_plan_steps_reads_variable_batches_step_by_step():
     """A plan whose batches differ in size (``batch_size_at``) is read with rows_at/bucket_at; same samples."""
     heights, widths = random_sizes(400, seed=3)
-    plan = Planner(BucketSpec().assign(heights, widths), batch_size=4, world=World(1, 3), seed=2).epoch(1)
+    plan = Planner(
+        BucketSpec().assign(heights, widths), batch_size=4, world=World(1, 3), seed=2, leftover="nearest"
+    ).epoch(1)
 
     class Stepwise:  # what a planner with per-bucket batch sizes offers
         def __len__(self):
@@ -333,7 +333,6 @@ def test_buckets_report_with_one_batch_size_states_images_and_pixels_per_step(ca
     assert report["totals"]["pixels_per_step_mean"] <= report["totals"]["pixels_per_step_max"]
 
 
-@BUDGET_PENDING
 def test_budget_report_states_each_buckets_batch(capsys, tmp_path):
     heights, widths = random_sizes(600, seed=11)
     manifest = write_size_manifest(tmp_path / "m.parquet", heights, widths)
@@ -349,16 +348,14 @@ def test_budget_report_states_each_buckets_batch(capsys, tmp_path):
     assert sum(b["served"] for b in report["buckets"]) == t["samples_served"]
 
 
-@BUDGET_PENDING
 def test_budget_served_crop_loss_is_what_the_plan_cuts():
     heights, widths = small_photo_set()
     sizing = BatchSizing(batch_pixels=3 * 512 * 768)
-    report = bucket_report(heights, widths, BucketSpec(), batch_size=sizing, world_size=2)
+    report = bucket_report(heights, widths, BucketSpec(), batch_size=sizing, world_size=2, leftover="nearest")
     _, _, loss = served_directly(heights, widths, BucketSpec(), batch=sizing, world=2, epoch=0, leftover="nearest")
     assert report["totals"]["served_crop_loss"] == pytest.approx(loss.mean(), abs=0.003)
 
 
-@BUDGET_PENDING
 def test_plan_command_serves_budget_batches(capsys, tmp_path):
     heights, widths = random_sizes(300, seed=4)
     manifest = write_size_manifest(tmp_path / "m.parquet", heights, widths)

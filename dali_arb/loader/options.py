@@ -252,7 +252,7 @@ class LoaderOptions:
             top["batch_size"] = BatchSizing(**sizing)
         if "batch_size" not in top:
             raise ConfigError(
-                "batch_size (or batch_pixels, or batch_sizes) is required: samples per batch on this rank"
+                "batch_size is required (samples per batch on this rank), or batch_pixels, or batch_sizes"
             )
         built = {name: kind(**groups[name]) for name, kind in _GROUPED.items()}
         return cls(**top, **built)

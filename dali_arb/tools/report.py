@@ -42,9 +42,12 @@ def reject_reasons() -> dict[int, str]:
 def plan_steps(plan: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every sample of one rank's epoch plan, in step order: ``rows int64 (S,)``, ``bounds int64 (steps + 1,)``
     (step ``i`` serves ``rows[bounds[i]:bounds[i + 1]]``: batches may differ in size from step to step) and
-    ``bucket int64 (steps,)``. Reads ``rows_at``/``bucket_at`` per step; a plan of one fixed batch size
-    (no ``batch_size_at``) is read whole, which is far faster."""
+    ``bucket int64 (steps,)``. An :class:`~dali_arb.plan.planner.EpochPlan` is read whole (``flat_rows``,
+    ``row_offsets``, ``bucket``), which is far faster; any other plan with ``batch_size_at`` step by step."""
     steps = len(plan)
+    if hasattr(plan, "flat_rows") and hasattr(plan, "row_offsets"):
+        return (np.asarray(plan.flat_rows, np.int64), np.asarray(plan.row_offsets, np.int64),
+                np.asarray(plan.bucket, np.int64))  # fmt: skip
     if not hasattr(plan, "batch_size_at"):  # one batch size for every step: the (steps, B) arrays
         rows = np.asarray(plan.rows, np.int64)
         bounds = np.arange(steps + 1, dtype=np.int64) * (rows.shape[1] if rows.ndim == 2 else 0)
