@@ -10,6 +10,7 @@ import time
 
 from . import (  # noqa: F401  (register cases)
     CASES,
+    bench_budget,
     bench_dataplane,
     bench_gpu,
     bench_index,

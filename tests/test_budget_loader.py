@@ -82,7 +82,7 @@ def test_options_objects_spell_the_same_budget(dataset):
 def test_elastic_resume_needs_the_same_global_batch_of_every_bucket(dataset):
     _, manifest = dataset
     two = budget_loader(manifest, world_size=2, batch_pixels=BUDGET)
-    batches, states = run_epochs(two, 1)
+    _, states = run_epochs(two, 1)
     state = states[2]
     # one rank with a table doubling every bucket's batch: the same global batches, so the state carries over
     doubled = {(int(w), int(h)): 2 * int(b) for (h, w), b in zip(two._planner.index.sizes, two._planner.batch)}
