@@ -3,6 +3,7 @@ every rank, DALI serving a different batch size at each step, bit-exact resume, 
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import numpy as np
@@ -13,6 +14,7 @@ from dali_arb.data.manifest import Manifest
 
 from .conftest import SMALL
 from .resume import check_save_load_state, run_epochs
+from .test_pairs import paired  # noqa: F401  (the fixture)
 
 #: About 4 images of SMALL's base bucket (160x160) per rank and step; more of smaller buckets, fewer of larger.
 BUDGET = 4 * 160 * 160
@@ -112,3 +114,28 @@ def test_a_format_4_state_still_loads(dataset):
                                rank=0, world_size=1, leftover="nearest")  # fmt: skip
     fresh.load_state_dict(old)
     assert fresh.state_dict() == state
+
+
+def test_pairs_masks_and_captions_ride_along_with_budget_batches(paired, dataset):  # noqa: F811 (the fixture)
+    """Every pair and mask is cut exactly as its image in batches of every size; captions stay with their ids."""
+    from PIL import Image
+
+    from .test_pairs import psnr
+
+    _, manifest = paired
+    it = budget_loader(manifest, flip=0.5, crop="random")
+    sizes, worst_pair, worst_mask = set(), math.inf, math.inf
+    for batch in it:
+        images, depth, hole = batch["images"], batch["depth"], batch["hole"]
+        assert depth.shape == images.shape and hole.shape == (images.shape[0], 1, *images.shape[2:])
+        assert images.shape[0] == it._planner.epoch(0).batch_size_at(batch["step"])
+        sizes.add(images.shape[0])
+        for i in range(images.shape[0]):
+            image = images[i].permute(1, 2, 0).numpy()
+            worst_pair = min(worst_pair, psnr(255 - depth[i].permute(1, 2, 0).numpy(), image))
+            worst_mask = min(worst_mask, psnr(hole[i, 0].numpy(), np.asarray(Image.fromarray(image).convert("L"))))
+    assert it.failed == [] and max(sizes) * 160 * 160 <= 2 * BUDGET
+    assert worst_pair > 27 and worst_mask > 30, (worst_pair, worst_mask)
+    _, photos = dataset
+    for batch in budget_loader(photos, caption_dropout=0.0):
+        assert batch["captions"] == [f"caption {int(key[3:])}" for key in batch["ids"]]

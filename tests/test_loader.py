@@ -34,6 +34,12 @@ def loader(manifest, **kw):
     return DALIBucketIterator(manifest if isinstance(manifest, Manifest) else str(manifest), **options)
 
 
+def _budget(manifest, **kw):
+    """``loader`` with batch sizes by bucket instead of its batch size."""
+    options = {"buckets": SMALL, "device": "cpu", "workers": 0, "dtype": "uint8", "seed": 3, **kw}
+    return DALIBucketIterator(manifest if isinstance(manifest, Manifest) else str(manifest), **options)
+
+
 def pillow_reference(path, target, top, left, flipped):
     """Independent reference: EXIF transpose, resize to cover with bilinear, crop, flip."""
     img = ImageOps.exif_transpose(Image.open(path).convert("RGB"))
@@ -250,9 +256,13 @@ def test_gpu_matches_cpu(dataset):
 
 
 @pytest.mark.gpu
-def test_gpu_memory_stays_flat_across_bucket_changes(dataset):
+@pytest.mark.parametrize("batching", [{"batch_size": 2}, {"batch_pixels": 3 * 160 * 160, "batch_size": None}])
+def test_gpu_memory_stays_flat_across_bucket_changes(dataset, batching):
+    """Also with batch sizes by bucket (issue 20): each step its own batch size, one pipeline built for the largest."""
     _, manifest = dataset
-    it = loader(manifest, device="gpu", dtype="float16", batch_size=2)
+    batching = {k: v for k, v in batching.items() if v is not None}
+    options = {"device": "gpu", "dtype": "float16", **batching}
+    it = loader(manifest, **options) if "batch_size" in batching else _budget(manifest, **options)
     from nvidia.dali.backend import ReleaseUnusedMemory
 
     for _ in it:  # warm-up epoch: step 0 serves the largest bucket
