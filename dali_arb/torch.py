@@ -48,7 +48,12 @@ class DALIBucketIterator(LoaderSession):
             per dataset (``batch["dataset"]`` says which each sample came from); or a list of
             :class:`~dali_arb.loader.options.Dataset` (each with its own ``buckets`` and ``repeats``).
         options: a :class:`~dali_arb.loader.options.LoaderOptions` instead of the keyword arguments below.
-        batch_size: samples per batch on this rank.
+        batch_size: samples per batch on this rank (every bucket the same), or a
+            :class:`~dali_arb.plan.batching.BatchSizing`.
+        batch_pixels, max_batch, batch_multiple, batch_sizes: instead of ``batch_size``, batch sizes by bucket: a bucket
+            of w x h serves ``max(1, batch_pixels // (w*h))`` samples per rank and step (at most ``max_batch``,
+            rounded down to a multiple of ``batch_multiple``), or ``batch_sizes[(w, h)]``; each step has one batch
+            size on every rank, and the pipeline is built for the largest (``loader.batch_size``).
         buckets: a :class:`BucketSpec` (default: NovelAI's buckets), or one per dataset (multi-resolution).
         repeats: per dataset, times each image is served per epoch: an integer serves it that many times, a
             fraction serves that share of the dataset, another subset each epoch (:mod:`dali_arb.plan.mixture`).
