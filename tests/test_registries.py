@@ -165,7 +165,7 @@ def test_the_loader_the_report_and_the_factory_make_the_same_plan(tmp_path, repe
         assert np.array_equal(loader.epoch(epoch).rows, made.epoch(epoch).rows)
         assert np.array_equal(loader.epoch(epoch).bucket, made.epoch(epoch).bucket)
     heights, widths = [h for h, _ in sizes[:count]], [w for _, w in sizes[:count]]
-    report = bucket_report(heights, widths, specs, batch_size=4, world_size=2, seed=5,
+    report = bucket_report(heights, widths, specs, batch_size=4, world_size=2, seed=5, leftover="nearest",
                            repeats=list(repeats) if repeats else None)  # fmt: skip
     assert report["totals"]["steps_per_epoch"] == len(made.epoch(0))
 

@@ -852,7 +852,7 @@ def test_a_manifest_without_offset_column_reads_whole_files(tmp_path, dataset):
         (lambda s: s.update(manifest="0" * 32), "state was saved with another manifest (same size, other content)"),
         (lambda s: s.update(buckets={"max_area": -1}), "state field 'buckets' is not a bucket spec"),
         # the planner of format 4 makes other batches: an older state's step would name another batch
-        (lambda s: s.update(format=2, epoch=4), "earlier dali_arb, whose plans differ from this version's (format 4)"),
+        (lambda s: s.update(format=2, epoch=4), "earlier dali_arb, whose plans differ from this version's (format 5)"),
         (lambda s: s.update(format=3, step=1), "call loader.set_epoch(0) instead of load_state_dict"),
         (lambda s: s.update(format=1, epoch=4), "call loader.set_epoch(4) instead of load_state_dict"),
         (lambda s: s.update(format=99), "not a DALIBucketIterator state of this version (format 99"),
@@ -878,7 +878,7 @@ def test_a_format_3_state_at_an_epochs_start_carries_over_exactly(dataset):
     for _ in loader:
         pass
     state = loader.state_dict()
-    assert (state["epoch"], state["step"], state["format"]) == (1, 0, 4)
+    assert (state["epoch"], state["step"], state["format"]) == (1, 0, 5)
     state["format"] = 3
     resumed = cpu_loader(manifest)
     resumed.load_state_dict(state)
