@@ -31,7 +31,7 @@ def _plan_figures(heights: np.ndarray, widths: np.ndarray, batch, *, world: int)
 
 
 def _compare_plans(out: dict, label: str, heights: np.ndarray, widths: np.ndarray, *, batch: int, world: int) -> None:
-    from dali_arb import BatchSizing
+    from dali_arb import BatchSizing, BucketSpec
 
     budget = BatchSizing(batch_pixels=batch * 512 * 512)
     fixed, by_budget = (_plan_figures(heights, widths, b, world=world) for b in (batch, budget))
@@ -40,6 +40,11 @@ def _compare_plans(out: dict, label: str, heights: np.ndarray, widths: np.ndarra
     )
     out[f"  {label}: images per rank and step min-max"] = (
         f"{fixed['images_min']}-{fixed['images_max']} / {by_budget['images_min']}-{by_budget['images_max']}"
+    )
+    spec_sizes = BucketSpec().sizes
+    per_bucket = budget.per_bucket(spec_sizes)
+    out[f"  {label}: budget images per step by bucket (WxH:b)"] = " ".join(
+        f"{int(w)}x{int(h)}:{int(b)}" for (h, w), b in zip(spec_sizes, per_bucket)
     )
     out[f"  {label}: pixels per rank and step max / mean MP"] = (
         f"{fixed['mp_max']:.2f} / {fixed['mp_mean']:.2f} vs {by_budget['mp_max']:.2f} / {by_budget['mp_mean']:.2f}"
