@@ -245,7 +245,7 @@ class LoaderOptions:
                     f"DALIBucketIterator() got an unexpected keyword argument {key!r}; it takes "
                     f"{', '.join(sorted([*_KEYWORD_TO_FIELD, *_TOP_LEVEL, 'buckets', 'repeats', 'options']))}"
                 )
-        sizing = {k: top.pop(k) for k in _SIZING if k in top}
+        sizing = {k: v for k in _SIZING if (v := top.pop(k, None)) is not None}  # None: not given
         if sizing:  # batch sizes by bucket: a pixel budget or a table (the flat batch_size is then not given)
             if "batch_size" in top:
                 raise ConfigError(f"give batch_size or {' and '.join(sizing)}, not both")

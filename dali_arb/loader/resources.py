@@ -69,10 +69,13 @@ def plan_read_ahead(
     if workers == 0:
         return {"bytes_per_sample": 0, "source_prefetch": 0}
     depth = max(2, SOURCE_PREFETCH_PER_WORKER * workers)  # every worker busy, and one batch more each
-    sizes = planner.assignment.sizes
-    pixels = int((sizes[:, 0] * sizes[:, 1]).max())
-    per_sample = decoder.bytes_per_sample(encoded, pixels)
-    per_batch = per_sample * batch_size
+    # the largest batch in bytes: each bucket's own batch of its own samples (with batch sizes by bucket, the
+    # smallest buckets have the largest batches; their product with the largest bucket's samples is reached by none)
+    sizes = planner.index.sizes
+    areas = (sizes[:, 0] * sizes[:, 1]).tolist()
+    batches = np.minimum(np.asarray(planner.batch, np.int64), batch_size).tolist()
+    per_batch = max(b * decoder.bytes_per_sample(encoded, int(a)) for b, a in zip(batches, areas))
+    per_sample = -(-per_batch // batch_size)  # the chunk per sample, so that a batch of batch_size fits per_batch
     if kind == "thread":  # the threads hand batches over in this process's memory
         return {"bytes_per_sample": per_sample, "source_prefetch": depth}
     free = free_shared_memory()

@@ -81,6 +81,11 @@ def check_resumable(
             )
     if saved["batching"] is not None or mine["batching"] is not None:
         same = (saved["world_size"], saved["batching"]) == (mine["world_size"], mine["batching"])
+        if not same and saved["world_size"] == mine["world_size"]:
+            raise StateError(
+                f"state was saved with batch sizes {_sizing_words(saved)}, this loader has {_sizing_words(mine)}; "
+                "build the loader with the same batch sizes to resume"
+            )
         if not same and not (mine["sync_ranks"] and list(units(saved)) == list(units(mine))):
             raise StateError(
                 f"state was saved with world_size {saved['world_size']} x batching {saved['batching'] or saved['batch_size']}; "
@@ -100,6 +105,14 @@ def check_resumable(
                 "Resuming on another world size needs the same global batch and sync_ranks=True "
                 f"(here: batch_size {per_rank})"
             )
+
+
+def _sizing_words(state: dict[str, Any]) -> str:
+    """A state's batch sizes as the loader's keywords spell them: ``batch_size=4``, ``batch_pixels=1048576 ...``."""
+    if state["batching"] is None:
+        return f"batch_size={state['batch_size']}"
+    given = {k: v for k, v in state["batching"].items() if v is not None and not (k == "batch_multiple" and v == 1)}
+    return " ".join(f"{k}={v}" for k, v in given.items())
 
 
 def _check_format(state: dict[str, Any]) -> None:

@@ -17,9 +17,15 @@ from ..errors import ConfigError
 __all__ = ["BatchSizing"]
 
 
+#: The largest count a sizing takes (pixels, images): products with bucket areas stay within int64.
+LARGEST = 2**40
+
+
 def _positive(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if value > LARGEST:
+        raise ConfigError(f"{name} must be at most 2**40, got {value!r}")
     return int(value)
 
 

@@ -519,11 +519,11 @@ class Planner:
         self.units = self.batch * W if self.sync_ranks else self.batch.copy()
         self.batch_size = self.sizing.fixed
         self.global_batch = None if self.batch_size is None else self.batch_size * W
-        self.max_batch = int(self.batch.max()) if len(self.batch) else 1
         self._trim_unit = W * math.gcd(*self.batch.tolist()) if len(self.batch) else W  # T: the pool's unit
         self.leftover = self.leftover_requested
         if self.leftover is LeftoverPolicy.AUTO:
             self.leftover = auto_leftover(self.index.counts(), self.batch * W)
+        self.max_batch = self._largest_step()
         self._duplicate_phase = np.random.default_rng([self.seed, DUPLICATE_STREAM]).random(len(self._sizes))
         least = 1 if self.leftover is LeftoverPolicy.PARTIAL else self._trim_unit
         if self.num_images < least:
@@ -549,6 +549,24 @@ class Planner:
         batch[needed] = self.sizing.per_bucket(self._sizes[needed])
         batch[~needed] = batch[needed].min() if needed.any() else 1
         return batch
+
+    def _largest_step(self) -> int:
+        """The largest batch any step of any epoch can serve (what a pipeline is built for): a bucket's own batches
+        hold at most its images shared over the ranks (``duplicate`` pads them to its full batch), and a pooled
+        block (``nearest``; ``drop`` and ``duplicate`` pool small buckets) at most every image over the ranks; not the batch of a bucket no image reaches (a huge budget would size the
+        pipeline for tens of thousands of samples). ``index.counts()`` is the most an epoch serves per bucket."""
+        if not len(self.batch):
+            return 1
+        counts = np.asarray(self.index.counts(), np.int64)
+        share = self.world.world_size if self.sync_ranks else 1
+        fits = -(-counts // share)  # ceil: a bucket's images over the ranks
+        padded = self.leftover is LeftoverPolicy.DUPLICATE
+        own = np.where(counts > 0, self.batch if padded else np.minimum(self.batch, fits), 0)
+        pools = (
+            self.leftover is not LeftoverPolicy.PARTIAL
+        )  # nearest pools leftovers; drop and duplicate pool small buckets
+        pooled = min(int(self.batch.max()), -(-int(counts.sum()) // share)) if pools else 0
+        return max(1, int(own.max()), pooled)
 
     @property
     def assignment(self) -> PlannedIndex:
@@ -695,6 +713,12 @@ class Planner:
         elif partial or self.batch_size is None:  # ranks may cut different numbers of batches: the fewer repeat
             extras = [extra if q == r else extra_of(q) for q in range(W)]
             n_real = [int(full[q].sum()) + len(extras[q]) for q in range(W)]
+            if min(n_real) == 0:
+                raise PlanError(
+                    f"with sync_ranks=False, rank {n_real.index(0)} of {W} gets no image this epoch ({self.num_images} "
+                    "usable images); use sync_ranks=True (a remainder is then shared out and padded with repeats) or "
+                    "fewer ranks"
+                )
             repeats = max(n_real) - n_real[r]
             for q in range(W):
                 sizes = np.concatenate([np.repeat(b, full[q]), extras[q].sizes])
