@@ -13,6 +13,16 @@ from dali_arb.index import build_index
 from .images import save_jpeg
 
 
+@pytest.fixture(autouse=True)
+def _fresh_store_health():
+    """Each test a new run for the stores' health: a loopback server that died in one test must not make a later
+    server on the same port (the same store name) look silent past its deadline."""
+    yield
+    from dali_arb.data.storage.retries import HEALTH
+
+    HEALTH.reset()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory):
     """Every test (and the processes it starts) caches manifests in a folder of this session, not ~/.cache."""

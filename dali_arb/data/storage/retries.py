@@ -76,6 +76,12 @@ class Health:
             kind="silent",
         )
 
+    def reset(self) -> None:
+        """Forget every store's silence (a new run in this process: tests, whose loopback servers may reuse the port
+        of one that died earlier, and with it the store's name)."""
+        with self._lock:
+            self._silent.clear()
+
     def answered(self, url: str) -> None:
         with self._lock:
             self._silent.pop(self._key(url), None)
