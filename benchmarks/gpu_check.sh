@@ -4,7 +4,8 @@
 #   device.txt       date, GPU, driver, cores, versions, NVIDIA_DRIVER_CAPABILITIES, /dev/shm, and whether the
 #                    hardware JPEG decoder exists (nvImageCodec restricted to HW_GPU_ONLY: DALI hides its absence)
 #   gpu-tests.txt    the GPU test tier: shapes, dtype, device, pixels against the CPU path, pairs and masks, bad
-#                    files and formats on the GPU decoder, resume, flat GPU memory across bucket switches
+#                    files and formats on the GPU decoder, resume, flat GPU memory across bucket switches (one
+#                    batch size, and batch sizes by bucket from a pixel budget: issue 20)
 #   example.txt      examples/diffusers_sdxl.py --tiny on the GPU (needs diffusers: carry its wheel in .whl)
 #   cpu.*            the CPU path on every core against the OpenCV, Pillow and torchvision peers, and with worker
 #                    processes beside its default worker threads
