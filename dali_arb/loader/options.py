@@ -279,6 +279,9 @@ _KEYWORD_TO_FIELD = {
     "sample_cache_gb": ("remote", "sample_cache_gb"),
     "caption_dropout": ("captions", "dropout"), "shuffle_tags": ("captions", "shuffle_tags"),
     "keep_tags": ("captions", "keep_tags"), "tag_separator": ("captions", "separator"),
+    "caption_prefix": ("captions", "prefix"), "caption_suffix": ("captions", "suffix"),
+    "instance_prompt": ("captions", "instance_prompt"), "tag_dropout": ("captions", "tag_dropout"),
+    "keep_tags_separator": ("captions", "keep_separator"),
 }  # fmt: skip
 #: Keywords that size batches by bucket (:class:`~dali_arb.plan.batching.BatchSizing`).
 _SIZING = ("batch_pixels", "max_batch", "batch_multiple", "batch_sizes")

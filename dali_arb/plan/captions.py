@@ -46,12 +46,24 @@ class CaptionPolicy:
         shuffle_tags: shuffle the tags after the first ``keep_tags``.
         keep_tags: tags kept in front, in order (non-negative).
         separator: what separates tags (non-empty); tags are joined with ``separator + " "``.
+        prefix, suffix: text put before and after every caption that is not dropped (kohya's ``caption_prefix`` /
+            ``caption_suffix``; never shuffled or dropped with the tags).
+        instance_prompt: the caption of a sample that has none (kohya's class tokens of a ``10_sks dog`` folder).
+        tag_dropout: probability that each tag after the kept ones is left out (kohya's ``caption_tag_dropout_rate``).
+        keep_separator: kohya's ``keep_tokens_separator``: in ``a, b ||| c, d ||| e``, the tags before the first
+            separator stay in front and those after a second one at the end; only the ones between are shuffled or
+            dropped (it replaces ``keep_tags`` where a caption holds it).
     """
 
     dropout: float = 0.0
     shuffle_tags: bool = False
     keep_tags: int = 0
     separator: str = ","
+    prefix: str = ""
+    suffix: str = ""
+    instance_prompt: str = ""
+    tag_dropout: float = 0.0
+    keep_separator: str = ""
 
     def __post_init__(self) -> None:
         d = self.dropout
@@ -63,15 +75,26 @@ class CaptionPolicy:
             raise ConfigError(f"keep_tags must be a non-negative integer, got {self.keep_tags!r}")
         if not isinstance(self.separator, str) or not self.separator.strip():
             raise ConfigError(f"tag_separator must be a non-empty string, got {self.separator!r}")
+        for name, value in (("caption_prefix", self.prefix), ("caption_suffix", self.suffix),
+                            ("instance_prompt", self.instance_prompt), ("keep_tags_separator", self.keep_separator)):  # fmt: skip
+            if not isinstance(value, str):
+                raise ConfigError(f"{name} must be a string, got {value!r}")
+        t = self.tag_dropout
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
+            raise ConfigError(f"tag_dropout must be a probability in [0, 1], got {t!r}")
 
     def to_dict(self) -> dict:
         """The options as JSON-ready data (for ``state_dict``)."""
-        return {
+        out = {
             "dropout": float(self.dropout),
             "shuffle_tags": self.shuffle_tags,
             "keep_tags": self.keep_tags,
             "separator": self.separator,
         }
+        # the later options only where set, so that states saved before they existed still match
+        extra = {"prefix": self.prefix, "suffix": self.suffix, "instance_prompt": self.instance_prompt,
+                 "tag_dropout": float(self.tag_dropout), "keep_separator": self.keep_separator}  # fmt: skip
+        return {**out, **{k: v for k, v in extra.items() if v}}
 
     def apply(self, text: str | None, rng: np.random.Generator) -> str:
         """The caption drawn from the stored ``text`` (``None``: no caption) with ``rng``.
@@ -81,16 +104,32 @@ class CaptionPolicy:
         lines = caption_lines(text)
         pick = rng.integers(len(lines)) if len(lines) > 1 else 0
         dropped = rng.random() < self.dropout
-        caption = lines[pick] if lines else ""
+        caption = lines[pick] if lines else self.instance_prompt
         if dropped:
             return ""
-        if not self.shuffle_tags:
-            return caption
-        tags = [tag.strip() for tag in caption.split(self.separator)]
-        tags = [tag for tag in tags if tag]
-        kept, rest = tags[: self.keep_tags], tags[self.keep_tags :]
-        order = rng.permutation(len(rest))
-        return (self.separator + " ").join(kept + [rest[i] for i in order])
+        split = bool(self.keep_separator) and self.keep_separator in caption
+        if self.shuffle_tags or self.tag_dropout > 0 or split:
+            caption = self._tags(caption, rng, split=split)
+        return " ".join(part for part in (self.prefix, caption, self.suffix) if part)
+
+    def _tags(self, caption: str, rng: np.random.Generator, *, split: bool) -> str:
+        """The caption's tags, the kept ones in front (and after a second ``keep_separator`` at the end), the others
+        shuffled (``shuffle_tags``) and then each left out with probability ``tag_dropout``; draws in that order."""
+
+        def tags_of(text: str) -> list[str]:
+            return [tag for tag in (t.strip() for t in text.split(self.separator)) if tag]
+
+        if split:
+            parts = caption.split(self.keep_separator)
+            kept, rest, last = tags_of(parts[0]), tags_of(parts[1]), tags_of(self.separator.join(parts[2:]))
+        else:
+            tags = tags_of(caption)
+            kept, rest, last = tags[: self.keep_tags], tags[self.keep_tags :], []
+        if self.shuffle_tags:
+            rest = [rest[i] for i in rng.permutation(len(rest))]
+        if self.tag_dropout > 0:
+            rest = [tag for tag, u in zip(rest, rng.random(len(rest))) if u >= self.tag_dropout]
+        return (self.separator + " ").join(kept + rest + last)
 
     def batch(self, texts: list[str | None], *, seed: int, epoch: int, step: int, offset: int) -> list[str]:
         """Captions of one batch; ``texts[i]`` is the stored caption of the sample at global position
