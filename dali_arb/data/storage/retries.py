@@ -141,11 +141,16 @@ def check_size(url: str, size: int, expected: int) -> None:
         )
 
 
+def _bare_etag(tag: str) -> str:
+    """An ETag without its quotes and weak prefix (a GCS listing gives them bare, its GETs quoted)."""
+    return tag.removeprefix("W/").strip('"')
+
+
 def check_version(url: str, meta: dict[str, Any], version: str | None) -> None:
     """ObjectChanged when the object a GET read (its ``meta``) is not the indexed ``version`` (its ETag; None: not
     checked), for stores that ignore ``If-Match``."""
     etag = meta.get("e_tag")
-    if version is not None and etag is not None and etag != version:
+    if version is not None and etag is not None and _bare_etag(etag) != _bare_etag(version):
         raise ObjectChanged(
             f"{url} changed since indexing: its ETag is {etag}, not {version}", source=url, kind="version_changed"
         )
