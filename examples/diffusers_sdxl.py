@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dali_arb import BucketSpec, DALIBucketIterator
+from dali_arb.sdxl import add_time_ids
 
 #: SDXL's buckets are about 1024x1024 in area, sides multiples of 64 (the VAE divides by 8, the UNet by 4 more).
 SDXL_BUCKETS = BucketSpec(max_area=1024 * 1024, min_dim=512, max_dim=2048, step=64, base=(1024, 1024))
@@ -101,12 +102,6 @@ class PretrainedText(nn.Module):
         return prompt_embeds, pooled
 
 
-def time_ids(batch: dict) -> torch.Tensor:
-    """SDXL's ``time_ids`` ``[B, 6]``: original (h, w), crop (top, left), target (h, w), from the batch."""
-    target = torch.tensor(batch["target_size"], dtype=torch.int64).expand(len(batch["ids"]), 2)
-    return torch.cat([batch["original_size"], batch["crop_top_left"], target], dim=1).float()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("manifest", help="manifest from `dali-arb index`")
@@ -171,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             noisy = scheduler.add_noise(latents, noise, timesteps)
             with autocast:
                 prompt_embeds, pooled = text(batch["captions"], device)
-                added = {"text_embeds": pooled, "time_ids": time_ids(batch).to(device)}
+                added = {"text_embeds": pooled, "time_ids": add_time_ids(batch, device=device)}
                 predicted = unet(noisy, timesteps, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added).sample
             loss = F.mse_loss(predicted.float(), noise.float())
             optimizer.zero_grad(set_to_none=True)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dali_arb import BucketSpec, DALIBucketIterator
+from dali_arb.sdxl import add_time_ids
 
 
 class TinyAutoencoder(nn.Module):
@@ -101,10 +102,7 @@ def main() -> None:
         for batch in loader:
             images = batch["images"].to(device, non_blocking=True)
             # SDXL conditioning: (original_size, crop_top_left, target_size), each (h, w) / (top, left)
-            target = torch.tensor(batch["target_size"]).expand(len(images), 2)
-            time_ids = (
-                torch.cat([batch["original_size"], batch["crop_top_left"], target], dim=1).float().to(device) / 1024
-            )
+            time_ids = add_time_ids(batch, device=device) / 1024
             loss = F.mse_loss(model(images, time_ids), images)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

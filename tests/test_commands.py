@@ -180,7 +180,7 @@ def test_diffusers_time_ids_come_from_the_batch():
     spec.loader.exec_module(example)
     batch = {"ids": ["a", "b"], "original_size": torch.tensor([[600, 400], [300, 900]]),
              "crop_top_left": torch.tensor([[0, 12], [5, 0]]), "target_size": (512, 768)}  # fmt: skip
-    assert example.time_ids(batch).tolist() == [[600, 400, 0, 12, 512, 768], [300, 900, 5, 0, 512, 768]]
+    assert example.add_time_ids(batch).tolist() == [[600, 400, 0, 12, 512, 768], [300, 900, 5, 0, 512, 768]]
 
 
 def test_bench_peers_never_fork_after_dali_started_threads(dataset, monkeypatch):
