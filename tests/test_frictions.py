@@ -103,6 +103,16 @@ def test_the_iterator_takes_torch_dtypes_and_cuda_is_the_gpu(dataset):
             next(iter(DALIBucketIterator(manifest, batch_size=2, device="cuda", workers=0)))
 
 
+@pytest.mark.parametrize("command", ["preview", "bench", "demo"])
+def test_the_cli_takes_device_cuda_as_gpu(command, capsys):
+    from dali_arb.cli import build_parser
+
+    argv = {"preview": ["m.parquet", "-o", "p.png"], "bench": ["m.parquet"], "demo": []}[command]
+    assert build_parser().parse_args([command, *argv, "--device", "cuda"]).device == "gpu"
+    code, _, err = cli(capsys, command, *argv, "--device", "tpu")
+    one_line(code, err, "--device", "'tpu'")
+
+
 # -- (2) quoted local brace ranges and globs index like the expanded list -----------------------------------------
 
 
@@ -165,13 +175,14 @@ def test_index_output_that_names_a_folder_is_one_line_and_writes_nothing(tmp_pat
         build_index([str(photos)], f"{tmp_path}/outdir/", progress=False)
 
 
-@pytest.mark.parametrize("name", ["m.csv", "m.json", "m.CSV"])
+@pytest.mark.parametrize("name", ["m.csv", "m.json", "m.CSV", "m.pq"])
 def test_index_output_in_another_format_is_refused(tmp_path, dataset, capsys, name):
     photos = copy_photos(dataset[0], tmp_path / "photos", 2)
     code, _, err = cli(capsys, "index", photos, "-o", tmp_path / name, "-q")
     one_line(code, err, name, "Parquet", "m.parquet")
     assert not (tmp_path / name).exists() and not list(tmp_path.glob("*.rejects.jsonl"))
-    assert cli(capsys, "index", photos, "-o", tmp_path / "m.pq", "-q")[0] == 0  # Parquet's short suffix is fine
+    assert cli(capsys, "index", photos, "-o", tmp_path / "m.PARQUET", "-q")[0] == 0
+    assert cli(capsys, "index", photos, "-o", tmp_path / "manifest", "-q")[0] == 0  # (no suffix: as named)
 
 
 def test_preview_and_plot_into_a_missing_folder_say_what_to_do_before_any_work(tmp_path, capsys, size_manifest):

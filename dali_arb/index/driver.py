@@ -134,13 +134,10 @@ def _local_output(output: str | os.PathLike) -> Path:
     return path
 
 
-#: Suffixes of a manifest file (Parquet); a file with none is taken as named.
-MANIFEST_SUFFIXES = (".parquet", ".pq")
-
-
 def _check_suffix(output: Path) -> None:
-    """Refuse a manifest name whose suffix says another format (``m.csv``): the manifest is always Parquet."""
-    if output.suffix and output.suffix.lower() not in MANIFEST_SUFFIXES:
+    """Refuse a manifest name whose suffix says another format (``m.csv``): the manifest is always Parquet (a name
+    with no suffix is taken as named)."""
+    if output.suffix and output.suffix.lower() != ".parquet":
         raise IndexingError(
             f"-o {output}: a manifest is written as Parquet, not {output.suffix}; name it "
             f"{output.with_suffix('.parquet').name}"
