@@ -131,8 +131,7 @@ def _dtype_name(dtype: Any) -> str:
     name = name.removeprefix("torch.")
     if name not in DTYPES:
         raise ConfigError(
-            f"dtype must be one of {', '.join(DTYPES)} (or torch.float16, torch.bfloat16, torch.float32, "
-            f"torch.uint8), got {dtype!r}"
+            f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r} (torch.float16 and the other three are taken too)"
         )
     return name
 
@@ -145,7 +144,7 @@ def _device_name(device: Any, device_id: Any) -> tuple[str, Any]:
         return name, device_id
     match = re.fullmatch(r"cuda(?::(\d+))?", name)
     if match is None:
-        raise ConfigError(f"device must be 'auto', 'gpu' or 'cpu' (or torch's 'cuda', 'cuda:N'), got {device!r}")
+        raise ConfigError(f"device must be 'auto', 'gpu' or 'cpu', got {device!r} (torch's 'cuda', 'cuda:N' are too)")
     if match.group(1) is None:
         return "gpu", device_id
     index = int(match.group(1))
