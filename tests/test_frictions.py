@@ -101,6 +101,9 @@ def test_the_iterator_takes_torch_dtypes_and_cuda_is_the_gpu(dataset):
     if gpu_count() == 0:  # "cuda" is "gpu": the same clear error without one
         with pytest.raises(Exception, match="DALI sees no CUDA GPU"):
             next(iter(DALIBucketIterator(manifest, batch_size=2, device="cuda", workers=0)))
+    else:  # (the GPU tier) decoded on GPU 0, in torch's spelling
+        batch = next(iter(DALIBucketIterator(manifest, batch_size=2, device="cuda:0", dtype=torch.bfloat16)))
+        assert batch["images"].device == torch.device("cuda", 0) and batch["images"].dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("command", ["preview", "bench", "demo"])
