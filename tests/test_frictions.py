@@ -93,7 +93,7 @@ def test_the_iterator_takes_torch_dtypes_and_cuda_is_the_gpu(dataset):
     from dali_arb.torch import DALIBucketIterator
 
     _, manifest = dataset
-    for dtype in (torch.float16, torch.uint8):
+    for dtype in (torch.float16, torch.bfloat16, torch.uint8):
         loader = DALIBucketIterator(manifest, batch_size=2, device="cpu", dtype=dtype, workers=0)
         batch = next(iter(loader))
         assert batch["images"].dtype == dtype and batch["images"].shape[0] == 2
