@@ -302,9 +302,9 @@ def test_batch_from_args_and_its_errors(tmp_path, capsys):
     code, _, err = run(capsys, "buckets", "--batch-multiple", "2")
     assert code == 1
     one_line(err, "--batch-multiple 2 shapes a pixel budget", "--batch-pixels")
-    code, _, err = run(capsys, "plan", tmp_path / "m.parquet")
-    assert code == 2
-    one_line(err, "--batch-size", "--batch-pixels", "--batch-sizes", "required")
+    code, _, err = run(capsys, "plan", tmp_path / "m.parquet")  # (batch 16 by default: the missing file is named)
+    assert code == 1
+    one_line(err, "m.parquet")
     code, _, err = run(capsys, "buckets", "--batch-sizes", tmp_path / "absent.txt")
     assert code == 2
     one_line(err, "--batch-sizes", "cannot read")

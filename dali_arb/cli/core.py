@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -25,12 +26,17 @@ __all__ = ["png_path", "register"]
 
 def png_path(text: str, option: str) -> Path:
     """Where a picture goes: ``text`` as given when it ends in ``.png``, with ``.png`` added when it has
-    no suffix; any other suffix is refused (the file written is always the one named)."""
+    no suffix; any other suffix, a folder, or a folder that does not exist is refused in one line, before any work
+    (the file written is always the one named; no folder is made, as with ``index -o``)."""
     path = Path(text)
+    if text.endswith(("/", os.sep)) or path.is_dir():
+        raise ConfigError(f"{option} {text} is a folder; name the picture in it, e.g. {path / 'preview.png'}")
     if path.suffix == "":
-        return path.with_name(path.name + ".png")
-    if path.suffix.lower() != ".png":
+        path = path.with_name(path.name + ".png")
+    elif path.suffix.lower() != ".png":
         raise ConfigError(f"{option} must name a .png file, got {text!r}")
+    if not path.parent.is_dir():
+        raise ConfigError(f"{option} {text}: folder {path.parent} does not exist; create it or choose another {option}")
     return path
 
 
@@ -165,7 +171,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     manifests = [Manifest.open(path, cache_dir=args.cache_dir) for path in args.manifest]
     several = len(manifests) > 1
     config = LoaderConfig(
-        batch_size=batch_from_args(args, default=None), spec=spec_from_args(args), seed=args.seed, rank=args.rank,
+        batch_size=batch_from_args(args, default=16), spec=spec_from_args(args), seed=args.seed, rank=args.rank,
         world_size=args.world_size, leftover=args.leftover, sync_ranks=not args.independent_ranks,
         crop="random", flip=0.0,
         repeats=check_repeats(args.repeats, len(manifests)) if several or args.repeats is not None else None,
@@ -291,7 +297,7 @@ def register(sub: argparse._SubParsersAction, fmt: type) -> None:
         description="Print the batches of one rank for one epoch. Same arguments, same output, on any machine.",
     )
     p.add_argument("manifest", nargs="+", metavar="MANIFEST", help="manifest(s) (several: one per dataset)")
-    add_plan_options(p, batch_required=True)
+    add_plan_options(p, batch_required=False)  # (batch 16 by default, like buckets)
     add_cache_option(p)
     p.add_argument("--rank", type=non_negative_int, default=0, help="this rank (default 0)")
     p.add_argument("--epoch", type=non_negative_int, default=0, help="epoch (default 0)")

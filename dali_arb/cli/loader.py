@@ -30,11 +30,17 @@ from .options import (
 SAMPLES = Path(__file__).parent.parent / "samples"
 
 
+def _device(text: str) -> str:
+    """``--device``: torch's ``cuda`` is ``gpu``."""
+    return "gpu" if text == "cuda" else text
+
+
 def _add_loader_options(p: argparse.ArgumentParser, *, batch_default: int) -> None:
     g = p.add_argument_group("loader options")
     g.add_argument(
-        "--device", choices=["auto", "cpu", "gpu"], default="auto", help="decode on the GPU, the CPU, or auto (default)"
-    )
+        "--device", choices=["auto", "cpu", "gpu"], default="auto", type=_device,
+        help="decode on the GPU (gpu, or cuda), the CPU, or auto (default)",
+    )  # fmt: skip
     add_batch_options(g, required=False)
     p.set_defaults(batch_default=batch_default)
     g.add_argument(

@@ -67,19 +67,16 @@ def build_index(
     if is_url(str(output)):
         return _index_to_url(sources, str(output), max_pixels=max_pixels, workers=workers, update=update,
                              progress=progress, pairs=pairs)  # fmt: skip
-    output = Path(output)
-    if output.exists() and output.is_dir():
-        raise IndexingError(f"output {output} is a folder; give a file name such as {output / 'manifest.parquet'}")
-    if not output.parent.exists():
-        raise IndexingError(f"folder {output.parent} does not exist; create it or choose another -o")
+    output = _local_output(output)
     try:
-        expanded = [u for s in sources for u in (expand_sources(s) if is_url(s) else [s])]
+        expanded = [u for s in sources for u in (expand_sources(s) if is_url(s) else _expand_local(s))]
         # rows must resolve from any working directory: local sources become absolute paths
         chosen = [(reader_for(s), s if is_url(s) else os.path.abspath(s)) for s in expanded]
     except StorageError as exc:
         raise IndexingError(str(exc)) from None
     kinds = [(reader.name, source) for reader, source in chosen]
     _check_output(output, kinds)
+    _check_suffix(output)
     pairs = _checked_pairs(pairs, kinds)
     old = _old_rows(output, pairs) if update else None
     summary = IndexSummary(manifest=output)
@@ -120,6 +117,54 @@ def build_index(
             f"no usable images in {', '.join(sources)} ({summary.rejected} rejected, see {rejects_path(output)})"
         )
     return summary
+
+
+def _local_output(output: str | os.PathLike) -> Path:
+    """The local manifest file ``output`` names; an IndexingError for a folder (an existing one, or a name ending in
+    ``/``: a manifest is one file until manifests in parts exist) or a folder that does not exist."""
+    text = os.fspath(output)
+    path = Path(text)
+    if text.endswith(("/", os.sep)) or path.is_dir():
+        raise IndexingError(
+            f"-o {text} is a folder; name the manifest file in it, e.g. -o {path / 'manifest.parquet'} "
+            "(a manifest is one .parquet file)"
+        )
+    if not path.parent.exists():
+        raise IndexingError(f"folder {path.parent} does not exist; create it or choose another -o")
+    return path
+
+
+def _check_suffix(output: Path) -> None:
+    """Refuse a manifest name whose suffix says another format (``m.csv``): the manifest is always Parquet (a name
+    with no suffix is taken as named)."""
+    if output.suffix and output.suffix.lower() != ".parquet":
+        raise IndexingError(
+            f"-o {output}: a manifest is written as Parquet, not {output.suffix}; name it "
+            f"{output.with_suffix('.parquet').name}"
+        )
+
+
+def _expand_local(source: str) -> list[str]:
+    """The local paths a source stands for: a path that exists as it is; else its brace ranges and choices
+    (``shards/{00000..00002}.tar``, ``{a,b}``, expanded as for URLs) and globs (``photos/*/``, sorted), so that a
+    quoted pattern indexes like the list the shell would have given. A pattern that matches nothing is an
+    IndexingError naming it; a brace-expanded path that does not exist is left for the reader to name."""
+    import glob
+
+    from ..data.storage import expand_sources
+
+    if os.path.exists(source) or not any(c in source for c in "{*?["):
+        return [source]
+    out: list[str] = []
+    for item in expand_sources(source):  # (braces only: globs there are for URLs)
+        if any(c in item for c in "*?[") and not os.path.exists(item):
+            matched = sorted(glob.glob(item))
+            if not matched:
+                raise IndexingError(f"no file or folder matches {item}; check the pattern")
+            out += matched
+        else:
+            out.append(item)
+    return out
 
 
 def _old_rows(output: Path, pairs: list[PairSpec]) -> pa.Table | None:

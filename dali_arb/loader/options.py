@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -84,10 +85,12 @@ class Augment:
 
 @dataclass(frozen=True)
 class Decode:
-    """Where and how samples are decoded: ``device`` (``"gpu"``, ``"cpu"``, ``"auto"``), ``decoder`` (a name in
+    """Where and how samples are decoded: ``device`` (``"gpu"``, ``"cpu"``, ``"auto"``; torch's ``"cuda"`` is
+    ``"gpu"`` and ``"cuda:N"`` is ``"gpu"`` with ``device_id=N``), ``decoder`` (a name in
     :data:`~dali_arb.loader.decoders.DECODERS`, ``"auto"``, or a :class:`~dali_arb.loader.decoders.Decoder`),
-    the output ``dtype``, ``jpeg_scaling`` and ``hw_decoder_load`` (see the decoders), DALI's ``num_threads``
-    and the GPU ``device_id`` (``None``: defaults chosen at start-up)."""
+    the output ``dtype`` (a name in :data:`DTYPES`, or ``torch.float16`` and the like, kept as its name),
+    ``jpeg_scaling`` and ``hw_decoder_load`` (see the decoders), DALI's ``num_threads`` and the GPU ``device_id``
+    (``None``: defaults chosen at start-up)."""
 
     device: str = "auto"
     decoder: str | Decoder = "auto"
@@ -98,8 +101,10 @@ class Decode:
     device_id: int | None = None
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        _set(self, "dtype", _dtype_name(self.dtype))
+        device, device_id = _device_name(self.device, self.device_id)
+        _set(self, "device", device)
+        _set(self, "device_id", device_id)
         if self.num_threads is not None:
             _set(self, "num_threads", _count("num_threads", self.num_threads, least=1))
         if self.jpeg_scaling is not None and self.jpeg_scaling not in JPEG_SCALINGS:
@@ -108,8 +113,6 @@ class Decode:
             )
         if self.hw_decoder_load is not None:
             _set(self, "hw_decoder_load", _share("hw_decoder_load", self.hw_decoder_load))
-        if self.device not in DEVICES:
-            raise ConfigError(f"device must be 'auto', 'gpu' or 'cpu', got {self.device!r}")
         if not isinstance(self.decoder, Decoder):
             check_decoder_name(self.decoder)
         if self.device_id is not None:
@@ -119,6 +122,35 @@ class Decode:
         out = asdict(self)
         out["decoder"] = self.decoder if isinstance(self.decoder, str) else type(self.decoder).__name__
         return out
+
+
+def _dtype_name(dtype: Any) -> str:
+    """``dtype`` as one of :data:`DTYPES`: a name (``"float16"``), or torch's or NumPy's dtype, read by name
+    (``str(torch.float16)`` is ``"torch.float16"``: torch is never imported here)."""
+    name = dtype if isinstance(dtype, str) else str(dtype)
+    name = name.removeprefix("torch.")
+    if name not in DTYPES:
+        raise ConfigError(
+            f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r} (torch.float16 and the other three are taken too)"
+        )
+    return name
+
+
+def _device_name(device: Any, device_id: Any) -> tuple[str, Any]:
+    """``(device, device_id)`` in our words: torch's spelling is taken too, ``"cuda"`` (or ``torch.device("cuda")``)
+    is ``"gpu"`` and ``"cuda:N"`` is ``"gpu"`` on GPU ``N`` (a ``device_id`` given beside it must agree)."""
+    name = device if isinstance(device, str) else str(device)
+    if name in DEVICES:
+        return name, device_id
+    match = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if match is None:
+        raise ConfigError(f"device must be 'auto', 'gpu' or 'cpu', got {device!r} (torch's 'cuda', 'cuda:N' are too)")
+    if match.group(1) is None:
+        return "gpu", device_id
+    index = int(match.group(1))
+    if device_id is not None and device_id != index:
+        raise ConfigError(f"device {name!r} names GPU {index} but device_id is {device_id!r}; give one of them")
+    return "gpu", index
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,13 @@ def _open_manifests(datasets: list[Dataset], cache_dir: Any) -> list[Manifest]:
     manifests = [d.manifest if isinstance(d.manifest, Manifest) else Manifest.open(d.manifest, cache_dir=cache_dir)
                  for d in datasets]  # fmt: skip
     for m in manifests:
+        if len(m) == 0:
+            raise ManifestError(
+                f"manifest {m.path or ''} is empty: no images; index a folder with images "
+                "(`dali-arb index FOLDER_OR_SHARDS -o MANIFEST`)",
+                source=None if m.path is None else str(m.path),
+                kind="no_images",
+            )
         if "source" not in m.table.column_names or m.table.column("source").null_count == len(m):
             raise ManifestError(
                 f"manifest {m.path or ''} has no image files to read (it was indexed from metadata without "
