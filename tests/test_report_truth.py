@@ -366,3 +366,15 @@ def test_plan_command_serves_budget_batches(capsys, tmp_path):
     assert len(sizes) > 1
     for line in lines:
         assert len(line["ids"]) * line["width"] * line["height"] <= max(4 * 512 * 512, line["width"] * line["height"])
+
+
+def test_the_report_says_what_auto_became():
+    """``leftover="auto"`` resolves from the data: the report names the policy the plan used, in text and JSON."""
+    heights, widths = small_photo_set()
+    report = bucket_report(heights, widths, BucketSpec(), batch_size=4)
+    assert report["options"]["leftover"] == "auto"
+    resolved = report["options"]["leftover_resolved"]
+    assert resolved == Planner(BucketSpec().assign(heights, widths), batch_size=4).leftover.value
+    assert f"leftover policy auto ({resolved})" in format_report(report)
+    fixed = bucket_report(heights, widths, BucketSpec(), batch_size=4, leftover="nearest")
+    assert "leftover policy nearest:" in format_report(fixed)

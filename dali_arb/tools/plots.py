@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from .report import policy_words
+
 __all__ = ["bucket_bars", "contact_sheet", "plot_buckets"]
 
 
@@ -72,7 +74,7 @@ def plot_buckets(report: dict[str, Any], path: str | os.PathLike) -> dict[str, n
         heights = bars[f"height_{name}"]
         if heights.any() or name in ("full", "leftovers"):
             ax.bar(x, heights, bottom=bottom, color=colour, hatch=hatch, edgecolor="#c0392b" if name == "trimmed"
-                   else None, linewidth=0.6, label=legend.format(leftover=options["leftover"]))  # fmt: skip
+                   else None, linewidth=0.6, label=legend.format(leftover=policy_words(options)))  # fmt: skip
         bottom = bottom + heights
     serving = bars["served"] > 0
     ax.scatter(x[serving], bars["served"][serving], marker="_", s=160, color="black", zorder=3,

@@ -111,6 +111,7 @@ def bucket_report(
         "batch": sizing.to_dict(),
         "world_size": world_size,
         "leftover": LeftoverPolicy(leftover).value,
+        "leftover_resolved": planner.leftover.value,  # what "auto" became for these data
         "sync_ranks": sync_ranks,
         "epoch": epoch,
         **specs[0].to_dict(),
@@ -410,7 +411,7 @@ def format_report(report: dict[str, Any]) -> str:
         + (f", {t['samples_per_epoch']} samples per epoch with repeats {_repeats(o)}" if "datasets" in o else ""),
         *_rejected_line(report),
         f"{describe_batch(batch)} x world {o['world_size']} ({sizes}), "
-        f"leftover policy {o['leftover']}: {t['steps_per_epoch']} steps per epoch per rank, pixels per step "
+        f"leftover policy {policy_words(o)}: {t['steps_per_epoch']} steps per epoch per rank, pixels per step "
         f"max {_megapixels(t['pixels_per_step_max'])} mean {_megapixels(t['pixels_per_step_mean'])}",
         f"epoch {t['epoch']}: {t['leftover_images']} leftover images, {t['trimmed_per_epoch']} trimmed, "
         f"{t['dropped_per_epoch']} dropped, {t['duplicated_per_epoch']} duplicated, "
@@ -420,3 +421,9 @@ def format_report(report: dict[str, Any]) -> str:
         f"upscaled {100 * t['upscaled_share']:.0f}% at own bucket, {100 * t['served_upscaled_share']:.0f}% as served",
     ]
     return "\n".join(text)
+
+
+def policy_words(options: dict) -> str:
+    """The leftover policy as given, and what ``auto`` became for the data: ``auto (partial)``."""
+    given, resolved = options["leftover"], options.get("leftover_resolved", options["leftover"])
+    return given if given == resolved else f"{given} ({resolved})"
