@@ -39,7 +39,7 @@ def test_preview_draws_one_row_per_batch(dataset, tmp_path, capsys):
                        "--max-area", "38400", "--min-dim", "64", "--max-dim", "320", "--step", "32", "--base", "160x160")  # fmt: skip
     assert code == 0 and "preview of 3 batches" in out
     with Image.open(out_png) as img:
-        assert img.height == 3 * (160 + 16 + 8) + 8
+        assert img.height == 3 * (160 + 3 * 14 + 8) + 8
 
 
 def test_buckets_plot_is_a_png(size_manifest, tmp_path, capsys):

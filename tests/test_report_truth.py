@@ -378,3 +378,21 @@ def test_the_report_says_what_auto_became():
     assert f"leftover policy auto ({resolved})" in format_report(report)
     fixed = bucket_report(heights, widths, BucketSpec(), batch_size=4, leftover="nearest")
     assert "leftover policy nearest:" in format_report(fixed)
+
+
+def test_the_contact_sheet_names_each_image_its_original_size_and_caption(tmp_path):
+    """Preview labels (issue 23): key, original size and caption under every tile; a narrow bucket's column is
+    widened so the labels are not cut to nothing."""
+    import torch
+    from PIL import Image
+
+    from dali_arb.tools.plots import contact_sheet, tile_labels
+
+    batch = {"images": torch.zeros(2, 3, 64, 16, dtype=torch.uint8), "ids": ["a/long_key_name", "b"],
+             "captions": ["a dog on grass", ""], "original_size": torch.tensor([[640, 480], [100, 50]]),
+             "flipped": torch.tensor([True, False]), "target_size": (64, 16), "step": 3}  # fmt: skip
+    assert tile_labels(batch, 0) == ["a/long_key_name (flipped)", "480x640 original", "a dog on grass"]
+    assert tile_labels(batch, 1) == ["b", "50x100 original", "(no caption)"]
+    assert contact_sheet([batch], tmp_path / "p.png", row_height=64) == 1
+    width, height = Image.open(tmp_path / "p.png").size
+    assert width >= 150 + 2 * (120 + 8) and height >= 64 + 3 * 14  # two widened columns, three label lines

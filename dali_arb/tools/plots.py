@@ -120,15 +120,29 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def tile_labels(batch: dict[str, Any], i: int) -> list[str]:
+    """What a contact sheet writes under sample ``i`` of ``batch``: its key (and whether it was flipped), its
+    original size (``WxH``, EXIF-upright) and its caption as the loader drew it."""
+    key = str(batch["ids"][i]) + (" (flipped)" if "flipped" in batch and bool(batch["flipped"][i]) else "")
+    lines = [key]
+    if "original_size" in batch:
+        oh, ow = (int(v) for v in batch["original_size"][i])
+        lines.append(f"{ow}x{oh} original")
+    if batch.get("captions"):
+        lines.append(str(batch["captions"][i]) or "(no caption)")
+    return lines
+
+
 def contact_sheet(batches: Iterable[dict[str, Any]], path: str | os.PathLike, *, row_height: int = 160) -> int:
-    """One row per batch: the images exactly as the loader made them (uint8 ``[B, 3, H, W]``),
-    scaled to ``row_height``, labelled with step, bucket and each key. Returns the rows drawn."""
+    """One row per batch: the images exactly as the loader made them (uint8 ``[B, 3, H, W]``), scaled to
+    ``row_height``, labelled with step and bucket, and under each image its key, original size and caption
+    (:func:`tile_labels`; a narrow bucket's column is widened so that the labels fit). Returns the rows drawn."""
     import torch
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default(size=12)
     title_font = ImageFont.load_default(size=14)
-    gap, label_h, head_w = 8, 16, 150
+    gap, line_h, head_w, min_column = 8, 14, 150, 120
     rows = []
     for batch in batches:
         images = batch["images"]
@@ -137,15 +151,13 @@ def contact_sheet(batches: Iterable[dict[str, Any]], path: str | os.PathLike, *,
         arr = images.to("cpu").to(dtype=torch.uint8).permute(0, 2, 3, 1).numpy()
         height, width = batch["target_size"]
         scaled_w = max(1, round(width * row_height / height))
-        tiles = []
-        for i, key in enumerate(batch["ids"]):
-            tile = Image.fromarray(arr[i]).resize((scaled_w, row_height), Image.BILINEAR)
-            label = str(key) + (" (flipped)" if "flipped" in batch and bool(batch["flipped"][i]) else "")
-            tiles.append((tile, label))
+        tiles = [(Image.fromarray(arr[i]).resize((scaled_w, row_height), Image.BILINEAR), tile_labels(batch, i))
+                 for i in range(len(batch["ids"]))]  # fmt: skip
         rows.append((f"step {batch['step']}", f"{width}x{height}", tiles))
     if not rows:
         raise ValueError("no batches to draw")
-    sheet_w = max(head_w + sum(t.width + gap for t, _ in tiles) for _, _, tiles in rows) + gap
+    label_h = line_h * max(len(labels) for _, _, tiles in rows for _, labels in tiles)
+    sheet_w = max(head_w + sum(max(t.width, min_column) + gap for t, _ in tiles) for _, _, tiles in rows) + gap
     sheet_h = len(rows) * (row_height + label_h + gap) + gap
     sheet = Image.new("RGB", (sheet_w, sheet_h), (250, 250, 250))
     draw = ImageDraw.Draw(sheet)
@@ -154,14 +166,17 @@ def contact_sheet(batches: Iterable[dict[str, Any]], path: str | os.PathLike, *,
         draw.text((gap, y + row_height // 2 - 16), step_label, fill=(40, 40, 40), font=title_font)
         draw.text((gap, y + row_height // 2 + 2), size_label, fill=(59, 117, 175), font=title_font)
         x = head_w
-        for tile, label in tiles:
-            sheet.paste(tile, (x, y))
-            draw.rectangle([x, y, x + tile.width - 1, y + row_height - 1], outline=(200, 200, 200))
-            text = printable(label)
-            while draw.textlength(text, font=font) > tile.width and len(text) > 2:
-                text = text.removesuffix("…")[:-1] + "…"
-            draw.text((x, y + row_height + 1), text, fill=(60, 60, 60), font=font)
-            x += tile.width + gap
+        for tile, labels in tiles:
+            column = max(tile.width, min_column)
+            left = x + (column - tile.width) // 2
+            sheet.paste(tile, (left, y))
+            draw.rectangle([left, y, left + tile.width - 1, y + row_height - 1], outline=(200, 200, 200))
+            for n, label in enumerate(labels):
+                text = printable(label)
+                while draw.textlength(text, font=font) > column and len(text) > 2:
+                    text = text.removesuffix("…")[:-1] + "…"
+                draw.text((x, y + row_height + 1 + n * line_h), text, fill=(60, 60, 60), font=font)
+            x += column + gap
         y += row_height + label_h + gap
     sheet.save(path)
     return len(rows)
