@@ -30,7 +30,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -84,34 +84,49 @@ def moto_s3(*, environ: bool = True, auth_after: int | None = None, start_timeou
         stderr=subprocess.DEVNULL,
         env=env,
     )
-    saved = {k: os.environ.get(k) for k in (*TEST_CREDENTIALS, "AWS_ENDPOINT_URL", "AWS_EC2_METADATA_DISABLED")}
+
+    def listening() -> bool:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+
+    changes = {**TEST_CREDENTIALS, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_EC2_METADATA_DISABLED": "true"}
+    with _serving(server, "moto's S3 server", port, listening, start_timeout_s, changes if environ else {}):
+        yield MotoS3(f"http://127.0.0.1:{port}", port, server.pid)
+
+
+@contextlib.contextmanager
+def _serving(server: subprocess.Popen, name: str, port: int, ready: Callable[[], object], start_timeout_s: float,
+             environ: dict[str, str | None]) -> Iterator[None]:  # fmt: skip
+    """A test server process started on 127.0.0.1:``port``: waits until ``ready()`` answers (an OSError: not yet),
+    sets ``environ`` (``None`` unsets a name) for the duration, then stops the server and puts the environment back."""
+    saved = {k: os.environ.get(k) for k in environ}
     try:
         deadline = time.monotonic() + start_timeout_s
         while True:
             try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    break
+                ready()
+                break
             except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto's S3 server did not start on 127.0.0.1:{port}") from None
+                    raise RuntimeError(f"{name} did not start on 127.0.0.1:{port}") from None
                 time.sleep(0.1)
-        if environ:
-            os.environ.update(TEST_CREDENTIALS)
-            os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"
-            os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
-        yield MotoS3(f"http://127.0.0.1:{port}", port, server.pid)
+        for k, v in environ.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        yield
     finally:
         server.terminate()
         try:
             server.wait(10)
         except subprocess.TimeoutExpired:  # pragma: no cover
             server.kill()
-        if environ:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class _RangeHandler(SimpleHTTPRequestHandler):
@@ -419,32 +434,11 @@ def fake_gcs(data: str | os.PathLike, *, environ: bool = True, start_timeout_s: 
     )
     names = ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_SERVICE_ACCOUNT",
              "GOOGLE_SERVICE_ACCOUNT_PATH", "GOOGLE_SERVICE_ACCOUNT_KEY")  # fmt: skip
-    saved = {k: os.environ.get(k) for k in names}
-    try:
-        deadline = time.monotonic() + start_timeout_s
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1) as answer:
-                    answer.read()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"fake-gcs-server did not start on 127.0.0.1:{port}") from None
-                time.sleep(0.1)
-        if environ:
-            for k in names:
-                os.environ.pop(k, None)
-            os.environ["STORAGE_EMULATOR_HOST"] = url
+
+    def listening() -> None:
+        with urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1) as answer:
+            answer.read()
+
+    changes = {**dict.fromkeys(names), "STORAGE_EMULATOR_HOST": url}
+    with _serving(server, "fake-gcs-server", port, listening, start_timeout_s, changes if environ else {}):
         yield FakeGCS(url, port, server.pid)
-    finally:
-        server.terminate()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:  # pragma: no cover
-            server.kill()
-        if environ:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
