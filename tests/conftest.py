@@ -83,6 +83,20 @@ def size_manifest(tmp_path):
 # Real JPEG files (photo-like), some EXIF-rotated, with captions; small buckets keep the CPU tests fast.
 SMALL = BucketSpec(max_area=160 * 240, min_dim=64, max_dim=320, step=32, base=(160, 160))
 
+#: The loader options most tests use: small buckets, the CPU, no workers, uint8, and "nearest" (what they assert:
+#: full batches; "auto" has tests of its own).
+SMALL_LOADER = {"batch_size": 4, "buckets": SMALL, "device": "cpu", "workers": 0, "dtype": "uint8", "seed": 3,
+                "leftover": "nearest"}  # fmt: skip
+
+
+def small_loader(manifest, **kw):
+    """A ``DALIBucketIterator`` over ``manifest`` (a path, URL or Manifest) with :data:`SMALL_LOADER`, ``kw`` on top."""
+    from dali_arb import DALIBucketIterator
+
+    return DALIBucketIterator(manifest if isinstance(manifest, (str, Manifest)) else str(manifest),
+                              **{**SMALL_LOADER, **kw})  # fmt: skip
+
+
 SIZES = [(300, 200), (200, 300), (240, 240), (400, 150), (150, 400), (320, 180), (180, 320), (260, 200), (210, 280),
          (500, 160), (160, 500), (330, 250), (250, 330), (280, 210), (120, 90), (90, 120), (222, 333), (333, 222)]  # fmt: skip
 

@@ -19,7 +19,7 @@ from dali_arb import (
 )
 from dali_arb.index import build_index
 
-from .conftest import SIZES, SMALL
+from .conftest import SIZES, SMALL, small_loader
 from .resume import check_save_load_state
 
 
@@ -29,17 +29,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def loader(manifest, **kw):
-    options = {
-        "batch_size": 4,
-        "buckets": SMALL,
-        "device": "cpu",
-        "workers": 0,
-        "dtype": "uint8",
-        "seed": 3,
-        "leftover": "nearest",
-    }  # what these tests assert (full batches); "auto" has tests of its own
-    options.update(kw)
-    return DALIBucketIterator(manifest if isinstance(manifest, Manifest) else str(manifest), **options)
+    return small_loader(manifest, **kw)
 
 
 def _budget(manifest, **kw):

@@ -14,13 +14,13 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from dali_arb import DALIBucketIterator, Manifest
+from dali_arb import Manifest
 from dali_arb.cli import main
 from dali_arb.data.pairs import PairSpec, pair_columns
 from dali_arb.errors import ConfigError
 from dali_arb.index import build_index
 
-from .conftest import SIZES, SMALL
+from .conftest import SIZES, small_loader
 from .images import save_jpeg
 from .resume import check_save_load_state
 
@@ -63,16 +63,7 @@ def paired(tmp_path_factory):
 
 
 def loader(manifest, **kw):
-    options = {
-        "batch_size": 4,
-        "buckets": SMALL,
-        "device": "cpu",
-        "workers": 0,
-        "dtype": "uint8",
-        "seed": 3,
-        "leftover": "nearest",
-    }  # what these tests assert (full batches); "auto" has tests of its own
-    return DALIBucketIterator(str(manifest), **{**options, **kw})
+    return small_loader(manifest, **kw)
 
 
 def test_pairs_are_indexed_with_their_own_sizes(paired):

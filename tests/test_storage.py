@@ -15,14 +15,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dali_arb import DALIBucketIterator, Manifest
+from dali_arb import Manifest
 from dali_arb.cli import main
 from dali_arb.data.readahead import RemoteReads
 from dali_arb.data.storage import Fetcher, IOStats, Request
 from dali_arb.index import build_index
 from support.loopback import FaultProxy, RangeHTTPServer, moto_s3, put_object
 
-from .conftest import SMALL
+from .conftest import small_loader
 
 BUCKET = "data"
 
@@ -62,16 +62,7 @@ def s3(dataset, tmp_path_factory):
 
 
 def loader(manifest, **kw):
-    options = {
-        "batch_size": 4,
-        "buckets": SMALL,
-        "device": "cpu",
-        "workers": 0,
-        "dtype": "uint8",
-        "seed": 3,
-        "leftover": "nearest",
-    }  # what these tests assert (full batches); "auto" has tests of its own
-    return DALIBucketIterator(manifest, **{**options, **kw})
+    return small_loader(manifest, **kw)
 
 
 def same_batches(a, b) -> int:

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from dali_arb import DALIBucketIterator, Manifest
+from dali_arb import Manifest
 from dali_arb.cli import main
 from dali_arb.data.storage import Fetcher, IOStats, Request, get_bytes
 from dali_arb.errors import StorageError
@@ -30,7 +30,7 @@ from dali_arb.index import build_index
 from dali_arb.loader.contracts import Failure
 from support.loopback import FaultProxy, RangeHTTPServer, moto_s3, put_object
 
-from .conftest import SMALL
+from .conftest import SMALL, small_loader
 
 BUCKET = "trust"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,17 +55,8 @@ def s3(dataset, tmp_path_factory):
         yield server, folder, root / "remote.parquet"
 
 
-def loader(manifest, **kw) -> DALIBucketIterator:
-    options = {
-        "batch_size": 4,
-        "buckets": SMALL,
-        "device": "cpu",
-        "workers": 0,
-        "dtype": "uint8",
-        "seed": 3,
-        "leftover": "nearest",
-    }  # what these tests assert (full batches); "auto" has tests of its own
-    return DALIBucketIterator(manifest, **{**options, **kw})
+def loader(manifest, **kw):
+    return small_loader(manifest, **kw)
 
 
 def one_line(error: BaseException) -> str:
