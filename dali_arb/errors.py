@@ -60,6 +60,7 @@ __all__ = [
     "is_out_of_memory",
     "pipeline_facts",
     "raised_by_dali_arb",
+    "redact",
     "request_facts",
     "translate",
 ]
@@ -90,6 +91,16 @@ def _count(name: str, value: object) -> int | None:
 FIELDS_NOTE = "dali_arb fields: "
 
 
+#: ``scheme://user:password@host``: the password part of a URL's user information.
+_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]*):[^@\s/]*@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of every URL in it replaced by ``***`` (``https://user:***@host/...``): a URL's
+    credentials never reach a message, a log line or the loader's ``failed`` list."""
+    return _URL_PASSWORD.sub(r"\1:***@", text)
+
+
 class DaliArbError(Exception):
     """Base class of every error dali_arb raises on purpose.
 
@@ -110,12 +121,13 @@ class DaliArbError(Exception):
         cause: BaseException | str | None = None,
         kind: str | None = None,
     ) -> None:
-        super().__init__(*args)
+        super().__init__(*(redact(a) if isinstance(a, str) else a for a in args))
         self.key = None if key is None else str(key)
-        self.source = None if source is None else str(source)
+        self.source = None if source is None else redact(str(source))
         self.epoch = _count("epoch", epoch)
         self.step = _count("step", step)
-        self.cause = _one_line(cause)
+        cause_line = _one_line(cause)
+        self.cause = None if cause_line is None else redact(cause_line)
         self.kind = kind
 
     @property

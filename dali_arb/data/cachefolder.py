@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..errors import ManifestError, ResourceError, StorageError
+from ..errors import ManifestError, ResourceError, StorageError, redact
 
 __all__ = ["CACHE_ENV", "CACHE_FORMAT", "cache_error", "cache_root", "local_manifest", "text_digest"]
 
@@ -102,7 +102,7 @@ def _remote_version(url: str) -> dict[str, Any]:
         import warnings
 
         warnings.warn(
-            f"{url} has no ETag: its local copy is known by size and Last-Modified ({version['last_modified']}) "
+            f"{redact(url)} has no ETag: its local copy is known by size and Last-Modified ({version['last_modified']}) "
             "only, so a rewrite within that second at the same size is not seen; serve it from a store that sends "
             "ETags, or write a changed manifest to a new name",
             UserWarning,

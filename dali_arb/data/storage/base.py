@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ...errors import ConfigError
+from ...errors import ConfigError, redact
 
 #: Retries of a transient failure (5xx, SlowDown, dropped connection, timeout) before it counts as a failure.
 RETRIES = 6
@@ -137,7 +137,7 @@ class Backend:
     def store_name(self, bucket: str) -> str:
         """The store as the user knows it: ``s3://bucket (at ENDPOINT)``, the HTTP origin."""
         endpoint = self.endpoint()
-        return f"{self.scheme}://{bucket}" + (f" (at {endpoint})" if endpoint else "")
+        return redact(f"{self.scheme}://{bucket}" + (f" (at {endpoint})" if endpoint else ""))
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.scheme}://>"
