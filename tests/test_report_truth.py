@@ -197,6 +197,20 @@ def test_rejected_images_are_listed_by_key_in_json_and_csv(tmp_path, capsys):
     assert code == 0 and f"rejected images written to {out_csv}" in out
 
 
+def test_rejected_csv_never_holds_a_formula(tmp_path, capsys):
+    """A key a spreadsheet would run (``=HYPERLINK(...)``, ``@SUM``, ``+1``, ``-2``) is written with a leading ``'``."""
+    heights, widths = random_sizes(40, seed=3)
+    heights[:4], widths[:4] = 80, 4000  # four rejected by their aspect
+    keys = ['=HYPERLINK("http://x","y")', "@SUM(A1)", "+1", "-2", *[f"k{i}" for i in range(4, 40)]]
+    manifest = write_size_manifest(tmp_path / "m.parquet", heights, widths, keys=keys)
+    out_csv = tmp_path / "rejected.csv"
+    assert run(capsys, "buckets", manifest, "-b", "4", "--rejected", out_csv)[0] == 0
+    with open(out_csv, newline="", encoding="utf-8") as f:
+        listed = [r["key"] for r in csv.DictReader(f)]
+    assert listed[:4] == ["'" + k for k in keys[:4]]
+    assert all(not k.startswith(("=", "+", "-", "@")) for k in listed)
+
+
 def test_every_reject_reason_is_named(tmp_path):
     heights = np.array([1024, 1024, 40, 400, 100] + [1024] * 8)
     widths = np.array([1024, 1536, 40, 8000, 100] + [1536] * 8)

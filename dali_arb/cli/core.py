@@ -138,9 +138,20 @@ def _bucket_word(size: dict) -> str:
     return f"{word}:{size['images_per_step']}" if "images_per_step" in size else word
 
 
+#: What a spreadsheet reads as a formula at the start of a cell (CSV injection): such a cell gets a leading ``'``.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(text: str) -> str:
+    """``text`` as a CSV cell no spreadsheet runs: one starting with ``= + - @``, a tab or a carriage return gets
+    a leading ``'`` (OWASP's advice); anything else is unchanged."""
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
 def write_rejected(rejected: list[dict], manifests: list[str], path: Path) -> None:
     """The rejected images as CSV (``manifest,key,reason,width,height``; quoted as needed, so keys holding commas
-    or newlines survive), one row per image, written atomically."""
+    or newlines survive; a text cell a spreadsheet would run as a formula starts with ``'``), one row per image,
+    written atomically."""
     import csv
     import io
 
@@ -149,7 +160,8 @@ def write_rejected(rejected: list[dict], manifests: list[str], path: Path) -> No
     out.writerow(["manifest", "key", "reason", "width", "height"])
     for entry in rejected:
         key = entry.get("key", entry["row"])
-        out.writerow([manifests[entry.get("dataset", 0)], key, entry["reason"], entry["width"], entry["height"]])
+        texts = (manifests[entry.get("dataset", 0)], str(key), entry["reason"])
+        out.writerow([*map(spreadsheet_safe, texts), entry["width"], entry["height"]])
     partial = path.with_name(path.name + ".partial")
     try:
         partial.write_text(text.getvalue(), encoding="utf-8")
