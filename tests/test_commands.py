@@ -204,3 +204,33 @@ def test_bench_peers_never_fork_after_dali_started_threads(dataset, monkeypatch)
     run_bench(manifest, device="cpu", batch_size=2, batches=1, warmup=1, rounds=1, baseline=True, workers=0,
               buckets=SMALL)  # fmt: skip
     assert len(made) >= 4 and set(made) == {"spawn"}
+
+
+def test_bench_times_a_pixel_budget_and_counts_the_images_each_batch_holds(dataset, capsys):
+    """Under a budget batches differ in size: every loader serves the plan's batches and images/s counts them."""
+    from dali_arb import Manifest
+    from dali_arb.plan.batching import BatchSizing
+    from dali_arb.plan.buckets import BucketSpec
+    from dali_arb.plan.planner import make_planner
+    from dali_arb.plan.world import World
+    from dali_arb.tools.bench import run_bench, step_rows
+
+    _, manifest = dataset
+    spec = BucketSpec(max_area=38400, min_dim=64, max_dim=320, step=32, base=(160, 160))
+    budget = BatchSizing(batch_pixels=108_000, max_batch=4)  # 3 images of about 36k pixels, 2 of 38k
+    result = run_bench(manifest, device="cpu", batch_size=budget, batches=3, warmup=1, rounds=1, baseline=True,
+                       workers=0, decoder="pillow", num_threads=1, buckets=spec, quality=True)  # fmt: skip
+    m = Manifest.read(manifest)
+    plan = make_planner([spec.assign(m.heights, m.widths)], [spec], batch_size=budget, world=World(),
+                        leftover="nearest").epoch(0)  # fmt: skip
+    sizes = plan.batch_sizes
+    assert len(set(sizes.tolist())) > 1  # the budget gives buckets different batch sizes
+    served = int(sizes[1:4].sum())  # the three timed steps after one warm-up step
+    assert result["loader"]["images_per_round"] == result["baseline"]["images_per_round"] == served
+    assert result["batching"] == "a budget of 108,000 pixels per batch, at most 4" and result["batch_size"] == 4
+    first_steps = {int(b): i for i, b in reversed(list(enumerate(plan.bucket.tolist())))}.values()
+    assert result["quality"]["images"] == sum(len(step_rows(plan)[s]) for s in first_steps)
+    code, out, _ = run(capsys, "bench", manifest, "--device", "cpu", "--batch-pixels", "108000", "--max-batch", "4",
+                       "--batches", "2", "--rounds", "1", "--workers", "0", "--decoder", "pillow",
+                       "--max-area", "38400", "--min-dim", "64", "--max-dim", "320", "--step", "32", "--base", "160x160")  # fmt: skip
+    assert code == 0 and "a budget of 108,000 pixels per batch, at most 4" in out

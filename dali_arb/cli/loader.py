@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
 from ..loader.decoders import DECODERS, JPEG_SCALINGS, decoder_help
 from ..loader.workers import WORKER_KINDS
 from .batching import add_batch_options, batch_from_args
@@ -160,11 +159,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(text, file=sys.stderr)
 
     batch = _batch(args)
-    if not isinstance(batch, int):
-        raise ConfigError(
-            "dali-arb bench compares loaders at one batch size: give --batch-size B (the budget's figures are "
-            "`python -m benchmarks budget`)"
-        )
     result = run_bench(
         args.manifest, batch_size=batch, batches=args.batches, rounds=args.rounds, baseline=args.baseline,
         memory=args.memory, buckets=spec_from_args(args), progress=say, dtype=args.dtype, quality=args.quality,
@@ -174,7 +168,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"{result['images']} images, batch {result['batch_size']}, {result['batches_per_round']} batches per round, "
+    print(f"{result['images']} images, {result['batching']}, {result['batches_per_round']} batches per round, "
           f"device {result['device']}, {result['cores']} cores; {result['output']}")  # fmt: skip
     if result["step_ms"]:
         print(f"after each batch a simulated training step of {result['step_ms']} ms ({result['step_work']}); "

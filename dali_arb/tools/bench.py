@@ -37,6 +37,7 @@ from ..errors import ConfigError
 from ..loader.decoders import DaliDecoder, reduction_margin
 from ..loader.planning import LoaderConfig
 from ..loader.source import BatchSource
+from ..plan.batching import BatchSizing
 from ..plan.buckets import BucketSpec
 from ..plan.planner import make_planner
 from ..plan.world import World
@@ -99,32 +100,39 @@ def simulated_step(seconds: float, work: str = "sleep") -> None:
 
 
 def _time(
-    batches: Iterator[Any], count: int, pixels_of: Callable[[Any], int], step_s: float = 0.0, work: str = "sleep"
+    batches: Iterator[Any],
+    count: int,
+    pixels_of: Callable[[Any], tuple[int, int]],
+    step_s: float = 0.0,
+    work: str = "sleep",
 ) -> dict[str, Any]:
     """Take ``count`` batches, each after a simulated training step of ``step_s`` seconds (of kind ``work``:
-    :func:`simulated_step`). Records the interval between batches and the wait inside ``next()``."""
-    latencies, waits, pixels = [], [], 0
+    :func:`simulated_step`). Records the interval between batches, the wait inside ``next()`` and the images and
+    output pixels served (``pixels_of(batch)``: ``(images, pixels)``; batches differ in size under a budget)."""
+    latencies, waits, pixels, images = [], [], 0, 0
     start = last = time.perf_counter()
     for _ in range(count):
         if step_s:  # the training step on the batch before (the warm-up's last one, at first)
             simulated_step(step_s, work)
         asked = time.perf_counter()
         batch = next(batches)
-        pixels += pixels_of(batch)
+        counted, batch_pixels = pixels_of(batch)
+        images += counted
+        pixels += batch_pixels
         now = time.perf_counter()
         waits.append(now - asked)
         latencies.append(now - last)
         last = now
     total = last - start
-    return {"seconds": total, "latencies": latencies, "waits": waits, "pixels": pixels}
+    return {"seconds": total, "latencies": latencies, "waits": waits, "pixels": pixels, "images": images}
 
 
-def _summary(runs: list[dict], batch_size: int) -> dict[str, float]:
+def _summary(runs: list[dict]) -> dict[str, float]:
     median = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
     lat = np.array(median["latencies"]) * 1000
-    n = len(median["latencies"])
     return {
-        "images_per_s": round(n * batch_size / median["seconds"], 1),
+        "images_per_s": round(median["images"] / median["seconds"], 1),
+        "images_per_round": median["images"],
         "megapixels_per_s": round(median["pixels"] / median["seconds"] / 1e6, 2),
         "batch_ms_p50": round(float(np.percentile(lat, 50)), 1),
         "batch_ms_p99": round(float(np.percentile(lat, 99)), 1),
@@ -138,7 +146,7 @@ def run_bench(
     manifest: str | os.PathLike,
     *,
     device: str = "cpu",
-    batch_size: int = 8,
+    batch_size: int | BatchSizing = 8,
     batches: int = 32,
     warmup: int = 4,
     rounds: int = 3,
@@ -158,7 +166,9 @@ def run_bench(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Time dali_arb (and, with ``baseline``, the peers and the decode-only ceiling; with ``memory``, DALI
-    fed from memory) on ``batches`` batches per round, all with output ``dtype`` (``"float16"`` in [-1, 1]
+    fed from memory) on ``batches`` batches per round of the same plan (``batch_size``: one size, or a
+    :class:`~dali_arb.plan.batching.BatchSizing` budget or table: every loader serves the plan's batches), all with
+    output ``dtype`` (``"float16"`` in [-1, 1]
     or ``"uint8"``), centre crop. Returns ``{"loader": {...}, "baseline": {...}, ...}`` with
     ``images_per_s``, ``megapixels_per_s`` (output pixels), ``batch_ms_p50``/``p99``, plus ratios; with
     ``quality``, each loader's worst and median PSNR against a full-resolution antialiased reference over
@@ -182,7 +192,7 @@ def run_bench(
     reduction_margin(jpeg_scaling or "quality")  # (a bad value stops here, before any loader starts)
     planner = make_planner(
         [spec.assign(m.heights, m.widths)], [spec], batch_size=batch_size, world=World(), leftover="nearest"
-    )  # the loaders it times plan with leftover="nearest"
+    )  # every loader it times serves this plan: leftover="nearest" (never the loader's default, auto)
     bench = _Bench(m, spec, planner.epoch(0), device, batch_size, workers, worker_kind, decoder, num_threads,
                    hw_decoder_load, jpeg_scaling, dtype, warmup + batches)  # fmt: skip
     loaders = bench.loaders(baseline=baseline, memory=memory)
@@ -197,14 +207,15 @@ def run_bench(
             "hw_decoder_load": hw_decoder_load,
             "jpeg_scaling": jpeg_scaling,
         },
-        "batch_size": batch_size,
+        "batch_size": batch_size if isinstance(batch_size, int) else planner.epoch(0).max_batch,
+        "batching": _batching_words(batch_size),
         "batches_per_round": batches,
         "images": len(m),
         "cores": _cores(),
         "output": f"centre crop, {dtype} NCHW" + (" in [-1, 1]" if dtype != "uint8" else " (0..255)"),
     }
     for name in loaders:
-        result[name] = _summary(runs[name], batch_size)
+        result[name] = _summary(runs[name])
     result["step_ms"] = step_ms
     result["step_work"] = step_work
     result["read_ahead_bytes"] = bench.read_ahead.get(decoder)
@@ -213,8 +224,26 @@ def run_bench(
         gpu_memory["after_run_mb"] = _gpu_used_mb()
         result["gpu_memory"] = gpu_memory
     if quality:
-        result["quality"] = _quality(m, spec, bench.plan, decoder, device, baseline, jpeg_scaling)
+        result["quality"] = _quality(m, spec, bench.plan, batch_size, decoder, device, baseline, jpeg_scaling)
     return result
+
+
+def step_rows(plan: Any) -> list[np.ndarray]:
+    """``[int64 (B_i,)]``: the rows of each step of an :class:`~dali_arb.plan.planner.EpochPlan` (steps differ in
+    size under a pixel budget or a table)."""
+    return np.split(plan.flat_rows, plan.row_offsets[1:-1])
+
+
+def _batching_words(batch_size: int | BatchSizing) -> str:
+    """How the bench's batches are sized, in words (``"16 images"``, or the budget's description)."""
+    if isinstance(batch_size, int) or batch_size.fixed is not None:
+        return f"{batch_size if isinstance(batch_size, int) else batch_size.fixed} images per batch"
+    if batch_size.batch_sizes is not None:
+        return f"a table of {len(batch_size.batch_sizes)} bucket batch sizes"
+    words = f"a budget of {batch_size.batch_pixels:,} pixels per batch"
+    if batch_size.max_batch:
+        words += f", at most {batch_size.max_batch}"
+    return words + (f", multiples of {batch_size.batch_multiple}" if batch_size.batch_multiple > 1 else "")
 
 
 def _cores() -> int:
@@ -238,17 +267,17 @@ def _cycle(factory: Callable[[], Any]) -> Iterator[Any]:
         yield from factory()
 
 
-def _sync(batch: Any) -> int:
-    """Output pixels of ``batch`` once it is finished (a CUDA batch synchronised); 0 for the decode-only ceiling,
-    which counts images and makes none."""
+def _sync(batch: Any) -> tuple[int, int]:
+    """``(images, output pixels)`` of ``batch`` once it is finished (a CUDA batch synchronised); the decode-only
+    ceiling yields its image count and makes no pixels."""
     if isinstance(batch, int):
-        return 0
+        return batch, 0
     images = batch["images"] if isinstance(batch, dict) else batch
     if images.is_cuda:
         import torch
 
         torch.cuda.synchronize(images.device)
-    return int(images.shape[0] * images.shape[2] * images.shape[3])
+    return int(images.shape[0]), int(images.shape[0] * images.shape[2] * images.shape[3])
 
 
 #: A loader under test: a function starting it, returning an endless iterator of batches.
@@ -263,7 +292,7 @@ class _Bench:
     spec: BucketSpec
     plan: Any
     device: str
-    batch_size: int
+    batch_size: int | BatchSizing
     workers: int | None
     worker_kind: str
     decoder: str
@@ -277,6 +306,11 @@ class _Bench:
     @property
     def scaling(self) -> str:
         return self.jpeg_scaling or "quality"
+
+    @property
+    def step_rows(self) -> list[np.ndarray]:
+        """Each step's rows (steps differ in size under a budget), as the peers read them."""
+        return step_rows(self.plan)
 
     @property
     def other_kind(self) -> str:
@@ -305,7 +339,7 @@ class _Bench:
         def make() -> Iterator[Any]:
             it = DALIBucketIterator(
                 self.m, batch_size=self.batch_size, buckets=self.spec, device=self.device, crop="center",
-                workers=self.workers, worker_kind=kind, rank=0, world_size=1, decoder=chosen,
+                workers=self.workers, worker_kind=kind, rank=0, world_size=1, decoder=chosen, leftover="nearest",
                 num_threads=self.num_threads, hw_decoder_load=self.hw_decoder_load, dtype=self.dtype,
                 jpeg_scaling=self.jpeg_scaling if chosen != "dali" else None,
             )  # fmt: skip
@@ -336,10 +370,10 @@ class _Bench:
 
         out = {}
         for key, method in PEERS.items():
-            out[key] = peer(PeerBatches(sources, self.m.heights, self.m.widths, self.plan.rows, sizes,
+            out[key] = peer(PeerBatches(sources, self.m.heights, self.m.widths, self.step_rows, sizes,
                                         method=method, dtype=self.dtype))  # fmt: skip
         ceiling = PEERS[SAME_QUALITY_PEER[self.scaling]]  # decoding at the loader's own scale
-        out["decode_ceiling"] = peer(DecodeOnly(sources, self.m.heights, self.m.widths, self.plan.rows, sizes,
+        out["decode_ceiling"] = peer(DecodeOnly(sources, self.m.heights, self.m.widths, self.step_rows, sizes,
                                                 method=ceiling))  # fmt: skip
         return out
 
@@ -348,7 +382,7 @@ class _Bench:
         sources = self.m.table.column("source").to_pylist()
         sizes = self.plan.sizes[self.plan.bucket]
         torch_device = "cuda" if self.device == "gpu" else "cpu"
-        loader = self._data_loader(EncodedBatches(sources, self.plan.rows), workers=min(4, _cores()), prefetch=4)
+        loader = self._data_loader(EncodedBatches(sources, self.step_rows), workers=min(4, _cores()), prefetch=4)
         while True:
             for step, encoded in enumerate(loader):
                 yield torchvision_batch(encoded, tuple(int(v) for v in sizes[step]), torch_device)
@@ -367,7 +401,7 @@ class _Bench:
             from ..loader.pipeline import build_pipeline
 
             pipe = build_pipeline(
-                replay, decoder=memory_decoder, batch_size=self.batch_size, device=self.device,
+                replay, decoder=memory_decoder, batch_size=self.plan.max_batch, device=self.device,
                 device_id=0 if self.device == "gpu" else None, dtype="float16",
                 num_threads=memory_decoder.default_threads(_cores(), gpu=self.device == "gpu"), workers=0,
             )  # fmt: skip
@@ -425,7 +459,14 @@ def _add_ratios(result: dict[str, Any], *, baseline: bool, memory: bool, worker_
 
 
 def _quality(
-    m: Manifest, spec: BucketSpec, plan: Any, decoder: str, device: str, peers: bool, jpeg_scaling: str | None = None
+    m: Manifest,
+    spec: BucketSpec,
+    plan: Any,
+    batch_size: int | BatchSizing,
+    decoder: str,
+    device: str,
+    peers: bool,
+    jpeg_scaling: str | None = None,
 ) -> dict[str, Any]:
     """Worst and median PSNR (dB) of each loader's uint8 output against :func:`reference_image`, over the
     first batch of every bucket in the plan."""
@@ -435,27 +476,28 @@ def _quality(
     first_step = {int(b): i for i, b in reversed(list(enumerate(plan.bucket.tolist())))}
     steps = sorted(first_step.values())
     sizes = plan.sizes[plan.bucket]
+    rows = step_rows(plan)
     references = {
         (int(row), step): reference_image(sources[row], *(int(v) for v in sizes[step]))
         for step in steps
-        for row in plan.rows[step]
+        for row in rows[step]
     }
     scores: dict[str, list[float]] = {"loader": []}
-    it = DALIBucketIterator(m, batch_size=plan.batch_size, buckets=spec, device=device, crop="center", workers=0,
-                            rank=0, world_size=1, decoder=decoder, dtype="uint8",
+    it = DALIBucketIterator(m, batch_size=batch_size, buckets=spec, device=device, crop="center", workers=0,
+                            rank=0, world_size=1, decoder=decoder, dtype="uint8", leftover="nearest",
                             jpeg_scaling=jpeg_scaling if decoder != "dali" else None)  # fmt: skip
     for batch in it:
         if batch["step"] in first_step.values():
-            for i, row in enumerate(plan.rows[batch["step"]]):
+            for i, row in enumerate(rows[batch["step"]]):
                 ours = batch["images"][i].permute(1, 2, 0).cpu().numpy()
                 scores["loader"].append(psnr(ours, references[(int(row), batch["step"])]))
     if peers:
         for key, method in PEERS.items():
-            dataset = PeerBatches(sources, m.heights, m.widths, plan.rows, sizes, method=method, dtype="uint8")
+            dataset = PeerBatches(sources, m.heights, m.widths, rows, sizes, method=method, dtype="uint8")
             scores[key] = [
                 psnr(dataset[step][i].permute(1, 2, 0).numpy(), references[(int(row), step)])
                 for step in steps
-                for i, row in enumerate(plan.rows[step])
+                for i, row in enumerate(rows[step])
             ]
     return {
         "reference": "full-resolution decode, antialiased bilinear resize (Pillow), centre crop",
