@@ -1,7 +1,9 @@
 """The data plane: what every process of a node reads about a manifest, built once and memory-mapped.
 
 A manifest is converted, the first time any process opens it, into flat column files in a cache folder
-named by the digest of the manifest file's bytes; every process after that (every rank, every worker)
+named by the digest of the manifest file's bytes (a manifest in parts, :mod:`dali_arb.data.parts`: the digest of its
+parts' fingerprints, once each part is hashed and found to match; its parts are read one after the other, never
+concatenated); every process after that (every rank, every worker)
 maps those files, so a node holds one copy of each page, shared, and no process holds a per-row Python
 object or a private per-row array. Per bucket options, the rows grouped by bucket (the planner's
 :class:`~dali_arb.plan.buckets.BucketIndex`) are cached beside them.
@@ -60,11 +62,12 @@ import pyarrow.parquet as pq
 
 from ..errors import ManifestError
 from ..plan.buckets import BucketIndex, BucketSpec, served_p99
-from .cachefolder import CACHE_ENV, CACHE_FORMAT, cache_root, local_manifest
+from .cachefolder import CACHE_ENV, CACHE_FORMAT, cache_root
 from .cachefolder import cache_error as _cache_error
 from .cachefolder import text_digest as _digest
 from .manifest import NO_IDENTITY, Fingerprint, Manifest, check_file, pinned_columns, set_mapper
 from .pairs import pair_columns, pairs_of
+from .parts import INDEX_NAME, ManifestParts, file_fingerprint, local_copy, read_index
 
 __all__ = ["CACHE_ENV", "CACHE_FORMAT", "ManifestCache", "bucket_index", "cache_root", "open_manifest"]
 
@@ -96,6 +99,36 @@ def stat_signature(path: Path) -> list[int]:
     """What changes whenever the file's content can have: size, mtime, ctime (not settable by users), inode."""
     info = os.stat(path)
     return [info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino]
+
+
+def _parts_of(real: Path) -> ManifestParts | None:
+    """The index of the manifest in parts at the local folder ``real`` (checked: every part there with its size), or
+    None for a manifest file."""
+    return read_index(real) if real.is_dir() and (real / INDEX_NAME).is_file() else None
+
+
+def manifest_signature(real: Path) -> list:
+    """:func:`stat_signature` of a manifest file; of a manifest in parts, its index's and every part's (a list each)."""
+    listing = _parts_of(real)
+    if listing is None:
+        return stat_signature(real)
+    return [stat_signature(real / INDEX_NAME), *(stat_signature(Path(p)) for p in listing.part_paths())]
+
+
+def manifest_content(real: Path) -> str:
+    """What a manifest's cache is keyed by: the digest of a file's bytes; for a manifest in parts, the digest of its
+    parts' fingerprints (:attr:`~dali_arb.data.parts.ManifestParts.content`), once every part is hashed and found to
+    hold the bytes its index records (a ManifestError naming the first that does not)."""
+    listing = _parts_of(real)
+    if listing is None:
+        return file_digest(real)
+    for part, path in zip(listing.parts, listing.part_paths()):
+        if file_fingerprint(path) != part.fingerprint:
+            raise ManifestError(
+                f"manifest {real}: part {part.path} does not hold the bytes its index {INDEX_NAME} records; it was "
+                "rewritten after the index was written: rebuild the manifest with `dali-arb index`"
+            )
+    return listing.content
 
 
 def boot_id() -> str:
@@ -458,11 +491,12 @@ class ManifestCache:
     @classmethod
     def open(cls, path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> ManifestCache:
         """The cache of the manifest file ``path`` (or URL), built first if there is none (or a broken one)."""
-        path = Path(local_manifest(path, cache_dir=cache_dir))
-        check_file(path)
+        path = Path(local_copy(path, cache_dir=cache_dir))  # (a manifest in parts: its local folder)
+        if _parts_of(path) is None:
+            check_file(path)
         real = path.resolve()
         root = cache_root(cache_dir) / f"v{CACHE_FORMAT}"
-        signature = stat_signature(real)
+        signature = manifest_signature(real)
         record = root / "by-path" / f"{_digest(str(real))}.json"
         known = _read_json(record)
         if known and known.get("signature") == signature and isinstance(known.get("content"), str):
@@ -483,13 +517,13 @@ class ManifestCache:
 
     @classmethod
     def _open_locked(cls, path: Path, real: Path, root: Path, record: Path) -> ManifestCache:
-        signature = stat_signature(real)
+        signature = manifest_signature(real)
         known = _read_json(record)
         if known and known.get("signature") == signature and isinstance(known.get("content"), str):
             content = known["content"]
         else:
-            content = file_digest(real)
-            if stat_signature(real) != signature:
+            content = manifest_content(real)
+            if manifest_signature(real) != signature:
                 raise ManifestError(f"manifest {path} changed while it was read; open it again once it is written")
         folder = root / content
         with _locked(_content_lock(root, content)):  # one builder per content, whatever path it came by
@@ -523,10 +557,10 @@ class ManifestCache:
         path = Path(manifest_path) if manifest_path else None
         if path is not None and signature is not None:
             try:
-                now = stat_signature(path.resolve())
-            except OSError:
+                now = manifest_signature(path.resolve())
+            except (OSError, ManifestError):
                 now = None
-            if now != signature and (now is None or file_digest(path.resolve()) != meta["content"]):
+            if now != signature and (now is None or _content_or_none(path.resolve()) != meta["content"]):
                 raise ManifestError(
                     f"manifest {path} changed on disk after the loader was built ({meta['rows']} rows then); "
                     "a live loader never serves a rewritten manifest: build a new loader (or write to a new file)"
@@ -602,6 +636,13 @@ class ManifestCache:
         )
 
 
+def _content_or_none(real: Path) -> str | None:
+    try:
+        return manifest_content(real)
+    except (OSError, ManifestError):
+        return None
+
+
 def bucket_index(manifest: Manifest, spec: BucketSpec) -> BucketIndex:
     """``manifest``'s rows grouped by ``spec``'s buckets: from its cache when it is mapped, else computed."""
     if manifest.cache is not None:
@@ -673,16 +714,62 @@ def _fixed_type(name: str) -> type | None:
     return _FIXED.get(name.rpartition(".")[2])
 
 
+def _open_parts(path: Path) -> tuple[list[tuple[Path, pq.ParquetFile]], pa.Schema, int]:
+    """The Parquet files of the manifest at ``path`` (itself; the parts of a manifest in parts, each with the rows its
+    index records), their unified schema and total rows."""
+    listing = _parts_of(path)
+    files = [path] if listing is None else [Path(p) for p in listing.part_paths()]
+    opened = []
+    for i, file in enumerate(files):
+        if listing is not None:
+            check_file(file)
+        try:
+            parquet = pq.ParquetFile(file)
+        except (pa.ArrowException, OSError) as exc:
+            raise ManifestError(f"cannot read manifest {file}: {exc}") from None
+        if listing is not None and parquet.metadata.num_rows != listing.parts[i].rows:
+            raise ManifestError(
+                f"manifest {path}: part {listing.parts[i].path} holds {parquet.metadata.num_rows} rows, its index "
+                f"records {listing.parts[i].rows}; rebuild the manifest"
+            )
+        opened.append((file, parquet))
+    if not opened:
+        from .manifest import SCHEMA
+
+        return [], SCHEMA, 0
+    try:
+        schema = pa.unify_schemas([p.schema_arrow for _, p in opened], promote_options="permissive")
+    except (pa.ArrowException, ValueError) as exc:
+        raise ManifestError(f"the parts of manifest {path} have columns that do not agree: {exc}") from None
+    return opened, schema, sum(p.metadata.num_rows for _, p in opened)
+
+
+def _batches(opened: list[tuple[Path, pq.ParquetFile]], columns: list[str], schema: pa.Schema) -> Iterator[tuple]:
+    """``(file, table)`` of at most :data:`BUILD_ROWS` rows of ``columns``, file after file; a column a part lacks
+    is null there."""
+    for file, parquet in opened:
+        names = parquet.schema_arrow.names
+        for batch in parquet.iter_batches(batch_size=BUILD_ROWS, columns=[c for c in columns if c in names]):
+            table = pa.Table.from_batches([batch])
+            for name in columns:
+                if name not in names:
+                    table = table.append_column(schema.field(name), pa.nulls(batch.num_rows, schema.field(name).type))
+            yield file, table.select(columns).replace_schema_metadata(parquet.schema_arrow.metadata)
+
+
 def _build_columns(path: Path, folder: Path, content: str) -> None:
-    """Convert the Parquet manifest at ``path`` into ``folder``, validating every row as ``Manifest`` does."""
+    """Convert the manifest at ``path`` (a Parquet file, or the folder of a manifest in parts: its parts, read in
+    turn, never concatenated) into ``folder``, :data:`BUILD_ROWS` rows at a time, validating every row as
+    ``Manifest`` does."""
+    opened, schema, n = _open_parts(path)
+    names = schema.names
     try:
-        parquet = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise ManifestError(f"cannot read manifest {path}: {exc}") from None
-    names = parquet.schema_arrow.names
-    n = parquet.metadata.num_rows
-    try:
-        pairs = pairs_of(parquet.schema_arrow)
+        pairs = pairs_of(schema)
+        for file, parquet in opened:
+            if pairs_of(parquet.schema_arrow) != pairs:
+                raise ManifestError(f"part {file} has other paired images than the manifest's first part; rebuild it")
+    except ManifestError:
+        raise
     except Exception as exc:
         raise ManifestError(f"manifest {path}: {exc}") from None
     base = [c for c in ("key", "height", "width", "caption", "source", "offset", "length") if c in names]
@@ -695,11 +782,11 @@ def _build_columns(path: Path, folder: Path, content: str) -> None:
     writers: list[Any] = [*fixed.values(), *strings.values(), *locations.values()]
     row = 0
     try:
-        for batch in parquet.iter_batches(batch_size=BUILD_ROWS, columns=columns):
-            table = pa.Table.from_batches([batch]).replace_schema_metadata(parquet.schema_arrow.metadata)
-            m = Manifest(table, path=path)  # validates: types, sizes, offsets, lengths, pairs
-            fingerprint.update(batch)
-            count = batch.num_rows
+        for file, table in _batches(opened, columns, schema):
+            m = Manifest(table, path=file)  # validates: types, sizes, offsets, lengths, pairs
+            for batch in table.to_batches():
+                fingerprint.update(batch)
+            count = table.num_rows
             for name, out in fixed.items():
                 column = m.table.column(name)
                 fill = _FILL.get(name.rpartition(".")[2])

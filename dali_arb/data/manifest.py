@@ -10,7 +10,8 @@ manifests and so imports this module, never the other way: the cache registers i
 ``dali_arb.data`` is imported, and a mapped manifest holds its cache as a :class:`MappedColumns`.
 
 Imports the standard library, NumPy, pyarrow, ``errors``, ``plan.rows`` and, in ``data/``, ``pairs`` and
-``cachefolder`` (a URL manifest's local copy: ``storage`` and obstore, only when a URL is read).
+``cachefolder`` (a URL manifest's local copy: ``storage`` and obstore, only when a URL is read). A manifest in parts
+(a folder with ``_manifest.json``) is read by :mod:`dali_arb.data.parts`, registered here (:func:`set_parts_reader`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ __all__ = [
     "rejects_name",
     "rejects_path",
     "set_mapper",
+    "set_parts_reader",
 ]
 
 #: Written into the Parquet metadata; bumped when the manifest layout changes incompatibly.
@@ -88,6 +90,18 @@ class MappedColumns(Protocol):
 
     def bucket_index(self, spec: Any) -> Any:
         """The rows grouped by ``spec``'s buckets (a :class:`~dali_arb.plan.buckets.BucketIndex`)."""
+
+
+#: How :meth:`Manifest.read` reads a manifest in parts: ``reader(path, columns)``, a Manifest, or None where ``path`` is
+#: not one; set by :mod:`dali_arb.data.parts` (which imports this module, never the other way) when imported.
+_parts_reader: Callable[..., Manifest | None] | None = None
+
+
+def set_parts_reader(reader: Callable[..., Manifest | None]) -> None:
+    """Make ``reader(path, columns)`` what :meth:`Manifest.read` tries first (:mod:`dali_arb.data.parts` registers
+    its ``read_manifest`` when imported, as ``dali_arb.data`` does)."""
+    global _parts_reader
+    _parts_reader = reader
 
 
 #: How :meth:`Manifest.open` maps a manifest file: ``mapper(path, cache_dir=...)``; set by the node cache.
@@ -199,6 +213,10 @@ class Manifest:
     def read(cls, path: str | os.PathLike, *, columns: list[str] | None = None) -> Manifest:
         """Read and validate a manifest (a file or URL) into memory; ``columns`` limits what is loaded (``key``/
         ``width``/``height`` always are). :meth:`open` maps it instead, shared by every process of a node."""
+        if _parts_reader is not None:
+            parted = _parts_reader(path, columns)
+            if parted is not None:
+                return parted
         path = Path(local_manifest(path))
         schema = check_file(path)
         wanted = None
@@ -356,7 +374,10 @@ def check_file(path: Path) -> pa.Schema:
     if not path.exists():
         raise ManifestError(f"manifest not found: {path}; build one with `dali-arb index SRC -o {path}`")
     if path.is_dir():
-        raise ManifestError(f"manifest {path} is a folder; give the .parquet file `dali-arb index` wrote")
+        raise ManifestError(
+            f"manifest {path} is a folder with no _manifest.json: give the .parquet file `dali-arb index` wrote, or a "
+            "folder written by `dali-arb index ... -o DIR/` (a manifest in parts)"
+        )
     try:
         schema = pq.read_schema(path)
     except (pa.ArrowException, OSError) as exc:
