@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # Keep your own torch with `make TORCH= ...` (any torch>=2.1 works).
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint docs install clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,11 @@ lint: install
 
 test: install lint
 	$(PY) -m pytest
+
+# The docs site (mkdocs.yml, docs/): --strict makes every warning (a broken link or anchor, a page missing from the
+# nav, a missing include) an error. Output in build/site; `$(VENV)/bin/mkdocs serve` previews while writing.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
