@@ -80,12 +80,17 @@ def test_every_command_is_in_the_contract():
     assert not missing, f"docs/contract.md does not name the dali-arb command(s) {missing}"
 
 
+def _long_options(parser: argparse.ArgumentParser) -> list[str]:
+    return sorted({o for a in parser._actions for o in a.option_strings if o.startswith("--")} - {"--help"})
+
+
 def test_every_option_is_in_the_contract():
+    """Every long option of every command (and of ``dali-arb`` itself) is named on the contract page."""
     text = CONTRACT.read_text()
+    parsers = {"dali-arb": build_parser(), **_commands()}
     missing = {
-        name: [o for o in options if not re.search(rf"{re.escape(o)}(?![\w-])", text)]
-        for name, sub in _commands().items()
-        for options in [sorted({o for a in sub._actions for o in a.option_strings if o.startswith("--")} - {"--help"})]
+        name: [o for o in _long_options(parser) if not re.search(rf"{re.escape(o)}(?![\w-])", text)]
+        for name, parser in parsers.items()
     }
     missing = {name: options for name, options in missing.items() if options}
     assert not missing, f"docs/contract.md does not mention these options: {missing}"
