@@ -35,6 +35,7 @@ __all__ = [
     "IDENTITY",
     "NO_IDENTITY",
     "PINNED_COLUMNS",
+    "VIDEO",
     "Fingerprint",
     "Manifest",
     "ManifestSet",
@@ -77,6 +78,21 @@ SCHEMA = pa.schema(
 #: a metadata row's ``ctime_ns``, older manifests): then not checked. The loader refuses a sample whose source's
 #: size, ``mtime_ns`` (local) or ETag (storage) differs from these.
 IDENTITY = pa.schema([("ctime_ns", pa.int64()), ("source_size", pa.int64()), ("etag", pa.string())])
+#: Columns of a manifest that holds videos (an image-only manifest has none of them); a row is a video iff ``frames``
+#: is not null. ``frames``: frame count (the header's where its index covers the file, else counted by demuxing);
+#: ``fps``: average frame rate; ``duration``: seconds; ``codec``: FFmpeg's name (``h264``, ``vp9``, ``mjpeg``...);
+#: ``vfr``: the frame rate varies; ``frame_times``: each frame's presentation time in seconds from the first, in
+#: presentation order, only for ``vfr`` videos. ``width``/``height`` of a video are display-upright (rotation applied).
+VIDEO = pa.schema(
+    [
+        ("frames", pa.int32()),
+        ("fps", pa.float64()),
+        ("duration", pa.float64()),
+        ("codec", pa.string()),
+        ("vfr", pa.bool_()),
+        ("frame_times", pa.list_(pa.float32())),
+    ]
+)
 #: What an unknown ``mtime_ns`` or ``source_size`` reads as (``Manifest.int_column``): never a real value.
 NO_IDENTITY = -(2**63)
 

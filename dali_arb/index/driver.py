@@ -98,6 +98,7 @@ def build_index(
                 reader.read(run, source)
             run.flush()
             writer.close()
+            run.add_video_columns(tmp)
         _deduplicate_keys(tmp, rejects_tmp, summary)
         pool.shutdown()
     except BaseException:  # an error, Ctrl-C or SIGTERM (the CLI turns it into SystemExit): leave nothing behind
@@ -114,7 +115,7 @@ def build_index(
     summary.seconds = time.perf_counter() - started
     if summary.rows == 0:
         raise IndexingError(
-            f"no usable images in {', '.join(sources)} ({summary.rejected} rejected, see {rejects_path(output)})"
+            f"no usable images or videos in {', '.join(sources)} ({summary.rejected} rejected, see {rejects_path(output)})"
         )
     return summary
 

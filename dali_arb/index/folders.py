@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 
 from ..data.imagefacts import inspect_image
 from ..data.manifest import IDENTITY
+from ..data.videofacts import inspect_video, is_video_name
 from ..errors import StorageError
 from .pairing import FolderListings, find_pairs
 from .records import NOT_IMAGES, Reject, Row
@@ -125,7 +126,14 @@ def folder_task(args: tuple) -> tuple[list[Row], list[Reject], int]:
             rejects.append({"source": path, "reason": "not a regular file (a FIFO, socket or device)", "key": key})
             continue
         previous = known.get(path) if known else None
-        if PreviousRows.unchanged(previous, stat.st_size, stat.st_mtime_ns, ctime_ns=stat.st_ctime_ns):
+        video = None
+        if is_video_name(rel):  # (never reused: its facts are more than a size; the header is read again)
+            video = inspect_video(path, max_pixels=max_pixels)
+            if isinstance(video, str):
+                rejects.append({"source": path, "reason": video, "key": key})
+                continue
+            width, height = video.width, video.height
+        elif PreviousRows.unchanged(previous, stat.st_size, stat.st_mtime_ns, ctime_ns=stat.st_ctime_ns):
             width, height = previous[2], previous[3]
             reused += 1
         else:
@@ -144,6 +152,7 @@ def folder_task(args: tuple) -> tuple[list[Row], list[Reject], int]:
             continue
         kept_by_key[key] = path
         identity = {"ctime_ns": stat.st_ctime_ns, "source_size": stat.st_size}
+        identity["video"] = video
         rows.append(Row(key, width, height, caption, path, 0, stat.st_size, stat.st_mtime_ns, paired, **identity))
     return rows, rejects, reused
 

@@ -6,10 +6,20 @@ from typing import NamedTuple
 
 import pyarrow as pa
 
-from ..data.manifest import IDENTITY, SCHEMA
+from ..data.manifest import IDENTITY, SCHEMA, VIDEO
 from ..data.pairs import PairSpec, pair_schema
+from ..data.videofacts import VideoFacts
 
-__all__ = ["NOT_IMAGES", "PairFacts", "Reject", "Row", "index_schema", "rows_to_table", "with_identity"]
+__all__ = [
+    "NOT_IMAGES",
+    "PairFacts",
+    "Reject",
+    "Row",
+    "index_schema",
+    "rows_to_table",
+    "video_columns",
+    "with_identity",
+]
 
 #: Files next to images that are not samples: never indexed, never rejected (folders, shards, prefixes, pairs).
 NOT_IMAGES = frozenset(
@@ -38,11 +48,14 @@ class Row(NamedTuple):
     ctime_ns: int | None = None
     source_size: int | None = None
     etag: str | None = None
+    video: VideoFacts | None = None  # a video's facts (the manifest's VIDEO columns), None for an image
 
 
 _BASE = len(SCHEMA)
 assert Row._fields[:_BASE] == tuple(SCHEMA.names), "Row must name the manifest's columns in order"
-assert Row._fields[_BASE + 1 :] == tuple(IDENTITY.names), "Row must end with the identity columns in order"
+assert Row._fields[_BASE + 1 : _BASE + 1 + len(IDENTITY)] == tuple(IDENTITY.names), (
+    "Row must end with the identity columns in order"
+)
 
 #: A refused source: at least ``{"source": ..., "reason": ...}`` (and ``"key"`` where one is known).
 Reject = dict
@@ -65,6 +78,20 @@ def rows_to_table(rows: list[Row], pairs: list[PairSpec] | tuple = ()) -> pa.Tab
         facts = [row.pairs[i] for row in rows]
         columns += [[f[j] for f in facts] for j in range(5)]
     return pa.Table.from_arrays([pa.array(c, schema.field(j).type) for j, c in enumerate(columns)], schema=schema)
+
+
+def video_columns(facts: list[VideoFacts | None]) -> list[pa.Array]:
+    """The manifest's ``VIDEO`` columns (in its order) for rows whose facts are ``facts`` (None: an image)."""
+    frame_times = [None if f is None or f.frame_times is None else [float(t) for t in f.frame_times] for f in facts]
+    values = {
+        "frames": [None if f is None else f.frames for f in facts],
+        "fps": [None if f is None else f.fps for f in facts],
+        "duration": [None if f is None else f.duration for f in facts],
+        "codec": [None if f is None else f.codec for f in facts],
+        "vfr": [None if f is None else f.vfr for f in facts],
+        "frame_times": frame_times,
+    }
+    return [pa.array(values[field.name], field.type) for field in VIDEO]
 
 
 def with_identity(table: pa.Table, schema: pa.Schema) -> pa.Table:

@@ -20,11 +20,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..data.manifest import rejects_name
+from ..data.manifest import VIDEO, rejects_name
 from ..data.pairs import PairSpec
+from ..data.videofacts import VideoFacts
 from ..processes import signals_deferred
 from .folders import FolderWalk, PreviousRows
-from .records import Reject, Row, rows_to_table, with_identity
+from .records import Reject, Row, rows_to_table, video_columns, with_identity
 
 __all__ = ["ROWS_PER_GROUP", "IndexRun", "IndexSummary"]
 
@@ -49,6 +50,10 @@ class IndexSummary:
     #: shards and metadata fetched whole from object storage: objects, bytes
     fetched_objects: int = 0
     fetched_bytes: int = 0
+    #: videos indexed: how many, how many had their frames counted by demuxing, bytes read for them
+    videos: int = 0
+    videos_counted: int = 0
+    video_bytes_read: int = 0
 
     @property
     def files_per_s(self) -> float:
@@ -59,7 +64,9 @@ class IndexSummary:
             f"{n} {r.split(' (')[0]}" for r, n in sorted(self.reject_reasons.items(), key=lambda x: -x[1])
         )
         text = (
-            f"indexed {self.rows} images into {self.manifest} "
+            f"indexed {self.rows - self.videos} images"
+            + (f" and {self.videos} videos" if self.videos else "")
+            + f" into {self.manifest} "
             f"({self.files_seen} files in {self.seconds:.1f} s, {self.files_per_s:.0f} files/s"
             + (f", {self.reused} unchanged reused" if self.reused else "")
             + f"); rejected {self.rejected}"
@@ -70,6 +77,12 @@ class IndexSummary:
             text += (
                 f"; from object storage: {self.remote_requests / self.remote_images:.2f} requests and "
                 f"{self.remote_bytes / self.remote_images / 1024:.0f} KiB per image (headers only)"
+            )
+        if self.videos:
+            text += (
+                f"; videos: {self.videos - self.videos_counted} from their header and first frame, "
+                f"{self.videos_counted} counted by demuxing, {self.video_bytes_read / self.videos / 1024:.0f} KiB "
+                "read per video"
             )
         if self.fetched_objects:
             text += f"; {self.fetched_objects} shard/metadata object(s) fetched whole ({self.fetched_bytes / 2**20:.1f} MiB)"
@@ -115,6 +128,9 @@ class IndexRun:
         self.progress = progress
         self.summary = summary
         self.pending: list[Row] = []
+        self.written = 0  # rows written to the manifest so far
+        #: ``(row position in the manifest, facts)`` of each video row: the VIDEO columns added at the end
+        self.videos: list[tuple[int, VideoFacts]] = []
 
     @property
     def schema(self) -> pa.Schema:
@@ -149,6 +165,11 @@ class IndexRun:
     def take(self, rows: list[Row], rejects: list[Reject], files: int) -> None:
         """Add ``rows`` and ``rejects``, found in ``files`` files (their count goes to the summary and progress)."""
         self.pending.extend(rows)
+        for row in rows:
+            if row.video is not None:
+                self.summary.videos += 1
+                self.summary.videos_counted += row.video.counted
+                self.summary.video_bytes_read += row.video.bytes_read
         self.summary.rows += len(rows)
         self.summary.files_seen += files
         for reject in rejects:
@@ -166,6 +187,7 @@ class IndexRun:
         identity columns it lacks are null. Counts its rows (as reused ones with ``reused``), not files."""
         self.flush()
         self.writer.write_table(with_identity(table, self.schema))
+        self.written += table.num_rows
         self.summary.rows += table.num_rows
         if reused:
             self.summary.reused += table.num_rows
@@ -173,8 +195,25 @@ class IndexRun:
     def flush(self) -> None:
         """Write the pending rows as one row group."""
         if self.pending:
+            self.videos += [
+                (self.written + i, row.video) for i, row in enumerate(self.pending) if row.video is not None
+            ]
             self.writer.write_table(rows_to_table(self.pending, self.pairs))
+            self.written += len(self.pending)
             self.pending.clear()
+
+    def add_video_columns(self, path: Path) -> None:
+        """Add the manifest's ``VIDEO`` columns to the closed file at ``path`` when any row is a video (an
+        image-only manifest stays without them: only a manifest with videos is rewritten)."""
+        if not self.videos:
+            return
+        facts: list[VideoFacts | None] = [None] * self.written
+        for position, video in self.videos:
+            facts[position] = video
+        table = pq.read_table(path)
+        for video_field, column in zip(VIDEO, video_columns(facts)):
+            table = table.append_column(video_field, column)
+        pq.write_table(table, path, row_group_size=ROWS_PER_GROUP)
 
     def submit(self, fn: Callable, task: tuple) -> Future:
         """``pool.submit`` with SIGINT and SIGTERM held until it returns (see :func:`signals_deferred`)."""
