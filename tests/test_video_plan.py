@@ -183,3 +183,206 @@ def test_frame_spec_sorts_and_fingerprints():
     others = [FrameSpec((1, 17, 33), fps=25), FrameSpec((1, 17), fps=24), FrameSpec((1, 17, 33), fps=24, clip="chunk"),
               FrameSpec((1, 17, 33), fps=24, clip="slide", stride=2), FrameSpec((1, 17, 33), fps=24, images=False)]  # fmt: skip
     assert len({spec.fingerprint(), *(o.fingerprint() for o in others)}) == 1 + len(others)
+
+
+# -- the planner over clips ------------------------------------------------------------------------------------------
+
+from collections import Counter  # noqa: E402
+
+from dali_arb.plan.batching import BatchSizing  # noqa: E402
+from dali_arb.plan.buckets import BucketSpec  # noqa: E402
+from dali_arb.plan.planner import make_planner  # noqa: E402
+from dali_arb.plan.world import World  # noqa: E402
+
+SPEC = BucketSpec(max_area=256 * 256, min_dim=128, max_dim=512, step=64, base=(256, 256))
+FRAMES = FrameSpec(frames=(1, 9, 17), fps=24, clip="chunk")
+
+
+def dataset(n: int, seed: int, video_share: float = 0.7):
+    """``(assignment, (frames, fps, duration))`` of ``n`` rows, ``video_share`` of them videos."""
+    rng = np.random.default_rng(seed)
+    heights, widths = rng.integers(200, 900, n), rng.integers(200, 900, n)
+    is_video = rng.random(n) < video_share
+    frames = np.where(is_video, rng.integers(5, 120, n), -1)
+    fps = np.where(is_video, rng.choice([24.0, 30.0, 60.0], n), np.nan)
+    duration = np.where(is_video, frames / fps, np.nan)
+    return SPEC.assign(heights, widths), (frames, fps, duration)
+
+
+def plans_of(datasets, *, world, leftover, batch=4, repeats=None, epoch=0, spec=FRAMES, seed=3):
+    planners = [
+        make_planner([a for a, _ in datasets], [SPEC] * len(datasets), batch_size=batch, world=World(r, world),
+                     leftover=leftover, repeats=repeats, seed=seed, frames=spec, videos=[v for _, v in datasets])
+        for r in range(world)
+    ]  # fmt: skip
+    return planners, [p.epoch(epoch) for p in planners]
+
+
+@pytest.mark.parametrize("leftover", ["nearest", "drop", "partial", "duplicate"])
+@pytest.mark.parametrize("world", [1, 4])
+def test_every_guarantee_with_clips(leftover, world):
+    data = [dataset(300, seed=1)]
+    planners, plans = plans_of(data, world=world, leftover=leftover)
+    clips = planners[0].clips
+    assert len(clips) > 300  # chunk cuts several clips from the longer videos
+    steps = {len(p) for p in plans}
+    assert len(steps) == 1  # equal steps on every rank
+    for step in range(len(plans[0])):
+        assert len({p.bucket_at(step) for p in plans}) == 1  # the same bucket on every rank
+        assert len({p.frames_at(step) for p in plans}) == 1
+        for p in plans:  # a step's frame count never exceeds any of its clips' own: served shorter, never longer
+            assert np.all(clips.length[p.rows_at(step)] >= p.frames_at(step))
+    served = Counter(np.concatenate([p.flat_rows for p in plans]).tolist())
+    usable = set(planners[0].index.members.astype(int).tolist())
+    first = plans[0]
+    if leftover in ("nearest", "drop"):  # exactly once, counting clips: all but the trimmed ones
+        assert set(served.values()) == {1}
+        assert len(served) == len(usable) - first.trimmed - first.dropped
+        assert first.trimmed < world * 4
+    elif leftover == "partial":  # every clip at least once; repeats only to fill the ranks' slots
+        assert set(served) == usable
+        assert sum(served.values()) - len(usable) == first.duplicated
+    else:
+        assert sum(served.values()) == len(usable) - first.dropped + first.duplicated
+
+
+def test_clip_batches_by_frames_times_pixels():
+    data = [dataset(400, seed=2)]
+    budget = 8 * 256 * 256
+    planners, plans = plans_of(data, world=1, leftover="partial", batch=BatchSizing(batch_pixels=budget))
+    planner, plan = planners[0], plans[0]
+    for k in np.flatnonzero(planner.index.counts()):
+        h, w = planner.index.sizes[k]
+        assert planner.batch[k] == max(1, budget // (int(planner.frames[k]) * int(h) * int(w)))
+    for step in range(len(plan)):
+        h, w = plan.size(step)
+        assert plan.batch_size_at(step) * plan.frames_at(step) * h * w <= max(budget, plan.frames_at(step) * h * w)
+    assert {plan.frames_at(s) for s in range(len(plan))} == {1, 9, 17}
+
+
+def test_frames_at_is_one_for_images():
+    assignment, _ = dataset(100, seed=4)
+    plan = make_planner([assignment], [SPEC], batch_size=4).epoch(0)
+    assert plan.frames is None and plan.frames_at(0) == 1
+
+
+def test_clip_plan_is_a_pure_function_resume_and_ranks_agree():
+    data = [dataset(300, seed=5)]
+    _, first = plans_of(data, world=2, leftover="nearest", epoch=1)
+    _, again = plans_of(data, world=2, leftover="nearest", epoch=1)
+    for a, b in zip(first, again):  # a fresh planner (a resume) serves the same clips at every step
+        np.testing.assert_array_equal(a.flat_rows, b.flat_rows)
+        np.testing.assert_array_equal(a.bucket, b.bucket)
+    _, other = plans_of(data, world=2, leftover="nearest", epoch=2)
+    assert not np.array_equal(first[0].flat_rows, other[0].flat_rows)  # another epoch, another order
+
+
+def test_several_datasets_and_repeats_count_clips():
+    data = [dataset(200, seed=6), dataset(150, seed=7, video_share=0.2)]
+    planners, plans = plans_of(data, world=1, leftover="partial", repeats=[2, 1], batch=1)
+    planner = planners[0]
+    table = planner.clips
+    offset = 200  # dataset 1's rows follow dataset 0's
+    assert np.all(np.diff(table.row) >= 0) and table.row.max() < 350
+    served = Counter(plans[0].flat_rows.tolist())
+    first_clips = np.flatnonzero(table.row < offset)
+    usable = set(planner.index.rows.to_global(0, planner.index.indexes[0].members).tolist())
+    assert all(served[c] == 2 for c in first_clips if c in usable)  # repeats=2: each clip twice
+    assert all(v == 1 for c, v in served.items() if table.row[c] >= offset)
+    for step in range(len(plans[0])):
+        assert np.all(table.length[plans[0].rows_at(step)] >= plans[0].frames_at(step))
+
+
+def test_images_excluded_and_uniform_count():
+    data = [dataset(200, seed=8)]
+    spec = FrameSpec(frames=(9, 17), fps=24, clip="uniform", count=3, images=False)
+    planners, plans = plans_of(data, world=1, leftover="partial", spec=spec)
+    frames = data[0][1][0]
+    table = planners[0].clips
+    assert np.all(frames[table.row] > 0)  # no image
+    assert set(Counter(table.row.tolist()).values()) == {3}
+    assert {plans[0].frames_at(s) for s in range(len(plans[0]))} <= {9, 17}
+
+
+def test_frames_needs_video_columns():
+    assignment, columns = dataset(50, seed=9)
+    with pytest.raises(ConfigError, match=r"give the .frames, fps, duration. columns of each of the 1 datasets"):
+        make_planner([assignment], [SPEC], batch_size=2, frames=FRAMES)
+    with pytest.raises(ConfigError, match="video columns have 49 rows, the bucket index 50"):
+        make_planner([assignment], [SPEC], batch_size=2, frames=FRAMES, videos=[tuple(c[:49] for c in columns)])
+
+
+# -- from videos on disk to a plan: the manifest's columns, the loader's planner and the CLI ------------------------
+
+
+@pytest.fixture(scope="module")
+def video_manifest(tmp_path_factory):
+    pytest.importorskip("av")
+    import shutil
+
+    from dali_arb.index import build_index
+    from dali_arb.tools.clips import make_clip
+
+    folder = tmp_path_factory.mktemp("videos")
+    data = folder / "data"
+    data.mkdir()
+    make_clip(data / "a60.mp4", fps=60, frames=90, size=(128, 72))  # 1.5 s: 36 frames at 24 fps
+    make_clip(data / "b30.webm", codec="vp9", fps=30, frames=24, size=(96, 64))  # 0.8 s: 20 frames at 24 fps
+    make_clip(data / "c24.avi", codec="mjpeg", fps=24, frames=12, size=(64, 64))  # 12 frames
+    make_clip(data / "d_vfr.mp4", fps=30, frames=40, size=(64, 64), vfr=True)
+    samples = __import__("pathlib").Path(__file__).parent.parent / "dali_arb" / "samples"
+    shutil.copy(samples / "coffee.jpg", data)
+    build_index([str(data)], folder / "m.parquet", workers=1)
+    return folder / "m.parquet"
+
+
+def test_loader_config_plans_clips_from_a_manifest(video_manifest):
+    from dali_arb.data.manifest import Manifest
+    from dali_arb.loader.planning import LoaderConfig, build_planner
+
+    spec = FrameSpec(frames=(1, 9, 17), fps=24, clip="chunk")
+    manifest = Manifest.open(video_manifest)  # mapped through the node cache
+    frames, fps, _ = manifest.video_columns()
+    keys = manifest.keys_at(np.arange(len(manifest)))
+    by_key = dict(zip(keys, zip(frames.tolist(), fps.tolist())))
+    assert by_key["coffee"][0] == -1 and by_key["a60"] == (90, 60.0) and by_key["b30"] == (24, 30.0)
+    config = LoaderConfig(batch_size=2, spec=BucketSpec(), seed=0, rank=0, world_size=1, leftover="partial",
+                          sync_ranks=True, crop="random", flip=0.0, frames=spec)  # fmt: skip
+    planner = build_planner(config, manifest)
+    table = planner.clips
+    clips = Counter(keys[r] for r in table.row.tolist())
+    assert clips == {"a60": 2, "b30": 1, "c24": 1, "d_vfr": 2, "coffee": 1}  # 36 -> 2x17, 20 -> 17, 12 -> 9
+    plan = planner.epoch(0)
+    assert sorted(plan.flat_rows.tolist()) == list(range(len(table)))  # every clip once
+    assert config.to_dict()["frames"] == {**spec.to_dict(), "fingerprint": spec.fingerprint()}
+    other = LoaderConfig(**{**config.__dict__, "frames": None})
+    assert "frames" not in other.to_dict()  # an image loader's state is unchanged
+
+
+def test_cli_buckets_and_plan_with_frames(video_manifest, capsys):
+    import json
+
+    from dali_arb.cli import main
+
+    assert main(["buckets", str(video_manifest), "--frames", "1,9,17", "--fps", "24", "--clip", "chunk", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["clips"] == 7 and report["videos"] == 4
+    assert {b["frames"] for b in report["buckets"]} == {1, 9, 17}
+    assert sum(b["clips"] for b in report["buckets"]) == 7
+    assert main(["plan", str(video_manifest), "--frames", "1,9,17", "--fps", "24", "--clip", "chunk", "-b", "1"]) == 0
+    steps = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(steps) == 7 and all(len(s["ids"]) == 1 and len(s["starts"]) == 1 for s in steps)
+    served = sorted((s["ids"][0], s["starts"][0], s["frames"]) for s in steps)
+    assert served[:4] == [("a60", 0, 17), ("a60", 17, 17), ("b30", 0, 17), ("c24", 0, 9)]
+    assert main(["buckets", "--frames", "1,17", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["buckets"]
+    assert {b["frames"] for b in listed} == {1, 17} and len(listed) == 2 * len(BucketSpec().sizes)
+
+
+def test_cli_refuses_clip_options_without_frames(video_manifest, capsys):
+    from dali_arb.cli import main
+
+    assert main(["plan", str(video_manifest), "--clip", "slide"]) != 0
+    assert "--clip cut clips from videos: give --frames too" in capsys.readouterr().err
+    assert main(["plan", str(video_manifest), "--frames", "9,17"]) != 0
+    assert "holds 1 images, which are 1-frame samples" in capsys.readouterr().err

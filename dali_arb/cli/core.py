@@ -7,15 +7,21 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from ..errors import ConfigError
 from ..plan.batching import BatchSizing
-from ..plan.buckets import format_size
+from ..plan.buckets import BucketSpec, format_size
+from ..plan.frames import FrameSpec
 from .batching import batch_from_args
 from .options import (
     add_bucket_options,
     add_cache_option,
+    add_frame_options,
     add_plan_options,
+    frames_from_args,
     non_negative_int,
     positive_int,
     spec_from_args,
@@ -80,6 +86,9 @@ def cmd_index(args: argparse.Namespace) -> int:
 def cmd_buckets(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     batch = batch_from_args(args, default=16)
+    frames = frames_from_args(args)
+    if frames is not None:
+        return _clip_buckets(args, spec, batch, frames)
     plot_path = png_path(args.plot, "--plot") if args.plot else None
     if not args.manifest:
         sizes = [{"width": int(w), "height": int(h)} for h, w in spec.sizes]
@@ -132,6 +141,86 @@ def cmd_buckets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _clip_buckets(args: argparse.Namespace, spec: BucketSpec, batch, frames: FrameSpec) -> int:
+    """``buckets --frames``: the (frames, width, height) buckets, and with manifests how their clips fall in them
+    (clips, clips per step, full batches, leftovers per bucket; videos, images, clips and steps per epoch)."""
+    if args.plot or args.rejected:
+        raise ConfigError("--plot and --rejected report images; leave them out with --frames")
+    sizing = BatchSizing.of(batch)
+    if not args.manifest:
+        sizes = np.tile(spec.sizes, (len(frames.frames), 1))
+        counts = np.repeat(np.asarray(frames.frames, np.int64), len(spec.sizes))
+        per_step = sizing.per_bucket(sizes, counts).tolist()
+        words = [{"frames": int(f), "width": int(w), "height": int(h), "clips_per_step": int(b)}
+                 for f, (h, w), b in zip(counts.tolist(), sizes.tolist(), per_step)]  # fmt: skip
+        if args.json:
+            print(json.dumps({"buckets": words, "frames": frames.to_dict()}))
+        else:
+            print(
+                " ".join(f"{b['frames']}x{format_size(b['height'], b['width'])}:{b['clips_per_step']}" for b in words)
+            )
+        return 0
+    from ..data.manifest import Manifest
+    from ..loader.planning import build_planner
+
+    manifests = [Manifest.open(path, cache_dir=args.cache_dir) for path in args.manifest]
+    config = _plan_config(args, manifests, spec=spec, batch=batch, rank=0, frames=frames)
+    planner = build_planner(config, manifests)
+    plan = planner.epoch(args.epoch)
+    counts = planner.index.epoch_counts(args.epoch)
+    units = planner.units
+    rows = []
+    for k in np.flatnonzero(counts).tolist():
+        h, w = (int(v) for v in planner.index.sizes[k])
+        n, u = int(counts[k]), int(units[k])
+        rows.append({"frames": int(planner.frames[k]), "width": w, "height": h, "clips": n,
+                     "clips_per_step": int(planner.batch[k]), "full_batches": n // u, "leftover": n % u})  # fmt: skip
+    videos = sum(int((m.video_columns()[0] > 0).sum()) for m in manifests)
+    table = planner.clips
+    report = {
+        "manifest": [str(p) for p in args.manifest],
+        "frames": frames.to_dict(),
+        "buckets": rows,
+        "rows": sum(len(m) for m in manifests),
+        "videos": videos,
+        "clips": len(table),
+        "clips_from_videos": int((table.length > 1).sum() + 0),
+        "epoch": args.epoch,
+        "steps_per_epoch": len(plan),
+        "leftover": plan.leftover.value,
+        "trimmed": plan.trimmed,
+        "dropped": plan.dropped,
+        "duplicated": plan.duplicated,
+    }
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False))
+        return 0
+    print(f"{report['rows']} rows ({videos} videos) -> {len(table)} clips; frames {list(frames.frames)}, "
+          f"fps {frames.fps or 'own'}, clip {frames.clip}")  # fmt: skip
+    print(f"{'frames':>6} {'bucket':>11} {'clips':>7} {'per step':>8} {'batches':>7} {'leftover':>8}")
+    for r in rows:
+        size = format_size(r["height"], r["width"])
+        print(f"{r['frames']:>6} {size:>11} {r['clips']:>7} {r['clips_per_step']:>8} {r['full_batches']:>7} "
+              f"{r['leftover']:>8}")  # fmt: skip
+    print(f"epoch {args.epoch}: {len(plan)} steps, leftover {plan.leftover.value}; trimmed {plan.trimmed}, "
+          f"dropped {plan.dropped}, served twice {plan.duplicated}")  # fmt: skip
+    return 0
+
+
+def _plan_config(args: argparse.Namespace, manifests: list, *, spec, batch, rank: int, frames) -> Any:
+    """The loader's :class:`LoaderConfig` of the plan options (the one way ``buckets --frames`` and ``plan`` plan)."""
+    from ..loader.planning import LoaderConfig
+    from ..plan.mixture import check_repeats
+
+    several = len(manifests) > 1
+    return LoaderConfig(
+        batch_size=batch, spec=spec, seed=args.seed, rank=rank, world_size=args.world_size, leftover=args.leftover,
+        sync_ranks=not args.independent_ranks, crop="random", flip=0.0,
+        repeats=check_repeats(args.repeats, len(manifests)) if several or args.repeats is not None else None,
+        frames=frames,
+    )  # fmt: skip
+
+
 def _bucket_word(size: dict) -> str:
     """``WxH``, with ``:B`` images per step when the report has them."""
     word = format_size(size["height"], size["width"])
@@ -172,8 +261,7 @@ def write_rejected(rejected: list[dict], manifests: list[str], path: Path) -> No
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from ..data.manifest import Manifest, ManifestSet
-    from ..loader.planning import LoaderConfig, build_planner
-    from ..plan.mixture import check_repeats
+    from ..loader.planning import build_planner
     from ..tools.report import plan_steps
 
     if not 0 <= args.rank < args.world_size:
@@ -182,15 +270,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
         )
     manifests = [Manifest.open(path, cache_dir=args.cache_dir) for path in args.manifest]
     several = len(manifests) > 1
-    config = LoaderConfig(
-        batch_size=batch_from_args(args, default=16), spec=spec_from_args(args), seed=args.seed, rank=args.rank,
-        world_size=args.world_size, leftover=args.leftover, sync_ranks=not args.independent_ranks,
-        crop="random", flip=0.0,
-        repeats=check_repeats(args.repeats, len(manifests)) if several or args.repeats is not None else None,
-    )  # fmt: skip
-    plan = build_planner(config, manifests).epoch(args.epoch)  # the loader's own planner
+    frames = frames_from_args(args)
+    config = _plan_config(args, manifests, spec=spec_from_args(args), batch=batch_from_args(args, default=16),
+                          rank=args.rank, frames=frames)  # fmt: skip
+    planner = build_planner(config, manifests)  # the loader's own planner
+    plan = planner.epoch(args.epoch)
     data = ManifestSet(manifests)
     rows, bounds, bucket = plan_steps(plan)  # (S,), (steps + 1,), (steps,): batches may differ in size
+    starts = None
+    if frames is not None:  # clip ids: their rows, and each clip's first frame on the target-rate timeline
+        starts = planner.clips.start[rows].tolist()
+        rows = planner.clips.row[rows]
     keys = data.keys_at(rows)
     datasets = data.dataset_of(rows).tolist() if several else None
     sizes = plan.sizes[bucket]  # (steps, 2)
@@ -199,6 +289,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     chunk: list[str] = []
     for step, ((h, w), a, b) in enumerate(zip(sizes.tolist(), bounds[:-1].tolist(), bounds[1:].tolist())):
         extra = f', "datasets": {dumps(datasets[a:b])}' if several else ""
+        if starts is not None:
+            extra += f', "frames": {int(plan.frames[bucket[step]])}, "starts": {dumps(starts[a:b])}'
         chunk.append(f'{{"step": {step}, "width": {w}, "height": {h}, "ids": {dumps(keys[a:b])}{extra}}}\n')
         if len(chunk) >= 4096:
             out.write("".join(chunk))
@@ -226,12 +318,15 @@ EPILOG_BUCKETS = """examples:
   dali-arb buckets a.parquet b.parquet --repeats 3,0.5   # two datasets, a thrice, half of b each epoch
   dali-arb buckets photos.parquet --batch-pixels 16*512*512 --max-batch 32   # a pixel budget: images per bucket
   dali-arb buckets photos.parquet --rejected rejected.csv --epoch 3          # name the rejected images
+  dali-arb buckets clips.parquet --frames 1,17,33 --fps 24 --clip chunk --batch-pixels 4*17*512*512   # videos
 """
 EPILOG_PLAN = """examples:
   dali-arb plan photos.parquet --batch-size 16 --world-size 8 --rank 3 --epoch 2 | head
   dali-arb plan a.parquet b.parquet --repeats 3,0.5 -b 16    # two datasets: ids with "datasets": [0, 1, ...]
   dali-arb plan photos.parquet --batch-pixels 2048x2048      # a pixel budget: batches differ in size by bucket
-output: one JSON object per step: {"step": i, "width": w, "height": h, "ids": [...]}
+  dali-arb plan clips.parquet --frames 1,17,33 --fps 24 --clip slide --stride 8    # clips of videos
+output: one JSON object per step: {"step": i, "width": w, "height": h, "ids": [...]}; with --frames also
+"frames": F and "starts": each clip's first frame (at --fps)
 """
 
 
@@ -299,6 +394,7 @@ def register(sub: argparse._SubParsersAction, fmt: type) -> None:
         "--rejected", metavar="CSV",
         help="write every rejected image (manifest,key,reason,width,height) to this CSV file",
     )  # fmt: skip
+    add_frame_options(p)
     p.set_defaults(func=cmd_buckets)
 
     p = sub.add_parser(
@@ -314,4 +410,5 @@ def register(sub: argparse._SubParsersAction, fmt: type) -> None:
     p.add_argument("--rank", type=non_negative_int, default=0, help="this rank (default 0)")
     p.add_argument("--epoch", type=non_negative_int, default=0, help="epoch (default 0)")
     add_bucket_options(p)
+    add_frame_options(p)
     p.set_defaults(func=cmd_plan)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..plan.buckets import BucketSpec, parse_area, parse_size, parse_sizes
+from ..plan.frames import CLIP_MODES, FrameSpec
 from ..plan.planner import LeftoverPolicy
 from .batching import add_batch_options
 
@@ -17,7 +18,9 @@ __all__ = [
     "EXIT_USAGE",
     "Parser",
     "add_bucket_options",
+    "add_frame_options",
     "add_plan_options",
+    "frames_from_args",
     "non_negative_float",
     "non_negative_int",
     "positive_int",
@@ -213,3 +216,49 @@ def add_cache_option(parser: argparse.ArgumentParser) -> None:
         help="folder of the manifest cache, shared by the processes of a node (default $DALI_ARB_CACHE, "
         "else ~/.cache/dali_arb)",
     )
+
+
+def _frame_counts(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected frame counts separated by commas (1,17,33), got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive frame counts separated by commas (1,17,33), got {text!r}")
+    return values
+
+
+def add_frame_options(parser: argparse.ArgumentParser) -> None:
+    """``--frames`` and what cuts clips from videos (issue 21): the samples become clips, buckets (frames, w, h)."""
+    g = parser.add_argument_group("video options (clips instead of images)")
+    g.add_argument(
+        "--frames", type=_frame_counts, default=None, metavar="F,F,...",
+        help="frame buckets (1,17,33,49,81): videos are cut into clips, each in the largest bucket its length fills, "
+        "images are 1-frame samples; buckets become (frames, width, height)",
+    )  # fmt: skip
+    g.add_argument("--fps", type=positive_float, default=None, help="target frame rate (default: each video's own)")
+    g.add_argument(
+        "--clip", choices=CLIP_MODES, default="head",
+        help="clips per video: head (one from the start), chunk (consecutive), slide (every --stride frames), "
+        "uniform (--clip-count evenly spaced); default head",
+    )  # fmt: skip
+    g.add_argument("--stride", type=positive_int, default=1, help="--clip slide: frames between windows (default 1)")
+    g.add_argument("--clip-count", type=positive_int, default=1, help="--clip uniform: clips per video (default 1)")
+    g.add_argument(
+        "--images", choices=("include", "exclude"), default="include",
+        help="images beside videos: 1-frame samples (include, the default; --frames needs 1) or left out",
+    )  # fmt: skip
+
+
+def frames_from_args(args: argparse.Namespace) -> FrameSpec | None:
+    """The :class:`FrameSpec` of ``--frames`` and its options, or None without ``--frames``; a ConfigError naming
+    a clip option given without it."""
+    if args.frames is None:
+        given = [f"--{n.replace('_', '-')}" for n, default in
+                 (("fps", None), ("clip", "head"), ("stride", 1), ("clip_count", 1), ("images", "include"))
+                 if getattr(args, n) != default]  # fmt: skip
+        if given:
+            raise ConfigError(f"{', '.join(given)} cut clips from videos: give --frames too (e.g. --frames 1,17,33)")
+        return None
+    return FrameSpec(frames=tuple(args.frames), fps=args.fps, clip=args.clip, stride=args.stride,
+                     count=args.clip_count, images=args.images == "include")  # fmt: skip

@@ -314,6 +314,26 @@ class Manifest:
             return column.chunk(0).to_numpy(zero_copy_only=True)
         return np.asarray(column.fill_null(missing).to_numpy(), np.int64)
 
+    def video_columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(frames int64 (N,), fps float64 (N,), duration float64 (N,))`` of the :data:`VIDEO` columns, what the
+        planner cuts clips from: frames -1 and NaN rates for images (every row of an image-only manifest). A mapped
+        manifest whose cache lacks them reads the three columns from its Parquet file (20 bytes a row)."""
+        table = self.table
+        names = [field.name for field in VIDEO][:3]
+        if "frames" not in table.column_names and getattr(self, "path", None) is not None:
+            try:
+                schema = pq.read_schema(self.path)
+                if "frames" in schema.names:
+                    table = pq.read_table(self.path, columns=names)
+            except (OSError, pa.ArrowInvalid) as exc:
+                raise ManifestError(f"manifest {self.path}: cannot read its video columns ({exc})") from None
+        if "frames" not in table.column_names:
+            return np.full(len(self), -1, np.int64), np.full(len(self), np.nan), np.full(len(self), np.nan)
+        frames = np.asarray(table.column("frames").fill_null(-1).to_numpy(), np.int64)
+        rates = [np.asarray(table.column(n).cast(pa.float64()).fill_null(np.nan).to_numpy(), np.float64)
+                 for n in ("fps", "duration")]  # fmt: skip
+        return frames, rates[0], rates[1]
+
     def keys_at(self, rows: np.ndarray) -> list[str]:
         """Keys of ``rows`` (any shape, flattened), as Python strings."""
         return self.keys.take(pa.array(np.asarray(rows, dtype=np.int64).reshape(-1))).to_pylist()

@@ -55,7 +55,8 @@ class BatchSizing:
     """Images per rank and step for each bucket; give exactly one of:
 
     - ``batch_size``: every bucket the same (the classic batch);
-    - ``batch_pixels``: a budget, ``max(1, batch_pixels // (width * height))`` images for a bucket, at most
+    - ``batch_pixels``: a budget, ``max(1, batch_pixels // (width * height))`` images for a bucket (clips:
+      ``batch_pixels // (frames * width * height)``, a clip of ``F`` frames costing ``F`` images), at most
       ``max_batch``, rounded down to a multiple of ``batch_multiple`` where at least one multiple fits;
     - ``batch_sizes``: an explicit table ``{(width, height): images}`` naming every bucket that is served.
     """
@@ -95,13 +96,18 @@ class BatchSizing:
         """The one batch size of every bucket, or ``None`` when it varies by bucket."""
         return self.batch_size
 
-    def per_bucket(self, sizes: np.ndarray) -> np.ndarray:
-        """``int64 (K,)`` images per rank and step for buckets ``sizes`` ``int64 (K, 2)`` ``(height, width)``."""
+    def per_bucket(self, sizes: np.ndarray, frames: np.ndarray | None = None) -> np.ndarray:
+        """``int64 (K,)`` images (or clips) per rank and step for buckets ``sizes`` ``int64 (K, 2)`` ``(height,
+        width)``; ``frames`` ``int64 (K,)``: each bucket's frame count (clips), which a pixel budget divides by (a
+        table is looked up by ``(width, height)`` whatever the frames)."""
         sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+        per_sample = sizes[:, 0] * sizes[:, 1]
+        if frames is not None:
+            per_sample = per_sample * np.asarray(frames, np.int64).reshape(-1)
         if self.batch_size is not None:
             return np.full(len(sizes), self.batch_size, np.int64)
         if self.batch_pixels is not None:
-            b = np.maximum(1, self.batch_pixels // (sizes[:, 0] * sizes[:, 1]))
+            b = np.maximum(1, self.batch_pixels // per_sample)
             if self.max_batch is not None:
                 b = np.minimum(b, self.max_batch)
             m = self.batch_multiple
@@ -115,9 +121,9 @@ class BatchSizing:
             )
         return np.array([table[(w, h)] for h, w in sizes.tolist()], np.int64)
 
-    def largest(self, sizes: np.ndarray) -> int:
-        """The largest batch any of ``sizes`` gets: what a pipeline is built for."""
-        return int(self.per_bucket(sizes).max()) if len(sizes) else 1
+    def largest(self, sizes: np.ndarray, frames: np.ndarray | None = None) -> int:
+        """The largest batch any of ``sizes`` (with ``frames``) gets: what a pipeline is built for."""
+        return int(self.per_bucket(sizes, frames).max()) if len(sizes) else 1
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (for ``state_dict`` and reports); :meth:`from_dict` reads it back."""

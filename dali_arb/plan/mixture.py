@@ -87,6 +87,13 @@ class _Segments:
         return int(np.floor(self.rate[i] * epoch + self.phase[i])) % int(self.size[i])
 
 
+def _bucket_keys(index: BucketIndex) -> list[tuple[int, ...]]:
+    """Each bucket of ``index`` as ``(height, width)``, or ``(height, width, frames)`` for a clip index."""
+    sizes = [tuple(s) for s in np.asarray(index.sizes, np.int64).tolist()]
+    frames = getattr(index, "frames", None)
+    return sizes if frames is None else [(*s, int(f)) for s, f in zip(sizes, np.asarray(frames).tolist())]
+
+
 class MixedIndex(PlannedIndex):
     """Several :class:`BucketIndex` objects (one per dataset, each from its own :class:`BucketSpec`) with repeat
     counts, as the one index the :class:`~dali_arb.plan.planner.Planner` plans from. Rows are global rows.
@@ -113,16 +120,23 @@ class MixedIndex(PlannedIndex):
         self.offsets = self.rows.offsets
         options = [repr(sorted(s.to_dict().items())) for s in specs]
         self.groups = np.array([options.index(o) for o in options], np.int64)
-        # the union of the buckets: every spec's own ones first (leftover batches may take those), then copies
-        ordered: dict[tuple[int, int], None] = {}
-        for index in indexes:
-            ordered.update(dict.fromkeys(map(tuple, index.sizes[: index.num_base].tolist())))
+        # the union of the buckets: every spec's own ones first (leftover batches may take those), then copies; clip
+        # indexes' buckets are (height, width, frames)
+        keys = [_bucket_keys(ix) for ix in indexes]
+        if len({len(k[0]) for k in keys if k}) > 1:
+            raise ConfigError("datasets planned together must all be images or all be clips (give frames to all)")
+        ordered: dict[tuple[int, ...], None] = {}
+        for index, own in zip(indexes, keys):
+            ordered.update(dict.fromkeys(own[: index.num_base]))
         self.num_base = len(ordered)
-        for index in indexes:
-            ordered.update(dict.fromkeys(map(tuple, index.sizes[index.num_base :].tolist())))
-        self.sizes = np.array(list(ordered), np.int64).reshape(-1, 2)
+        for index, own in zip(indexes, keys):
+            ordered.update(dict.fromkeys(own[index.num_base :]))
+        table = np.array(list(ordered), np.int64).reshape(len(ordered), -1)
+        self.sizes = table[:, :2].copy()
+        #: ``int64 (K,)`` frames of each bucket when the datasets are clips (ClipIndex), else None
+        self.frames = table[:, 2].copy() if table.shape[1] == 3 else None
         where = {size: k for k, size in enumerate(ordered)}
-        self.to_global = [np.array([where[tuple(s)] for s in ix.sizes.tolist()], np.int64) for ix in indexes]
+        self.to_global = [np.array([where[key] for key in own], np.int64) for own in keys]
         self.no_upscale = any(ix.no_upscale for ix in indexes)
         self._group_base = {}  # group -> its spec's own buckets, as global ids
         for d, index in enumerate(indexes):
@@ -252,14 +266,20 @@ class MixedIndex(PlannedIndex):
         return h, w
 
     def leftover_order(self, pool: np.ndarray) -> np.ndarray:
-        """Order of leftover ``pool`` rows: by group of datasets, then by aspect (neighbours share a batch)."""
-        return np.lexsort((self.log_aspect(pool), self.groups[self.dataset_of(pool)]))
+        """Order of leftover ``pool`` rows: by group of datasets (clips: then by frames), then by aspect (neighbours
+        share a batch)."""
+        groups = self.groups[self.dataset_of(pool)]
+        if self.frames is None:
+            return np.lexsort((self.log_aspect(pool), groups))
+        return np.lexsort((self.log_aspect(pool), self.frames[self.bucket_of(pool)], groups))
 
     def leftover_candidates(self, chunk: np.ndarray) -> np.ndarray:
         """Buckets a batch of leftover rows may take: the own buckets of their groups; where a group does not
         upscale, only those every image covers (else the smallest)."""
         groups = np.unique(self.groups[self.dataset_of(chunk)]).tolist()
         candidates = np.unique(np.concatenate([self._group_base[g] for g in groups]))
+        if self.frames is not None:  # clips: the fewest frames among them (a clip may be served shorter, not longer)
+            candidates = candidates[self.frames[candidates] == self.frames[self.bucket_of(chunk)].min()]
         if any(self._group_no_upscale[g] for g in groups):
             h, w = self.side_lengths(chunk)
             fits = candidates[(self.sizes[candidates, 0] <= h.min()) & (self.sizes[candidates, 1] <= w.min())]

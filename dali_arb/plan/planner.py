@@ -40,6 +40,8 @@ import numpy as np
 from ..errors import ConfigError, PlanError
 from .batching import BatchSizing
 from .buckets import BucketAssignment, BucketIndex, BucketSpec, PlannedIndex, index_dtype
+from .clipindex import clip_index
+from .frames import ClipTable, FrameSpec, clip_table
 from .mixture import MixedIndex, check_repeats
 from .permute import Permutation, moving_round, round_keys
 from .world import World
@@ -285,6 +287,7 @@ class EpochPlan:
 
     Attributes:
         sizes: ``int64 (K, 2)`` bucket ``(height, width)``.
+        frames: ``int64 (K,)`` bucket frame counts when the samples are clips, else None (:meth:`frames_at`).
         epoch, rank, world_size: what the plan is for.
         batch_size: the one batch size of every bucket (an ``int``), ``None`` when it varies by bucket. Steps may
             still be smaller with ``leftover="partial"`` (and the last pooled batch of NEAREST with batch sizes
@@ -318,6 +321,7 @@ class EpochPlan:
         self._order = order
         self._steps = steps
         self.sizes = index.sizes
+        self.frames = getattr(index, "frames", None)  # int64 (K,) frames of each bucket (clips), or None
         self.epoch, self.rank, self.world_size = epoch, rank, world_size
         self.batch_size, self.max_batch, self.leftover = batch_size, max_batch, leftover
         self.trimmed, self.dropped, self.duplicated = trimmed, dropped, duplicated
@@ -372,8 +376,13 @@ class EpochPlan:
         h, w = self.sizes[self.bucket_at(step)]
         return int(h), int(w)
 
+    def frames_at(self, step: int) -> int:
+        """Frames of every sample of ``step``: its bucket's frame count (1 when the samples are images)."""
+        return 1 if self.frames is None else int(self.frames[self.bucket_at(step)])
+
     def rows_at(self, step: int) -> np.ndarray:
-        """``int64 (b,)`` manifest rows of ``step``, ``b = batch_size_at(step)``."""
+        """``int64 (b,)`` manifest rows of ``step``, ``b = batch_size_at(step)``; with clips (``frames`` given to
+        :func:`make_planner`) the **clip ids** (indices into :attr:`Planner.clips`)."""
         return self._rows_of(self._blocks(np.array([self._check(step)], np.int64)))[0]
 
     def _rows_of(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -513,7 +522,13 @@ class Planner:
         self.sync_ranks = bool(sync_ranks)
         self.largest_first = bool(largest_first)
         self._sizes = self.index.sizes
-        self._area = self._sizes[:, 0] * self._sizes[:, 1]
+        #: ``int64 (K,)`` frames of each bucket when the samples are clips (a ClipIndex), else None
+        self.frames = getattr(self.index, "frames", None)
+        #: the ClipTable of the clips planned (``rows_at`` gives indices into it), None for images
+        self.clips = None
+        #: the FrameSpec the clips were cut by, None for images
+        self.frame_spec = None
+        self._area = self._sizes[:, 0] * self._sizes[:, 1] * (1 if self.frames is None else self.frames)
         W = self.world.world_size
         self.batch = self._per_bucket()
         self.units = self.batch * W if self.sync_ranks else self.batch.copy()
@@ -541,12 +556,14 @@ class Planner:
         """``int64 (K,)`` ``b_k``: the sizing's, for every bucket that may be served (a table must name each bucket
         that holds images and each of the spec's own; others, never a batch's own, get the table's smallest)."""
         if self.sizing.batch_sizes is None:
-            return self.sizing.per_bucket(self._sizes)
+            return self.sizing.per_bucket(self._sizes, self.frames)
         num_base = getattr(self.index, "num_base", len(self._sizes))
         needed = self.index.counts() > 0
         needed[:num_base] = True
         batch = np.ones(len(self._sizes), np.int64)
-        batch[needed] = self.sizing.per_bucket(self._sizes[needed])
+        batch[needed] = self.sizing.per_bucket(
+            self._sizes[needed], None if self.frames is None else self.frames[needed]
+        )
         batch[~needed] = batch[needed].min() if needed.any() else 1
         return batch
 
@@ -828,19 +845,56 @@ def make_planner(
     world: World | None = None,
     leftover: LeftoverPolicy | str = LeftoverPolicy.AUTO,
     sync_ranks: bool = True,
+    frames: FrameSpec | None = None,
+    videos: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
 ) -> Planner:
     """THE planner factory: a :class:`Planner` over ``D`` datasets from each one's :class:`BucketIndex` (or
     :class:`BucketAssignment`) and :class:`BucketSpec`, with ``repeats`` (one per dataset, ``None``: all 1;
     validated by :func:`~dali_arb.plan.mixture.check_repeats`) and ``batch_size`` (an ``int`` or a
     :class:`~dali_arb.plan.batching.BatchSizing`). One dataset served once plans from its own index;
     otherwise the datasets plan as one :class:`~dali_arb.plan.mixture.MixedIndex` (its rows are global rows).
-    The loader (``loader.planning.build_planner``), the bucket report and the benchmark all make it here."""
+    The loader (``loader.planning.build_planner``), the bucket report and the benchmark all make it here.
+
+    With ``frames`` (a :class:`~dali_arb.plan.frames.FrameSpec`) the samples are clips: ``videos`` gives each
+    dataset's ``(frames, fps, duration)`` columns (``(N_d,)`` arrays; frames <= 0 or NaN for images), cut into a
+    :class:`~dali_arb.plan.frames.ClipTable` each and planned over buckets ``(frames, height, width)``
+    (:mod:`dali_arb.plan.clipindex`); :attr:`Planner.clips` is the table of all datasets (global rows), and an
+    epoch's ``rows_at`` gives clip ids into it."""
     if len(indexes) != len(specs) or not indexes:
         raise ConfigError(f"give one bucket index and one bucket spec per dataset, got {len(indexes)} and {len(specs)}")
     weights = check_repeats(repeats, len(indexes))
     grouped = [BucketIndex.of(ix) if isinstance(ix, BucketAssignment) else ix for ix in indexes]
+    table = None
+    if frames is not None:
+        grouped, table = _clip_indexes(grouped, frames, videos)
     if len(grouped) == 1 and weights == (1.0,):
         index: PlannedIndex = grouped[0]
     else:
         index = MixedIndex(grouped, weights, list(specs), seed=seed)
-    return Planner(index, batch_size=batch_size, world=world, seed=seed, leftover=leftover, sync_ranks=sync_ranks)
+    planner = Planner(index, batch_size=batch_size, world=world, seed=seed, leftover=leftover, sync_ranks=sync_ranks)
+    planner.clips, planner.frame_spec = table, frames
+    return planner
+
+
+def _clip_indexes(
+    grouped: list[PlannedIndex], spec: FrameSpec, videos: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]] | None
+) -> tuple[list[PlannedIndex], ClipTable]:
+    """Each dataset's :class:`~dali_arb.plan.clipindex.ClipIndex` and the clip table of all of them (global rows)."""
+    if not isinstance(spec, FrameSpec):
+        raise ConfigError(f"frames must be a FrameSpec, got {type(spec).__name__}")
+    if videos is None or len(videos) != len(grouped):
+        raise ConfigError(
+            f"give the (frames, fps, duration) columns of each of the {len(grouped)} datasets with frames="
+        )
+    indexes, tables, offset = [], [], 0
+    for spatial, (count, fps, duration) in zip(grouped, videos):
+        if not isinstance(spatial, BucketIndex):
+            raise ConfigError("frames= plans from one bucket index per dataset (BucketIndex or BucketAssignment)")
+        if len(count) != spatial.num_images:
+            raise ConfigError(f"the video columns have {len(count)} rows, the bucket index {spatial.num_images}")
+        table = clip_table(count, fps, duration, spec)
+        indexes.append(clip_index(spatial, table, spec))
+        tables.append(ClipTable(row=table.row + offset, length=table.length, start=table.start))
+        offset += spatial.num_images
+    joined = ClipTable(*(np.concatenate([getattr(t, name) for t in tables]) for name in ("row", "length", "start")))
+    return indexes, joined
