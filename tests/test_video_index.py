@@ -176,3 +176,60 @@ def test_video_changed_after_indexing_is_caught(clips, tmp_path):
     assert isinstance(read_local(row["source"], row["offset"], row["length"], identity), bytes)
     make_clip(path, fps=24, frames=12, size=(128, 72))  # re-encoded in place: another file under the same name
     assert read_local(row["source"], row["offset"], row["length"], identity) is FileProblem.CHANGED
+
+
+def _shard(path, members: dict[str, bytes]):
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_videos_in_tar_shards(clips, tmp_path):
+    members = {
+        "0001.mp4": clips["h264_24"].read_bytes(),
+        "0001.txt": b"a pan in a shard",
+        "0002.webm": clips["vfr_webm"].read_bytes(),
+        "0003.jpg": open(os.path.join(SAMPLES, "coffee.jpg"), "rb").read(),
+        "0004.mp4": clips["h264_24"].read_bytes()[:20000],  # truncated inside the shard
+    }
+    shard = _shard(tmp_path / "s.tar", members)
+    summary = build_index([str(shard)], tmp_path / "m.parquet", workers=1)
+    assert "indexed 1 images and 2 videos" in summary.line()
+    rows = {r["key"]: r for r in pq.read_table(tmp_path / "m.parquet").to_pylist()}
+    assert rows["0001"]["frames"] == 30 and rows["0001"]["caption"] == "a pan in a shard"
+    assert rows["0002"]["vfr"] and len(rows["0002"]["frame_times"]) == 24
+    assert rows["0003"]["frames"] is None
+    with open(shard, "rb") as fh:  # the row's bytes are the member: it decodes as the clip
+        fh.seek(rows["0001"]["offset"])
+        assert fh.read(rows["0001"]["length"]) == members["0001.mp4"]
+    rejects = [json.loads(line) for line in open(tmp_path / "m.parquet.rejects.jsonl")]
+    assert [r["key"] for r in rejects] == ["0004"] and "truncated" in rejects[0]["reason"]
+    # --update reuses the unchanged shard's rows, video facts included
+    again = build_index([str(shard)], tmp_path / "m.parquet", workers=1, update=True)
+    assert again.reused == 3 and "and 2 videos" in again.line()
+    rows2 = {r["key"]: r for r in pq.read_table(tmp_path / "m.parquet").to_pylist()}
+    assert rows2["0002"]["frame_times"] == rows["0002"]["frame_times"] and rows2["0001"]["frames"] == 30
+
+
+def test_videos_under_an_object_storage_prefix(clips, tmp_path):
+    pytest.importorskip("moto")
+    from support.loopback import moto_bucket, put_object
+
+    with moto_bucket("videos"):
+        put_object("videos", "clips/a.mp4", clips["h264_24"].read_bytes())
+        put_object("videos", "clips/a.txt", b"a remote pan")
+        put_object("videos", "clips/b.webm", clips["vp9_30"].read_bytes())
+        put_object("videos", "clips/c.jpg", open(os.path.join(SAMPLES, "coffee.jpg"), "rb").read())
+        summary = build_index(["s3://videos/clips/"], tmp_path / "m.parquet", workers=1)
+    assert "indexed 1 images and 2 videos" in summary.line()
+    rows = {r["key"]: r for r in pq.read_table(tmp_path / "m.parquet").to_pylist()}
+    assert (rows["a"]["frames"], rows["a"]["caption"], rows["a"]["codec"]) == (30, "a remote pan", "h264")
+    assert (rows["b"]["frames"], rows["b"]["codec"], rows["b"]["fps"]) == (30, "vp9", 30.0)
+    assert rows["a"]["source"] == "s3://videos/clips/a.mp4" and rows["a"]["etag"]
+    assert rows["c"]["frames"] is None

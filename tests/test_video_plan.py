@@ -386,3 +386,12 @@ def test_cli_refuses_clip_options_without_frames(video_manifest, capsys):
     assert "--clip cut clips from videos: give --frames too" in capsys.readouterr().err
     assert main(["plan", str(video_manifest), "--frames", "9,17"]) != 0
     assert "holds 1 images, which are 1-frame samples" in capsys.readouterr().err
+
+
+def test_a_duration_longer_than_the_frames_is_not_trusted():
+    spec = FrameSpec(frames=(1, 17), fps=24)
+    # 24 frames at 24 fps last 1 s whatever a metadata duration of 3 s says: 24 target frames, not 72
+    assert list(usable_frames(np.array([24]), np.array([24.0]), np.array([3.0]), spec)) == [24]
+    table = clip_table(np.array([24]), np.array([24.0]), np.array([3.0]), FrameSpec((1, 17), fps=24, clip="chunk"))
+    for start, length in zip(table.start, table.length):
+        assert frame_indices(spec, start=int(start), length=int(length), n_frames=24, fps=24.0)[-1] < 24

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import pyarrow as pa
 
 from ..data.manifest import IDENTITY, SCHEMA, VIDEO
@@ -92,6 +93,26 @@ def video_columns(facts: list[VideoFacts | None]) -> list[pa.Array]:
         "frame_times": frame_times,
     }
     return [pa.array(values[field.name], field.type) for field in VIDEO]
+
+
+def table_videos(table: pa.Table) -> list[VideoFacts | None]:
+    """The video facts of each row of ``table`` (rows of an earlier manifest, metadata) from its ``VIDEO`` columns,
+    None for an image (every row of a table without ``frames``)."""
+    if "frames" not in table.column_names:
+        return [None] * table.num_rows
+    data = {name: table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
+            for name in ("width", "height", *VIDEO.names)}  # fmt: skip
+    out: list[VideoFacts | None] = []
+    for i, frames in enumerate(data["frames"]):
+        if frames is None:
+            out.append(None)
+            continue
+        times = data["frame_times"][i]
+        out.append(VideoFacts(width=data["width"][i], height=data["height"][i], frames=int(frames),
+                              fps=float(data["fps"][i] or 0.0), duration=float(data["duration"][i] or 0.0),
+                              codec=data["codec"][i] or "", vfr=bool(data["vfr"][i]),
+                              frame_times=None if times is None else np.asarray(times, np.float32)))  # fmt: skip
+    return out
 
 
 def with_identity(table: pa.Table, schema: pa.Schema) -> pa.Table:

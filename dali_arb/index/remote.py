@@ -21,6 +21,7 @@ from ..data.imagefacts import inspect_image
 from ..data.pairs import PairSpec
 from ..data.storage import IOStats, ObjectInfo, download, get_bytes, get_range, is_url
 from ..data.storage import info as object_info
+from ..data.videofacts import inspect_video, is_video_name
 from ..errors import ObjectChanged, ObjectMissing, StorageError
 from .folders import CAPTION_EXTS, NOT_IMAGES, PreviousRows, decode_caption
 from .pairing import pair_problem
@@ -30,6 +31,8 @@ __all__ = ["BLOCK", "RemoteFile", "fetched", "list_objects", "pair_listings", "p
 
 #: Bytes a header read fetches at once.
 BLOCK = 64 << 10
+#: A video's reads: 1 MiB per request, 4 held (a video demuxed to count its frames streams through 4 MiB)
+VIDEO_BLOCK = 1 << 20
 #: Images of one task inspected at once (network-bound: more than the cores).
 CONCURRENT_HEADERS = 16
 FILES_PER_TASK = 256
@@ -39,9 +42,12 @@ class RemoteFile(io.RawIOBase):
     """A read-only, seekable view of an object in storage that fetches :data:`BLOCK`-sized blocks on demand
     (and keeps them), so Pillow reads a header with one request. ``size``: the object's size in bytes."""
 
-    def __init__(self, url: str, size: int, stats: IOStats | None = None) -> None:
+    def __init__(self, url: str, size: int, stats: IOStats | None = None, *, block: int | None = None,
+                 keep: int | None = None) -> None:  # fmt: skip
         super().__init__()
         self.url, self.size, self.stats = url, int(size), stats
+        self.block = block or BLOCK  # bytes per request
+        self.keep = keep  # blocks held at most (the oldest dropped first); None: all
         self._pos = 0
         self._blocks: dict[int, bytes] = {}
 
@@ -61,19 +67,22 @@ class RemoteFile(io.RawIOBase):
 
     def _block(self, index: int) -> bytes:
         if index not in self._blocks:
-            start = index * BLOCK
-            self._blocks[index] = get_range(self.url, start, min(self.size, start + BLOCK), self.stats)
+            start = index * self.block
+            self._blocks[index] = get_range(self.url, start, min(self.size, start + self.block), self.stats)
+            if self.keep is not None and len(self._blocks) > self.keep:
+                self._blocks.pop(next(iter(self._blocks)))
         return self._blocks[index]
 
     def readinto(self, buffer) -> int:
         end = min(self.size, self._pos + len(buffer))
         if end <= self._pos:
             return 0
-        if end - self._pos > 4 * BLOCK:  # a long read (the whole file): one request for the span not held
+        B = self.block
+        if end - self._pos > 4 * B:  # a long read (the whole file): one request for the span not held
             data = get_range(self.url, self._pos, end, self.stats)
         else:
-            data = b"".join(self._block(i) for i in range(self._pos // BLOCK, (end - 1) // BLOCK + 1))
-            first = (self._pos // BLOCK) * BLOCK
+            data = b"".join(self._block(i) for i in range(self._pos // B, (end - 1) // B + 1))
+            first = (self._pos // B) * B
             data = data[self._pos - first : end - first]
         buffer[: len(data)] = data
         self._pos += len(data)
@@ -291,8 +300,15 @@ def remote_folder_task(args: tuple) -> tuple[list[Row], list[Reject], dict[str, 
         url, size, mtime = info.url, info.size, info.mtime_ns
         key = os.path.splitext(rel)[0]
         earlier = known.get(url)
-        if PreviousRows.unchanged(earlier, size, mtime, etag=info.etag):
-            result: tuple[int, int] | str = (earlier[2], earlier[3])
+        video = None
+        if is_video_name(rel):  # (never reused: its facts are more than a size) sequential reads, bounded memory
+            try:
+                video = inspect_video(RemoteFile(url, size, stats, block=VIDEO_BLOCK, keep=4), max_pixels=max_pixels)
+            except (ObjectMissing, ObjectChanged) as exc:
+                return None, {"source": url, "reason": f"unreadable ({exc})", "key": key}
+            result: tuple[int, int] | str = video if isinstance(video, str) else (video.width, video.height)
+        elif PreviousRows.unchanged(earlier, size, mtime, etag=info.etag):
+            result = (earlier[2], earlier[3])
             reused.append(url)
         else:
             try:
@@ -323,7 +339,7 @@ def remote_folder_task(args: tuple) -> tuple[list[Row], list[Reject], dict[str, 
             except ObjectMissing:
                 reason = f"caption {captions[key]} was listed but is gone (deleted while indexing?); index again"
                 return None, {"source": url, "reason": reason, "key": key}
-        identity = {"source_size": size, "etag": info.etag}
+        identity = {"source_size": size, "etag": info.etag, "video": None if isinstance(video, str) else video}
         return Row(key, result[0], result[1], caption, url, 0, size, mtime, tuple(facts), **identity), None
 
     rows, rejects = [], []

@@ -25,7 +25,7 @@ from ..data.pairs import PairSpec
 from ..data.videofacts import VideoFacts
 from ..processes import signals_deferred
 from .folders import FolderWalk, PreviousRows
-from .records import Reject, Row, rows_to_table, video_columns, with_identity
+from .records import Reject, Row, rows_to_table, table_videos, video_columns, with_identity
 
 __all__ = ["ROWS_PER_GROUP", "IndexRun", "IndexSummary"]
 
@@ -186,6 +186,10 @@ class IndexRun:
         """Write a whole table of rows (metadata, reused rows of an earlier manifest) after the pending rows;
         identity columns it lacks are null. Counts its rows (as reused ones with ``reused``), not files."""
         self.flush()
+        for i, video in enumerate(table_videos(table)):  # (reused rows of a shard of videos; metadata with facts)
+            if video is not None:
+                self.videos.append((self.written + i, video))
+                self.summary.videos += 1
         self.writer.write_table(with_identity(table, self.schema))
         self.written += table.num_rows
         self.summary.rows += table.num_rows

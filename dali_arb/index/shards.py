@@ -9,12 +9,13 @@ import tarfile
 from typing import BinaryIO
 
 from ..data.imagefacts import inspect_image
+from ..data.videofacts import inspect_video, is_video_name
 from ..errors import StorageError
 from .folders import FILE_ERRNOS, NOT_IMAGES, decode_caption, display_path, is_utf8
 from .pairing import FolderListings, find_pairs
 from .records import Reject, Row
 
-__all__ = ["member_key", "shard_task"]
+__all__ = ["MemberFile", "member_key", "shard_task"]
 
 
 def member_key(name: str) -> tuple[str, str, str] | None:
@@ -75,7 +76,12 @@ def shard_task(args: tuple) -> tuple[list[Row], list[Reject]]:
             name, (offset, length) = next(iter(images.items()))
             for other in list(images)[1:]:
                 rejects.append({"source": f"{shard}:{other}", "reason": f"duplicate key {key!r} (kept {name})", "key": key})  # fmt: skip
-            result = inspect_image(read_member(offset, length), max_pixels=max_pixels)
+            video = None
+            if is_video_name(name):  # read in place through a window on the shard: never the whole member at once
+                video = inspect_video(MemberFile(fh, offset, length), max_pixels=max_pixels)
+                result = video if isinstance(video, str) else (video.width, video.height)
+            else:
+                result = inspect_image(read_member(offset, length), max_pixels=max_pixels)
             if isinstance(result, str):
                 rejects.append({"source": f"{shard}:{name}", "reason": result, "key": key})
                 continue
@@ -90,10 +96,31 @@ def shard_task(args: tuple) -> tuple[list[Row], list[Reject]]:
             if problem:
                 rejects.append({"source": f"{shard}:{name}", "reason": problem, "key": key})
                 continue
-            rows.append(
-                Row(key, result[0], result[1], caption, shard, offset, length, stat.st_mtime_ns, paired, **identity)
-            )
+            where = (shard, offset, length, stat.st_mtime_ns)
+            rows.append(Row(key, result[0], result[1], caption, *where, paired, **identity, video=video))
     return rows, rejects
+
+
+class MemberFile:
+    """A read-only, seekable window ``[offset, offset + length)`` of an open shard, read with ``pread`` (a tar member
+    as a file: what PyAV reads a video member through). ``size``: the member's length."""
+
+    def __init__(self, fh: BinaryIO, offset: int, length: int) -> None:
+        self._fd, self._offset, self.size, self._pos = fh.fileno(), offset, length, 0
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.size - self._pos if n is None or n < 0 else min(n, self.size - self._pos)
+        data = os.pread(self._fd, max(0, n), self._offset + self._pos) if n > 0 else b""
+        self._pos += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self.size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
 
 
 def _system_failed(shard: str, exc: OSError) -> StorageError:

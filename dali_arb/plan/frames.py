@@ -120,8 +120,8 @@ class ClipTable:
 
 def usable_frames(frames: np.ndarray, fps: np.ndarray, duration: np.ndarray, spec: FrameSpec) -> np.ndarray:
     """int64 ``[N]``: how many target-rate frames each video shows before its end (0 for images: ``frames`` <= 0 or
-    NaN). At its own rate, its frame count; at ``spec.fps``, ``ceil(duration * spec.fps)`` (the duration, else
-    ``frames / fps``)."""
+    NaN). At its own rate, its frame count; at ``spec.fps``, ``ceil(seconds * spec.fps)``, ``seconds`` the smaller of
+    the duration and ``frames / fps``."""
     frames = np.nan_to_num(np.asarray(frames, np.float64), nan=0.0)
     videos = frames > 0
     out = np.zeros(len(frames), np.int64)
@@ -131,7 +131,8 @@ def usable_frames(frames: np.ndarray, fps: np.ndarray, duration: np.ndarray, spe
     fps = np.asarray(fps, np.float64)
     duration = np.asarray(duration, np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        seconds = np.where(np.isfinite(duration) & (duration > 0), duration, frames / fps)
+        by_rate = frames / fps  # (a duration longer than the frames last, as metadata may say, is not trusted)
+        seconds = np.where(np.isfinite(duration) & (duration > 0), np.fmin(duration, by_rate), by_rate)
     good = videos & np.isfinite(seconds) & (seconds > 0)
     out[good] = np.ceil(seconds[good] * spec.fps - 1e-6).astype(np.int64)
     return out
