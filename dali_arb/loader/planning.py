@@ -5,12 +5,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ..data.manifest import Manifest
 from ..errors import ConfigError
 from ..plan.batching import BatchSizing
 from ..plan.buckets import BucketSpec
-from ..plan.frames import FrameSpec
 from ..plan.planner import Planner, make_planner
 from ..plan.world import World
 from .options import Augment
@@ -36,13 +36,11 @@ class LoaderConfig:
     crop: str
     flip: float
     repeats: tuple[float, ...] | None = None
-    #: clips instead of images (issue 21): the frame buckets and how clips are cut; None: images only
-    frames: FrameSpec | None = None
+    #: the clips' :class:`~dali_arb.plan.frames.FrameSpec` (``frames=``), or None: the plan is over images
+    frames: Any = None
 
     def __post_init__(self) -> None:
         Augment(crop=self.crop, flip=self.flip)  # the one check of crop and flip
-        if self.frames is not None and not isinstance(self.frames, FrameSpec):
-            raise ConfigError(f"frames must be a FrameSpec or None, got {type(self.frames).__name__}")
 
     @property
     def sizing(self) -> BatchSizing:
@@ -52,20 +50,14 @@ class LoaderConfig:
     def to_dict(self) -> dict[str, object]:
         """Its piece of ``state_dict()``: the plan's settings (``buckets`` and ``repeats`` as JSON data). With batch
         sizes by bucket, ``batch_size`` is ``None`` and ``batching`` holds :meth:`BatchSizing.to_dict` (else
-        ``None``). With clips, ``frames`` holds :meth:`FrameSpec.to_dict` and its ``fingerprint`` (a resume with other
-        frame options is refused); without, there is no ``frames`` key (an image loader's state is unchanged)."""
+        ``None``)."""
         spec = self.spec.to_dict() if isinstance(self.spec, BucketSpec) else [b.to_dict() for b in self.spec]
         sizing = self.sizing
         batching = {"batching": None if sizing.fixed is not None else sizing.to_dict()}
         return {**batching, "seed": self.seed, "batch_size": sizing.fixed, "world_size": self.world_size,
                 "rank": self.rank, "sync_ranks": self.sync_ranks, "leftover": self.leftover, "crop": self.crop, "flip": self.flip,
                 "buckets": spec, "repeats": list(self.repeats) if self.repeats is not None else None,
-                **self._frames_dict()}  # fmt: skip
-
-    def _frames_dict(self) -> dict[str, object]:
-        if self.frames is None:
-            return {}
-        return {"frames": {**self.frames.to_dict(), "fingerprint": self.frames.fingerprint()}}
+                **({"frames": self.frames.fingerprint()} if self.frames is not None else {})}  # fmt: skip
 
     def specs(self, count: int) -> tuple[BucketSpec, ...]:
         """The bucket options of each of ``count`` datasets."""
@@ -83,6 +75,9 @@ def build_planner(config: LoaderConfig, manifests: Manifest | list[Manifest]) ->
 
     manifests = [manifests] if isinstance(manifests, Manifest) else list(manifests)
     specs = config.specs(len(manifests))
+    video = {"frames": config.frames} if config.frames is not None else {}
+    if video:  # the clips are cut from each manifest's video columns (frames, fps, duration)
+        video["videos"] = [m.video_columns() for m in manifests]
     return make_planner(
         [bucket_index(m, s) for m, s in zip(manifests, specs)],
         specs,
@@ -92,6 +87,5 @@ def build_planner(config: LoaderConfig, manifests: Manifest | list[Manifest]) ->
         world=World(config.rank, config.world_size),
         leftover=config.leftover,
         sync_ranks=config.sync_ranks,
-        frames=config.frames,
-        videos=None if config.frames is None else [m.video_columns() for m in manifests],
+        **video,
     )
