@@ -395,3 +395,24 @@ def test_a_duration_longer_than_the_frames_is_not_trusted():
     table = clip_table(np.array([24]), np.array([24.0]), np.array([3.0]), FrameSpec((1, 17), fps=24, clip="chunk"))
     for start, length in zip(table.start, table.length):
         assert frame_indices(spec, start=int(start), length=int(length), n_frames=24, fps=24.0)[-1] < 24
+
+
+@pytest.mark.parametrize("leftover", ["nearest", "drop", "partial"])
+def test_independent_ranks_with_clips(leftover):
+    assignment, columns = dataset(300, seed=1)
+    planners = [
+        make_planner([assignment], [SPEC], batch_size=4, world=World(r, 4), leftover=leftover, sync_ranks=False,
+                     frames=FRAMES, videos=[columns])
+        for r in range(4)
+    ]  # fmt: skip
+    plans = [p.epoch(0) for p in planners]
+    assert len({len(p) for p in plans}) == 1  # equal steps on every rank
+    served = np.concatenate([p.flat_rows for p in plans])
+    clips = planners[0].clips
+    if leftover != "partial":
+        assert len(np.unique(served)) == len(served)  # no clip twice
+    else:
+        assert set(served.tolist()) == set(range(len(clips)))  # every clip at least once
+    for p in plans:
+        for step in range(len(p)):
+            assert np.all(clips.length[p.rows_at(step)] >= p.frames_at(step))
