@@ -25,6 +25,14 @@ class DALIBucketIterator(LoaderSession):
                  **keywords: Any) -> None:  # fmt: skip
         super().__init__(datasets_from(manifest, buckets, repeats), loader_options(options, keywords))
 
+    @classmethod
+    def from_config(cls, path: Any, **overrides: Any) -> DALIBucketIterator:
+        """As :meth:`dali_arb.DALIBucketIterator.from_config`: the loader a kohya, SimpleTuner or our config describes."""
+        from .configs import load
+
+        datasets, options = load(path, **overrides)
+        return cls(datasets, options=options)
+
     def convert(self, batch: Batch) -> dict[str, Any]:
         """The batch dict of JAX arrays: DALI's outputs through DLPack, the rest from NumPy."""
         import jax

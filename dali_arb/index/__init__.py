@@ -13,8 +13,18 @@ Modules: ``records`` (the row), ``folders``, ``shards``, ``metadata``, ``remote`
 from __future__ import annotations
 
 from ..data.imagefacts import DEFAULT_MAX_PIXELS, inspect_image
+from .captions import CaptionSource
 from .driver import IndexSummary, build_index
 from .readers import READERS, Reader
 from .run import IndexRun
 
-__all__ = ["DEFAULT_MAX_PIXELS", "READERS", "IndexRun", "IndexSummary", "Reader", "build_index", "inspect_image"]
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "READERS",
+    "CaptionSource",
+    "IndexRun",
+    "IndexSummary",
+    "Reader",
+    "build_index",
+    "inspect_image",
+]

@@ -25,6 +25,7 @@ from ..data.manifest import Manifest, rejects_name, rejects_path
 from ..data.pairs import PairSpec, pairs_of
 from ..errors import ConfigError, IndexingError, StorageError
 from ..processes import die_with_parent, spawn_without_main, stop_pool
+from .captions import CaptionSource, apply_captions
 from .readers import reader_for
 from .records import index_schema
 from .run import ROWS_PER_GROUP, IndexRun, IndexSummary
@@ -41,6 +42,7 @@ def build_index(
     update: bool = False,
     progress: bool | None = None,
     pairs: list[PairSpec] | tuple = (),
+    captions: CaptionSource | None = None,
 ) -> IndexSummary:
     """Index ``sources`` into the manifest ``output`` and its rejects file; returns a summary.
 
@@ -55,6 +57,9 @@ def build_index(
         pairs: paired images and masks (:class:`~dali_arb.data.pairs.PairSpec`): for the image of key ``K``,
             ``folder/K.<ext>``, or in tar shards the member ``K.NAME.<ext>``. A sample whose pair is missing,
             unreadable or of another aspect is rejected with a reason naming the pair.
+        captions: where captions come from instead of sidecar ``.txt``/``.caption`` files
+            (:class:`~dali_arb.index.captions.CaptionSource`: kohya's ``caption_extension``, the file name, a JSONL,
+            Parquet or CSV file); written into the manifest's ``caption`` column.
     """
     if not sources:
         raise ConfigError("give at least one source to index")
@@ -64,7 +69,11 @@ def build_index(
         raise ConfigError(f"workers must be a positive integer, got {workers!r}")
     from ..data.storage import expand_sources, is_url
 
+    if captions is not None and not isinstance(captions, CaptionSource):
+        raise ConfigError(f"captions must be a CaptionSource, got {captions!r:.80}")
     if is_url(str(output)):
+        if captions is not None and captions.given:
+            raise ConfigError("captions from a file, a name or an extension need a local -o manifest for now")
         return _index_to_url(sources, str(output), max_pixels=max_pixels, workers=workers, update=update,
                              progress=progress, pairs=pairs)  # fmt: skip
     output = _local_output(output)
@@ -100,6 +109,8 @@ def build_index(
             writer.close()
             run.add_video_columns(tmp)
         _deduplicate_keys(tmp, rejects_tmp, summary)
+        if captions is not None and captions.given:
+            apply_captions(tmp, captions)
         pool.shutdown()
     except BaseException:  # an error, Ctrl-C or SIGTERM (the CLI turns it into SystemExit): leave nothing behind
         stop_pool(pool)

@@ -201,11 +201,13 @@ class Remote:
 class Dataset:
     """One dataset of a loader: its ``manifest`` (a path or a :class:`Manifest`), its ``buckets`` (``None``:
     NovelAI's) and ``repeats``, the times each image is served per epoch (a fraction serves that share, another
-    subset each epoch; ``None``: once)."""
+    subset each epoch; ``None``: once), and its own ``captions`` (``None``: the loader's
+    :attr:`LoaderOptions.captions`; kohya's and SimpleTuner's caption options are per subset)."""
 
     manifest: str | os.PathLike | Manifest
     buckets: BucketSpec | None = None
     repeats: float | None = None
+    captions: CaptionPolicy | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.manifest, (str, os.PathLike, Manifest)) or self.manifest == "":
@@ -215,6 +217,8 @@ class Dataset:
         r = self.repeats
         if r is not None and (isinstance(r, bool) or not isinstance(r, numbers.Real) or not math.isfinite(r) or r < 0):
             raise ConfigError(f"repeats must be a non-negative number (3, 0.5), got {r!r}")
+        if self.captions is not None and not isinstance(self.captions, CaptionPolicy):
+            raise ConfigError(f"a dataset's captions must be a CaptionPolicy, got {self.captions!r:.80}")
 
     def to_dict(self) -> dict[str, Any]:
         manifest = self.manifest.path if isinstance(self.manifest, Manifest) else os.fspath(self.manifest)
@@ -222,6 +226,7 @@ class Dataset:
             "manifest": None if manifest is None else os.fspath(manifest),
             "buckets": None if self.buckets is None else self.buckets.to_dict(),
             "repeats": self.repeats,
+            "captions": None if self.captions is None else self.captions.to_dict(),
         }
 
 

@@ -146,6 +146,8 @@ class LoaderSession:
             crop=options.augment.crop, flip=options.augment.flip, repeats=repeats,
         )  # fmt: skip
         self.captions = options.captions
+        #: Each dataset's caption policy: its own, else the loader's.
+        self._captions_of = [d.captions or options.captions for d in datasets]
         self.manifests = manifests
         self.manifest = manifests[0]  # the only one, or the first dataset's
         self._planner = build_planner(self.config, manifests)  # validates batch size, seed, buckets, repeats
@@ -254,9 +256,26 @@ class LoaderSession:
             {"epoch": epoch, "step": step},
             self.config.to_dict(),
             {"num_images": len(self.data), "manifest": self._source.fingerprint},
-            {"captions": self.captions.to_dict()},
+            {"captions": self._captions_state()},
             self._blocklist.to_dict(),
         )
+
+    def _captions_state(self) -> dict[str, Any]:
+        """The loader's caption policy, or where a dataset has its own, ``{"datasets": [policy of each]}``."""
+        if all(p is self.captions for p in self._captions_of):
+            return self.captions.to_dict()
+        return {"datasets": [p.to_dict() for p in self._captions_of]}
+
+    def _batch_captions(self, rows: np.ndarray, *, epoch: int, step: int, offset: int) -> list[str]:
+        """The captions of the samples at global ``rows`` of ``step`` (the first at global position ``offset``),
+        each drawn by its dataset's policy."""
+        texts = self.data.column_at("caption", rows)
+        if all(p is self.captions for p in self._captions_of):
+            return self.captions.batch(texts, seed=self.config.seed, epoch=epoch, step=step, offset=offset)
+        out = []
+        for i, (text, d) in enumerate(zip(texts, self.data.dataset_of(rows).tolist())):
+            out += self._captions_of[d].batch([text], seed=self.config.seed, epoch=epoch, step=step, offset=offset + i)
+        return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly where ``state`` was taken: the next batch is the one that would have come.
@@ -442,7 +461,6 @@ class LoaderSession:
         for name, column in IO_FIELDS.items():
             self._io[name] += int(m[column].sum())
         offset = self._planner.epoch(epoch).offset_at(step)
-        captions = self.captions.batch(self.data.column_at("caption", m.row), seed=self.config.seed, epoch=epoch,
-                                       step=step, offset=offset)  # fmt: skip
+        captions = self._batch_captions(m.row, epoch=epoch, step=step, offset=offset)
         parts = {key: output for (key, _, _), output in zip(self.decoder.parts, outputs[:-1])}
         return Batch.of(parts, m, self.data, captions)

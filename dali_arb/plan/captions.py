@@ -53,6 +53,11 @@ class CaptionPolicy:
         keep_separator: kohya's ``keep_tokens_separator``: in ``a, b ||| c, d ||| e``, the tags before the first
             separator stay in front and those after a second one at the end; only the ones between are shuffled or
             dropped (it replaces ``keep_tags`` where a caption holds it).
+        kohya_order: apply the options in kohya's order (``library/train_util.py`` ``process_caption``): the
+            prefix and suffix are joined to the caption with a space *before* its tags are split (so they count
+            in ``keep_tags`` and move with the first and last tag), the tags are split only when ``shuffle_tags``
+            or ``tag_dropout`` is on (kohya leaves a ``keep_separator`` in the text otherwise), empty tags are
+            kept, and tags are joined with ``", "`` whatever the separator. Set by the kohya config reader.
     """
 
     dropout: float = 0.0
@@ -64,6 +69,7 @@ class CaptionPolicy:
     instance_prompt: str = ""
     tag_dropout: float = 0.0
     keep_separator: str = ""
+    kohya_order: bool = False
 
     def __post_init__(self) -> None:
         d = self.dropout
@@ -79,6 +85,8 @@ class CaptionPolicy:
                             ("instance_prompt", self.instance_prompt), ("keep_tags_separator", self.keep_separator)):  # fmt: skip
             if not isinstance(value, str):
                 raise ConfigError(f"{name} must be a string, got {value!r}")
+        if not isinstance(self.kohya_order, bool):
+            raise ConfigError(f"kohya_order must be True or False, got {self.kohya_order!r}")
         t = self.tag_dropout
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
             raise ConfigError(f"tag_dropout must be a probability in [0, 1], got {t!r}")
@@ -93,7 +101,8 @@ class CaptionPolicy:
         }
         # the later options only where set, so that states saved before they existed still match
         extra = {"prefix": self.prefix, "suffix": self.suffix, "instance_prompt": self.instance_prompt,
-                 "tag_dropout": float(self.tag_dropout), "keep_separator": self.keep_separator}  # fmt: skip
+                 "tag_dropout": float(self.tag_dropout), "keep_separator": self.keep_separator,
+                 "kohya_order": self.kohya_order}  # fmt: skip
         return {**out, **{k: v for k, v in extra.items() if v}}
 
     def apply(self, text: str | None, rng: np.random.Generator) -> str:
@@ -107,10 +116,23 @@ class CaptionPolicy:
         caption = lines[pick] if lines else self.instance_prompt
         if dropped:
             return ""
+        if self.kohya_order:
+            return self._kohya(caption, rng)
         split = bool(self.keep_separator) and self.keep_separator in caption
         if self.shuffle_tags or self.tag_dropout > 0 or split:
             caption = self._tags(caption, rng, split=split)
         return " ".join(part for part in (self.prefix, caption, self.suffix) if part)
+
+    def _kohya(self, caption: str, rng: np.random.Generator) -> str:
+        """The caption (not dropped) in kohya's order: prefix and suffix first, then the tags (:attr:`kohya_order`)."""
+        if self.prefix:
+            caption = self.prefix + " " + caption
+        if self.suffix:
+            caption = caption + " " + self.suffix
+        if not (self.shuffle_tags or self.tag_dropout > 0):
+            return caption
+        split = bool(self.keep_separator) and self.keep_separator in caption
+        return self._tags(caption, rng, split=split)
 
     def _tags(self, caption: str, rng: np.random.Generator, *, split: bool) -> str:
         """The caption's tags, the kept ones in front (and after a second ``keep_separator`` at the end), the others
@@ -123,13 +145,13 @@ class CaptionPolicy:
             parts = caption.split(self.keep_separator)
             kept, rest, last = tags_of(parts[0]), tags_of(parts[1]), tags_of(self.separator.join(parts[2:]))
         else:
-            tags = tags_of(caption)
+            tags = [t.strip() for t in caption.strip().split(self.separator)] if self.kohya_order else tags_of(caption)
             kept, rest, last = tags[: self.keep_tags], tags[self.keep_tags :], []
         if self.shuffle_tags:
             rest = [rest[i] for i in rng.permutation(len(rest))]
         if self.tag_dropout > 0:
             rest = [tag for tag, u in zip(rest, rng.random(len(rest))) if u >= self.tag_dropout]
-        return (self.separator + " ").join(kept + rest + last)
+        return (", " if self.kohya_order else self.separator + " ").join(kept + rest + last)
 
     def batch(self, texts: list[str | None], *, seed: int, epoch: int, step: int, offset: int) -> list[str]:
         """Captions of one batch; ``texts[i]`` is the stored caption of the sample at global position
