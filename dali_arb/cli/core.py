@@ -16,6 +16,7 @@ from ..plan.batching import BatchSizing
 from ..plan.buckets import BucketSpec, format_size
 from ..plan.frames import FrameSpec
 from .batching import batch_from_args
+from .configs import add_caption_options, expand_config
 from .options import (
     add_bucket_options,
     add_cache_option,
@@ -52,7 +53,10 @@ def png_path(text: str, option: str) -> Path:
 def cmd_index(args: argparse.Namespace) -> int:
     from ..data.pairs import PairSpec
     from ..index import build_index
+    from .configs import caption_source, index_from_config
 
+    if args.config_format:
+        return index_from_config(args)
     pairs = [PairSpec.parse(text, "pair") for text in args.pair or []]
     pairs += [PairSpec.parse(text, "mask") for text in args.mask or []]
     summary = build_index(
@@ -63,6 +67,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         update=args.update,
         progress=None if not args.quiet else False,
         pairs=pairs,
+        captions=caption_source(args),
     )
     print(summary.line(), file=sys.stderr if args.json else sys.stdout)
     if args.json:
@@ -84,7 +89,8 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_buckets(args: argparse.Namespace) -> int:
-    spec = spec_from_args(args)
+    expand_config(args)  # a loader config where a manifest goes: its manifests, repeats, buckets, batch size
+    spec = getattr(args, "config_spec", None) or spec_from_args(args)
     batch = batch_from_args(args, default=16)
     frames = frames_from_args(args)
     if frames is not None:
@@ -268,11 +274,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--rank must be in [0, {args.world_size - 1}] for --world-size {args.world_size}, got {args.rank}"
         )
+    expand_config(args)  # a loader config where a manifest goes: its manifests, repeats, buckets, batch size
     manifests = [Manifest.open(path, cache_dir=args.cache_dir) for path in args.manifest]
     several = len(manifests) > 1
     frames = frames_from_args(args)
-    config = _plan_config(args, manifests, spec=spec_from_args(args), batch=batch_from_args(args, default=16),
-                          rank=args.rank, frames=frames)  # fmt: skip
+    config = _plan_config(args, manifests, spec=getattr(args, "config_spec", None) or spec_from_args(args),
+                          batch=batch_from_args(args, default=16), rank=args.rank, frames=frames)  # fmt: skip
     planner = build_planner(config, manifests)  # the loader's own planner
     plan = planner.epoch(args.epoch)
     data = ManifestSet(manifests)
@@ -367,6 +374,7 @@ def register(sub: argparse._SubParsersAction, fmt: type) -> None:
         "--mask", action="append", metavar="NAME[=DIR]",
         help="a mask (1 channel, [0, 1] for float dtypes), found like --pair (repeatable)",
     )  # fmt: skip
+    add_caption_options(p)  # --from kohya|simpletuner, --caption-extension, --captions FILE...
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.set_defaults(func=cmd_index)
@@ -382,8 +390,9 @@ def register(sub: argparse._SubParsersAction, fmt: type) -> None:
         "(WxH:B with the images per step of a batch option).",
     )
     p.add_argument(
-        "manifest", nargs="*", metavar="MANIFEST", help="manifest(s) from `dali-arb index` (several: one per dataset)"
-    )
+        "manifest", nargs="*", metavar="MANIFEST",
+        help="manifest(s) from `dali-arb index` (several: one per dataset), or a loader config (dali_arb.toml)",
+    )  # fmt: skip
     add_bucket_options(p)
     add_plan_options(p, batch_required=False)
     add_cache_option(p)
@@ -404,7 +413,8 @@ def register(sub: argparse._SubParsersAction, fmt: type) -> None:
         formatter_class=fmt,
         description="Print the batches of one rank for one epoch. Same arguments, same output, on any machine.",
     )
-    p.add_argument("manifest", nargs="+", metavar="MANIFEST", help="manifest(s) (several: one per dataset)")
+    p.add_argument("manifest", nargs="+", metavar="MANIFEST",
+                   help="manifest(s) (several: one per dataset), or a loader config (dali_arb.toml)")  # fmt: skip
     add_plan_options(p, batch_required=False)  # (batch 16 by default, like buckets)
     add_cache_option(p)
     p.add_argument("--rank", type=non_negative_int, default=0, help="this rank (default 0)")

@@ -1,0 +1,217 @@
+"""kohya's datasets as they are (issue 23): a dataset TOML with two subsets and a train_data_dir of N_name folders give
+the images, repeats per epoch and captions kohya gives, in one call (DALIBucketIterator.from_config) or one command
+(dali-arb index --from kohya)."""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import random
+import subprocess
+import sys
+
+import pytest
+
+from dali_arb import DALIBucketIterator
+from dali_arb.configs import kohya
+from dali_arb.errors import ConfigError
+
+from .images import save_jpeg
+
+CPU = {"device": "cpu", "workers": 0, "dtype": "uint8"}
+
+
+def kohya_caption(text: str, *, prefix: str = "", suffix: str = "", shuffle: bool = False, keep: int = 0,
+                  sep: str = ",", keep_sep: str = "", tag_dropout: float = 0.0, rng: random.Random) -> str:  # fmt: skip
+    """kohya's ``process_caption`` (library/train_util.py, no dropout, no wildcards, no warm-up), copied as it is."""
+    if prefix:
+        text = prefix + " " + text
+    if suffix:
+        text = text + " " + suffix
+    text = text.split("\n")[0]
+    if shuffle or tag_dropout > 0:
+        fixed, flex, fixed_suffix = [], [], []
+        if keep_sep and keep_sep in text:
+            fixed_part, flex_part = text.split(keep_sep, 1)
+            if keep_sep in flex_part:
+                flex_part, suffix_part = flex_part.split(keep_sep, 1)
+                fixed_suffix = [t.strip() for t in suffix_part.split(sep) if t.strip()]
+            fixed = [t.strip() for t in fixed_part.split(sep) if t.strip()]
+            flex = [t.strip() for t in flex_part.split(sep) if t.strip()]
+        else:
+            tokens = [t.strip() for t in text.strip().split(sep)]
+            flex = tokens[:]
+            if keep > 0:
+                fixed, flex = flex[:keep], tokens[keep:]
+        if shuffle:
+            rng.shuffle(flex)
+        flex = [t for t in flex if rng.random() >= tag_dropout]
+        text = ", ".join(fixed + flex + fixed_suffix)
+    return text
+
+
+def kohya_outcomes(text: str, draws: int = 400, **options) -> set[str]:
+    rng = random.Random(0)
+    return {kohya_caption(text, rng=rng, **options) for _ in range(draws)}
+
+
+@pytest.fixture
+def kohya_tree(tmp_path):
+    """A kohya layout: ``train/10_sks dog`` (captions in .caption files, one image with only a .txt, which kohya does
+    not read, one in a subfolder, which kohya does not read) and ``train/3_cat`` (.txt captions, tags), and a
+    dataset TOML with one subset per folder."""
+    dog, cat = tmp_path / "train" / "10_sks dog", tmp_path / "train" / "3_cat"
+    for folder in (dog, cat, dog / "sub"):
+        folder.mkdir(parents=True)
+    save_jpeg(dog / "d1.jpg", 160, 240, seed=1)
+    (dog / "d1.caption").write_text("a dog, on grass\nthe second line kohya never reads")
+    save_jpeg(dog / "d2.jpg", 240, 160, seed=2)
+    (dog / "d2.txt").write_text("kohya reads .caption here, not this")
+    save_jpeg(dog / "d3.JPG", 192, 192, seed=3)
+    save_jpeg(dog / "sub" / "deep.jpg", 192, 192, seed=4)
+    save_jpeg(cat / "c1.jpg", 240, 160, seed=5)
+    (cat / "c1.txt").write_text("cat, sofa, red, window ||| masterpiece")
+    save_jpeg(cat / "c2.jpg", 160, 240, seed=6)
+    (cat / "c2.txt").write_text("cat, floor, blue")
+    toml = tmp_path / "dataset.toml"
+    toml.write_text(f"""
+[general]
+enable_bucket = true
+resolution = 192
+min_bucket_reso = 128
+max_bucket_reso = 256
+bucket_reso_steps = 64
+batch_size = 2
+color_aug = true
+
+[[datasets]]
+  [[datasets.subsets]]
+  image_dir = '{dog}'
+  num_repeats = 10
+  class_tokens = "sks dog"
+  caption_prefix = "photo of"
+
+  [[datasets.subsets]]
+  image_dir = '{cat}'
+  num_repeats = 3
+  caption_extension = ".txt"
+  shuffle_caption = true
+  keep_tokens = 1
+  keep_tokens_separator = "|||"
+""")
+    return tmp_path, toml
+
+
+def one_epoch(loader) -> tuple[collections.Counter, dict[tuple[int, str], set[str]]]:
+    counts: collections.Counter = collections.Counter()
+    captions: dict[tuple[int, str], set[str]] = collections.defaultdict(set)
+    for batch in loader:
+        for d, key, caption in zip(batch["dataset"].tolist(), batch["ids"], batch["captions"]):
+            counts[(d, key)] += 1
+            captions[(d, key)].add(caption)
+    return counts, captions
+
+
+def test_a_kohya_toml_with_two_subsets_gives_kohyas_images_repeats_and_captions(kohya_tree, caplog):
+    root, toml = kohya_tree
+    with caplog.at_level(logging.WARNING, logger="dali_arb"):
+        loader = DALIBucketIterator.from_config(toml, **CPU)
+    counts, captions = one_epoch(loader)
+    # kohya: the top level of image_dir only (not sub/deep.jpg), every image num_repeats times per epoch
+    assert counts == {(0, "d1"): 10, (0, "d2"): 10, (0, "d3"): 10, (1, "c1"): 3, (1, "c2"): 3}
+    # the sidecar's first line (caption_extension .caption: d2's .txt is not read), else the class tokens; prefix
+    assert captions[(0, "d1")] == {"photo of a dog, on grass"} == kohya_outcomes("a dog, on grass", prefix="photo of")
+    assert captions[(0, "d2")] == captions[(0, "d3")] == {"photo of sks dog"}
+    # shuffled after the kept token, and the ||| separator: the tags before it stay first, those after it last
+    for key, text in (("c1", "cat, sofa, red, window ||| masterpiece"), ("c2", "cat, floor, blue")):
+        possible = kohya_outcomes(text, shuffle=True, keep=1, keep_sep="|||")
+        assert captions[(1, key)] <= possible, (captions[(1, key)], possible)
+    assert "color_aug ignored" in caplog.text
+    assert "sub" in caplog.text or "left out" in caplog.text  # the image in a subfolder is named as left out
+    # kohya's buckets, its centre crop (no random_crop), no flip (no flip_aug), partial last batches per bucket
+    spec = loader.manifests and loader.state_dict()["buckets"]
+    sizes = {tuple(map(int, s.split("x"))) for s in (spec[0] if isinstance(spec, list) else spec)["bucket_sizes"]}
+    assert sizes == set(kohya.bucket_resolutions((192, 192), 128, 256, 64))
+    assert loader.config.crop == "center" and loader.config.flip == 0.0 and loader.config.leftover == "partial"
+
+
+def test_from_config_indexes_once_into_the_node_cache_and_reuses_it(kohya_tree, tmp_path, monkeypatch):
+    _, toml = kohya_tree
+    DALIBucketIterator.from_config(toml, cache_dir=tmp_path / "cache", **CPU)
+    import dali_arb.index
+
+    def fail(*a, **k):
+        raise AssertionError("indexed again")
+
+    monkeypatch.setattr(dali_arb.index, "build_index", fail)
+    loader = DALIBucketIterator.from_config(toml, cache_dir=tmp_path / "cache", **CPU)
+    assert len(loader.data) == 5
+
+
+def test_a_train_data_dir_of_n_name_folders_indexes_with_those_repeats_and_class_tokens(kohya_tree, tmp_path):
+    root, _ = kohya_tree
+    (root / "train" / "not_repeats").mkdir()  # kohya: "ignore directory without repeats"
+    out = tmp_path / "out"
+    converted = kohya.from_dreambooth_folder(root / "train", resolution=192, batch_size=2, enable_bucket=True,
+                                             min_bucket_reso=128, max_bucket_reso=256)  # fmt: skip
+    assert [(e.repeats, e.captions["instance_prompt"]) for e in converted.datasets] == [(10.0, "sks dog"), (3.0, "cat")]
+    from dali_arb.configs import materialise
+
+    config = materialise(converted, out)
+    datasets, options = config.build(**CPU)
+    loader = DALIBucketIterator(datasets, options=options)
+    counts, captions = one_epoch(loader)
+    assert counts[(0, "d1")] == 10 and counts[(1, "c2")] == 3
+    # the default caption_extension is .caption: the cat's .txt files are not read, the class tokens are used
+    assert captions[(1, "c1")] == {"cat"} and captions[(0, "d1")] == {"a dog, on grass"}
+
+
+def test_regularisation_subsets_serve_as_many_images_as_the_training_ones(tmp_path):
+    train, reg = tmp_path / "train" / "5_sks", tmp_path / "reg" / "1_dog"
+    for folder, n in ((train, 2), (reg, 4)):
+        folder.mkdir(parents=True)
+        for i in range(n):
+            save_jpeg(folder / f"i{i}.jpg", 192, 192, seed=i)
+    converted = kohya.from_dreambooth_folder(tmp_path / "train", reg_data_dir=tmp_path / "reg", resolution=192)
+    # kohya: 2 x 5 = 10 training images per epoch, so 10 regularisation images (4 images, 2.5 times each)
+    assert [e.repeats for e in converted.datasets] == [5.0, 2.5]
+    assert any("regularisation" in note for note in converted.notes)
+
+
+def test_kohya_bucket_resolutions_match_make_bucket_resolutions_for_sdxl():
+    sizes = kohya.bucket_resolutions((1024, 1024), 256, 2048, 64)
+    assert (1024, 1024) in sizes and (832, 1216) in sizes and (1216, 832) in sizes
+    assert all(w * h <= 1024 * 1024 and w % 64 == 0 and h % 64 == 0 for w, h in sizes)
+
+
+def test_bad_kohya_configs_are_one_clear_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[general]\nresolution = 512\n")
+    with pytest.raises(ConfigError, match=r"no \[\[datasets\]\]"):
+        kohya.from_toml(bad)
+    bad.write_text("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'x'\n")
+    with pytest.raises(ConfigError, match="has no resolution"):
+        kohya.from_toml(bad)
+    bad.write_text("[[datasets]]\nresolution = 512\n[[datasets.subsets]]\nmetadata_file = 'm.json'\n")
+    with pytest.raises(ConfigError, match="fine-tuning subset"):
+        kohya.from_toml(bad)
+
+
+def test_cli_index_from_kohya_writes_manifests_and_a_config_that_buckets_and_plan_take(kohya_tree, tmp_path):
+    _, toml = kohya_tree
+    out = tmp_path / "indexed"
+    run = subprocess.run([sys.executable, "-m", "dali_arb", "index", "--from", "kohya", str(toml), "-o", str(out), "-q"],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "warning: [general]: color_aug ignored" in run.stderr and "Traceback" not in run.stderr
+    assert (out / "dali_arb.toml").is_file() and len(list(out.glob("*.parquet"))) == 2
+    plan = subprocess.run([sys.executable, "-m", "dali_arb", "plan", str(out / "dali_arb.toml")],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert plan.returncode == 0, plan.stderr
+    steps = [json.loads(line) for line in plan.stdout.splitlines()]
+    served = collections.Counter((d, k) for s in steps for d, k in zip(s["datasets"], s["ids"]))
+    assert served[(0, "d1")] == 10 and served[(1, "c1")] == 3 and all(len(s["ids"]) <= 2 for s in steps)
+    # the loader reads the written config too, the same images
+    loader = DALIBucketIterator.from_config(out / "dali_arb.toml", **CPU)
+    assert one_epoch(loader)[0][(0, "d3")] == 10
