@@ -114,7 +114,7 @@ def one_epoch(loader) -> tuple[collections.Counter, dict[tuple[int, str], set[st
 
 
 def test_a_kohya_toml_with_two_subsets_gives_kohyas_images_repeats_and_captions(kohya_tree, caplog):
-    root, toml = kohya_tree
+    _, toml = kohya_tree
     with caplog.at_level(logging.WARNING, logger="dali_arb"):
         loader = DALIBucketIterator.from_config(toml, **CPU)
     counts, captions = one_epoch(loader)
