@@ -11,6 +11,7 @@ resumable, as any caption).
   Parquet/CSV table with a ``key`` or ``file_name`` column; ``column`` names the text column (default the first of
   ``text``, ``caption``, ``prompt``). A ``file_name`` is relative to the file's folder; a row is matched by its
   image path, else by its manifest key, else by its file name's stem.
+- ``none``: no captions at all (SimpleTuner's ``instanceprompt``: the loader's instance prompt is every caption).
 - ``first_line``: keep only the first line of each caption (kohya without ``enable_wildcard``).
 
 Imports the standard library and pyarrow; no DALI, no framework.
@@ -54,11 +55,12 @@ class CaptionSource:
     file: str | os.PathLike | None = None
     column: str | None = None
     first_line: bool = False
+    none: bool = False
 
     def __post_init__(self) -> None:
         chosen = [name for name, on in (("caption_extension", self.extension is not None),
                                         ("captions from file names", self.filename),
-                                        ("a captions file", self.file is not None)) if on]  # fmt: skip
+                                        ("a captions file", self.file is not None), ("no captions", self.none)) if on]  # fmt: skip
         if len(chosen) > 1:
             raise ConfigError(f"give one source of captions, not {' and '.join(chosen)}")
         if self.extension is not None and (not isinstance(self.extension, str) or not self.extension.strip(". ")
@@ -80,7 +82,7 @@ class CaptionSource:
 
     @property
     def given(self) -> bool:
-        return self.extension is not None or self.filename or self.file is not None or self.first_line
+        return self.extension is not None or self.filename or self.file is not None or self.first_line or self.none
 
 
 def apply_captions(manifest: str | os.PathLike, source: CaptionSource) -> int:
@@ -98,6 +100,8 @@ def apply_captions(manifest: str | os.PathLike, source: CaptionSource) -> int:
         captions = [caption_from_filename(s if s else k) for s, k in zip(sources, keys)]
     elif source.file is not None:
         captions = _from_file(Path(source.file), source.column, keys, sources)
+    elif source.none:
+        captions = [None] * len(keys)
     if source.first_line:
         captions = [None if c is None else (c.splitlines() or [""])[0].strip() or None for c in captions]
     index = table.column_names.index("caption")
