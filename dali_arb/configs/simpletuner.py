@@ -143,7 +143,7 @@ def _buckets(b: dict[str, Any], label: str, path: Path) -> dict[str, Any]:
     if kind not in ("pixel", "area", "pixel_area"):
         raise ConfigError(f"{path}: {label} resolution_type must be pixel, area or pixel_area, got {kind!r}")
     side = math.sqrt(res * 1e6) if kind == "area" else float(res)
-    side = max(64, int(round(side / 64)) * 64)
+    side = max(64, round(side / 64) * 64)
     out: dict[str, Any] = (
         {"resolution": side} if b.get("crop_aspect") != "square" else {"bucket_sizes": [f"{side}x{side}"]}
     )
