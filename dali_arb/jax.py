@@ -26,11 +26,11 @@ class DALIBucketIterator(LoaderSession):
         super().__init__(datasets_from(manifest, buckets, repeats), loader_options(options, keywords))
 
     @classmethod
-    def from_config(cls, path: Any, **overrides: Any) -> DALIBucketIterator:
+    def from_config(cls, path: Any, *, trainer_options: Any = None, **overrides: Any) -> DALIBucketIterator:
         """As :meth:`dali_arb.DALIBucketIterator.from_config`: the loader a kohya, SimpleTuner or our config describes."""
         from .configs import load
 
-        datasets, options = load(path, **overrides)
+        datasets, options = load(path, trainer_options=trainer_options, **overrides)
         return cls(datasets, options=options)
 
     def convert(self, batch: Batch) -> dict[str, Any]:

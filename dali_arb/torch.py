@@ -118,15 +118,18 @@ class DALIBucketIterator(LoaderSession):
         super().__init__(datasets_from(manifest, buckets, repeats), loader_options(options, keywords))
 
     @classmethod
-    def from_config(cls, path: str | os.PathLike, **overrides: Any) -> DALIBucketIterator:
+    def from_config(
+        cls, path: str | os.PathLike, *, trainer_options: dict[str, Any] | None = None, **overrides: Any
+    ) -> DALIBucketIterator:
         """The loader a dataset config describes: a kohya dataset TOML or ``train_data_dir`` (``N_name`` folders), a
         SimpleTuner ``multidatabackend.json``, or our ``dali_arb.toml`` (``dali-arb index --from ...`` writes one). A
         trainer's config is indexed into the node cache folder once and reused; each option it sets that the loader
-        ignores is logged as one warning (docs/kohya.md). ``overrides``: this class's keywords (``device``,
-        ``batch_size``, ``buckets``...), winning over the config's."""
+        ignores is logged as one warning (docs/kohya.md). ``trainer_options``: the trainer's command-line dataset
+        options a ``train_data_dir`` needs (``{"resolution": 1024, "enable_bucket": True}``). ``overrides``: this
+        class's keywords (``device``, ``batch_size``, ``buckets``...), winning over the config's."""
         from .configs import load
 
-        datasets, options = load(path, **overrides)
+        datasets, options = load(path, trainer_options=trainer_options, **overrides)
         return cls(datasets, options=options)
 
     def convert(self, batch: Batch) -> dict[str, Any]:

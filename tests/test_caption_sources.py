@@ -108,3 +108,23 @@ def test_cli_caption_flags(photos, tmp_path):
     run = subprocess.run([sys.executable, "-m", "dali_arb", "index", str(photos), "-o", str(out), "-q",
                           "--caption-column", "x"], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert run.returncode != 0 and "Traceback" not in run.stderr and "--captions" in run.stderr
+
+
+def test_members_of_a_tar_shard_never_take_the_shards_own_sidecar_and_are_named_by_key(tmp_path):
+    import io
+    import tarfile
+
+    from .images import jpeg_bytes
+
+    shard = tmp_path / "shard.tar"
+    with tarfile.open(shard, "w") as tar:
+        for key in ("a_red_car", "blue_sky"):
+            data = jpeg_bytes(64, 48)
+            info = tarfile.TarInfo(f"{key}.jpg")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "shard.tags").write_text("the shard's own file, no member's caption")
+    build_index([str(shard)], tmp_path / "m.parquet", progress=False, captions=CaptionSource(extension=".tags"))
+    assert captions_of(tmp_path / "m.parquet") == {"a_red_car": None, "blue_sky": None}
+    build_index([str(shard)], tmp_path / "n.parquet", progress=False, captions=CaptionSource(filename=True))
+    assert captions_of(tmp_path / "n.parquet") == {"a_red_car": "a red car", "blue_sky": "blue sky"}

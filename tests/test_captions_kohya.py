@@ -89,3 +89,37 @@ def test_the_loader_takes_the_kohya_caption_keywords(dataset):
     batch = next(iter(loader))
     assert batch["captions"] == [f"sks caption {int(k[3:])} hq" for k in batch["ids"]]
     assert loader.state_dict()["captions"]["prefix"] == "sks"
+
+
+# -- kohya_order: kohya's process_caption, exactly -------------------------------------------------------------------
+
+
+def test_kohya_order_matches_kohyas_process_caption_in_every_deterministic_case():
+    from .test_configs_kohya import kohya_caption
+
+    cases = [
+        ({"prefix": "sks,", "keep_tags": 1, "shuffle_tags": True}, "dog, grass, ball"),  # prefix counts as a tag
+        ({"keep_separator": "|||"}, "a, b ||| c, d"),  # no shuffle, no drop: kohya leaves the separator in
+        ({"prefix": "p", "suffix": "s"}, "x, y"),
+        ({"tag_dropout": 1.0, "keep_tags": 1}, "keep, gone, gone too"),
+        ({"shuffle_tags": True, "separator": ";"}, "one"),
+    ]
+    import random
+
+    for options, text in cases:
+        policy = CaptionPolicy(kohya_order=True, **options)
+        ours = {draw(policy, text, seed) for seed in range(60)}
+        kohya_options = {"prefix": options.get("prefix", ""), "suffix": options.get("suffix", ""),
+                         "shuffle": options.get("shuffle_tags", False), "keep": options.get("keep_tags", 0),
+                         "sep": options.get("separator", ","), "keep_sep": options.get("keep_separator", ""),
+                         "tag_dropout": options.get("tag_dropout", 0.0)}  # fmt: skip
+        rng = random.Random(1)
+        theirs = {kohya_caption(text, rng=rng, **kohya_options) for _ in range(300)}
+        assert ours == theirs, (options, text, ours, theirs)
+
+
+def test_kohya_order_keeps_earlier_states_and_defaults_unchanged():
+    assert "kohya_order" not in CaptionPolicy().to_dict()
+    assert CaptionPolicy(kohya_order=True).to_dict()["kohya_order"] is True
+    with pytest.raises(ConfigError, match="kohya_order"):
+        CaptionPolicy(kohya_order="yes")

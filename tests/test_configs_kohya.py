@@ -14,8 +14,9 @@ import sys
 import pytest
 
 from dali_arb import DALIBucketIterator
-from dali_arb.configs import kohya
-from dali_arb.errors import ConfigError
+from dali_arb.configs import kohya, load
+from dali_arb.errors import ConfigError, StateError
+from dali_arb.loader.options import Dataset
 
 from .images import save_jpeg
 
@@ -215,3 +216,52 @@ def test_cli_index_from_kohya_writes_manifests_and_a_config_that_buckets_and_pla
     # the loader reads the written config too, the same images
     loader = DALIBucketIterator.from_config(out / "dali_arb.toml", **CPU)
     assert one_epoch(loader)[0][(0, "d3")] == 10
+
+
+def test_cli_index_from_a_train_data_dir_takes_kohyas_command_line_options_with_set(kohya_tree, tmp_path):
+    root, _ = kohya_tree
+    out = tmp_path / "indexed"
+    base = [sys.executable, "-m", "dali_arb", "index", "--from", "kohya", str(root / "train"), "-o", str(out), "-q"]
+    run = subprocess.run(base, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "Traceback" not in run.stderr and "--set resolution=1024" in run.stderr
+    run = subprocess.run([*base, "--set", "resolution=192", "--set", "enable_bucket=true", "--set", "min_bucket_reso=128",
+                          "--set", "caption_extension=.txt"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    datasets, _ = load(out / "dali_arb.toml", batch_size=1)
+    assert [d.repeats for d in datasets] == [10.0, 3.0]
+    assert datasets[1].captions.instance_prompt == "cat" and datasets[0].buckets.sizes.shape[0] > 1
+    bad = subprocess.run([*base, "--set", "oops"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "KEY=VALUE" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_from_config_on_a_train_data_dir_takes_trainer_options(kohya_tree, tmp_path):
+    root, _ = kohya_tree
+    with pytest.raises(ConfigError, match="no resolution"):
+        DALIBucketIterator.from_config(root / "train", cache_dir=tmp_path / "c", **CPU)
+    loader = DALIBucketIterator.from_config(root / "train", trainer_options={"resolution": 192, "batch_size": 3},
+                                            cache_dir=tmp_path / "c", **CPU)  # fmt: skip
+    counts, captions = one_epoch(loader)
+    assert loader.batch_size == 3 and counts[(0, "d2")] == 10 and captions[(0, "d2")] == {"sks dog"}
+
+
+def test_a_state_with_per_dataset_captions_resumes_and_refuses_other_captions(kohya_tree):
+    _, toml = kohya_tree
+    loader = DALIBucketIterator.from_config(toml, **CPU)
+    batches = iter(loader)
+    next(batches)
+    state = json.loads(json.dumps(loader.state_dict()))
+    expected = [b["captions"] for b in batches]
+    again = DALIBucketIterator.from_config(toml, **CPU)
+    again.load_state_dict(state)
+    assert [b["captions"] for b in again] == expected
+    # a caption keyword given to from_config changes every dataset's own policy (and so the state)
+    other = DALIBucketIterator.from_config(toml, caption_dropout=0.5, **CPU)
+    assert [p["dropout"] for p in other.state_dict()["captions"]["datasets"]] == [0.5, 0.5]
+    with pytest.raises(StateError, match="captions"):
+        other.load_state_dict(state)
+    # and a loader over the same manifests without the datasets' own captions is refused the state
+    datasets, options = load(toml, **CPU)
+    plain = DALIBucketIterator([Dataset(d.manifest, buckets=d.buckets, repeats=d.repeats) for d in datasets],
+                               options=options)  # fmt: skip
+    with pytest.raises(StateError, match="captions"):
+        plain.load_state_dict(state)

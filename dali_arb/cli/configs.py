@@ -23,6 +23,10 @@ def add_caption_options(p: argparse.ArgumentParser) -> None:
         "SimpleTuner's multidatabackend.json; -o names a folder that gets a manifest per dataset and dali_arb.toml "
         "(DALIBucketIterator.from_config, and buckets/plan, take it)",
     )  # fmt: skip
+    p.add_argument("--set", dest="trainer_options", action="append", metavar="KEY=VALUE",
+                   help="with --from: a trainer's command-line dataset option its config does not hold (kohya's "
+                   "train_data_dir: --set resolution=1024 --set enable_bucket=true; SimpleTuner: --set batch_size=4); "
+                   "VALUE is read as TOML (numbers, true/false, [a, b]), else as text (repeatable)")  # fmt: skip
     p.add_argument("--caption-extension", metavar="EXT",
                    help="captions from the file IMAGE_STEM+EXT (kohya's caption_extension: .txt, .caption, any) "
                    "instead of .txt/.caption")  # fmt: skip
@@ -40,6 +44,8 @@ def caption_source(args: argparse.Namespace):
     """The :class:`~dali_arb.index.captions.CaptionSource` of ``index``'s flags, or None."""
     from ..index.captions import CaptionSource
 
+    if args.trainer_options:
+        raise ConfigError("--set gives a trainer's option to --from kohya|simpletuner; add --from")
     source = CaptionSource(extension=args.caption_extension, filename=args.captions_from_filename,
                            file=args.captions, column=args.caption_column)  # fmt: skip
     return source if source.given else None
@@ -58,7 +64,8 @@ def index_from_config(args: argparse.Namespace) -> int:
             f"--from {args.config_format}: the config says where captions come from; drop the caption and pair flags"
         )
     config, notes = index_config(args.sources[0], args.output, fmt=args.config_format, update=args.update,
-                                 workers=args.workers, progress=None if not args.quiet else False)  # fmt: skip
+                                 workers=args.workers, progress=None if not args.quiet else False,
+                                 **trainer_options(args.trainer_options))  # fmt: skip
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
     line = f"{len(config.datasets)} dataset(s) indexed; loader config {config.path}"
@@ -68,6 +75,23 @@ def index_from_config(args: argparse.Namespace) -> int:
             json.dumps({"config": str(config.path), "manifests": [e.manifest for e in config.datasets], "notes": notes})
         )
     return 0
+
+
+def trainer_options(texts: list[str] | None) -> dict:
+    """``--set KEY=VALUE`` as a dict, each VALUE read as a TOML value (``1024``, ``true``, ``[1024, 768]``) or else as
+    text."""
+    from ..configs.ours import tomllib
+
+    out = {}
+    for text in texts or []:
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set takes KEY=VALUE (e.g. resolution=1024), got {text!r}")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = value.strip()
+    return out
 
 
 def expand_config(args: argparse.Namespace) -> None:

@@ -86,18 +86,23 @@ def index_config(path: str | os.PathLike, output: str | os.PathLike, *, fmt: str
 
 
 def load(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
-         **overrides: Any) -> tuple[list[Dataset], LoaderOptions]:  # fmt: skip
+         trainer_options: dict[str, Any] | None = None, **overrides: Any) -> tuple[list[Dataset], LoaderOptions]:  # fmt: skip
     """The loader's datasets and options from any config at ``path`` (ours, kohya's, SimpleTuner's). A trainer's config
-    is indexed into the node cache folder (``cache_dir``, ``$DALI_ARB_CACHE``...) once, keyed by its path and content,
-    and reused by the next call; each option ignored is logged as one warning. ``overrides``: DALIBucketIterator's
-    keywords, winning over the config's."""
+    is indexed into the node cache folder (``cache_dir``, ``$DALI_ARB_CACHE``...) once, keyed by its path, content and
+    ``trainer_options``, and reused by the next call; each option ignored is logged as one warning.
+    ``trainer_options``: the trainer's command-line dataset options where its config does not hold them (kohya's
+    ``resolution``, ``enable_bucket``... for a ``train_data_dir``). ``overrides``: DALIBucketIterator's keywords,
+    winning over the config's."""
     fmt = detect(path)
+    trainer_options = dict(trainer_options or {})
     if cache_dir is not None:
         overrides["cache_dir"] = cache_dir
     if fmt == "dali_arb":
+        if trainer_options:
+            raise ConfigError(f"{path} is our loader config: give its options as keywords, not trainer_options")
         return ConfigFile.read(Path(path) / CONFIG_NAME if Path(path).is_dir() else Path(path)).build(**overrides)
-    folder = _cache_folder(path, cache_dir)
-    converted = convert(path, fmt)
+    folder = _cache_folder(path, cache_dir, trainer_options)
+    converted = convert(path, fmt, **trainer_options)
     if (folder / CONFIG_NAME).is_file() and all((folder / e.manifest).is_file() for e in converted.datasets):
         config = ConfigFile.read(folder / CONFIG_NAME)
     else:
@@ -107,9 +112,9 @@ def load(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
     return config.build(**overrides)
 
 
-def _cache_folder(path: str | os.PathLike, cache_dir: str | os.PathLike | None) -> Path:
-    """Where a trainer's config is indexed in the node cache: keyed by its absolute path and its content (a folder:
-    its listing of ``N_name`` folders)."""
+def _cache_folder(path: str | os.PathLike, cache_dir: str | os.PathLike | None, options: dict[str, Any]) -> Path:
+    """Where a trainer's config is indexed in the node cache: keyed by its absolute path, its content (a folder: its
+    listing of ``N_name`` folders) and the trainer's ``options``."""
     from ..data.cachefolder import cache_root, text_digest
 
     p = Path(path).resolve()
@@ -118,4 +123,4 @@ def _cache_folder(path: str | os.PathLike, cache_dir: str | os.PathLike | None) 
         if p.is_dir()
         else p.read_text(encoding="utf-8", errors="replace")
     )
-    return cache_root(cache_dir) / "configs" / text_digest(f"{p}\n{content}")
+    return cache_root(cache_dir) / "configs" / text_digest(f"{p}\n{content}\n{sorted(options.items())!r}")

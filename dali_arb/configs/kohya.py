@@ -205,7 +205,8 @@ def _buckets(opts: dict[str, Any], label: str, where: str) -> dict[str, Any]:
     res = opts["resolution"]
     if res is None:
         raise ConfigError(f"{where}: {label} has no resolution (kohya takes --resolution); give resolution = 1024 "
-                          "or [width, height] in [general]")  # fmt: skip
+                          "or [width, height] in [general] (a train_data_dir: --set resolution=1024 on the command "
+                          "line, trainer_options={'resolution': 1024} in Python)")  # fmt: skip
     if isinstance(res, int) and not isinstance(res, bool):
         res = (res, res)
     elif isinstance(res, str):

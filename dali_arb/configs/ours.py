@@ -23,12 +23,12 @@ from __future__ import annotations
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..loader.options import Dataset, LoaderOptions
+from ..loader.options import _KEYWORD_TO_FIELD, Dataset, LoaderOptions
 from ..plan.buckets import BucketSpec
 from ..plan.captions import CaptionPolicy
 
@@ -115,10 +115,18 @@ class ConfigFile:
 
     def build(self, **overrides: Any) -> tuple[list[Dataset], LoaderOptions]:
         """The loader's datasets and options; ``overrides`` (DALIBucketIterator's keywords, and ``buckets`` for
-        every dataset) win over the file's."""
+        every dataset) win over the file's; a caption keyword (``caption_dropout``...) changes every dataset's own
+        caption policy too."""
         folder = None if self.path is None else self.path.resolve().parent
         where = f"config {self.path}" if self.path else "config"
         datasets = [e.dataset(folder, f"{where} datasets[{i}]") for i, e in enumerate(self.datasets)]
+        caption_keywords = {k: v for k, v in overrides.items() if _KEYWORD_TO_FIELD.get(k, ("",))[0] == "captions"}
+        if caption_keywords:  # a caption keyword given to from_config holds for every dataset, its own policy too
+            changes = {_KEYWORD_TO_FIELD[k][1]: v for k, v in caption_keywords.items()}
+            datasets = [
+                d if d.captions is None else Dataset(d.manifest, d.buckets, d.repeats, replace(d.captions, **changes))
+                for d in datasets
+            ]
         buckets = overrides.pop("buckets", None)
         if buckets is not None:
             if not isinstance(buckets, BucketSpec):

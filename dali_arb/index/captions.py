@@ -87,19 +87,19 @@ class CaptionSource:
 
 def apply_captions(manifest: str | os.PathLike, source: CaptionSource) -> int:
     """Write the captions of ``source`` into the ``caption`` column of the manifest file ``manifest`` (rewritten in
-    place, atomically); returns how many rows have a caption. Rows whose image is not a local file (shards, object
-    storage) keep their caption unless ``source`` names them by key or file name."""
+    place, atomically); returns how many rows have a caption. Rows whose image is not a whole local file (a member of a
+    tar shard, an object in storage) have no sidecar by another extension; their file name is their key's."""
     path = Path(manifest)
     table = pq.read_table(path)
     captions = table.column("caption").to_pylist()
     keys = table.column("key").to_pylist()
-    sources = table.column("source").to_pylist() if "source" in table.column_names else [None] * len(keys)
+    files = _whole_files(table)
     if source.suffix is not None:
-        captions = [_sidecar(s, source.suffix) for s in sources]
+        captions = [_sidecar(f, source.suffix) for f in files]
     elif source.filename:
-        captions = [caption_from_filename(s if s else k) for s, k in zip(sources, keys)]
+        captions = [caption_from_filename(f) if f else Path(k).name.replace("_", " ") for f, k in zip(files, keys)]
     elif source.file is not None:
-        captions = _from_file(Path(source.file), source.column, keys, sources)
+        captions = _from_file(Path(source.file), source.column, keys, files)
     elif source.none:
         captions = [None] * len(keys)
     if source.first_line:
@@ -115,9 +115,25 @@ def apply_captions(manifest: str | os.PathLike, source: CaptionSource) -> int:
     return sum(c is not None for c in captions)
 
 
+def _whole_files(table: pa.Table) -> list[str | None]:
+    """Each row's image file: its local path where the row is a whole local file, else None (a member of a tar shard,
+    an object in storage, metadata without a path)."""
+    n = table.num_rows
+    column = {name: table.column(name).to_pylist() if name in table.column_names else [None] * n
+              for name in ("source", "offset", "length", "source_size")}  # fmt: skip
+    return [
+        src
+        if src and "://" not in src and not offset and (size is None or length is None or length in (-1, size))
+        else None
+        for src, offset, length, size in zip(
+            column["source"], column["offset"], column["length"], column["source_size"]
+        )
+    ]
+
+
 def _sidecar(image: str | None, suffix: str) -> str | None:
     """The caption file ``image``'s stem + ``suffix``, or None (no file, or the image is not a local file)."""
-    if not image or "://" in image or "@" in os.path.basename(image):
+    if not image:
         return None
     candidate = os.path.splitext(image)[0] + suffix
     try:
@@ -131,7 +147,7 @@ def _sidecar(image: str | None, suffix: str) -> str | None:
         ) from None
 
 
-def _from_file(file: Path, column: str | None, keys: list[str], sources: list[str | None]) -> list[str | None]:
+def _from_file(file: Path, column: str | None, keys: list[str], files: list[str | None]) -> list[str | None]:
     """Each row's caption from the captions ``file`` (matched by path, key, then stem)."""
     names, texts = _read_caption_file(file, column)
     base = file.resolve().parent
@@ -143,8 +159,8 @@ def _from_file(file: Path, column: str | None, keys: list[str], sources: list[st
         by_key.setdefault(os.path.splitext(name)[0], text)
         by_stem.setdefault(Path(name).stem, text)
     out = []
-    for key, src in zip(keys, sources):
-        text = by_path.get(os.path.normpath(src)) if src and "://" not in src else None
+    for key, src in zip(keys, files):
+        text = by_path.get(os.path.normpath(src)) if src else None
         if text is None:
             text = by_key.get(key)
         if text is None:
