@@ -11,6 +11,7 @@ import time
 from . import (  # noqa: F401  (register cases)
     CASES,
     bench_budget,
+    bench_captions,
     bench_clips,
     bench_dataplane,
     bench_gpu,

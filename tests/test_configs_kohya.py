@@ -265,3 +265,16 @@ def test_a_state_with_per_dataset_captions_resumes_and_refuses_other_captions(ko
                                options=options)  # fmt: skip
     with pytest.raises(StateError, match="captions"):
         plain.load_state_dict(state)
+
+
+def test_cli_preview_takes_the_written_config_where_a_manifest_goes(kohya_tree, tmp_path):
+    _, toml = kohya_tree
+    out = tmp_path / "indexed"
+    from dali_arb.configs import index_config
+
+    index_config(toml, out, progress=False)
+    png = tmp_path / "p.png"
+    run = subprocess.run([sys.executable, "-m", "dali_arb", "preview", str(out / "dali_arb.toml"), "-o", str(png),
+                          "--device", "cpu", "--batches", "2"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "preview of 2 batches" in run.stdout and png.stat().st_size > 0

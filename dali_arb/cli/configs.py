@@ -12,7 +12,8 @@ from pathlib import Path
 
 from ..errors import ConfigError
 
-__all__ = ["add_caption_options", "caption_source", "expand_config", "index_from_config"]
+__all__ = ["add_caption_options", "caption_source", "config_datasets", "expand_config", "index_from_config",
+           "is_config"]  # fmt: skip
 
 
 def add_caption_options(p: argparse.ArgumentParser) -> None:
@@ -94,11 +95,27 @@ def trainer_options(texts: list[str] | None) -> dict:
     return out
 
 
+def is_config(path: str) -> bool:
+    """Whether ``path`` given where a manifest goes is our loader config (``*.toml``, or a folder holding
+    ``dali_arb.toml``)."""
+    return str(path).endswith(".toml") or Path(path, "dali_arb.toml").is_file()
+
+
+def config_datasets(path: str) -> list | None:
+    """The datasets (manifests, buckets, repeats, caption policies) of the loader config ``path``, or None when
+    ``path`` is not one (a manifest)."""
+    if not is_config(path):
+        return None
+    from ..configs import load
+
+    return load(path, batch_size=1)[0]
+
+
 def expand_config(args: argparse.Namespace) -> None:
     """Where ``buckets`` or ``plan`` got one loader config (``dali_arb.toml`` or its folder) for MANIFEST: its
     manifests, repeats, buckets (shared by its datasets) and batch size (unless ``--batch-size`` is given)."""
     given = [str(m) for m in (args.manifest or [])]
-    if len(given) != 1 or not (given[0].endswith(".toml") or Path(given[0], "dali_arb.toml").is_file()):
+    if len(given) != 1 or not is_config(given[0]):
         return
     from ..configs import load
 

@@ -126,7 +126,10 @@ def cmd_preview(args: argparse.Namespace) -> int:
     out = png_path(args.output, "-o")
     options = _options(args, augment=Augment(crop=args.crop, flip=args.flip), cache_dir=args.cache_dir,
                        workers=args.workers if args.workers is not None else 0)  # fmt: skip
-    loader = DALIBucketIterator([Dataset(args.manifest, buckets=spec_from_args(args))], options=options)
+    from .configs import config_datasets  # a loader config (dali_arb.toml): its datasets, buckets and captions
+
+    datasets = config_datasets(args.manifest) or [Dataset(args.manifest, buckets=spec_from_args(args))]
+    loader = DALIBucketIterator(datasets, options=options)
     from tqdm import tqdm
 
     loader.set_epoch(args.epoch)

@@ -42,7 +42,7 @@ NAME_COLUMNS = ("file_name", "key", "path", "image")
 def caption_from_filename(path: str) -> str:
     """SimpleTuner's caption of an image from its name: the stem, underscores to spaces (``a_red_car.jpg``:
     ``"a red car"``)."""
-    return Path(path).stem.replace("_", " ")
+    return os.path.splitext(os.path.basename(path))[0].replace("_", " ")
 
 
 @dataclass(frozen=True)
@@ -87,32 +87,49 @@ class CaptionSource:
 
 def apply_captions(manifest: str | os.PathLike, source: CaptionSource) -> int:
     """Write the captions of ``source`` into the ``caption`` column of the manifest file ``manifest`` (rewritten in
-    place, atomically); returns how many rows have a caption. Rows whose image is not a whole local file (a member of a
-    tar shard, an object in storage) have no sidecar by another extension; their file name is their key's."""
+    place, atomically, one row group at a time: memory is one row group plus, for a captions file, its names and
+    texts); returns how many rows have a caption. Rows whose image is not a whole local file (a member of a tar shard,
+    an object in storage) have no sidecar by another extension; their file name is their key's."""
     path = Path(manifest)
-    table = pq.read_table(path)
+    lookup = _FileCaptions(Path(source.file), source.column) if source.file is not None else None
+    parquet = pq.ParquetFile(path)
+    schema = parquet.schema_arrow
+    index = schema.get_field_index("caption")
+    tmp = path.with_name(f".{path.name}.captions.partial")
+    captioned = 0
+    try:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for batch in parquet.iter_batches(batch_size=ROWS_PER_GROUP):
+                table = pa.Table.from_batches([batch], schema=schema)
+                captions = _captions(table, source, lookup)
+                captioned += sum(c is not None for c in captions)
+                column = pa.array(captions, schema.field("caption").type)
+                writer.write_table(table.set_column(index, schema.field("caption"), column))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return captioned
+
+
+def _captions(table: pa.Table, source: CaptionSource, lookup: _FileCaptions | None) -> list[str | None]:
+    """The captions of ``table``'s rows from ``source``."""
     captions = table.column("caption").to_pylist()
     keys = table.column("key").to_pylist()
     files = _whole_files(table)
     if source.suffix is not None:
         captions = [_sidecar(f, source.suffix) for f in files]
     elif source.filename:
-        captions = [caption_from_filename(f) if f else Path(k).name.replace("_", " ") for f, k in zip(files, keys)]
-    elif source.file is not None:
-        captions = _from_file(Path(source.file), source.column, keys, files)
+        # a whole file's name; else the key's last part (a key has no extension: "a.b" of a.b.jpg stays "a.b")
+        captions = [
+            caption_from_filename(f) if f else os.path.basename(k).replace("_", " ") for f, k in zip(files, keys)
+        ]
+    elif lookup is not None:
+        captions = [lookup.find(k, f) for k, f in zip(keys, files)]
     elif source.none:
         captions = [None] * len(keys)
     if source.first_line:
         captions = [None if c is None else (c.splitlines() or [""])[0].strip() or None for c in captions]
-    index = table.column_names.index("caption")
-    table = table.set_column(index, table.schema.field("caption"), pa.array(captions, pa.string()))
-    tmp = path.with_name(f".{path.name}.captions.partial")
-    try:
-        pq.write_table(table, tmp, row_group_size=ROWS_PER_GROUP)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return sum(c is not None for c in captions)
+    return captions
 
 
 def _whole_files(table: pa.Table) -> list[str | None]:
@@ -147,26 +164,55 @@ def _sidecar(image: str | None, suffix: str) -> str | None:
         ) from None
 
 
-def _from_file(file: Path, column: str | None, keys: list[str], files: list[str | None]) -> list[str | None]:
-    """Each row's caption from the captions ``file`` (matched by path, key, then stem)."""
-    names, texts = _read_caption_file(file, column)
-    base = file.resolve().parent
-    by_path, by_key, by_stem = {}, {}, {}
-    for name, text in zip(names, texts):
-        name = str(name)
-        by_path[os.path.normpath(os.path.join(base, name))] = text
-        by_key[name] = text
-        by_key.setdefault(os.path.splitext(name)[0], text)
-        by_stem.setdefault(Path(name).stem, text)
-    out = []
-    for key, src in zip(keys, files):
-        text = by_path.get(os.path.normpath(src)) if src else None
-        if text is None:
-            text = by_key.get(key)
-        if text is None:
-            text = by_stem.get(Path(key).name)
-        out.append(text)
-    return out
+class _FileCaptions:
+    """The captions of a captions file, looked up by a row's image path, else its key, else its file name's stem."""
+
+    def __init__(self, file: Path, column: str | None) -> None:
+        names, texts = _read_caption_file(file, column)
+        base = file.resolve().parent
+        self.names = [str(name) for name in names]
+        self.texts = texts
+        self.by_path = {os.path.normpath(os.path.join(base, name)): i for i, name in enumerate(self.names)}
+        self._by_key: dict[str, int] | None = None  # built at the first row not found by path
+
+    def find(self, key: str, file: str | None) -> str | None:
+        at = self.by_path.get(os.path.normpath(file)) if file else None
+        if at is None:
+            if self._by_key is None:
+                self._by_key = {}
+                for i, name in enumerate(self.names):  # the name, the name without its extension, then its stem
+                    for alias in (name, os.path.splitext(name)[0], os.path.splitext(os.path.basename(name))[0]):
+                        self._by_key.setdefault(alias, i)
+            at = self._by_key.get(key)
+            if at is None:
+                at = self._by_key.get(os.path.basename(key))
+        return None if at is None else self.texts[at]
+
+
+def _read_jsonl(file: Path) -> pa.Table:
+    """A JSON Lines file as a table (pyarrow's reader); where it fails, the first bad line named, read line by line."""
+    import pyarrow.json as pjson
+
+    try:
+        return pjson.read_json(file)
+    except (pa.ArrowInvalid, OSError):
+        pass
+    records = []
+    with open(file, encoding="utf-8", errors="replace") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise IndexingError(f"captions file {file} line {number} is not JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise IndexingError(f"captions file {file} line {number} is not a JSON object")
+            records.append(record)
+    try:
+        return pa.Table.from_pylist(records) if records else pa.table({})
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise IndexingError(f"captions file {file}: its lines do not share one shape ({exc})") from None
 
 
 def _read_caption_file(file: Path, column: str | None) -> tuple[list, list]:
@@ -174,19 +220,7 @@ def _read_caption_file(file: Path, column: str | None) -> tuple[list, list]:
     anything malformed."""
     suffix = file.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        records = []
-        with open(file, encoding="utf-8") as fh:
-            for number, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise IndexingError(f"captions file {file} line {number} is not JSON ({exc.msg})") from None
-                if not isinstance(record, dict):
-                    raise IndexingError(f"captions file {file} line {number} is not a JSON object")
-                records.append(record)
-        table = pa.Table.from_pylist(records) if records else pa.table({})
+        table = _read_jsonl(file)
     elif suffix in (".parquet", ".csv"):
         try:
             if suffix == ".parquet":
