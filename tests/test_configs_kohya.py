@@ -8,6 +8,7 @@ import collections
 import json
 import logging
 import random
+import re
 import subprocess
 import sys
 
@@ -278,3 +279,38 @@ def test_cli_preview_takes_the_written_config_where_a_manifest_goes(kohya_tree, 
                           "--device", "cpu", "--batches", "2"], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert "preview of 2 batches" in run.stdout and png.stat().st_size > 0
+
+
+#: In a child process: the test process never imports JAX (its threads and later forks could deadlock).
+JAX_FROM_CONFIG = """
+import sys
+from dali_arb import DALIBucketIterator
+from dali_arb.jax import DALIBucketIterator as JaxIterator
+
+options = {"device": "cpu", "workers": 0, "dtype": "uint8", "cache_dir": sys.argv[2]}
+with DALIBucketIterator.from_config(sys.argv[1], **options) as t, JaxIterator.from_config(sys.argv[1], **options) as j:
+    pairs = list(zip(t, j))
+    assert pairs and all(a["ids"] == b["ids"] and a["captions"] == b["captions"] for a, b in pairs)
+    assert t.state_dict() == j.state_dict()
+print("same", sum(len(a["ids"]) for a, _ in pairs))
+"""
+
+
+def test_the_jax_adapter_has_from_config_too(kohya_tree, tmp_path):
+    _, toml = kohya_tree
+    done = subprocess.run([sys.executable, "-c", JAX_FROM_CONFIG, str(toml), str(tmp_path / "cache")],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["same", "36"]
+
+
+@pytest.mark.parametrize(("line", "named"), [("shuffle_caption = 'yes'", "shuffle_caption = 'yes'"),
+                                             ("caption_dropout_rate = 2.0", "caption_dropout_rate = 2.0"),
+                                             ("keep_tokens = -1", "keep_tokens = -1")])  # fmt: skip
+def test_a_bad_kohya_option_is_named_by_kohyas_name(tmp_path, line, named):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        f"[general]\nresolution = 512\n{line}\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{tmp_path}'\n"
+    )
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        kohya.from_toml(bad)

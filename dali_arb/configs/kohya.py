@@ -188,16 +188,41 @@ def _subset(opts: dict[str, Any], repeats: int, label: str, where: str, number: 
     wildcard = bool(opts["enable_wildcard"])
     captions = {
         "kohya_order": True, "instance_prompt": opts["class_tokens"] or "",
-        "shuffle_tags": bool(opts["shuffle_caption"]), "keep_tags": _int(opts["keep_tokens"], "keep_tokens", label, where),
+        "shuffle_tags": opts["shuffle_caption"], "keep_tags": opts["keep_tokens"],
         "separator": opts["caption_separator"], "keep_separator": opts["keep_tokens_separator"] or "",
         "prefix": opts["caption_prefix"] or "", "suffix": opts["caption_suffix"] or "",
-        "dropout": float(opts["caption_dropout_rate"]), "tag_dropout": float(opts["caption_tag_dropout_rate"]),
+        "dropout": _number(opts["caption_dropout_rate"]), "tag_dropout": _number(opts["caption_tag_dropout_rate"]),
     }  # fmt: skip
+    _check(captions, opts, label, where)
     name = f"{number:02d}_{_safe(Path(folder).name)}.parquet"
     entry = DatasetEntry(name, float(repeats), _buckets(opts, label, where), captions, source=folder)
     job = IndexJob(folder, CaptionSource(extension=opts["caption_extension"], first_line=not wildcard),
                    top_only=True, extensions=IMAGE_EXTENSIONS)  # fmt: skip
     return entry, job
+
+
+#: Our caption field -> kohya's option, to name the option a user wrote in an error.
+KOHYA_NAMES = {"instance_prompt": "class_tokens", "shuffle_tags": "shuffle_caption", "keep_tags": "keep_tokens",
+               "separator": "caption_separator", "keep_separator": "keep_tokens_separator", "prefix": "caption_prefix",
+               "suffix": "caption_suffix", "dropout": "caption_dropout_rate", "tag_dropout": "caption_tag_dropout_rate"}  # fmt: skip
+
+
+def _check(captions: dict[str, Any], opts: dict[str, Any], label: str, where: str) -> None:
+    """A ConfigError naming the kohya option (and its value) that makes no valid caption policy."""
+    from ..plan.captions import CaptionPolicy
+
+    for field, option in KOHYA_NAMES.items():
+        try:
+            CaptionPolicy(**{field: captions[field]})
+        except ConfigError:
+            raise ConfigError(f"{where}: {label}: {option} = {opts[option]!r} is not valid "
+                              f"({_KINDS.get(option, 'see kohya docs')})") from None  # fmt: skip
+
+
+_KINDS = {"shuffle_caption": "true or false", "keep_tokens": "a non-negative integer",
+          "caption_dropout_rate": "a probability in [0, 1]", "caption_tag_dropout_rate": "a probability in [0, 1]",
+          "caption_separator": "a non-empty string", "class_tokens": "a string", "caption_prefix": "a string",
+          "caption_suffix": "a string", "keep_tokens_separator": "a string"}  # fmt: skip
 
 
 def _buckets(opts: dict[str, Any], label: str, where: str) -> dict[str, Any]:
@@ -268,6 +293,11 @@ def _count_images(job: IndexJob) -> int:
         return sum(1 for e in os.scandir(job.folder) if e.is_file() and os.path.splitext(e.name)[1] in IMAGE_EXTENSIONS)
     except OSError as exc:
         raise ConfigError(f"image_dir {job.folder} cannot be listed ({exc.strerror or exc})") from None
+
+
+def _number(value: Any) -> Any:
+    """An int rate as a float (kohya's TOML may say 0 for 0.0); anything else as it is, for the check to name."""
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 def _int(value: Any, name: str, label: str, where: str) -> int:
