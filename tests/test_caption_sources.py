@@ -85,8 +85,8 @@ def test_captions_from_a_parquet_or_csv_column_by_key(photos, tmp_path):
 def test_bad_caption_sources_are_one_line(photos, tmp_path):
     with pytest.raises(ConfigError, match="one source of captions"):
         CaptionSource(extension=".txt", filename=True)
-    with pytest.raises(ConfigError, match="needs the file"):
-        CaptionSource(column="text")
+    with pytest.raises(ConfigError, match="from --captions FILE or from the Parquet/CSV metadata"):
+        build_index([str(photos)], tmp_path / "m.parquet", progress=False, captions=CaptionSource(column="text"))
     (tmp_path / "bad.jsonl").write_text('{"file_name": "a.jpg", "text": "x"}\nnot json\n')
     with pytest.raises(IndexingError, match="line 2 is not JSON"):
         build_index(
@@ -107,7 +107,7 @@ def test_cli_caption_flags(photos, tmp_path):
     assert captions_of(out)["old_house"] == "old house"
     run = subprocess.run([sys.executable, "-m", "dali_arb", "index", str(photos), "-o", str(out), "-q",
                           "--caption-column", "x"], capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert run.returncode != 0 and "Traceback" not in run.stderr and "--captions" in run.stderr
+    assert run.returncode != 0 and "Traceback" not in run.stderr and "--captions FILE" in run.stderr
 
 
 def test_members_of_a_tar_shard_never_take_the_shards_own_sidecar_and_are_named_by_key(tmp_path):
@@ -128,3 +128,14 @@ def test_members_of_a_tar_shard_never_take_the_shards_own_sidecar_and_are_named_
     assert captions_of(tmp_path / "m.parquet") == {"a_red_car": None, "blue_sky": None}
     build_index([str(shard)], tmp_path / "n.parquet", progress=False, captions=CaptionSource(filename=True))
     assert captions_of(tmp_path / "n.parquet") == {"a_red_car": "a red car", "blue_sky": "blue sky"}
+
+
+def test_caption_column_of_the_metadata_being_indexed(tmp_path):
+    """img2dataset's Parquet has its text in a column of its own choosing: --caption-column NAME reads it."""
+    meta = tmp_path / "meta.parquet"
+    pq.write_table(pa.table({"key": ["000", "001"], "width": [64, 48], "height": [48, 64], "caption": ["short", None],
+                             "TEXT": ["the long text", "another"], "status": ["success", "success"]}), meta)  # fmt: skip
+    build_index([str(meta)], tmp_path / "m.parquet", progress=False)
+    assert captions_of(tmp_path / "m.parquet") == {"000": "short", "001": None}
+    build_index([str(meta)], tmp_path / "n.parquet", progress=False, captions=CaptionSource(column="TEXT"))
+    assert captions_of(tmp_path / "n.parquet") == {"000": "the long text", "001": "another"}

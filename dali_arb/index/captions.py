@@ -66,10 +66,8 @@ class CaptionSource:
         if self.extension is not None and (not isinstance(self.extension, str) or not self.extension.strip(". ")
                                            or os.sep in self.extension):  # fmt: skip
             raise ConfigError(f"caption_extension must be a file extension such as '.txt', got {self.extension!r}")
-        if self.column is not None and self.file is None:
-            raise ConfigError(
-                f"caption column {self.column!r} needs the file that holds it (--captions FILE.parquet|.csv|.jsonl)"
-            )
+        if self.column is not None and (not isinstance(self.column, str) or not self.column):
+            raise ConfigError(f"caption column must be a column name, got {self.column!r}")
         if self.file is not None and not Path(self.file).is_file():
             raise ConfigError(f"captions file {self.file} not found; give a .jsonl, .parquet or .csv file")
 
@@ -82,16 +80,22 @@ class CaptionSource:
 
     @property
     def given(self) -> bool:
-        return self.extension is not None or self.filename or self.file is not None or self.first_line or self.none
+        return (self.extension is not None or self.filename or self.file is not None or self.column is not None
+                or self.first_line or self.none)  # fmt: skip
 
 
-def apply_captions(manifest: str | os.PathLike, source: CaptionSource) -> int:
+def apply_captions(manifest: str | os.PathLike, source: CaptionSource, *, metadata: list[str] = ()) -> int:
     """Write the captions of ``source`` into the ``caption`` column of the manifest file ``manifest`` (rewritten in
     place, atomically, one row group at a time: memory is one row group plus, for a captions file, its names and
     texts); returns how many rows have a caption. Rows whose image is not a whole local file (a member of a tar shard,
-    an object in storage) have no sidecar by another extension; their file name is their key's."""
+    an object in storage) have no sidecar by another extension; their file name is their key's. ``column`` without a
+    ``file`` reads that column of the ``metadata`` files indexed (img2dataset's Parquet/CSV), matched by key."""
     path = Path(manifest)
-    lookup = _FileCaptions(Path(source.file), source.column) if source.file is not None else None
+    files = [Path(source.file)] if source.file is not None else [Path(m) for m in metadata] if source.column else []
+    if source.column is not None and not files:
+        raise ConfigError(f"caption column {source.column!r} is read from --captions FILE or from the Parquet/CSV "
+                          "metadata being indexed; give one of them")  # fmt: skip
+    lookup = _FileCaptions(files, source.column) if files else None
     parquet = pq.ParquetFile(path)
     schema = parquet.schema_arrow
     index = schema.get_field_index("caption")
@@ -167,12 +171,17 @@ def _sidecar(image: str | None, suffix: str) -> str | None:
 class _FileCaptions:
     """The captions of a captions file, looked up by a row's image path, else its key, else its file name's stem."""
 
-    def __init__(self, file: Path, column: str | None) -> None:
-        names, texts = _read_caption_file(file, column)
-        base = file.resolve().parent
-        self.names = [str(name) for name in names]
-        self.texts = texts
-        self.by_path = {os.path.normpath(os.path.join(base, name)): i for i, name in enumerate(self.names)}
+    def __init__(self, files: list[Path], column: str | None) -> None:
+        self.names: list[str] = []
+        self.texts: list[str | None] = []
+        self.by_path: dict[str, int] = {}
+        for file in files:
+            names, texts = _read_caption_file(file, column)
+            base = file.resolve().parent
+            for name, text in zip(names, texts):
+                self.by_path.setdefault(os.path.normpath(os.path.join(base, str(name))), len(self.names))
+                self.names.append(str(name))
+                self.texts.append(text)
         self._by_key: dict[str, int] | None = None  # built at the first row not found by path
 
     def find(self, key: str, file: str | None) -> str | None:

@@ -84,6 +84,9 @@ def build_index(
     except StorageError as exc:
         raise IndexingError(str(exc)) from None
     kinds = [(reader.name, source) for reader, source in chosen]
+    if captions is not None and captions.column and captions.file is None and all(k != "metadata" for k, _ in kinds):
+        raise ConfigError(f"caption column {captions.column!r} is read from --captions FILE or from the Parquet/CSV "
+                          "metadata being indexed; give one of them")  # fmt: skip
     _check_output(output, kinds)
     _check_suffix(output)
     pairs = _checked_pairs(pairs, kinds)
@@ -110,7 +113,7 @@ def build_index(
             run.add_video_columns(tmp)
         _deduplicate_keys(tmp, rejects_tmp, summary)
         if captions is not None and captions.given:
-            apply_captions(tmp, captions)
+            apply_captions(tmp, captions, metadata=[source for kind, source in kinds if kind == "metadata"])
         pool.shutdown()
     except BaseException:  # an error, Ctrl-C or SIGTERM (the CLI turns it into SystemExit): leave nothing behind
         stop_pool(pool)
