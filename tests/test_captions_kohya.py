@@ -103,6 +103,8 @@ def test_kohya_order_matches_kohyas_process_caption_in_every_deterministic_case(
         ({"prefix": "p", "suffix": "s"}, "x, y"),
         ({"tag_dropout": 1.0, "keep_tags": 1}, "keep, gone, gone too"),
         ({"shuffle_tags": True, "separator": ";"}, "one"),
+        ({"shuffle_tags": True, "secondary_separator": ";;;"}, "a;;;b, c, d"),  # a;;;b moves whole, then is a,b
+        ({"secondary_separator": ";;;"}, "a;;;b, c"),
     ]
     import random
 
@@ -112,7 +114,8 @@ def test_kohya_order_matches_kohyas_process_caption_in_every_deterministic_case(
         kohya_options = {"prefix": options.get("prefix", ""), "suffix": options.get("suffix", ""),
                          "shuffle": options.get("shuffle_tags", False), "keep": options.get("keep_tags", 0),
                          "sep": options.get("separator", ","), "keep_sep": options.get("keep_separator", ""),
-                         "tag_dropout": options.get("tag_dropout", 0.0)}  # fmt: skip
+                         "tag_dropout": options.get("tag_dropout", 0.0),
+                         "secondary": options.get("secondary_separator", "")}  # fmt: skip
         rng = random.Random(1)
         theirs = {kohya_caption(text, rng=rng, **kohya_options) for _ in range(300)}
         assert ours == theirs, (options, text, ours, theirs)
@@ -123,3 +126,13 @@ def test_kohya_order_keeps_earlier_states_and_defaults_unchanged():
     assert CaptionPolicy(kohya_order=True).to_dict()["kohya_order"] is True
     with pytest.raises(ConfigError, match="kohya_order"):
         CaptionPolicy(kohya_order="yes")
+
+
+def test_dropout_every_n_epochs_empties_every_caption_of_kohyas_nth_epochs():
+    policy = CaptionPolicy(dropout_every_epochs=3, instance_prompt="sks")
+    by_epoch = [policy.batch(["a", None], seed=0, epoch=e, step=0, offset=0) for e in range(7)]
+    # kohya counts epochs from 1: its epochs 3 and 6 are our 2 and 5
+    assert [e for e, captions in enumerate(by_epoch) if captions == ["", ""]] == [2, 5]
+    assert by_epoch[0] == ["a", "sks"]
+    with pytest.raises(ConfigError, match="dropout_every_epochs"):
+        CaptionPolicy(dropout_every_epochs=-1)

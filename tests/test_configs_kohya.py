@@ -25,7 +25,8 @@ CPU = {"device": "cpu", "workers": 0, "dtype": "uint8"}
 
 
 def kohya_caption(text: str, *, prefix: str = "", suffix: str = "", shuffle: bool = False, keep: int = 0,
-                  sep: str = ",", keep_sep: str = "", tag_dropout: float = 0.0, rng: random.Random) -> str:  # fmt: skip
+                  sep: str = ",", keep_sep: str = "", tag_dropout: float = 0.0, secondary: str = "",
+                  rng: random.Random) -> str:  # fmt: skip
     """kohya's ``process_caption`` (library/train_util.py, no dropout, no wildcards, no warm-up), copied as it is."""
     if prefix:
         text = prefix + " " + text
@@ -50,6 +51,8 @@ def kohya_caption(text: str, *, prefix: str = "", suffix: str = "", shuffle: boo
             rng.shuffle(flex)
         flex = [t for t in flex if rng.random() >= tag_dropout]
         text = ", ".join(fixed + flex + fixed_suffix)
+    if secondary:
+        text = text.replace(secondary, sep)
     return text
 
 
@@ -314,3 +317,24 @@ def test_a_bad_kohya_option_is_named_by_kohyas_name(tmp_path, line, named):
     )
     with pytest.raises(ConfigError, match=re.escape(named)):
         kohya.from_toml(bad)
+
+
+def test_a_controlnet_subset_serves_its_conditioning_images_as_a_pair(tmp_path, caplog):
+    images, cond = tmp_path / "img", tmp_path / "cond"
+    images.mkdir()
+    cond.mkdir()
+    for i, (w, h) in enumerate(((192, 128), (128, 192), (192, 192))):
+        save_jpeg(images / f"i{i}.jpg", w, h, seed=i)
+        (images / f"i{i}.caption").write_text(f"caption {i}")
+        if i < 2:  # i2 has no conditioning image: kohya stops; ours rejects it with a reason
+            save_jpeg(cond / f"i{i}.png", w, h, seed=10 + i)
+    toml = tmp_path / "cn.toml"
+    toml.write_text(f"[general]\nresolution = 192\nenable_bucket = true\nmin_bucket_reso = 128\nbatch_size = 1\n"
+                    f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{images}'\nconditioning_data_dir = '{cond}'\n")  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="dali_arb"):
+        loader = DALIBucketIterator.from_config(toml, **CPU)
+    assert "1 file(s) of" in caplog.text and "rejects.jsonl" in caplog.text
+    batches = list(loader)
+    assert sorted(b["ids"][0] for b in batches) == ["i0", "i1"]
+    for b in batches:
+        assert b["conditioning"].shape == b["images"].shape

@@ -20,12 +20,14 @@ __all__ = ["Converted", "IndexJob", "materialise"]
 class IndexJob:
     """How one dataset is indexed: the ``folder``, where its captions come from (``captions``), whether only the
     images at its top level count (``top_only``: kohya reads no subfolders) and which file extensions
-    (``extensions``, ``None``: every image; compared as written: kohya's are ``.png`` and ``.PNG``, not ``.Png``)."""
+    (``extensions``, ``None``: every image; compared as written: kohya's are ``.png`` and ``.PNG``, not ``.Png``), and
+    its paired images (``pairs``: :class:`~dali_arb.data.pairs.PairSpec`, kohya's ControlNet conditioning images)."""
 
     folder: str
     captions: CaptionSource = field(default_factory=CaptionSource)
     top_only: bool = False
     extensions: tuple[str, ...] | None = None
+    pairs: tuple = ()
 
 
 @dataclass
@@ -48,6 +50,7 @@ def materialise(converted: Converted, folder: str | os.PathLike, *, update: bool
     """Index every dataset of ``converted`` into ``folder`` (one manifest each, named by its entry) and write our
     config file there (:data:`CONFIG_NAME`); a manifest already there is reused unless ``update`` (then unchanged
     files are reused, new ones indexed)."""
+    from ..data.manifest import rejects_path
     from ..index import build_index
 
     folder = Path(folder)
@@ -60,8 +63,11 @@ def materialise(converted: Converted, folder: str | os.PathLike, *, update: bool
     for entry, job in zip(converted.datasets, converted.jobs):
         manifest = folder / entry.manifest
         if update or not manifest.exists():
-            build_index([job.folder], manifest, captions=job.captions, update=update, workers=workers,
-                        progress=progress)  # fmt: skip
+            summary = build_index([job.folder], manifest, captions=job.captions, update=update, workers=workers,
+                                  progress=progress, pairs=list(job.pairs))  # fmt: skip
+            if summary.rejected:
+                converted.notes.append(f"{summary.rejected} file(s) of {job.folder} rejected, each with its reason in "
+                                       f"{rejects_path(manifest)}")  # fmt: skip
             dropped = _keep_what_the_trainer_reads(manifest, job)
             if dropped:
                 converted.notes.append(

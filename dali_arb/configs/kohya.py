@@ -12,7 +12,9 @@
 - buckets: kohya's ``make_bucket_resolutions(resolution, min_bucket_reso, max_bucket_reso, bucket_reso_steps)`` as an
   explicit list (one bucket, the resolution, without ``enable_bucket``), no image rejected for its aspect,
   ``bucket_no_upscale``; ``flip_aug`` is a flip probability of 0.5, ``random_crop`` a random crop (else centred);
-- regularisation subsets (``is_reg``) serve as many images per epoch as the training subsets, as kohya does.
+- regularisation subsets (``is_reg``) serve as many images per epoch as the training subsets, as kohya does;
+- ControlNet subsets (``conditioning_data_dir``): the image of the same stem there is a pair, ``batch["conditioning"]``,
+  resized, cropped and flipped with the image (an image without one is rejected with a reason; kohya stops).
 
 Options with no meaning for a loader, or not supported, are named in a note each (:attr:`Converted.notes`).
 """
@@ -39,7 +41,8 @@ DEFAULTS: dict[str, Any] = {
     "num_repeats": 1, "shuffle_caption": False, "caption_separator": ",", "keep_tokens": 0,
     "keep_tokens_separator": "", "caption_prefix": "", "caption_suffix": "", "caption_dropout_rate": 0.0,
     "caption_tag_dropout_rate": 0.0, "flip_aug": False, "random_crop": False, "enable_wildcard": False,
-    "caption_extension": ".caption", "class_tokens": None, "is_reg": False,
+    "caption_extension": ".caption", "class_tokens": None, "is_reg": False, "secondary_separator": "",
+    "caption_dropout_every_n_epochs": 0,
     "batch_size": 1, "enable_bucket": False, "min_bucket_reso": 256, "max_bucket_reso": 1024,
     "bucket_reso_steps": 64, "bucket_no_upscale": False, "resolution": None,
 }  # fmt: skip
@@ -49,8 +52,6 @@ IGNORED = {
     "face_crop_aug_range": "face crops are not an augmentation of this loader",
     "token_warmup_min": "token warm-up follows the training step count, which the loader does not know",
     "token_warmup_step": "token warm-up follows the training step count, which the loader does not know",
-    "caption_dropout_every_n_epochs": "not supported; use caption_dropout_rate",
-    "secondary_separator": "not supported; replace it in your caption files",
     "cache_info": "the manifest is the loader's cache of sizes and captions",
     "alpha_mask": "alpha masks are not read; index masks with --mask NAME=DIR",
     "custom_attributes": "only the training script reads them",
@@ -61,9 +62,9 @@ IGNORED = {
     "debug_dataset": "use `dali-arb preview` to look at batches",
     "max_token_length": "tokenizing is the training script's",
     "prior_loss_weight": "weighting the loss is the training script's (batch['dataset'] says which samples are regularisation)",
-    "conditioning_data_dir": "ControlNet conditioning images are not paired by this reader; index them with --pair NAME=DIR",
 }  # fmt: skip
-SUBSET_ONLY = ("image_dir", "is_reg", "class_tokens", "caption_extension", "num_repeats", "metadata_file")
+SUBSET_ONLY = ("image_dir", "is_reg", "class_tokens", "caption_extension", "num_repeats", "metadata_file",
+               "conditioning_data_dir")  # fmt: skip
 KNOWN = set(DEFAULTS) | set(IGNORED) | set(SUBSET_ONLY) | {"subsets"}
 
 
@@ -192,19 +193,30 @@ def _subset(opts: dict[str, Any], repeats: int, label: str, where: str, number: 
         "separator": opts["caption_separator"], "keep_separator": opts["keep_tokens_separator"] or "",
         "prefix": opts["caption_prefix"] or "", "suffix": opts["caption_suffix"] or "",
         "dropout": _number(opts["caption_dropout_rate"]), "tag_dropout": _number(opts["caption_tag_dropout_rate"]),
+        "secondary_separator": opts["secondary_separator"] or "",
+        "dropout_every_epochs": opts["caption_dropout_every_n_epochs"],
     }  # fmt: skip
     _check(captions, opts, label, where)
     name = f"{number:02d}_{_safe(Path(folder).name)}.parquet"
     entry = DatasetEntry(name, float(repeats), _buckets(opts, label, where), captions, source=folder)
+    pairs = ()
+    if opts.get(
+        "conditioning_data_dir"
+    ):  # ControlNet: the image of the same stem there, served as batch["conditioning"]
+        from ..data.pairs import PairSpec
+
+        pairs = (PairSpec("conditioning", "pair", str(opts["conditioning_data_dir"])),)
     job = IndexJob(folder, CaptionSource(extension=opts["caption_extension"], first_line=not wildcard),
-                   top_only=True, extensions=IMAGE_EXTENSIONS)  # fmt: skip
+                   top_only=True, extensions=IMAGE_EXTENSIONS, pairs=pairs)  # fmt: skip
     return entry, job
 
 
 #: Our caption field -> kohya's option, to name the option a user wrote in an error.
 KOHYA_NAMES = {"instance_prompt": "class_tokens", "shuffle_tags": "shuffle_caption", "keep_tags": "keep_tokens",
                "separator": "caption_separator", "keep_separator": "keep_tokens_separator", "prefix": "caption_prefix",
-               "suffix": "caption_suffix", "dropout": "caption_dropout_rate", "tag_dropout": "caption_tag_dropout_rate"}  # fmt: skip
+               "suffix": "caption_suffix", "dropout": "caption_dropout_rate", "tag_dropout": "caption_tag_dropout_rate",
+               "secondary_separator": "secondary_separator",
+               "dropout_every_epochs": "caption_dropout_every_n_epochs"}  # fmt: skip
 
 
 def _check(captions: dict[str, Any], opts: dict[str, Any], label: str, where: str) -> None:
@@ -222,7 +234,8 @@ def _check(captions: dict[str, Any], opts: dict[str, Any], label: str, where: st
 _KINDS = {"shuffle_caption": "true or false", "keep_tokens": "a non-negative integer",
           "caption_dropout_rate": "a probability in [0, 1]", "caption_tag_dropout_rate": "a probability in [0, 1]",
           "caption_separator": "a non-empty string", "class_tokens": "a string", "caption_prefix": "a string",
-          "caption_suffix": "a string", "keep_tokens_separator": "a string"}  # fmt: skip
+          "caption_suffix": "a string", "keep_tokens_separator": "a string", "secondary_separator": "a string",
+          "caption_dropout_every_n_epochs": "a non-negative integer"}  # fmt: skip
 
 
 def _buckets(opts: dict[str, Any], label: str, where: str) -> dict[str, Any]:

@@ -58,6 +58,10 @@ class CaptionPolicy:
             in ``keep_tags`` and move with the first and last tag), the tags are split only when ``shuffle_tags``
             or ``tag_dropout`` is on (kohya leaves a ``keep_separator`` in the text otherwise), empty tags are
             kept, and tags are joined with ``", "`` whatever the separator. Set by the kohya config reader.
+        secondary_separator: kohya's ``secondary_separator``: it does not split tags (``a;;;b`` is one tag, shuffled
+            and dropped whole), and becomes ``separator`` once the tags are placed.
+        dropout_every_epochs: kohya's ``caption_dropout_every_n_epochs``: every caption is ``""`` in each n-th epoch
+            (kohya counts epochs from 1: ours ``n - 1``, ``2n - 1``...; 0: never).
     """
 
     dropout: float = 0.0
@@ -70,6 +74,8 @@ class CaptionPolicy:
     tag_dropout: float = 0.0
     keep_separator: str = ""
     kohya_order: bool = False
+    secondary_separator: str = ""
+    dropout_every_epochs: int = 0
 
     def __post_init__(self) -> None:
         d = self.dropout
@@ -85,6 +91,11 @@ class CaptionPolicy:
                             ("instance_prompt", self.instance_prompt), ("keep_tags_separator", self.keep_separator)):  # fmt: skip
             if not isinstance(value, str):
                 raise ConfigError(f"{name} must be a string, got {value!r}")
+        if not isinstance(self.secondary_separator, str):
+            raise ConfigError(f"secondary_separator must be a string, got {self.secondary_separator!r}")
+        n = self.dropout_every_epochs
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ConfigError(f"dropout_every_epochs must be a non-negative integer, got {n!r}")
         if not isinstance(self.kohya_order, bool):
             raise ConfigError(f"kohya_order must be True or False, got {self.kohya_order!r}")
         t = self.tag_dropout
@@ -102,7 +113,8 @@ class CaptionPolicy:
         # the later options only where set, so that states saved before they existed still match
         extra = {"prefix": self.prefix, "suffix": self.suffix, "instance_prompt": self.instance_prompt,
                  "tag_dropout": float(self.tag_dropout), "keep_separator": self.keep_separator,
-                 "kohya_order": self.kohya_order}  # fmt: skip
+                 "kohya_order": self.kohya_order, "secondary_separator": self.secondary_separator,
+                 "dropout_every_epochs": self.dropout_every_epochs}  # fmt: skip
         return {**out, **{k: v for k, v in extra.items() if v}}
 
     def apply(self, text: str | None, rng: np.random.Generator) -> str:
@@ -121,6 +133,8 @@ class CaptionPolicy:
         split = bool(self.keep_separator) and self.keep_separator in caption
         if self.shuffle_tags or self.tag_dropout > 0 or split:
             caption = self._tags(caption, rng, split=split)
+        if self.secondary_separator:
+            caption = caption.replace(self.secondary_separator, self.separator)
         return " ".join(part for part in (self.prefix, caption, self.suffix) if part)
 
     def _kohya(self, caption: str, rng: np.random.Generator) -> str:
@@ -129,10 +143,9 @@ class CaptionPolicy:
             caption = self.prefix + " " + caption
         if self.suffix:
             caption = caption + " " + self.suffix
-        if not (self.shuffle_tags or self.tag_dropout > 0):
-            return caption
-        split = bool(self.keep_separator) and self.keep_separator in caption
-        return self._tags(caption, rng, split=split)
+        if self.shuffle_tags or self.tag_dropout > 0:
+            caption = self._tags(caption, rng, split=bool(self.keep_separator) and self.keep_separator in caption)
+        return caption.replace(self.secondary_separator, self.separator) if self.secondary_separator else caption
 
     def _tags(self, caption: str, rng: np.random.Generator, *, split: bool) -> str:
         """The caption's tags, the kept ones in front (and after a second ``keep_separator`` at the end), the others
@@ -156,6 +169,8 @@ class CaptionPolicy:
     def batch(self, texts: list[str | None], *, seed: int, epoch: int, step: int, offset: int) -> list[str]:
         """Captions of one batch; ``texts[i]`` is the stored caption of the sample at global position
         ``offset + i`` of ``step`` of ``epoch``."""
+        if self.dropout_every_epochs and (epoch + 1) % self.dropout_every_epochs == 0:
+            return [""] * len(texts)
         return [
             self.apply(text, np.random.default_rng([seed, epoch, step, offset + i, CAPTION_STREAM]))
             for i, text in enumerate(texts)
