@@ -203,6 +203,7 @@ def test_bad_kohya_configs_are_one_clear_line(tmp_path):
         kohya.from_toml(bad)
 
 
+@pytest.mark.slow  # subprocesses (the CLI, a JAX import)
 def test_cli_index_from_kohya_writes_manifests_and_a_config_that_buckets_and_plan_take(kohya_tree, tmp_path):
     _, toml = kohya_tree
     out = tmp_path / "indexed"
@@ -222,6 +223,7 @@ def test_cli_index_from_kohya_writes_manifests_and_a_config_that_buckets_and_pla
     assert one_epoch(loader)[0][(0, "d3")] == 10
 
 
+@pytest.mark.slow  # subprocesses (the CLI, a JAX import)
 def test_cli_index_from_a_train_data_dir_takes_kohyas_command_line_options_with_set(kohya_tree, tmp_path):
     root, _ = kohya_tree
     out = tmp_path / "indexed"
@@ -271,6 +273,7 @@ def test_a_state_with_per_dataset_captions_resumes_and_refuses_other_captions(ko
         plain.load_state_dict(state)
 
 
+@pytest.mark.slow  # subprocesses (the CLI, a JAX import)
 def test_cli_preview_takes_the_written_config_where_a_manifest_goes(kohya_tree, tmp_path):
     _, toml = kohya_tree
     out = tmp_path / "indexed"
@@ -299,6 +302,7 @@ print("same", sum(len(a["ids"]) for a, _ in pairs))
 """
 
 
+@pytest.mark.slow  # subprocesses (the CLI, a JAX import)
 def test_the_jax_adapter_has_from_config_too(kohya_tree, tmp_path):
     _, toml = kohya_tree
     done = subprocess.run([sys.executable, "-c", JAX_FROM_CONFIG, str(toml), str(tmp_path / "cache")],
