@@ -342,3 +342,30 @@ def test_a_controlnet_subset_serves_its_conditioning_images_as_a_pair(tmp_path, 
     assert sorted(b["ids"][0] for b in batches) == ["i0", "i1"]
     for b in batches:
         assert b["conditioning"].shape == b["images"].shape
+
+
+LOAD_CONFIG = """
+import sys, dali_arb.configs as c
+calls = []
+real = c.materialise
+def counted(*a, **k):
+    calls.append(1)
+    return real(*a, **k)
+c.materialise = counted
+datasets, options = c.load(sys.argv[1], cache_dir=sys.argv[2], batch_size=1)
+print(len(datasets), len(calls))
+"""
+
+
+@pytest.mark.slow  # several processes
+def test_ranks_of_a_node_calling_from_config_together_index_once(kohya_tree, tmp_path):
+    _, toml = kohya_tree
+    cache = tmp_path / "cache"
+    runs = [subprocess.Popen([sys.executable, "-c", LOAD_CONFIG, str(toml), str(cache)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(3)]  # fmt: skip
+    outs = [r.communicate(timeout=300) for r in runs]
+    assert all(r.returncode == 0 for r in runs), [err[-2000:] for _, err in outs]
+    results = sorted(tuple(map(int, out.split())) for out, _ in outs)
+    assert results == [(2, 0), (2, 0), (2, 1)]  # every rank has both datasets; one of them indexed
+    (folder,) = (cache / "configs").iterdir()
+    assert not [p.name for p in folder.iterdir() if p.name.endswith(".partial")]

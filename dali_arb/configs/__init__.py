@@ -11,8 +11,10 @@ Sits between the adapters and ``loader | index``: imports both, never DALI or a 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,13 +105,34 @@ def load(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
         return ConfigFile.read(Path(path) / CONFIG_NAME if Path(path).is_dir() else Path(path)).build(**overrides)
     folder = _cache_folder(path, cache_dir, trainer_options)
     converted = convert(path, fmt, **trainer_options)
-    if (folder / CONFIG_NAME).is_file() and all((folder / e.manifest).is_file() for e in converted.datasets):
-        config = ConfigFile.read(folder / CONFIG_NAME)
-    else:
-        config = materialise(converted, folder)
+    with _locked(folder):  # the ranks of a node: one indexes, the others wait and reuse what it wrote
+        if (folder / CONFIG_NAME).is_file() and all((folder / e.manifest).is_file() for e in converted.datasets):
+            config = ConfigFile.read(folder / CONFIG_NAME)
+        else:
+            config = materialise(converted, folder)
     for note in converted.notes:
         log.warning("%s", note)
     return config.build(**overrides)
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (made if missing) while indexing into it: ``flock`` on ``folder/.lock``."""
+    import fcntl
+
+    from ..data.cachefolder import cache_error
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fh = open(folder / ".lock", "a")
+    except OSError as exc:
+        raise cache_error(folder, exc, "index a dataset config") from None
+    with fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _cache_folder(path: str | os.PathLike, cache_dir: str | os.PathLike | None, options: dict[str, Any]) -> Path:
@@ -123,4 +146,6 @@ def _cache_folder(path: str | os.PathLike, cache_dir: str | os.PathLike | None, 
         if p.is_dir()
         else p.read_text(encoding="utf-8", errors="replace")
     )
-    return cache_root(cache_dir) / "configs" / text_digest(f"{p}\n{content}\n{sorted(options.items())!r}")
+    # the working directory too: kohya reads a relative image_dir from it
+    key = f"{p}\n{os.getcwd()}\n{content}\n{sorted(options.items())!r}"
+    return cache_root(cache_dir) / "configs" / text_digest(key)

@@ -5,6 +5,7 @@ writes our config file there. Shared by the kohya and SimpleTuner readers."""
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,10 @@ def _keep_what_the_trainer_reads(manifest: Path, job: IndexJob) -> int:
             raise IndexingError(
                 f"no images the trainer would read in {job.folder} (top level, {' '.join(job.extensions or ())})"
             )
-        tmp = manifest.with_name(f".{manifest.name}.filter.partial")
-        pq.write_table(table.filter(pa.array(keep)), tmp, row_group_size=ROWS_PER_GROUP)
-        os.replace(tmp, manifest)
+        tmp = manifest.with_name(f".{manifest.name}.{os.getpid()}-{secrets.token_hex(4)}.filter.partial")
+        try:
+            pq.write_table(table.filter(pa.array(keep)), tmp, row_group_size=ROWS_PER_GROUP)
+            os.replace(tmp, manifest)
+        finally:
+            tmp.unlink(missing_ok=True)
     return dropped

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -158,9 +159,12 @@ class ConfigFile:
                 values = {k: v for k, v in getattr(entry, table).items() if v is not None}
                 if values:
                     lines += [f"[datasets.{table}]", *(f"{k} = {_toml(v)}" for k, v in values.items())]
-        tmp = path.with_name(f".{path.name}.partial")
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
+        try:
+            tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,7 +100,7 @@ def apply_captions(manifest: str | os.PathLike, source: CaptionSource, *, metada
     parquet = pq.ParquetFile(path)
     schema = parquet.schema_arrow
     index = schema.get_field_index("caption")
-    tmp = path.with_name(f".{path.name}.captions.partial")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.captions.partial")
     captioned = 0
     try:
         with pq.ParquetWriter(tmp, schema) as writer:
