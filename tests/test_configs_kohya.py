@@ -201,6 +201,14 @@ def test_bad_kohya_configs_are_one_clear_line(tmp_path):
     bad.write_text("[[datasets]]\nresolution = 512\n[[datasets.subsets]]\nmetadata_file = 'm.json'\n")
     with pytest.raises(ConfigError, match="fine-tuning subset"):
         kohya.from_toml(bad)
+    from dali_arb.configs import index_config
+
+    bad.write_text(f"[[datasets]]\nresolution = 512\n[[datasets.subsets]]\nimage_dir = '{tmp_path}'\n")
+    with pytest.raises(ConfigError, match="writes a local folder"):
+        index_config(bad, "s3://bucket/indexed/")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="is a file"):
+        index_config(bad, tmp_path / "file")
 
 
 @pytest.mark.slow  # subprocesses (the CLI, a JAX import)

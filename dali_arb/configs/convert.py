@@ -54,6 +54,8 @@ def materialise(converted: Converted, folder: str | os.PathLike, *, update: bool
     from ..data.manifest import rejects_path
     from ..index import build_index
 
+    if "://" in os.fspath(folder):
+        raise ConfigError(f"-o {folder}: --from writes a local folder (manifests and {CONFIG_NAME}); upload it after")
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"-o {folder} is a file; --from writes a folder (manifests and {CONFIG_NAME}); name a folder")
