@@ -87,3 +87,37 @@ def test_instanceprompt_captions_every_image_with_the_prompt(tmp_path):
                                  "instance_prompt": "a photo of sks", "resolution": 128, "resolution_type": "pixel_area"}]))  # fmt: skip
     loader = DALIBucketIterator.from_config(path, **{**CPU, "batch_size": 1})
     assert [b["captions"] for b in loader] == [["a photo of sks"]]
+
+
+@pytest.mark.parametrize(
+    ("backend", "buckets"),
+    [
+        ({"resolution": 1024, "resolution_type": "pixel_area"}, {"resolution": 1024}),
+        ({"resolution": 1.05, "resolution_type": "area"}, {"resolution": 1024}),  # sqrt(1.05e6) = 1024.7
+        ({"resolution": 0.25, "resolution_type": "area", "minimum_image_size": 0.25}, {"resolution": 512,
+                                                                                      "min_area": 250_000}),
+        ({"resolution": 768, "resolution_type": "pixel", "minimum_image_size": 512}, {"resolution": 768, "min_size": 512}),
+        ({"resolution": 1000, "resolution_type": "pixel_area", "minimum_image_size": 900}, {"resolution": 1024,
+                                                                                           "min_area": 810_000}),
+        ({"resolution": 512, "resolution_type": "pixel_area", "crop_aspect": "square"}, {"bucket_sizes": ["512x512"]}),
+    ],
+)  # fmt: skip
+def test_resolution_types_become_our_buckets(tmp_path, backend, buckets):
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps([{"id": "b", "instance_data_dir": str(tmp_path), **backend}]))
+    (entry,) = simpletuner.from_json(path).datasets
+    assert entry.buckets == buckets
+    from dali_arb import BucketSpec
+
+    BucketSpec(**entry.buckets)  # a valid spec
+
+
+def test_options_with_no_loader_meaning_are_named_each_in_one_line(tmp_path):
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps([{"id": "b", "instance_data_dir": str(tmp_path), "probability": 0.5, "crop": False,
+                                 "maximum_image_size": 2048, "typo_option": 1, "type": "local"},
+                                {"id": "s3", "type": "aws", "instance_data_dir": "x"}]))  # fmt: skip
+    notes = simpletuner.from_json(path).notes
+    for words in ("probability ignored", "crop false", "maximum_image_size ignored", "typo_option ignored",
+                  "type 'aws' is not read yet"):  # fmt: skip
+        assert sum(words in note for note in notes) == 1, (words, notes)
