@@ -366,7 +366,7 @@ def test_cli_buckets_and_plan_with_frames(video_manifest, capsys):
 
     assert main(["buckets", str(video_manifest), "--frames", "1,9,17", "--fps", "24", "--clip", "chunk", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["clips"] == 7 and report["videos"] == 4
+    assert report["clips"] == 7 and report["videos"] == 4 and report["clips_from_videos"] == 6
     assert {b["frames"] for b in report["buckets"]} == {1, 9, 17}
     assert sum(b["clips"] for b in report["buckets"]) == 7
     assert main(["plan", str(video_manifest), "--frames", "1,9,17", "--fps", "24", "--clip", "chunk", "-b", "1"]) == 0
