@@ -342,6 +342,7 @@ def test_loader_config_plans_clips_from_a_manifest(video_manifest):
 
     spec = FrameSpec(frames=(1, 9, 17), fps=24, clip="chunk")
     manifest = Manifest.open(video_manifest)  # mapped through the node cache
+    assert {"frames", "fps", "duration"} <= set(manifest.table.column_names)  # mapped too: no Parquet read per process
     frames, fps, _ = manifest.video_columns()
     keys = manifest.keys_at(np.arange(len(manifest)))
     by_key = dict(zip(keys, zip(frames.tolist(), fps.tolist())))
