@@ -233,3 +233,25 @@ def test_videos_under_an_object_storage_prefix(clips, tmp_path):
     assert (rows["b"]["frames"], rows["b"]["codec"], rows["b"]["fps"]) == (30, "vp9", 30.0)
     assert rows["a"]["source"] == "s3://videos/clips/a.mp4" and rows["a"]["etag"]
     assert rows["c"]["frames"] is None
+
+
+def test_metadata_with_video_columns(clips, tmp_path):
+    import pyarrow as pa
+
+    table = pa.table({
+        "key": ["a", "b", "c", "d"],
+        "width": [128, 96, 600, 64],
+        "height": [72, 64, 400, 64],
+        "path": [str(clips["h264_24"]), str(clips["vp9_30"]), os.path.join(SAMPLES, "coffee.jpg"), str(clips["mkv_30"])],
+        "frames": [30, 30, None, 20],
+        "fps": [24.0, 30.0, None, None],  # d: a video without a rate
+        "codec": ["h264", "vp9", None, "h264"],
+    })  # fmt: skip
+    pq.write_table(table, tmp_path / "meta.parquet")
+    summary = build_index([str(tmp_path / "meta.parquet")], tmp_path / "m.parquet", workers=1)
+    assert "indexed 1 images and 2 videos" in summary.line()
+    rows = {r["key"]: r for r in pq.read_table(tmp_path / "m.parquet").to_pylist()}
+    assert (rows["a"]["frames"], rows["a"]["fps"], rows["a"]["duration"], rows["a"]["vfr"]) == (30, 24.0, 1.25, False)
+    assert rows["c"]["frames"] is None and "d" not in rows
+    rejects = [json.loads(line) for line in open(tmp_path / "m.parquet.rejects.jsonl")]
+    assert [r["key"] for r in rejects] == ["d"] and "frames >= 1 and fps > 0" in rejects[0]["reason"]

@@ -342,6 +342,7 @@ def test_loader_config_plans_clips_from_a_manifest(video_manifest):
 
     spec = FrameSpec(frames=(1, 9, 17), fps=24, clip="chunk")
     manifest = Manifest.open(video_manifest)  # mapped through the node cache
+    assert {"frames", "fps", "duration"} <= set(manifest.table.column_names)  # mapped too: no Parquet read per process
     frames, fps, _ = manifest.video_columns()
     keys = manifest.keys_at(np.arange(len(manifest)))
     by_key = dict(zip(keys, zip(frames.tolist(), fps.tolist())))
@@ -366,7 +367,7 @@ def test_cli_buckets_and_plan_with_frames(video_manifest, capsys):
 
     assert main(["buckets", str(video_manifest), "--frames", "1,9,17", "--fps", "24", "--clip", "chunk", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["clips"] == 7 and report["videos"] == 4
+    assert report["clips"] == 7 and report["videos"] == 4 and report["clips_from_videos"] == 6
     assert {b["frames"] for b in report["buckets"]} == {1, 9, 17}
     assert sum(b["clips"] for b in report["buckets"]) == 7
     assert main(["plan", str(video_manifest), "--frames", "1,9,17", "--fps", "24", "--clip", "chunk", "-b", "1"]) == 0

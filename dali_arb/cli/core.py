@@ -181,7 +181,8 @@ def _clip_buckets(args: argparse.Namespace, spec: BucketSpec, batch, frames: Fra
         n, u = int(counts[k]), int(units[k])
         rows.append({"frames": int(planner.frames[k]), "width": w, "height": h, "clips": n,
                      "clips_per_step": int(planner.batch[k]), "full_batches": n // u, "leftover": n % u})  # fmt: skip
-    videos = sum(int((m.video_columns()[0] > 0).sum()) for m in manifests)
+    is_video = np.concatenate([m.video_columns()[0] > 0 for m in manifests])  # (N,) over the datasets' rows
+    videos = int(is_video.sum())
     table = planner.clips
     report = {
         "manifest": [str(p) for p in args.manifest],
@@ -190,7 +191,7 @@ def _clip_buckets(args: argparse.Namespace, spec: BucketSpec, batch, frames: Fra
         "rows": sum(len(m) for m in manifests),
         "videos": videos,
         "clips": len(table),
-        "clips_from_videos": int((table.length > 1).sum() + 0),
+        "clips_from_videos": int(is_video[table.row].sum()),
         "epoch": args.epoch,
         "steps_per_epoch": len(plan),
         "leftover": plan.leftover.value,

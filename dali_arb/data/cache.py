@@ -74,8 +74,17 @@ __all__ = ["CACHE_ENV", "CACHE_FORMAT", "ManifestCache", "bucket_index", "cache_
 #: Rows converted per step while building (a multiple of 8: validity bitmaps are written per step).
 BUILD_ROWS = 1 << 20
 _FIXED = {"height": np.int32, "width": np.int32, "offset": np.int64, "length": np.int64, "mtime_ns": np.int64,
-          "source_size": np.int64}  # fmt: skip
-_FILL = {"offset": 0, "length": -1, "mtime_ns": NO_IDENTITY, "source_size": NO_IDENTITY}
+          "source_size": np.int64,
+          "frames": np.int32, "fps": np.float64, "duration": np.float64}  # fmt: skip
+_FILL = {
+    "offset": 0,
+    "length": -1,
+    "mtime_ns": NO_IDENTITY,
+    "source_size": NO_IDENTITY,
+    "frames": -1,
+    "fps": float("nan"),
+    "duration": float("nan"),
+}  # (videos: -1 frames and NaN rates for images)
 _STRINGS = ("key", "caption")
 _HASH_CHUNK = 8 << 20
 _VERIFIED = ".verified.json"  # the marker of a folder hashed on this boot
@@ -774,6 +783,7 @@ def _build_columns(path: Path, folder: Path, content: str) -> None:
         raise ManifestError(f"manifest {path}: {exc}") from None
     base = [c for c in ("key", "height", "width", "caption", "source", "offset", "length") if c in names]
     base += [c for c in ("mtime_ns", "source_size", "etag") if c in names]  # what the loader checks a source by
+    base += [c for c in ("frames", "fps", "duration") if c in names]  # what the planner cuts clips from (videos)
     columns = base + [c for name in pairs for c in pair_columns(name)]
     fingerprint = Fingerprint(pinned_columns(pairs), n)
     fixed = {c: _NpyWriter(folder / f"{c}.npy", _fixed_type(c), n) for c in columns if _fixed_type(c) is not None}

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..data.manifest import IDENTITY, SCHEMA
+from ..data.manifest import IDENTITY, SCHEMA, VIDEO
 from ..errors import IndexingError
 from .records import Reject
 
@@ -109,7 +109,43 @@ def metadata_rows(path: Path, *, base_url: str | None = None) -> tuple[pa.Table,
         schema=SCHEMA,
     )
     out = out.append_column(IDENTITY.field("source_size"), source_size).append_column(IDENTITY.field("etag"), etag)
+    if "frames" in names:  # videos: their facts as the metadata gives them (frames, fps; duration, codec, vfr...)
+        videos, bad = _video_columns(table, path)
+        for row in pc.indices_nonzero(pc.and_(keep, bad)).to_pylist():
+            rejects.append({"source": f"{path}#{key[row].as_py()}", "key": key[row].as_py(),
+                            "reason": "frame count unknowable: a video row needs frames >= 1 and fps > 0"})  # fmt: skip
+        keep = pc.and_(keep, pc.invert(bad))
+        for field, column in zip(VIDEO, videos):
+            out = out.append_column(field, column)
     return out.filter(keep), rejects
+
+
+def _video_columns(table: pa.Table, path: Path) -> tuple[list[pa.Array], pa.Array]:
+    """The manifest's ``VIDEO`` columns from metadata that has ``frames`` (null: an image), and which rows claim to
+    be videos without a usable frame count and rate. ``duration`` defaults to ``frames / fps``, ``vfr`` to False;
+    ``frame_times`` are taken only with ``vfr``."""
+    n = table.num_rows
+
+    def column(name: str, kind: pa.DataType) -> pa.Array:
+        if name not in table.column_names:
+            return pa.nulls(n, kind)
+        try:
+            return pc.cast(table.column(name), kind).combine_chunks()
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise IndexingError(
+                f"metadata {path}: column {name!r} is not {kind} ({str(exc).splitlines()[0]})"
+            ) from None
+
+    frames, fps = column("frames", pa.int32()), column("fps", pa.float64())
+    video = pc.is_valid(frames)
+    usable = pc.and_(pc.greater_equal(frames, 1), pc.greater(fps, 0.0))
+    bad = pc.and_(video, pc.invert(pc.fill_null(usable, False)))
+    duration = pc.if_else(pc.is_valid(column("duration", pa.float64())), column("duration", pa.float64()),
+                          pc.divide(pc.cast(frames, pa.float64()), fps))  # fmt: skip
+    vfr = pc.if_else(video, pc.fill_null(column("vfr", pa.bool_()), False), pa.scalar(None, pa.bool_()))
+    times = pc.if_else(pc.fill_null(vfr, False), column("frame_times", pa.list_(pa.float32())),
+                       pa.nulls(n, pa.list_(pa.float32())))  # fmt: skip
+    return [frames, fps, duration, column("codec", pa.string()), vfr, times], bad
 
 
 INT32_MAX = 2**31 - 1
