@@ -151,3 +151,47 @@ def test_seeking_decodes_only_from_the_keyframe_before(tmp_path: Path, monkeypat
     assert failure == Failure.NONE
     assert 60 <= min(numbers) <= 70, numbers[:5]  # the keyframe at or before 70 (every 12 frames)
     assert max(numbers) == 74  # and no further than the last wanted frame
+
+
+def run_graph(decoder, samples: list[dict[str, np.ndarray]], mirror: list[bool]) -> np.ndarray:
+    """The decoder's graph and the pipeline's flip (CPU DALI) over ``samples``: ``uint8 [B, F, 3, H, W]``."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    names = [o.name for o in (*decoder.part_outputs, *decoder.shared_outputs)]
+    columns = [[s[name] for s in samples] for name in names]
+    flips = [np.array(m, np.int32) for m in mirror]
+
+    @pipeline_def(batch_size=len(samples), num_threads=1, device_id=None, exec_dynamic=True)
+    def pipe():
+        feeds = dict(zip(names, fn.external_source(source=lambda: columns, num_outputs=len(names), batch=True)))
+        images = decoder.graph(feeds, gpu=False)["images"]
+        mirror_node = fn.external_source(source=lambda: flips, batch=True, dtype=types.INT32)
+        return fn.crop_mirror_normalize(images, mirror=mirror_node, dtype=types.UINT8, output_layout="FCHW")
+
+    p = pipe()
+    p.build()
+    (out,) = p.run()
+    return np.stack([np.asarray(out[i]) for i in range(len(samples))])
+
+
+@pytest.mark.parametrize("codec", ["vp9", "mjpeg"])
+def test_dali_video_graph_on_the_cpu_matches_the_workers(tmp_path: Path, codec: str) -> None:
+    """The ``dali_video`` graph (the one NVDEC runs on the GPU) on DALI's CPU decoder: the same frames, crop and
+    flip as the ``pyav`` workers, by the same frame numbers (per-sample frame lists of different lengths)."""
+    pytest.importorskip("nvidia.dali")
+    from dali_arb.loader.decoders.video import DaliVideoDecoder, PyAVDecoder
+
+    path = make_clip(tmp_path / f"c{EXT[codec]}", codec=codec, fps=30.0, frames=40, size=(192, 112), gop=10)
+    data = np.fromfile(path, np.uint8)
+    geometry = place(112, 192, bucket_h=64, bucket_w=96, u_y=0.4, u_x=0.8, center=False)
+    clips = [ClipFrames(np.array([13, 14, 15, 21], np.int64), 30.0), ClipFrames(np.array([2, 38], np.int64), 30.0)]
+    dali = DaliVideoDecoder()
+    samples = [dali.prepare_clip(data, clip, geometry)[0] for clip in clips]
+    out = [run_graph(dali, [s], [m])[0] for s, m in zip(samples, (False, True))]
+    for clip, served, flipped in zip(clips, out, (False, True)):
+        expected, failure = PyAVDecoder().prepare_clip(data, clip, geometry)
+        assert failure == Failure.NONE
+        frames = expected["video"][:, :, ::-1] if flipped else expected["video"]
+        assert served.shape == (len(clip.indices), 3, 64, 96)
+        for k in range(len(clip.indices)):
+            assert psnr(served[k].transpose(1, 2, 0), frames[k]) >= PSNR_BOUND
