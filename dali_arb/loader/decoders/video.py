@@ -36,7 +36,7 @@ from .base import Decoder
 from .pillow import PillowDecoder
 from .videoframes import ClipFrames, decode_clip
 
-__all__ = ["DaliVideoDecoder", "PyAVDecoder", "VideoDecoder"]
+__all__ = ["VIDEO_AUTO", "VIDEO_DECODERS", "DaliVideoDecoder", "PyAVDecoder", "VideoDecoder", "choose_video_decoder"]
 
 
 @dataclass(frozen=True)
@@ -44,23 +44,20 @@ class VideoDecoder(Decoder):
     """What every video decoder is: it serves clips (``prepare_clip``) and images as 1-frame clips."""
 
     video: ClassVar[bool] = True
+    #: whether it serves images (as 1-frame clips) besides videos
+    serves_images: ClassVar[bool] = True
+    #: outputs the pipeline hands on as they are, after the pixels: the source frame numbers and the clip's rate
+    passed_outputs: ClassVar[tuple[Output, ...]] = (Output("frame_index", "INT64"), Output("fps", "FLOAT"))
 
-    def prepare(
-        self, data: np.ndarray, geometry: Geometry, *, channels: int = 3
-    ) -> tuple[dict[str, np.ndarray] | None, Failure]:
-        """An image as a 1-frame clip: ``{"video": uint8 [1, bh, bw, 3]}`` (Pillow, as the ``pillow`` decoder)."""
-        sample, failure = PillowDecoder().prepare(data, geometry, channels=channels)
-        if sample is None:
-            return None, failure
-        return self._clip_outputs(sample["image"][None], geometry, np.zeros(1, np.int64)), Failure.NONE
+    @property
+    def outputs(self) -> tuple[Output, ...]:
+        """As :attr:`Decoder.outputs`, with :attr:`passed_outputs` after the shared ones (no pairs for video)."""
+        return (*self.part_outputs, *self.shared_outputs, *self.passed_outputs, *super().outputs[-2:])
 
     def prepare_clip(
         self, data: np.ndarray, clip: ClipFrames, geometry: Geometry
     ) -> tuple[dict[str, np.ndarray] | None, Failure]:
         """A clip's outputs from its encoded bytes ``uint8 (n,)``, or ``(None, failure)``. Runs in the workers."""
-        raise NotImplementedError
-
-    def _clip_outputs(self, frames: np.ndarray, geometry: Geometry, indices: np.ndarray) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
     def default_workers(self, cores: int) -> int:
@@ -86,8 +83,14 @@ class PyAVDecoder(VideoDecoder):
             return None, failure
         return {"video": frames}, Failure.NONE
 
-    def _clip_outputs(self, frames: np.ndarray, geometry: Geometry, indices: np.ndarray) -> dict[str, np.ndarray]:
-        return {"video": frames}
+    def prepare(
+        self, data: np.ndarray, geometry: Geometry, *, channels: int = 3
+    ) -> tuple[dict[str, np.ndarray] | None, Failure]:
+        """An image as a 1-frame clip: ``{"video": uint8 [1, bh, bw, 3]}`` (Pillow, as the ``pillow`` decoder)."""
+        sample, failure = PillowDecoder().prepare(data, geometry, channels=channels)
+        if sample is None:
+            return None, failure
+        return {"video": sample["image"][None]}, Failure.NONE
 
     def graph(self, feeds: dict[str, Any], *, gpu: bool) -> dict[str, Any]:
         return {"images": feeds["video"].gpu() if gpu else feeds["video"]}
@@ -111,10 +114,12 @@ class DaliVideoDecoder(VideoDecoder):
     )
     shared_outputs: ClassVar[tuple[Output, ...]] = (Output("size", "FLOAT"),)
 
+    serves_images: ClassVar[bool] = False  # the loader refuses it for a plan with images (images="exclude")
+
     def prepare(
         self, data: np.ndarray, geometry: Geometry, *, channels: int = 3
     ) -> tuple[dict[str, np.ndarray] | None, Failure]:
-        return None, Failure.UNDECODABLE  # images go to a 1-frame bucket decoded by the workers' decoder
+        return None, Failure.NOT_IMAGE  # never planned: the loader refuses images with this decoder
 
     def prepare_clip(
         self, data: np.ndarray, clip: ClipFrames, geometry: Geometry
@@ -151,3 +156,25 @@ class DaliVideoDecoder(VideoDecoder):
 
     def bytes_per_sample(self, encoded_bytes: int, bucket_pixels: int) -> int:
         return int(encoded_bytes) + 256
+
+
+#: The video decoders, by the name ``video_decoder=`` takes (apart from the image decoders: a loader with
+#: ``frames=`` decodes every sample, images too, with one of these).
+VIDEO_DECODERS: dict[str, type[VideoDecoder]] = {"pyav": PyAVDecoder, "dali_video": DaliVideoDecoder}
+#: What ``video_decoder="auto"`` picks on each device. ``pyav`` on both: it serves images beside clips and every
+#: codec; ``dali_video`` (NVDEC) is chosen by name for video-only plans on a GPU (no GPU measurement yet).
+VIDEO_AUTO: dict[str, str] = {"cpu": "pyav", "gpu": "pyav"}
+
+
+def choose_video_decoder(name: str | VideoDecoder, device: str) -> VideoDecoder:
+    """The video decoder ``name`` (a key of :data:`VIDEO_DECODERS` or ``"auto"``) for ``device``; an instance as
+    it is. A ConfigError naming the choices for any other value."""
+    if isinstance(name, VideoDecoder):
+        return name
+    if name == "auto":
+        name = VIDEO_AUTO["gpu" if device == "gpu" else "cpu"]
+    if name not in VIDEO_DECODERS:
+        from ...errors import ConfigError
+
+        raise ConfigError(f"video_decoder must be 'auto', {', '.join(map(repr, VIDEO_DECODERS))}, got {name!r}")
+    return VIDEO_DECODERS[name]()
