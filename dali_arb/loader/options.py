@@ -237,7 +237,8 @@ class Video:
                 raise ConfigError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
         _set(self, "stride", _count("stride", self.stride, least=1, what=" (frames)"))
         _set(self, "clip_count", _count("clip_count", self.clip_count, least=1))
-        if self.frames is None and self.to_dict() != Video().to_dict():
+        defaults = {f.name: f.default for f in fields(self)}
+        if self.frames is None and any(getattr(self, n) != v for n, v in defaults.items() if n != "decoder"):
             raise ConfigError("the video options (fps, clip, stride, clip_count, images, layout) need frames=[...], "
                               "the frame buckets; without it the loader serves images only")  # fmt: skip
         if self.images == "include" and self.frames is not None and 1 not in self.frames:
