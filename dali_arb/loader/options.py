@@ -241,9 +241,6 @@ class Video:
         if self.frames is None and any(getattr(self, n) != v for n, v in defaults.items() if n != "decoder"):
             raise ConfigError("the video options (fps, clip, stride, clip_count, images, layout) need frames=[...], "
                               "the frame buckets; without it the loader serves images only")  # fmt: skip
-        if self.images == "include" and self.frames is not None and 1 not in self.frames:
-            raise ConfigError(f"images are 1-frame clips and need 1 among the frame buckets, got frames={list(self.frames)}; "
-                              "add 1, or give images='exclude'")  # fmt: skip
         from .decoders.video import VIDEO_DECODERS
 
         if not isinstance(self.decoder, str) or self.decoder not in ("auto", *VIDEO_DECODERS):

@@ -185,7 +185,7 @@ class BatchSource:
         self._datasets = Datasets(manifests, self.decoder.pairs)
         if self._planner is None:
             self._planner = build_planner(self.config, manifests)
-        self._found_bad: set[int] = set()
+        self._found_bad: dict[int, tuple[Failure, int]] = {}  # row -> (failure, part), found by this source
         self._epoch_lengths: dict[int, int] = {}
         if all(path is not None for path, _, _ in self._homes):
             self._manifests = None  # keep only the arrays above; workers reload the files
@@ -197,7 +197,7 @@ class BatchSource:
         restarted = self._view()
         restarted.first_epoch, restarted.first_step = epoch, step
         restarted.blocked_rows = frozenset(blocked_rows)
-        restarted._found_bad = set()
+        restarted._found_bad = {}
         return restarted
 
     def for_thread(self) -> BatchSource:
@@ -416,7 +416,8 @@ class BatchSource:
             planned,
             serve=serve,
             usable=usable,
-            found_bad=lambda sample: self._found_bad.add(self.row_of(sample)),  # the loader learns it from the meta
+            found_bad=lambda sample, failure, part: self._found_bad.setdefault(self.row_of(sample), (failure, part)),
+            known_bad=lambda sample: self._found_bad.get(self.row_of(sample)),  # the loader learns it from the meta
             stand_in=lambda attempt: self.replacement(bucket, epoch, step, position, attempt),
             bucket_size=(bucket_h, bucket_w),
             epoch=epoch,
