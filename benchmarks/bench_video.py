@@ -108,3 +108,215 @@ def video_decode(args) -> dict:
             out[f"  {codec} ({path.stat().st_size // 1024} KiB)"] = f"{row}; {ratio}"
     out["raw"] = raw
     return out
+
+
+class PeerClips:
+    """The peer a user writes: a map-style dataset of planned batches (picklable), each clip decoded in a
+    ``DataLoader`` worker with PyAV, seeking to the keyframe before its first frame (``container.seek``), counting
+    frames by timestamp, every wanted frame resized to cover the bucket with Pillow (antialiased bilinear) and
+    centre-cropped: ``uint8 [B, F, 3, H, W]``."""
+
+    def __init__(self, batches: list[list[tuple[str, list[int], float]]], size: tuple[int, int]) -> None:
+        self.batches, self.size = batches, size
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int):
+        import torch
+
+        return torch.from_numpy(np.stack([self._clip(*clip) for clip in self.batches[i]]))
+
+    def _clip(self, path: str, wanted: list[int], fps: float) -> np.ndarray:
+        import av
+        from PIL import Image
+
+        bh, bw = self.size
+        out = []
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            base = stream.time_base
+            start = float(stream.start_time * base) if stream.start_time is not None else 0.0
+            container.seek(int((start + max(0.0, (wanted[0] - 0.5) / fps)) / base), stream=stream, backward=True)
+            for frame in container.decode(stream):
+                number = round((float(frame.pts * base) - start) * fps)
+                while out.__len__() < len(wanted) and wanted[len(out)] == number:
+                    image = frame.to_image()
+                    scale = max(bh / image.height, bw / image.width)
+                    rw, rh = max(bw, round(image.width * scale)), max(bh, round(image.height * scale))
+                    top, left = (rh - bh) // 2, (rw - bw) // 2
+                    image = image.resize((rw, rh), Image.BILINEAR).crop((left, top, left + bw, top + bh))
+                    out.append(np.asarray(image).transpose(2, 0, 1))
+                if len(out) == len(wanted) or number >= wanted[-1]:
+                    break
+        return np.stack(out)
+
+
+def _time_epoch(batches) -> tuple[float, int, list]:
+    """Seconds, frames served and the batches of one pass (after the first batch, which is warm-up)."""
+    iterator = iter(batches)
+    first = next(iterator)
+    start, frames, kept = time.perf_counter(), 0, [first]
+    for batch in iterator:
+        video = batch["video"] if isinstance(batch, dict) else batch
+        frames += int(video.shape[0] * video.shape[1])
+        kept.append(batch)
+    return time.perf_counter() - start, frames, kept
+
+
+@case("video")
+def video(args) -> dict:
+    """The CPU loader (``frames=``, ``pyav`` workers) against DataLoader workers decoding the same clips with PyAV,
+    resizing and cropping to the same bucket; frames per second side by side, and the PSNR between them."""
+    import pytest
+    import torch
+
+    from dali_arb import DALIBucketIterator
+    from dali_arb.tools.photos import psnr
+    from support import clipplan
+
+    quick = args.quick
+    count, size, frames = (6, (640, 360), 48) if quick else (24, (1280, 720), 96)
+    bucket, length, batch, workers = (288, 512), 17, 4, max(1, min(16, _cores()))
+    codecs = [("h264", 24.0), ("vp9", 30.0), ("mjpeg", 60.0), ("h264", 30.0)]
+    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as patch:
+        planning = clipplan.install(patch, bucket=bucket)
+        clips = [{"codec": c, "fps": f, "frames": frames, "gop": 24} for c, f in (codecs * count)[:count]]
+        manifest = clipplan.video_manifest(Path(tmp), clips, size=size)
+        options = {"batch_size": batch, "frames": [length], "device": "cpu", "dtype": "uint8", "crop": "center",
+                   "workers": workers, "seed": 0, "images": "exclude", "clip": "chunk"}  # fmt: skip
+        with DALIBucketIterator(manifest, **options, worker_kind="process") as loader:
+            list(loader)  # warm-up epoch: workers started, files in the page cache
+            loader.set_epoch(1)
+            processes_s, processes_frames, _ = _time_epoch(loader)
+        with DALIBucketIterator(manifest, **options) as loader:
+            list(loader)
+            loader.set_epoch(1)
+            ours_s, ours_frames, ours = _time_epoch(loader)
+            source = loader._source
+            plan = source.planner.epoch(1)
+            planned = []
+            for step in range(len(plan)):
+                planned.append([(manifest.table.column("source")[source.row_of(s)].as_py(),
+                                 source.clip_frames(s).indices.tolist(), source.clip_frames(s).fps)
+                                for s in plan.rows_at(step).tolist()])  # fmt: skip
+        peer = torch.utils.data.DataLoader(PeerClips(planned, bucket), batch_size=None, num_workers=workers,
+                                           multiprocessing_context="spawn", persistent_workers=True, prefetch_factor=4)  # fmt: skip
+        list(peer)  # warm-up: workers spawned
+        peer_s, peer_frames, theirs = _time_epoch(peer)
+    worst = min(psnr(a["video"][i, k].numpy().transpose(1, 2, 0), b[i, k].numpy().transpose(1, 2, 0))
+                for a, b in zip(ours, theirs) for i in range(b.shape[0]) for k in range(b.shape[1]))  # fmt: skip
+    ours_fps, peer_fps = ours_frames / ours_s, peer_frames / peer_s
+    head = (f"{count} clips {size[0]}x{size[1]} ({', '.join(sorted({c for c, _ in codecs}))}; 24/30/60 fps) x "
+            f"{frames} frames, chunks of {length} to {bucket[1]}x{bucket[0]}, batch {batch}, {workers} workers, "
+            f"{_cores()} cores, planning: {planning}")  # fmt: skip
+    return {
+        head: "",
+        "  dali_arb (pyav, worker threads) frames/s": round(ours_fps, 1),
+        "  dali_arb (pyav, worker processes) frames/s": round(processes_frames / processes_s, 1),
+        "  DataLoader + PyAV seek + Pillow frames/s": round(peer_fps, 1),
+        "  speed-up vs the peer (threads / processes)": (
+            f"{ours_fps / peer_fps:.2f}x / {processes_frames / processes_s / peer_fps:.2f}x"
+        ),
+        "  worst frame PSNR dali_arb vs peer (dB)": round(worst, 1),
+        "raw": {
+            "ours_s": ours_s,
+            "ours_frames": ours_frames,
+            "processes_s": processes_s,
+            "processes_frames": processes_frames,
+            "peer_s": peer_s,
+            "peer_frames": peer_frames,
+        },
+    }
+
+
+def _cores() -> int:
+    from dali_arb.loader.decoders import cpu_count
+
+    return cpu_count()
+
+
+def _planned(loader, manifest) -> list[list[tuple[str, list[int], float]]]:
+    """The loader's current epoch as the peers read it: per step, ``(path, frame indices, fps)`` of each clip."""
+    source = loader._source
+    plan = source.planner.epoch(loader.epoch)
+    sources = manifest.table.column("source")
+    out = []
+    for step in range(len(plan)):
+        clips = [(sources[source.row_of(s)].as_py(), source.clip_frames(s)) for s in plan.rows_at(step).tolist()]
+        out.append([(path, clip.indices.tolist(), clip.fps) for path, clip in clips])
+    return out
+
+
+def _torchcodec_cuda(planned, bucket: tuple[int, int]) -> tuple[float, int] | None:
+    """Seconds and frames for torchcodec's CUDA decoder on the same clips (``get_frames_at``, then an antialiased
+    bilinear resize to cover and a centre crop on the GPU), one clip at a time; None without torchcodec."""
+    try:
+        import torch
+        from torchcodec.decoders import VideoDecoder
+    except Exception:
+        return None
+    bh, bw = bucket
+    start, frames = time.perf_counter(), 0
+    for batch in planned:
+        for path, indices, _ in batch:
+            decoded = VideoDecoder(path, device="cuda").get_frames_at(indices).data  # [F, 3, H, W] uint8
+            h, w = decoded.shape[-2:]
+            scale = max(bh / h, bw / w)
+            rh, rw = max(bh, round(h * scale)), max(bw, round(w * scale))
+            resized = torch.nn.functional.interpolate(decoded.float(), size=(rh, rw), mode="bilinear", antialias=True)
+            top, left = (rh - bh) // 2, (rw - bw) // 2
+            resized[:, :, top : top + bh, left : left + bw].to(torch.uint8)
+            frames += len(indices)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, frames
+
+
+@case("video_gpu")
+def video_gpu(args) -> dict:
+    """On a GPU: the loader with NVDEC (``video_decoder="dali_video"``) against torchcodec's CUDA decoder and the
+    CPU peer (DataLoader + PyAV on every core) and the CPU loader, on the same H.264 clips and plan; frames/s."""
+    import pytest
+    import torch
+
+    from dali_arb import DALIBucketIterator
+    from dali_arb.loader.pipeline import gpu_count
+    from support import clipplan
+
+    count, size, frames = (8, (640, 360), 48) if args.quick else (32, (1920, 1080), 120)
+    bucket, length, batch, cores = (480, 848), 33, 4, _cores()
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as patch:
+        planning = clipplan.install(patch, bucket=bucket)
+        clips = [{"codec": "h264", "fps": (24.0, 30.0, 60.0)[i % 3], "frames": frames, "gop": 48} for i in range(count)]
+        manifest = clipplan.video_manifest(Path(tmp), clips, size=size)
+        options = {"batch_size": batch, "frames": [length], "dtype": "uint8", "crop": "center", "seed": 0,
+                   "images": "exclude"}  # fmt: skip
+        figures = {}
+        runs = [("dali_arb CPU pyav workers", {"device": "cpu", "workers": cores})]
+        if gpu_count() > 0:  # without a GPU (a rehearsal on the CPU) the rest still runs
+            runs.insert(0, ("dali_arb NVDEC (dali_video)", {"device": "gpu", "video_decoder": "dali_video"}))
+        for name, extra in runs:
+            with DALIBucketIterator(manifest, **options, **extra) as loader:
+                list(loader)
+                loader.set_epoch(1)
+                seconds, served, _ = _time_epoch(loader)
+                planned = _planned(loader, manifest)
+            figures[name] = served / seconds
+        peer = torch.utils.data.DataLoader(PeerClips(planned, bucket), batch_size=None, num_workers=cores,
+                                           multiprocessing_context="spawn", persistent_workers=True, prefetch_factor=4)  # fmt: skip
+        list(peer)
+        seconds, served, _ = _time_epoch(peer)
+        figures[f"DataLoader + PyAV, {cores} workers"] = served / seconds
+        codec = _torchcodec_cuda(planned, bucket)
+        if codec is not None:
+            figures["torchcodec CUDA, one clip at a time"] = codec[1] / codec[0]
+    out[f"{count} H.264 clips {size[0]}x{size[1]}, chunks of {length} to {bucket[1]}x{bucket[0]}, batch {batch}, "
+        f"{cores} cores, planning: {planning}"] = ""  # fmt: skip
+    nvdec = figures.get("dali_arb NVDEC (dali_video)")
+    for name, value in figures.items():
+        out[f"  {name} frames/s"] = f"{value:.1f}" + (f" (NVDEC {nvdec / value:.2f}x)" if nvdec else " (no GPU)")
+    if codec is None:
+        out["  torchcodec CUDA"] = "not installed"
+    out["raw"] = figures
+    return out

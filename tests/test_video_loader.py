@@ -187,3 +187,49 @@ def test_image_only_loader_is_unchanged(tmp_path: Path) -> None:
     options = LoaderOptions.from_keywords(batch_size=2)
     assert not options.video.on
     assert options.video.spec() is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("codec", ["h264", "vp9"])
+def test_nvdec_serves_the_frames_the_cpu_workers_serve(tmp_path: Path, planning: str, codec: str) -> None:
+    """On a GPU: ``video_decoder="dali_video"`` (NVDEC, fed bytes and frame indices) against the CPU ``pyav``
+    workers on the same plan: the same ids and frame indices, every frame within the bound, on ``cuda``."""
+    m = video_manifest(tmp_path, [{"codec": codec, "frames": 27, "fps": f} for f in (24.0, 30.0, 60.0, 24.0)])
+    options = {"frames": [9], "images": "exclude", "crop": "random", "flip": 0.5}
+    cpu = list(loader(m, **options))
+    gpu = list(loader(m, **options, device="gpu", video_decoder="dali_video"))
+    assert len(cpu) == len(gpu) > 0
+    for a, b in zip(cpu, gpu):
+        assert a["ids"] == b["ids"] and torch.equal(a["frame_index"], b["frame_index"])
+        assert b["video"].is_cuda and b["video"].shape == a["video"].shape
+        for i in range(a["video"].shape[0]):
+            for k in range(a["video"].shape[1]):
+                frame_a = a["video"][i, k].numpy().transpose(1, 2, 0)
+                frame_b = b["video"][i, k].cpu().numpy().transpose(1, 2, 0)
+                assert psnr(frame_a, frame_b) >= 30.0  # NVDEC's colour conversion and DALI's resize differ a little
+
+
+@pytest.mark.slow
+def test_clips_from_object_storage_with_read_ahead(tmp_path: Path, planning: str) -> None:
+    """Clips in S3 (moto) serve the same batches as the same files on disk, fetched ahead of the plan."""
+    pytest.importorskip("moto")
+    import pyarrow as pa
+
+    from support.loopback import moto_bucket, put_object
+
+    m = video_manifest(tmp_path, [{"frames": 18, "codec": c} for c in ("h264", "vp9", "mjpeg", "h264")])
+    local = list(loader(m, frames=[9], workers=2))
+    with moto_bucket("clips"):
+        urls = []
+        for path in m.table.column("source").to_pylist():
+            put_object("clips", Path(path).name, Path(path).read_bytes())
+            urls.append(f"s3://clips/{Path(path).name}")
+        remote_manifest = Manifest(m.table.set_column(m.table.column_names.index("source"), "source", pa.array(urls)))
+        with loader(remote_manifest, frames=[9], workers=2, read_ahead=2) as it:
+            remote = list(it)
+            stats = it.stats
+    assert len(local) == len(remote) > 0
+    for a, b in zip(local, remote):
+        assert a["ids"] == b["ids"]
+        assert torch.equal(a["frame_index"], b["frame_index"]) and torch.equal(a["video"], b["video"])
+    assert stats["requests"] >= 4 and stats["hits"] > 0
