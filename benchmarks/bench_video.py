@@ -185,10 +185,12 @@ def video(args) -> dict:
         manifest = clipplan.video_manifest(Path(tmp), clips, size=size)
         options = {"batch_size": batch, "frames": [length], "device": "cpu", "dtype": "uint8", "crop": "center",
                    "workers": workers, "seed": 0, "images": "exclude", "clip": "chunk"}  # fmt: skip
-        with DALIBucketIterator(manifest, **options, worker_kind="process") as loader:
-            list(loader)  # warm-up epoch: workers started, files in the page cache
-            loader.set_epoch(1)
-            processes_s, processes_frames, _ = _time_epoch(loader)
+        processes_s, processes_frames = float("nan"), 0
+        if planning == "package":  # the stand-ins live in this process only: spawned workers would lack them
+            with DALIBucketIterator(manifest, **options, worker_kind="process") as loader:
+                list(loader)  # warm-up epoch: workers started, files in the page cache
+                loader.set_epoch(1)
+                processes_s, processes_frames, _ = _time_epoch(loader)
         with DALIBucketIterator(manifest, **options) as loader:
             list(loader)
             loader.set_epoch(1)

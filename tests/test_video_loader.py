@@ -233,3 +233,18 @@ def test_clips_from_object_storage_with_read_ahead(tmp_path: Path, planning: str
         assert a["ids"] == b["ids"]
         assert torch.equal(a["frame_index"], b["frame_index"]) and torch.equal(a["video"], b["video"])
     assert stats["requests"] >= 4 and stats["hits"] > 0
+
+
+def test_jax_adapter_serves_the_same_clips(tmp_path: Path, planning: str) -> None:
+    jax = pytest.importorskip("jax")
+    from dali_arb.jax import DALIBucketIterator as JaxIterator
+
+    m = video_manifest(tmp_path, [{"frames": 18}, {"frames": 18, "codec": "vp9"}])
+    options = {"batch_size": 2, "frames": [9], "device": "cpu", "workers": 0, "seed": 3, "dtype": "uint8",
+               "layout": "BCFHW", "crop": "center"}  # fmt: skip
+    ours = next(iter(loader(m, **options)))
+    theirs = next(iter(JaxIterator(m, **options)))
+    assert isinstance(theirs["video"], jax.Array) and theirs["video"].shape == (2, 3, 9, *BUCKET)
+    np.testing.assert_array_equal(np.asarray(theirs["video"]), ours["video"].numpy())
+    np.testing.assert_array_equal(np.asarray(theirs["frame_index"]), ours["frame_index"].numpy())
+    assert theirs["target_size"] == BUCKET
