@@ -322,3 +322,56 @@ def video_gpu(args) -> dict:
         out["  torchcodec CUDA"] = "not installed"
     out["raw"] = figures
     return out
+
+
+_MEMORY_PROBE = """
+import resource, sys, numpy as np
+from dali_arb.loader.decoders.videoframes import ClipFrames, decode_clip
+from dali_arb.loader.assembly import place
+import av, PIL.Image
+path, mode, first, length, fps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with av.open(path) as c:
+    s = c.streams.video[0]
+    h, w = s.height, s.width
+g = place(h, w, bucket_h=480, bucket_w=848, u_y=0.5, u_x=0.5, center=True)
+wanted = np.arange(first, first + length, dtype=np.int64)
+if mode == "bytes":
+    data = np.fromfile(path, np.uint8)
+    out, failure = decode_clip(data, ClipFrames(wanted, fps), g)
+elif mode == "path":
+    out, failure = decode_clip(path, ClipFrames(wanted, fps), g)
+else:  # the whole clip decoded, as a loader that decodes every frame and picks holds it
+    with av.open(path) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    out = np.stack(frames)[wanted]
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) * 1024, out.nbytes)
+"""
+
+
+@case("video_memory")
+def video_memory(args) -> dict:
+    """Peak resident memory a worker adds to decode one clip of a 4K video (``decode_clip`` from bytes and from a
+    path) against decoding every frame and picking, each in a fresh process (``ru_maxrss``)."""
+    import subprocess
+    import sys
+
+    from dali_arb.tools.clips import make_clip
+
+    size, frames, length = ((1920, 1080), 48, 17) if args.quick else ((3840, 2160), 72, 33)
+    out = {f"{size[0]}x{size[1]} H.264, {frames} frames, {length} frames from 30 to 848x480, MB": ""}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = make_clip(Path(tmp) / "big.mp4", codec="h264", fps=24.0, frames=frames, size=size, gop=24)
+        out["  encoded file"] = round(path.stat().st_size / 1e6, 1)
+        raw = {}
+        for mode in ("bytes", "path", "whole"):
+            probe = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(path), mode, "30", str(length), "24"],
+                                   capture_output=True, text=True, check=True)  # fmt: skip
+            peak, finished = (int(v) for v in probe.stdout.split())
+            raw[mode] = peak
+            out[f"  peak RSS added, {mode}"] = round(peak / 1e6, 1)
+        out["  the finished clip"] = round(finished / 1e6, 1)
+        out["  one decoded source frame (RGB)"] = round(size[0] * size[1] * 3 / 1e6, 1)
+    out["raw"] = raw
+    return out
