@@ -136,15 +136,20 @@ class StandInPlanner:
 
 
 def install(monkeypatch, *, bucket: tuple[int, int]) -> str:
-    """The package's clip planning (``"package"``), or the stand-ins put in place with ``monkeypatch`` (a pytest
-    MonkeyPatch) serving every clip at ``bucket`` ``(H, W)`` (``"stand-in"``)."""
+    """The package's clip planning (``"package"``), or stand-ins put in place with ``monkeypatch`` (a pytest
+    MonkeyPatch) where the package lacks it: ``plan.frames`` (only while it is missing) and the clip planner
+    (while ``make_planner`` takes no ``frames``), serving every clip at ``bucket`` ``(H, W)`` (``"stand-in"``)."""
+    import inspect
+
+    from dali_arb.plan.planner import make_planner
+
+    if "frames" in inspect.signature(make_planner).parameters:
+        return "package"
     try:
         importlib.import_module("dali_arb.plan.frames")
-        return "package"
     except ImportError:
-        pass
-    frames = _module("dali_arb.plan.frames", FrameSpec=StandInSpec, frame_indices=stand_in_frame_indices)
-    monkeypatch.setitem(sys.modules, "dali_arb.plan.frames", frames)
+        frames = _module("dali_arb.plan.frames", FrameSpec=StandInSpec, frame_indices=stand_in_frame_indices)
+        monkeypatch.setitem(sys.modules, "dali_arb.plan.frames", frames)
     from dali_arb.loader import session, source
 
     def build(config, manifests):

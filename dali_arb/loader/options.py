@@ -58,15 +58,6 @@ def _share(name: str, value: Any, *, what: str = "a share in [0, 1]", top: float
     return float(value)
 
 
-def plan_frames() -> Any:
-    """``dali_arb.plan.frames`` (the frame spec and frame indices of clips), imported by name: until that module is
-    in the package (video-plan's half of issue 21) a static import would resolve to the package itself in the layer
-    check. Replace with ``from ..plan import frames`` once it is."""
-    import importlib
-
-    return importlib.import_module("dali_arb.plan.frames")
-
-
 def _path(name: str, value: Any) -> None:
     if value is not None and not (isinstance(value, (str, os.PathLike)) and os.fspath(value)):
         raise ConfigError(f"{name} must be a folder path, got {value!r}")
@@ -264,7 +255,7 @@ class Video:
         """The plan's :class:`~dali_arb.plan.frames.FrameSpec`, or None without ``frames``."""
         if self.frames is None:
             return None
-        FrameSpec = plan_frames().FrameSpec
+        from ..plan.frames import FrameSpec
 
         return FrameSpec(frames=self.frames, fps=self.fps, clip=self.clip, stride=self.stride, count=self.clip_count,
                          images=self.images == "include")  # fmt: skip

@@ -32,7 +32,6 @@ from .assembly import BatchColumns, place
 from .contracts import Failure
 from .decoders import Decoder
 from .decoders.videoframes import ClipFrames
-from .options import plan_frames
 from .planning import LoaderConfig, build_planner
 from .replacements import replacement_row, serve_or_replace
 from .samples import Datasets, remote_request
@@ -313,7 +312,7 @@ class BatchSource:
     def clip_frames(self, sample: int) -> ClipFrames | None:
         """Which frames of its video ``sample`` serves (:func:`~dali_arb.plan.frames.frame_indices`, a pure
         function of the clip table and the manifest), or None when its row is an image."""
-        frame_indices = plan_frames().frame_indices
+        from ..plan.frames import frame_indices
 
         row = self.row_of(sample)
         n_frames, fps, times = self._datasets.clip_facts(row)
