@@ -168,29 +168,26 @@ def _time_epoch(batches) -> tuple[float, int, list]:
 def video(args) -> dict:
     """The CPU loader (``frames=``, ``pyav`` workers) against DataLoader workers decoding the same clips with PyAV,
     resizing and cropping to the same bucket; frames per second side by side, and the PSNR between them."""
-    import pytest
     import torch
 
-    from dali_arb import DALIBucketIterator
+    from dali_arb import BucketSpec, DALIBucketIterator
     from dali_arb.tools.photos import psnr
-    from support import clipplan
+    from support.videomanifest import video_manifest
 
     quick = args.quick
     count, size, frames = (6, (640, 360), 48) if quick else (24, (1280, 720), 96)
     bucket, length, batch, workers = (288, 512), 17, 4, max(1, min(16, _cores()))
     codecs = [("h264", 24.0), ("vp9", 30.0), ("mjpeg", 60.0), ("h264", 30.0)]
-    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as patch:
-        planning = clipplan.install(patch, bucket=bucket)
+    with tempfile.TemporaryDirectory() as tmp:
         clips = [{"codec": c, "fps": f, "frames": frames, "gop": 24} for c, f in (codecs * count)[:count]]
-        manifest = clipplan.video_manifest(Path(tmp), clips, size=size)
+        manifest = video_manifest(Path(tmp), clips, size=size)
         options = {"batch_size": batch, "frames": [length], "device": "cpu", "dtype": "uint8", "crop": "center",
-                   "workers": workers, "seed": 0, "images": "exclude", "clip": "chunk"}  # fmt: skip
-        processes_s, processes_frames = float("nan"), 0
-        if planning == "package":  # the stand-ins live in this process only: spawned workers would lack them
-            with DALIBucketIterator(manifest, **options, worker_kind="process") as loader:
-                list(loader)  # warm-up epoch: workers started, files in the page cache
-                loader.set_epoch(1)
-                processes_s, processes_frames, _ = _time_epoch(loader)
+                   "workers": workers, "seed": 0, "images": "exclude", "clip": "chunk",
+                   "buckets": BucketSpec(bucket_sizes=[(bucket[1], bucket[0])])}  # fmt: skip
+        with DALIBucketIterator(manifest, **options, worker_kind="process") as loader:
+            list(loader)  # warm-up epoch: workers started, files in the page cache
+            loader.set_epoch(1)
+            processes_s, processes_frames, _ = _time_epoch(loader)
         with DALIBucketIterator(manifest, **options) as loader:
             list(loader)
             loader.set_epoch(1)
@@ -211,17 +208,14 @@ def video(args) -> dict:
     ours_fps, peer_fps = ours_frames / ours_s, peer_frames / peer_s
     head = (f"{count} clips {size[0]}x{size[1]} ({', '.join(sorted({c for c, _ in codecs}))}; 24/30/60 fps) x "
             f"{frames} frames, chunks of {length} to {bucket[1]}x{bucket[0]}, batch {batch}, {workers} workers, "
-            f"{_cores()} cores, planning: {planning}")  # fmt: skip
+            f"{_cores()} cores")  # fmt: skip
     return {
         head: "",
         "  dali_arb (pyav, worker threads) frames/s": round(ours_fps, 1),
-        "  dali_arb (pyav, worker processes) frames/s": (
-            round(processes_frames / processes_s, 1) if processes_frames else "n/a (stand-in planning)"
-        ),
+        "  dali_arb (pyav, worker processes) frames/s": round(processes_frames / processes_s, 1),
         "  DataLoader + PyAV seek + Pillow frames/s": round(peer_fps, 1),
         "  speed-up vs the peer (threads / processes)": (
-            f"{ours_fps / peer_fps:.2f}x / "
-            + (f"{processes_frames / processes_s / peer_fps:.2f}x" if processes_frames else "n/a")
+            f"{ours_fps / peer_fps:.2f}x / {processes_frames / processes_s / peer_fps:.2f}x"
         ),
         "  worst frame PSNR dali_arb vs peer (dB)": round(worst, 1),
         "raw": {
@@ -281,22 +275,20 @@ def _torchcodec_cuda(planned, bucket: tuple[int, int]) -> tuple[float, int] | No
 def video_gpu(args) -> dict:
     """On a GPU: the loader with NVDEC (``video_decoder="dali_video"``) against torchcodec's CUDA decoder and the
     CPU peer (DataLoader + PyAV on every core) and the CPU loader, on the same H.264 clips and plan; frames/s."""
-    import pytest
     import torch
 
-    from dali_arb import DALIBucketIterator
+    from dali_arb import BucketSpec, DALIBucketIterator
     from dali_arb.loader.pipeline import gpu_count
-    from support import clipplan
+    from support.videomanifest import video_manifest
 
     count, size, frames = (8, (640, 360), 48) if args.quick else (32, (1920, 1080), 120)
     bucket, length, batch, cores = (480, 848), 33, 4, _cores()
     out: dict = {}
-    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as patch:
-        planning = clipplan.install(patch, bucket=bucket)
+    with tempfile.TemporaryDirectory() as tmp:
         clips = [{"codec": "h264", "fps": (24.0, 30.0, 60.0)[i % 3], "frames": frames, "gop": 48} for i in range(count)]
-        manifest = clipplan.video_manifest(Path(tmp), clips, size=size)
+        manifest = video_manifest(Path(tmp), clips, size=size)
         options = {"batch_size": batch, "frames": [length], "dtype": "uint8", "crop": "center", "seed": 0,
-                   "images": "exclude"}  # fmt: skip
+                   "images": "exclude", "clip": "chunk", "buckets": BucketSpec(bucket_sizes=[(bucket[1], bucket[0])])}  # fmt: skip
         figures = {}
         runs = [("dali_arb CPU pyav workers", {"device": "cpu", "workers": cores})]
         if gpu_count() > 0:  # without a GPU (a rehearsal on the CPU) the rest still runs
@@ -317,7 +309,7 @@ def video_gpu(args) -> dict:
         if codec is not None:
             figures["torchcodec CUDA, one clip at a time"] = codec[1] / codec[0]
     out[f"{count} H.264 clips {size[0]}x{size[1]}, chunks of {length} to {bucket[1]}x{bucket[0]}, batch {batch}, "
-        f"{cores} cores, planning: {planning}"] = ""  # fmt: skip
+        f"{cores} cores"] = ""  # fmt: skip
     nvdec = figures.get("dali_arb NVDEC (dali_video)")
     for name, value in figures.items():
         out[f"  {name} frames/s"] = f"{value:.1f}" + (f" (NVDEC {nvdec / value:.2f}x)" if nvdec else " (no GPU)")

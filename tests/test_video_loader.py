@@ -1,8 +1,8 @@
 """The loader serving clips (``frames=``): batch keys and shapes, frames against the reference decode, images as
 1-frame clips, bad videos replaced and listed, resume bit-exact mid-epoch, the frame spec in the state.
 
-Until ``dali_arb.plan.frames`` and the clip planner (video-plan's half of issue 21) are in the package, these tests
-run on the stand-ins of ``support/clipplan.py`` (``chunk`` clips, one spatial bucket, full batches only).
+The manifests are written by ``support/videomanifest.py`` (the video indexer's columns, without indexing); the plan
+is the package's (``plan/frames.py``, the clip planner), over one explicit bucket.
 """
 
 from __future__ import annotations
@@ -24,21 +24,15 @@ from dali_arb.tools.clips import (  # noqa: E402
     truncate_clip,
 )
 from dali_arb.tools.photos import psnr  # noqa: E402
-from support import clipplan  # noqa: E402
+from support.videomanifest import video_manifest as make_manifest  # noqa: E402
 
 SIZE = (160, 96)  # every clip's and image's displayed (W, H)
-BUCKET = (64, 96)  # (H, W) the stand-in planner serves
+BUCKET = (64, 96)  # (H, W): the one bucket the loaders below plan
 PSNR_BOUND = 38.0  # as tests/test_video_decode.py
 
 
-@pytest.fixture
-def planning(monkeypatch: pytest.MonkeyPatch) -> str:
-    """The package's clip planning, or the stand-ins (``support/clipplan.py``) where the package lacks it."""
-    return clipplan.install(monkeypatch, bucket=BUCKET)
-
-
 def video_manifest(folder: Path, clips: list[dict], images: int = 0) -> Manifest:
-    return clipplan.video_manifest(folder, clips, images, size=SIZE)
+    return make_manifest(folder, clips, images, size=SIZE)
 
 
 # -- the tests -----------------------------------------------------------------------------------------------------
@@ -65,7 +59,7 @@ def reference_clip(path: str, indices: np.ndarray) -> np.ndarray:
     return np.stack(out).transpose(0, 3, 1, 2)
 
 
-def test_batches_hold_clips_that_match_the_reference(tmp_path: Path, planning: str) -> None:
+def test_batches_hold_clips_that_match_the_reference(tmp_path: Path) -> None:
     m = video_manifest(tmp_path, [{"codec": "h264", "fps": 24.0, "frames": 20},
                                   {"codec": "vp9", "fps": 30.0, "frames": 19},
                                   {"codec": "mjpeg", "fps": 60.0, "frames": 27}], images=2)  # fmt: skip
@@ -94,7 +88,7 @@ def test_batches_hold_clips_that_match_the_reference(tmp_path: Path, planning: s
         assert it.failed == []
 
 
-def test_layout_bcfhw_and_float_scaling(tmp_path: Path, planning: str) -> None:
+def test_layout_bcfhw_and_float_scaling(tmp_path: Path) -> None:
     m = video_manifest(tmp_path, [{"frames": 18}, {"frames": 18, "fps": 30.0}])
     first = next(iter(loader(m, layout="BCFHW", dtype="float32", frames=[9])))
     raw = next(iter(loader(m, frames=[9])))
@@ -103,7 +97,7 @@ def test_layout_bcfhw_and_float_scaling(tmp_path: Path, planning: str) -> None:
     torch.testing.assert_close(first["video"], expected, atol=1e-5, rtol=0)
 
 
-def test_target_fps_resamples_by_time(tmp_path: Path, planning: str) -> None:
+def test_target_fps_resamples_by_time(tmp_path: Path) -> None:
     m = video_manifest(tmp_path, [{"frames": 60, "fps": 60.0}, {"frames": 60, "fps": 60.0}])
     batch = next(iter(loader(m, frames=[9], fps=24.0)))
     assert batch["fps"].tolist() == [24.0, 24.0]
@@ -112,7 +106,7 @@ def test_target_fps_resamples_by_time(tmp_path: Path, planning: str) -> None:
         assert set(steps.tolist()) <= {2, 3} and abs(steps.mean() - 2.5) < 0.3  # every 2.5th frame by time
 
 
-def test_bad_videos_are_replaced_and_listed(tmp_path: Path, planning: str) -> None:
+def test_bad_videos_are_replaced_and_listed(tmp_path: Path) -> None:
     m = video_manifest(tmp_path, [{"frames": 18} for _ in range(4)])
     truncate_clip(m.table.column("source")[1].as_py(), keep=0.4)  # truncated after indexing
     changed = m.table.column("source")[2].as_py()
@@ -129,7 +123,7 @@ def test_bad_videos_are_replaced_and_listed(tmp_path: Path, planning: str) -> No
         assert torch.equal(idx_a, idx_b) and torch.equal(vid_a, vid_b)
 
 
-def test_resume_mid_epoch_is_bit_exact(tmp_path: Path, planning: str) -> None:
+def test_resume_mid_epoch_is_bit_exact(tmp_path: Path) -> None:
     m = video_manifest(tmp_path, [{"frames": 27, "codec": "vp9"}, {"frames": 18}, {"frames": 27}], images=2)
     options = {"flip": 0.5, "crop": "random", "dtype": "float16"}
     it = loader(m, **options)
@@ -154,7 +148,7 @@ def test_resume_mid_epoch_is_bit_exact(tmp_path: Path, planning: str) -> None:
         other.load_state_dict(state)
 
 
-def test_variable_frame_rate_clips_by_timestamp(tmp_path: Path, planning: str) -> None:
+def test_variable_frame_rate_clips_by_timestamp(tmp_path: Path) -> None:
     m = video_manifest(tmp_path, [{"frames": 30, "vfr": True}, {"frames": 30, "vfr": True}])
     batch = next(iter(loader(m, frames=[9], fps=24.0)))
     times = np.asarray(m.table.column("frame_times")[0].as_py())
@@ -193,7 +187,7 @@ def test_image_only_loader_is_unchanged(tmp_path: Path) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("codec", ["h264", "vp9"])
-def test_nvdec_serves_the_frames_the_cpu_workers_serve(tmp_path: Path, planning: str, codec: str) -> None:
+def test_nvdec_serves_the_frames_the_cpu_workers_serve(tmp_path: Path, codec: str) -> None:
     """On a GPU: ``video_decoder="dali_video"`` (NVDEC, fed bytes and frame indices) against the CPU ``pyav``
     workers on the same plan: the same ids and frame indices, every frame within the bound, on ``cuda``."""
     m = video_manifest(tmp_path, [{"codec": codec, "frames": 27, "fps": f} for f in (24.0, 30.0, 60.0, 24.0)])
@@ -212,7 +206,7 @@ def test_nvdec_serves_the_frames_the_cpu_workers_serve(tmp_path: Path, planning:
 
 
 @pytest.mark.slow
-def test_clips_from_object_storage_with_read_ahead(tmp_path: Path, planning: str) -> None:
+def test_clips_from_object_storage_with_read_ahead(tmp_path: Path) -> None:
     """Clips in S3 (moto) serve the same batches as the same files on disk, fetched ahead of the plan."""
     pytest.importorskip("moto")
     import pyarrow as pa
@@ -237,7 +231,7 @@ def test_clips_from_object_storage_with_read_ahead(tmp_path: Path, planning: str
     assert stats["requests"] >= 4 and stats["hits"] > 0
 
 
-def test_jax_adapter_serves_the_same_clips(tmp_path: Path, planning: str) -> None:
+def test_jax_adapter_serves_the_same_clips(tmp_path: Path) -> None:
     jax = pytest.importorskip("jax")
     from dali_arb.jax import DALIBucketIterator as JaxIterator
 
