@@ -248,3 +248,29 @@ def test_jax_adapter_serves_the_same_clips(tmp_path: Path) -> None:
     np.testing.assert_array_equal(np.asarray(theirs["video"]), ours["video"].numpy())
     np.testing.assert_array_equal(np.asarray(theirs["frame_index"]), ours["frame_index"].numpy())
     assert theirs["target_size"] == BUCKET
+
+
+def test_every_clip_once_per_epoch_and_several_datasets(tmp_path: Path) -> None:
+    """Two datasets of videos, ``chunk`` clips, ``leftover="partial"``: each epoch serves every clip of every video
+    exactly once (counted by (video, first frame)), and each clip's frames are its video's."""
+    first = video_manifest(tmp_path / "a", [{"frames": 27}, {"frames": 18, "codec": "vp9"}])
+    second = video_manifest(tmp_path / "b", [{"frames": 27, "codec": "mjpeg", "fps": 30.0}])
+    from dali_arb import BucketSpec
+
+    spec = BucketSpec(bucket_sizes=[(BUCKET[1], BUCKET[0])])
+    for epoch in (0, 1):
+        it = loader([first, second], frames=[9], leftover="partial", buckets=spec)
+        it.set_epoch(epoch)
+        served = []
+        for batch in it:
+            for b, key in enumerate(batch["ids"]):
+                dataset = int(batch["dataset"][b])
+                served.append((dataset, key, int(batch["frame_index"][b, 0])))
+                manifest = (first, second)[dataset]
+                source = manifest.table.column("source")[int(key[1:])].as_py()
+                reference = reference_clip(source, batch["frame_index"][b].numpy())
+                assert psnr(batch["video"][b, 4].numpy(), reference[4]) >= PSNR_BOUND
+        expected = (
+            [(0, "v0", s) for s in (0, 9, 18)] + [(0, "v1", s) for s in (0, 9)] + [(1, "v0", s) for s in (0, 9, 18)]
+        )
+        assert sorted(served) == sorted(expected)
