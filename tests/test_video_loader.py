@@ -274,3 +274,23 @@ def test_every_clip_once_per_epoch_and_several_datasets(tmp_path: Path) -> None:
             [(0, "v0", s) for s in (0, 9, 18)] + [(0, "v1", s) for s in (0, 9)] + [(1, "v0", s) for s in (0, 9, 18)]
         )
         assert sorted(served) == sorted(expected)
+
+
+def test_pooled_leftover_clips_are_served_at_the_steps_frame_count(tmp_path: Path) -> None:
+    """A leftover clip pooled into a step of fewer frames is served at that step's frame count (its first frames),
+    so every batch is one [B, F, ...] array (a ragged batch failed in the pipeline before)."""
+    from dali_arb import BucketSpec
+
+    m = video_manifest(tmp_path, [{"frames": 20}, {"frames": 20, "codec": "vp9"}, {"frames": 20}, {"frames": 12}])
+    spec = BucketSpec(bucket_sizes=[(BUCKET[1], BUCKET[0])])
+    shorter = 0
+    for leftover in ("auto", "nearest", "partial"):
+        with loader(m, frames=[9, 17], clip="head", buckets=spec, leftover=leftover) as it:
+            for batch in it:
+                f = batch["frame_index"].shape[1]
+                assert batch["video"].shape[:2] == (len(batch["ids"]), f)
+                for b, key in enumerate(batch["ids"]):
+                    index = batch["frame_index"][b].numpy()
+                    assert index.tolist() == list(range(f))  # head clips at the video's own rate
+                    shorter += int(key != "v3" and f == 9)
+    assert shorter > 0  # some 17-frame clip was served at 9 frames

@@ -262,6 +262,8 @@ class BatchSource:
             self.remote.gather(self._datasets.requests(self.rows_of(rows)))  # the batch at once, concurrently
         bucket = plan.bucket_at(step)
         bucket_h, bucket_w = (int(v) for v in plan.sizes[bucket])
+        # every clip of a step is served at the step's frame count (a pooled leftover clip may be longer)
+        self._step_frames = int(plan.frames_at(step)) if self._clips is not None else 1
         offset = plan.offset_at(step)
         c = self.config
         # Per-sample randomness keyed by position in the global batch: independent of world size.
@@ -309,9 +311,10 @@ class BatchSource:
         clips = self._clips
         return np.asarray(clips.row, np.int64)[samples] if clips is not None else samples
 
-    def clip_frames(self, sample: int) -> ClipFrames | None:
+    def clip_frames(self, sample: int, length: int | None = None) -> ClipFrames | None:
         """Which frames of its video ``sample`` serves (:func:`~dali_arb.plan.frames.frame_indices`, a pure
-        function of the clip table and the manifest), or None when its row is an image."""
+        function of the clip table and the manifest): the first ``length`` frames of its window (the step's frame
+        count, ``EpochPlan.frames_at``; None: the clip's own length), or None when its row is an image."""
         from ..plan.frames import frame_indices
 
         row = self.row_of(sample)
@@ -319,8 +322,12 @@ class BatchSource:
         clips = self._clips
         if n_frames < 0 or clips is None:
             return None
-        indices = frame_indices(self.config.frames, start=int(clips.start[sample]), length=int(clips.length[sample]),
-                                n_frames=n_frames, fps=fps, frame_times=times)  # fmt: skip
+        own = int(clips.length[sample])
+        if length is not None and length > own:  # our invariant: the planner serves a clip at most at its length
+            raise RuntimeError(f"dali_arb bug: clip {sample} of {own} frames planned in a step of {length} frames")
+        length = own if length is None else int(length)
+        indices = frame_indices(self.config.frames, start=int(clips.start[sample]), length=length, n_frames=n_frames,
+                                fps=fps, frame_times=times)  # fmt: skip
         return ClipFrames(np.asarray(indices, np.int64), fps, times)
 
     def clip_rate(self, clip: ClipFrames | None) -> float:
@@ -376,7 +383,7 @@ class BatchSource:
         """A video decoder's outputs for planned ``sample`` (a clip of a video, or an image as a 1-frame clip),
         with its ``frame_index`` (``int64 [F]``) and ``fps`` (``float32 ()``), or ``(None, failure)``."""
         row = self.row_of(sample)
-        clip = self.clip_frames(sample)
+        clip = self.clip_frames(sample, getattr(self, "_step_frames", None))
         data, failure = self.read(row, image=clip is None)
         if data is None:
             return None, failure
