@@ -16,9 +16,12 @@ from dali_arb.tools.clips import make_clip, reference_frames
 __all__ = ["video_manifest"]
 
 
-def video_manifest(folder: Path, clips: list[dict], images: int = 0, *, size: tuple[int, int]) -> Manifest:
+def video_manifest(
+    folder: Path, clips: list[dict], images: int = 0, *, size: tuple[int, int], identity: bool = False
+) -> Manifest:
     """A manifest of the clips ``make_clip(**clip)`` writes (with the columns the indexer writes: frames, fps,
-    duration, codec, vfr, frame_times) and ``images`` JPEGs, all of displayed ``size`` ``(W, H)``."""
+    duration, codec, vfr, frame_times) and ``images`` JPEGs, all of displayed ``size`` ``(W, H)``; with ``identity``
+    each file's size and modification time as indexed (``source_size``, ``mtime_ns``)."""
     from PIL import Image
 
     from dali_arb.tools.clips import expected_frame
@@ -41,4 +44,9 @@ def video_manifest(folder: Path, clips: list[dict], images: int = 0, *, size: tu
     schema = pa.schema([("key", pa.string()), ("source", pa.string()), ("width", pa.int64()), ("height", pa.int64()),
                         ("frames", pa.int32()), ("fps", pa.float64()), ("duration", pa.float64()),
                         ("codec", pa.string()), ("vfr", pa.bool_()), ("frame_times", pa.list_(pa.float32()))])  # fmt: skip
-    return Manifest(pa.Table.from_pylist(rows, schema=schema))
+    table = pa.Table.from_pylist(rows, schema=schema)
+    if identity:
+        stats = [Path(p).stat() for p in table.column("source").to_pylist()]
+        table = table.append_column("source_size", pa.array([st.st_size for st in stats], pa.int64()))
+        table = table.append_column("mtime_ns", pa.array([st.st_mtime_ns for st in stats], pa.int64()))
+    return Manifest(table)

@@ -294,3 +294,23 @@ def test_pooled_leftover_clips_are_served_at_the_steps_frame_count(tmp_path: Pat
                     assert index.tolist() == list(range(f))  # head clips at the video's own rate
                     shorter += int(key != "v3" and f == 9)
     assert shorter > 0  # some 17-frame clip was served at 9 frames
+
+
+@pytest.mark.parametrize("decoder", ["pyav", "dali_video"])
+def test_a_video_truncated_after_indexing_is_replaced_by_either_decoder(tmp_path: Path, decoder: str) -> None:
+    """A VP9 file truncated after indexing is caught by its identity (size, modification time), before any decoder
+    sees it, with ``pyav`` and with ``dali_video`` (DALI's CPU decoder serves a truncated VP9 without an error:
+    checked, so the identity is what protects it)."""
+    m = make_manifest(tmp_path, [{"frames": 18, "codec": "vp9"} for _ in range(4)], size=SIZE, identity=True)
+    truncate_clip(m.table.column("source")[2].as_py(), keep=0.3)
+    options = {"frames": [9], "images": "exclude", "video_decoder": decoder}
+    with loader(m, **options) as it:
+        batches = list(it)
+        assert it.failed == ["v2"]
+        assert "changed since indexing" in it.state_dict()["failed"]["v2"]
+    assert batches and all("v2" not in b["ids"] for b in batches)
+    for batch in batches:
+        for b, key in enumerate(batch["ids"]):
+            source = m.table.column("source")[int(key[1:])].as_py()
+            reference = reference_clip(source, batch["frame_index"][b].numpy())
+            assert psnr(batch["video"][b, 0].numpy(), reference[0]) >= PSNR_BOUND

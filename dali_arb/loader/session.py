@@ -439,8 +439,9 @@ class LoaderSession:
         def build(source: Any, *, device: str) -> Any:
             return self._build(source, batch_size=1, device=device, workers=0, dtype="uint8", threads=1, prefetch=1)
 
-        for row in recovery.culprits(said, samples, build, device=self.device,
-                                     decodes_in_dali=isinstance(self.decoder, DaliDecoder)):  # fmt: skip
+        dali_video = self.decoder.name == "dali_video"  # DALI decodes the clips (NVDEC; VP9/MJPEG on the CPU)
+        for row in recovery.culprits(said, samples, build, device=self.device, cpu_probe=not dali_video,
+                                     decodes_in_dali=isinstance(self.decoder, DaliDecoder) or dali_video):  # fmt: skip
             self._block(row, Failure.DALI_UNDECODABLE, f" ({said.facts.summary})")
 
     def _block(self, row: int, failure: Failure, detail: str = "", *, part: int = 0) -> None:
