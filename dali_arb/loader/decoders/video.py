@@ -15,10 +15,11 @@ decoder        the workers                                     the DALI graph
                                                                window to the bucket
 =============  ==============================================  ==============================================
 
-``pyav`` is the CPU decoder: measured on one core it serves 17 frames of a 720p clip 1.6-2.8x faster than DALI's
-CPU ``decoders.video`` for VP9 and MJPEG (which indexes the whole file first), and it reads H.264/HEVC/AV1, which
-DALI's CPU variant refuses (``python -m benchmarks video_decode``; benchmarks/RESULTS.md). ``dali_video`` is the
-GPU decoder: it needs whole encoded files in the pipeline, and it does not apply a display rotation.
+``pyav`` is the CPU decoder: measured on one core it serves 17 frames of a 720p clip in 1/1.7 (VP9) to 1/3.5 (MJPEG)
+of the time DALI's CPU ``decoders.video`` takes (which indexes the whole file first), and it reads H.264/HEVC/AV1,
+which DALI's CPU variant refuses (``python -m benchmarks video_decode``; benchmarks/RESULTS.md). ``dali_video`` is
+for the GPU (NVDEC): it needs whole encoded files in the pipeline, and whether NVDEC applies a display rotation is not
+checked yet (no GPU run so far).
 
 Imports NumPy and the decoder base; PyAV and Pillow in the workers, DALI only inside :meth:`graph`.
 """
