@@ -152,11 +152,13 @@ class PeerClips:
         return np.stack(out)
 
 
-def _time_epoch(batches) -> tuple[float, int, list]:
-    """Seconds, frames served and the batches of one pass (after the first batch, which is warm-up)."""
+def _time_epoch(batches, *, skip_first: bool = True) -> tuple[float, int, list]:
+    """Seconds, frames served and the batches of one pass (``skip_first``: timed after the first batch)."""
     iterator = iter(batches)
-    first = next(iterator)
-    start, frames, kept = time.perf_counter(), 0, [first]
+    start, frames, kept = time.perf_counter(), 0, []
+    if skip_first:
+        kept.append(next(iterator))
+        start = time.perf_counter()
     for batch in iterator:
         video = batch["video"] if isinstance(batch, dict) else batch
         frames += int(video.shape[0] * video.shape[1])
@@ -281,7 +283,7 @@ def video_gpu(args) -> dict:
     from dali_arb.loader.pipeline import gpu_count
     from support.videomanifest import video_manifest
 
-    count, size, frames = (8, (640, 360), 48) if args.quick else (32, (1920, 1080), 120)
+    count, size, frames = (8, (640, 360), 99) if args.quick else (24, (1920, 1080), 99)
     bucket, length, batch, cores = (480, 848), 33, 4, _cores()
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -297,13 +299,13 @@ def video_gpu(args) -> dict:
             with DALIBucketIterator(manifest, **options, **extra) as loader:
                 list(loader)
                 loader.set_epoch(1)
-                seconds, served, _ = _time_epoch(loader)
+                seconds, served, _ = _time_epoch(loader, skip_first=False)
                 planned = _planned(loader, manifest)
             figures[name] = served / seconds
         peer = torch.utils.data.DataLoader(PeerClips(planned, bucket), batch_size=None, num_workers=cores,
                                            multiprocessing_context="spawn", persistent_workers=True, prefetch_factor=4)  # fmt: skip
         list(peer)
-        seconds, served, _ = _time_epoch(peer)
+        seconds, served, _ = _time_epoch(peer, skip_first=False)
         figures[f"DataLoader + PyAV, {cores} workers"] = served / seconds
         codec = _torchcodec_cuda(planned, bucket)
         if codec is not None:
