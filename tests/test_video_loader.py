@@ -183,6 +183,13 @@ def test_image_only_loader_is_unchanged(tmp_path: Path) -> None:
     options = LoaderOptions.from_keywords(batch_size=2)
     assert not options.video.on
     assert options.video.spec() is None
+    from dali_arb import DALIBucketIterator
+
+    m = video_manifest(tmp_path, [], images=4)
+    with DALIBucketIterator(m, batch_size=2, device="cpu", workers=0, dtype="uint8") as it:
+        batch = next(iter(it))
+        assert batch["images"].shape[1] == 3 and "video" not in batch and "frame_index" not in batch
+        assert "frames" not in it.state_dict()
 
 
 @pytest.mark.gpu
