@@ -263,7 +263,7 @@ class BatchSource:
         bucket = plan.bucket_at(step)
         bucket_h, bucket_w = (int(v) for v in plan.sizes[bucket])
         # every clip of a step is served at the step's frame count (a pooled leftover clip may be longer)
-        self._step_frames = int(plan.frames_at(step)) if self._clips is not None else 1
+        frames = int(plan.frames_at(step)) if self._clips is not None else None
         offset = plan.offset_at(step)
         c = self.config
         # Per-sample randomness keyed by position in the global batch: independent of world size.
@@ -272,7 +272,7 @@ class BatchSource:
         for position, planned in enumerate(rows.tolist()):
             u_y, u_x, u_flip = draws[position]
             served, failure, failed_part, (sample, g) = self._serve(
-                planned, bucket, epoch, step, offset + position, (bucket_h, bucket_w, float(u_y), float(u_x))
+                planned, bucket, epoch, step, offset + position, (bucket_h, bucket_w, float(u_y), float(u_x)), frames
             )
             mirror = bool(u_flip < c.flip)
             columns.add(sample, row=self.row_of(served), planned=self.row_of(planned), failure=failure,
@@ -379,11 +379,14 @@ class BatchSource:
             sample.update({f"{name}.{o.name}": part[o.name] for o in self.decoder.part_outputs})
         return sample, Failure.NONE, 0
 
-    def prepare_sample(self, sample: int, geometry: Geometry) -> tuple[dict[str, np.ndarray] | None, Failure]:
-        """A video decoder's outputs for planned ``sample`` (a clip of a video, or an image as a 1-frame clip),
-        with its ``frame_index`` (``int64 [F]``) and ``fps`` (``float32 ()``), or ``(None, failure)``."""
+    def prepare_sample(
+        self, sample: int, geometry: Geometry, frames: int | None = None
+    ) -> tuple[dict[str, np.ndarray] | None, Failure]:
+        """A video decoder's outputs for planned ``sample`` (a clip of a video, or an image as a 1-frame clip) at
+        ``frames`` frames (the step's; None: the clip's own length), with its ``frame_index`` (``int64 [F]``) and
+        ``fps`` (``float32 ()``), or ``(None, failure)``."""
         row = self.row_of(sample)
-        clip = self.clip_frames(sample, getattr(self, "_step_frames", None))
+        clip = self.clip_frames(sample, frames)
         data, failure = self.read(row, image=clip is None)
         if data is None:
             return None, failure
@@ -400,7 +403,14 @@ class BatchSource:
         return served, Failure.NONE
 
     def _serve(
-        self, planned: int, bucket: int, epoch: int, step: int, position: int, placement: tuple[int, int, float, float]
+        self,
+        planned: int,
+        bucket: int,
+        epoch: int,
+        step: int,
+        position: int,
+        placement: tuple[int, int, float, float],
+        frames: int | None = None,
     ) -> tuple[int, Failure, int, tuple[dict[str, np.ndarray], Geometry]]:
         """``(row, failure of planned, its failed part, (sample, geometry))`` for ``planned`` or, if it cannot be
         served, a deterministic stand-in from the same bucket (:func:`~dali_arb.loader.replacements.serve_or_replace`)."""
@@ -410,7 +420,7 @@ class BatchSource:
             row = self.row_of(sample)
             g = self.geometry(row, bucket_h=bucket_h, bucket_w=bucket_w, u_y=u_y, u_x=u_x)
             if getattr(self.decoder, "video", False):
-                served, failure = self.prepare_sample(sample, g)
+                served, failure = self.prepare_sample(sample, g, frames)
                 return (served, g) if served is not None else None, failure, 0
             served, failure, part = self.prepare(row, g)
             return (served, g) if served is not None else None, failure, part
