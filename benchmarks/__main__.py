@@ -20,6 +20,7 @@ from . import (  # noqa: F401  (register cases)
     bench_planner,
     bench_scaling,
     bench_storage,
+    bench_video,
     bench_workers,
 )
 

@@ -12,17 +12,21 @@
 #   bench-gpu.*      the loader on the GPU vs DataLoader + torchvision decode_jpeg(device="cuda") and
 #                    DataLoaders with OpenCV reduced decode, Pillow draft and Pillow on all cores; PSNR, overhead
 #   sweep.*          hw_decoder_load x DALI threads, the OpenCV decoder feeding the GPU, beside the same peers
+#   video.*          clips (issue 21): the loader with NVDEC (video_decoder="dali_video") vs torchcodec's CUDA decoder
+#                    (when installed) vs DataLoader + PyAV on every core vs the CPU loader, frames/s, same plan; the
+#                    GPU video tests (NVDEC frames against the CPU workers') run in gpu-tests
 #
 #   after wheels.sh install:  export PYTHONPATH=/tmp/site:$PWD && bash benchmarks/gpu_check.sh
-#   STEPS (default: all, in this order): device gpu-tests example cpu bench-gpu sweep
-#   limits (s): TESTS_S EXAMPLE_S CPU_S BENCH_S SWEEP_S; sizes: IMAGES, MIN_MP, MAX_MP; TESTS (pytest -k)
+#   STEPS (default: all, in this order): device gpu-tests example cpu bench-gpu sweep video
+#   limits (s): TESTS_S EXAMPLE_S CPU_S BENCH_S SWEEP_S VIDEO_S; sizes: IMAGES, MIN_MP, MAX_MP; TESTS (pytest -k)
 #
 # The machine needs, besides DALI and torch: numpy, pyarrow, pillow, opencv, tqdm, matplotlib, pytest,
-# hypothesis (and torchvision for its peer; stage wheels with DALI's if the machine lacks them).
+# hypothesis (and torchvision for its peer; stage wheels with DALI's if the machine lacks them); for video: av (PyAV,
+# FFmpeg inside its wheel) and, for its peer, a torchcodec built for the machine's torch and CUDA.
 set -uo pipefail
 OUT=${OUT:-out}
 PHOTOS=${PHOTOS:-/tmp/dali-arb-photos}
-STEPS=${STEPS:-device gpu-tests example cpu bench-gpu sweep}
+STEPS=${STEPS:-device gpu-tests example cpu bench-gpu sweep video}
 mkdir -p "$OUT" "$PHOTOS"
 export PYTHONUNBUFFERED=1
 sizes=(--images "${IMAGES:-1600}" --min-mp "${MIN_MP:-1}" --max-mp "${MAX_MP:-4}" --photos "$PHOTOS")
@@ -52,3 +56,4 @@ step example "${EXAMPLE_S:-120}" bash -c 'python3 -m dali_arb index dali_arb/sam
 step cpu "${CPU_S:-180}" python3 -m benchmarks cpu_cores "${sizes[@]}" --json "$OUT/cpu.json"
 step bench-gpu "${BENCH_S:-240}" python3 -m benchmarks loader --device gpu "${sizes[@]}" --json "$OUT/bench-gpu.json"
 step sweep "${SWEEP_S:-240}" python3 -m benchmarks gpu_sweep --device gpu "${sizes[@]}" --json "$OUT/sweep.json"
+step video "${VIDEO_S:-240}" python3 -m benchmarks video_gpu ${VIDEO_QUICK:+--quick} --json "$OUT/video.json"

@@ -2,7 +2,8 @@
 
 The constructor, the plan, ``state_dict`` and the failure handling are the
 :class:`~dali_arb.loader.session.LoaderSession`'s; only the batch's arrays differ: ``images`` (and each pair or
-mask) is a ``jax.Array [B, 3, H, W]`` on this rank's GPU or the CPU, taken from DALI through DLPack;
+mask) is a ``jax.Array [B, 3, H, W]`` on this rank's GPU or the CPU, taken from DALI through DLPack (a clip loader's
+``video`` ``[B, F, 3, H, W]``, with ``frame_index`` and ``fps`` on the CPU);
 ``original_size`` and ``crop_top_left`` are ``int32 [B, 2]`` (``int64`` with ``jax_enable_x64``), ``flipped``
 ``bool [B]``, ``dataset`` ``int32 [B]``; ``ids`` and ``captions`` stay lists. Needs ``pip install
 'dali-arb[jax]'``; imports JAX when a batch is converted.
@@ -43,15 +44,23 @@ class DALIBucketIterator(LoaderSession):
         for key, output in batch.parts.items():
             array = jax.dlpack.from_dlpack(output.as_tensor())
             arrays[key] = array.astype(jnp.bfloat16) if self.dtype == "bfloat16" else array
-        images = arrays.pop("images")
+        if batch.frame_index is not None:  # a clip loader (frames=): video [B, F, 3, H, W] or BCFHW
+            video = arrays.pop("video")
+            if self.options.video.layout == "BCFHW":
+                video = jnp.transpose(video, (0, 2, 1, 3, 4))
+            arrays = {"video": video, "frame_index": jax.device_put(batch.frame_index, cpu),
+                      "fps": jax.device_put(batch.fps, cpu), **arrays}  # fmt: skip
+            images = video
+        else:
+            images = arrays.pop("images")
+            arrays = {"images": images, **arrays}
         return {
-            "images": images,
             "ids": batch.ids,
             "dataset": jax.device_put(batch.dataset, cpu),
             "captions": batch.captions,
             "original_size": jax.device_put(batch.original_size, cpu),
             "crop_top_left": jax.device_put(batch.crop_top_left, cpu),
-            "target_size": (int(images.shape[2]), int(images.shape[3])),
+            "target_size": (int(images.shape[-2]), int(images.shape[-1])),
             "flipped": jax.device_put(batch.flipped, cpu),
             "epoch": batch.epoch,
             "step": batch.step,

@@ -101,6 +101,10 @@ class DALIBucketIterator(LoaderSession):
             empties it with that probability; ``shuffle_tags`` shuffles the tags after the first
             ``keep_tags`` (split at ``tag_separator``, joined with ``tag_separator + " "``). Seeded by
             (seed, epoch, step, position in the global batch): resume reproduces them.
+        frames, fps, clip, stride, clip_count, images, layout, video_decoder: clips instead of images (issue 21;
+            :class:`~dali_arb.loader.options.Video`, docs/video-decode.md): ``frames`` the frame buckets; each batch
+            then holds ``video`` ``[B, F, 3, H, W]`` (``layout="BCFHW"``: ``[B, 3, F, H, W]``) instead of
+            ``images``, ``frame_index`` ``int64 [B, F]`` (source frame numbers) and ``fps`` ``float32 [B]``.
         cache_dir: where the manifest's memory-mapped cache lives (default ``$DALI_ARB_CACHE``, else
             ``~/.cache/dali_arb``; see :mod:`dali_arb.data.cache`). A manifest path is opened through it,
             so every rank and worker of a node shares one copy; a :class:`Manifest` object is used as it is.
@@ -145,6 +149,8 @@ class DALIBucketIterator(LoaderSession):
             for key, output in batch.parts.items():
                 tensor = torch.from_dlpack(output.as_tensor())
                 tensors[key] = tensor.to(torch.bfloat16) if self.dtype == "bfloat16" else tensor
+        if batch.frame_index is not None:
+            return self._video_batch(batch, tensors)
         images = tensors.pop("images")
         return {
             "images": images,
@@ -154,6 +160,30 @@ class DALIBucketIterator(LoaderSession):
             "original_size": torch.from_numpy(batch.original_size),
             "crop_top_left": torch.from_numpy(batch.crop_top_left),
             "target_size": (int(images.shape[2]), int(images.shape[3])),
+            "flipped": torch.from_numpy(batch.flipped),
+            "epoch": batch.epoch,
+            "step": batch.step,
+            **tensors,
+        }
+
+    def _video_batch(self, batch: Batch, tensors: dict[str, Any]) -> dict[str, Any]:
+        """A video loader's batch: ``video`` ``[B, F, 3, H, W]`` (``layout="BCFHW"``: ``[B, 3, F, H, W]``, a
+        permuted view), ``frame_index`` ``int64 [B, F]``, ``fps`` ``float32 [B]``, and the keys images have."""
+        import torch
+
+        video = tensors.pop("video")
+        if self.options.video.layout == "BCFHW":
+            video = video.permute(0, 2, 1, 3, 4)
+        return {
+            "video": video,
+            "frame_index": torch.from_numpy(batch.frame_index),
+            "fps": torch.from_numpy(batch.fps),
+            "ids": batch.ids,
+            "dataset": torch.from_numpy(batch.dataset),
+            "captions": batch.captions,
+            "original_size": torch.from_numpy(batch.original_size),
+            "crop_top_left": torch.from_numpy(batch.crop_top_left),
+            "target_size": (int(video.shape[-2]), int(video.shape[-1])),
             "flipped": torch.from_numpy(batch.flipped),
             "epoch": batch.epoch,
             "step": batch.step,

@@ -137,7 +137,8 @@ def test_serve_or_replace_skips_known_bad_rows_and_reports_the_planned_failure()
         served.append(row)
         return (None, Failure.TRUNCATED, 1) if row in bad else (f"sample {row}", Failure.NONE, 0)
 
-    common = {"serve": serve, "found_bad": found.append, "bucket_size": (512, 768), "epoch": 2, "step": 5}
+    common = {"serve": serve, "found_bad": lambda row, failure, part: found.append(row), "bucket_size": (512, 768),
+              "epoch": 2, "step": 5}  # fmt: skip
     stand_ins = [11, 12, 13]
     result = serve_or_replace(10, usable=lambda r: r != 12, stand_in=stand_ins.__getitem__, **common)
     assert result == (13, Failure.TRUNCATED, 1, "sample 13")
@@ -145,6 +146,16 @@ def test_serve_or_replace_skips_known_bad_rows_and_reports_the_planned_failure()
     assert serve_or_replace(20, usable=lambda r: True, stand_in=stand_ins.__getitem__, **common)[:3] == (20, 0, 0)
     with pytest.raises(DataError, match=f"768x512 after {MAX_REPLACEMENT_TRIES} tries .epoch 2, step 5"):
         serve_or_replace(10, usable=lambda r: True, stand_in=lambda a: 11, **common)
+
+
+def test_a_planned_row_found_bad_earlier_still_reports_its_failure():
+    """A row this source found bad as a stand-in (or through another clip of its video) and planned later is skipped
+    unread, and its failure is still reported, so the loader lists it (it was silently skipped before)."""
+    known = {10: (Failure.CHANGED, 0)}
+    result = serve_or_replace(10, serve=lambda row: (f"sample {row}", Failure.NONE, 0), usable=lambda r: r not in known,
+                              found_bad=lambda *a: None, known_bad=known.get, stand_in=lambda a: 14,
+                              bucket_size=(64, 64), epoch=0, step=0)  # fmt: skip
+    assert result == (14, Failure.CHANGED, 0, "sample 14")
 
 
 # -- the batch's columns -------------------------------------------------------------------------------------------

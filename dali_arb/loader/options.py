@@ -32,6 +32,7 @@ __all__ = [
     "Decode",
     "LoaderOptions",
     "Remote",
+    "Video",
     "Workers",
     "datasets_from",
     "loader_options",
@@ -197,6 +198,74 @@ class Remote:
         return {"read_ahead": self.read_ahead, "sample_cache": cache, "sample_cache_gb": float(self.sample_cache_gb)}
 
 
+CLIP_MODES = ("head", "uniform", "slide", "chunk")
+LAYOUTS = ("BFCHW", "BCFHW")
+
+
+@dataclass(frozen=True)
+class Video:
+    """Clips: ``frames`` the frame buckets (ascending frame counts, e.g. ``(1, 17, 33, 49, 81)``; ``None``: no video,
+    the loader serves images as always); ``fps`` a target frame rate (``None``: each clip's own); ``clip`` which
+    windows of a video are clips (``"head"``, ``"uniform"``, ``"slide"``, ``"chunk"``, musubi-tuner's meanings),
+    ``stride`` the step of ``slide`` windows and ``clip_count`` the windows of ``uniform``; ``images``
+    (``"include"``: images are 1-frame clips; ``"exclude"``); ``layout`` of ``batch["video"]`` (``"BFCHW"`` or
+    ``"BCFHW"``); ``decoder`` (``"auto"``, ``"pyav"``, ``"dali_video"``: :mod:`dali_arb.loader.decoders.video`)."""
+
+    frames: tuple[int, ...] | None = None
+    fps: float | None = None
+    clip: str = "head"
+    stride: int = 1
+    clip_count: int = 1
+    images: str = "include"
+    layout: str = "BFCHW"
+    decoder: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.frames is not None:
+            given = self.frames
+            values = (given,) if isinstance(given, numbers.Integral) else tuple(given) if isinstance(given, (list, tuple)) else None  # fmt: skip
+            if not values or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in values):
+                raise ConfigError(f"frames must be frame counts of at least 1 (e.g. [1, 17, 33]), got {given!r}")
+            _set(self, "frames", tuple(sorted({int(v) for v in values})))
+        if self.fps is not None:
+            if isinstance(self.fps, bool) or not isinstance(self.fps, numbers.Real) or not 0 < self.fps < 1000:
+                raise ConfigError(f"fps must be a frame rate above 0 (e.g. 24), or None for each clip's own, got {self.fps!r}")  # fmt: skip
+            _set(self, "fps", float(self.fps))
+        for name, value, choices in (("clip", self.clip, CLIP_MODES), ("images", self.images, ("include", "exclude")),
+                                     ("layout", self.layout, LAYOUTS)):  # fmt: skip
+            if value not in choices:
+                raise ConfigError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        _set(self, "stride", _count("stride", self.stride, least=1, what=" (frames)"))
+        _set(self, "clip_count", _count("clip_count", self.clip_count, least=1))
+        defaults = {f.name: f.default for f in fields(self)}
+        if self.frames is None and any(getattr(self, n) != v for n, v in defaults.items() if n != "decoder"):
+            raise ConfigError("the video options (fps, clip, stride, clip_count, images, layout) need frames=[...], "
+                              "the frame buckets; without it the loader serves images only")  # fmt: skip
+        from .decoders.video import VIDEO_DECODERS
+
+        if not isinstance(self.decoder, str) or self.decoder not in ("auto", *VIDEO_DECODERS):
+            raise ConfigError(f"video_decoder must be 'auto', {', '.join(map(repr, VIDEO_DECODERS))}, got {self.decoder!r}")  # fmt: skip
+
+    @property
+    def on(self) -> bool:
+        """Whether the loader serves clips."""
+        return self.frames is not None
+
+    def spec(self):
+        """The plan's :class:`~dali_arb.plan.frames.FrameSpec`, or None without ``frames``."""
+        if self.frames is None:
+            return None
+        from ..plan.frames import FrameSpec
+
+        return FrameSpec(frames=self.frames, fps=self.fps, clip=self.clip, stride=self.stride, count=self.clip_count,
+                         images=self.images == "include")  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["frames"] = None if self.frames is None else list(self.frames)
+        return out
+
+
 @dataclass(frozen=True)
 class Dataset:
     """One dataset of a loader: its ``manifest`` (a path or a :class:`Manifest`), its ``buckets`` (``None``:
@@ -248,10 +317,11 @@ class LoaderOptions:
     remote: Remote = field(default_factory=Remote)
     captions: CaptionPolicy = field(default_factory=CaptionPolicy)
     cache_dir: str | os.PathLike | None = None
+    video: Video = field(default_factory=Video)
 
     def __post_init__(self) -> None:
         for name, kind in (("augment", Augment), ("decode", Decode), ("workers", Workers), ("remote", Remote),
-                           ("captions", CaptionPolicy)):  # fmt: skip
+                           ("captions", CaptionPolicy), ("video", Video)):  # fmt: skip
             if not isinstance(getattr(self, name), kind):
                 raise ConfigError(f"{name} must be a {kind.__name__}, got {getattr(self, name)!r:.80}")
         if not isinstance(self.batch_size, BatchSizing):
@@ -304,7 +374,8 @@ class LoaderOptions:
         return out
 
 
-_GROUPED = {"augment": Augment, "decode": Decode, "workers": Workers, "remote": Remote, "captions": CaptionPolicy}
+_GROUPED = {"augment": Augment, "decode": Decode, "workers": Workers, "remote": Remote, "captions": CaptionPolicy,
+            "video": Video}  # fmt: skip
 #: Earlier versions' flat keywords -> (group, field).
 _KEYWORD_TO_FIELD = {
     "crop": ("augment", "crop"), "flip": ("augment", "flip"),
@@ -319,6 +390,9 @@ _KEYWORD_TO_FIELD = {
     "caption_prefix": ("captions", "prefix"), "caption_suffix": ("captions", "suffix"),
     "instance_prompt": ("captions", "instance_prompt"), "tag_dropout": ("captions", "tag_dropout"),
     "keep_tags_separator": ("captions", "keep_separator"),
+    "frames": ("video", "frames"), "fps": ("video", "fps"), "clip": ("video", "clip"), "stride": ("video", "stride"),
+    "clip_count": ("video", "clip_count"), "images": ("video", "images"), "layout": ("video", "layout"),
+    "video_decoder": ("video", "decoder"),
 }  # fmt: skip
 #: Keywords that size batches by bucket (:class:`~dali_arb.plan.batching.BatchSizing`).
 _SIZING = ("batch_pixels", "max_batch", "batch_multiple", "batch_sizes")

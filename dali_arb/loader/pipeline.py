@@ -54,7 +54,9 @@ def build_pipeline(
     source_prefetch: int | None = None,
     bytes_per_sample_hint: int | None = None,
 ) -> Any:
-    """A built DALI pipeline whose outputs are ``(images, *pairs, meta)``.
+    """A built DALI pipeline whose outputs are ``(images, *pairs, meta)``; with a video decoder
+    (:mod:`~dali_arb.loader.decoders.video`) ``(video, frame_index, fps, meta)``: ``video`` ``[B, F, 3, H, W]``, every
+    frame of a sample flipped alike, ``frame_index`` ``int64 [B, F]`` and ``fps`` ``float32 [B]`` on the CPU.
 
     ``images``: ``[B, 3, H, W]`` of ``dtype`` on the pipeline's device (H, W: the step's bucket); each of
     ``decoder.pairs`` in order: ``[B, 3, H, W]`` like the images for a pair, ``[B, 1, H, W]`` for a mask
@@ -78,6 +80,7 @@ def build_pipeline(
     out_type = getattr(types, DTYPES[dtype])
     raw = dtype == "uint8"
     outputs = decoder.outputs
+    video = getattr(decoder, "video", False)
 
     @pipeline_def(
         batch_size=batch_size,
@@ -113,10 +116,16 @@ def build_pipeline(
                 mean, std = [0.0 if raw else 127.5] * 3, [1.0 if raw else 127.5] * 3
             finished.append(
                 fn.crop_mirror_normalize(
-                    decoded[key], mirror=feeds["mirror"], dtype=out_type, output_layout="CHW", mean=mean, std=std
+                    decoded[key],
+                    mirror=feeds["mirror"],
+                    dtype=out_type,
+                    output_layout="FCHW" if video else "CHW",
+                    mean=mean,
+                    std=std,
                 )
             )
-        return (*finished, feeds["meta"])
+        passed = [feeds[o.name] for o in getattr(decoder, "passed_outputs", ())]
+        return (*finished, *passed, feeds["meta"])
 
     pipe = arb_pipeline()
     with spawn_without_main():

@@ -184,19 +184,26 @@ def abandon(pipe: Any) -> None:
 
 
 def culprits(
-    said: Translation, samples: tuple[list, ...], build: Callable[..., Any], *, device: str, decodes_in_dali: bool
+    said: Translation,
+    samples: tuple[list, ...],
+    build: Callable[..., Any],
+    *,
+    device: str,
+    decodes_in_dali: bool,
+    cpu_probe: bool = True,
 ) -> list[int]:
     """Manifest rows of the samples (the source's outputs of the failed batch) that DALI cannot decode, found by
     :func:`probe`. ``said``: the failure's row of :data:`~dali_arb.errors.TABLE`; its error is raised when the
     files are not what failed (out of memory; the workers decode, so DALI only normalised), and a DeviceError when
-    every sample fails alone too, or none does."""
+    every sample fails alone too, or none does. ``cpu_probe``: probe on the CPU first (False for video on the GPU:
+    the CPU video decoder refuses H.264 whatever the file)."""
     from .contracts import META
 
     if said.kind == "out_of_memory" or not decodes_in_dali:
         raise said.error
     rows = META.unpack(np.stack(samples[-1])).row  # (B, F): the source's outputs end with meta
     # the CPU decoder shares nvJPEG's parsers' verdict on broken files and costs far less to probe
-    found = probe(build, samples, device="cpu")
+    found = probe(build, samples, device="cpu") if cpu_probe or device != "gpu" else []
     if not found and device == "gpu":
         found = probe(build, samples, device="gpu")
     if not found or (len(found) == len(rows) > 1):

@@ -42,27 +42,32 @@ def serve_or_replace(
     *,
     serve: Callable[[int], tuple[T | None, Failure, int]],
     usable: Callable[[int], bool],
-    found_bad: Callable[[int], None],
+    found_bad: Callable[[int, Failure, int], None],
     stand_in: Callable[[int], int],
+    known_bad: Callable[[int], tuple[Failure, int] | None] = lambda row: None,
     bucket_size: tuple[int, int],
     epoch: int,
     step: int,
 ) -> tuple[int, Failure, int, T]:
     """``(row, failure of planned, its failed part, served)`` for ``planned`` or, if it cannot be served, the
     first stand-in that can: ``serve(row)`` is ``(served or None, failure, failed part)``; rows not ``usable``
-    (known bad) are skipped unread; ``found_bad(row)`` records a row that failed; ``stand_in(attempt)`` is the
-    ``attempt``-th stand-in (:func:`replacement_row`).
+    (known bad) are skipped unread; ``found_bad(row, failure, part)`` records a row that failed; ``stand_in(attempt)``
+    is the ``attempt``-th stand-in (:func:`replacement_row`). A planned row skipped because this source found it bad
+    earlier (as a stand-in, or as another clip of the same video) still reports that failure (``known_bad(row)``:
+    ``(failure, part)`` or None), so the loader lists it.
 
     Raises:
         DataError: no stand-in served in :data:`MAX_REPLACEMENT_TRIES` tries.
     """
     row, first_failure, first_part = planned, Failure.NONE, 0
+    if not usable(planned):
+        first_failure, first_part = known_bad(planned) or (Failure.NONE, 0)
     for attempt in range(MAX_REPLACEMENT_TRIES):
         if usable(row):
             served, failure, part = serve(row)
             if served is not None:
                 return row, first_failure, first_part, served
-            found_bad(row)
+            found_bad(row, failure, part)
             if row == planned:
                 first_failure, first_part = failure, part
         row = stand_in(attempt)

@@ -49,6 +49,9 @@ def served_p99_of(planner: Planner, data: ManifestSet) -> dict[str, float | None
     index = planner.index
     usable = int(index.starts[-1])
     served = index.member_rows(np.linspace(0, usable - 1, min(usable, STATISTICS_SAMPLE)).astype(np.int64), 0)
+    clips = getattr(planner, "clips", None)
+    if clips is not None:  # a plan over clips: its members are clip ids
+        served = np.asarray(clips.row, np.int64)[served]
     return served_p99(*(data.ints_at(name, served, -1) for name in ("heights", "widths", "length")))
 
 
@@ -74,7 +77,9 @@ def plan_read_ahead(
     sizes = planner.index.sizes
     areas = (sizes[:, 0] * sizes[:, 1]).tolist()
     batches = np.minimum(np.asarray(planner.batch, np.int64), batch_size).tolist()
-    per_batch = max(b * decoder.bytes_per_sample(encoded, int(a)) for b, a in zip(batches, areas))
+    clips = getattr(planner, "clips", None)
+    frames = int(np.max(clips.length)) if clips is not None and len(clips.length) else 1  # a clip: F frames
+    per_batch = max(b * decoder.bytes_per_sample(encoded, int(a) * frames) for b, a in zip(batches, areas))
     per_sample = -(-per_batch // batch_size)  # the chunk per sample, so that a batch of batch_size fits per_batch
     if kind == "thread":  # the threads hand batches over in this process's memory
         return {"bytes_per_sample": per_sample, "source_prefetch": depth}

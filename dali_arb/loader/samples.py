@@ -33,13 +33,16 @@ class DatasetArrays:
     (Arrow strings, ``int64 (N,)``, ``int64 (N,)``) of its images (part 0) and of each pair; ``heights`` and
     ``widths`` ``(N,)``; ``pair_sizes[i]`` is ``(heights, widths)`` ``int64 (N,)`` of pair ``i``; ``identity`` is
     ``(sizes, mtimes, etags)`` of the images' sources at indexing (:data:`~dali_arb.data.manifest.IDENTITY`;
-    ``NO_IDENTITY`` or null where unknown, ``etags`` None when the manifest has none)."""
+    ``NO_IDENTITY`` or null where unknown, ``etags`` None when the manifest has none); ``video`` is ``(frames,
+    fps, frame_times)`` of a manifest with videos (``int64 (N,)``, -1 for an image; ``float64 (N,)``; the Arrow
+    ``list<float32>`` column or None), None for an image-only manifest."""
 
     locations: list[tuple]
     heights: np.ndarray
     widths: np.ndarray
     pair_sizes: list[tuple[np.ndarray, np.ndarray]]
     identity: tuple
+    video: tuple | None = None
 
     @classmethod
     def of(cls, manifest: Manifest, pairs: list[tuple[str, str]]) -> DatasetArrays:
@@ -55,7 +58,21 @@ class DatasetArrays:
             pair_sizes.append((manifest.int_column(height, 1), manifest.int_column(width, 1)))
         identity = (manifest.int_column("source_size", NO_IDENTITY), manifest.int_column("mtime_ns", NO_IDENTITY),
                     manifest.table.column("etag") if "etag" in manifest.table.column_names else None)  # fmt: skip
-        return cls(locations, manifest.heights, manifest.widths, pair_sizes, identity)
+        return cls(locations, manifest.heights, manifest.widths, pair_sizes, identity, _video_columns(manifest))
+
+
+def _video_columns(manifest: Manifest) -> tuple | None:
+    """``(frames, fps, frame_times)`` of a manifest with a ``frames`` column (see :class:`DatasetArrays`)."""
+    names = manifest.table.column_names
+    if "frames" not in names:
+        return None
+    frames = manifest.int_column("frames", -1)
+    fps = (
+        np.asarray(manifest.table.column("fps").fill_null(0.0).to_numpy(), np.float64)
+        if "fps" in names
+        else np.zeros(len(frames), np.float64)
+    )
+    return frames, fps, manifest.table.column("frame_times") if "frame_times" in names else None
 
 
 class Datasets:
@@ -95,6 +112,16 @@ class Datasets:
         """``(height, width)`` of global ``row``'s image (displayed)."""
         arrays, local = self._split(row)
         return int(arrays.heights[local]), int(arrays.widths[local])
+
+    def clip_facts(self, row: int) -> tuple[int, float, np.ndarray | None]:
+        """``(frames, fps, frame_times)`` of global ``row``: its frame count (-1 for an image), average frame rate
+        and, for a variable-rate video, each frame's time from the first (``float32 [frames]``, else None)."""
+        arrays, local = self._split(row)
+        if arrays.video is None:
+            return -1, 0.0, None
+        frames, fps, times = arrays.video
+        stamps = times[local].as_py() if times is not None else None
+        return int(frames[local]), float(fps[local]), None if stamps is None else np.asarray(stamps, np.float32)
 
     def pair_sizes(self, row: int) -> list[tuple[int, int]]:
         """``(height, width)`` of each of global ``row``'s pairs, in order."""

@@ -51,7 +51,10 @@ log = logging.getLogger("dali_arb")
 class Batch:
     """One batch before any framework sees it. ``parts``: the pipeline's outputs by key (``images``
     ``[B, 3, H, W]``, then one per pair or mask), DALI tensor lists; ``ids``, ``captions``: lists of B;
-    ``dataset``: ``int64 [B]``; ``original_size``, ``crop_top_left``: ``int64 [B, 2]``; ``flipped``: ``bool [B]``."""
+    ``dataset``: ``int64 [B]``; ``original_size``, ``crop_top_left``: ``int64 [B, 2]``; ``flipped``: ``bool [B]``.
+    A video loader's ``parts`` hold ``video`` ``[B, F, 3, H, W]`` instead of ``images``, and ``frame_index``
+    (``int64 [B, F]``: source frame numbers) and ``fps`` (``float32 [B]``: the rate the clips are served at) are
+    set; None for images."""
 
     parts: dict[str, Any]
     ids: list[str]
@@ -62,6 +65,8 @@ class Batch:
     flipped: np.ndarray
     epoch: int
     step: int
+    frame_index: np.ndarray | None = None
+    fps: np.ndarray | None = None
 
     @classmethod
     def of(cls, parts: dict[str, Any], meta: Any, data: ManifestSet, captions: list[str]) -> Batch:
@@ -118,6 +123,24 @@ def _open_manifests(datasets: list[Dataset], cache_dir: Any) -> list[Manifest]:
     return manifests
 
 
+def _video_decoder(options: LoaderOptions, device: str, data: ManifestSet) -> Decoder:
+    """The video decoder of a loader with ``frames=`` (:func:`~dali_arb.loader.decoders.video.choose_video_decoder`),
+    refused with one clear line where it cannot serve the datasets."""
+    from .decoders.video import choose_video_decoder
+
+    if data.pairs:
+        raise ConfigError(f"paired images ({', '.join(data.pairs)}) are not served with frames= (video) yet; "
+                          "load the pairs without frames=, or index the videos without --pair")  # fmt: skip
+    if options.decode.decoder != "auto":
+        raise ConfigError(f"with frames= (video) the decoder is chosen by video_decoder= ('auto', 'pyav', "
+                          f"'dali_video'), not decoder={options.decode.decoder!r}")  # fmt: skip
+    decoder = choose_video_decoder(options.video.decoder, device)
+    if not decoder.serves_images and options.video.images == "include":
+        raise ConfigError(f"video_decoder={decoder.name!r} decodes videos only; give images='exclude' "
+                          "(or video_decoder='pyav', which serves images as 1-frame clips)")  # fmt: skip
+    return decoder
+
+
 class LoaderSession:
     """Aspect-ratio-bucketed batches of ``datasets`` with ``options``, as framework-free :class:`Batch` es.
 
@@ -143,7 +166,7 @@ class LoaderSession:
         self.config = LoaderConfig(
             batch_size=options.batch_size, spec=spec, seed=options.seed, rank=world.rank,
             world_size=world.world_size, leftover=options.leftover.value, sync_ranks=options.sync_ranks,
-            crop=options.augment.crop, flip=options.augment.flip, repeats=repeats,
+            crop=options.augment.crop, flip=options.augment.flip, repeats=repeats, frames=options.video.spec(),
         )  # fmt: skip
         self.captions = options.captions
         #: Each dataset's caption policy: its own, else the loader's.
@@ -155,11 +178,14 @@ class LoaderSession:
         #: pipeline is built for; each step serves its own bucket's batch (DALI's external source varies it).
         self.batch_size = int(self._planner.max_batch)
         gpu = self.device == "gpu"
-        self.decoder: Decoder = choose_decoder(
-            decode.decoder, self.device, pairs=tuple(self.data.pairs.items()), hw_decoder_load=decode.hw_decoder_load,
-            jpeg_scaling=decode.jpeg_scaling,
-            preallocate=self._preallocation() if gpu and decode.decoder in ("auto", "dali") else None,
-        )  # fmt: skip
+        if options.video.on:
+            self.decoder: Decoder = _video_decoder(options, self.device, self.data)
+        else:
+            self.decoder = choose_decoder(
+                decode.decoder, self.device, pairs=tuple(self.data.pairs.items()),
+                hw_decoder_load=decode.hw_decoder_load, jpeg_scaling=decode.jpeg_scaling,
+                preallocate=self._preallocation() if gpu and decode.decoder in ("auto", "dali") else None,
+            )  # fmt: skip
         cores = max(1, cpu_count() // world.local_world_size)  # the ranks of a node share its cores
         work = options.workers
         self.workers = work.count if work.count is not None else self.decoder.default_workers(cores)
@@ -432,8 +458,9 @@ class LoaderSession:
         def build(source: Any, *, device: str) -> Any:
             return self._build(source, batch_size=1, device=device, workers=0, dtype="uint8", threads=1, prefetch=1)
 
-        for row in recovery.culprits(said, samples, build, device=self.device,
-                                     decodes_in_dali=isinstance(self.decoder, DaliDecoder)):  # fmt: skip
+        dali_video = self.decoder.name == "dali_video"  # DALI decodes the clips (NVDEC; VP9/MJPEG on the CPU)
+        for row in recovery.culprits(said, samples, build, device=self.device, cpu_probe=not dali_video,
+                                     decodes_in_dali=isinstance(self.decoder, DaliDecoder) or dali_video):  # fmt: skip
             self._block(row, Failure.DALI_UNDECODABLE, f" ({said.facts.summary})")
 
     def _block(self, row: int, failure: Failure, detail: str = "", *, part: int = 0) -> None:
@@ -463,4 +490,9 @@ class LoaderSession:
         offset = self._planner.epoch(epoch).offset_at(step)
         captions = self._batch_captions(m.row, epoch=epoch, step=step, offset=offset)
         parts = {key: output for (key, _, _), output in zip(self.decoder.parts, outputs[:-1])}
-        return Batch.of(parts, m, self.data, captions)
+        batch = Batch.of(parts, m, self.data, captions)
+        if getattr(self.decoder, "video", False):  # (video, frame_index, fps, meta)
+            batch.parts = {"video": outputs[0]}
+            batch.frame_index = np.stack([np.asarray(outputs[1][i]) for i in range(len(outputs[1]))])
+            batch.fps = np.asarray(outputs[2].as_array(), np.float32).reshape(-1)
+        return batch

@@ -31,6 +31,7 @@ from ..processes import die_with_parent
 from .assembly import BatchColumns, place
 from .contracts import Failure
 from .decoders import Decoder
+from .decoders.videoframes import ClipFrames
 from .planning import LoaderConfig, build_planner
 from .replacements import replacement_row, serve_or_replace
 from .samples import Datasets, remote_request
@@ -54,7 +55,9 @@ def has_urls(manifest: Manifest) -> bool:
     return any(pc.any(pc.match_substring_regex(chunk, URL_PATTERN)).as_py() for chunk in chunks)
 
 
-def _bytes_or_failure(result: bytes | FileProblem | StorageError) -> tuple[np.ndarray | None, Failure]:
+def _bytes_or_failure(
+    result: bytes | FileProblem | StorageError, *, image: bool = True
+) -> tuple[np.ndarray | None, Failure]:
     """A sample's encoded bytes ``uint8 (n,)``, or ``(None, failure)`` for its own problem: what a local file
     (:func:`~dali_arb.data.localfiles.read_local`) or the store (``RemoteReads.take``) gave, checked
     (:func:`~dali_arb.data.imagefacts.check_encoded`). A StorageError that is not the sample's own (the store, its
@@ -69,7 +72,7 @@ def _bytes_or_failure(result: bytes | FileProblem | StorageError) -> tuple[np.nd
         return None, Failure.TOO_LARGE
     if isinstance(result, StorageError):  # (a copy: the fetcher hands one error to every sample of a request)
         raise result.copy() from result.__cause__
-    problem = check_encoded(result)
+    problem = check_encoded(result) if image else (None if result else "empty")
     if problem:
         return None, Failure.of_bytes_problem(problem)
     return np.frombuffer(result, np.uint8), Failure.NONE
@@ -182,7 +185,7 @@ class BatchSource:
         self._datasets = Datasets(manifests, self.decoder.pairs)
         if self._planner is None:
             self._planner = build_planner(self.config, manifests)
-        self._found_bad: set[int] = set()
+        self._found_bad: dict[int, tuple[Failure, int]] = {}  # row -> (failure, part), found by this source
         self._epoch_lengths: dict[int, int] = {}
         if all(path is not None for path, _, _ in self._homes):
             self._manifests = None  # keep only the arrays above; workers reload the files
@@ -194,7 +197,7 @@ class BatchSource:
         restarted = self._view()
         restarted.first_epoch, restarted.first_step = epoch, step
         restarted.blocked_rows = frozenset(blocked_rows)
-        restarted._found_bad = set()
+        restarted._found_bad = {}
         return restarted
 
     def for_thread(self) -> BatchSource:
@@ -246,7 +249,7 @@ class BatchSource:
             L = self.read_ahead_steps
             for ahead in range(1, L + 1) if iteration == 0 else (L,):
                 target_epoch, target_step = self.locate(iteration + ahead)
-                rows = self._planner.epoch(target_epoch).rows_at(target_step)
+                rows = self.rows_of(self._planner.epoch(target_epoch).rows_at(target_step))
                 self.remote.read_ahead(self._datasets.requests(rows))
         return outputs
 
@@ -254,11 +257,13 @@ class BatchSource:
         """Outputs for ``step`` of ``epoch``: one list of per-sample arrays per ``decoder.outputs`` name."""
         self._setup()
         plan: EpochPlan = self._planner.epoch(epoch)
-        rows = plan.rows_at(step)
+        rows = plan.rows_at(step)  # samples: manifest rows, or clip ids when the plan is over clips
         if self.read_ahead_steps and self._remote_rows:
-            self.remote.gather(self._datasets.requests(rows))  # every sample of the batch at once, concurrently
+            self.remote.gather(self._datasets.requests(self.rows_of(rows)))  # the batch at once, concurrently
         bucket = plan.bucket_at(step)
         bucket_h, bucket_w = (int(v) for v in plan.sizes[bucket])
+        # every clip of a step is served at the step's frame count (a pooled leftover clip may be longer)
+        frames = int(plan.frames_at(step)) if self._clips is not None else None
         offset = plan.offset_at(step)
         c = self.config
         # Per-sample randomness keyed by position in the global batch: independent of world size.
@@ -266,12 +271,12 @@ class BatchSource:
         columns = BatchColumns(self.decoder.outputs)
         for position, planned in enumerate(rows.tolist()):
             u_y, u_x, u_flip = draws[position]
-            row, failure, failed_part, (sample, g) = self._serve(
-                planned, bucket, epoch, step, offset + position, (bucket_h, bucket_w, float(u_y), float(u_x))
+            served, failure, failed_part, (sample, g) = self._serve(
+                planned, bucket, epoch, step, offset + position, (bucket_h, bucket_w, float(u_y), float(u_x)), frames
             )
             mirror = bool(u_flip < c.flip)
-            columns.add(sample, row=row, planned=planned, failure=failure, failed_part=failed_part, geometry=g,
-                        mirror=mirror, epoch=epoch, step=step)  # fmt: skip
+            columns.add(sample, row=self.row_of(served), planned=self.row_of(planned), failure=failure,
+                        failed_part=failed_part, geometry=g, mirror=mirror, epoch=epoch, step=step)  # fmt: skip
         self.remote.clear()
         if self._remote_rows:  # what was read since the last batch travels on its first sample
             columns.count_reads(self.remote.stats.take())
@@ -289,10 +294,54 @@ class BatchSource:
             return f"{kind} {name!r} {where}"
         return where
 
-    def read(self, row: int, part: int = 0) -> tuple[np.ndarray | None, Failure]:
+    # -- clips: a plan over clips serves clip ids (``planner.clips``), a plan over rows serves rows ------------
+    @property
+    def _clips(self):
+        """The planner's clip table when it plans clips (``frames=`` given), else None."""
+        return getattr(self._planner, "clips", None) if getattr(self.config, "frames", None) is not None else None
+
+    def row_of(self, sample: int) -> int:
+        """The manifest row (global) of a planned ``sample``: itself, or its clip's row."""
+        self._setup()
+        clips = self._clips
+        return int(clips.row[sample]) if clips is not None else int(sample)
+
+    def rows_of(self, samples: np.ndarray) -> np.ndarray:
+        """``int64 [B]`` manifest rows of planned ``samples`` ``int64 [B]``."""
+        clips = self._clips
+        return np.asarray(clips.row, np.int64)[samples] if clips is not None else samples
+
+    def clip_frames(self, sample: int, length: int | None = None) -> ClipFrames | None:
+        """Which frames of its video ``sample`` serves (:func:`~dali_arb.plan.frames.frame_indices`, a pure
+        function of the clip table and the manifest): the first ``length`` frames of its window (the step's frame
+        count, ``EpochPlan.frames_at``; None: the clip's own length), or None when its row is an image."""
+        from ..plan.frames import frame_indices
+
+        row = self.row_of(sample)
+        n_frames, fps, times = self._datasets.clip_facts(row)
+        clips = self._clips
+        if n_frames < 0 or clips is None:
+            return None
+        own = int(clips.length[sample])
+        if length is not None and length > own:  # our invariant: the planner serves a clip at most at its length
+            raise RuntimeError(f"dali_arb bug: clip {sample} of {own} frames planned in a step of {length} frames")
+        length = own if length is None else int(length)
+        indices = frame_indices(self.config.frames, start=int(clips.start[sample]), length=length, n_frames=n_frames,
+                                fps=fps, frame_times=times)  # fmt: skip
+        return ClipFrames(np.asarray(indices, np.int64), fps, times)
+
+    def clip_rate(self, clip: ClipFrames | None) -> float:
+        """The frame rate a clip is served at: the target rate (``fps=``) or its video's own; an image's is the
+        target rate, or 0."""
+        target = getattr(self.config.frames, "fps", None)
+        if target:
+            return float(target)
+        return float(clip.fps) if clip is not None else 0.0
+
+    def read(self, row: int, part: int = 0, *, image: bool = True) -> tuple[np.ndarray | None, Failure]:
         """Encoded bytes ``uint8 (n,)`` of ``row``'s image (``part`` 0) or of its ``part - 1``-th pair, or
-        ``(None, failure)``. Only regular files are read; a StorageError (the OS, the disk or the store failed) is
-        raised."""
+        ``(None, failure)`` (``image``: the bytes are checked as an image's; a video's are checked by its decoder).
+        Only regular files are read; a StorageError (the OS, the disk or the store failed) is raised."""
         self._setup()
         path, offset, length = self._datasets.where(row, part)  # once per sample: the costliest column read
         if path is None:
@@ -301,8 +350,8 @@ class BatchSource:
             return None, Failure.TOO_LARGE
         expected = self._datasets.identity(row, part, path)
         if is_url(path):
-            return _bytes_or_failure(self.remote.take(remote_request(path, offset, length, expected.etag)))
-        return _bytes_or_failure(read_local(path, offset, length, expected))
+            return _bytes_or_failure(self.remote.take(remote_request(path, offset, length, expected.etag)), image=image)
+        return _bytes_or_failure(read_local(path, offset, length, expected), image=image)
 
     def geometry(self, row: int, *, bucket_h: int, bucket_w: int, u_y: float, u_x: float) -> Geometry:
         """Where ``row`` goes in a batch of bucket ``(bucket_h, bucket_w)``, given its crop draws."""
@@ -330,23 +379,62 @@ class BatchSource:
             sample.update({f"{name}.{o.name}": part[o.name] for o in self.decoder.part_outputs})
         return sample, Failure.NONE, 0
 
+    def prepare_sample(
+        self, sample: int, geometry: Geometry, frames: int | None = None
+    ) -> tuple[dict[str, np.ndarray] | None, Failure]:
+        """A video decoder's outputs for planned ``sample`` (a clip of a video, or an image as a 1-frame clip) at
+        ``frames`` frames (the step's; None: the clip's own length), with its ``frame_index`` (``int64 [F]``) and
+        ``fps`` (``float32 ()``), or ``(None, failure)``."""
+        row = self.row_of(sample)
+        clip = self.clip_frames(sample, frames)
+        data, failure = self.read(row, image=clip is None)
+        if data is None:
+            return None, failure
+        if clip is None:
+            served, failure = self.decoder.prepare(data, geometry)
+            indices = np.zeros(1, np.int64)
+        else:
+            served, failure = self.decoder.prepare_clip(data, clip, geometry)
+            indices = clip.indices
+        if served is None:
+            return None, failure
+        served["frame_index"] = np.ascontiguousarray(indices, np.int64)
+        served["fps"] = np.array(self.clip_rate(clip), np.float32)
+        return served, Failure.NONE
+
     def _serve(
-        self, planned: int, bucket: int, epoch: int, step: int, position: int, placement: tuple[int, int, float, float]
+        self,
+        planned: int,
+        bucket: int,
+        epoch: int,
+        step: int,
+        position: int,
+        placement: tuple[int, int, float, float],
+        frames: int | None = None,
     ) -> tuple[int, Failure, int, tuple[dict[str, np.ndarray], Geometry]]:
         """``(row, failure of planned, its failed part, (sample, geometry))`` for ``planned`` or, if it cannot be
         served, a deterministic stand-in from the same bucket (:func:`~dali_arb.loader.replacements.serve_or_replace`)."""
         bucket_h, bucket_w, u_y, u_x = placement
 
-        def serve(row: int) -> tuple[tuple[dict[str, np.ndarray], Geometry] | None, Failure, int]:
+        def serve(sample: int) -> tuple[tuple[dict[str, np.ndarray], Geometry] | None, Failure, int]:
+            row = self.row_of(sample)
             g = self.geometry(row, bucket_h=bucket_h, bucket_w=bucket_w, u_y=u_y, u_x=u_x)
-            sample, failure, part = self.prepare(row, g)
-            return (sample, g) if sample is not None else None, failure, part
+            if getattr(self.decoder, "video", False):
+                served, failure = self.prepare_sample(sample, g, frames)
+                return (served, g) if served is not None else None, failure, 0
+            served, failure, part = self.prepare(row, g)
+            return (served, g) if served is not None else None, failure, part
+
+        def usable(sample: int) -> bool:
+            row = self.row_of(sample)
+            return row not in self.blocked_rows and row not in self._found_bad
 
         return serve_or_replace(
             planned,
             serve=serve,
-            usable=lambda row: row not in self.blocked_rows and row not in self._found_bad,
-            found_bad=self._found_bad.add,  # the loader learns it from meta["failure"]
+            usable=usable,
+            found_bad=lambda sample, failure, part: self._found_bad.setdefault(self.row_of(sample), (failure, part)),
+            known_bad=lambda sample: self._found_bad.get(self.row_of(sample)),  # the loader learns it from the meta
             stand_in=lambda attempt: self.replacement(bucket, epoch, step, position, attempt),
             bucket_size=(bucket_h, bucket_w),
             epoch=epoch,

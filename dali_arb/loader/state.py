@@ -68,6 +68,12 @@ def check_resumable(
     """A StateError saying what differs unless ``saved`` (checked) can continue in a loader whose own state is
     ``mine``: the same options and manifest, and the same world size and batch sizes, or the same global batch of
     every bucket (``units(state)``: world size x each bucket's batch) with ranks in sync (elastic resume)."""
+    if saved.get("frames") != mine.get("frames"):  # a video loader's frame spec (absent for images only)
+        raise StateError(
+            f"state was saved with frames={saved.get('frames')!r}, this loader has frames={mine.get('frames')!r} "
+            "(the frame buckets, fps, clip, stride and clip_count); build the loader with the same video options "
+            "to resume"
+        )
     for name in MUST_MATCH:
         a, b = saved[name], mine[name]
         if name == "buckets":

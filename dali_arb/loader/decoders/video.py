@@ -1,0 +1,181 @@
+"""The video decoders: a sample is a clip of ``F`` frames (an image is a 1-frame clip), and what comes out of a
+decoder's part of the graph is ``uint8 FHWC`` at the bucket size, every frame cut alike (the pipeline then flips
+and normalises every frame of a sample alike, ``FCHW``).
+
+=============  ==============================================  ==============================================
+decoder        the workers                                     the DALI graph
+=============  ==============================================  ==============================================
+``pyav``       read the bytes; decode the clip's frames with   nothing: the finished clip goes on (to the
+               PyAV (seeking to the keyframe before the first  GPU, if there is one)
+               wanted frame), each frame's crop window
+               resized to the bucket (Pillow); images: Pillow
+``dali_video`` read the bytes; the frame indices and the crop  ``decoders.video(frames=...)`` (NVDEC on the
+               window in source pixels                         GPU: H.264, HEVC, VP8, VP9, AV1, MJPEG; on the
+                                                               CPU only VP9 and MJPEG), ``resize`` of the
+                                                               window to the bucket
+=============  ==============================================  ==============================================
+
+``pyav`` is the CPU decoder: measured on one core it serves 17 frames of a 720p clip in 1/1.7 (VP9) to 1/3.5 (MJPEG)
+of the time DALI's CPU ``decoders.video`` takes (which indexes the whole file first), and it reads H.264/HEVC/AV1,
+which DALI's CPU variant refuses (``python -m benchmarks video_decode``; benchmarks/RESULTS.md). ``dali_video`` is
+for the GPU (NVDEC): it needs whole encoded files in the pipeline, and whether NVDEC applies a display rotation is not
+checked yet (no GPU run so far).
+
+Imports NumPy and the decoder base; PyAV and Pillow in the workers, DALI only inside :meth:`graph`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ...plan.geometry import Geometry
+from ..contracts import Failure, Output
+from .base import Decoder
+from .pillow import PillowDecoder
+from .videoframes import ClipFrames, decode_clip
+
+__all__ = ["VIDEO_AUTO", "VIDEO_DECODERS", "DaliVideoDecoder", "PyAVDecoder", "VideoDecoder", "choose_video_decoder"]
+
+
+@dataclass(frozen=True)
+class VideoDecoder(Decoder):
+    """What every video decoder is: it serves clips (``prepare_clip``) and images as 1-frame clips."""
+
+    video: ClassVar[bool] = True
+    #: whether it serves images (as 1-frame clips) besides videos
+    serves_images: ClassVar[bool] = True
+    #: outputs the pipeline hands on as they are, after the pixels: the source frame numbers and the clip's rate
+    passed_outputs: ClassVar[tuple[Output, ...]] = (Output("frame_index", "INT64"), Output("fps", "FLOAT"))
+
+    @property
+    def outputs(self) -> tuple[Output, ...]:
+        """As :attr:`Decoder.outputs`, with :attr:`passed_outputs` after the shared ones (no pairs for video)."""
+        return (*self.part_outputs, *self.shared_outputs, *self.passed_outputs, *super().outputs[-2:])
+
+    def prepare_clip(
+        self, data: np.ndarray, clip: ClipFrames, geometry: Geometry
+    ) -> tuple[dict[str, np.ndarray] | None, Failure]:
+        """A clip's outputs from its encoded bytes ``uint8 (n,)``, or ``(None, failure)``. Runs in the workers."""
+        raise NotImplementedError
+
+    def default_workers(self, cores: int) -> int:
+        return cores
+
+    def default_threads(self, cores: int, *, gpu: bool) -> int:
+        return max(1, cores // 4)
+
+
+@dataclass(frozen=True)
+class PyAVDecoder(VideoDecoder):
+    """The workers decode each clip with PyAV (FFmpeg) and finish it at the bucket size; images with Pillow."""
+
+    name: ClassVar[str] = "pyav"
+    summary: ClassVar[str] = "the workers decode video clips with PyAV (seeking to the nearest keyframe)"
+    part_outputs: ClassVar[tuple[Output, ...]] = (Output("video", "UINT8", "FHWC"),)
+
+    def prepare_clip(
+        self, data: np.ndarray, clip: ClipFrames, geometry: Geometry
+    ) -> tuple[dict[str, np.ndarray] | None, Failure]:
+        frames, failure = decode_clip(data, clip, geometry)
+        if frames is None:
+            return None, failure
+        return {"video": frames}, Failure.NONE
+
+    def prepare(
+        self, data: np.ndarray, geometry: Geometry, *, channels: int = 3
+    ) -> tuple[dict[str, np.ndarray] | None, Failure]:
+        """An image as a 1-frame clip: ``{"video": uint8 [1, bh, bw, 3]}`` (Pillow, as the ``pillow`` decoder)."""
+        sample, failure = PillowDecoder().prepare(data, geometry, channels=channels)
+        if sample is None:
+            return None, failure
+        return {"video": sample["image"][None]}, Failure.NONE
+
+    def graph(self, feeds: dict[str, Any], *, gpu: bool) -> dict[str, Any]:
+        return {"images": feeds["video"].gpu() if gpu else feeds["video"]}
+
+    def bytes_per_sample(self, encoded_bytes: int, bucket_pixels: int) -> int:
+        return int(bucket_pixels) * 3 + 64  # per frame: the source's chunks grow to the largest clip
+
+
+@dataclass(frozen=True)
+class DaliVideoDecoder(VideoDecoder):
+    """DALI decodes: ``fn.decoders.video`` fed each clip's encoded bytes and frame indices (NVDEC on the GPU;
+    VP9 and MJPEG only on the CPU), then resizes the crop window of every frame to the bucket."""
+
+    name: ClassVar[str] = "dali_video"
+    summary: ClassVar[str] = "DALI decodes video clips (NVDEC on GPU; VP9/MJPEG only on CPU)"
+    part_outputs: ClassVar[tuple[Output, ...]] = (
+        Output("encoded", "UINT8"),
+        Output("frames", "INT32"),
+        Output("roi_start", "FLOAT"),
+        Output("roi_end", "FLOAT"),
+    )
+    shared_outputs: ClassVar[tuple[Output, ...]] = (Output("size", "FLOAT"),)
+
+    serves_images: ClassVar[bool] = False  # the loader refuses it for a plan with images (images="exclude")
+
+    def prepare(
+        self, data: np.ndarray, geometry: Geometry, *, channels: int = 3
+    ) -> tuple[dict[str, np.ndarray] | None, Failure]:
+        return None, Failure.NOT_IMAGE  # never planned: the loader refuses images with this decoder
+
+    def prepare_clip(
+        self, data: np.ndarray, clip: ClipFrames, geometry: Geometry
+    ) -> tuple[dict[str, np.ndarray] | None, Failure]:
+        top, left, bottom, right = geometry.source_window()
+        return {
+            "encoded": data,
+            "frames": np.asarray(clip.indices, np.int32),
+            "roi_start": np.array([top, left], np.float32),
+            "roi_end": np.array([bottom, right], np.float32),
+            "size": np.array([geometry.bucket_h, geometry.bucket_w], np.float32),
+        }, Failure.NONE
+
+    def graph(self, feeds: dict[str, Any], *, gpu: bool) -> dict[str, Any]:
+        from nvidia.dali import fn, types
+
+        frames = fn.decoders.video(feeds["encoded"], device="mixed" if gpu else "cpu", frames=feeds["frames"])
+        resized = fn.resize(
+            frames,
+            size=feeds["size"],
+            roi_start=feeds["roi_start"],
+            roi_end=feeds["roi_end"],
+            roi_relative=False,
+            antialias=True,
+            interp_type=types.INTERP_LINEAR,
+        )
+        return {"images": resized}
+
+    def default_workers(self, cores: int) -> int:
+        return max(1, min(4, cores // 4))  # the workers only read bytes
+
+    def default_threads(self, cores: int, *, gpu: bool) -> int:
+        return 4 if gpu else max(1, cores)
+
+    def bytes_per_sample(self, encoded_bytes: int, bucket_pixels: int) -> int:
+        return int(encoded_bytes) + 256
+
+
+#: The video decoders, by the name ``video_decoder=`` takes (apart from the image decoders: a loader with
+#: ``frames=`` decodes every sample, images too, with one of these).
+VIDEO_DECODERS: dict[str, type[VideoDecoder]] = {"pyav": PyAVDecoder, "dali_video": DaliVideoDecoder}
+#: What ``video_decoder="auto"`` picks on each device. ``pyav`` on both: it serves images beside clips and every
+#: codec; ``dali_video`` (NVDEC) is chosen by name for video-only plans on a GPU (no GPU measurement yet).
+VIDEO_AUTO: dict[str, str] = {"cpu": "pyav", "gpu": "pyav"}
+
+
+def choose_video_decoder(name: str | VideoDecoder, device: str) -> VideoDecoder:
+    """The video decoder ``name`` (a key of :data:`VIDEO_DECODERS` or ``"auto"``) for ``device``; an instance as
+    it is. A ConfigError naming the choices for any other value."""
+    if isinstance(name, VideoDecoder):
+        return name
+    if name == "auto":
+        name = VIDEO_AUTO["gpu" if device == "gpu" else "cpu"]
+    if name not in VIDEO_DECODERS:
+        from ...errors import ConfigError
+
+        raise ConfigError(f"video_decoder must be 'auto', {', '.join(map(repr, VIDEO_DECODERS))}, got {name!r}")
+    return VIDEO_DECODERS[name]()

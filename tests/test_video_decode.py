@@ -1,0 +1,198 @@
+"""Decoding chosen frames of a clip (``loader/decoders/videoframes.py``) against the reference decode.
+
+The reference (``dali_arb.tools.clips.reference_frames``): PyAV decodes every frame from the start in presentation
+order, display rotation applied; each wanted frame is then resized to cover the bucket with Pillow (whole frame,
+antialiased bilinear) and cropped. The worker's decode seeks, resizes only the crop window and must land within
+:data:`PSNR_BOUND` of it on every frame, and further from the wanted frame's neighbours than from the wanted frame.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+av = pytest.importorskip("av")
+
+from dali_arb.loader.assembly import place  # noqa: E402
+from dali_arb.loader.contracts import Failure  # noqa: E402
+from dali_arb.loader.decoders.videoframes import ClipFrames, decode_clip, frame_number  # noqa: E402
+from dali_arb.tools.clips import make_clip, reference_frames, truncate_clip  # noqa: E402
+from dali_arb.tools.photos import psnr  # noqa: E402
+
+#: Worst frame PSNR (dB) between the worker's decode (crop window resized) and the reference (whole frame resized
+#: to cover, then cropped); measured 76 dB worst on the clips of the first test below, where a neighbouring frame
+#: scores at most 18 dB: the bound leaves room for other resamplers (DALI's resize in the dali_video graph).
+PSNR_BOUND = 38.0
+EXT = {"h264": ".mp4", "vp9": ".webm", "mjpeg": ".avi"}
+
+
+def reference_crop(frame: np.ndarray, geometry) -> np.ndarray:
+    """``frame`` (upright ``uint8 [H, W, 3]``) resized to cover with Pillow and cropped: ``uint8 [bh, bw, 3]``."""
+    from PIL import Image
+
+    _, _, rh, rw, top, left, bh, bw = geometry
+    resized = Image.fromarray(frame).resize((rw, rh), Image.BILINEAR, reducing_gap=None)
+    return np.asarray(resized.crop((left, top, left + bw, top + bh)))
+
+
+def check_frames(served: np.ndarray, reference: np.ndarray, wanted: np.ndarray, geometry) -> None:
+    """Every served frame is the reference's wanted frame (within the bound), and not its neighbour."""
+    assert served.shape == (len(wanted), geometry.bucket_h, geometry.bucket_w, 3)
+    assert served.dtype == np.uint8
+    for k, index in enumerate(wanted.tolist()):
+        expected = reference_crop(reference[index], geometry)
+        score = psnr(served[k], expected)
+        assert score >= PSNR_BOUND, f"frame {index}: {score:.1f} dB"
+        for other in (index - 1, index + 1):
+            if 0 <= other < len(reference) and other != index:
+                assert psnr(served[k], reference_crop(reference[other], geometry)) < score - 3, (index, other)
+
+
+@pytest.mark.parametrize("codec", ["h264", "vp9", "mjpeg"])
+@pytest.mark.parametrize("fps", [24.0, 30.0, 60.0])
+def test_frames_deep_in_a_clip_match_the_reference(tmp_path: Path, codec: str, fps: float) -> None:
+    path = make_clip(tmp_path / f"c{EXT[codec]}", codec=codec, fps=fps, frames=60, size=(192, 112), gop=12)
+    reference, _ = reference_frames(path)
+    wanted = np.array([29, 30, 30, 33, 47], np.int64)  # not on a keyframe, a repeat, a gap
+    geometry = place(112, 192, bucket_h=64, bucket_w=96, u_y=0.7, u_x=0.2, center=False)
+    served, failure = decode_clip(path, ClipFrames(wanted, fps), geometry)
+    assert failure == Failure.NONE
+    check_frames(served, reference, wanted, geometry)
+
+
+def test_bytes_and_path_give_the_same_frames(tmp_path: Path) -> None:
+    path = make_clip(tmp_path / "c.mp4", codec="h264", fps=24.0, frames=30, size=(160, 96))
+    wanted = np.arange(0, 30, 4, dtype=np.int64)
+    geometry = place(96, 160, bucket_h=64, bucket_w=64, u_y=0.0, u_x=0.0, center=True)
+    from_path, _ = decode_clip(path, ClipFrames(wanted, 24.0), geometry)
+    from_bytes, _ = decode_clip(np.fromfile(path, np.uint8), ClipFrames(wanted, 24.0), geometry)
+    np.testing.assert_array_equal(from_path, from_bytes)
+
+
+@pytest.mark.parametrize("rotation", [90, 180, 270])
+def test_rotated_clips_come_out_upright(tmp_path: Path, rotation: int) -> None:
+    path = make_clip(tmp_path / "r.mp4", codec="h264", frames=24, size=(160, 96), rotation=rotation)
+    reference, _ = reference_frames(path)
+    height, width = reference.shape[1:3]
+    assert (width, height) == (160, 96)  # the clip maker's size is the displayed one
+    wanted = np.array([3, 17], np.int64)
+    geometry = place(height, width, bucket_h=64, bucket_w=64, u_y=0.3, u_x=0.6, center=False)
+    served, failure = decode_clip(path, ClipFrames(wanted, 24.0), geometry)
+    assert failure == Failure.NONE
+    check_frames(served, reference, wanted, geometry)
+    # the indexed size is the upright one: the coded size is refused as changed
+    coded = place(width, height, bucket_h=64, bucket_w=64, u_y=0.3, u_x=0.6, center=False)
+    if rotation != 180:
+        assert decode_clip(path, ClipFrames(wanted, 24.0), coded) == (None, Failure.RESIZED)
+
+
+def test_variable_frame_rate_by_timestamp(tmp_path: Path) -> None:
+    path = make_clip(tmp_path / "v.mp4", codec="h264", fps=24.0, frames=40, size=(160, 96), vfr=True)
+    reference, times = reference_frames(path)
+    assert np.ptp(np.diff(times)) > 0.01  # really variable
+    wanted = np.array([5, 6, 7, 19, 31], np.int64)
+    clip = ClipFrames(wanted, fps=len(times) / (times[-1] + times[1]), frame_times=times.astype(np.float32))
+    assert [frame_number(float(times[i]), clip) for i in range(len(times))] == list(range(len(times)))
+    geometry = place(96, 160, bucket_h=64, bucket_w=96, u_y=0.5, u_x=0.5, center=True)
+    served, failure = decode_clip(path, clip, geometry)
+    assert failure == Failure.NONE
+    check_frames(served, reference, wanted, geometry)
+
+
+@pytest.mark.parametrize("codec", ["h264", "vp9", "mjpeg"])
+def test_a_truncated_clip_is_a_failure_not_an_exception(tmp_path: Path, codec: str) -> None:
+    path = make_clip(tmp_path / f"t{EXT[codec]}", codec=codec, frames=48, size=(160, 96))
+    truncate_clip(path, keep=0.5)
+    geometry = place(96, 160, bucket_h=64, bucket_w=64, u_y=0.0, u_x=0.0, center=True)
+    served, failure = decode_clip(path, ClipFrames(np.arange(30, 47, dtype=np.int64), 24.0), geometry)
+    assert served is None
+    assert failure in (Failure.TRUNCATED, Failure.UNDECODABLE)
+
+
+def test_frames_past_the_end_are_truncated(tmp_path: Path) -> None:
+    path = make_clip(tmp_path / "s.webm", codec="vp9", frames=20, size=(160, 96))
+    geometry = place(96, 160, bucket_h=64, bucket_w=64, u_y=0.0, u_x=0.0, center=True)
+    assert decode_clip(path, ClipFrames(np.array([18, 19, 20, 21]), 24.0), geometry) == (None, Failure.TRUNCATED)
+
+
+def test_not_a_video_and_a_changed_size(tmp_path: Path) -> None:
+    geometry = place(96, 160, bucket_h=64, bucket_w=64, u_y=0.0, u_x=0.0, center=True)
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"not a video at all" * 50)
+    assert decode_clip(junk, ClipFrames(np.array([0]), 24.0), geometry) == (None, Failure.UNDECODABLE)
+    path = make_clip(tmp_path / "c.mp4", codec="h264", frames=12, size=(192, 96))  # indexed as 160x96
+    assert decode_clip(path, ClipFrames(np.array([0]), 24.0), geometry) == (None, Failure.RESIZED)
+
+
+def test_indices_must_be_non_decreasing(tmp_path: Path) -> None:
+    path = make_clip(tmp_path / "c.mp4", codec="h264", frames=12, size=(160, 96))
+    geometry = place(96, 160, bucket_h=64, bucket_w=64, u_y=0.0, u_x=0.0, center=True)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        decode_clip(path, ClipFrames(np.array([3, 1]), 24.0), geometry)
+
+
+def test_seeking_decodes_only_from_the_keyframe_before(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker does not decode from the start: frames before the last keyframe at or before the first wanted
+    frame never leave the decoder (counted on the container's decode generator)."""
+    from dali_arb.loader.decoders import videoframes
+
+    path = make_clip(tmp_path / "k.mp4", codec="h264", fps=24.0, frames=96, size=(160, 96), gop=12)
+    numbers: list[int] = []
+    real_number = videoframes.frame_number
+
+    def spy(seconds: float, clip: ClipFrames) -> int:
+        numbers.append(real_number(seconds, clip))
+        return numbers[-1]
+
+    monkeypatch.setattr(videoframes, "frame_number", spy)
+    geometry = place(96, 160, bucket_h=64, bucket_w=64, u_y=0.0, u_x=0.0, center=True)
+    _, failure = decode_clip(path, ClipFrames(np.arange(70, 75, dtype=np.int64), 24.0), geometry)
+    assert failure == Failure.NONE
+    assert 60 <= min(numbers) <= 70, numbers[:5]  # the keyframe at or before 70 (every 12 frames)
+    assert max(numbers) == 74  # and no further than the last wanted frame
+
+
+def run_graph(decoder, samples: list[dict[str, np.ndarray]], mirror: list[bool]) -> np.ndarray:
+    """The decoder's graph and the pipeline's flip (CPU DALI) over ``samples``: ``uint8 [B, F, 3, H, W]``."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    names = [o.name for o in (*decoder.part_outputs, *decoder.shared_outputs)]
+    columns = [[s[name] for s in samples] for name in names]
+    flips = [np.array(m, np.int32) for m in mirror]
+
+    @pipeline_def(batch_size=len(samples), num_threads=1, device_id=None, exec_dynamic=True)
+    def pipe():
+        feeds = dict(zip(names, fn.external_source(source=lambda: columns, num_outputs=len(names), batch=True)))
+        images = decoder.graph(feeds, gpu=False)["images"]
+        mirror_node = fn.external_source(source=lambda: flips, batch=True, dtype=types.INT32)
+        return fn.crop_mirror_normalize(images, mirror=mirror_node, dtype=types.UINT8, output_layout="FCHW")
+
+    p = pipe()
+    p.build()
+    (out,) = p.run()
+    return np.stack([np.asarray(out[i]) for i in range(len(samples))])
+
+
+@pytest.mark.parametrize("codec", ["vp9", "mjpeg"])
+def test_dali_video_graph_on_the_cpu_matches_the_workers(tmp_path: Path, codec: str) -> None:
+    """The ``dali_video`` graph (the one NVDEC runs on the GPU) on DALI's CPU decoder: the same frames, crop and
+    flip as the ``pyav`` workers, by the same frame numbers (per-sample frame lists of different lengths)."""
+    pytest.importorskip("nvidia.dali")
+    from dali_arb.loader.decoders.video import DaliVideoDecoder, PyAVDecoder
+
+    path = make_clip(tmp_path / f"c{EXT[codec]}", codec=codec, fps=30.0, frames=40, size=(192, 112), gop=10)
+    data = np.fromfile(path, np.uint8)
+    geometry = place(112, 192, bucket_h=64, bucket_w=96, u_y=0.4, u_x=0.8, center=False)
+    clips = [ClipFrames(np.array([13, 14, 15, 21], np.int64), 30.0), ClipFrames(np.array([2, 38], np.int64), 30.0)]
+    dali = DaliVideoDecoder()
+    samples = [dali.prepare_clip(data, clip, geometry)[0] for clip in clips]
+    out = [run_graph(dali, [s], [m])[0] for s, m in zip(samples, (False, True))]
+    for clip, served, flipped in zip(clips, out, (False, True)):
+        expected, failure = PyAVDecoder().prepare_clip(data, clip, geometry)
+        assert failure == Failure.NONE
+        frames = expected["video"][:, :, ::-1] if flipped else expected["video"]
+        assert served.shape == (len(clip.indices), 3, 64, 96)
+        for k in range(len(clip.indices)):
+            assert psnr(served[k].transpose(1, 2, 0), frames[k]) >= PSNR_BOUND
