@@ -54,6 +54,8 @@ class IndexSummary:
     videos: int = 0
     videos_counted: int = 0
     video_bytes_read: int = 0
+    #: where the rejects are listed when not beside the manifest (``MANIFEST.rejects.jsonl``): a manifest in parts'
+    rejects_at: str | None = None
 
     @property
     def files_per_s(self) -> float:
@@ -72,7 +74,7 @@ class IndexSummary:
             + f"); rejected {self.rejected}"
         )
         if self.rejected:
-            text += f" ({reasons}), listed in {rejects_name(self.manifest)}"
+            text += f" ({reasons}), listed in {self.rejects_at or rejects_name(self.manifest)}"
         if self.remote_images:
             text += (
                 f"; from object storage: {self.remote_requests / self.remote_images:.2f} requests and "
