@@ -1,0 +1,82 @@
+"""Bounded memory before the loader (issue 22): metadata streamed in chunks, the node cache's bucket index grouped out
+of core. Each is checked against the whole-at-once result it replaces; peak RSS figures live in
+``python -m benchmarks scale``."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dali_arb.data.manifest import Manifest
+from dali_arb.index import build_index
+from dali_arb.index import metadata as metadata_module
+from dali_arb.index.metadata import metadata_chunks, metadata_rows
+
+from .images import save_jpeg
+
+
+def odd_metadata(folder, n: int = 50) -> pa.Table:
+    """Metadata rows of every kind: good files (relative, ``./``-relative, absolute, in a subfolder), missing files,
+    null paths, failed downloads, sizes that are not whole numbers."""
+    (folder / "sub").mkdir(parents=True, exist_ok=True)
+    keys, widths, heights, paths, status = [], [], [], [], []
+    for i in range(n):
+        kind = i % 7
+        name = f"sub/f{i}.jpg" if kind == 3 else f"f{i}.jpg"
+        if kind != 4:
+            save_jpeg(folder / name, 16, 12)
+        keys.append(f"k{i:03d}")
+        widths.append([16, 16, 16, 16, 16, 0, 16][kind])
+        heights.append(12)
+        paths.append([name, f"./{name}", str(folder / name), name, name, name, None][kind])
+        status.append("failed_to_download" if i % 11 == 10 else "success")
+    return pa.table({"key": keys, "width": widths, "height": heights, "path": paths, "status": status})
+
+
+def test_metadata_in_chunks_gives_the_rows_and_rejects_of_the_whole(tmp_path):
+    table = odd_metadata(tmp_path / "images")
+    meta = tmp_path / "images" / "meta.parquet"
+    pq.write_table(table, meta)
+    whole, whole_rejects = metadata_rows(meta)
+    chunks = list(metadata_chunks(meta, chunk_rows=8))
+    assert len(chunks) == 7
+    parts = pa.concat_tables([t for t, _ in chunks])
+    by_key = sorted([r for _, rs in chunks for r in rs], key=lambda r: r["key"])
+    assert parts.equals(whole) and by_key == sorted(whole_rejects, key=lambda r: r["key"])
+    rows = {r["key"]: r for r in whole.to_pylist()}
+    assert rows["k002"]["source"] == str(tmp_path / "images" / "f2.jpg")  # absolute, kept
+    assert rows["k001"]["source"] == str(tmp_path / "images" / "f1.jpg")  # "./f1.jpg", joined as Path joins
+    assert rows["k003"]["source"] == str(tmp_path / "images" / "sub" / "f3.jpg")
+    stat = (tmp_path / "images" / "f0.jpg").stat()
+    assert (rows["k000"]["length"], rows["k000"]["source_size"], rows["k000"]["mtime_ns"]) == (
+        -1, stat.st_size, stat.st_mtime_ns)  # fmt: skip
+    reasons = {r["key"]: r["reason"] for r in whole_rejects}
+    assert reasons["k004"] == "file named in metadata does not exist"  # (never made)
+    assert reasons["k006"] == "file named in metadata does not exist"  # (no path)
+    assert reasons["k005"].startswith("size is not two whole numbers") and "(0 x 12)" in reasons["k005"]
+    assert reasons["k010"] == "status 'failed_to_download' is not 'success'"
+    assert len(whole) + len(whole_rejects) == 50
+
+
+def test_csv_metadata_streams_in_blocks_with_a_bad_size_late_in_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(metadata_module, "CSV_BLOCK_BYTES", 1 << 10)  # many blocks; types fixed by the first one
+    lines = ["key,width,height,caption"] + [f"k{i},{64 + i % 5},48,caption {i}" for i in range(400)]
+    lines += ["late,abc,48,x", "float,64.0,48,y", "half,12.5,48,z"]
+    (tmp_path / "meta.csv").write_text("\n".join(lines) + "\n")
+    chunks = list(metadata_chunks(tmp_path / "meta.csv"))
+    assert len(chunks) > 5
+    rows = pa.concat_tables([t for t, _ in chunks])
+    reasons = {r["key"]: r["reason"] for _, rs in chunks for r in rs}
+    assert len(rows) == 401 and rows.column("key")[-1].as_py() == "float" and rows.column("width")[-1].as_py() == 64
+    assert set(reasons) == {"late", "half"} and "('abc' x 48)" in reasons["late"] and "(12.5 x 48)" in reasons["half"]
+
+
+def test_indexing_metadata_writes_it_chunk_by_chunk(tmp_path, monkeypatch):
+    table = odd_metadata(tmp_path / "images")
+    pq.write_table(table, tmp_path / "images" / "meta.parquet")
+    build_index([str(tmp_path / "images" / "meta.parquet")], tmp_path / "whole.parquet", progress=False)
+    monkeypatch.setattr(metadata_module, "CHUNK_ROWS", 6)
+    summary = build_index([str(tmp_path / "images" / "meta.parquet")], tmp_path / "chunked.parquet", progress=False)
+    assert pq.ParquetFile(tmp_path / "chunked.parquet").metadata.num_row_groups > 1
+    whole, chunked = (Manifest.read(tmp_path / n).table.to_pylist() for n in ("whole.parquet", "chunked.parquet"))
+    assert chunked == whole and summary.rows == len(whole) and summary.files_seen == 50
