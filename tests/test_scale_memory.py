@@ -80,3 +80,22 @@ def test_indexing_metadata_writes_it_chunk_by_chunk(tmp_path, monkeypatch):
     assert pq.ParquetFile(tmp_path / "chunked.parquet").metadata.num_row_groups > 1
     whole, chunked = (Manifest.read(tmp_path / n).table.to_pylist() for n in ("whole.parquet", "chunked.parquet"))
     assert chunked == whole and summary.rows == len(whole) and summary.files_seen == 50
+
+
+def test_metadata_without_paths_indexes_but_its_line_says_the_loader_cannot_serve_it(tmp_path, capsys):
+    from dali_arb.cli import main
+
+    pq.write_table(pa.table({"key": ["a", "b", "c"], "width": [640, 512, 0], "height": [480, 512, 5]}),
+                   tmp_path / "meta.parquet")  # fmt: skip
+    assert main(["index", str(tmp_path / "meta.parquet"), "-o", str(tmp_path / "m.parquet"), "-q"]) == 0
+    line = capsys.readouterr().out
+    assert "indexed 2 images" in line and "all 2 of them have no path to their image" in line
+    assert "the loader cannot serve them; add a column path" in line and line.count("\n") == 1
+    assert main(["buckets", str(tmp_path / "m.parquet"), "-b", "1"]) == 0  # sizes alone serve buckets and plan
+    capsys.readouterr()
+    save_jpeg(tmp_path / "a.jpg", 64, 48)
+    pq.write_table(pa.table({"key": ["a", "b"], "width": [64, 64], "height": [48, 48], "path": ["a.jpg", None]}),
+                   tmp_path / "half.parquet")  # fmt: skip
+    assert main(["index", str(tmp_path / "half.parquet"), "-o", str(tmp_path / "h.parquet"), "-q"]) == 0
+    line = capsys.readouterr().out
+    assert "no path" not in line and "rejected 1" in line  # a row whose path is empty is a reject, as before

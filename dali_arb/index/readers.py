@@ -105,6 +105,7 @@ def read_metadata(run: IndexRun, source: str) -> None:
     """img2dataset-style Parquet/CSV metadata, taken as it is, a chunk at a time (``metadata.metadata_chunks``)."""
     for table, rejects in metadata_chunks(Path(source)):
         run.write_table(table)
+        run.summary.no_source += table.column("source").null_count
         run.take([], rejects, table.num_rows + len(rejects))
 
 
@@ -133,6 +134,7 @@ def read_remote_metadata(run: IndexRun, url: str) -> None:
         run.summary.fetched_bytes += os.path.getsize(local)
         for table, rejects in metadata_chunks(Path(local), base_url=url.rsplit("/", 1)[0] + "/"):
             run.write_table(table)
+            run.summary.no_source += table.column("source").null_count
             run.take([], [_renamed(r, local, url) for r in rejects], table.num_rows + len(rejects))
 
 
