@@ -4,14 +4,18 @@ of core. Each is checked against the whole-at-once result it replaces; peak RSS 
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
+from dali_arb import BucketSpec
 from dali_arb.data.manifest import Manifest
 from dali_arb.index import build_index
 from dali_arb.index import metadata as metadata_module
 from dali_arb.index.metadata import metadata_chunks, metadata_rows
 
+from .conftest import random_sizes, write_size_manifest
 from .images import save_jpeg
 
 
@@ -99,3 +103,39 @@ def test_metadata_without_paths_indexes_but_its_line_says_the_loader_cannot_serv
     assert main(["index", str(tmp_path / "half.parquet"), "-o", str(tmp_path / "h.parquet"), "-q"]) == 0
     line = capsys.readouterr().out
     assert "no path" not in line and "rejected 1" in line  # a row whose path is empty is a reject, as before
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        BucketSpec(),
+        BucketSpec(max_area=512 * 512, min_dim=256, max_dim=1024, step=64, no_upscale=True),
+        BucketSpec(min_size=700, max_aspect_error=0.05),
+    ],
+    ids=["default", "no_upscale", "min_size"],
+)
+def test_the_bucket_index_built_out_of_core_equals_the_one_built_at_once(tmp_path, monkeypatch, spec):
+    from dali_arb.data import cache as cache_module
+    from dali_arb.data.cache import bucket_index
+    from dali_arb.plan.buckets import BucketIndex, served_p99
+
+    n = 20_000
+    heights, widths = random_sizes(n, seed=11)
+    heights[::97] = 40  # some rows too small or too far from every bucket
+    widths[::89] = 3000
+    path = write_size_manifest(tmp_path / "m.parquet", heights, widths)
+    table = pq.read_table(path)
+    lengths = np.where(np.arange(n) % 5 == 0, -1, np.arange(n) * 37 % 100_000 + 1)
+    pq.write_table(table.set_column(table.column_names.index("length"), "length", pa.array(lengths)), path)
+    monkeypatch.setattr(cache_module, "BUCKET_ROWS", 999)  # 21 chunks, none aligned with a bucket
+    cached = bucket_index(Manifest.open(path, cache_dir=tmp_path / "c"), spec)
+    expected = BucketIndex.of(spec.assign(heights, widths))
+    for name in ("bucket", "members", "starts", "sizes"):
+        got, want = np.asarray(getattr(cached, name)), getattr(expected, name)
+        assert got.dtype == want.dtype and np.array_equal(got, want), name
+    for name in ("num_base", "no_upscale", "rejected_aspect", "rejected_too_small", "rejected_min_size"):
+        assert getattr(cached, name) == getattr(expected, name), name
+    assert expected.rejected_aspect + expected.rejected_too_small + expected.rejected_min_size > 0
+    rows = expected.members
+    want = served_p99(heights[rows], widths[rows], lengths[rows])
+    assert cached.served_p99 == pytest.approx(want)
