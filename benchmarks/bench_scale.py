@@ -43,7 +43,7 @@ import numpy as np, pyarrow as pa, pyarrow.compute as pc, pyarrow.parquet as pq
 start = time.perf_counter()
 path, n = sys.argv[1], int(sys.argv[2])
 chunk = 1 << 20
-words = np.array("a photo of the red cat on old wooden table in sunny garden with blue sky and tall trees".split())
+words = pa.array("a photo of the red cat on old wooden table in sunny garden with blue sky and tall trees".split())
 schema = pa.schema([("key", pa.string()), ("url", pa.string()), ("caption", pa.string()), ("status", pa.string()),
                     ("width", pa.int64()), ("height", pa.int64()), ("original_width", pa.int64()),
                     ("original_height", pa.int64())])
@@ -53,8 +53,8 @@ with pq.ParquetWriter(path, schema) as writer:
         rng = np.random.default_rng(lo)
         rows = pa.array(np.arange(lo, lo + count))
         keys = pc.utf8_lpad(rows.cast(pa.string()), 9, "0")
-        picks = words[rng.integers(0, len(words), (count, 6))]
-        caption = pa.array([" ".join(p) for p in picks.tolist()])
+        picks = [words.take(pa.array(rng.integers(0, len(words), count))) for _ in range(6)]
+        caption = pc.binary_join_element_wise(*picks, " ")
         side = rng.integers(256, 2048, (2, count))
         status = np.where(rng.random(count) < 0.01, "failed_to_download", "success")
         table = pa.table({"key": keys, "url": pc.binary_join_element_wise("https://example.com/img/", keys, ".jpg", ""),

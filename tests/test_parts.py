@@ -188,6 +188,9 @@ def test_the_loader_serves_parts_as_it_serves_the_file(dataset, tmp_path):
     a = [(b["ids"], b["captions"]) for b in small_loader(manifest)]
     b = [(b["ids"], b["captions"]) for b in small_loader(tmp_path / "m")]
     assert a == b and len(a) > 3
+    # worker processes reopen the parts' cache by folder and signature (loader/source.py)
+    c = [(b["ids"], b["captions"]) for b in small_loader(tmp_path / "m", workers=1, worker_kind="process")]
+    assert c == a
 
 
 def test_parts_under_an_object_storage_prefix(dataset, tmp_path, capsys):
