@@ -90,10 +90,10 @@ __all__ = [
 
 #: Rows converted per step while building (a multiple of 8: validity bitmaps are written per step).
 BUILD_ROWS = 1 << 20
-#: Rows assigned to buckets per step while the bucket index is built: its peak memory, about 100 B per row of
-#: NumPy temporaries (``BucketSpec.assign``'s int64 sides, float64 aspects, masks), so about 1.7 GB by default; the
-#: row count only adds the bucket counts.
-BUCKET_ROWS = 1 << 24
+#: Rows assigned to buckets per step while the bucket index is built: what sets its peak memory, about 100 B per row
+#: of NumPy temporaries (``BucketSpec.assign``'s int64 sides, float64 aspects, masks), so about 0.4 GB by default
+#: (``benchmarks/RESULTS.md``); the row count only adds the bucket counts.
+BUCKET_ROWS = 1 << 22
 _FIXED = {"height": np.int32, "width": np.int32, "offset": np.int64, "length": np.int64, "mtime_ns": np.int64,
           "source_size": np.int64}  # fmt: skip
 _FILL = {"offset": 0, "length": -1, "mtime_ns": NO_IDENTITY, "source_size": NO_IDENTITY}
