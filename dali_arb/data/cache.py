@@ -735,47 +735,57 @@ def _fixed_type(name: str) -> type | None:
     return _FIXED.get(name.rpartition(".")[2])
 
 
-def _open_parts(path: Path) -> tuple[list[tuple[Path, pq.ParquetFile]], pa.Schema, int]:
+def _open_parts(path: Path) -> tuple[list[tuple[Path, pa.Schema]], pa.Schema, int]:
     """The Parquet files of the manifest at ``path`` (itself; the parts of a manifest in parts, each with the rows its
-    index records), their unified schema and total rows."""
+    index records) with their schemas, their unified schema and total rows. Only footers are read: no file is held
+    open (a reader keeps buffers until it is closed, so holding every part's would grow with the parts)."""
     listing = _parts_of(path)
     files = [path] if listing is None else [Path(p) for p in listing.part_paths()]
     opened = []
+    rows = 0
     for i, file in enumerate(files):
         if listing is not None:
             check_file(file)
         try:
-            parquet = pq.ParquetFile(file)
+            footer = pq.read_metadata(file)
+            schema = footer.schema.to_arrow_schema()
         except (pa.ArrowException, OSError) as exc:
             raise ManifestError(f"cannot read manifest {file}: {exc}") from None
-        if listing is not None and parquet.metadata.num_rows != listing.parts[i].rows:
+        if listing is not None and footer.num_rows != listing.parts[i].rows:
             raise ManifestError(
-                f"manifest {path}: part {listing.parts[i].path} holds {parquet.metadata.num_rows} rows, its index "
+                f"manifest {path}: part {listing.parts[i].path} holds {footer.num_rows} rows, its index "
                 f"records {listing.parts[i].rows}; rebuild the manifest"
             )
-        opened.append((file, parquet))
+        opened.append((file, schema))
+        rows += footer.num_rows
     if not opened:
         from .manifest import SCHEMA
 
         return [], SCHEMA, 0
     try:
-        schema = pa.unify_schemas([p.schema_arrow for _, p in opened], promote_options="permissive")
+        unified = pa.unify_schemas([schema for _, schema in opened], promote_options="permissive")
     except (pa.ArrowException, ValueError) as exc:
         raise ManifestError(f"the parts of manifest {path} have columns that do not agree: {exc}") from None
-    return opened, schema, sum(p.metadata.num_rows for _, p in opened)
+    return opened, unified, rows
 
 
-def _batches(opened: list[tuple[Path, pq.ParquetFile]], columns: list[str], schema: pa.Schema) -> Iterator[tuple]:
-    """``(file, table)`` of at most :data:`BUILD_ROWS` rows of ``columns``, file after file; a column a part lacks
-    is null there."""
-    for file, parquet in opened:
-        names = parquet.schema_arrow.names
-        for batch in parquet.iter_batches(batch_size=BUILD_ROWS, columns=[c for c in columns if c in names]):
-            table = pa.Table.from_batches([batch])
-            for name in columns:
-                if name not in names:
-                    table = table.append_column(schema.field(name), pa.nulls(batch.num_rows, schema.field(name).type))
-            yield file, table.select(columns).replace_schema_metadata(parquet.schema_arrow.metadata)
+def _batches(opened: list[tuple[Path, pa.Schema]], columns: list[str], schema: pa.Schema) -> Iterator[tuple]:
+    """``(file, table)`` of at most :data:`BUILD_ROWS` rows of ``columns``, file after file (one open at a time); a
+    column a part lacks is null there."""
+    for file, own in opened:
+        names = own.names
+        try:
+            parquet = pq.ParquetFile(file)
+        except (pa.ArrowException, OSError) as exc:
+            raise ManifestError(f"cannot read manifest {file}: {exc}") from None
+        with parquet:
+            for batch in parquet.iter_batches(batch_size=BUILD_ROWS, columns=[c for c in columns if c in names]):
+                table = pa.Table.from_batches([batch])
+                for name in columns:
+                    if name not in names:
+                        field = schema.field(name)
+                        table = table.append_column(field, pa.nulls(batch.num_rows, field.type))
+                yield file, table.select(columns).replace_schema_metadata(own.metadata)
 
 
 def _build_columns(path: Path, folder: Path, content: str) -> None:
@@ -786,8 +796,8 @@ def _build_columns(path: Path, folder: Path, content: str) -> None:
     names = schema.names
     try:
         pairs = pairs_of(schema)
-        for file, parquet in opened:
-            if pairs_of(parquet.schema_arrow) != pairs:
+        for file, own in opened:
+            if pairs_of(own) != pairs:
                 raise ManifestError(f"part {file} has other paired images than the manifest's first part; rebuild it")
     except ManifestError:
         raise
