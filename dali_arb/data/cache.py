@@ -775,7 +775,7 @@ def _batches(opened: list[tuple[Path, pa.Schema]], columns: list[str], schema: p
     for file, own in opened:
         names = own.names
         try:
-            parquet = pq.ParquetFile(file)
+            parquet = pq.ParquetFile(file, pre_buffer=False)  # (pre-buffering keeps every row group read: grows)
         except (pa.ArrowException, OSError) as exc:
             raise ManifestError(f"cannot read manifest {file}: {exc}") from None
         with parquet:

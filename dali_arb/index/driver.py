@@ -153,7 +153,7 @@ def _install_parts(tmp: Path, rejects_file: Path, folder: Path, unique: str, sou
     import pyarrow.parquet as pq
 
     previous = read_index(folder) if is_parts(folder) else None
-    parquet = pq.ParquetFile(tmp)
+    parquet = pq.ParquetFile(tmp, pre_buffer=False)  # (pre-buffering keeps every row group read: grows)
     parts: list[PartInfo] = []
     pending: list[pa.RecordBatch] = []
 

@@ -80,7 +80,7 @@ def _read_chunks(path: Path, chunk_rows: int) -> Iterator[pa.Table]:
             )
             names = reader.schema.names
         else:
-            parquet = pq.ParquetFile(path)
+            parquet = pq.ParquetFile(path, pre_buffer=False)  # (pre-buffering keeps every row group read: grows)
             names = parquet.schema_arrow.names
         _check_unique(names, path)
         missing = [c for c in ("key", "width", "height") if c not in names]
