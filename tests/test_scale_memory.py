@@ -139,3 +139,28 @@ def test_the_bucket_index_built_out_of_core_equals_the_one_built_at_once(tmp_pat
     rows = expected.members
     want = served_p99(heights[rows], widths[rows], lengths[rows])
     assert cached.served_p99 == pytest.approx(want)
+
+
+@pytest.mark.slow
+def test_streaming_metadata_holds_no_more_arrow_memory_at_the_end_than_after_two_chunks(tmp_path):
+    """pyarrow's pre-buffered ``iter_batches`` kept every row group it had read (28 B a row of img2dataset metadata):
+    the Arrow memory held between chunks must not grow with the chunks read."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "meta.parquet"
+    schema = pa.schema([("key", pa.string()), ("caption", pa.string()), ("width", pa.int64()), ("height", pa.int64())])
+    with pq.ParquetWriter(path, schema) as writer:
+        for group in range(12):
+            n = 50_000
+            text = pa.array(
+                rng.integers(0, 2**62, (n, 12)).astype("S8").view("S96").ravel().astype(str)
+            )  # 96-byte captions
+            keys = pa.array([f"{group}-{i}" for i in range(n)])
+            writer.write_table(
+                pa.table({"key": keys, "caption": text, "width": np.full(n, 640), "height": np.full(n, 480)})
+            )
+    held = []
+    for table, _ in metadata_chunks(path, chunk_rows=50_000):
+        del table
+        held.append(pa.total_allocated_bytes())
+    assert len(held) == 12
+    assert max(held[2:]) < held[1] + (20 << 20), [h >> 20 for h in held]
