@@ -18,6 +18,7 @@ from . import (  # noqa: F401  (register cases)
     bench_index,
     bench_loader,
     bench_planner,
+    bench_scale,
     bench_scaling,
     bench_storage,
     bench_video,
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         "--photos", metavar="DIR", default=None,
         help="make the loader cases' JPEGs once under DIR and reuse them (default: a temporary folder per case)",
     )  # fmt: skip
+    parser.add_argument(
+        "--rows", default=None, help="row counts of the scale case, comma-separated (default 10000000,100000000)"
+    )
     args = parser.parse_args(argv)
     unknown = [c for c in args.cases if c not in CASES]
     if unknown:

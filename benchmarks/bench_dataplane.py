@@ -2,7 +2,8 @@
 100M rows, and how random the keyed shuffles are next to a true shuffle.
 
 ``python -m benchmarks dataplane``  (node memory; 4M rows, ``--quick`` 400k)
-``python -m benchmarks scale``      (start-up; 10M and 100M rows, ``--quick`` 1M; about 10 GB of disk)
+``python -m benchmarks startup``    (start-up; 10M and 100M rows, ``--quick`` 1M; about 10 GB of disk; ``scale``
+                                    measures it too, after indexing and the cache build: ``bench_scale.py``)
 ``python -m benchmarks shuffle``    (randomness of the plan)
 
 Set ``DALI_ARB_BASELINE_CODE`` to the root of another checkout (e.g. a ``git worktree`` of an earlier
@@ -331,8 +332,8 @@ def _run_json(script: str, *argv: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@case("scale")
-def scale(args) -> dict:
+@case("startup")
+def startup(args) -> dict:
     counts = [1_000_000] if args.quick else [10_000_000, 100_000_000]
     out: dict = {}
     for n in counts:

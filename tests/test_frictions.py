@@ -15,7 +15,6 @@ import pytest
 from dali_arb import Manifest, ManifestError
 from dali_arb.cli import main
 from dali_arb.errors import ConfigError
-from dali_arb.index import build_index
 from dali_arb.loader.options import Decode, LoaderOptions
 
 from .conftest import copy_photos
@@ -168,14 +167,17 @@ def test_a_local_path_that_exists_is_taken_as_it_is_even_with_brace_characters(t
 # -- (3) -o naming a folder or another format; preview -o into a missing folder ------------------------------------
 
 
-def test_index_output_that_names_a_folder_is_one_line_and_writes_nothing(tmp_path, dataset, capsys):
+def test_index_output_that_names_a_folder_writes_parts_or_is_one_line(tmp_path, dataset, capsys):
+    """Issue 22: ``-o outdir/`` used to write a file named ``outdir``; a folder now holds a manifest in parts. A folder
+    holding other files is never written into."""
+    from dali_arb.data.parts import is_parts
+
     photos = copy_photos(dataset[0], tmp_path / "photos", 2)
-    for output in (f"{tmp_path}/outdir/", tmp_path):  # a trailing slash (no such folder yet), an existing folder
-        code, _, err = cli(capsys, "index", photos, "-o", output, "-q")
-        one_line(code, err, "is a folder", "manifest.parquet")
-    assert not (tmp_path / "outdir").exists()
-    with pytest.raises(Exception, match="is a folder"):
-        build_index([str(photos)], f"{tmp_path}/outdir/", progress=False)
+    code, _, err = cli(capsys, "index", photos, "-o", f"{tmp_path}/outdir/", "-q")
+    assert code == 0 and is_parts(tmp_path / "outdir") and not (tmp_path / "outdir.parquet").exists(), err
+    code, _, err = cli(capsys, "index", photos, "-o", tmp_path, "-q")  # an existing folder, with the photos in it
+    one_line(code, err, "holds files but no manifest in parts", "manifest.parquet")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outdir", "photos"]
 
 
 @pytest.mark.parametrize("name", ["m.csv", "m.json", "m.CSV", "m.pq"])

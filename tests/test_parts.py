@@ -188,9 +188,12 @@ def test_the_loader_serves_parts_as_it_serves_the_file(dataset, tmp_path):
     a = [(b["ids"], b["captions"]) for b in small_loader(manifest)]
     b = [(b["ids"], b["captions"]) for b in small_loader(tmp_path / "m")]
     assert a == b and len(a) > 3
+    # worker processes reopen the parts' cache by folder and signature (loader/source.py)
+    c = [(b["ids"], b["captions"]) for b in small_loader(tmp_path / "m", workers=1, worker_kind="process")]
+    assert c == a
 
 
-def test_parts_under_an_object_storage_prefix(dataset, tmp_path):
+def test_parts_under_an_object_storage_prefix(dataset, tmp_path, capsys):
     """Written straight to s3:// with moto, then read and mapped (local copy checked against the fingerprints)."""
     import boto3
 
@@ -215,3 +218,59 @@ def test_parts_under_an_object_storage_prefix(dataset, tmp_path):
         assert ids == [b["ids"] for b in small_loader(manifest)]
         with pytest.raises(ManifestError, match=r"s3://data/nothing/ has no index _manifest.json"):
             read_index("s3://data/nothing/")
+        # dali-arb index -o PREFIX/: built locally, uploaded part by part, the index last
+        assert main(["index", str(dataset[0]), "-o", "s3://data/out/", "-q"]) == 0
+        assert rows_of("s3://data/out/") == rows_of(manifest)
+        assert read_index("s3://data/out/").extra["engine"] == "local"
+        capsys.readouterr()
+        assert main(["index", str(dataset[0]), "-o", "s3://data/out/", "--update", "-q"]) == 0
+        assert f"{len(rows_of(manifest))} unchanged reused" in capsys.readouterr().out
+        assert rows_of("s3://data/out/") == rows_of(manifest)
+
+
+def rows_of(manifest) -> list[dict]:
+    return Manifest.read(manifest).table.drop_columns(["ctime_ns"]).to_pylist()
+
+
+def test_index_to_a_folder_writes_parts_row_for_row_as_the_file(dataset, tmp_path, monkeypatch, capsys):
+    import dali_arb.index.driver as driver
+
+    monkeypatch.setattr(driver, "PART_ROWS", 10)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for f in sorted(dataset[0].iterdir()):
+        (photos / f.name).write_bytes(f.read_bytes())
+    (photos / "broken.jpg").write_bytes(b"not an image")
+    assert main(["index", str(photos), "-o", str(tmp_path / "m.parquet"), "-q"]) == 0
+    assert main(["index", str(photos), "-o", f"{tmp_path / 'out'}/", "-q"]) == 0
+    line = capsys.readouterr().out
+    listing = read_index(tmp_path / "out")
+    assert [p.rows for p in listing.parts] == [10, 10, 10, 6] and listing.rejected == 1
+    assert listing.extra["engine"] == "local" and listing.extra["sources"] == [str(photos)]
+    assert f"into {tmp_path / 'out'}" in line and f"listed in {listing.rejects_paths()[0]}" in line
+    assert "broken.jpg" in open(listing.rejects_paths()[0]).read()
+    assert rows_of(tmp_path / "out") == rows_of(tmp_path / "m.parquet")
+    # again, into the existing folder without a slash: the old parts go, the new ones are listed
+    (photos / "img000.jpg").unlink()
+    assert main(["index", str(photos), "-o", str(tmp_path / "out"), "-q"]) == 0
+    again = read_index(tmp_path / "out")
+    assert {p.path for p in again.parts}.isdisjoint(p.path for p in listing.parts) and again.rows == 35
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == sorted([INDEX_NAME, *(p.path for p in again.parts), *(p.rejects for p in again.parts if p.rejects)])
+    summary = driver.build_index([str(photos)], tmp_path / "out", update=True, progress=False)
+    assert summary.reused == 35 and rows_of(tmp_path / "out")[0]["key"] == "img001"
+
+
+def test_index_output_folders_that_cannot_work_are_one_line(dataset, tmp_path, capsys):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    assert main(["index", str(dataset[0]), "-o", str(tmp_path / "busy"), "-q"]) != 0
+    err = capsys.readouterr().err
+    assert "folder" in err and "holds files but no manifest in parts" in err and "Traceback" not in err
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine" and len(list((tmp_path / "busy").iterdir())) == 1
+    assert main(["index", str(dataset[0]), "-o", f"{tmp_path / 'no' / 'such'}/", "-q"]) != 0
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["index", str(dataset[0]), "-o", f"{dataset[0]}/", "-q"]) != 0
+    assert "holds files but no manifest in parts" in capsys.readouterr().err
+    assert main(["index", str(dataset[0]), "-o", f"{dataset[0] / 'sub'}/", "-q"]) != 0
+    assert "lies inside the input folder" in capsys.readouterr().err and not (dataset[0] / "sub").exists()

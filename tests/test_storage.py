@@ -322,11 +322,13 @@ def test_a_manifest_written_to_storage_serves_like_a_local_one_and_updates_in_pl
     assert code != 0 and f"see s3://{BUCKET}/manifests/junk.parquet.rejects.jsonl" in err, err
     rejects = bytes(obstore.get(store, "manifests/junk.parquet.rejects.jsonl").bytes()).decode()
     assert "a.jpg" in rejects
-    code = main(["index", str(folder), "-o", f"s3://{BUCKET}/manifests/", "-q"])
+    code = main(["index", str(folder), "-o", f"s3://{BUCKET}/manifests/photos", "-q"])
     err = capsys.readouterr().err.strip()
-    assert (
-        code != 0 and "name the manifest object, e.g. s3://data/manifests/manifest.parquet" in err and "\n" not in err
-    )
+    assert code != 0 and "name the manifest object, e.g. s3://data/manifests/photos/manifest.parquet" in err, err
+    assert "or end it with / for a manifest in parts (s3://data/manifests/photos/)" in err and "\n" not in err
+    # issue 22: a trailing slash writes a manifest in parts there (tests/test_parts.py has the rest)
+    assert main(["index", str(folder), "-o", f"s3://{BUCKET}/manifests/parts/", "-q"]) == 0
+    assert obstore.head(store, "manifests/parts/_manifest.json")["size"] > 0
 
 
 def test_update_of_a_prefix_reuses_the_rows_of_unchanged_objects(s3, tmp_path):

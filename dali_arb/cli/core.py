@@ -354,7 +354,8 @@ def register(sub: argparse._SubParsersAction, fmt: type) -> None:
     p.add_argument("sources", nargs="+", metavar="SRC", help=f"what to index: {accepted()}")
     p.add_argument(
         "-o", "--output", required=True, metavar="MANIFEST",
-        help="manifest to write (.parquet): a local file, or an s3:// or gs:// URL (built locally, then uploaded)",
+        help="manifest to write: a .parquet file, or a folder ending in / (or an existing one) for a manifest in "
+             "parts; local, or an s3:// or gs:// URL (built locally, then uploaded)",
     )  # fmt: skip
     p.add_argument(
         "--max-pixels", type=positive_int, default=89_478_485, help="refuse larger images (default: Pillow's 89478485)"

@@ -53,6 +53,7 @@ import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,18 +62,38 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import ManifestError
-from ..plan.buckets import BucketIndex, BucketSpec, served_p99
-from .cachefolder import CACHE_ENV, CACHE_FORMAT, cache_root
+from ..plan.buckets import (
+    REJECT_ASPECT,
+    REJECT_MIN_SIZE,
+    REJECT_TOO_SMALL,
+    SERVED_PERCENTILE,
+    BucketIndex,
+    BucketSpec,
+    index_dtype,
+)
+from .cachefolder import CACHE_ENV, CACHE_FORMAT, cache_root, local_manifest
 from .cachefolder import cache_error as _cache_error
 from .cachefolder import text_digest as _digest
 from .manifest import NO_IDENTITY, Fingerprint, Manifest, check_file, pinned_columns, set_mapper
 from .pairs import pair_columns, pairs_of
 from .parts import INDEX_NAME, ManifestParts, file_fingerprint, local_copy, read_index
 
-__all__ = ["CACHE_ENV", "CACHE_FORMAT", "ManifestCache", "bucket_index", "cache_root", "open_manifest"]
+__all__ = [
+    "CACHE_ENV",
+    "CACHE_FORMAT",
+    "ManifestCache",
+    "bucket_index",
+    "cache_root",
+    "local_manifest",
+    "open_manifest",
+]
 
 #: Rows converted per step while building (a multiple of 8: validity bitmaps are written per step).
 BUILD_ROWS = 1 << 20
+#: Rows assigned to buckets per step while the bucket index is built: what sets its peak memory, about 100 B per row
+#: of NumPy temporaries (``BucketSpec.assign``'s int64 sides, float64 aspects, masks), so about 0.4 GB by default
+#: (``benchmarks/RESULTS.md``); the row count only adds the bucket counts.
+BUCKET_ROWS = 1 << 22
 _FIXED = {"height": np.int32, "width": np.int32, "offset": np.int64, "length": np.int64, "mtime_ns": np.int64,
           "source_size": np.int64,
           "frames": np.int32, "fps": np.float64, "duration": np.float64}  # fmt: skip
@@ -723,47 +744,57 @@ def _fixed_type(name: str) -> type | None:
     return _FIXED.get(name.rpartition(".")[2])
 
 
-def _open_parts(path: Path) -> tuple[list[tuple[Path, pq.ParquetFile]], pa.Schema, int]:
+def _open_parts(path: Path) -> tuple[list[tuple[Path, pa.Schema]], pa.Schema, int]:
     """The Parquet files of the manifest at ``path`` (itself; the parts of a manifest in parts, each with the rows its
-    index records), their unified schema and total rows."""
+    index records) with their schemas, their unified schema and total rows. Only footers are read: no file is held
+    open (a reader keeps buffers until it is closed, so holding every part's would grow with the parts)."""
     listing = _parts_of(path)
     files = [path] if listing is None else [Path(p) for p in listing.part_paths()]
     opened = []
+    rows = 0
     for i, file in enumerate(files):
         if listing is not None:
             check_file(file)
         try:
-            parquet = pq.ParquetFile(file)
+            footer = pq.read_metadata(file)
+            schema = footer.schema.to_arrow_schema()
         except (pa.ArrowException, OSError) as exc:
             raise ManifestError(f"cannot read manifest {file}: {exc}") from None
-        if listing is not None and parquet.metadata.num_rows != listing.parts[i].rows:
+        if listing is not None and footer.num_rows != listing.parts[i].rows:
             raise ManifestError(
-                f"manifest {path}: part {listing.parts[i].path} holds {parquet.metadata.num_rows} rows, its index "
+                f"manifest {path}: part {listing.parts[i].path} holds {footer.num_rows} rows, its index "
                 f"records {listing.parts[i].rows}; rebuild the manifest"
             )
-        opened.append((file, parquet))
+        opened.append((file, schema))
+        rows += footer.num_rows
     if not opened:
         from .manifest import SCHEMA
 
         return [], SCHEMA, 0
     try:
-        schema = pa.unify_schemas([p.schema_arrow for _, p in opened], promote_options="permissive")
+        unified = pa.unify_schemas([schema for _, schema in opened], promote_options="permissive")
     except (pa.ArrowException, ValueError) as exc:
         raise ManifestError(f"the parts of manifest {path} have columns that do not agree: {exc}") from None
-    return opened, schema, sum(p.metadata.num_rows for _, p in opened)
+    return opened, unified, rows
 
 
-def _batches(opened: list[tuple[Path, pq.ParquetFile]], columns: list[str], schema: pa.Schema) -> Iterator[tuple]:
-    """``(file, table)`` of at most :data:`BUILD_ROWS` rows of ``columns``, file after file; a column a part lacks
-    is null there."""
-    for file, parquet in opened:
-        names = parquet.schema_arrow.names
-        for batch in parquet.iter_batches(batch_size=BUILD_ROWS, columns=[c for c in columns if c in names]):
-            table = pa.Table.from_batches([batch])
-            for name in columns:
-                if name not in names:
-                    table = table.append_column(schema.field(name), pa.nulls(batch.num_rows, schema.field(name).type))
-            yield file, table.select(columns).replace_schema_metadata(parquet.schema_arrow.metadata)
+def _batches(opened: list[tuple[Path, pa.Schema]], columns: list[str], schema: pa.Schema) -> Iterator[tuple]:
+    """``(file, table)`` of at most :data:`BUILD_ROWS` rows of ``columns``, file after file (one open at a time); a
+    column a part lacks is null there."""
+    for file, own in opened:
+        names = own.names
+        try:
+            parquet = pq.ParquetFile(file, pre_buffer=False)  # (pre-buffering keeps every row group read: grows)
+        except (pa.ArrowException, OSError) as exc:
+            raise ManifestError(f"cannot read manifest {file}: {exc}") from None
+        with parquet:
+            for batch in parquet.iter_batches(batch_size=BUILD_ROWS, columns=[c for c in columns if c in names]):
+                table = pa.Table.from_batches([batch])
+                for name in columns:
+                    if name not in names:
+                        field = schema.field(name)
+                        table = table.append_column(field, pa.nulls(batch.num_rows, field.type))
+                yield file, table.select(columns).replace_schema_metadata(own.metadata)
 
 
 def _build_columns(path: Path, folder: Path, content: str) -> None:
@@ -774,8 +805,8 @@ def _build_columns(path: Path, folder: Path, content: str) -> None:
     names = schema.names
     try:
         pairs = pairs_of(schema)
-        for file, parquet in opened:
-            if pairs_of(parquet.schema_arrow) != pairs:
+        for file, own in opened:
+            if pairs_of(own) != pairs:
                 raise ManifestError(f"part {file} has other paired images than the manifest's first part; rebuild it")
     except ManifestError:
         raise
@@ -833,26 +864,174 @@ def _build_columns(path: Path, folder: Path, content: str) -> None:
     _write_meta(folder, meta)
 
 
-def _served_p99(cache: ManifestCache, rows: np.ndarray) -> dict[str, float | None]:
-    """:func:`~dali_arb.plan.buckets.served_p99` of ``rows`` (what a loader sizes its buffers by), computed here once
-    per node so that no rank reads every row's value at start-up."""
-    lengths = np.asarray(cache.array("length"))[rows] if "length" in cache.meta["columns"] else np.empty(0)
-    return served_p99(np.asarray(cache.array("height"))[rows], np.asarray(cache.array("width"))[rows], lengths)
+def _read_rows(path: Path, start: int, count: int) -> np.ndarray:
+    """Rows ``start .. start + count`` of the 1-D ``.npy`` file at ``path``, read into memory (not mapped: the pages
+    of a mapping stay in the process's RSS once touched, so a build that maps whole columns grows with the rows)."""
+    with open(path, "rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(fh)
+        count = max(0, min(count, shape[0] - start))
+        fh.seek(fh.tell() + start * dtype.itemsize)
+        values = np.fromfile(fh, dtype, count)
+    if len(values) != count:
+        raise ManifestError(f"the cache file {path} is shorter than its header says; it is rebuilt at the next open")
+    return values
+
+
+class _ValueCounts:
+    """How many times each value occurs, over values fed in chunks (``int64 (V,)`` values and counts, sorted): the
+    exact percentiles of a column of any length in memory set by its distinct values (image sides: thousands)."""
+
+    def __init__(self) -> None:
+        self.values = np.zeros(0, np.int64)
+        self.counts = np.zeros(0, np.int64)
+
+    def add(self, values: np.ndarray) -> None:
+        new, counts = np.unique(np.asarray(values, np.int64), return_counts=True)
+        merged = np.concatenate([self.values, new])
+        weights = np.concatenate([self.counts, counts])
+        self.values, at = np.unique(merged, return_inverse=True)
+        self.counts = np.bincount(at, weights=weights, minlength=len(self.values)).astype(np.int64)
+
+    def percentile(self, q: float) -> float | None:
+        """``np.percentile(all values, q)`` (linear interpolation), or None for no values."""
+        total = int(self.counts.sum())
+        if total == 0:
+            return None
+        position = (total - 1) * q / 100
+        ends = np.cumsum(self.counts)  # value i covers sorted positions [ends[i] - counts[i], ends[i])
+        below, above = int(np.floor(position)), int(np.ceil(position))
+        low = float(self.values[np.searchsorted(ends, below, side="right")])
+        high = float(self.values[np.searchsorted(ends, above, side="right")])
+        return float(np.percentile([low, high], (position - below) * 100))
+
+
+def _release_freed_memory() -> None:
+    """Give the heap's freed pages back to the system (glibc's ``malloc_trim``; nothing elsewhere). Chunks of tens of
+    MB freed in turn otherwise leave glibc's heap fragmented (its mmap threshold rises to the largest freed block), and
+    the process's RSS creeps up with the number of chunks, so with the rows."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _build_buckets(cache: ManifestCache, spec: BucketSpec, options: str, folder: Path) -> None:
-    index = BucketIndex.of(spec.assign(cache.array("height"), cache.array("width")))
-    for name in ("bucket", "members", "starts", "sizes"):
-        with open(folder / f"{name}.npy", "xb") as fh:
-            np.save(fh, getattr(index, name))
+    """The rows grouped by ``spec``'s buckets, out of core, equal to ``BucketIndex.of(spec.assign(heights, widths))``
+    (rows ascending inside each bucket). :data:`BUCKET_ROWS` rows at a time are assigned, their bucket ids written to a
+    scratch file and counted; then, bucket by bucket numbered as a whole assignment numbers them (with
+    ``no_upscale``, the scaled-down copies a chunk uses are numbered per chunk), each chunk's ids are written to
+    ``bucket.npy`` and its usable rows straight to their places in ``members.npy``. Peak memory is set by
+    :data:`BUCKET_ROWS`, not by the row count."""
+    n = int(cache.meta["rows"])
+    has_length = "length" in cache.meta["columns"]
+    first = spec.assign(np.zeros(0, np.int64), np.zeros(0, np.int64))
+    base = [tuple(size) for size in first.sizes.tolist()]
+    counts: dict[tuple[int, int], int] = dict.fromkeys(base, 0)
+    chunk_sizes: list[list[tuple[int, int]]] = []  # each chunk's bucket sizes, by its own bucket ids
+    rejected = {code: 0 for code in (REJECT_ASPECT, REJECT_TOO_SMALL, REJECT_MIN_SIZE)}
+    served = {name: _ValueCounts() for name in ("height", "width", "length")}
+    scratch = folder / ".bucket.scratch.npy"
+    writer = _NpyWriter(scratch, np.int32, n)
+    try:
+        for lo in range(0, n, BUCKET_ROWS):
+            heights = _read_rows(cache.folder / "height.npy", lo, BUCKET_ROWS)
+            widths = _read_rows(cache.folder / "width.npy", lo, BUCKET_ROWS)
+            assignment = spec.assign(heights, widths)
+            sizes = [tuple(size) for size in assignment.sizes.tolist()]
+            chunk_sizes.append(sizes)
+            writer.append(assignment.bucket)
+            usable = assignment.bucket >= 0
+            for k, count in enumerate(np.bincount(assignment.bucket[usable], minlength=len(sizes)).tolist()):
+                counts[sizes[k]] = counts.get(sizes[k], 0) + count
+            for code in rejected:
+                rejected[code] += assignment.rejected(code)
+            served["height"].add(heights[usable])
+            served["width"].add(widths[usable])
+            if has_length:
+                lengths = _read_rows(cache.folder / "length.npy", lo, BUCKET_ROWS)[usable]
+                served["length"].add(lengths[lengths > 0])
+            del assignment, heights, widths
+            _release_freed_memory()
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    # the base buckets, then the scaled-down copies in use, sorted (as one assignment of every row numbers them)
+    final = base + sorted(size for size in counts if size not in set(base))
+    number = {size: k for k, size in enumerate(final)}
+    dtype = np.dtype(index_dtype(len(final)))
+    starts = np.concatenate([[0], np.cumsum([counts[size] for size in final])]).astype(np.int64)
+
+    def renumbered() -> Iterator[tuple[int, np.ndarray]]:
+        for i, lo in enumerate(range(0, n, BUCKET_ROWS)):
+            local = _read_rows(scratch, lo, BUCKET_ROWS)
+            table = np.array([number[size] for size in chunk_sizes[i]] + [-1], np.int64)  # (-1 maps to -1)
+            yield lo, table[local].astype(dtype)
+
+    _write_buckets(renumbered(), folder, starts, n, dtype)
+    scratch.unlink()
+    with open(folder / "starts.npy", "xb") as fh:
+        np.save(fh, starts)
+    with open(folder / "sizes.npy", "xb") as fh:
+        np.save(fh, np.array(final, np.int64).reshape(-1, 2))
+    p99 = {name: served[name].percentile(SERVED_PERCENTILE) for name in served}
+    index = _Counted(first.num_base, first.no_upscale, rejected, p99)
     meta = {
         "format": CACHE_FORMAT,
         "options": options,
         "num_base": index.num_base,
         "no_upscale": index.no_upscale,
-        "rejected_aspect": index.rejected_aspect,
-        "rejected_too_small": index.rejected_too_small,
-        "rejected_min_size": index.rejected_min_size,
-        "served_p99": _served_p99(cache, index.members),
+        "rejected_aspect": index.rejected[REJECT_ASPECT],
+        "rejected_too_small": index.rejected[REJECT_TOO_SMALL],
+        "rejected_min_size": index.rejected[REJECT_MIN_SIZE],
+        "served_p99": index.p99,
     }
     _write_meta(folder, meta)
+
+
+@dataclass(frozen=True)
+class _Counted:
+    num_base: int
+    no_upscale: bool
+    rejected: dict[int, int]
+    p99: dict[str, float | None]
+
+
+def _write_buckets(
+    chunks: Iterator[tuple[int, np.ndarray]], folder: Path, starts: np.ndarray, n: int, dtype: np.dtype
+) -> None:
+    """``bucket.npy`` (``(N,)`` of ``dtype``) from ``(first row, bucket ids)`` chunks in row order, and
+    ``members.npy``: the usable rows grouped by bucket (``starts``: ``int64 (K + 1,)``), ascending inside each, each
+    chunk's rows of bucket ``k`` written at bucket ``k``'s next free place (``os.pwrite``: ordinary writes, so a
+    full disk is ENOSPC, never SIGBUS)."""
+    member_type = np.dtype(np.int32 if n < 2**31 else np.int64)
+    total = int(starts[-1])
+    buckets = _NpyWriter(folder / "bucket.npy", dtype, n)
+    with open(folder / "members.npy", "xb") as fh:
+        header = {"descr": np.lib.format.dtype_to_descr(member_type), "fortran_order": False, "shape": (total,)}
+        np.lib.format.write_array_header_1_0(fh, header)
+        fh.flush()
+        base = fh.tell()
+        cursor = starts[:-1].copy()  # (K,) next free place of each bucket
+        for lo, bucket in chunks:
+            buckets.append(bucket)
+            usable = np.flatnonzero(bucket >= 0)
+            order = np.argsort(bucket[usable], kind="stable")
+            rows = (usable[order] + lo).astype(member_type)
+            chunk_counts = np.bincount(bucket[usable], minlength=len(cursor))
+            offset = 0
+            for k in np.flatnonzero(chunk_counts).tolist():
+                piece = rows[offset : offset + chunk_counts[k]]
+                os.pwrite(fh.fileno(), piece.tobytes(), base + int(cursor[k]) * member_type.itemsize)
+                cursor[k] += chunk_counts[k]
+                offset += chunk_counts[k]
+            del bucket, usable, order, rows
+            _release_freed_memory()
+        buckets.close()
+        if not np.array_equal(cursor, starts[1:]):
+            raise AssertionError("bug: the members written do not fill their buckets")
+        fh.truncate(base + total * member_type.itemsize)

@@ -23,14 +23,19 @@ import pyarrow.parquet as pq
 from ..data.imagefacts import DEFAULT_MAX_PIXELS
 from ..data.manifest import Manifest, rejects_name, rejects_path
 from ..data.pairs import PairSpec, pairs_of
-from ..errors import ConfigError, IndexingError, StorageError
+from ..data.parts import INDEX_NAME, PartInfo, is_parts, read_index, write_index, write_part
+from ..errors import ConfigError, IndexingError, ManifestError, StorageError
 from ..processes import die_with_parent, spawn_without_main, stop_pool
 from .captions import CaptionSource, apply_captions
 from .readers import reader_for
 from .records import index_schema
 from .run import ROWS_PER_GROUP, IndexRun, IndexSummary
 
-__all__ = ["IndexSummary", "build_index"]
+__all__ = ["PART_ROWS", "IndexSummary", "build_index"]
+
+#: Rows per part of a manifest in parts written by the local engine (``-o DIR/``): about 100 MB of Arrow per part
+#: with captions, what one part costs in memory while it is written.
+PART_ROWS = 1 << 20
 
 
 def build_index(
@@ -45,6 +50,10 @@ def build_index(
     captions: CaptionSource | None = None,
 ) -> IndexSummary:
     """Index ``sources`` into the manifest ``output`` and its rejects file; returns a summary.
+
+    ``output``: a ``.parquet`` file, or a folder (a name ending in ``/``, or an existing folder: created if missing,
+    its parent must exist) to write a manifest in parts into (:mod:`dali_arb.data.parts`: parts of :data:`PART_ROWS`
+    rows and ``_manifest.json``; the run's rejects go with its first part); either may be an object-storage URL.
 
     Args:
         sources: image folders (recursive), ``.tar`` shards (webdataset layout), or Parquet/CSV
@@ -76,7 +85,7 @@ def build_index(
             raise ConfigError("captions from a file, a name or an extension need a local -o manifest for now")
         return _index_to_url(sources, str(output), max_pixels=max_pixels, workers=workers, update=update,
                              progress=progress, pairs=pairs)  # fmt: skip
-    output = _local_output(output)
+    output, in_parts = _local_output(output)
     try:
         expanded = [u for s in sources for u in (expand_sources(s) if is_url(s) else _expand_local(s))]
         # rows must resolve from any working directory: local sources become absolute paths
@@ -88,16 +97,23 @@ def build_index(
         raise ConfigError(f"caption column {captions.column!r} is read from --captions FILE or from the Parquet/CSV "
                           "metadata being indexed; give one of them")  # fmt: skip
     _check_output(output, kinds)
-    _check_suffix(output)
+    if not in_parts:
+        _check_suffix(output)
     pairs = _checked_pairs(pairs, kinds)
+    if in_parts:
+        try:
+            output.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise IndexingError(f"cannot create folder {output} ({exc.strerror}); choose another -o") from None
     old = _old_rows(output, pairs) if update else None
     summary = IndexSummary(manifest=output)
     started = time.perf_counter()
     # private temporary files beside the outputs, moved into place at the end: two runs on one output
     # never write into each other's files, and a reader only ever sees a whole manifest
     unique = f"{os.getpid()}-{secrets.token_hex(4)}"
-    tmp = output.with_name(f".{output.name}.{unique}.partial")
-    rejects_tmp = output.with_name(f".{rejects_path(output).name}.{unique}.partial")
+    scratch = output / ".index" if in_parts else output  # (files beside a manifest file, inside a folder of parts)
+    tmp = scratch.with_name(f".{scratch.name}.{unique}.partial")
+    rejects_tmp = scratch.with_name(f".{scratch.name}.rejects.jsonl.{unique}.partial")
     writer = pq.ParquetWriter(tmp, index_schema(pairs))
     pool = _pool(workers, remote=any(reader.remote for reader, _ in chosen))
     hidden_main = spawn_without_main()  # workers start at submits throughout the loop: none re-runs __main__
@@ -124,29 +140,84 @@ def build_index(
         raise
     finally:
         hidden_main.__exit__(None, None, None)
-    os.replace(tmp, output)
-    os.replace(rejects_tmp, rejects_path(output))
+    if in_parts:
+        try:
+            summary.rejects_at = _install_parts(tmp, rejects_tmp, output, unique, sources)
+        finally:
+            tmp.unlink(missing_ok=True)
+            rejects_tmp.unlink(missing_ok=True)
+    else:
+        os.replace(tmp, output)
+        os.replace(rejects_tmp, rejects_path(output))
     summary.seconds = time.perf_counter() - started
     if summary.rows == 0:
         raise IndexingError(
-            f"no usable images or videos in {', '.join(sources)} ({summary.rejected} rejected, see {rejects_path(output)})"
+            f"no usable images or videos in {', '.join(sources)} ({summary.rejected} rejected, see "
+            f"{summary.rejects_at or rejects_path(output)})"
         )
     return summary
 
 
-def _local_output(output: str | os.PathLike) -> Path:
-    """The local manifest file ``output`` names; an IndexingError for a folder (an existing one, or a name ending in
-    ``/``: a manifest is one file until manifests in parts exist) or a folder that does not exist."""
+def _install_parts(tmp: Path, rejects_file: Path, folder: Path, unique: str, sources: list[str]) -> str:
+    """Write the rows of the Parquet file ``tmp`` as parts of :data:`PART_ROWS` rows into ``folder`` (one part at a
+    time in memory), the run's rejects (``rejects_file``) with the first part, then the index; parts of the manifest
+    that was there before and are not in the new one are removed. Returns where the rejects are listed."""
+    import dataclasses
+
+    import pyarrow.parquet as pq
+
+    previous = read_index(folder) if is_parts(folder) else None
+    parquet = pq.ParquetFile(tmp, pre_buffer=False)  # (pre-buffering keeps every row group read: grows)
+    parts: list[PartInfo] = []
+    pending: list[pa.RecordBatch] = []
+
+    def flush() -> None:
+        table = pa.Table.from_batches(pending, schema=parquet.schema_arrow)
+        parts.append(write_part(folder, f"part-{unique}-{len(parts):05d}", table))
+        pending.clear()
+
+    held = 0
+    for batch in parquet.iter_batches(batch_size=min(PART_ROWS, ROWS_PER_GROUP)):
+        pending.append(batch)
+        held += batch.num_rows
+        if held >= PART_ROWS:
+            flush()
+            held = 0
+    if pending or not parts:
+        flush()  # the last, shorter part; an empty manifest is one empty part, as an empty manifest file is one file
+    rejected = sum(1 for _ in open(rejects_file, "rb"))
+    first = parts[0]
+    name = first.path[: -len(".parquet")] + ".rejects.jsonl"
+    os.replace(rejects_file, folder / name)
+    parts[0] = dataclasses.replace(first, rejects=name, rejected=rejected)
+    write_index(folder, parts, extra={"engine": "local", "sources": list(sources)})
+    if previous is not None:
+        kept = {p.path for p in parts} | {p.rejects for p in parts if p.rejects}
+        for gone in {p.path for p in previous.parts} | {p.rejects for p in previous.parts if p.rejects}:
+            if gone not in kept:
+                with contextlib.suppress(OSError):
+                    os.unlink(previous.join(gone))
+    return str(folder / name)
+
+
+def _local_output(output: str | os.PathLike) -> tuple[Path, bool]:
+    """``(path, in parts)``: the local manifest file ``output`` names, or the folder of a manifest in parts (a name
+    ending in ``/``, or an existing folder); an IndexingError where its parent folder does not exist,
+    or for a folder that holds other things than a manifest in parts (never written into, so never mixed up)."""
     text = os.fspath(output)
     path = Path(text)
-    if text.endswith(("/", os.sep)) or path.is_dir():
-        raise IndexingError(
-            f"-o {text} is a folder; name the manifest file in it, e.g. -o {path / 'manifest.parquet'} "
-            "(a manifest is one .parquet file)"
-        )
+    if path.name == INDEX_NAME:
+        path, text = path.parent, str(path.parent) + os.sep
     if not path.parent.exists():
         raise IndexingError(f"folder {path.parent} does not exist; create it or choose another -o")
-    return path
+    if not (text.endswith(("/", os.sep)) or path.is_dir()):
+        return path, False
+    if path.is_dir() and not is_parts(path) and any(not p.name.startswith(".") for p in path.iterdir()):
+        raise IndexingError(
+            f"-o {text}: folder {path} holds files but no manifest in parts ({INDEX_NAME}); give a new or empty "
+            f"folder for a manifest in parts, or a .parquet file name (e.g. -o {path / 'manifest.parquet'})"
+        )
+    return path, True
 
 
 def _check_suffix(output: Path) -> None:
@@ -185,7 +256,7 @@ def _expand_local(source: str) -> list[str]:
 def _old_rows(output: Path, pairs: list[PairSpec]) -> pa.Table | None:
     """The rows of the manifest ``output`` (being updated), if it exists, has the same pairs and records its rows'
     sources and mtimes (so unchanged files can be recognised); else None."""
-    if not output.exists():
+    if not output.exists() or (output.is_dir() and not is_parts(output)):
         return None
     old = Manifest.read(output).table
     same_pairs = pairs_of(old.schema) == {p.name: p.kind for p in pairs}
@@ -224,9 +295,14 @@ def _index_to_url(sources: list[str], url: str, *, update: bool, **options) -> I
 
     from ..data.storage import download, exists, upload
 
-    name = url.rstrip("/").rsplit("/", 1)[-1]
-    if not name.endswith(".parquet") or url.endswith("/"):
-        raise IndexingError(f"-o {url}: name the manifest object, e.g. {url.rstrip('/')}/manifest.parquet")
+    if url.endswith("/"):
+        return _index_to_prefix(sources, url, update=update, **options)
+    name = url.rsplit("/", 1)[-1]
+    if not name.endswith(".parquet"):
+        raise IndexingError(
+            f"-o {url}: name the manifest object, e.g. {url}/manifest.parquet, or end it with / for a manifest in "
+            f"parts ({url}/)"
+        )
     rejects_url = rejects_name(url)
     folder = Path(tempfile.mkdtemp(prefix="dali-arb-index-"))
     try:
@@ -249,6 +325,51 @@ def _index_to_url(sources: list[str], url: str, *, update: bool, **options) -> I
         except StorageError as exc:
             raise IndexingError(f"the manifest was built but could not be written: {exc}") from None
         summary.manifest = url
+        return summary
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _index_to_prefix(sources: list[str], url: str, *, update: bool, **options) -> IndexSummary:
+    """``build_index`` into a manifest in parts under the prefix ``url`` (ending in ``/``): written in a private local
+    folder, then each part and its rejects uploaded, the index last, so a reader sees the old manifest or the whole
+    new one. With ``update``, the manifest in parts already there (if any) is copied first and its unchanged rows
+    reused. Parts of an earlier manifest at the prefix stay there, no longer listed."""
+    import shutil
+    import tempfile
+
+    from ..data.parts import local_parts
+    from ..data.storage import upload
+
+    folder = Path(tempfile.mkdtemp(prefix="dali-arb-index-"))
+    local = folder / "manifest"
+    try:
+        try:
+            if update and is_parts(url):
+                shutil.copytree(local_parts(url, cache_dir=folder / "cache"), local)
+        except (StorageError, ManifestError) as exc:
+            raise IndexingError(str(exc)) from None
+        failure: IndexingError | None = None
+        try:
+            summary = build_index(sources, f"{local}{os.sep}", update=update, **options)
+        except IndexingError as exc:  # its message names the local folder: name the URL the user gave
+            if not is_parts(local):
+                raise IndexingError(str(exc).replace(f"{local}{os.sep}", url).replace(str(local), url)) from None
+            failure = IndexingError(str(exc).replace(f"{local}{os.sep}", url).replace(str(local), url))
+        listing = read_index(local)
+        try:
+            for part in listing.parts:
+                for name in (part.path, part.rejects):
+                    if name:
+                        upload(listing.join(name), url + name)
+            upload(listing.index, url + INDEX_NAME)  # last: the manifest appears whole at once
+        except StorageError as exc:
+            raise IndexingError(f"the manifest was built but could not be written: {exc}") from None
+        if failure is not None:
+            raise failure
+        summary.manifest = url
+        if summary.rejects_at:
+            summary.rejects_at = summary.rejects_at.replace(f"{local}{os.sep}", url)
         return summary
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -299,7 +420,7 @@ def _checked_pairs(pairs: list[PairSpec] | tuple, kinds: list[tuple[str, str]]) 
 def _check_output(output: Path, kinds: list[tuple[str, str]]) -> None:
     """Outputs are never inputs: refuse an ``output`` that is one of the sources, lies inside a source
     folder, or exists as something other than a regular file (``/dev/null``, a FIFO)."""
-    if output.exists() and not stat_module.S_ISREG(os.stat(output).st_mode):
+    if output.exists() and not stat_module.S_ISREG(os.stat(output).st_mode) and not output.is_dir():
         raise IndexingError(
             f"output {output} is not a regular file (a device, FIFO or socket); give a new .parquet file name"
         )

@@ -1,12 +1,23 @@
 """img2dataset-style metadata (Parquet or CSV with ``key``, ``width``, ``height``; optional ``caption``,
-``path``, ``status``): rows taken as they are, in Arrow."""
+``path``, ``status``): rows taken as they are, in Arrow, a chunk at a time.
+
+Metadata of any size is read in chunks (:data:`CHUNK_ROWS` rows of Parquet, :data:`CSV_BLOCK_BYTES` of CSV), each
+checked and written before the next is read: memory is set by the chunk, not by the file (about 1 KB per row of
+img2dataset's columns at most, so a few hundred MB per chunk). Sizes, statuses and captions are checked with Arrow's
+vectorised kernels; a ``path`` column is resolved with them too, and the local files it names are looked up with
+``os.stat`` in a pool of threads (:data:`STAT_THREADS`: the calls overlap where a network file system makes each
+slow), objects in storage by listing or concurrent HEADs.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from stat import S_ISREG
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -15,41 +26,83 @@ from ..data.manifest import IDENTITY, SCHEMA, VIDEO
 from ..errors import IndexingError
 from .records import Reject
 
-__all__ = ["metadata_rows"]
+__all__ = ["CHUNK_ROWS", "metadata_chunks", "metadata_rows"]
+
+#: Rows of Parquet metadata read and checked at once.
+CHUNK_ROWS = 1 << 20
+#: Bytes of CSV metadata read and checked at once (about a million rows of img2dataset's CSV columns).
+CSV_BLOCK_BYTES = 64 << 20
+#: Threads looking up the local files a ``path`` column names.
+STAT_THREADS = 8
+#: The column naming each image's file, by the names img2dataset and other tools use (the first present).
+PATH_COLUMNS = ("path", "filepath", "file", "image_path")
 
 
 def metadata_rows(path: Path, *, base_url: str | None = None) -> tuple[pa.Table, list[Reject]]:
-    """Rows from img2dataset-style Parquet/CSV metadata with ``key``, ``width``, ``height`` columns.
+    """All rows of the metadata at ``path`` at once (:func:`metadata_chunks`, concatenated): for small files and
+    tests; the indexer streams the chunks."""
+    tables, rejects = [], []
+    for table, found in metadata_chunks(path, base_url=base_url):
+        tables.append(table)
+        rejects += found
+    return pa.concat_tables(tables), rejects
+
+
+def metadata_chunks(
+    path: Path, *, base_url: str | None = None, chunk_rows: int | None = None
+) -> Iterator[tuple[pa.Table, list[Reject]]]:
+    """``(rows, rejects)`` of img2dataset-style Parquet/CSV metadata with ``key``, ``width``, ``height`` columns, a
+    chunk of at most ``chunk_rows`` (default :data:`CHUNK_ROWS`) rows (Parquet) or :data:`CSV_BLOCK_BYTES` (CSV) at a time, in file order.
 
     ``base_url``: the metadata came from object storage (``path`` is a local copy); relative paths in it are
     taken relative to this URL prefix. Rows naming objects in storage get their size and modification time from
-    the store (:func:`_locations`)."""
+    the store (:func:`_locations`). An IndexingError for metadata that cannot serve (no such columns, no rows)."""
+    total = 0
+    for table in _read_chunks(path, chunk_rows or CHUNK_ROWS):
+        total += table.num_rows
+        if table.num_rows:
+            yield _checked_rows(table, path, base_url)
+    if total == 0:
+        raise IndexingError(f"metadata {path} has no rows (only a header?); give metadata with one row per image")
+
+
+def _read_chunks(path: Path, chunk_rows: int) -> Iterator[pa.Table]:
+    """The metadata's rows, a chunk at a time (Arrow tables); one line naming the file when it cannot be read."""
     import pyarrow.csv as pacsv
 
     try:
         if path.suffix.lower() == ".csv":
-            table = pacsv.read_csv(
-                path, convert_options=pacsv.ConvertOptions(column_types={"key": pa.string(), "caption": pa.string()})
+            text = {name: pa.string() for name in ("key", "caption", "width", "height", "status", *PATH_COLUMNS)}
+            reader = pacsv.open_csv(
+                path,
+                read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+                convert_options=pacsv.ConvertOptions(column_types=text),
             )
+            names = reader.schema.names
         else:
-            _check_unique(pq.read_schema(path).names, path)
-            table = pq.read_table(path)
+            parquet = pq.ParquetFile(path, pre_buffer=False)  # (pre-buffering keeps every row group read: grows)
+            names = parquet.schema_arrow.names
+        _check_unique(names, path)
+        missing = [c for c in ("key", "width", "height") if c not in names]
+        if missing:
+            raise IndexingError(
+                f"metadata {path} lacks column(s) {', '.join(missing)} (has: {', '.join(names)}); "
+                "it needs key, width and height (img2dataset's parquet output has them)"
+            )
+        batches = reader if path.suffix.lower() == ".csv" else parquet.iter_batches(batch_size=chunk_rows)
+        for batch in batches:
+            yield pa.Table.from_batches([batch])
     except (pa.ArrowException, OSError) as exc:
         raise IndexingError(f"cannot read metadata {path}: {str(exc).splitlines()[0]}") from None
-    _check_unique(table.column_names, path)
+
+
+def _checked_rows(table: pa.Table, path: Path, base_url: str | None) -> tuple[pa.Table, list[Reject]]:
+    """One chunk of metadata as manifest rows, and the rows refused with their reasons."""
     names = set(table.column_names)
-    missing = [c for c in ("key", "width", "height") if c not in names]
-    if missing:
-        raise IndexingError(
-            f"metadata {path} lacks column(s) {', '.join(missing)} (has: {', '.join(table.column_names)}); "
-            "it needs key, width and height (img2dataset's parquet output has them)"
-        )
     rejects: list[Reject] = []
     n = table.num_rows
-    if n == 0:
-        raise IndexingError(f"metadata {path} has no rows (only a header?); give metadata with one row per image")
-    keep = pa.array([True] * n)
-    key = pc.cast(table.column("key"), pa.string())
+    keep = pa.array(np.ones(n, bool))
+    key = pc.cast(table.column("key"), pa.string()).combine_chunks()
     if "status" in names:
         ok = pc.equal(pc.cast(table.column("status"), pa.string()), "success")
         ok = pc.fill_null(ok, False)
@@ -65,7 +118,7 @@ def metadata_rows(path: Path, *, base_url: str | None = None) -> tuple[pa.Table,
     width, bad_width = _whole_numbers(table.column("width"), "width", path)
     height, bad_height = _whole_numbers(table.column("height"), "height", path)
     for row in pc.indices_nonzero(pc.and_(keep, pc.or_(bad_width, bad_height))).to_pylist():
-        shown = f"{table.column('width')[row].as_py()!r} x {table.column('height')[row].as_py()!r}"
+        shown = f"{_shown(table.column('width')[row].as_py())} x {_shown(table.column('height')[row].as_py())}"
         rejects.append(
             {
                 "source": f"{path}#{key[row].as_py()}",
@@ -77,21 +130,19 @@ def metadata_rows(path: Path, *, base_url: str | None = None) -> tuple[pa.Table,
     keep = pc.and_(keep, good_size)
     caption = _text(table.column("caption"), path) if "caption" in names else pa.nulls(n, pa.string())
     caption = pc.if_else(pc.equal(pc.utf8_trim_whitespace(caption), ""), pa.scalar(None, pa.string()), caption)
-    path_column = next((c for c in ("path", "filepath", "file", "image_path") if c in names), None)
+    path_column = next((c for c in PATH_COLUMNS if c in names), None)
     mtime = pa.nulls(n, pa.int64())
     source_size, etag = pa.nulls(n, pa.int64()), pa.nulls(n, pa.string())
     if path_column:
-        paths = pc.cast(table.column(path_column), pa.string()).to_pylist()
-        sources, lengths, sizes, mtimes, etags, problems = _locations(paths, path, base_url, keep.to_pylist())
+        paths = pc.cast(table.column(path_column), pa.string()).combine_chunks()
+        wanted = keep.to_numpy(zero_copy_only=False)
+        source, length, source_size, mtime, etag, problems = _locations(paths, path, base_url, wanted)
         for row, (where, reason) in sorted(problems.items()):
             rejects.append({"source": where or f"{path}#{key[row].as_py()}", "reason": reason, "key": key[row].as_py()})
-        keep = pc.and_(keep, pa.array([row not in problems for row in range(n)]))
-        source = pa.array(sources, pa.string())
-        length = pa.array(lengths, pa.int64())
-        mtime = pa.array(mtimes, pa.int64())
-        # the source's identity, checked by the loader as for rows of folders and prefixes
-        source_size = pa.array(sizes, pa.int64())
-        etag = pa.array(etags, pa.string())
+        if problems:
+            served = np.ones(n, bool)
+            served[list(problems)] = False
+            keep = pc.and_(keep, pa.array(served))
     else:
         source = pa.nulls(n, pa.string())
         length = pa.nulls(n, pa.int64())
@@ -102,7 +153,7 @@ def metadata_rows(path: Path, *, base_url: str | None = None) -> tuple[pa.Table,
             "height": pc.cast(height, pa.int32(), safe=False),
             "caption": caption,
             "source": source,
-            "offset": pa.array([0] * n, pa.int64()) if path_column else pa.nulls(n, pa.int64()),
+            "offset": pa.array(np.zeros(n, np.int64)) if path_column else pa.nulls(n, pa.int64()),
             "length": length,
             "mtime_ns": mtime,
         },
@@ -156,57 +207,117 @@ LIST_FROM = 64
 CONCURRENT_HEADS = 32
 
 
-def _locations(
-    paths: list[str | None], metadata: Path, base_url: str | None, wanted: list[bool]
-) -> tuple[list, list, list, list, list, dict[int, tuple[str | None, str]]]:
-    """``(sources, lengths, sizes, mtimes, etags, problems)`` of the ``paths`` column: each path resolved (relative to the
-    metadata's folder, or to ``base_url`` when the metadata came from object storage), and ``{row: (source,
-    reason)}`` for the ``wanted`` rows that cannot be served. A local file has length -1 (read whole), its size
-    and modification time (``os.stat`` now) its identity; an object in storage gets its size, modification time and
-    ETag from the store now, so that the loader reads it whole and
-    checks it (a missing object is a problem; a failing store a StorageError)."""
-    from ..data.storage import is_url
+def _shown(value: object) -> str:
+    """A size value as a reject's reason shows it: a number as written (CSV is read as text), anything else quoted."""
+    import re
 
-    sources: list[str | None] = []
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+(\.\d*)?\s*", value):
+        return value.strip()
+    return repr(value)
+
+
+def _locations(
+    paths: pa.Array, metadata: Path, base_url: str | None, wanted: np.ndarray
+) -> tuple[pa.Array, pa.Array, pa.Array, pa.Array, pa.Array, dict[int, tuple[str | None, str]]]:
+    """``(sources, lengths, sizes, mtimes, etags, problems)`` of the ``(n,)`` ``paths`` column: each path resolved
+    (relative to the metadata's folder, or to ``base_url`` when the metadata came from object storage), and
+    ``{row: (source, reason)}`` for the ``wanted`` rows (``bool (n,)``) that cannot be served. A local file has length
+    -1 (read whole), its size and modification time (``os.stat`` now) its identity; an object in storage gets its
+    size, modification time and ETag from the store now, so that the loader reads it whole and checks it (a missing
+    object is a problem; a failing store a StorageError)."""
+    from ..data.storage import URL_PATTERN
+
+    n = len(paths)
+    present = paths.is_valid().to_numpy(zero_copy_only=False)
+    is_url = pc.fill_null(pc.match_substring_regex(paths, URL_PATTERN), False).to_numpy(zero_copy_only=False)
+    absolute = pc.fill_null(pc.starts_with(paths, "/"), False).to_numpy(zero_copy_only=False)
+    relative = present & ~is_url & ~absolute
+    sources = paths
+    if relative.any():
+        sources = _resolved(paths, relative, metadata, base_url)
+    is_url |= relative & bool(base_url)
     problems: dict[int, tuple[str | None, str]] = {}
-    local: dict[int, os.stat_result] = {}  # a local file's identity at indexing, checked by the loader
-    for row, p in enumerate(paths):
-        if p is None or is_url(p) or os.path.isabs(p):
-            source = p
-        elif base_url:
-            source = _joined(base_url, p)
-        else:
-            source = str(metadata.parent / p)
-        sources.append(source)
-        if not wanted[row]:
-            continue
-        if source is None:
-            problems[row] = (None, "file named in metadata does not exist")
-        elif not is_url(source):
-            try:
-                stat = os.stat(source)
-            except OSError:
-                stat = None
+    for row in np.flatnonzero(wanted & ~present):
+        problems[int(row)] = (None, "file named in metadata does not exist")
+    lengths = np.full(n, -1, np.int64)
+    sizes = np.zeros(n, np.int64)
+    mtimes = np.zeros(n, np.int64)
+    known = np.zeros(n, bool)  # rows whose source's identity was found
+    etags: list[str | None] = [None] * n if is_url.any() else []
+    local_rows = np.flatnonzero(wanted & present & ~is_url)
+    if local_rows.size:
+        names = sources.take(pa.array(local_rows)).to_pylist()
+        for row, name, stat in zip(local_rows.tolist(), names, _stat_many(names)):
             if stat is None or not S_ISREG(stat.st_mode):
-                problems[row] = (source, "file named in metadata does not exist")
+                problems[row] = (name, "file named in metadata does not exist")
             else:
-                local[row] = stat
-        elif is_url(source) and _bad_key(source):
-            problems[row] = (source, "path has an empty, '.' or '..' segment, which object storage paths cannot hold")
-    found = _object_infos(
-        [s for row, s in enumerate(sources) if wanted[row] and row not in problems and s and is_url(s)]
+                sizes[row], mtimes[row], known[row] = stat.st_size, stat.st_mtime_ns, True
+    remote_rows = np.flatnonzero(wanted & present & is_url)
+    if remote_rows.size:
+        urls = sources.take(pa.array(remote_rows)).to_pylist()
+        good = []
+        for row, url in zip(remote_rows.tolist(), urls):
+            if _bad_key(url):
+                problems[row] = (url, "path has an empty, '.' or '..' segment, which object storage paths cannot hold")
+            else:
+                good.append((row, url))
+        found = _object_infos([url for _, url in good])
+        for row, url in good:
+            info = found.get(url)
+            if info is None:
+                problems[row] = (url, "object named in metadata does not exist")
+                continue
+            lengths[row], sizes[row], mtimes[row], known[row] = info.size, info.size, info.mtime_ns, True
+            etags[row] = info.etag
+    lengths_array = pa.array(lengths, mask=~present)  # (a row without a path has no length)
+    return (
+        sources,
+        lengths_array,
+        pa.array(sizes, mask=~known),
+        pa.array(mtimes, mask=~known),
+        pa.array(etags, pa.string()) if etags else pa.nulls(n, pa.string()),
+        problems,
     )
-    lengths, sizes, mtimes, etags = [], [], [], []
-    for row, source in enumerate(sources):
-        info = found.get(source) if source else None
-        if source in found and info is None and wanted[row] and row not in problems:
-            problems[row] = (source, "object named in metadata does not exist")
-        stat = local.get(row)
-        lengths.append(info.size if info else (-1 if source else None))
-        sizes.append(info.size if info else (stat.st_size if stat else None))
-        mtimes.append(info.mtime_ns if info else (stat.st_mtime_ns if stat else None))
-        etags.append(info.etag if info else None)
-    return sources, lengths, sizes, mtimes, etags, problems
+
+
+def _resolved(paths: pa.Array, relative: np.ndarray, metadata: Path, base_url: str | None) -> pa.Array:
+    """``paths`` with the ``relative`` ones (``bool (n,)``) joined to the metadata's folder (as ``Path`` joins them:
+    ``.`` segments, repeated and trailing ``/`` dropped) or, with ``base_url``, to that URL prefix (``..`` resolved)."""
+    if base_url:
+        out = paths.to_pylist()
+        for row in np.flatnonzero(relative).tolist():
+            out[row] = _joined(base_url, out[row])
+        return pa.array(out, pa.string())
+    folder = str(metadata.parent)
+    joined = pc.binary_join_element_wise(pa.scalar(folder), paths, "/")
+    # the rare paths Path would rewrite ("./a.jpg", "a//b.jpg", "dir/"): joined one by one
+    odd = pc.fill_null(pc.match_substring_regex(paths, r"(^|/)\.(/|$)|//|/$|^$"), False).to_numpy(zero_copy_only=False)
+    if (odd & relative).any():
+        fixed = joined.to_pylist()
+        for row in np.flatnonzero(odd & relative).tolist():
+            fixed[row] = str(metadata.parent / paths[row].as_py())
+        joined = pa.array(fixed, pa.string())
+    return pc.if_else(pa.array(relative), joined, paths)
+
+
+def _stat_many(names: list[str]) -> list[os.stat_result | None]:
+    """``os.stat`` of each local path (None where it fails), in :data:`STAT_THREADS` threads, in order."""
+
+    def stat_all(batch: list[str]) -> list[os.stat_result | None]:
+        out: list[os.stat_result | None] = []
+        for name in batch:
+            try:
+                out.append(os.stat(name))
+            except (OSError, ValueError):
+                out.append(None)
+        return out
+
+    step = max(256, len(names) // (4 * STAT_THREADS) + 1)
+    batches = [names[i : i + step] for i in range(0, len(names), step)]
+    if len(batches) == 1:
+        return stat_all(batches[0])
+    with ThreadPoolExecutor(STAT_THREADS) as pool:
+        return [stat for done in pool.map(stat_all, batches) for stat in done]
 
 
 def _joined(base_url: str, relative: str) -> str:
@@ -289,8 +400,9 @@ def _whole_numbers(column: pa.ChunkedArray, name: str, path: Path) -> tuple[pa.A
     column = column.combine_chunks()
     kind = column.type
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        digits = pc.fill_null(pc.match_substring_regex(column, r"^\s*\d{1,10}\s*$"), False)
-        column = pc.if_else(digits, pc.utf8_trim_whitespace(column), pa.scalar(None, pa.string()))
+        digits = pc.fill_null(pc.match_substring_regex(column, r"^\s*\d{1,10}(\.0*)?\s*$"), False)
+        whole = pc.replace_substring_regex(pc.utf8_trim_whitespace(column), r"\.0*$", "")
+        column = pc.if_else(digits, whole, pa.scalar(None, pa.string()))
         column = pc.cast(column, pa.int64())
     elif pa.types.is_floating(kind):
         whole = pc.fill_null(pc.and_(pc.is_finite(column), pc.equal(pc.floor(column), column)), False)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, IndexingError, StorageError
 from .folders import folder_task
-from .metadata import metadata_rows
+from .metadata import metadata_chunks
 from .records import Reject
 from .remote import fetched, pair_listings, prefix_tasks, remote_folder_task
 from .run import IndexRun
@@ -102,10 +102,11 @@ def read_shard(run: IndexRun, source: str) -> None:
 
 
 def read_metadata(run: IndexRun, source: str) -> None:
-    """img2dataset-style Parquet/CSV metadata, taken as it is (``metadata.metadata_rows``)."""
-    table, rejects = metadata_rows(Path(source))
-    run.write_table(table)
-    run.take([], rejects, table.num_rows + len(rejects))
+    """img2dataset-style Parquet/CSV metadata, taken as it is, a chunk at a time (``metadata.metadata_chunks``)."""
+    for table, rejects in metadata_chunks(Path(source)):
+        run.write_table(table)
+        run.summary.no_source += table.column("source").null_count
+        run.take([], rejects, table.num_rows + len(rejects))
 
 
 # -- object storage ------------------------------------------------------------------------------------------------
@@ -131,9 +132,10 @@ def read_remote_metadata(run: IndexRun, url: str) -> None:
     with _storage_errors(url), fetched(url, os.path.splitext(url)[1]) as local:
         run.summary.fetched_objects += 1
         run.summary.fetched_bytes += os.path.getsize(local)
-        table, rejects = metadata_rows(Path(local), base_url=url.rsplit("/", 1)[0] + "/")
-        run.write_table(table)
-        run.take([], [_renamed(r, local, url) for r in rejects], table.num_rows + len(rejects))
+        for table, rejects in metadata_chunks(Path(local), base_url=url.rsplit("/", 1)[0] + "/"):
+            run.write_table(table)
+            run.summary.no_source += table.column("source").null_count
+            run.take([], [_renamed(r, local, url) for r in rejects], table.num_rows + len(rejects))
 
 
 def read_remote_shard(run: IndexRun, url: str) -> None:

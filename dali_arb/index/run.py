@@ -54,6 +54,11 @@ class IndexSummary:
     videos: int = 0
     videos_counted: int = 0
     video_bytes_read: int = 0
+    #: rows with no path to their image (metadata without a path column): sizes that ``buckets`` and ``plan`` use, but
+    #: nothing the loader can read
+    no_source: int = 0
+    #: where the rejects are listed when not beside the manifest (``MANIFEST.rejects.jsonl``): a manifest in parts'
+    rejects_at: str | None = None
 
     @property
     def files_per_s(self) -> float:
@@ -72,7 +77,7 @@ class IndexSummary:
             + f"); rejected {self.rejected}"
         )
         if self.rejected:
-            text += f" ({reasons}), listed in {rejects_name(self.manifest)}"
+            text += f" ({reasons}), listed in {self.rejects_at or rejects_name(self.manifest)}"
         if self.remote_images:
             text += (
                 f"; from object storage: {self.remote_requests / self.remote_images:.2f} requests and "
@@ -83,6 +88,13 @@ class IndexSummary:
                 f"; videos: {self.videos - self.videos_counted} from their header and first frame, "
                 f"{self.videos_counted} counted by demuxing, {self.video_bytes_read / self.videos / 1024:.0f} KiB "
                 "read per video"
+            )
+        if self.no_source:
+            text += (
+                f"; {'all ' if self.no_source == self.rows else ''}{self.no_source} of them have no path to their image "
+                "(metadata without a path column): `dali-arb buckets` and `plan` can use them, the loader cannot serve "
+                "them; add a column path (or filepath, file, image_path) naming each image's file or URL, or index the "
+                "images or tar shards themselves"
             )
         if self.fetched_objects:
             text += f"; {self.fetched_objects} shard/metadata object(s) fetched whole ({self.fetched_bytes / 2**20:.1f} MiB)"

@@ -1,0 +1,166 @@
+"""Bounded memory before the loader (issue 22): metadata streamed in chunks, the node cache's bucket index grouped out
+of core. Each is checked against the whole-at-once result it replaces; peak RSS figures live in
+``python -m benchmarks scale``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dali_arb import BucketSpec
+from dali_arb.data.manifest import Manifest
+from dali_arb.index import build_index
+from dali_arb.index import metadata as metadata_module
+from dali_arb.index.metadata import metadata_chunks, metadata_rows
+
+from .conftest import random_sizes, write_size_manifest
+from .images import save_jpeg
+
+
+def odd_metadata(folder, n: int = 50) -> pa.Table:
+    """Metadata rows of every kind: good files (relative, ``./``-relative, absolute, in a subfolder), missing files,
+    null paths, failed downloads, sizes that are not whole numbers."""
+    (folder / "sub").mkdir(parents=True, exist_ok=True)
+    keys, widths, heights, paths, status = [], [], [], [], []
+    for i in range(n):
+        kind = i % 7
+        name = f"sub/f{i}.jpg" if kind == 3 else f"f{i}.jpg"
+        if kind != 4:
+            save_jpeg(folder / name, 16, 12)
+        keys.append(f"k{i:03d}")
+        widths.append([16, 16, 16, 16, 16, 0, 16][kind])
+        heights.append(12)
+        paths.append([name, f"./{name}", str(folder / name), name, name, name, None][kind])
+        status.append("failed_to_download" if i % 11 == 10 else "success")
+    return pa.table({"key": keys, "width": widths, "height": heights, "path": paths, "status": status})
+
+
+def test_metadata_in_chunks_gives_the_rows_and_rejects_of_the_whole(tmp_path):
+    table = odd_metadata(tmp_path / "images")
+    meta = tmp_path / "images" / "meta.parquet"
+    pq.write_table(table, meta)
+    whole, whole_rejects = metadata_rows(meta)
+    chunks = list(metadata_chunks(meta, chunk_rows=8))
+    assert len(chunks) == 7
+    parts = pa.concat_tables([t for t, _ in chunks])
+    by_key = sorted([r for _, rs in chunks for r in rs], key=lambda r: r["key"])
+    assert parts.equals(whole) and by_key == sorted(whole_rejects, key=lambda r: r["key"])
+    rows = {r["key"]: r for r in whole.to_pylist()}
+    assert rows["k002"]["source"] == str(tmp_path / "images" / "f2.jpg")  # absolute, kept
+    assert rows["k001"]["source"] == str(tmp_path / "images" / "f1.jpg")  # "./f1.jpg", joined as Path joins
+    assert rows["k003"]["source"] == str(tmp_path / "images" / "sub" / "f3.jpg")
+    stat = (tmp_path / "images" / "f0.jpg").stat()
+    assert (rows["k000"]["length"], rows["k000"]["source_size"], rows["k000"]["mtime_ns"]) == (
+        -1, stat.st_size, stat.st_mtime_ns)  # fmt: skip
+    reasons = {r["key"]: r["reason"] for r in whole_rejects}
+    assert reasons["k004"] == "file named in metadata does not exist"  # (never made)
+    assert reasons["k006"] == "file named in metadata does not exist"  # (no path)
+    assert reasons["k005"].startswith("size is not two whole numbers") and "(0 x 12)" in reasons["k005"]
+    assert reasons["k010"] == "status 'failed_to_download' is not 'success'"
+    assert len(whole) + len(whole_rejects) == 50
+
+
+def test_csv_metadata_streams_in_blocks_with_a_bad_size_late_in_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(metadata_module, "CSV_BLOCK_BYTES", 1 << 10)  # many blocks; types fixed by the first one
+    lines = ["key,width,height,caption"] + [f"k{i},{64 + i % 5},48,caption {i}" for i in range(400)]
+    lines += ["late,abc,48,x", "float,64.0,48,y", "half,12.5,48,z"]
+    (tmp_path / "meta.csv").write_text("\n".join(lines) + "\n")
+    chunks = list(metadata_chunks(tmp_path / "meta.csv"))
+    assert len(chunks) > 5
+    rows = pa.concat_tables([t for t, _ in chunks])
+    reasons = {r["key"]: r["reason"] for _, rs in chunks for r in rs}
+    assert len(rows) == 401 and rows.column("key")[-1].as_py() == "float" and rows.column("width")[-1].as_py() == 64
+    assert set(reasons) == {"late", "half"} and "('abc' x 48)" in reasons["late"] and "(12.5 x 48)" in reasons["half"]
+
+
+def test_indexing_metadata_writes_it_chunk_by_chunk(tmp_path, monkeypatch):
+    table = odd_metadata(tmp_path / "images")
+    pq.write_table(table, tmp_path / "images" / "meta.parquet")
+    build_index([str(tmp_path / "images" / "meta.parquet")], tmp_path / "whole.parquet", progress=False)
+    monkeypatch.setattr(metadata_module, "CHUNK_ROWS", 6)
+    summary = build_index([str(tmp_path / "images" / "meta.parquet")], tmp_path / "chunked.parquet", progress=False)
+    assert pq.ParquetFile(tmp_path / "chunked.parquet").metadata.num_row_groups > 1
+    whole, chunked = (Manifest.read(tmp_path / n).table.to_pylist() for n in ("whole.parquet", "chunked.parquet"))
+    assert chunked == whole and summary.rows == len(whole) and summary.files_seen == 50
+
+
+def test_metadata_without_paths_indexes_but_its_line_says_the_loader_cannot_serve_it(tmp_path, capsys):
+    from dali_arb.cli import main
+
+    pq.write_table(pa.table({"key": ["a", "b", "c"], "width": [640, 512, 0], "height": [480, 512, 5]}),
+                   tmp_path / "meta.parquet")  # fmt: skip
+    assert main(["index", str(tmp_path / "meta.parquet"), "-o", str(tmp_path / "m.parquet"), "-q"]) == 0
+    line = capsys.readouterr().out
+    assert "indexed 2 images" in line and "all 2 of them have no path to their image" in line
+    assert "the loader cannot serve them; add a column path" in line and line.count("\n") == 1
+    assert main(["buckets", str(tmp_path / "m.parquet"), "-b", "1"]) == 0  # sizes alone serve buckets and plan
+    capsys.readouterr()
+    save_jpeg(tmp_path / "a.jpg", 64, 48)
+    pq.write_table(pa.table({"key": ["a", "b"], "width": [64, 64], "height": [48, 48], "path": ["a.jpg", None]}),
+                   tmp_path / "half.parquet")  # fmt: skip
+    assert main(["index", str(tmp_path / "half.parquet"), "-o", str(tmp_path / "h.parquet"), "-q"]) == 0
+    line = capsys.readouterr().out
+    assert "no path" not in line and "rejected 1" in line  # a row whose path is empty is a reject, as before
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        BucketSpec(),
+        BucketSpec(max_area=512 * 512, min_dim=256, max_dim=1024, step=64, no_upscale=True),
+        BucketSpec(min_size=700, max_aspect_error=0.05),
+    ],
+    ids=["default", "no_upscale", "min_size"],
+)
+def test_the_bucket_index_built_out_of_core_equals_the_one_built_at_once(tmp_path, monkeypatch, spec):
+    from dali_arb.data import cache as cache_module
+    from dali_arb.data.cache import bucket_index
+    from dali_arb.plan.buckets import BucketIndex, served_p99
+
+    n = 20_000
+    heights, widths = random_sizes(n, seed=11)
+    heights[::97] = 40  # some rows too small or too far from every bucket
+    widths[::89] = 3000
+    path = write_size_manifest(tmp_path / "m.parquet", heights, widths)
+    table = pq.read_table(path)
+    lengths = np.where(np.arange(n) % 5 == 0, -1, np.arange(n) * 37 % 100_000 + 1)
+    pq.write_table(table.set_column(table.column_names.index("length"), "length", pa.array(lengths)), path)
+    monkeypatch.setattr(cache_module, "BUCKET_ROWS", 999)  # 21 chunks, none aligned with a bucket
+    cached = bucket_index(Manifest.open(path, cache_dir=tmp_path / "c"), spec)
+    expected = BucketIndex.of(spec.assign(heights, widths))
+    for name in ("bucket", "members", "starts", "sizes"):
+        got, want = np.asarray(getattr(cached, name)), getattr(expected, name)
+        assert got.dtype == want.dtype and np.array_equal(got, want), name
+    for name in ("num_base", "no_upscale", "rejected_aspect", "rejected_too_small", "rejected_min_size"):
+        assert getattr(cached, name) == getattr(expected, name), name
+    assert expected.rejected_aspect + expected.rejected_too_small + expected.rejected_min_size > 0
+    rows = expected.members
+    want = served_p99(heights[rows], widths[rows], lengths[rows])
+    assert cached.served_p99 == pytest.approx(want)
+
+
+@pytest.mark.slow
+def test_streaming_metadata_holds_no_more_arrow_memory_at_the_end_than_after_two_chunks(tmp_path):
+    """pyarrow's pre-buffered ``iter_batches`` kept every row group it had read (28 B a row of img2dataset metadata):
+    the Arrow memory held between chunks must not grow with the chunks read."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "meta.parquet"
+    schema = pa.schema([("key", pa.string()), ("caption", pa.string()), ("width", pa.int64()), ("height", pa.int64())])
+    with pq.ParquetWriter(path, schema) as writer:
+        for group in range(12):
+            n = 50_000
+            text = pa.array(
+                rng.integers(0, 2**62, (n, 12)).astype("S8").view("S96").ravel().astype(str)
+            )  # 96-byte captions
+            keys = pa.array([f"{group}-{i}" for i in range(n)])
+            writer.write_table(
+                pa.table({"key": keys, "caption": text, "width": np.full(n, 640), "height": np.full(n, 480)})
+            )
+    held = []
+    for table, _ in metadata_chunks(path, chunk_rows=50_000):
+        del table
+        held.append(pa.total_allocated_bytes())
+    assert len(held) == 12
+    assert max(held[2:]) < held[1] + (20 << 20), [h >> 20 for h in held]
