@@ -7,7 +7,6 @@ Imports pyarrow, tqdm (lazily), the standard library, ``data`` (manifest, pairs,
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import stat as stat_module
@@ -17,7 +16,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..data.imagefacts import DEFAULT_MAX_PIXELS
@@ -306,25 +304,20 @@ def _check_output(output: Path, kinds: list[tuple[str, str]]) -> None:
 
 
 def _deduplicate_keys(path: Path, rejects_file: Path, summary: IndexSummary) -> None:
-    """Keys must be unique across sources: keep the first row of each key, reject the others."""
-    keys = pq.read_table(path, columns=["key"]).column("key")
-    if pc.count_distinct(keys).as_py() == len(keys):
-        return
-    table = pq.read_table(path)
-    indexed = table.append_column("_row", pa.array(range(table.num_rows), pa.int64()))
-    first = indexed.group_by("key").aggregate([("_row", "min")]).column("_row_min")
-    mask = pc.is_in(indexed.column("_row"), first)
-    dupes = table.filter(pc.invert(mask))
-    with open(rejects_file, "a", encoding="utf-8") as fh:
-        for key, source in zip(dupes.column("key").to_pylist(), dupes.column("source").to_pylist()):
-            fh.write(
-                json.dumps(
-                    {"source": source, "reason": f"duplicate key {key!r} (kept the first source's)", "key": key},
-                    ensure_ascii=False,
-                )
-                + "\n"
-            )
-            summary.rejected += 1
-            summary.rows -= 1
-    summary.reject_reasons["duplicate key"] = summary.reject_reasons.get("duplicate key", 0) + dupes.num_rows
-    pq.write_table(table.filter(mask), path, row_group_size=ROWS_PER_GROUP)
+    """Keys must be unique across sources: keep the first row of each key, reject the others (``dedupe``: streamed
+    through the file's row groups, hash-partitioned, in memory bounded by a chunk size)."""
+    import shutil
+    import tempfile
+
+    from .dedupe import deduplicate, write_rejects
+
+    scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.dedupe-", dir=path.parent))
+    try:
+        with open(rejects_file, "a", encoding="utf-8") as fh:
+            found = deduplicate([path], scratch, rejects=lambda r: write_rejects(fh, r), chunk_rows=ROWS_PER_GROUP)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    summary.rejected += found.dropped
+    summary.rows -= found.dropped
+    if found.dropped:
+        summary.reject_reasons["duplicate key"] = summary.reject_reasons.get("duplicate key", 0) + found.dropped
