@@ -23,7 +23,7 @@ from ..data.manifest import Manifest, rejects_name, rejects_path
 from ..data.pairs import PairSpec, pairs_of
 from ..errors import ConfigError, IndexingError, StorageError
 from ..processes import die_with_parent, spawn_without_main, stop_pool
-from .readers import reader_for
+from .readers import Reader, reader_for
 from .records import index_schema
 from .run import ROWS_PER_GROUP, IndexRun, IndexSummary
 
@@ -39,6 +39,8 @@ def build_index(
     update: bool = False,
     progress: bool | None = None,
     pairs: list[PairSpec] | tuple = (),
+    engine: str = "local",
+    address: str | None = None,
 ) -> IndexSummary:
     """Index ``sources`` into the manifest ``output`` and its rejects file; returns a summary.
 
@@ -53,6 +55,11 @@ def build_index(
         pairs: paired images and masks (:class:`~dali_arb.data.pairs.PairSpec`): for the image of key ``K``,
             ``folder/K.<ext>``, or in tar shards the member ``K.NAME.<ext>``. A sample whose pair is missing,
             unreadable or of another aspect is rejected with a reason naming the pair.
+        engine: ``"local"`` (worker processes on this machine) or ``"ray"`` (Ray tasks across a cluster:
+            :mod:`~dali_arb.index.engines.ray`; the same rows, order aside). ``workers`` is then the CPUs of a
+            cluster started here.
+        address: the Ray cluster to join (``"auto"``, ``"ray://host:10001"``, ``"host:6379"``); None starts one on
+            this machine (``engine="ray"`` only).
     """
     if not sources:
         raise ConfigError("give at least one source to index")
@@ -60,23 +67,23 @@ def build_index(
         raise ConfigError(f"max_pixels must be a positive integer, got {max_pixels!r}")
     if workers is not None and (not isinstance(workers, int) or workers < 1):
         raise ConfigError(f"workers must be a positive integer, got {workers!r}")
-    from ..data.storage import expand_sources, is_url
+    from .engines import check_engine
+
+    check_engine(engine, address)
+    from ..data.storage import is_url
 
     if is_url(str(output)):
         return _index_to_url(sources, str(output), max_pixels=max_pixels, workers=workers, update=update,
-                             progress=progress, pairs=pairs)  # fmt: skip
+                             progress=progress, pairs=pairs, engine=engine, address=address)  # fmt: skip
     output = _local_output(output)
-    try:
-        expanded = [u for s in sources for u in (expand_sources(s) if is_url(s) else _expand_local(s))]
-        # rows must resolve from any working directory: local sources become absolute paths
-        chosen = [(reader_for(s), s if is_url(s) else os.path.abspath(s)) for s in expanded]
-    except StorageError as exc:
-        raise IndexingError(str(exc)) from None
-    kinds = [(reader.name, source) for reader, source in chosen]
-    _check_output(output, kinds)
-    _check_suffix(output)
-    pairs = _checked_pairs(pairs, kinds)
-    old = _old_rows(output, pairs) if update else None
+    chosen, kinds, pairs, old = _prepared(sources, output, pairs, update=update)
+    if engine == "ray":
+        from .engines.ray import index_on_ray
+
+        started = time.perf_counter()
+        summary = index_on_ray(chosen, output, max_pixels=max_pixels, pairs=pairs, old=old, workers=workers,
+                               progress_bar=lambda: _progress_bar(progress), address=address)  # fmt: skip
+        return _finished(summary, sources, output, started)
     summary = IndexSummary(manifest=output)
     started = time.perf_counter()
     # private temporary files beside the outputs, moved into place at the end: two runs on one output
@@ -110,6 +117,33 @@ def build_index(
         hidden_main.__exit__(None, None, None)
     os.replace(tmp, output)
     os.replace(rejects_tmp, rejects_path(output))
+    return _finished(summary, sources, output, started)
+
+
+def _prepared(
+    sources: list[str], output: Path, pairs: list[PairSpec] | tuple, *, update: bool
+) -> tuple[list[tuple[Reader, str]], list[tuple[str, str]], list[PairSpec], pa.Table | None]:
+    """What every engine starts from: ``(reader, source)`` of each source (patterns expanded, local paths made
+    absolute), ``(reader name, source)``, the checked pairs, and the rows of the manifest being updated (or None);
+    IndexingError and ConfigError for sources, outputs and pairs that cannot work."""
+    from ..data.storage import expand_sources, is_url
+
+    try:
+        expanded = [u for s in sources for u in (expand_sources(s) if is_url(s) else _expand_local(s))]
+        # rows must resolve from any working directory: local sources become absolute paths
+        chosen = [(reader_for(s), s if is_url(s) else os.path.abspath(s)) for s in expanded]
+    except StorageError as exc:
+        raise IndexingError(str(exc)) from None
+    kinds = [(reader.name, source) for reader, source in chosen]
+    _check_output(output, kinds)
+    _check_suffix(output)
+    pairs = _checked_pairs(pairs, kinds)
+    old = _old_rows(output, pairs) if update else None
+    return chosen, kinds, pairs, old
+
+
+def _finished(summary: IndexSummary, sources: list[str], output: Path, started: float) -> IndexSummary:
+    """``summary`` with its time; an IndexingError when no row was written."""
     summary.seconds = time.perf_counter() - started
     if summary.rows == 0:
         raise IndexingError(

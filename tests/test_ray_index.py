@@ -1,0 +1,177 @@
+"""The ``ray`` indexing engine (``index/engines/ray.py``): the same rows as the local engine, on a real Ray.
+
+Unit tests share one ``ray.init(num_cpus=2)`` session (about 10 s to start here); the slow test starts a head and a
+second worker node as separate processes (``ray start``), indexes folders, shards and a moto S3 prefix through it,
+and kills a worker mid-job.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dali_arb.errors import ConfigError, IndexingError
+from dali_arb.index import build_index
+from dali_arb.index.engines import ray as ray_engine
+
+from .images import jpeg_bytes, save_jpeg
+
+ray = pytest.importorskip("ray")
+
+#: Columns that identify a row, compared between the engines (mtimes and sizes too: the same files are read).
+COMPARED = ["key", "width", "height", "caption", "source", "offset", "length", "mtime_ns", "source_size", "etag"]
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray for the module's unit tests (the engine uses a session already open, and leaves it open)."""
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+def make_shard(path: Path, samples: list[tuple[str, int, int, str | None]]) -> Path:
+    """A webdataset shard of ``(key, width, height, caption)``."""
+    with tarfile.open(path, "w") as tar:
+        for key, width, height, caption in samples:
+            members = [(f"{key}.jpg", jpeg_bytes(width, height, seed=width))]
+            if caption is not None:
+                members.append((f"{key}.txt", caption.encode()))
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def make_sources(root: Path) -> list[str]:
+    """A mixed data set: a folder with a subfolder (more files than one unit holds when GROUPS_PER_UNIT is
+    small), two shards, a metadata file, duplicates across sources and within a folder, and bad files."""
+    photos = root / "photos"
+    (photos / "sub").mkdir(parents=True)
+    for i in range(12):
+        folder = photos / ("sub" if i % 3 == 0 else "")
+        save_jpeg(folder / f"img{i:02d}.jpg", 40 + 8 * i, 30 + 5 * i, seed=i)
+        if i % 2:
+            (folder / f"img{i:02d}.txt").write_text(f"caption {i}")
+    (photos / "broken.jpg").write_bytes(b"not a picture")
+    (photos / "img01.png").write_bytes(jpeg_bytes(10, 10))  # same key as img01.jpg in its folder: a duplicate
+    shards = root / "shards"
+    shards.mkdir()
+    make_shard(shards / "00000.tar", [(f"s{i}", 50 + i, 70 + i, f"shard caption {i}") for i in range(6)])
+    # s0 again (a duplicate across shards) and img04 (the key of a folder image: a duplicate across kinds)
+    make_shard(shards / "00001.tar", [("s0", 33, 44, None), ("img04", 64, 48, None), ("t1", 80, 60, "x")])
+    meta = root / "meta.parquet"
+    pq.write_table(
+        pa.table({"key": ["m0", "m1", "s1", "m3"], "width": [100, 0, 120, 64], "height": [80, 50, 90, 64],
+                  "caption": ["a", "b", None, "d"]}),
+        meta,
+    )  # fmt: skip
+    return [str(photos), str(shards / "00000.tar"), str(shards / "00001.tar"), str(meta)]
+
+
+def rows_of(manifest: Path) -> list[tuple]:
+    table = pq.read_table(manifest)
+    return sorted(zip(*(table.column(c).to_pylist() for c in COMPARED)), key=lambda r: r[0])
+
+
+def rejects_of(manifest: Path) -> list[tuple]:
+    lines = Path(f"{manifest}.rejects.jsonl").read_text().splitlines()
+    return sorted((str(r["source"]), r["reason"]) for r in map(json.loads, lines))
+
+
+def test_ray_engine_writes_the_local_engines_rows_and_rejects(tmp_path, ray_session, monkeypatch) -> None:
+    sources = make_sources(tmp_path / "data")
+    local = build_index(sources, tmp_path / "local.parquet", workers=1, progress=False)
+    monkeypatch.setattr(ray_engine, "GROUPS_PER_UNIT", 1)  # the folder walk split into several tasks
+    monkeypatch.setattr("dali_arb.index.folders.FILES_PER_TASK", 4)
+    on_ray = build_index(sources, tmp_path / "ray.parquet", engine="ray", progress=False)
+    assert rows_of(tmp_path / "ray.parquet") == rows_of(tmp_path / "local.parquet")
+    assert rejects_of(tmp_path / "ray.parquet") == rejects_of(tmp_path / "local.parquet")
+    # the order too: the parts are kept in source order, so the first row of a duplicated key is the same one
+    assert pq.read_table(tmp_path / "ray.parquet").column("key").to_pylist() == (
+        pq.read_table(tmp_path / "local.parquet").column("key").to_pylist()
+    )
+    for field in ("rows", "rejected", "files_seen", "reject_reasons"):
+        assert getattr(on_ray, field) == getattr(local, field), field
+    assert on_ray.reject_reasons["duplicate key"] == 3  # s0, img04 across sources; s1 in the metadata
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no scratch or partial files left
+
+
+def test_ray_engine_update_reuses_unchanged_rows_as_the_local_engine_does(tmp_path, ray_session) -> None:
+    sources = make_sources(tmp_path / "data")
+    done = {}
+    for engine in ("local", "ray"):
+        out = tmp_path / f"{engine}.parquet"
+        first = build_index(sources, out, engine=engine, progress=False)
+        save_jpeg(Path(sources[0]) / "img05.jpg", 90, 90, seed=99)  # one image changed: read again
+        os.utime(Path(sources[0]) / "img05.jpg", ns=(1, 1))
+        done[engine] = build_index(sources, out, engine=engine, update=True, progress=False)
+        assert done[engine].rows == first.rows
+    assert rows_of(tmp_path / "ray.parquet") == rows_of(tmp_path / "local.parquet")
+    # the folder's 11 unchanged images, the first shard's 6 rows and the second's 1 kept row (t1)
+    assert done["ray"].reused == done["local"].reused == 11 + 6 + 1
+    assert ("img05", 90, 90) in [r[:3] for r in rows_of(tmp_path / "ray.parquet")]
+
+
+def test_a_bad_source_is_one_error_naming_it(tmp_path, ray_session) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(IndexingError, match=f"no image files found in folder {empty}"):
+        build_index([str(empty)], tmp_path / "m.parquet", engine="ray", progress=False)
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"key": ["a"], "width": [1]}), bad)
+    with pytest.raises(IndexingError, match=r"lacks column.*height"):
+        build_index([str(bad)], tmp_path / "m.parquet", engine="ray", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.parquet", "empty"]
+
+
+def test_engine_and_address_are_checked() -> None:
+    with pytest.raises(ConfigError, match="engine must be one of local, ray, got 'spark'"):
+        build_index(["x"], "m.parquet", engine="spark")
+    with pytest.raises(ConfigError, match="--address ray://h:10001 names a Ray cluster: give it with --engine ray"):
+        build_index(["x"], "m.parquet", address="ray://h:10001")
+
+
+def test_without_ray_the_engine_says_what_to_install(tmp_path, monkeypatch) -> None:
+    save_jpeg(tmp_path / "a.jpg", 20, 20)
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails
+    with pytest.raises(
+        IndexingError, match=r"^--engine ray needs Ray, which is not installed: pip install 'dali-arb\[ray\]'$"
+    ):
+        build_index([str(tmp_path)], tmp_path.parent / f"{tmp_path.name}.parquet", engine="ray", progress=False)
+
+
+def test_cli_engine_ray_without_ray_is_one_line(tmp_path) -> None:
+    save_jpeg(tmp_path / "a.jpg", 20, 20)
+    code = "import sys; sys.modules['ray'] = None; from dali_arb.cli import main; sys.exit(main(sys.argv[1:]))"
+    result = subprocess.run(
+        [sys.executable, "-c", code, "index", str(tmp_path), "-o", str(tmp_path.parent / "m.parquet"), "--engine", "ray"],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        "dali-arb index: error: --engine ray needs Ray, which is not installed: pip install 'dali-arb[ray]'"
+    ]
+
+
+def test_ray_is_imported_only_when_the_engine_runs() -> None:
+    code = (
+        "import sys, dali_arb, dali_arb.index, dali_arb.index.engines.ray, dali_arb.cli; "
+        "dali_arb.cli.build_parser(); print('ray' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})  # fmt: skip
+    assert result.stdout.strip() == "False"
