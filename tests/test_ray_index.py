@@ -7,12 +7,18 @@ and kills a worker mid-job.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -97,6 +103,7 @@ def test_ray_engine_writes_the_local_engines_rows_and_rejects(tmp_path, ray_sess
     local = build_index(sources, tmp_path / "local.parquet", workers=1, progress=False)
     monkeypatch.setattr(ray_engine, "GROUPS_PER_UNIT", 1)  # the folder walk split into several tasks
     monkeypatch.setattr("dali_arb.index.folders.FILES_PER_TASK", 4)
+    monkeypatch.setattr("dali_arb.index.dedupe.PARTITION_BYTES", 200)  # keys over several hash partitions
     on_ray = build_index(sources, tmp_path / "ray.parquet", engine="ray", progress=False)
     assert rows_of(tmp_path / "ray.parquet") == rows_of(tmp_path / "local.parquet")
     assert rejects_of(tmp_path / "ray.parquet") == rejects_of(tmp_path / "local.parquet")
@@ -175,3 +182,124 @@ def test_ray_is_imported_only_when_the_engine_runs() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})  # fmt: skip
     assert result.stdout.strip() == "False"
+
+
+# -- a cluster of two nodes, as separate processes ------------------------------------------------------------------
+
+DRIVER = """
+import json, sys
+from dali_arb.index import build_index, dedupe, folders
+from dali_arb.index.engines import ray as engine
+engine.GROUPS_PER_UNIT, folders.FILES_PER_TASK, dedupe.PARTITION_BYTES = 1, 4, 200  # many tasks and partitions
+address, out, *sources = sys.argv[1:]
+summary = build_index(sources, out, engine="ray", address=address, progress=False)
+print(json.dumps({"rows": summary.rows, "rejected": summary.rejected, "files": summary.files_seen}))
+"""
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc: children of children...)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                children = [int(c) for c in (task / "children").read_text().split()]
+                found += children
+                todo += children
+    return found
+
+
+def _title(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return ""
+
+
+@contextlib.contextmanager
+def ray_cluster(folder: Path, env: dict) -> Iterator[tuple[str, list[subprocess.Popen]]]:
+    """A head and a second worker node on 127.0.0.1 (one CPU each), each a ``ray start --block`` process of ours;
+    stopped at the end by signalling those processes (and killing what they leave), never other users' Ray."""
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    port = _free_port()
+    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats", "--block"]
+    nodes: list[subprocess.Popen] = []
+
+    def start(args: list[str], log: Path) -> None:
+        nodes.append(
+            subprocess.Popen(
+                [ray_cli, "start", *args, *common], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env
+            )
+        )
+        deadline = time.monotonic() + 90
+        while "Ray runtime started" not in log.read_text():
+            assert nodes[-1].poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.3)
+
+    temp = tempfile.mkdtemp(prefix="dali-arb-ray-")  # short: Ray's socket paths must fit 107 bytes
+    try:
+        start(
+            ["--head", "--port", str(port), "--include-dashboard=false", "--temp-dir", temp],
+            folder / "head.log",
+        )
+        start(["--address", f"127.0.0.1:{port}"], folder / "worker.log")
+        yield f"127.0.0.1:{port}", nodes
+    finally:
+        left = [p for node in nodes for p in _descendants(node.pid)]
+        for node in nodes:
+            node.terminate()
+        for node in nodes:
+            try:
+                node.wait(60)
+            except subprocess.TimeoutExpired:
+                node.kill()
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_two_node_cluster_indexes_folders_shards_and_s3_like_the_local_engine_through_a_killed_worker(tmp_path):
+    import boto3
+
+    from support.loopback import moto_s3, put_object
+
+    sources = make_sources(tmp_path / "data")
+    # a shard big enough that its task is still running when a worker is killed
+    big = make_shard(tmp_path / "data" / "big.tar", [(f"b{i:04d}", 20 + i % 50, 30, None) for i in range(1500)])
+    with moto_s3():
+        boto3.client("s3").create_bucket(Bucket="bucket")
+        for i in range(10):
+            put_object("bucket", f"prefix/r{i}.jpg", jpeg_bytes(30 + i, 20, seed=i))
+        put_object("bucket", "prefix/img04.jpg", jpeg_bytes(16, 16))  # a key of the folder: a duplicate
+        sources += [str(big), "s3://bucket/prefix/"]
+        build_index(sources, tmp_path / "local.parquet", workers=1, progress=False)
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "RAY_AUTH_MODE": "disabled"}
+        with ray_cluster(tmp_path, env) as (address, nodes):
+            out = tmp_path / "ray.parquet"
+            driver = subprocess.Popen([sys.executable, "-c", DRIVER, address, str(out), *sources], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+            killed = None
+            while driver.poll() is None and killed is None:
+                working = [p for n in nodes for p in _descendants(n.pid) if _title(p).startswith("ray::run_unit")]
+                if working:
+                    killed = working[0]
+                    os.kill(killed, signal.SIGKILL)  # a worker dies mid-task: Ray runs the task again
+                time.sleep(0.01)
+            stdout, stderr = driver.communicate(timeout=300)
+            assert driver.returncode == 0, stderr[-3000:]
+    assert killed is not None, "no indexing task was seen running"
+    assert rows_of(out) == rows_of(tmp_path / "local.parquet")  # nothing lost, nothing doubled
+    assert rejects_of(out) == rejects_of(tmp_path / "local.parquet")
+    assert "will be retried" in stdout + stderr  # (Ray says so)
+    assert json.loads(stdout.splitlines()[-1])["rows"] == pq.read_metadata(out).num_rows == 12 + 6 + 1 + 2 + 1500 + 10

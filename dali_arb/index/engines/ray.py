@@ -351,10 +351,11 @@ def _run_units(
 
 def _deduplicate(ray, parts: list[Path], scratch: Path, rejects_fh, summary: IndexSummary) -> None:
     """Keys unique across the parts (``dedupe``, its stages as Ray tasks), the dropped rows' rejects appended."""
-    from ..dedupe import deduplicate, write_rejects
+    from .. import dedupe
 
-    found = deduplicate(parts, scratch / "dedupe", rejects=lambda r: write_rejects(rejects_fh, r),
-                        map_fn=ray_map(ray), chunk_rows=ROWS_PER_GROUP)  # fmt: skip
+    found = dedupe.deduplicate(parts, scratch / "dedupe", rejects=lambda r: dedupe.write_rejects(rejects_fh, r),
+                               map_fn=ray_map(ray), partition_bytes=dedupe.PARTITION_BYTES,
+                               chunk_rows=ROWS_PER_GROUP)  # fmt: skip
     summary.rows -= found.dropped
     summary.rejected += found.dropped
     if found.dropped:
