@@ -23,7 +23,7 @@ from ..data.manifest import Manifest, rejects_name, rejects_path
 from ..data.pairs import PairSpec, pairs_of
 from ..errors import ConfigError, IndexingError, StorageError
 from ..processes import die_with_parent, spawn_without_main, stop_pool
-from .readers import Reader, reader_for
+from .readers import reader_for
 from .records import index_schema
 from .run import ROWS_PER_GROUP, IndexRun, IndexSummary
 
@@ -70,20 +70,28 @@ def build_index(
     from .engines import check_engine
 
     check_engine(engine, address)
-    from ..data.storage import is_url
+    from ..data.storage import expand_sources, is_url
 
     if is_url(str(output)):
         return _index_to_url(sources, str(output), max_pixels=max_pixels, workers=workers, update=update,
                              progress=progress, pairs=pairs, engine=engine, address=address)  # fmt: skip
     output = _local_output(output)
-    chosen, kinds, pairs, old = _prepared(sources, output, pairs, update=update)
-    if engine == "ray":
+    try:
+        expanded = [u for s in sources for u in (expand_sources(s) if is_url(s) else _expand_local(s))]
+        # rows must resolve from any working directory: local sources become absolute paths
+        chosen = [(reader_for(s), s if is_url(s) else os.path.abspath(s)) for s in expanded]
+    except StorageError as exc:
+        raise IndexingError(str(exc)) from None
+    kinds = [(reader.name, source) for reader, source in chosen]
+    _check_output(output, kinds)
+    _check_suffix(output)
+    pairs = _checked_pairs(pairs, kinds)
+    old = _old_rows(output, pairs) if update else None
+    if engine == "ray":  # (engines/ray.py: Ray tasks write parts, de-duplicated and joined into ``output``)
         from .engines.ray import index_on_ray
 
-        started = time.perf_counter()
-        summary = index_on_ray(chosen, output, max_pixels=max_pixels, pairs=pairs, old=old, workers=workers,
-                               progress_bar=lambda: _progress_bar(progress), address=address)  # fmt: skip
-        return _finished(summary, sources, output, started)
+        return index_on_ray(chosen, output, sources=sources, max_pixels=max_pixels, pairs=pairs, old=old,
+                            workers=workers, progress_bar=lambda: _progress_bar(progress), address=address)  # fmt: skip
     summary = IndexSummary(manifest=output)
     started = time.perf_counter()
     # private temporary files beside the outputs, moved into place at the end: two runs on one output
@@ -117,33 +125,6 @@ def build_index(
         hidden_main.__exit__(None, None, None)
     os.replace(tmp, output)
     os.replace(rejects_tmp, rejects_path(output))
-    return _finished(summary, sources, output, started)
-
-
-def _prepared(
-    sources: list[str], output: Path, pairs: list[PairSpec] | tuple, *, update: bool
-) -> tuple[list[tuple[Reader, str]], list[tuple[str, str]], list[PairSpec], pa.Table | None]:
-    """What every engine starts from: ``(reader, source)`` of each source (patterns expanded, local paths made
-    absolute), ``(reader name, source)``, the checked pairs, and the rows of the manifest being updated (or None);
-    IndexingError and ConfigError for sources, outputs and pairs that cannot work."""
-    from ..data.storage import expand_sources, is_url
-
-    try:
-        expanded = [u for s in sources for u in (expand_sources(s) if is_url(s) else _expand_local(s))]
-        # rows must resolve from any working directory: local sources become absolute paths
-        chosen = [(reader_for(s), s if is_url(s) else os.path.abspath(s)) for s in expanded]
-    except StorageError as exc:
-        raise IndexingError(str(exc)) from None
-    kinds = [(reader.name, source) for reader, source in chosen]
-    _check_output(output, kinds)
-    _check_suffix(output)
-    pairs = _checked_pairs(pairs, kinds)
-    old = _old_rows(output, pairs) if update else None
-    return chosen, kinds, pairs, old
-
-
-def _finished(summary: IndexSummary, sources: list[str], output: Path, started: float) -> IndexSummary:
-    """``summary`` with its time; an IndexingError when no row was written."""
     summary.seconds = time.perf_counter() - started
     if summary.rows == 0:
         raise IndexingError(

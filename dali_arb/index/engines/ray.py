@@ -25,6 +25,7 @@ import json
 import os
 import secrets
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -270,6 +271,7 @@ def index_on_ray(
     chosen: list,
     output: Path,
     *,
+    sources: list[str],
     max_pixels: int,
     pairs: list[PairSpec],
     old: pa.Table | None,
@@ -282,6 +284,7 @@ def index_on_ray(
     the module's text."""
     ray = import_ray()
     summary = IndexSummary(manifest=output)
+    started = time.perf_counter()
     unique = f"{os.getpid()}-{secrets.token_hex(4)}"
     scratch = output.with_name(f".{output.name}.{unique}.ray")
     scratch.mkdir()
@@ -310,6 +313,11 @@ def index_on_ray(
             ray.shutdown()
     os.replace(tmp, output)
     os.replace(rejects_tmp, rejects_path(output))
+    summary.seconds = time.perf_counter() - started
+    if summary.rows == 0:
+        raise IndexingError(
+            f"no usable images in {', '.join(sources)} ({summary.rejected} rejected, see {rejects_path(output)})"
+        )
     return summary
 
 
@@ -351,11 +359,10 @@ def _run_units(
 
 def _deduplicate(ray, parts: list[Path], scratch: Path, rejects_fh, summary: IndexSummary) -> None:
     """Keys unique across the parts (``dedupe``, its stages as Ray tasks), the dropped rows' rejects appended."""
-    from .. import dedupe
+    from ..dedupe import PARTITION_BYTES, deduplicate, write_rejects  # (read now: a test may set the size)
 
-    found = dedupe.deduplicate(parts, scratch / "dedupe", rejects=lambda r: dedupe.write_rejects(rejects_fh, r),
-                               map_fn=ray_map(ray), partition_bytes=dedupe.PARTITION_BYTES,
-                               chunk_rows=ROWS_PER_GROUP)  # fmt: skip
+    found = deduplicate(parts, scratch / "dedupe", rejects=lambda r: write_rejects(rejects_fh, r),
+                        map_fn=ray_map(ray), partition_bytes=PARTITION_BYTES, chunk_rows=ROWS_PER_GROUP)  # fmt: skip
     summary.rows -= found.dropped
     summary.rejected += found.dropped
     if found.dropped:
