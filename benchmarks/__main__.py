@@ -17,6 +17,7 @@ from . import (  # noqa: F401  (register cases)
     bench_index,
     bench_loader,
     bench_planner,
+    bench_ray,
     bench_scaling,
     bench_storage,
     bench_workers,

@@ -143,3 +143,10 @@ def photo_folder():
         return folder
 
     return make
+
+
+def test_key_hashes_are_the_same_chunk_by_chunk(monkeypatch) -> None:
+    keys = pa.array([f"k{i % 7}" * (i % 5) for i in range(50)])
+    whole = key_hashes(keys).tolist()
+    monkeypatch.setattr("dali_arb.index.dedupe.CHUNK_ROWS", 3)
+    assert key_hashes(keys).tolist() == whole

@@ -14,8 +14,9 @@ Three stages, each bounded by a chunk size instead of the row count:
 3. :func:`drop_rows`: each file holding a duplicate is rewritten without those rows (streamed, row group by row
    group) and the dropped rows become rejects. A file without duplicates is not touched.
 
-Peak memory: one partition's keys (``partition_bytes`` of key text, 256 MiB by default, about 3x that with Arrow's
-grouping) or one chunk of rows, whichever is larger, plus 8 bytes per duplicate; not the row count. Stages 1 and 3
+Peak memory: one partition's keys (``partition_bytes`` of key text and positions, 256 MiB by default) and about 25
+bytes per key of it (a 64-bit hash, its sort order; only keys whose hash repeats are then sorted as text), or one
+chunk of rows, whichever is larger, plus 8 bytes per duplicate; not the row count. Stages 1 and 3
 are independent per file and stage 2 per partition: :func:`deduplicate` runs them with any ``map`` (the built-in one
 for the local engine, Ray tasks for the Ray engine).
 
@@ -69,6 +70,8 @@ def key_hashes(keys: pa.Array) -> np.ndarray:
     """A 64-bit hash of each string of ``keys`` (``uint64[N]``), the same on every machine and run (Python's
     ``hash`` of a str is salted per process): a polynomial over the UTF-8 bytes, then a 64-bit finaliser, computed
     with NumPy on Arrow's buffers (no Python object per key)."""
+    if len(keys) > CHUNK_ROWS:  # its temporaries take 8 bytes per byte of key text: a chunk at a time
+        return np.concatenate([key_hashes(keys.slice(i, CHUNK_ROWS)) for i in range(0, len(keys), CHUNK_ROWS)])
     if isinstance(keys, pa.ChunkedArray):
         keys = keys.combine_chunks()
     keys = pc.fill_null(pc.cast(keys, pa.large_string()), "")
@@ -160,12 +163,21 @@ def losers(sources: list[Path], *, from_files: list[tuple[int, Path]] | None = N
     if not tables:
         return np.zeros(0, np.int64)
     table = pa.concat_tables(tables)
-    if pc.count_distinct(table.column("key")).as_py() == table.num_rows:
+    # rows whose key hash occurs once cannot be duplicates (most of them): only the others are compared as text
+    hashes = key_hashes(table.column("key"))
+    order = np.argsort(hashes)
+    repeated = hashes[order[1:]] == hashes[order[:-1]]
+    candidate = np.zeros(len(hashes), bool)
+    candidate[order[1:][repeated]] = True
+    candidate[order[:-1][repeated]] = True
+    del hashes, order, repeated
+    if not candidate.any():
         return np.zeros(0, np.int64)
-    first = table.group_by("key", use_threads=False).aggregate([("pos", "min")])
-    joined = table.join(first, "key", join_type="inner", use_threads=False)
-    later = pc.not_equal(joined.column("pos"), joined.column("pos_min"))
-    return np.sort(joined.column("pos").filter(later).to_numpy())
+    rows = table.filter(pa.array(candidate))
+    rows = rows.take(pc.sort_indices(rows, sort_keys=[("key", "ascending"), ("pos", "ascending")]))
+    keys, positions = rows.column("key").combine_chunks(), rows.column("pos").to_numpy()
+    later = pc.equal(keys[1:], keys[:-1]).to_numpy(zero_copy_only=False)  # a key equal to the one before: not first
+    return np.sort(positions[1:][later])
 
 
 def drop_rows(path: Path, rows: np.ndarray, out: Path, chunk_rows: int = CHUNK_ROWS) -> list[dict]:
