@@ -133,6 +133,35 @@ def test_ray_engine_update_reuses_unchanged_rows_as_the_local_engine_does(tmp_pa
     assert ("img05", 90, 90) in [r[:3] for r in rows_of(tmp_path / "ray.parquet")]
 
 
+def test_ray_engine_writes_a_manifest_in_parts_with_the_local_engines_rows(tmp_path, ray_session) -> None:
+    """Each task's part is a part of the manifest (``in_parts``: what ``-o DIR/`` runs once the driver passes it)."""
+    from dali_arb.data.manifest import Manifest
+    from dali_arb.data.parts import read_index
+    from dali_arb.index.driver import _progress_bar
+    from dali_arb.index.readers import reader_for
+
+    sources = make_sources(tmp_path / "data")
+    build_index(sources, tmp_path / "local.parquet", workers=1, progress=False)
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    chosen = [(reader_for(s), s) for s in sources]
+    summary = ray_engine.index_on_ray(chosen, folder, sources=sources, max_pixels=10**8, pairs=[], old=None,
+                                      workers=None, progress_bar=lambda: _progress_bar(False), address=None,
+                                      in_parts=True)  # fmt: skip
+    listing = read_index(folder)
+    assert len(listing.parts) == len(sources) and listing.rows == summary.rows
+    table = Manifest.read(folder).table
+    assert table.column("key").to_pylist() == pq.read_table(tmp_path / "local.parquet").column("key").to_pylist()
+    local = pq.read_table(tmp_path / "local.parquet")
+    assert sorted(zip(*(table.column(c).to_pylist() for c in COMPARED))) == sorted(
+        zip(*(local.column(c).to_pylist() for c in COMPARED))
+    )
+    lines = [json.loads(x) for path in listing.rejects_paths() for x in Path(path).read_text().splitlines()]
+    assert sorted((str(r["source"]), r["reason"]) for r in lines) == rejects_of(tmp_path / "local.parquet")
+    assert listing.rejected == summary.rejected == len(lines)
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []  # no scratch left
+
+
 def test_a_bad_source_is_one_error_naming_it(tmp_path, ray_session) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()

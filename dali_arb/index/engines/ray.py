@@ -278,15 +278,17 @@ def index_on_ray(
     workers: int | None,
     progress_bar: Callable,
     address: str | None,
+    in_parts: bool = False,
 ) -> IndexSummary:
     """``build_index`` with the ``ray`` engine, from the sources the driver checked (``chosen``: ``(reader,
-    source)``) into the local manifest file ``output``, showing progress on ``progress_bar()`` (a tqdm bar); see
-    the module's text."""
+    source)``) into the local manifest file ``output`` or, ``in_parts``, the existing folder ``output`` as a manifest
+    in parts (each task's part one part of it: :func:`_install_parts`), showing progress on ``progress_bar()`` (a
+    tqdm bar); see the module's text."""
     ray = import_ray()
     summary = IndexSummary(manifest=output)
     started = time.perf_counter()
     unique = f"{os.getpid()}-{secrets.token_hex(4)}"
-    scratch = output.with_name(f".{output.name}.{unique}.ray")
+    scratch = (output / f".{unique}.ray") if in_parts else output.with_name(f".{output.name}.{unique}.ray")
     scratch.mkdir()
     tmp = output.with_name(f".{output.name}.{unique}.partial")
     rejects_tmp = output.with_name(f".{rejects_path(output).name}.{unique}.partial")
@@ -298,11 +300,14 @@ def index_on_ray(
         with open(rejects_tmp, "w", encoding="utf-8") as fh:
             for reject in walk_rejects:
                 fh.write(json.dumps(reject, ensure_ascii=False) + "\n")
-            for _, rejects in parts:
+            for _, rejects in [] if in_parts else parts:  # (in parts, each part keeps its own)
                 with open(rejects, encoding="utf-8") as part_rejects:
                     shutil.copyfileobj(part_rejects, fh)
             _deduplicate(ray, [Path(p) for p, _ in parts], scratch, fh, summary)
-        _concatenate([Path(p) for p, _ in parts], tmp, index_schema(pairs))
+        if in_parts:
+            _install_parts([Path(p) for p, _ in parts], rejects_tmp, output, unique, sources)
+        else:
+            _concatenate([Path(p) for p, _ in parts], tmp, index_schema(pairs))
     except BaseException:
         tmp.unlink(missing_ok=True)
         rejects_tmp.unlink(missing_ok=True)
@@ -311,12 +316,14 @@ def index_on_ray(
         shutil.rmtree(scratch, ignore_errors=True)
         if started_here:
             ray.shutdown()
-    os.replace(tmp, output)
-    os.replace(rejects_tmp, rejects_path(output))
+    if not in_parts:
+        os.replace(tmp, output)
+        os.replace(rejects_tmp, rejects_path(output))
     summary.seconds = time.perf_counter() - started
     if summary.rows == 0:
         raise IndexingError(
-            f"no usable images in {', '.join(sources)} ({summary.rejected} rejected, see {rejects_path(output)})"
+            f"no usable images in {', '.join(sources)} ({summary.rejected} rejected, see "
+            f"{output if in_parts else rejects_path(output)})"
         )
     return summary
 
@@ -381,3 +388,34 @@ def _concatenate(parts: list[Path], out: Path, schema: pa.Schema) -> None:
                     pending.clear()
         if pending:
             writer.write_table(pa.Table.from_batches(pending, schema))
+
+
+def _install_parts(parts: list[Path], rejects_file: Path, folder: Path, unique: str, sources: list[str]) -> None:
+    """The tasks' parts (de-duplicated) moved into ``folder`` as a manifest in parts (``part-UNIQUE-NNNNN``, in
+    order; a part may hold no rows, as a unit may have only rejects), the run's own rejects (the walk's and the
+    duplicates', ``rejects_file``) with the first part, then the index; parts of the manifest that was there before
+    and are not in the new one are removed."""
+    from ...data.parts import PartInfo, file_fingerprint, is_parts, read_index, write_index
+
+    previous = read_index(folder) if is_parts(folder) else None
+    infos: list[PartInfo] = []
+    for number, part in enumerate(parts):
+        name = f"part-{unique}-{number:05d}"
+        rejects = Path(rejects_path(part))
+        if number == 0:  # the run's own rejects go with the first part
+            with open(rejects, "a", encoding="utf-8") as fh, open(rejects_file, encoding="utf-8") as own:
+                shutil.copyfileobj(own, fh)
+        rejected = sum(1 for _ in open(rejects, "rb"))
+        os.replace(part, folder / f"{name}.parquet")
+        os.replace(rejects, folder / f"{name}.rejects.jsonl")
+        path = folder / f"{name}.parquet"
+        infos.append(PartInfo(path=path.name, rows=pq.read_metadata(path).num_rows, fingerprint=file_fingerprint(path),
+                              rejects=f"{name}.rejects.jsonl", rejected=rejected, size=path.stat().st_size))  # fmt: skip
+    write_index(folder, infos, extra={"engine": "ray", "sources": list(sources)})
+    rejects_file.unlink(missing_ok=True)
+    if previous is not None:
+        now = {p.path for p in infos} | {p.rejects for p in infos if p.rejects}
+        for gone in {p.path for p in previous.parts} | {p.rejects for p in previous.parts if p.rejects}:
+            if gone not in now:
+                with contextlib.suppress(OSError):
+                    os.unlink(previous.join(gone))
