@@ -162,6 +162,27 @@ def test_ray_engine_writes_a_manifest_in_parts_with_the_local_engines_rows(tmp_p
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []  # no scratch left
 
 
+def test_videos_beside_images_index_as_locally(tmp_path, ray_session, monkeypatch) -> None:
+    """A unit with videos gets the VIDEO columns; joined with units without, those are null, as locally."""
+    pytest.importorskip("av")
+    from dali_arb.tools.clips import make_clip
+
+    data = tmp_path / "data"
+    (data / "clips").mkdir(parents=True)
+    make_clip(data / "clips" / "pan.mp4", fps=24, frames=12, size=(64, 48))
+    make_clip(data / "clips" / "vfr.webm", codec="vp9", fps=30, frames=10, size=(48, 48), vfr=True)
+    for i in range(5):
+        save_jpeg(data / f"img{i}.jpg", 40 + i, 30, seed=i)
+    local = build_index([str(data)], tmp_path / "local.parquet", workers=1, progress=False)
+    monkeypatch.setattr(ray_engine, "GROUPS_PER_UNIT", 1)
+    monkeypatch.setattr("dali_arb.index.folders.FILES_PER_TASK", 2)  # units with and without videos
+    on_ray = build_index([str(data)], tmp_path / "ray.parquet", engine="ray", progress=False)
+    a, b = pq.read_table(tmp_path / "local.parquet"), pq.read_table(tmp_path / "ray.parquet")
+    assert a.schema.names == b.schema.names and "frames" in b.schema.names
+    assert a.to_pylist() == b.to_pylist()  # the same rows in the same order, video facts included
+    assert (on_ray.rows, on_ray.videos) == (local.rows, local.videos) == (7, 2)
+
+
 def test_a_bad_source_is_one_error_naming_it(tmp_path, ray_session) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()

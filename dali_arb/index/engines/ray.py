@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ...data.manifest import rejects_path
+from ...data.manifest import VIDEO, rejects_path
 from ...data.pairs import PairSpec
 from ...errors import DaliArbError, IndexingError, StorageError
 from ..folders import FolderWalk, PreviousRows, folder_task
@@ -97,7 +97,8 @@ def run_unit(unit: Unit, folder: str, max_pixels: int, pairs: list[PairSpec]) ->
                            summary=summary)  # fmt: skip
             _read(run, unit)
             run.flush()
-        writer.close()
+            writer.close()
+            run.add_video_columns(part_tmp)  # (a part with videos only: the others stay without them)
     except BaseException:
         with contextlib.suppress(Exception):
             writer.close()
@@ -307,7 +308,7 @@ def index_on_ray(
         if in_parts:
             _install_parts([Path(p) for p, _ in parts], rejects_tmp, output, unique, sources)
         else:
-            _concatenate([Path(p) for p, _ in parts], tmp, index_schema(pairs))
+            _concatenate([Path(p) for p, _ in parts], tmp, _manifest_schema([Path(p) for p, _ in parts], pairs))
     except BaseException:
         tmp.unlink(missing_ok=True)
         rejects_tmp.unlink(missing_ok=True)
@@ -322,7 +323,7 @@ def index_on_ray(
     summary.seconds = time.perf_counter() - started
     if summary.rows == 0:
         raise IndexingError(
-            f"no usable images in {', '.join(sources)} ({summary.rejected} rejected, see "
+            f"no usable images or videos in {', '.join(sources)} ({summary.rejected} rejected, see "
             f"{output if in_parts else rejects_path(output)})"
         )
     return summary
@@ -376,13 +377,31 @@ def _deduplicate(ray, parts: list[Path], scratch: Path, rejects_fh, summary: Ind
         summary.reject_reasons["duplicate key"] = summary.reject_reasons.get("duplicate key", 0) + found.dropped
 
 
+def _manifest_schema(parts: list[Path], pairs: list[PairSpec]) -> pa.Schema:
+    """The joined manifest's schema: the indexer's, and the ``VIDEO`` columns when any part has videos."""
+    schema = index_schema(pairs)
+    if any(VIDEO.names[0] in pq.read_schema(part).names for part in parts):
+        for field in VIDEO:
+            schema = schema.append(field)
+    return schema
+
+
+def _in_schema(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    """``batch`` with ``schema``'s columns: those it lacks (a part without videos) null."""
+    columns = [
+        batch.column(field.name) if field.name in batch.schema.names else pa.nulls(batch.num_rows, field.type)
+        for field in schema
+    ]
+    return pa.record_batch(columns, schema=schema)
+
+
 def _concatenate(parts: list[Path], out: Path, schema: pa.Schema) -> None:
     """The parts, in order, streamed into one Parquet file (row groups of ``ROWS_PER_GROUP``)."""
     pending: list[pa.RecordBatch] = []
     with pq.ParquetWriter(out, schema) as writer:
         for part in parts:
             for batch in pq.ParquetFile(part).iter_batches(batch_size=ROWS_PER_GROUP):
-                pending.append(batch)
+                pending.append(_in_schema(batch, schema))
                 if sum(b.num_rows for b in pending) >= ROWS_PER_GROUP:
                     writer.write_table(pa.Table.from_batches(pending, schema), row_group_size=ROWS_PER_GROUP)
                     pending.clear()
