@@ -195,6 +195,19 @@ def test_a_bad_source_is_one_error_naming_it(tmp_path, ray_session) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.parquet", "empty"]
 
 
+def test_an_address_where_nothing_answers_is_one_line_at_once(tmp_path) -> None:
+    import socket
+
+    save_jpeg(tmp_path / "a.jpg", 20, 20)
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(IndexingError, match=rf"^--address 127.0.0.1:{port}: nothing answers there .*ray start --head"):
+        build_index([str(tmp_path)], tmp_path.parent / "m.parquet", engine="ray", address=f"127.0.0.1:{port}")
+    assert time.monotonic() - started < 5
+
+
 def test_engine_and_address_are_checked() -> None:
     with pytest.raises(ConfigError, match="engine must be one of local, ray, got 'spark'"):
         build_index(["x"], "m.parquet", engine="spark")

@@ -201,6 +201,8 @@ def _connect(ray, address: str | None, workers: int | None) -> bool:
     if ray.is_initialized():
         return False
     options = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
+    if address:
+        _check_reachable(address)
     try:
         if address:
             # the workers import this very package: shipped with the job, so every node runs the driver's version
@@ -215,6 +217,29 @@ def _connect(ray, address: str | None, workers: int | None) -> bool:
             "start one with `ray start --head` and give its address with --address"
         ) from None
     return True
+
+
+#: Seconds to wait for a cluster's address to answer before saying it does not (Ray itself retries for minutes).
+CONNECT_TIMEOUT_S = 10.0
+
+
+def _check_reachable(address: str) -> None:
+    """An IndexingError when ``address`` (``HOST:PORT`` or ``ray://HOST:PORT``; ``auto`` is left to Ray) does not
+    accept a connection within :data:`CONNECT_TIMEOUT_S`: Ray would retry, printing, for minutes."""
+    import socket
+
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        raise IndexingError(
+            f"--address {address}: nothing answers there ({exc.strerror or exc}); start the cluster's head with "
+            "`ray start --head` and give its HOST:PORT (6379 by default), or leave --address out to start Ray here"
+        ) from None
 
 
 def ray_failures(ray):
