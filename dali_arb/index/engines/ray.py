@@ -198,11 +198,11 @@ def import_ray():
 def _connect(ray, address: str | None, workers: int | None) -> bool:
     """Join the cluster at ``address`` or start one here (``workers`` CPUs); whether this call started it (and so
     stops it). A session already open in this process is used as it is."""
+    if address:
+        _check_reachable(address)
     if ray.is_initialized():
         return False
     options = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
-    if address:
-        _check_reachable(address)
     try:
         if address:
             # the workers import this very package: shipped with the job, so every node runs the driver's version
