@@ -192,7 +192,13 @@ def test_a_bad_source_is_one_error_naming_it(tmp_path, ray_session) -> None:
     pq.write_table(pa.table({"key": ["a"], "width": [1]}), bad)
     with pytest.raises(IndexingError, match=r"lacks column.*height"):
         build_index([str(bad)], tmp_path / "m.parquet", engine="ray", progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.parquet", "empty"]
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(40):
+        save_jpeg(photos / f"{i:02d}.jpg", 20, 20)
+    with pytest.raises(IndexingError, match=r"lacks column.*height"):  # other tasks in flight are cancelled
+        build_index([str(photos), str(bad)], tmp_path / "m.parquet", engine="ray", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.parquet", "empty", "photos"]
 
 
 def test_an_address_where_nothing_answers_is_one_line_at_once(tmp_path) -> None:

@@ -376,17 +376,24 @@ def _run_units(
             bar.update(done.files_seen)
             bar.set_postfix(parts=f"{len(found)}/{submitted}", rejected=summary.rejected, refresh=False)
 
-    with progress_bar() as bar, ray_failures(ray):
-        bar.set_description("indexing on Ray")
-        for unit in units(chosen, max_pixels=max_pixels, pairs=pairs, old=old, rejects=walk_rejects, counts=summary):
-            inflight[task.remote(unit, str(scratch), max_pixels, pairs_ref)] = unit.number
-            submitted += 1
-            if len(inflight) >= limit:
+    try:
+        with progress_bar() as bar, ray_failures(ray):
+            bar.set_description("indexing on Ray")
+            for unit in units(chosen, max_pixels=max_pixels, pairs=pairs, old=old, rejects=walk_rejects,
+                              counts=summary):  # fmt: skip
+                inflight[task.remote(unit, str(scratch), max_pixels, pairs_ref)] = unit.number
+                submitted += 1
+                if len(inflight) >= limit:
+                    ready, _ = ray.wait(list(inflight), num_returns=1)
+                    collect(ready)
+            while inflight:
                 ready, _ = ray.wait(list(inflight), num_returns=1)
                 collect(ready)
-        while inflight:
-            ready, _ = ray.wait(list(inflight), num_returns=1)
-            collect(ready)
+    except BaseException:  # an error, Ctrl-C or SIGTERM: the tasks still queued or running are cancelled
+        for ref in inflight:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=True)
+        raise
     return [found[n] for n in sorted(found)]
 
 
