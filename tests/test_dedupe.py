@@ -150,3 +150,16 @@ def test_key_hashes_are_the_same_chunk_by_chunk(monkeypatch) -> None:
     whole = key_hashes(keys).tolist()
     monkeypatch.setattr("dali_arb.index.dedupe.CHUNK_ROWS", 3)
     assert key_hashes(keys).tolist() == whole
+
+
+def test_large_string_and_dictionary_keys_are_partitioned_too(tmp_path: Path) -> None:
+    keys = [f"k{i % 30}" for i in range(90)]
+    big = tmp_path / "large.parquet"
+    pq.write_table(pa.table({"key": pa.array(keys[:45], pa.large_string()), "source": ["a"] * 45}), big)
+    coded = tmp_path / "dict.parquet"
+    pq.write_table(pa.table({"key": pa.array(keys[45:]).dictionary_encode(), "source": ["b"] * 45}), coded)
+    found: list[dict] = []
+    result = deduplicate([big, coded], tmp_path / "s", rejects=found.extend, partition_bytes=50)
+    assert result.dropped == 60 and len(found) == 60
+    kept = [k for p in (big, coded) for k in pq.read_table(p).column("key").to_pylist()]
+    assert sorted(kept) == sorted(set(keys))

@@ -117,7 +117,8 @@ def partition_count(files: list[Path], *, partition_bytes: int = PARTITION_BYTES
 
 def _key_batches(path: Path, chunk_rows: int) -> Iterator[pa.Array]:
     for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows, columns=["key"]):
-        yield batch.column(0)
+        keys = batch.column(0)
+        yield keys if keys.type == pa.string() else pc.cast(keys, pa.string())  # (large_string, dictionary)
 
 
 def scatter(index: int, path: Path, scratch: Path, partitions: int, chunk_rows: int = CHUNK_ROWS) -> list[Path]:
