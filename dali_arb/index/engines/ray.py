@@ -31,6 +31,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -142,6 +143,7 @@ def units(
     :data:`GROUPS_PER_UNIT` groups of a folder walk or prefix listing. What the walk and the listings refuse goes to
     ``rejects`` (and its count to ``counts``); IndexingError for a folder with no image files, as locally."""
     previous = PreviousRows(old) if old is not None else None
+    shards_old = _rows_by_source(old, {s for r, s in chosen if r.name == "shard"}) if old is not None else {}
     walk = FolderWalk([s for r, s in chosen if r.name == "folder"], max_pixels, previous, pairs)
     number = itertools.count()
 
@@ -173,12 +175,22 @@ def units(
             for groups in _batched(iter(tasks), GROUPS_PER_UNIT):
                 yield Unit(next(number), "remote_folder", source, tuple(groups))
         else:
-            earlier = None
-            if reader.name == "shard" and old is not None:
-                earlier = old.filter(pc.equal(old.column("source"), source))
-            yield Unit(
-                next(number), reader.name, source, old=earlier if earlier is not None and earlier.num_rows else None
-            )
+            yield Unit(next(number), reader.name, source, old=shards_old.get(source))
+
+
+def _rows_by_source(old: pa.Table, wanted: set[str]) -> dict[str, pa.Table]:
+    """``{source: its rows}`` of the manifest being updated, for the ``wanted`` sources (shards): one pass over the
+    source column (grouped by code), not one filter of the whole table per shard."""
+    codes_array = pc.dictionary_encode(old.column("source").combine_chunks())
+    names = codes_array.dictionary.to_pylist()
+    codes = pc.fill_null(codes_array.indices, -1).to_numpy(zero_copy_only=False)
+    order = np.argsort(codes, kind="stable")
+    bounds = np.searchsorted(codes[order], np.arange(len(names) + 1))
+    return {
+        name: old.take(pa.array(order[bounds[i] : bounds[i + 1]]))
+        for i, name in enumerate(names)
+        if name in wanted and bounds[i + 1] > bounds[i]
+    }
 
 
 def _batched(items: Iterator, size: int) -> Iterator[list]:
