@@ -372,3 +372,21 @@ def test_a_two_node_cluster_indexes_folders_shards_and_s3_like_the_local_engine_
     assert rejects_of(out) == rejects_of(tmp_path / "local.parquet")
     assert "will be retried" in stdout + stderr  # (Ray says so)
     assert json.loads(stdout.splitlines()[-1])["rows"] == pq.read_metadata(out).num_rows == 12 + 6 + 1 + 2 + 1500 + 10
+
+
+@pytest.mark.slow
+def test_cli_index_engine_ray_starts_ray_here_and_writes_the_local_rows(tmp_path) -> None:
+    sources = make_sources(tmp_path / "data")
+    build_index(sources, tmp_path / "local.parquet", workers=1, progress=False)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "RAY_AUTH_MODE": "disabled"}
+    out = tmp_path / "ray.parquet"
+    result = subprocess.run(
+        [sys.executable, "-m", "dali_arb", "index", *sources, "-o", str(out), "--engine", "ray", "--workers", "2",
+         "--json", "-q"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["rows"] == pq.read_metadata(out).num_rows == len(rows_of(tmp_path / "local.parquet"))
+    assert rows_of(out) == rows_of(tmp_path / "local.parquet")
+    assert result.stderr.strip().splitlines()[-1].startswith(f"indexed {summary['rows']} images into {out}")
