@@ -18,6 +18,7 @@ from . import (  # noqa: F401  (register cases)
     bench_index,
     bench_loader,
     bench_planner,
+    bench_ray,
     bench_scale,
     bench_scaling,
     bench_storage,

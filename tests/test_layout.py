@@ -101,6 +101,7 @@ def _choices(parser, command: str, option: str) -> list[str]:
 def test_the_cli_reads_its_choices_from_their_owners():
     """The CLI lists no decoder, worker kind, JPEG scaling or leftover policy of its own (issue 19)."""
     from dali_arb.cli import build_parser
+    from dali_arb.index.engines import ENGINES
     from dali_arb.loader.decoders import DECODERS, JPEG_SCALINGS
     from dali_arb.loader.workers import WORKER_KINDS
     from dali_arb.plan.planner import LeftoverPolicy
@@ -110,6 +111,7 @@ def test_the_cli_reads_its_choices_from_their_owners():
     assert _choices(parser, "preview", "--worker-kind") == list(WORKER_KINDS)
     assert _choices(parser, "bench", "--jpeg-scaling") == list(JPEG_SCALINGS)
     assert _choices(parser, "plan", "--leftover") == [p.value for p in LeftoverPolicy]
+    assert _choices(parser, "index", "--engine") == list(ENGINES)
 
 
 # -- the indexer's table of readers (issue 19) -----------------------------------------------------------------
@@ -207,6 +209,7 @@ def test_the_contracts_catch_what_they_forbid(tmp_path):
         "loader/blocklist.py": "\n\ndef _lazy():\n    import torch  # noqa\n",  # loader-no-framework
         "data/pairs.py": "\n\ndef _lazy():\n    from ..torch import DALIBucketIterator  # noqa\n",  # layers
         "index/records.py": "\n\ndef _lazy():\n    from ..tools import report  # noqa\n",  # tools-under-cli
+        "data/localfiles.py": "\n\ndef _lazy():\n    import ray  # noqa\n",  # ray-in-index-only
     }
     for name, text in additions.items():
         with open(copy / name, "a", encoding="utf-8") as fh:
@@ -218,6 +221,7 @@ def test_the_contracts_catch_what_they_forbid(tmp_path):
     assert "dali_arb.loader.blocklist -> torch" in out
     assert "dali_arb.data.pairs -> dali_arb.torch" in out
     assert "dali_arb.index.records -> dali_arb.tools" in out
+    assert "dali_arb.data.localfiles -> ray" in out
     assert "dali_arb.data is not allowed to import dali_arb.torch" in out  # (the layers contract)
 
 

@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from dali_arb import BucketSpec, Manifest
-from dali_arb.data.cache import CACHE_FORMAT, ManifestCache, bucket_index, local_manifest
+from dali_arb.data.cache import CACHE_FORMAT, ManifestCache, bucket_index
+from dali_arb.data.cachefolder import local_manifest
 from dali_arb.errors import ManifestError
 
 from .test_dataplane import ROOT, odd_manifest

@@ -68,6 +68,8 @@ def cmd_index(args: argparse.Namespace) -> int:
         progress=None if not args.quiet else False,
         pairs=pairs,
         captions=caption_source(args),
+        engine=args.engine,
+        address=args.address,
     )
     print(summary.line(), file=sys.stderr if args.json else sys.stdout)
     if args.json:
@@ -377,6 +379,21 @@ def register(sub: argparse._SubParsersAction, fmt: type) -> None:
         help="a mask (1 channel, [0, 1] for float dtypes), found like --pair (repeatable)",
     )  # fmt: skip
     add_caption_options(p)  # --from kohya|simpletuner, --caption-extension, --captions FILE...
+    from ..index.engines import ENGINES
+
+    p.add_argument(
+        "--engine",
+        choices=list(ENGINES),
+        default="local",
+        help="where headers are read: local (worker processes here, the default) or ray (Ray tasks on a cluster: "
+        "pip install 'dali-arb[ray]'; the same rows)",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        metavar="ADDR",
+        help="with --engine ray: the cluster to join (auto, HOST:6379, ray://HOST:10001); default: start one here",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.set_defaults(func=cmd_index)

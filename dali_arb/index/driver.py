@@ -7,7 +7,6 @@ Imports pyarrow, tqdm (lazily), the standard library, ``data`` (manifest, pairs,
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import stat as stat_module
@@ -17,7 +16,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..data.imagefacts import DEFAULT_MAX_PIXELS
@@ -48,6 +46,8 @@ def build_index(
     progress: bool | None = None,
     pairs: list[PairSpec] | tuple = (),
     captions: CaptionSource | None = None,
+    engine: str = "local",
+    address: str | None = None,
 ) -> IndexSummary:
     """Index ``sources`` into the manifest ``output`` and its rejects file; returns a summary.
 
@@ -69,6 +69,11 @@ def build_index(
         captions: where captions come from instead of sidecar ``.txt``/``.caption`` files
             (:class:`~dali_arb.index.captions.CaptionSource`: kohya's ``caption_extension``, the file name, a JSONL,
             Parquet or CSV file); written into the manifest's ``caption`` column.
+        engine: ``"local"`` (worker processes on this machine) or ``"ray"`` (Ray tasks across a cluster:
+            :mod:`~dali_arb.index.engines.ray`; the same rows, order aside). ``workers`` is then the CPUs of a
+            cluster started here.
+        address: the Ray cluster to join (``"auto"``, ``"ray://host:10001"``, ``"host:6379"``); None starts one on
+            this machine (``engine="ray"`` only).
     """
     if not sources:
         raise ConfigError("give at least one source to index")
@@ -76,6 +81,9 @@ def build_index(
         raise ConfigError(f"max_pixels must be a positive integer, got {max_pixels!r}")
     if workers is not None and (not isinstance(workers, int) or workers < 1):
         raise ConfigError(f"workers must be a positive integer, got {workers!r}")
+    from .engines import check_engine
+
+    check_engine(engine, address)
     from ..data.storage import expand_sources, is_url
 
     if captions is not None and not isinstance(captions, CaptionSource):
@@ -84,7 +92,7 @@ def build_index(
         if captions is not None and captions.given:
             raise ConfigError("captions from a file, a name or an extension need a local -o manifest for now")
         return _index_to_url(sources, str(output), max_pixels=max_pixels, workers=workers, update=update,
-                             progress=progress, pairs=pairs)  # fmt: skip
+                             progress=progress, pairs=pairs, engine=engine, address=address)  # fmt: skip
     output, in_parts = _local_output(output)
     try:
         expanded = [u for s in sources for u in (expand_sources(s) if is_url(s) else _expand_local(s))]
@@ -106,6 +114,15 @@ def build_index(
         except OSError as exc:
             raise IndexingError(f"cannot create folder {output} ({exc.strerror}); choose another -o") from None
     old = _old_rows(output, pairs) if update else None
+    if engine == "ray":  # (engines/ray.py: Ray tasks write parts, de-duplicated and joined into ``output``)
+        from .engines.ray import index_on_ray
+
+        if captions is not None and captions.given:
+            raise ConfigError("captions from a file, a name or an extension are applied by --engine local only for "
+                              "now; index with the local engine, or keep sidecar .txt/.caption captions")  # fmt: skip
+        return index_on_ray(chosen, output, sources=sources, max_pixels=max_pixels, pairs=pairs, old=old,
+                            workers=workers, progress_bar=lambda: _progress_bar(progress), address=address,
+                            in_parts=in_parts)  # fmt: skip
     summary = IndexSummary(manifest=output)
     started = time.perf_counter()
     # private temporary files beside the outputs, moved into place at the end: two runs on one output
@@ -441,25 +458,20 @@ def _check_output(output: Path, kinds: list[tuple[str, str]]) -> None:
 
 
 def _deduplicate_keys(path: Path, rejects_file: Path, summary: IndexSummary) -> None:
-    """Keys must be unique across sources: keep the first row of each key, reject the others."""
-    keys = pq.read_table(path, columns=["key"]).column("key")
-    if pc.count_distinct(keys).as_py() == len(keys):
-        return
-    table = pq.read_table(path)
-    indexed = table.append_column("_row", pa.array(range(table.num_rows), pa.int64()))
-    first = indexed.group_by("key").aggregate([("_row", "min")]).column("_row_min")
-    mask = pc.is_in(indexed.column("_row"), first)
-    dupes = table.filter(pc.invert(mask))
-    with open(rejects_file, "a", encoding="utf-8") as fh:
-        for key, source in zip(dupes.column("key").to_pylist(), dupes.column("source").to_pylist()):
-            fh.write(
-                json.dumps(
-                    {"source": source, "reason": f"duplicate key {key!r} (kept the first source's)", "key": key},
-                    ensure_ascii=False,
-                )
-                + "\n"
-            )
-            summary.rejected += 1
-            summary.rows -= 1
-    summary.reject_reasons["duplicate key"] = summary.reject_reasons.get("duplicate key", 0) + dupes.num_rows
-    pq.write_table(table.filter(mask), path, row_group_size=ROWS_PER_GROUP)
+    """Keys must be unique across sources: keep the first row of each key, reject the others (``dedupe``: streamed
+    through the file's row groups, hash-partitioned, in memory bounded by a chunk size)."""
+    import shutil
+    import tempfile
+
+    from .dedupe import deduplicate, write_rejects
+
+    scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.dedupe-", dir=path.parent))
+    try:
+        with open(rejects_file, "a", encoding="utf-8") as fh:
+            found = deduplicate([path], scratch, rejects=lambda r: write_rejects(fh, r), chunk_rows=ROWS_PER_GROUP)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    summary.rejected += found.dropped
+    summary.rows -= found.dropped
+    if found.dropped:
+        summary.reject_reasons["duplicate key"] = summary.reject_reasons.get("duplicate key", 0) + found.dropped

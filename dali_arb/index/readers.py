@@ -21,7 +21,7 @@ from .metadata import metadata_chunks
 from .records import Reject
 from .remote import fetched, pair_listings, prefix_tasks, remote_folder_task
 from .run import IndexRun
-from .shards import shard_task
+from .shards import shard_task, sidecar_metadata
 
 __all__ = ["READERS", "Reader", "accepted", "reader_for"]
 
@@ -97,7 +97,9 @@ def read_shard(run: IndexRun, source: str) -> None:
     if reuse is not None and _shard_unchanged(reuse, os.stat(source)):
         run.write_table(reuse, reused=True)
         return
-    rows, rejects = run.submit(shard_task, (source, run.max_pixels, run.pairs)).result()
+    # img2dataset's per-shard Parquet beside it: sizes and captions from it, only the tar's headers read
+    sidecar = None if run.pairs else sidecar_metadata(source)
+    rows, rejects = run.submit(shard_task, (source, run.max_pixels, run.pairs, sidecar)).result()
     run.take(rows, rejects, len(rows) + len(rejects))
 
 

@@ -8,14 +8,21 @@ import posixpath
 import tarfile
 from typing import BinaryIO
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
 from ..data.imagefacts import inspect_image
 from ..data.videofacts import inspect_video, is_video_name
-from ..errors import StorageError
+from ..errors import IndexingError, StorageError
 from .folders import FILE_ERRNOS, NOT_IMAGES, decode_caption, display_path, is_utf8
 from .pairing import FolderListings, find_pairs
 from .records import Reject, Row
 
-__all__ = ["MemberFile", "member_key", "shard_task"]
+__all__ = ["MemberFile", "member_key", "shard_task", "sidecar_metadata"]
+
+#: img2dataset's columns the sizes of a shard's samples are taken from (``caption`` too, where present).
+SIDECAR_COLUMNS = ("key", "width", "height")
 
 
 def member_key(name: str) -> tuple[str, str, str] | None:
@@ -36,14 +43,57 @@ def member_key(name: str) -> tuple[str, str, str] | None:
     return key, side, ("." + last.lower() if dot else "")
 
 
+def sidecar_metadata(shard: str) -> str | None:
+    """img2dataset's per-shard Parquet beside a local ``shard`` (``00000.tar`` -> ``00000.parquet``) when it has
+    :data:`SIDECAR_COLUMNS`, else None."""
+    path = os.path.splitext(shard)[0] + ".parquet"
+    if not os.path.isfile(path):
+        return None
+    try:
+        names = pq.read_schema(path).names
+    except (pa.ArrowException, OSError):
+        return None
+    return path if set(SIDECAR_COLUMNS) <= set(names) else None
+
+
+def _sidecar_facts(path: str, max_pixels: int) -> tuple[dict[str, tuple[int, int, str | None]], bool]:
+    """``({key: (width, height, caption)}, has captions)`` of the usable rows of img2dataset's per-shard Parquet:
+    ``status`` "success" (where the column exists), sizes whole numbers of at most ``max_pixels`` pixels. Other
+    rows are left out: their samples are read from the shard as without the Parquet."""
+    names = pq.read_schema(path).names
+    columns = [c for c in (*SIDECAR_COLUMNS, "caption", "status") if c in names]
+    table = pq.read_table(path, columns=columns)
+    if "status" in names:
+        table = table.filter(pc.fill_null(pc.equal(pc.cast(table.column("status"), pa.string()), "success"), False))
+    facts: dict[str, tuple[int, int, str | None]] = {}
+    captions = table.column("caption").to_pylist() if "caption" in names else [None] * table.num_rows
+    for key, width, height, caption in zip(
+        pc.cast(table.column("key"), pa.string()).to_pylist(),
+        table.column("width").to_pylist(),
+        table.column("height").to_pylist(),
+        captions,
+    ):
+        whole = all(isinstance(v, int) or (isinstance(v, float) and v.is_integer()) for v in (width, height))
+        if key is None or not whole or not (0 < width < 2**31 and 0 < height < 2**31) or width * height > max_pixels:
+            continue
+        text = caption.strip() if isinstance(caption, str) else None
+        facts[key] = (int(width), int(height), text or None)
+    return facts, "caption" in names
+
+
 def shard_task(args: tuple) -> tuple[list[Row], list[Reject]]:
-    """Inspect every sample of one tar shard: ``(shard path, max_pixels, pairs)``.
+    """Inspect every sample of one tar shard: ``(shard path, max_pixels, pairs[, sidecar])``.
 
     A sample's image is its member with no extra dot-part (``key.jpg``); members with one
     (``key.depth.png``) belong to the sample and never replace its image: a pair without a folder
     (``--pair depth``) is that member.
+
+    ``sidecar``: img2dataset's per-shard Parquet (:func:`sidecar_metadata`). Then only the tar's headers are read
+    (a 512-byte read per member, seeking over the data): a sample it lists (``status`` success) takes its size and
+    caption from it; a sample it does not list is read as without it.
     """
-    shard, max_pixels, pairs = args
+    shard, max_pixels, pairs, *rest = args
+    sidecar = rest[0] if rest else None
     rows: list[Row] = []
     rejects: list[Reject] = []
     try:
@@ -58,7 +108,11 @@ def shard_task(args: tuple) -> tuple[list[Row], list[Reject]]:
         stat = os.fstat(fh.fileno())
         identity = {"ctime_ns": stat.st_ctime_ns, "source_size": stat.st_size}
         try:
-            samples, unnamed = _members(shard, fh)
+            facts, has_captions = _sidecar_facts(sidecar, max_pixels) if sidecar else ({}, False)
+        except (pa.ArrowException, OSError) as exc:
+            raise IndexingError(f"cannot read {display_path(sidecar)}, the metadata beside {shard}: {exc}") from None
+        try:
+            samples, unnamed = _members(shard, fh, read_texts=not sidecar) if sidecar else _members(shard, fh)
         except OSError as exc:  # the shard opened: reading it failed in the disk or the system
             raise _system_failed(shard, exc) from None
         except (tarfile.TarError, EOFError) as exc:
@@ -76,6 +130,18 @@ def shard_task(args: tuple) -> tuple[list[Row], list[Reject]]:
             name, (offset, length) = next(iter(images.items()))
             for other in list(images)[1:]:
                 rejects.append({"source": f"{shard}:{other}", "reason": f"duplicate key {key!r} (kept {name})", "key": key})  # fmt: skip
+            for ext, (at, size) in sample.pop("texts_at", {}).items():  # (headers only: read when needed)
+                if key not in facts or not has_captions or is_video_name(name):
+                    sample[ext] = read_member(at, size)
+            if key in facts and not is_video_name(name):
+                width, height, caption = facts[key]
+                if not has_captions:
+                    caption, problem = _caption(key, sample)
+                    if problem:
+                        rejects.append({"source": f"{shard}:{name}", "reason": problem, "key": key})
+                        continue
+                rows.append(Row(key, width, height, caption, shard, offset, length, stat.st_mtime_ns, (), **identity))
+                continue
             video = None
             if is_video_name(name):  # read in place through a window on the shard: never the whole member at once
                 video = inspect_video(MemberFile(fh, offset, length), max_pixels=max_pixels)
@@ -131,10 +197,11 @@ def _system_failed(shard: str, exc: OSError) -> StorageError:
     )
 
 
-def _members(shard: str, raw: BinaryIO) -> tuple[dict[str, dict], list[Reject]]:
+def _members(shard: str, raw: BinaryIO, *, read_texts: bool = True) -> tuple[dict[str, dict], list[Reject]]:
     """``{key: sample}`` of a shard's members (read from ``raw``, the shard open) by the webdataset convention,
     and rejects for names that are not UTF-8. A sample holds ``"image"`` (``{member name: (offset, length)}``), its captions' bytes by extension and
-    ``"sides"``. A member that occurs twice (``tar -rf`` / ``tar -uf`` append a new copy) is its last copy, as
+    ``"sides"`` (without ``read_texts``, the captions' ``(offset, size)`` in ``"texts_at"`` instead of their bytes:
+    only headers are read). A member that occurs twice (``tar -rf`` / ``tar -uf`` append a new copy) is its last copy, as
     for every tar extractor: the picture, its caption and its pairs all come from the latest copies."""
     samples: dict[str, dict] = {}
     rejects: list[Reject] = []
@@ -154,6 +221,8 @@ def _members(shard: str, raw: BinaryIO) -> tuple[dict[str, dict], list[Reject]]:
             sample = samples.setdefault(key, {})
             if side:  # key.NAME.ext: a side file of the sample (pairs, masks, metadata)
                 sample.setdefault("sides", {})[f"{side}{ext}"] = (member.name, member.offset_data, member.size)
+            elif ext in (".txt", ".caption", ".json") and not read_texts:
+                sample.setdefault("texts_at", {})[ext] = (member.offset_data, member.size)
             elif ext in (".txt", ".caption", ".json"):
                 sample[ext] = tar.extractfile(member).read()
             elif ext not in NOT_IMAGES:

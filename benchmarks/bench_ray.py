@@ -1,0 +1,196 @@
+"""Indexing on Ray against the local engine, and key de-duplication streamed against the whole-table way.
+
+``ray-index``: one folder of JPEGs plus tar shards of the same images, indexed by the local engine (worker
+processes) and by the Ray engine on a fresh local Ray of 1 and then 2 CPUs; the cluster's start is timed apart.
+``dedupe``: the keys of one Parquet manifest made unique by ``index/dedupe.py`` (streamed, hash-partitioned) and by
+the way ``build_index`` did it before (every key, then every row, in memory), each in its own process: seconds and
+peak RSS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from . import case
+from .bench_index import _make
+
+_RAY_RUN = """
+import json, sys, time
+t0 = time.perf_counter()
+import ray
+ray.init(num_cpus=int(sys.argv[1]), include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+started = time.perf_counter() - t0
+from dali_arb.index import build_index
+summary = build_index(sys.argv[3:], sys.argv[2], engine="ray", progress=False)
+print(json.dumps({"start_s": started, "seconds": summary.seconds, "files": summary.files_seen, "rows": summary.rows}))
+"""
+
+_LOCAL_RUN = """
+import json, sys
+from dali_arb.index import build_index
+summary = build_index(sys.argv[3:], sys.argv[2], workers=int(sys.argv[1]), progress=False)
+print(json.dumps({"start_s": 0.0, "seconds": summary.seconds, "files": summary.files_seen, "rows": summary.rows}))
+"""
+
+
+def _run(code: str, cpus: int, out: Path, sources: list[str]) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "RAY_AUTH_MODE": "disabled"}
+    result = subprocess.run([sys.executable, "-c", code, str(cpus), str(out), *sources], env=env,
+                            capture_output=True, text=True, check=True)  # fmt: skip
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@case("ray-index")
+def ray_index(args) -> dict:
+    n = 2000 if args.quick else 20_000
+    shards = 4 if args.quick else 10
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "jpegs"
+        folder.mkdir()
+        with ProcessPoolExecutor(os.cpu_count() or 1) as pool:
+            list(pool.map(_make, [(str(folder), s, min(s + 1000, n)) for s in range(0, n, 1000)]))
+        files = sorted(folder.rglob("*.jpg"))
+        per_shard = len(files) // shards
+        sources = [str(folder)]
+        for s in range(shards):  # the same images again, as shards (their keys are the folder's: duplicates)
+            path = Path(tmp) / f"{s:05d}.tar"
+            with tarfile.open(path, "w") as tar:
+                for f in files[s * per_shard : (s + 1) * per_shard]:
+                    tar.add(f, arcname=f"s{s}/{f.name}")
+            sources.append(str(path))
+        os.sync()
+        runs = {
+            "local engine, 2 processes": _run(_LOCAL_RUN, 2, Path(tmp) / "local.parquet", sources),
+            "ray engine, 1 CPU": _run(_RAY_RUN, 1, Path(tmp) / "ray1.parquet", sources),
+            "ray engine, 2 CPUs": _run(_RAY_RUN, 2, Path(tmp) / "ray2.parquet", sources),
+        }
+    base = runs["local engine, 2 processes"]
+    out = {f"index {n} JPEGs in a folder + {shards} shards of the same ({base['files']} files)": ""}
+    for name, run in runs.items():
+        rate = run["files"] / run["seconds"]
+        out[f"  {name}: files/s"] = round(rate)
+        out[f"  {name}: vs local"] = f"{rate / (base['files'] / base['seconds']):.2f}x"
+        if run["start_s"]:
+            out[f"  {name}: Ray start (s, not in files/s)"] = round(run["start_s"], 1)
+    one, two = runs["ray engine, 1 CPU"], runs["ray engine, 2 CPUs"]
+    out["  ray 2 CPUs / 1 CPU"] = f"{one['seconds'] / two['seconds']:.2f}x"
+    return out
+
+
+_DEDUPE_RUN = """
+import json, sys, time, shutil, tempfile
+from pathlib import Path
+import pyarrow as pa, pyarrow.compute as pc, pyarrow.parquet as pq
+path, how = Path(sys.argv[1]), sys.argv[2]
+t0 = time.perf_counter()
+if how == "whole":  # build_index before dedupe.py: every key, then every row
+    table = pq.read_table(path)
+    indexed = table.append_column("_row", pa.array(range(table.num_rows), pa.int64()))
+    first = indexed.group_by("key").aggregate([("_row", "min")]).column("_row_min")
+    mask = pc.is_in(indexed.column("_row"), first)
+    dropped = table.num_rows - pc.sum(mask).as_py()
+    pq.write_table(table.filter(mask), path, row_group_size=65536)
+else:
+    from dali_arb.index.dedupe import deduplicate
+    scratch = Path(tempfile.mkdtemp(dir=path.parent))
+    dropped = deduplicate([path], scratch, rejects=lambda r: None, partition_bytes=int(how)).dropped
+    shutil.rmtree(scratch)
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))  # (ru_maxrss outlives exec)
+print(json.dumps({"seconds": time.perf_counter() - t0, "dropped": dropped, "rss_mb": hwm / 1024}))
+"""
+
+
+def _dedupe(path: Path, how: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run([sys.executable, "-c", _DEDUPE_RUN, str(path), how], env=env, capture_output=True,
+                            text=True, check=True)  # fmt: skip
+    return json.loads(result.stdout)
+
+
+@case("dedupe")
+def dedupe(args) -> dict:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = 1_000_000 if args.quick else 10_000_000
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "m.parquet"
+        rng = np.random.default_rng(0)
+        with pq.ParquetWriter(source, pa.schema([("key", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
+                                                 ("caption", pa.string()), ("source", pa.string())])) as writer:  # fmt: skip
+            for start in range(0, n, 1_000_000):
+                m = min(1_000_000, n - start)
+                ids = np.arange(start, start + m)
+                keys = [f"laion/{i:010d}" for i in ids]
+                dup = rng.random(m) < 0.01  # 1% of rows repeat an earlier key
+                keys = [f"laion/{int(rng.integers(0, start + m)):010d}" if d else k for k, d in zip(keys, dup)]
+                writer.write_table(pa.table({"key": keys, "width": np.full(m, 512, np.int32),
+                                             "height": np.full(m, 768, np.int32),
+                                             "caption": [f"a photo of thing {i}" for i in ids],
+                                             "source": [f"/data/shard-{i // 10000:05d}.tar" for i in ids]}))  # fmt: skip
+        for name, how in (("whole table (before)", "whole"), ("dedupe.py, 256 MiB partitions", str(256 << 20)),
+                          ("dedupe.py, 32 MiB partitions", str(32 << 20))):  # fmt: skip
+            copy = Path(tmp) / f"{how}.parquet"
+            copy.write_bytes(source.read_bytes())
+            run = _dedupe(copy, how)
+            out[f"{n} rows, {name}: s"] = round(run["seconds"], 1)
+            out[f"{n} rows, {name}: peak RSS MB"] = round(run["rss_mb"])
+            out[f"{n} rows, {name}: dropped"] = run["dropped"]
+            copy.unlink()
+    return out
+
+
+@case("shards-meta")
+def shards_meta(args) -> dict:
+    """Tar shards indexed with img2dataset's per-shard Parquet beside them (headers only) against without it (every
+    image's header read from the tar), local engine, same shards."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from dali_arb.index import build_index
+
+    n, shards = (2000, 2) if args.quick else (10_000, 5)
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "jpegs"
+        folder.mkdir()
+        with ProcessPoolExecutor(os.cpu_count() or 1) as pool:
+            list(pool.map(_make, [(str(folder), s, min(s + 1000, n)) for s in range(0, n, 1000)]))
+        files = sorted(folder.rglob("*.jpg"))
+        per = len(files) // shards
+        paths = []
+        for s in range(shards):
+            path = Path(tmp) / "shards" / f"{s:05d}.tar"
+            path.parent.mkdir(exist_ok=True)
+            keys, widths, heights = [], [], []
+            with tarfile.open(path, "w") as tar:
+                for f in files[s * per : (s + 1) * per]:
+                    tar.add(f, arcname=f.name)
+                    with Image.open(f) as img:
+                        widths.append(img.width)
+                        heights.append(img.height)
+                    keys.append(f.stem)
+            pq.write_table(pa.table({"key": keys, "width": widths, "height": heights,
+                                     "status": ["success"] * len(keys)}), path.with_suffix(".hidden"))  # fmt: skip
+            paths.append(str(path))
+        os.sync()
+        without = build_index(paths, Path(tmp) / "a.parquet", workers=2, progress=False)
+        for p in paths:
+            Path(p).with_suffix(".hidden").rename(Path(p).with_suffix(".parquet"))
+        with_meta = build_index(paths, Path(tmp) / "b.parquet", workers=2, progress=False)
+        same = pq.read_table(Path(tmp) / "a.parquet").equals(pq.read_table(Path(tmp) / "b.parquet"))
+    out[f"{shards} shards x {per} JPEGs, local engine: files/s reading every image header"] = round(without.files_per_s)
+    out["  with img2dataset's Parquet beside them (tar headers only): files/s"] = round(with_meta.files_per_s)
+    out["  ratio"] = f"{with_meta.files_per_s / without.files_per_s:.2f}x"
+    out["  the same manifest"] = same
+    return out
