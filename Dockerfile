@@ -22,8 +22,8 @@ ARG TORCH=torch
 ARG PIP_OPTS=""
 ARG EXTRAS=test
 
-# "video" exposes the hardware JPEG decoder (the NVJPG engines of A100/H100) and NVDEC in the container:
-# without it DALI cannot see those engines and falls back to slower CUDA decoding.
+# "video" exposes NVDEC (libnvcuvid, DALI's GPU video decoding) in the container, and where the toolkit gates it,
+# the hardware JPEG decoder (the NVJPG engines of A100/H100/H200) that makes the GPU path fast (docs/docker.md).
 ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility,video \
     DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \

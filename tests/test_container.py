@@ -46,7 +46,7 @@ def dockerfile_args() -> dict[str, str | None]:
 def test_help_names_every_option_and_exits_zero():
     result = check("--help")
     assert result.returncode == 0, result.stderr
-    for option in ("--cache", "--suite", "--tag", "--torch", "--wheels", "--ca-bundle", "--no-tests", "--dry-run"):
+    for option in "--cache --suite --tag --torch --extras --wheels --ca-bundle --no-tests --rm-image --dry-run".split():
         assert option in result.stdout
 
 
@@ -60,6 +60,7 @@ def test_help_names_every_option_and_exits_zero():
         (["--tag", "Dali Arb"], "--tag 'Dali Arb' is not an image name"),
         (["--wheels", "/nonexistent/wheels"], "--wheels '/nonexistent/wheels' is not a folder"),
         (["--ca-bundle", "/nonexistent/ca.crt"], "--ca-bundle '/nonexistent/ca.crt' is not a file"),
+        (["--extras", "test jax"], "--extras 'test jax' is not a comma-separated list of extras"),
     ],
 )
 def test_bad_arguments_give_one_line_and_exit_2(args, message):
@@ -89,9 +90,11 @@ def test_dry_run_builds_the_dockerfile_on_the_debootstrap_base(tmp_path):
     assert "--storage-driver vfs bud --isolation chroot" in line
     assert "--build-arg BASE=localhost/debian:bookworm" in line
     assert "--build-arg TORCH=torch==2.13.0+cpu" in line
+    # the extras CI installs (make install), so that the JAX and examples tests run in the image too
+    assert "--build-arg EXTRAS=test,examples,jax" in line
     assert f"-f {DOCKERFILE} {REPO}" in line
     assert "dali-arb demo" in out
-    assert 'python\\ -m\\ pytest\\ -m\\ \\"not\\ gpu\\"' in out
+    assert """bash -c 'python -m pytest -m "not gpu" -q -p no:cacheprovider'""" in out
     assert not list(tmp_path.iterdir()), "a dry run wrote into the cache"
 
 
@@ -101,7 +104,7 @@ def test_dry_run_follows_suite_and_skips(tmp_path):
     assert "--build-arg BASE=localhost/debian:trixie" in build_line(result)
     assert "debootstrap --variant=minbase trixie" in result.stdout
     assert "dali-arb demo" not in result.stdout
-    assert "-m\\ pytest" not in result.stdout
+    assert "python -m pytest" not in result.stdout
     assert "rmi localhost/dali-arb:check" in result.stdout
 
 
