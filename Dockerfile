@@ -41,11 +41,9 @@ RUN apt-get update \
     && useradd --create-home --uid 10001 arb
 
 WORKDIR /opt/dali_arb
-COPY pyproject.toml README.md ./
-COPY dali_arb ./dali_arb
-COPY examples ./examples
-COPY tests ./tests
-COPY support ./support
+# The source tree (.dockerignore leaves out caches, build outputs and .git): the package, and what its tests read
+# besides it (examples, support, docs and mkdocs.yml, benchmarks/RESULTS.md, README.md, Makefile).
+COPY . ./
 # The project's own pyproject.toml bounds every dependency. PIP_OPTS stays unquoted: it holds several words.
 # hadolint ignore=DL3013,SC2086
 RUN pip install --no-compile $PIP_OPTS "${TORCH}" ".[${EXTRAS}]" \
