@@ -47,7 +47,9 @@ def dockerfile_args() -> dict[str, str | None]:
 def test_help_names_every_option_and_exits_zero():
     result = check("--help")
     assert result.returncode == 0, result.stderr
-    for option in "--cache --suite --tag --torch --extras --wheels --ca-bundle --no-tests --rm-image --dry-run".split():
+    for option in (
+        "--cache --suite --tag --torch --extras --wheels --ca-bundle --no-build --no-tests --rm-image --dry-run".split()
+    ):
         assert option in result.stdout
 
 
@@ -107,6 +109,15 @@ def test_dry_run_follows_suite_and_skips(tmp_path):
     assert "dali-arb demo" not in result.stdout
     assert "python -m pytest" not in result.stdout
     assert "rmi localhost/dali-arb:check" in result.stdout
+
+
+def test_no_build_reuses_the_image(tmp_path):
+    result = check("--dry-run", "--no-build", "--no-demo", cache=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert " bud " not in result.stdout
+    assert "build: skipped" in result.stdout
+    assert "from --pull=false --add-host dali-arb-check:127.0.0.1 localhost/dali-arb:check" in result.stdout
+    assert "run --isolation chroot --hostname dali-arb-check --workingdir /opt/dali_arb" in result.stdout
 
 
 def test_wheels_and_ca_bundle_are_mounted_for_the_build_only(tmp_path):
