@@ -1,41 +1,53 @@
-# dali_arb on a CUDA 12 runtime: Python, the project, torch, and DALI's cuda120 build.
+# dali_arb in a container: Python, the project, torch, and DALI's CUDA 12 build (docs/docker.md).
 #
 #   docker build -t dali-arb .
-#   docker run --rm --gpus all --ipc=host dali-arb                       # the demo, on the GPU
-#   docker run --rm --gpus all --ipc=host -v /data:/data dali-arb \
+#   docker run --rm --gpus all --shm-size=8g dali-arb                    # the demo, on the GPU
+#   docker run --rm --gpus all --shm-size=8g -v /data:/data dali-arb \
 #       dali-arb index /data/photos -o /data/photos.parquet
-#   docker run --rm --gpus all --ipc=host -v /data:/data dali-arb \
+#   docker run --rm --gpus all --shm-size=8g -v /data:/data dali-arb \
 #       torchrun --nproc_per_node=8 examples/train.py /data/photos.parquet
 #
-# --ipc=host (or --shm-size=8g): the loader's worker processes hand batches over in /dev/shm,
+# BASE: any Debian or Ubuntu image; the CUDA runtime image by default. On a plain Debian base
+# (--build-arg BASE=debian:bookworm) the image runs on the CPU: scripts/container-check builds it so.
+# TORCH: the torch requirement pip installs (PyPI's Linux torch is the CUDA build; e.g. torch==2.13.0+cpu
+# with PIP_OPTS naming where that build lies). PIP_OPTS: extra pip options (--extra-index-url URL, --find-links DIR).
+# EXTRAS: the project's extras; "test" lets `python -m pytest` run in here.
+#
+# --shm-size=8g (or --ipc=host): the loader's worker processes hand batches over in /dev/shm,
 # and Docker's default of 64 MB is too small for them.
-FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04
+ARG BASE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
+FROM ${BASE}
 
-# "video" exposes the hardware JPEG decoder (the NVJPG engines of A100/H100) in the container:
-# without it DALI cannot see the engine and falls back to slower CUDA decoding.
+ARG TORCH=torch
+ARG PIP_OPTS=""
+ARG EXTRAS=test
+
+# "video" exposes NVDEC (libnvcuvid, DALI's GPU video decoding) in the container, and where the toolkit gates it,
+# the hardware JPEG decoder (the NVJPG engines of A100/H100/H200) that makes the GPU path fast (docs/docker.md).
 ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility,video \
     DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH
 
+# python3-venv brings ensurepip (Debian and Ubuntu split it out of python3); ca-certificates for pip's HTTPS
+# and for object storage (s3://, gs://) at run time; passwd for useradd on minimal bases.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates passwd \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv \
     && useradd --create-home --uid 10001 arb
 
 WORKDIR /opt/dali_arb
-COPY pyproject.toml README.md ./
-COPY dali_arb ./dali_arb
-COPY examples ./examples
-COPY tests ./tests
-COPY support ./support
-# torch from PyPI is the CUDA 12 build on Linux; the test extra lets `pytest -m gpu` run in here.
-# The project's own pyproject.toml bounds every dependency.
-# hadolint ignore=DL3013
-RUN pip install --no-compile ".[test]"
+# The source tree (.dockerignore leaves out caches, build outputs and .git): the package, and what its tests read
+# besides it (examples, support, docs and mkdocs.yml, benchmarks/RESULTS.md, README.md, Makefile).
+COPY . ./
+# The project's own pyproject.toml bounds every dependency. PIP_OPTS stays unquoted: it holds several words.
+# hadolint ignore=DL3013,SC2086
+RUN pip install --no-compile $PIP_OPTS "${TORCH}" ".[${EXTRAS}]" \
+    && chown -R arb /opt/dali_arb
 
 USER 10001
 WORKDIR /home/arb
