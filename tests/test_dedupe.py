@@ -163,3 +163,32 @@ def test_large_string_and_dictionary_keys_are_partitioned_too(tmp_path: Path) ->
     assert result.dropped == 60 and len(found) == 60
     kept = [k for p in (big, coded) for k in pq.read_table(p).column("key").to_pylist()]
     assert sorted(kept) == sorted(set(keys))
+
+
+def test_streamed_dedupe_reads_hold_no_more_arrow_memory_at_the_end_than_after_two_chunks(tmp_path):
+    """pyarrow's pre-buffered ``iter_batches`` kept every row group read: de-duplication's streamed reads (the keys,
+    and the rewrite without the dropped rows) must not hold more Arrow memory as the chunks go by."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dali_arb.index import dedupe
+
+    path = tmp_path / "m.parquet"
+    n, rng = 50_000, np.random.default_rng(0)
+    with pq.ParquetWriter(path, pa.schema([("key", pa.string()), ("source", pa.string())])) as writer:
+        for _ in range(12):  # 96-character random keys (what does not compress is what pre-buffering held)
+            keys = pa.array(rng.integers(0, 2**62, (n, 12)).astype("S8").view("S96").ravel().astype(str))
+            writer.write_table(pa.table({"key": keys, "source": keys}))
+    held = []
+    for keys in dedupe._key_batches(path, n):
+        del keys
+        held.append(pa.total_allocated_bytes())
+    assert len(held) == 12
+    assert max(held[2:]) < held[1] + (8 << 20), [h >> 20 for h in held]
+    # the rewrite streams too: its peak is a chunk or two, not the file (about 115 MB of key and source text)
+    pool = pa.default_memory_pool()
+    before = pool.max_memory()
+    dedupe.drop_rows(path, np.array([5, n + 7], np.int64), tmp_path / "out.parquet", chunk_rows=n)
+    assert pq.read_metadata(tmp_path / "out.parquet").num_rows == 12 * n - 2
+    assert pool.max_memory() - before < 60 << 20

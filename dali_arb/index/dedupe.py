@@ -116,7 +116,8 @@ def partition_count(files: list[Path], *, partition_bytes: int = PARTITION_BYTES
 
 
 def _key_batches(path: Path, chunk_rows: int) -> Iterator[pa.Array]:
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows, columns=["key"]):
+    # (pre_buffer=False: pyarrow's pre-buffering keeps every row group read, so memory grew with the rows)
+    for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=chunk_rows, columns=["key"]):
         keys = batch.column(0)
         yield keys if keys.type == pa.string() else pc.cast(keys, pa.string())  # (large_string, dictionary)
 
@@ -184,7 +185,7 @@ def losers(sources: list[Path], *, from_files: list[tuple[int, Path]] | None = N
 def drop_rows(path: Path, rows: np.ndarray, out: Path, chunk_rows: int = CHUNK_ROWS) -> list[dict]:
     """Stage 3 for one file: ``path`` without ``rows`` (sorted row numbers) written to ``out`` (row groups of
     ``chunk_rows``), and the rejects of the dropped rows in their order."""
-    source = pq.ParquetFile(path)
+    source = pq.ParquetFile(path, pre_buffer=False)  # (pre-buffering keeps every row group read: grows)
     rejects: list[dict] = []
     start = 0
     with pq.ParquetWriter(out, source.schema_arrow) as writer:
