@@ -187,7 +187,10 @@ def test_update_rereads_only_new_or_changed_files(folder, tmp_path, monkeypatch)
     ("make", "message"),
     [
         (lambda p: str(p / "nope"), "source not found"),
-        (lambda p: (p / "empty").mkdir() or str(p / "empty"), "no image files found in folder"),
+        (
+            lambda p: (p / "empty").mkdir() or str(p / "empty"),
+            "(searched with its subfolders); give the folder that holds them",
+        ),
         (lambda p: (p / "d.tar.gz").write_bytes(b"x") and str(p / "d.tar.gz"), "is a compressed tar"),
         (lambda p: (p / "x.zip").write_bytes(b"x") and str(p / "x.zip"), "don't know how to index"),
     ],

@@ -186,7 +186,9 @@ def test_videos_beside_images_index_as_locally(tmp_path, ray_session, monkeypatc
 def test_a_bad_source_is_one_error_naming_it(tmp_path, ray_session) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(IndexingError, match=f"no image files found in folder {empty}"):
+    with pytest.raises(
+        IndexingError, match=f"no image or video files found in folder {empty} .*give the folder that holds them"
+    ):
         build_index([str(empty)], tmp_path / "m.parquet", engine="ray", progress=False)
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"key": ["a"], "width": [1]}), bad)

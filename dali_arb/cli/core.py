@@ -366,7 +366,7 @@ def register(sub: argparse._SubParsersAction, fmt: type) -> None:
     p.add_argument(
         "--update",
         action="store_true",
-        help="reuse rows of an existing manifest for unchanged files (same size and mtime)",
+        help="reuse rows of an existing manifest for unchanged files (same size, mtime and ctime; in object storage the same ETag)",
     )
     p.add_argument(
         "--pair", action="append", metavar="NAME[=DIR]",

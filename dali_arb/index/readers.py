@@ -87,7 +87,15 @@ def read_folder(run: IndexRun, source: str) -> None:
         run.take(rows, rejects + _drain(walk.rejects), len(task[1]))
     run.take([], _drain(walk.rejects), 0)
     if empty and fresh:  # (a folder already walked through another source is not empty)
-        raise IndexingError(f"no image files found in folder {source}")
+        raise empty_folder(source)
+
+
+def empty_folder(source: str) -> IndexingError:
+    """The one line for a folder holding nothing to index (either engine)."""
+    return IndexingError(
+        f"no image or video files found in folder {source} (searched with its subfolders); give the folder that "
+        "holds them, or a .tar shard or .parquet/.csv metadata file"
+    )
 
 
 def read_shard(run: IndexRun, source: str) -> None:

@@ -40,6 +40,7 @@ from ...data.manifest import VIDEO, rejects_path
 from ...data.pairs import PairSpec
 from ...errors import DaliArbError, IndexingError, StorageError
 from ..folders import FolderWalk, PreviousRows, folder_task
+from ..readers import empty_folder
 from ..records import index_schema
 from ..remote import pair_listings, prefix_tasks, remote_folder_task
 from ..run import ROWS_PER_GROUP, IndexRun, IndexSummary
@@ -163,7 +164,7 @@ def units(
             refused(walk.rejects[:])
             walk.rejects.clear()
             if empty and fresh:
-                raise IndexingError(f"no image files found in folder {source}")
+                raise empty_folder(source)
         elif reader.name == "remote_folder":
             unlisted: list = []
             try:
