@@ -162,6 +162,22 @@ def test_ray_engine_writes_a_manifest_in_parts_with_the_local_engines_rows(tmp_p
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []  # no scratch left
 
 
+def test_o_folder_with_the_ray_engine_writes_a_manifest_in_parts(tmp_path, ray_session) -> None:
+    """``-o DIR/`` through ``build_index(engine="ray")`` (the driver hands the engine ``in_parts``): a manifest in
+    parts holding the local engine's rows."""
+    from dali_arb.data.manifest import Manifest
+    from dali_arb.data.parts import is_parts
+
+    sources = make_sources(tmp_path / "data")
+    build_index(sources, tmp_path / "local.parquet", workers=1, progress=False)
+    summary = build_index(sources, f"{tmp_path / 'out'}/", engine="ray", progress=False)
+    assert is_parts(tmp_path / "out") and summary.rows == len(Manifest.read(tmp_path / "out"))
+    table, local = Manifest.read(tmp_path / "out").table, pq.read_table(tmp_path / "local.parquet")
+    assert sorted(zip(*(table.column(c).to_pylist() for c in COMPARED))) == sorted(
+        zip(*(local.column(c).to_pylist() for c in COMPARED))
+    )
+
+
 def test_videos_beside_images_index_as_locally(tmp_path, ray_session, monkeypatch) -> None:
     """A unit with videos gets the VIDEO columns; joined with units without, those are null, as locally."""
     pytest.importorskip("av")
