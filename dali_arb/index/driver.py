@@ -27,7 +27,7 @@ from ..processes import die_with_parent, spawn_without_main, stop_pool
 from .captions import CaptionSource, apply_captions
 from .readers import reader_for
 from .records import index_schema
-from .run import ROWS_PER_GROUP, IndexRun, IndexSummary
+from .run import ROWS_PER_GROUP, IndexRun, IndexSummary, finished
 
 __all__ = ["PART_ROWS", "IndexSummary", "build_index"]
 
@@ -166,13 +166,7 @@ def build_index(
     else:
         os.replace(tmp, output)
         os.replace(rejects_tmp, rejects_path(output))
-    summary.seconds = time.perf_counter() - started
-    if summary.rows == 0:
-        raise IndexingError(
-            f"no usable images or videos in {', '.join(sources)} ({summary.rejected} rejected, see "
-            f"{summary.rejects_at or rejects_path(output)})"
-        )
-    return summary
+    return finished(summary, sources, started, summary.rejects_at or rejects_path(output))
 
 
 def _install_parts(tmp: Path, rejects_file: Path, folder: Path, unique: str, sources: list[str]) -> str:

@@ -23,11 +23,12 @@ import pyarrow.parquet as pq
 from ..data.manifest import VIDEO, rejects_name
 from ..data.pairs import PairSpec
 from ..data.videofacts import VideoFacts
+from ..errors import IndexingError
 from ..processes import signals_deferred
 from .folders import FolderWalk, PreviousRows
 from .records import Reject, Row, rows_to_table, table_videos, video_columns, with_identity
 
-__all__ = ["ROWS_PER_GROUP", "IndexRun", "IndexSummary"]
+__all__ = ["ROWS_PER_GROUP", "IndexRun", "IndexSummary", "finished"]
 
 ROWS_PER_GROUP = 65536
 
@@ -247,3 +248,16 @@ class IndexRun:
         while inflight:
             future, done = inflight.popleft()
             yield future.result(), done
+
+
+def finished(summary: IndexSummary, sources: list[str], started: float, rejects_at: str | Path) -> IndexSummary:
+    """``summary`` with its time since ``started`` (``time.perf_counter``); an IndexingError naming the sources and
+    where the rejects are (``rejects_at``) when no row was written (either engine)."""
+    import time
+
+    summary.seconds = time.perf_counter() - started
+    if summary.rows == 0:
+        raise IndexingError(
+            f"no usable images or videos in {', '.join(sources)} ({summary.rejected} rejected, see {rejects_at})"
+        )
+    return summary

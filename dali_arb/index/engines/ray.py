@@ -43,7 +43,7 @@ from ..folders import FolderWalk, PreviousRows, folder_task
 from ..readers import empty_folder
 from ..records import index_schema
 from ..remote import pair_listings, prefix_tasks, remote_folder_task
-from ..run import ROWS_PER_GROUP, IndexRun, IndexSummary
+from ..run import ROWS_PER_GROUP, IndexRun, IndexSummary, finished
 
 __all__ = ["GROUPS_PER_UNIT", "Unit", "index_on_ray", "run_unit"]
 
@@ -358,13 +358,7 @@ def index_on_ray(
     if not in_parts:
         os.replace(tmp, output)
         os.replace(rejects_tmp, rejects_path(output))
-    summary.seconds = time.perf_counter() - started
-    if summary.rows == 0:
-        raise IndexingError(
-            f"no usable images or videos in {', '.join(sources)} ({summary.rejected} rejected, see "
-            f"{output if in_parts else rejects_path(output)})"
-        )
-    return summary
+    return finished(summary, sources, started, output if in_parts else rejects_path(output))
 
 
 def _run_units(
