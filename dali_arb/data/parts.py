@@ -60,6 +60,7 @@ __all__ = [
     "local_parts",
     "read_index",
     "read_manifest",
+    "remove_stale",
     "write_index",
     "write_part",
 ]
@@ -310,6 +311,19 @@ def write_part(folder: str | os.PathLike, name: str, table: pa.Table, rejects: l
         rejected=len(rejects or ()),
         size=size,
     )
+
+
+def remove_stale(previous: ManifestParts | None, parts: Iterable[PartInfo]) -> None:
+    """Delete the files of ``previous`` (the manifest's earlier index) that ``parts`` (its new one) no longer lists:
+    parts and rejects files (local folders; nothing to do without a previous index)."""
+    if previous is None:
+        return
+    parts = list(parts)
+    kept = {p.path for p in parts} | {p.rejects for p in parts if p.rejects}
+    for gone in {p.path for p in previous.parts} | {p.rejects for p in previous.parts if p.rejects}:
+        if gone not in kept:
+            with contextlib.suppress(OSError):
+                os.unlink(previous.join(gone))
 
 
 def write_index(folder: str | os.PathLike, parts: Iterable[PartInfo], *, extra: dict | None = None) -> Path | str:

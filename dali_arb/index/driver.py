@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from ..data.imagefacts import DEFAULT_MAX_PIXELS
 from ..data.manifest import Manifest, rejects_name, rejects_path
 from ..data.pairs import PairSpec, pairs_of
-from ..data.parts import INDEX_NAME, PartInfo, is_parts, read_index, write_index, write_part
+from ..data.parts import INDEX_NAME, PartInfo, is_parts, read_index, remove_stale, write_index, write_part
 from ..errors import ConfigError, IndexingError, ManifestError, StorageError
 from ..processes import die_with_parent, spawn_without_main, stop_pool
 from .captions import CaptionSource, apply_captions
@@ -202,12 +202,7 @@ def _install_parts(tmp: Path, rejects_file: Path, folder: Path, unique: str, sou
     os.replace(rejects_file, folder / name)
     parts[0] = dataclasses.replace(first, rejects=name, rejected=rejected)
     write_index(folder, parts, extra={"engine": "local", "sources": list(sources)})
-    if previous is not None:
-        kept = {p.path for p in parts} | {p.rejects for p in parts if p.rejects}
-        for gone in {p.path for p in previous.parts} | {p.rejects for p in previous.parts if p.rejects}:
-            if gone not in kept:
-                with contextlib.suppress(OSError):
-                    os.unlink(previous.join(gone))
+    remove_stale(previous, parts)
     return str(folder / name)
 
 

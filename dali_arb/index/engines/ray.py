@@ -453,7 +453,7 @@ def _install_parts(parts: list[Path], rejects_file: Path, folder: Path, unique: 
     order; a part may hold no rows, as a unit may have only rejects), the run's own rejects (the walk's and the
     duplicates', ``rejects_file``) with the first part, then the index; parts of the manifest that was there before
     and are not in the new one are removed."""
-    from ...data.parts import PartInfo, file_fingerprint, is_parts, read_index, write_index
+    from ...data.parts import PartInfo, file_fingerprint, is_parts, read_index, remove_stale, write_index
 
     previous = read_index(folder) if is_parts(folder) else None
     infos: list[PartInfo] = []
@@ -471,9 +471,4 @@ def _install_parts(parts: list[Path], rejects_file: Path, folder: Path, unique: 
                               rejects=f"{name}.rejects.jsonl", rejected=rejected, size=path.stat().st_size))  # fmt: skip
     write_index(folder, infos, extra={"engine": "ray", "sources": list(sources)})
     rejects_file.unlink(missing_ok=True)
-    if previous is not None:
-        now = {p.path for p in infos} | {p.rejects for p in infos if p.rejects}
-        for gone in {p.path for p in previous.parts} | {p.rejects for p in previous.parts if p.rejects}:
-            if gone not in now:
-                with contextlib.suppress(OSError):
-                    os.unlink(previous.join(gone))
+    remove_stale(previous, infos)
