@@ -47,16 +47,21 @@ def _run(code: str, cpus: int, out: Path, sources: list[str]) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def _jpeg_folder(tmp: Path, n: int) -> tuple[Path, list[Path]]:
+    """``n`` JPEGs made in ``tmp/jpegs`` (in worker processes, 1000 a task): the folder and its files, sorted."""
+    folder = tmp / "jpegs"
+    folder.mkdir()
+    with ProcessPoolExecutor(os.cpu_count() or 1) as pool:
+        list(pool.map(_make, [(str(folder), s, min(s + 1000, n)) for s in range(0, n, 1000)]))
+    return folder, sorted(folder.rglob("*.jpg"))
+
+
 @case("ray-index")
 def ray_index(args) -> dict:
     n = 2000 if args.quick else 20_000
     shards = 4 if args.quick else 10
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "jpegs"
-        folder.mkdir()
-        with ProcessPoolExecutor(os.cpu_count() or 1) as pool:
-            list(pool.map(_make, [(str(folder), s, min(s + 1000, n)) for s in range(0, n, 1000)]))
-        files = sorted(folder.rglob("*.jpg"))
+        folder, files = _jpeg_folder(Path(tmp), n)
         per_shard = len(files) // shards
         sources = [str(folder)]
         for s in range(shards):  # the same images again, as shards (their keys are the folder's: duplicates)
@@ -162,11 +167,7 @@ def shards_meta(args) -> dict:
     n, shards = (2000, 2) if args.quick else (10_000, 5)
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "jpegs"
-        folder.mkdir()
-        with ProcessPoolExecutor(os.cpu_count() or 1) as pool:
-            list(pool.map(_make, [(str(folder), s, min(s + 1000, n)) for s in range(0, n, 1000)]))
-        files = sorted(folder.rglob("*.jpg"))
+        _, files = _jpeg_folder(Path(tmp), n)
         per = len(files) // shards
         paths = []
         for s in range(shards):
