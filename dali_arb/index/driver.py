@@ -57,7 +57,8 @@ def build_index(
 
     Args:
         sources: image folders (recursive), ``.tar`` shards (webdataset layout), or Parquet/CSV
-            metadata with ``key``, ``width``, ``height`` (optional ``caption``, ``path``, ``status``); local or in
+            metadata with ``key``, ``width``, ``height`` (optional ``caption``, ``path``, ``status``,
+            ``original_width``/``original_height``: the manifest's ``ORIGINAL`` columns); local or in
             object storage. Each is indexed by its reader in ``readers.READERS``.
         max_pixels: refuse images with more pixels (decompression bombs).
         workers: processes for header reading (default: all cores).
