@@ -269,8 +269,9 @@ class IndexRun:
             try:
                 with pq.ParquetWriter(joined, self.writer.schema) as out:
                     for part in (self.narrow, path):
-                        for batch in pq.ParquetFile(part).iter_batches(batch_size=ROWS_PER_GROUP):
-                            out.write_table(with_identity(pa.Table.from_batches([batch]), out.schema))
+                        with pq.ParquetFile(part, pre_buffer=False) as rows:  # (pre-buffering keeps what it read)
+                            for batch in rows.iter_batches(batch_size=ROWS_PER_GROUP):
+                                out.write_table(with_identity(pa.Table.from_batches([batch]), out.schema))
                 os.replace(joined, path)
             finally:
                 joined.unlink(missing_ok=True)
