@@ -134,8 +134,13 @@ def test_a_manifest_whose_sources_give_no_original_size_has_no_such_columns(tmp_
     keys = photos(folder)
     plain = tmp_path / "plain.parquet"
     build_index([str(folder)], plain, workers=1, progress=False)
-    # the schema (and its metadata) byte for byte as before: what the indexer wrote without original sizes
-    assert pq.read_schema(plain) == index_schema([]) and pq.read_schema(plain).metadata == index_schema([]).metadata
+    # the schema as before original sizes existed: these columns and types, in this order, and the format version
+    before = [("key", "string"), ("width", "int32"), ("height", "int32"), ("caption", "string"), ("source", "string"),
+              ("offset", "int64"), ("length", "int64"), ("mtime_ns", "int64"), ("ctime_ns", "int64"),
+              ("source_size", "int64"), ("etag", "string")]  # fmt: skip
+    schema = pq.read_schema(plain)
+    assert [(f.name, str(f.type)) for f in schema] == before and schema == index_schema([])
+    assert schema.metadata[b"dali_arb.format"] == b"1"
     assert Manifest.read(plain).original_sizes() is None
     # metadata with the columns but no usable value in them: nothing to write either
     meta = metadata(folder / "meta.parquet", keys, [(None, 0)] * len(keys))
