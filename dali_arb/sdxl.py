@@ -4,8 +4,9 @@ SDXL (Podell et al. 2023, section 2.2) conditions the UNet on six numbers per im
 ``original_size`` ``(height, width)`` of the source image, ``crops_coords_top_left`` ``(top, left)`` of the crop,
 and ``target_size`` ``(height, width)`` of the image the model sees. diffusers passes them as
 ``added_cond_kwargs["time_ids"]``, ``[B, 6]``. A batch of :class:`~dali_arb.DALIBucketIterator` holds all three:
-``original_size`` (EXIF-upright), ``crop_top_left`` (in resized-image pixels, after the flip: what SDXL was trained
-with) and ``target_size`` (the bucket). Imports torch when called.
+``original_size`` (the size before resizing where the manifest records it, img2dataset's ``original_width``/
+``original_height``; else the indexed, EXIF-upright size), ``crop_top_left`` (in resized-image pixels, after the
+flip: what SDXL was trained with) and ``target_size`` (the bucket). Imports torch when called.
 """
 
 from __future__ import annotations

@@ -26,9 +26,9 @@ class DALIBucketIterator(LoaderSession):
 
     Each batch is a dict: ``images`` (``torch.Tensor [B, 3, H, W]`` on this rank's GPU, or the CPU),
     ``ids`` (manifest keys), ``captions`` (``""`` where none), ``original_size`` (``int64 [B, 2]``,
-    ``(height, width)`` EXIF-upright), ``crop_top_left`` (``int64 [B, 2]``, ``(top, left)`` in
-    resized-image pixels, after the flip), ``target_size`` (``(H, W)``), ``flipped`` (``bool [B]``),
-    ``epoch`` and ``step``. Everything but ``images`` stays on the CPU.
+    ``(height, width)``: the manifest's size before resizing where a row has one, else EXIF-upright),
+    ``crop_top_left`` (``int64 [B, 2]``, ``(top, left)`` in resized-image pixels, after the flip), ``target_size``
+    (``(H, W)``), ``flipped`` (``bool [B]``), ``epoch`` and ``step``. Everything but ``images`` stays on the CPU.
 
     A sample that cannot be read or decoded is replaced by a deterministic stand-in from the same
     bucket, logged once, and listed in :attr:`failed`; the batch keeps its size.

@@ -34,7 +34,8 @@ from .images import jpeg_bytes, save_jpeg
 ray = pytest.importorskip("ray")
 
 #: Columns that identify a row, compared between the engines (mtimes and sizes too: the same files are read).
-COMPARED = ["key", "width", "height", "caption", "source", "offset", "length", "mtime_ns", "source_size", "etag"]
+COMPARED = ["key", "width", "height", "caption", "source", "offset", "length", "mtime_ns", "source_size", "etag",
+            "original_width", "original_height"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -82,15 +83,18 @@ def make_sources(root: Path) -> list[str]:
     meta = root / "meta.parquet"
     pq.write_table(
         pa.table({"key": ["m0", "m1", "s1", "m3"], "width": [100, 0, 120, 64], "height": [80, 50, 90, 64],
-                  "caption": ["a", "b", None, "d"]}),
+                  "caption": ["a", "b", None, "d"], "original_width": [400, 0, 480, None],
+                  "original_height": [320, 200, 360, 256]}),
         meta,
     )  # fmt: skip
     return [str(photos), str(shards / "00000.tar"), str(shards / "00001.tar"), str(meta)]
 
 
 def rows_of(manifest: Path) -> list[tuple]:
+    """The :data:`COMPARED` columns of every row, by key (None for a column the manifest has not: original sizes)."""
     table = pq.read_table(manifest)
-    return sorted(zip(*(table.column(c).to_pylist() for c in COMPARED)), key=lambda r: r[0])
+    columns = [table.column(c).to_pylist() if c in table.column_names else [None] * table.num_rows for c in COMPARED]
+    return sorted(zip(*columns), key=lambda r: r[0])
 
 
 def rejects_of(manifest: Path) -> list[tuple]:
@@ -107,6 +111,10 @@ def test_ray_engine_writes_the_local_engines_rows_and_rejects(tmp_path, ray_sess
     on_ray = build_index(sources, tmp_path / "ray.parquet", engine="ray", progress=False)
     assert rows_of(tmp_path / "ray.parquet") == rows_of(tmp_path / "local.parquet")
     assert rejects_of(tmp_path / "ray.parquet") == rejects_of(tmp_path / "local.parquet")
+    # the metadata's original sizes, in both (m0 and s1's row of the metadata: s1 is a shard's key first)
+    originals = {r[0]: r[-2:] for r in rows_of(tmp_path / "ray.parquet") if r[0].startswith("m")}
+    assert originals == {"m0": (400, 320), "m3": (None, None)}
+    assert pq.read_schema(tmp_path / "ray.parquet").names == pq.read_schema(tmp_path / "local.parquet").names
     # the order too: the parts are kept in source order, so the first row of a duplicated key is the same one
     assert pq.read_table(tmp_path / "ray.parquet").column("key").to_pylist() == (
         pq.read_table(tmp_path / "local.parquet").column("key").to_pylist()

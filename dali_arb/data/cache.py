@@ -15,7 +15,8 @@ Where the cache lives: the ``cache_dir`` argument (``--cache-dir``), else ``$DAL
                                                 sealed by a digest of it all
                        /.verified.json          this boot's id and every file's stat signature, once hashed
                        /<column>.npy            fixed-width columns (height, width, offset, length, mtime_ns,
-                                                source_size)
+                                                source_size; original_width and original_height, 0 where
+                                                unknown, when the manifest has them)
                        /<column>.offsets.npy    string columns: int64 (n + 1) byte offsets,
                        /<column>.bytes           the UTF-8 bytes, and
                        /<column>.valid           a validity bitmap (Arrow's bit order)
@@ -74,7 +75,7 @@ from ..plan.buckets import (
 from .cachefolder import CACHE_ENV, CACHE_FORMAT, cache_root, local_manifest
 from .cachefolder import cache_error as _cache_error
 from .cachefolder import text_digest as _digest
-from .manifest import NO_IDENTITY, Fingerprint, Manifest, check_file, pinned_columns, set_mapper
+from .manifest import NO_IDENTITY, ORIGINAL, Fingerprint, Manifest, check_file, pinned_columns, set_mapper
 from .pairs import pair_columns, pairs_of
 from .parts import INDEX_NAME, ManifestParts, file_fingerprint, local_copy, read_index
 
@@ -95,13 +96,15 @@ BUILD_ROWS = 1 << 20
 #: (``benchmarks/RESULTS.md``); the row count only adds the bucket counts.
 BUCKET_ROWS = 1 << 22
 _FIXED = {"height": np.int32, "width": np.int32, "offset": np.int64, "length": np.int64, "mtime_ns": np.int64,
-          "source_size": np.int64,
+          "source_size": np.int64, "original_width": np.int32, "original_height": np.int32,
           "frames": np.int32, "fps": np.float64, "duration": np.float64}  # fmt: skip
 _FILL = {
     "offset": 0,
     "length": -1,
     "mtime_ns": NO_IDENTITY,
     "source_size": NO_IDENTITY,
+    "original_width": 0,  # (no original size: the row's own)
+    "original_height": 0,
     "frames": -1,
     "fps": float("nan"),
     "duration": float("nan"),
@@ -815,6 +818,7 @@ def _build_columns(path: Path, folder: Path, content: str) -> None:
     base = [c for c in ("key", "height", "width", "caption", "source", "offset", "length") if c in names]
     base += [c for c in ("mtime_ns", "source_size", "etag") if c in names]  # what the loader checks a source by
     base += [c for c in ("frames", "fps", "duration") if c in names]  # what the planner cuts clips from (videos)
+    base += [c for c in ORIGINAL.names if c in names]  # the sizes before resizing (SDXL's original_size)
     columns = base + [c for name in pairs for c in pair_columns(name)]
     fingerprint = Fingerprint(pinned_columns(pairs), n)
     fixed = {c: _NpyWriter(folder / f"{c}.npy", _fixed_type(c), n) for c in columns if _fixed_type(c) is not None}

@@ -34,6 +34,7 @@ __all__ = [
     "FORMAT_VERSION",
     "IDENTITY",
     "NO_IDENTITY",
+    "ORIGINAL",
     "PINNED_COLUMNS",
     "VIDEO",
     "Fingerprint",
@@ -78,6 +79,12 @@ SCHEMA = pa.schema(
 #: a metadata row's ``ctime_ns``, older manifests): then not checked. The loader refuses a sample whose source's
 #: size, ``mtime_ns`` (local) or ETag (storage) differs from these.
 IDENTITY = pa.schema([("ctime_ns", pa.int64()), ("source_size", pa.int64()), ("etag", pa.string())])
+#: Columns of a manifest whose sources gave each image's size before it was resized (img2dataset's
+#: ``original_width``/``original_height``, from its metadata or the Parquet beside its shards): what SDXL's
+#: ``original_size`` is. Written only when some row has them (an image-only manifest without them has none), after
+#: the identity and pair columns and before :data:`VIDEO`'s. A row whose values are null, 0 or negative has none:
+#: its original size is its ``width``/``height``. Kept as the source gives them (not turned by EXIF orientation).
+ORIGINAL = pa.schema([("original_width", pa.int32()), ("original_height", pa.int32())])
 #: Columns of a manifest that holds videos (an image-only manifest has none of them); a row is a video iff ``frames``
 #: is not null. ``frames``: frame count (the header's where its index covers the file, else counted by demuxing);
 #: ``fps``: average frame rate; ``duration``: seconds; ``codec``: FFmpeg's name (``h264``, ``vp9``, ``mjpeg``...);
@@ -168,7 +175,7 @@ class Manifest:
                 raise ManifestError(f"{where}: column {name!r} must hold integers, got {column.type}")
             if column.null_count:
                 raise ManifestError(f"{where}: column {name!r} has {column.null_count} empty value(s)")
-        for name in ("offset", "length", "mtime_ns", "source_size"):
+        for name in ("offset", "length", "mtime_ns", "source_size", *ORIGINAL.names):
             if name in table.column_names and not (
                 pa.types.is_integer(table.column(name).type) or pa.types.is_null(table.column(name).type)
             ):
@@ -313,6 +320,22 @@ class Manifest:
         if column.num_chunks == 1 and column.null_count == 0 and column.type == pa.int64():
             return column.chunk(0).to_numpy(zero_copy_only=True)
         return np.asarray(column.fill_null(missing).to_numpy(), np.int64)
+
+    def original_sizes(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(heights, widths)``, integer ``(N,)`` each, of the :data:`ORIGINAL` columns (0 where null), or None for a
+        manifest without them. No copy for a mapped manifest's (``int32``, memory-mapped); a value below 1 means
+        "the row's ``height``/``width``"."""
+        names = self.table.column_names
+        if not all(name in names for name in ORIGINAL.names):
+            return None
+
+        def values(name: str) -> np.ndarray:
+            column = self.table.column(name)
+            if column.num_chunks == 1 and column.null_count == 0 and pa.types.is_integer(column.type):
+                return column.chunk(0).to_numpy(zero_copy_only=True)
+            return np.asarray(column.cast(pa.int64()).fill_null(0).to_numpy(), np.int64)
+
+        return values("original_height"), values("original_width")
 
     def video_columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(frames int64 (N,), fps float64 (N,), duration float64 (N,))`` of the :data:`VIDEO` columns, what the

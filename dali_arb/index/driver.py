@@ -57,7 +57,8 @@ def build_index(
 
     Args:
         sources: image folders (recursive), ``.tar`` shards (webdataset layout), or Parquet/CSV
-            metadata with ``key``, ``width``, ``height`` (optional ``caption``, ``path``, ``status``); local or in
+            metadata with ``key``, ``width``, ``height`` (optional ``caption``, ``path``, ``status``,
+            ``original_width``/``original_height``: the manifest's ``ORIGINAL`` columns); local or in
             object storage. Each is indexed by its reader in ``readers.READERS``.
         max_pixels: refuse images with more pixels (decompression bombs).
         workers: processes for header reading (default: all cores).
@@ -132,6 +133,7 @@ def build_index(
     tmp = scratch.with_name(f".{scratch.name}.{unique}.partial")
     rejects_tmp = scratch.with_name(f".{scratch.name}.rejects.jsonl.{unique}.partial")
     writer = pq.ParquetWriter(tmp, index_schema(pairs))
+    run: IndexRun | None = None
     pool = _pool(workers, remote=any(reader.remote for reader, _ in chosen))
     hidden_main = spawn_without_main()  # workers start at submits throughout the loop: none re-runs __main__
     hidden_main.__enter__()
@@ -141,9 +143,7 @@ def build_index(
                            rejects=rejects_fh, progress=bar.update, summary=summary)  # fmt: skip
             for reader, source in chosen:
                 reader.read(run, source)
-            run.flush()
-            writer.close()
-            run.add_video_columns(tmp)
+            run.finish()
         _deduplicate_keys(tmp, rejects_tmp, summary)
         if captions is not None and captions.given:
             apply_captions(tmp, captions, metadata=[source for kind, source in kinds if kind == "metadata"])
@@ -152,6 +152,8 @@ def build_index(
         stop_pool(pool)
         with contextlib.suppress(Exception):  # (a writer interrupted mid-write may refuse to close)
             writer.close()
+        if run is not None:
+            run.discard()
         tmp.unlink(missing_ok=True)
         rejects_tmp.unlink(missing_ok=True)
         raise

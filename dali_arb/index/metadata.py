@@ -1,5 +1,5 @@
 """img2dataset-style metadata (Parquet or CSV with ``key``, ``width``, ``height``; optional ``caption``,
-``path``, ``status``): rows taken as they are, in Arrow, a chunk at a time.
+``path``, ``status``, ``original_width``/``original_height``): rows taken as they are, in Arrow, a chunk at a time.
 
 Metadata of any size is read in chunks (:data:`CHUNK_ROWS` rows of Parquet, :data:`CSV_BLOCK_BYTES` of CSV), each
 checked and written before the next is read: memory is set by the chunk, not by the file (about 1 KB per row of
@@ -22,9 +22,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..data.manifest import IDENTITY, SCHEMA, VIDEO
+from ..data.manifest import IDENTITY, ORIGINAL, SCHEMA, VIDEO
 from ..errors import IndexingError
-from .records import Reject
+from .records import Reject, original_sizes
 
 __all__ = ["CHUNK_ROWS", "metadata_chunks", "metadata_rows"]
 
@@ -72,7 +72,8 @@ def _read_chunks(path: Path, chunk_rows: int) -> Iterator[pa.Table]:
 
     try:
         if path.suffix.lower() == ".csv":
-            text = {name: pa.string() for name in ("key", "caption", "width", "height", "status", *PATH_COLUMNS)}
+            text = {name: pa.string() for name in ("key", "caption", "width", "height", "status", *PATH_COLUMNS,
+                                                   *ORIGINAL.names)}  # fmt: skip
             reader = pacsv.open_csv(
                 path,
                 read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
@@ -160,6 +161,10 @@ def _checked_rows(table: pa.Table, path: Path, base_url: str | None) -> tuple[pa
         schema=SCHEMA,
     )
     out = out.append_column(IDENTITY.field("source_size"), source_size).append_column(IDENTITY.field("etag"), etag)
+    if all(name in names for name in ORIGINAL.names):  # img2dataset's size before resizing: kept where usable
+        sizes = [_whole_numbers(table.column(name), name, path)[0] for name in ORIGINAL.names]
+        for field, column in zip(ORIGINAL, original_sizes(*sizes)):
+            out = out.append_column(field, column)
     if "frames" in names:  # videos: their facts as the metadata gives them (frames, fps; duration, codec, vfr...)
         videos, bad = _video_columns(table, path)
         for row in pc.indices_nonzero(pc.and_(keep, bad)).to_pylist():

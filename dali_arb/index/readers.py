@@ -21,7 +21,7 @@ from .metadata import metadata_chunks
 from .records import Reject
 from .remote import fetched, pair_listings, prefix_tasks, remote_folder_task
 from .run import IndexRun
-from .shards import shard_task, sidecar_metadata
+from .shards import shard_task, sidecar_gives_original, sidecar_metadata
 
 __all__ = ["READERS", "Reader", "accepted", "reader_for"]
 
@@ -102,7 +102,7 @@ def read_shard(run: IndexRun, source: str) -> None:
     """A webdataset ``.tar`` shard, in one worker; its rows in the manifest being updated are reused when the shard
     is unchanged."""
     reuse = run.old_rows(source)
-    if reuse is not None and _shard_unchanged(reuse, os.stat(source)):
+    if reuse is not None and _shard_unchanged(reuse, os.stat(source)) and not _gains_original(reuse, source, run):
         run.write_table(reuse, reused=True)
         return
     # img2dataset's per-shard Parquet beside it: sizes and captions from it, only the tar's headers read
@@ -238,6 +238,12 @@ def _shard_unchanged(rows, stat: os.stat_result) -> bool:
         return False
     first = {name: rows.column(name)[0].as_py() for name in ("mtime_ns", "ctime_ns", "source_size")}
     return first == {"mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns, "source_size": stat.st_size}
+
+
+def _gains_original(rows, shard: str, run: IndexRun) -> bool:
+    """Whether an unchanged shard's earlier ``rows`` lack the original sizes its Parquet now gives (a manifest
+    written before they were read): then it is read again, headers only."""
+    return "original_width" not in rows.column_names and not run.pairs and sidecar_gives_original(shard)
 
 
 def _renamed(reject: Reject, local: str, url: str) -> Reject:

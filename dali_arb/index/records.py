@@ -7,7 +7,7 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow as pa
 
-from ..data.manifest import IDENTITY, SCHEMA, VIDEO
+from ..data.manifest import IDENTITY, ORIGINAL, SCHEMA, VIDEO
 from ..data.pairs import PairSpec, pair_schema
 from ..data.videofacts import VideoFacts
 
@@ -16,7 +16,9 @@ __all__ = [
     "PairFacts",
     "Reject",
     "Row",
+    "has_original",
     "index_schema",
+    "original_sizes",
     "rows_to_table",
     "video_columns",
     "with_identity",
@@ -50,6 +52,8 @@ class Row(NamedTuple):
     source_size: int | None = None
     etag: str | None = None
     video: VideoFacts | None = None  # a video's facts (the manifest's VIDEO columns), None for an image
+    original_width: int | None = None
+    original_height: int | None = None
 
 
 _BASE = len(SCHEMA)
@@ -57,28 +61,60 @@ assert Row._fields[:_BASE] == tuple(SCHEMA.names), "Row must name the manifest's
 assert Row._fields[_BASE + 1 : _BASE + 1 + len(IDENTITY)] == tuple(IDENTITY.names), (
     "Row must end with the identity columns in order"
 )
+assert Row._fields[-len(ORIGINAL) :] == tuple(ORIGINAL.names), "Row must end with the original-size columns"
 
 #: A refused source: at least ``{"source": ..., "reason": ...}`` (and ``"key"`` where one is known).
 Reject = dict
 
 
-def index_schema(pairs: list[PairSpec] | tuple = ()) -> pa.Schema:
-    """What the indexer writes: ``SCHEMA``, the identity columns, then the columns of ``pairs``."""
+def index_schema(pairs: list[PairSpec] | tuple = (), *, original: bool = False) -> pa.Schema:
+    """What the indexer writes: ``SCHEMA``, the identity columns, the columns of ``pairs`` then, with ``original``,
+    the ``ORIGINAL`` columns (the ``VIDEO`` columns are added after them, where a row is a video)."""
     schema = SCHEMA
     for field in IDENTITY:
         schema = schema.append(field)
-    return pair_schema(schema, list(pairs))
+    schema = pair_schema(schema, list(pairs))
+    for field in ORIGINAL if original else ():
+        schema = schema.append(field)
+    return schema
 
 
-def rows_to_table(rows: list[Row], pairs: list[PairSpec] | tuple = ()) -> pa.Table:
-    """``rows`` as a table of :func:`index_schema`."""
-    schema = index_schema(pairs)
+def rows_to_table(rows: list[Row], pairs: list[PairSpec] | tuple = (), *, original: bool = False) -> pa.Table:
+    """``rows`` as a table of :func:`index_schema` (``original``: with the ``ORIGINAL`` columns)."""
+    schema = index_schema(pairs, original=original)
     fields = list(zip(*rows)) if rows else [()] * len(Row._fields)
     columns = [list(fields[Row._fields.index(name)]) for name in (*SCHEMA.names, *IDENTITY.names)]
     for i in range(len(pairs)):
         facts = [row.pairs[i] for row in rows]
         columns += [[f[j] for f in facts] for j in range(5)]
+    if original:
+        columns += [list(fields[Row._fields.index(name)]) for name in ORIGINAL.names]
     return pa.Table.from_arrays([pa.array(c, schema.field(j).type) for j, c in enumerate(columns)], schema=schema)
+
+
+def original_sizes(width: pa.Array, height: pa.Array) -> tuple[pa.Array, pa.Array]:
+    """The ``ORIGINAL`` columns (``int32``) of ``(n,)`` integer ``width`` and ``height`` values as a source gives
+    them: a row keeps both where both are whole numbers from 1 to ``2**31 - 1``, else neither (null: the row's own
+    size stands)."""
+    import pyarrow.compute as pc
+
+    def usable(column: pa.Array) -> pa.Array:
+        return pc.fill_null(pc.and_(pc.greater(column, 0), pc.less_equal(column, 2**31 - 1)), False)
+
+    width, height = pc.cast(width, pa.int64()), pc.cast(height, pa.int64())
+    both = pc.and_(usable(width), usable(height))
+    return tuple(pc.cast(pc.if_else(both, c, pa.scalar(None, pa.int64())), pa.int32()) for c in (width, height))
+
+
+def has_original(table: pa.Table | pa.RecordBatch) -> bool:
+    """Whether some row of ``table`` has an original size (both ``ORIGINAL`` columns set)."""
+    names = table.schema.names
+    if not all(name in names for name in ORIGINAL.names):
+        return False
+    import pyarrow.compute as pc
+
+    both = pc.and_(pc.is_valid(table.column("original_width")), pc.is_valid(table.column("original_height")))
+    return bool(pc.any(both).as_py())
 
 
 def video_columns(facts: list[VideoFacts | None]) -> list[pa.Array]:
@@ -116,9 +152,9 @@ def table_videos(table: pa.Table) -> list[VideoFacts | None]:
 
 
 def with_identity(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """``table`` (metadata rows, rows of an older manifest) in ``schema``'s columns, the identity columns it lacks
-    null (unknown)."""
-    for field in IDENTITY:
-        if field.name not in table.column_names:
+    """``table`` (metadata rows, rows of an older manifest) in ``schema``'s columns, the identity and original-size
+    columns it lacks null (unknown)."""
+    for field in (*IDENTITY, *ORIGINAL):
+        if field.name in schema.names and field.name not in table.column_names:
             table = table.append_column(field, pa.nulls(table.num_rows, field.type))
     return table.select(schema.names).cast(schema)

@@ -7,7 +7,9 @@ Imports pyarrow, the standard library, ``data.manifest``, ``data.pairs``, ``proc
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -26,7 +28,16 @@ from ..data.videofacts import VideoFacts
 from ..errors import IndexingError
 from ..processes import signals_deferred
 from .folders import FolderWalk, PreviousRows
-from .records import Reject, Row, rows_to_table, table_videos, video_columns, with_identity
+from .records import (
+    Reject,
+    Row,
+    has_original,
+    index_schema,
+    rows_to_table,
+    table_videos,
+    video_columns,
+    with_identity,
+)
 
 __all__ = ["ROWS_PER_GROUP", "IndexRun", "IndexSummary", "finished"]
 
@@ -107,7 +118,12 @@ class IndexRun:
 
     A reader (``readers.READERS``) indexes one source by calling :meth:`take` with rows and rejects (rows are
     buffered and written in row groups of :data:`ROWS_PER_GROUP`) or :meth:`write_table` with a whole table, and
-    runs header reading in worker processes with :meth:`submit` or :meth:`ordered_map`.
+    runs header reading in worker processes with :meth:`submit` or :meth:`ordered_map`. The caller ends it with
+    :meth:`finish` (or :meth:`discard` on failure).
+
+    The ``ORIGINAL`` columns (``data.manifest``) are written from the first row that has an original size on: the
+    file written until then is moved aside and joined in front of the rest, streamed, by :meth:`finish`; a run
+    where no source gives them writes none (and a run whose first rows have them rewrites nothing).
 
     Args:
         sources: ``(reader name, source)`` of the whole call, in order (a source: an absolute path or a URL).
@@ -142,13 +158,30 @@ class IndexRun:
         self.summary = summary
         self.pending: list[Row] = []
         self.written = 0  # rows written to the manifest so far
+        #: the rows written before the ORIGINAL columns began (in a file beside the writer's), or None
+        self.narrow: Path | None = None
         #: ``(row position in the manifest, facts)`` of each video row: the VIDEO columns added at the end
         self.videos: list[tuple[int, VideoFacts]] = []
 
     @property
     def schema(self) -> pa.Schema:
-        """The manifest's schema (``records.index_schema`` of the pairs)."""
+        """The manifest's schema (``records.index_schema`` of the pairs, with the ORIGINAL columns once begun)."""
         return self.writer.schema
+
+    @property
+    def original(self) -> bool:
+        """Whether the ``ORIGINAL`` columns are being written (some row had an original size)."""
+        return "original_width" in self.writer.schema.names
+
+    def _widen(self) -> None:
+        """Write the ``ORIGINAL`` columns from now on: the rows written so far (without them) are moved aside, to be
+        joined in front by :meth:`finish`, and a new writer with them continues at the same path."""
+        path = Path(self.writer.where)
+        self.writer.close()
+        if self.written:
+            self.narrow = path.with_name(f"{path.name}.narrow")
+            os.replace(path, self.narrow)
+        self.writer = pq.ParquetWriter(path, index_schema(self.pairs, original=True))
 
     @cached_property
     def previous(self) -> PreviousRows | None:
@@ -177,6 +210,9 @@ class IndexRun:
 
     def take(self, rows: list[Row], rejects: list[Reject], files: int) -> None:
         """Add ``rows`` and ``rejects``, found in ``files`` files (their count goes to the summary and progress)."""
+        if not self.original and any(row.original_width is not None for row in rows):
+            self.flush()
+            self._widen()
         self.pending.extend(rows)
         for row in rows:
             if row.video is not None:
@@ -199,6 +235,8 @@ class IndexRun:
         """Write a whole table of rows (metadata, reused rows of an earlier manifest) after the pending rows;
         identity columns it lacks are null. Counts its rows (as reused ones with ``reused``), not files."""
         self.flush()
+        if not self.original and has_original(table):
+            self._widen()
         for i, video in enumerate(table_videos(table)):  # (reused rows of a shard of videos; metadata with facts)
             if video is not None:
                 self.videos.append((self.written + i, video))
@@ -215,9 +253,39 @@ class IndexRun:
             self.videos += [
                 (self.written + i, row.video) for i, row in enumerate(self.pending) if row.video is not None
             ]
-            self.writer.write_table(rows_to_table(self.pending, self.pairs))
+            self.writer.write_table(rows_to_table(self.pending, self.pairs, original=self.original))
             self.written += len(self.pending)
             self.pending.clear()
+
+    def finish(self) -> Path:
+        """Write the pending rows, close the file, join the rows written before the ``ORIGINAL`` columns began in
+        front (streamed: a row group at a time) and add the ``VIDEO`` columns (:meth:`add_video_columns`); the path of
+        the file."""
+        self.flush()
+        self.writer.close()
+        path = Path(self.writer.where)
+        if self.narrow is not None:
+            joined = path.with_name(f"{path.name}.joined")
+            try:
+                with pq.ParquetWriter(joined, self.writer.schema) as out:
+                    for part in (self.narrow, path):
+                        with pq.ParquetFile(part, pre_buffer=False) as rows:  # (pre-buffering keeps what it read)
+                            for batch in rows.iter_batches(batch_size=ROWS_PER_GROUP):
+                                out.write_table(with_identity(pa.Table.from_batches([batch]), out.schema))
+                os.replace(joined, path)
+            finally:
+                joined.unlink(missing_ok=True)
+                self.narrow.unlink(missing_ok=True)
+                self.narrow = None
+        self.add_video_columns(path)
+        return path
+
+    def discard(self) -> None:
+        """Close the writer after a failure and remove the rows moved aside (the caller removes the file)."""
+        with contextlib.suppress(Exception):  # (a writer interrupted mid-write may refuse to close)
+            self.writer.close()
+        if self.narrow is not None:
+            self.narrow.unlink(missing_ok=True)
 
     def add_video_columns(self, path: Path) -> None:
         """Add the manifest's ``VIDEO`` columns to the closed file at ``path`` when any row is a video (an

@@ -13,13 +13,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..data.imagefacts import inspect_image
+from ..data.manifest import ORIGINAL
 from ..data.videofacts import inspect_video, is_video_name
 from ..errors import IndexingError, StorageError
 from .folders import FILE_ERRNOS, NOT_IMAGES, decode_caption, display_path, is_utf8
 from .pairing import FolderListings, find_pairs
-from .records import Reject, Row
+from .records import Reject, Row, original_sizes
 
-__all__ = ["MemberFile", "member_key", "shard_task", "sidecar_metadata"]
+__all__ = ["MemberFile", "member_key", "shard_task", "sidecar_gives_original", "sidecar_metadata"]
 
 #: img2dataset's columns the sizes of a shard's samples are taken from (``caption`` too, where present).
 SIDECAR_COLUMNS = ("key", "width", "height")
@@ -46,39 +47,71 @@ def member_key(name: str) -> tuple[str, str, str] | None:
 def sidecar_metadata(shard: str) -> str | None:
     """img2dataset's per-shard Parquet beside a local ``shard`` (``00000.tar`` -> ``00000.parquet``) when it has
     :data:`SIDECAR_COLUMNS`, else None."""
+    names = _sidecar_names(shard)
+    return os.path.splitext(shard)[0] + ".parquet" if set(SIDECAR_COLUMNS) <= set(names) else None
+
+
+def sidecar_gives_original(shard: str) -> bool:
+    """Whether the per-shard Parquet beside ``shard`` (:func:`sidecar_metadata`) has the original-size columns."""
+    names = set(_sidecar_names(shard))
+    return set(SIDECAR_COLUMNS) <= names and set(ORIGINAL.names) <= names
+
+
+def _sidecar_names(shard: str) -> list[str]:
+    """The column names of the Parquet beside ``shard`` (none where there is none, or it cannot be read)."""
     path = os.path.splitext(shard)[0] + ".parquet"
     if not os.path.isfile(path):
-        return None
+        return []
     try:
-        names = pq.read_schema(path).names
+        return pq.read_schema(path).names
     except (pa.ArrowException, OSError):
-        return None
-    return path if set(SIDECAR_COLUMNS) <= set(names) else None
+        return []
 
 
-def _sidecar_facts(path: str, max_pixels: int) -> tuple[dict[str, tuple[int, int, str | None]], bool]:
-    """``({key: (width, height, caption)}, has captions)`` of the usable rows of img2dataset's per-shard Parquet:
-    ``status`` "success" (where the column exists), sizes whole numbers of at most ``max_pixels`` pixels. Other
-    rows are left out: their samples are read from the shard as without the Parquet."""
+def _sidecar_facts(path: str, max_pixels: int) -> tuple[dict[str, tuple], bool]:
+    """``({key: (width, height, caption, original_width, original_height)}, has captions)`` of the usable rows of
+    img2dataset's per-shard Parquet: ``status`` "success" (where the column exists), sizes whole numbers of at most
+    ``max_pixels`` pixels. Other rows are left out: their samples are read from the shard as without the Parquet.
+    The original sizes (the image's before img2dataset resized it) are None where the Parquet lacks them or a value
+    is not a whole number from 1 to ``2**31 - 1`` (:func:`~dali_arb.index.records.original_sizes`)."""
     names = pq.read_schema(path).names
-    columns = [c for c in (*SIDECAR_COLUMNS, "caption", "status") if c in names]
+    columns = [c for c in (*SIDECAR_COLUMNS, "caption", "status", *ORIGINAL.names) if c in names]
     table = pq.read_table(path, columns=columns)
     if "status" in names:
         table = table.filter(pc.fill_null(pc.equal(pc.cast(table.column("status"), pa.string()), "success"), False))
-    facts: dict[str, tuple[int, int, str | None]] = {}
+    facts: dict[str, tuple] = {}
     captions = table.column("caption").to_pylist() if "caption" in names else [None] * table.num_rows
-    for key, width, height, caption in zip(
+    originals = _sidecar_originals(table)
+    for key, width, height, caption, original in zip(
         pc.cast(table.column("key"), pa.string()).to_pylist(),
         table.column("width").to_pylist(),
         table.column("height").to_pylist(),
         captions,
+        originals,
     ):
         whole = all(isinstance(v, int) or (isinstance(v, float) and v.is_integer()) for v in (width, height))
         if key is None or not whole or not (0 < width < 2**31 and 0 < height < 2**31) or width * height > max_pixels:
             continue
         text = caption.strip() if isinstance(caption, str) else None
-        facts[key] = (int(width), int(height), text or None)
+        facts[key] = (int(width), int(height), text or None, *original)
     return facts, "caption" in names
+
+
+def _sidecar_originals(table: pa.Table) -> list[tuple[int | None, int | None]]:
+    """``(original_width, original_height)`` of each row of a per-shard Parquet (None, None where not given)."""
+    if not all(name in table.column_names for name in ORIGINAL.names):
+        return [(None, None)] * table.num_rows
+    columns = []
+    for name in ORIGINAL.names:
+        column = table.column(name).combine_chunks()
+        if pa.types.is_floating(column.type):  # (whole floats only: 1024.0)
+            whole = pc.and_(pc.is_finite(column), pc.equal(pc.floor(column), column))
+            column = pc.if_else(pc.and_(whole, pc.less(pc.abs(column), 2.0**31)), column, None)
+        elif not pa.types.is_integer(column.type):
+            return [(None, None)] * table.num_rows
+        columns.append(pc.cast(column, pa.int64()))
+    width, height = original_sizes(*columns)
+    return list(zip(width.to_pylist(), height.to_pylist()))
 
 
 def shard_task(args: tuple) -> tuple[list[Row], list[Reject]]:
@@ -89,8 +122,9 @@ def shard_task(args: tuple) -> tuple[list[Row], list[Reject]]:
     (``--pair depth``) is that member.
 
     ``sidecar``: img2dataset's per-shard Parquet (:func:`sidecar_metadata`). Then only the tar's headers are read
-    (a 512-byte read per member, seeking over the data): a sample it lists (``status`` success) takes its size and
-    caption from it; a sample it does not list is read as without it.
+    (a 512-byte read per member, seeking over the data): a sample it lists (``status`` success) takes its size,
+    caption and original size (``original_width``/``original_height``, where given) from it; a sample it does not
+    list is read as without it.
     """
     shard, max_pixels, pairs, *rest = args
     sidecar = rest[0] if rest else None
@@ -134,13 +168,14 @@ def shard_task(args: tuple) -> tuple[list[Row], list[Reject]]:
                 if key not in facts or not has_captions or is_video_name(name):
                     sample[ext] = read_member(at, size)
             if key in facts and not is_video_name(name):
-                width, height, caption = facts[key]
+                width, height, caption, *original = facts[key]
                 if not has_captions:
                     caption, problem = _caption(key, sample)
                     if problem:
                         rejects.append({"source": f"{shard}:{name}", "reason": problem, "key": key})
                         continue
-                rows.append(Row(key, width, height, caption, shard, offset, length, stat.st_mtime_ns, (), **identity))
+                rows.append(Row(key, width, height, caption, shard, offset, length, stat.st_mtime_ns, (), **identity,
+                                original_width=original[0], original_height=original[1]))  # fmt: skip
                 continue
             video = None
             if is_video_name(name):  # read in place through a window on the shard: never the whole member at once

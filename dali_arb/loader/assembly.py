@@ -40,10 +40,12 @@ class BatchColumns:
         mirror: bool,
         epoch: int,
         step: int,
+        original: tuple[int, int] | None = None,
     ) -> None:
         """Append ``sample`` (the decoder's outputs), its ``mirror`` (``int32 ()``) and its ``meta`` (``int64
         (F,)``): ``row`` served for ``planned``, whose ``failure`` (and ``failed_part``) made it a stand-in. The crop's
-        left edge is given in the flipped image when ``mirror``."""
+        left edge is given in the flipped image when ``mirror``. ``original``: ``(height, width)`` of the image
+        before its source resized it (the manifest's original size); None: the size it is served from."""
         g = geometry
         for name, value in sample.items():
             self._columns[name].append(value)
@@ -56,8 +58,8 @@ class BatchColumns:
                 failed_part=failed_part,
                 crop_top=g.top,
                 crop_left=g.resized_w - g.left - g.bucket_w if mirror else g.left,
-                orig_height=g.height,
-                orig_width=g.width,
+                orig_height=g.height if original is None else original[0],
+                orig_width=g.width if original is None else original[1],
                 epoch=epoch,
                 step=step,
                 flipped=mirror,

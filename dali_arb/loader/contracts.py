@@ -131,7 +131,8 @@ class MetaLayout:
 #: ``row``: manifest row served; ``planned_row``: the row the plan asked for (differs when replaced);
 #: ``failure``: a :class:`Failure` code for ``planned_row``; ``failed_part``: 0 when its image failed, ``i + 1`` when
 #: its ``i``-th paired image did; ``crop_top``/``crop_left``: the crop corner in
-#: resized-image pixels, after the flip; ``orig_height``/``orig_width``: EXIF-upright source size.
+#: resized-image pixels, after the flip; ``orig_height``/``orig_width``: the image's size before its source resized
+#: it where the manifest has it (``original_height``/``original_width``: img2dataset's), else its EXIF-upright size.
 META = MetaLayout(
     (
         "row",

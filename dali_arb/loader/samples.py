@@ -35,7 +35,9 @@ class DatasetArrays:
     ``(sizes, mtimes, etags)`` of the images' sources at indexing (:data:`~dali_arb.data.manifest.IDENTITY`;
     ``NO_IDENTITY`` or null where unknown, ``etags`` None when the manifest has none); ``video`` is ``(frames,
     fps, frame_times)`` of a manifest with videos (``int64 (N,)``, -1 for an image; ``float64 (N,)``; the Arrow
-    ``list<float32>`` column or None), None for an image-only manifest."""
+    ``list<float32>`` column or None), None for an image-only manifest; ``original`` is ``(heights, widths)``
+    ``(N,)`` of a manifest with original sizes (:data:`~dali_arb.data.manifest.ORIGINAL`; below 1 where a row has
+    none), None for one without."""
 
     locations: list[tuple]
     heights: np.ndarray
@@ -43,6 +45,7 @@ class DatasetArrays:
     pair_sizes: list[tuple[np.ndarray, np.ndarray]]
     identity: tuple
     video: tuple | None = None
+    original: tuple[np.ndarray, np.ndarray] | None = None
 
     @classmethod
     def of(cls, manifest: Manifest, pairs: list[tuple[str, str]]) -> DatasetArrays:
@@ -58,7 +61,8 @@ class DatasetArrays:
             pair_sizes.append((manifest.int_column(height, 1), manifest.int_column(width, 1)))
         identity = (manifest.int_column("source_size", NO_IDENTITY), manifest.int_column("mtime_ns", NO_IDENTITY),
                     manifest.table.column("etag") if "etag" in manifest.table.column_names else None)  # fmt: skip
-        return cls(locations, manifest.heights, manifest.widths, pair_sizes, identity, _video_columns(manifest))
+        return cls(locations, manifest.heights, manifest.widths, pair_sizes, identity, _video_columns(manifest),
+                   manifest.original_sizes())  # fmt: skip
 
 
 def _video_columns(manifest: Manifest) -> tuple | None:
@@ -111,6 +115,17 @@ class Datasets:
     def size(self, row: int) -> tuple[int, int]:
         """``(height, width)`` of global ``row``'s image (displayed)."""
         arrays, local = self._split(row)
+        return int(arrays.heights[local]), int(arrays.widths[local])
+
+    def original_size(self, row: int) -> tuple[int, int]:
+        """``(height, width)`` of global ``row``'s image before its source resized it (img2dataset's
+        ``original_height``/``original_width``) where the manifest has them for the row, else its displayed size:
+        SDXL's ``original_size``."""
+        arrays, local = self._split(row)
+        if arrays.original is not None:
+            height, width = int(arrays.original[0][local]), int(arrays.original[1][local])
+            if height > 0 and width > 0:
+                return height, width
         return int(arrays.heights[local]), int(arrays.widths[local])
 
     def clip_facts(self, row: int) -> tuple[int, float, np.ndarray | None]:

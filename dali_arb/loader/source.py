@@ -275,8 +275,10 @@ class BatchSource:
                 planned, bucket, epoch, step, offset + position, (bucket_h, bucket_w, float(u_y), float(u_x)), frames
             )
             mirror = bool(u_flip < c.flip)
-            columns.add(sample, row=self.row_of(served), planned=self.row_of(planned), failure=failure,
-                        failed_part=failed_part, geometry=g, mirror=mirror, epoch=epoch, step=step)  # fmt: skip
+            row = self.row_of(served)
+            columns.add(sample, row=row, planned=self.row_of(planned), failure=failure, failed_part=failed_part,
+                        geometry=g, mirror=mirror, epoch=epoch, step=step,
+                        original=self._datasets.original_size(row))  # fmt: skip
         self.remote.clear()
         if self._remote_rows:  # what was read since the last batch travels on its first sample
             columns.count_reads(self.remote.stats.take())

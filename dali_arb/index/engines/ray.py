@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ...data.manifest import VIDEO, rejects_path
+from ...data.manifest import ORIGINAL, VIDEO, rejects_path
 from ...data.pairs import PairSpec
 from ...errors import DaliArbError, IndexingError, StorageError
 from ..folders import FolderWalk, PreviousRows, folder_task
@@ -92,18 +92,19 @@ def run_unit(unit: Unit, folder: str, max_pixels: int, pairs: list[PairSpec]) ->
     part_tmp, rejects_tmp = part.with_name(part.name + private), rejects.with_name(rejects.name + private)
     summary = IndexSummary(manifest=part)
     writer = pq.ParquetWriter(part_tmp, index_schema(pairs))
+    run: IndexRun | None = None
     try:
         with open(rejects_tmp, "w", encoding="utf-8") as fh:
             run = IndexRun(sources=[(unit.kind, unit.source)], max_pixels=max_pixels, pairs=pairs, old=unit.old,
                            pool=InlinePool(), writer=writer, rejects=fh, progress=lambda n: None,
                            summary=summary)  # fmt: skip
             _read(run, unit)
-            run.flush()
-            writer.close()
-            run.add_video_columns(part_tmp)  # (a part with videos only: the others stay without them)
+            run.finish()  # (ORIGINAL and VIDEO columns in a part whose rows have them only)
     except BaseException:
         with contextlib.suppress(Exception):
             writer.close()
+        if run is not None:
+            run.discard()
         part_tmp.unlink(missing_ok=True)
         rejects_tmp.unlink(missing_ok=True)
         raise
@@ -417,9 +418,11 @@ def _deduplicate(ray, parts: list[Path], scratch: Path, rejects_fh, summary: Ind
 
 
 def _manifest_schema(parts: list[Path], pairs: list[PairSpec]) -> pa.Schema:
-    """The joined manifest's schema: the indexer's, and the ``VIDEO`` columns when any part has videos."""
-    schema = index_schema(pairs)
-    if any(VIDEO.names[0] in pq.read_schema(part).names for part in parts):
+    """The joined manifest's schema, as the local engine's: the indexer's, the ``ORIGINAL`` columns when any part
+    has original sizes, then the ``VIDEO`` columns when any part has videos."""
+    names = {name for part in parts for name in pq.read_schema(part).names}
+    schema = index_schema(pairs, original=ORIGINAL.names[0] in names)
+    if VIDEO.names[0] in names:
         for field in VIDEO:
             schema = schema.append(field)
     return schema
