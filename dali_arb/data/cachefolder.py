@@ -25,7 +25,7 @@ __all__ = ["CACHE_ENV", "CACHE_FORMAT", "cache_error", "cache_root", "local_mani
 #: The environment variable naming the cache folder.
 CACHE_ENV = "DALI_ARB_CACHE"
 #: Bumped when the layout changes; each format lives in its own ``v<N>`` folder.
-CACHE_FORMAT = 3  # 2: pair columns; runs of every source column; 3: the sources' identity (mtime_ns, source_size, etag)
+CACHE_FORMAT = 4  # 2: pair columns; runs of every source column; 3: the sources' identity (mtime_ns, source_size, etag); 4: original sizes
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
