@@ -85,7 +85,14 @@ class InlinePool:
 
 def run_unit(unit: Unit, folder: str, max_pixels: int, pairs: list[PairSpec]) -> tuple[str, str, IndexSummary]:
     """Index one unit into ``folder/part-NNNNNN.parquet`` and its ``.rejects.jsonl``; returns their paths and what
-    it did. Written under private names and renamed into place: a retried unit replaces its part whole."""
+    it did. Written under private names and renamed into place: a retried unit replaces its part whole. A ``folder``
+    that is an object-storage prefix: the part goes straight to the store (:func:`.ray_store.run_unit_to_store`)."""
+    from ...data.storage import is_url
+
+    if is_url(folder):
+        from .ray_store import run_unit_to_store
+
+        return run_unit_to_store(unit, folder, max_pixels, pairs)
     part = Path(folder) / f"part-{unit.number:06d}.parquet"
     rejects = Path(rejects_path(part))
     private = f".{os.getpid()}-{secrets.token_hex(4)}.partial"

@@ -1,0 +1,134 @@
+"""A manifest in parts written to object storage (``-o s3://bucket/prefix/``) by either engine, against moto's S3: the
+Ray engine's tasks write their parts straight to the store (``index/engines/ray_store.py``); the rows are those of a
+local ``-o DIR/``; the loader and ``dali-arb buckets`` read it back; a store refusing the write stops the run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dali_arb import Manifest
+from dali_arb.cli import main
+from dali_arb.data.parts import INDEX_NAME, read_index
+from dali_arb.data.storage import get_bytes, list_prefix
+from dali_arb.errors import IndexingError
+from dali_arb.index import build_index
+from support.loopback import moto_bucket
+
+from .conftest import small_loader
+from .test_ray_index import COMPARED, make_sources
+
+ray = pytest.importorskip("ray")
+
+BUCKET = "out"
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with moto_bucket(BUCKET) as server:
+        yield server
+
+
+def rows_of(manifest) -> list[tuple]:
+    table = Manifest.read(manifest).table
+    return sorted(zip(*(table.column(c).to_pylist() for c in COMPARED)), key=lambda r: r[0])
+
+
+def rejects_of(manifest: str) -> list[tuple]:
+    listing = read_index(manifest)
+    lines = []
+    for path in listing.rejects_paths():
+        text = get_bytes(path) if path.startswith("s3://") else open(path, "rb").read()
+        lines += text.decode().splitlines()
+    return sorted((str(r["source"]), r["reason"]) for r in map(json.loads, lines))
+
+
+def objects(prefix: str) -> list[str]:
+    return sorted(info.url[len(prefix) :] for info in list_prefix(prefix))
+
+
+def test_both_engines_write_parts_to_the_store_with_the_rows_of_a_local_folder(s3, ray_session, tmp_path, monkeypatch):
+    from dali_arb.index.engines import ray as ray_engine
+
+    sources = make_sources(tmp_path / "data")
+    build_index(sources, f"{tmp_path / 'local'}/", workers=1, progress=False)
+    build_index(sources, f"s3://{BUCKET}/local/", workers=1, progress=False)
+    monkeypatch.setattr(ray_engine, "GROUPS_PER_UNIT", 1)  # the folder walk split into several tasks
+    monkeypatch.setattr("dali_arb.index.folders.FILES_PER_TASK", 4)
+    monkeypatch.setattr("dali_arb.index.dedupe.PARTITION_BYTES", 200)  # keys over several hash partitions
+    from dali_arb.data import storage
+    from dali_arb.index.engines import ray_store
+
+    by_driver: list[str] = []  # what this process uploads (the Ray tasks run in their own processes)
+
+    def recorded(path, url, *args, **kwargs):
+        by_driver.append(url)
+        return storage.objects.upload(path, url, *args, **kwargs)
+
+    monkeypatch.setattr(storage, "upload", recorded)
+    monkeypatch.setattr(ray_store, "upload", recorded)
+    summary = build_index(sources, f"s3://{BUCKET}/ray/", engine="ray", progress=False)
+    monkeypatch.undo()
+    # the driver wrote the index and added its own rejects to the first part's: every part came from its task
+    assert sorted(u.rsplit("/", 1)[-1] for u in by_driver) == sorted(
+        [INDEX_NAME, read_index(f"s3://{BUCKET}/ray/").parts[0].rejects]
+    )
+    expected = rows_of(tmp_path / "local")
+    assert rows_of(f"s3://{BUCKET}/local/") == expected
+    assert rows_of(f"s3://{BUCKET}/ray/") == expected
+    assert rejects_of(f"s3://{BUCKET}/ray/") == rejects_of(str(tmp_path / "local"))
+    listing = read_index(f"s3://{BUCKET}/ray/")
+    assert listing.extra["engine"] == "ray" and len(listing.parts) > 3  # one part per task
+    assert summary.manifest == f"s3://{BUCKET}/ray/" and summary.rows == len(expected)
+    # only the parts, their rejects and the index: the tasks' keys and partitions are gone
+    names = objects(f"s3://{BUCKET}/ray/")
+    assert INDEX_NAME in names and all(n == INDEX_NAME or n.startswith("part-") for n in names)
+    assert len(names) == 1 + 2 * len(listing.parts)
+    # the loader and `dali-arb buckets` read it back
+    assert sorted(k for b in small_loader(f"s3://{BUCKET}/ray/") for k in b["ids"]) == sorted(
+        k for b in small_loader(str(tmp_path / "local")) for k in b["ids"]
+    )
+    assert main(["buckets", f"s3://{BUCKET}/ray/", "-b", "2", "--json", "--cache-dir", str(tmp_path / "c")]) == 0
+
+
+def test_update_on_ray_rewrites_the_manifest_in_the_store_and_removes_the_old_parts(s3, ray_session, tmp_path):
+    sources = make_sources(tmp_path / "data")
+    build_index(sources, f"s3://{BUCKET}/upd/", engine="ray", progress=False)
+    first = read_index(f"s3://{BUCKET}/upd/")
+    again = build_index(sources, f"s3://{BUCKET}/upd/", engine="ray", update=True, progress=False)
+    second = read_index(f"s3://{BUCKET}/upd/")
+    assert again.reused > 0
+    assert rows_of(f"s3://{BUCKET}/upd/") == rows_of_local(sources, tmp_path)
+    assert not {p.path for p in first.parts} & {p.path for p in second.parts}
+    assert len(objects(f"s3://{BUCKET}/upd/")) == 1 + 2 * len(second.parts)  # the first run's parts deleted
+
+
+def rows_of_local(sources: list[str], tmp_path) -> list[tuple]:
+    build_index(sources, tmp_path / "truth.parquet", workers=1, progress=False)
+    return rows_of(tmp_path / "truth.parquet")
+
+
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_a_store_refusing_the_write_stops_the_run_with_one_line(s3, ray_session, tmp_path, engine, capsys):
+    sources = make_sources(tmp_path / "data")
+    # said before any source is read (the cluster's or this machine's time is not spent first)
+    with pytest.raises(
+        IndexingError, match=r"^cannot write the manifest to s3://no-such-bucket/m/: .*NoSuchBucket"
+    ) as caught:
+        build_index(sources, "s3://no-such-bucket/m/", engine=engine, workers=1, progress=False)
+    assert "\n" not in str(caught.value)
+    args = ["index", *sources, "-o", "s3://no-such-bucket/m/", "--engine", engine, "-q"]
+    assert main(args) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no-such-bucket" in err[0] and "Traceback" not in err[0]
