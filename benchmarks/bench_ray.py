@@ -194,6 +194,45 @@ def shards_meta(args) -> dict:
     out["  with img2dataset's Parquet beside them (tar headers only): files/s"] = round(with_meta.files_per_s)
     out["  ratio"] = f"{with_meta.files_per_s / without.files_per_s:.2f}x"
     out["  the same manifest"] = same
+    return {**out, **_shards_in_s3(args)}
+
+
+def _shards_in_s3(args) -> dict:
+    """``build_index`` of shards in S3 (moto on loopback): the same shards with img2dataset's Parquet beside them
+    (header walk, or one GET where the images are small: ``remote.WALK_MIN_STRIDE``) against alone (fetched whole,
+    every image header read), per shard: requests, MB read, seconds; local engine, 2 processes."""
+    import time
+
+    import boto3
+
+    from dali_arb.index import build_index
+    from support.loopback import FaultProxy, moto_s3, put_object
+
+    shards, samples = (2, 100) if args.quick else (4, 400)
+    out: dict = {}
+    with moto_s3() as server, FaultProxy(server.port, latency_s=0.0) as proxy:
+        boto3.client("s3").create_bucket(Bucket="bench")
+        for image_bytes in (16 << 10, 256 << 10):
+            kb = image_bytes >> 10
+            for s in range(shards):
+                shard, meta = _img2dataset_tar(samples, image_bytes, seed=kb * 100 + s)
+                for folder in ("with", "without"):
+                    put_object("bench", f"{kb}k/{folder}/{s:05d}.tar", shard)
+                put_object("bench", f"{kb}k/with/{s:05d}.parquet", meta)
+            os.environ["AWS_ENDPOINT_URL"] = proxy.url
+            for folder in ("without", "with"):
+                with tempfile.TemporaryDirectory() as tmp:
+                    requests = proxy.counts.requests
+                    started = time.perf_counter()
+                    summary = build_index([f"s3://bench/{kb}k/{folder}/{{00000..{shards - 1:05d}}}.tar"],
+                                          Path(tmp) / "m.parquet", workers=2, progress=False)  # fmt: skip
+                    seconds = time.perf_counter() - started
+                    read = summary.fetched_bytes + summary.shard_walk_bytes
+                how = "Parquet beside" if folder == "with" else "shard alone (whole fetch)"
+                out[f"S3, {shards} shards x {samples} samples of ~{kb} KB, {how}: requests/shard, MB/shard, s"] = (
+                    round((proxy.counts.requests - requests) / shards, 1), round(read / shards / 1e6, 2),
+                    round(seconds, 2), summary.rows, f"walked {summary.shard_walks}",
+                )  # fmt: skip
     return out
 
 
