@@ -152,3 +152,33 @@ def test_a_store_failing_mid_walk_stops_the_index_with_its_message(s3, tmp_path,
             build_index([f"s3://{BUCKET}/with/00000.tar"], tmp_path / "m.parquet", progress=False, workers=1)
         assert proxy.counts.slowed >= 7  # retried, then given up
     assert not (tmp_path / "m.parquet").exists()
+
+
+def test_long_member_names_and_a_truncated_shard_walk_as_the_local_shard(s3, tmp_path):
+    """Keys over 100 characters (a pax header before the member's: more blocks in the same window) give the local
+    rows; a shard cut short gives the local reject, naming the URL."""
+    long_key = "a/" + "long-folder-name/" * 8 + "k"
+    samples = [(f"{long_key}{i}.jpg", noise_jpeg(400, 300, i)) for i in range(4)]
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, image in samples:
+            info = tarfile.TarInfo(name)
+            info.size = len(image)
+            tar.addfile(info, io.BytesIO(image))
+    meta = io.BytesIO()
+    pq.write_table(pa.table({"key": [n[:-4] for n, _ in samples], "width": [400] * 4, "height": [300] * 4}), meta)
+    for name, shard in (("long", data.getvalue()), ("cut", data.getvalue()[: len(data.getvalue()) // 2])):
+        (tmp_path / f"{name}.tar").write_bytes(shard)
+        (tmp_path / f"{name}.parquet").write_bytes(meta.getvalue())
+        put_object(BUCKET, f"{name}/00000.tar", shard)
+        put_object(BUCKET, f"{name}/00000.parquet", meta.getvalue())
+        local_rows, local_rejects = shard_task(
+            (str(tmp_path / f"{name}.tar"), 10**8, [], str(tmp_path / f"{name}.parquet"))
+        )
+        remote, rejects, _, walked = remote_shard_task((head(f"s3://{BUCKET}/{name}/00000.tar"), 10**8, 4096))
+        assert walked
+        assert [(r.key, r.offset, r.length) for r in remote] == [(r.key, r.offset, r.length) for r in local_rows]
+        assert [r["reason"] for r in rejects] == [r["reason"] for r in local_rejects]
+        assert all(r["source"].startswith(f"s3://{BUCKET}/{name}/") for r in rejects)
+    assert len(local_rows) == 0 and rejects and rejects[0]["reason"].startswith("unreadable tar shard")
+    assert len(remote_shard_task((head(f"s3://{BUCKET}/long/00000.tar"), 10**8))[0]) == 4
