@@ -157,16 +157,19 @@ def read_remote_shard(run: IndexRun, url: str) -> None:
     summary = run.summary
     with _storage_errors(url):
         before = head(url)
+        # (the two HEADs, before and after, are not counted in the summary's requests)
         walked = None if run.pairs else run.submit(remote_shard_task, (before, run.max_pixels)).result()
-        if walked is not None:  # img2dataset's Parquet beside it: no image read
-            rows, rejects, io, headers_only = walked
-            local = url
-            summary.shard_walks += headers_only
-            summary.shard_walk_requests += io["requests"] if headers_only else 0
-            summary.shard_walk_bytes += io["bytes_read"] if headers_only else 0
-            summary.shard_walk_size += before.size if headers_only else 0
-            summary.fetched_objects += not headers_only
-            summary.fetched_bytes += 0 if headers_only else io["bytes_read"]
+        local = url
+        if walked is not None and walked[3]:  # img2dataset's Parquet beside it: the tar's headers walked
+            rows, rejects, io, _ = walked
+            summary.shard_walks += 1
+            summary.shard_walk_requests += io["requests"]
+            summary.shard_walk_bytes += io["bytes_read"]
+            summary.shard_walk_size += before.size
+        elif walked is not None:  # the Parquet beside it, its images small: fetched whole, no image read
+            rows, rejects, io, _ = walked
+            summary.fetched_objects += 1
+            summary.fetched_bytes += io["bytes_read"]
         else:
             with fetched(url, ".tar") as local:
                 summary.fetched_objects += 1
