@@ -290,7 +290,7 @@ def _walk_once(url: str, window: int | None) -> dict:
     stats = IOStats()
     with tempfile.TemporaryDirectory() as tmp:
         download(url, f"{tmp}/s.tar", stats)
-        download(url[: -len(".tar")] + ".parquet", f"{tmp}/s.parquet", stats)
+        download(url.rsplit(".", 1)[0] + ".parquet", f"{tmp}/s.parquet", stats)
         rows, _ = shard_task((f"{tmp}/s.tar", 10**9, [], f"{tmp}/s.parquet"))
     taken = stats.take()
     return {"rows": rows, "requests": taken["requests"] + 1, "bytes": taken["bytes_read"],

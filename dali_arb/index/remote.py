@@ -233,6 +233,11 @@ class RemoteShard:
         pass
 
 
+def sidecar_url(url: str) -> str:
+    """The URL of img2dataset's Parquet beside the shard at ``url`` (``.../00000.tar`` -> ``.../00000.parquet``)."""
+    return url.rsplit(".", 1)[0] + ".parquet"
+
+
 def remote_sidecar(url: str, local: str, stats: IOStats) -> bool:
     """Fetch img2dataset's Parquet beside the shard at ``url`` (``00000.tar`` -> ``00000.parquet``) into the local file
     ``local`` (one GET); whether there is one with ``shards.SIDECAR_COLUMNS``. A failing store raises."""
@@ -242,7 +247,7 @@ def remote_sidecar(url: str, local: str, stats: IOStats) -> bool:
     from .shards import SIDECAR_COLUMNS
 
     try:
-        download(url[: -len(".tar")] + ".parquet", local, stats)
+        download(sidecar_url(url), local, stats)
     except ObjectMissing:
         return False
     try:
@@ -281,7 +286,7 @@ def remote_shard_task(args: tuple) -> tuple[list[Row], list[Reject], dict[str, i
         try:
             rows, rejects = inspect_shard(opened, max_pixels, [], local)
         except IndexingError as exc:  # (a Parquet that cannot be read: named by its URL, not the local copy)
-            raise IndexingError(str(exc).replace(local, info.url[: -len(".tar")] + ".parquet")) from None
+            raise IndexingError(str(exc).replace(local, sidecar_url(info.url))) from None
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return rows, rejects, stats.take(), walk
