@@ -132,3 +132,41 @@ def test_a_store_refusing_the_write_stops_the_run_with_one_line(s3, ray_session,
     assert main(args) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no-such-bucket" in err[0] and "Traceback" not in err[0]
+
+
+@pytest.mark.slow
+def test_a_two_node_cluster_writes_its_parts_to_the_store_through_a_killed_worker(tmp_path):
+    """A head and a worker node as separate processes (``ray start``), a driver joining them by address: the parts go
+    straight from the tasks to moto's S3; a worker killed mid-task is retried and nothing is lost or doubled."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from .test_ray_index import DRIVER, _descendants, _title, make_shard, ray_cluster
+
+    sources = make_sources(tmp_path / "data")
+    big = make_shard(tmp_path / "data" / "big.tar", [(f"b{i:04d}", 20 + i % 50, 30, None) for i in range(1500)])
+    sources.append(str(big))
+    with moto_bucket("cluster"):
+        build_index(sources, tmp_path / "local.parquet", workers=1, progress=False)
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "RAY_AUTH_MODE": "disabled"}
+        with ray_cluster(tmp_path, env) as (address, nodes):
+            driver = subprocess.Popen([sys.executable, "-c", DRIVER, address, "s3://cluster/m/", *sources], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+            killed = None
+            while driver.poll() is None and killed is None:
+                working = [p for n in nodes for p in _descendants(n.pid) if _title(p).startswith("ray::run_unit")]
+                if working:
+                    killed = working[0]
+                    os.kill(killed, signal.SIGKILL)  # a worker dies mid-task: Ray runs the task again
+                time.sleep(0.01)
+            stdout, stderr = driver.communicate(timeout=300)
+            assert driver.returncode == 0, stderr[-3000:]
+        assert killed is not None, "no indexing task was seen running"
+        assert rows_of("s3://cluster/m/") == rows_of(tmp_path / "local.parquet")
+        listing = read_index("s3://cluster/m/")
+        assert len(objects("s3://cluster/m/")) == 1 + 2 * len(listing.parts)  # no scratch, no part twice
+        assert json.loads(stdout.splitlines()[-1])["rows"] == listing.rows
