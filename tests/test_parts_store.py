@@ -91,6 +91,7 @@ def test_both_engines_write_parts_to_the_store_with_the_rows_of_a_local_folder(s
     listing = read_index(f"s3://{BUCKET}/ray/")
     assert listing.extra["engine"] == "ray" and len(listing.parts) > 3  # one part per task
     assert summary.manifest == f"s3://{BUCKET}/ray/" and summary.rows == len(expected)
+    assert f"listed in s3://{BUCKET}/ray/{listing.parts[0].rejects}" in summary.line()
     # only the parts, their rejects and the index: the tasks' keys and partitions are gone
     names = objects(f"s3://{BUCKET}/ray/")
     assert INDEX_NAME in names and all(n == INDEX_NAME or n.startswith("part-") for n in names)

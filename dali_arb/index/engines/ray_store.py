@@ -247,4 +247,5 @@ def index_on_ray_to_store(
         _delete_run(url, run, parts=not done)
         if started_here:
             ray.shutdown()
-    return finished(summary, sources, started, url + (infos[0].rejects if infos else ""))
+    summary.rejects_at = url + infos[0].rejects if infos else url
+    return finished(summary, sources, started, summary.rejects_at)
