@@ -204,6 +204,7 @@ def _shards_in_s3(args) -> dict:
     import time
 
     import boto3
+    import pyarrow.parquet as pq
 
     from dali_arb.index import build_index
     from support.loopback import FaultProxy, moto_s3, put_object
@@ -215,11 +216,12 @@ def _shards_in_s3(args) -> dict:
         for image_bytes, samples in ((16 << 10, 200), (256 << 10, 50)):  # (shards of 3 and 13 MB: see above)
             kb = image_bytes >> 10
             for s in range(shards):
-                shard, meta = _img2dataset_tar(samples, image_bytes, seed=kb * 100 + s)
+                shard, meta = _img2dataset_tar(samples, image_bytes, seed=kb * 100 + s, jpeg=True)
                 for folder in ("with", "without"):
                     put_object("bench", f"{kb}k/{folder}/{s:05d}.tar", shard)
                 put_object("bench", f"{kb}k/with/{s:05d}.parquet", meta)
             os.environ["AWS_ENDPOINT_URL"] = proxy.url
+            rows = {}
             for folder in ("without", "with"):
                 with tempfile.TemporaryDirectory() as tmp:
                     requests = proxy.counts.requests
@@ -227,18 +229,37 @@ def _shards_in_s3(args) -> dict:
                     summary = build_index([f"s3://bench/{kb}k/{folder}/{{00000..{shards - 1:05d}}}.tar"],
                                           Path(tmp) / "m.parquet", workers=2, progress=False)  # fmt: skip
                     seconds = time.perf_counter() - started
-                    read = summary.fetched_bytes + summary.shard_walk_bytes
+                    columns = ["key", "width", "height", "caption", "offset", "length"]
+                    rows[folder] = pq.read_table(Path(tmp) / "m.parquet", columns=columns)
+                read = summary.fetched_bytes + summary.shard_walk_bytes
                 how = "Parquet beside" if folder == "with" else "shard alone (whole fetch)"
                 out[f"S3, {shards} shards x {samples} samples of ~{kb} KB, {how}: requests/shard, MB/shard, s"] = (
                     round((proxy.counts.requests - requests) / shards, 1), round(read / shards / 1e6, 2),
-                    round(seconds, 2), summary.rows, f"walked {summary.shard_walks}",
+                    round(seconds, 2), f"{summary.shard_walks} walked",
                 )  # fmt: skip
+            out[f"  ~{kb} KB: the same rows (key, size, caption, offset, length)"] = rows["with"].equals(
+                rows["without"]
+            )
     return out
 
 
-def _img2dataset_tar(samples: int, image_bytes: int, seed: int) -> tuple[bytes, bytes]:
-    """A shard laid out as img2dataset writes it (``KEY.jpg`` of ``image_bytes`` random bytes, ``KEY.txt``,
-    ``KEY.json``) and its Parquet (key, width, height, caption, status): with the Parquet, no image is decoded."""
+def _noise_jpeg(rng, image_bytes: int) -> tuple[bytes, int, int]:
+    """A JPEG of noise of about ``image_bytes`` (quality 95: about 1.65 bytes a pixel), its width and height."""
+    import io
+
+    from PIL import Image
+
+    height = max(8, int((image_bytes / 1.65 * 3 / 4) ** 0.5))
+    width = height * 4 // 3
+    out = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), "uint8")).save(out, "JPEG", quality=95)
+    return out.getvalue(), width, height
+
+
+def _img2dataset_tar(samples: int, image_bytes: int, seed: int, *, jpeg: bool = False) -> tuple[bytes, bytes]:
+    """A shard laid out as img2dataset writes it (``KEY.jpg``, ``KEY.txt``, ``KEY.json``) and its Parquet (key, width,
+    height, caption, status). ``KEY.jpg``: about ``image_bytes`` of random bytes (with the Parquet no image is decoded),
+    or with ``jpeg`` a JPEG of noise of about that size (a shard that can be read without its Parquet too)."""
     import io
 
     import numpy as np
@@ -248,18 +269,23 @@ def _img2dataset_tar(samples: int, image_bytes: int, seed: int) -> tuple[bytes, 
     rng = np.random.default_rng(seed)
     out = io.BytesIO()
     keys = [f"{seed:05d}{i:04d}" for i in range(samples)]
+    widths, heights = [512] * samples, [384] * samples
     with tarfile.open(fileobj=out, mode="w") as tar:
-        for key in keys:
+        for i, key in enumerate(keys):
             size = int(image_bytes * rng.uniform(0.5, 1.5))
+            if jpeg:
+                image, widths[i], heights[i] = _noise_jpeg(rng, size)
+            else:
+                image = rng.bytes(size)
             caption = f"a photo of thing {key}".encode()
             meta = json.dumps({"url": f"https://example.com/{key}.jpg", "key": key, "status": "success",
                                "caption": caption.decode(), "width": 512, "height": 384,
                                "exif": "{}" * 200}).encode()  # fmt: skip
-            for name, data in ((f"{key}.jpg", rng.bytes(size)), (f"{key}.txt", caption), (f"{key}.json", meta)):
+            for name, data in ((f"{key}.jpg", image), (f"{key}.txt", caption), (f"{key}.json", meta)):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    table = pa.table({"key": keys, "width": [512] * samples, "height": [384] * samples,
+    table = pa.table({"key": keys, "width": widths, "height": heights,
                       "caption": [f"a photo of thing {k}" for k in keys], "status": ["success"] * samples})  # fmt: skip
     meta = io.BytesIO()
     pq.write_table(table, meta)
