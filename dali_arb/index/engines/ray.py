@@ -85,14 +85,7 @@ class InlinePool:
 
 def run_unit(unit: Unit, folder: str, max_pixels: int, pairs: list[PairSpec]) -> tuple[str, str, IndexSummary]:
     """Index one unit into ``folder/part-NNNNNN.parquet`` and its ``.rejects.jsonl``; returns their paths and what
-    it did. Written under private names and renamed into place: a retried unit replaces its part whole. A ``folder``
-    that is an object-storage prefix: the part goes straight to the store (:func:`.ray_store.run_unit_to_store`)."""
-    from ...data.storage import is_url
-
-    if is_url(folder):
-        from .ray_store import run_unit_to_store
-
-        return run_unit_to_store(unit, folder, max_pixels, pairs)
+    it did. Written under private names and renamed into place: a retried unit replaces its part whole."""
     part = Path(folder) / f"part-{unit.number:06d}.parquet"
     rejects = Path(rejects_path(part))
     private = f".{os.getpid()}-{secrets.token_hex(4)}.partial"
@@ -371,11 +364,12 @@ def index_on_ray(
 
 def _run_units(
     ray, chosen: list, scratch: Path, summary: IndexSummary, walk_rejects: list, *, max_pixels: int,
-    pairs: list[PairSpec], old: pa.Table | None, progress_bar: Callable,
+    pairs: list[PairSpec], old: pa.Table | None, progress_bar: Callable, unit_task: Callable = run_unit,
 ) -> list[tuple[str, str]]:  # fmt: skip
     """Submit every unit as a Ray task (at most :data:`IN_FLIGHT_PER_CPU` per cluster CPU in flight), merge their
-    summaries into ``summary`` and show progress; the ``(part, rejects)`` paths in unit order."""
-    task = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(run_unit)
+    summaries into ``summary`` and show progress; the ``(part, rejects)`` paths in unit order. ``unit_task``: what
+    a task runs, :func:`run_unit` or one with its signature and results (``ray_store.run_unit_to_store``)."""
+    task = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(unit_task)
     limit = max(2, IN_FLIGHT_PER_CPU * int(ray.cluster_resources().get("CPU", 1)))
     found: dict[int, tuple[str, str]] = {}
     inflight: dict = {}

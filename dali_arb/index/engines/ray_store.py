@@ -232,7 +232,7 @@ def index_on_ray_to_store(
     try:
         walk_rejects: list = []
         found = _run_units(ray, chosen, scratch, summary, walk_rejects, max_pixels=max_pixels, pairs=pairs, old=old,
-                           progress_bar=progress_bar)  # fmt: skip
+                           progress_bar=progress_bar, unit_task=run_unit_to_store)  # fmt: skip
         with ray_failures(ray):
             infos, duplicates = _deduplicate(ray, url, scratch, [f for f, _ in found], summary)
         try:
