@@ -54,6 +54,7 @@ def img2dataset_shard(
         "key": keys, "caption": [f"a cat {i}" for i in range(n)] + [None],
         "status": ["success"] * n + ["failed_to_download"],
         "width": [w for w, _ in sizes] + [None], "height": [h for _, h in sizes] + [None],
+        "original_width": [4 * w for w, _ in sizes] + [None], "original_height": [4 * h for _, h in sizes] + [None],
     }), meta)  # fmt: skip
     return tar_bytes.getvalue(), meta.getvalue(), sizes
 
@@ -89,6 +90,10 @@ def test_the_header_walk_writes_the_manifest_of_the_whole_fetch_at_a_fraction_of
         elif column not in ("mtime_ns", "etag"):  # (two objects: their own times; the same bytes, the same ETag)
             assert a.column(column).to_pylist() == b.column(column).to_pylist(), column
     assert a.column("etag").to_pylist() == b.column("etag").to_pylist()
+    # img2dataset's sizes before resizing come with the Parquet (the whole fetch of a shard alone has none)
+    _, _, sizes = img2dataset_shard()
+    assert a.column("original_width").to_pylist()[:SAMPLES] == [4 * w for w, _ in sizes]
+    assert "original_width" not in b.column_names
     # the shard of large images walked, the one of small images (a few hundred bytes each) fetched whole
     assert whole.fetched_objects == 2 and walked.fetched_objects == 1 and walked.shard_walks == 1
     sizes = [head(f"s3://{BUCKET}/with/0000{i}.tar").size for i in range(2)]
