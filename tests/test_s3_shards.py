@@ -187,3 +187,22 @@ def test_long_member_names_and_a_truncated_shard_walk_as_the_local_shard(s3, tmp
         assert all(r["source"].startswith(f"s3://{BUCKET}/{name}/") for r in rejects)
     assert len(local_rows) == 0 and rejects and rejects[0]["reason"].startswith("unreadable tar shard")
     assert len(remote_shard_task((head(f"s3://{BUCKET}/long/00000.tar"), 10**8))[0]) == 4
+
+
+def test_a_shard_in_gcs_is_walked_the_same_way(tmp_path):
+    """``gs://`` goes through the same storage layer: fake-gcs-server on loopback, the rows of the local shard."""
+    from support.loopback import fake_gcs
+
+    shard, meta, _ = img2dataset_shard()
+    seed = tmp_path / "seed" / "gbucket" / "shards"
+    seed.mkdir(parents=True)
+    (seed / "00000.tar").write_bytes(shard)
+    (seed / "00000.parquet").write_bytes(meta)
+    local = build_index([str(seed / "00000.tar")], tmp_path / "local.parquet", progress=False, workers=1)
+    with fake_gcs(tmp_path / "seed"):
+        walked = build_index(["gs://gbucket/shards/00000.tar"], tmp_path / "gcs.parquet", progress=False, workers=1)
+    assert walked.shard_walks == 1 and walked.rows == local.rows == SAMPLES
+    columns = ["key", "width", "height", "caption", "offset", "length", "original_width"]
+    assert pq.read_table(tmp_path / "gcs.parquet", columns=columns).equals(
+        pq.read_table(tmp_path / "local.parquet", columns=columns)
+    )
