@@ -115,6 +115,17 @@ def test_update_on_ray_rewrites_the_manifest_in_the_store_and_removes_the_old_pa
     assert len(objects(f"s3://{BUCKET}/upd/")) == 1 + 2 * len(second.parts)  # the first run's parts deleted
 
 
+def test_the_local_engine_writing_again_to_a_prefix_deletes_the_parts_it_no_longer_lists(s3, tmp_path):
+    sources = make_sources(tmp_path / "data")
+    for update in (False, True, False):
+        build_index(sources, f"s3://{BUCKET}/again/", workers=1, update=update, progress=False)
+    listing = read_index(f"s3://{BUCKET}/again/")
+    assert objects(f"s3://{BUCKET}/again/") == sorted(
+        [INDEX_NAME] + [p.path for p in listing.parts] + [p.rejects for p in listing.parts if p.rejects]
+    )
+    assert rows_of(f"s3://{BUCKET}/again/") == rows_of_local(sources, tmp_path)
+
+
 def rows_of_local(sources: list[str], tmp_path) -> list[tuple]:
     build_index(sources, tmp_path / "truth.parquet", workers=1, progress=False)
     return rows_of(tmp_path / "truth.parquet")

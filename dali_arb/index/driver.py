@@ -345,7 +345,7 @@ def _index_to_prefix(sources: list[str], url: str, *, update: bool, **options) -
     """``build_index`` into a manifest in parts under the prefix ``url`` (ending in ``/``): written in a private local
     folder, then each part and its rejects uploaded, the index last, so a reader sees the old manifest or the whole
     new one. With ``update``, the manifest in parts already there (if any) is copied first and its unchanged rows
-    reused. Parts of an earlier manifest at the prefix stay there, no longer listed."""
+    reused. Parts of an earlier manifest at the prefix that the new index does not list are then deleted."""
     import shutil
     import tempfile
 
@@ -360,7 +360,8 @@ def _index_to_prefix(sources: list[str], url: str, *, update: bool, **options) -
     local = folder / "manifest"
     try:
         try:
-            if update and is_parts(url):
+            previous = read_index(url) if is_parts(url) else None
+            if update and previous is not None:
                 shutil.copytree(local_parts(url, cache_dir=folder / "cache"), local)
         except (StorageError, ManifestError) as exc:
             raise IndexingError(str(exc)) from None
@@ -380,6 +381,7 @@ def _index_to_prefix(sources: list[str], url: str, *, update: bool, **options) -
             upload(listing.index, url + INDEX_NAME)  # last: the manifest appears whole at once
         except StorageError as exc:
             raise IndexingError(f"the manifest was built but could not be written: {exc}") from None
+        remove_stale(previous, listing.parts)
         if failure is not None:
             raise failure
         summary.manifest = url
