@@ -194,4 +194,176 @@ def shards_meta(args) -> dict:
     out["  with img2dataset's Parquet beside them (tar headers only): files/s"] = round(with_meta.files_per_s)
     out["  ratio"] = f"{with_meta.files_per_s / without.files_per_s:.2f}x"
     out["  the same manifest"] = same
+    return {**out, **_shards_in_s3(args)}
+
+
+def _shards_in_s3(args) -> dict:
+    """``build_index`` of shards in S3 (moto on loopback): the same shards with img2dataset's Parquet beside them
+    (header walk, or one GET where the images are small: ``remote.WALK_MIN_STRIDE``) against alone (fetched whole,
+    every image header read), per shard: requests, MB read, seconds; local engine, 2 processes."""
+    import time
+
+    import boto3
+    import pyarrow.parquet as pq
+
+    from dali_arb.index import build_index
+    from support.loopback import FaultProxy, moto_s3, put_object
+
+    shards = 2 if args.quick else 4
+    out: dict = {}
+    with moto_s3() as server, FaultProxy(server.port, latency_s=0.0) as proxy:
+        boto3.client("s3").create_bucket(Bucket="bench")
+        for image_bytes, samples in ((16 << 10, 200), (256 << 10, 50)):  # (shards of 3 and 13 MB: see above)
+            kb = image_bytes >> 10
+            for s in range(shards):
+                shard, meta = _img2dataset_tar(samples, image_bytes, seed=kb * 100 + s, jpeg=True)
+                for folder in ("with", "without"):
+                    put_object("bench", f"{kb}k/{folder}/{s:05d}.tar", shard)
+                put_object("bench", f"{kb}k/with/{s:05d}.parquet", meta)
+            os.environ["AWS_ENDPOINT_URL"] = proxy.url
+            rows = {}
+            for folder in ("without", "with"):
+                with tempfile.TemporaryDirectory() as tmp:
+                    requests = proxy.counts.requests
+                    started = time.perf_counter()
+                    summary = build_index([f"s3://bench/{kb}k/{folder}/{{00000..{shards - 1:05d}}}.tar"],
+                                          Path(tmp) / "m.parquet", workers=2, progress=False)  # fmt: skip
+                    seconds = time.perf_counter() - started
+                    columns = ["key", "width", "height", "caption", "offset", "length"]
+                    rows[folder] = pq.read_table(Path(tmp) / "m.parquet", columns=columns)
+                read = summary.fetched_bytes + summary.shard_walk_bytes
+                how = "Parquet beside" if folder == "with" else "shard alone (whole fetch)"
+                out[f"S3, {shards} shards x {samples} samples of ~{kb} KB, {how}: requests/shard, MB/shard, s"] = (
+                    round((proxy.counts.requests - requests) / shards, 1), round(read / shards / 1e6, 2),
+                    round(seconds, 2), f"{summary.shard_walks} walked",
+                )  # fmt: skip
+            out[f"  ~{kb} KB: the same rows (key, size, caption, offset, length)"] = rows["with"].equals(
+                rows["without"]
+            )
+    return out
+
+
+def _noise_jpeg(rng, image_bytes: int) -> tuple[bytes, int, int]:
+    """A JPEG of noise of about ``image_bytes`` (quality 95: about 1.65 bytes a pixel), its width and height."""
+    import io
+
+    from PIL import Image
+
+    height = max(8, int((image_bytes / 1.65 * 3 / 4) ** 0.5))
+    width = height * 4 // 3
+    out = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), "uint8")).save(out, "JPEG", quality=95)
+    return out.getvalue(), width, height
+
+
+def _img2dataset_tar(samples: int, image_bytes: int, seed: int, *, jpeg: bool = False) -> tuple[bytes, bytes]:
+    """A shard laid out as img2dataset writes it (``KEY.jpg``, ``KEY.txt``, ``KEY.json``) and its Parquet (key, width,
+    height, caption, status). ``KEY.jpg``: about ``image_bytes`` of random bytes (with the Parquet no image is decoded),
+    or with ``jpeg`` a JPEG of noise of about that size (a shard that can be read without its Parquet too)."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    out = io.BytesIO()
+    keys = [f"{seed:05d}{i:04d}" for i in range(samples)]
+    widths, heights = [512] * samples, [384] * samples
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for i, key in enumerate(keys):
+            size = int(image_bytes * rng.uniform(0.5, 1.5))
+            if jpeg:
+                image, widths[i], heights[i] = _noise_jpeg(rng, size)
+            else:
+                image = rng.bytes(size)
+            caption = f"a photo of thing {key}".encode()
+            meta = json.dumps({"url": f"https://example.com/{key}.jpg", "key": key, "status": "success",
+                               "caption": caption.decode(), "width": 512, "height": 384,
+                               "exif": "{}" * 200}).encode()  # fmt: skip
+            for name, data in ((f"{key}.jpg", image), (f"{key}.txt", caption), (f"{key}.json", meta)):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    table = pa.table({"key": keys, "width": widths, "height": heights,
+                      "caption": [f"a photo of thing {k}" for k in keys], "status": ["success"] * samples})  # fmt: skip
+    meta = io.BytesIO()
+    pq.write_table(table, meta)
+    return out.getvalue(), meta.getvalue()
+
+
+def _walk_once(url: str, window: int | None) -> dict:
+    """One shard indexed in this process: header walk with ``window`` bytes a request, or (None) the whole-fetch
+    path (one streaming GET, then the local header walk with the Parquet beside it): rows, requests, bytes, seconds."""
+    import time
+
+    from dali_arb.data.storage import IOStats, download, head
+    from dali_arb.index import remote
+    from dali_arb.index.remote import remote_shard_task
+    from dali_arb.index.shards import shard_task
+
+    started = time.perf_counter()
+    info = head(url)
+    if window is not None:
+        kept, remote.WALK_MIN_STRIDE = remote.WALK_MIN_STRIDE, 0  # (walked whatever the images' size)
+        try:
+            rows, _, io, walked = remote_shard_task((info, 10**9, window))
+        finally:
+            remote.WALK_MIN_STRIDE = kept
+        assert walked
+        return {"rows": rows, "requests": io["requests"] + 1, "bytes": io["bytes_read"],
+                "seconds": time.perf_counter() - started}  # fmt: skip
+    stats = IOStats()
+    with tempfile.TemporaryDirectory() as tmp:
+        download(url, f"{tmp}/s.tar", stats)
+        download(url.rsplit(".", 1)[0] + ".parquet", f"{tmp}/s.parquet", stats)
+        rows, _ = shard_task((f"{tmp}/s.tar", 10**9, [], f"{tmp}/s.parquet"))
+    taken = stats.take()
+    return {"rows": rows, "requests": taken["requests"] + 1, "bytes": taken["bytes_read"],
+            "seconds": time.perf_counter() - started}  # fmt: skip
+
+
+@case("shards-meta-s3")
+def shards_meta_s3(args) -> dict:
+    """Shards in S3 (moto's server on loopback) with img2dataset's Parquet beside them: the whole fetch (one streaming
+    GET, then the headers read locally) against the header walk with ranged GETs of several window sizes, per shard:
+    requests, bytes (and their share of the shard), seconds; directly and through a proxy adding 20 ms per request
+    (a store's first-byte latency). Images: random bytes of about 16, 64 and 256 KB (img2dataset at 256, 512 and
+    1024 px), each with a ``.txt`` and a ``.json`` member as img2dataset writes them."""
+    import boto3
+
+    from support.loopback import FaultProxy, moto_s3, put_object
+
+    windows = [4 << 10, 8 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20]
+    # samples per shard by image size: shards of 3-13 MB (moto reads a whole object for each ranged GET, so its time
+    # per request grows with the object: 6 ms at 16 MB, 60 ms at 64 MB; a real store's does not)
+    profiles = {16 << 10: 200, 64 << 10: 100, 256 << 10: 50}
+    if args.quick:
+        profiles = {size: n // 2 for size, n in profiles.items()}
+    out: dict = {}
+    with moto_s3() as server:
+        boto3.client("s3").create_bucket(Bucket="bench")
+        for image_bytes, samples in profiles.items():
+            shard, meta = _img2dataset_tar(samples, image_bytes, seed=image_bytes >> 10)
+            put_object("bench", f"{image_bytes >> 10}k/00000.tar", shard)
+            put_object("bench", f"{image_bytes >> 10}k/00000.parquet", meta)
+        for latency in (0.0, 0.02):
+            with FaultProxy(server.port, latency_s=latency) as proxy:
+                os.environ["AWS_ENDPOINT_URL"] = proxy.url
+                for image_bytes, samples in profiles.items():
+                    url = f"s3://bench/{image_bytes >> 10}k/00000.tar"
+                    whole = _walk_once(url, None)
+                    size = whole["bytes"]
+                    head = f"{samples} samples of ~{image_bytes >> 10} KB images, +{latency * 1000:.0f} ms/request"
+                    out[f"{head}: whole fetch: requests, MB, s"] = (whole["requests"], round(size / 1e6, 1),
+                                                                   round(whole["seconds"], 2))  # fmt: skip
+                    for window in windows:
+                        walk = _walk_once(url, window)
+                        same = [(r.key, r.offset, r.length) for r in walk["rows"]] == [
+                            (r.key, r.offset, r.length) for r in whole["rows"]
+                        ]
+                        out[f"  {head}: walk, {window >> 10} KiB windows: requests, MB, % of bytes, s, same"] = (
+                            walk["requests"], round(walk["bytes"] / 1e6, 2), round(100 * walk["bytes"] / size, 1),
+                            round(walk["seconds"], 2), same,
+                        )  # fmt: skip
     return out

@@ -54,6 +54,7 @@ __all__ = [
     "INDEX_NAME",
     "ManifestParts",
     "PartInfo",
+    "check_writable",
     "file_fingerprint",
     "is_parts",
     "local_copy",
@@ -313,17 +314,36 @@ def write_part(folder: str | os.PathLike, name: str, table: pa.Table, rejects: l
     )
 
 
+def check_writable(prefix: str) -> None:
+    """A StorageError, the store's own line (no bucket, access denied, no credentials), when nothing can be written
+    under the object-storage ``prefix`` (ending in ``/``): a small object is put there and deleted, so a run that could
+    not write its manifest stops before it reads its sources."""
+    from .storage import delete, put_bytes
+
+    probe = f"{prefix}.dali_arb-write-check-{os.getpid()}-{os.urandom(4).hex()}"
+    put_bytes(probe, b"")
+    with contextlib.suppress(StorageError):
+        delete(probe)
+
+
 def remove_stale(previous: ManifestParts | None, parts: Iterable[PartInfo]) -> None:
     """Delete the files of ``previous`` (the manifest's earlier index) that ``parts`` (its new one) no longer lists:
-    parts and rejects files (local folders; nothing to do without a previous index)."""
+    parts and rejects files (in a local folder or an object-storage prefix; nothing to do without a previous index).
+    Best effort: a file that cannot be deleted stays, unlisted."""
     if previous is None:
         return
     parts = list(parts)
     kept = {p.path for p in parts} | {p.rejects for p in parts if p.rejects}
     for gone in {p.path for p in previous.parts} | {p.rejects for p in previous.parts if p.rejects}:
         if gone not in kept:
-            with contextlib.suppress(OSError):
-                os.unlink(previous.join(gone))
+            if _is_url(previous.location):
+                from .storage import delete
+
+                with contextlib.suppress(StorageError):
+                    delete(previous.join(gone))
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(previous.join(gone))
 
 
 def write_index(folder: str | os.PathLike, parts: Iterable[PartInfo], *, extra: dict | None = None) -> Path | str:

@@ -92,6 +92,9 @@ def build_index(
     if is_url(str(output)):
         if captions is not None and captions.given:
             raise ConfigError("captions from a file, a name or an extension need a local -o manifest for now")
+        if engine == "ray" and str(output).endswith("/"):  # each Ray task writes its part straight to the store
+            return _ray_to_prefix(sources, str(output), max_pixels=max_pixels, workers=workers, update=update,
+                                  progress=progress, pairs=pairs, address=address)  # fmt: skip
         return _index_to_url(sources, str(output), max_pixels=max_pixels, workers=workers, update=update,
                              progress=progress, pairs=pairs, engine=engine, address=address)  # fmt: skip
     output, in_parts = _local_output(output)
@@ -342,18 +345,23 @@ def _index_to_prefix(sources: list[str], url: str, *, update: bool, **options) -
     """``build_index`` into a manifest in parts under the prefix ``url`` (ending in ``/``): written in a private local
     folder, then each part and its rejects uploaded, the index last, so a reader sees the old manifest or the whole
     new one. With ``update``, the manifest in parts already there (if any) is copied first and its unchanged rows
-    reused. Parts of an earlier manifest at the prefix stay there, no longer listed."""
+    reused. Parts of an earlier manifest at the prefix that the new index does not list are then deleted."""
     import shutil
     import tempfile
 
-    from ..data.parts import local_parts
+    from ..data.parts import check_writable, local_parts
     from ..data.storage import upload
 
+    try:
+        check_writable(url)  # (before the sources are read)
+    except StorageError as exc:
+        raise IndexingError(f"cannot write the manifest to {url}: {exc}") from None
     folder = Path(tempfile.mkdtemp(prefix="dali-arb-index-"))
     local = folder / "manifest"
     try:
         try:
-            if update and is_parts(url):
+            previous = read_index(url) if is_parts(url) else None
+            if update and previous is not None:
                 shutil.copytree(local_parts(url, cache_dir=folder / "cache"), local)
         except (StorageError, ManifestError) as exc:
             raise IndexingError(str(exc)) from None
@@ -373,6 +381,7 @@ def _index_to_prefix(sources: list[str], url: str, *, update: bool, **options) -
             upload(listing.index, url + INDEX_NAME)  # last: the manifest appears whole at once
         except StorageError as exc:
             raise IndexingError(f"the manifest was built but could not be written: {exc}") from None
+        remove_stale(previous, listing.parts)
         if failure is not None:
             raise failure
         summary.manifest = url
@@ -381,6 +390,23 @@ def _index_to_prefix(sources: list[str], url: str, *, update: bool, **options) -
         return summary
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _ray_to_prefix(sources: list[str], url: str, *, max_pixels: int, workers: int | None, update: bool,
+                   progress: bool | None, pairs: list[PairSpec] | tuple, address: str | None) -> IndexSummary:  # fmt: skip
+    """``build_index`` with the Ray engine into a manifest in parts at the prefix ``url``: every task writes its part
+    straight to the store, the index last (:mod:`.engines.ray_store`); no file system is shared."""
+    from ..data.storage import expand_sources, is_url
+    from .engines.ray_store import index_on_ray_to_store
+
+    try:
+        expanded = [u for s in sources for u in (expand_sources(s) if is_url(s) else _expand_local(s))]
+        chosen = [(reader_for(s), s if is_url(s) else os.path.abspath(s)) for s in expanded]
+    except StorageError as exc:
+        raise IndexingError(str(exc)) from None
+    checked = _checked_pairs(pairs, [(reader.name, source) for reader, source in chosen])
+    return index_on_ray_to_store(chosen, url, sources=sources, max_pixels=max_pixels, pairs=checked, update=update,
+                                 workers=workers, progress_bar=lambda: _progress_bar(progress), address=address)  # fmt: skip
 
 
 def _checked_pairs(pairs: list[PairSpec] | tuple, kinds: list[tuple[str, str]]) -> list[PairSpec]:

@@ -19,7 +19,7 @@ from ..errors import ConfigError, IndexingError, StorageError
 from .folders import folder_task
 from .metadata import metadata_chunks
 from .records import Reject
-from .remote import fetched, pair_listings, prefix_tasks, remote_folder_task
+from .remote import fetched, pair_listings, prefix_tasks, remote_folder_task, remote_shard_task
 from .run import IndexRun
 from .shards import shard_task, sidecar_gives_original, sidecar_metadata
 
@@ -149,15 +149,32 @@ def read_remote_metadata(run: IndexRun, url: str) -> None:
 
 
 def read_remote_shard(run: IndexRun, url: str) -> None:
-    """A ``.tar`` shard in object storage: fetched whole, read as a local shard, refused if it changed meanwhile."""
+    """A ``.tar`` shard in object storage: with img2dataset's Parquet beside it (and no pairs), sizes from it and
+    offsets from the tar's headers only (``remote.remote_shard_task``: ranged GETs for a shard of large images), else
+    fetched whole and read as a local shard; refused if it changed meanwhile."""
     from ..data.storage import head
 
+    summary = run.summary
     with _storage_errors(url):
         before = head(url)
-        with fetched(url, ".tar") as local:
-            run.summary.fetched_objects += 1
-            run.summary.fetched_bytes += os.path.getsize(local)
-            rows, rejects = run.submit(shard_task, (local, run.max_pixels, run.pairs)).result()
+        # (the two HEADs, before and after, are not counted in the summary's requests)
+        walked = None if run.pairs else run.submit(remote_shard_task, (before, run.max_pixels)).result()
+        local = url
+        if walked is not None and walked[3]:  # img2dataset's Parquet beside it: the tar's headers walked
+            rows, rejects, io, _ = walked
+            summary.shard_walks += 1
+            summary.shard_walk_requests += io["requests"]
+            summary.shard_walk_bytes += io["bytes_read"]
+            summary.shard_walk_size += before.size
+        elif walked is not None:  # the Parquet beside it, its images small: fetched whole, no image read
+            rows, rejects, io, _ = walked
+            summary.fetched_objects += 1
+            summary.fetched_bytes += io["bytes_read"]
+        else:
+            with fetched(url, ".tar") as local:
+                summary.fetched_objects += 1
+                summary.fetched_bytes += os.path.getsize(local)
+                rows, rejects = run.submit(shard_task, (local, run.max_pixels, run.pairs)).result()
         info = head(url)
         if (info.size, info.etag, info.mtime_ns) != (before.size, before.etag, before.mtime_ns):
             raise IndexingError(f"{url} was rewritten while it was indexed; index it again once it is written")

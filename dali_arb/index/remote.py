@@ -1,10 +1,15 @@
-"""Indexing from object storage: a prefix is a folder, shards and metadata are fetched whole.
+"""Indexing from object storage: a prefix is a folder; shards are walked header by header where img2dataset's
+Parquet is beside them, else fetched whole; metadata is fetched whole.
 
 Per image under a prefix the indexer reads headers only: Pillow reads through :class:`RemoteFile`, which fetches
 64 KiB blocks on demand, so a JPEG's size and EXIF orientation usually cost one ranged GET and the truncation
 check one more (the last 64 KiB); an image of 64 KiB or less is one GET. Sidecar captions (``KEY.txt``,
-``KEY.caption``) are fetched whole. Per shard: one streaming GET of the whole shard (its images' headers lie
-inside it), read as a local file. Metadata (img2dataset Parquet/CSV): one GET.
+``KEY.caption``) are fetched whole. Per shard with img2dataset's Parquet beside it (``00000.tar`` and
+``00000.parquet``): one GET of the Parquet (sizes, captions) and the tar's headers (offsets), read in windows of
+:data:`SHARD_WINDOW` bytes (:class:`HeaderWindows`): a tar has no index and each header gives the next one's
+offset, so one request reads every header inside its window and the next starts at the first header past it. Per
+shard without one: one streaming GET of the whole shard (its images' headers lie inside it), read as a local file.
+Metadata (img2dataset Parquet/CSV): one GET.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -22,17 +28,37 @@ from ..data.pairs import PairSpec
 from ..data.storage import IOStats, ObjectInfo, download, get_bytes, get_range, is_url
 from ..data.storage import info as object_info
 from ..data.videofacts import inspect_video, is_video_name
-from ..errors import ObjectChanged, ObjectMissing, StorageError
+from ..errors import IndexingError, ObjectChanged, ObjectMissing, StorageError
 from .folders import CAPTION_EXTS, NOT_IMAGES, PreviousRows, decode_caption
 from .pairing import pair_problem
 from .records import Reject, Row
 
-__all__ = ["BLOCK", "RemoteFile", "fetched", "list_objects", "pair_listings", "prefix_tasks", "remote_folder_task"]
+__all__ = [
+    "BLOCK",
+    "SHARD_WINDOW",
+    "WALK_MIN_STRIDE",
+    "HeaderWindows",
+    "RemoteFile",
+    "RemoteShard",
+    "fetched",
+    "list_objects",
+    "pair_listings",
+    "prefix_tasks",
+    "remote_folder_task",
+    "remote_shard_task",
+]
 
 #: Bytes a header read fetches at once.
 BLOCK = 64 << 10
 #: A video's reads: 1 MiB per request, 4 held (a video demuxed to count its frames streams through 4 MiB)
 VIDEO_BLOCK = 1 << 20
+#: Bytes of a tar shard one request reads while its headers are walked (``RemoteShard``): every header inside a
+#: window is read with it (``benchmarks/RESULTS.md``, shards-meta, chose it).
+SHARD_WINDOW = 8 << 10
+#: A shard with img2dataset's Parquet beside it is walked header by header where it holds this many bytes or more per
+#: sample (its images are large: the walk reads a small share of it); a shard of smaller images is fetched whole,
+#: which costs 1 request instead of about 1 per sample for most of its bytes anyway (shards-meta-s3).
+WALK_MIN_STRIDE = 64 << 10
 #: Images of one task inspected at once (network-bound: more than the cores).
 CONCURRENT_HEADERS = 16
 FILES_PER_TASK = 256
@@ -93,6 +119,177 @@ class RemoteFile(io.RawIOBase):
         buffer = bytearray(min(size, max(0, self.size - self._pos)))
         n = self.readinto(memoryview(buffer))
         return bytes(buffer[:n])
+
+
+class HeaderWindows(io.RawIOBase):
+    """A read-only, seekable view of an object for a walk that reads forward (a tar's headers): a read outside the
+    window held fetches ``[position, position + window)`` with one ranged GET (clipped to the object) and keeps that
+    window only, so every header inside it costs nothing more. ``size``: the object's size in bytes."""
+
+    def __init__(self, url: str, size: int, stats: IOStats | None = None, *, window: int) -> None:
+        super().__init__()
+        self.url, self.size, self.stats, self.window = url, int(size), stats, int(window)
+        self._pos = 0
+        self._start, self._data = 0, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def held(self, start: int, end: int) -> bytes | None:
+        """Bytes ``[start, end)`` where the window held covers them, else None (nothing is fetched)."""
+        if self._start <= start and end <= self._start + len(self._data):
+            return self._data[start - self._start : end - self._start]
+        return None
+
+    def read(self, size: int = -1) -> bytes:
+        end = self.size if size is None or size < 0 else min(self.size, self._pos + size)
+        if end <= self._pos:
+            return b""
+        data = self.held(self._pos, end)
+        if data is None:
+            self._start = self._pos
+            self._data = get_range(self.url, self._pos, min(self.size, self._pos + max(self.window, end - self._pos)),
+                                   self.stats)  # fmt: skip
+            data = self._data[: end - self._pos]
+        self._pos += len(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+class _Slice(io.RawIOBase):
+    """Bytes ``[offset, offset + length)`` of a :class:`RemoteFile` as a seekable file (a tar member: a video)."""
+
+    def __init__(self, whole: RemoteFile, offset: int, length: int) -> None:
+        super().__init__()
+        self._whole, self._offset, self.size, self._pos = whole, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def read(self, size: int = -1) -> bytes:
+        size = self.size - self._pos if size is None or size < 0 else min(size, self.size - self._pos)
+        if size <= 0:
+            return b""
+        self._whole.seek(self._offset + self._pos)
+        data = self._whole.read(size)
+        self._pos += len(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+class RemoteShard:
+    """A tar shard in object storage open for ``shards.inspect_shard``: its headers walked through
+    :class:`HeaderWindows` of :data:`SHARD_WINDOW` bytes, a member's bytes from the window held or one ranged GET,
+    a video member through :class:`RemoteFile` blocks. ``info``: the object as a HEAD found it (its size bounds every
+    read; its identity is what ``readers.read_remote_shard`` records)."""
+
+    def __init__(self, info: ObjectInfo, stats: IOStats, *, window: int | None = None) -> None:
+        self.name, self.stats = info.url, stats
+        self.stat = os.stat_result((0, 0, 0, 0, 0, 0, info.size, 0, 0, 0, 0, 0, info.mtime_ns, 0))
+        self.identity = {"ctime_ns": None, "source_size": info.size, "etag": info.etag}
+        self.raw = HeaderWindows(info.url, info.size, stats, window=window or SHARD_WINDOW)
+
+    def read(self, offset: int, length: int) -> bytes:
+        held = self.raw.held(offset, offset + length)
+        return held if held is not None else get_range(self.name, offset, offset + length, self.stats)
+
+    def member(self, offset: int, length: int) -> _Slice:
+        return _Slice(RemoteFile(self.name, self.raw.size, self.stats, block=VIDEO_BLOCK, keep=4), offset, length)
+
+    def __enter__(self) -> RemoteShard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def sidecar_url(url: str) -> str:
+    """The URL of img2dataset's Parquet beside the shard at ``url`` (``.../00000.tar`` -> ``.../00000.parquet``)."""
+    return url.rsplit(".", 1)[0] + ".parquet"
+
+
+def remote_sidecar(url: str, local: str, stats: IOStats) -> bool:
+    """Fetch img2dataset's Parquet beside the shard at ``url`` (``00000.tar`` -> ``00000.parquet``) into the local file
+    ``local`` (one GET); whether there is one with ``shards.SIDECAR_COLUMNS``. A failing store raises."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .shards import SIDECAR_COLUMNS
+
+    try:
+        download(sidecar_url(url), local, stats)
+    except ObjectMissing:
+        return False
+    try:
+        return set(SIDECAR_COLUMNS) <= set(pq.read_schema(local).names)
+    except (pa.ArrowException, OSError):
+        return False
+
+
+def remote_shard_task(args: tuple) -> tuple[list[Row], list[Reject], dict[str, int], bool] | None:
+    """Index the shard in object storage ``(info, max_pixels[, window])`` (``info``: its :class:`ObjectInfo`) from
+    img2dataset's Parquet beside it: sizes and captions from the Parquet, offsets from the tar's headers, no image
+    read. The headers are walked with ranged GETs (``shards.inspect_shard`` on a :class:`RemoteShard`) where the shard
+    holds :data:`WALK_MIN_STRIDE` bytes or more per sample the Parquet lists; else the shard is fetched whole (one
+    streaming GET: the walk would read most of it, a request per sample) and its headers read locally. Returns rows,
+    rejects, the requests and bytes read (the Parquet's included) and whether the headers were walked; None when no
+    usable Parquet is beside it (then nothing else was read)."""
+    import pyarrow.parquet as pq
+
+    from .shards import LocalShard, inspect_shard
+
+    info, max_pixels, *rest = args
+    stats = IOStats()
+    folder = tempfile.mkdtemp(prefix="dali_arb-sidecar-")
+    local = os.path.join(folder, "sidecar.parquet")
+    try:
+        if not remote_sidecar(info.url, local, stats):
+            return None
+        listed = pq.read_metadata(local).num_rows
+        walk = info.size >= WALK_MIN_STRIDE * max(1, listed)
+        if walk:
+            opened: RemoteShard | LocalShard = RemoteShard(info, stats, window=rest[0] if rest else None)
+        else:
+            download(info.url, os.path.join(folder, "shard.tar"), stats)
+            opened = LocalShard(os.path.join(folder, "shard.tar"))
+            opened.name = info.url  # (rows and rejects name the object; its identity is set by the reader)
+        try:
+            rows, rejects = inspect_shard(opened, max_pixels, [], local)
+        except IndexingError as exc:  # (a Parquet that cannot be read: named by its URL, not the local copy)
+            raise IndexingError(str(exc).replace(local, sidecar_url(info.url))) from None
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return rows, rejects, stats.take(), walk
 
 
 def _listing(base: str, rejects: list[Reject] | None = None) -> tuple[dict[str, ObjectInfo], dict[str, str], int]:

@@ -59,6 +59,12 @@ class IndexSummary:
     remote_requests: int = 0
     remote_bytes: int = 0
     remote_images: int = 0
+    #: shards in object storage walked header by header (img2dataset's Parquet beside them): shards, requests and
+    #: bytes read (the Parquets' included), the shards' bytes
+    shard_walks: int = 0
+    shard_walk_requests: int = 0
+    shard_walk_bytes: int = 0
+    shard_walk_size: int = 0
     #: shards and metadata fetched whole from object storage: objects, bytes
     fetched_objects: int = 0
     fetched_bytes: int = 0
@@ -107,6 +113,14 @@ class IndexSummary:
                 "(metadata without a path column): `dali-arb buckets` and `plan` can use them, the loader cannot serve "
                 "them; add a column path (or filepath, file, image_path) naming each image's file or URL, or index the "
                 "images or tar shards themselves"
+            )
+        if self.shard_walks:
+            text += (
+                f"; {self.shard_walks} shard(s) in object storage read header-only (img2dataset's Parquet beside "
+                f"them): {self.shard_walk_requests / self.shard_walks:.1f} requests and "
+                f"{self.shard_walk_bytes / self.shard_walks / 1024:.0f} KiB per shard, "
+                f"{100 * self.shard_walk_bytes / max(1, self.shard_walk_size):.1f}% of their "
+                f"{self.shard_walk_size / 2**20:.1f} MiB"
             )
         if self.fetched_objects:
             text += f"; {self.fetched_objects} shard/metadata object(s) fetched whole ({self.fetched_bytes / 2**20:.1f} MiB)"

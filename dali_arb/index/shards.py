@@ -6,7 +6,7 @@ import json
 import os
 import posixpath
 import tarfile
-from typing import BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -20,7 +20,16 @@ from .folders import FILE_ERRNOS, NOT_IMAGES, decode_caption, display_path, is_u
 from .pairing import FolderListings, find_pairs
 from .records import Reject, Row, original_sizes
 
-__all__ = ["MemberFile", "member_key", "shard_task", "sidecar_gives_original", "sidecar_metadata"]
+__all__ = [
+    "LocalShard",
+    "MemberFile",
+    "OpenShard",
+    "inspect_shard",
+    "member_key",
+    "shard_task",
+    "sidecar_gives_original",
+    "sidecar_metadata",
+]
 
 #: img2dataset's columns the sizes of a shard's samples are taken from (``caption`` too, where present).
 SIDECAR_COLUMNS = ("key", "width", "height")
@@ -115,38 +124,47 @@ def _sidecar_originals(table: pa.Table) -> list[tuple[int | None, int | None]]:
 
 
 def shard_task(args: tuple) -> tuple[list[Row], list[Reject]]:
-    """Inspect every sample of one tar shard: ``(shard path, max_pixels, pairs[, sidecar])``.
+    """Inspect every sample of one local tar shard: ``(shard path, max_pixels, pairs[, sidecar])``
+    (:func:`inspect_shard` on the shard open)."""
+    shard, max_pixels, pairs, *rest = args
+    sidecar = rest[0] if rest else None
+    try:
+        opened = LocalShard(shard)
+    except OSError as exc:
+        if exc.errno not in FILE_ERRNOS:  # the disk or the system (EIO, EMFILE): never a reject of good samples
+            raise _system_failed(shard, exc) from None
+        return [], [{"source": shard, "reason": f"unreadable tar shard ({exc})"}]
+    return inspect_shard(opened, max_pixels, pairs, sidecar)
+
+
+def inspect_shard(
+    opened: OpenShard, max_pixels: int, pairs: list, sidecar: str | None = None
+) -> tuple[list[Row], list[Reject]]:
+    """Inspect every sample of one tar shard, ``opened`` (a local file, or an object read with ranged GETs:
+    ``remote.RemoteShard``), and close it.
 
     A sample's image is its member with no extra dot-part (``key.jpg``); members with one
     (``key.depth.png``) belong to the sample and never replace its image: a pair without a folder
     (``--pair depth``) is that member.
 
-    ``sidecar``: img2dataset's per-shard Parquet (:func:`sidecar_metadata`). Then only the tar's headers are read
-    (a 512-byte read per member, seeking over the data): a sample it lists (``status`` success) takes its size,
-    caption and original size (``original_width``/``original_height``, where given) from it; a sample it does not
-    list is read as without it.
+    ``sidecar``: img2dataset's per-shard Parquet (:func:`sidecar_metadata`), a local file. Then only the tar's
+    headers are read (a 512-byte read per member, seeking over the data): a sample it lists (``status`` success)
+    takes its size, caption and original size (``original_width``/``original_height``, where given) from it; a
+    sample it does not list is read as without it.
     """
-    shard, max_pixels, pairs, *rest = args
-    sidecar = rest[0] if rest else None
+    shard = opened.name
     rows: list[Row] = []
     rejects: list[Reject] = []
-    try:
-        fh = open(shard, "rb")
-    except OSError as exc:
-        if exc.errno not in FILE_ERRNOS:  # the disk or the system (EIO, EMFILE): never a reject of good samples
-            raise _system_failed(shard, exc) from None
-        return [], [{"source": shard, "reason": f"unreadable tar shard ({exc})"}]
-    with fh:
+    with opened:
         # one open file for the identity, the member list and every read: a shard replaced meanwhile (renamed
         # over) is not mixed in (its identity with the offsets of the one read would serve keys other images)
-        stat = os.fstat(fh.fileno())
-        identity = {"ctime_ns": stat.st_ctime_ns, "source_size": stat.st_size}
+        stat, identity = opened.stat, opened.identity
         try:
             facts, has_captions = _sidecar_facts(sidecar, max_pixels) if sidecar else ({}, False)
         except (pa.ArrowException, OSError) as exc:
             raise IndexingError(f"cannot read {display_path(sidecar)}, the metadata beside {shard}: {exc}") from None
         try:
-            samples, unnamed = _members(shard, fh, read_texts=not sidecar) if sidecar else _members(shard, fh)
+            samples, unnamed = _members(shard, opened.raw, read_texts=not sidecar)
         except OSError as exc:  # the shard opened: reading it failed in the disk or the system
             raise _system_failed(shard, exc) from None
         except (tarfile.TarError, EOFError) as exc:
@@ -154,8 +172,7 @@ def shard_task(args: tuple) -> tuple[list[Row], list[Reject]]:
         rejects += unnamed
         listings = FolderListings()
 
-        def read_member(offset: int, length: int) -> bytes:
-            return os.pread(fh.fileno(), length, offset)
+        read_member = opened.read
 
         for key, sample in samples.items():
             if "image" not in sample:
@@ -179,7 +196,7 @@ def shard_task(args: tuple) -> tuple[list[Row], list[Reject]]:
                 continue
             video = None
             if is_video_name(name):  # read in place through a window on the shard: never the whole member at once
-                video = inspect_video(MemberFile(fh, offset, length), max_pixels=max_pixels)
+                video = inspect_video(opened.member(offset, length), max_pixels=max_pixels)
                 result = video if isinstance(video, str) else (video.width, video.height)
             else:
                 result = inspect_image(read_member(offset, length), max_pixels=max_pixels)
@@ -222,6 +239,60 @@ class MemberFile:
 
     def tell(self) -> int:
         return self._pos
+
+
+class OpenShard(Protocol):
+    """A tar shard open for :func:`inspect_shard` (a context manager that closes it).
+
+    Attributes:
+        name: the shard as rows and rejects name it (a path or a URL).
+        stat: its ``st_mtime_ns`` (and, locally, the rest of ``os.stat``).
+        identity: what rows record to recognise it (``ctime_ns``, ``source_size``...).
+        raw: a seekable binary file of the whole shard, that ``tarfile`` walks.
+    """
+
+    name: str
+    stat: Any
+    identity: dict[str, Any]
+    raw: BinaryIO
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes ``[offset, offset + length)`` of the shard."""
+
+    def member(self, offset: int, length: int) -> BinaryIO:
+        """A seekable file of bytes ``[offset, offset + length)`` of the shard, read as needed (a video member)."""
+
+    def __enter__(self) -> OpenShard: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+class LocalShard:
+    """A local shard open: one open file for the identity, the member list and every read (``pread``), so a shard
+    replaced meanwhile (renamed over) is not mixed in (its identity with the offsets of the one read would serve keys
+    other images). ``open`` raises OSError."""
+
+    def __init__(self, path: str) -> None:
+        self.name = path
+        self.raw = open(path, "rb")
+        try:
+            self.stat = os.fstat(self.raw.fileno())
+        except OSError:
+            self.raw.close()
+            raise
+        self.identity = {"ctime_ns": self.stat.st_ctime_ns, "source_size": self.stat.st_size}
+
+    def read(self, offset: int, length: int) -> bytes:
+        return os.pread(self.raw.fileno(), length, offset)
+
+    def member(self, offset: int, length: int) -> MemberFile:
+        return MemberFile(self.raw, offset, length)
+
+    def __enter__(self) -> LocalShard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.raw.close()
 
 
 def _system_failed(shard: str, exc: OSError) -> StorageError:

@@ -50,6 +50,7 @@ from .fetcher import Fetcher
 from .local import file_url
 from .objects import (
     ObjectInfo,
+    delete,
     download,
     exists,
     expand_sources,
@@ -58,6 +59,7 @@ from .objects import (
     head,
     info,
     list_prefix,
+    put_bytes,
     replacing,
     strong_etag,
     upload,
@@ -82,6 +84,7 @@ __all__ = [
     "backoff",
     "check_size",
     "check_version",
+    "delete",
     "download",
     "endpoint_of",
     "exists",
@@ -96,6 +99,7 @@ __all__ = [
     "is_url",
     "list_prefix",
     "max_sample_bytes",
+    "put_bytes",
     "replacing",
     "split_url",
     "store_deadline_s",

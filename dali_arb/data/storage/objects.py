@@ -1,5 +1,5 @@
 """Synchronous requests (indexing, manifests): list a prefix, head, get a range or an object, download a file
-whole or not at all, upload one, expand brace ranges and globs into URLs.
+whole or not at all, upload a file or bytes, delete an object, expand brace ranges and globs into URLs.
 
 Imports: the standard library, ``dali_arb.errors``, ``.base``, ``.schemes``, ``.retries``; obstore and
 braceexpand inside the functions that use them.
@@ -169,6 +169,25 @@ def upload(path: str | os.PathLike, url: str, stats: IOStats | None = None) -> i
     found, key = store_of(url)
     with_retries(lambda: obstore.put(found, key, Path(path)), url, stats)
     return os.path.getsize(path)
+
+
+def put_bytes(url: str, data: bytes, stats: IOStats | None = None) -> None:
+    """Write ``data`` as the object at ``url`` (with retries; atomic, as :func:`upload`)."""
+    import obstore
+
+    found, key = store_of(url)
+    with_retries(lambda: obstore.put(found, key, data), url, stats)
+
+
+def delete(url: str, stats: IOStats | None = None) -> None:
+    """Delete the object at ``url`` (with retries); one that is not there is no error."""
+    import obstore
+
+    found, key = store_of(url)
+    try:
+        with_retries(lambda: obstore.delete(found, key), url, stats)
+    except ObjectMissing:
+        pass
 
 
 def exists(url: str) -> bool:

@@ -364,11 +364,12 @@ def index_on_ray(
 
 def _run_units(
     ray, chosen: list, scratch: Path, summary: IndexSummary, walk_rejects: list, *, max_pixels: int,
-    pairs: list[PairSpec], old: pa.Table | None, progress_bar: Callable,
+    pairs: list[PairSpec], old: pa.Table | None, progress_bar: Callable, unit_task: Callable = run_unit,
 ) -> list[tuple[str, str]]:  # fmt: skip
     """Submit every unit as a Ray task (at most :data:`IN_FLIGHT_PER_CPU` per cluster CPU in flight), merge their
-    summaries into ``summary`` and show progress; the ``(part, rejects)`` paths in unit order."""
-    task = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(run_unit)
+    summaries into ``summary`` and show progress; the ``(part, rejects)`` paths in unit order. ``unit_task``: what
+    a task runs, :func:`run_unit` or one with its signature and results (``ray_store.run_unit_to_store``)."""
+    task = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(unit_task)
     limit = max(2, IN_FLIGHT_PER_CPU * int(ray.cluster_resources().get("CPU", 1)))
     found: dict[int, tuple[str, str]] = {}
     inflight: dict = {}
