@@ -196,3 +196,92 @@ def test_dali_video_graph_on_the_cpu_matches_the_workers(tmp_path: Path, codec: 
         assert served.shape == (len(clip.indices), 3, 64, 96)
         for k in range(len(clip.indices)):
             assert psnr(served[k].transpose(1, 2, 0), frames[k]) >= PSNR_BOUND
+
+
+def dali_raw(data: np.ndarray, frames: np.ndarray) -> np.ndarray:
+    """DALI's CPU video decoder on ``data`` at ``frames``: the coded frames ``uint8 [F, H, W, 3]``, unturned."""
+    from nvidia.dali import fn, pipeline_def
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None, exec_dynamic=True)
+    def pipe():
+        feeds = fn.external_source(source=lambda: ([data], [np.asarray(frames, np.int32)]), num_outputs=2, batch=True)
+        return fn.decoders.video(feeds[0], device="cpu", frames=feeds[1])
+
+    p = pipe()
+    p.build()
+    (out,) = p.run()
+    return np.asarray(out[0])
+
+
+#: (codec, file, make_clip options): the clips DALI's CPU decoder reads, with a variable frame rate and rotations
+REMUX_CASES = [
+    ("vp9", "c.webm", {}),
+    ("mjpeg", "c.avi", {}),
+    ("vp9", "v.webm", {"vfr": True}),
+    ("mjpeg", "c.mkv", {}),
+    *[("mjpeg", f"r{r}.mov", {"rotation": r}) for r in (90, 180, 270)],
+]
+
+
+@pytest.mark.parametrize(("codec", "name", "extra"), REMUX_CASES, ids=[c[1] for c in REMUX_CASES])
+def test_dali_video_is_fed_only_the_clips_packets(tmp_path: Path, codec: str, name: str, extra: dict) -> None:
+    """``dali_video`` feeds DALI the clip's packets remuxed from the keyframe before its first frame: far fewer
+    bytes than the file, the same decoded frames as from the whole file (frame numbers shifted), and through the
+    graph the reference's frames, upright (DALI's decoder does not turn frames: the graph does)."""
+    pytest.importorskip("nvidia.dali")
+    from dali_arb.loader.decoders.video import DaliVideoDecoder
+    from dali_arb.loader.decoders.videoframes import clip_bytes
+
+    path = make_clip(tmp_path / name, codec=codec, fps=30.0, frames=90, size=(192, 112), gop=10, **extra)
+    reference, times = reference_frames(path)
+    data = np.fromfile(path, np.uint8)
+    frame_times = times.astype(np.float32) if extra.get("vfr") else None
+    clip = ClipFrames(np.array([43, 44, 44, 47, 52], np.int64), 30.0, frame_times)
+    cut, failure = clip_bytes(data, clip)
+    assert failure == Failure.NONE
+    assert 33 <= cut.first <= 43 and cut.rotation == extra.get("rotation", 0)
+    assert len(cut.data) < 0.4 * len(data)  # about 20 of 90 frames
+    np.testing.assert_array_equal(dali_raw(cut.data, clip.indices - cut.first), dali_raw(data, clip.indices))
+    height, width = reference.shape[1:3]
+    geometry = place(height, width, bucket_h=48, bucket_w=80, u_y=0.3, u_x=0.7, center=False)
+    sample, failure = DaliVideoDecoder().prepare_clip(data, clip, geometry)
+    assert failure == Failure.NONE
+    served = run_graph(DaliVideoDecoder(), [sample], [False])[0].transpose(0, 2, 3, 1)
+    check_frames(served, reference, clip.indices, geometry)
+
+
+@pytest.mark.parametrize("rotation", [0, 90])
+def test_clip_bytes_of_h264_with_b_frames_decode_to_the_same_frames(tmp_path: Path, rotation: int) -> None:
+    """H.264 with B-frames (decode order is not presentation order; DALI's CPU decoder refuses H.264, so PyAV
+    decodes the remuxed MP4): every wanted frame is in it, at its number minus the keyframe's."""
+    from dali_arb.loader.decoders.videoframes import clip_bytes
+
+    path = make_clip(tmp_path / "b.mp4", codec="h264", fps=24.0, frames=96, size=(160, 96), gop=24, rotation=rotation)
+    reference, _ = reference_frames(path)
+    for wanted in ([0, 1, 2], [30, 31, 40], [47, 48], [70, 95], [95]):
+        cut, failure = clip_bytes(path, ClipFrames(np.array(wanted, np.int64), 24.0))
+        assert failure == Failure.NONE and cut.rotation == rotation
+        frames, _ = reference_frames_of_bytes(cut.data)
+        assert cut.first == wanted[0] // 24 * 24  # the keyframe at or before the first wanted frame
+        for index in wanted:
+            assert psnr(frames[index - cut.first], reference[index]) > 60, (wanted, index)
+
+
+def reference_frames_of_bytes(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
+        f.write(data.tobytes())
+        f.flush()
+        return reference_frames(f.name)
+
+
+def test_clip_bytes_of_a_truncated_or_junk_file_are_a_failure(tmp_path: Path) -> None:
+    from dali_arb.loader.decoders.videoframes import clip_bytes
+
+    path = make_clip(tmp_path / "t.webm", codec="vp9", frames=48, size=(160, 96))
+    truncate_clip(path, keep=0.5)
+    assert clip_bytes(path, ClipFrames(np.arange(30, 47, dtype=np.int64), 24.0)) == (None, Failure.TRUNCATED)
+    junk = tmp_path / "junk.webm"
+    junk.write_bytes(b"\x1a\x45\xdf\xa3" + bytes(range(256)) * 8)  # an EBML header, then nothing
+    assert clip_bytes(junk, ClipFrames(np.array([0]), 24.0)) == (None, Failure.UNDECODABLE)

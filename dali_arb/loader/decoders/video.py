@@ -35,7 +35,7 @@ from ...plan.geometry import Geometry
 from ..contracts import Failure, Output
 from .base import Decoder
 from .pillow import PillowDecoder
-from .videoframes import ClipFrames, decode_clip
+from .videoframes import ClipFrames, clip_bytes, decode_clip
 
 __all__ = ["VIDEO_AUTO", "VIDEO_DECODERS", "DaliVideoDecoder", "PyAVDecoder", "VideoDecoder", "choose_video_decoder"]
 
@@ -112,6 +112,7 @@ class DaliVideoDecoder(VideoDecoder):
         Output("frames", "INT32"),
         Output("roi_start", "FLOAT"),
         Output("roi_end", "FLOAT"),
+        Output("rotation", "FLOAT"),
     )
     shared_outputs: ClassVar[tuple[Output, ...]] = (Output("size", "FLOAT"),)
 
@@ -125,13 +126,32 @@ class DaliVideoDecoder(VideoDecoder):
     def prepare_clip(
         self, data: np.ndarray, clip: ClipFrames, geometry: Geometry
     ) -> tuple[dict[str, np.ndarray] | None, Failure]:
+        """The clip's packets alone (:func:`~.videoframes.clip_bytes`: remuxed from the keyframe at or before its
+        first frame), the frame numbers in them, and the crop window and output size in the decoder's (coded,
+        unturned) orientation, with the quarter turns that make it upright after the resize."""
+        cut, failure = clip_bytes(data, clip)
+        if cut is None:
+            return None, failure
         top, left, bottom, right = geometry.source_window()
+        h, w = geometry.height, geometry.width  # upright
+        size = [geometry.bucket_h, geometry.bucket_w]
+        turns = cut.rotation // 90 % 4
+        # the upright window in the coded frame (upright = np.rot90(coded, turns)): coded is w x h for odd turns
+        if turns == 1:
+            top, left, bottom, right = left, h - bottom, right, h - top
+        elif turns == 2:
+            top, left, bottom, right = h - bottom, w - right, h - top, w - left
+        elif turns == 3:
+            top, left, bottom, right = w - right, top, w - left, bottom
+        if turns % 2:
+            size.reverse()
         return {
-            "encoded": data,
-            "frames": np.asarray(clip.indices, np.int32),
+            "encoded": cut.data,
+            "frames": np.asarray(np.asarray(clip.indices) - cut.first, np.int32),
             "roi_start": np.array([top, left], np.float32),
             "roi_end": np.array([bottom, right], np.float32),
-            "size": np.array([geometry.bucket_h, geometry.bucket_w], np.float32),
+            "rotation": np.array(turns * 90, np.float32),
+            "size": np.array(size, np.float32),
         }, Failure.NONE
 
     def graph(self, feeds: dict[str, Any], *, gpu: bool) -> dict[str, Any]:
@@ -147,7 +167,9 @@ class DaliVideoDecoder(VideoDecoder):
             antialias=True,
             interp_type=types.INTERP_LINEAR,
         )
-        return {"images": resized}
+        # quarter turns are exact with nearest-neighbour sampling; a turn of 0 is a copy of the bucket-size clip
+        upright = fn.rotate(resized, angle=feeds["rotation"], interp_type=types.INTERP_NN, keep_size=False)
+        return {"images": upright}
 
     def default_workers(self, cores: int) -> int:
         return max(1, min(4, cores // 4))  # the workers only read bytes
