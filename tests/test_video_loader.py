@@ -321,3 +321,56 @@ def test_a_video_truncated_after_indexing_is_replaced_by_either_decoder(tmp_path
             source = m.table.column("source")[int(key[1:])].as_py()
             reference = reference_clip(source, batch["frame_index"][b].numpy())
             assert psnr(batch["video"][b, 0].numpy(), reference[0]) >= PSNR_BOUND
+
+
+def garble_frames(path: str) -> None:
+    """Overwrite every frame's payload with noise, in place: the container (size, index, timestamps) stays intact,
+    so the workers' remux succeeds and the decoder in the DALI graph fails ("No JPEG data found in image")."""
+    with av.open(path) as container:
+        spans = [(p.pos, p.size) for p in container.demux(video=0) if p.size]
+    data = np.fromfile(path, np.uint8)
+    rng = np.random.default_rng(7)
+    for pos, size in spans:
+        data[pos : pos + size] = rng.integers(0, 256, size, dtype=np.uint8)
+    data.tofile(path)
+
+
+def test_dali_video_recovers_from_a_clip_its_decoder_fails_on(tmp_path: Path) -> None:
+    """``dali_video`` on DALI's CPU decoder: an MJPEG clip whose frames are garbled (the container intact, so only
+    the decoder in the graph can tell) fails the batch; the loader finds it by probing, lists it in ``failed`` and
+    serves its stand-in, every epoch's clips exactly once otherwise, the same batches in a second run."""
+    m = video_manifest(tmp_path, [{"frames": 18, "codec": "mjpeg", "fps": 30.0} for _ in range(4)])
+    garble_frames(m.table.column("source")[1].as_py())
+    options = {"frames": [9], "images": "exclude", "video_decoder": "dali_video", "leftover": "partial"}
+    runs = []
+    for _ in range(2):
+        with loader(m, **options) as it:
+            batches = [(b["ids"], b["frame_index"].clone(), b["video"].clone()) for b in it]
+            assert it.failed == ["v1"]
+            assert "cannot be decoded by DALI" in it.state_dict()["failed"]["v1"]  # found by DALI, not the workers
+        runs.append(batches)
+    served = [(key, int(index[b, 0])) for ids, index, _ in runs[0] for b, key in enumerate(ids)]
+    assert len(served) == 8  # 4 videos x 2 chunks: every position of the plan served
+    assert {s for s in served if s[0] != "v1"} == {(f"v{i}", s) for i in (0, 2, 3) for s in (0, 9)}
+    assert all(key != "v1" for key, _ in served)
+    for ids, index, video in runs[0]:
+        for b, key in enumerate(ids):
+            source = m.table.column("source")[int(key[1:])].as_py()
+            reference = reference_clip(source, index[b].numpy())
+            assert min(psnr(video[b, k].numpy(), reference[k]) for k in range(9)) >= PSNR_BOUND
+    for (ids_a, idx_a, vid_a), (ids_b, idx_b, vid_b) in zip(*runs):
+        assert ids_a == ids_b and torch.equal(idx_a, idx_b) and torch.equal(vid_a, vid_b)
+
+
+def test_dali_video_workers_catch_a_truncated_clip_without_identity_columns(tmp_path: Path) -> None:
+    """A manifest without the files' identity (metadata-indexed) and a VP9 file truncated after indexing: DALI's
+    CPU decoder would serve it without an error (it did when fed whole files); the workers' remux finds the stream
+    ends before the clip's last frame, so the clip is replaced and listed as truncated."""
+    m = video_manifest(tmp_path, [{"frames": 18, "codec": "vp9"} for _ in range(4)])
+    truncate_clip(m.table.column("source")[3].as_py(), keep=0.5)
+    with loader(m, frames=[9], images="exclude", video_decoder="dali_video", leftover="partial") as it:
+        batches = list(it)
+        assert it.failed == ["v3"]
+        assert "truncated" in it.state_dict()["failed"]["v3"]
+    assert all("v3" not in b["ids"] for b in batches)
+    assert sum(len(b["ids"]) for b in batches) == 8
