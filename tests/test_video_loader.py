@@ -374,3 +374,39 @@ def test_dali_video_workers_catch_a_truncated_clip_without_identity_columns(tmp_
         assert "truncated" in it.state_dict()["failed"]["v3"]
     assert all("v3" not in b["ids"] for b in batches)
     assert sum(len(b["ids"]) for b in batches) == 8
+
+
+def test_a_clip_over_max_clip_mb_is_refused_when_the_loader_is_built(tmp_path: Path) -> None:
+    """The cap is checked from the manifest before anything is read: ``dali_video`` holds ``F x H x W x 3`` at the
+    source size (17 x 160 x 96 x 3 = 0.75 MiB for the 18-frame video), ``pyav`` ``F x bucket x 3`` and one source
+    frame (0.34 MiB), each with the file's bytes (``source_size``); the refusal names the largest clip's video."""
+    from dali_arb.errors import ConfigError
+
+    m = make_manifest(tmp_path, [{"frames": 10, "codec": "vp9"}, {"frames": 18, "codec": "vp9"}], size=SIZE, identity=True)  # fmt: skip
+    encoded = max(m.table.column("source_size").to_pylist()) / 2**20
+    options = {"frames": [1, 9, 17], "images": "exclude"}
+    dali = 17 * SIZE[0] * SIZE[1] * 3 / 2**20 + encoded
+    pyav = (17 * BUCKET[0] * BUCKET[1] * 3 + SIZE[0] * SIZE[1] * 3) / 2**20 + encoded
+    cap = (dali + pyav) / 2
+    with pytest.raises(ConfigError) as refused:
+        loader(m, **options, video_decoder="dali_video", max_clip_mb=cap)
+    message = str(refused.value)
+    assert "1 clip(s)" in message and m.table.column("source")[1].as_py() in message
+    assert f"max_clip_mb={cap:g}" in message and "17 frames x 160x96" in message and "\n" not in message
+    loader(m, **options, video_decoder="pyav", max_clip_mb=cap).close()  # the same clips fit the workers' decode
+    loader(m, **options, video_decoder="dali_video", max_clip_mb=dali * 1.01).close()
+    loader(m, **options, video_decoder="dali_video", max_clip_mb=None).close()
+    with pytest.raises(ConfigError, match="17 frames at the bucket size"):
+        loader(m, **options, video_decoder="pyav", max_clip_mb=pyav * 0.99)
+
+
+def test_max_clip_mb_is_checked_with_the_bad_value() -> None:
+    from dali_arb.errors import ConfigError
+    from dali_arb.loader.options import Video
+
+    for bad in (0, -1, float("nan"), True, "4096"):
+        with pytest.raises(ConfigError, match=f"max_clip_mb must be .*got {bad!r}"):
+            Video(frames=[9], max_clip_mb=bad)
+    with pytest.raises(ConfigError, match="need frames"):
+        Video(max_clip_mb=100)
+    assert Video(frames=[9]).max_clip_mb == 4096.0 and Video(frames=[9], max_clip_mb=None).max_clip_mb is None

@@ -37,7 +37,15 @@ from .base import Decoder
 from .pillow import PillowDecoder
 from .videoframes import ClipFrames, clip_bytes, decode_clip
 
-__all__ = ["VIDEO_AUTO", "VIDEO_DECODERS", "DaliVideoDecoder", "PyAVDecoder", "VideoDecoder", "choose_video_decoder"]
+__all__ = [
+    "VIDEO_AUTO",
+    "VIDEO_DECODERS",
+    "DaliVideoDecoder",
+    "PyAVDecoder",
+    "VideoDecoder",
+    "choose_video_decoder",
+    "refuse_large_clips",
+]
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,15 @@ class VideoDecoder(Decoder):
 
     def default_threads(self, cores: int, *, gpu: bool) -> int:
         return max(1, cores // 4)
+
+    def clip_memory(
+        self, frames: np.ndarray, height: np.ndarray, width: np.ndarray, bucket_pixels: np.ndarray, encoded: np.ndarray
+    ) -> np.ndarray:
+        """``int64 (n,)`` bytes one clip holds while it is decoded: its file's ``encoded`` bytes (a worker reads the
+        file once) and its frames as the decoder holds them, for clips of ``frames`` frames of videos
+        ``height x width`` (display size) in buckets of ``bucket_pixels`` (all ``int64 (n,)``). What FFmpeg's or
+        NVDEC's own frame pools add is not counted (measured: docs/video-decode.md)."""
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
@@ -98,6 +115,11 @@ class PyAVDecoder(VideoDecoder):
 
     def bytes_per_sample(self, encoded_bytes: int, bucket_pixels: int) -> int:
         return int(bucket_pixels) * 3 + 64  # per frame: the source's chunks grow to the largest clip
+
+    def clip_memory(self, frames, height, width, bucket_pixels, encoded) -> np.ndarray:
+        """The finished clip ``F x bucket pixels x 3`` and one upright RGB source frame ``H x W x 3`` (each frame is
+        cut as soon as it is decoded), with the encoded file."""
+        return encoded + frames * bucket_pixels * 3 + height * width * 3
 
 
 @dataclass(frozen=True)
@@ -180,6 +202,11 @@ class DaliVideoDecoder(VideoDecoder):
     def bytes_per_sample(self, encoded_bytes: int, bucket_pixels: int) -> int:
         return int(encoded_bytes) + 256
 
+    def clip_memory(self, frames, height, width, bucket_pixels, encoded) -> np.ndarray:
+        """The clip decoded at the source size before the resize, ``F x H x W x 3`` (on the GPU with NVDEC), with the
+        encoded file (the worker's copy; DALI is fed only the clip's packets, fewer)."""
+        return encoded + frames * height * width * 3
+
 
 #: The video decoders, by the name ``video_decoder=`` takes (apart from the image decoders: a loader with
 #: ``frames=`` decodes every sample, images too, with one of these).
@@ -201,3 +228,52 @@ def choose_video_decoder(name: str | VideoDecoder, device: str) -> VideoDecoder:
 
         raise ConfigError(f"video_decoder must be 'auto', {', '.join(map(repr, VIDEO_DECODERS))}, got {name!r}")
     return VIDEO_DECODERS[name]()
+
+
+def refuse_large_clips(decoder: VideoDecoder, planner: Any, data: Any, cap_mb: float | None) -> None:
+    """A ConfigError naming the clip that holds the most memory (:meth:`VideoDecoder.clip_memory`) when it is over
+    ``cap_mb`` MiB, with what to do; nothing when every clip fits or ``cap_mb`` is None. ``planner`` plans clips
+    (:attr:`~dali_arb.plan.planner.Planner.clips`, its index's buckets), ``data`` is the loader's
+    :class:`~dali_arb.data.manifest.ManifestSet`. Vectorised over the clips, from the manifest's columns: no file
+    is read (a million clips: a fraction of a second)."""
+    clips = getattr(planner, "clips", None)
+    if cap_mb is None or clips is None or len(clips) == 0:
+        return
+    index = planner.index
+    bucket = np.asarray(index.bucket_of(np.arange(len(clips), dtype=np.int64)), np.int64)
+    planned = np.flatnonzero(bucket >= 0)  # the clips of rows the buckets reject are never served
+    if len(planned) == 0:
+        return
+    sizes = np.asarray(index.sizes, np.int64)
+    bucket_pixels = sizes[bucket[planned], 0] * sizes[bucket[planned], 1]  # (C,): each clip's own bucket
+    rows = np.asarray(clips.row, np.int64)[planned]
+    frames = np.asarray(clips.length, np.int64)[planned]
+    height, width = data.ints_at("heights", rows, 0), data.ints_at("widths", rows, 0)
+    encoded = np.maximum(data.ints_at("length", rows, -1), data.ints_at("source_size", rows, -1))
+    encoded = np.maximum(encoded, 0)
+    held = decoder.clip_memory(frames, height, width, bucket_pixels, encoded)
+    worst = int(np.argmax(held))
+    cap = float(cap_mb) * 2**20
+    if held[worst] <= cap:
+        return
+    from ...errors import ConfigError
+
+    over = int(np.count_nonzero(held > cap))
+    f, h, w = int(frames[worst]), int(height[worst]), int(width[worst])
+    source = data.column_at("source", rows[worst : worst + 1])[0] or data.keys_at(rows[worst : worst + 1])[0]
+    if decoder.name == "dali_video":
+        what = f"{f} frames x {w}x{h} x 3 decoded at the source size before the resize"
+        fix = "fewer frames (frames=), videos of a lower resolution, video_decoder='pyav' (it holds the bucket size)"
+    else:
+        what = f"{f} frames at the bucket size and one {w}x{h} source frame"
+        fix = "fewer frames (frames=) or smaller buckets"
+    raise ConfigError(
+        f"{over} clip(s) would hold more than max_clip_mb={cap_mb:g} MiB each while decoded by "
+        f"video_decoder={decoder.name!r}; the largest, of {source}, holds {_mib(held[worst])} ({what}, with "
+        f"{_mib(encoded[worst])} encoded); use {fix}, or raise max_clip_mb"
+    )
+
+
+def _mib(count: int) -> str:
+    mib = float(count) / 2**20
+    return f"{mib:,.0f} MiB" if mib >= 10 else f"{mib:.2f} MiB"
