@@ -376,3 +376,73 @@ def video_memory(args) -> dict:
         out["  one decoded source frame (RGB)"] = round(size[0] * size[1] * 3 / 1e6, 1)
     out["raw"] = raw
     return out
+
+
+def _dali_cpu_fed(samples: list[tuple[np.ndarray, np.ndarray]], geometry, *, repeats: int) -> float:
+    """Seconds per clip for DALI's CPU video decoder (one thread) + resize of the crop window, batch 1, fed
+    ``(encoded bytes, frame indices)`` per clip in turn."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    top, left, bottom, right = geometry.source_window()
+
+    def feed(info):
+        data, frames = samples[info.iteration % len(samples)]
+        return data, np.asarray(frames, np.int32)
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None, exec_dynamic=True)
+    def pipe():
+        encoded, frames = fn.external_source(source=feed, batch=False, num_outputs=2,
+                                             dtype=[types.UINT8, types.INT32])  # fmt: skip
+        decoded = fn.decoders.video(encoded, device="cpu", frames=frames)
+        return fn.resize(decoded, size=[geometry.bucket_h, geometry.bucket_w], roi_start=[top, left],
+                         roi_end=[bottom, right], roi_relative=False, antialias=True)  # fmt: skip
+
+    p = pipe()
+    p.build()
+    p.run()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats * len(samples)):
+        p.run()
+    return (time.perf_counter() - start) / (repeats * len(samples))
+
+
+@case("video_remux")
+def video_remux(args) -> dict:
+    """What ``dali_video`` feeds DALI's decoder per clip: the clip's packets remuxed in the worker
+    (``clip_bytes``: from the keyframe before the clip's first frame) against the whole file, in bytes and, for the
+    codecs DALI's CPU decoder reads, in decode time; and what the remux costs a worker."""
+    from dali_arb.loader.assembly import place
+    from dali_arb.loader.decoders.videoframes import ClipFrames, clip_bytes
+
+    quick = args.quick
+    size, frames, fps, gop = ((640, 360), 96, 24.0, 24) if quick else ((1280, 720), 240, 24.0, 48)
+    repeats = 1 if quick else 3
+    length = 17
+    starts = np.linspace(0, frames - length, 6).astype(np.int64)  # six clips spread over the video
+    geometry = place(size[1], size[0], bucket_h=288, bucket_w=512, u_y=0.5, u_x=0.5, center=True)
+    out = {f"{size[0]}x{size[1]} {frames} frames at {fps:g} fps, keyframe every {gop}; clips of {length} frames "
+           f"from {starts.tolist()} to 512x288, one core": ""}  # fmt: skip
+    raw = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for codec, path in _clips(Path(tmp), size=size, frames=frames, fps=fps, gop=gop).items():
+            data = np.fromfile(path, np.uint8)
+            clips = [ClipFrames(np.arange(s, s + length, dtype=np.int64), fps) for s in starts]
+            start = time.perf_counter()
+            for _ in range(repeats):
+                cuts = [clip_bytes(data, clip)[0] for clip in clips]
+            remux = (time.perf_counter() - start) / (repeats * len(clips))
+            fed = float(np.mean([len(c.data) for c in cuts]))
+            figures = {"file_bytes": len(data), "clip_bytes_mean": fed, "remux_s": remux}
+            row = (f"file {len(data) / 2**20:.2f} MiB, clip {fed / 2**20:.3f} MiB ({len(data) / fed:.1f}x fewer "
+                   f"bytes), remux {1000 * remux:.1f} ms")  # fmt: skip
+            if codec != "h264":  # the CPU decoder refuses H.264
+                whole = _dali_cpu_fed([(data, c.indices) for c in clips], geometry, repeats=repeats)
+                cut = _dali_cpu_fed([(c.data, clip.indices - c.first) for c, clip in zip(cuts, clips)], geometry,
+                                    repeats=repeats)  # fmt: skip
+                figures |= {"dali_cpu_whole_s": whole, "dali_cpu_clip_s": cut}
+                row += (f"; DALI CPU decode+resize {1000 * whole:.0f} ms fed the file, {1000 * cut:.0f} ms fed the "
+                        f"clip ({whole / (cut + remux):.2f}x with the remux)")  # fmt: skip
+            raw[codec] = figures
+            out[f"  {codec}"] = row
+    out["raw"] = raw
+    return out

@@ -410,3 +410,28 @@ def test_max_clip_mb_is_checked_with_the_bad_value() -> None:
     with pytest.raises(ConfigError, match="need frames"):
         Video(max_clip_mb=100)
     assert Video(frames=[9]).max_clip_mb == 4096.0 and Video(frames=[9], max_clip_mb=None).max_clip_mb is None
+
+
+def test_frames_keyed_batch_table_serves_and_resumes_elastically(tmp_path: Path) -> None:
+    """``batch_sizes`` keyed by ``(frames, width, height)``: 1-frame samples (images) and 9-frame clips get their own
+    batch; a state taken on 2 ranks resumes on 1 rank with the table doubled (the same global batch per bucket: the
+    check looks the table up by frames too; without frames it found no entry)."""
+    m = video_manifest(tmp_path, [{"frames": 18}, {"frames": 18, "codec": "vp9"}], images=4)
+    w, h = BUCKET[1], BUCKET[0]
+    from dali_arb import BucketSpec, DALIBucketIterator
+
+    options = {"frames": [1, 9], "leftover": "partial", "device": "cpu", "workers": 0, "seed": 3, "dtype": "uint8",
+               "crop": "center", "buckets": BucketSpec(bucket_sizes=[(w, h)]), "clip": "chunk"}  # fmt: skip
+
+    def loader(manifest, **more):
+        return DALIBucketIterator(manifest, **options, **more)
+
+    with loader(m, batch_sizes={(1, w, h): 4, (9, w, h): 2}) as it:
+        sizes = {(b["frame_index"].shape[1], len(b["ids"])) for b in it}
+    assert sizes == {(1, 4), (9, 2)}
+    two = loader(m, batch_sizes={(1, w, h): 2, (9, w, h): 1}, world_size=2, rank=0)
+    state = json.loads(json.dumps(two.state_dict()))
+    assert state["batching"]["batch_sizes"] == [[1, w, h, 2], [9, w, h, 1]]
+    one = loader(m, batch_sizes={(1, w, h): 4, (9, w, h): 2}, world_size=1, rank=0)
+    one.load_state_dict(state)
+    assert len(list(one)) == len(one)

@@ -330,7 +330,7 @@ class LoaderSession:
             if state["batching"] is None
             else BatchSizing.from_dict(state["batching"])
         )
-        return (state["world_size"] * sizing.per_bucket(self._planner.index.sizes)).tolist()
+        return (state["world_size"] * sizing.per_bucket(self._planner.index.sizes, self._planner.frames)).tolist()
 
     def read_ahead_bytes(self) -> int:
         """Memory the batches the workers compute ahead may hold at most (:func:`resources.read_ahead_bytes`)."""
