@@ -476,3 +476,34 @@ def test_frames_keyed_table_plans_and_prints(tmp_path, capsys):
     assert listed[33]["pixels_per_step"] == 33 * 512 * 512
     assert main(args) == 0
     assert capsys.readouterr().out.split() == ["1x512x512:4", "17x512x512:4", "33x512x512:1"]
+
+
+def test_cli_buckets_frames_plot_draws_a_panel_per_frame_bucket(video_manifest, tmp_path, capsys):
+    """``buckets MANIFEST --frames ... --plot PNG``: a PNG with one panel per frame bucket; what it draws
+    (:func:`clip_bars`) is the report's clips, split into full batches and leftovers, per (frames, bucket)."""
+    import json
+
+    from PIL import Image
+
+    from dali_arb.cli import main
+    from dali_arb.tools.plots import clip_bars
+
+    png = tmp_path / "clips.png"
+    args = ["buckets", str(video_manifest), "--frames", "1,9,17", "--fps", "24", "--clip", "chunk", "-b", "2"]
+    assert main([*args, "--plot", str(png), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["plot"] == str(png)
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.height > 3 * 1.9 * 120 * 0.9  # three panels tall
+    bars = clip_bars(report)
+    assert bars["frames"] == [1, 9, 17]
+    assert int(bars["full"].sum() + bars["leftover"].sum()) == report["clips"] == 7
+    for row in report["buckets"]:
+        j, k = bars["frames"].index(row["frames"]), bars["labels"].index(f"{row['width']}x{row['height']}")
+        assert bars["leftover"][j, k] == row["leftover"] and bars["full"][j, k] == row["clips"] - row["leftover"]
+    assert main([*args, "--plot", str(tmp_path / "b")]) == 0
+    assert f"plot written to {tmp_path / 'b.png'}" in capsys.readouterr().out and (tmp_path / "b.png").exists()
+    assert main(["buckets", "--frames", "1,9", "--plot", str(png)]) != 0
+    assert "give the manifest too" in capsys.readouterr().err
+    assert main([*args, "--plot", str(tmp_path / "missing" / "c.png")]) != 0
+    assert "missing" in capsys.readouterr().err

@@ -152,8 +152,11 @@ def cmd_buckets(args: argparse.Namespace) -> int:
 def _clip_buckets(args: argparse.Namespace, spec: BucketSpec, batch, frames: FrameSpec) -> int:
     """``buckets --frames``: the (frames, width, height) buckets, and with manifests how their clips fall in them
     (clips, clips per step, full batches, leftovers per bucket; videos, images, clips and steps per epoch)."""
-    if args.plot or args.rejected:
-        raise ConfigError("--plot and --rejected report images; leave them out with --frames")
+    if args.rejected:
+        raise ConfigError("--rejected lists rejected images; leave it out with --frames")
+    if args.plot and not args.manifest:
+        raise ConfigError("--plot draws how a manifest's clips fall in the buckets: give the manifest too")
+    plot_path = png_path(args.plot, "--plot") if args.plot else None  # checked before any work
     sizing = BatchSizing.of(batch)
     if not args.manifest:
         sizes = np.tile(spec.sizes, (len(frames.frames), 1))
@@ -203,6 +206,11 @@ def _clip_buckets(args: argparse.Namespace, spec: BucketSpec, batch, frames: Fra
         "dropped": plan.dropped,
         "duplicated": plan.duplicated,
     }
+    if plot_path is not None:
+        from ..tools.plots import plot_clip_buckets
+
+        plot_clip_buckets(report, plot_path)
+        report["plot"] = str(plot_path)
     if args.json:
         print(json.dumps(report, ensure_ascii=False))
         return 0
@@ -215,6 +223,8 @@ def _clip_buckets(args: argparse.Namespace, spec: BucketSpec, batch, frames: Fra
               f"{r['pixels_per_step'] / 1e6:>7.1f}M {r['full_batches']:>7} {r['leftover']:>8}")  # fmt: skip
     print(f"epoch {args.epoch}: {len(plan)} steps, leftover {plan.leftover.value}; trimmed {plan.trimmed}, "
           f"dropped {plan.dropped}, served twice {plan.duplicated}")  # fmt: skip
+    if plot_path is not None:
+        print(f"plot written to {plot_path}")
     return 0
 
 
