@@ -9,17 +9,20 @@ decoder        the workers                                     the DALI graph
                PyAV (seeking to the keyframe before the first  GPU, if there is one)
                wanted frame), each frame's crop window
                resized to the bucket (Pillow); images: Pillow
-``dali_video`` read the bytes; the frame indices and the crop  ``decoders.video(frames=...)`` (NVDEC on the
-               window in source pixels                         GPU: H.264, HEVC, VP8, VP9, AV1, MJPEG; on the
-                                                               CPU only VP9 and MJPEG), ``resize`` of the
-                                                               window to the bucket
+``dali_video`` read the bytes; remux the clip's packets (from  ``decoders.video(frames=...)`` (NVDEC on the
+               the keyframe before its first frame) into a     GPU: H.264, HEVC, VP8, VP9, AV1, MJPEG; on the
+               small container; the frame indices from that    CPU only VP9 and MJPEG), ``resize`` of the
+               keyframe; the crop window in coded pixels and   window to the bucket, ``rotate`` by the video's
+               the display rotation                            quarter turns (the decoder serves coded frames)
 =============  ==============================================  ==============================================
 
 ``pyav`` is the CPU decoder: measured on one core it serves 17 frames of a 720p clip in 1/1.7 (VP9) to 1/3.5 (MJPEG)
 of the time DALI's CPU ``decoders.video`` takes (which indexes the whole file first), and it reads H.264/HEVC/AV1,
 which DALI's CPU variant refuses (``python -m benchmarks video_decode``; benchmarks/RESULTS.md). ``dali_video`` is
-for the GPU (NVDEC): it needs whole encoded files in the pipeline, and whether NVDEC applies a display rotation is not
-checked yet (no GPU run so far).
+for the GPU (NVDEC): the pipeline carries each clip's packets only (:func:`~.videoframes.clip_bytes`; 4x to 14x fewer
+bytes than the file, ``python -m benchmarks video_remux``); whether NVDEC serves coded (unturned) frames as DALI's CPU
+decoder does is not checked yet (no GPU run so far). :func:`refuse_large_clips` caps what one clip may hold
+(``max_clip_mb``), from the manifest, when the loader is built.
 
 Imports NumPy and the decoder base; PyAV and Pillow in the workers, DALI only inside :meth:`graph`.
 """
