@@ -8,6 +8,8 @@ antialiased bilinear) and cropped. The worker's decode seeks, resizes only the c
 
 from __future__ import annotations
 
+import io
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -285,3 +287,38 @@ def test_clip_bytes_of_a_truncated_or_junk_file_are_a_failure(tmp_path: Path) ->
     junk = tmp_path / "junk.webm"
     junk.write_bytes(b"\x1a\x45\xdf\xa3" + bytes(range(256)) * 8)  # an EBML header, then nothing
     assert clip_bytes(junk, ClipFrames(np.array([0]), 24.0)) == (None, Failure.UNDECODABLE)
+
+
+def test_clip_bytes_of_an_open_gop_leave_out_the_leading_frames(tmp_path: Path) -> None:
+    """x264 with open GOPs: after a keyframe come B-frames shown before it, which refer to the GOP before. The remux
+    leaves them out: DALI numbers the frames of the small container by their packets' times, so one of them would be
+    its frame 0 and every index would shift (PyAV's decoder drops them, so the decoded frames cannot tell); every
+    wanted frame decodes as from the whole file."""
+    from dali_arb.loader.decoders.videoframes import clip_bytes
+    from dali_arb.tools.clips import expected_frame
+
+    path = tmp_path / "open.mp4"
+    params = "open-gop=1:keyint=24:min-keyint=24:scenecut=0:bframes=3"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=24, options={"preset": "veryfast", "crf": "16", "x264-params": params})  # fmt: skip
+        stream.width, stream.height, stream.pix_fmt = 160, 96, "yuv420p"
+        for k in range(96):
+            frame = av.VideoFrame.from_ndarray(expected_frame(k, frames=96, size=(160, 96)), format="rgb24")
+            frame.pts = k
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    with av.open(str(path)) as container:
+        packets = [(p.pts, p.is_keyframe) for p in container.demux(video=0) if p.size]
+    leading = [pts for (key_pts, key), (pts, _) in itertools.pairwise(packets) if key and 0 < pts < key_pts]
+    assert leading  # the stream has open GOPs: a frame shown before the keyframe it follows
+    reference, _ = reference_frames(path)
+    for wanted in ([24, 25], [30, 40], [47, 48, 50], [72, 95]):
+        cut, failure = clip_bytes(path, ClipFrames(np.array(wanted, np.int64), 24.0))
+        assert failure == Failure.NONE and cut.first == wanted[0] // 24 * 24
+        frames, _ = reference_frames_of_bytes(cut.data)
+        assert psnr(frames[0], reference[cut.first]) > 60
+        with av.open(io.BytesIO(cut.data.tobytes())) as container:  # what DALI indexes: packets, by time
+            kept = [(p.pts, p.is_keyframe) for p in container.demux(video=0) if p.size]
+        assert kept[0][1] and min(pts for pts, _ in kept) == kept[0][0]  # nothing shown before the keyframe
+        for index in wanted:
+            assert psnr(frames[index - cut.first], reference[index]) > 60, (wanted, index)

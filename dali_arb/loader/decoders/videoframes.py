@@ -284,6 +284,8 @@ def _clip_packets(demux, stream, clip: ClipFrames, first: int, last: int, *, aft
             continue
         elif packet.is_keyframe and number > last:
             break  # the next keyframe after the clip: every wanted frame is before it
+        elif number < key:
+            continue  # a leading frame of an open GOP: it refers to the GOP before and is shown before the keyframe
         kept.append(packet)
         reached = max(reached, number)
         if key <= number <= last:
