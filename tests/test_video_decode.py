@@ -322,3 +322,25 @@ def test_clip_bytes_of_an_open_gop_leave_out_the_leading_frames(tmp_path: Path) 
         assert kept[0][1] and min(pts for pts, _ in kept) == kept[0][0]  # nothing shown before the keyframe
         for index in wanted:
             assert psnr(frames[index - cut.first], reference[index]) > 60, (wanted, index)
+
+
+def test_the_encoded_bytes_are_not_copied_when_a_clip_is_opened(tmp_path: Path) -> None:
+    """A worker holds a video's bytes once: opening them (``decode_clip``, ``clip_bytes``) reads through a view, not
+    an ``io.BytesIO`` copy (which copied any buffer but ``bytes``: 64 MiB more for a 64 MiB file)."""
+    import tracemalloc
+
+    from dali_arb.loader.decoders.videoframes import clip_bytes
+
+    path = make_clip(tmp_path / "c.mp4", codec="h264", frames=48, size=(160, 96))
+    data = np.concatenate([np.fromfile(path, np.uint8), np.zeros(64 * 2**20, np.uint8)])  # a long file's size
+    clip = ClipFrames(np.arange(30, 40, dtype=np.int64), 24.0)
+    geometry = place(96, 160, bucket_h=64, bucket_w=64, u_y=0.0, u_x=0.0, center=True)
+    for read in (lambda: clip_bytes(data, clip), lambda: decode_clip(data, clip, geometry)):
+        tracemalloc.start()
+        try:
+            served, failure = read()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert failure == Failure.NONE and served is not None
+        assert peak < 8 * 2**20, f"{peak / 2**20:.1f} MiB allocated while reading a 64 MiB buffer"

@@ -101,13 +101,46 @@ class _Resized(Exception):
     """A decoded frame is not the indexed (upright) size."""
 
 
+class _BufferReader(io.RawIOBase):
+    """A read-only, seekable file over a buffer, without copying it (``io.BytesIO`` copies any buffer but ``bytes``:
+    a worker would hold a long video's bytes twice)."""
+
+    def __init__(self, buffer: Any) -> None:
+        super().__init__()
+        self._view = memoryview(buffer).cast("B")
+        self._at = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, out: Any) -> int:
+        target = memoryview(out).cast("B")
+        chunk = self._view[self._at : self._at + len(target)]
+        target[: len(chunk)] = chunk
+        self._at += len(chunk)
+        return len(chunk)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._at, io.SEEK_END: len(self._view)}[whence]
+        self._at = max(0, base + int(offset))
+        return self._at
+
+    def tell(self) -> int:
+        return self._at
+
+    def close(self) -> None:
+        self._view.release()
+        super().close()
+
+
 def _open(source: str | os.PathLike | bytes | np.ndarray) -> Any:
     import av
 
-    if isinstance(source, np.ndarray):
-        source = memoryview(source)
-    if isinstance(source, (bytes, memoryview)):
-        return av.open(io.BytesIO(source), "r")  # BytesIO shares the bytes until written to
+    if isinstance(source, (bytes, np.ndarray, memoryview)):
+        return av.open(_BufferReader(source), "r")
     return av.open(os.fspath(source), "r")
 
 
