@@ -323,7 +323,7 @@ def video_gpu(args) -> dict:
 
 _MEMORY_PROBE = r"""
 import re, sys, numpy as np
-from dali_arb.loader.decoders.videoframes import ClipFrames, decode_clip
+from dali_arb.loader.decoders.videoframes import ClipFrames, clip_bytes, decode_clip
 from dali_arb.loader.assembly import place
 import av, PIL.Image
 path, mode, first, length, fps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
@@ -341,6 +341,10 @@ if mode == "bytes":
     out, failure = decode_clip(data, ClipFrames(wanted, fps), g)
 elif mode == "path":
     out, failure = decode_clip(path, ClipFrames(wanted, fps), g)
+elif mode == "remux":  # dali_video's worker: the file's bytes and the clip's packets in a small container
+    data = np.fromfile(path, np.uint8)
+    cut, failure = clip_bytes(data, ClipFrames(wanted, fps))
+    out = cut.data
 else:  # the whole clip decoded, as a loader that decodes every frame and picks holds it
     with av.open(path) as c:
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
@@ -352,7 +356,7 @@ print(status("VmHWM") - before, out.nbytes)
 @case("video_memory")
 def video_memory(args) -> dict:
     """Peak resident memory a worker adds to decode one clip of a 4K video (``decode_clip`` from bytes and from a
-    path) against decoding every frame and picking, each in a fresh process (Linux ``VmHWM`` reset just before, minus
+    path; ``dali_video``'s remux of the clip's packets, ``clip_bytes``) against decoding every frame and picking, each in a fresh process (Linux ``VmHWM`` reset just before, minus
     ``VmRSS`` then)."""
     import subprocess
     import sys
@@ -365,11 +369,13 @@ def video_memory(args) -> dict:
         path = make_clip(Path(tmp) / "big.mp4", codec="h264", fps=24.0, frames=frames, size=size, gop=24)
         out["  encoded file"] = round(path.stat().st_size / 1e6, 1)
         raw, finished = {}, 0
-        for mode in ("bytes", "path", "whole"):
+        for mode in ("bytes", "path", "remux", "whole"):
             probe = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(path), mode, "30", str(length), "24"],
                                    capture_output=True, text=True, check=True)  # fmt: skip
             peak, served = (int(v) for v in probe.stdout.split())
             finished = served if mode == "bytes" else finished
+            if mode == "remux":
+                out["  the clip's packets (remux), MB"] = round(served / 1e6, 2)
             raw[mode] = peak
             out[f"  peak RSS added, {mode}"] = round(peak / 1e6, 1)
         out["  the finished clip"] = round(finished / 1e6, 1)
