@@ -435,3 +435,54 @@ def test_frames_keyed_batch_table_serves_and_resumes_elastically(tmp_path: Path)
     one = loader(m, batch_sizes={(1, w, h): 4, (9, w, h): 2}, world_size=1, rank=0)
     one.load_state_dict(state)
     assert len(list(one)) == len(one)
+
+
+def test_dali_video_serves_rotated_and_variable_rate_clips_as_the_reference(tmp_path: Path) -> None:
+    """``dali_video`` end to end on DALI's CPU decoder: MJPEG clips in MOV with a display rotation of 90 and 270
+    degrees (DALI's decoder serves the coded frames: the graph turns them) and VP9 clips at a variable frame rate,
+    each clip remuxed in the workers; every frame matches the reference decode, random crops and flips included,
+    and the batches are the ``pyav`` workers' (same ids and frame indices)."""
+    import pyarrow as pa
+
+    rows = []
+    for i, rotation in enumerate((90, 270)):
+        path = make_clip(tmp_path / f"r{i}.mov", codec="mjpeg", fps=30.0, frames=20, size=SIZE, rotation=rotation, gop=5)  # fmt: skip
+        rows.append({"key": f"r{i}", "source": str(path), "width": SIZE[0], "height": SIZE[1], "frames": 20,
+                     "fps": 30.0, "duration": 20 / 30.0, "codec": "mjpeg", "vfr": False, "frame_times": None})  # fmt: skip
+    vfr = video_manifest(tmp_path / "vfr", [{"frames": 24, "codec": "vp9", "vfr": True} for _ in range(2)])
+    table = pa.concat_tables([pa.Table.from_pylist(rows, schema=vfr.table.schema), vfr.table])
+    m = Manifest(table)
+    options = {"frames": [9], "images": "exclude", "crop": "random", "flip": 0.5, "leftover": "partial"}
+    served = list(loader(m, **options, video_decoder="dali_video"))
+    workers = list(loader(m, **options, video_decoder="pyav"))
+    assert len(served) == len(workers) >= 3
+    keys = table.column("key").to_pylist()
+    flips = 0
+    for batch, theirs in zip(served, workers):
+        assert batch["ids"] == theirs["ids"] and torch.equal(batch["frame_index"], theirs["frame_index"])
+        for b, key in enumerate(batch["ids"]):
+            source = table.column("source")[keys.index(key)].as_py()
+            frames, _ = reference_frames(source)
+            top, left = (int(v) for v in batch["crop_top_left"][b])
+            flipped = bool(batch["flipped"][b])
+            flips += flipped
+            for k, index in enumerate(batch["frame_index"][b].tolist()):
+                expected = cover_and_cut(frames[index], top, left, flipped)
+                assert psnr(batch["video"][b, k].numpy(), expected) >= PSNR_BOUND, (key, index)
+                assert psnr(batch["video"][b, k].numpy(), theirs["video"][b, k].numpy()) >= PSNR_BOUND
+    assert 0 < flips
+
+
+def cover_and_cut(frame: np.ndarray, top: int, left: int, flipped: bool) -> np.ndarray:
+    """An upright reference frame resized to cover the bucket (Pillow), cut at the batch's ``crop_top_left`` (given
+    after the flip) and flipped: ``uint8 [3, H, W]``."""
+    from PIL import Image
+
+    from dali_arb.plan.geometry import cover_crop
+
+    bh, bw = BUCKET
+    rh, rw, _, _ = cover_crop(SIZE[1], SIZE[0], bh, bw, 0.0, 0.0, center=True)
+    resized = np.asarray(Image.fromarray(frame).resize((rw, rh), Image.BILINEAR, reducing_gap=None))
+    if flipped:
+        resized = resized[:, ::-1]
+    return np.ascontiguousarray(resized[top : top + bh, left : left + bw]).transpose(2, 0, 1)
