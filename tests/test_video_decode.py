@@ -344,3 +344,22 @@ def test_the_encoded_bytes_are_not_copied_when_a_clip_is_opened(tmp_path: Path) 
             tracemalloc.stop()
         assert failure == Failure.NONE and served is not None
         assert peak < 8 * 2**20, f"{peak / 2**20:.1f} MiB allocated while reading a 64 MiB buffer"
+
+
+def test_mp4_rotation_of_odd_files_is_zero(tmp_path: Path) -> None:
+    """The track-header reader never fails: not an MP4, an empty file, a truncated header, a box that lies about its
+    size, all read as no rotation (FFmpeg decides whether the file is usable)."""
+    from dali_arb.loader.decoders.videoframes import mp4_rotation
+
+    path = make_clip(tmp_path / "r.mp4", codec="h264", frames=6, size=(160, 96), rotation=90)
+    data = np.fromfile(path, np.uint8)
+    assert mp4_rotation(path) == mp4_rotation(data) == 90
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    assert mp4_rotation(empty) == 0
+    assert mp4_rotation(np.frombuffer(b"\x1a\x45\xdf\xa3" + bytes(60), np.uint8)) == 0  # WebM
+    at = data.tobytes().find(b"tkhd")
+    assert mp4_rotation(data[: at + 40]) == 0  # cut inside the track header
+    lying = data.copy()
+    lying[at - 4 : at] = np.frombuffer((12).to_bytes(4, "big"), np.uint8)  # a 12-byte tkhd
+    assert mp4_rotation(lying) == 0

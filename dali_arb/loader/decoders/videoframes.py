@@ -281,11 +281,12 @@ def clip_bytes(source: str | os.PathLike | bytes | np.ndarray, clip: ClipFrames)
             if reached < last:
                 return None, Failure.TRUNCATED
             data = _remux(packets, stream)
+        rotation = mp4_rotation(source)
     except _NoTimestamps:
         return None, Failure.UNDECODABLE
     except (av.error.FFmpegError, OSError, ValueError, IndexError):
         return None, Failure.UNDECODABLE
-    return ClipBytes(data, key, mp4_rotation(source)), Failure.NONE
+    return ClipBytes(data, key, rotation), Failure.NONE
 
 
 class _NoTimestamps(Exception):
@@ -362,6 +363,8 @@ def mp4_rotation(source: str | os.PathLike | bytes | np.ndarray) -> int:
     if isinstance(source, (str, os.PathLike)):
         import mmap
 
+        if os.path.getsize(source) < 8:
+            return 0
         with open(source, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
             view = memoryview(mapped)
             try:
@@ -383,7 +386,11 @@ def _iso_rotation(data: memoryview) -> int:
         tkhd = _box(data, *trak, b"tkhd")
         if hdlr is None or tkhd is None or bytes(data[hdlr[0] + 8 : hdlr[0] + 12]) != b"vide":
             continue
+        if tkhd[1] - tkhd[0] < 84:  # version 0's fields through the matrix (version 1: 96)
+            return 0
         at = tkhd[0] + (4 + 8 + 8 + 4 + 4 + 8 if data[tkhd[0]] == 1 else 4 + 4 + 4 + 4 + 4 + 4) + 8 + 8
+        if at + 8 > tkhd[1]:
+            return 0
         a, b = (int.from_bytes(data[at + 4 * i : at + 4 * i + 4], "big", signed=True) for i in (0, 1))
         if a == 0 and b != 0:
             return 270 if b > 0 else 90
