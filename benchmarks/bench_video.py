@@ -323,7 +323,7 @@ def video_gpu(args) -> dict:
 
 _MEMORY_PROBE = r"""
 import re, sys, numpy as np
-from dali_arb.loader.decoders.videoframes import ClipFrames, decode_clip
+from dali_arb.loader.decoders.videoframes import ClipFrames, clip_bytes, decode_clip
 from dali_arb.loader.assembly import place
 import av, PIL.Image
 path, mode, first, length, fps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
@@ -341,6 +341,10 @@ if mode == "bytes":
     out, failure = decode_clip(data, ClipFrames(wanted, fps), g)
 elif mode == "path":
     out, failure = decode_clip(path, ClipFrames(wanted, fps), g)
+elif mode == "remux":  # dali_video's worker: the file's bytes and the clip's packets in a small container
+    data = np.fromfile(path, np.uint8)
+    cut, failure = clip_bytes(data, ClipFrames(wanted, fps))
+    out = cut.data
 else:  # the whole clip decoded, as a loader that decodes every frame and picks holds it
     with av.open(path) as c:
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
@@ -352,7 +356,7 @@ print(status("VmHWM") - before, out.nbytes)
 @case("video_memory")
 def video_memory(args) -> dict:
     """Peak resident memory a worker adds to decode one clip of a 4K video (``decode_clip`` from bytes and from a
-    path) against decoding every frame and picking, each in a fresh process (Linux ``VmHWM`` reset just before, minus
+    path; ``dali_video``'s remux of the clip's packets, ``clip_bytes``) against decoding every frame and picking, each in a fresh process (Linux ``VmHWM`` reset just before, minus
     ``VmRSS`` then)."""
     import subprocess
     import sys
@@ -365,14 +369,86 @@ def video_memory(args) -> dict:
         path = make_clip(Path(tmp) / "big.mp4", codec="h264", fps=24.0, frames=frames, size=size, gop=24)
         out["  encoded file"] = round(path.stat().st_size / 1e6, 1)
         raw, finished = {}, 0
-        for mode in ("bytes", "path", "whole"):
+        for mode in ("bytes", "path", "remux", "whole"):
             probe = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(path), mode, "30", str(length), "24"],
                                    capture_output=True, text=True, check=True)  # fmt: skip
             peak, served = (int(v) for v in probe.stdout.split())
             finished = served if mode == "bytes" else finished
+            if mode == "remux":
+                out["  the clip's packets (remux), MB"] = round(served / 1e6, 2)
             raw[mode] = peak
             out[f"  peak RSS added, {mode}"] = round(peak / 1e6, 1)
         out["  the finished clip"] = round(finished / 1e6, 1)
         out["  one decoded source frame (RGB)"] = round(size[0] * size[1] * 3 / 1e6, 1)
+    out["raw"] = raw
+    return out
+
+
+def _dali_cpu_fed(samples: list[tuple[np.ndarray, np.ndarray]], geometry, *, repeats: int) -> float:
+    """Seconds per clip for DALI's CPU video decoder (one thread) + resize of the crop window, batch 1, fed
+    ``(encoded bytes, frame indices)`` per clip in turn."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    top, left, bottom, right = geometry.source_window()
+
+    def feed(info):
+        data, frames = samples[info.iteration % len(samples)]
+        return data, np.asarray(frames, np.int32)
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None, exec_dynamic=True)
+    def pipe():
+        encoded, frames = fn.external_source(source=feed, batch=False, num_outputs=2,
+                                             dtype=[types.UINT8, types.INT32])  # fmt: skip
+        decoded = fn.decoders.video(encoded, device="cpu", frames=frames)
+        return fn.resize(decoded, size=[geometry.bucket_h, geometry.bucket_w], roi_start=[top, left],
+                         roi_end=[bottom, right], roi_relative=False, antialias=True)  # fmt: skip
+
+    p = pipe()
+    p.build()
+    p.run()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats * len(samples)):
+        p.run()
+    return (time.perf_counter() - start) / (repeats * len(samples))
+
+
+@case("video_remux")
+def video_remux(args) -> dict:
+    """What ``dali_video`` feeds DALI's decoder per clip: the clip's packets remuxed in the worker
+    (``clip_bytes``: from the keyframe before the clip's first frame) against the whole file, in bytes and, for the
+    codecs DALI's CPU decoder reads, in decode time; and what the remux costs a worker."""
+    from dali_arb.loader.assembly import place
+    from dali_arb.loader.decoders.videoframes import ClipFrames, clip_bytes
+
+    quick = args.quick
+    size, frames, fps, gop = ((640, 360), 96, 24.0, 24) if quick else ((1280, 720), 240, 24.0, 48)
+    repeats = 1 if quick else 3
+    length = 17
+    starts = np.linspace(0, frames - length, 6).astype(np.int64)  # six clips spread over the video
+    geometry = place(size[1], size[0], bucket_h=288, bucket_w=512, u_y=0.5, u_x=0.5, center=True)
+    out = {f"{size[0]}x{size[1]} {frames} frames at {fps:g} fps, keyframe every {gop}; clips of {length} frames "
+           f"from {starts.tolist()} to 512x288, one core": ""}  # fmt: skip
+    raw = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for codec, path in _clips(Path(tmp), size=size, frames=frames, fps=fps, gop=gop).items():
+            data = np.fromfile(path, np.uint8)
+            clips = [ClipFrames(np.arange(s, s + length, dtype=np.int64), fps) for s in starts]
+            start = time.perf_counter()
+            for _ in range(repeats):
+                cuts = [clip_bytes(data, clip)[0] for clip in clips]
+            remux = (time.perf_counter() - start) / (repeats * len(clips))
+            fed = float(np.mean([len(c.data) for c in cuts]))
+            figures = {"file_bytes": len(data), "clip_bytes_mean": fed, "remux_s": remux}
+            row = (f"file {len(data) / 2**20:.2f} MiB, clip {fed / 2**20:.3f} MiB ({len(data) / fed:.1f}x fewer "
+                   f"bytes), remux {1000 * remux:.1f} ms")  # fmt: skip
+            if codec != "h264":  # the CPU decoder refuses H.264
+                whole = _dali_cpu_fed([(data, c.indices) for c in clips], geometry, repeats=repeats)
+                cut = _dali_cpu_fed([(c.data, clip.indices - c.first) for c, clip in zip(cuts, clips)], geometry,
+                                    repeats=repeats)  # fmt: skip
+                figures |= {"dali_cpu_whole_s": whole, "dali_cpu_clip_s": cut}
+                row += (f"; DALI CPU decode+resize {1000 * whole:.0f} ms fed the file, {1000 * cut:.0f} ms fed the "
+                        f"clip ({whole / (cut + remux):.2f}x with the remux)")  # fmt: skip
+            raw[codec] = figures
+            out[f"  {codec}"] = row
     out["raw"] = raw
     return out

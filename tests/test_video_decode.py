@@ -8,6 +8,8 @@ antialiased bilinear) and cropped. The worker's decode seeks, resizes only the c
 
 from __future__ import annotations
 
+import io
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -196,3 +198,168 @@ def test_dali_video_graph_on_the_cpu_matches_the_workers(tmp_path: Path, codec: 
         assert served.shape == (len(clip.indices), 3, 64, 96)
         for k in range(len(clip.indices)):
             assert psnr(served[k].transpose(1, 2, 0), frames[k]) >= PSNR_BOUND
+
+
+def dali_raw(data: np.ndarray, frames: np.ndarray) -> np.ndarray:
+    """DALI's CPU video decoder on ``data`` at ``frames``: the coded frames ``uint8 [F, H, W, 3]``, unturned."""
+    from nvidia.dali import fn, pipeline_def
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None, exec_dynamic=True)
+    def pipe():
+        feeds = fn.external_source(source=lambda: ([data], [np.asarray(frames, np.int32)]), num_outputs=2, batch=True)
+        return fn.decoders.video(feeds[0], device="cpu", frames=feeds[1])
+
+    p = pipe()
+    p.build()
+    (out,) = p.run()
+    return np.asarray(out[0])
+
+
+#: (codec, file, make_clip options): the clips DALI's CPU decoder reads, with a variable frame rate and rotations
+REMUX_CASES = [
+    ("vp9", "c.webm", {}),
+    ("mjpeg", "c.avi", {}),
+    ("vp9", "v.webm", {"vfr": True}),
+    ("mjpeg", "c.mkv", {}),
+    *[("mjpeg", f"r{r}.mov", {"rotation": r}) for r in (90, 180, 270)],
+]
+
+
+@pytest.mark.parametrize(("codec", "name", "extra"), REMUX_CASES, ids=[c[1] for c in REMUX_CASES])
+def test_dali_video_is_fed_only_the_clips_packets(tmp_path: Path, codec: str, name: str, extra: dict) -> None:
+    """``dali_video`` feeds DALI the clip's packets remuxed from the keyframe before its first frame: far fewer
+    bytes than the file, the same decoded frames as from the whole file (frame numbers shifted), and through the
+    graph the reference's frames, upright (DALI's decoder does not turn frames: the graph does)."""
+    pytest.importorskip("nvidia.dali")
+    from dali_arb.loader.decoders.video import DaliVideoDecoder
+    from dali_arb.loader.decoders.videoframes import clip_bytes
+
+    path = make_clip(tmp_path / name, codec=codec, fps=30.0, frames=90, size=(192, 112), gop=10, **extra)
+    reference, times = reference_frames(path)
+    data = np.fromfile(path, np.uint8)
+    frame_times = times.astype(np.float32) if extra.get("vfr") else None
+    clip = ClipFrames(np.array([43, 44, 44, 47, 52], np.int64), 30.0, frame_times)
+    cut, failure = clip_bytes(data, clip)
+    assert failure == Failure.NONE
+    assert 33 <= cut.first <= 43 and cut.rotation == extra.get("rotation", 0)
+    assert len(cut.data) < 0.4 * len(data)  # about 20 of 90 frames
+    np.testing.assert_array_equal(dali_raw(cut.data, clip.indices - cut.first), dali_raw(data, clip.indices))
+    height, width = reference.shape[1:3]
+    geometry = place(height, width, bucket_h=48, bucket_w=80, u_y=0.3, u_x=0.7, center=False)
+    sample, failure = DaliVideoDecoder().prepare_clip(data, clip, geometry)
+    assert failure == Failure.NONE
+    served = run_graph(DaliVideoDecoder(), [sample], [False])[0].transpose(0, 2, 3, 1)
+    check_frames(served, reference, clip.indices, geometry)
+
+
+@pytest.mark.parametrize("rotation", [0, 90])
+def test_clip_bytes_of_h264_with_b_frames_decode_to_the_same_frames(tmp_path: Path, rotation: int) -> None:
+    """H.264 with B-frames (decode order is not presentation order; DALI's CPU decoder refuses H.264, so PyAV
+    decodes the remuxed MP4): every wanted frame is in it, at its number minus the keyframe's."""
+    from dali_arb.loader.decoders.videoframes import clip_bytes
+
+    path = make_clip(tmp_path / "b.mp4", codec="h264", fps=24.0, frames=96, size=(160, 96), gop=24, rotation=rotation)
+    reference, _ = reference_frames(path)
+    for wanted in ([0, 1, 2], [30, 31, 40], [47, 48], [70, 95], [95]):
+        cut, failure = clip_bytes(path, ClipFrames(np.array(wanted, np.int64), 24.0))
+        assert failure == Failure.NONE and cut.rotation == rotation
+        frames, _ = reference_frames_of_bytes(cut.data)
+        assert cut.first == wanted[0] // 24 * 24  # the keyframe at or before the first wanted frame
+        for index in wanted:
+            assert psnr(frames[index - cut.first], reference[index]) > 60, (wanted, index)
+
+
+def reference_frames_of_bytes(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
+        f.write(data.tobytes())
+        f.flush()
+        return reference_frames(f.name)
+
+
+def test_clip_bytes_of_a_truncated_or_junk_file_are_a_failure(tmp_path: Path) -> None:
+    from dali_arb.loader.decoders.videoframes import clip_bytes
+
+    path = make_clip(tmp_path / "t.webm", codec="vp9", frames=48, size=(160, 96))
+    truncate_clip(path, keep=0.5)
+    assert clip_bytes(path, ClipFrames(np.arange(30, 47, dtype=np.int64), 24.0)) == (None, Failure.TRUNCATED)
+    junk = tmp_path / "junk.webm"
+    junk.write_bytes(b"\x1a\x45\xdf\xa3" + bytes(range(256)) * 8)  # an EBML header, then nothing
+    assert clip_bytes(junk, ClipFrames(np.array([0]), 24.0)) == (None, Failure.UNDECODABLE)
+
+
+def test_clip_bytes_of_an_open_gop_leave_out_the_leading_frames(tmp_path: Path) -> None:
+    """x264 with open GOPs: after a keyframe come B-frames shown before it, which refer to the GOP before. The remux
+    leaves them out: DALI numbers the frames of the small container by their packets' times, so one of them would be
+    its frame 0 and every index would shift (PyAV's decoder drops them, so the decoded frames cannot tell); every
+    wanted frame decodes as from the whole file."""
+    from dali_arb.loader.decoders.videoframes import clip_bytes
+    from dali_arb.tools.clips import expected_frame
+
+    path = tmp_path / "open.mp4"
+    params = "open-gop=1:keyint=24:min-keyint=24:scenecut=0:bframes=3"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=24, options={"preset": "veryfast", "crf": "16", "x264-params": params})  # fmt: skip
+        stream.width, stream.height, stream.pix_fmt = 160, 96, "yuv420p"
+        for k in range(96):
+            frame = av.VideoFrame.from_ndarray(expected_frame(k, frames=96, size=(160, 96)), format="rgb24")
+            frame.pts = k
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    with av.open(str(path)) as container:
+        packets = [(p.pts, p.is_keyframe) for p in container.demux(video=0) if p.size]
+    leading = [pts for (key_pts, key), (pts, _) in itertools.pairwise(packets) if key and 0 < pts < key_pts]
+    assert leading  # the stream has open GOPs: a frame shown before the keyframe it follows
+    reference, _ = reference_frames(path)
+    for wanted in ([24, 25], [30, 40], [47, 48, 50], [72, 95]):
+        cut, failure = clip_bytes(path, ClipFrames(np.array(wanted, np.int64), 24.0))
+        assert failure == Failure.NONE and cut.first == wanted[0] // 24 * 24
+        frames, _ = reference_frames_of_bytes(cut.data)
+        assert psnr(frames[0], reference[cut.first]) > 60
+        with av.open(io.BytesIO(cut.data.tobytes())) as container:  # what DALI indexes: packets, by time
+            kept = [(p.pts, p.is_keyframe) for p in container.demux(video=0) if p.size]
+        assert kept[0][1] and min(pts for pts, _ in kept) == kept[0][0]  # nothing shown before the keyframe
+        for index in wanted:
+            assert psnr(frames[index - cut.first], reference[index]) > 60, (wanted, index)
+
+
+def test_the_encoded_bytes_are_not_copied_when_a_clip_is_opened(tmp_path: Path) -> None:
+    """A worker holds a video's bytes once: opening them (``decode_clip``, ``clip_bytes``) reads through a view, not
+    an ``io.BytesIO`` copy (which copied any buffer but ``bytes``: 64 MiB more for a 64 MiB file)."""
+    import tracemalloc
+
+    from dali_arb.loader.decoders.videoframes import clip_bytes
+
+    path = make_clip(tmp_path / "c.mp4", codec="h264", frames=48, size=(160, 96))
+    data = np.concatenate([np.fromfile(path, np.uint8), np.zeros(64 * 2**20, np.uint8)])  # a long file's size
+    clip = ClipFrames(np.arange(30, 40, dtype=np.int64), 24.0)
+    geometry = place(96, 160, bucket_h=64, bucket_w=64, u_y=0.0, u_x=0.0, center=True)
+    for read in (lambda: clip_bytes(data, clip), lambda: decode_clip(data, clip, geometry)):
+        tracemalloc.start()
+        try:
+            served, failure = read()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert failure == Failure.NONE and served is not None
+        assert peak < 8 * 2**20, f"{peak / 2**20:.1f} MiB allocated while reading a 64 MiB buffer"
+
+
+def test_mp4_rotation_of_odd_files_is_zero(tmp_path: Path) -> None:
+    """The track-header reader never fails: not an MP4, an empty file, a truncated header, a box that lies about its
+    size, all read as no rotation (FFmpeg decides whether the file is usable)."""
+    from dali_arb.loader.decoders.videoframes import mp4_rotation
+
+    path = make_clip(tmp_path / "r.mp4", codec="h264", frames=6, size=(160, 96), rotation=90)
+    data = np.fromfile(path, np.uint8)
+    assert mp4_rotation(path) == mp4_rotation(data) == 90
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    assert mp4_rotation(empty) == 0
+    assert mp4_rotation(np.frombuffer(b"\x1a\x45\xdf\xa3" + bytes(60), np.uint8)) == 0  # WebM
+    at = data.tobytes().find(b"tkhd")
+    assert mp4_rotation(data[: at + 40]) == 0  # cut inside the track header
+    lying = data.copy()
+    lying[at - 4 : at] = np.frombuffer((12).to_bytes(4, "big"), np.uint8)  # a 12-byte tkhd
+    assert mp4_rotation(lying) == 0

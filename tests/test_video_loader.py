@@ -321,3 +321,168 @@ def test_a_video_truncated_after_indexing_is_replaced_by_either_decoder(tmp_path
             source = m.table.column("source")[int(key[1:])].as_py()
             reference = reference_clip(source, batch["frame_index"][b].numpy())
             assert psnr(batch["video"][b, 0].numpy(), reference[0]) >= PSNR_BOUND
+
+
+def garble_frames(path: str) -> None:
+    """Overwrite every frame's payload with noise, in place: the container (size, index, timestamps) stays intact,
+    so the workers' remux succeeds and the decoder in the DALI graph fails ("No JPEG data found in image")."""
+    with av.open(path) as container:
+        spans = [(p.pos, p.size) for p in container.demux(video=0) if p.size]
+    data = np.fromfile(path, np.uint8)
+    rng = np.random.default_rng(7)
+    for pos, size in spans:
+        data[pos : pos + size] = rng.integers(0, 256, size, dtype=np.uint8)
+    data.tofile(path)
+
+
+def test_dali_video_recovers_from_a_clip_its_decoder_fails_on(tmp_path: Path) -> None:
+    """``dali_video`` on DALI's CPU decoder: an MJPEG clip whose frames are garbled (the container intact, so only
+    the decoder in the graph can tell) fails the batch; the loader finds it by probing, lists it in ``failed`` and
+    serves its stand-in, every epoch's clips exactly once otherwise, the same batches in a second run."""
+    m = video_manifest(tmp_path, [{"frames": 18, "codec": "mjpeg", "fps": 30.0} for _ in range(4)])
+    garble_frames(m.table.column("source")[1].as_py())
+    options = {"frames": [9], "images": "exclude", "video_decoder": "dali_video", "leftover": "partial"}
+    runs = []
+    for _ in range(2):
+        with loader(m, **options) as it:
+            batches = [(b["ids"], b["frame_index"].clone(), b["video"].clone()) for b in it]
+            assert it.failed == ["v1"]
+            assert "cannot be decoded by DALI" in it.state_dict()["failed"]["v1"]  # found by DALI, not the workers
+        runs.append(batches)
+    served = [(key, int(index[b, 0])) for ids, index, _ in runs[0] for b, key in enumerate(ids)]
+    assert len(served) == 8  # 4 videos x 2 chunks: every position of the plan served
+    assert {s for s in served if s[0] != "v1"} == {(f"v{i}", s) for i in (0, 2, 3) for s in (0, 9)}
+    assert all(key != "v1" for key, _ in served)
+    for ids, index, video in runs[0]:
+        for b, key in enumerate(ids):
+            source = m.table.column("source")[int(key[1:])].as_py()
+            reference = reference_clip(source, index[b].numpy())
+            assert min(psnr(video[b, k].numpy(), reference[k]) for k in range(9)) >= PSNR_BOUND
+    for (ids_a, idx_a, vid_a), (ids_b, idx_b, vid_b) in zip(*runs):
+        assert ids_a == ids_b and torch.equal(idx_a, idx_b) and torch.equal(vid_a, vid_b)
+
+
+def test_dali_video_workers_catch_a_truncated_clip_without_identity_columns(tmp_path: Path) -> None:
+    """A manifest without the files' identity (metadata-indexed) and a VP9 file truncated after indexing: DALI's
+    CPU decoder would serve it without an error (it did when fed whole files); the workers' remux finds the stream
+    ends before the clip's last frame, so the clip is replaced and listed as truncated."""
+    m = video_manifest(tmp_path, [{"frames": 18, "codec": "vp9"} for _ in range(4)])
+    truncate_clip(m.table.column("source")[3].as_py(), keep=0.5)
+    with loader(m, frames=[9], images="exclude", video_decoder="dali_video", leftover="partial") as it:
+        batches = list(it)
+        assert it.failed == ["v3"]
+        assert "truncated" in it.state_dict()["failed"]["v3"]
+    assert all("v3" not in b["ids"] for b in batches)
+    assert sum(len(b["ids"]) for b in batches) == 8
+
+
+def test_a_clip_over_max_clip_mb_is_refused_when_the_loader_is_built(tmp_path: Path) -> None:
+    """The cap is checked from the manifest before anything is read: ``dali_video`` holds ``F x H x W x 3`` at the
+    source size (17 x 160 x 96 x 3 = 0.75 MiB for the 18-frame video), ``pyav`` ``F x bucket x 3`` and one source
+    frame (0.34 MiB), each with the file's bytes (``source_size``); the refusal names the largest clip's video."""
+    from dali_arb.errors import ConfigError
+
+    m = make_manifest(tmp_path, [{"frames": 10, "codec": "vp9"}, {"frames": 18, "codec": "vp9"}], size=SIZE, identity=True)  # fmt: skip
+    encoded = max(m.table.column("source_size").to_pylist()) / 2**20
+    options = {"frames": [1, 9, 17], "images": "exclude"}
+    dali = 17 * SIZE[0] * SIZE[1] * 3 / 2**20 + encoded
+    pyav = (17 * BUCKET[0] * BUCKET[1] * 3 + SIZE[0] * SIZE[1] * 3) / 2**20 + encoded
+    cap = (dali + pyav) / 2
+    with pytest.raises(ConfigError) as refused:
+        loader(m, **options, video_decoder="dali_video", max_clip_mb=cap)
+    message = str(refused.value)
+    assert "1 clip(s)" in message and m.table.column("source")[1].as_py() in message
+    assert f"max_clip_mb={cap:g}" in message and "17 frames x 160x96" in message and "\n" not in message
+    loader(m, **options, video_decoder="pyav", max_clip_mb=cap).close()  # the same clips fit the workers' decode
+    loader(m, **options, video_decoder="dali_video", max_clip_mb=dali * 1.01).close()
+    loader(m, **options, video_decoder="dali_video", max_clip_mb=None).close()
+    with pytest.raises(ConfigError, match="17 frames at the bucket size"):
+        loader(m, **options, video_decoder="pyav", max_clip_mb=pyav * 0.99)
+
+
+def test_max_clip_mb_is_checked_with_the_bad_value() -> None:
+    from dali_arb.errors import ConfigError
+    from dali_arb.loader.options import Video
+
+    for bad in (0, -1, float("nan"), True, "4096"):
+        with pytest.raises(ConfigError, match=f"max_clip_mb must be .*got {bad!r}"):
+            Video(frames=[9], max_clip_mb=bad)
+    with pytest.raises(ConfigError, match="need frames"):
+        Video(max_clip_mb=100)
+    assert Video(frames=[9]).max_clip_mb == 4096.0 and Video(frames=[9], max_clip_mb=None).max_clip_mb is None
+
+
+def test_frames_keyed_batch_table_serves_and_resumes_elastically(tmp_path: Path) -> None:
+    """``batch_sizes`` keyed by ``(frames, width, height)``: 1-frame samples (images) and 9-frame clips get their own
+    batch; a state taken on 2 ranks resumes on 1 rank with the table doubled (the same global batch per bucket: the
+    check looks the table up by frames too; without frames it found no entry)."""
+    m = video_manifest(tmp_path, [{"frames": 18}, {"frames": 18, "codec": "vp9"}], images=4)
+    w, h = BUCKET[1], BUCKET[0]
+    from dali_arb import BucketSpec, DALIBucketIterator
+
+    options = {"frames": [1, 9], "leftover": "partial", "device": "cpu", "workers": 0, "seed": 3, "dtype": "uint8",
+               "crop": "center", "buckets": BucketSpec(bucket_sizes=[(w, h)]), "clip": "chunk"}  # fmt: skip
+
+    def loader(manifest, **more):
+        return DALIBucketIterator(manifest, **options, **more)
+
+    with loader(m, batch_sizes={(1, w, h): 4, (9, w, h): 2}) as it:
+        sizes = {(b["frame_index"].shape[1], len(b["ids"])) for b in it}
+    assert sizes == {(1, 4), (9, 2)}
+    two = loader(m, batch_sizes={(1, w, h): 2, (9, w, h): 1}, world_size=2, rank=0)
+    state = json.loads(json.dumps(two.state_dict()))
+    assert state["batching"]["batch_sizes"] == [[1, w, h, 2], [9, w, h, 1]]
+    one = loader(m, batch_sizes={(1, w, h): 4, (9, w, h): 2}, world_size=1, rank=0)
+    one.load_state_dict(state)
+    assert len(list(one)) == len(one)
+
+
+def test_dali_video_serves_rotated_and_variable_rate_clips_as_the_reference(tmp_path: Path) -> None:
+    """``dali_video`` end to end on DALI's CPU decoder: MJPEG clips in MOV with a display rotation of 90 and 270
+    degrees (DALI's decoder serves the coded frames: the graph turns them) and VP9 clips at a variable frame rate,
+    each clip remuxed in the workers; every frame matches the reference decode, random crops and flips included,
+    and the batches are the ``pyav`` workers' (same ids and frame indices)."""
+    import pyarrow as pa
+
+    rows = []
+    for i, rotation in enumerate((90, 270)):
+        path = make_clip(tmp_path / f"r{i}.mov", codec="mjpeg", fps=30.0, frames=20, size=SIZE, rotation=rotation, gop=5)  # fmt: skip
+        rows.append({"key": f"r{i}", "source": str(path), "width": SIZE[0], "height": SIZE[1], "frames": 20,
+                     "fps": 30.0, "duration": 20 / 30.0, "codec": "mjpeg", "vfr": False, "frame_times": None})  # fmt: skip
+    vfr = video_manifest(tmp_path / "vfr", [{"frames": 24, "codec": "vp9", "vfr": True} for _ in range(2)])
+    table = pa.concat_tables([pa.Table.from_pylist(rows, schema=vfr.table.schema), vfr.table])
+    m = Manifest(table)
+    options = {"frames": [9], "images": "exclude", "crop": "random", "flip": 0.5, "leftover": "partial"}
+    served = list(loader(m, **options, video_decoder="dali_video"))
+    workers = list(loader(m, **options, video_decoder="pyav"))
+    assert len(served) == len(workers) >= 3
+    keys = table.column("key").to_pylist()
+    flips = 0
+    for batch, theirs in zip(served, workers):
+        assert batch["ids"] == theirs["ids"] and torch.equal(batch["frame_index"], theirs["frame_index"])
+        for b, key in enumerate(batch["ids"]):
+            source = table.column("source")[keys.index(key)].as_py()
+            frames, _ = reference_frames(source)
+            top, left = (int(v) for v in batch["crop_top_left"][b])
+            flipped = bool(batch["flipped"][b])
+            flips += flipped
+            for k, index in enumerate(batch["frame_index"][b].tolist()):
+                expected = cover_and_cut(frames[index], top, left, flipped)
+                assert psnr(batch["video"][b, k].numpy(), expected) >= PSNR_BOUND, (key, index)
+                assert psnr(batch["video"][b, k].numpy(), theirs["video"][b, k].numpy()) >= PSNR_BOUND
+    assert 0 < flips
+
+
+def cover_and_cut(frame: np.ndarray, top: int, left: int, flipped: bool) -> np.ndarray:
+    """An upright reference frame resized to cover the bucket (Pillow), cut at the batch's ``crop_top_left`` (given
+    after the flip) and flipped: ``uint8 [3, H, W]``."""
+    from PIL import Image
+
+    from dali_arb.plan.geometry import cover_crop
+
+    bh, bw = BUCKET
+    rh, rw, _, _ = cover_crop(SIZE[1], SIZE[0], bh, bw, 0.0, 0.0, center=True)
+    resized = np.asarray(Image.fromarray(frame).resize((rw, rh), Image.BILINEAR, reducing_gap=None))
+    if flipped:
+        resized = resized[:, ::-1]
+    return np.ascontiguousarray(resized[top : top + bh, left : left + bw]).transpose(2, 0, 1)

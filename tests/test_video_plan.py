@@ -417,3 +417,93 @@ def test_independent_ranks_with_clips(leftover):
     for p in plans:
         for step in range(len(p)):
             assert np.all(clips.length[p.rows_at(step)] >= p.frames_at(step))
+
+
+# -- batch-size tables keyed by frames ------------------------------------------------------------------------------
+def test_batch_size_table_keyed_by_frames():
+    """``(frames, width, height)`` entries size one frame count's bucket and take precedence over the ``(width,
+    height)`` entry, which still sizes every other frame count; text keys ``"FxWxH"`` are the same table."""
+    sizing = BatchSizing(batch_sizes={(512, 512): 8, (33, 512, 512): 2, "17x512x512": 4, (768, 512): 6})
+    sizes = np.array([[512, 512], [512, 512], [512, 512], [512, 768], [512, 768]])
+    frames = np.array([1, 17, 33, 33, 1])
+    assert sizing.per_bucket(sizes, frames).tolist() == [8, 4, 2, 6, 6]
+    assert sizing.per_bucket(sizes[:1]).tolist() == [8]  # images: the (width, height) entries
+    assert sizing.largest(sizes, frames) == 8
+    with pytest.raises(ConfigError, match=r"no entry for bucket\(s\) 9x640x512 \(frames x width x height\)"):
+        sizing.per_bucket(np.array([[512, 640]]), np.array([9]))
+    only_frames = BatchSizing(batch_sizes={(33, 512, 512): 2})
+    with pytest.raises(ConfigError, match=r"17x512x512"):
+        only_frames.per_bucket(sizes[:2], np.array([33, 17]))
+    # the state's form: old tables read as they were written, frame entries as [f, w, h, b]; and back
+    data = sizing.to_dict()
+    assert data["batch_sizes"] == [[512, 512, 8], [768, 512, 6], [17, 512, 512, 4], [33, 512, 512, 2]]
+    assert BatchSizing.from_dict(data) == sizing
+    assert BatchSizing(batch_sizes={(512, 512): 8}).to_dict()["batch_sizes"] == [[512, 512, 8]]
+    assert sizing.scaled(0.5).per_bucket(sizes, frames).tolist() == [4, 2, 1, 3, 3]
+    for bad, match in (({(0, 512, 512): 2}, "must be positive"), ({(1, 2, 3, 4): 2}, "or \\(frames, width"),
+                       ({"33x512": 2, (33, 512): 3}, "twice"), ({"abc": 1}, "FxWxH|frames, width")):  # fmt: skip
+        with pytest.raises(ConfigError, match=match):
+            BatchSizing(batch_sizes=bad)
+
+
+def test_frames_keyed_table_plans_and_prints(tmp_path, capsys):
+    """A planner over clips takes each frame bucket's batch from the table, and ``buckets --frames --batch-sizes
+    FILE`` reads ``FxWxH=B`` lines and prints each bucket's clips and pixels per step."""
+    import json
+
+    from dali_arb.cli import main
+    from dali_arb.cli.batching import read_batch_sizes
+
+    table = {(w, h): 4 for h, w in SPEC.sizes.tolist()} | {(17, w, h): 1 for h, w in SPEC.sizes.tolist()}
+    planners, plans = plans_of(
+        [dataset(300, seed=5)], world=1, leftover="partial", batch=BatchSizing(batch_sizes=table)
+    )
+    planner, plan = planners[0], plans[0]
+    for k in np.flatnonzero(planner.index.counts()):
+        assert planner.batch[k] == (1 if planner.frames[k] == 17 else 4)
+    assert {plan.batch_size_at(s) for s in range(len(plan)) if plan.frames_at(s) == 17} == {1}
+    path = tmp_path / "sizes.txt"
+    path.write_text("512x512=4  # every frame count\n33x512x512 = 1\n17x512x512=2\n")
+    assert read_batch_sizes(path) == {(512, 512): 4, (33, 512, 512): 1, (17, 512, 512): 2}
+    path.write_text("33x512x0=1\n")
+    with pytest.raises(ConfigError, match="FRAMESxWIDTHxHEIGHT=CLIPS"):
+        read_batch_sizes(path)
+    path.write_text("512x512=4\n33x512x512=1\n")
+    args = ["buckets", "--frames", "1,17,33", "--bucket-sizes", "512x512", "--batch-sizes", str(path)]
+    assert main([*args, "--json"]) == 0
+    listed = {b["frames"]: b for b in json.loads(capsys.readouterr().out)["buckets"]}
+    assert {f: b["clips_per_step"] for f, b in listed.items()} == {1: 4, 17: 4, 33: 1}
+    assert listed[33]["pixels_per_step"] == 33 * 512 * 512
+    assert main(args) == 0
+    assert capsys.readouterr().out.split() == ["1x512x512:4", "17x512x512:4", "33x512x512:1"]
+
+
+def test_cli_buckets_frames_plot_draws_a_panel_per_frame_bucket(video_manifest, tmp_path, capsys):
+    """``buckets MANIFEST --frames ... --plot PNG``: a PNG with one panel per frame bucket; what it draws
+    (:func:`clip_bars`) is the report's clips, split into full batches and leftovers, per (frames, bucket)."""
+    import json
+
+    from PIL import Image
+
+    from dali_arb.cli import main
+    from dali_arb.tools.plots import clip_bars
+
+    png = tmp_path / "clips.png"
+    args = ["buckets", str(video_manifest), "--frames", "1,9,17", "--fps", "24", "--clip", "chunk", "-b", "2"]
+    assert main([*args, "--plot", str(png), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["plot"] == str(png)
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.height > 3 * 1.9 * 120 * 0.9  # three panels tall
+    bars = clip_bars(report)
+    assert bars["frames"] == [1, 9, 17]
+    assert int(bars["full"].sum() + bars["leftover"].sum()) == report["clips"] == 7
+    for row in report["buckets"]:
+        j, k = bars["frames"].index(row["frames"]), bars["labels"].index(f"{row['width']}x{row['height']}")
+        assert bars["leftover"][j, k] == row["leftover"] and bars["full"][j, k] == row["clips"] - row["leftover"]
+    assert main([*args, "--plot", str(tmp_path / "b")]) == 0
+    assert f"plot written to {tmp_path / 'b.png'}" in capsys.readouterr().out and (tmp_path / "b.png").exists()
+    assert main(["buckets", "--frames", "1,9", "--plot", str(png)]) != 0
+    assert "give the manifest too" in capsys.readouterr().err
+    assert main([*args, "--plot", str(tmp_path / "missing" / "c.png")]) != 0
+    assert "missing" in capsys.readouterr().err

@@ -4,7 +4,8 @@ takes (``int | BatchSizing``). Every error is one line that echoes the value and
     --batch-size 16                          every bucket 16 images per rank and step
     --batch-pixels 16*512*512                a bucket of w x h gets max(1, N // (w*h)) images (also 4194304, 2048x2048)
         --max-batch 32 --batch-multiple 2    ... at most 32, rounded down to a multiple of 2
-    --batch-sizes FILE                       one ``WxH=B`` line per bucket (``#`` starts a comment)
+    --batch-sizes FILE                       one ``WxH=B`` line per bucket (``#`` starts a comment); clips also
+                                             ``FxWxH=B`` (that frame count; before its ``WxH`` line's)
 """
 
 from __future__ import annotations
@@ -34,27 +35,30 @@ def parse_pixels(text: str) -> int:
     return value
 
 
-def read_batch_sizes(path: str | Path) -> dict[tuple[int, int], int]:
-    """``{(width, height): images}`` from a file of ``WxH=B`` lines (blank lines and ``#`` comments skipped); a
-    ConfigError naming the file and line otherwise."""
+def read_batch_sizes(path: str | Path) -> dict[tuple[int, ...], int]:
+    """``{(width, height): images}`` and ``{(frames, width, height): clips}`` from a file of ``WxH=B`` and
+    ``FxWxH=B`` lines (blank lines and ``#`` comments skipped); a ConfigError naming the file and line otherwise."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(
             f"--batch-sizes: cannot read {str(path)!r}: {getattr(exc, 'strerror', None) or exc}"
         ) from None
-    table: dict[tuple[int, int], int] = {}
+    table: dict[tuple[int, ...], int] = {}
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
-        match = re.fullmatch(r"(\d+)\s*[xX]\s*(\d+)\s*=\s*(\d+)", line)
-        if not match or min(int(g) for g in match.groups()) < 1:
-            raise ConfigError(f"{path}:{number}: expected WIDTHxHEIGHT=IMAGES such as 1024x1024=4, got {raw.strip()!r}")
-        size = (int(match.group(1)), int(match.group(2)))
-        if size in table:
-            raise ConfigError(f"{path}:{number}: bucket {size[0]}x{size[1]} is given twice")
-        table[size] = int(match.group(3))
+        match = re.fullmatch(r"(?:(\d+)\s*[xX]\s*)?(\d+)\s*[xX]\s*(\d+)\s*=\s*(\d+)", line)
+        if not match or min(int(g) for g in match.groups() if g is not None) < 1:
+            raise ConfigError(
+                f"{path}:{number}: expected WIDTHxHEIGHT=IMAGES such as 1024x1024=4, or FRAMESxWIDTHxHEIGHT=CLIPS "
+                f"such as 33x832x480=2, got {raw.strip()!r}"
+            )
+        key = tuple(int(g) for g in match.groups()[:3] if g is not None)
+        if key in table:
+            raise ConfigError(f"{path}:{number}: bucket {'x'.join(map(str, key))} is given twice")
+        table[key] = int(match.group(4))
     if not table:
         raise ConfigError(
             f"--batch-sizes: {str(path)!r} names no bucket; write one WIDTHxHEIGHT=IMAGES line per bucket"
@@ -101,7 +105,8 @@ def add_batch_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
     )  # fmt: skip
     one.add_argument(
         "--batch-sizes", type=_argparse_type(read_batch_sizes), default=None, metavar="FILE",
-        help="images per rank and step for each bucket: one WxH=B line per bucket served (1024x1024=4)",
+        help="images per rank and step for each bucket: one WxH=B line per bucket served (1024x1024=4); clips: "
+        "also FxWxH=B lines for one frame count (33x832x480=2)",
     )  # fmt: skip
     parser.add_argument(
         "--max-batch", type=_argparse_type(_positive), default=None, metavar="B",

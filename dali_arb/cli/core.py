@@ -152,14 +152,18 @@ def cmd_buckets(args: argparse.Namespace) -> int:
 def _clip_buckets(args: argparse.Namespace, spec: BucketSpec, batch, frames: FrameSpec) -> int:
     """``buckets --frames``: the (frames, width, height) buckets, and with manifests how their clips fall in them
     (clips, clips per step, full batches, leftovers per bucket; videos, images, clips and steps per epoch)."""
-    if args.plot or args.rejected:
-        raise ConfigError("--plot and --rejected report images; leave them out with --frames")
+    if args.rejected:
+        raise ConfigError("--rejected lists rejected images; leave it out with --frames")
+    if args.plot and not args.manifest:
+        raise ConfigError("--plot draws how a manifest's clips fall in the buckets: give the manifest too")
+    plot_path = png_path(args.plot, "--plot") if args.plot else None  # checked before any work
     sizing = BatchSizing.of(batch)
     if not args.manifest:
         sizes = np.tile(spec.sizes, (len(frames.frames), 1))
         counts = np.repeat(np.asarray(frames.frames, np.int64), len(spec.sizes))
         per_step = sizing.per_bucket(sizes, counts).tolist()
-        words = [{"frames": int(f), "width": int(w), "height": int(h), "clips_per_step": int(b)}
+        words = [{"frames": int(f), "width": int(w), "height": int(h), "clips_per_step": int(b),
+                  "pixels_per_step": int(b) * int(f) * int(w) * int(h)}
                  for f, (h, w), b in zip(counts.tolist(), sizes.tolist(), per_step)]  # fmt: skip
         if args.json:
             print(json.dumps({"buckets": words, "frames": frames.to_dict()}))
@@ -181,8 +185,9 @@ def _clip_buckets(args: argparse.Namespace, spec: BucketSpec, batch, frames: Fra
     for k in np.flatnonzero(counts).tolist():
         h, w = (int(v) for v in planner.index.sizes[k])
         n, u = int(counts[k]), int(units[k])
-        rows.append({"frames": int(planner.frames[k]), "width": w, "height": h, "clips": n,
-                     "clips_per_step": int(planner.batch[k]), "full_batches": n // u, "leftover": n % u})  # fmt: skip
+        f, b = int(planner.frames[k]), int(planner.batch[k])
+        rows.append({"frames": f, "width": w, "height": h, "clips": n, "clips_per_step": b,
+                     "pixels_per_step": b * f * w * h, "full_batches": n // u, "leftover": n % u})  # fmt: skip
     is_video = np.concatenate([m.video_columns()[0] > 0 for m in manifests])  # (N,) over the datasets' rows
     videos = int(is_video.sum())
     table = planner.clips
@@ -201,18 +206,25 @@ def _clip_buckets(args: argparse.Namespace, spec: BucketSpec, batch, frames: Fra
         "dropped": plan.dropped,
         "duplicated": plan.duplicated,
     }
+    if plot_path is not None:
+        from ..tools.plots import plot_clip_buckets
+
+        plot_clip_buckets(report, plot_path)
+        report["plot"] = str(plot_path)
     if args.json:
         print(json.dumps(report, ensure_ascii=False))
         return 0
     print(f"{report['rows']} rows ({videos} videos) -> {len(table)} clips; frames {list(frames.frames)}, "
           f"fps {frames.fps or 'own'}, clip {frames.clip}")  # fmt: skip
-    print(f"{'frames':>6} {'bucket':>11} {'clips':>7} {'per step':>8} {'batches':>7} {'leftover':>8}")
+    print(f"{'frames':>6} {'bucket':>11} {'clips':>7} {'per step':>8} {'px/step':>8} {'batches':>7} {'leftover':>8}")
     for r in rows:
         size = format_size(r["height"], r["width"])
-        print(f"{r['frames']:>6} {size:>11} {r['clips']:>7} {r['clips_per_step']:>8} {r['full_batches']:>7} "
-              f"{r['leftover']:>8}")  # fmt: skip
+        print(f"{r['frames']:>6} {size:>11} {r['clips']:>7} {r['clips_per_step']:>8} "
+              f"{r['pixels_per_step'] / 1e6:>7.1f}M {r['full_batches']:>7} {r['leftover']:>8}")  # fmt: skip
     print(f"epoch {args.epoch}: {len(plan)} steps, leftover {plan.leftover.value}; trimmed {plan.trimmed}, "
           f"dropped {plan.dropped}, served twice {plan.duplicated}")  # fmt: skip
+    if plot_path is not None:
+        print(f"plot written to {plot_path}")
     return 0
 
 

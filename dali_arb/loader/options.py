@@ -199,6 +199,9 @@ class Remote:
 
 
 CLIP_MODES = ("head", "uniform", "slide", "chunk")
+#: What one clip may hold by default, MiB (:attr:`Video.max_clip_mb`): 81 frames of 4K decoded at the source size
+#: (``dali_video``) are 1,922 MiB; a clip over 4 GiB is a mistake of frames or resolution more often than a wish.
+DEFAULT_MAX_CLIP_MB = 4096.0
 LAYOUTS = ("BFCHW", "BCFHW")
 
 
@@ -209,7 +212,10 @@ class Video:
     windows of a video are clips (``"head"``, ``"uniform"``, ``"slide"``, ``"chunk"``, musubi-tuner's meanings),
     ``stride`` the step of ``slide`` windows and ``clip_count`` the windows of ``uniform``; ``images``
     (``"include"``: images are 1-frame clips; ``"exclude"``); ``layout`` of ``batch["video"]`` (``"BFCHW"`` or
-    ``"BCFHW"``); ``decoder`` (``"auto"``, ``"pyav"``, ``"dali_video"``: :mod:`dali_arb.loader.decoders.video`)."""
+    ``"BCFHW"``); ``decoder`` (``"auto"``, ``"pyav"``, ``"dali_video"``: :mod:`dali_arb.loader.decoders.video`);
+    ``max_clip_mb`` the most memory one clip may hold, MiB: its file's encoded bytes and its frames as its decoder holds
+    them (:meth:`~dali_arb.loader.decoders.video.VideoDecoder.clip_memory`: ``dali_video`` decodes at the source
+    size, ``F x H x W x 3``); a plan with a clip over it is refused when the loader is built (``None``: no cap)."""
 
     frames: tuple[int, ...] | None = None
     fps: float | None = None
@@ -219,8 +225,14 @@ class Video:
     images: str = "include"
     layout: str = "BFCHW"
     decoder: str = "auto"
+    max_clip_mb: float | None = DEFAULT_MAX_CLIP_MB
 
     def __post_init__(self) -> None:
+        cap = self.max_clip_mb
+        if cap is not None:
+            if isinstance(cap, bool) or not isinstance(cap, numbers.Real) or not math.isfinite(cap) or cap <= 0:
+                raise ConfigError(f"max_clip_mb must be a positive number of MiB (e.g. 4096), or None for no cap, got {cap!r}")  # fmt: skip
+            _set(self, "max_clip_mb", float(cap))
         if self.frames is not None:
             given = self.frames
             values = (given,) if isinstance(given, numbers.Integral) else tuple(given) if isinstance(given, (list, tuple)) else None  # fmt: skip
@@ -239,7 +251,7 @@ class Video:
         _set(self, "clip_count", _count("clip_count", self.clip_count, least=1))
         defaults = {f.name: f.default for f in fields(self)}
         if self.frames is None and any(getattr(self, n) != v for n, v in defaults.items() if n != "decoder"):
-            raise ConfigError("the video options (fps, clip, stride, clip_count, images, layout) need frames=[...], "
+            raise ConfigError("the video options (fps, clip, stride, clip_count, images, layout, max_clip_mb) need frames=[...], "
                               "the frame buckets; without it the loader serves images only")  # fmt: skip
         from .decoders.video import VIDEO_DECODERS
 
@@ -392,7 +404,7 @@ _KEYWORD_TO_FIELD = {
     "keep_tags_separator": ("captions", "keep_separator"),
     "frames": ("video", "frames"), "fps": ("video", "fps"), "clip": ("video", "clip"), "stride": ("video", "stride"),
     "clip_count": ("video", "clip_count"), "images": ("video", "images"), "layout": ("video", "layout"),
-    "video_decoder": ("video", "decoder"),
+    "video_decoder": ("video", "decoder"), "max_clip_mb": ("video", "max_clip_mb"),
 }  # fmt: skip
 #: Keywords that size batches by bucket (:class:`~dali_arb.plan.batching.BatchSizing`).
 _SIZING = ("batch_pixels", "max_batch", "batch_multiple", "batch_sizes")

@@ -36,6 +36,7 @@ from . import recovery, resources
 from .blocklist import Blocklist
 from .contracts import IO_FIELDS, META, Failure, io_stats
 from .decoders import DaliDecoder, Decoder, choose_decoder, cpu_count
+from .decoders.video import refuse_large_clips
 from .options import Dataset, LoaderOptions
 from .planning import LoaderConfig, build_planner
 from .source import BatchSource
@@ -180,6 +181,7 @@ class LoaderSession:
         gpu = self.device == "gpu"
         if options.video.on:
             self.decoder: Decoder = _video_decoder(options, self.device, self.data)
+            refuse_large_clips(self.decoder, self._planner, self.data, options.video.max_clip_mb)
         else:
             self.decoder = choose_decoder(
                 decode.decoder, self.device, pairs=tuple(self.data.pairs.items()),
@@ -328,7 +330,7 @@ class LoaderSession:
             if state["batching"] is None
             else BatchSizing.from_dict(state["batching"])
         )
-        return (state["world_size"] * sizing.per_bucket(self._planner.index.sizes)).tolist()
+        return (state["world_size"] * sizing.per_bucket(self._planner.index.sizes, self._planner.frames)).tolist()
 
     def read_ahead_bytes(self) -> int:
         """Memory the batches the workers compute ahead may hold at most (:func:`resources.read_ahead_bytes`)."""

@@ -29,25 +29,45 @@ def _positive(name: str, value: Any) -> int:
     return int(value)
 
 
-def _table(value: Any) -> tuple[tuple[int, int, int], ...]:
-    """``{(width, height): images}`` (or its items) as sorted ``(width, height, images)`` triples."""
+#: One entry of a batch-size table: ``(width, height, batch)`` for a bucket of any frame count, or ``(frames, width,
+#: height, batch)`` for the bucket of that frame count only.
+Entry = tuple[int, ...]
+
+
+def _key(key: Any) -> tuple[int, ...]:
+    """A table key as ``(width, height)`` or ``(frames, width, height)``: a tuple, or text ``"WxH"``/``"FxWxH"``."""
+    if isinstance(key, str):
+        parts = key.lower().split("x")
+        if len(parts) in (2, 3) and all(p.strip().isdigit() for p in parts):
+            return tuple(int(p) for p in parts)
+        raise ValueError(key)
+    values = tuple(key)
+    if len(values) not in (2, 3) or any(isinstance(v, bool) or int(v) != v for v in values):
+        raise ValueError(key)
+    return tuple(int(v) for v in values)
+
+
+def _table(value: Any) -> tuple[Entry, ...]:
+    """``{(width, height): batch}`` and/or ``{(frames, width, height): batch}`` (or their items; keys also as
+    ``"WxH"``/``"FxWxH"`` text) as sorted entries (:data:`Entry`): the ``(width, height)`` ones first."""
     items = value.items() if isinstance(value, dict) else value
     try:
-        triples = [(int(w), int(h), b) for (w, h), b in items]
+        pairs = [(_key(k), b) for k, b in items]
     except (TypeError, ValueError):
         raise ConfigError(
-            f"batch_sizes must map (width, height) to images per step, e.g. {{(1024, 1024): 4}}, got {value!r:.120}"
+            "batch_sizes must map (width, height), or (frames, width, height) for clips, to samples per step, e.g. "
+            f"{{(1024, 1024): 4}} or {{(33, 832, 480): 2}}, got {value!r:.120}"
         ) from None
-    if not triples:
+    if not pairs:
         raise ConfigError("batch_sizes must name at least one bucket, got an empty table")
     out = []
-    for w, h, b in triples:
-        if w < 1 or h < 1:
-            raise ConfigError(f"batch_sizes has a bucket {w}x{h}; sides must be positive")
-        out.append((w, h, _positive(f"batch_sizes[({w}, {h})]", b)))
-    if len({(w, h) for w, h, _ in out}) != len(out):
+    for key, b in pairs:
+        if min(key) < 1:
+            raise ConfigError(f"batch_sizes has a bucket {'x'.join(map(str, key))}; frames and sides must be positive")
+        out.append((*key, _positive(f"batch_sizes[{key}]", b)))
+    if len({e[:-1] for e in out}) != len(out):
         raise ConfigError(f"batch_sizes names a bucket twice: {value!r:.120}")
-    return tuple(sorted(out))
+    return tuple(sorted(out, key=lambda e: (len(e), e)))
 
 
 @dataclass(frozen=True)
@@ -58,7 +78,9 @@ class BatchSizing:
     - ``batch_pixels``: a budget, ``max(1, batch_pixels // (width * height))`` images for a bucket (clips:
       ``batch_pixels // (frames * width * height)``, a clip of ``F`` frames costing ``F`` images), at most
       ``max_batch``, rounded down to a multiple of ``batch_multiple`` where at least one multiple fits;
-    - ``batch_sizes``: an explicit table ``{(width, height): images}`` naming every bucket that is served.
+    - ``batch_sizes``: an explicit table ``{(width, height): images}`` naming every bucket that is served; for clips
+      also ``{(frames, width, height): clips}``, which takes precedence over the ``(width, height)`` entry for that
+      frame count (a table may hold both: a default per size and the frame counts that differ).
     """
 
     batch_size: int | None = None
@@ -98,8 +120,8 @@ class BatchSizing:
 
     def per_bucket(self, sizes: np.ndarray, frames: np.ndarray | None = None) -> np.ndarray:
         """``int64 (K,)`` images (or clips) per rank and step for buckets ``sizes`` ``int64 (K, 2)`` ``(height,
-        width)``; ``frames`` ``int64 (K,)``: each bucket's frame count (clips), which a pixel budget divides by (a
-        table is looked up by ``(width, height)`` whatever the frames)."""
+        width)``; ``frames`` ``int64 (K,)``: each bucket's frame count (clips), which a pixel budget divides by and
+        a table is looked up by (its ``(frames, width, height)`` entry, else its ``(width, height)`` one)."""
         sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
         per_sample = sizes[:, 0] * sizes[:, 1]
         if frames is not None:
@@ -112,14 +134,23 @@ class BatchSizing:
                 b = np.minimum(b, self.max_batch)
             m = self.batch_multiple
             return np.where(b >= m, b // m * m, b).astype(np.int64)
-        table = {(w, h): b for w, h, b in self.batch_sizes}
-        missing = [f"{w}x{h}" for h, w in sizes.tolist() if (w, h) not in table]
+        plain = {e[:2]: e[2] for e in self.batch_sizes if len(e) == 3}
+        framed = {e[:3]: e[3] for e in self.batch_sizes if len(e) == 4}
+        counts = [None] * len(sizes) if frames is None else np.asarray(frames, np.int64).reshape(-1).tolist()
+        out, missing = [], []
+        for (h, w), f in zip(sizes.tolist(), counts):
+            b = framed.get((f, w, h)) if f is not None else None
+            b = plain.get((w, h)) if b is None else b
+            if b is None:
+                missing.append(f"{w}x{h}" if f is None else f"{f}x{w}x{h}")
+            out.append(b or 0)
         if missing:
+            what = "width x height" if frames is None else "frames x width x height"
             raise ConfigError(
                 f"batch_sizes has no entry for bucket(s) {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
-                " (width x height); add them, or use batch_pixels"
+                f" ({what}); add them, or use batch_pixels"
             )
-        return np.array([table[(w, h)] for h, w in sizes.tolist()], np.int64)
+        return np.array(out, np.int64)
 
     def largest(self, sizes: np.ndarray, frames: np.ndarray | None = None) -> int:
         """The largest batch any of ``sizes`` (with ``frames``) gets: what a pipeline is built for."""
@@ -127,7 +158,7 @@ class BatchSizing:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (for ``state_dict`` and reports); :meth:`from_dict` reads it back."""
-        table = None if self.batch_sizes is None else [list(t) for t in self.batch_sizes]
+        table = None if self.batch_sizes is None else [list(e) for e in self.batch_sizes]  # [w, h, b] / [f, w, h, b]
         return {"batch_size": self.batch_size, "batch_pixels": self.batch_pixels, "batch_sizes": table,
                 "max_batch": self.max_batch, "batch_multiple": self.batch_multiple}  # fmt: skip
 
@@ -136,7 +167,7 @@ class BatchSizing:
         table = data.get("batch_sizes")
         return cls(
             batch_size=data.get("batch_size"), batch_pixels=data.get("batch_pixels"),
-            batch_sizes=None if table is None else {(w, h): b for w, h, b in table},
+            batch_sizes=None if table is None else {tuple(e[:-1]): e[-1] for e in table},
             max_batch=data.get("max_batch"), batch_multiple=data.get("batch_multiple", 1),
         )  # fmt: skip
 
@@ -156,4 +187,4 @@ class BatchSizing:
             return BatchSizing(batch_pixels=whole(self.batch_pixels),
                                max_batch=None if self.max_batch is None else whole(self.max_batch),
                                batch_multiple=self.batch_multiple)  # fmt: skip
-        return BatchSizing(batch_sizes={(w, h): whole(b) for w, h, b in self.batch_sizes})
+        return BatchSizing(batch_sizes={e[:-1]: whole(e[-1]) for e in self.batch_sizes})

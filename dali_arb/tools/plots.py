@@ -1,4 +1,5 @@
-"""Pictures for people: the bucket histogram (matplotlib) and the contact sheet of batches (Pillow)."""
+"""Pictures for people: the bucket histogram (matplotlib; for clips one panel per frame bucket) and the contact sheet
+of batches (Pillow)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 
 from .report import policy_words
 
-__all__ = ["bucket_bars", "contact_sheet", "plot_buckets"]
+__all__ = ["bucket_bars", "clip_bars", "contact_sheet", "plot_buckets", "plot_clip_buckets"]
 
 
 #: A bar segment that holds images is drawn at least this share of the tallest bar, so that 1 image beside
@@ -112,6 +113,71 @@ def _title(report: dict[str, Any]) -> str:
         f"{totals['steps_per_epoch']} steps/epoch\n"
         f"epoch {totals.get('epoch', 0)}: trimmed {totals['trimmed_per_epoch']}, dropped {totals['dropped_per_epoch']}, "
         f"duplicated {totals['duplicated_per_epoch']} · rejected: {rejected}{crops}"
+    )
+
+
+def clip_bars(report: dict[str, Any]) -> dict[str, Any]:
+    """What :func:`plot_clip_buckets` draws from a ``buckets --frames`` report (its ``buckets`` rows: ``frames``,
+    ``width``, ``height``, ``clips``, ``leftover``): ``frames`` the frame buckets with clips (ascending), ``labels``
+    the spatial buckets (``WxH``, portrait to landscape), and ``int64 (J, K)`` arrays ``full`` (clips in full batches
+    at their own bucket) and ``leftover`` (clips left over), per frame bucket ``j`` and spatial bucket ``k``."""
+    rows = report["buckets"]
+    frames = sorted({int(r["frames"]) for r in rows})
+    sizes = sorted({(int(r["width"]), int(r["height"])) for r in rows}, key=lambda s: (s[0] / s[1], s[0]))
+    full = np.zeros((len(frames), len(sizes)), np.int64)
+    leftover = np.zeros_like(full)
+    for r in rows:
+        j, k = frames.index(int(r["frames"])), sizes.index((int(r["width"]), int(r["height"])))
+        leftover[j, k] += int(r["leftover"])
+        full[j, k] += int(r["clips"]) - int(r["leftover"])
+    return {"frames": frames, "labels": [f"{w}x{h}" for w, h in sizes], "full": full, "leftover": leftover}
+
+
+def plot_clip_buckets(report: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
+    """Clips per (frames, width, height) bucket: one panel per frame bucket (the same spatial buckets on every
+    panel's x axis, portrait to landscape), stacked bars of clips in full batches and clips left over, the count
+    above each bar; the totals of the epoch in the title. Writes a PNG; returns :func:`clip_bars`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    bars = clip_bars(report)
+    labels, frames = bars["labels"], bars["frames"]
+    panels = max(1, len(frames))
+    fig, axes = plt.subplots(panels, 1, sharex=True, squeeze=False, dpi=120,
+                             figsize=(max(7.0, 0.5 * len(labels) + 3), 1.0 + 1.9 * panels))  # fmt: skip
+    x = np.arange(len(labels))
+    leftover_words = f"left over (policy: {report.get('leftover', '?')})"
+    for j, ax in enumerate(axes[:, 0]):
+        full, rest = bars["full"][j] if frames else x * 0, bars["leftover"][j] if frames else x * 0
+        ax.bar(x, full, color=SEGMENTS[0][1], label="in full batches at their own bucket" if j == 0 else None)
+        ax.bar(x, rest, bottom=full, color=SEGMENTS[1][1], label=leftover_words if j == 0 else None)
+        for xi, n in zip(x, (full + rest).tolist()):
+            if n:
+                ax.text(xi, n, str(n), ha="center", va="bottom", fontsize=7)
+        ax.set_ylabel(f"{frames[j]} frame{'s' if frames[j] != 1 else ''}" if frames else "clips", fontsize=8)
+        ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_ylim(0, max(1.0, float((full + rest).max(initial=0)) * 1.3))  # room for the counts
+    bottom = axes[-1, 0]
+    bottom.set_xticks(x, labels, rotation=60, ha="right", fontsize=8)
+    bottom.set_xlabel("bucket (width x height), portrait → landscape; one panel per frame bucket (clips)")
+    axes[0, 0].set_title(_clip_title(report), fontsize=9)
+    fig.legend(fontsize=8, loc="lower center", ncol=2, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path)
+    plt.close(fig)
+    return bars
+
+
+def _clip_title(report: dict[str, Any]) -> str:
+    spec = report.get("frames", {})
+    return (
+        f"{report.get('rows', '?')} rows ({report.get('videos', '?')} videos) -> {report.get('clips', '?')} clips · "
+        f"fps {spec.get('fps') or 'own'}, clip {spec.get('clip', '?')} · {report.get('steps_per_epoch', '?')} "
+        f"steps/epoch\nepoch {report.get('epoch', 0)}: trimmed {report.get('trimmed', 0)}, dropped "
+        f"{report.get('dropped', 0)}, duplicated {report.get('duplicated', 0)}"
     )
 
 

@@ -9,17 +9,20 @@ decoder        the workers                                     the DALI graph
                PyAV (seeking to the keyframe before the first  GPU, if there is one)
                wanted frame), each frame's crop window
                resized to the bucket (Pillow); images: Pillow
-``dali_video`` read the bytes; the frame indices and the crop  ``decoders.video(frames=...)`` (NVDEC on the
-               window in source pixels                         GPU: H.264, HEVC, VP8, VP9, AV1, MJPEG; on the
-                                                               CPU only VP9 and MJPEG), ``resize`` of the
-                                                               window to the bucket
+``dali_video`` read the bytes; remux the clip's packets (from  ``decoders.video(frames=...)`` (NVDEC on the
+               the keyframe before its first frame) into a     GPU: H.264, HEVC, VP8, VP9, AV1, MJPEG; on the
+               small container; the frame indices from that    CPU only VP9 and MJPEG), ``resize`` of the
+               keyframe; the crop window in coded pixels and   window to the bucket, ``rotate`` by the video's
+               the display rotation                            quarter turns (the decoder serves coded frames)
 =============  ==============================================  ==============================================
 
 ``pyav`` is the CPU decoder: measured on one core it serves 17 frames of a 720p clip in 1/1.7 (VP9) to 1/3.5 (MJPEG)
 of the time DALI's CPU ``decoders.video`` takes (which indexes the whole file first), and it reads H.264/HEVC/AV1,
 which DALI's CPU variant refuses (``python -m benchmarks video_decode``; benchmarks/RESULTS.md). ``dali_video`` is
-for the GPU (NVDEC): it needs whole encoded files in the pipeline, and whether NVDEC applies a display rotation is not
-checked yet (no GPU run so far).
+for the GPU (NVDEC): the pipeline carries each clip's packets only (:func:`~.videoframes.clip_bytes`; 4x to 14x fewer
+bytes than the file, ``python -m benchmarks video_remux``); whether NVDEC serves coded (unturned) frames as DALI's CPU
+decoder does is not checked yet (no GPU run so far). :func:`refuse_large_clips` caps what one clip may hold
+(``max_clip_mb``), from the manifest, when the loader is built.
 
 Imports NumPy and the decoder base; PyAV and Pillow in the workers, DALI only inside :meth:`graph`.
 """
@@ -35,9 +38,17 @@ from ...plan.geometry import Geometry
 from ..contracts import Failure, Output
 from .base import Decoder
 from .pillow import PillowDecoder
-from .videoframes import ClipFrames, decode_clip
+from .videoframes import ClipFrames, clip_bytes, decode_clip
 
-__all__ = ["VIDEO_AUTO", "VIDEO_DECODERS", "DaliVideoDecoder", "PyAVDecoder", "VideoDecoder", "choose_video_decoder"]
+__all__ = [
+    "VIDEO_AUTO",
+    "VIDEO_DECODERS",
+    "DaliVideoDecoder",
+    "PyAVDecoder",
+    "VideoDecoder",
+    "choose_video_decoder",
+    "refuse_large_clips",
+]
 
 
 @dataclass(frozen=True)
@@ -66,6 +77,15 @@ class VideoDecoder(Decoder):
 
     def default_threads(self, cores: int, *, gpu: bool) -> int:
         return max(1, cores // 4)
+
+    def clip_memory(
+        self, frames: np.ndarray, height: np.ndarray, width: np.ndarray, bucket_pixels: np.ndarray, encoded: np.ndarray
+    ) -> np.ndarray:
+        """``int64 (n,)`` bytes one clip holds while it is decoded: its file's ``encoded`` bytes (a worker reads the
+        file once) and its frames as the decoder holds them, for clips of ``frames`` frames of videos
+        ``height x width`` (display size) in buckets of ``bucket_pixels`` (all ``int64 (n,)``). What FFmpeg's or
+        NVDEC's own frame pools add is not counted (measured: docs/video-decode.md)."""
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
@@ -99,6 +119,11 @@ class PyAVDecoder(VideoDecoder):
     def bytes_per_sample(self, encoded_bytes: int, bucket_pixels: int) -> int:
         return int(bucket_pixels) * 3 + 64  # per frame: the source's chunks grow to the largest clip
 
+    def clip_memory(self, frames, height, width, bucket_pixels, encoded) -> np.ndarray:
+        """The finished clip ``F x bucket pixels x 3`` and one upright RGB source frame ``H x W x 3`` (each frame is
+        cut as soon as it is decoded), with the encoded file."""
+        return encoded + frames * bucket_pixels * 3 + height * width * 3
+
 
 @dataclass(frozen=True)
 class DaliVideoDecoder(VideoDecoder):
@@ -112,6 +137,7 @@ class DaliVideoDecoder(VideoDecoder):
         Output("frames", "INT32"),
         Output("roi_start", "FLOAT"),
         Output("roi_end", "FLOAT"),
+        Output("rotation", "FLOAT"),
     )
     shared_outputs: ClassVar[tuple[Output, ...]] = (Output("size", "FLOAT"),)
 
@@ -125,13 +151,32 @@ class DaliVideoDecoder(VideoDecoder):
     def prepare_clip(
         self, data: np.ndarray, clip: ClipFrames, geometry: Geometry
     ) -> tuple[dict[str, np.ndarray] | None, Failure]:
+        """The clip's packets alone (:func:`~.videoframes.clip_bytes`: remuxed from the keyframe at or before its
+        first frame), the frame numbers in them, and the crop window and output size in the decoder's (coded,
+        unturned) orientation, with the quarter turns that make it upright after the resize."""
+        cut, failure = clip_bytes(data, clip)
+        if cut is None:
+            return None, failure
         top, left, bottom, right = geometry.source_window()
+        h, w = geometry.height, geometry.width  # upright
+        size = [geometry.bucket_h, geometry.bucket_w]
+        turns = cut.rotation // 90 % 4
+        # the upright window in the coded frame (upright = np.rot90(coded, turns)): coded is w x h for odd turns
+        if turns == 1:
+            top, left, bottom, right = left, h - bottom, right, h - top
+        elif turns == 2:
+            top, left, bottom, right = h - bottom, w - right, h - top, w - left
+        elif turns == 3:
+            top, left, bottom, right = w - right, top, w - left, bottom
+        if turns % 2:
+            size.reverse()
         return {
-            "encoded": data,
-            "frames": np.asarray(clip.indices, np.int32),
+            "encoded": cut.data,
+            "frames": np.asarray(np.asarray(clip.indices) - cut.first, np.int32),
             "roi_start": np.array([top, left], np.float32),
             "roi_end": np.array([bottom, right], np.float32),
-            "size": np.array([geometry.bucket_h, geometry.bucket_w], np.float32),
+            "rotation": np.array(turns * 90, np.float32),
+            "size": np.array(size, np.float32),
         }, Failure.NONE
 
     def graph(self, feeds: dict[str, Any], *, gpu: bool) -> dict[str, Any]:
@@ -147,7 +192,9 @@ class DaliVideoDecoder(VideoDecoder):
             antialias=True,
             interp_type=types.INTERP_LINEAR,
         )
-        return {"images": resized}
+        # quarter turns are exact with nearest-neighbour sampling; a turn of 0 is a copy of the bucket-size clip
+        upright = fn.rotate(resized, angle=feeds["rotation"], interp_type=types.INTERP_NN, keep_size=False)
+        return {"images": upright}
 
     def default_workers(self, cores: int) -> int:
         return max(1, min(4, cores // 4))  # the workers only read bytes
@@ -157,6 +204,11 @@ class DaliVideoDecoder(VideoDecoder):
 
     def bytes_per_sample(self, encoded_bytes: int, bucket_pixels: int) -> int:
         return int(encoded_bytes) + 256
+
+    def clip_memory(self, frames, height, width, bucket_pixels, encoded) -> np.ndarray:
+        """The clip decoded at the source size before the resize, ``F x H x W x 3`` (on the GPU with NVDEC), with the
+        encoded file (the worker's copy; DALI is fed only the clip's packets, fewer)."""
+        return encoded + frames * height * width * 3
 
 
 #: The video decoders, by the name ``video_decoder=`` takes (apart from the image decoders: a loader with
@@ -179,3 +231,52 @@ def choose_video_decoder(name: str | VideoDecoder, device: str) -> VideoDecoder:
 
         raise ConfigError(f"video_decoder must be 'auto', {', '.join(map(repr, VIDEO_DECODERS))}, got {name!r}")
     return VIDEO_DECODERS[name]()
+
+
+def refuse_large_clips(decoder: VideoDecoder, planner: Any, data: Any, cap_mb: float | None) -> None:
+    """A ConfigError naming the clip that holds the most memory (:meth:`VideoDecoder.clip_memory`) when it is over
+    ``cap_mb`` MiB, with what to do; nothing when every clip fits or ``cap_mb`` is None. ``planner`` plans clips
+    (:attr:`~dali_arb.plan.planner.Planner.clips`, its index's buckets), ``data`` is the loader's
+    :class:`~dali_arb.data.manifest.ManifestSet`. Vectorised over the clips, from the manifest's columns: no file
+    is read (a million clips: a fraction of a second)."""
+    clips = getattr(planner, "clips", None)
+    if cap_mb is None or clips is None or len(clips) == 0:
+        return
+    index = planner.index
+    bucket = np.asarray(index.bucket_of(np.arange(len(clips), dtype=np.int64)), np.int64)
+    planned = np.flatnonzero(bucket >= 0)  # the clips of rows the buckets reject are never served
+    if len(planned) == 0:
+        return
+    sizes = np.asarray(index.sizes, np.int64)
+    bucket_pixels = sizes[bucket[planned], 0] * sizes[bucket[planned], 1]  # (C,): each clip's own bucket
+    rows = np.asarray(clips.row, np.int64)[planned]
+    frames = np.asarray(clips.length, np.int64)[planned]
+    height, width = data.ints_at("heights", rows, 0), data.ints_at("widths", rows, 0)
+    encoded = np.maximum(data.ints_at("length", rows, -1), data.ints_at("source_size", rows, -1))
+    encoded = np.maximum(encoded, 0)
+    held = decoder.clip_memory(frames, height, width, bucket_pixels, encoded)
+    worst = int(np.argmax(held))
+    cap = float(cap_mb) * 2**20
+    if held[worst] <= cap:
+        return
+    from ...errors import ConfigError
+
+    over = int(np.count_nonzero(held > cap))
+    f, h, w = int(frames[worst]), int(height[worst]), int(width[worst])
+    source = data.column_at("source", rows[worst : worst + 1])[0] or data.keys_at(rows[worst : worst + 1])[0]
+    if decoder.name == "dali_video":
+        what = f"{f} frames x {w}x{h} x 3 decoded at the source size before the resize"
+        fix = "fewer frames (frames=), videos of a lower resolution, video_decoder='pyav' (it holds the bucket size)"
+    else:
+        what = f"{f} frames at the bucket size and one {w}x{h} source frame"
+        fix = "fewer frames (frames=) or smaller buckets"
+    raise ConfigError(
+        f"{over} clip(s) would hold more than max_clip_mb={cap_mb:g} MiB each while decoded by "
+        f"video_decoder={decoder.name!r}; the largest, of {source}, holds {_mib(held[worst])} ({what}, with "
+        f"{_mib(encoded[worst])} encoded); use {fix}, or raise max_clip_mb"
+    )
+
+
+def _mib(count: int) -> str:
+    mib = float(count) / 2**20
+    return f"{mib:,.0f} MiB" if mib >= 10 else f"{mib:.2f} MiB"

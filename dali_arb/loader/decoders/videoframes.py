@@ -11,6 +11,10 @@ Frame numbers are positions in presentation order from the first frame (what :fu
 frame's timestamp: ``round(t * fps)`` for a constant frame rate, the nearest of the manifest's ``frame_times`` for a
 variable one), the same numbers ``dali_arb.plan.frames.frame_indices`` hands out and ``batch["frame_index"]`` reports.
 
+:func:`clip_bytes` is the ``dali_video`` decoder's half in the workers: it copies (remuxes, no decoding) the packets
+from the keyframe at or before the first wanted frame to the last wanted frame into a small container of their own,
+so the decoder in the DALI graph is fed the clip's bytes, not the whole file, and numbers frames from that keyframe.
+
 Imports NumPy, ``plan.geometry`` and ``contracts``; PyAV and Pillow when it decodes (no DALI).
 """
 
@@ -26,7 +30,16 @@ import numpy as np
 from ...plan.geometry import Geometry
 from ..contracts import Failure
 
-__all__ = ["ClipFrames", "decode_clip", "frame_number", "upright"]
+__all__ = [
+    "REMUX_FORMATS",
+    "ClipBytes",
+    "ClipFrames",
+    "clip_bytes",
+    "decode_clip",
+    "frame_number",
+    "mp4_rotation",
+    "upright",
+]
 
 
 @dataclass(frozen=True)
@@ -88,13 +101,46 @@ class _Resized(Exception):
     """A decoded frame is not the indexed (upright) size."""
 
 
+class _BufferReader(io.RawIOBase):
+    """A read-only, seekable file over a buffer, without copying it (``io.BytesIO`` copies any buffer but ``bytes``:
+    a worker would hold a long video's bytes twice)."""
+
+    def __init__(self, buffer: Any) -> None:
+        super().__init__()
+        self._view = memoryview(buffer).cast("B")
+        self._at = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, out: Any) -> int:
+        target = memoryview(out).cast("B")
+        chunk = self._view[self._at : self._at + len(target)]
+        target[: len(chunk)] = chunk
+        self._at += len(chunk)
+        return len(chunk)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._at, io.SEEK_END: len(self._view)}[whence]
+        self._at = max(0, base + int(offset))
+        return self._at
+
+    def tell(self) -> int:
+        return self._at
+
+    def close(self) -> None:
+        self._view.release()
+        super().close()
+
+
 def _open(source: str | os.PathLike | bytes | np.ndarray) -> Any:
     import av
 
-    if isinstance(source, np.ndarray):
-        source = memoryview(source)
-    if isinstance(source, (bytes, memoryview)):
-        return av.open(io.BytesIO(source), "r")  # BytesIO shares the bytes until written to
+    if isinstance(source, (bytes, np.ndarray, memoryview)):
+        return av.open(_BufferReader(source), "r")
     return av.open(os.fspath(source), "r")
 
 
@@ -175,3 +221,199 @@ def _decode_into(container, stream, clip: ClipFrames, wanted: np.ndarray, geomet
         if position == len(wanted) or number >= last:
             break
     return position
+
+
+#: The container a clip's packets are remuxed into, by codec (FFmpeg's names), for DALI's demuxer: MP4 for the codecs
+#: NVDEC reads from MP4, WebM for VP8/VP9, AVI for MJPEG; any other codec: Matroska.
+REMUX_FORMATS: dict[str, str] = {"h264": "mp4", "hevc": "mp4", "av1": "mp4", "mpeg4": "mp4", "vp8": "webm",
+                                 "vp9": "webm", "mjpeg": "avi"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ClipBytes:
+    """A clip's packets in a container of their own (what ``dali_video`` feeds DALI's decoder).
+
+    Attributes:
+        data: ``uint8 (n,)`` the small container's bytes.
+        first: the source frame number of its frame 0 (the keyframe at or before the first wanted frame): DALI's
+            frame ``k`` of it is source frame ``first + k``.
+        rotation: the display rotation, counter-clockwise degrees (0, 90, 180, 270), read from the source's MP4/MOV
+            track header (0 for other containers); the decoder's frames are the coded, unturned ones.
+    """
+
+    data: np.ndarray
+    first: int
+    rotation: int
+
+
+def clip_bytes(source: str | os.PathLike | bytes | np.ndarray, clip: ClipFrames) -> tuple[ClipBytes | None, Failure]:
+    """The packets of ``source`` that decode ``clip.indices``, remuxed (stream copy: never decoded) into a small
+    container: ``(ClipBytes, Failure.NONE)``, or ``(None, failure)``: ``TRUNCATED`` when the stream ends before the
+    last wanted frame, ``UNDECODABLE`` when FFmpeg cannot demux the file or it has no timestamps to find frames by.
+
+    The packets run from the keyframe at or before the first wanted frame (found by seeking, else by demuxing from
+    the start) until every frame up to the last wanted one is in (in decode order: the references a B-frame needs
+    come before it), or the next keyframe after it. Memory: the source (bytes, shared, not copied) and the clip's
+    packets, twice at most (the packets and the container being written).
+    """
+    import av
+
+    wanted = np.asarray(clip.indices, np.int64)
+    if wanted.ndim != 1 or len(wanted) == 0 or wanted[0] < 0 or np.any(np.diff(wanted) < 0):
+        raise ValueError(f"frame indices must be a non-empty, non-decreasing int64 [F], got {wanted!r}")
+    first, last = int(wanted[0]), int(wanted[-1])
+    try:
+        with _open(source) as container:
+            stream = container.streams.video[0]
+            found = None
+            if first > 0:
+                base = stream.time_base
+                start = float(stream.start_time * base) if stream.start_time is not None else 0.0
+                target = start + clip.time_of(first) - 0.5 / clip.fps
+                container.seek(max(0, int(target / base)), stream=stream, backward=True, any_frame=False)
+                found = _clip_packets(container.demux(stream), stream, clip, first, last, after_seek=True)
+            if found is None:  # at the start, or the seek did not land on a keyframe before the first wanted frame
+                container.seek(0, stream=stream)
+                found = _clip_packets(container.demux(stream), stream, clip, first, last, after_seek=False)
+            if found is None:
+                return None, Failure.UNDECODABLE  # no keyframe at or before the first wanted frame
+            packets, key, reached = found
+            if reached < last:
+                return None, Failure.TRUNCATED
+            data = _remux(packets, stream)
+        rotation = mp4_rotation(source)
+    except _NoTimestamps:
+        return None, Failure.UNDECODABLE
+    except (av.error.FFmpegError, OSError, ValueError, IndexError):
+        return None, Failure.UNDECODABLE
+    return ClipBytes(data, key, rotation), Failure.NONE
+
+
+class _NoTimestamps(Exception):
+    """A packet has neither a presentation nor a decoding time stamp."""
+
+
+def _clip_packets(demux, stream, clip: ClipFrames, first: int, last: int, *, after_seek: bool):
+    """``(packets, key, reached)`` from a demuxer: the packets from the last keyframe at or before frame ``first`` up to
+    the frames through ``last``, the keyframe's frame number, and the highest frame number seen; or None when the
+    demuxer (``after_seek``: its first packet) holds no keyframe at or before ``first``."""
+    base = stream.time_base
+    start = stream.start_time if stream.start_time is not None else 0
+    kept: list = []
+    key: int | None = None
+    seen: set[int] = set()
+    reached = -1
+    for packet in demux:
+        if packet.size == 0:  # the demuxer's flush packet
+            continue
+        stamp = packet.pts if packet.pts is not None else packet.dts
+        if stamp is None:
+            raise _NoTimestamps
+        number = frame_number(float((stamp - start) * base), clip)
+        if packet.is_keyframe and number <= first:
+            kept, key, seen = [], number, set()  # a later keyframe still at or before the first wanted frame
+        elif key is None:
+            if after_seek:
+                return None
+            continue
+        elif packet.is_keyframe and number > last:
+            break  # the next keyframe after the clip: every wanted frame is before it
+        elif number < key:
+            continue  # a leading frame of an open GOP: it refers to the GOP before and is shown before the keyframe
+        kept.append(packet)
+        reached = max(reached, number)
+        if key <= number <= last:
+            seen.add(number)
+            if len(seen) == last - key + 1:
+                break
+    if key is None:
+        return None
+    return kept, key, reached
+
+
+def _remux(packets: list, stream) -> np.ndarray:
+    """``packets`` of ``stream`` in a new container (:data:`REMUX_FORMATS`), times shifted to start at 0:
+    ``uint8 (n,)``."""
+    import av
+
+    fmt = REMUX_FORMATS.get(stream.codec_context.name, "matroska")
+    buffer = io.BytesIO()
+    offset = min(p.dts if p.dts is not None else p.pts for p in packets)
+    with av.open(buffer, "w", format=fmt) as out:
+        copy = out.add_stream_from_template(stream)
+        if fmt == "avi":
+            copy.codec_context.codec_tag = "MJPG"  # an MJPEG stream from a MOV carries MOV's tag ('jpeg')
+        for packet in packets:
+            if packet.pts is not None:
+                packet.pts -= offset
+            if packet.dts is not None:
+                packet.dts -= offset
+            packet.stream = copy
+            out.mux(packet)
+    return np.frombuffer(buffer.getvalue(), np.uint8)
+
+
+_ISO_TOP = (b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot")
+
+
+def mp4_rotation(source: str | os.PathLike | bytes | np.ndarray) -> int:
+    """The display rotation (counter-clockwise degrees: 0, 90, 180, 270, as PyAV's ``VideoFrame.rotation`` modulo
+    360) of the first video track of an MP4/MOV file, read from its track header's matrix; 0 for any other file
+    or a matrix that is not a quarter turn. Reads box headers only (the ``moov`` box, wherever it is)."""
+    if isinstance(source, (str, os.PathLike)):
+        import mmap
+
+        if os.path.getsize(source) < 8:
+            return 0
+        with open(source, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            view = memoryview(mapped)
+            try:
+                return _iso_rotation(view)
+            finally:
+                view.release()
+    return _iso_rotation(memoryview(source).cast("B"))
+
+
+def _iso_rotation(data: memoryview) -> int:
+    if len(data) < 8 or bytes(data[4:8]) not in _ISO_TOP:
+        return 0
+    moov = _box(data, 0, len(data), b"moov")
+    if moov is None:
+        return 0
+    for trak in _boxes(data, *moov, b"trak"):
+        mdia = _box(data, *trak, b"mdia")
+        hdlr = _box(data, *mdia, b"hdlr") if mdia else None
+        tkhd = _box(data, *trak, b"tkhd")
+        if hdlr is None or tkhd is None or bytes(data[hdlr[0] + 8 : hdlr[0] + 12]) != b"vide":
+            continue
+        if tkhd[1] - tkhd[0] < 84:  # version 0's fields through the matrix (version 1: 96)
+            return 0
+        at = tkhd[0] + (4 + 8 + 8 + 4 + 4 + 8 if data[tkhd[0]] == 1 else 4 + 4 + 4 + 4 + 4 + 4) + 8 + 8
+        if at + 8 > tkhd[1]:
+            return 0
+        a, b = (int.from_bytes(data[at + 4 * i : at + 4 * i + 4], "big", signed=True) for i in (0, 1))
+        if a == 0 and b != 0:
+            return 270 if b > 0 else 90
+        return 180 if a < 0 and b == 0 else 0
+    return 0
+
+
+def _boxes(data: memoryview, begin: int, end: int, kind: bytes):
+    """``(payload start, payload end)`` of each box ``kind`` among the boxes in ``data[begin:end]``."""
+    at = begin
+    while at + 8 <= end:
+        size = int.from_bytes(data[at : at + 4], "big")
+        head = 8
+        if size == 1 and at + 16 <= end:
+            size, head = int.from_bytes(data[at + 8 : at + 16], "big"), 16
+        elif size == 0:
+            size = end - at
+        if size < head:
+            return
+        if bytes(data[at + 4 : at + 8]) == kind:
+            yield at + head, min(at + size, end)
+        at += size
+
+
+def _box(data: memoryview, begin: int, end: int, kind: bytes) -> tuple[int, int] | None:
+    return next(_boxes(data, begin, end, kind), None)
