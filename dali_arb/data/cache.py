@@ -447,6 +447,7 @@ class _StringWriter:
         self.valid = _BitWriter(folder / f"{name}.valid") if nullable else None
         self.row = 0
         self.size = 0
+        self.nulls = 0
 
     def append(self, column: pa.Array) -> None:
         column = column.cast(pa.large_string())
@@ -458,6 +459,7 @@ class _StringWriter:
         self.size += int(offsets[-1] - offsets[0])
         if self.valid is not None:
             self.valid.append(column.is_valid().to_numpy(zero_copy_only=False))
+        self.nulls += column.null_count
         self.row += n
 
     def close(self) -> None:
@@ -491,12 +493,13 @@ def _advise_random(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def _string_array(folder: Path, name: str, n: int) -> pa.Array:
-    """A ``large_string`` array over the mapped files of column ``name`` (no copy)."""
+def _string_array(folder: Path, name: str, n: int, nulls: int = -1) -> pa.Array:
+    """A ``large_string`` array over the mapped files of column ``name`` (no copy); ``nulls``: its null count, -1
+    where the cache's meta does not record it (Arrow then counts them, reading every page of its validity bitmap)."""
     offsets = map_npy(folder / f"{name}.offsets.npy")
     data = _map_bytes(folder / f"{name}.bytes")
     valid = _map_bytes(folder / f"{name}.valid") if (folder / f"{name}.valid").exists() else None
-    return pa.LargeStringArray.from_buffers(n, pa.py_buffer(offsets), data, valid)
+    return pa.LargeStringArray.from_buffers(n, pa.py_buffer(offsets), data, valid, null_count=nulls)
 
 
 def _map_bytes(path: Path) -> pa.Buffer:
@@ -609,19 +612,26 @@ class ManifestCache:
         return map_npy(self.folder / f"{name}.npy")
 
     def manifest(self) -> Manifest:
-        """The manifest over the mapped columns (one per cache object)."""
+        """The manifest over the mapped columns (one per cache object). Their null counts come from the meta: Arrow
+        would count them, reading every page of each validity bitmap (0.5 B a row for four columns, held in RSS)."""
         if self._manifest is None:
             n = int(self.meta["rows"])
             columns = self.meta["columns"]
+            nulls = self.meta.get("nulls", {})  # (absent from caches built before it was recorded)
             arrays: dict[str, pa.Array] = {}
             for name in columns:
                 if name in _STRINGS:
-                    arrays[name] = _string_array(self.folder, name, n)
+                    arrays[name] = _string_array(self.folder, name, n, nulls.get(name, -1))
                 elif _is_location(name):
                     index = map_npy(self.folder / f"{name}.index.npy")
                     runs = _string_array(self.folder, f"{name}.runs", int(self.meta["runs"][name]))
                     valid = _map_bytes(self.folder / f"{name}.valid")
-                    indices = pa.Array.from_buffers(pa.from_numpy_dtype(index.dtype), n, [valid, pa.py_buffer(index)])
+                    indices = pa.Array.from_buffers(
+                        pa.from_numpy_dtype(index.dtype),
+                        n,
+                        [valid, pa.py_buffer(index)],
+                        null_count=nulls.get(name, -1),
+                    )
                     # written and checked at the build: not validated again, which read every row's index
                     arrays[name] = pa.DictionaryArray.from_arrays(indices, runs, safe=False)
                 else:
@@ -702,7 +712,7 @@ class _RunsWriter:
         self.runs = _StringWriter(folder, f"{name}.runs", None, nullable=False)
         self.index = _NpyWriter(folder / f"{name}.index.npy", _index_type(n), n)
         self.valid = _BitWriter(folder / f"{name}.valid")
-        self.count, self.last, self.row = 0, None, 0
+        self.count, self.last, self.row, self.nulls = 0, None, 0, 0
 
     def append(self, column: pa.Array) -> None:
         import pyarrow.compute as pc
@@ -725,6 +735,7 @@ class _RunsWriter:
         if len(kept):
             self.last = kept[len(kept) - 1].as_py()
         self.valid.append(present)
+        self.nulls += len(source) - int(np.count_nonzero(present))
         self.row += len(source)
 
     def close(self) -> None:
@@ -863,6 +874,7 @@ def _build_columns(path: Path, folder: Path, content: str) -> None:
         "pairs": pairs,
         "pinned": fingerprint.hexdigest(),
         "runs": {name: writer.count for name, writer in locations.items()},
+        "nulls": {name: writer.nulls for name, writer in {**strings, **locations}.items()},
         "built_from": str(path),
     }
     _write_meta(folder, meta)
