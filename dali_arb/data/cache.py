@@ -91,10 +91,11 @@ __all__ = [
 
 #: Rows converted per step while building (a multiple of 8: validity bitmaps are written per step).
 BUILD_ROWS = 1 << 20
-#: Rows assigned to buckets per step while the bucket index is built: what sets its peak memory, about 100 B per row
-#: of NumPy temporaries (``BucketSpec.assign``'s int64 sides, float64 aspects, masks), so about 0.4 GB by default
-#: (``benchmarks/RESULTS.md``); the row count only adds the bucket counts.
-BUCKET_ROWS = 1 << 22
+#: Rows assigned to buckets per step while the bucket index is built: what sets its peak memory, about 60 B per row
+#: of NumPy temporaries (``BucketSpec.assign``'s int64 sides, float64 aspects, masks), so about 65 MB by default over
+#: the process's own (``benchmarks/RESULTS.md``: 4M rows a step peaked 180 MB higher, no faster); the row count only
+#: adds a few bytes per chunk.
+BUCKET_ROWS = 1 << 20
 _FIXED = {"height": np.int32, "width": np.int32, "offset": np.int64, "length": np.int64, "mtime_ns": np.int64,
           "source_size": np.int64, "original_width": np.int32, "original_height": np.int32,
           "frames": np.int32, "fps": np.float64, "duration": np.float64}  # fmt: skip
@@ -920,6 +921,7 @@ class _ValueCounts:
 _MANTISSA = 10
 _EXACT_BINS = 1 << (_MANTISSA + 1)
 _BINS = ((63 - _MANTISSA - 1) << _MANTISSA) + _EXACT_BINS  # 55,296
+_SLICE = 1 << 18  # values binned at a time
 
 
 def _bin_of(values: np.ndarray) -> np.ndarray:
@@ -947,9 +949,10 @@ class _Percentile:
         self.bins: tuple[int, int] | None = None
 
     def add(self, values: np.ndarray) -> None:
-        values = np.asarray(values, np.int64)
-        values = values[values > 0]
-        self.histogram += np.bincount(_bin_of(values), minlength=_BINS)
+        """Count ``values`` (``(n,)``; those <= 0 are unknown: skipped)."""
+        for lo in range(0, len(values), _SLICE):  # (slices: the temporaries stay small whatever the chunk)
+            piece = np.asarray(values[lo : lo + _SLICE], np.int64)
+            self.histogram += np.bincount(_bin_of(piece[piece > 0]), minlength=_BINS)
 
     def _positions(self) -> tuple[int, int, float]:
         position = (int(self.histogram.sum()) - 1) * self.q / 100
@@ -969,12 +972,13 @@ class _Percentile:
 
     def refine(self, values: np.ndarray) -> None:
         """Keep the values (``(n,)``, any of the column) that fall in the bins :meth:`needs_values` found."""
-        values = np.asarray(values, np.int64)
-        values = values[values > 0]
-        bins = _bin_of(values)
         if self.bins is None:
             raise AssertionError("bug: _Percentile.refine before needs_values")
-        self.inside.add(values[(bins >= self.bins[0]) & (bins <= self.bins[1])])
+        for lo in range(0, len(values), _SLICE):
+            piece = np.asarray(values[lo : lo + _SLICE], np.int64)
+            piece = piece[piece > 0]
+            bins = _bin_of(piece)
+            self.inside.add(piece[(bins >= self.bins[0]) & (bins <= self.bins[1])])
 
     def value(self) -> float | None:
         """The percentile, or None for no values; after :meth:`refine` saw every value where :meth:`needs_values`
@@ -1033,7 +1037,8 @@ def _build_buckets(cache: ManifestCache, spec: BucketSpec, options: str, folder:
     dtype = np.dtype(index_dtype(len(final)))
     starts = np.concatenate([[0], np.cumsum([tally.counts[size] for size in final])]).astype(np.int64)
     # per chunk, its own bucket ids -> the final ones (its last entry maps -1 to -1): (chunks, K of the chunk + 1)
-    tables = [np.array([number[size] for size in sizes] + [-1], np.int64) for sizes in tally.chunk_sizes]
+    table_of = {sizes: np.array([number[size] for size in sizes] + [-1], np.int64) for sizes in tally.kinds}
+    tables = [table_of[sizes] for sizes in tally.chunk_sizes]  # (one array per distinct list of sizes)
     refine = {name: served for name, served in tally.served.items() if served.needs_values()}
     _write_buckets(scratch, tables, folder, starts, n, dtype, _Refiner(cache.folder, refine))
     scratch.unlink()
@@ -1059,11 +1064,13 @@ def _build_buckets(cache: ManifestCache, spec: BucketSpec, options: str, folder:
 class _Tally:
     """What the bucket index build keeps across chunks: nothing per row. ``counts``: rows per bucket size;
     ``chunk_sizes``: each chunk's bucket sizes by its own ids (``no_upscale`` numbers its scaled-down copies per
-    chunk); rows rejected per reason; the served sides' and lengths' percentiles (:class:`_Percentile`)."""
+    chunk), one tuple per distinct list (``kinds``), so a pointer per chunk; rows rejected per reason; the served
+    sides' and lengths' percentiles (:class:`_Percentile`)."""
 
     counts: dict[tuple[int, int], int]
     has_length: bool
-    chunk_sizes: list[list[tuple[int, int]]] = field(default_factory=list)
+    chunk_sizes: list[tuple[tuple[int, int], ...]] = field(default_factory=list)
+    kinds: dict[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]] = field(default_factory=dict)
     rejected: dict[int, int] = field(
         default_factory=lambda: dict.fromkeys((REJECT_ASPECT, REJECT_TOO_SMALL, REJECT_MIN_SIZE), 0)
     )
@@ -1080,7 +1087,8 @@ def _assign_chunk(columns: Path, spec: BucketSpec, lo: int, writer: _NpyWriter, 
     widths = _read_rows(columns / "width.npy", lo, BUCKET_ROWS)
     assignment = spec.assign(heights, widths)
     sizes = [tuple(size) for size in assignment.sizes.tolist()]
-    tally.chunk_sizes.append(sizes)
+    kind = tuple(sizes)
+    tally.chunk_sizes.append(tally.kinds.setdefault(kind, kind))  # (chunks with the same sizes share one tuple)
     writer.append(assignment.bucket)
     usable = assignment.bucket >= 0
     for k, count in enumerate(np.bincount(assignment.bucket[usable], minlength=len(sizes)).tolist()):
