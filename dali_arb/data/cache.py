@@ -12,7 +12,7 @@ Where the cache lives: the ``cache_dir`` argument (``--cache-dir``), else ``$DAL
 ``$XDG_CACHE_HOME/dali_arb``, else ``~/.cache/dali_arb``. Layout under it::
 
     v3/<content digest>/meta.json              what was built, from which file, each file's size and CRC-32,
-                                                sealed by a digest of it all
+                                                each string column's null count, sealed by a digest of it all
                        /.verified.json          this boot's id and every file's stat signature, once hashed
                        /<column>.npy            fixed-width columns (height, width, offset, length, mtime_ns,
                                                 source_size; original_width and original_height, 0 where
