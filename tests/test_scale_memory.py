@@ -4,6 +4,10 @@ of core. Each is checked against the whole-at-once result it replaces; peak RSS 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -164,3 +168,125 @@ def test_streaming_metadata_holds_no_more_arrow_memory_at_the_end_than_after_two
         held.append(pa.total_allocated_bytes())
     assert len(held) == 12
     assert max(held[2:]) < held[1] + (20 << 20), [h >> 20 for h in held]
+
+
+#: In a fresh process: build the bucket index of the cache columns in argv[1] (argv[2] rows, chunks of argv[3] rows);
+#: print the peak RSS before the build (imports) and after it, bytes. ``VmHWM``, not ``ru_maxrss``: Linux carries the
+#: latter over ``exec`` from the forked parent, the test process, bigger than the child.
+BUCKET_BUILD_PEAK = """
+import sys
+from pathlib import Path
+from dali_arb import BucketSpec
+from dali_arb.data import cache
+def peak():
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+cache.BUCKET_ROWS = int(sys.argv[3])
+columns = cache.ManifestCache(Path(sys.argv[1]), {"rows": int(sys.argv[2]), "columns": ["height", "width", "length"]},
+                              None, None)
+before = peak()
+index = columns.bucket_index(BucketSpec())
+assert int(index.starts[-1]) > 0
+print(before, peak())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM in /proc (Linux)")
+def test_the_bucket_index_build_peaks_as_high_at_five_chunks_as_at_one(tmp_path):
+    """The build's peak RSS is set by ``BUCKET_ROWS``, not by the rows: five chunks' build peaks no higher than one
+    chunk's (plus 10% of what the build adds). A chunk's arrays that outlived it (its read lengths, held while the next
+    chunk's were made) moved glibc's heap up each chunk: 5 chunks of 1M rows peaked 23% higher than one."""
+    chunk, grown = 1 << 20, 5
+    rng = np.random.default_rng(0)
+    folders = {}
+    (tmp_path / "locks").mkdir()  # where the cache keeps its locks, beside its folders
+    for chunks in (1, grown):
+        folder = tmp_path / f"c{chunks}"
+        folder.mkdir()
+        n = chunks * chunk
+        np.save(folder / "height.npy", rng.integers(256, 2048, n).astype(np.int32))
+        np.save(folder / "width.npy", rng.integers(256, 2048, n).astype(np.int32))
+        np.save(folder / "length.npy", np.where(rng.random(n) < 0.5, -1, rng.integers(1, 1 << 20, n)))
+        folders[chunks] = (folder, n)
+    added = {}
+    for chunks, (folder, n) in folders.items():
+        done = subprocess.run([sys.executable, "-c", BUCKET_BUILD_PEAK, str(folder), str(n), str(chunk)],
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        before, peak = map(int, done.stdout.split())
+        added[chunks] = peak - before
+    assert added[1] > 30e6, added  # the build's own arrays: about 60 B a row of a chunk
+    assert added[grown] < 1.10 * added[1], {k: f"{v / 1e6:.0f} MB" for k, v in added.items()}
+
+
+@pytest.mark.parametrize(
+    "kind", ["lengths", "sides", "one value", "huge", "small and huge", "mostly unknown"], ids=lambda k: k
+)
+def test_the_percentile_of_chunks_in_bounded_memory_equals_numpys(kind):
+    """Encoded lengths are nearly unique per image: the exact percentile keeps a histogram of bins and, in a second
+    pass, only the values of the one or two bins the percentile falls in, never every distinct value."""
+    from dali_arb.data.cache import _BINS, _Percentile
+
+    rng = np.random.default_rng(5)
+    n = 200_003
+    values = {
+        "lengths": rng.integers(1, 50 << 20, n),
+        "sides": rng.integers(64, 2048, n),
+        "one value": np.full(n, 123_457),
+        "huge": rng.integers(2**62, 2**63 - 1, n, dtype=np.int64),
+        "small and huge": np.where(rng.random(n) < 0.995, rng.integers(1, 100, n), rng.integers(2**40, 2**50, n)),
+        "mostly unknown": np.where(rng.random(n) < 0.999, -1, rng.integers(1, 1 << 30, n)),
+    }[kind]
+    for q in (0, 50, 99, 99.9, 100):
+        percentile = _Percentile(q)
+        chunks = np.array_split(values, 7)
+        for chunk in chunks:
+            percentile.add(chunk)
+        if percentile.needs_values():
+            for chunk in chunks:
+                percentile.refine(chunk)
+        assert percentile.inside.values.size <= 2 * 4096, (q, percentile.inside.values.size)
+        assert percentile.histogram.size == _BINS
+        assert percentile.value() == pytest.approx(np.percentile(values[values > 0], q), rel=1e-12), q
+    nothing = _Percentile(99)
+    nothing.add(np.array([-1, 0, -1]))
+    assert not nothing.needs_values() and nothing.value() is None
+
+
+def _resident_kb(suffix: str) -> dict[str, int]:
+    """This process's resident KB of each mapped file whose name ends with ``suffix`` (``/proc/self/smaps``)."""
+    resident, name = {}, None
+    with open("/proc/self/smaps") as fh:
+        for line in fh:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 6:
+                name = fields[5] if fields[5].endswith(suffix) else None
+            elif name is not None and fields[0] == "Rss:":
+                resident[name] = resident.get(name, 0) + int(fields[1])
+    return resident
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps (Linux)")
+def test_opening_a_cached_manifest_reads_no_validity_bitmap_and_counts_its_nulls_right(tmp_path):
+    """Arrow counted each mapped column's nulls at open, reading every page of its validity bitmap: 4 bitmaps, 0.5 B
+    a row of RSS at every open (43 MB at 100M rows), the last growth of the bucket index stage. The build records
+    the counts; they must be the real ones."""
+    n = 100_000
+    heights, widths = random_sizes(n, seed=3)
+    path = write_size_manifest(tmp_path / "m.parquet", heights, widths)
+    table = pq.read_table(path)
+    caption = pa.array([None if i % 7 == 0 else f"c{i}" for i in range(n)], pa.string())
+    source = pa.array([None if i % 3 == 0 else f"/shards/{i // 1000}.tar" for i in range(n)], pa.string())
+    table = table.set_column(table.column_names.index("caption"), "caption", caption)
+    table = table.set_column(table.column_names.index("source"), "source", source)
+    pq.write_table(table, path)
+    mapped = Manifest.open(path, cache_dir=tmp_path / "cache")
+    valid = _resident_kb(".valid")
+    assert len(valid) >= 2 and not any(valid.values()), valid  # caption and source (key too, if it had one): never read
+    want = Manifest.read(path).table
+    for name in ("key", "caption", "source"):
+        assert mapped.table.column(name).null_count == want.column(name).null_count, name
+    assert mapped.table.column("caption").null_count == len(range(0, n, 7))
+    assert mapped.table.column("source").null_count == len(range(0, n, 3))
+    assert mapped.table.column("source").to_pylist()[:4] == [None, "/shards/0.tar", "/shards/0.tar", None]

@@ -12,7 +12,7 @@ Where the cache lives: the ``cache_dir`` argument (``--cache-dir``), else ``$DAL
 ``$XDG_CACHE_HOME/dali_arb``, else ``~/.cache/dali_arb``. Layout under it::
 
     v3/<content digest>/meta.json              what was built, from which file, each file's size and CRC-32,
-                                                sealed by a digest of it all
+                                                each string column's null count, sealed by a digest of it all
                        /.verified.json          this boot's id and every file's stat signature, once hashed
                        /<column>.npy            fixed-width columns (height, width, offset, length, mtime_ns,
                                                 source_size; original_width and original_height, 0 where
@@ -54,7 +54,7 @@ import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -91,10 +91,11 @@ __all__ = [
 
 #: Rows converted per step while building (a multiple of 8: validity bitmaps are written per step).
 BUILD_ROWS = 1 << 20
-#: Rows assigned to buckets per step while the bucket index is built: what sets its peak memory, about 100 B per row
-#: of NumPy temporaries (``BucketSpec.assign``'s int64 sides, float64 aspects, masks), so about 0.4 GB by default
-#: (``benchmarks/RESULTS.md``); the row count only adds the bucket counts.
-BUCKET_ROWS = 1 << 22
+#: Rows assigned to buckets per step while the bucket index is built: what sets its peak memory, about 60 B per row
+#: of NumPy temporaries (``BucketSpec.assign``'s int64 sides, float64 aspects, masks), so about 65 MB by default over
+#: the process's own (``benchmarks/RESULTS.md``: 4M rows a step peaked 180 MB higher, no faster); the row count only
+#: adds a few bytes per chunk.
+BUCKET_ROWS = 1 << 20
 _FIXED = {"height": np.int32, "width": np.int32, "offset": np.int64, "length": np.int64, "mtime_ns": np.int64,
           "source_size": np.int64, "original_width": np.int32, "original_height": np.int32,
           "frames": np.int32, "fps": np.float64, "duration": np.float64}  # fmt: skip
@@ -447,6 +448,7 @@ class _StringWriter:
         self.valid = _BitWriter(folder / f"{name}.valid") if nullable else None
         self.row = 0
         self.size = 0
+        self.nulls = 0
 
     def append(self, column: pa.Array) -> None:
         column = column.cast(pa.large_string())
@@ -458,6 +460,7 @@ class _StringWriter:
         self.size += int(offsets[-1] - offsets[0])
         if self.valid is not None:
             self.valid.append(column.is_valid().to_numpy(zero_copy_only=False))
+        self.nulls += column.null_count
         self.row += n
 
     def close(self) -> None:
@@ -491,12 +494,13 @@ def _advise_random(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def _string_array(folder: Path, name: str, n: int) -> pa.Array:
-    """A ``large_string`` array over the mapped files of column ``name`` (no copy)."""
+def _string_array(folder: Path, name: str, n: int, nulls: int = -1) -> pa.Array:
+    """A ``large_string`` array over the mapped files of column ``name`` (no copy); ``nulls``: its null count, -1
+    where the cache's meta does not record it (Arrow then counts them, reading every page of its validity bitmap)."""
     offsets = map_npy(folder / f"{name}.offsets.npy")
     data = _map_bytes(folder / f"{name}.bytes")
     valid = _map_bytes(folder / f"{name}.valid") if (folder / f"{name}.valid").exists() else None
-    return pa.LargeStringArray.from_buffers(n, pa.py_buffer(offsets), data, valid)
+    return pa.LargeStringArray.from_buffers(n, pa.py_buffer(offsets), data, valid, null_count=nulls)
 
 
 def _map_bytes(path: Path) -> pa.Buffer:
@@ -609,19 +613,26 @@ class ManifestCache:
         return map_npy(self.folder / f"{name}.npy")
 
     def manifest(self) -> Manifest:
-        """The manifest over the mapped columns (one per cache object)."""
+        """The manifest over the mapped columns (one per cache object). Their null counts come from the meta: Arrow
+        would count them, reading every page of each validity bitmap (0.5 B a row for four columns, held in RSS)."""
         if self._manifest is None:
             n = int(self.meta["rows"])
             columns = self.meta["columns"]
+            nulls = self.meta.get("nulls", {})  # (absent from caches built before it was recorded)
             arrays: dict[str, pa.Array] = {}
             for name in columns:
                 if name in _STRINGS:
-                    arrays[name] = _string_array(self.folder, name, n)
+                    arrays[name] = _string_array(self.folder, name, n, nulls.get(name, -1))
                 elif _is_location(name):
                     index = map_npy(self.folder / f"{name}.index.npy")
                     runs = _string_array(self.folder, f"{name}.runs", int(self.meta["runs"][name]))
                     valid = _map_bytes(self.folder / f"{name}.valid")
-                    indices = pa.Array.from_buffers(pa.from_numpy_dtype(index.dtype), n, [valid, pa.py_buffer(index)])
+                    indices = pa.Array.from_buffers(
+                        pa.from_numpy_dtype(index.dtype),
+                        n,
+                        [valid, pa.py_buffer(index)],
+                        null_count=nulls.get(name, -1),
+                    )
                     # written and checked at the build: not validated again, which read every row's index
                     arrays[name] = pa.DictionaryArray.from_arrays(indices, runs, safe=False)
                 else:
@@ -702,7 +713,7 @@ class _RunsWriter:
         self.runs = _StringWriter(folder, f"{name}.runs", None, nullable=False)
         self.index = _NpyWriter(folder / f"{name}.index.npy", _index_type(n), n)
         self.valid = _BitWriter(folder / f"{name}.valid")
-        self.count, self.last, self.row = 0, None, 0
+        self.count, self.last, self.row, self.nulls = 0, None, 0, 0
 
     def append(self, column: pa.Array) -> None:
         import pyarrow.compute as pc
@@ -725,6 +736,7 @@ class _RunsWriter:
         if len(kept):
             self.last = kept[len(kept) - 1].as_py()
         self.valid.append(present)
+        self.nulls += len(source) - int(np.count_nonzero(present))
         self.row += len(source)
 
     def close(self) -> None:
@@ -863,6 +875,7 @@ def _build_columns(path: Path, folder: Path, content: str) -> None:
         "pairs": pairs,
         "pinned": fingerprint.hexdigest(),
         "runs": {name: writer.count for name, writer in locations.items()},
+        "nulls": {name: writer.nulls for name, writer in {**strings, **locations}.items()},
         "built_from": str(path),
     }
     _write_meta(folder, meta)
@@ -884,8 +897,8 @@ def _read_rows(path: Path, start: int, count: int) -> np.ndarray:
 
 
 class _ValueCounts:
-    """How many times each value occurs, over values fed in chunks (``int64 (V,)`` values and counts, sorted): the
-    exact percentiles of a column of any length in memory set by its distinct values (image sides: thousands)."""
+    """How many times each value occurs, over values fed in chunks (``int64 (V,)`` values and counts, sorted): memory
+    set by the distinct values fed, so only fed values of a bounded range (:class:`_Percentile`'s refinement)."""
 
     def __init__(self) -> None:
         self.values = np.zeros(0, np.int64)
@@ -898,23 +911,95 @@ class _ValueCounts:
         self.values, at = np.unique(merged, return_inverse=True)
         self.counts = np.bincount(at, weights=weights, minlength=len(self.values)).astype(np.int64)
 
-    def percentile(self, q: float) -> float | None:
-        """``np.percentile(all values, q)`` (linear interpolation), or None for no values."""
-        total = int(self.counts.sum())
-        if total == 0:
+    def at(self, rank: int) -> int:
+        """The value at ``rank`` (from 0) of the values fed, sorted."""
+        return int(self.values[np.searchsorted(np.cumsum(self.counts), rank, side="right")])
+
+
+#: :class:`_Percentile`'s bins: a value below ``2 ** (_MANTISSA + 1)`` is a bin of its own; above, a bin spans
+#: ``2 ** shift`` values, its top ``_MANTISSA + 1`` bits (under 1/1024 of the value). Every int64 fits in _BINS.
+_MANTISSA = 10
+_EXACT_BINS = 1 << (_MANTISSA + 1)
+_BINS = ((63 - _MANTISSA - 1) << _MANTISSA) + _EXACT_BINS  # 55,296
+_SLICE = 1 << 18  # values binned at a time
+
+
+def _bin_of(values: np.ndarray) -> np.ndarray:
+    """:class:`_Percentile`'s bin of each of ``values`` (``int64 (n,)``, all >= 1): ``int64 (n,)``, ascending with
+    the value."""
+    _, bits = np.frexp(values.astype(np.float64))  # the bit length, one too many where float64 rounded up
+    bits = bits.astype(np.int64)
+    bits -= (values >> (bits - 1)) == 0
+    shift = np.maximum(bits - (_MANTISSA + 1), 0)
+    return (shift << _MANTISSA) + (values >> shift)
+
+
+class _Percentile:
+    """``np.percentile(all values, q)`` (linear interpolation) of the positive values of a column fed in chunks,
+    exact, in memory independent of the number and spread of the values (an encoded length is nearly unique per
+    image: keeping every distinct value grew with the rows). :meth:`add` counts the values per bin (``int64
+    (_BINS,)``, 442 KB); the two sorted positions the percentile needs then fall in one or two bins; where those are
+    wider than one value, :meth:`refine` is fed the values again and keeps only theirs (at most ``2 ** shift``
+    distinct values each, under 1/1024 of the value: 1024 for lengths of about 1 MB)."""
+
+    def __init__(self, q: float) -> None:
+        self.q = q
+        self.histogram = np.zeros(_BINS, np.int64)
+        self.inside = _ValueCounts()
+        self.bins: tuple[int, int] | None = None
+
+    def add(self, values: np.ndarray) -> None:
+        """Count ``values`` (``(n,)``; those <= 0 are unknown: skipped)."""
+        for lo in range(0, len(values), _SLICE):  # (slices: the temporaries stay small whatever the chunk)
+            piece = np.asarray(values[lo : lo + _SLICE], np.int64)
+            self.histogram += np.bincount(_bin_of(piece[piece > 0]), minlength=_BINS)
+
+    def _positions(self) -> tuple[int, int, float]:
+        position = (int(self.histogram.sum()) - 1) * self.q / 100
+        below = int(np.floor(position))
+        return below, int(np.ceil(position)), position - below
+
+    def needs_values(self) -> bool:
+        """Whether the sorted positions fall in bins wider than one value (then feed :meth:`refine` every value
+        again); call after the last :meth:`add`."""
+        if not self.histogram.any():
+            return False
+        below, above, _ = self._positions()
+        ends = np.cumsum(self.histogram)
+        low, high = (int(np.searchsorted(ends, rank, side="right")) for rank in (below, above))
+        self.bins = (low, high)
+        return high >= _EXACT_BINS
+
+    def refine(self, values: np.ndarray) -> None:
+        """Keep the values (``(n,)``, any of the column) that fall in the bins :meth:`needs_values` found."""
+        if self.bins is None:
+            raise AssertionError("bug: _Percentile.refine before needs_values")
+        for lo in range(0, len(values), _SLICE):
+            piece = np.asarray(values[lo : lo + _SLICE], np.int64)
+            piece = piece[piece > 0]
+            bins = _bin_of(piece)
+            self.inside.add(piece[(bins >= self.bins[0]) & (bins <= self.bins[1])])
+
+    def value(self) -> float | None:
+        """The percentile, or None for no values; after :meth:`refine` saw every value where :meth:`needs_values`
+        said so."""
+        if not self.histogram.any():
             return None
-        position = (total - 1) * q / 100
-        ends = np.cumsum(self.counts)  # value i covers sorted positions [ends[i] - counts[i], ends[i])
-        below, above = int(np.floor(position)), int(np.ceil(position))
-        low = float(self.values[np.searchsorted(ends, below, side="right")])
-        high = float(self.values[np.searchsorted(ends, above, side="right")])
-        return float(np.percentile([low, high], (position - below) * 100))
+        if self.bins is None:
+            self.needs_values()
+        below, above, fraction = self._positions()
+        before = int(self.histogram[: self.bins[0]].sum())  # values in bins under the first found
+        low, high = (
+            bin_ if bin_ < _EXACT_BINS else self.inside.at(rank - before)
+            for bin_, rank in zip(self.bins, (below, above))
+        )
+        return float(np.percentile([float(low), float(high)], fraction * 100))
 
 
 def _release_freed_memory() -> None:
-    """Give the heap's freed pages back to the system (glibc's ``malloc_trim``; nothing elsewhere). Chunks of tens of
-    MB freed in turn otherwise leave glibc's heap fragmented (its mmap threshold rises to the largest freed block), and
-    the process's RSS creeps up with the number of chunks, so with the rows."""
+    """Give the heap's freed pages back to the system (glibc's ``malloc_trim``; nothing elsewhere) between chunks of
+    the bucket index build. Not what bounds its peak (each chunk's arrays dying with the chunk do: with them, 40M rows
+    peak at 307 MB with and 308 MB without it), but what a process that goes on to train holds after the build."""
     import ctypes
 
     try:
@@ -929,89 +1014,122 @@ def _build_buckets(cache: ManifestCache, spec: BucketSpec, options: str, folder:
     scratch file and counted; then, bucket by bucket numbered as a whole assignment numbers them (with
     ``no_upscale``, the scaled-down copies a chunk uses are numbered per chunk), each chunk's ids are written to
     ``bucket.npy`` and its usable rows straight to their places in ``members.npy``. Peak memory is set by
-    :data:`BUCKET_ROWS`, not by the row count."""
+    :data:`BUCKET_ROWS`, not by the row count: each chunk's arrays live in a function of their own
+    (:func:`_assign_chunk`, :func:`_place_members`), so none outlives its chunk (one that did, freed while the next
+    chunk's were made, moved glibc's heap up by a chunk's worth each time; the peak grew with the rows)."""
     n = int(cache.meta["rows"])
-    has_length = "length" in cache.meta["columns"]
     first = spec.assign(np.zeros(0, np.int64), np.zeros(0, np.int64))
     base = [tuple(size) for size in first.sizes.tolist()]
-    counts: dict[tuple[int, int], int] = dict.fromkeys(base, 0)
-    chunk_sizes: list[list[tuple[int, int]]] = []  # each chunk's bucket sizes, by its own bucket ids
-    rejected = {code: 0 for code in (REJECT_ASPECT, REJECT_TOO_SMALL, REJECT_MIN_SIZE)}
-    served = {name: _ValueCounts() for name in ("height", "width", "length")}
+    tally = _Tally(counts=dict.fromkeys(base, 0), has_length="length" in cache.meta["columns"])
     scratch = folder / ".bucket.scratch.npy"
     writer = _NpyWriter(scratch, np.int32, n)
     try:
         for lo in range(0, n, BUCKET_ROWS):
-            heights = _read_rows(cache.folder / "height.npy", lo, BUCKET_ROWS)
-            widths = _read_rows(cache.folder / "width.npy", lo, BUCKET_ROWS)
-            assignment = spec.assign(heights, widths)
-            sizes = [tuple(size) for size in assignment.sizes.tolist()]
-            chunk_sizes.append(sizes)
-            writer.append(assignment.bucket)
-            usable = assignment.bucket >= 0
-            for k, count in enumerate(np.bincount(assignment.bucket[usable], minlength=len(sizes)).tolist()):
-                counts[sizes[k]] = counts.get(sizes[k], 0) + count
-            for code in rejected:
-                rejected[code] += assignment.rejected(code)
-            served["height"].add(heights[usable])
-            served["width"].add(widths[usable])
-            if has_length:
-                lengths = _read_rows(cache.folder / "length.npy", lo, BUCKET_ROWS)[usable]
-                served["length"].add(lengths[lengths > 0])
-            del assignment, heights, widths
+            _assign_chunk(cache.folder, spec, lo, writer, tally)
             _release_freed_memory()
     except BaseException:
         writer.abort()
         raise
     writer.close()
     # the base buckets, then the scaled-down copies in use, sorted (as one assignment of every row numbers them)
-    final = base + sorted(size for size in counts if size not in set(base))
+    final = base + sorted(size for size in tally.counts if size not in set(base))
     number = {size: k for k, size in enumerate(final)}
     dtype = np.dtype(index_dtype(len(final)))
-    starts = np.concatenate([[0], np.cumsum([counts[size] for size in final])]).astype(np.int64)
-
-    def renumbered() -> Iterator[tuple[int, np.ndarray]]:
-        for i, lo in enumerate(range(0, n, BUCKET_ROWS)):
-            local = _read_rows(scratch, lo, BUCKET_ROWS)
-            table = np.array([number[size] for size in chunk_sizes[i]] + [-1], np.int64)  # (-1 maps to -1)
-            yield lo, table[local].astype(dtype)
-
-    _write_buckets(renumbered(), folder, starts, n, dtype)
+    starts = np.concatenate([[0], np.cumsum([tally.counts[size] for size in final])]).astype(np.int64)
+    # per chunk, its own bucket ids -> the final ones (its last entry maps -1 to -1): (chunks, K of the chunk + 1)
+    table_of = {sizes: np.array([number[size] for size in sizes] + [-1], np.int64) for sizes in tally.kinds}
+    tables = [table_of[sizes] for sizes in tally.chunk_sizes]  # (one array per distinct list of sizes)
+    refine = {name: served for name, served in tally.served.items() if served.needs_values()}
+    _write_buckets(scratch, tables, folder, starts, n, dtype, _Refiner(cache.folder, refine))
     scratch.unlink()
     with open(folder / "starts.npy", "xb") as fh:
         np.save(fh, starts)
     with open(folder / "sizes.npy", "xb") as fh:
         np.save(fh, np.array(final, np.int64).reshape(-1, 2))
-    p99 = {name: served[name].percentile(SERVED_PERCENTILE) for name in served}
-    index = _Counted(first.num_base, first.no_upscale, rejected, p99)
+    p99 = {name: served.value() for name, served in tally.served.items()}
     meta = {
         "format": CACHE_FORMAT,
         "options": options,
-        "num_base": index.num_base,
-        "no_upscale": index.no_upscale,
-        "rejected_aspect": index.rejected[REJECT_ASPECT],
-        "rejected_too_small": index.rejected[REJECT_TOO_SMALL],
-        "rejected_min_size": index.rejected[REJECT_MIN_SIZE],
-        "served_p99": index.p99,
+        "num_base": first.num_base,
+        "no_upscale": first.no_upscale,
+        "rejected_aspect": tally.rejected[REJECT_ASPECT],
+        "rejected_too_small": tally.rejected[REJECT_TOO_SMALL],
+        "rejected_min_size": tally.rejected[REJECT_MIN_SIZE],
+        "served_p99": p99,
     }
     _write_meta(folder, meta)
 
 
+@dataclass
+class _Tally:
+    """What the bucket index build keeps across chunks: nothing per row. ``counts``: rows per bucket size;
+    ``chunk_sizes``: each chunk's bucket sizes by its own ids (``no_upscale`` numbers its scaled-down copies per
+    chunk), one tuple per distinct list (``kinds``), so a pointer per chunk; rows rejected per reason; the served
+    sides' and lengths' percentiles (:class:`_Percentile`)."""
+
+    counts: dict[tuple[int, int], int]
+    has_length: bool
+    chunk_sizes: list[tuple[tuple[int, int], ...]] = field(default_factory=list)
+    kinds: dict[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]] = field(default_factory=dict)
+    rejected: dict[int, int] = field(
+        default_factory=lambda: dict.fromkeys((REJECT_ASPECT, REJECT_TOO_SMALL, REJECT_MIN_SIZE), 0)
+    )
+    served: dict[str, _Percentile] = field(
+        default_factory=lambda: {name: _Percentile(SERVED_PERCENTILE) for name in ("height", "width", "length")}
+    )
+
+
+def _assign_chunk(columns: Path, spec: BucketSpec, lo: int, writer: _NpyWriter, tally: _Tally) -> None:
+    """Assign rows ``lo .. lo + BUCKET_ROWS`` of the cache folder ``columns``: their bucket ids (by the chunk's own
+    numbering) appended to ``writer``, their counts, rejects and served sizes added to ``tally``. Every array it
+    makes is freed when it returns."""
+    heights = _read_rows(columns / "height.npy", lo, BUCKET_ROWS)
+    widths = _read_rows(columns / "width.npy", lo, BUCKET_ROWS)
+    assignment = spec.assign(heights, widths)
+    sizes = [tuple(size) for size in assignment.sizes.tolist()]
+    kind = tuple(sizes)
+    tally.chunk_sizes.append(tally.kinds.setdefault(kind, kind))  # (chunks with the same sizes share one tuple)
+    writer.append(assignment.bucket)
+    usable = assignment.bucket >= 0
+    for k, count in enumerate(np.bincount(assignment.bucket[usable], minlength=len(sizes)).tolist()):
+        tally.counts[sizes[k]] = tally.counts.get(sizes[k], 0) + count
+    for code in tally.rejected:
+        tally.rejected[code] += assignment.rejected(code)
+    del assignment
+    tally.served["height"].add(heights[usable])
+    tally.served["width"].add(widths[usable])
+    if tally.has_length:
+        tally.served["length"].add(_read_rows(columns / "length.npy", lo, BUCKET_ROWS)[usable])  # (known: > 0)
+
+
 @dataclass(frozen=True)
-class _Counted:
-    num_base: int
-    no_upscale: bool
-    rejected: dict[int, int]
-    p99: dict[str, float | None]
+class _Refiner:
+    """The percentiles (by column name) whose positions fell in wide bins: fed each chunk's usable rows of their
+    column in the cache folder ``columns`` again (:meth:`_Percentile.refine`)."""
+
+    columns: Path
+    percentiles: dict[str, _Percentile]
+
+    def feed(self, lo: int, usable: np.ndarray) -> None:
+        """Rows ``lo + usable`` (``usable``: ``int64 (u,)`` of the chunk starting at row ``lo``)."""
+        for name, percentile in self.percentiles.items():
+            percentile.refine(_read_rows(self.columns / f"{name}.npy", lo, BUCKET_ROWS)[usable])
 
 
 def _write_buckets(
-    chunks: Iterator[tuple[int, np.ndarray]], folder: Path, starts: np.ndarray, n: int, dtype: np.dtype
+    scratch: Path,
+    tables: list[np.ndarray],
+    folder: Path,
+    starts: np.ndarray,
+    n: int,
+    dtype: np.dtype,
+    refiner: _Refiner,
 ) -> None:
-    """``bucket.npy`` (``(N,)`` of ``dtype``) from ``(first row, bucket ids)`` chunks in row order, and
+    """``bucket.npy`` (``(N,)`` of ``dtype``) from the chunks of bucket ids in ``scratch`` (``int32 (N,)``, each
+    chunk of :data:`BUCKET_ROWS` numbered by its own ids, mapped to the final ones by ``tables[chunk]``), and
     ``members.npy``: the usable rows grouped by bucket (``starts``: ``int64 (K + 1,)``), ascending inside each, each
     chunk's rows of bucket ``k`` written at bucket ``k``'s next free place (``os.pwrite``: ordinary writes, so a
-    full disk is ENOSPC, never SIGBUS)."""
+    full disk is ENOSPC, never SIGBUS). Each chunk's usable rows feed ``refiner``."""
     member_type = np.dtype(np.int32 if n < 2**31 else np.int64)
     total = int(starts[-1])
     buckets = _NpyWriter(folder / "bucket.npy", dtype, n)
@@ -1021,21 +1139,41 @@ def _write_buckets(
         fh.flush()
         base = fh.tell()
         cursor = starts[:-1].copy()  # (K,) next free place of each bucket
-        for lo, bucket in chunks:
-            buckets.append(bucket)
-            usable = np.flatnonzero(bucket >= 0)
-            order = np.argsort(bucket[usable], kind="stable")
-            rows = (usable[order] + lo).astype(member_type)
-            chunk_counts = np.bincount(bucket[usable], minlength=len(cursor))
-            offset = 0
-            for k in np.flatnonzero(chunk_counts).tolist():
-                piece = rows[offset : offset + chunk_counts[k]]
-                os.pwrite(fh.fileno(), piece.tobytes(), base + int(cursor[k]) * member_type.itemsize)
-                cursor[k] += chunk_counts[k]
-                offset += chunk_counts[k]
-            del bucket, usable, order, rows
+        for chunk, lo in enumerate(range(0, n, BUCKET_ROWS)):
+            usable = _place_members(scratch, tables[chunk], lo, buckets, fh.fileno(), base, cursor, member_type)
+            refiner.feed(lo, usable)
+            del usable
             _release_freed_memory()
         buckets.close()
         if not np.array_equal(cursor, starts[1:]):
             raise AssertionError("bug: the members written do not fill their buckets")
         fh.truncate(base + total * member_type.itemsize)
+
+
+def _place_members(
+    scratch: Path,
+    table: np.ndarray,
+    lo: int,
+    buckets: _NpyWriter,
+    members: int,
+    base: int,
+    cursor: np.ndarray,
+    member_type: np.dtype,
+) -> np.ndarray:
+    """One chunk of :func:`_write_buckets`: rows ``lo .. lo + BUCKET_ROWS``' final bucket ids appended to
+    ``buckets``, their usable rows written into the open file ``members`` (bytes of row ``i`` at ``base + i *
+    itemsize``) at each bucket's ``cursor`` (``int64 (K,)``, advanced). Returns the chunk's usable rows (``int64
+    (u,)``, from 0); every other array it makes is freed when it returns."""
+    bucket = table[_read_rows(scratch, lo, BUCKET_ROWS)].astype(buckets.dtype)
+    buckets.append(bucket)
+    usable = np.flatnonzero(bucket >= 0)
+    order = np.argsort(bucket[usable], kind="stable")
+    rows = (usable[order] + lo).astype(member_type)
+    chunk_counts = np.bincount(bucket[usable], minlength=len(cursor))
+    offset = 0
+    for k in np.flatnonzero(chunk_counts).tolist():
+        piece = rows[offset : offset + chunk_counts[k]]
+        os.pwrite(members, piece.tobytes(), base + int(cursor[k]) * member_type.itemsize)
+        cursor[k] += chunk_counts[k]
+        offset += chunk_counts[k]
+    return usable
