@@ -11,7 +11,7 @@ object or a private per-row array. Per bucket options, the rows grouped by bucke
 Where the cache lives: the ``cache_dir`` argument (``--cache-dir``), else ``$DALI_ARB_CACHE``, else
 ``$XDG_CACHE_HOME/dali_arb``, else ``~/.cache/dali_arb``. Layout under it::
 
-    v3/<content digest>/meta.json              what was built, from which file, each file's size and CRC-32,
+    v4/<content digest>/meta.json              what was built, from which file, each file's size and CRC-32,
                                                 each string column's null count, sealed by a digest of it all
                        /.verified.json          this boot's id and every file's stat signature, once hashed
                        /<column>.npy            fixed-width columns (height, width, offset, length, mtime_ns,
@@ -23,9 +23,9 @@ Where the cache lives: the ``cache_dir`` argument (``--cache-dir``), else ``$DAL
                        /source.index.npy        source (each pair's NAME.source, and etag): int32 row -> run
                                                 of equal values (shards), the runs as a string column
                        /buckets/<options digest>/  bucket.npy members.npy starts.npy sizes.npy meta.json
-    v3/by-path/<path digest>.json              stat signature -> content digest (skips re-hashing)
-    v3/remote/<url digest>-<version digest>.parquet  a URL manifest's local copy, per ETag, size, Last-Modified
-    v3/locks/                                  one hasher per manifest path, one builder per content
+    v4/by-path/<path digest>.json              stat signature -> content digest (skips re-hashing)
+    v4/remote/<url digest>-<version digest>.parquet  a URL manifest's local copy, per ETag, size, Last-Modified
+    v4/locks/                                  one hasher per manifest path, one builder per content
 
 Every folder is built under a temporary name (``.build-<key>-<pid>-<random>``, with ordinary writes, so a full
 disk is ENOSPC, never SIGBUS) and renamed into place, so a reader sees a whole cache or none. Builders lock per
