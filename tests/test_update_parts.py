@@ -290,7 +290,8 @@ def test_update_in_object_storage_keeps_shards_by_their_etag_and_uploads_only_ne
         assert again.parts_reused == 2 and again.parts_written == 0 and again.rejected == 1
         assert uploaded == ["s3://data/out/_manifest.json"]
         assert read_index("s3://data/out/").rejected == 1
-        s3.upload_file(local[0], "data", "shards/0.tar")  # written again: another ETag and mtime
+        changed = make_shard(tmp_path / "changed.tar", [("k00", 40, 50), ("k09", 61, 62)])
+        s3.upload_file(changed, "data", "shards/0.tar")  # written again, other bytes: another ETag
         uploaded.clear()
         third = build_index(sources, "s3://data/out/", update=True, workers=1, progress=False)
         assert third.parts_reused == 1 and third.parts_written == 1
