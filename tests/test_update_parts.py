@@ -104,6 +104,21 @@ def test_metadata_is_split_by_row_groups_into_units(tmp_path, small_units) -> No
     assert rows(tmp_path / "out") == rows(tmp_path / "one.parquet")
 
 
+def test_row_group_ranges_cover_the_file_in_whole_row_groups(tmp_path) -> None:
+    from dali_arb.index.metadata import has_paths, row_group_ranges
+
+    table = pa.table({"key": [f"k{i}" for i in range(23)], "width": [64] * 23, "height": [48] * 23})
+    pq.write_table(table, tmp_path / "m.parquet", row_group_size=5)  # row groups of 5, 5, 5, 5, 3 rows
+    assert row_group_ranges(tmp_path / "m.parquet", 10) == [(0, 2), (2, 4), (4, 5)]
+    assert row_group_ranges(tmp_path / "m.parquet", 7) == [(0, 2), (2, 4), (4, 5)]
+    assert row_group_ranges(tmp_path / "m.parquet", 100) == []  # one range: the file as it is
+    pq.write_table(table, tmp_path / "one.parquet")
+    assert row_group_ranges(tmp_path / "one.parquet", 5) == []  # one row group is never split
+    (tmp_path / "m.csv").write_text("key,width,height,path\nk0,64,48,a.jpg\n")
+    assert row_group_ranges(tmp_path / "m.csv", 1) == [] and has_paths(tmp_path / "m.csv")
+    assert not has_paths(tmp_path / "m.parquet")
+
+
 def test_update_keeps_the_parts_of_unchanged_sources_whole(tmp_path, small_units) -> None:
     sources = make_sources(tmp_path / "data")
     out = tmp_path / "out"
