@@ -316,6 +316,23 @@ def test_update_in_object_storage_keeps_shards_by_their_etag_and_uploads_only_ne
         assert rows("s3://data/out/") == rows(fresh) and read_index("s3://data/out/").rejected == 1
 
 
+def test_captions_from_the_file_name_into_parts_are_the_files_and_parts_are_not_kept(tmp_path, small_units) -> None:
+    """Captions from ``--captions-from-filename`` (applied to each part): the rows of a manifest file; what decides
+    them is not in a unit's identity, so an update keeps no part."""
+    from dali_arb.index.captions import CaptionSource
+
+    photos = Path(make_sources(tmp_path / "data")[0])
+    captions = CaptionSource(filename=True)
+    build_index([str(photos)], tmp_path / "m.parquet", workers=1, progress=False, captions=captions)
+    first = build_index([str(photos)], f"{tmp_path / 'out'}/", workers=1, progress=False, captions=captions)
+    assert rows(tmp_path / "out") == rows(tmp_path / "m.parquet") and first.parts_written > 1
+    assert all(p.unit is None for p in read_index(tmp_path / "out").parts)
+    again = build_index(
+        [str(photos)], f"{tmp_path / 'out'}/", workers=1, progress=False, captions=captions, update=True
+    )
+    assert again.parts_reused == 0 and rows(tmp_path / "out") == rows(tmp_path / "m.parquet")
+
+
 # -- the Ray engine -------------------------------------------------------------------------------------------------
 
 
