@@ -28,7 +28,18 @@ from .captions import CaptionSource, apply_captions
 from .readers import reader_for
 from .records import index_schema
 from .run import ROWS_PER_GROUP, IndexRun, IndexSummary, finished
-from .units import PART_ROWS, EarlierRows  # (rows per part of a metadata file: its unit)
+from .units import (  # (PART_ROWS: rows per part of a metadata file, its unit)
+    PART_ROWS,
+    Done,
+    EarlierRows,
+    PartReuse,
+    finish_parts,
+    merge_summary,
+    reused_summary,
+    run_unit,
+    unit_record,
+    units,
+)
 
 __all__ = ["PART_ROWS", "IndexSummary", "build_index"]
 
@@ -128,9 +139,9 @@ def build_index(
                             workers=workers, progress_bar=lambda: _progress_bar(progress), address=address,
                             in_parts=in_parts, previous=previous, reuse=update, earlier=earlier)  # fmt: skip
     if in_parts:
-        return _index_in_parts(chosen, output, sources=sources, max_pixels=max_pixels, pairs=pairs, old=old,
-                               workers=workers, progress=progress, captions=captions, previous=previous,
-                               reuse=update, earlier=earlier)  # fmt: skip
+        return _index_in_parts(chosen, output, sources=sources, max_pixels=max_pixels, pairs=pairs, workers=workers,
+                               progress=progress, captions=captions, previous=previous, reuse=update,
+                               earlier=earlier)  # fmt: skip
     summary = IndexSummary(manifest=output)
     started = time.perf_counter()
     # private temporary files beside the outputs, moved into place at the end: two runs on one output
@@ -171,19 +182,17 @@ def build_index(
 
 
 def _index_in_parts(
-    chosen: list, output: Path, *, sources: list[str], max_pixels: int, pairs: list[PairSpec], old: pa.Table | None,
-    workers: int | None, progress: bool | None, captions: CaptionSource | None, previous: ManifestParts | None,
-    reuse: bool, earlier: EarlierRows | None,
+    chosen: list, output: Path, *, sources: list[str], max_pixels: int, pairs: list[PairSpec], workers: int | None,
+    progress: bool | None, captions: CaptionSource | None, previous: ManifestParts | None, reuse: bool,
+    earlier: EarlierRows | None,
 ) -> IndexSummary:  # fmt: skip
     """``build_index`` into the folder ``output`` as a manifest in parts, with the local engine: one part per unit
     (``units``: a shard, a range of a metadata file's row groups, a slice of a folder walk or prefix listing), its
     header reading in worker processes; with ``reuse`` (``--update``), the parts of ``previous`` (the manifest in
     parts there now) whose units are unchanged are kept whole, and the other units reuse the unchanged rows of
-    ``earlier``. Keys are then made unique across the parts and the
-    parts installed with their index (``units.finish_parts``)."""
+    ``earlier``. Keys are then made unique across the parts and the parts installed with their index
+    (``units.finish_parts``)."""
     import shutil
-
-    from .units import Done, PartReuse, finish_parts, merge_summary, reused_summary, run_unit, unit_record, units
 
     summary = IndexSummary(manifest=output)
     started = time.perf_counter()
@@ -199,7 +208,7 @@ def _index_in_parts(
         walk_rejects: list = []
         done: list[Done] = []
         with _progress_bar(progress) as bar:
-            for unit in units(chosen, max_pixels=max_pixels, pairs=pairs, old=old, rejects=walk_rejects,
+            for unit in units(chosen, max_pixels=max_pixels, pairs=pairs, old=None, rejects=walk_rejects,
                               counts=summary, identify=not given, earlier=earlier):  # fmt: skip
                 kept = plan.find(unit)
                 if kept is not None:
