@@ -1,7 +1,9 @@
 """Indexing on Ray against the local engine, and key de-duplication streamed against the whole-table way.
 
 ``ray-index``: one folder of JPEGs plus tar shards of the same images, indexed by the local engine (worker
-processes) and by the Ray engine on a fresh local Ray of 1 and then 2 CPUs; the cluster's start is timed apart.
+processes) and by the Ray engine on a fresh local Ray of 1 and then 2 CPUs; the cluster's start is timed apart; then
+``ray-index-meta``: one big img2dataset-style Parquet (2M rows) into a manifest in parts, as one task and split by
+row groups into tasks of ``PART_ROWS`` rows, on 1 and 2 Ray CPUs.
 ``dedupe``: the keys of one Parquet manifest made unique by ``index/dedupe.py`` (streamed, hash-partitioned) and by
 the way ``build_index`` did it before (every key, then every row, in memory), each in its own process: seconds and
 peak RSS.
@@ -37,6 +39,25 @@ import json, sys
 from dali_arb.index import build_index
 summary = build_index(sys.argv[3:], sys.argv[2], workers=int(sys.argv[1]), progress=False)
 print(json.dumps({"start_s": 0.0, "seconds": summary.seconds, "files": summary.files_seen, "rows": summary.rows}))
+"""
+
+
+_META_RUN = """
+import json, sys, time
+t0 = time.perf_counter()
+cpus, out, part_rows, source = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+from dali_arb.index import build_index, units
+units.PART_ROWS = part_rows
+started = 0.0
+if cpus:
+    import ray
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    started = time.perf_counter() - t0
+runs = [build_index([source], f"{out}{i}/", engine="ray" if cpus else "local", workers=1, progress=False)
+        for i in range(2)]  # (best of two: the machine is shared; the second finds Ray's workers started)
+summary = min(runs, key=lambda s: s.seconds)
+print(json.dumps({"start_s": started, "seconds": summary.seconds, "first_s": runs[0].seconds, "rows": summary.rows,
+                  "parts": summary.parts_written}))
 """
 
 
@@ -86,7 +107,69 @@ def ray_index(args) -> dict:
             out[f"  {name}: Ray start (s, not in files/s)"] = round(run["start_s"], 1)
     one, two = runs["ray engine, 1 CPU"], runs["ray engine, 2 CPUs"]
     out["  ray 2 CPUs / 1 CPU"] = f"{one['seconds'] / two['seconds']:.2f}x"
-    return out
+    return {**out, **ray_index_meta(args)}
+
+
+def _metadata(path: Path, n: int, row_group: int) -> None:
+    """img2dataset-style metadata of ``n`` rows (key, url, caption, status, sizes) in row groups of ``row_group``."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    words = pa.array("a photo of the red cat on old wooden table in sunny garden with blue sky".split())
+    with pq.ParquetWriter(path, pa.schema([("key", pa.string()), ("url", pa.string()), ("caption", pa.string()),
+                                           ("status", pa.string()), ("width", pa.int64()),
+                                           ("height", pa.int64())])) as writer:  # fmt: skip
+        for lo in range(0, n, row_group):
+            count = min(row_group, n - lo)
+            rng = np.random.default_rng(lo)
+            keys = pc.utf8_lpad(pa.array(np.arange(lo, lo + count)).cast(pa.string()), 9, "0")
+            caption = pc.binary_join_element_wise(
+                *[words.take(pa.array(rng.integers(0, len(words), count))) for _ in range(6)], " "
+            )
+            side = rng.integers(256, 2048, (2, count))
+            status = np.where(rng.random(count) < 0.01, "failed_to_download", "success")
+            writer.write_table(pa.table({"key": keys, "url": pc.binary_join_element_wise("https://x/", keys, ".jpg", ""),
+                                         "caption": caption, "status": status, "width": side[0],
+                                         "height": side[1]}), row_group_size=row_group)  # fmt: skip
+
+
+@case("ray-index-meta")
+def ray_index_meta(args) -> dict:
+    """One big Parquet metadata file into a manifest in parts: the local engine, Ray with the file as one task, and
+    Ray with the file split by row groups into tasks of ``PART_ROWS`` rows, on 1 and 2 CPUs; each indexed twice in
+    one process (the best counts: the machine is shared), Ray's start apart."""
+    n, group, split = (200_000, 25_000, 50_000) if args.quick else (2_000_000, 250_000, 500_000)
+    whole = 1 << 40  # (one unit: the file as one task)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "RAY_AUTH_MODE": "disabled"}
+    runs: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        meta = Path(tmp) / "meta.parquet"
+        _metadata(meta, n, group)
+        for name, cpus, part_rows in (("local engine", 0, split), ("ray, 1 CPU, one task", 1, whole),
+                                      ("ray, 1 CPU, split", 1, split), ("ray, 2 CPUs, one task", 2, whole),
+                                      ("ray, 2 CPUs, split", 2, split)):  # fmt: skip
+            out = str(Path(tmp) / name.replace(" ", "").replace(",", "-"))
+            result = subprocess.run([sys.executable, "-c", _META_RUN, str(cpus), out, str(part_rows), str(meta)],
+                                    env=env, capture_output=True, text=True, check=True)  # fmt: skip
+            runs[name] = json.loads(result.stdout.strip().splitlines()[-1])
+    base = runs["local engine"]
+    table = {
+        f"index {n} rows of Parquet metadata (row groups of {group}) into parts, split = tasks of {split} rows": ""
+    }
+    for name, run in runs.items():
+        table[f"  {name}: rows/s (best of 2)"] = round(run["rows"] / run["seconds"])
+        table[f"  {name}: s, first run / best"] = f"{run['first_s']:.1f} / {run['seconds']:.1f}"
+        table[f"  {name}: parts"] = run["parts"]
+        table[f"  {name}: vs local"] = f"{base['seconds'] / run['seconds']:.2f}x"
+    table["  ray 2 CPUs: split / one task"] = (
+        f"{runs['ray, 2 CPUs, one task']['seconds'] / runs['ray, 2 CPUs, split']['seconds']:.2f}x"
+    )
+    table["  ray split: 2 CPUs / 1 CPU"] = (
+        f"{runs['ray, 1 CPU, split']['seconds'] / runs['ray, 2 CPUs, split']['seconds']:.2f}x"
+    )
+    return table
 
 
 _DEDUPE_RUN = """
@@ -366,4 +449,50 @@ def shards_meta_s3(args) -> dict:
                             walk["requests"], round(walk["bytes"] / 1e6, 2), round(100 * walk["bytes"] / size, 1),
                             round(walk["seconds"], 2), same,
                         )  # fmt: skip
+    return out
+
+
+@case("update-parts")
+def update_parts(args) -> dict:
+    """``dali-arb index SOURCES -o DIR/ --update`` (local engine, 2 processes) on a folder of JPEGs and tar shards of
+    the same images (other keys): a fresh index, an update with nothing changed (every part kept), an update with one
+    image changed (its folder slice written again), against the same updates into one manifest file (every row
+    written again, unchanged files' sizes reused)."""
+    from dali_arb.index import build_index
+
+    n, shards = (1000, 4) if args.quick else (8000, 8)
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, files = _jpeg_folder(Path(tmp), n)
+        per_shard = len(files) // shards
+        sources = [str(folder)]
+        for s in range(shards):
+            path = Path(tmp) / f"{s:05d}.tar"
+            with tarfile.open(path, "w") as tar:
+                for f in files[s * per_shard : (s + 1) * per_shard]:
+                    tar.add(f, arcname=f"s{s}/{f.name}")
+            sources.append(str(path))
+        os.sync()
+        runs = {}
+        for name, target in (
+            ("manifest in parts (-o DIR/)", f"{tmp}/parts/"),
+            ("one file (-o m.parquet)", f"{tmp}/m.parquet"),
+        ):
+            fresh = build_index(sources, target, workers=2, progress=False)
+            same = build_index(sources, target, workers=2, update=True, progress=False)
+            files[len(files) // 2].write_bytes(files[0].read_bytes())  # one image changed
+            one = build_index(sources, target, workers=2, update=True, progress=False)
+            files[len(files) // 2].write_bytes(files[1].read_bytes())  # (and back, for the next way)
+            runs[name] = (fresh, same, one)
+    out[f"index {n} JPEGs in a folder + {shards} shards of the same ({2 * n} files), local engine, 2 processes"] = ""
+    for name, (fresh, same, one) in runs.items():
+        out[f"  {name}: fresh index, s"] = round(fresh.seconds, 2)
+        out[f"  {name}: --update, nothing changed, s"] = round(same.seconds, 2)
+        out[f"  {name}: --update, one image changed, s"] = round(one.seconds, 2)
+        if same.parts_reused:
+            out[f"  {name}: parts kept / written (nothing changed)"] = f"{same.parts_reused} / {same.parts_written}"
+            out[f"  {name}: parts kept / written (one image)"] = f"{one.parts_reused} / {one.parts_written}"
+    parts, single = runs["manifest in parts (-o DIR/)"], runs["one file (-o m.parquet)"]
+    out["  --update, nothing changed: parts vs file"] = f"{single[1].seconds / parts[1].seconds:.2f}x"
+    out["  --update, one image changed: parts vs file"] = f"{single[2].seconds / parts[2].seconds:.2f}x"
     return out

@@ -234,8 +234,10 @@ def rows_of(manifest) -> list[dict]:
 
 def test_index_to_a_folder_writes_parts_row_for_row_as_the_file(dataset, tmp_path, monkeypatch, capsys):
     import dali_arb.index.driver as driver
+    import dali_arb.index.units as units
 
-    monkeypatch.setattr(driver, "PART_ROWS", 10)
+    monkeypatch.setattr(units, "GROUPS_PER_UNIT", 1)  # a folder slice of about 4 files a part
+    monkeypatch.setattr("dali_arb.index.folders.FILES_PER_TASK", 4)
     photos = tmp_path / "photos"
     photos.mkdir()
     for f in sorted(dataset[0].iterdir()):
@@ -245,10 +247,12 @@ def test_index_to_a_folder_writes_parts_row_for_row_as_the_file(dataset, tmp_pat
     assert main(["index", str(photos), "-o", f"{tmp_path / 'out'}/", "-q"]) == 0
     line = capsys.readouterr().out
     listing = read_index(tmp_path / "out")
-    assert [p.rows for p in listing.parts] == [10, 10, 10, 6] and listing.rejected == 1
+    assert len(listing.parts) > 3 and all(1 <= p.rows <= 8 for p in listing.parts) and listing.rows == 36
+    assert listing.rejected == 1 and all(p.unit["kind"] == "folder" for p in listing.parts)
     assert listing.extra["engine"] == "local" and listing.extra["sources"] == [str(photos)]
-    assert f"into {tmp_path / 'out'}" in line and f"listed in {listing.rejects_paths()[0]}" in line
-    assert "broken.jpg" in open(listing.rejects_paths()[0]).read()
+    assert f"into {tmp_path / 'out'} (" in line and f"; parts: 0 unchanged kept, {len(listing.parts)} written)" in line
+    assert f"listed in {tmp_path / 'out' / '*.rejects.jsonl'}" in line
+    assert "broken.jpg" in "".join(open(p).read() for p in listing.rejects_paths())
     assert rows_of(tmp_path / "out") == rows_of(tmp_path / "m.parquet")
     # again, into the existing folder without a slash: the old parts go, the new ones are listed
     (photos / "img000.jpg").unlink()

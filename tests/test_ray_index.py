@@ -105,7 +105,7 @@ def rejects_of(manifest: Path) -> list[tuple]:
 def test_ray_engine_writes_the_local_engines_rows_and_rejects(tmp_path, ray_session, monkeypatch) -> None:
     sources = make_sources(tmp_path / "data")
     local = build_index(sources, tmp_path / "local.parquet", workers=1, progress=False)
-    monkeypatch.setattr(ray_engine, "GROUPS_PER_UNIT", 1)  # the folder walk split into several tasks
+    monkeypatch.setattr("dali_arb.index.units.GROUPS_PER_UNIT", 1)  # the folder walk split into several tasks
     monkeypatch.setattr("dali_arb.index.folders.FILES_PER_TASK", 4)
     monkeypatch.setattr("dali_arb.index.dedupe.PARTITION_BYTES", 200)  # keys over several hash partitions
     on_ray = build_index(sources, tmp_path / "ray.parquet", engine="ray", progress=False)
@@ -136,8 +136,9 @@ def test_ray_engine_update_reuses_unchanged_rows_as_the_local_engine_does(tmp_pa
         done[engine] = build_index(sources, out, engine=engine, update=True, progress=False)
         assert done[engine].rows == first.rows
     assert rows_of(tmp_path / "ray.parquet") == rows_of(tmp_path / "local.parquet")
-    # the folder's 11 unchanged images, the first shard's 6 rows and the second's 1 kept row (t1)
-    assert done["ray"].reused == done["local"].reused == 11 + 6 + 1
+    # the folder's 11 unchanged images and the first shard's 6 rows; the second shard lost s0 and img04 to earlier
+    # sources (its rejects say so), so its earlier rows lack them and it is read again
+    assert done["ray"].reused == done["local"].reused == 11 + 6
     assert ("img05", 90, 90) in [r[:3] for r in rows_of(tmp_path / "ray.parquet")]
 
 
@@ -157,7 +158,9 @@ def test_ray_engine_writes_a_manifest_in_parts_with_the_local_engines_rows(tmp_p
                                       workers=None, progress_bar=lambda: _progress_bar(False), address=None,
                                       in_parts=True)  # fmt: skip
     listing = read_index(folder)
+    # a part per source, each with its rejects (the duplicates' with the part that lost them)
     assert len(listing.parts) == len(sources) and listing.rows == summary.rows
+    assert [p.unit["dropped"] for p in listing.parts] == [0, 0, 2, 1]
     table = Manifest.read(folder).table
     assert table.column("key").to_pylist() == pq.read_table(tmp_path / "local.parquet").column("key").to_pylist()
     local = pq.read_table(tmp_path / "local.parquet")
@@ -198,7 +201,7 @@ def test_videos_beside_images_index_as_locally(tmp_path, ray_session, monkeypatc
     for i in range(5):
         save_jpeg(data / f"img{i}.jpg", 40 + i, 30, seed=i)
     local = build_index([str(data)], tmp_path / "local.parquet", workers=1, progress=False)
-    monkeypatch.setattr(ray_engine, "GROUPS_PER_UNIT", 1)
+    monkeypatch.setattr("dali_arb.index.units.GROUPS_PER_UNIT", 1)
     monkeypatch.setattr("dali_arb.index.folders.FILES_PER_TASK", 2)  # units with and without videos
     on_ray = build_index([str(data)], tmp_path / "ray.parquet", engine="ray", progress=False)
     a, b = pq.read_table(tmp_path / "local.parquet"), pq.read_table(tmp_path / "ray.parquet")
@@ -283,9 +286,9 @@ def test_ray_is_imported_only_when_the_engine_runs() -> None:
 
 DRIVER = """
 import json, sys
-from dali_arb.index import build_index, dedupe, folders
+from dali_arb.index import build_index, dedupe, folders, units
 from dali_arb.index.engines import ray as engine
-engine.GROUPS_PER_UNIT, folders.FILES_PER_TASK, dedupe.PARTITION_BYTES = 1, 4, 200  # many tasks and partitions
+units.GROUPS_PER_UNIT, folders.FILES_PER_TASK, dedupe.PARTITION_BYTES = 1, 4, 200  # many tasks and partitions
 address, out, *sources = sys.argv[1:]
 summary = build_index(sources, out, engine="ray", address=address, progress=False)
 print(json.dumps({"rows": summary.rows, "rejected": summary.rejected, "files": summary.files_seen}))

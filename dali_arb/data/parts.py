@@ -14,7 +14,9 @@ The index (``INDEX_FORMAT`` 1)::
      "rows": 1234, "rejected": 5,                                  totals over the parts
      "parts": [{"path": "part-00000.parquet", "rows": 1000, "size": 81234,
                 "fingerprint": "<blake2b-128 of the part file's bytes>",
-                "rejects": "part-00000.rejects.jsonl", "rejected": 5}, ...],
+                "rejects": "part-00000.rejects.jsonl", "rejected": 5,
+                "unit": {"kind": "shard", "source": "/data/00000.tar",        optional: the indexing task it came
+                         "identity": "<digest>", "dropped": 0, ...}}, ...],   from (what ``--update`` reuses it by)
      "extra": {...}}                                               what the writer adds (engine, sources...)
 
 Paths are relative to the folder (``/``-separated, never ``..``). Every part and index is written under a private
@@ -88,6 +90,9 @@ class PartInfo:
         rejects: its rejects file (JSON Lines), relative to the folder, or None.
         rejected: rejects in it.
         size: the part file's bytes (-1: not recorded).
+        unit: the indexing task the part came from, as its indexer recorded it (``kind``, ``source``, ``identity``:
+            a digest of its sources' sizes and times, ``dropped``: rows de-duplication took from it...), or None: what
+            ``dali-arb index --update`` decides to keep the part by (``index/units.py``). Not part of its content.
     """
 
     path: str
@@ -96,9 +101,13 @@ class PartInfo:
     rejects: str | None
     rejected: int
     size: int = -1
+    unit: dict | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if self.unit is None:
+            del data["unit"]  # (an index without units reads as before)
+        return data
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> PartInfo:
@@ -113,9 +122,12 @@ class PartInfo:
                 rejects=data.get("rejects"),
                 rejected=data.get("rejected", 0),
                 size=data.get("size", -1),
+                unit=data.get("unit"),
             )
         except KeyError as exc:
             raise ManifestError(f"{where}: a part entry lacks {exc.args[0]!r}; rewrite the index") from None
+        if info.unit is not None and not isinstance(info.unit, dict):
+            raise ManifestError(f"{where}: part {info.path!r} has unit {info.unit!r}, not an object; rewrite the index")
         for name in ("path", "fingerprint"):
             if not isinstance(getattr(info, name), str):
                 raise ManifestError(f"{where}: part {name} {getattr(info, name)!r} is not text; rewrite the index")

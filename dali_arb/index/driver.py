@@ -21,19 +21,27 @@ import pyarrow.parquet as pq
 from ..data.imagefacts import DEFAULT_MAX_PIXELS
 from ..data.manifest import Manifest, rejects_name, rejects_path
 from ..data.pairs import PairSpec, pairs_of
-from ..data.parts import INDEX_NAME, PartInfo, is_parts, read_index, remove_stale, write_index, write_part
+from ..data.parts import INDEX_NAME, ManifestParts, is_parts, read_index, remove_stale
 from ..errors import ConfigError, IndexingError, ManifestError, StorageError
 from ..processes import die_with_parent, spawn_without_main, stop_pool
 from .captions import CaptionSource, apply_captions
 from .readers import reader_for
 from .records import index_schema
 from .run import ROWS_PER_GROUP, IndexRun, IndexSummary, finished
+from .units import (  # (PART_ROWS: rows per part of a metadata file, its unit)
+    PART_ROWS,
+    Done,
+    EarlierRows,
+    PartReuse,
+    finish_parts,
+    merge_summary,
+    reused_summary,
+    run_unit,
+    unit_record,
+    units,
+)
 
 __all__ = ["PART_ROWS", "IndexSummary", "build_index"]
-
-#: Rows per part of a manifest in parts written by the local engine (``-o DIR/``): about 100 MB of Arrow per part
-#: with captions, what one part costs in memory while it is written.
-PART_ROWS = 1 << 20
 
 
 def build_index(
@@ -117,7 +125,10 @@ def build_index(
             output.mkdir(exist_ok=True)
         except OSError as exc:
             raise IndexingError(f"cannot create folder {output} ({exc.strerror}); choose another -o") from None
-    old = _old_rows(output, pairs) if update else None
+    previous = read_index(output) if in_parts and is_parts(output) else None
+    # a manifest in parts is read a source at a time, for the units not kept (units.EarlierRows); a file whole
+    earlier = _earlier_rows(previous, pairs) if update and previous is not None else None
+    old = _old_rows(output, pairs) if update and not in_parts else None
     if engine == "ray":  # (engines/ray.py: Ray tasks write parts, de-duplicated and joined into ``output``)
         from .engines.ray import index_on_ray
 
@@ -126,15 +137,18 @@ def build_index(
                               "now; index with the local engine, or keep sidecar .txt/.caption captions")  # fmt: skip
         return index_on_ray(chosen, output, sources=sources, max_pixels=max_pixels, pairs=pairs, old=old,
                             workers=workers, progress_bar=lambda: _progress_bar(progress), address=address,
-                            in_parts=in_parts)  # fmt: skip
+                            in_parts=in_parts, previous=previous, reuse=update, earlier=earlier)  # fmt: skip
+    if in_parts:
+        return _index_in_parts(chosen, output, sources=sources, max_pixels=max_pixels, pairs=pairs, workers=workers,
+                               progress=progress, captions=captions, previous=previous, reuse=update,
+                               earlier=earlier)  # fmt: skip
     summary = IndexSummary(manifest=output)
     started = time.perf_counter()
     # private temporary files beside the outputs, moved into place at the end: two runs on one output
     # never write into each other's files, and a reader only ever sees a whole manifest
     unique = f"{os.getpid()}-{secrets.token_hex(4)}"
-    scratch = output / ".index" if in_parts else output  # (files beside a manifest file, inside a folder of parts)
-    tmp = scratch.with_name(f".{scratch.name}.{unique}.partial")
-    rejects_tmp = scratch.with_name(f".{scratch.name}.rejects.jsonl.{unique}.partial")
+    tmp = output.with_name(f".{output.name}.{unique}.partial")
+    rejects_tmp = output.with_name(f".{output.name}.rejects.jsonl.{unique}.partial")
     writer = pq.ParquetWriter(tmp, index_schema(pairs))
     run: IndexRun | None = None
     pool = _pool(workers, remote=any(reader.remote for reader, _ in chosen))
@@ -162,53 +176,63 @@ def build_index(
         raise
     finally:
         hidden_main.__exit__(None, None, None)
-    if in_parts:
-        try:
-            summary.rejects_at = _install_parts(tmp, rejects_tmp, output, unique, sources)
-        finally:
-            tmp.unlink(missing_ok=True)
-            rejects_tmp.unlink(missing_ok=True)
-    else:
-        os.replace(tmp, output)
-        os.replace(rejects_tmp, rejects_path(output))
-    return finished(summary, sources, started, summary.rejects_at or rejects_path(output))
+    os.replace(tmp, output)
+    os.replace(rejects_tmp, rejects_path(output))
+    return finished(summary, sources, started, rejects_path(output))
 
 
-def _install_parts(tmp: Path, rejects_file: Path, folder: Path, unique: str, sources: list[str]) -> str:
-    """Write the rows of the Parquet file ``tmp`` as parts of :data:`PART_ROWS` rows into ``folder`` (one part at a
-    time in memory), the run's rejects (``rejects_file``) with the first part, then the index; parts of the manifest
-    that was there before and are not in the new one are removed. Returns where the rejects are listed."""
-    import dataclasses
+def _index_in_parts(
+    chosen: list, output: Path, *, sources: list[str], max_pixels: int, pairs: list[PairSpec], workers: int | None,
+    progress: bool | None, captions: CaptionSource | None, previous: ManifestParts | None, reuse: bool,
+    earlier: EarlierRows | None,
+) -> IndexSummary:  # fmt: skip
+    """``build_index`` into the folder ``output`` as a manifest in parts, with the local engine: one part per unit
+    (``units``: a shard, a range of a metadata file's row groups, a slice of a folder walk or prefix listing), its
+    header reading in worker processes; with ``reuse`` (``--update``), the parts of ``previous`` (the manifest in
+    parts there now) whose units are unchanged are kept whole, and the other units reuse the unchanged rows of
+    ``earlier``. Keys are then made unique across the parts and the parts installed with their index
+    (``units.finish_parts``)."""
+    import shutil
 
-    import pyarrow.parquet as pq
-
-    previous = read_index(folder) if is_parts(folder) else None
-    parquet = pq.ParquetFile(tmp, pre_buffer=False)  # (pre-buffering keeps every row group read: grows)
-    parts: list[PartInfo] = []
-    pending: list[pa.RecordBatch] = []
-
-    def flush() -> None:
-        table = pa.Table.from_batches(pending, schema=parquet.schema_arrow)
-        parts.append(write_part(folder, f"part-{unique}-{len(parts):05d}", table))
-        pending.clear()
-
-    held = 0
-    for batch in parquet.iter_batches(batch_size=min(PART_ROWS, ROWS_PER_GROUP)):
-        pending.append(batch)
-        held += batch.num_rows
-        if held >= PART_ROWS:
-            flush()
-            held = 0
-    if pending or not parts:
-        flush()  # the last, shorter part; an empty manifest is one empty part, as an empty manifest file is one file
-    rejected = sum(1 for _ in open(rejects_file, "rb"))
-    first = parts[0]
-    name = first.path[: -len(".parquet")] + ".rejects.jsonl"
-    os.replace(rejects_file, folder / name)
-    parts[0] = dataclasses.replace(first, rejects=name, rejected=rejected)
-    write_index(folder, parts, extra={"engine": "local", "sources": list(sources)})
-    remove_stale(previous, parts)
-    return str(folder / name)
+    summary = IndexSummary(manifest=output)
+    started = time.perf_counter()
+    unique = f"{os.getpid()}-{secrets.token_hex(4)}"
+    scratch = output / f".{unique}.parts"
+    scratch.mkdir()
+    given = captions is not None and captions.given
+    plan = PartReuse(previous if reuse and not given else None)
+    pool = _pool(workers, remote=any(reader.remote for reader, _ in chosen))
+    hidden_main = spawn_without_main()  # workers start at submits throughout the loop: none re-runs __main__
+    hidden_main.__enter__()
+    try:
+        walk_rejects: list = []
+        done: list[Done] = []
+        with _progress_bar(progress) as bar:
+            for unit in units(chosen, max_pixels=max_pixels, pairs=pairs, old=None, rejects=walk_rejects,
+                              counts=summary, identify=not given, earlier=earlier):  # fmt: skip
+                kept = plan.find(unit)
+                if kept is not None:
+                    done.append(Done(record=kept.unit, kept=kept))
+                    reused_summary(summary, kept, output)
+                    continue
+                if earlier is not None:
+                    unit = earlier.fill(unit)
+                part, rejects, found = run_unit(unit, str(scratch), max_pixels, pairs, pool=pool, progress=bar.update)
+                merge_summary(summary, found)
+                if given:
+                    apply_captions(part, captions, metadata=[s for r, s in chosen if r.name == "metadata"])
+                done.append(Done(record=unit_record(unit, found), part=Path(part), rejects=Path(rejects)))
+        summary.rejects_at = finish_parts(done, scratch=scratch, folder=output, run_rejects=walk_rejects,
+                                          summary=summary, unique=unique, sources=sources, engine="local",
+                                          pairs=pairs, previous=previous)  # fmt: skip
+        pool.shutdown()
+    except BaseException:  # an error, Ctrl-C or SIGTERM (the CLI turns it into SystemExit): leave nothing behind
+        stop_pool(pool)
+        raise
+    finally:
+        hidden_main.__exit__(None, None, None)
+        shutil.rmtree(scratch, ignore_errors=True)
+    return finished(summary, sources, started, summary.rejects_at)
 
 
 def _local_output(output: str | os.PathLike) -> tuple[Path, bool]:
@@ -271,7 +295,45 @@ def _old_rows(output: Path, pairs: list[PairSpec]) -> pa.Table | None:
         return None
     old = Manifest.read(output).table
     same_pairs = pairs_of(old.schema) == {p.name: p.kind for p in pairs}
-    return old if same_pairs and "mtime_ns" in old.column_names and "source" in old.column_names else None
+    if not (same_pairs and "mtime_ns" in old.column_names and "source" in old.column_names):
+        return None
+    return _without_shadowed(old, rejects_path(output))
+
+
+def _without_shadowed(old: pa.Table, rejects_file: Path) -> pa.Table:
+    """``old`` without the rows of the sources (a shard) that lost a row to key de-duplication, as the manifest's
+    rejects (``rejects_file``) name them: their earlier rows lack that row, which a fresh index may keep (the source
+    that held its key first is gone), so they are read again."""
+    import json
+
+    import pyarrow.compute as pc
+
+    from .units import DUPLICATE_TAIL
+
+    shadowed: set[str] = set()
+    try:
+        with open(rejects_file, encoding="utf-8") as fh:
+            for line in fh:
+                reject = json.loads(line)
+                if str(reject.get("reason", "")).endswith(DUPLICATE_TAIL) and reject.get("source"):
+                    shadowed.add(str(reject["source"]))
+    except (OSError, ValueError):
+        return old  # (no rejects file, or a damaged one: nothing known to be missing)
+    if not shadowed:
+        return old
+    gone = pc.fill_null(pc.is_in(old.column("source"), pa.array(sorted(shadowed), pa.string())), False)
+    return old.filter(pc.invert(gone))
+
+
+def _earlier_rows(previous: ManifestParts, pairs: list[PairSpec]) -> EarlierRows | None:
+    """The rows of the manifest in parts being updated, read as units need them (:class:`~.units.EarlierRows`),
+    when its parts have the same pairs and record their rows' sources and mtimes (read from one part's footer)."""
+    with_rows = [p for p in previous.parts if p.rows]
+    if not with_rows:
+        return None
+    schema = pq.read_schema(previous.join(with_rows[0].path))
+    same_pairs = pairs_of(schema) == {p.name: p.kind for p in pairs}
+    return EarlierRows(previous) if same_pairs and {"mtime_ns", "source"} <= set(schema.names) else None
 
 
 def _pool(workers: int | None, *, remote: bool) -> ProcessPoolExecutor:
@@ -321,6 +383,8 @@ def _index_to_url(sources: list[str], url: str, *, update: bool, **options) -> I
         try:
             if update and exists(url):
                 download(url, local)
+                if exists(rejects_url):  # (its duplicates' rejects name the sources whose rows are not all there)
+                    download(rejects_url, rejects_path(local))
         except StorageError as exc:
             raise IndexingError(str(exc)) from None
         try:
@@ -350,7 +414,7 @@ def _index_to_prefix(sources: list[str], url: str, *, update: bool, **options) -
     import tempfile
 
     from ..data.parts import check_writable, local_parts
-    from ..data.storage import upload
+    from ..data.storage import download, upload
 
     try:
         check_writable(url)  # (before the sources are read)
@@ -358,11 +422,17 @@ def _index_to_prefix(sources: list[str], url: str, *, update: bool, **options) -
         raise IndexingError(f"cannot write the manifest to {url}: {exc}") from None
     folder = Path(tempfile.mkdtemp(prefix="dali-arb-index-"))
     local = folder / "manifest"
+    there: set[str] = set()  # the files at the prefix already (a kept part is not uploaded again)
     try:
         try:
             previous = read_index(url) if is_parts(url) else None
             if update and previous is not None:
                 shutil.copytree(local_parts(url, cache_dir=folder / "cache"), local)
+                for part in previous.parts:  # its own index and rejects (the cached copy keeps neither)
+                    if part.rejects:
+                        download(previous.join(part.rejects), local / part.rejects)
+                download(previous.index, local / INDEX_NAME)
+                there = {p.path for p in previous.parts} | {p.rejects for p in previous.parts if p.rejects}
         except (StorageError, ManifestError) as exc:
             raise IndexingError(str(exc)) from None
         failure: IndexingError | None = None
@@ -376,7 +446,7 @@ def _index_to_prefix(sources: list[str], url: str, *, update: bool, **options) -
         try:
             for part in listing.parts:
                 for name in (part.path, part.rejects):
-                    if name:
+                    if name and name not in there:
                         upload(listing.join(name), url + name)
             upload(listing.index, url + INDEX_NAME)  # last: the manifest appears whole at once
         except StorageError as exc:

@@ -26,7 +26,7 @@ from ..data.manifest import IDENTITY, ORIGINAL, SCHEMA, VIDEO
 from ..errors import IndexingError
 from .records import Reject, original_sizes
 
-__all__ = ["CHUNK_ROWS", "metadata_chunks", "metadata_rows"]
+__all__ = ["CHUNK_ROWS", "has_paths", "metadata_chunks", "metadata_rows", "row_group_ranges"]
 
 #: Rows of Parquet metadata read and checked at once.
 CHUNK_ROWS = 1 << 20
@@ -49,25 +49,70 @@ def metadata_rows(path: Path, *, base_url: str | None = None) -> tuple[pa.Table,
 
 
 def metadata_chunks(
-    path: Path, *, base_url: str | None = None, chunk_rows: int | None = None
+    path: Path,
+    *,
+    base_url: str | None = None,
+    chunk_rows: int | None = None,
+    row_groups: tuple[int, int] | None = None,
 ) -> Iterator[tuple[pa.Table, list[Reject]]]:
     """``(rows, rejects)`` of img2dataset-style Parquet/CSV metadata with ``key``, ``width``, ``height`` columns, a
     chunk of at most ``chunk_rows`` (default :data:`CHUNK_ROWS`) rows (Parquet) or :data:`CSV_BLOCK_BYTES` (CSV) at a time, in file order.
+    ``row_groups``: only the Parquet row groups ``[start, stop)`` (a range of :func:`row_group_ranges`).
 
     ``base_url``: the metadata came from object storage (``path`` is a local copy); relative paths in it are
     taken relative to this URL prefix. Rows naming objects in storage get their size and modification time from
     the store (:func:`_locations`). An IndexingError for metadata that cannot serve (no such columns, no rows)."""
     total = 0
-    for table in _read_chunks(path, chunk_rows or CHUNK_ROWS):
+    for table in _read_chunks(path, chunk_rows or CHUNK_ROWS, row_groups):
         total += table.num_rows
         if table.num_rows:
             yield _checked_rows(table, path, base_url)
-    if total == 0:
+    if total == 0 and row_groups is None:
         raise IndexingError(f"metadata {path} has no rows (only a header?); give metadata with one row per image")
 
 
-def _read_chunks(path: Path, chunk_rows: int) -> Iterator[pa.Table]:
-    """The metadata's rows, a chunk at a time (Arrow tables); one line naming the file when it cannot be read."""
+def row_group_ranges(path: Path, rows: int) -> list[tuple[int, int]]:
+    """The Parquet metadata at ``path`` split into ranges of whole row groups ``[start, stop)`` of about ``rows``
+    rows each (at least ``rows``, but for the last; a row group is never split), from its footer alone; ``[]`` for a
+    CSV file (a quoted caption may hold a line break, so a byte offset is not known to start a row without reading
+    from the start), a file of one range, or one that cannot be read (its reader names the problem)."""
+    if path.suffix.lower() == ".csv":
+        return []
+    try:
+        meta = pq.ParquetFile(path).metadata
+    except (pa.ArrowException, OSError):
+        return []
+    ranges: list[tuple[int, int]] = []
+    start, held = 0, 0
+    for group in range(meta.num_row_groups):
+        held += meta.row_group(group).num_rows
+        if held >= rows:
+            ranges.append((start, group + 1))
+            start, held = group + 1, 0
+    if start < meta.num_row_groups and held:
+        ranges.append((start, meta.num_row_groups))
+    return ranges if len(ranges) > 1 else []
+
+
+def has_paths(path: Path) -> bool:
+    """Whether the metadata at ``path`` has a column naming each image's file (:data:`PATH_COLUMNS`): read from a
+    Parquet footer or a CSV header line. True when it cannot be read (nothing is promised about it)."""
+    import csv
+
+    try:
+        if path.suffix.lower() == ".csv":
+            with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+                names = next(csv.reader(fh), [])
+        else:
+            names = pq.read_schema(path).names
+    except (pa.ArrowException, OSError, csv.Error):
+        return True
+    return any(c in names for c in PATH_COLUMNS)
+
+
+def _read_chunks(path: Path, chunk_rows: int, row_groups: tuple[int, int] | None = None) -> Iterator[pa.Table]:
+    """The metadata's rows (of Parquet ``row_groups`` ``[start, stop)`` only, when given), a chunk at a time (Arrow
+    tables); one line naming the file when it cannot be read."""
     import pyarrow.csv as pacsv
 
     try:
@@ -90,7 +135,11 @@ def _read_chunks(path: Path, chunk_rows: int) -> Iterator[pa.Table]:
                 f"metadata {path} lacks column(s) {', '.join(missing)} (has: {', '.join(names)}); "
                 "it needs key, width and height (img2dataset's parquet output has them)"
             )
-        batches = reader if path.suffix.lower() == ".csv" else parquet.iter_batches(batch_size=chunk_rows)
+        if path.suffix.lower() == ".csv":
+            batches = reader
+        else:
+            groups = None if row_groups is None else list(range(*row_groups))
+            batches = parquet.iter_batches(batch_size=chunk_rows, row_groups=groups)
         for batch in batches:
             yield pa.Table.from_batches([batch])
     except (pa.ArrowException, OSError) as exc:

@@ -77,6 +77,9 @@ class IndexSummary:
     no_source: int = 0
     #: where the rejects are listed when not beside the manifest (``MANIFEST.rejects.jsonl``): a manifest in parts'
     rejects_at: str | None = None
+    #: a manifest in parts (``-o DIR/``): parts kept whole from the manifest being updated, parts written
+    parts_reused: int = 0
+    parts_written: int = 0
 
     @property
     def files_per_s(self) -> float:
@@ -92,8 +95,14 @@ class IndexSummary:
             + f" into {self.manifest} "
             f"({self.files_seen} files in {self.seconds:.1f} s, {self.files_per_s:.0f} files/s"
             + (f", {self.reused} unchanged reused" if self.reused else "")
+            + (
+                f"; parts: {self.parts_reused} unchanged kept, {self.parts_written} written"
+                if self.parts_reused or self.parts_written
+                else ""
+            )
             + f"); rejected {self.rejected}"
         )
+
         if self.rejected:
             text += f" ({reasons}), listed in {self.rejects_at or rejects_name(self.manifest)}"
         if self.remote_images:

@@ -1,12 +1,13 @@
 """The ``ray`` engine: ``build_index(..., engine="ray")`` and ``dali-arb index --engine ray [--address ADDR]``.
 
 The driver (this process) expands the sources as the local engine does and splits them into units of work
-(:class:`Unit`): a tar shard, a metadata file, or :data:`GROUPS_PER_UNIT` groups of files of a folder walk or of a
-prefix listing (``FILES_PER_TASK`` files each: 4096 files a unit). Each unit runs as a Ray task that reads headers
-with the same readers as the local engine and writes one Parquet part and its rejects into a scratch folder beside
-the output (so the output's folder must be one every node sees: a shared file system). Keys are then de-duplicated
-across the parts with Ray tasks per hash partition (``index/dedupe.py``), and the parts are streamed, in source
-order, into the manifest. The rows equal the local engine's for the same sources; the order too, as parts are kept
+(``index/units.py``: a tar shard, a range of a Parquet metadata file's row groups, a slice of about 4096 files of a
+folder walk or of a prefix listing). Each unit runs as a Ray task that reads headers with the same readers as the
+local engine and writes one Parquet part and its rejects into a scratch folder beside the output (so the output's
+folder must be one every node sees: a shared file system). Keys are then de-duplicated across the parts with Ray
+tasks per hash partition (``index/dedupe.py``), and the parts are streamed, in source order, into the manifest, or,
+into a folder (``-o DIR/``), become the parts of a manifest in parts (``--update``: a unit whose part is kept is not
+run). The rows equal the local engine's for the same sources; the order too, as parts are kept
 in source order.
 
 A task that dies with its worker or node is run again (Ray's ``max_retries``): a part is written under a private
@@ -19,185 +20,44 @@ Imports Ray (lazily, when the engine runs), pyarrow, tqdm and the indexer's read
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import itertools
 import json
 import os
 import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ...data.manifest import ORIGINAL, VIDEO, rejects_path
 from ...data.pairs import PairSpec
-from ...errors import DaliArbError, IndexingError, StorageError
-from ..folders import FolderWalk, PreviousRows, folder_task
-from ..readers import empty_folder
+from ...data.parts import ManifestParts
+from ...errors import DaliArbError, IndexingError
 from ..records import index_schema
-from ..remote import pair_listings, prefix_tasks, remote_folder_task
-from ..run import ROWS_PER_GROUP, IndexRun, IndexSummary, finished
+from ..run import ROWS_PER_GROUP, IndexSummary, finished
+from ..units import (
+    GROUPS_PER_UNIT,
+    Done,
+    EarlierRows,
+    PartReuse,
+    Unit,
+    finish_parts,
+    merge_summary,
+    reused_summary,
+    run_unit,
+    unit_record,
+    units,
+)
 
 __all__ = ["GROUPS_PER_UNIT", "Unit", "index_on_ray", "run_unit"]
 
-#: Groups of files (of a folder walk or a prefix listing) per Ray task.
-GROUPS_PER_UNIT = 16
 #: Units submitted ahead per CPU of the cluster (the rest wait on the driver).
 IN_FLIGHT_PER_CPU = 2
 #: How often a task that failed with its worker or node is run again.
 TASK_RETRIES = 3
 INSTALL = "pip install 'dali-arb[ray]'"
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One Ray task's work: ``kind`` (a reader's name) on ``source``; for folders and prefixes, ``groups`` (the
-    arguments of ``folder_task`` or ``remote_folder_task``); for a shard being updated, ``old`` (its earlier rows)."""
-
-    number: int
-    kind: str
-    source: str
-    groups: tuple = ()
-    old: pa.Table | None = None
-
-
-class InlinePool:
-    """What an :class:`IndexRun` submits to inside a Ray task: the task runs in place (Ray spreads the tasks)."""
-
-    def submit(self, fn: Callable, arg: tuple) -> Future:
-        future: Future = Future()
-        try:
-            future.set_result(fn(arg))
-        except BaseException as exc:  # handed to whoever asks for the result, as a pool would
-            future.set_exception(exc)
-        return future
-
-    def shutdown(self, *args, **kwargs) -> None:
-        pass
-
-
-def run_unit(unit: Unit, folder: str, max_pixels: int, pairs: list[PairSpec]) -> tuple[str, str, IndexSummary]:
-    """Index one unit into ``folder/part-NNNNNN.parquet`` and its ``.rejects.jsonl``; returns their paths and what
-    it did. Written under private names and renamed into place: a retried unit replaces its part whole."""
-    part = Path(folder) / f"part-{unit.number:06d}.parquet"
-    rejects = Path(rejects_path(part))
-    private = f".{os.getpid()}-{secrets.token_hex(4)}.partial"
-    part_tmp, rejects_tmp = part.with_name(part.name + private), rejects.with_name(rejects.name + private)
-    summary = IndexSummary(manifest=part)
-    writer = pq.ParquetWriter(part_tmp, index_schema(pairs))
-    run: IndexRun | None = None
-    try:
-        with open(rejects_tmp, "w", encoding="utf-8") as fh:
-            run = IndexRun(sources=[(unit.kind, unit.source)], max_pixels=max_pixels, pairs=pairs, old=unit.old,
-                           pool=InlinePool(), writer=writer, rejects=fh, progress=lambda n: None,
-                           summary=summary)  # fmt: skip
-            _read(run, unit)
-            run.finish()  # (ORIGINAL and VIDEO columns in a part whose rows have them only)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            writer.close()
-        if run is not None:
-            run.discard()
-        part_tmp.unlink(missing_ok=True)
-        rejects_tmp.unlink(missing_ok=True)
-        raise
-    os.replace(part_tmp, part)
-    os.replace(rejects_tmp, rejects)
-    return str(part), str(rejects), summary
-
-
-def _read(run: IndexRun, unit: Unit) -> None:
-    """Run ``unit``'s reader into ``run`` (folders and prefixes: its groups of files; others: the whole source)."""
-    from ..readers import READERS
-
-    summary = run.summary
-    if unit.kind == "folder":
-        for task in unit.groups:
-            rows, rejects, reused = folder_task(task)
-            summary.reused += reused
-            run.take(rows, rejects, len(task[1]))
-    elif unit.kind == "remote_folder":
-        try:
-            for task in unit.groups:
-                rows, rejects, io = remote_folder_task(task)
-                summary.reused += io["reused"]
-                summary.remote_requests += io["requests"]
-                summary.remote_bytes += io["bytes_read"]
-                summary.remote_images += len(task[0])
-                run.take(rows, rejects, len(task[0]))
-        except StorageError as exc:
-            raise IndexingError(str(exc)) from None
-    else:
-        READERS[unit.kind].read(run, unit.source)
-
-
-def units(
-    chosen: list, *, max_pixels: int, pairs: list[PairSpec], old: pa.Table | None, rejects: list, counts: IndexSummary
-) -> Iterator[Unit]:
-    """The units of ``chosen`` (``(reader, source)``), in source order: one per shard or metadata file, one per
-    :data:`GROUPS_PER_UNIT` groups of a folder walk or prefix listing. What the walk and the listings refuse goes to
-    ``rejects`` (and its count to ``counts``); IndexingError for a folder with no image files, as locally."""
-    previous = PreviousRows(old) if old is not None else None
-    shards_old = _rows_by_source(old, {s for r, s in chosen if r.name == "shard"}) if old is not None else {}
-    walk = FolderWalk([s for r, s in chosen if r.name == "folder"], max_pixels, previous, pairs)
-    number = itertools.count()
-
-    def refused(found: list) -> None:
-        rejects.extend(found)
-        counts.rejected += len(found)
-        for reject in found:
-            reason = reject["reason"].split(":")[0].split(" (")[0]
-            counts.reject_reasons[reason] = counts.reject_reasons.get(reason, 0) + 1
-
-    for reader, source in chosen:
-        if reader.name == "folder":
-            empty, fresh = True, os.path.realpath(source) not in walk.walked
-            for groups in _batched(walk.tasks(source), GROUPS_PER_UNIT):
-                empty = False
-                yield Unit(next(number), "folder", source, tuple(groups))
-            refused(walk.rejects[:])
-            walk.rejects.clear()
-            if empty and fresh:
-                raise empty_folder(source)
-        elif reader.name == "remote_folder":
-            unlisted: list = []
-            try:
-                tasks, _ = prefix_tasks(source, max_pixels, previous, pair_listings(pairs), unlisted)
-            except StorageError as exc:
-                raise IndexingError(str(exc)) from None
-            refused(unlisted)
-            counts.files_seen += len(unlisted)
-            for groups in _batched(iter(tasks), GROUPS_PER_UNIT):
-                yield Unit(next(number), "remote_folder", source, tuple(groups))
-        else:
-            yield Unit(next(number), reader.name, source, old=shards_old.get(source))
-
-
-def _rows_by_source(old: pa.Table, wanted: set[str]) -> dict[str, pa.Table]:
-    """``{source: its rows}`` of the manifest being updated, for the ``wanted`` sources (shards): one pass over the
-    source column (grouped by code), not one filter of the whole table per shard."""
-    codes_array = pc.dictionary_encode(old.column("source").combine_chunks())
-    names = codes_array.dictionary.to_pylist()
-    codes = pc.fill_null(codes_array.indices, -1).to_numpy(zero_copy_only=False)
-    order = np.argsort(codes, kind="stable")
-    bounds = np.searchsorted(codes[order], np.arange(len(names) + 1))
-    return {
-        name: old.take(pa.array(order[bounds[i] : bounds[i + 1]]))
-        for i, name in enumerate(names)
-        if name in wanted and bounds[i + 1] > bounds[i]
-    }
-
-
-def _batched(items: Iterator, size: int) -> Iterator[list]:
-    while batch := list(itertools.islice(items, size)):
-        yield batch
 
 
 def import_ray():
@@ -298,15 +158,6 @@ def _call(fn: Callable, item):
     return fn(item)
 
 
-def _merge(total: IndexSummary, part: IndexSummary) -> None:
-    for spec in dataclasses.fields(IndexSummary):
-        value = getattr(part, spec.name)
-        if isinstance(value, int) and not isinstance(value, bool):
-            setattr(total, spec.name, getattr(total, spec.name) + value)
-    for reason, n in part.reject_reasons.items():
-        total.reject_reasons[reason] = total.reject_reasons.get(reason, 0) + n
-
-
 def index_on_ray(
     chosen: list,
     output: Path,
@@ -319,11 +170,15 @@ def index_on_ray(
     progress_bar: Callable,
     address: str | None,
     in_parts: bool = False,
+    previous: ManifestParts | None = None,
+    reuse: bool = False,
+    earlier: EarlierRows | None = None,
 ) -> IndexSummary:
     """``build_index`` with the ``ray`` engine, from the sources the driver checked (``chosen``: ``(reader,
     source)``) into the local manifest file ``output`` or, ``in_parts``, the existing folder ``output`` as a manifest
-    in parts (each task's part one part of it: :func:`_install_parts`), showing progress on ``progress_bar()`` (a
-    tqdm bar); see the module's text."""
+    in parts (each task's part one part of it: ``units.finish_parts``; ``previous``: the manifest in parts there now,
+    whose unchanged parts are kept with ``reuse``; ``earlier``: its rows, for the units not kept), showing progress on
+    ``progress_bar()`` (a tqdm bar); see the module's text."""
     ray = import_ray()
     summary = IndexSummary(manifest=output)
     started = time.perf_counter()
@@ -335,19 +190,23 @@ def index_on_ray(
     started_here = _connect(ray, address, workers)
     try:
         walk_rejects: list = []
-        parts = _run_units(ray, chosen, scratch, summary, walk_rejects, max_pixels=max_pixels, pairs=pairs, old=old,
-                           progress_bar=progress_bar)  # fmt: skip
-        with open(rejects_tmp, "w", encoding="utf-8") as fh:
-            for reject in walk_rejects:
-                fh.write(json.dumps(reject, ensure_ascii=False) + "\n")
-            for _, rejects in [] if in_parts else parts:  # (in parts, each part keeps its own)
-                with open(rejects, encoding="utf-8") as part_rejects:
-                    shutil.copyfileobj(part_rejects, fh)
-            _deduplicate(ray, [Path(p) for p, _ in parts], scratch, fh, summary)
+        plan = PartReuse(previous if reuse else None) if in_parts else None
+        done = _run_units(ray, chosen, scratch, summary, walk_rejects, max_pixels=max_pixels, pairs=pairs, old=old,
+                          progress_bar=progress_bar, plan=plan, folder=output, earlier=earlier)  # fmt: skip
         if in_parts:
-            _install_parts([Path(p) for p, _ in parts], rejects_tmp, output, unique, sources)
+            summary.rejects_at = finish_parts(done, scratch=scratch, folder=output, run_rejects=walk_rejects,
+                                              summary=summary, unique=unique, sources=sources, engine="ray",
+                                              pairs=pairs, previous=previous, map_fn=ray_map(ray))  # fmt: skip
         else:
-            _concatenate([Path(p) for p, _ in parts], tmp, _manifest_schema([Path(p) for p, _ in parts], pairs))
+            parts = [Path(d.part) for d in done]
+            with open(rejects_tmp, "w", encoding="utf-8") as fh:
+                for reject in walk_rejects:
+                    fh.write(json.dumps(reject, ensure_ascii=False) + "\n")
+                for item in done:
+                    with open(item.rejects, encoding="utf-8") as part_rejects:
+                        shutil.copyfileobj(part_rejects, fh)
+                _deduplicate(ray, parts, scratch, fh, summary)
+            _concatenate(parts, tmp, _manifest_schema(parts, pairs))
     except BaseException:
         tmp.unlink(missing_ok=True)
         rejects_tmp.unlink(missing_ok=True)
@@ -359,29 +218,32 @@ def index_on_ray(
     if not in_parts:
         os.replace(tmp, output)
         os.replace(rejects_tmp, rejects_path(output))
-    return finished(summary, sources, started, output if in_parts else rejects_path(output))
+    return finished(summary, sources, started, summary.rejects_at or rejects_path(output))
 
 
 def _run_units(
     ray, chosen: list, scratch: Path, summary: IndexSummary, walk_rejects: list, *, max_pixels: int,
-    pairs: list[PairSpec], old: pa.Table | None, progress_bar: Callable, unit_task: Callable = run_unit,
-) -> list[tuple[str, str]]:  # fmt: skip
+    pairs: list[PairSpec], old: pa.Table | None, progress_bar: Callable, plan: PartReuse | None = None,
+    folder: Path | None = None, earlier: EarlierRows | None = None, unit_task: Callable = run_unit,
+) -> list[Done]:  # fmt: skip
     """Submit every unit as a Ray task (at most :data:`IN_FLIGHT_PER_CPU` per cluster CPU in flight), merge their
-    summaries into ``summary`` and show progress; the ``(part, rejects)`` paths in unit order. ``unit_task``: what
-    a task runs, :func:`run_unit` or one with its signature and results (``ray_store.run_unit_to_store``)."""
+    summaries into ``summary`` and show progress; what each unit gave, in unit order (``Done.part`` and
+    ``Done.rejects``: what the task returned). With ``plan`` (a manifest in parts: ``folder``), units are identified,
+    and a unit whose earlier part ``plan`` keeps is not run. ``unit_task``: what a task runs, :func:`run_unit` or one
+    with its signature and results (``ray_store.run_unit_to_store``)."""
     task = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(unit_task)
     limit = max(2, IN_FLIGHT_PER_CPU * int(ray.cluster_resources().get("CPU", 1)))
-    found: dict[int, tuple[str, str]] = {}
+    found: dict[int, Done] = {}
     inflight: dict = {}
     submitted = 0
     pairs_ref = ray.put(list(pairs))
 
     def collect(refs: list) -> None:
         for ref in refs:
-            number = inflight.pop(ref)
+            unit = inflight.pop(ref)
             part, rejects, done = ray.get(ref)
-            found[number] = (part, rejects)
-            _merge(summary, done)
+            found[unit.number] = Done(record=unit_record(unit, done), part=part, rejects=rejects)
+            merge_summary(summary, done)
             bar.update(done.files_seen)
             bar.set_postfix(parts=f"{len(found)}/{submitted}", rejected=summary.rejected, refresh=False)
 
@@ -389,9 +251,16 @@ def _run_units(
         with progress_bar() as bar, ray_failures(ray):
             bar.set_description("indexing on Ray")
             for unit in units(chosen, max_pixels=max_pixels, pairs=pairs, old=old, rejects=walk_rejects,
-                              counts=summary):  # fmt: skip
-                inflight[task.remote(unit, str(scratch), max_pixels, pairs_ref)] = unit.number
+                              counts=summary, identify=plan is not None, earlier=earlier):  # fmt: skip
                 submitted += 1
+                kept = plan.find(unit) if plan is not None else None
+                if kept is not None:
+                    found[unit.number] = Done(record=kept.unit, kept=kept)
+                    reused_summary(summary, kept, folder)
+                    continue
+                if earlier is not None:
+                    unit = earlier.fill(unit)
+                inflight[task.remote(unit, str(scratch), max_pixels, pairs_ref)] = unit
                 if len(inflight) >= limit:
                     ready, _ = ray.wait(list(inflight), num_returns=1)
                     collect(ready)
@@ -450,29 +319,3 @@ def _concatenate(parts: list[Path], out: Path, schema: pa.Schema) -> None:
                     pending.clear()
         if pending:
             writer.write_table(pa.Table.from_batches(pending, schema))
-
-
-def _install_parts(parts: list[Path], rejects_file: Path, folder: Path, unique: str, sources: list[str]) -> None:
-    """The tasks' parts (de-duplicated) moved into ``folder`` as a manifest in parts (``part-UNIQUE-NNNNN``, in
-    order; a part may hold no rows, as a unit may have only rejects), the run's own rejects (the walk's and the
-    duplicates', ``rejects_file``) with the first part, then the index; parts of the manifest that was there before
-    and are not in the new one are removed."""
-    from ...data.parts import PartInfo, file_fingerprint, is_parts, read_index, remove_stale, write_index
-
-    previous = read_index(folder) if is_parts(folder) else None
-    infos: list[PartInfo] = []
-    for number, part in enumerate(parts):
-        name = f"part-{unique}-{number:05d}"
-        rejects = Path(rejects_path(part))
-        if number == 0:  # the run's own rejects go with the first part
-            with open(rejects, "a", encoding="utf-8") as fh, open(rejects_file, encoding="utf-8") as own:
-                shutil.copyfileobj(own, fh)
-        rejected = sum(1 for _ in open(rejects, "rb"))
-        os.replace(part, folder / f"{name}.parquet")
-        os.replace(rejects, folder / f"{name}.rejects.jsonl")
-        path = folder / f"{name}.parquet"
-        infos.append(PartInfo(path=path.name, rows=pq.read_metadata(path).num_rows, fingerprint=file_fingerprint(path),
-                              rejects=f"{name}.rejects.jsonl", rejected=rejected, size=path.stat().st_size))  # fmt: skip
-    write_index(folder, infos, extra={"engine": "ray", "sources": list(sources)})
-    rejects_file.unlink(missing_ok=True)
-    remove_stale(previous, infos)

@@ -234,7 +234,9 @@ def index_on_ray_to_store(
         found = _run_units(ray, chosen, scratch, summary, walk_rejects, max_pixels=max_pixels, pairs=pairs, old=old,
                            progress_bar=progress_bar, unit_task=run_unit_to_store)  # fmt: skip
         with ray_failures(ray):
-            infos, duplicates = _deduplicate(ray, url, scratch, [f for f, _ in found], summary)
+            infos, duplicates = _deduplicate(
+                ray, url, scratch, [d.part for d in found], summary
+            )  # (Done.part: the dict)
         try:
             if infos:  # (the run's own rejects go with the first part, as locally)
                 infos[0] = _own_rejects(url, infos[0], walk_rejects + duplicates)
