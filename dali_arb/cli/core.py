@@ -378,7 +378,8 @@ def register(sub: argparse._SubParsersAction, fmt: type) -> None:
     p.add_argument(
         "--update",
         action="store_true",
-        help="reuse rows of an existing manifest for unchanged files (same size, mtime and ctime; in object storage the same ETag)",
+        help="reuse rows of an existing manifest for unchanged files (same size, mtime and ctime; in object storage the "
+        "same ETag); into a manifest in parts (-o DIR/), whole parts whose sources are all unchanged are kept as they are",
     )
     p.add_argument(
         "--pair", action="append", metavar="NAME[=DIR]",
