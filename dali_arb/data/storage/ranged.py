@@ -106,6 +106,7 @@ class RangedObject(ViewBase):
             answer must name it (else :class:`ObjectChanged`).
         version: the object's ETag at indexing (None: not checked): each GET carries it as ``If-Match``.
         stats: counters to add requests, retries and bytes read to (the loader's).
+        block_bytes, blocks: the block size and the blocks kept (None: :data:`BLOCK_BYTES`, :data:`CACHED_BLOCKS`).
     """
 
     def __init__(
@@ -117,9 +118,11 @@ class RangedObject(ViewBase):
         size: int | None = None,
         version: str | None = None,
         stats: IOStats | None = None,
-        block_bytes: int = BLOCK_BYTES,
-        blocks: int = CACHED_BLOCKS,
+        block_bytes: int | None = None,
+        blocks: int | None = None,
     ) -> None:
+        block_bytes = BLOCK_BYTES if block_bytes is None else block_bytes
+        blocks = CACHED_BLOCKS if blocks is None else blocks
         if block_bytes < 1 or blocks < 1:
             raise ValueError(f"block_bytes and blocks must be positive, got {block_bytes!r} and {blocks!r}")
         self.url, self.offset, self.version, self.stats = url, int(offset), version, stats
