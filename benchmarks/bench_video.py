@@ -452,3 +452,134 @@ def video_remux(args) -> dict:
             out[f"  {codec}"] = row
     out["raw"] = raw
     return out
+
+
+def long_video(path: Path, *, size: tuple[int, int], target_bytes: int, gop: int = 24, base_frames: int = 96) -> int:
+    """Write a long H.264 MP4 at ``path`` (index at the front) of at least ``target_bytes``: ``base_frames`` frames
+    encoded once (``make_clip``, a keyframe every ``gop``), their packets repeated with shifted timestamps (stream
+    copy: minutes of video in seconds). Returns its frame count."""
+    import av
+
+    from dali_arb.tools.clips import make_clip
+
+    base = make_clip(path.with_name("base.mp4"), codec="h264", fps=24.0, frames=base_frames, size=size, gop=gop)
+    with av.open(str(base)) as source:
+        stream = source.streams.video[0]
+        packets = [(p.pts, p.dts, p.is_keyframe, bytes(p)) for p in source.demux(stream) if p.size]
+        step = max(p[0] for p in packets) - min(p[0] for p in packets) + (packets[1][0] - packets[0][0] or 1)
+        repeats = max(1, -(-target_bytes // base.stat().st_size))
+        with av.open(str(path), "w", options={"movflags": "+faststart"}) as out:
+            copy = out.add_stream_from_template(stream)
+            for r in range(repeats):
+                for pts, dts, key, data in packets:
+                    packet = av.Packet(data)
+                    packet.pts, packet.dts = pts + r * step, dts + r * step
+                    packet.time_base = stream.time_base
+                    packet.is_keyframe = key
+                    packet.stream = copy
+                    out.mux(packet)
+    base.unlink()
+    return repeats * base_frames
+
+
+_LONG_PROBE = r"""
+import re, sys, time, numpy as np
+from dali_arb.loader.decoders.videoframes import ClipFrames, clip_bytes, decode_clip
+from dali_arb.loader.assembly import place
+from dali_arb.data.localfiles import UNKNOWN, open_local
+from dali_arb.data.storage import IOStats, get_bytes
+from dali_arb.data.storage.ranged import RangedObject
+import av, PIL.Image, obstore
+where, mode, first, length, height, width, size, etag, block = sys.argv[1:10]
+first, length, height, width, size, block = (int(v) for v in (first, length, height, width, size, block))
+def status(field):
+    return int(re.search(field + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+g = place(height, width, bucket_h=480, bucket_w=848, u_y=0.5, u_x=0.5, center=True)
+clip = ClipFrames(np.arange(first, first + length, dtype=np.int64), 24.0)
+stats = IOStats()
+if where.startswith("s3://"):  # connect once, so the store's client is not counted
+    RangedObject(where, size=size, version=etag, block_bytes=4096).read(1)
+open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark (VmHWM) to the current RSS
+before = status("VmRSS")
+start = time.perf_counter()
+if mode.endswith("bytes"):  # before: the whole file in memory (a local read, or the object fetched whole)
+    source = get_bytes(where, stats) if where.startswith("s3://") else np.fromfile(where, np.uint8)
+    reads, read = (stats.requests, stats.bytes_read) if where.startswith("s3://") else (1, size)
+else:  # after: a file view, read in pieces
+    source = (RangedObject(where, size=size, version=etag, stats=stats, block_bytes=block)
+              if where.startswith("s3://") else open_local(where, 0, -1, UNKNOWN))
+if mode.startswith("remux"):
+    out, failure = clip_bytes(source, clip)
+    out = out.data
+else:
+    out, failure = decode_clip(source, clip, g)
+seconds = time.perf_counter() - start
+if not mode.endswith("bytes"):
+    reads, read = source.requests, source.bytes_read
+assert failure.name == "NONE", failure
+print(status("VmHWM") - before, reads, read, seconds, out.nbytes)
+"""
+
+
+@case("video_long")
+def video_long(args) -> dict:
+    """A 33-frame clip from the middle of a long 1080p H.264 video (a few hundred MB, made on the spot): peak RSS a
+    worker adds, requests and bytes read, before (the whole file in memory: a local read, or the object fetched
+    whole) and after (a file view: ``pread``, or ranged GETs of blocks of 1-8 MiB against moto's S3), for
+    ``decode_clip`` (``pyav``) and ``clip_bytes`` (``dali_video``'s remux). Each probe in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    from support.loopback import moto_bucket
+
+    size, target, length = ((1280, 720), 40 << 20, 17) if args.quick else ((1920, 1080), 300 << 20, 33)
+    blocks = (2 << 20,) if args.quick else (1 << 20, 2 << 20, 4 << 20, 8 << 20)
+    out: dict = {}
+    raw: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "long.mp4"
+        frames = long_video(path, size=size, target_bytes=target)
+        nbytes = path.stat().st_size
+        first = frames // 2 + 5  # mid-GOP: the clip starts after its keyframe
+        out[f"{size[0]}x{size[1]} H.264, {frames} frames ({frames / 24 / 60:.1f} min at 24 fps), "
+            f"{nbytes / 1e6:.0f} MB; {length} frames from {first} to 848x480"] = ""  # fmt: skip
+
+        def probe(where: str, mode: str, etag: str = "", block: int = 0) -> tuple[int, int, int, float]:
+            argv = [
+                where,
+                mode,
+                str(first),
+                str(length),
+                str(size[1]),
+                str(size[0]),
+                str(nbytes),
+                etag or "",
+                str(block),
+            ]
+            done = subprocess.run([sys.executable, "-c", _LONG_PROBE, *argv], capture_output=True, text=True,
+                                  check=True, env=os.environ.copy())  # fmt: skip
+            peak, reads, read, seconds, _ = done.stdout.split()
+            return int(peak), int(reads), int(read), float(seconds)
+
+        def row(label: str, figures: tuple[int, int, int, float]) -> None:
+            peak, reads, read, seconds = figures
+            raw[label] = {"peak_rss": peak, "requests": reads, "bytes_read": read, "seconds": seconds}
+            out[f"  {label}"] = (f"peak RSS +{peak / 1e6:.1f} MB, {reads} reads, {read / 1e6:.2f} MB read "
+                                 f"({nbytes / max(read, 1):.0f}x less than the file), {seconds * 1000:.0f} ms")  # fmt: skip
+
+        for mode in ("decode", "remux"):
+            row(f"local, {mode}, before (whole file in memory)", probe(str(path), f"{mode}-bytes"))
+            row(f"local, {mode}, after (file view)", probe(str(path), f"{mode}-view"))
+        with moto_bucket("longvideo"):
+            from dali_arb.data.storage import head, upload
+
+            url = "s3://longvideo/long.mp4"
+            upload(path, url)
+            etag = head(url).etag
+            for mode in ("decode", "remux"):
+                row(f"S3, {mode}, before (object fetched whole)", probe(url, f"{mode}-bytes", etag))
+                for block in blocks:
+                    row(f"S3, {mode}, after ({block >> 20} MiB blocks)", probe(url, f"{mode}-view", etag, block))
+    out["raw"] = raw
+    return out

@@ -214,7 +214,8 @@ def test_nvdec_serves_the_frames_the_cpu_workers_serve(tmp_path: Path, codec: st
 
 @pytest.mark.slow
 def test_clips_from_object_storage_with_read_ahead(tmp_path: Path) -> None:
-    """Clips in S3 (moto) serve the same batches as the same files on disk, fetched ahead of the plan."""
+    """Clips in S3 (moto) serve the same batches as the same files on disk, with read-ahead on: a video is read by
+    ranged GETs while its clip is decoded, never fetched ahead whole (no read-ahead hit; tests/test_video_ranged.py)."""
     pytest.importorskip("moto")
     import pyarrow as pa
 
@@ -235,7 +236,7 @@ def test_clips_from_object_storage_with_read_ahead(tmp_path: Path) -> None:
     for a, b in zip(local, remote):
         assert a["ids"] == b["ids"]
         assert torch.equal(a["frame_index"], b["frame_index"]) and torch.equal(a["video"], b["video"])
-    assert stats["requests"] >= 4 and stats["hits"] > 0
+    assert stats["requests"] >= 4 and stats["hits"] == 0
 
 
 def test_jax_adapter_serves_the_same_clips(tmp_path: Path) -> None:

@@ -308,3 +308,24 @@ def test_a_store_failing_mid_read_stops_the_loader_and_blocklists_nothing(s3, mo
         assert it.failed == [] and it.state_dict()["failed"] == {}
         assert proxy.counts.slowed > 0
         it.close()
+
+
+def test_a_ranged_object_of_unknown_size_asks_once_and_keeps_a_few_blocks(videos, s3) -> None:
+    """Without the indexed size (metadata manifests), one HEAD gives it; reads then come from whole blocks, the last
+    ``blocks`` kept: reading the view twice over a window of 3 blocks costs 3 GETs, not 6; a read past the end is
+    empty; a view of a tar-like range never reads outside it."""
+    from dali_arb.data.storage.ranged import RangedObject
+
+    path = videos.table.column("source")[0].as_py()
+    data = Path(path).read_bytes()
+    url = f"s3://{BUCKET_NAME}/{Path(path).name}"
+    view = RangedObject(url, block_bytes=SMALL_READS, blocks=3)
+    assert view.size == len(data) and view.requests == 1  # the HEAD
+    for _ in range(2):
+        view.seek(5)
+        assert view.read(3 * SMALL_READS - 5) == data[5 : 3 * SMALL_READS]
+    assert view.requests == 2 and view.bytes_read == 3 * SMALL_READS  # one GET of the three missing blocks
+    view.seek(0, os.SEEK_END)
+    assert view.read(10) == b"" and view.error is None
+    part = RangedObject(url, offset=1000, length=5000, size=len(data), block_bytes=SMALL_READS)
+    assert part.read() == data[1000:6000] and part.read(1) == b""

@@ -128,15 +128,16 @@ class RangedObject(ViewBase):
         self.url, self.offset, self.version, self.stats = url, int(offset), version, stats
         self.block_bytes, self.blocks = int(block_bytes), int(blocks)
         self.object_size = size
+        asked = 0
         if length < 0:
-            if size is None:
+            if size is None:  # one HEAD: the object's size (and version) now
                 found = head(url, stats)
-                self.object_size = found.size
-                self.requests += 1
+                self.object_size, asked = found.size, 1
                 if version is not None and found.etag is not None:
                     check_version(url, {"e_tag": found.etag}, version)
             length = int(self.object_size) - self.offset
         super().__init__(max(0, int(length)))
+        self.requests = asked
         self._cache: OrderedDict[int, bytes] = OrderedDict()
 
     def close(self) -> None:
