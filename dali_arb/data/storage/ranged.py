@@ -8,8 +8,9 @@ read, as a whole-object read would be. A read that fails is recorded on the view
 view reports the end of the file from then on: FFmpeg sees a short file, and its caller (which holds the view) reads
 ``error`` to tell the store's failure from the file's own.
 
-Memory per open view: at most ``blocks x block_bytes`` (:data:`BLOCK_BYTES`, :data:`CACHED_BLOCKS`: 4 x 2 MiB),
-plus one read's bytes in flight. Imports the standard library and ``.base``/``.retries``/``.schemes``/``.objects``
+Memory per open view: the blocks kept, ``blocks x block_bytes`` (:data:`BLOCK_BYTES`, :data:`CACHED_BLOCKS`: 16 x 1
+MiB), and at most one GET's bytes besides (:data:`MAX_RUN_BYTES`, the rest of a GET whose first blocks are still
+kept): 24 MiB at most, whatever the object's size. Imports the standard library and ``.base``/``.retries``/``.schemes``/``.objects``
 (obstore when it reads).
 """
 
@@ -25,13 +26,16 @@ from .objects import head
 from .retries import check_version, with_retries
 from .schemes import store_of
 
-__all__ = ["BLOCK_BYTES", "CACHED_BLOCKS", "RangedObject", "ViewBase"]
+__all__ = ["BLOCK_BYTES", "CACHED_BLOCKS", "MAX_RUN_BYTES", "RangedObject", "ViewBase"]
 
-#: Bytes of one ranged GET (a block); chosen against moto by ``python -m benchmarks video_memory`` (RESULTS.md).
-BLOCK_BYTES = 2 << 20
+#: The unit of a ranged GET (a block); chosen against moto by ``python -m benchmarks video_long`` (RESULTS.md).
+BLOCK_BYTES = 1 << 20
 #: Blocks one view keeps (least recently used dropped): a container's header, the clip's keyframe region and what
 #: follows it.
-CACHED_BLOCKS = 4
+CACHED_BLOCKS = 16
+#: The most one GET reads ahead: reads that go on where the last GET ended double its blocks up to this (1, 2, 4,
+#: 8 MiB), so a high-bitrate clip costs a few requests and a low-bitrate one reads little past it.
+MAX_RUN_BYTES = 8 << 20
 
 
 class ViewBase(io.RawIOBase):
@@ -97,7 +101,8 @@ class ViewBase(io.RawIOBase):
 
 class RangedObject(ViewBase):
     """Bytes ``[offset, offset + length)`` of the object at ``url`` as a read-only, seekable file, read by ranged GETs
-    of whole :data:`BLOCK_BYTES` blocks (consecutive missing blocks in one GET), the last ``blocks`` kept.
+    of whole :data:`BLOCK_BYTES` blocks (consecutive missing blocks in one GET; a read that goes on where the last GET
+    ended reads twice as many ahead, up to :data:`MAX_RUN_BYTES` and half the blocks kept), the last ``blocks`` kept.
 
     Args:
         url: the object.
@@ -107,6 +112,7 @@ class RangedObject(ViewBase):
         version: the object's ETag at indexing (None: not checked): each GET carries it as ``If-Match``.
         stats: counters to add requests, retries and bytes read to (the loader's).
         block_bytes, blocks: the block size and the blocks kept (None: :data:`BLOCK_BYTES`, :data:`CACHED_BLOCKS`).
+        read_ahead_bytes: the most one GET reads ahead (None: :data:`MAX_RUN_BYTES`; ``block_bytes``: one block).
     """
 
     def __init__(
@@ -120,6 +126,7 @@ class RangedObject(ViewBase):
         stats: IOStats | None = None,
         block_bytes: int | None = None,
         blocks: int | None = None,
+        read_ahead_bytes: int | None = None,
     ) -> None:
         block_bytes = BLOCK_BYTES if block_bytes is None else block_bytes
         blocks = CACHED_BLOCKS if blocks is None else blocks
@@ -138,7 +145,10 @@ class RangedObject(ViewBase):
             length = int(self.object_size) - self.offset
         super().__init__(max(0, int(length)))
         self.requests = asked
-        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        ahead = MAX_RUN_BYTES if read_ahead_bytes is None else int(read_ahead_bytes)
+        self.max_run = max(1, min(self.blocks // 2, ahead // self.block_bytes))
+        self._cache: OrderedDict[int, memoryview] = OrderedDict()
+        self._run, self._next = 0, -1  # blocks the last GET took; the block after it
 
     def close(self) -> None:
         self._cache.clear()
@@ -154,10 +164,16 @@ class RangedObject(ViewBase):
                 pieces.append(self._cache[block])
                 block += 1
                 continue
-            run = block  # the missing blocks from here on: one GET
-            while run + 1 <= last and run + 1 not in self._cache:
+            # one GET: the missing blocks the read needs, and, where it goes on from the last GET (a demuxer reading a
+            # clip's packets), twice as many as that GET took, up to ``max_run`` (a seek starts again at one)
+            self._run = min(2 * self._run, self.max_run) if block == self._next else 1
+            want = max(last, block + self._run - 1)
+            run = block
+            while run + 1 <= want and run + 1 not in self._cache and (run + 1) * self.block_bytes < self.size:
                 run += 1
-            data = self._get(block * self.block_bytes, min((run + 1) * self.block_bytes, self.size))
+            self._next = run + 1
+            # (the blocks are views of the GET's bytes, not copies: those live while any of their blocks is kept)
+            data = memoryview(self._get(block * self.block_bytes, min((run + 1) * self.block_bytes, self.size)))
             for b in range(block, run + 1):
                 piece = data[(b - block) * self.block_bytes : (b - block + 1) * self.block_bytes]
                 self._cache[b] = piece
@@ -165,9 +181,10 @@ class RangedObject(ViewBase):
             while len(self._cache) > self.blocks:
                 self._cache.popitem(last=False)
             block = run + 1
-        joined = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         skip = position - first * self.block_bytes
-        return joined[skip : skip + n]
+        if len(pieces) == 1:
+            return bytes(pieces[0][skip : skip + n])
+        return b"".join(pieces)[skip : skip + n]
 
     def _get(self, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of the view (with retries), of the indexed version and size."""

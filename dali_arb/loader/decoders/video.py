@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ...data.storage.ranged import BLOCK_BYTES, CACHED_BLOCKS, MAX_RUN_BYTES
 from ...plan.geometry import Geometry
 from ..contracts import Failure, Output
 from .base import Decoder
@@ -55,9 +56,9 @@ __all__ = [
 
 #: What a worker holds of a video's file while it reads a clip from it: the workers never read a video whole, but
 #: through a file (:meth:`~dali_arb.loader.source.BatchSource.open_video`) whose reads keep at most this much: a
-#: ranged object's cached blocks (``data.storage.ranged``: 4 x 2 MiB) and PyAV's read buffer (a local file keeps
-#: less: ``pread``, the page cache is the kernel's).
-VIEW_BYTES = 4 * (2 << 20) + READ_BUFFER_BYTES
+#: ranged object's blocks (``data.storage.ranged``: 16 x 1 MiB kept, one 8 MiB GET besides) and PyAV's read buffer
+#: (a local file keeps less: ``pread``, the page cache is the kernel's).
+VIEW_BYTES = CACHED_BLOCKS * BLOCK_BYTES + MAX_RUN_BYTES + READ_BUFFER_BYTES
 #: Frames between keyframes assumed where the manifest does not say (FFmpeg's libx264 default, ``keyint=250``): a
 #: clip's packets start at the keyframe at or before its first frame.
 ASSUMED_GOP = 250
