@@ -363,8 +363,9 @@ class BatchSource:
             return None, Failure.NO_SOURCE
         expected = self._datasets.identity(row, 0, path)
         if is_url(path):
-            try:
-                view = RangedObject(path, offset=offset, length=length, size=expected.size, version=expected.etag,
+            size = expected.size if expected.size is not None else (length if offset == 0 and length >= 0 else None)
+            try:  # (without a recorded size, a whole object's size must be its length, as for a whole read)
+                view = RangedObject(path, offset=offset, length=length, size=size, version=expected.etag,
                                     stats=self.remote.stats)  # fmt: skip
             except StorageError as exc:  # its HEAD (a size unknown): the object's own problem, or the store's
                 return None, _bytes_or_failure(exc)[1]

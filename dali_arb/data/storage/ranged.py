@@ -173,7 +173,7 @@ class RangedObject(ViewBase):
                 run += 1
             self._next = run + 1
             # (the blocks are views of the GET's bytes, not copies: those live while any of their blocks is kept)
-            data = memoryview(self._get(block * self.block_bytes, min((run + 1) * self.block_bytes, self.size)))
+            data = self._get(block * self.block_bytes, min((run + 1) * self.block_bytes, self.size))
             for b in range(block, run + 1):
                 piece = data[(b - block) * self.block_bytes : (b - block + 1) * self.block_bytes]
                 self._cache[b] = piece
@@ -186,7 +186,7 @@ class RangedObject(ViewBase):
             return bytes(pieces[0][skip : skip + n])
         return b"".join(pieces)[skip : skip + n]
 
-    def _get(self, start: int, end: int) -> bytes:
+    def _get(self, start: int, end: int) -> memoryview:
         """Bytes ``[start, end)`` of the view (with retries), of the indexed version and size."""
         import obstore
 
@@ -195,9 +195,9 @@ class RangedObject(ViewBase):
         if self.version is not None:
             options["if_match"] = self.version  # another version: 412, never its bytes
 
-        def get() -> tuple[dict, bytes]:
+        def get() -> tuple[dict, memoryview]:
             got = obstore.get(store, key, options=options)
-            return got.meta, bytes(got.bytes())
+            return got.meta, memoryview(got.bytes()).cast("B")  # (obstore's buffer, not a copy)
 
         meta, data = with_retries(get, self.url, self.stats, version=self.version)
         self.requests += 1

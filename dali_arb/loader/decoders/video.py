@@ -5,11 +5,11 @@ and normalises every frame of a sample alike, ``FCHW``).
 =============  ==============================================  ==============================================
 decoder        the workers                                     the DALI graph
 =============  ==============================================  ==============================================
-``pyav``       read the bytes; decode the clip's frames with   nothing: the finished clip goes on (to the
+``pyav``       open the file; decode the clip's frames with    nothing: the finished clip goes on (to the
                PyAV (seeking to the keyframe before the first  GPU, if there is one)
                wanted frame), each frame's crop window
                resized to the bucket (Pillow); images: Pillow
-``dali_video`` read the bytes; remux the clip's packets (from  ``decoders.video(frames=...)`` (NVDEC on the
+``dali_video`` open the file; remux the clip's packets (from  ``decoders.video(frames=...)`` (NVDEC on the
                the keyframe before its first frame) into a     GPU: H.264, HEVC, VP8, VP9, AV1, MJPEG; on the
                small container; the frame indices from that    CPU only VP9 and MJPEG), ``resize`` of the
                keyframe; the crop window in coded pixels and   window to the bucket, ``rotate`` by the video's
@@ -23,6 +23,10 @@ for the GPU (NVDEC): the pipeline carries each clip's packets only (:func:`~.vid
 bytes than the file, ``python -m benchmarks video_remux``); whether NVDEC serves coded (unturned) frames as DALI's CPU
 decoder does is not checked yet (no GPU run so far). :func:`refuse_large_clips` caps what one clip may hold
 (``max_clip_mb``), from the manifest, when the loader is built.
+
+"Open the file": the workers never read a video whole; they hand PyAV a read-only, seekable file over it
+(``BatchSource.open_video``: ``pread`` of a local file or tar member, ranged GETs of a few cached blocks of an
+object), which holds at most :data:`VIEW_BYTES` of it.
 
 Imports NumPy and the decoder base; PyAV and Pillow in the workers, DALI only inside :meth:`graph`.
 """
