@@ -329,3 +329,51 @@ def test_a_ranged_object_of_unknown_size_asks_once_and_keeps_a_few_blocks(videos
     assert view.read(10) == b"" and view.error is None
     part = RangedObject(url, offset=1000, length=5000, size=len(data), block_bytes=SMALL_READS)
     assert part.read() == data[1000:6000] and part.read(1) == b""
+
+
+def test_reads_that_go_on_read_further_ahead_and_a_seek_starts_again(videos, s3) -> None:
+    """Sequential reads one block at a time: the GETs take 1, 2, 4, 8 blocks (15 blocks in 4 requests, where fixed
+    blocks take 15); after a seek elsewhere the next GET is one block again."""
+    from dali_arb.data.storage.ranged import RangedObject
+
+    path = videos.table.column("source")[0].as_py()
+    data = Path(path).read_bytes()
+    url = f"s3://{BUCKET_NAME}/{Path(path).name}"
+    view = RangedObject(url, size=len(data), block_bytes=SMALL_READS, blocks=16, read_ahead_bytes=8 * SMALL_READS)
+    for k in range(15):
+        assert view.read(SMALL_READS) == data[k * SMALL_READS : (k + 1) * SMALL_READS]
+    assert view.requests == 4 and view.bytes_read == 15 * SMALL_READS
+    view.seek(18 * SMALL_READS)
+    assert view.read(100) == data[18 * SMALL_READS : 18 * SMALL_READS + 100]
+    assert view.requests == 5 and view.bytes_read == 16 * SMALL_READS
+    fixed = RangedObject(url, size=len(data), block_bytes=SMALL_READS, read_ahead_bytes=SMALL_READS)
+    for _ in range(15):
+        fixed.read(SMALL_READS)
+    assert fixed.requests == 15
+
+
+def test_the_os_failing_mid_read_stops_the_loader(videos, monkeypatch) -> None:
+    """EIO from a ``pread`` of a video while its clip is decoded is the disk's failure, not the file's: one
+    StorageError line naming the file and the errno, nothing blocklisted (as for images, finding 4)."""
+    import errno
+
+    from dali_arb.data import localfiles
+    from dali_arb.errors import StorageError
+
+    calls = []
+    pread = os.pread
+
+    def failing(fd: int, n: int, offset: int) -> bytes:
+        calls.append(n)
+        if len(calls) > 3:
+            raise OSError(errno.EIO, "Input/output error")
+        return pread(fd, n, offset)
+
+    monkeypatch.setattr(localfiles.os, "pread", failing)
+    it = loader(videos)
+    with pytest.raises(StorageError) as caught:
+        list(it)
+    text = str(caught.value)
+    assert "\n" not in text and "EIO" in text and str(Path(videos.table.column("source")[0].as_py()).parent) in text
+    assert it.failed == [] and it.state_dict()["failed"] == {}
+    it.close()
