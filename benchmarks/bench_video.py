@@ -356,8 +356,9 @@ print(status("VmHWM") - before, out.nbytes)
 @case("video_memory")
 def video_memory(args) -> dict:
     """Peak resident memory a worker adds to decode one clip of a 4K video (``decode_clip`` from bytes and from a
-    path; ``dali_video``'s remux of the clip's packets, ``clip_bytes``) against decoding every frame and picking, each in a fresh process (Linux ``VmHWM`` reset just before, minus
-    ``VmRSS`` then)."""
+    path; ``dali_video``'s remux of the clip's packets, ``clip_bytes``) against decoding every frame and picking, each
+    in a fresh process (Linux ``VmHWM`` reset just before, minus ``VmRSS`` then); then :func:`video_long` (a long
+    video read through a file view, local and on S3)."""
     import subprocess
     import sys
 
@@ -380,6 +381,9 @@ def video_memory(args) -> dict:
             out[f"  peak RSS added, {mode}"] = round(peak / 1e6, 1)
         out["  the finished clip"] = round(finished / 1e6, 1)
         out["  one decoded source frame (RGB)"] = round(size[0] * size[1] * 3 / 1e6, 1)
+    longer = video_long(args)  # a long video, read through a file view: local and S3 (also alone: video_long)
+    raw["long"] = longer.pop("raw")
+    out.update(longer)
     out["raw"] = raw
     return out
 
