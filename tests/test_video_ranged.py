@@ -287,7 +287,7 @@ def test_a_video_changed_in_object_storage_is_replaced(videos, s3) -> None:
         put_object(BUCKET_NAME, Path(videos.table.column("source")[0].as_py()).name, original)
 
 
-@pytest.mark.parametrize(("workers", "kind"), [(0, "thread"), (2, "process")])
+@pytest.mark.parametrize(("workers", "kind"), [(0, "thread"), pytest.param(2, "process", marks=pytest.mark.slow)])
 def test_a_store_failing_mid_read_stops_the_loader_and_blocklists_nothing(s3, monkeypatch, workers, kind) -> None:
     """A 503 burst that outlasts the retries while a video is being read (after a few blocks of it): one
     StorageError line naming the object and the cause, out of the loader; nothing in ``failed`` (as for images:
