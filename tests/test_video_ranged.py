@@ -377,3 +377,17 @@ def test_the_os_failing_mid_read_stops_the_loader(videos, monkeypatch) -> None:
     assert "\n" not in text and "EIO" in text and str(Path(videos.table.column("source")[0].as_py()).parent) in text
     assert it.failed == [] and it.state_dict()["failed"] == {}
     it.close()
+
+
+def test_dali_video_sizes_its_shared_memory_chunks_by_the_clips_packets(videos) -> None:
+    """``dali_video``'s ``bytes_per_sample`` (the workers' ``/dev/shm`` chunks) is the 99th percentile of the clips'
+    packets estimated from the manifest (the file's bytes in proportion to a clip and a keyframe interval of its
+    frames), not the file's size (nor nothing: whole files have no ``length``, which sized it at 256 bytes)."""
+    from dali_arb.loader.decoders.video import ASSUMED_GOP
+
+    table = videos.table
+    long = table.set_column(table.column_names.index("frames"), "frames", pa.array([1920, 1920], pa.int32()))
+    with loader(Manifest(long), video_decoder="dali_video", workers=2, worker_kind="thread") as it:
+        hint = it._read_ahead_plan["bytes_per_sample"]
+    size = max(table.column("source_size").to_pylist())
+    assert hint == pytest.approx(size * (9 + ASSUMED_GOP) / 1920 + 256, rel=0.02), (hint, size)
