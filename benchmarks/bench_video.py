@@ -356,8 +356,9 @@ print(status("VmHWM") - before, out.nbytes)
 @case("video_memory")
 def video_memory(args) -> dict:
     """Peak resident memory a worker adds to decode one clip of a 4K video (``decode_clip`` from bytes and from a
-    path; ``dali_video``'s remux of the clip's packets, ``clip_bytes``) against decoding every frame and picking, each in a fresh process (Linux ``VmHWM`` reset just before, minus
-    ``VmRSS`` then)."""
+    path; ``dali_video``'s remux of the clip's packets, ``clip_bytes``) against decoding every frame and picking, each
+    in a fresh process (Linux ``VmHWM`` reset just before, minus ``VmRSS`` then); then :func:`video_long` (a long
+    video read through a file view, local and on S3)."""
     import subprocess
     import sys
 
@@ -380,6 +381,9 @@ def video_memory(args) -> dict:
             out[f"  peak RSS added, {mode}"] = round(peak / 1e6, 1)
         out["  the finished clip"] = round(finished / 1e6, 1)
         out["  one decoded source frame (RGB)"] = round(size[0] * size[1] * 3 / 1e6, 1)
+    longer = video_long(args)  # a long video, read through a file view: local and S3 (also alone: video_long)
+    raw["long"] = longer.pop("raw")
+    out.update(longer)
     out["raw"] = raw
     return out
 
@@ -450,5 +454,168 @@ def video_remux(args) -> dict:
                         f"clip ({whole / (cut + remux):.2f}x with the remux)")  # fmt: skip
             raw[codec] = figures
             out[f"  {codec}"] = row
+    out["raw"] = raw
+    return out
+
+
+def _grainy_clip(path: Path, *, size: tuple[int, int], frames: int, gop: int, grain: float) -> Path:
+    """An H.264 MP4 of ``make_clip``'s pan with Gaussian film grain (``grain``: its standard deviation in 8-bit
+    levels): the high bitrate of camera footage (grain does not compress)."""
+    import av
+
+    from dali_arb.tools.clips import expected_frame
+
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=24, options={"preset": "veryfast", "crf": "18"})
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        stream.codec_context.gop_size = gop
+        for k in range(frames):
+            rgb = expected_frame(k, frames=frames, size=size).astype(np.float32)
+            rgb += rng.normal(0.0, grain, rgb.shape).astype(np.float32)
+            frame = av.VideoFrame.from_ndarray(np.clip(rgb, 0, 255).astype(np.uint8), format="rgb24")
+            frame.pts = k
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return path
+
+
+def long_video(
+    path: Path, *, size: tuple[int, int], target_bytes: int, gop: int = 24, base_frames: int = 96, grain: float = 0.0
+) -> int:
+    """Write a long H.264 MP4 at ``path`` (index at the front) of at least ``target_bytes``: ``base_frames`` frames
+    encoded once (``make_clip``, a keyframe every ``gop``; with ``grain``, film grain: a high bitrate), their packets
+    repeated with shifted timestamps (stream copy: minutes of video in seconds). Returns its frame count."""
+    import av
+
+    from dali_arb.tools.clips import make_clip
+
+    if grain:
+        base = _grainy_clip(path.with_name("base.mp4"), size=size, frames=base_frames, gop=gop, grain=grain)
+    else:
+        base = make_clip(path.with_name("base.mp4"), codec="h264", fps=24.0, frames=base_frames, size=size, gop=gop)
+    with av.open(str(base)) as source:
+        stream = source.streams.video[0]
+        packets = [(p.pts, p.dts, p.is_keyframe, bytes(p)) for p in source.demux(stream) if p.size]
+        step = max(p[0] for p in packets) - min(p[0] for p in packets) + (packets[1][0] - packets[0][0] or 1)
+        repeats = max(1, -(-target_bytes // base.stat().st_size))
+        with av.open(str(path), "w", options={"movflags": "+faststart"}) as out:
+            copy = out.add_stream_from_template(stream)
+            for r in range(repeats):
+                for pts, dts, key, data in packets:
+                    packet = av.Packet(data)
+                    packet.pts, packet.dts = pts + r * step, dts + r * step
+                    packet.time_base = stream.time_base
+                    packet.is_keyframe = key
+                    packet.stream = copy
+                    out.mux(packet)
+    base.unlink()
+    return repeats * base_frames
+
+
+_LONG_PROBE = r"""
+import re, sys, time, numpy as np
+from dali_arb.loader.decoders.videoframes import ClipFrames, clip_bytes, decode_clip
+from dali_arb.loader.assembly import place
+from dali_arb.data.localfiles import UNKNOWN, open_local
+from dali_arb.data.storage import IOStats, get_bytes
+from dali_arb.data.storage.ranged import RangedObject
+import av, PIL.Image, obstore
+where, mode, first, length, height, width, size, etag, block, ahead = sys.argv[1:11]
+first, length, height, width, size, block, ahead = (int(v) for v in (first, length, height, width, size, block, ahead))
+def status(field):
+    return int(re.search(field + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+g = place(height, width, bucket_h=480, bucket_w=848, u_y=0.5, u_x=0.5, center=True)
+clip = ClipFrames(np.arange(first, first + length, dtype=np.int64), 24.0)
+stats = IOStats()
+if where.startswith("s3://"):  # connect once, so the store's client is not counted
+    RangedObject(where, size=size, version=etag, block_bytes=4096).read(1)
+open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark (VmHWM) to the current RSS
+before = status("VmRSS")
+start = time.perf_counter()
+if mode.endswith("bytes"):  # before: the whole file in memory (a local read, or the object fetched whole)
+    source = get_bytes(where, stats) if where.startswith("s3://") else np.fromfile(where, np.uint8)
+    reads, read = (stats.requests, stats.bytes_read) if where.startswith("s3://") else (1, size)
+else:  # after: a file view, read in pieces
+    source = (RangedObject(where, size=size, version=etag, stats=stats, block_bytes=block, read_ahead_bytes=ahead)
+              if where.startswith("s3://") else open_local(where, 0, -1, UNKNOWN))
+if mode.startswith("remux"):
+    out, failure = clip_bytes(source, clip)
+    out = out.data
+else:
+    out, failure = decode_clip(source, clip, g)
+seconds = time.perf_counter() - start
+if not mode.endswith("bytes"):
+    reads, read = source.requests, source.bytes_read
+assert failure.name == "NONE", failure
+print(status("VmHWM") - before, reads, read, seconds, out.nbytes)
+"""
+
+
+#: The S3 read policies compared: (label, block bytes, most one GET reads ahead); the last is the default.
+POLICIES = [(f"{mib} MiB blocks", mib << 20, mib << 20) for mib in (1, 2, 4, 8)] + [
+    ("1 MiB blocks, read-ahead doubling to 8 MiB (default)", 1 << 20, 8 << 20)
+]
+
+
+@case("video_long")
+def video_long(args) -> dict:
+    """A 33-frame clip from the middle of a long 1080p H.264 video (a few hundred MB, made on the spot; a smooth pan,
+    and the same with film grain: a camera's high bitrate): peak RSS a worker adds, requests and bytes read, before
+    (the whole file in memory: a local read, or the object fetched whole) and after (a file view: ``pread``, or
+    ranged GETs by the policies of :data:`POLICIES` against moto's S3), for ``decode_clip`` (``pyav``) and
+    ``clip_bytes`` (``dali_video``'s remux). Each probe in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    from support.loopback import moto_bucket
+
+    size, target, length = ((1280, 720), 40 << 20, 17) if args.quick else ((1920, 1080), 300 << 20, 33)
+    policies = POLICIES[-2:] if args.quick else POLICIES
+    out: dict = {}
+    raw: dict = {}
+
+    def probe(where, mode, first, nbytes, etag="", block=0, ahead=0) -> tuple[int, int, int, float]:
+        argv = [where, mode, str(first), str(length), str(size[1]), str(size[0]), str(nbytes), etag, str(block),
+                str(ahead)]  # fmt: skip
+        done = subprocess.run([sys.executable, "-c", _LONG_PROBE, *argv], capture_output=True, text=True, check=True,
+                              env=os.environ.copy())  # fmt: skip
+        peak, reads, read, seconds, _ = done.stdout.split()
+        return int(peak), int(reads), int(read), float(seconds)
+
+    for content, grain in (("pan", 0.0), ("grain", 12.0)):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "long.mp4"
+            frames = long_video(path, size=size, target_bytes=target, grain=grain)
+            nbytes = path.stat().st_size
+            first = frames // 2 + 5  # mid-GOP: the clip starts after its keyframe
+            rate = nbytes * 8 / (frames / 24) / 1e6
+            out[f"{content}: {size[0]}x{size[1]} H.264, {frames} frames ({frames / 24 / 60:.1f} min), "
+                f"{nbytes / 1e6:.0f} MB ({rate:.0f} Mbit/s); {length} frames from {first} to 848x480"] = ""  # fmt: skip
+
+            def row(label: str, figures: tuple[int, int, int, float], content=content, nbytes=nbytes) -> None:
+                peak, reads, read, seconds = figures
+                raw[f"{content}, {label}"] = {"peak_rss": peak, "requests": reads, "bytes_read": read,
+                                              "seconds": seconds, "file_bytes": nbytes}  # fmt: skip
+                out[f"  {content}, {label}"] = (f"peak RSS +{peak / 1e6:.1f} MB, {reads} reads, {read / 1e6:.2f} MB read "
+                                     f"({nbytes / max(read, 1):.0f}x less than the file), {seconds * 1000:.0f} ms")  # fmt: skip
+
+            for mode in ("decode", "remux"):
+                row(f"local, {mode}, before (whole file in memory)", probe(str(path), f"{mode}-bytes", first, nbytes))
+                row(f"local, {mode}, after (file view)", probe(str(path), f"{mode}-view", first, nbytes))
+            with moto_bucket("longvideo"):
+                from dali_arb.data.storage import head, upload
+
+                url = "s3://longvideo/long.mp4"
+                upload(path, url)
+                etag = head(url).etag or ""
+                for mode in ("decode", "remux"):
+                    row(f"S3, {mode}, before (object fetched whole)", probe(url, f"{mode}-bytes", first, nbytes, etag))
+                    for label, block, ahead in policies:
+                        row(
+                            f"S3, {mode}, after ({label})",
+                            probe(url, f"{mode}-view", first, nbytes, etag, block, ahead),
+                        )
     out["raw"] = raw
     return out

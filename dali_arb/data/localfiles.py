@@ -5,7 +5,11 @@ out, not a regular file, changed since indexing, shorter than indexed, too large
 :class:`FileProblem` so the sample is replaced; or the OS or the disk failing (EMFILE, ENOMEM, EIO, ESTALE...),
 raised as a :class:`~dali_arb.errors.StorageError` that stops the run with nothing blocklisted.
 
-Imports the standard library, ``errors`` and ``data.storage`` (its sample size limit; no obstore).
+:func:`open_local` is the same checks without the read: a :class:`LocalRange`, a read-only seekable file over the
+sample's bytes (a whole file, or a tar member's range) that a video decoder reads in pieces (``pread``), so a long
+video is never in memory whole.
+
+Imports the standard library, ``errors`` and ``data.storage`` (its sample size limit, the view base; no obstore).
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ from typing import NamedTuple
 
 from ..errors import StorageError
 from .storage import max_sample_bytes
+from .storage.ranged import ViewBase
 
-__all__ = ["THE_FILES_OWN", "UNKNOWN", "FileProblem", "Identity", "local_change", "os_failure", "read_local"]
+__all__ = ["THE_FILES_OWN", "UNKNOWN", "FileProblem", "Identity", "LocalRange", "local_change", "open_local",
+           "os_failure", "read_local"]  # fmt: skip
 
 #: Errors of opening a sample's file that are the file's own (it is gone, or its permissions shut this process
 #: out: the indexer read it): the sample is replaced. Any other OSError is the OS or the disk failing (EMFILE,
@@ -107,3 +113,59 @@ def read_local(path: str, offset: int, length: int, expected: Identity) -> bytes
         raise os_failure(path, exc) from None
     finally:
         os.close(fd)
+
+
+class LocalRange(ViewBase):
+    """Bytes ``[offset, offset + length)`` of an open file (its descriptor, owned: closed with the view) as a
+    read-only, seekable file, read with ``pread`` (nothing held but the read's own bytes). A read the OS fails
+    (EIO) is recorded in :attr:`~dali_arb.data.storage.ranged.ViewBase.error` (:func:`os_failure`)."""
+
+    def __init__(self, fd: int, path: str, offset: int, length: int) -> None:
+        super().__init__(length)
+        self.fd, self.path, self.offset = fd, path, int(offset)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        super().close()
+
+    def _read_at(self, position: int, n: int) -> bytes:
+        try:
+            data = os.pread(self.fd, n, self.offset + position)
+        except OSError as exc:
+            raise os_failure(self.path, exc) from None
+        self.requests += 1
+        self.bytes_read += len(data)
+        return data
+
+
+def open_local(path: str, offset: int, length: int, expected: Identity) -> LocalRange | FileProblem:
+    """The ``length`` bytes at ``offset`` of the file ``path`` (``length`` -1: the whole file) as a
+    :class:`LocalRange` (close it), or the file's own problem; the checks of :func:`read_local` (a regular file, still
+    the ``expected`` one, long enough) but no size limit: nothing is read until the view is.
+
+    Raises:
+        StorageError: the OS or the disk failed (:func:`os_failure`), not the file.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno in THE_FILES_OWN:
+            return FileProblem.MISSING
+        raise os_failure(path, exc) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            problem: FileProblem | None = FileProblem.NOT_REGULAR
+        else:
+            problem = local_change(info, offset, length, expected)
+            if problem is None and length >= 0 and offset + length > info.st_size:
+                problem = FileProblem.SHORT
+    except OSError as exc:
+        os.close(fd)
+        raise os_failure(path, exc) from None
+    if problem is not None:
+        os.close(fd)
+        return problem
+    return LocalRange(fd, path, offset, info.st_size - offset if length < 0 else length)

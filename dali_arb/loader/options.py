@@ -213,8 +213,8 @@ class Video:
     ``stride`` the step of ``slide`` windows and ``clip_count`` the windows of ``uniform``; ``images``
     (``"include"``: images are 1-frame clips; ``"exclude"``); ``layout`` of ``batch["video"]`` (``"BFCHW"`` or
     ``"BCFHW"``); ``decoder`` (``"auto"``, ``"pyav"``, ``"dali_video"``: :mod:`dali_arb.loader.decoders.video`);
-    ``max_clip_mb`` the most memory one clip may hold, MiB: its file's encoded bytes and its frames as its decoder holds
-    them (:meth:`~dali_arb.loader.decoders.video.VideoDecoder.clip_memory`: ``dali_video`` decodes at the source
+    ``max_clip_mb`` the most memory one clip may hold, MiB: what a worker holds of its file while reading it (never the
+    whole file) and its frames as its decoder holds them (:meth:`~dali_arb.loader.decoders.video.VideoDecoder.clip_memory`: ``dali_video`` decodes at the source
     size, ``F x H x W x 3``); a plan with a clip over it is refused when the loader is built (``None``: no cap)."""
 
     frames: tuple[int, ...] | None = None

@@ -44,15 +44,23 @@ def served_p99_of(planner: Planner, data: ManifestSet) -> dict[str, float | None
     computed them once per node; else from ``STATISTICS_SAMPLE`` rows spread evenly over the usable ones (the
     whole manifest would cost O(N) in every rank)."""
     cached = getattr(planner.index, "served_p99", None)
-    if cached:
+    clips = getattr(planner, "clips", None)
+    if cached and clips is None:
         return cached
     index = planner.index
     usable = int(index.starts[-1])
     served = index.member_rows(np.linspace(0, usable - 1, min(usable, STATISTICS_SAMPLE)).astype(np.int64), 0)
-    clips = getattr(planner, "clips", None)
-    if clips is not None:  # a plan over clips: its members are clip ids
-        served = np.asarray(clips.row, np.int64)[served]
-    return served_p99(*(data.ints_at(name, served, -1) for name in ("heights", "widths", "length")))
+    if clips is None:
+        return served_p99(*(data.ints_at(name, served, -1) for name in ("heights", "widths", "length")))
+    # a plan over clips: its members are clip ids, and a clip's encoded bytes are its packets, not its file's
+    from .decoders.video import clip_packet_bytes
+
+    rows = np.asarray(clips.row, np.int64)[served]
+    encoded = np.maximum(data.ints_at("length", rows, -1), data.ints_at("source_size", rows, -1))
+    packets = clip_packet_bytes(np.maximum(encoded, 0), np.asarray(clips.length, np.int64)[served],
+                                data.ints_at("frames", rows, -1))  # fmt: skip
+    packets = np.where(encoded >= 0, packets, -1)  # (unknown stays unknown)
+    return served_p99(data.ints_at("heights", rows, -1), data.ints_at("widths", rows, -1), packets)
 
 
 def preallocation(served: dict[str, float | None]) -> tuple[int, int]:

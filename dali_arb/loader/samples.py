@@ -138,6 +138,14 @@ class Datasets:
         stamps = times[local].as_py() if times is not None else None
         return int(frames[local]), float(fps[local]), None if stamps is None else np.asarray(stamps, np.float32)
 
+    def is_video(self, rows: np.ndarray) -> np.ndarray:
+        """``bool (B,)``: whether each of global ``rows`` (``int64 (B,)``) is a video (a frame count in the manifest)."""
+        out = np.zeros(len(rows), bool)
+        for i, row in enumerate(np.asarray(rows).tolist()):
+            arrays, local = self._split(row)
+            out[i] = arrays.video is not None and int(arrays.video[0][local]) >= 0
+        return out
+
     def pair_sizes(self, row: int) -> list[tuple[int, int]]:
         """``(height, width)`` of each of global ``row``'s pairs, in order."""
         arrays, local = self._split(row)

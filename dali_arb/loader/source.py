@@ -19,11 +19,12 @@ import copy
 import numpy as np
 
 from ..data.imagefacts import check_encoded
-from ..data.localfiles import FileProblem, read_local
+from ..data.localfiles import FileProblem, open_local, read_local
 from ..data.manifest import Manifest
 from ..data.pairs import pair_columns
 from ..data.readahead import RemoteReads
 from ..data.storage import URL_PATTERN, is_url, max_sample_bytes
+from ..data.storage.ranged import RangedObject, ViewBase
 from ..errors import ManifestError, ObjectChanged, ObjectMissing, ObjectTooLarge, StorageError
 from ..plan.geometry import Geometry
 from ..plan.planner import EpochPlan, Planner
@@ -250,7 +251,7 @@ class BatchSource:
             for ahead in range(1, L + 1) if iteration == 0 else (L,):
                 target_epoch, target_step = self.locate(iteration + ahead)
                 rows = self.rows_of(self._planner.epoch(target_epoch).rows_at(target_step))
-                self.remote.read_ahead(self._datasets.requests(rows))
+                self.remote.read_ahead(self._datasets.requests(self._fetched_whole(rows)))
         return outputs
 
     def batch(self, epoch: int, step: int) -> tuple[list, ...]:
@@ -259,7 +260,9 @@ class BatchSource:
         plan: EpochPlan = self._planner.epoch(epoch)
         rows = plan.rows_at(step)  # samples: manifest rows, or clip ids when the plan is over clips
         if self.read_ahead_steps and self._remote_rows:
-            self.remote.gather(self._datasets.requests(self.rows_of(rows)))  # the batch at once, concurrently
+            self.remote.gather(
+                self._datasets.requests(self._fetched_whole(self.rows_of(rows)))
+            )  # at once, concurrently
         bucket = plan.bucket_at(step)
         bucket_h, bucket_w = (int(v) for v in plan.sizes[bucket])
         # every clip of a step is served at the step's frame count (a pooled leftover clip may be longer)
@@ -340,6 +343,38 @@ class BatchSource:
             return float(target)
         return float(clip.fps) if clip is not None else 0.0
 
+    def _fetched_whole(self, rows: np.ndarray) -> np.ndarray:
+        """``int64 (b,)`` the ones of ``rows`` (``int64 (B,)``, global) whose bytes are read whole, so gathered and read
+        ahead: every row but videos, which a video decoder reads in pieces (:meth:`open_video`)."""
+        if not getattr(self.decoder, "video", False):
+            return rows
+        return rows[~self._datasets.is_video(rows)]
+
+    def open_video(self, row: int) -> tuple[ViewBase | None, Failure]:
+        """``row``'s video as a read-only, seekable file that a decoder reads in pieces (close it): the local file or
+        tar member (:class:`~dali_arb.data.localfiles.LocalRange`, ``pread``), or the object read by ranged GETs
+        of a few cached blocks (:class:`~dali_arb.data.storage.ranged.RangedObject`); or ``(None, failure)``. Its
+        identity (size, modification time; size and ETag in object storage) is checked as :meth:`read` checks it;
+        ``DALI_ARB_MAX_SAMPLE_BYTES`` does not apply (the file is never read whole: ``max_clip_mb`` bounds a clip).
+        A StorageError (the OS or the store failed) is raised."""
+        self._setup()
+        path, offset, length = self._datasets.where(row, 0)
+        if path is None:
+            return None, Failure.NO_SOURCE
+        expected = self._datasets.identity(row, 0, path)
+        if is_url(path):
+            size = expected.size if expected.size is not None else (length if offset == 0 and length >= 0 else None)
+            try:  # (without a recorded size, a whole object's size must be its length, as for a whole read)
+                view = RangedObject(path, offset=offset, length=length, size=size, version=expected.etag,
+                                    stats=self.remote.stats)  # fmt: skip
+            except StorageError as exc:  # its HEAD (a size unknown): the object's own problem, or the store's
+                return None, _bytes_or_failure(exc)[1]
+            return view, Failure.NONE
+        opened = open_local(path, offset, length, expected)
+        if isinstance(opened, FileProblem):
+            return None, Failure[opened.name]
+        return opened, Failure.NONE
+
     def read(self, row: int, part: int = 0, *, image: bool = True) -> tuple[np.ndarray | None, Failure]:
         """Encoded bytes ``uint8 (n,)`` of ``row``'s image (``part`` 0) or of its ``part - 1``-th pair, or
         ``(None, failure)`` (``image``: the bytes are checked as an image's; a video's are checked by its decoder).
@@ -389,14 +424,20 @@ class BatchSource:
         ``fps`` (``float32 ()``), or ``(None, failure)``."""
         row = self.row_of(sample)
         clip = self.clip_frames(sample, frames)
-        data, failure = self.read(row, image=clip is None)
-        if data is None:
-            return None, failure
-        if clip is None:
+        if clip is None:  # an image: its bytes, whole
+            data, failure = self.read(row)
+            if data is None:
+                return None, failure
             served, failure = self.decoder.prepare(data, geometry)
             indices = np.zeros(1, np.int64)
-        else:
-            served, failure = self.decoder.prepare_clip(data, clip, geometry)
+        else:  # a video: a view the decoder reads in pieces (the header, the clip's keyframe onwards)
+            view, failure = self.open_video(row)
+            if view is None:
+                return None, failure
+            with view:
+                served, failure = self.decoder.prepare_clip(view, clip, geometry)
+            if view.error is not None:  # a read failed: the video's own problem (replaced), or the store's (raised)
+                return _bytes_or_failure(view.error)
             indices = clip.indices
         if served is None:
             return None, failure

@@ -104,8 +104,9 @@ class Health:
 HEALTH = Health()
 
 
-def with_retries(call: Callable[[], T], url: str, stats: IOStats | None) -> T:
-    """``call()`` (a request for ``url``), retried while its failure is transient; the error it becomes after."""
+def with_retries(call: Callable[[], T], url: str, stats: IOStats | None, *, version: str | None = None) -> T:
+    """``call()`` (a request for ``url``, of the object's ``version`` when it names one: ``If-Match``), retried while
+    its failure is transient; the error it becomes after (a 412 to ``If-Match``: :class:`ObjectChanged`)."""
     for attempt in range(RETRIES + 1):
         HEALTH.check(url)
         try:
@@ -113,7 +114,7 @@ def with_retries(call: Callable[[], T], url: str, stats: IOStats | None) -> T:
                 stats.add(requests=1)
             result = call()
         except Exception as exc:
-            said = translated(exc, url, retried=attempt)
+            said = translated(exc, url, retried=attempt, version=version)
             if not HEALTH.settle(url, said) or attempt == RETRIES:
                 raise said.error from exc
             if stats is not None:

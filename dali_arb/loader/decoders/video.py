@@ -5,11 +5,11 @@ and normalises every frame of a sample alike, ``FCHW``).
 =============  ==============================================  ==============================================
 decoder        the workers                                     the DALI graph
 =============  ==============================================  ==============================================
-``pyav``       read the bytes; decode the clip's frames with   nothing: the finished clip goes on (to the
+``pyav``       open the file; decode the clip's frames with    nothing: the finished clip goes on (to the
                PyAV (seeking to the keyframe before the first  GPU, if there is one)
                wanted frame), each frame's crop window
                resized to the bucket (Pillow); images: Pillow
-``dali_video`` read the bytes; remux the clip's packets (from  ``decoders.video(frames=...)`` (NVDEC on the
+``dali_video`` open the file; remux the clip's packets (from  ``decoders.video(frames=...)`` (NVDEC on the
                the keyframe before its first frame) into a     GPU: H.264, HEVC, VP8, VP9, AV1, MJPEG; on the
                small container; the frame indices from that    CPU only VP9 and MJPEG), ``resize`` of the
                keyframe; the crop window in coded pixels and   window to the bucket, ``rotate`` by the video's
@@ -24,6 +24,10 @@ bytes than the file, ``python -m benchmarks video_remux``); whether NVDEC serves
 decoder does is not checked yet (no GPU run so far). :func:`refuse_large_clips` caps what one clip may hold
 (``max_clip_mb``), from the manifest, when the loader is built.
 
+"Open the file": the workers never read a video whole; they hand PyAV a read-only, seekable file over it
+(``BatchSource.open_video``: ``pread`` of a local file or tar member, ranged GETs of a few cached blocks of an
+object), which holds at most :data:`VIEW_BYTES` of it.
+
 Imports NumPy and the decoder base; PyAV and Pillow in the workers, DALI only inside :meth:`graph`.
 """
 
@@ -34,21 +38,45 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ...data.storage.ranged import BLOCK_BYTES, CACHED_BLOCKS, MAX_RUN_BYTES
 from ...plan.geometry import Geometry
 from ..contracts import Failure, Output
 from .base import Decoder
 from .pillow import PillowDecoder
-from .videoframes import ClipFrames, clip_bytes, decode_clip
+from .videoframes import READ_BUFFER_BYTES, ClipFrames, Source, clip_bytes, decode_clip
 
 __all__ = [
+    "ASSUMED_GOP",
     "VIDEO_AUTO",
     "VIDEO_DECODERS",
+    "VIEW_BYTES",
     "DaliVideoDecoder",
     "PyAVDecoder",
     "VideoDecoder",
     "choose_video_decoder",
+    "clip_packet_bytes",
     "refuse_large_clips",
 ]
+
+#: What a worker holds of a video's file while it reads a clip from it: the workers never read a video whole, but
+#: through a file (:meth:`~dali_arb.loader.source.BatchSource.open_video`) whose reads keep at most this much: a
+#: ranged object's blocks (``data.storage.ranged``: 16 x 1 MiB kept, one 8 MiB GET besides) and PyAV's read buffer
+#: (a local file keeps less: ``pread``, the page cache is the kernel's).
+VIEW_BYTES = CACHED_BLOCKS * BLOCK_BYTES + MAX_RUN_BYTES + READ_BUFFER_BYTES
+#: Frames between keyframes assumed where the manifest does not say (FFmpeg's libx264 default, ``keyint=250``): a
+#: clip's packets start at the keyframe at or before its first frame.
+ASSUMED_GOP = 250
+
+
+def clip_packet_bytes(encoded: np.ndarray, frames: np.ndarray, video_frames: np.ndarray) -> np.ndarray:
+    """``int64 (n,)`` an estimate of a clip's packets (what ``dali_video``'s workers remux and feed the pipeline):
+    the file's ``encoded`` bytes in proportion to the clip's ``frames`` and a keyframe interval
+    (:data:`ASSUMED_GOP`) before them, of the video's ``video_frames`` (all ``int64 (n,)``; 0 or less: unknown, the
+    whole file)."""
+    encoded = np.asarray(encoded, np.int64)
+    total = np.asarray(video_frames, np.int64)
+    share = np.minimum(1.0, (np.asarray(frames, np.float64) + ASSUMED_GOP) / np.maximum(total, 1))
+    return np.where(total > 0, np.ceil(encoded * share), encoded).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -67,9 +95,10 @@ class VideoDecoder(Decoder):
         return (*self.part_outputs, *self.shared_outputs, *self.passed_outputs, *super().outputs[-2:])
 
     def prepare_clip(
-        self, data: np.ndarray, clip: ClipFrames, geometry: Geometry
+        self, data: Source, clip: ClipFrames, geometry: Geometry
     ) -> tuple[dict[str, np.ndarray] | None, Failure]:
-        """A clip's outputs from its encoded bytes ``uint8 (n,)``, or ``(None, failure)``. Runs in the workers."""
+        """A clip's outputs from its video (a read-only seekable file read in pieces, as the workers give it, or its
+        encoded bytes ``uint8 (n,)``), or ``(None, failure)``. Runs in the workers."""
         raise NotImplementedError
 
     def default_workers(self, cores: int) -> int:
@@ -79,13 +108,26 @@ class VideoDecoder(Decoder):
         return max(1, cores // 4)
 
     def clip_memory(
-        self, frames: np.ndarray, height: np.ndarray, width: np.ndarray, bucket_pixels: np.ndarray, encoded: np.ndarray
+        self,
+        frames: np.ndarray,
+        height: np.ndarray,
+        width: np.ndarray,
+        bucket_pixels: np.ndarray,
+        encoded: np.ndarray,
+        video_frames: np.ndarray,
     ) -> np.ndarray:
-        """``int64 (n,)`` bytes one clip holds while it is decoded: its file's ``encoded`` bytes (a worker reads the
-        file once) and its frames as the decoder holds them, for clips of ``frames`` frames of videos
-        ``height x width`` (display size) in buckets of ``bucket_pixels`` (all ``int64 (n,)``). What FFmpeg's or
-        NVDEC's own frame pools add is not counted (measured: docs/video-decode.md)."""
+        """``int64 (n,)`` bytes one clip holds while it is decoded: what a worker holds of its file while reading it
+        (at most :data:`VIEW_BYTES`, never the whole file) and its frames as the decoder holds them, for clips of
+        ``frames`` frames of videos of ``video_frames`` frames, ``height x width`` (display size), ``encoded`` bytes,
+        in buckets of ``bucket_pixels`` (all ``int64 (n,)``). What FFmpeg's or NVDEC's own frame pools add is not
+        counted (measured: docs/video-decode.md)."""
         raise NotImplementedError
+
+    @staticmethod
+    def file_bytes_held(encoded: np.ndarray) -> np.ndarray:
+        """``int64 (n,)`` what a worker holds of files of ``encoded`` bytes while reading a clip: at most
+        :data:`VIEW_BYTES`."""
+        return np.minimum(np.asarray(encoded, np.int64), VIEW_BYTES)
 
 
 @dataclass(frozen=True)
@@ -97,7 +139,7 @@ class PyAVDecoder(VideoDecoder):
     part_outputs: ClassVar[tuple[Output, ...]] = (Output("video", "UINT8", "FHWC"),)
 
     def prepare_clip(
-        self, data: np.ndarray, clip: ClipFrames, geometry: Geometry
+        self, data: Source, clip: ClipFrames, geometry: Geometry
     ) -> tuple[dict[str, np.ndarray] | None, Failure]:
         frames, failure = decode_clip(data, clip, geometry)
         if frames is None:
@@ -119,10 +161,10 @@ class PyAVDecoder(VideoDecoder):
     def bytes_per_sample(self, encoded_bytes: int, bucket_pixels: int) -> int:
         return int(bucket_pixels) * 3 + 64  # per frame: the source's chunks grow to the largest clip
 
-    def clip_memory(self, frames, height, width, bucket_pixels, encoded) -> np.ndarray:
+    def clip_memory(self, frames, height, width, bucket_pixels, encoded, video_frames) -> np.ndarray:
         """The finished clip ``F x bucket pixels x 3`` and one upright RGB source frame ``H x W x 3`` (each frame is
-        cut as soon as it is decoded), with the encoded file."""
-        return encoded + frames * bucket_pixels * 3 + height * width * 3
+        cut as soon as it is decoded), with what is held of the file (:meth:`file_bytes_held`)."""
+        return self.file_bytes_held(encoded) + frames * bucket_pixels * 3 + height * width * 3
 
 
 @dataclass(frozen=True)
@@ -149,7 +191,7 @@ class DaliVideoDecoder(VideoDecoder):
         return None, Failure.NOT_IMAGE  # never planned: the loader refuses images with this decoder
 
     def prepare_clip(
-        self, data: np.ndarray, clip: ClipFrames, geometry: Geometry
+        self, data: Source, clip: ClipFrames, geometry: Geometry
     ) -> tuple[dict[str, np.ndarray] | None, Failure]:
         """The clip's packets alone (:func:`~.videoframes.clip_bytes`: remuxed from the keyframe at or before its
         first frame), the frame numbers in them, and the crop window and output size in the decoder's (coded,
@@ -203,12 +245,16 @@ class DaliVideoDecoder(VideoDecoder):
         return 4 if gpu else max(1, cores)
 
     def bytes_per_sample(self, encoded_bytes: int, bucket_pixels: int) -> int:
+        """A clip's packets (``encoded_bytes``: for a plan over clips, the estimate of
+        :func:`clip_packet_bytes`, not the file's size) and the container's few bytes."""
         return int(encoded_bytes) + 256
 
-    def clip_memory(self, frames, height, width, bucket_pixels, encoded) -> np.ndarray:
-        """The clip decoded at the source size before the resize, ``F x H x W x 3`` (on the GPU with NVDEC), with the
-        encoded file (the worker's copy; DALI is fed only the clip's packets, fewer)."""
-        return encoded + frames * height * width * 3
+    def clip_memory(self, frames, height, width, bucket_pixels, encoded, video_frames) -> np.ndarray:
+        """The clip decoded at the source size before the resize, ``F x H x W x 3`` (on the GPU with NVDEC), with what
+        the worker holds of the file (:meth:`file_bytes_held`) and the clip's packets it remuxes
+        (:func:`clip_packet_bytes`, an estimate)."""
+        return (self.file_bytes_held(encoded) + clip_packet_bytes(encoded, frames, video_frames)
+                + frames * height * width * 3)  # fmt: skip
 
 
 #: The video decoders, by the name ``video_decoder=`` takes (apart from the image decoders: a loader with
@@ -254,7 +300,8 @@ def refuse_large_clips(decoder: VideoDecoder, planner: Any, data: Any, cap_mb: f
     height, width = data.ints_at("heights", rows, 0), data.ints_at("widths", rows, 0)
     encoded = np.maximum(data.ints_at("length", rows, -1), data.ints_at("source_size", rows, -1))
     encoded = np.maximum(encoded, 0)
-    held = decoder.clip_memory(frames, height, width, bucket_pixels, encoded)
+    video_frames = data.ints_at("frames", rows, -1)
+    held = decoder.clip_memory(frames, height, width, bucket_pixels, encoded, video_frames)
     worst = int(np.argmax(held))
     cap = float(cap_mb) * 2**20
     if held[worst] <= cap:
@@ -270,10 +317,14 @@ def refuse_large_clips(decoder: VideoDecoder, planner: Any, data: Any, cap_mb: f
     else:
         what = f"{f} frames at the bucket size and one {w}x{h} source frame"
         fix = "fewer frames (frames=) or smaller buckets"
+    one = slice(worst, worst + 1)
+    read = f"{_mib(decoder.file_bytes_held(encoded[one])[0])} of its {_mib(encoded[worst])} file held while read"
+    if decoder.name == "dali_video":
+        read += f", about {_mib(clip_packet_bytes(encoded[one], frames[one], video_frames[one])[0])} of packets"
     raise ConfigError(
         f"{over} clip(s) would hold more than max_clip_mb={cap_mb:g} MiB each while decoded by "
         f"video_decoder={decoder.name!r}; the largest, of {source}, holds {_mib(held[worst])} ({what}, with "
-        f"{_mib(encoded[worst])} encoded); use {fix}, or raise max_clip_mb"
+        f"{read}); use {fix}, or raise max_clip_mb"
     )
 
 

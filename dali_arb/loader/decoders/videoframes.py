@@ -136,22 +136,34 @@ class _BufferReader(io.RawIOBase):
         super().close()
 
 
-def _open(source: str | os.PathLike | bytes | np.ndarray) -> Any:
+#: PyAV's read size from a file object (its default is 32 KiB: a long 4K video's packets in fewer Python calls).
+READ_BUFFER_BYTES = 256 << 10
+
+#: What a clip can be read from: a path, its encoded bytes, or a read-only seekable file (a
+#: :class:`~dali_arb.data.localfiles.LocalRange` or :class:`~dali_arb.data.storage.ranged.RangedObject`, read in
+#: pieces: the file is never in memory whole).
+Source = str | os.PathLike | bytes | np.ndarray | io.RawIOBase
+
+
+def _open(source: Source) -> Any:
     import av
 
     if isinstance(source, (bytes, np.ndarray, memoryview)):
         return av.open(_BufferReader(source), "r")
+    if hasattr(source, "read"):
+        source.seek(0)
+        return av.open(source, "r", buffer_size=READ_BUFFER_BYTES)
     return av.open(os.fspath(source), "r")
 
 
 def decode_clip(
-    source: str | os.PathLike | bytes | np.ndarray,
+    source: Source,
     clip: ClipFrames,
     geometry: Geometry,
     *,
     threads: int = 1,
 ) -> tuple[np.ndarray | None, Failure]:
-    """The frames ``clip.indices`` of the video in ``source`` (a path, or its encoded bytes), each display-upright
+    """The frames ``clip.indices`` of the video in ``source`` (a path, its encoded bytes or a file), each display-upright
     and cut to ``geometry`` (the cover resize's crop window, resized to the bucket): ``(uint8 [F, bh, bw, 3],
     Failure.NONE)``, or ``(None, failure)`` when the file cannot serve them (``TRUNCATED``: it ends before the last
     wanted frame; ``RESIZED``: its frames are not the indexed size; ``UNDECODABLE``: FFmpeg cannot read it).
@@ -246,15 +258,15 @@ class ClipBytes:
     rotation: int
 
 
-def clip_bytes(source: str | os.PathLike | bytes | np.ndarray, clip: ClipFrames) -> tuple[ClipBytes | None, Failure]:
+def clip_bytes(source: Source, clip: ClipFrames) -> tuple[ClipBytes | None, Failure]:
     """The packets of ``source`` that decode ``clip.indices``, remuxed (stream copy: never decoded) into a small
     container: ``(ClipBytes, Failure.NONE)``, or ``(None, failure)``: ``TRUNCATED`` when the stream ends before the
     last wanted frame, ``UNDECODABLE`` when FFmpeg cannot demux the file or it has no timestamps to find frames by.
 
     The packets run from the keyframe at or before the first wanted frame (found by seeking, else by demuxing from
     the start) until every frame up to the last wanted one is in (in decode order: the references a B-frame needs
-    come before it), or the next keyframe after it. Memory: the source (bytes, shared, not copied) and the clip's
-    packets, twice at most (the packets and the container being written).
+    come before it), or the next keyframe after it. Memory: the source (bytes, shared, not copied; or a file read in
+    pieces) and the clip's packets, twice at most (the packets and the container being written).
     """
     import av
 
@@ -356,10 +368,13 @@ def _remux(packets: list, stream) -> np.ndarray:
 _ISO_TOP = (b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot")
 
 
-def mp4_rotation(source: str | os.PathLike | bytes | np.ndarray) -> int:
+def mp4_rotation(source: Source) -> int:
     """The display rotation (counter-clockwise degrees: 0, 90, 180, 270, as PyAV's ``VideoFrame.rotation`` modulo
     360) of the first video track of an MP4/MOV file, read from its track header's matrix; 0 for any other file
-    or a matrix that is not a quarter turn. Reads box headers only (the ``moov`` box, wherever it is)."""
+    or a matrix that is not a quarter turn. Reads box headers only (the ``moov`` box, wherever it is; from a file
+    object, only the box headers and the track headers it walks through)."""
+    if hasattr(source, "read"):
+        return _iso_rotation(_FileBytes(source))  # type: ignore[arg-type]
     if isinstance(source, (str, os.PathLike)):
         import mmap
 
@@ -372,6 +387,29 @@ def mp4_rotation(source: str | os.PathLike | bytes | np.ndarray) -> int:
             finally:
                 view.release()
     return _iso_rotation(memoryview(source).cast("B"))
+
+
+class _FileBytes:
+    """A seekable file read as the box walk reads a buffer: ``len()``, ``[i]`` and ``[a:b]``, each a seek and a
+    read (the walk reads a few bytes per box)."""
+
+    def __init__(self, file: Any) -> None:
+        self._file = file
+        self._size = file.seek(0, io.SEEK_END)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, key: int | slice) -> int | bytes:
+        if isinstance(key, slice):
+            start, stop, _ = key.indices(self._size)
+            self._file.seek(start)
+            return self._file.read(max(0, stop - start))
+        self._file.seek(key)
+        got = self._file.read(1)
+        if not got:
+            raise IndexError(key)
+        return got[0]
 
 
 def _iso_rotation(data: memoryview) -> int:
