@@ -254,14 +254,16 @@ def test_the_percentile_of_chunks_in_bounded_memory_equals_numpys(kind):
     assert not nothing.needs_values() and nothing.value() is None
 
 
-def _resident_kb(suffix: str) -> dict[str, int]:
-    """This process's resident KB of each mapped file whose name ends with ``suffix`` (``/proc/self/smaps``)."""
+def _resident_kb(suffix: str, under: Path) -> dict[str, int]:
+    """This process's resident KB of each mapped file under ``under`` whose name ends with ``suffix``
+    (``/proc/self/smaps``; other tests' caches mapped in the same process are not counted)."""
     resident, name = {}, None
     with open("/proc/self/smaps") as fh:
         for line in fh:
             fields = line.split()
             if "-" in fields[0] and len(fields) >= 6:
-                name = fields[5] if fields[5].endswith(suffix) else None
+                mapped = fields[5]
+                name = mapped if mapped.endswith(suffix) and mapped.startswith(f"{under}/") else None
             elif name is not None and fields[0] == "Rss:":
                 resident[name] = resident.get(name, 0) + int(fields[1])
     return resident
@@ -282,7 +284,7 @@ def test_opening_a_cached_manifest_reads_no_validity_bitmap_and_counts_its_nulls
     table = table.set_column(table.column_names.index("source"), "source", source)
     pq.write_table(table, path)
     mapped = Manifest.open(path, cache_dir=tmp_path / "cache")
-    valid = _resident_kb(".valid")
+    valid = _resident_kb(".valid", tmp_path / "cache")
     assert len(valid) >= 2 and not any(valid.values()), valid  # caption and source (key too, if it had one): never read
     want = Manifest.read(path).table
     for name in ("key", "caption", "source"):
