@@ -463,6 +463,8 @@ def _whole_numbers(column: pa.ChunkedArray, name: str, path: Path) -> tuple[pa.A
         column = pc.if_else(pc.and_(whole, pc.less_equal(pc.abs(column), float(INT32_MAX))), column, None)
         column = pc.cast(column, pa.int64())
     elif pa.types.is_integer(kind):
+        if kind == pa.uint64():  # (values past int64 would not cast: out of range like any other too large)
+            column = pc.if_else(pc.less_equal(column, pa.scalar(INT32_MAX, kind)), column, None)
         column = pc.cast(column, pa.int64())
     elif not pa.types.is_null(kind):
         raise IndexingError(

@@ -1,0 +1,62 @@
+"""A hostile user against what landed for issues 21 and 22: odd original sizes (metadata and the Parquet beside
+shards), a Parquet beside a shard that lists a key twice, odd batch-size tables and clips that end among an open
+GOP's leading frames. Each test here failed before its fix (or is a strict xfail naming where the fix belongs)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dali_arb.index import build_index
+
+from .test_original_size import STORED, photos
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def index_cli(*args: str) -> subprocess.CompletedProcess:
+    """``dali-arb index ARGS`` in a subprocess (what a user sees: its exit status and its lines)."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.run([sys.executable, "-m", "dali_arb", "index", *args], capture_output=True, text=True, env=env)
+
+
+def columns(path: Path, *names: str) -> list[tuple]:
+    table = pq.read_table(path)
+    return list(zip(*(table.column(n).to_pylist() for n in names)))
+
+
+# -- original sizes as odd values -------------------------------------------------------------------------------------
+
+
+def test_metadata_with_original_sizes_past_int64_keeps_the_rows_without_them(tmp_path: Path) -> None:
+    """An unsigned 64-bit original size past int64 (a corrupt or sentinel value) is not a usable size: the row keeps
+    its own size, as for any other out-of-range value. Before: 'internal error: ArrowInvalid ... report it'."""
+    keys = photos(tmp_path / "images", STORED[:2])
+    meta = tmp_path / "images" / "meta.parquet"
+    pq.write_table(pa.table({
+        "key": keys, "path": [f"{k}.jpg" for k in keys], "width": [300, 200], "height": [200, 300],
+        "original_width": pa.array([2**63 + 5, 800], pa.uint64()),
+        "original_height": pa.array([5, 1200], pa.uint64()),
+    }), meta)  # fmt: skip
+    out = tmp_path / "m.parquet"
+    done = index_cli(str(meta), "-o", str(out), "-q")
+    assert done.returncode == 0, done.stderr
+    assert columns(out, "key", "original_width", "original_height") == [("img0", None, None), ("img1", 800, 1200)]
+
+
+def test_metadata_with_sizes_past_int64_rejects_those_rows(tmp_path: Path) -> None:
+    """The same for the size columns: the row is rejected with its reason, the others indexed."""
+    keys = photos(tmp_path / "images", STORED[:2])
+    meta = tmp_path / "images" / "meta.parquet"
+    pq.write_table(pa.table({"key": keys, "path": [f"{k}.jpg" for k in keys],
+                             "width": pa.array([2**64 - 1, 200], pa.uint64()), "height": pa.array([200, 300], pa.uint64())}),
+                   meta)  # fmt: skip
+    out = tmp_path / "m.parquet"
+    summary = build_index([str(meta)], out, workers=1, progress=False)
+    assert columns(out, "key", "width", "height") == [("img1", 200, 300)]
+    assert summary.rejected == 1
