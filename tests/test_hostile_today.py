@@ -14,7 +14,9 @@ import pyarrow.parquet as pq
 
 from dali_arb.index import build_index
 
+from .images import jpeg_bytes
 from .test_original_size import STORED, photos
+from .test_shards_meta import write_shard
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,3 +62,26 @@ def test_metadata_with_sizes_past_int64_rejects_those_rows(tmp_path: Path) -> No
     summary = build_index([str(meta)], out, workers=1, progress=False)
     assert columns(out, "key", "width", "height") == [("img1", 200, 300)]
     assert summary.rejected == 1
+
+
+def test_the_parquet_beside_a_shard_gives_original_sizes_as_metadata_does(tmp_path: Path) -> None:
+    """Original sizes written as text ("800", as from a CSV turned into Parquet) or past int64: read as metadata reads
+    them (text of a whole number kept, the value past int64 dropped), not the whole index stopped nor every row's
+    original size dropped. Before: past int64 stopped the index ('cannot read ... the metadata beside ...'); text
+    gave no original size at all where metadata gave one."""
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    shard = write_shard(folder / "00000.tar", [("a", jpeg_bytes(200, 300, seed=1), "x"),
+                                               ("b", jpeg_bytes(300, 200, seed=2), "y")])  # fmt: skip
+    base = {"key": ["a", "b"], "width": [200, 300], "height": [300, 200]}
+    pq.write_table(pa.table({**base, "original_width": ["800", "900"], "original_height": ["1200", " 600 "]}),
+                   folder / "00000.parquet")  # fmt: skip
+    out = tmp_path / "text.parquet"
+    build_index([str(shard)], out, workers=1, progress=False)
+    assert columns(out, "key", "original_width", "original_height") == [("a", 800, 1200), ("b", 900, 600)]
+
+    huge = {"original_width": pa.array([2**63 + 5, 900], pa.uint64()), "original_height": pa.array([5, 600], pa.uint64())}  # fmt: skip
+    pq.write_table(pa.table({**base, **huge}), folder / "00000.parquet")
+    out = tmp_path / "huge.parquet"
+    build_index([str(shard)], out, workers=1, progress=False)
+    assert columns(out, "key", "original_width", "original_height") == [("a", None, None), ("b", 900, 600)]

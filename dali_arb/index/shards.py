@@ -17,6 +17,7 @@ from ..data.manifest import ORIGINAL
 from ..data.videofacts import inspect_video, is_video_name
 from ..errors import IndexingError, StorageError
 from .folders import FILE_ERRNOS, NOT_IMAGES, decode_caption, display_path, is_utf8
+from .metadata import _whole_numbers
 from .pairing import FolderListings, find_pairs
 from .records import Reject, Row, original_sizes
 
@@ -81,8 +82,8 @@ def _sidecar_facts(path: str, max_pixels: int) -> tuple[dict[str, tuple], bool]:
     """``({key: (width, height, caption, original_width, original_height)}, has captions)`` of the usable rows of
     img2dataset's per-shard Parquet: ``status`` "success" (where the column exists), sizes whole numbers of at most
     ``max_pixels`` pixels. Other rows are left out: their samples are read from the shard as without the Parquet.
-    The original sizes (the image's before img2dataset resized it) are None where the Parquet lacks them or a value
-    is not a whole number from 1 to ``2**31 - 1`` (:func:`~dali_arb.index.records.original_sizes`)."""
+    The original sizes (the image's before img2dataset resized it) are read as metadata's are: None where the
+    Parquet lacks them or a value is not a whole number from 1 to ``2**31 - 1`` (numbers or their text)."""
     names = pq.read_schema(path).names
     columns = [c for c in (*SIDECAR_COLUMNS, "caption", "status", *ORIGINAL.names) if c in names]
     table = pq.read_table(path, columns=columns)
@@ -90,7 +91,7 @@ def _sidecar_facts(path: str, max_pixels: int) -> tuple[dict[str, tuple], bool]:
         table = table.filter(pc.fill_null(pc.equal(pc.cast(table.column("status"), pa.string()), "success"), False))
     facts: dict[str, tuple] = {}
     captions = table.column("caption").to_pylist() if "caption" in names else [None] * table.num_rows
-    originals = _sidecar_originals(table)
+    originals = _sidecar_originals(table, path)
     for key, width, height, caption, original in zip(
         pc.cast(table.column("key"), pa.string()).to_pylist(),
         table.column("width").to_pylist(),
@@ -106,20 +107,16 @@ def _sidecar_facts(path: str, max_pixels: int) -> tuple[dict[str, tuple], bool]:
     return facts, "caption" in names
 
 
-def _sidecar_originals(table: pa.Table) -> list[tuple[int | None, int | None]]:
-    """``(original_width, original_height)`` of each row of a per-shard Parquet (None, None where not given)."""
+def _sidecar_originals(table: pa.Table, path: str) -> list[tuple[int | None, int | None]]:
+    """``(original_width, original_height)`` of each row of the per-shard Parquet at ``path`` (None, None where not
+    given), read as metadata reads them (``metadata._whole_numbers``); columns of another kind give none."""
     if not all(name in table.column_names for name in ORIGINAL.names):
         return [(None, None)] * table.num_rows
-    columns = []
-    for name in ORIGINAL.names:
-        column = table.column(name).combine_chunks()
-        if pa.types.is_floating(column.type):  # (whole floats only: 1024.0)
-            whole = pc.and_(pc.is_finite(column), pc.equal(pc.floor(column), column))
-            column = pc.if_else(pc.and_(whole, pc.less(pc.abs(column), 2.0**31)), column, None)
-        elif not pa.types.is_integer(column.type):
-            return [(None, None)] * table.num_rows
-        columns.append(pc.cast(column, pa.int64()))
-    width, height = original_sizes(*columns)
+    try:
+        sizes = [_whole_numbers(table.column(name), name, path)[0] for name in ORIGINAL.names]
+    except IndexingError:  # (dates, lists...: not sizes; the rows keep their own, as without the columns)
+        return [(None, None)] * table.num_rows
+    width, height = original_sizes(*sizes)
     return list(zip(width.to_pylist(), height.to_pylist()))
 
 
