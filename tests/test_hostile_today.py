@@ -85,3 +85,41 @@ def test_the_parquet_beside_a_shard_gives_original_sizes_as_metadata_does(tmp_pa
     out = tmp_path / "huge.parquet"
     build_index([str(shard)], out, workers=1, progress=False)
     assert columns(out, "key", "original_width", "original_height") == [("a", None, None), ("b", 900, 600)]
+
+
+# -- a Parquet beside a shard that lists a key twice ------------------------------------------------------------------
+
+
+def test_a_key_the_parquet_lists_twice_is_sized_from_its_image(tmp_path: Path) -> None:
+    """img2dataset's Parquet beside a shard lists key ``a`` twice with different sizes (two runs' metadata joined):
+    neither can be trusted, so the sample is read from the tar like a sample the Parquet does not list. Before: the
+    last row won silently, a 200x300 image was indexed as 999x100 (bucketed, cropped and conditioned as that)."""
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    shard = write_shard(folder / "00000.tar", [("a", jpeg_bytes(200, 300, seed=1), "x"),
+                                               ("b", jpeg_bytes(300, 200, seed=2), "y")])  # fmt: skip
+    pq.write_table(pa.table({"key": ["a", "a", "b"], "width": [200, 999, 300], "height": [300, 100, 200],
+                             "caption": ["c1", "c2", "c3"], "original_width": [800, 4000, 900],
+                             "original_height": [1200, 400, 600]}),
+                   folder / "00000.parquet")  # fmt: skip
+    out = tmp_path / "m.parquet"
+    build_index([str(shard)], out, workers=1, progress=False)
+    assert columns(out, "key", "width", "height", "caption", "original_width") == [
+        ("a", 200, 300, "x", None),  # from the image and its .txt, as without the Parquet
+        ("b", 300, 200, "c3", 900),
+    ]
+
+
+def test_a_key_listed_twice_alike_or_once_failed_keeps_the_parquets_facts(tmp_path: Path) -> None:
+    """The same row twice, or a failed download and a success of one key, is no conflict: the Parquet's facts."""
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    shard = write_shard(folder / "00000.tar", [("a", jpeg_bytes(200, 300, seed=1), "x"),
+                                               ("b", jpeg_bytes(300, 200, seed=2), "y")])  # fmt: skip
+    pq.write_table(pa.table({"key": ["a", "a", "b", "b"], "width": [200, 200, None, 300],
+                             "height": [300, 300, None, 200], "caption": ["c1", "c1", None, "c3"],
+                             "status": ["success", "success", "failed_to_download", "success"]}),
+                   folder / "00000.parquet")  # fmt: skip
+    out = tmp_path / "m.parquet"
+    build_index([str(shard)], out, workers=1, progress=False)
+    assert columns(out, "key", "width", "height", "caption") == [("a", 200, 300, "c1"), ("b", 300, 200, "c3")]

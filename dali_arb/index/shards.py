@@ -81,15 +81,17 @@ def _sidecar_names(shard: str) -> list[str]:
 def _sidecar_facts(path: str, max_pixels: int) -> tuple[dict[str, tuple], bool]:
     """``({key: (width, height, caption, original_width, original_height)}, has captions)`` of the usable rows of
     img2dataset's per-shard Parquet: ``status`` "success" (where the column exists), sizes whole numbers of at most
-    ``max_pixels`` pixels. Other rows are left out: their samples are read from the shard as without the Parquet.
-    The original sizes (the image's before img2dataset resized it) are read as metadata's are: None where the
-    Parquet lacks them or a value is not a whole number from 1 to ``2**31 - 1`` (numbers or their text)."""
+    ``max_pixels`` pixels. Other rows are left out: their samples are read from the shard as without the Parquet; so
+    is a key the Parquet lists twice with different facts (neither can be trusted). The original sizes (the image's
+    before img2dataset resized it) are read as metadata's are: None where the Parquet lacks them or a value is not a
+    whole number from 1 to ``2**31 - 1`` (numbers or their text)."""
     names = pq.read_schema(path).names
     columns = [c for c in (*SIDECAR_COLUMNS, "caption", "status", *ORIGINAL.names) if c in names]
     table = pq.read_table(path, columns=columns)
     if "status" in names:
         table = table.filter(pc.fill_null(pc.equal(pc.cast(table.column("status"), pa.string()), "success"), False))
     facts: dict[str, tuple] = {}
+    conflicting: set[str] = set()
     captions = table.column("caption").to_pylist() if "caption" in names else [None] * table.num_rows
     originals = _sidecar_originals(table, path)
     for key, width, height, caption, original in zip(
@@ -103,7 +105,11 @@ def _sidecar_facts(path: str, max_pixels: int) -> tuple[dict[str, tuple], bool]:
         if key is None or not whole or not (0 < width < 2**31 and 0 < height < 2**31) or width * height > max_pixels:
             continue
         text = caption.strip() if isinstance(caption, str) else None
-        facts[key] = (int(width), int(height), text or None, *original)
+        fact = (int(width), int(height), text or None, *original)
+        if facts.setdefault(key, fact) != fact:
+            conflicting.add(key)
+    for key in conflicting:
+        del facts[key]
     return facts, "caption" in names
 
 
