@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
+from dali_arb.errors import ConfigError
 from dali_arb.index import build_index
+from dali_arb.plan.batching import BatchSizing
 
 from .images import jpeg_bytes
 from .test_original_size import STORED, photos
@@ -123,3 +126,13 @@ def test_a_key_listed_twice_alike_or_once_failed_keeps_the_parquets_facts(tmp_pa
     out = tmp_path / "m.parquet"
     build_index([str(shard)], out, workers=1, progress=False)
     assert columns(out, "key", "width", "height", "caption") == [("a", 200, 300, "c1"), ("b", 300, 200, "c3")]
+
+
+# -- batch-size tables ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", [(float("inf"), 832, 480), (832, float("-inf")), (float("nan"), 832, 480)])
+def test_a_table_key_that_is_not_finite_is_a_config_error(key: tuple) -> None:
+    """Before: ``(inf, 832, 480)`` raised OverflowError (a traceback), not the table's ConfigError."""
+    with pytest.raises(ConfigError, match="batch_sizes must map"):
+        BatchSizing(batch_sizes={key: 2})
