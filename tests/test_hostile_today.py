@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -136,3 +137,50 @@ def test_a_table_key_that_is_not_finite_is_a_config_error(key: tuple) -> None:
     """Before: ``(inf, 832, 480)`` raised OverflowError (a traceback), not the table's ConfigError."""
     with pytest.raises(ConfigError, match="batch_sizes must map"):
         BatchSizing(batch_sizes={key: 2})
+
+
+# -- open GOPs through dali_video's remux -----------------------------------------------------------------------------
+
+
+def open_gop_h264(path: Path, frames: int = 96) -> Path:
+    """x264 with open GOPs every 24 frames (3 B-frames): a keyframe's leading B-frames are shown before it."""
+    av = pytest.importorskip("av")
+    from dali_arb.tools.clips import expected_frame
+
+    params = "open-gop=1:keyint=24:min-keyint=24:scenecut=0:bframes=3"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=24, options={"preset": "veryfast", "crf": "16", "x264-params": params})  # fmt: skip
+        stream.width, stream.height, stream.pix_fmt = 160, 96, "yuv420p"
+        for k in range(frames):
+            frame = av.VideoFrame.from_ndarray(expected_frame(k, frames=frames, size=(160, 96)), format="rgb24")
+            frame.pts = k
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return path
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="videoframes._clip_packets stops at the next keyframe past the clip, before the open GOP's leading "
+    "B-frames that follow it in decode order: a good clip ending on them is TRUNCATED (videoframes.py is the "
+    "videoread helper's area; fix there)",
+)
+@pytest.mark.parametrize("wanted", [[40, 47], [47], [20, 23], [44, 45, 46]])
+def test_a_clip_ending_on_an_open_gops_leading_frames_is_not_truncated(tmp_path: Path, wanted: list[int]) -> None:
+    """Frames 45-47 (and 21-23, 69-71) are shown before the keyframe at 48 but decoded after it. A clip whose last
+    frame is one of them is whole: ``clip_bytes`` must give its packets (and the keyframe after, which they refer
+    to), not TRUNCATED: dali_video would drop it as a bad sample from a good file, every epoch."""
+    from dali_arb.loader.contracts import Failure
+    from dali_arb.loader.decoders.videoframes import ClipFrames, clip_bytes
+    from dali_arb.tools.clips import reference_frames
+    from dali_arb.tools.photos import psnr
+
+    path = open_gop_h264(tmp_path / "open.mp4")
+    cut, failure = clip_bytes(path, ClipFrames(np.array(wanted, np.int64), 24.0))
+    assert failure == Failure.NONE
+    reference, _ = reference_frames(path)
+    with open(tmp_path / "cut.mp4", "wb") as f:
+        f.write(cut.data.tobytes())
+    frames, _ = reference_frames(tmp_path / "cut.mp4")
+    for index in wanted:
+        assert psnr(frames[index - cut.first], reference[index]) > 60, index
