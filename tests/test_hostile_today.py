@@ -184,3 +184,26 @@ def test_a_clip_ending_on_an_open_gops_leading_frames_is_not_truncated(tmp_path:
     frames, _ = reference_frames(tmp_path / "cut.mp4")
     for index in wanted:
         assert psnr(frames[index - cut.first], reference[index]) > 60, index
+
+
+# -- frame buckets ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("option", ["frames", "stride", "count"])
+def test_a_frame_count_past_int32_is_a_config_error(option: str) -> None:
+    """``--frames 99999999999999999999`` was 'internal error: OverflowError ... report it' in ``buckets``
+    (``np.asarray(frames, np.int64)``); no video holds more than 2**31 - 1 frames (the manifest's int32)."""
+    from dali_arb.plan.frames import FrameSpec
+
+    given = {"frames": (1, 17), option: 10**20} if option != "frames" else {"frames": (1, 10**20)}
+    with pytest.raises(ConfigError, match=r"at most 2\*\*31 - 1.*100000000000000000000"):
+        FrameSpec(**given)
+    FrameSpec(**{**given, option: 2**31 - 1} if option != "frames" else {"frames": (1, 2**31 - 1)})
+
+
+def test_buckets_with_a_huge_frame_bucket_says_one_line(capsys) -> None:
+    from dali_arb.cli import main
+
+    assert main(["buckets", "--frames", "99999999999999999999", "--bucket-sizes", "512x512", "-b", "1"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "2**31 - 1" in err[0] and "internal error" not in err[0]
