@@ -207,3 +207,33 @@ def test_buckets_with_a_huge_frame_bucket_says_one_line(capsys) -> None:
     assert main(["buckets", "--frames", "99999999999999999999", "--bucket-sizes", "512x512", "-b", "1"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "2**31 - 1" in err[0] and "internal error" not in err[0]
+
+
+# -- captions: the Parquet beside a shard without one for a key --------------------------------------------------------
+
+
+def test_a_caption_the_parquet_lacks_is_read_from_the_tar(tmp_path: Path) -> None:
+    """The Parquet beside a shard has a ``caption`` column, null (or empty) for ``a`` and ``b``, whose captions are in
+    the tar (``a.txt``, ``b.json``: captioned after the download). Null means the Parquet does not know, not that the
+    sample has no caption: the tar's caption is kept, as when the shard is read without the Parquet. Before: the
+    samples were indexed without a caption (trained unconditioned), silently."""
+    import io
+    import json
+    import tarfile
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    members = [("a.jpg", jpeg_bytes(200, 300, seed=1)), ("a.txt", b"a red door"),
+               ("b.jpg", jpeg_bytes(300, 200, seed=2)), ("b.json", json.dumps({"caption": "a blue car"}).encode()),
+               ("c.jpg", jpeg_bytes(240, 240, seed=3)), ("c.txt", b"not this one")]  # fmt: skip
+    with tarfile.open(folder / "00000.tar", "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    pq.write_table(pa.table({"key": ["a", "b", "c"], "width": [200, 300, 240], "height": [300, 200, 240],
+                             "caption": [None, "  ", "the Parquet's"]}),
+                   folder / "00000.parquet")  # fmt: skip
+    out = tmp_path / "m.parquet"
+    build_index([str(folder / "00000.tar")], out, workers=1, progress=False)
+    assert columns(out, "key", "caption") == [("a", "a red door"), ("b", "a blue car"), ("c", "the Parquet's")]

@@ -152,8 +152,9 @@ def inspect_shard(
 
     ``sidecar``: img2dataset's per-shard Parquet (:func:`sidecar_metadata`), a local file. Then only the tar's
     headers are read (a 512-byte read per member, seeking over the data): a sample it lists (``status`` success)
-    takes its size, caption and original size (``original_width``/``original_height``, where given) from it; a
-    sample it does not list is read as without it.
+    takes its size, caption and original size (``original_width``/``original_height``, where given) from it (its
+    caption from the tar where the Parquet gives none: null or blank); a sample it does not list is read as without
+    it.
     """
     shard = opened.name
     rows: list[Row] = []
@@ -185,11 +186,11 @@ def inspect_shard(
             for other in list(images)[1:]:
                 rejects.append({"source": f"{shard}:{other}", "reason": f"duplicate key {key!r} (kept {name})", "key": key})  # fmt: skip
             for ext, (at, size) in sample.pop("texts_at", {}).items():  # (headers only: read when needed)
-                if key not in facts or not has_captions or is_video_name(name):
+                if key not in facts or not has_captions or facts[key][2] is None or is_video_name(name):
                     sample[ext] = read_member(at, size)
             if key in facts and not is_video_name(name):
                 width, height, caption, *original = facts[key]
-                if not has_captions:
+                if caption is None:  # (none in the Parquet, or no such column: the tar's, as read without it)
                     caption, problem = _caption(key, sample)
                     if problem:
                         rejects.append({"source": f"{shard}:{name}", "reason": problem, "key": key})
