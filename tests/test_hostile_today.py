@@ -275,3 +275,55 @@ def test_a_small_video_in_a_large_shard_is_not_refused_by_max_clip_mb(tmp_path: 
     DALIBucketIterator(str(out), **options, video_decoder="dali_video").close()
     with DALIBucketIterator(str(out), **options, video_decoder="pyav") as it:
         assert sorted(key for batch in it for key in batch["ids"]) == ["v0", "v1"]
+
+
+# -- a damaged tar header inside a shard ------------------------------------------------------------------------------
+
+
+def damaged_shard(folder: Path) -> tuple[Path, list[str]]:
+    """A shard of six samples whose third image's header is damaged (one byte of its mode field flipped: the header
+    checksum fails); the keys."""
+    import tarfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    samples = [(f"{i:03d}", jpeg_bytes(64 + i, 48, seed=i), f"cap {i}") for i in range(6)]
+    shard = write_shard(folder / "00000.tar", samples)
+    with tarfile.open(shard) as tar:
+        victim = next(m for m in tar.getmembers() if m.name == "002.jpg")
+    raw = bytearray(shard.read_bytes())
+    raw[victim.offset + 100] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    return shard, [k for k, _, _ in samples]
+
+
+@pytest.mark.parametrize("with_parquet", [False, True])
+def test_a_damaged_header_inside_a_shard_is_a_reject_not_silence(tmp_path: Path, with_parquet: bool) -> None:
+    """``tarfile`` ends its member list at a header whose checksum fails (after the first): the samples from there
+    on were dropped with no reject, the run said 'rejected 0'. Now the shard's samples before it are indexed and a
+    reject names the shard, the byte and what to do."""
+    shard, keys = damaged_shard(tmp_path / "shards")
+    if with_parquet:
+        pq.write_table(pa.table({"key": keys, "width": [64 + i for i in range(6)], "height": [48] * 6}),
+                       shard.with_suffix(".parquet"))  # fmt: skip
+    out = tmp_path / "m.parquet"
+    summary = build_index([str(shard)], out, workers=1, progress=False)
+    assert [k for (k,) in columns(out, "key")] == keys[:2]
+    rejects = [__import__("json").loads(line) for line in open(f"{out}.rejects.jsonl")]
+    assert summary.rejected == 1 and len(rejects) == 1
+    assert rejects[0]["source"] == str(shard) and "damaged tar header at byte" in rejects[0]["reason"]
+
+
+def test_a_shard_without_end_of_archive_blocks_is_whole(tmp_path: Path) -> None:
+    """A tar cut exactly after its last member (no two zero blocks: some writers, a copy cut at a member's end) has no
+    damaged header: every sample, no reject."""
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    shard = write_shard(folder / "00000.tar", [(f"{i}", jpeg_bytes(64, 48, seed=i), None) for i in range(3)])
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        last = tar.getmembers()[-1]
+    end = last.offset_data + (last.size + 511) // 512 * 512
+    shard.write_bytes(shard.read_bytes()[:end])
+    summary = build_index([str(shard)], tmp_path / "m.parquet", workers=1, progress=False)
+    assert summary.rows == 3 and summary.rejected == 0

@@ -337,7 +337,24 @@ def _members(shard: str, raw: BinaryIO, *, read_texts: bool = True) -> tuple[dic
                 sample[ext] = tar.extractfile(member).read()
             elif ext not in NOT_IMAGES:
                 sample.setdefault("image", {})[member.name] = (member.offset_data, member.size)
+        damaged = _damaged_header(raw, tar.offset)
+    if damaged is not None:
+        rejects.append({"source": display_path(shard), "reason": damaged})
     return samples, rejects
+
+
+def _damaged_header(raw: BinaryIO, offset: int) -> str | None:
+    """Why the member list of the tar open in ``raw`` ended early, or None: ``tarfile`` stops without a word at a
+    header after the first that is not one (a failed checksum), so the block where it stopped (``offset``) must be
+    the end of the archive (zeros) or of the file."""
+    raw.seek(offset)
+    block = raw.read(512)
+    if not block or block == bytes(len(block)):
+        return None
+    return (
+        f"damaged tar header at byte {offset}: the members after it were not read (rewrite the shard; GNU tar "
+        "extracts them, skipping to the next header)"
+    )
 
 
 def _caption(key: str, sample: dict) -> tuple[str | None, str | None]:
