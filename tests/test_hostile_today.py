@@ -327,3 +327,25 @@ def test_a_shard_without_end_of_archive_blocks_is_whole(tmp_path: Path) -> None:
     shard.write_bytes(shard.read_bytes()[:end])
     summary = build_index([str(shard)], tmp_path / "m.parquet", workers=1, progress=False)
     assert summary.rows == 3 and summary.rejected == 0
+
+
+def test_the_s3_header_walk_of_a_damaged_shard_gives_the_local_reject(tmp_path: Path, monkeypatch) -> None:
+    """The same shard in S3 with its Parquet, walked with ranged GETs: the local rows and reject (naming the URL)."""
+    pytest.importorskip("moto")
+    from dali_arb.data.storage import head
+    from dali_arb.index import remote
+    from dali_arb.index.shards import shard_task
+    from support.loopback import moto_bucket, put_object
+
+    shard, keys = damaged_shard(tmp_path / "shards")
+    meta = shard.with_suffix(".parquet")
+    pq.write_table(pa.table({"key": keys, "width": [64 + i for i in range(6)], "height": [48] * 6}), meta)
+    local_rows, local_rejects = shard_task((str(shard), 10**8, [], str(meta)))
+    monkeypatch.setattr(remote, "WALK_MIN_STRIDE", 1)  # (small images: walked, not fetched whole)
+    with moto_bucket("hostile"):
+        put_object("hostile", "d/00000.tar", shard.read_bytes())
+        put_object("hostile", "d/00000.parquet", meta.read_bytes())
+        rows, rejects, _, walked = remote.remote_shard_task((head("s3://hostile/d/00000.tar"), 10**8, 4096))
+    assert walked and [(r.key, r.offset) for r in rows] == [(r.key, r.offset) for r in local_rows]
+    assert [r["reason"] for r in rejects] == [r["reason"] for r in local_rejects] and len(rejects) == 1
+    assert rejects[0]["source"] == "s3://hostile/d/00000.tar"
