@@ -349,3 +349,33 @@ def test_the_s3_header_walk_of_a_damaged_shard_gives_the_local_reject(tmp_path: 
     assert walked and [(r.key, r.offset) for r in rows] == [(r.key, r.offset) for r in local_rows]
     assert [r["reason"] for r in rejects] == [r["reason"] for r in local_rejects] and len(rejects) == 1
     assert rejects[0]["source"] == "s3://hostile/d/00000.tar"
+
+
+# -- a member appended to a shard after its Parquet was written -------------------------------------------------------
+
+
+@pytest.mark.parametrize("appended", ["image", "caption"])
+def test_a_member_appended_after_the_parquet_is_read_from_the_tar(tmp_path: Path, appended: str) -> None:
+    """``tar -rf`` appends a new ``a.jpg`` (another picture, 400x100) or a new ``a.txt`` to a shard that
+    img2dataset's Parquet describes: the last copy is the sample (as for every tar extractor), and the Parquet
+    describes the first, so the sample is read from the tar. Before: the new picture's bytes were indexed with the
+    old one's size (200x300, a portrait bucket for a 4:1 image) and caption ("old"): served under another's label."""
+    import io
+    import tarfile
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    shard = write_shard(folder / "00000.tar", [("a", jpeg_bytes(200, 300, seed=1), "old"),
+                                               ("b", jpeg_bytes(300, 200, seed=2), "b")])  # fmt: skip
+    added = [("a.jpg", jpeg_bytes(400, 100, seed=9))] if appended == "image" else []
+    with tarfile.open(shard, "a") as tar:
+        for name, data in [*added, ("a.txt", b"new")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    pq.write_table(pa.table({"key": ["a", "b"], "width": [200, 300], "height": [300, 200], "caption": ["old", "b"]}),
+                   folder / "00000.parquet")  # fmt: skip
+    out = tmp_path / "m.parquet"
+    build_index([str(shard)], out, workers=1, progress=False)
+    size = (400, 100) if appended == "image" else (200, 300)
+    assert columns(out, "key", "width", "height", "caption") == [("a", *size, "new"), ("b", 300, 200, "b")]

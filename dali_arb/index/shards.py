@@ -185,11 +185,13 @@ def inspect_shard(
             name, (offset, length) = next(iter(images.items()))
             for other in list(images)[1:]:
                 rejects.append({"source": f"{shard}:{other}", "reason": f"duplicate key {key!r} (kept {name})", "key": key})  # fmt: skip
+            # a member written again (tar -rf) is not what the Parquet describes: the sample is read as without it
+            fact = None if sample.pop("copies", False) or is_video_name(name) else facts.get(key)
             for ext, (at, size) in sample.pop("texts_at", {}).items():  # (headers only: read when needed)
-                if key not in facts or not has_captions or facts[key][2] is None or is_video_name(name):
+                if fact is None or not has_captions or fact[2] is None:
                     sample[ext] = read_member(at, size)
-            if key in facts and not is_video_name(name):
-                width, height, caption, *original = facts[key]
+            if fact is not None:
+                width, height, caption, *original = fact
                 if caption is None:  # (none in the Parquet, or no such column: the tar's, as read without it)
                     caption, problem = _caption(key, sample)
                     if problem:
@@ -312,7 +314,8 @@ def _members(shard: str, raw: BinaryIO, *, read_texts: bool = True) -> tuple[dic
     and rejects for names that are not UTF-8. A sample holds ``"image"`` (``{member name: (offset, length)}``), its captions' bytes by extension and
     ``"sides"`` (without ``read_texts``, the captions' ``(offset, size)`` in ``"texts_at"`` instead of their bytes:
     only headers are read). A member that occurs twice (``tar -rf`` / ``tar -uf`` append a new copy) is its last copy, as
-    for every tar extractor: the picture, its caption and its pairs all come from the latest copies."""
+    for every tar extractor: the picture, its caption and its pairs all come from the latest copies (and the sample
+    holds ``"copies"``: True, where its image or caption was written again)."""
     samples: dict[str, dict] = {}
     rejects: list[Reject] = []
     raw.seek(0)
@@ -332,11 +335,15 @@ def _members(shard: str, raw: BinaryIO, *, read_texts: bool = True) -> tuple[dic
             if side:  # key.NAME.ext: a side file of the sample (pairs, masks, metadata)
                 sample.setdefault("sides", {})[f"{side}{ext}"] = (member.name, member.offset_data, member.size)
             elif ext in (".txt", ".caption", ".json") and not read_texts:
-                sample.setdefault("texts_at", {})[ext] = (member.offset_data, member.size)
+                texts = sample.setdefault("texts_at", {})
+                sample["copies"] = sample.get("copies", False) or ext in texts
+                texts[ext] = (member.offset_data, member.size)
             elif ext in (".txt", ".caption", ".json"):
                 sample[ext] = tar.extractfile(member).read()
             elif ext not in NOT_IMAGES:
-                sample.setdefault("image", {})[member.name] = (member.offset_data, member.size)
+                images = sample.setdefault("image", {})
+                sample["copies"] = sample.get("copies", False) or member.name in images
+                images[member.name] = (member.offset_data, member.size)
         damaged = _damaged_header(raw, tar.offset)
     if damaged is not None:
         rejects.append({"source": display_path(shard), "reason": damaged})
