@@ -17,9 +17,8 @@ from ..data.manifest import ORIGINAL
 from ..data.videofacts import inspect_video, is_video_name
 from ..errors import IndexingError, StorageError
 from .folders import FILE_ERRNOS, NOT_IMAGES, decode_caption, display_path, is_utf8
-from .metadata import _whole_numbers
 from .pairing import FolderListings, find_pairs
-from .records import Reject, Row, original_sizes
+from .records import Reject, Row, original_sizes, whole_numbers
 
 __all__ = [
     "LocalShard",
@@ -115,11 +114,11 @@ def _sidecar_facts(path: str, max_pixels: int) -> tuple[dict[str, tuple], bool]:
 
 def _sidecar_originals(table: pa.Table, path: str) -> list[tuple[int | None, int | None]]:
     """``(original_width, original_height)`` of each row of the per-shard Parquet at ``path`` (None, None where not
-    given), read as metadata reads them (``metadata._whole_numbers``); columns of another kind give none."""
+    given), read as metadata reads them (:func:`~dali_arb.index.records.whole_numbers`); columns of another kind give none."""
     if not all(name in table.column_names for name in ORIGINAL.names):
         return [(None, None)] * table.num_rows
     try:
-        sizes = [_whole_numbers(table.column(name), name, path)[0] for name in ORIGINAL.names]
+        sizes = [whole_numbers(table.column(name), name, path)[0] for name in ORIGINAL.names]
     except IndexingError:  # (dates, lists...: not sizes; the rows keep their own, as without the columns)
         return [(None, None)] * table.num_rows
     width, height = original_sizes(*sizes)
