@@ -412,3 +412,28 @@ def test_an_exif_turned_jpeg_sized_by_the_parquet_is_served(tmp_path: Path) -> N
     assert columns(out, "key", "width", "height") == [("r", 200, 300), ("n", 300, 200)]
     with small_loader(str(out), leftover="partial") as it:
         assert sorted(key for batch in it for key in batch["ids"]) == ["n", "r"]
+
+
+# -- a damaged Parquet beside a shard ---------------------------------------------------------------------------------
+
+
+def test_a_damaged_parquet_beside_a_shard_is_one_line_with_what_to_do(tmp_path: Path) -> None:
+    """A Parquet beside a shard whose footer reads but whose ``width`` column chunk is garbage: the index stops with
+    one line naming it and what to do. Before: two lines (Arrow's message goes on: 'Deserializing page header
+    failed.') and no way out."""
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    shard = write_shard(folder / "00000.tar", [("a", jpeg_bytes(64, 48, seed=1), "x")])
+    meta = folder / "00000.parquet"
+    pq.write_table(pa.table({"key": ["a"], "width": [64], "height": [48]}), meta, compression="none")
+    chunk = pq.read_metadata(meta).row_group(0).column(1)
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    raw = bytearray(meta.read_bytes())
+    raw[start : start + chunk.total_compressed_size] = b"\xab" * chunk.total_compressed_size
+    meta.write_bytes(bytes(raw))
+    done = index_cli(str(shard), "-o", str(tmp_path / "m.parquet"), "-q")
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode != 0 and len(lines) == 1, done.stderr
+    assert str(meta) in lines[0] and "move it away (the shard is then read whole)" in lines[0]
+    meta.rename(tmp_path / "aside.parquet")  # what the line says: then the shard indexes
+    assert index_cli(str(shard), "-o", str(tmp_path / "m.parquet"), "-q").returncode == 0

@@ -165,7 +165,10 @@ def inspect_shard(
         try:
             facts, has_captions = _sidecar_facts(sidecar, max_pixels) if sidecar else ({}, False)
         except (pa.ArrowException, OSError) as exc:
-            raise IndexingError(f"cannot read {display_path(sidecar)}, the metadata beside {shard}: {exc}") from None
+            raise IndexingError(
+                f"cannot read {display_path(sidecar)}, the metadata beside {shard}: {str(exc).splitlines()[0]}; "
+                "write it again, or move it away (the shard is then read whole)"
+            ) from None
         try:
             samples, unnamed = _members(shard, opened.raw, read_texts=not sidecar)
         except OSError as exc:  # the shard opened: reading it failed in the disk or the system
