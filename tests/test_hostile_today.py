@@ -242,15 +242,11 @@ def test_a_caption_the_parquet_lacks_is_read_from_the_tar(tmp_path: Path) -> Non
 # -- max_clip_mb and videos in a shard ---------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="refuse_large_clips (loader/decoders/video.py, being changed by the videoread helper) counts a shard "
-    "member's file as max(length, source_size): source_size is the whole shard's; use length where it is known",
-)
 def test_a_small_video_in_a_large_shard_is_not_refused_by_max_clip_mb(tmp_path: Path) -> None:
     """Two 13 KB clips in a 12 MiB webdataset shard: a worker reads a member (``length``), never the shard, so a 5
-    MiB cap holds them. Before: both refused as holding 12 MiB ('with 12 MiB encoded'): with the default cap (4096
-    MiB) no clip of a shard over 4 GiB can be loaded at all."""
+    MiB cap holds them, and dali_video's ``/dev/shm`` chunks are sized by the member's packets. Before: both refused
+    as holding the shard's bytes (its ``source_size``): with the default cap (4096 MiB) no clip of a shard over 4 GiB
+    could be loaded at all, and the chunk hint was the shard's share, not the clip's."""
     import io
     import tarfile
 
@@ -272,9 +268,13 @@ def test_a_small_video_in_a_large_shard_is_not_refused_by_max_clip_mb(tmp_path: 
     options = {"batch_size": 1, "frames": [1, 9], "images": "exclude", "device": "cpu", "workers": 0,
                "dtype": "uint8", "clip": "chunk", "leftover": "partial", "max_clip_mb": 5,
                "buckets": BucketSpec(bucket_sizes=[(96, 64)])}  # fmt: skip
-    DALIBucketIterator(str(out), **options, video_decoder="dali_video").close()
     with DALIBucketIterator(str(out), **options, video_decoder="pyav") as it:
         assert sorted(key for batch in it for key in batch["ids"]) == ["v0", "v1"]
+    threads = {"workers": 2, "worker_kind": "thread"}
+    with DALIBucketIterator(str(out), **{**options, **threads}, video_decoder="dali_video") as it:
+        hint = it._read_ahead_plan["bytes_per_sample"]
+    member = max(len(data) for name, data in members if name.endswith(".webm"))
+    assert hint <= member + 256  # (12 frames: every clip's packets are the whole member)
 
 
 # -- a damaged tar header inside a shard ------------------------------------------------------------------------------
