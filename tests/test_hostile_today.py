@@ -159,12 +159,6 @@ def open_gop_h264(path: Path, frames: int = 96) -> Path:
     return path
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="videoframes._clip_packets stops at the next keyframe past the clip, before the open GOP's leading "
-    "B-frames that follow it in decode order: a good clip ending on them is TRUNCATED (videoframes.py is the "
-    "videoread helper's area; fix there)",
-)
 @pytest.mark.parametrize("wanted", [[40, 47], [47], [20, 23], [44, 45, 46]])
 def test_a_clip_ending_on_an_open_gops_leading_frames_is_not_truncated(tmp_path: Path, wanted: list[int]) -> None:
     """Frames 45-47 (and 21-23, 69-71) are shown before the keyframe at 48 but decoded after it. A clip whose last
