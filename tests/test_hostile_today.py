@@ -378,34 +378,65 @@ def test_a_member_appended_after_the_parquet_is_read_from_the_tar(tmp_path: Path
 # -- EXIF orientation and the Parquet beside a shard ------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the header walk takes the Parquet's width/height, which img2dataset measures with cv2.IMREAD_UNCHANGED "
-    "(EXIF orientation not applied) and keeps the JPEG's bytes with --skip_reencode: the fix reads each image's "
-    "first KiBs (header_size) in the walk, a cost (a ranged GET per sample where the window does not hold them) "
-    "the lead should weigh against the header-only walk's measured figures",
-)
-def test_an_exif_turned_jpeg_sized_by_the_parquet_is_served(tmp_path: Path) -> None:
-    """A photo stored 300x200 with EXIF orientation 6 (shown 200x300), kept as downloaded (img2dataset
-    ``--resize_mode no`` or ``--resize_only_if_bigger`` with ``--skip_reencode``), its Parquet sizes 300x200 (cv2's
-    IMREAD_UNCHANGED: orientation not applied). The manifest must hold its displayed size, as without the Parquet:
-    the loader refuses a decoded size that differs ('changed since indexing'), so every epoch replaced it, and
-    ``--update`` reads the same Parquet again."""
-    from .conftest import small_loader
+def exif_shard(folder: Path) -> Path:
+    """A shard of ``r`` (stored 300x200, EXIF orientation 6: shown 200x300) and ``n`` (300x200, no EXIF), and the
+    Parquet img2dataset writes beside it keeping the JPEGs' bytes (``--resize_mode no`` or
+    ``--resize_only_if_bigger`` with ``--skip_reencode``): sizes from cv2's ``IMREAD_UNCHANGED`` (orientation not
+    applied), original sizes alike."""
     from .images import save_jpeg
 
-    folder = tmp_path / "shards"
-    folder.mkdir()
-    save_jpeg(tmp_path / "r.jpg", 300, 200, seed=1, orientation=6)
-    shard = write_shard(folder / "00000.tar", [("r", (tmp_path / "r.jpg").read_bytes(), "x"),
+    folder.mkdir(parents=True)
+    save_jpeg(folder / "r.jpg", 300, 200, seed=1, orientation=6)
+    shard = write_shard(folder / "00000.tar", [("r", (folder / "r.jpg").read_bytes(), "x"),
                                                ("n", jpeg_bytes(300, 200, seed=2), "y")])  # fmt: skip
-    pq.write_table(pa.table({"key": ["r", "n"], "width": [300, 300], "height": [200, 200]}),
+    pq.write_table(pa.table({"key": ["r", "n"], "width": [300, 300], "height": [200, 200],
+                             "original_width": [1200, 900], "original_height": [800, 600]}),
                    folder / "00000.parquet")  # fmt: skip
+    return shard
+
+
+def test_an_exif_turned_jpeg_sized_by_the_parquet_is_served(tmp_path: Path) -> None:
+    """The manifest holds the photo's displayed size (its original size turned alike), as without the Parquet; the
+    walk reads its first bytes for the EXIF orientation. Before: indexed 300x200, the loader refused its decoded
+    200x300 ('changed since indexing') and replaced it every epoch; ``--update`` read the same Parquet again."""
+    from .conftest import small_loader
+
+    shard = exif_shard(tmp_path / "shards")
     out = tmp_path / "m.parquet"
     build_index([str(shard)], out, workers=1, progress=False)
-    assert columns(out, "key", "width", "height") == [("r", 200, 300), ("n", 300, 200)]
+    assert columns(out, "key", "width", "height", "original_width", "original_height") == [
+        ("r", 200, 300, 800, 1200), ("n", 300, 200, 900, 600),
+    ]  # fmt: skip
     with small_loader(str(out), leftover="partial") as it:
         assert sorted(key for batch in it for key in batch["ids"]) == ["n", "r"]
+
+
+def test_the_s3_walk_finds_the_exif_orientation_in_the_window_it_holds(tmp_path: Path, monkeypatch) -> None:
+    """In S3 the JPEG's first bytes come with the window that read its header (not one request more than the walk
+    without the EXIF check), and the rows are the local shard's."""
+    pytest.importorskip("moto")
+    from dali_arb.data.storage import head
+    from dali_arb.index import remote, shards
+    from dali_arb.index.shards import shard_task
+    from support.loopback import moto_bucket, put_object
+
+    shard = exif_shard(tmp_path / "shards")
+    meta = shard.with_suffix(".parquet")
+    local_rows, _ = shard_task((str(shard), 10**8, [], str(meta)))
+    monkeypatch.setattr(remote, "WALK_MIN_STRIDE", 1)
+    with moto_bucket("hostile"):
+        put_object("hostile", "e/00000.tar", shard.read_bytes())
+        put_object("hostile", "e/00000.parquet", meta.read_bytes())
+        rows, rejects, io, walked = remote.remote_shard_task((head("s3://hostile/e/00000.tar"), 10**8, 4096))
+        monkeypatch.setattr(shards, "_exif_turned", lambda *args: False)
+        unchecked = remote.remote_shard_task((head("s3://hostile/e/00000.tar"), 10**8, 4096))[2]
+    assert walked and not rejects
+    assert (
+        [(r.key, r.width, r.height, r.original_width) for r in rows]
+        == [(r.key, r.width, r.height, r.original_width) for r in local_rows]
+        == [("r", 200, 300, 800), ("n", 300, 200, 900)]
+    )
+    assert io["requests"] == unchecked["requests"] and io["bytes_read"] == unchecked["bytes_read"]
 
 
 # -- a damaged Parquet beside a shard ---------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..data.imagefacts import inspect_image
+from ..data.imagefacts import inspect_image, jpeg_swaps_sides
 from ..data.manifest import ORIGINAL
 from ..data.videofacts import inspect_video, is_video_name
 from ..errors import IndexingError, StorageError
@@ -33,6 +33,12 @@ __all__ = [
 
 #: img2dataset's columns the sizes of a shard's samples are taken from (``caption`` too, where present).
 SIDECAR_COLUMNS = ("key", "width", "height")
+#: A JPEG's first bytes read to find its EXIF orientation where the Parquet sizes it (the Exif segment's first
+#: entries: 1 KiB holds them after a JFIF or ICC segment of a few KB too); a longer look for the rare JPEG whose
+#: earlier segments are longer.
+EXIF_PROBE = 4 << 10
+EXIF_MOST = 128 << 10
+JPEG_EXTS = (".jpg", ".jpeg", ".jpe", ".jfif")
 
 
 def member_key(name: str) -> tuple[str, str, str] | None:
@@ -194,6 +200,8 @@ def inspect_shard(
                     sample[ext] = read_member(at, size)
             if fact is not None:
                 width, height, caption, *original = fact
+                if _exif_turned(name, length, sample.pop("head", b""), read_member, offset):
+                    width, height, original = height, width, original[::-1]
                 if caption is None:  # (none in the Parquet, or no such column: the tar's, as read without it)
                     caption, problem = _caption(key, sample)
                     if problem:
@@ -225,6 +233,21 @@ def inspect_shard(
             where = (shard, offset, length, stat.st_mtime_ns)
             rows.append(Row(key, result[0], result[1], caption, *where, paired, **identity, video=video))
     return rows, rejects
+
+
+def _exif_turned(name: str, length: int, head: bytes, read_member, offset: int) -> bool:
+    """Whether the JPEG member ``name`` (``length`` bytes at ``offset``) is turned by its EXIF orientation (5-8), so
+    the sizes img2dataset's Parquet gives (cv2's ``IMREAD_UNCHANGED``: the stored sides, kept as downloaded with
+    ``--skip_reencode``) are the displayed ones swapped. ``head``: its first bytes where already read; else
+    :data:`EXIF_PROBE` bytes are read (then up to :data:`EXIF_MOST` for a long segment before the Exif one)."""
+    if member_key(name)[2] not in JPEG_EXTS:
+        return False
+    turned = jpeg_swaps_sides(head) if head else None
+    if turned is None:
+        turned = jpeg_swaps_sides(read_member(offset, min(length, EXIF_PROBE)))
+    if turned is None and length > EXIF_PROBE:
+        turned = jpeg_swaps_sides(read_member(offset, min(length, EXIF_MOST)))
+    return bool(turned)
 
 
 class MemberFile:
@@ -320,6 +343,7 @@ def _members(shard: str, raw: BinaryIO, *, read_texts: bool = True) -> tuple[dic
     holds ``"copies"``: True, where its image or caption was written again)."""
     samples: dict[str, dict] = {}
     rejects: list[Reject] = []
+    held = None if read_texts else getattr(raw, "held_from", None)
     raw.seek(0)
     with tarfile.open(fileobj=raw, mode="r:") as tar:
         for member in tar:
@@ -346,6 +370,8 @@ def _members(shard: str, raw: BinaryIO, *, read_texts: bool = True) -> tuple[dic
                 images = sample.setdefault("image", {})
                 sample["copies"] = sample.get("copies", False) or member.name in images
                 images[member.name] = (member.offset_data, member.size)
+                if held is not None and ext in JPEG_EXTS:  # (its first bytes, where the walk's window holds them)
+                    sample["head"] = held(member.offset_data, min(member.size, EXIF_PROBE))
         damaged = _damaged_header(raw, tar.offset)
     if damaged is not None:
         rejects.append({"source": display_path(shard), "reason": damaged})
