@@ -201,7 +201,7 @@ def inspect_shard(
             if fact is not None:
                 width, height, caption, *original = fact
                 if _exif_turned(name, length, sample.pop("head", b""), read_member, offset):
-                    width, height, original = height, width, original[::-1]
+                    width, height = height, width  # (the original size stays as written: docs/contract.md)
                 if caption is None:  # (none in the Parquet, or no such column: the tar's, as read without it)
                     caption, problem = _caption(key, sample)
                     if problem:
