@@ -462,3 +462,34 @@ def test_a_damaged_parquet_beside_a_shard_is_one_line_with_what_to_do(tmp_path: 
     assert str(meta) in lines[0] and "move it away (the shard is then read whole)" in lines[0]
     meta.rename(tmp_path / "aside.parquet")  # what the line says: then the shard indexes
     assert index_cli(str(shard), "-o", str(tmp_path / "m.parquet"), "-q").returncode == 0
+
+
+def test_a_parquet_that_already_gives_the_displayed_size_is_not_turned_again(tmp_path: Path) -> None:
+    """A Parquet written by another tool with the photo's displayed size (200x300): its frame header (300x200, in the
+    first bytes read) shows the size is already turned, so it stays."""
+    shard = exif_shard(tmp_path / "shards")
+    meta = shard.with_suffix(".parquet")
+    pq.write_table(pa.table({"key": ["r", "n"], "width": [200, 300], "height": [300, 200]}), meta)
+    out = tmp_path / "m.parquet"
+    build_index([str(shard)], out, workers=1, progress=False)
+    assert columns(out, "key", "width", "height") == [("r", 200, 300), ("n", 300, 200)]
+
+
+def test_jpeg_stored_size_and_orientation_from_a_prefix(tmp_path: Path) -> None:
+    """``jpeg_swaps_sides`` and ``jpeg_stored_size`` agree with Pillow wherever the bytes given reach far enough,
+    and say None (unknown) where they do not."""
+    from PIL import Image
+
+    from dali_arb.data.imagefacts import jpeg_stored_size, jpeg_swaps_sides, swaps_sides
+
+    from .images import save_jpeg
+
+    for orientation in (None, 1, 3, 5, 6, 7, 8):
+        for extra in ({}, {"icc_profile": b"x" * 3000}):
+            data = save_jpeg(tmp_path / "o.jpg", 64, 48, orientation=orientation, **extra).read_bytes()
+            with Image.open(tmp_path / "o.jpg") as img:
+                turned, stored = swaps_sides(img), img.size
+            assert jpeg_swaps_sides(data) == turned and jpeg_stored_size(data) == stored
+            for n in (16, 100, 1000, 4000):
+                assert jpeg_swaps_sides(data[:n]) in (None, turned) and jpeg_stored_size(data[:n]) in (None, stored)
+    assert jpeg_swaps_sides(b"not a jpeg") is None and jpeg_stored_size(b"") is None

@@ -25,6 +25,7 @@ __all__ = [
     "header_size",
     "inspect_image",
     "jpeg_scan_start",
+    "jpeg_stored_size",
     "jpeg_swaps_sides",
     "swaps_sides",
     "truncation",
@@ -73,6 +74,27 @@ def jpeg_swaps_sides(head: bytes) -> bool | None:
         if marker == 0xE1 and head[at + 4 : at + 10] == b"Exif\x00\x00":
             return _tiff_swaps_sides(head, at + 10, at + 2 + length)
         at += 2 + length
+    return None
+
+
+def jpeg_stored_size(head: bytes) -> tuple[int, int] | None:
+    """A JPEG's stored ``(width, height)`` (its frame header: EXIF orientation not applied) from its first bytes
+    ``head``, or None where they end before the frame header or are not a JPEG's."""
+    if head[:2] != b"\xff\xd8":
+        return None
+    at = 2
+    while at + 9 <= len(head):
+        if head[at] != 0xFF:
+            return None
+        marker = head[at + 1]
+        if marker == 0xFF:
+            at += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return int.from_bytes(head[at + 7 : at + 9], "big"), int.from_bytes(head[at + 5 : at + 7], "big")
+        if marker == 0xDA:
+            return None
+        at += 2 + int.from_bytes(head[at + 2 : at + 4], "big")
     return None
 
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..data.imagefacts import inspect_image, jpeg_swaps_sides
+from ..data.imagefacts import inspect_image, jpeg_stored_size, jpeg_swaps_sides
 from ..data.manifest import ORIGINAL
 from ..data.videofacts import inspect_video, is_video_name
 from ..errors import IndexingError, StorageError
@@ -200,7 +200,7 @@ def inspect_shard(
                     sample[ext] = read_member(at, size)
             if fact is not None:
                 width, height, caption, *original = fact
-                if _exif_turned(name, length, sample.pop("head", b""), read_member, offset):
+                if _exif_turned(name, length, (width, height), sample.pop("head", b""), read_member, offset):
                     width, height = height, width  # (the original size stays as written: docs/contract.md)
                 if caption is None:  # (none in the Parquet, or no such column: the tar's, as read without it)
                     caption, problem = _caption(key, sample)
@@ -235,19 +235,23 @@ def inspect_shard(
     return rows, rejects
 
 
-def _exif_turned(name: str, length: int, head: bytes, read_member, offset: int) -> bool:
-    """Whether the JPEG member ``name`` (``length`` bytes at ``offset``) is turned by its EXIF orientation (5-8), so
-    the sizes img2dataset's Parquet gives (cv2's ``IMREAD_UNCHANGED``: the stored sides, kept as downloaded with
-    ``--skip_reencode``) are the displayed ones swapped. ``head``: its first bytes where already read; else
-    :data:`EXIF_PROBE` bytes are read (then up to :data:`EXIF_MOST` for a long segment before the Exif one)."""
+def _exif_turned(name: str, length: int, given: tuple[int, int], head: bytes, read_member, offset: int) -> bool:
+    """Whether the sizes ``given`` by img2dataset's Parquet for the JPEG member ``name`` (``length`` bytes at
+    ``offset``) are its stored sides of a photo its EXIF orientation turns (5-8): img2dataset measures with cv2's
+    ``IMREAD_UNCHANGED`` (orientation not applied) and keeps a JPEG's bytes with ``--skip_reencode``. Not where the
+    frame header (in the bytes read) shows ``given`` already turned. ``head``: its first bytes where already read;
+    else :data:`EXIF_PROBE` bytes are read (then up to :data:`EXIF_MOST` for long segments before the Exif one)."""
     if member_key(name)[2] not in JPEG_EXTS:
         return False
     turned = jpeg_swaps_sides(head) if head else None
     if turned is None:
-        turned = jpeg_swaps_sides(read_member(offset, min(length, EXIF_PROBE)))
+        head = read_member(offset, min(length, EXIF_PROBE))
+        turned = jpeg_swaps_sides(head)
     if turned is None and length > EXIF_PROBE:
-        turned = jpeg_swaps_sides(read_member(offset, min(length, EXIF_MOST)))
-    return bool(turned)
+        head = read_member(offset, min(length, EXIF_MOST))
+        turned = jpeg_swaps_sides(head)
+    stored = jpeg_stored_size(head) if turned else None
+    return bool(turned) and (stored is None or stored == given)
 
 
 class MemberFile:
