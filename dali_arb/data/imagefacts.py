@@ -4,7 +4,8 @@
   cannot be trained on (the indexer's test);
 - :func:`check_encoded`: cheap checks on bytes read at run time, before a decoder sees them (the
   loader's test);
-- :func:`swaps_sides` and :func:`truncation`: the two rules both tests are built from.
+- :func:`swaps_sides` and :func:`truncation`: the two rules both tests are built from;
+- :func:`jpeg_swaps_sides`: :func:`swaps_sides` from the first bytes of a JPEG alone (no Pillow).
 
 Pillow is imported lazily (only where a header is parsed).
 """
@@ -24,6 +25,8 @@ __all__ = [
     "header_size",
     "inspect_image",
     "jpeg_scan_start",
+    "jpeg_stored_size",
+    "jpeg_swaps_sides",
     "swaps_sides",
     "truncation",
 ]
@@ -49,6 +52,70 @@ def swaps_sides(img) -> bool:
         exif.load(raw)
         return exif.get(0x0112, 1) in (5, 6, 7, 8)
     return img.format in ("JPEG", "MPO", "WEBP", "TIFF") and img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+
+
+def jpeg_swaps_sides(head: bytes) -> bool | None:
+    """:func:`swaps_sides` of a JPEG from its first bytes ``head`` (the EXIF orientation of its first ``Exif`` APP1
+    segment, as Pillow's ``getexif`` takes it): True for 5-8, False for any other or none (a frame or scan header
+    comes first), None where ``head`` ends before that is known or is not a JPEG's start."""
+    if head[:2] != b"\xff\xd8":
+        return None
+    at = 2
+    while at + 4 <= len(head):
+        if head[at] != 0xFF:
+            return None
+        marker = head[at + 1]
+        if marker == 0xFF:  # (fill bytes before a marker)
+            at += 1
+            continue
+        if marker == 0xDA or (0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)):
+            return False  # the frame or the scan before any Exif segment: no orientation
+        length = int.from_bytes(head[at + 2 : at + 4], "big")
+        if marker == 0xE1 and head[at + 4 : at + 10] == b"Exif\x00\x00":
+            return _tiff_swaps_sides(head, at + 10, at + 2 + length)
+        at += 2 + length
+    return None
+
+
+def jpeg_stored_size(head: bytes) -> tuple[int, int] | None:
+    """A JPEG's stored ``(width, height)`` (its frame header: EXIF orientation not applied) from its first bytes
+    ``head``, or None where they end before the frame header or are not a JPEG's."""
+    if head[:2] != b"\xff\xd8":
+        return None
+    at = 2
+    while at + 9 <= len(head):
+        if head[at] != 0xFF:
+            return None
+        marker = head[at + 1]
+        if marker == 0xFF:
+            at += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return int.from_bytes(head[at + 7 : at + 9], "big"), int.from_bytes(head[at + 5 : at + 7], "big")
+        if marker == 0xDA:
+            return None
+        at += 2 + int.from_bytes(head[at + 2 : at + 4], "big")
+    return None
+
+
+def _tiff_swaps_sides(head: bytes, tiff: int, end: int) -> bool | None:
+    """Orientation 5-8 in IFD0 of the TIFF structure at ``head[tiff:end]`` (an Exif segment); None where ``head``
+    ends first. A malformed structure has no orientation (False), as for Pillow."""
+    order = {b"II": "little", b"MM": "big"}.get(head[tiff : tiff + 2])
+    if order is None:
+        return False if len(head) >= tiff + 2 else None
+    if len(head) < tiff + 8:
+        return None
+    ifd = tiff + int.from_bytes(head[tiff + 4 : tiff + 8], order)
+    if ifd + 2 > len(head):
+        return None if ifd + 2 <= end else False
+    for k in range(int.from_bytes(head[ifd : ifd + 2], order)):
+        entry = ifd + 2 + 12 * k
+        if entry + 12 > len(head):
+            return None if entry + 12 <= end else False
+        if int.from_bytes(head[entry : entry + 2], order) == 0x0112:
+            return int.from_bytes(head[entry + 8 : entry + 10], order) in (5, 6, 7, 8)
+    return False
 
 
 def displayed_size(img) -> tuple[int, int]:

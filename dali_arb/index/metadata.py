@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from ..data.manifest import IDENTITY, ORIGINAL, SCHEMA, VIDEO
 from ..errors import IndexingError
-from .records import Reject, original_sizes
+from .records import INT32_MAX, Reject, original_sizes, whole_numbers
 
 __all__ = ["CHUNK_ROWS", "has_paths", "metadata_chunks", "metadata_rows", "row_group_ranges"]
 
@@ -165,8 +165,8 @@ def _checked_rows(table: pa.Table, path: Path, base_url: str | None) -> tuple[pa
                 }
             )
         keep = pc.and_(keep, ok)
-    width, bad_width = _whole_numbers(table.column("width"), "width", path)
-    height, bad_height = _whole_numbers(table.column("height"), "height", path)
+    width, bad_width = whole_numbers(table.column("width"), "width", path)
+    height, bad_height = whole_numbers(table.column("height"), "height", path)
     for row in pc.indices_nonzero(pc.and_(keep, pc.or_(bad_width, bad_height))).to_pylist():
         shown = f"{_shown(table.column('width')[row].as_py())} x {_shown(table.column('height')[row].as_py())}"
         rejects.append(
@@ -211,7 +211,7 @@ def _checked_rows(table: pa.Table, path: Path, base_url: str | None) -> tuple[pa
     )
     out = out.append_column(IDENTITY.field("source_size"), source_size).append_column(IDENTITY.field("etag"), etag)
     if all(name in names for name in ORIGINAL.names):  # img2dataset's size before resizing: kept where usable
-        sizes = [_whole_numbers(table.column(name), name, path)[0] for name in ORIGINAL.names]
+        sizes = [whole_numbers(table.column(name), name, path)[0] for name in ORIGINAL.names]
         for field, column in zip(ORIGINAL, original_sizes(*sizes)):
             out = out.append_column(field, column)
     if "frames" in names:  # videos: their facts as the metadata gives them (frames, fps; duration, codec, vfr...)
@@ -253,7 +253,6 @@ def _video_columns(table: pa.Table, path: Path) -> tuple[list[pa.Array], pa.Arra
     return [frames, fps, duration, column("codec", pa.string()), vfr, times], bad
 
 
-INT32_MAX = 2**31 - 1
 #: A folder of object storage with at least this many rows of metadata is listed (1000 objects per request);
 #: the objects of a folder with fewer are asked for one by one (HEAD), so a handful of rows never lists a big folder.
 LIST_FROM = 64
@@ -446,32 +445,6 @@ def _check_unique(names: list[str], path: Path) -> None:
             f"metadata {path} has column(s) {', '.join(map(repr, twice))} more than once; "
             "rename or drop the extra column(s) (each name once)"
         )
-
-
-def _whole_numbers(column: pa.ChunkedArray, name: str, path: Path) -> tuple[pa.Array, pa.Array]:
-    """``(values as int64, bad)`` of a size column: ``bad`` marks values that are not whole numbers in
-    ``1..INT32_MAX`` (text that is not a number, fractions, NaN, values that would wrap in int32, nulls)."""
-    column = column.combine_chunks()
-    kind = column.type
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        digits = pc.fill_null(pc.match_substring_regex(column, r"^\s*\d{1,10}(\.0*)?\s*$"), False)
-        whole = pc.replace_substring_regex(pc.utf8_trim_whitespace(column), r"\.0*$", "")
-        column = pc.if_else(digits, whole, pa.scalar(None, pa.string()))
-        column = pc.cast(column, pa.int64())
-    elif pa.types.is_floating(kind):
-        whole = pc.fill_null(pc.and_(pc.is_finite(column), pc.equal(pc.floor(column), column)), False)
-        column = pc.if_else(pc.and_(whole, pc.less_equal(pc.abs(column), float(INT32_MAX))), column, None)
-        column = pc.cast(column, pa.int64())
-    elif pa.types.is_integer(kind):
-        column = pc.cast(column, pa.int64())
-    elif not pa.types.is_null(kind):
-        raise IndexingError(
-            f"metadata {path}: column {name!r} holds {kind}, not numbers; it needs image sizes in pixels"
-        )
-    else:
-        column = pa.nulls(len(column), pa.int64())
-    good = pc.fill_null(pc.and_(pc.greater(column, 0), pc.less_equal(column, INT32_MAX)), False)
-    return pc.if_else(good, column, None), pc.invert(good)
 
 
 def _text(column: pa.ChunkedArray, path: Path) -> pa.Array:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import numpy as np
@@ -10,8 +11,10 @@ import pyarrow as pa
 from ..data.manifest import IDENTITY, ORIGINAL, SCHEMA, VIDEO
 from ..data.pairs import PairSpec, pair_schema
 from ..data.videofacts import VideoFacts
+from ..errors import IndexingError
 
 __all__ = [
+    "INT32_MAX",
     "NOT_IMAGES",
     "PairFacts",
     "Reject",
@@ -21,6 +24,7 @@ __all__ = [
     "original_sizes",
     "rows_to_table",
     "video_columns",
+    "whole_numbers",
     "with_identity",
 ]
 
@@ -92,6 +96,10 @@ def rows_to_table(rows: list[Row], pairs: list[PairSpec] | tuple = (), *, origin
     return pa.Table.from_arrays([pa.array(c, schema.field(j).type) for j, c in enumerate(columns)], schema=schema)
 
 
+#: The largest size a manifest holds (its columns are int32).
+INT32_MAX = 2**31 - 1
+
+
 def original_sizes(width: pa.Array, height: pa.Array) -> tuple[pa.Array, pa.Array]:
     """The ``ORIGINAL`` columns (``int32``) of ``(n,)`` integer ``width`` and ``height`` values as a source gives
     them: a row keeps both where both are whole numbers from 1 to ``2**31 - 1``, else neither (null: the row's own
@@ -104,6 +112,38 @@ def original_sizes(width: pa.Array, height: pa.Array) -> tuple[pa.Array, pa.Arra
     width, height = pc.cast(width, pa.int64()), pc.cast(height, pa.int64())
     both = pc.and_(usable(width), usable(height))
     return tuple(pc.cast(pc.if_else(both, c, pa.scalar(None, pa.int64())), pa.int32()) for c in (width, height))
+
+
+def whole_numbers(column: pa.ChunkedArray, name: str, path: str | os.PathLike) -> tuple[pa.Array, pa.Array]:
+    """``(values as int64, bad)`` of a size column ``name`` of metadata ``path`` (img2dataset's, or the Parquet beside a
+    shard), ``(n,)`` each: ``bad`` marks values that are not whole numbers in ``1..INT32_MAX`` (text that is not a
+    number, fractions, NaN, values that would wrap in int32, nulls). An IndexingError for a column of another kind
+    (dates, lists)."""
+    import pyarrow.compute as pc
+
+    column = column.combine_chunks()
+    kind = column.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        digits = pc.fill_null(pc.match_substring_regex(column, r"^\s*\d{1,10}(\.0*)?\s*$"), False)
+        whole = pc.replace_substring_regex(pc.utf8_trim_whitespace(column), r"\.0*$", "")
+        column = pc.if_else(digits, whole, pa.scalar(None, pa.string()))
+        column = pc.cast(column, pa.int64())
+    elif pa.types.is_floating(kind):
+        whole = pc.fill_null(pc.and_(pc.is_finite(column), pc.equal(pc.floor(column), column)), False)
+        column = pc.if_else(pc.and_(whole, pc.less_equal(pc.abs(column), float(INT32_MAX))), column, None)
+        column = pc.cast(column, pa.int64())
+    elif pa.types.is_integer(kind):
+        if kind == pa.uint64():  # (values past int64 would not cast: out of range like any other too large)
+            column = pc.if_else(pc.less_equal(column, pa.scalar(INT32_MAX, kind)), column, None)
+        column = pc.cast(column, pa.int64())
+    elif not pa.types.is_null(kind):
+        raise IndexingError(
+            f"metadata {path}: column {name!r} holds {kind}, not numbers; it needs image sizes in pixels"
+        )
+    else:
+        column = pa.nulls(len(column), pa.int64())
+    good = pc.fill_null(pc.and_(pc.greater(column, 0), pc.less_equal(column, INT32_MAX)), False)
+    return pc.if_else(good, column, None), pc.invert(good)
 
 
 def has_original(table: pa.Table | pa.RecordBatch) -> bool:

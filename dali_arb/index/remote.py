@@ -152,6 +152,12 @@ class HeaderWindows(io.RawIOBase):
             return self._data[start - self._start : end - self._start]
         return None
 
+    def held_from(self, start: int, most: int) -> bytes:
+        """Up to ``most`` bytes from ``start`` that the window held covers (b"" where it does not cover ``start``)."""
+        if not self._start <= start < self._start + len(self._data):
+            return b""
+        return self._data[start - self._start : start - self._start + most]
+
     def read(self, size: int = -1) -> bytes:
         end = self.size if size is None or size < 0 else min(self.size, self._pos + size)
         if end <= self._pos:

@@ -12,13 +12,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..data.imagefacts import inspect_image
+from ..data.imagefacts import inspect_image, jpeg_stored_size, jpeg_swaps_sides
 from ..data.manifest import ORIGINAL
 from ..data.videofacts import inspect_video, is_video_name
 from ..errors import IndexingError, StorageError
 from .folders import FILE_ERRNOS, NOT_IMAGES, decode_caption, display_path, is_utf8
 from .pairing import FolderListings, find_pairs
-from .records import Reject, Row, original_sizes
+from .records import Reject, Row, original_sizes, whole_numbers
 
 __all__ = [
     "LocalShard",
@@ -33,6 +33,12 @@ __all__ = [
 
 #: img2dataset's columns the sizes of a shard's samples are taken from (``caption`` too, where present).
 SIDECAR_COLUMNS = ("key", "width", "height")
+#: A JPEG's first bytes read to find its EXIF orientation where the Parquet sizes it (the Exif segment's first
+#: entries: 1 KiB holds them after a JFIF or ICC segment of a few KB too); a longer look for the rare JPEG whose
+#: earlier segments are longer.
+EXIF_PROBE = 4 << 10
+EXIF_MOST = 128 << 10
+JPEG_EXTS = (".jpg", ".jpeg", ".jpe", ".jfif")
 
 
 def member_key(name: str) -> tuple[str, str, str] | None:
@@ -80,17 +86,19 @@ def _sidecar_names(shard: str) -> list[str]:
 def _sidecar_facts(path: str, max_pixels: int) -> tuple[dict[str, tuple], bool]:
     """``({key: (width, height, caption, original_width, original_height)}, has captions)`` of the usable rows of
     img2dataset's per-shard Parquet: ``status`` "success" (where the column exists), sizes whole numbers of at most
-    ``max_pixels`` pixels. Other rows are left out: their samples are read from the shard as without the Parquet.
-    The original sizes (the image's before img2dataset resized it) are None where the Parquet lacks them or a value
-    is not a whole number from 1 to ``2**31 - 1`` (:func:`~dali_arb.index.records.original_sizes`)."""
+    ``max_pixels`` pixels. Other rows are left out: their samples are read from the shard as without the Parquet; so
+    is a key the Parquet lists twice with different facts (neither can be trusted). The original sizes (the image's
+    before img2dataset resized it) are read as metadata's are: None where the Parquet lacks them or a value is not a
+    whole number from 1 to ``2**31 - 1`` (numbers or their text)."""
     names = pq.read_schema(path).names
     columns = [c for c in (*SIDECAR_COLUMNS, "caption", "status", *ORIGINAL.names) if c in names]
     table = pq.read_table(path, columns=columns)
     if "status" in names:
         table = table.filter(pc.fill_null(pc.equal(pc.cast(table.column("status"), pa.string()), "success"), False))
     facts: dict[str, tuple] = {}
+    conflicting: set[str] = set()
     captions = table.column("caption").to_pylist() if "caption" in names else [None] * table.num_rows
-    originals = _sidecar_originals(table)
+    originals = _sidecar_originals(table, path)
     for key, width, height, caption, original in zip(
         pc.cast(table.column("key"), pa.string()).to_pylist(),
         table.column("width").to_pylist(),
@@ -102,24 +110,24 @@ def _sidecar_facts(path: str, max_pixels: int) -> tuple[dict[str, tuple], bool]:
         if key is None or not whole or not (0 < width < 2**31 and 0 < height < 2**31) or width * height > max_pixels:
             continue
         text = caption.strip() if isinstance(caption, str) else None
-        facts[key] = (int(width), int(height), text or None, *original)
+        fact = (int(width), int(height), text or None, *original)
+        if facts.setdefault(key, fact) != fact:
+            conflicting.add(key)
+    for key in conflicting:
+        del facts[key]
     return facts, "caption" in names
 
 
-def _sidecar_originals(table: pa.Table) -> list[tuple[int | None, int | None]]:
-    """``(original_width, original_height)`` of each row of a per-shard Parquet (None, None where not given)."""
+def _sidecar_originals(table: pa.Table, path: str) -> list[tuple[int | None, int | None]]:
+    """``(original_width, original_height)`` of each row of the per-shard Parquet at ``path`` (None, None where not
+    given), read as metadata reads them (:func:`~dali_arb.index.records.whole_numbers`); columns of another kind give none."""
     if not all(name in table.column_names for name in ORIGINAL.names):
         return [(None, None)] * table.num_rows
-    columns = []
-    for name in ORIGINAL.names:
-        column = table.column(name).combine_chunks()
-        if pa.types.is_floating(column.type):  # (whole floats only: 1024.0)
-            whole = pc.and_(pc.is_finite(column), pc.equal(pc.floor(column), column))
-            column = pc.if_else(pc.and_(whole, pc.less(pc.abs(column), 2.0**31)), column, None)
-        elif not pa.types.is_integer(column.type):
-            return [(None, None)] * table.num_rows
-        columns.append(pc.cast(column, pa.int64()))
-    width, height = original_sizes(*columns)
+    try:
+        sizes = [whole_numbers(table.column(name), name, path)[0] for name in ORIGINAL.names]
+    except IndexingError:  # (dates, lists...: not sizes; the rows keep their own, as without the columns)
+        return [(None, None)] * table.num_rows
+    width, height = original_sizes(*sizes)
     return list(zip(width.to_pylist(), height.to_pylist()))
 
 
@@ -149,8 +157,9 @@ def inspect_shard(
 
     ``sidecar``: img2dataset's per-shard Parquet (:func:`sidecar_metadata`), a local file. Then only the tar's
     headers are read (a 512-byte read per member, seeking over the data): a sample it lists (``status`` success)
-    takes its size, caption and original size (``original_width``/``original_height``, where given) from it; a
-    sample it does not list is read as without it.
+    takes its size, caption and original size (``original_width``/``original_height``, where given) from it (its
+    caption from the tar where the Parquet gives none: null or blank); a sample it does not list is read as without
+    it.
     """
     shard = opened.name
     rows: list[Row] = []
@@ -162,7 +171,10 @@ def inspect_shard(
         try:
             facts, has_captions = _sidecar_facts(sidecar, max_pixels) if sidecar else ({}, False)
         except (pa.ArrowException, OSError) as exc:
-            raise IndexingError(f"cannot read {display_path(sidecar)}, the metadata beside {shard}: {exc}") from None
+            raise IndexingError(
+                f"cannot read {display_path(sidecar)}, the metadata beside {shard}: {str(exc).splitlines()[0]}; "
+                "write it again, or move it away (the shard is then read whole)"
+            ) from None
         try:
             samples, unnamed = _members(shard, opened.raw, read_texts=not sidecar)
         except OSError as exc:  # the shard opened: reading it failed in the disk or the system
@@ -181,12 +193,16 @@ def inspect_shard(
             name, (offset, length) = next(iter(images.items()))
             for other in list(images)[1:]:
                 rejects.append({"source": f"{shard}:{other}", "reason": f"duplicate key {key!r} (kept {name})", "key": key})  # fmt: skip
+            # a member written again (tar -rf) is not what the Parquet describes: the sample is read as without it
+            fact = None if sample.pop("copies", False) or is_video_name(name) else facts.get(key)
             for ext, (at, size) in sample.pop("texts_at", {}).items():  # (headers only: read when needed)
-                if key not in facts or not has_captions or is_video_name(name):
+                if fact is None or not has_captions or fact[2] is None:
                     sample[ext] = read_member(at, size)
-            if key in facts and not is_video_name(name):
-                width, height, caption, *original = facts[key]
-                if not has_captions:
+            if fact is not None:
+                width, height, caption, *original = fact
+                if _exif_turned(name, length, (width, height), sample.pop("head", b""), read_member, offset):
+                    width, height = height, width  # (the original size stays as written: docs/contract.md)
+                if caption is None:  # (none in the Parquet, or no such column: the tar's, as read without it)
                     caption, problem = _caption(key, sample)
                     if problem:
                         rejects.append({"source": f"{shard}:{name}", "reason": problem, "key": key})
@@ -217,6 +233,25 @@ def inspect_shard(
             where = (shard, offset, length, stat.st_mtime_ns)
             rows.append(Row(key, result[0], result[1], caption, *where, paired, **identity, video=video))
     return rows, rejects
+
+
+def _exif_turned(name: str, length: int, given: tuple[int, int], head: bytes, read_member, offset: int) -> bool:
+    """Whether the sizes ``given`` by img2dataset's Parquet for the JPEG member ``name`` (``length`` bytes at
+    ``offset``) are its stored sides of a photo its EXIF orientation turns (5-8): img2dataset measures with cv2's
+    ``IMREAD_UNCHANGED`` (orientation not applied) and keeps a JPEG's bytes with ``--skip_reencode``. Not where the
+    frame header (in the bytes read) shows ``given`` already turned. ``head``: its first bytes where already read;
+    else :data:`EXIF_PROBE` bytes are read (then up to :data:`EXIF_MOST` for long segments before the Exif one)."""
+    if member_key(name)[2] not in JPEG_EXTS:
+        return False
+    turned = jpeg_swaps_sides(head) if head else None
+    if turned is None:
+        head = read_member(offset, min(length, EXIF_PROBE))
+        turned = jpeg_swaps_sides(head)
+    if turned is None and length > EXIF_PROBE:
+        head = read_member(offset, min(length, EXIF_MOST))
+        turned = jpeg_swaps_sides(head)
+    stored = jpeg_stored_size(head) if turned else None
+    return bool(turned) and (stored is None or stored == given)
 
 
 class MemberFile:
@@ -308,9 +343,11 @@ def _members(shard: str, raw: BinaryIO, *, read_texts: bool = True) -> tuple[dic
     and rejects for names that are not UTF-8. A sample holds ``"image"`` (``{member name: (offset, length)}``), its captions' bytes by extension and
     ``"sides"`` (without ``read_texts``, the captions' ``(offset, size)`` in ``"texts_at"`` instead of their bytes:
     only headers are read). A member that occurs twice (``tar -rf`` / ``tar -uf`` append a new copy) is its last copy, as
-    for every tar extractor: the picture, its caption and its pairs all come from the latest copies."""
+    for every tar extractor: the picture, its caption and its pairs all come from the latest copies (and the sample
+    holds ``"copies"``: True, where its image or caption was written again)."""
     samples: dict[str, dict] = {}
     rejects: list[Reject] = []
+    held = None if read_texts else getattr(raw, "held_from", None)
     raw.seek(0)
     with tarfile.open(fileobj=raw, mode="r:") as tar:
         for member in tar:
@@ -328,12 +365,35 @@ def _members(shard: str, raw: BinaryIO, *, read_texts: bool = True) -> tuple[dic
             if side:  # key.NAME.ext: a side file of the sample (pairs, masks, metadata)
                 sample.setdefault("sides", {})[f"{side}{ext}"] = (member.name, member.offset_data, member.size)
             elif ext in (".txt", ".caption", ".json") and not read_texts:
-                sample.setdefault("texts_at", {})[ext] = (member.offset_data, member.size)
+                texts = sample.setdefault("texts_at", {})
+                sample["copies"] = sample.get("copies", False) or ext in texts
+                texts[ext] = (member.offset_data, member.size)
             elif ext in (".txt", ".caption", ".json"):
                 sample[ext] = tar.extractfile(member).read()
             elif ext not in NOT_IMAGES:
-                sample.setdefault("image", {})[member.name] = (member.offset_data, member.size)
+                images = sample.setdefault("image", {})
+                sample["copies"] = sample.get("copies", False) or member.name in images
+                images[member.name] = (member.offset_data, member.size)
+                if held is not None and ext in JPEG_EXTS:  # (its first bytes, where the walk's window holds them)
+                    sample["head"] = held(member.offset_data, min(member.size, EXIF_PROBE))
+        damaged = _damaged_header(raw, tar.offset)
+    if damaged is not None:
+        rejects.append({"source": display_path(shard), "reason": damaged})
     return samples, rejects
+
+
+def _damaged_header(raw: BinaryIO, offset: int) -> str | None:
+    """Why the member list of the tar open in ``raw`` ended early, or None: ``tarfile`` stops without a word at a
+    header after the first that is not one (a failed checksum), so the block where it stopped (``offset``) must be
+    the end of the archive (zeros) or of the file."""
+    raw.seek(offset)
+    block = raw.read(512)
+    if not block or block == bytes(len(block)):
+        return None
+    return (
+        f"damaged tar header at byte {offset}: the members after it were not read (rewrite the shard; GNU tar "
+        "extracts them, skipping to the next header)"
+    )
 
 
 def _caption(key: str, sample: dict) -> tuple[str | None, str | None]:

@@ -53,10 +53,10 @@ def served_p99_of(planner: Planner, data: ManifestSet) -> dict[str, float | None
     if clips is None:
         return served_p99(*(data.ints_at(name, served, -1) for name in ("heights", "widths", "length")))
     # a plan over clips: its members are clip ids, and a clip's encoded bytes are its packets, not its file's
-    from .decoders.video import clip_packet_bytes
+    from .decoders.video import clip_packet_bytes, video_file_bytes
 
     rows = np.asarray(clips.row, np.int64)[served]
-    encoded = np.maximum(data.ints_at("length", rows, -1), data.ints_at("source_size", rows, -1))
+    encoded = video_file_bytes(data, rows)
     packets = clip_packet_bytes(np.maximum(encoded, 0), np.asarray(clips.length, np.int64)[served],
                                 data.ints_at("frames", rows, -1))  # fmt: skip
     packets = np.where(encoded >= 0, packets, -1)  # (unknown stays unknown)

@@ -53,7 +53,7 @@ def _table(value: Any) -> tuple[Entry, ...]:
     items = value.items() if isinstance(value, dict) else value
     try:
         pairs = [(_key(k), b) for k, b in items]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # (OverflowError: an infinite side, int(inf))
         raise ConfigError(
             "batch_sizes must map (width, height), or (frames, width, height) for clips, to samples per step, e.g. "
             f"{{(1024, 1024): 4}} or {{(33, 832, 480): 2}}, got {value!r:.120}"

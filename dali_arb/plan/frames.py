@@ -37,8 +37,12 @@ CLIP_MODES = ("head", "uniform", "slide", "chunk")
 
 
 def _positive_int(value, name: str) -> int:
+    """``value`` as a frame count from 1 to ``2**31 - 1`` (the manifest's ``frames`` is int32: no video holds more);
+    a ConfigError echoing it otherwise."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if value > 2**31 - 1:
+        raise ConfigError(f"{name} must be at most 2**31 - 1 (2147483647), got {value!r}")
     return int(value)
 
 

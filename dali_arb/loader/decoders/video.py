@@ -56,6 +56,7 @@ __all__ = [
     "choose_video_decoder",
     "clip_packet_bytes",
     "refuse_large_clips",
+    "video_file_bytes",
 ]
 
 #: What a worker holds of a video's file while it reads a clip from it: the workers never read a video whole, but
@@ -279,6 +280,14 @@ def choose_video_decoder(name: str | VideoDecoder, device: str) -> VideoDecoder:
     return VIDEO_DECODERS[name]()
 
 
+def video_file_bytes(data: Any, rows: np.ndarray) -> np.ndarray:
+    """``int64 (n,)`` the encoded bytes of the videos of ``rows`` (``int64 (n,)``) of the loader's ``data``: a row's
+    ``length`` (a tar member's own bytes: its ``source_size`` is the whole shard's), else its file's size (a whole
+    file has no ``length``); -1 where neither is known."""
+    length = data.ints_at("length", rows, -1)
+    return np.where(length > 0, length, data.ints_at("source_size", rows, -1))
+
+
 def refuse_large_clips(decoder: VideoDecoder, planner: Any, data: Any, cap_mb: float | None) -> None:
     """A ConfigError naming the clip that holds the most memory (:meth:`VideoDecoder.clip_memory`) when it is over
     ``cap_mb`` MiB, with what to do; nothing when every clip fits or ``cap_mb`` is None. ``planner`` plans clips
@@ -298,8 +307,7 @@ def refuse_large_clips(decoder: VideoDecoder, planner: Any, data: Any, cap_mb: f
     rows = np.asarray(clips.row, np.int64)[planned]
     frames = np.asarray(clips.length, np.int64)[planned]
     height, width = data.ints_at("heights", rows, 0), data.ints_at("widths", rows, 0)
-    encoded = np.maximum(data.ints_at("length", rows, -1), data.ints_at("source_size", rows, -1))
-    encoded = np.maximum(encoded, 0)
+    encoded = np.maximum(video_file_bytes(data, rows), 0)
     video_frames = data.ints_at("frames", rows, -1)
     held = decoder.clip_memory(frames, height, width, bucket_pixels, encoded, video_frames)
     worst = int(np.argmax(held))

@@ -307,14 +307,16 @@ class _NoTimestamps(Exception):
 
 def _clip_packets(demux, stream, clip: ClipFrames, first: int, last: int, *, after_seek: bool):
     """``(packets, key, reached)`` from a demuxer: the packets from the last keyframe at or before frame ``first`` up to
-    the frames through ``last``, the keyframe's frame number, and the highest frame number seen; or None when the
-    demuxer (``after_seek``: its first packet) holds no keyframe at or before ``first``."""
+    the frames through ``last`` (with an open GOP, through the next keyframe and the leading frames after it that are
+    shown before it), the keyframe's frame number, and the highest frame number seen; or None when the demuxer
+    (``after_seek``: its first packet) holds no keyframe at or before ``first``."""
     base = stream.time_base
     start = stream.start_time if stream.start_time is not None else 0
     kept: list = []
     key: int | None = None
     seen: set[int] = set()
     reached = -1
+    following: int | None = None  # the first keyframe after the last wanted frame, once met
     for packet in demux:
         if packet.size == 0:  # the demuxer's flush packet
             continue
@@ -329,7 +331,11 @@ def _clip_packets(demux, stream, clip: ClipFrames, first: int, last: int, *, aft
                 return None
             continue
         elif packet.is_keyframe and number > last:
-            break  # the next keyframe after the clip: every wanted frame is before it
+            if following is not None:
+                break
+            following = number  # the next keyframe: an open GOP's frames shown before it are decoded after it
+        elif following is not None and number > following:
+            break  # past the next keyframe's leading frames: every wanted frame is before them
         elif number < key:
             continue  # a leading frame of an open GOP: it refers to the GOP before and is shown before the keyframe
         kept.append(packet)
