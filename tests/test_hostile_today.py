@@ -396,8 +396,9 @@ def exif_shard(folder: Path) -> Path:
 
 
 def test_an_exif_turned_jpeg_sized_by_the_parquet_is_served(tmp_path: Path) -> None:
-    """The manifest holds the photo's displayed size, as without the Parquet (its original size as written: the
-    contract never turns it); the walk reads its first bytes for the EXIF orientation. Before: indexed 300x200, the loader refused its decoded
+    """The manifest holds the photo's displayed size, as without the Parquet, and its original size turned alike
+    (SDXL's original_size describes the picture served: a portrait); the walk reads its first bytes for the EXIF
+    orientation. Before: indexed 300x200, the loader refused its decoded
     200x300 ('changed since indexing') and replaced it every epoch; ``--update`` read the same Parquet again."""
     from .conftest import small_loader
 
@@ -405,7 +406,7 @@ def test_an_exif_turned_jpeg_sized_by_the_parquet_is_served(tmp_path: Path) -> N
     out = tmp_path / "m.parquet"
     build_index([str(shard)], out, workers=1, progress=False)
     assert columns(out, "key", "width", "height", "original_width", "original_height") == [
-        ("r", 200, 300, 1200, 800), ("n", 300, 200, 900, 600),
+        ("r", 200, 300, 800, 1200), ("n", 300, 200, 900, 600),
     ]  # fmt: skip
     with small_loader(str(out), leftover="partial") as it:
         assert sorted(key for batch in it for key in batch["ids"]) == ["n", "r"]
@@ -434,7 +435,7 @@ def test_the_s3_walk_finds_the_exif_orientation_in_the_window_it_holds(tmp_path:
     assert (
         [(r.key, r.width, r.height, r.original_width) for r in rows]
         == [(r.key, r.width, r.height, r.original_width) for r in local_rows]
-        == [("r", 200, 300, 1200), ("n", 300, 200, 900)]
+        == [("r", 200, 300, 800), ("n", 300, 200, 900)]
     )
     assert io["requests"] == unchecked["requests"] and io["bytes_read"] == unchecked["bytes_read"]
 

@@ -201,7 +201,9 @@ def inspect_shard(
             if fact is not None:
                 width, height, caption, *original = fact
                 if _exif_turned(name, length, (width, height), sample.pop("head", b""), read_member, offset):
-                    width, height = height, width  # (the original size stays as written: docs/contract.md)
+                    # img2dataset measured both sizes unturned: the original size turns with the image it describes
+                    width, height = height, width
+                    original = original[::-1]
                 if caption is None:  # (none in the Parquet, or no such column: the tar's, as read without it)
                     caption, problem = _caption(key, sample)
                     if problem:
