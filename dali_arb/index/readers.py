@@ -99,16 +99,25 @@ def empty_folder(source: str) -> IndexingError:
 
 
 def read_shard(run: IndexRun, source: str) -> None:
-    """A webdataset ``.tar`` shard, in one worker; its rows in the manifest being updated are reused when the shard
-    is unchanged."""
+    """A webdataset ``.tar`` shard, in one worker (submitted ahead by the driver where it could be:
+    :func:`shard_job`); its rows in the manifest being updated are reused when the shard is unchanged."""
+    task = shard_job(run, source)
+    if task is None:
+        run.write_table(run.old_rows(source), reused=True)
+        return
+    rows, rejects = run.result(("shard", source), shard_task, task)
+    run.take(rows, rejects, len(rows) + len(rejects))
+
+
+def shard_job(run: IndexRun, source: str) -> tuple | None:
+    """The ``shard_task`` arguments that read the shard ``source``, or None where its rows in the manifest being
+    updated are reused (the shard unchanged)."""
     reuse = run.old_rows(source)
     if reuse is not None and _shard_unchanged(reuse, os.stat(source)) and not _gains_original(reuse, source, run):
-        run.write_table(reuse, reused=True)
-        return
+        return None
     # img2dataset's per-shard Parquet beside it: sizes and captions from it, only the tar's headers read
     sidecar = None if run.pairs else sidecar_metadata(source)
-    rows, rejects = run.submit(shard_task, (source, run.max_pixels, run.pairs, sidecar)).result()
-    run.take(rows, rejects, len(rows) + len(rejects))
+    return (source, run.max_pixels, run.pairs, sidecar)
 
 
 def read_metadata(run: IndexRun, source: str) -> None:

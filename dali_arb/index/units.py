@@ -313,7 +313,8 @@ class EarlierRows:
 
     COLUMNS = ("source", "length", "mtime_ns", "width", "height", "ctime_ns", "etag")
 
-    def __init__(self, previous: ManifestParts) -> None:
+    def __init__(self, previous: ManifestParts, *, local_path: Callable[[str], str] = str) -> None:
+        self.local_path = local_path  # (a part's path or URL -> a local file: a part in object storage downloaded)
         self.by_source: dict[str, list[str]] = {}
         self.unattributed: list[str] = []
         self.dropped_sources = {p.unit.get("source") for p in previous.parts if p.unit and p.unit.get("dropped")}
@@ -329,6 +330,7 @@ class EarlierRows:
         """The earlier rows of the parts of ``source`` (and of parts without a unit), ``columns`` of them, or None."""
         tables = []
         for path in [*self.by_source.get(source, ()), *self.unattributed]:
+            path = self.local_path(path)
             names = pq.read_schema(path).names
             tables.append(pq.read_table(path, columns=[c for c in columns if c in names] if columns else None))
         if not tables:
@@ -510,8 +512,9 @@ class PartReuse:
 DUPLICATE_TAIL = "(kept the first source's)"
 
 
-def reused_summary(summary: IndexSummary, part: PartInfo, folder: Path) -> None:
-    """Count a kept ``part`` (its rows, rejects and their reasons, videos) in ``summary``."""
+def reused_summary(summary: IndexSummary, part: PartInfo, folder: Path | str) -> None:
+    """Count a kept ``part`` (its rows, rejects and their reasons, videos) in ``summary``; ``folder``: the manifest's
+    local folder or object-storage prefix (ending in ``/``)."""
     record = part.unit or {}
     summary.rows += part.rows
     summary.reused += part.rows
@@ -520,8 +523,14 @@ def reused_summary(summary: IndexSummary, part: PartInfo, folder: Path) -> None:
     summary.no_source += record.get("no_source", 0)
     summary.parts_reused += 1
     if part.rejects and part.rejected:
-        with open(folder / part.rejects, encoding="utf-8") as fh:
-            for line in fh:
+        if isinstance(folder, str):  # (an object-storage prefix)
+            from ..data.storage import get_bytes
+
+            lines = get_bytes(folder + part.rejects).decode("utf-8").splitlines()
+        else:
+            lines = (folder / part.rejects).read_text(encoding="utf-8").splitlines()
+        for line in lines:
+            if line.strip():
                 text = json.loads(line)["reason"]
                 # (counted as the run counts them: de-duplication's under one name, the others by their first words)
                 reason = "duplicate key" if text.endswith(DUPLICATE_TAIL) else text.split(":")[0].split(" (")[0]
