@@ -4,8 +4,10 @@ pool, with the manifest it wrote one unit after another (byte for byte); and ``-
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 import os
+import tarfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -15,6 +17,7 @@ import pytest
 from dali_arb.data.parts import read_index
 from dali_arb.data.storage import list_prefix
 from dali_arb.index import build_index, driver
+from dali_arb.index.run import IndexRun
 
 from .test_update_parts import check_fresh, make_shard, make_sources, rejects, rows
 
@@ -65,6 +68,50 @@ def test_workers_run_units_side_by_side_into_the_same_parts(tmp_path, monkeypatc
     check_fresh(sources, tmp_path / "two", tmp_path)
 
 
+def test_shards_in_object_storage_are_read_ahead_into_the_same_manifest_bytes(tmp_path, monkeypatch) -> None:
+    """Shards in s3:// (moto; one holding a member that is not an image) into one file: each read whole in a worker
+    (``readers.remote_shard_job``), several at once, the same bytes and counts as with one worker."""
+    import boto3
+
+    from support.loopback import moto_s3
+
+    local = [make_shard(tmp_path / f"{i}.tar", [(f"k{i}{j}", 40 + j, 50 + i) for j in range(3)]) for i in range(4)]
+    with tarfile.open(local[2], "a") as tar:
+        info = tarfile.TarInfo("bad.jpg")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"bad"))
+    with moto_s3():
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="data")
+        for i, path in enumerate(local):
+            s3.upload_file(path, "data", f"shards/{i}.tar")
+        sources = ["s3://data/shards/{0..3}.tar"]
+        one = build_index(sources, tmp_path / "one.parquet", workers=1, progress=False)
+        submitted: list[tuple] = []  # (key, tasks submitted and not taken after it)
+        ahead = IndexRun.ahead
+
+        def recorded(run, key, fn, task):
+            ahead(run, key, fn, task)
+            submitted.append((key, run.pending_ahead))
+
+        monkeypatch.setattr(IndexRun, "ahead", recorded)
+        two = build_index(sources, tmp_path / "two.parquet", workers=2, progress=False)
+    assert [key for key, _ in submitted] == [("remote_shard", f"s3://data/shards/{i}.tar") for i in range(4)]
+    assert max(pending for _, pending in submitted) == 2  # (two shards in flight, never more)
+    assert (tmp_path / "one.parquet").read_bytes() == (tmp_path / "two.parquet").read_bytes()
+    assert (tmp_path / "one.parquet.rejects.jsonl").read_bytes() == (
+        tmp_path / "two.parquet.rejects.jsonl"
+    ).read_bytes()
+    assert (one.rows, one.rejected, one.fetched_objects, one.fetched_bytes) == (
+        12,
+        1,
+        4,
+        sum(map(os.path.getsize, local)),
+    )
+    assert (two.rows, two.rejected, two.fetched_objects, two.fetched_bytes) == (12, 1, 4, one.fetched_bytes)
+    assert "s3://data/shards/2.tar:bad.jpg" in (tmp_path / "two.parquet.rejects.jsonl").read_text()
+
+
 def _meet(barrier: str, shard: str) -> None:
     """Mark ``shard`` begun in the folder ``barrier`` and wait (up to 20 s) until two shards have begun; then mark it
     met in ``barrier/../met`` (not when it waited alone)."""
@@ -92,8 +139,7 @@ def test_two_shards_are_read_at_once_with_two_workers(tmp_path, monkeypatch, in_
     barrier.mkdir()
     (tmp_path / "met").mkdir()
     monkeypatch.setenv("ENGINES_TEST_BARRIER", str(barrier))
-    monkeypatch.setattr(driver, "shard_task", _waiting_shard_task, raising=False)  # (read ahead: one file)
-    monkeypatch.setattr("dali_arb.index.readers.shard_task", _waiting_shard_task)  # (in a worker's unit: parts)
+    monkeypatch.setattr("dali_arb.index.readers.shard_task", _waiting_shard_task)
     fork = multiprocessing.get_context("fork")  # (the workers inherit the patched functions)
     monkeypatch.setattr(driver, "_pool", lambda workers, remote: ProcessPoolExecutor(workers, mp_context=fork))
     out = f"{tmp_path / 'parts'}/" if in_parts else tmp_path / "m.parquet"

@@ -25,10 +25,9 @@ from ..data.parts import INDEX_NAME, ManifestParts, is_parts, read_index, remove
 from ..errors import ConfigError, DaliArbError, IndexingError, ManifestError, StorageError
 from ..processes import die_with_parent, signals_deferred, spawn_without_main, stop_pool
 from .captions import CaptionSource, apply_captions
-from .readers import reader_for, shard_job
+from .readers import read_ahead, reader_for
 from .records import index_schema
 from .run import ROWS_PER_GROUP, IndexRun, IndexSummary, finished
-from .shards import shard_task
 from .units import (  # (PART_ROWS: rows per part of a metadata file, its unit)
     PART_ROWS,
     Done,
@@ -183,24 +182,23 @@ def build_index(
 
 
 def _read_sources(run: IndexRun, chosen: list, *, ahead: int) -> None:
-    """Run each source's reader into ``run``, in order, with the local tar shards among the next sources read ahead in
-    the pool (at most ``ahead`` shards submitted and not yet taken): shards run side by side in the workers, as a
-    folder's groups of files do, and their rows are still taken in source order (the same manifest, byte for byte,
-    as one shard after another). Memory: the rows of at most ``ahead`` shards waiting (about 300 bytes a sample)."""
+    """Run each source's reader into ``run``, in order, with the tar shards (local or in object storage) among the
+    next sources read ahead in the pool (``readers.read_ahead``; at most ``ahead`` submitted and not yet taken):
+    shards run side by side in the workers, as a folder's groups of files do, and their rows are still taken in source
+    order (the same manifest, byte for byte, as one shard after another). Memory: the rows of at most ``ahead`` shards
+    waiting (about 300 bytes a sample)."""
     following = 0  # the next source not yet considered for reading ahead
     for position, (reader, source) in enumerate(chosen):
         following = max(following, position)
         while following < len(chosen) and run.pending_ahead < ahead:
             later_reader, later = chosen[following]
             following += 1
-            if later_reader.name != "shard":
-                continue
             try:
-                task = shard_job(run, later)
+                job = read_ahead(run, later_reader.name, later)
             except (OSError, DaliArbError):  # (left to its reader, in its turn: it says so in order)
                 continue
-            if task is not None:
-                run.ahead(("shard", later), shard_task, task)
+            if job is not None:
+                run.ahead(*job)
         reader.read(run, source)
 
 
