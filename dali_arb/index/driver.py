@@ -1,5 +1,6 @@
 """``build_index``: find each source's reader (``readers.READERS``), run the readers with header reading in worker
-processes, stream rows to a temporary Parquet file, make keys unique, and move the results into place.
+processes (tar shards read ahead, several at once; into a manifest in parts, whole units side by side), stream rows
+to a temporary Parquet file, make keys unique, and move the results into place.
 
 Imports pyarrow, tqdm (lazily), the standard library, ``data`` (manifest, pairs, storage) and ``processes``.
 """
@@ -70,7 +71,8 @@ def build_index(
             ``original_width``/``original_height``: the manifest's ``ORIGINAL`` columns); local or in
             object storage. Each is indexed by its reader in ``readers.READERS``.
         max_pixels: refuse images with more pixels (decompression bombs).
-        workers: processes for header reading (default: all cores).
+        workers: processes for header reading (default: all cores); tar shards and metadata ranges (into parts)
+            are read side by side in them, at most this many at once, their rows taken in source order.
         update: reuse rows of an existing ``output`` whose file size and mtime are unchanged.
         progress: show a progress bar (default: when stderr is a terminal).
         pairs: paired images and masks (:class:`~dali_arb.data.pairs.PairSpec`): for the image of key ``K``,
