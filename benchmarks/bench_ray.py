@@ -163,7 +163,7 @@ def ray_index_meta(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         meta = Path(tmp) / "meta.parquet"
         _metadata(meta, n, group)
-        for name, cpus, part_rows in (("local engine", 0, split), ("local engine, 2 processes", -2, split),
+        for name, cpus, part_rows in (("local engine", 0, split), ("local, 2 processes", -2, split),
                                       ("ray, 1 CPU, one task", 1, whole),
                                       ("ray, 1 CPU, split", 1, split), ("ray, 2 CPUs, one task", 2, whole),
                                       ("ray, 2 CPUs, split", 2, split)):  # fmt: skip
