@@ -240,3 +240,21 @@ def rejects_of_store(url: str) -> list[tuple]:
 
     lines = [json.loads(line) for p in read_index(url).rejects_paths() for line in get_bytes(p).decode().splitlines()]
     return sorted((str(r["source"]), r["reason"]) for r in lines)
+
+
+def test_the_heads_of_shards_in_object_storage_are_read_several_at_once_in_order(monkeypatch) -> None:
+    """A unit's identity of a shard in s3:// is a HEAD (``--update`` decides by it): read by several threads at once
+    (each call here waits for a second one to be in flight: one after another, the barrier breaks), given in order."""
+    import threading
+
+    from dali_arb.index import units
+
+    barrier = threading.Barrier(2, timeout=10)
+
+    def head(url: str) -> list:
+        barrier.wait()
+        return [url, 1, 2, "etag"]
+
+    monkeypatch.setattr(units, "_head_identity", head)
+    urls = [f"s3://b/{i}.tar" for i in range(6)]
+    assert [found[0] for found in units._head_identities(urls)] == urls

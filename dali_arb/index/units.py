@@ -151,6 +151,7 @@ def units(
     def digest(*parts) -> str | None:
         return _digest([UNIT_VERSION, max_pixels, *parts]) if identify else None
 
+    heads: Iterator[list] | None = None
     for reader, source in chosen:
         if reader.name == "folder":
             empty, fresh = True, os.path.realpath(source) not in walk.walked
@@ -183,9 +184,9 @@ def units(
             identity = digest(_stat_identity(source), _stat_identity(os.path.splitext(source)[0] + ".parquet"))
             yield Unit(next(number), "shard", source, old=shards_old.get(source), identity=identity)
         elif reader.name == "remote_shard":
-            yield Unit(
-                next(number), "remote_shard", source, identity=digest(_head_identity(source)) if identify else None
-            )
+            if identify and heads is None:  # (every shard's HEAD, several at once, when the first is reached)
+                heads = _head_identities([s for r, s in chosen if r.name == "remote_shard"])
+            yield Unit(next(number), "remote_shard", source, identity=digest(next(heads)) if identify else None)
         else:
             yield Unit(next(number), reader.name, source)
 
@@ -264,6 +265,25 @@ def _stat_identity(path: str) -> list:
     except OSError:
         return [path]
     return [path, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+
+
+#: HEAD requests in flight at once while the identities of shards in object storage are read (``--update``'s).
+HEADS_IN_FLIGHT = 16
+
+
+def _head_identities(urls: list[str]) -> Iterator[list]:
+    """:func:`_head_identity` of each of ``urls``, in order, read by :data:`HEADS_IN_FLIGHT` threads at once (a
+    HEAD is a round trip: one after another, 10,000 shards would take minutes), at most twice that many ahead."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(HEADS_IN_FLIGHT, thread_name_prefix="dali_arb-head") as threads:
+        pending: list[Future] = []
+        for url in urls:
+            pending.append(threads.submit(_head_identity, url))
+            if len(pending) >= 2 * HEADS_IN_FLIGHT:
+                yield pending.pop(0).result()
+        for future in pending:
+            yield future.result()
 
 
 def _head_identity(url: str) -> list:
