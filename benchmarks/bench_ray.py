@@ -1,7 +1,8 @@
 """Indexing on Ray against the local engine, and key de-duplication streamed against the whole-table way.
 
-``ray-index``: one folder of JPEGs plus tar shards of the same images, indexed by the local engine (worker
-processes) and by the Ray engine on a fresh local Ray of 1 and then 2 CPUs; the cluster's start is timed apart; then
+``ray-index``: one folder of JPEGs plus tar shards of the same images, indexed by the local engine (1 and 2 worker
+processes) and by the Ray engine on a fresh local Ray of 1 and then 2 CPUs; the cluster's start is timed apart; the
+shards alone by the local engine with 1 and 2 processes (its shards are read side by side); then
 ``ray-index-meta``: one big img2dataset-style Parquet (2M rows) into a manifest in parts, as one task and split by
 row groups into tasks of ``PART_ROWS`` rows, on 1 and 2 Ray CPUs.
 ``dedupe``: the keys of one Parquet manifest made unique by ``index/dedupe.py`` (streamed, hash-partitioned) and by
@@ -49,11 +50,11 @@ cpus, out, part_rows, source = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), 
 from dali_arb.index import build_index, units
 units.PART_ROWS = part_rows
 started = 0.0
-if cpus:
+if cpus > 0:  # (0 or -N: the local engine, with 1 or N worker processes)
     import ray
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     started = time.perf_counter() - t0
-runs = [build_index([source], f"{out}{i}/", engine="ray" if cpus else "local", workers=1, progress=False)
+runs = [build_index([source], f"{out}{i}/", engine="ray" if cpus > 0 else "local", workers=max(1, -cpus), progress=False)
         for i in range(2)]  # (best of two: the machine is shared; the second finds Ray's workers started)
 summary = min(runs, key=lambda s: s.seconds)
 print(json.dumps({"start_s": started, "seconds": summary.seconds, "first_s": runs[0].seconds, "rows": summary.rows,
@@ -92,7 +93,14 @@ def ray_index(args) -> dict:
                     tar.add(f, arcname=f"s{s}/{f.name}")
             sources.append(str(path))
         os.sync()
+        shards_only = {  # (the shards alone: units the local engine now reads side by side, one per process)
+            f"local engine, {w} process{'es' if w > 1 else ''}": _run(
+                _LOCAL_RUN, w, Path(tmp) / f"s{w}.parquet", sources[1:]
+            )
+            for w in (1, 2)
+        }
         runs = {
+            "local engine, 1 process": _run(_LOCAL_RUN, 1, Path(tmp) / "local1.parquet", sources),
             "local engine, 2 processes": _run(_LOCAL_RUN, 2, Path(tmp) / "local.parquet", sources),
             "ray engine, 1 CPU": _run(_RAY_RUN, 1, Path(tmp) / "ray1.parquet", sources),
             "ray engine, 2 CPUs": _run(_RAY_RUN, 2, Path(tmp) / "ray2.parquet", sources),
@@ -107,6 +115,13 @@ def ray_index(args) -> dict:
             out[f"  {name}: Ray start (s, not in files/s)"] = round(run["start_s"], 1)
     one, two = runs["ray engine, 1 CPU"], runs["ray engine, 2 CPUs"]
     out["  ray 2 CPUs / 1 CPU"] = f"{one['seconds'] / two['seconds']:.2f}x"
+    local1, local2 = runs["local engine, 1 process"], runs["local engine, 2 processes"]
+    out["  local 2 processes / 1 process"] = f"{local1['seconds'] / local2['seconds']:.2f}x"
+    one, two = shards_only["local engine, 1 process"], shards_only["local engine, 2 processes"]
+    out[f"  the {shards} shards alone ({one['files']} files), local engine: files/s, 1 / 2 processes"] = (
+        f"{one['files'] / one['seconds']:.0f} / {two['files'] / two['seconds']:.0f} "
+        f"({one['seconds'] / two['seconds']:.2f}x)"
+    )
     return {**out, **ray_index_meta(args)}
 
 
@@ -137,7 +152,8 @@ def _metadata(path: Path, n: int, row_group: int) -> None:
 
 @case("ray-index-meta")
 def ray_index_meta(args) -> dict:
-    """One big Parquet metadata file into a manifest in parts: the local engine, Ray with the file as one task, and
+    """One big Parquet metadata file into a manifest in parts: the local engine (1 process; 2, whose split units run
+    side by side), Ray with the file as one task, and
     Ray with the file split by row groups into tasks of ``PART_ROWS`` rows, on 1 and 2 CPUs; each indexed twice in
     one process (the best counts: the machine is shared), Ray's start apart."""
     n, group, split = (200_000, 25_000, 50_000) if args.quick else (2_000_000, 250_000, 500_000)
@@ -147,7 +163,8 @@ def ray_index_meta(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         meta = Path(tmp) / "meta.parquet"
         _metadata(meta, n, group)
-        for name, cpus, part_rows in (("local engine", 0, split), ("ray, 1 CPU, one task", 1, whole),
+        for name, cpus, part_rows in (("local engine", 0, split), ("local, 2 processes", -2, split),
+                                      ("ray, 1 CPU, one task", 1, whole),
                                       ("ray, 1 CPU, split", 1, split), ("ray, 2 CPUs, one task", 2, whole),
                                       ("ray, 2 CPUs, split", 2, split)):  # fmt: skip
             out = str(Path(tmp) / name.replace(" ", "").replace(",", "-"))

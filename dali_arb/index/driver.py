@@ -1,5 +1,6 @@
 """``build_index``: find each source's reader (``readers.READERS``), run the readers with header reading in worker
-processes, stream rows to a temporary Parquet file, make keys unique, and move the results into place.
+processes (tar shards read ahead, several at once; into a manifest in parts, whole units side by side), stream rows
+to a temporary Parquet file, make keys unique, and move the results into place.
 
 Imports pyarrow, tqdm (lazily), the standard library, ``data`` (manifest, pairs, storage) and ``processes``.
 """
@@ -12,7 +13,7 @@ import secrets
 import stat as stat_module
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import pyarrow as pa
@@ -22,10 +23,10 @@ from ..data.imagefacts import DEFAULT_MAX_PIXELS
 from ..data.manifest import Manifest, rejects_name, rejects_path
 from ..data.pairs import PairSpec, pairs_of
 from ..data.parts import INDEX_NAME, ManifestParts, is_parts, read_index, remove_stale
-from ..errors import ConfigError, IndexingError, ManifestError, StorageError
-from ..processes import die_with_parent, spawn_without_main, stop_pool
+from ..errors import ConfigError, DaliArbError, IndexingError, ManifestError, StorageError
+from ..processes import die_with_parent, signals_deferred, spawn_without_main, stop_pool
 from .captions import CaptionSource, apply_captions
-from .readers import reader_for
+from .readers import read_ahead, reader_for
 from .records import index_schema
 from .run import ROWS_PER_GROUP, IndexRun, IndexSummary, finished
 from .units import (  # (PART_ROWS: rows per part of a metadata file, its unit)
@@ -33,6 +34,7 @@ from .units import (  # (PART_ROWS: rows per part of a metadata file, its unit)
     Done,
     EarlierRows,
     PartReuse,
+    Unit,
     finish_parts,
     merge_summary,
     reused_summary,
@@ -69,7 +71,8 @@ def build_index(
             ``original_width``/``original_height``: the manifest's ``ORIGINAL`` columns); local or in
             object storage. Each is indexed by its reader in ``readers.READERS``.
         max_pixels: refuse images with more pixels (decompression bombs).
-        workers: processes for header reading (default: all cores).
+        workers: processes for header reading (default: all cores); tar shards and metadata ranges (into parts)
+            are read side by side in them, at most this many at once, their rows taken in source order.
         update: reuse rows of an existing ``output`` whose file size and mtime are unchanged.
         progress: show a progress bar (default: when stderr is a terminal).
         pairs: paired images and masks (:class:`~dali_arb.data.pairs.PairSpec`): for the image of key ``K``,
@@ -158,8 +161,7 @@ def build_index(
         with open(rejects_tmp, "w", encoding="utf-8") as rejects_fh, _progress_bar(progress) as bar:
             run = IndexRun(sources=kinds, max_pixels=max_pixels, pairs=pairs, old=old, pool=pool, writer=writer,
                            rejects=rejects_fh, progress=bar.update, summary=summary)  # fmt: skip
-            for reader, source in chosen:
-                reader.read(run, source)
+            _read_sources(run, chosen, ahead=_workers(workers))
             run.finish()
         _deduplicate_keys(tmp, rejects_tmp, summary)
         if captions is not None and captions.given:
@@ -179,6 +181,32 @@ def build_index(
     os.replace(tmp, output)
     os.replace(rejects_tmp, rejects_path(output))
     return finished(summary, sources, started, rejects_path(output))
+
+
+def _read_sources(run: IndexRun, chosen: list, *, ahead: int) -> None:
+    """Run each source's reader into ``run``, in order, with the tar shards (local or in object storage) among the
+    next sources read ahead in the pool (``readers.read_ahead``; at most ``ahead`` submitted and not yet taken):
+    shards run side by side in the workers, as a folder's groups of files do, and their rows are still taken in source
+    order (the same manifest, byte for byte, as one shard after another). Memory: the rows of at most ``ahead`` shards
+    waiting (about 300 bytes a sample)."""
+    following = 0  # the next source not yet considered for reading ahead
+    for position, (reader, source) in enumerate(chosen):
+        following = max(following, position)
+        while following < len(chosen) and run.pending_ahead < ahead:
+            later_reader, later = chosen[following]
+            following += 1
+            try:
+                job = read_ahead(run, later_reader.name, later)
+            except (OSError, DaliArbError):  # (left to its reader, in its turn: it says so in order)
+                continue
+            if job is not None:
+                run.ahead(*job)
+        reader.read(run, source)
+
+
+def _workers(workers: int | None) -> int:
+    """The worker processes of the local engine's pool: ``workers``, or every core."""
+    return workers or os.cpu_count() or 1
 
 
 def _index_in_parts(
@@ -206,22 +234,13 @@ def _index_in_parts(
     hidden_main.__enter__()
     try:
         walk_rejects: list = []
-        done: list[Done] = []
+        todo = units(chosen, max_pixels=max_pixels, pairs=pairs, old=None, rejects=walk_rejects, counts=summary,
+                     identify=not given, earlier=earlier)  # fmt: skip
+        metadata = [s for r, s in chosen if r.name == "metadata"]
         with _progress_bar(progress) as bar:
-            for unit in units(chosen, max_pixels=max_pixels, pairs=pairs, old=None, rejects=walk_rejects,
-                              counts=summary, identify=not given, earlier=earlier):  # fmt: skip
-                kept = plan.find(unit)
-                if kept is not None:
-                    done.append(Done(record=kept.unit, kept=kept))
-                    reused_summary(summary, kept, output)
-                    continue
-                if earlier is not None:
-                    unit = earlier.fill(unit)
-                part, rejects, found = run_unit(unit, str(scratch), max_pixels, pairs, pool=pool, progress=bar.update)
-                merge_summary(summary, found)
-                if given:
-                    apply_captions(part, captions, metadata=[s for r, s in chosen if r.name == "metadata"])
-                done.append(Done(record=unit_record(unit, found), part=Path(part), rejects=Path(rejects)))
+            done = _run_units(todo, pool, scratch, summary, bar, max_pixels=max_pixels, pairs=pairs, plan=plan,
+                              output=output, earlier=earlier, limit=_workers(workers),
+                              captions=(captions, metadata) if given else None)  # fmt: skip
         summary.rejects_at = finish_parts(done, scratch=scratch, folder=output, run_rejects=walk_rejects,
                                           summary=summary, unique=unique, sources=sources, engine="local",
                                           pairs=pairs, previous=previous)  # fmt: skip
@@ -233,6 +252,59 @@ def _index_in_parts(
         hidden_main.__exit__(None, None, None)
         shutil.rmtree(scratch, ignore_errors=True)
     return finished(summary, sources, started, summary.rejects_at)
+
+
+#: Units read whole in one worker process, several side by side; the others (slices of a folder walk or prefix
+#: listing) are read by the driver, their groups of files spread over the pool.
+WHOLE_UNITS = frozenset({"shard", "metadata", "remote_shard", "remote_metadata"})
+
+
+def _run_units(
+    todo, pool: ProcessPoolExecutor, scratch: Path, summary: IndexSummary, bar, *, max_pixels: int,
+    pairs: list[PairSpec], plan: PartReuse, output: Path, earlier: EarlierRows | None, limit: int,
+    captions: tuple[CaptionSource, list[str]] | None,
+) -> list[Done]:  # fmt: skip
+    """Run the units ``todo`` (``units.units``) of the local engine into parts in ``scratch``: a unit whose earlier
+    part ``plan`` keeps is not run; a unit of :data:`WHOLE_UNITS` (a shard, a metadata range) runs whole in a worker
+    (``units.run_unit``), at most ``limit`` of them in flight, while the driver goes on to the next units; a folder or
+    prefix slice runs in the driver, its groups in the pool. What each gave, in unit order (so the manifest is the
+    one a run of one unit after another writes). Memory on the driver: the units in flight (their sources' earlier
+    rows with ``--update``), not their rows (each worker writes its part)."""
+    done: dict[int, Done] = {}
+    inflight: dict[Future, tuple[int, Unit]] = {}
+
+    def settle(position: int, unit: Unit, found: tuple, counted: bool) -> None:
+        part, rejects, unit_summary = found
+        merge_summary(summary, unit_summary)
+        if not counted:
+            bar.update(unit_summary.files_seen)
+        if captions is not None:
+            apply_captions(part, captions[0], metadata=captions[1])
+        done[position] = Done(record=unit_record(unit, unit_summary), part=Path(part), rejects=Path(rejects))
+
+    def collect(until: int) -> None:  # (until at most ``until`` units are in flight)
+        while len(inflight) > until:
+            finished_now, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
+            for future in finished_now:
+                settle(*inflight.pop(future), future.result(), counted=False)
+
+    for position, unit in enumerate(todo):
+        kept = plan.find(unit)
+        if kept is not None:
+            done[position] = Done(record=kept.unit, kept=kept)
+            reused_summary(summary, kept, output)
+            continue
+        if earlier is not None:
+            unit = earlier.fill(unit)
+        if unit.kind in WHOLE_UNITS:
+            collect(until=limit - 1)
+            with signals_deferred():
+                inflight[pool.submit(run_unit, unit, str(scratch), max_pixels, pairs)] = (position, unit)
+        else:
+            found = run_unit(unit, str(scratch), max_pixels, pairs, pool=pool, progress=bar.update)
+            settle(position, unit, found, counted=True)
+    collect(until=0)
+    return [done[position] for position in sorted(done)]
 
 
 def _local_output(output: str | os.PathLike) -> tuple[Path, bool]:
@@ -344,7 +416,7 @@ def _pool(workers: int | None, *, remote: bool) -> ProcessPoolExecutor:
 
     spawn = remote or "obstore" in sys.modules
     return ProcessPoolExecutor(
-        max_workers=workers or os.cpu_count() or 1,
+        max_workers=_workers(workers),
         initializer=die_with_parent,
         mp_context=multiprocessing.get_context("spawn" if spawn else "fork"),
     )

@@ -99,16 +99,25 @@ def empty_folder(source: str) -> IndexingError:
 
 
 def read_shard(run: IndexRun, source: str) -> None:
-    """A webdataset ``.tar`` shard, in one worker; its rows in the manifest being updated are reused when the shard
-    is unchanged."""
+    """A webdataset ``.tar`` shard, in one worker (submitted ahead by the driver where it could be:
+    :func:`shard_job`); its rows in the manifest being updated are reused when the shard is unchanged."""
+    task = shard_job(run, source)
+    if task is None:
+        run.write_table(run.old_rows(source), reused=True)
+        return
+    rows, rejects = run.result(("shard", source), shard_task, task)
+    run.take(rows, rejects, len(rows) + len(rejects))
+
+
+def shard_job(run: IndexRun, source: str) -> tuple | None:
+    """The ``shard_task`` arguments that read the shard ``source``, or None where its rows in the manifest being
+    updated are reused (the shard unchanged)."""
     reuse = run.old_rows(source)
     if reuse is not None and _shard_unchanged(reuse, os.stat(source)) and not _gains_original(reuse, source, run):
-        run.write_table(reuse, reused=True)
-        return
+        return None
     # img2dataset's per-shard Parquet beside it: sizes and captions from it, only the tar's headers read
     sidecar = None if run.pairs else sidecar_metadata(source)
-    rows, rejects = run.submit(shard_task, (source, run.max_pixels, run.pairs, sidecar)).result()
-    run.take(rows, rejects, len(rows) + len(rejects))
+    return (source, run.max_pixels, run.pairs, sidecar)
 
 
 def read_metadata(run: IndexRun, source: str) -> None:
@@ -149,32 +158,38 @@ def read_remote_metadata(run: IndexRun, url: str) -> None:
 
 
 def read_remote_shard(run: IndexRun, url: str) -> None:
-    """A ``.tar`` shard in object storage: with img2dataset's Parquet beside it (and no pairs), sizes from it and
-    offsets from the tar's headers only (``remote.remote_shard_task``: ranged GETs for a shard of large images), else
-    fetched whole and read as a local shard; refused if it changed meanwhile."""
+    """A ``.tar`` shard in object storage, read in one worker (:func:`remote_shard_job`; submitted ahead by the
+    driver, as local shards are)."""
+    rows, rejects, counts = run.result(("remote_shard", url), remote_shard_job, (url, run.max_pixels, run.pairs))
+    for name, value in counts.items():
+        setattr(run.summary, name, getattr(run.summary, name) + value)
+    run.take(rows, rejects, len(rows) + len(rejects))
+
+
+def remote_shard_job(args: tuple) -> tuple[list, list[Reject], dict[str, int]]:
+    """One ``.tar`` shard in object storage, ``(url, max_pixels, pairs)``: with img2dataset's Parquet beside it (and
+    no pairs), sizes from it and offsets from the tar's headers only (``remote.remote_shard_task``: ranged GETs for a
+    shard of large images), else fetched whole and read as a local shard; refused if it changed meanwhile. Its rows,
+    rejects and the counts it adds to the run's summary (``IndexSummary`` field: value)."""
     from ..data.storage import head
 
-    summary = run.summary
+    url, max_pixels, pairs = args
     with _storage_errors(url):
         before = head(url)
         # (the two HEADs, before and after, are not counted in the summary's requests)
-        walked = None if run.pairs else run.submit(remote_shard_task, (before, run.max_pixels)).result()
+        walked = None if pairs else remote_shard_task((before, max_pixels))
         local = url
         if walked is not None and walked[3]:  # img2dataset's Parquet beside it: the tar's headers walked
             rows, rejects, io, _ = walked
-            summary.shard_walks += 1
-            summary.shard_walk_requests += io["requests"]
-            summary.shard_walk_bytes += io["bytes_read"]
-            summary.shard_walk_size += before.size
+            counts = {"shard_walks": 1, "shard_walk_requests": io["requests"], "shard_walk_bytes": io["bytes_read"],
+                      "shard_walk_size": before.size}  # fmt: skip
         elif walked is not None:  # the Parquet beside it, its images small: fetched whole, no image read
             rows, rejects, io, _ = walked
-            summary.fetched_objects += 1
-            summary.fetched_bytes += io["bytes_read"]
+            counts = {"fetched_objects": 1, "fetched_bytes": io["bytes_read"]}
         else:
             with fetched(url, ".tar") as local:
-                summary.fetched_objects += 1
-                summary.fetched_bytes += os.path.getsize(local)
-                rows, rejects = run.submit(shard_task, (local, run.max_pixels, run.pairs)).result()
+                counts = {"fetched_objects": 1, "fetched_bytes": os.path.getsize(local)}
+                rows, rejects = shard_task((local, max_pixels, pairs))
         info = head(url)
         if (info.size, info.etag, info.mtime_ns) != (before.size, before.etag, before.mtime_ns):
             raise IndexingError(f"{url} was rewritten while it was indexed; index it again once it is written")
@@ -184,7 +199,19 @@ def read_remote_shard(run: IndexRun, url: str) -> None:
             row._replace(**identity, pairs=tuple((url, *f[1:]) if f[0] == local else f for f in row.pairs))
             for row in rows
         ]
-        run.take(rows, [_renamed(r, local, url) for r in rejects], len(rows) + len(rejects))
+    return rows, [_renamed(r, local, url) for r in rejects], counts
+
+
+def read_ahead(run: IndexRun, kind: str, source: str) -> tuple | None:
+    """What the reader ``kind`` runs in one worker for ``source`` (a local or remote tar shard), as ``(key, function,
+    task)`` for :meth:`IndexRun.ahead`, so that the driver can submit it before the reader's turn; None for other
+    readers, and for a shard whose earlier rows are reused."""
+    if kind == "shard":
+        task = shard_job(run, source)
+        return None if task is None else (("shard", source), shard_task, task)
+    if kind == "remote_shard":
+        return ("remote_shard", source), remote_shard_job, (source, run.max_pixels, run.pairs)
+    return None
 
 
 #: The kinds of source, by name. :func:`reader_for` tries them in order (fallbacks last); add one to index a new

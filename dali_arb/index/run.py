@@ -185,6 +185,8 @@ class IndexRun:
         self.narrow: Path | None = None
         #: ``(row position in the manifest, facts)`` of each video row: the VIDEO columns added at the end
         self.videos: list[tuple[int, VideoFacts]] = []
+        #: header reading submitted ahead of its reader (:meth:`ahead`), by key
+        self._ahead: dict[Any, Future] = {}
 
     @property
     def schema(self) -> pa.Schema:
@@ -327,6 +329,22 @@ class IndexRun:
         """``pool.submit`` with SIGINT and SIGTERM held until it returns (see :func:`signals_deferred`)."""
         with signals_deferred():
             return self.pool.submit(fn, task)
+
+    def ahead(self, key: Any, fn: Callable, task: tuple) -> None:
+        """Submit ``fn(task)`` now, for the reader that asks :meth:`result` for ``key`` later (a shard read ahead
+        while earlier sources are read: results are still taken in source order)."""
+        if key not in self._ahead:  # (a source given twice: its second reading submits its own)
+            self._ahead[key] = self.submit(fn, task)
+
+    @property
+    def pending_ahead(self) -> int:
+        """How many tasks submitted by :meth:`ahead` no reader has asked for yet."""
+        return len(self._ahead)
+
+    def result(self, key: Any, fn: Callable, task: tuple) -> Any:
+        """``fn(task)``, run in the pool: the one submitted ahead for ``key``, else submitted now; waited for."""
+        future = self._ahead.pop(key, None)
+        return (future if future is not None else self.submit(fn, task)).result()
 
     def ordered_map(self, fn: Callable, tasks: Iterator[tuple], depth: int = 16) -> Iterator[tuple]:
         """``(fn(task), task)`` for each task, run in the pool with at most ``depth`` in flight, in order."""

@@ -151,6 +151,7 @@ def units(
     def digest(*parts) -> str | None:
         return _digest([UNIT_VERSION, max_pixels, *parts]) if identify else None
 
+    heads: Iterator[list] | None = None
     for reader, source in chosen:
         if reader.name == "folder":
             empty, fresh = True, os.path.realpath(source) not in walk.walked
@@ -183,9 +184,9 @@ def units(
             identity = digest(_stat_identity(source), _stat_identity(os.path.splitext(source)[0] + ".parquet"))
             yield Unit(next(number), "shard", source, old=shards_old.get(source), identity=identity)
         elif reader.name == "remote_shard":
-            yield Unit(
-                next(number), "remote_shard", source, identity=digest(_head_identity(source)) if identify else None
-            )
+            if identify and heads is None:  # (every shard's HEAD, several at once, when the first is reached)
+                heads = _head_identities([s for r, s in chosen if r.name == "remote_shard"])
+            yield Unit(next(number), "remote_shard", source, identity=digest(next(heads)) if identify else None)
         else:
             yield Unit(next(number), reader.name, source)
 
@@ -266,6 +267,25 @@ def _stat_identity(path: str) -> list:
     return [path, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
 
 
+#: HEAD requests in flight at once while the identities of shards in object storage are read (``--update``'s).
+HEADS_IN_FLIGHT = 16
+
+
+def _head_identities(urls: list[str]) -> Iterator[list]:
+    """:func:`_head_identity` of each of ``urls``, in order, read by :data:`HEADS_IN_FLIGHT` threads at once (a
+    HEAD is a round trip: one after another, 10,000 shards would take minutes), at most twice that many ahead."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(HEADS_IN_FLIGHT, thread_name_prefix="dali_arb-head") as threads:
+        pending: list[Future] = []
+        for url in urls:
+            pending.append(threads.submit(_head_identity, url))
+            if len(pending) >= 2 * HEADS_IN_FLIGHT:
+                yield pending.pop(0).result()
+        for future in pending:
+            yield future.result()
+
+
 def _head_identity(url: str) -> list:
     from ..data.storage import head
 
@@ -313,7 +333,8 @@ class EarlierRows:
 
     COLUMNS = ("source", "length", "mtime_ns", "width", "height", "ctime_ns", "etag")
 
-    def __init__(self, previous: ManifestParts) -> None:
+    def __init__(self, previous: ManifestParts, *, local_path: Callable[[str], str] = str) -> None:
+        self.local_path = local_path  # (a part's path or URL -> a local file: a part in object storage downloaded)
         self.by_source: dict[str, list[str]] = {}
         self.unattributed: list[str] = []
         self.dropped_sources = {p.unit.get("source") for p in previous.parts if p.unit and p.unit.get("dropped")}
@@ -329,6 +350,7 @@ class EarlierRows:
         """The earlier rows of the parts of ``source`` (and of parts without a unit), ``columns`` of them, or None."""
         tables = []
         for path in [*self.by_source.get(source, ()), *self.unattributed]:
+            path = self.local_path(path)
             names = pq.read_schema(path).names
             tables.append(pq.read_table(path, columns=[c for c in columns if c in names] if columns else None))
         if not tables:
@@ -510,8 +532,9 @@ class PartReuse:
 DUPLICATE_TAIL = "(kept the first source's)"
 
 
-def reused_summary(summary: IndexSummary, part: PartInfo, folder: Path) -> None:
-    """Count a kept ``part`` (its rows, rejects and their reasons, videos) in ``summary``."""
+def reused_summary(summary: IndexSummary, part: PartInfo, folder: Path | str) -> None:
+    """Count a kept ``part`` (its rows, rejects and their reasons, videos) in ``summary``; ``folder``: the manifest's
+    local folder or object-storage prefix (ending in ``/``)."""
     record = part.unit or {}
     summary.rows += part.rows
     summary.reused += part.rows
@@ -520,8 +543,14 @@ def reused_summary(summary: IndexSummary, part: PartInfo, folder: Path) -> None:
     summary.no_source += record.get("no_source", 0)
     summary.parts_reused += 1
     if part.rejects and part.rejected:
-        with open(folder / part.rejects, encoding="utf-8") as fh:
-            for line in fh:
+        if isinstance(folder, str):  # (an object-storage prefix)
+            from ..data.storage import get_bytes
+
+            lines = get_bytes(folder + part.rejects).decode("utf-8").splitlines()
+        else:
+            lines = (folder / part.rejects).read_text(encoding="utf-8").splitlines()
+        for line in lines:
+            if line.strip():
                 text = json.loads(line)["reason"]
                 # (counted as the run counts them: de-duplication's under one name, the others by their first words)
                 reason = "duplicate key" if text.endswith(DUPLICATE_TAIL) else text.split(":")[0].split(" (")[0]

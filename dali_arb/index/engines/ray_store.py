@@ -10,11 +10,19 @@ so a part is whole and never doubled.
 Keys are then made unique across the parts with ``dedupe``'s stages, run as Ray tasks that read and write through
 the store (every input downloaded to the task's node, every output uploaded): the keys' partition files by hash
 (:func:`_scatter`, one task per part, skipped when one partition holds every key), the repeated keys per partition
-(:func:`_losers`), and the rewrite of each part that holds a duplicate (:func:`_drop`). The run's own rejects (the
-walks' and the duplicates') are added to the first part's rejects file, then ``_manifest.json`` is written, last.
-The scratch prefix is deleted at the end; parts of the run that failed are deleted (best effort).
+(:func:`_losers`), and the rewrite of each part that holds a duplicate (:func:`_drop`, the dropped rows' rejects
+added to that part's rejects). The run's own rejects (the walks') form a part of no rows, as the local engine's;
+then ``_manifest.json`` is written, last. The scratch prefix is deleted at the end; parts of the run that failed are
+deleted (best effort).
 
-What the driver transfers: the first part's rejects file and the index; each task, its own part (once, twice for a
+``--update`` keeps parts whole as the local engine does (``units.PartReuse``: the same ``unit`` records in the
+index): a kept part's unit is not run and its objects are neither read nor uploaded again, unless a new part takes
+one of its keys (de-duplication then reads its keys, in a task, and may rewrite it as a new part: the earlier index's
+objects are never changed). The units that are not kept reuse their files' unchanged rows, read from the earlier
+parts of their source only (``units.EarlierRows``, each part downloaded once by the driver).
+
+What the driver transfers: the index, the run's rejects part, and with ``--update`` the earlier parts of the sources
+that changed; each task, its own part (once, twice for a
 part rewritten) and keys. Memory as ``dedupe``'s, per task.
 
 Imports Ray (through ``ray.py``, lazily), pyarrow, the standard library, ``data.parts`` and ``data.storage``.
@@ -23,8 +31,6 @@ Imports Ray (through ``ray.py``, lazily), pyarrow, the standard library, ``data.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import math
 import os
 import secrets
@@ -37,12 +43,23 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ...data.manifest import Manifest
 from ...data.pairs import PairSpec, pairs_of
-from ...data.parts import PartInfo, check_writable, file_fingerprint, is_parts, read_index, remove_stale, write_index
+from ...data.parts import (
+    ManifestParts,
+    PartInfo,
+    check_writable,
+    file_fingerprint,
+    is_parts,
+    read_index,
+    remove_stale,
+    write_index,
+    write_part,
+)
 from ...data.storage import delete, download, get_bytes, list_prefix, upload
-from ...errors import IndexingError, StorageError
+from ...errors import IndexingError, ManifestError, StorageError
+from ..records import index_schema
 from ..run import ROWS_PER_GROUP, IndexSummary, finished
+from ..units import Done, EarlierRows, PartReuse
 
 __all__ = ["index_on_ray_to_store", "run_unit_to_store"]
 
@@ -125,76 +142,96 @@ def _losers(args: tuple) -> np.ndarray:
         return losers(_fetched(partition_files, tmp))
 
 
-def _drop(args: tuple) -> tuple[dict, list[dict]]:
-    """Stage 3 for part ``(URL, PartInfo dict, rows)``: rewritten in the store without ``rows``; its new PartInfo (as a
-    dict) and the rejects of the rows dropped."""
-    from ..dedupe import drop_rows
+def _part_keys(args: tuple) -> int:
+    """For a part kept from the manifest being updated, ``(part URL, keys URL)``: its ``key`` column uploaded as a
+    keys file (what a task uploads for its new part); the key bytes its footer records."""
+    from ..dedupe import partition_count
 
-    url, info, rows = args
+    url, keys_url = args
+    with tempfile.TemporaryDirectory(prefix="dali_arb-keys-") as tmp:
+        (local,) = _fetched([url], tmp)
+        keys = Path(tmp) / "keys.parquet"
+        source = pq.ParquetFile(local, pre_buffer=False)
+        with pq.ParquetWriter(keys, pa.schema([source.schema_arrow.field("key")])) as writer:
+            for batch in source.iter_batches(batch_size=ROWS_PER_GROUP, columns=["key"]):
+                writer.write_batch(batch)
+        upload(keys, keys_url)
+        return partition_count([keys], partition_bytes=1)
+
+
+def _drop(args: tuple) -> dict:
+    """Stage 3 for part ``(URL, target prefix, PartInfo dict, rows)``: the part without ``rows`` written to the
+    target's ``.parquet`` (its own URL for a new part; a new name for a kept one, whose object the earlier index still
+    lists), the rejects of the dropped rows added to its rejects (written to the target's ``.rejects.jsonl``); the
+    new PartInfo, as a dict."""
+    from ..dedupe import drop_rows, write_rejects
+
+    url, target, info, rows = args
+    prefix = url.rsplit("/", 1)[0] + "/"
     with tempfile.TemporaryDirectory(prefix="dali_arb-drop-") as tmp:
         (local,) = _fetched([url], tmp)
         out = Path(tmp) / "out.parquet"
         found = drop_rows(local, rows, out, ROWS_PER_GROUP)
-        upload(out, url)
-        changed = {**info, "rows": pq.read_metadata(out).num_rows, "fingerprint": file_fingerprint(out),
-                   "size": os.path.getsize(out)}  # fmt: skip
-    return changed, found
+        rejects = Path(tmp) / "rejects.jsonl"
+        with open(rejects, "wb") as fh:
+            if info["rejects"]:
+                fh.write(get_bytes(prefix + info["rejects"]))
+        with open(rejects, "a", encoding="utf-8") as fh:
+            write_rejects(fh, found)
+        upload(out, f"{target}.parquet")
+        upload(rejects, f"{target}.rejects.jsonl")
+        name = target.rsplit("/", 1)[-1]
+        return {**info, "path": f"{name}.parquet", "rows": pq.read_metadata(out).num_rows,
+                "fingerprint": file_fingerprint(out), "size": os.path.getsize(out),
+                "rejects": f"{name}.rejects.jsonl", "rejected": info["rejected"] + len(found)}  # fmt: skip
 
 
-def _deduplicate(
-    ray, prefix: str, scratch: str, found: list[dict], summary: IndexSummary
-) -> tuple[list[PartInfo], list]:
-    """Keys unique across the parts (``found``: what each task returned), through the store; the parts' PartInfos
-    after it and the duplicates' rejects, in part order."""
+def _deduplicate(ray, prefix: str, scratch: str, run: str, done: list[Done], summary: IndexSummary) -> list[PartInfo]:
+    """Keys unique across the parts (``done``, in source order: parts kept from the manifest being updated, and
+    what each task returned), through the store, as ``units.finish_parts`` does locally: a part that loses rows gets
+    their rejects added to its own, and one that was kept becomes a new part. The parts' PartInfos after it."""
     from ..dedupe import PARTITION_BYTES, ROW_BITS
     from .ray import ray_map
 
+    infos = [d.kept if d.kept is not None else PartInfo(**{**d.part["info"], "unit": d.record}) for d in done]
+    if all(d.kept is not None for d in done):  # (kept parts alone hold unique keys: they did in the earlier manifest)
+        return infos
     mapped = ray_map(ray)
-    infos = [PartInfo(**f["info"]) for f in found]
-    partitions = max(1, math.ceil(sum(f["key_bytes"] for f in found) / PARTITION_BYTES))
+    keys = [None if d.kept is not None else d.part["keys"] for d in done]
+    key_bytes = [0 if d.kept is not None else d.part["key_bytes"] for d in done]
+    kept = [(i, prefix + d.kept.path, f"{scratch}kept-{i}.keys.parquet") for i, d in enumerate(done) if d.kept]
+    for (i, _, keys_url), found_bytes in zip(kept, mapped(_part_keys, [job[1:] for job in kept])):
+        keys[i], key_bytes[i] = keys_url, found_bytes
+    partitions = max(1, math.ceil(sum(key_bytes) / PARTITION_BYTES))
     if partitions == 1:
-        positions = mapped(_losers, [(None, [(i, f["keys"]) for i, f in enumerate(found)])])
+        positions = mapped(_losers, [(None, list(enumerate(keys)))])
     else:
-        scattered = mapped(_scatter, [(i, f["keys"], scratch, partitions) for i, f in enumerate(found)])
+        scattered = mapped(_scatter, [(i, k, scratch, partitions) for i, k in enumerate(keys)])
         by_partition: dict[int, list[str]] = {}
         for url in (u for urls in scattered for u in urls):
             by_partition.setdefault(int(url.rsplit("/", 1)[-1].split(".")[0].split("-")[1]), []).append(url)
         positions = mapped(_losers, [(urls, None) for _, urls in sorted(by_partition.items())])
     position = np.sort(np.concatenate(positions)) if positions else np.zeros(0, np.int64)
-    rejects: list = []
-    if len(position):
-        file_of, row_of = position >> np.int64(ROW_BITS), position & np.int64((1 << ROW_BITS) - 1)
-        jobs = [(prefix + infos[i].path, infos[i].to_dict(), row_of[file_of == i]) for i in np.unique(file_of).tolist()]
-        for (_, info, _), (changed, dropped) in zip(jobs, mapped(_drop, jobs)):
-            infos[[p.path for p in infos].index(info["path"])] = PartInfo(**changed)
-            rejects += dropped
-        summary.rows -= len(position)
-        summary.rejected += len(position)
-        summary.reject_reasons["duplicate key"] = summary.reject_reasons.get("duplicate key", 0) + len(position)
-    return infos, rejects
-
-
-def _old_rows(url: str, pairs: list[PairSpec]) -> pa.Table | None:
-    """The rows of the manifest in parts at ``url`` (``--update``) when it has the same pairs and records its rows'
-    sources and times; else None."""
-    if not is_parts(url):
-        return None
-    old = Manifest.read(url).table
-    same_pairs = pairs_of(old.schema) == {p.name: p.kind for p in pairs}
-    return old if same_pairs and "mtime_ns" in old.column_names and "source" in old.column_names else None
-
-
-def _own_rejects(prefix: str, first: PartInfo, rejects: list) -> PartInfo:
-    """The run's own ``rejects`` appended to the first part's rejects file in the store; its new PartInfo."""
-    if not rejects:
-        return first
-    text = (
-        get_bytes(prefix + first.rejects) + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects).encode()
-    )
-    with tempfile.TemporaryDirectory(prefix="dali_arb-rejects-") as tmp:
-        Path(tmp, "r.jsonl").write_bytes(text)
-        upload(Path(tmp, "r.jsonl"), prefix + first.rejects)
-    return dataclasses.replace(first, rejected=first.rejected + len(rejects))
+    if not len(position):
+        return infos
+    file_of, row_of = position >> np.int64(ROW_BITS), position & np.int64((1 << ROW_BITS) - 1)
+    numbers = np.unique(file_of).tolist()
+    jobs = []
+    for i in numbers:
+        target = prefix + (f"part-{run}-{i:05d}" if done[i].kept is not None else infos[i].path[: -len(".parquet")])
+        jobs.append((prefix + infos[i].path, target, infos[i].to_dict(), row_of[file_of == i]))
+    for number, (_, _, _, rows), changed in zip(numbers, jobs, mapped(_drop, jobs)):
+        unit = changed.get("unit")
+        changed["unit"] = {**unit, "dropped": unit.get("dropped", 0) + len(rows)} if unit else None
+        if done[number].kept is not None:  # (rewritten: a new part)
+            summary.parts_reused -= 1
+            summary.reused -= done[number].kept.rows
+            summary.parts_written += 1
+        infos[number] = PartInfo(**changed)
+    summary.rows -= len(position)
+    summary.rejected += len(position)
+    summary.reject_reasons["duplicate key"] = summary.reject_reasons.get("duplicate key", 0) + len(position)
+    return infos
 
 
 def _delete_run(prefix: str, run: str, *, parts: bool) -> None:
@@ -213,7 +250,8 @@ def index_on_ray_to_store(
     workers: int | None, progress_bar: Callable, address: str | None,
 ) -> IndexSummary:  # fmt: skip
     """``build_index`` with the ``ray`` engine into the manifest in parts at the prefix ``url`` (ending in ``/``),
-    every part written by its task straight to the store; see the module's text."""
+    every part written by its task straight to the store; with ``update``, the parts of the manifest there whose units
+    are unchanged are kept whole (not run, not uploaded again); see the module's text."""
     from .ray import _connect, _run_units, import_ray, ray_failures
 
     ray = import_ray()
@@ -224,30 +262,60 @@ def index_on_ray_to_store(
     try:
         check_writable(url)  # (before the cluster's time is spent)
         previous = read_index(url) if is_parts(url) else None
-        old = _old_rows(url, pairs) if update else None
     except StorageError as exc:
         raise IndexingError(f"cannot write the manifest to {url}: {exc}") from None
+    except ManifestError as exc:
+        raise IndexingError(str(exc)) from None
+    plan = PartReuse(previous if update else None)
     started_here = _connect(ray, address, workers)
     done = False
+    cache = tempfile.TemporaryDirectory(prefix="dali_arb-earlier-")
     try:
+        earlier = _earlier_rows(previous, pairs, cache.name) if update and previous is not None else None
         walk_rejects: list = []
-        found = _run_units(ray, chosen, scratch, summary, walk_rejects, max_pixels=max_pixels, pairs=pairs, old=old,
-                           progress_bar=progress_bar, unit_task=run_unit_to_store)  # fmt: skip
+        found = _run_units(ray, chosen, scratch, summary, walk_rejects, max_pixels=max_pixels, pairs=pairs, old=None,
+                           progress_bar=progress_bar, plan=plan, folder=url, earlier=earlier,
+                           unit_task=run_unit_to_store)  # fmt: skip
+        summary.parts_written += sum(1 for d in found if d.kept is None)
         with ray_failures(ray):
-            infos, duplicates = _deduplicate(
-                ray, url, scratch, [d.part for d in found], summary
-            )  # (Done.part: the dict)
+            infos = _deduplicate(ray, url, scratch, run, found, summary)
         try:
-            if infos:  # (the run's own rejects go with the first part, as locally)
-                infos[0] = _own_rejects(url, infos[0], walk_rejects + duplicates)
+            if walk_rejects:  # (the run's own rejects: a part of no rows, as the local engine writes)
+                infos.append(write_part(url, f"part-{run}-rejects", index_schema(pairs).empty_table(), walk_rejects))
             write_index(url, infos, extra={"engine": "ray", "sources": list(sources)})
         except StorageError as exc:
             raise IndexingError(f"the manifest was built but could not be written to {url}: {exc}") from None
         done = True
         remove_stale(previous, infos)
     finally:
+        cache.cleanup()
         _delete_run(url, run, parts=not done)
         if started_here:
             ray.shutdown()
-    summary.rejects_at = url + infos[0].rejects if infos else url
+    summary.rejects_at = url + "*.rejects.jsonl"
     return finished(summary, sources, started, summary.rejects_at)
+
+
+def _earlier_rows(previous: ManifestParts, pairs: list[PairSpec], cache: str) -> EarlierRows | None:
+    """The rows of the manifest in parts being updated in the store, read as the units not kept need them (each part
+    downloaded once into ``cache``), when its parts have the same pairs and record their rows' sources and times."""
+    fetched: dict[str, str] = {}
+
+    def local(url: str) -> str:
+        if url not in fetched:
+            path = os.path.join(cache, f"{len(fetched)}-{url.rsplit('/', 1)[-1]}")
+            try:
+                download(url, path)
+            except StorageError as exc:
+                raise IndexingError(f"cannot read the manifest being updated: {exc}") from None
+            fetched[url] = path
+        return fetched[url]
+
+    with_rows = [p for p in previous.parts if p.rows]
+    if not with_rows:
+        return None
+    schema = pq.read_schema(local(previous.join(with_rows[0].path)))
+    same_pairs = pairs_of(schema) == {p.name: p.kind for p in pairs}
+    if not (same_pairs and {"mtime_ns", "source"} <= set(schema.names)):
+        return None
+    return EarlierRows(previous, local_path=local)
