@@ -28,7 +28,7 @@ from ..processes import die_with_parent, signals_deferred, spawn_without_main, s
 from .captions import CaptionSource, apply_captions
 from .readers import read_ahead, reader_for
 from .records import index_schema
-from .run import ROWS_PER_GROUP, IndexRun, IndexSummary, finished
+from .run import ROWS_PER_GROUP, IndexRun, IndexSummary, empty_run_rejects, finished
 from .units import (  # (PART_ROWS: rows per part of a metadata file, its unit)
     PART_ROWS,
     Done,
@@ -178,6 +178,11 @@ def build_index(
         raise
     finally:
         hidden_main.__exit__(None, None, None)
+    if summary.rows == 0 and output.exists():  # nothing usable: the manifest there now stays, never an empty one
+        summary.left_previous = True
+        tmp.unlink(missing_ok=True)
+        os.replace(rejects_tmp, empty_run_rejects(output))
+        return finished(summary, sources, started, empty_run_rejects(output))
     os.replace(tmp, output)
     os.replace(rejects_tmp, rejects_path(output))
     return finished(summary, sources, started, rejects_path(output))

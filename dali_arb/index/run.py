@@ -80,6 +80,8 @@ class IndexSummary:
     #: a manifest in parts (``-o DIR/``): parts kept whole from the manifest being updated, parts written
     parts_reused: int = 0
     parts_written: int = 0
+    #: a run with no usable row left the manifest already at its output as it was (its rejects listed apart)
+    left_previous: bool = False
 
     @property
     def files_per_s(self) -> float:
@@ -366,7 +368,15 @@ def finished(summary: IndexSummary, sources: list[str], started: float, rejects_
 
     summary.seconds = time.perf_counter() - started
     if summary.rows == 0:
+        left = f"; {summary.manifest} is left as it was" if summary.left_previous else ""
         raise IndexingError(
-            f"no usable images or videos in {', '.join(sources)} ({summary.rejected} rejected, see {rejects_at})"
+            f"no usable images or videos in {', '.join(sources)} ({summary.rejected} rejected, see {rejects_at}){left}"
         )
     return summary
+
+
+def empty_run_rejects(output: str | Path) -> Path:
+    """Where a run with no usable row lists its rejects when a manifest is already at ``output`` (a file or a
+    folder of parts): beside it, so that the manifest and its own rejects stay as they were."""
+    output = Path(output)
+    return output.with_name(f"{output.name}.empty-run.rejects.jsonl")

@@ -580,6 +580,8 @@ def finish_parts(
     written, and the earlier manifest's parts no longer listed are removed. Returns where the rejects are listed."""
     if any(d.kept is None for d in done):  # (kept parts alone hold unique keys: they did in the earlier manifest)
         _deduplicate(done, scratch, folder, summary, map_fn)
+    if summary.rows == 0 and previous is not None:  # nothing usable: the manifest there now stays as it was
+        return _left_previous(done, run_rejects, folder, summary)
     infos: list[PartInfo] = []
     for number, item in enumerate(done):
         if item.kept is not None:
@@ -649,3 +651,21 @@ def _deduplicate(done: list[Done], scratch: Path, folder: Path, summary: IndexSu
     for link in scratch.glob("kept-*.parquet"):
         if not any(d.part == link for d in done):
             link.unlink(missing_ok=True)
+
+
+def _left_previous(done: list[Done], run_rejects: list[dict], folder: Path, summary: IndexSummary) -> str:
+    """A run with no usable row over the manifest in parts at ``folder``: nothing installed, every reject of the
+    run listed in ``run.empty_run_rejects(folder)`` (beside the folder, which holds only the manifest's files).
+    Returns that path."""
+    from .run import empty_run_rejects
+
+    target = empty_run_rejects(folder)
+    with open(target, "w", encoding="utf-8") as out:
+        for item in done:
+            if item.kept is None and item.rejects is not None:
+                with open(item.rejects, encoding="utf-8") as fh:
+                    shutil.copyfileobj(fh, out)
+        for reject in run_rejects:
+            out.write(json.dumps(reject, ensure_ascii=False) + "\n")
+    summary.left_previous = True
+    return str(target)
