@@ -19,7 +19,9 @@ SAMPLES = Path(__file__).resolve().parents[1] / "dali_arb" / "samples"
 
 
 @pytest.fixture(scope="module")
-def ray_session():
+def ray_session(s3):
+    """A local Ray, started after the S3 server (its workers take the server's address and keys from the
+    environment)."""
     ray = pytest.importorskip("ray")
     started = not ray.is_initialized()
     if started:
@@ -79,3 +81,54 @@ def test_a_manifest_in_parts_is_left_as_it_was(tmp_path: Path, engine: str, requ
     assert sum(pq.read_metadata(out / name).num_rows for name in before if name.endswith(".parquet")) == 4
     listed = tmp_path / "parts.empty-run.rejects.jsonl"
     assert [json.loads(line)["source"] for line in listed.read_text().splitlines()] == [str(bad / "broken.jpg")]
+
+
+# -- in object storage (moto) ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3():
+    pytest.importorskip("moto")
+    from support.loopback import moto_bucket
+
+    with moto_bucket("empty-run") as server:
+        yield server
+
+
+def _objects(prefix: str) -> dict[str, bytes]:
+    from dali_arb.data.storage import get_bytes, list_prefix
+
+    return {info.url: get_bytes(info.url) for info in list_prefix(prefix)}
+
+
+@pytest.mark.parametrize(
+    ("output", "engine", "update"),
+    [
+        ("s3://empty-run/one/m.parquet", "local", False),
+        ("s3://empty-run/two/m.parquet", "local", True),
+        ("s3://empty-run/parts/", "local", False),
+        ("s3://empty-run/parts-again/", "local", True),
+        pytest.param("s3://empty-run/ray/", "ray", False, marks=pytest.mark.slow),
+    ],
+)
+def test_a_manifest_in_the_store_is_left_as_it_was(tmp_path, s3, request, output, engine, update) -> None:
+    """Before: a file's rejects object was replaced by the empty run's; a manifest in parts (without --update) was
+    replaced by one of no rows."""
+    from dali_arb.data.storage import get_bytes
+
+    if engine == "ray":
+        request.getfixturevalue("ray_session")
+    good, bad = _folders(tmp_path)
+    build_index([str(good)], output, workers=1, progress=False, engine=engine)
+    prefix = output.rsplit("/", 1)[0] + "/"
+    before = _objects(prefix)
+    with pytest.raises(IndexingError, match=f"{output} is left as it was") as caught:
+        build_index([str(bad)], output, workers=1, progress=False, engine=engine, update=update)
+    listed = f"{output.rstrip('/')}.empty-run.rejects.jsonl"
+    after = _objects(prefix)
+    after.pop(listed, None)  # (beside a manifest file, in the same folder)
+    assert after == before
+    assert len(Manifest.read(output).table) == 4
+    assert listed in str(caught.value)
+    sources = [json.loads(line)["source"] for line in get_bytes(listed).decode().splitlines()]
+    assert sources == [str(bad / "broken.jpg")]

@@ -467,10 +467,8 @@ def _index_to_url(sources: list[str], url: str, *, update: bool, **options) -> I
         try:
             summary = build_index(sources, local, update=update, **options)
         except IndexingError as exc:  # its message names the local file: name the URL the user gave
-            if rejects_path(local).exists():  # ("no usable images ... see the rejects file": put it there)
-                with contextlib.suppress(StorageError):
-                    upload(rejects_path(local), rejects_url)
-            raise IndexingError(str(exc).replace(str(local), url)) from None
+            listed = next((p for p in (empty_run_rejects(local), rejects_path(local)) if p.exists()), None)
+            raise _failed_in_store(exc, local, url, listed) from None
         try:
             upload(rejects_path(local), rejects_url)
             upload(local, url)
@@ -512,13 +510,16 @@ def _index_to_prefix(sources: list[str], url: str, *, update: bool, **options) -
                 there = {p.path for p in previous.parts} | {p.rejects for p in previous.parts if p.rejects}
         except (StorageError, ManifestError) as exc:
             raise IndexingError(str(exc)) from None
-        failure: IndexingError | None = None
         try:
             summary = build_index(sources, f"{local}{os.sep}", update=update, **options)
-        except IndexingError as exc:  # its message names the local folder: name the URL the user gave
-            if not is_parts(local):
-                raise IndexingError(str(exc).replace(f"{local}{os.sep}", url).replace(str(local), url)) from None
-            failure = IndexingError(str(exc).replace(f"{local}{os.sep}", url).replace(str(local), url))
+        except IndexingError as exc:  # nothing is uploaded but its rejects; its message names the URL the user gave
+            listed = empty_run_rejects(local)
+            if not listed.exists() and is_parts(local):  # (a new manifest of no rows: its parts' rejects, together)
+                with open(listed, "wb") as out:
+                    for part in read_index(local).parts:
+                        if part.rejects:
+                            out.write(Path(local, part.rejects).read_bytes())
+            raise _failed_in_store(exc, local, url, listed if listed.exists() else None) from None
         listing = read_index(local)
         try:
             for part in listing.parts:
@@ -529,14 +530,34 @@ def _index_to_prefix(sources: list[str], url: str, *, update: bool, **options) -
         except StorageError as exc:
             raise IndexingError(f"the manifest was built but could not be written: {exc}") from None
         remove_stale(previous, listing.parts)
-        if failure is not None:
-            raise failure
         summary.manifest = url
         if summary.rejects_at:
             summary.rejects_at = summary.rejects_at.replace(f"{local}{os.sep}", url)
         return summary
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _failed_in_store(exc: IndexingError, local: Path, url: str, listed: Path | None) -> IndexingError:
+    """``exc``, from an index run into ``local`` (the private copy of the manifest at ``url``), naming ``url``; the
+    rejects of a run that found nothing usable (``listed``) are put beside ``url`` as
+    ``URL.empty-run.rejects.jsonl``, never over the rejects of a manifest already there, which is left as it was."""
+    from ..data.storage import exists, upload
+
+    message = str(exc)
+    if listed is not None:
+        try:
+            there = is_parts(url) if url.endswith("/") else exists(url)
+        except StorageError:
+            there = True  # (unknown: the manifest's own rejects are not replaced)
+        new_file = not there and not url.endswith("/")
+        target = rejects_name(url) if new_file else f"{url.rstrip('/')}.empty-run.rejects.jsonl"
+        with contextlib.suppress(StorageError):
+            upload(listed, target)
+            message = message.replace(str(listed), target).replace(str(local / "*.rejects.jsonl"), target)
+        if there and "left as it was" not in message:
+            message += f"; {url} is left as it was"
+    return IndexingError(message.replace(f"{local}{os.sep}", url).replace(str(local), url))
 
 
 def _ray_to_prefix(sources: list[str], url: str, *, max_pixels: int, workers: int | None, update: bool,

@@ -55,7 +55,7 @@ from ...data.parts import (
     write_index,
     write_part,
 )
-from ...data.storage import delete, download, get_bytes, list_prefix, upload
+from ...data.storage import delete, download, get_bytes, list_prefix, put_bytes, upload
 from ...errors import IndexingError, ManifestError, StorageError
 from ..records import index_schema
 from ..run import ROWS_PER_GROUP, IndexSummary, finished
@@ -279,6 +279,9 @@ def index_on_ray_to_store(
         summary.parts_written += sum(1 for d in found if d.kept is None)
         with ray_failures(ray):
             infos = _deduplicate(ray, url, scratch, run, found, summary)
+        if summary.rows == 0 and previous is not None:  # nothing usable: the manifest there now stays as it was
+            summary.left_previous = True
+            return finished(summary, sources, started, _empty_run_rejects(url, infos, previous, walk_rejects))
         try:
             if walk_rejects:  # (the run's own rejects: a part of no rows, as the local engine writes)
                 infos.append(write_part(url, f"part-{run}-rejects", index_schema(pairs).empty_table(), walk_rejects))
@@ -294,6 +297,21 @@ def index_on_ray_to_store(
             ray.shutdown()
     summary.rejects_at = url + "*.rejects.jsonl"
     return finished(summary, sources, started, summary.rejects_at)
+
+
+def _empty_run_rejects(url: str, infos: list, previous: ManifestParts, walk_rejects: list[dict]) -> str:
+    """Where a run with no usable row over the manifest in parts at ``url`` lists its rejects: its new parts' rejects
+    and ``walk_rejects`` together in ``URL.empty-run.rejects.jsonl`` beside the prefix (the parts it wrote are
+    deleted with the run's scratch; the manifest's own files are not touched)."""
+    import json
+
+    listed = {p.rejects for p in previous.parts if p.rejects}
+    chunks = [get_bytes(url + info.rejects) for info in infos if info.rejects and info.rejects not in listed]
+    chunks += [(json.dumps(reject, ensure_ascii=False) + "\n").encode() for reject in walk_rejects]
+    target = f"{url.rstrip('/')}.empty-run.rejects.jsonl"
+    with contextlib.suppress(StorageError):
+        put_bytes(target, b"".join(chunks))
+    return target
 
 
 def _earlier_rows(previous: ManifestParts, pairs: list[PairSpec], cache: str) -> EarlierRows | None:
