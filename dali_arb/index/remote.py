@@ -14,7 +14,6 @@ Metadata (img2dataset Parquet/CSV): one GET.
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import shutil
@@ -27,6 +26,7 @@ from ..data.imagefacts import inspect_image
 from ..data.pairs import PairSpec
 from ..data.storage import IOStats, ObjectInfo, download, get_bytes, get_range, is_url
 from ..data.storage import info as object_info
+from ..data.storage.ranged import Seekable
 from ..data.videofacts import inspect_video, is_video_name
 from ..errors import IndexingError, ObjectChanged, ObjectMissing, StorageError
 from .folders import CAPTION_EXTS, NOT_IMAGES, PreviousRows, decode_caption
@@ -64,32 +64,17 @@ CONCURRENT_HEADERS = 16
 FILES_PER_TASK = 256
 
 
-class RemoteFile(io.RawIOBase):
+class RemoteFile(Seekable):
     """A read-only, seekable view of an object in storage that fetches :data:`BLOCK`-sized blocks on demand
     (and keeps them), so Pillow reads a header with one request. ``size``: the object's size in bytes."""
 
     def __init__(self, url: str, size: int, stats: IOStats | None = None, *, block: int | None = None,
                  keep: int | None = None) -> None:  # fmt: skip
-        super().__init__()
-        self.url, self.size, self.stats = url, int(size), stats
+        super().__init__(size)
+        self.url, self.stats = url, stats
         self.block = block or BLOCK  # bytes per request
         self.keep = keep  # blocks held at most (the oldest dropped first); None: all
-        self._pos = 0
         self._blocks: dict[int, bytes] = {}
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
 
     def _block(self, index: int) -> bytes:
         if index not in self._blocks:
@@ -100,51 +85,36 @@ class RemoteFile(io.RawIOBase):
         return self._blocks[index]
 
     def readinto(self, buffer) -> int:
-        end = min(self.size, self._pos + len(buffer))
-        if end <= self._pos:
+        end = min(self.size, self._at + len(buffer))
+        if end <= self._at:
             return 0
         B = self.block
-        if end - self._pos > 4 * B:  # a long read (the whole file): one request for the span not held
-            data = get_range(self.url, self._pos, end, self.stats)
+        if end - self._at > 4 * B:  # a long read (the whole file): one request for the span not held
+            data = get_range(self.url, self._at, end, self.stats)
         else:
-            data = b"".join(self._block(i) for i in range(self._pos // B, (end - 1) // B + 1))
-            first = (self._pos // B) * B
-            data = data[self._pos - first : end - first]
+            data = b"".join(self._block(i) for i in range(self._at // B, (end - 1) // B + 1))
+            first = (self._at // B) * B
+            data = data[self._at - first : end - first]
         buffer[: len(data)] = data
-        self._pos += len(data)
+        self._at += len(data)
         return len(data)
 
     def read(self, size: int = -1) -> bytes:
-        size = self.size - self._pos if size is None or size < 0 else size
-        buffer = bytearray(min(size, max(0, self.size - self._pos)))
+        size = self.size - self._at if size is None or size < 0 else size
+        buffer = bytearray(min(size, max(0, self.size - self._at)))
         n = self.readinto(memoryview(buffer))
         return bytes(buffer[:n])
 
 
-class HeaderWindows(io.RawIOBase):
+class HeaderWindows(Seekable):
     """A read-only, seekable view of an object for a walk that reads forward (a tar's headers): a read outside the
     window held fetches ``[position, position + window)`` with one ranged GET (clipped to the object) and keeps that
     window only, so every header inside it costs nothing more. ``size``: the object's size in bytes."""
 
     def __init__(self, url: str, size: int, stats: IOStats | None = None, *, window: int) -> None:
-        super().__init__()
-        self.url, self.size, self.stats, self.window = url, int(size), stats, int(window)
-        self._pos = 0
+        super().__init__(size)
+        self.url, self.stats, self.window = url, stats, int(window)
         self._start, self._data = 0, b""
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
 
     def held(self, start: int, end: int) -> bytes | None:
         """Bytes ``[start, end)`` where the window held covers them, else None (nothing is fetched)."""
@@ -159,58 +129,34 @@ class HeaderWindows(io.RawIOBase):
         return self._data[start - self._start : start - self._start + most]
 
     def read(self, size: int = -1) -> bytes:
-        end = self.size if size is None or size < 0 else min(self.size, self._pos + size)
-        if end <= self._pos:
+        end = self.size if size is None or size < 0 else min(self.size, self._at + size)
+        if end <= self._at:
             return b""
-        data = self.held(self._pos, end)
+        data = self.held(self._at, end)
         if data is None:
-            self._start = self._pos
-            self._data = get_range(self.url, self._pos, min(self.size, self._pos + max(self.window, end - self._pos)),
+            self._start = self._at
+            self._data = get_range(self.url, self._at, min(self.size, self._at + max(self.window, end - self._at)),
                                    self.stats)  # fmt: skip
-            data = self._data[: end - self._pos]
-        self._pos += len(data)
+            data = self._data[: end - self._at]
+        self._at += len(data)
         return data
 
-    def readinto(self, buffer) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
 
-
-class _Slice(io.RawIOBase):
+class _Slice(Seekable):
     """Bytes ``[offset, offset + length)`` of a :class:`RemoteFile` as a seekable file (a tar member: a video)."""
 
     def __init__(self, whole: RemoteFile, offset: int, length: int) -> None:
-        super().__init__()
-        self._whole, self._offset, self.size, self._pos = whole, offset, length, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
+        super().__init__(length)
+        self._whole, self._offset = whole, offset
 
     def read(self, size: int = -1) -> bytes:
-        size = self.size - self._pos if size is None or size < 0 else min(size, self.size - self._pos)
+        size = self.size - self._at if size is None or size < 0 else min(size, self.size - self._at)
         if size <= 0:
             return b""
-        self._whole.seek(self._offset + self._pos)
+        self._whole.seek(self._offset + self._at)
         data = self._whole.read(size)
-        self._pos += len(data)
+        self._at += len(data)
         return data
-
-    def readinto(self, buffer) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
 
 
 class RemoteShard:

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 
 from ..data.imagefacts import inspect_image, jpeg_stored_size, jpeg_swaps_sides
 from ..data.manifest import ORIGINAL
+from ..data.storage.ranged import Seekable
 from ..data.videofacts import inspect_video, is_video_name
 from ..errors import IndexingError, StorageError
 from .folders import FILE_ERRNOS, NOT_IMAGES, decode_caption, display_path, is_utf8
@@ -256,26 +257,19 @@ def _exif_turned(name: str, length: int, given: tuple[int, int], head: bytes, re
     return bool(turned) and (stored is None or stored == given)
 
 
-class MemberFile:
+class MemberFile(Seekable):
     """A read-only, seekable window ``[offset, offset + length)`` of an open shard, read with ``pread`` (a tar member
     as a file: what PyAV reads a video member through). ``size``: the member's length."""
 
     def __init__(self, fh: BinaryIO, offset: int, length: int) -> None:
-        self._fd, self._offset, self.size, self._pos = fh.fileno(), offset, length, 0
+        super().__init__(length)
+        self._fd, self._offset = fh.fileno(), offset
 
     def read(self, n: int = -1) -> bytes:
-        n = self.size - self._pos if n is None or n < 0 else min(n, self.size - self._pos)
-        data = os.pread(self._fd, max(0, n), self._offset + self._pos) if n > 0 else b""
-        self._pos += len(data)
+        n = self.size - self._at if n is None or n < 0 else min(n, self.size - self._at)
+        data = os.pread(self._fd, max(0, n), self._offset + self._at) if n > 0 else b""
+        self._at += len(data)
         return data
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self.size}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
 
 
 class OpenShard(Protocol):

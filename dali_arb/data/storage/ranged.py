@@ -26,7 +26,7 @@ from .objects import head
 from .retries import check_version, with_retries
 from .schemes import store_of
 
-__all__ = ["BLOCK_BYTES", "CACHED_BLOCKS", "MAX_RUN_BYTES", "RangedObject", "ViewBase"]
+__all__ = ["BLOCK_BYTES", "CACHED_BLOCKS", "MAX_RUN_BYTES", "RangedObject", "Seekable", "ViewBase"]
 
 #: The unit of a ranged GET (a block); chosen against moto by ``python -m benchmarks video_long`` (RESULTS.md).
 BLOCK_BYTES = 1 << 20
@@ -38,22 +38,14 @@ CACHED_BLOCKS = 16
 MAX_RUN_BYTES = 8 << 20
 
 
-class ViewBase(io.RawIOBase):
-    """A read-only, seekable file over ``size`` bytes read by :meth:`_read_at`; a subclass reads them.
-
-    Attributes:
-        size: the view's length in bytes.
-        error: the StorageError that ended its reads (None while none did): reads return nothing after it.
-        bytes_read: bytes read from the backing file or store (counted by the subclass).
-        requests: reads made of the backing file or store.
-    """
+class Seekable(io.RawIOBase):
+    """What every read-only, seekable view over ``size`` bytes shares (its position ``_at``, ``seek``, ``tell``,
+    ``readinto`` through ``read``); a subclass reads. The views: :class:`ViewBase` (the loader's, whose failed read
+    ends the view), and the indexer's (``index.remote``: a read that fails raises)."""
 
     def __init__(self, size: int) -> None:
         super().__init__()
         self.size = int(size)
-        self.error: StorageError | None = None
-        self.bytes_read = 0
-        self.requests = 0
         self._at = 0
 
     def readable(self) -> bool:
@@ -70,6 +62,29 @@ class ViewBase(io.RawIOBase):
     def tell(self) -> int:
         return self._at
 
+    def readinto(self, out: Any) -> int:
+        target = memoryview(out).cast("B")
+        data = self.read(len(target))
+        target[: len(data)] = data
+        return len(data)
+
+
+class ViewBase(Seekable):
+    """A read-only, seekable file over ``size`` bytes read by :meth:`_read_at`; a subclass reads them.
+
+    Attributes:
+        size: the view's length in bytes.
+        error: the StorageError that ended its reads (None while none did): reads return nothing after it.
+        bytes_read: bytes read from the backing file or store (counted by the subclass).
+        requests: reads made of the backing file or store.
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.error: StorageError | None = None
+        self.bytes_read = 0
+        self.requests = 0
+
     def read(self, size: int = -1) -> bytes:
         """Up to ``size`` bytes from the position (-1: to the end); ``b""`` at the end or once a read failed."""
         if self.error is not None or self._at >= self.size:
@@ -84,12 +99,6 @@ class ViewBase(io.RawIOBase):
             return b""
         self._at += len(data)
         return data
-
-    def readinto(self, out: Any) -> int:
-        target = memoryview(out).cast("B")
-        data = self.read(len(target))
-        target[: len(data)] = data
-        return len(data)
 
     def readall(self) -> bytes:
         return self.read(-1)
