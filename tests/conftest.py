@@ -135,3 +135,17 @@ def fresh_dataset(tmp_path, dataset):
     manifest = tmp_path / "m.parquet"
     build_index([str(folder)], manifest, progress=False)
     return folder, manifest
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray (2 CPUs) for a module's tests: the engine uses a session already open and leaves it open; this
+    shuts it down at the module's end if it started it. Its workers take S3's address and keys from the environment
+    when it starts: a test that gives them S3 requests its server's fixture first."""
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield ray
+    if started:
+        ray.shutdown()

@@ -18,19 +18,6 @@ from dali_arb.index import build_index
 SAMPLES = Path(__file__).resolve().parents[1] / "dali_arb" / "samples"
 
 
-@pytest.fixture(scope="module")
-def ray_session(s3):
-    """A local Ray, started after the S3 server (its workers take the server's address and keys from the
-    environment)."""
-    ray = pytest.importorskip("ray")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield ray
-    if started:
-        ray.shutdown()
-
-
 def _folders(tmp_path: Path) -> tuple[Path, Path]:
     good = tmp_path / "good"
     good.mkdir()
@@ -70,6 +57,7 @@ def test_a_new_output_still_says_no_usable_images(tmp_path: Path) -> None:
 @pytest.mark.parametrize("engine", ["local", pytest.param("ray", marks=pytest.mark.slow)])
 def test_a_manifest_in_parts_is_left_as_it_was(tmp_path: Path, engine: str, request) -> None:
     if engine == "ray":
+        request.getfixturevalue("s3")  # (before Ray: a later test gives its workers S3)
         request.getfixturevalue("ray_session")
     good, bad = _folders(tmp_path)
     out = tmp_path / "parts"

@@ -38,17 +38,6 @@ COMPARED = ["key", "width", "height", "caption", "source", "offset", "length", "
             "original_width", "original_height"]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    """One local Ray for the module's unit tests (the engine uses a session already open, and leaves it open)."""
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield ray
-    if started:
-        ray.shutdown()
-
-
 def make_shard(path: Path, samples: list[tuple[str, int, int, str | None]]) -> Path:
     """A webdataset shard of ``(key, width, height, caption)``."""
     with tarfile.open(path, "w") as tar:

@@ -336,17 +336,6 @@ def test_captions_from_the_file_name_into_parts_are_the_files_and_parts_are_not_
 # -- the Ray engine -------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    ray = pytest.importorskip("ray")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield ray
-    if started:
-        ray.shutdown()
-
-
 def test_ray_engine_keeps_unchanged_parts_and_equals_a_fresh_index(tmp_path, ray_session, small_units) -> None:
     sources = make_sources(tmp_path / "data")
     out = tmp_path / "out"
