@@ -81,9 +81,10 @@ def local_change(info: os.stat_result, offset: int, length: int, expected: Ident
     return None
 
 
-def read_local(path: str, offset: int, length: int, expected: Identity) -> bytes | FileProblem:
-    """The ``length`` bytes at ``offset`` of the file ``path`` (``length`` -1: the whole file), or the file's own
-    problem. Only regular files are read (a FIFO must not block the open); the file must still be ``expected``.
+def _open_checked(path: str, offset: int, length: int, expected: Identity) -> tuple[int, os.stat_result] | FileProblem:
+    """The file ``path`` open (its descriptor, for the caller to close) with its ``fstat``, when it is a regular
+    file (a FIFO must not block the open), still the ``expected`` one, and holds ``[offset, offset + length)``
+    (``length`` -1: to its end); else the file's own problem (and nothing open).
 
     Raises:
         StorageError: the OS or the disk failed (:func:`os_failure`), not the file.
@@ -97,16 +98,36 @@ def read_local(path: str, offset: int, length: int, expected: Identity) -> bytes
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            return FileProblem.NOT_REGULAR
-        changed = local_change(info, offset, length, expected)
-        if changed is not None:
-            return changed
+            problem: FileProblem | None = FileProblem.NOT_REGULAR
+        else:
+            problem = local_change(info, offset, length, expected)
+            if problem is None and length >= 0 and offset + length > info.st_size:  # (never allocate for bytes
+                problem = FileProblem.SHORT  # that are not there)
+    except OSError as exc:
+        os.close(fd)
+        raise os_failure(path, exc) from None
+    if problem is not None:
+        os.close(fd)
+        return problem
+    return fd, info
+
+
+def read_local(path: str, offset: int, length: int, expected: Identity) -> bytes | FileProblem:
+    """The ``length`` bytes at ``offset`` of the file ``path`` (``length`` -1: the whole file, at most
+    ``max_sample_bytes()``), or the file's own problem (the checks of :func:`_open_checked`).
+
+    Raises:
+        StorageError: the OS or the disk failed (:func:`os_failure`), not the file.
+    """
+    opened = _open_checked(path, offset, length, expected)
+    if isinstance(opened, FileProblem):
+        return opened
+    fd, info = opened
+    try:
         if length < 0:
             if info.st_size > max_sample_bytes():
                 return FileProblem.TOO_LARGE
             return os.pread(fd, info.st_size, 0)
-        if offset + length > info.st_size:  # never allocate for bytes that are not there
-            return FileProblem.SHORT
         data = os.pread(fd, length, offset)
         return data if len(data) == length else FileProblem.SHORT
     except OSError as exc:  # the file opened: reading it failed in the OS or the disk (EIO)
@@ -142,30 +163,14 @@ class LocalRange(ViewBase):
 
 def open_local(path: str, offset: int, length: int, expected: Identity) -> LocalRange | FileProblem:
     """The ``length`` bytes at ``offset`` of the file ``path`` (``length`` -1: the whole file) as a
-    :class:`LocalRange` (close it), or the file's own problem; the checks of :func:`read_local` (a regular file, still
-    the ``expected`` one, long enough) but no size limit: nothing is read until the view is.
+    :class:`LocalRange` (close it), or the file's own problem; the checks of :func:`_open_checked` but no size limit:
+    nothing is read until the view is.
 
     Raises:
         StorageError: the OS or the disk failed (:func:`os_failure`), not the file.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError as exc:
-        if exc.errno in THE_FILES_OWN:
-            return FileProblem.MISSING
-        raise os_failure(path, exc) from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            problem: FileProblem | None = FileProblem.NOT_REGULAR
-        else:
-            problem = local_change(info, offset, length, expected)
-            if problem is None and length >= 0 and offset + length > info.st_size:
-                problem = FileProblem.SHORT
-    except OSError as exc:
-        os.close(fd)
-        raise os_failure(path, exc) from None
-    if problem is not None:
-        os.close(fd)
-        return problem
+    opened = _open_checked(path, offset, length, expected)
+    if isinstance(opened, FileProblem):
+        return opened
+    fd, info = opened
     return LocalRange(fd, path, offset, info.st_size - offset if length < 0 else length)
