@@ -69,6 +69,22 @@ def _run(code: str, cpus: int, out: Path, sources: list[str]) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def _folder_and_shards(tmp: Path, n: int, shards: int) -> tuple[list[str], list[Path]]:
+    """A folder of ``n`` JPEGs (:func:`_jpeg_folder`) and the same images again as ``shards`` tar shards (their keys
+    are the folder's: duplicates), synced to disk: ``(sources, the folder's files)``."""
+    folder, files = _jpeg_folder(tmp, n)
+    per_shard = len(files) // shards
+    sources = [str(folder)]
+    for s in range(shards):
+        path = tmp / f"{s:05d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for f in files[s * per_shard : (s + 1) * per_shard]:
+                tar.add(f, arcname=f"s{s}/{f.name}")
+        sources.append(str(path))
+    os.sync()
+    return sources, files
+
+
 def _jpeg_folder(tmp: Path, n: int) -> tuple[Path, list[Path]]:
     """``n`` JPEGs made in ``tmp/jpegs`` (in worker processes, 1000 a task): the folder and its files, sorted."""
     folder = tmp / "jpegs"
@@ -83,16 +99,7 @@ def ray_index(args) -> dict:
     n = 2000 if args.quick else 20_000
     shards = 4 if args.quick else 10
     with tempfile.TemporaryDirectory() as tmp:
-        folder, files = _jpeg_folder(Path(tmp), n)
-        per_shard = len(files) // shards
-        sources = [str(folder)]
-        for s in range(shards):  # the same images again, as shards (their keys are the folder's: duplicates)
-            path = Path(tmp) / f"{s:05d}.tar"
-            with tarfile.open(path, "w") as tar:
-                for f in files[s * per_shard : (s + 1) * per_shard]:
-                    tar.add(f, arcname=f"s{s}/{f.name}")
-            sources.append(str(path))
-        os.sync()
+        sources, _ = _folder_and_shards(Path(tmp), n, shards)
         shards_only = {  # (the shards alone: units the local engine now reads side by side, one per process)
             f"local engine, {w} process{'es' if w > 1 else ''}": _run(
                 _LOCAL_RUN, w, Path(tmp) / f"s{w}.parquet", sources[1:]
@@ -480,16 +487,7 @@ def update_parts(args) -> dict:
     n, shards = (1000, 4) if args.quick else (8000, 8)
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        folder, files = _jpeg_folder(Path(tmp), n)
-        per_shard = len(files) // shards
-        sources = [str(folder)]
-        for s in range(shards):
-            path = Path(tmp) / f"{s:05d}.tar"
-            with tarfile.open(path, "w") as tar:
-                for f in files[s * per_shard : (s + 1) * per_shard]:
-                    tar.add(f, arcname=f"s{s}/{f.name}")
-            sources.append(str(path))
-        os.sync()
+        sources, files = _folder_and_shards(Path(tmp), n, shards)
         runs = {}
         for name, target in (
             ("manifest in parts (-o DIR/)", f"{tmp}/parts/"),
