@@ -169,12 +169,7 @@ def build_index(
         pool.shutdown()
     except BaseException:  # an error, Ctrl-C or SIGTERM (the CLI turns it into SystemExit): leave nothing behind
         stop_pool(pool)
-        with contextlib.suppress(Exception):  # (a writer interrupted mid-write may refuse to close)
-            writer.close()
-        if run is not None:
-            run.discard()
-        tmp.unlink(missing_ok=True)
-        rejects_tmp.unlink(missing_ok=True)
+        IndexRun.abandon(run, writer, tmp, rejects_tmp)
         raise
     finally:
         hidden_main.__exit__(None, None, None)

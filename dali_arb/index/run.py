@@ -314,6 +314,18 @@ class IndexRun:
         if self.narrow is not None:
             self.narrow.unlink(missing_ok=True)
 
+    @staticmethod
+    def abandon(run: IndexRun | None, writer: pq.ParquetWriter, *files: Path) -> None:
+        """After a failed run into ``writer`` (``run``: None where it never started): discard the run (or close the
+        writer) and remove its ``files``."""
+        if run is not None:
+            run.discard()
+        else:
+            with contextlib.suppress(Exception):
+                writer.close()
+        for file in files:
+            file.unlink(missing_ok=True)
+
     def add_video_columns(self, path: Path) -> None:
         """Add the manifest's ``VIDEO`` columns to the closed file at ``path`` when any row is a video (an
         image-only manifest stays without them: only a manifest with videos is rewritten)."""

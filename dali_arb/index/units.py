@@ -33,7 +33,6 @@ Imports pyarrow, the standard library, ``data`` (parts, manifest) and the indexe
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -417,12 +416,7 @@ def run_unit(
             _read(run, unit)
             run.finish()  # (ORIGINAL and VIDEO columns in a part whose rows have them only)
     except BaseException:
-        with contextlib.suppress(Exception):
-            writer.close()
-        if run is not None:
-            run.discard()
-        part_tmp.unlink(missing_ok=True)
-        rejects_tmp.unlink(missing_ok=True)
+        IndexRun.abandon(run, writer, part_tmp, rejects_tmp)
         raise
     os.replace(part_tmp, part)
     os.replace(rejects_tmp, rejects)
