@@ -101,10 +101,11 @@ class DALIBucketIterator(LoaderSession):
             empties it with that probability; ``shuffle_tags`` shuffles the tags after the first
             ``keep_tags`` (split at ``tag_separator``, joined with ``tag_separator + " "``). Seeded by
             (seed, epoch, step, position in the global batch): resume reproduces them.
-        frames, fps, clip, stride, clip_count, images, layout, video_decoder: clips instead of images (issue 21;
+        frames, fps, clip, stride, clip_count, images, layout, video_decoder, max_clip_mb: clips instead of images (issue 21;
             :class:`~dali_arb.loader.options.Video`, docs/video-decode.md): ``frames`` the frame buckets; each batch
             then holds ``video`` ``[B, F, 3, H, W]`` (``layout="BCFHW"``: ``[B, 3, F, H, W]``) instead of
-            ``images``, ``frame_index`` ``int64 [B, F]`` (source frame numbers) and ``fps`` ``float32 [B]``.
+            ``images``, ``frame_index`` ``int64 [B, F]`` (source frame numbers) and ``fps`` ``float32 [B]``;
+            ``max_clip_mb`` (default 4096, None: off) refuses at construction a plan with a clip over that memory.
         cache_dir: where the manifest's memory-mapped cache lives (default ``$DALI_ARB_CACHE``, else
             ``~/.cache/dali_arb``; see :mod:`dali_arb.data.cache`). A manifest path is opened through it,
             so every rank and worker of a node shares one copy; a :class:`Manifest` object is used as it is.
